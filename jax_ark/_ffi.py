@@ -1,7 +1,7 @@
 """Loading the compiled backends and registering their XLA FFI targets with jax.
 
-`_ark_cpu` is always built. `_ark_cuda` exists only where the package was built with a CUDA compiler;
-importing jax_ark without it (or without a GPU) registers the CPU targets only.
+`_ark_cpu` is always built. `_ark_cuda` exists only where the package was built with a CUDA
+compiler; importing jax_ark without it (or without a GPU) registers the CPU targets only.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python -m jax_ark.bench {collectives,persistent}`."""

@@ -1,0 +1,161 @@
+"""`python -m jax_ark.bench collectives`: ark collectives against jax.lax, measured side by side.
+
+CPU (default when no GPU): 8 virtual CPU devices, each op at several sizes, ark time, jax.lax time
+and their ratio. GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks as concurrent
+streams), latency at 8 KiB and bus bandwidth at 256 MiB next to the copy bandwidth measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+import jax_ark as ark
+from jax_ark.bench._report import (
+    machine_info,
+    new_figure,
+    print_table,
+    save_figure,
+    write_json,
+)
+from jax_ark.bench._timing import iters_for, median_seconds
+
+# op name -> (ark body, jax.lax body, out_specs); each body maps the per-device block.
+_AXIS = "x"
+OPS: dict[str, tuple[Callable, Callable, P]] = {
+    "psum": (partial(ark.psum, axis_name=_AXIS), partial(jax.lax.psum, axis_name=_AXIS), P()),
+    "pmax": (partial(ark.pmax, axis_name=_AXIS), partial(jax.lax.pmax, axis_name=_AXIS), P()),
+    "all_gather": (
+        partial(ark.all_gather, axis_name=_AXIS, tiled=True),
+        partial(jax.lax.all_gather, axis_name=_AXIS, tiled=True),
+        P(_AXIS),
+    ),
+    "psum_scatter": (
+        partial(ark.psum_scatter, axis_name=_AXIS, tiled=True),
+        partial(jax.lax.psum_scatter, axis_name=_AXIS, tiled=True),
+        P(_AXIS),
+    ),
+    "ppermute": (None, None, P(_AXIS)),  # built per mesh size (the ring needs n)
+    "all_to_all": (
+        partial(ark.all_to_all, axis_name=_AXIS, split_axis=0, concat_axis=0, tiled=True),
+        partial(jax.lax.all_to_all, axis_name=_AXIS, split_axis=0, concat_axis=0, tiled=True),
+        P(_AXIS),
+    ),
+}
+CPU_SIZES = (1 << 10, 1 << 16, 1 << 20)  # float32 elements per device: 4 KiB, 256 KiB, 4 MiB
+
+
+def _bodies(op: str, n: int) -> tuple[Callable, Callable, P]:
+    if op == "ppermute":
+        ring = [(i, (i + 1) % n) for i in range(n)]
+        return (
+            partial(ark.ppermute, axis_name=_AXIS, perm=ring),
+            partial(jax.lax.ppermute, axis_name=_AXIS, perm=ring),
+            P(_AXIS),
+        )
+    return OPS[op]
+
+
+def _sharded(body: Callable, mesh: Mesh, out_spec: P) -> Callable:
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(_AXIS), out_specs=out_spec))
+
+
+def bench_cpu(ops: list[str], sizes: list[int], budget_s: float) -> list[dict[str, Any]]:
+    devices = jax.devices("cpu")[:8]
+    n = len(devices)
+    mesh = Mesh(np.array(devices), (_AXIS,))
+    rng = np.random.default_rng(0)
+    rows = []
+    for op, size in tqdm([(o, s) for o in ops for s in sizes], desc="collectives", unit="case"):
+        ark_body, lax_body, out_spec = _bodies(op, n)
+        x = jax.device_put(
+            jnp.asarray(rng.standard_normal(n * size, dtype=np.float32)),
+            jax.sharding.NamedSharding(mesh, P(_AXIS)),
+        )
+        ark_fn, lax_fn = _sharded(ark_body, mesh, out_spec), _sharded(lax_body, mesh, out_spec)
+        got, want = ark_fn(x), lax_fn(x)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+        rough = median_seconds(lax_fn, x, warmup=1, iters=3)
+        iters = iters_for(rough, budget_s)
+        t_lax = median_seconds(lax_fn, x, iters=iters)
+        t_ark = median_seconds(ark_fn, x, iters=iters)
+        rows.append(
+            {
+                "op": op,
+                "elements_per_device": size,
+                "bytes_per_device": 4 * size,
+                "ark_ms": 1e3 * t_ark,
+                "lax_ms": 1e3 * t_lax,
+                "ratio": t_ark / t_lax,
+            }
+        )
+    return rows
+
+
+def plot_cpu(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = new_figure()
+    ax = axes[0][0]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op]
+        xs = [r["bytes_per_device"] for r in mine]
+        line = ax.plot(xs, [r["ark_ms"] for r in mine], marker="o", label=f"ark.{op}")[0]
+        ax.plot(xs, [r["lax_ms"] for r in mine], ls="--", color=line.get_color(), alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes per device")
+    ax.set_ylabel("median ms per call (dashed: jax.lax)")
+    ax.set_title(f"ark vs jax.lax collectives, {len(jax.devices('cpu')[:8])} CPU devices")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def bench_gpu(budget_s: float) -> dict[str, Any]:
+    from jax_ark import _gpu_bench
+
+    return _gpu_bench.collectives(budget_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jax_ark.bench collectives")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, CPU_SIZES)), help="float32 elements per device (CPU)"
+    )
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per case")
+    parser.add_argument("--platform", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args(argv)
+
+    platform = args.platform
+    if platform == "auto":
+        platform = "gpu" if ark.has_cuda() and jax.devices()[0].platform == "gpu" else "cpu"
+    info = machine_info()
+    if platform == "gpu":
+        result = bench_gpu(args.budget)
+        write_json(args.out / "collectives_gpu.json", {"machine": info, **result})
+        return 0
+    rows = bench_cpu(args.ops.split(","), [int(s) for s in args.sizes.split(",")], args.budget)
+    print_table(
+        rows,
+        [
+            ("op", "op", "s"),
+            ("bytes_per_device", "bytes/dev", "d"),
+            ("ark_ms", "ark ms", ".3f"),
+            ("lax_ms", "lax ms", ".3f"),
+            ("ratio", "ark/lax", ".2f"),
+        ],
+    )
+    write_json(args.out / "collectives_cpu.json", {"machine": info, "rows": rows})
+    plot_cpu(rows, args.out / "collectives_cpu.png")
+    return 0

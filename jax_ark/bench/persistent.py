@@ -1,0 +1,159 @@
+"""`python -m jax_ark.bench persistent`: ark.persistent against jax.jit on a decode-like chain.
+
+The chain is `x = gelu(x @ W_i)` for L layers (bfloat16, batch b, width d), the shape of a
+batch-1 decode step where launch gaps, not bytes, dominate under XLA. Next to the two times the
+benchmark prints the weight-bytes floor: the time to read every weight once at the copy bandwidth
+measured in the same run, and the percent of that floor each executor reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import jax_ark as ark
+from jax_ark.bench._report import (
+    machine_info,
+    new_figure,
+    print_table,
+    save_figure,
+    write_json,
+)
+from jax_ark.bench._timing import iters_for, median_seconds
+
+# (d, layers, batch)
+GPU_CONFIGS = ((1024, 32, 1), (4096, 32, 1), (256, 64, 1), (1024, 32, 16), (4096, 32, 16))
+CPU_CONFIGS = ((256, 64, 1), (1024, 32, 1), (1024, 32, 16))
+
+
+def decode_chain(x, *weights):
+    for w in weights:
+        x = jax.nn.gelu(x @ w)
+    return x
+
+
+def copy_bandwidth(device: jax.Device, nbytes: int = 256 << 20) -> float:
+    """Bytes per second read+written by an XLA elementwise pass over `nbytes` on `device`."""
+    a = jax.device_put(jnp.ones(nbytes // 4, jnp.float32), device)
+    double = jax.jit(lambda v: v * 2.0)
+    seconds = median_seconds(double, a, warmup=2, iters=10)
+    return 2 * nbytes / seconds
+
+
+def bench(configs, device: jax.Device, budget_s: float) -> tuple[list[dict[str, Any]], float]:
+    bandwidth = copy_bandwidth(device)
+    rng = np.random.default_rng(0)
+    rows = []
+    for d, layers, batch in tqdm(configs, desc="persistent", unit="config"):
+        scale = 1.0 / np.sqrt(d)
+        x = jax.device_put(jnp.asarray(rng.standard_normal((batch, d)), jnp.bfloat16), device)
+        ws = [
+            jax.device_put(jnp.asarray(rng.standard_normal((d, d)) * scale, jnp.bfloat16), device)
+            for _ in range(layers)
+        ]
+        xla_fn = jax.jit(decode_chain)
+        ark_fn = jax.jit(ark.persistent(decode_chain))
+        want = np.asarray(xla_fn(x, *ws), np.float32)
+        got = np.asarray(ark_fn(x, *ws), np.float32)
+        np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2)
+        iters = iters_for(median_seconds(xla_fn, x, *ws, warmup=1, iters=3), budget_s)
+        t_xla = median_seconds(xla_fn, x, *ws, iters=iters)
+        t_ark = median_seconds(ark_fn, x, *ws, iters=iters)
+        weight_bytes = layers * d * d * 2
+        floor = weight_bytes / bandwidth
+        rows.append(
+            {
+                "d": d,
+                "layers": layers,
+                "batch": batch,
+                "weight_mib": weight_bytes / 2**20,
+                "ark_us": 1e6 * t_ark,
+                "xla_us": 1e6 * t_xla,
+                "ratio": t_ark / t_xla,
+                "floor_us": 1e6 * floor,
+                "ark_pct_floor": 100 * floor / t_ark,
+                "xla_pct_floor": 100 * floor / t_xla,
+            }
+        )
+    return rows, bandwidth
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    fig, axes = new_figure()
+    ax = axes[0][0]
+    labels = [f"d={r['d']}\nL={r['layers']} b={r['batch']}" for r in rows]
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [r["xla_us"] for r in rows], 0.4, label="jax.jit")
+    ax.bar(xs + 0.2, [r["ark_us"] for r in rows], 0.4, label="ark.persistent")
+    ax.scatter(
+        xs,
+        [r["floor_us"] for r in rows],
+        color="k",
+        marker="_",
+        s=400,
+        label="weight-bytes floor",
+        zorder=3,
+    )
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median us per call")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for item in text.split(","):
+        d, layers, batch = (int(v) for v in item.split("x"))
+        out.append((d, layers, batch))
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jax_ark.bench persistent")
+    parser.add_argument(
+        "--configs",
+        type=_parse_configs,
+        default=None,
+        help="comma-separated DxLxB, e.g. 1024x32x1,256x64x1",
+    )
+    parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    args = parser.parse_args(argv)
+
+    device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    configs = args.configs or (GPU_CONFIGS if on_gpu else CPU_CONFIGS)
+    rows, bandwidth = bench(configs, device, args.budget)
+    print(
+        f"copy bandwidth (XLA elementwise, read+write): {bandwidth / 1e9:.1f} GB/s "
+        f"on {device.device_kind}"
+    )
+    print_table(
+        rows,
+        [
+            ("d", "d", "d"),
+            ("layers", "L", "d"),
+            ("batch", "b", "d"),
+            ("xla_us", "jax.jit us", ".1f"),
+            ("ark_us", "ark us", ".1f"),
+            ("ratio", "ark/jit", ".2f"),
+            ("floor_us", "floor us", ".1f"),
+            ("ark_pct_floor", "ark %floor", ".0f"),
+            ("xla_pct_floor", "jit %floor", ".0f"),
+        ],
+    )
+    name = "persistent_gpu" if on_gpu else "persistent_cpu"
+    write_json(
+        args.out / f"{name}.json",
+        {"machine": machine_info(), "copy_bandwidth_Bps": bandwidth, "rows": rows},
+    )
+    plot(rows, args.out / f"{name}.png", f"decode chain, bf16, {device.device_kind}")
+    return 0

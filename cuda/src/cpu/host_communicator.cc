@@ -93,7 +93,7 @@ std::string HostCommunicator::describe(const CollectiveCall& call, uint64_t epoc
   return s.str();
 }
 
-bool HostCommunicator::mark_broken_locked(const std::string& reason) {
+bool HostCommunicator::mark_broken_locked(const CollectiveStatus& reason) {
   if (broken_.load(std::memory_order_relaxed)) return false;  // keep the first cause
   broken_reason_ = reason;
   broken_.store(true, std::memory_order_release);
@@ -107,7 +107,7 @@ void HostCommunicator::after_broken() {
   Registry::instance().drop(this);
 }
 
-void HostCommunicator::mark_broken(const std::string& reason) {
+void HostCommunicator::mark_broken(const CollectiveStatus& reason) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     mark_broken_locked(reason);
@@ -116,7 +116,7 @@ void HostCommunicator::mark_broken(const std::string& reason) {
 }
 
 bool HostCommunicator::poison_if_incomplete(std::atomic<uint64_t>& counter, uint64_t target,
-                                            const std::string& reason) {
+                                            const CollectiveStatus& reason) {
   {
     // Under mu_, so whoever sees the poison and then takes mu_ also sees broken_reason_.
     std::lock_guard<std::mutex> lock(mu_);
@@ -138,8 +138,8 @@ CollectiveStatus HostCommunicator::aborted_status(const CollectiveCall& call) co
   std::lock_guard<std::mutex> lock(mu_);
   std::ostringstream s;
   s << "ark_collective " << collective_op_name(call.op) << " at rank " << call.rank
-    << " aborted because its group failed: " << broken_reason_;
-  return {CollectiveStatus::Code::kAborted, s.str()};
+    << " aborted because its group failed: " << broken_reason_.message;
+  return {broken_reason_.code, s.str()};
 }
 
 void HostCommunicator::count_in(std::atomic<uint64_t>& counter, uint64_t target) {
@@ -200,20 +200,14 @@ CollectiveStatus HostCommunicator::wait_for_count(std::atomic<uint64_t>& counter
     << (arrival ? "; that rank never reached this collective (is it inside a branch or loop "
                   "that not every rank of the group runs?)"
                 : "; that rank did not finish its share of the work in time");
-  const std::string message = s.str();
-  if (!poison_if_incomplete(counter, target, message)) return CollectiveStatus::Ok();
-  // Another rank may have poisoned it first; report the first cause either way, but keep this
-  // rank's own view when it is the one that gave up.
+  const CollectiveStatus timed_out{CollectiveStatus::Code::kDeadlineExceeded, s.str()};
+  if (!poison_if_incomplete(counter, target, timed_out)) return CollectiveStatus::Ok();
   {
+    // Another rank may have given up first; then quote its cause (the first one) instead.
     std::lock_guard<std::mutex> lock(mu_);
-    if (broken_reason_ != message) {
-      return {CollectiveStatus::Code::kAborted,
-              "ark_collective " + std::string(collective_op_name(call.op)) + " at rank " +
-                  std::to_string(call.rank) + " aborted because its group failed: " +
-                  broken_reason_};
-    }
+    if (broken_reason_.message == timed_out.message) return timed_out;
   }
-  return {CollectiveStatus::Code::kDeadlineExceeded, message};
+  return aborted_status(call);
 }
 
 CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
@@ -225,8 +219,9 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
     s << "ark_collective " << collective_op_name(call.op) << ": two devices claim rank "
       << call.rank << " at the same time (" << describe(call, mine.epoch + 1)
       << "); the rank operand must be the device's index within its group";
-    mark_broken(s.str());
-    return {CollectiveStatus::Code::kInvalidArgument, s.str()};
+    const CollectiveStatus status{CollectiveStatus::Code::kInvalidArgument, s.str()};
+    mark_broken(status);
+    return status;
   }
   // RAII: the slot is released on every return path.
   struct BusyGuard {
@@ -274,8 +269,9 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
         s << "they belong to different launches (run ids " << call.run_id << " and "
           << peer.run_id << "); a rank skipped a collective in an earlier launch";
       }
-      mark_broken(s.str());
-      return {CollectiveStatus::Code::kInvalidArgument, s.str()};
+      const CollectiveStatus status{CollectiveStatus::Code::kInvalidArgument, s.str()};
+      mark_broken(status);
+      return status;
     }
     inputs[p] = peer.input;
     outputs[p] = peer.output;

@@ -118,12 +118,12 @@ class HostCommunicator {
   // and the wait succeeded after all). Deciding under one CAS means the group either completes the
   // epoch on every rank or on none: no rank can start reading a peer that already gave up.
   bool poison_if_incomplete(std::atomic<uint64_t>& counter, uint64_t target,
-                            const std::string& reason);
+                            const CollectiveStatus& reason);
   // Marks the communicator broken with `reason`, poisons both counters, wakes every waiter and
   // drops it from the cache.
-  void mark_broken(const std::string& reason);
+  void mark_broken(const CollectiveStatus& reason);
   // The part of breaking that needs mu_ held; returns false if already broken.
-  bool mark_broken_locked(const std::string& reason);
+  bool mark_broken_locked(const CollectiveStatus& reason);
   void after_broken();
   CollectiveStatus aborted_status(const CollectiveCall& call) const;
   std::string describe(const CollectiveCall& call, uint64_t epoch) const;
@@ -141,7 +141,9 @@ class HostCommunicator {
   // Sleeping waiters block on cv_; mu_ also guards broken_reason_ and the poisoning.
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::string broken_reason_;
+  // The first failure; ranks that fail because of it report its code (a timeout stays
+  // DEADLINE_EXCEEDED on every rank) and quote its message.
+  CollectiveStatus broken_reason_;
   // Per-rank scratch arrays of the group's posted pointers (rank r uses row r), so a call never
   // allocates.
   std::vector<const void*> scratch_inputs_;

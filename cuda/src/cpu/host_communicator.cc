@@ -277,9 +277,20 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
     outputs[p] = peer.output;
   }
 
-  // 3. this rank's share, straight on the peers' buffers
-  run_collective_share(call.op, call.reduce, call.type, call.block_elems, call.rank,
-                       GroupBuffers{inputs, outputs, n}, call.recv_from);
+  // 3. work: claim units from the shared counter until none are left. Late-waking ranks may find
+  // nothing to do, which is the point: the ranks that have a core do the work.
+  const CollectiveWork work{call.op, call.reduce, call.type, call.block_elems, call.recv_from};
+  const WorkPlan plan = plan_work(work, n);
+  const GroupBuffers group{inputs, outputs, n};
+  std::atomic<uint64_t>& next_unit = next_unit_[epoch & 1];
+  // The other counter was last used by epoch - 1, which every rank finished before arriving here;
+  // it is next used by epoch + 1, which no rank starts before rank 0 departs from this epoch.
+  if (call.rank == 0) next_unit_[(epoch + 1) & 1].store(0, std::memory_order_relaxed);
+  for (uint64_t unit = next_unit.fetch_add(1, std::memory_order_relaxed); unit < plan.num_units;
+       unit = next_unit.fetch_add(1, std::memory_order_relaxed)) {
+    run_work_unit(work, plan, unit, group);
+  }
+  finish_work(plan);
 
   // 4. leave together: nobody returns while a peer may still touch its buffers
   mine.departed_epoch.store(epoch, std::memory_order_release);

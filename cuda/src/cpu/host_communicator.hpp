@@ -7,7 +7,8 @@
 //      slot, then counts itself in as arrived for epoch e (its own call counter, see below);
 //   2. wait until all n ranks arrived for epoch e, check every slot carries the same signature and
 //      run id (a mismatch is an error, never wrong data);
-//   3. do this rank's 1/n share of the work directly on peers' memory (host_collectives.hpp);
+//   3. work directly on peers' memory: ranks claim work units from a shared counter until none are
+//      left (host_collectives.hpp), so the work is split across the ranks that have a core;
 //   4. count itself as departed and wait until all n departed: peers may still be reading this
 //      rank's input or writing its output, and XLA frees or reuses those buffers once we return.
 //
@@ -137,6 +138,8 @@ class HostCommunicator {
   alignas(64) std::atomic<uint64_t> arrivals_{0};
   alignas(64) std::atomic<uint64_t> departures_{0};
   // Set (under mu_) together with broken_reason_; read without the lock for the fast checks.
+  // Work units claimed so far, one counter per epoch parity (see run()).
+  alignas(64) std::atomic<uint64_t> next_unit_[2] = {0, 0};
   alignas(64) std::atomic<bool> broken_{false};
   // Sleeping waiters block on cv_; mu_ also guards broken_reason_ and the poisoning.
   mutable std::mutex mu_;

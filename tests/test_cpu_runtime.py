@@ -364,3 +364,23 @@ def test_bad_arguments_fail_before_the_rendezvous(mesh8, rng):
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="unsupported dtype"):
         jax.block_until_ready(_run_sharded(mesh8, float64_like, x))
+
+
+# ---- 16-bit float conversions ----
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float16], ids=["bfloat16", "float16"])
+def test_16bit_sums_bitwise_equal_to_lax_over_all_bit_patterns(mesh2x4, rng, dtype):
+    """Every 16-bit pattern (subnormals, infinities, NaNs, rounding ties) through the host
+    conversions. Compared with lax.psum, not numpy: XLA runs CPU code with denormals flushed to
+    zero, and the handler runs on XLA's threads, so float32 subnormals flush in both."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    a = bits.view(dtype)
+    b = rng.permutation(bits).view(dtype)
+    # Groups over 'x' have 2 ranks: the devices at (0, j) hold `a`, those at (1, j) hold `b`.
+    x = np.stack([np.stack([a] * 4), np.stack([b] * 4)])
+    got = np.asarray(
+        _run_sharded(mesh2x4, lambda v: _ark(v, op=ALL_REDUCE, mesh=mesh2x4, axes=("x",)), x)
+    )
+    want = np.asarray(_run_sharded(mesh2x4, lambda v: lax.psum(v, "x"), x))
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])

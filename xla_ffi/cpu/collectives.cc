@@ -51,9 +51,11 @@ ffi::Error invalid(const char* op_name, const std::string& what) {
 std::optional<int32_t> read_scalar(ffi::AnyBuffer buffer, const char* name, const char* op_name,
                                    ffi::Error& error) {
   if (buffer.element_type() != ffi::DataType::S32 || buffer.dimensions().size() != 0) {
-    error = invalid(op_name, std::string("operand `") + name + "` must be an int32 scalar, got " +
-                                 std::to_string(buffer.dimensions().size()) + "-d array of XLA "
-                                 "dtype " + std::to_string(static_cast<int>(buffer.element_type())));
+    error = invalid(op_name, std::string("operand `") + name +
+                                 "` must be an int32 scalar, got a " +
+                                 std::to_string(buffer.dimensions().size()) +
+                                 "-d array of XLA dtype " +
+                                 std::to_string(static_cast<int>(buffer.element_type())));
     return std::nullopt;
   }
   return *static_cast<const int32_t*>(buffer.untyped_data());
@@ -91,8 +93,8 @@ std::string check_shapes(CollectiveOp op, int64_t n, ffi::AnyBuffer::Dimensions 
       break;
     case CollectiveOp::kReduceScatter:
       if (in.size() == 0 || in[0] != n) {
-        return "x's leading dimension must equal group_size=" + std::to_string(n) + ", got x shape " +
-               dims_to_string(in);
+        return "x's leading dimension must equal group_size=" + std::to_string(n) +
+               ", got x shape " + dims_to_string(in);
       }
       ok = equal(in.begin() + 1, in.end(), out.begin(), out.end());
       expected << "the result shape must be x.shape[1:]";
@@ -100,8 +102,8 @@ std::string check_shapes(CollectiveOp op, int64_t n, ffi::AnyBuffer::Dimensions 
       break;
     case CollectiveOp::kAllToAll:
       if (in.size() == 0 || in[0] != n) {
-        return "x's leading dimension must equal group_size=" + std::to_string(n) + ", got x shape " +
-               dims_to_string(in);
+        return "x's leading dimension must equal group_size=" + std::to_string(n) +
+               ", got x shape " + dims_to_string(in);
       }
       ok = equal(in.begin(), in.end(), out.begin(), out.end());
       expected << "the result shape must equal x's shape";

@@ -1,10 +1,10 @@
-// Types shared by every backend of the `ark_collective` primitive (docs/internals.md, "Collectives"):
-// the op and reduce enums, the element types, the 16-bit float <-> float32 conversions and the
+// Types shared by every backend of the `ark_collective` primitive (docs/internals.md,
+// "Collectives"): the op and reduce enums, the element types, the 16-bit float <-> float32 conversions and the
 // reduction functors.
 //
 // Everything here is plain C++17 with no CUDA or XLA header, so the CPU build compiles it with the
 // host compiler and CUDA kernels can include the very same code: functions are ARK_HOST_DEVICE.
-// Keeping one definition of the arithmetic is what makes the CPU backend a reference for the GPU one.
+// One definition of the arithmetic is what makes the CPU backend a reference for the GPU one.
 #pragma once
 
 #include <cstddef>
@@ -84,7 +84,7 @@ inline constexpr bool op_reduces(CollectiveOp op) {
 
 // ---- 16-bit floats as bit patterns ----------------------------------------------------------
 // Storage types only: arithmetic always happens in float32 (the contract says 16-bit floats
-// accumulate in float32 and round once). Distinct structs so overloads and traits can tell them apart.
+// accumulate in float32 and round once). Distinct structs so traits can tell them apart.
 struct bf16_bits {
   uint16_t bits;
 };
@@ -105,7 +105,9 @@ ARK_HOST_DEVICE inline float u32_as_float(uint32_t u) {
 }
 
 // bfloat16 is the top half of a float32, so widening is a shift.
-ARK_HOST_DEVICE inline float bf16_to_float(bf16_bits v) { return u32_as_float(uint32_t{v.bits} << 16); }
+ARK_HOST_DEVICE inline float bf16_to_float(bf16_bits v) {
+  return u32_as_float(uint32_t{v.bits} << 16);
+}
 
 // Round to nearest, ties to even (what XLA and ml_dtypes do). NaN stays a (quiet) NaN: adding the
 // rounding bias to a NaN could carry into the exponent and turn it into infinity.

@@ -28,7 +28,7 @@ struct CollectiveWork {
   CollectiveOp op;
   ReduceKind reduce;
   ElementType type;
-  size_t block_elems;        // element count of S (x's shape without the leading n where it has one)
+  size_t block_elems;        // element count of S (x's shape without any leading n)
   const int64_t* recv_from;  // permute: n entries, -1 = none; the same table on every rank
 };
 

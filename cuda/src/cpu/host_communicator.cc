@@ -51,7 +51,8 @@ class Registry {
     return *registry;
   }
 
-  std::shared_ptr<HostCommunicator> get(const CommunicatorKey& key, bool (*is_broken)(const HostCommunicator&)) {
+  std::shared_ptr<HostCommunicator> get(const CommunicatorKey& key,
+                                        bool (*is_broken)(const HostCommunicator&)) {
     std::lock_guard<std::mutex> lock(mu_);
     auto& slot = map_[key];
     if (!slot || is_broken(*slot)) slot = std::make_shared<HostCommunicator>(key);
@@ -216,8 +217,10 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
 
   if (mine.busy.exchange(true, std::memory_order_acquire)) {
     std::ostringstream s;
+    // (No epoch in this message: it belongs to the thread that holds the slot.)
     s << "ark_collective " << collective_op_name(call.op) << ": two devices claim rank "
-      << call.rank << " at the same time (" << describe(call, mine.epoch + 1)
+      << call.rank << " at the same time (group comm_key=" << key_.comm_key
+      << " color=" << key_.color << " size=" << n
       << "); the rank operand must be the device's index within its group";
     const CollectiveStatus status{CollectiveStatus::Code::kInvalidArgument, s.str()};
     mark_broken(status);

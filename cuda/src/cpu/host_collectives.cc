@@ -24,10 +24,11 @@ constexpr size_t kTileElems = 2048;
 // sharing would serialize the ranks on the line's ownership).
 constexpr size_t kCacheLineBytes = 64;
 
-// A unit should be big enough that claiming it (one atomic increment) is noise, and there should
-// be a few units per rank so that ranks that get a core late still find work.
+// A unit should be big enough that claiming it (one atomic increment) is noise, and small enough
+// that a thread the scheduler preempts mid-unit (time slices are ~4 ms with 8 ranks on 2 cores)
+// does not hold up the whole group: 16 units per rank measured 1.3x faster than 4 at 8 x 16 MiB.
 constexpr size_t kMinUnitBytes = size_t{16} << 10;
-constexpr size_t kUnitsPerRank = 4;
+constexpr size_t kUnitsPerRank = 16;
 
 // Above this many bytes written by the whole group in one call, outputs are written with
 // non-temporal (streaming) stores: the data cannot stay in cache anyway, and a normal store first

@@ -78,8 +78,8 @@ const char* phase_verb(bool arrival) { return arrival ? "arrive" : "finish"; }
 HostCommunicator::HostCommunicator(const CommunicatorKey& key)
     : key_(key),
       slots_(new Slot[static_cast<size_t>(key.size)]),
-      scratch_inputs_(static_cast<size_t>(key.size) * key.size),
-      scratch_outputs_(static_cast<size_t>(key.size) * key.size) {}
+      group_inputs_(static_cast<size_t>(key.size)),
+      group_outputs_(static_cast<size_t>(key.size)) {}
 
 std::shared_ptr<HostCommunicator> HostCommunicator::get(const CommunicatorKey& key) {
   return Registry::instance().get(key, [](const HostCommunicator& c) {
@@ -240,6 +240,8 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
 
   // 1. post
   mine.posted = call;
+  group_inputs_[static_cast<size_t>(call.rank)] = call.input;
+  group_outputs_[static_cast<size_t>(call.rank)] = call.output;
   mine.arrived_epoch.store(epoch, std::memory_order_release);
   count_in(arrivals_, target);
 
@@ -247,8 +249,6 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
   CollectiveStatus status = wait_for_count(arrivals_, target, Phase::kArrival, call, epoch);
   if (!status.ok()) return status;
 
-  const void** inputs = scratch_inputs_.data() + static_cast<size_t>(call.rank) * n;
-  void** outputs = scratch_outputs_.data() + static_cast<size_t>(call.rank) * n;
   for (int p = 0; p < n; ++p) {
     const CollectiveCall& peer = slots_[static_cast<size_t>(p)].posted;
     const bool same = peer.op == call.op && peer.reduce == call.reduce && peer.type == call.type &&
@@ -276,15 +276,13 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
       mark_broken(status);
       return status;
     }
-    inputs[p] = peer.input;
-    outputs[p] = peer.output;
   }
 
   // 3. work: claim units from the shared counter until none are left. Late-waking ranks may find
   // nothing to do, which is the point: the ranks that have a core do the work.
   const CollectiveWork work{call.op, call.reduce, call.type, call.block_elems, call.recv_from};
   const WorkPlan plan = plan_work(work, n);
-  const GroupBuffers group{inputs, outputs, n};
+  const GroupBuffers group{group_inputs_.data(), group_outputs_.data(), n};
   std::atomic<uint64_t>& next_unit = next_unit_[epoch & 1];
   // The other counter was last used by epoch - 1, which every rank finished before arriving here;
   // it is next used by epoch + 1, which no rank starts before rank 0 departs from this epoch.

@@ -147,10 +147,10 @@ class HostCommunicator {
   // The first failure; ranks that fail because of it report its code (a timeout stays
   // DEADLINE_EXCEEDED on every rank) and quote its message.
   CollectiveStatus broken_reason_;
-  // Per-rank scratch arrays of the group's posted pointers (rank r uses row r), so a call never
-  // allocates.
-  std::vector<const void*> scratch_inputs_;
-  std::vector<void*> scratch_outputs_;
+  // The posted buffers by rank, in the layout the work units take. Rank r writes entry r before it
+  // counts itself in (published like its slot) and nobody rewrites it before the departure.
+  std::vector<const void*> group_inputs_;
+  std::vector<void*> group_outputs_;
 };
 
 }  // namespace jax_ark::cpu

@@ -81,7 +81,8 @@ def _check(cc, rng, op, dtype, n, count, reduce="sum", **options):
     xs = _inputs(rng, op, n, count, dtype)
     send_to, recv_from = _partial_ring(n) if op == "permute" else (None, None)
     ys = cc.harness_run(op, reduce, dtype, n, xs, send_to, recv_from, **options)
-    for r, (got, want) in enumerate(zip(ys, _expected(op, reduce, xs, send_to, recv_from), strict=True)):
+    want_all = _expected(op, reduce, xs, send_to, recv_from)
+    for r, (got, want) in enumerate(zip(ys, want_all, strict=True)):
         assert got.shape == want.shape, (r, got.shape, want.shape)
         _assert_close(got, want, n)
 

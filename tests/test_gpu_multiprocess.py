@@ -13,7 +13,6 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 WORKER = Path(__file__).with_name("gpu_multiprocess_worker.py")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -28,7 +27,6 @@ def test_two_processes_one_gpu():
     env.update(
         CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
         XLA_PYTHON_CLIENT_PREALLOCATE="false",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         PYTHONUNBUFFERED="1",
     )
     env.pop("XLA_FLAGS", None)  # the CPU device-count flag of conftest is not for these processes

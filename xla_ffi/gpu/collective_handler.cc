@@ -101,7 +101,11 @@ ffi::Error ArkCollectiveCudaImpl(cudaStream_t stream, int32_t device_ordinal, ff
   if (!problem.empty()) return ffi::Error::InvalidArgument("jax_ark: " + problem);
 
   // Kernels launch into the current device's context: make it the stream's device.
-  ARK_CUDA_FFI(cudaSetDevice(device));
+  // (Usually already current: XLA runs this device's thunks on this thread with its primary
+  // context, which is the one the runtime API uses too.)
+  int current = -1;
+  ARK_CUDA_FFI(cudaGetDevice(&current));
+  if (current != device) ARK_CUDA_FFI(cudaSetDevice(device));
   ARK_CUDA_FFI(launch_collective(state->device_view(), args, stream));
   return ffi::Error::Success();
 }

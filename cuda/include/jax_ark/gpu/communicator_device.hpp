@@ -94,19 +94,18 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
 __device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
-// LL packets: data and flag travel in ONE 8-byte store, so a reader that sees the flag also sees
-// the data (single-copy atomicity of aligned 8-byte accesses); volatile keeps them out of L1.
+// LL packets: data (low 32 bits) and flag (high 32 bits) travel in ONE aligned 64-bit scalar store,
+// so a reader that sees the flag also sees the data (single-copy atomicity of aligned 8-byte
+// scalar accesses; vector .v2 accesses are not guaranteed atomic as a whole). volatile keeps the
+// polls out of L1.
 __device__ __forceinline__ uint2 load_packet(const uint2* p) {
-  uint2 v;
-  asm volatile("ld.volatile.global.v2.u32 {%0, %1}, [%2];"
-               : "=r"(v.x), "=r"(v.y)
-               : "l"(p)
-               : "memory");
-  return v;
+  uint64_t v;
+  asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return make_uint2(static_cast<uint32_t>(v), static_cast<uint32_t>(v >> 32));
 }
 __device__ __forceinline__ void store_packet(uint2* p, uint32_t data, uint32_t flag) {
-  asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(data), "r"(flag)
-               : "memory");
+  const uint64_t v = (static_cast<uint64_t>(flag) << 32) | data;
+  asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 // ---- bounded waits -------------------------------------------------------------------------

@@ -9,6 +9,11 @@ OUT=${1:-${OUT:-./gpu_out}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
+# The harness runs N spinning ranks as N streams of one process: streams that alias one hardware
+# queue would serialize and deadlock (until the timeout), so give every stream its own queue.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
+# The pytest process and the two worker processes of the multi-process test share the GPU.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 PY=${PYTHON:-python3}
 declare -a SUMMARY=()
 FAILED=0

@@ -1,9 +1,104 @@
-// nanobind module of the CUDA backend: hands the registered FFI targets to Python as capsules.
+// nanobind module of the CUDA backend: FFI target capsules, communicator bootstrap (used by
+// jax_ark/_cuda_collectives.py at lowering time), the error record, and the single-GPU harness.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "jax_ark/gpu/communicator.hpp"
+#include "jax_ark/gpu/harness.hpp"
 #include "registry.h"
 
 namespace nb = nanobind;
+using namespace jax_ark::gpu;
+
+namespace {
+
+nb::bytes comm_create(int64_t comm_id, int device, int rank, int n_ranks, int blocks,
+                      uint32_t piece_bytes, uint32_t ll_bytes) {
+  CommConfig config;
+  config.n_ranks = n_ranks;
+  config.blocks = blocks;
+  config.piece_bytes = piece_bytes;
+  config.ll_bytes = ll_bytes;
+  RankState& state = Registry::instance().create(comm_id, device, rank, config);
+  const cudaIpcMemHandle_t handle = state.ipc_handle();
+  return nb::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+// peers[j] = (kind, device, ipc handle): kind "self", "local" (same process: direct pointer, peer
+// access when the device differs) or "ipc" (another process: the handle is opened).
+void comm_connect(int64_t comm_id, int device,
+                  const std::vector<std::tuple<std::string, int, nb::bytes>>& peers) {
+  RankState* state = Registry::instance().find(comm_id, device);
+  if (state == nullptr)
+    throw std::invalid_argument("jax_ark: comm_connect before comm_create on this device");
+  std::vector<PeerLink> links(peers.size());
+  for (size_t j = 0; j < peers.size(); ++j) {
+    const auto& [kind, peer_device, handle] = peers[j];
+    PeerLink& link = links[j];
+    link.device = peer_device;
+    if (kind == "self") {
+      link.kind = PeerLink::kSelf;
+      link.same_process_ptr = state->scratch();
+    } else if (kind == "local") {
+      RankState* peer = Registry::instance().find(comm_id, peer_device);
+      if (peer == nullptr)
+        throw std::invalid_argument("jax_ark: local peer on device " + std::to_string(peer_device) +
+                                    " has no rank state for this communicator");
+      link.kind = PeerLink::kSameProcess;
+      link.same_process_ptr = peer->scratch();
+    } else if (kind == "ipc") {
+      if (handle.size() != sizeof(cudaIpcMemHandle_t))
+        throw std::invalid_argument("jax_ark: malformed CUDA IPC handle");
+      link.kind = PeerLink::kIpc;
+      std::memcpy(&link.handle, handle.c_str(), sizeof(cudaIpcMemHandle_t));
+    } else {
+      throw std::invalid_argument("jax_ark: unknown peer kind " + kind);
+    }
+  }
+  {
+    nb::gil_scoped_release release;
+    state->connect(links);
+  }
+}
+
+nb::object last_error() {
+  for (RankState* state : Registry::instance().all()) {
+    const std::string message = state->describe_error();
+    if (message.empty()) continue;
+    const volatile ErrorRecord& r = state->error();
+    nb::dict out;
+    out["message"] = message;
+    out["op"] = std::string(op_name(r.op));
+    out["rank"] = static_cast<int>(r.rank);
+    out["peer"] = static_cast<int>(r.peer);
+    out["epoch"] = static_cast<unsigned>(r.epoch);
+    out["device"] = static_cast<int>(r.device);
+    out["comm_id"] = static_cast<int64_t>(r.comm_id);
+    return out;
+  }
+  return nb::none();
+}
+
+HarnessOptions options_of(int32_t blocks, uint32_t piece_bytes, uint32_t ll_bytes,
+                          int64_t timeout_ms, int32_t skip_rank, int32_t iters) {
+  HarnessOptions o;
+  o.blocks = blocks;
+  o.piece_bytes = piece_bytes;
+  o.ll_bytes = ll_bytes;
+  o.timeout_ms = timeout_ms;
+  o.skip_rank = skip_rank;
+  o.iters = iters;
+  return o;
+}
+
+}  // namespace
 
 NB_MODULE(_ark_cuda, m) {
   m.doc() = "jax_ark CUDA runtime (XLA FFI handlers that enqueue GPU-driven kernels)";
@@ -13,4 +108,63 @@ NB_MODULE(_ark_cuda, m) {
       out[target.name.c_str()] = nb::capsule(target.handler);
     return out;
   });
+  m.def("comm_create", &comm_create, nb::arg("comm_id"), nb::arg("device"), nb::arg("rank"),
+        nb::arg("n_ranks"), nb::arg("blocks"), nb::arg("piece_bytes"), nb::arg("ll_bytes"),
+        "Allocates this device's rank state of a communicator; returns its CUDA IPC handle.");
+  m.def("comm_connect", &comm_connect, nb::arg("comm_id"), nb::arg("device"), nb::arg("peers"),
+        "Opens every peer's scratch: peers[j] = (kind, device, handle), kind self/local/ipc.");
+  m.def("has_comm", [](int64_t comm_id, int device) {
+    RankState* s = Registry::instance().find(comm_id, device);
+    return s != nullptr && s->connected();
+  });
+  m.def("last_error", &last_error,
+        "The first failure recorded by a GPU collective of this process (dict), or None.");
+  m.def("device_sm_count", [](int device) {
+    int sms = 0;
+    ARK_CUDA_THROW(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  });
+  m.def(
+      "harness_run",
+      [](int32_t op, int32_t reduce, int32_t dtype, int32_t n_ranks,
+         const std::vector<nb::bytes>& inputs, const std::vector<int32_t>& send_to,
+         const std::vector<int32_t>& recv_from, int32_t iters, int64_t timeout_ms, int32_t blocks,
+         uint32_t piece_bytes, uint32_t ll_bytes, int32_t skip_rank) {
+        std::vector<std::string> in;
+        for (const auto& b : inputs) in.emplace_back(b.c_str(), b.size());
+        std::vector<std::string> out;
+        {
+          nb::gil_scoped_release release;
+          out = harness_run(op, reduce, dtype, n_ranks, in, send_to, recv_from,
+                            options_of(blocks, piece_bytes, ll_bytes, timeout_ms, skip_rank, iters));
+        }
+        std::vector<nb::bytes> result;
+        for (const auto& o : out) result.emplace_back(o.data(), o.size());
+        return result;
+      },
+      nb::arg("op"), nb::arg("reduce"), nb::arg("dtype"), nb::arg("n_ranks"), nb::arg("inputs"),
+      nb::arg("send_to"), nb::arg("recv_from"), nb::arg("iters") = 1,
+      nb::arg("timeout_ms") = 10000, nb::arg("blocks") = 0, nb::arg("piece_bytes") = 32768,
+      nb::arg("ll_bytes") = 65536, nb::arg("skip_rank") = -1,
+      "Runs n ranks of one collective as concurrent streams on the current GPU (raw bytes in/out).");
+  m.def(
+      "harness_time",
+      [](int32_t op, int32_t reduce, int32_t dtype, int32_t n_ranks, uint64_t nbytes, int32_t iters,
+         bool graph, int64_t timeout_ms, int32_t blocks, uint32_t piece_bytes, uint32_t ll_bytes) {
+        nb::gil_scoped_release release;
+        return harness_time(op, reduce, dtype, n_ranks, nbytes, iters, graph,
+                            options_of(blocks, piece_bytes, ll_bytes, timeout_ms, -1, 1));
+      },
+      nb::arg("op"), nb::arg("reduce"), nb::arg("dtype"), nb::arg("n_ranks"), nb::arg("nbytes"),
+      nb::arg("iters"), nb::arg("graph") = true, nb::arg("timeout_ms") = 10000,
+      nb::arg("blocks") = 0, nb::arg("piece_bytes") = 32768, nb::arg("ll_bytes") = 65536,
+      "Microseconds per call (nbytes = x bytes per rank), timed with cudaEvents.");
+  m.def(
+      "copy_bandwidth",
+      [](uint64_t nbytes, int32_t iters) {
+        nb::gil_scoped_release release;
+        return copy_bandwidth(nbytes, iters);
+      },
+      nb::arg("nbytes"), nb::arg("iters") = 20,
+      "Device-to-device cudaMemcpyAsync bandwidth in GB/s (bytes read + bytes written).");
 }

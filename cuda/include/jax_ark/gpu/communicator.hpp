@@ -1,0 +1,130 @@
+// Host side of a GPU communicator: one RankState per (communicator, rank) owns the rank's scratch
+// (IPC-exportable), its control words, its host-mapped error record and the device table of peer
+// pointers. The device twin (communicator_device.hpp) is what kernels see.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "jax_ark/gpu/common.hpp"
+#include "jax_ark/gpu/communicator_device.hpp"
+
+namespace jax_ark::gpu {
+
+class CudaError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+std::string cuda_error_message(cudaError_t err, const char* expr, const char* file, int line);
+
+// Throws CudaError naming the failed call (host setup paths; the FFI handler has its own macro).
+#define ARK_CUDA_THROW(expr)                                                                    \
+  do {                                                                                          \
+    cudaError_t ark_err_ = (expr);                                                              \
+    if (ark_err_ != cudaSuccess)                                                                \
+      throw ::jax_ark::gpu::CudaError(                                                          \
+          ::jax_ark::gpu::cuda_error_message(ark_err_, #expr, __FILE__, __LINE__));             \
+  } while (0)
+
+// RAII owners ---------------------------------------------------------------------------------
+struct DeviceFree {
+  int device;
+  void operator()(void* p) const;
+};
+using DeviceBuffer = std::unique_ptr<void, DeviceFree>;
+DeviceBuffer device_alloc(int device, size_t bytes, bool zero);
+
+struct HostFree {
+  void operator()(void* p) const;
+};
+using HostBuffer = std::unique_ptr<void, HostFree>;
+
+// A peer's scratch opened from a CUDA IPC handle; closed on destruction.
+class IpcMapping {
+ public:
+  IpcMapping(int device, const cudaIpcMemHandle_t& handle);
+  ~IpcMapping();
+  IpcMapping(const IpcMapping&) = delete;
+  IpcMapping& operator=(const IpcMapping&) = delete;
+  uint8_t* get() const { return ptr_; }
+
+ private:
+  int device_;
+  uint8_t* ptr_ = nullptr;
+};
+
+// How to reach peer j's scratch.
+struct PeerLink {
+  enum Kind { kSelf, kSameProcess, kIpc } kind = kSelf;
+  uint8_t* same_process_ptr = nullptr;  // kSelf / kSameProcess
+  int device = 0;                       // the peer's device (kSameProcess: for peer access)
+  cudaIpcMemHandle_t handle{};          // kIpc
+};
+
+class RankState {
+ public:
+  RankState(int64_t comm_id, int device, int rank, const CommConfig& config);
+  RankState(const RankState&) = delete;
+  RankState& operator=(const RankState&) = delete;
+
+  // Opens every peer and writes the device table of peer pointers. Call once.
+  void connect(const std::vector<PeerLink>& peers);
+
+  cudaIpcMemHandle_t ipc_handle() const;
+  uint8_t* scratch() const { return static_cast<uint8_t*>(scratch_.get()); }
+  const CommDevice& device_view() const { return view_; }
+  const CommConfig& config() const { return config_; }
+  int device() const { return device_; }
+  int rank() const { return rank_; }
+  int64_t comm_id() const { return comm_id_; }
+  bool connected() const { return connected_; }
+  // The record the kernels write on failure (host-mapped: readable without a sync).
+  const volatile ErrorRecord& error() const { return *error_host_; }
+  std::string describe_error() const;  // "" when no error was recorded
+
+ private:
+  int64_t comm_id_;
+  int device_;
+  int rank_;
+  CommConfig config_;
+  ScratchLayout layout_;
+  DeviceBuffer scratch_;
+  DeviceBuffer control_;
+  DeviceBuffer peer_table_;
+  HostBuffer error_;
+  volatile ErrorRecord* error_host_ = nullptr;
+  std::vector<std::unique_ptr<IpcMapping>> mappings_;
+  CommDevice view_;
+  bool connected_ = false;
+};
+
+// Process-wide registry of the rank states the FFI handler uses, keyed by (comm id, device).
+class Registry {
+ public:
+  static Registry& instance();
+  RankState& create(int64_t comm_id, int device, int rank, const CommConfig& config);
+  RankState* find(int64_t comm_id, int device);
+  std::vector<RankState*> all();
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<RankState>> states_;
+};
+
+// Enqueues one collective call on `stream` (no host synchronization).
+cudaError_t launch_collective(const CommDevice& comm, const CollectiveArgs& args,
+                              cudaStream_t stream);
+// Forces the kernels to load now (lazy module loading must not happen inside a capture).
+cudaError_t preload_kernels();
+// Checks sizes and codes of a call; returns "" when valid, else a message.
+std::string validate_call(const CommConfig& config, const CollectiveArgs& args, uint64_t x_bytes,
+                          uint64_t y_bytes);
+
+}  // namespace jax_ark::gpu

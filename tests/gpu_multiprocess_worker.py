@@ -1,0 +1,89 @@
+"""One of two JAX processes sharing ONE GPU (spawned by test_gpu_multiprocess.py).
+
+Usage: python gpu_multiprocess_worker.py PROCESS_ID PORT. Runs jitted shard_maps with jax_ark's
+collectives over the 2-process mesh (the GPU collectives go through CUDA IPC; XLA's own NCCL path
+refuses two processes on one GPU) and checks each local result against numpy. Prints WORKER_OK.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+
+process_id, port = int(sys.argv[1]), int(sys.argv[2])
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=2,
+    process_id=process_id,
+    initialization_timeout=120,
+)
+
+from jax._src import distributed  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_ark  # noqa: E402
+from jax_ark import _cuda_collectives  # noqa: E402
+
+assert jax.process_count() == 2 and len(jax.local_devices()) == 1, jax.devices()
+mesh = jax.make_mesh((2,), ("x",))
+rng = np.random.default_rng(1234)  # identical global data in both processes
+
+
+def barrier(name: str) -> None:
+    # The other process may still be compiling; meet before launching so the GPU-side waits
+    # (bounded by the collectives' timeout) do not include the other side's compile time.
+    distributed.global_state.client.wait_at_barrier(f"jax_ark_test/{name}", 120_000)
+
+
+def run(name, fn, global_x, expected_local):
+    sharding = NamedSharding(mesh, P("x"))
+    local = global_x[process_id : process_id + 1]
+    x = jax.make_array_from_process_local_data(sharding, local)
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    compiled = f.lower(x).compile()
+    barrier(name)
+    for _ in range(3):  # several calls: epochs advance, scratch halves alternate
+        y = compiled(x)
+    got = np.asarray(y.addressable_data(0))
+    if expected_local.dtype.kind == "i":
+        np.testing.assert_array_equal(got, expected_local)
+    else:
+        np.testing.assert_allclose(
+            got.astype(np.float32), expected_local.astype(np.float32), rtol=1e-2, atol=1e-2
+        )
+    print(f"[{process_id}] {name} ok", flush=True)
+
+
+g = rng.standard_normal((2, 6, 5)).astype(np.float32)
+run("psum", lambda a: jax_ark.psum(a, "x"), g, (g[0] + g[1])[None])
+gi = rng.integers(-100, 100, size=(2, 7, 3), dtype=np.int32)
+run("psum_int32", lambda a: jax_ark.psum(a, "x"), gi, (gi[0] + gi[1])[None])
+gb = rng.standard_normal((2, 9)).astype(jax.numpy.bfloat16)
+run(
+    "psum_bf16",
+    lambda a: jax_ark.psum(a, "x"),
+    gb,
+    (gb[0].astype(np.float32) + gb[1].astype(np.float32)).astype(gb.dtype)[None],
+)
+run("all_gather", lambda a: jax_ark.all_gather(a, "x", axis=0, tiled=True), g, g)
+s = g[0] + g[1]
+run(
+    "psum_scatter",
+    lambda a: jax_ark.psum_scatter(a, "x", scatter_dimension=1, tiled=True),
+    g,
+    s[None, 3 * process_id : 3 * process_id + 3],
+)
+run(
+    "ppermute",
+    lambda a: jax_ark.ppermute(a, "x", perm=[(0, 1), (1, 0)]),
+    g,
+    g[1 - process_id][None],
+)
+big = rng.standard_normal((2, 300_000)).astype(np.float32)  # beyond the LL path: chunked rounds
+run("psum_large", lambda a: jax_ark.psum(a, "x"), big, (big[0] + big[1])[None])
+_cuda_collectives.check()  # no failure recorded by any call
+print(f"[{process_id}] WORKER_OK", flush=True)
+jax.distributed.shutdown()

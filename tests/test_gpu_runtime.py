@@ -1,0 +1,158 @@
+"""GPU runtime through the single-GPU harness: n ranks as concurrent streams on one GPU.
+
+Every op, dtype and rank count against a numpy model of the contract (docs/internals.md): left
+fold over ranks 0..n-1, 16-bit floats accumulated in float32 and rounded once.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+OPS = ["all_reduce", "all_gather", "reduce_scatter", "permute", "all_to_all"]
+DTYPES = [
+    np.dtype(np.float32),
+    np.dtype(ml_dtypes.bfloat16),
+    np.dtype(np.float16),
+    np.dtype(np.int32),
+]
+# Small scratch so that "large" messages need many chunked rounds: LL only up to 1 KiB per peer,
+# 2 blocks x 256-byte pieces per round.
+SMALL_SCRATCH = dict(ll_bytes=1024, piece_bytes=256, blocks=2)
+
+
+@pytest.fixture(scope="module")
+def cc():
+    from jax_ark import _cuda_collectives
+
+    return _cuda_collectives
+
+
+def _inputs(rng, op, n, count, dtype):
+    shape = (n, count) if op in ("reduce_scatter", "all_to_all") else (count,)
+    if dtype.kind == "i":
+        return [rng.integers(-1000, 1000, size=shape, dtype=np.int32) for _ in range(n)]
+    return [rng.standard_normal(shape).astype(dtype) for _ in range(n)]
+
+
+def _fold(parts, reduce, dtype):
+    acc_type = np.int32 if dtype.kind == "i" else np.float32
+    fn = {"sum": np.add, "max": np.maximum, "min": np.minimum}[reduce]
+    acc = parts[0].astype(acc_type)
+    for p in parts[1:]:
+        acc = fn(acc, p.astype(acc_type))
+    return acc.astype(dtype)
+
+
+def _partial_ring(n):
+    send_to = [r + 1 if r + 1 < n else -1 for r in range(n)]
+    recv_from = [r - 1 if r > 0 else -1 for r in range(n)]
+    return send_to, recv_from
+
+
+def _expected(op, reduce, xs, send_to, recv_from):
+    n, dtype = len(xs), xs[0].dtype
+    if op == "all_reduce":
+        return [_fold(xs, reduce, dtype)] * n
+    if op == "all_gather":
+        return [np.stack(xs)] * n
+    if op == "reduce_scatter":
+        return [_fold([x[r] for x in xs], reduce, dtype) for r in range(n)]
+    if op == "permute":
+        return [xs[recv_from[r]] if recv_from[r] >= 0 else np.zeros_like(xs[r]) for r in range(n)]
+    return [np.stack([xs[j][r] for j in range(n)]) for r in range(n)]  # all_to_all
+
+
+def _assert_close(got, want, n):
+    if want.dtype.kind == "i":
+        np.testing.assert_array_equal(got, want)
+        return
+    # Same fold order as the kernel, so only the final rounding may differ (not at all, normally).
+    tol = {"float32": 1e-6, "bfloat16": 1e-2, "float16": 2e-3}[want.dtype.name]
+    np.testing.assert_allclose(
+        got.astype(np.float32), want.astype(np.float32), rtol=tol, atol=tol * n
+    )
+
+
+def _check(cc, rng, op, dtype, n, count, reduce="sum", **options):
+    xs = _inputs(rng, op, n, count, dtype)
+    send_to, recv_from = _partial_ring(n) if op == "permute" else (None, None)
+    ys = cc.harness_run(op, reduce, dtype, n, xs, send_to, recv_from, **options)
+    want_all = _expected(op, reduce, xs, send_to, recv_from)
+    for r, (got, want) in enumerate(zip(ys, want_all, strict=True)):
+        assert got.shape == want.shape, (r, got.shape, want.shape)
+        _assert_close(got, want, n)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    "count, options",
+    [(1, {}), (1001, {}), (12_345, SMALL_SCRATCH)],
+    ids=["one", "odd-ll", "beyond-scratch"],
+)
+def test_matches_numpy(cc, rng, op, dtype, n, count, options):
+    _check(cc, rng, op, dtype, n, count, **options)
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("op", ["all_reduce", "reduce_scatter"])
+@pytest.mark.parametrize("options", [{}, SMALL_SCRATCH], ids=["ll", "chunked"])
+def test_max_min(cc, rng, op, dtype, reduce, options):
+    _check(cc, rng, op, dtype, 4, 777, reduce=reduce, **options)
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
+def test_default_scratch_several_rounds(cc, rng, op):
+    # 8 ranks x 16 blocks x 32 KiB pieces: 1.5M float32 per block needs several rounds per phase.
+    count = 1_500_001 if op == "all_reduce" else 300_001
+    _check(cc, rng, op, np.dtype(np.float32), 8, count)
+
+
+@pytest.mark.parametrize("options", [{}, SMALL_SCRATCH], ids=["ll", "chunked"])
+def test_thousand_back_to_back_calls(cc, rng, options):
+    # Call k+1 starts while peers may still read call k: the epoch-parity halves must keep the
+    # result exact (a reuse race shows up as wrong data or a timeout).
+    _check(cc, rng, "all_reduce", np.dtype(np.float32), 8, 3001, iters=1000, **options)
+
+
+def test_thousand_back_to_back_permutes(cc, rng):
+    # permute moves data between two ranks only; the all-peer arrival keeps epochs in step.
+    _check(cc, rng, "permute", np.dtype(np.int32), 4, 513, iters=1000)
+
+
+@pytest.mark.parametrize("options", [{}, SMALL_SCRATCH], ids=["ll", "chunked"])
+@pytest.mark.parametrize("n", [2, 4])
+def test_missing_rank_times_out_naming_op_rank_peer(cc, rng, n, options):
+    xs = _inputs(rng, "all_reduce", n, 4099, np.dtype(np.float32))
+    missing = n - 1
+    with pytest.raises(RuntimeError) as info:
+        cc.harness_run(
+            "all_reduce", "sum", np.float32, n, xs, timeout_ms=300, skip_rank=missing, **options
+        )
+    message = str(info.value)
+    for r in range(n - 1):
+        assert f"all_reduce on rank {r} timed out waiting for peer rank {missing}" in message
+
+
+def test_bad_input_is_rejected_before_launch(cc, rng):
+    xs = _inputs(rng, "permute", 4, 8, np.dtype(np.float32))
+    with pytest.raises(ValueError, match="disagree"):
+        cc.harness_run("permute", "sum", np.float32, 4, xs, [1, 2, 3, 0], [3, 0, 2, 1])
+    with pytest.raises(ValueError, match="leading axis"):
+        cc.harness_run("all_to_all", "sum", np.float32, 4, xs)
+
+
+def test_timing_entry_points(cc):
+    small = cc.harness_time("all_reduce", np.float32, 8, 8192, iters=200)
+    host = cc.harness_time("all_reduce", np.float32, 8, 8192, iters=50, graph=False)
+    big = cc.harness_time("all_reduce", np.float32, 8, 64 << 20, iters=3)
+    copy = cc.copy_bandwidth(64 << 20)
+    print(f"8 KiB all_reduce x8: {small:.2f} us (graph), {host:.2f} us (host launches)")
+    print(f"64 MiB all_reduce x8: {big:.1f} us; copy {copy:.0f} GB/s")
+    assert 0 < small < 1e4 and 0 < host < 1e5 and big > 0 and copy > 0

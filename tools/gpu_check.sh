@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One-shot check on a GPU machine (offline): build with CUDA, show the GPU, run the GPU tests and
+# the benchmarks. Every step runs under `timeout`, logs to $OUT/<step>.log, and a failing step does
+# not stop the next; a summary comes at the end. Budget: well under 9 minutes in total.
+# Usage: tools/gpu_check.sh [OUT]   (OUT defaults to $OUT, else ./gpu_out)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-./gpu_out}}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1
+# The harness runs N spinning ranks as N streams of one process: streams that alias one hardware
+# queue would serialize and deadlock (until the timeout), so give every stream its own queue.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
+# The pytest process and the two worker processes of the multi-process test share the GPU.
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
+PY=${PYTHON:-python3}
+declare -a SUMMARY=()
+FAILED=0
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS rc
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  local took=$((SECONDS - t0))
+  tail -n 25 "$OUT/$name.log"
+  if [ $rc -eq 0 ]; then
+    SUMMARY+=("PASS  $name (${took}s)")
+  else
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && SUMMARY+=("TIME  $name (rc=$rc, ${took}s)") || SUMMARY+=("FAIL  $name (rc=$rc, ${took}s)")
+    FAILED=1
+  fi
+}
+
+step env 20 bash -c "nvidia-smi; nvcc --version | tail -2; $PY -c 'import jax; print(jax.__version__, jax.devices())'"
+# The build compiles the kernels for sm_80 and sm_90.
+step build 150 env JAX_ARK_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  $PY -m pip install --no-build-isolation --no-deps -v -e .
+step import 30 $PY -c "import jax_ark, jax, sys; print('has_cuda', jax_ark.has_cuda(), jax.devices()); sys.exit(0 if jax_ark.has_cuda() else 1)"
+if ! $PY -c "import jax_ark, sys; sys.exit(0 if jax_ark.has_cuda() else 1)" >/dev/null 2>&1; then
+  # Fallback: plain CMake build with the modules copied next to the sources.
+  step build_inplace 150 env ARK_BUILD_JOBS=16 tools/dev_build.sh -DJAX_ARK_CUDA=ON
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+step pytest_gpu 180 $PY -m pytest -m gpu -v -rs --durations=15 tests
+if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
+  step bench_collectives 60 $PY -m jax_ark.bench collectives --out "$OUT/bench_collectives"
+  step bench_persistent 60 $PY -m jax_ark.bench persistent --out "$OUT/bench_persistent"
+else
+  SUMMARY+=("SKIP  bench (no jax_ark.bench module)")
+fi
+
+echo
+echo "== summary (logs in $OUT)"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+exit $FAILED

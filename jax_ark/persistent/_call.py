@@ -58,23 +58,25 @@ def plan(
     return build_plan(traced, num_workers or _default_workers(), tile_m, tile_n)
 
 
-def _result_type(shape, dtype, in_avals) -> jax.ShapeDtypeStruct:
-    """Inside shard_map, results vary over every mesh axis some input varies over (per-device
-    values); without this jax would type them as invariant (shared/DESIGN.md)."""
-    mats = [getattr(a, "manual_axis_type", None) for a in in_avals]
-    mats = [m for m in mats if m is not None]
-    if mats:
-        varying = frozenset().union(*(m.varying for m in mats))
-        try:
-            mat = mats[0].update(varying=varying)
-            return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
-        except TypeError:
-            pass
-    vmas = [getattr(a, "vma", None) for a in in_avals]
-    vmas = [v for v in vmas if v]
-    if vmas:
-        return jax.ShapeDtypeStruct(shape, dtype, vma=frozenset().union(*vmas))
-    return jax.ShapeDtypeStruct(shape, dtype)
+def _varying_axes(in_avals) -> tuple:
+    """Mesh axes some input varies over (inside shard_map); () outside."""
+    axes: set = set()
+    for a in in_avals:
+        mat = getattr(a, "manual_axis_type", None)
+        if mat is not None:
+            axes |= set(mat.varying)
+        axes |= set(getattr(a, "vma", None) or ())
+    return tuple(sorted(axes))
+
+
+def _mark_varying(x, axes: tuple):
+    """ffi_call results come back typed as invariant across the mesh (shared/DESIGN.md); they are
+    per-device values, so declare them varying over the inputs' axes."""
+    if not axes:
+        return x
+    have = set(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", ()) or ())
+    missing = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _check_signature(p: Plan, avals) -> None:
@@ -91,22 +93,18 @@ def _check_signature(p: Plan, avals) -> None:
 
 def run_plan(p: Plan, flat_args, *, profile: bool = False, timeout_ms: int = _DEFAULT_TIMEOUT_MS):
     """Binds one ark_persistent call; returns (flat outputs, profile array or None)."""
-    in_avals = [jax.typeof(x) if isinstance(x, jax.Array) else None for x in flat_args]
-    in_avals = [a for a in in_avals if a is not None]
+    axes = _varying_axes([jax.typeof(x) for x in flat_args if isinstance(x, jax.Array)])
     operands = list(flat_args)
     for t in p.args[p.num_inputs :]:
         operands.append(jnp.asarray(p.constants[t]))
     operands.append(jnp.asarray(p.to_binary()))
     results = [
-        _result_type(p.tensors[o].shape, np_dtype(p.tensors[o].dtype), in_avals)
-        for o in p.outputs
+        jax.ShapeDtypeStruct(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs
     ]
-    results.append(_result_type((max(p.workspace_bytes, 1),), np.uint8, in_avals))
-    results.append(_result_type((len(p.tasks),), np.int32, in_avals))
+    results.append(jax.ShapeDtypeStruct((max(p.workspace_bytes, 1),), np.uint8))
+    results.append(jax.ShapeDtypeStruct((len(p.tasks),), np.int32))
     if profile:
-        results.append(
-            _result_type((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64, in_avals)
-        )
+        results.append(jax.ShapeDtypeStruct((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64))
     outs = jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(
         *operands,
         num_workers=np.int64(p.num_workers),
@@ -115,6 +113,7 @@ def run_plan(p: Plan, flat_args, *, profile: bool = False, timeout_ms: int = _DE
         chaos_seed=np.int64(_chaos_seed()),
         profile=np.int64(1 if profile else 0),
     )
+    outs = [_mark_varying(o, axes) for o in outs]
     n = len(p.outputs)
     return list(outs[:n]), (outs[n + 2] if profile else None)
 
@@ -154,7 +153,9 @@ class _Persistent:
                     tile_n=self._tiles[1],
                 )
             if len(p.outputs) != out_tree.num_leaves:
-                raise PlanError(f"plan has {len(p.outputs)} outputs, fn returns {out_tree.num_leaves}")
+                raise PlanError(
+                    f"plan has {len(p.outputs)} outputs, fn returns {out_tree.num_leaves}"
+                )
             self._cache[key] = (p, out_tree)
         return self._cache[key][0]
 

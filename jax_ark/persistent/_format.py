@@ -159,7 +159,8 @@ class Plan:
     def task_name(self, t: int) -> str:
         task = self.tasks[t]
         op = self.ops[task.op]
-        return f"task {t} (op {task.op} '{op.name}', tile b{task.b0}:{task.b1} m{task.m0}:{task.m1} n{task.n0}:{task.n1})"
+        tile = f"b{task.b0}:{task.b1} m{task.m0}:{task.m1} n{task.n0}:{task.n1}"
+        return f"task {t} (op {task.op} '{op.name}', tile {tile})"
 
     def flops(self, t: int) -> int:
         task = self.tasks[t]
@@ -276,7 +277,9 @@ class Plan:
         if d.get("format") != "jax_ark.plan":
             raise PlanError("not a jax_ark plan (missing format: jax_ark.plan)")
         if d["version"] > PLAN_VERSION:
-            raise PlanError(f"plan version {d['version']} is newer than this jax_ark ({PLAN_VERSION})")
+            raise PlanError(
+                f"plan version {d['version']} is newer than this jax_ark ({PLAN_VERSION})"
+            )
         tensors = [TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
         ops = []
         for o in d["ops"]:
@@ -358,7 +361,7 @@ def _topological_order(plan: Plan) -> list[int]:
     return order
 
 
-# ---- binary encoding ------------------------------------------------------------------------------
+# ---- binary encoding ----------------------------------------
 def _pad_even(words: list[int]) -> None:
     if len(words) % 2:
         words.append(0)

@@ -170,7 +170,9 @@ def execution_order(plan: Plan, rng: np.random.Generator | None = None) -> list[
             if pos[w] < len(q) and all(done[d] for d in plan.tasks[q[pos[w]]].deps)
         ]
         if not ready:
-            stuck = [plan.task_name(q[pos[w]]) for w, q in enumerate(plan.queues) if pos[w] < len(q)]
+            stuck = [
+                plan.task_name(q[pos[w]]) for w, q in enumerate(plan.queues) if pos[w] < len(q)
+            ]
             raise PlanError(f"plan deadlocks: every worker waits ({'; '.join(stuck)})")
         for w in [ready[rng.integers(len(ready))]] if rng is not None else ready:
             t = plan.queues[w][pos[w]]

@@ -19,7 +19,7 @@ from jax_ark.persistent._format import (
 )
 from jax_ark.persistent._trace import TraceResult
 
-# ---- tiling ---------------------------------------------------------------------------------------
+# ---- tiling ----------------------------------------
 
 
 def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> list[Task]:
@@ -47,7 +47,7 @@ def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> 
     return tasks
 
 
-# ---- read / write sets ----------------------------------------------------------------------------
+# ---- read / write sets ----------------------------------------
 
 
 def tile_linear(op: Op, task: Task) -> np.ndarray:
@@ -106,7 +106,9 @@ def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
         idx = np.unravel_index(lin, out_shape) if out_shape else ()
         for v in views:
             view = plan.views[v]
-            reads.append((view.tensor, _offsets(view, idx) if out_shape else np.array([view.offset])))
+            reads.append(
+                (view.tensor, _offsets(view, idx) if out_shape else np.array([view.offset]))
+            )
     return reads
 
 
@@ -169,7 +171,7 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
     return need
 
 
-# ---- workspace --------------------------------------------------------------------------------------
+# ---- workspace ----------------------------------------
 
 
 def _allocate_workspace(plan: Plan) -> int:
@@ -205,7 +207,7 @@ def _allocate_workspace(plan: Plan) -> int:
     return top
 
 
-# ---- placement ----------------------------------------------------------------------------------
+# ---- placement ----------------------------------------
 
 
 def task_costs(plan: Plan) -> list[float]:

@@ -50,7 +50,11 @@ class Timeline:
                 "dur": (r["end"] - r["start"]) / 1e3,
                 "pid": 0,
                 "tid": r["worker"],
-                "args": {"task": r["task"], "op": r["op"], "wait_us": (r["start"] - r["wait_begin"]) / 1e3},
+                "args": {
+                    "task": r["task"],
+                    "op": r["op"],
+                    "wait_us": (r["start"] - r["wait_begin"]) / 1e3,
+                },
             }
             for r in self.records
         ]
@@ -66,7 +70,9 @@ def timeline(profile, plan: Plan) -> Timeline:
     `persistent(fn, profile=True)` returns, `plan` the plan it ran (`persistent_fn.plan(*args)`)."""
     raw = np.asarray(profile, dtype=np.int64).reshape(-1, PROFILE_WORDS_PER_TASK)
     if raw.shape[0] != len(plan.tasks):
-        raise ValueError(f"profile has {raw.shape[0]} task records, the plan {len(plan.tasks)} tasks")
+        raise ValueError(
+            f"profile has {raw.shape[0]} task records, the plan {len(plan.tasks)} tasks"
+        )
     origin = int(raw[:, 0].min()) if raw.size else 0
     records = []
     for t, (wait_begin, start, end, worker) in enumerate(raw.tolist()):

@@ -38,7 +38,7 @@ class UnsupportedError(PlanError):
     """The traced function uses something the persistent planner cannot run."""
 
 
-# ---- lazy nodes -----------------------------------------------------------------------------------
+# ---- lazy nodes ----------------------------------------
 @dataclass(eq=False)
 class _Node:
     shape: tuple[int, ...]
@@ -161,7 +161,7 @@ def _merge(shape, strides, dims) -> tuple[int, int] | None:
     return math.prod(shape[d] for d in dims), strides[dims[-1]]
 
 
-# ---- the builder ----------------------------------------------------------------------------------
+# ---- the builder ----------------------------------------
 @dataclass
 class TraceResult:
     tensors: list[TensorSpec]
@@ -186,7 +186,9 @@ class _Builder:
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
             raise UnsupportedError(f"rank {len(shape)} > {MAX_RANK} at {self.source}")
-        self.tensors.append(TensorSpec(name or f"t{len(self.tensors)}", tuple(shape), dtype, storage, index))
+        self.tensors.append(
+            TensorSpec(name or f"t{len(self.tensors)}", tuple(shape), dtype, storage, index)
+        )
         return len(self.tensors) - 1
 
     def view_id(self, node: _Load) -> int:
@@ -219,7 +221,9 @@ class _Builder:
             args = [self._broadcast(a, shape, dims) for a in node.args]
             if any(a is None for a in args):
                 return None
-            return _Ew(shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size)
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
         return None
 
     def transpose(self, node: _Node, perm) -> _Node:
@@ -239,7 +243,35 @@ class _Builder:
             args = [self._transpose(a, perm) for a in node.args]
             if any(a is None for a in args):
                 return None
-            return _Ew(shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size)
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
+        return None
+
+    def slice(self, node: _Node, start, limit, step) -> _Node:
+        step = tuple(step or (1,) * len(start))
+        out = self._slice(node, tuple(start), tuple(limit), step)
+        if out is None:
+            out = self._slice(self.materialize(node), tuple(start), tuple(limit), step)
+        return out
+
+    def _slice(self, node, start, limit, step):
+        shape = tuple(
+            max(0, -(-(hi - lo) // st)) for lo, hi, st in zip(start, limit, step, strict=True)
+        )
+        if isinstance(node, _Imm):
+            return _Imm(shape, node.dtype, value=node.value)
+        if isinstance(node, _Load):
+            offset = node.offset + sum(lo * s for lo, s in zip(start, node.strides, strict=True))
+            strides = tuple(s * st for s, st in zip(node.strides, step, strict=True))
+            return _Load(shape, node.dtype, node.tensor, offset, strides)
+        if isinstance(node, _Ew):
+            args = [self._slice(a, start, limit, step) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
         return None
 
     def reshape(self, node: _Node, shape) -> _Node:
@@ -264,7 +296,9 @@ class _Builder:
             args = [self._reshape(a, shape) for a in node.args]
             if any(a is None for a in args):
                 return None
-            return _Ew(shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size)
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
         return None
 
     def elementwise(self, op: str, args: list[_Node], shape, dtype, imm: int = 0) -> _Node:
@@ -286,7 +320,7 @@ class _Builder:
             size = 1 + sum(a.size for a in args)
         return _Ew(shape, dtype, op=op, args=tuple(args), imm=imm, _size=size)
 
-    # ---- materialization --------------------------------------------------------------------------
+    # ---- materialization ---------------------------------------------------------------------
     def materialize(self, node: _Node, storage: str = "workspace", index: int = 0) -> _Load:
         """Emits the op computing `node` into a new contiguous tensor; returns its identity view."""
         if isinstance(node, _Load) and storage == "workspace":
@@ -426,7 +460,7 @@ def _cores(node: _Node) -> list[_Core]:
     return found
 
 
-# ---- jaxpr translation ------------------------------------------------------------------------------
+# ---- jaxpr translation ----------------------------------------
 _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "tanh": "tanh", "logistic": "logistic",
     "sqrt": "sqrt", "rsqrt": "rsqrt", "erf": "erf", "abs": "abs", "sin": "sin", "cos": "cos",
@@ -447,7 +481,7 @@ def _source(eqn) -> str:
 
         return source_info_util.summarize(eqn.source_info)
     except Exception:  # internals moved: degrade to no location rather than failing
-        return "<unknown source>"
+        return ""
 
 
 def _dtype_name(aval) -> str:
@@ -482,7 +516,10 @@ def _use_counts(jaxpr) -> dict:
 
 
 _ELEMENTWISE_PRIMS = (
-    set(_UNARY) | set(_BINARY) | {"erfc", "integer_pow", "convert_element_type", "select_n"} | _IDENTITY
+    set(_UNARY)
+    | set(_BINARY)
+    | {"erfc", "integer_pow", "convert_element_type", "select_n"}
+    | _IDENTITY
 )
 
 
@@ -566,8 +603,11 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
     for v, n in zip(jaxpr.invars, in_nodes, strict=True):
         bind(v, n)
 
+    outer = b.source
     for eqn in jaxpr.eqns:
-        b.source = _source(eqn)
+        # Inside an inlined call (jnp.sort, jax.nn.*), jax may attribute no user frame to the
+        # eqn: name the user's call site instead.
+        b.source = _source(eqn) or outer
         outs = _translate_eqn(b, eqn, [read(v) for v in eqn.invars])
         for v, n in zip(eqn.outvars, outs, strict=True):
             if type(v).__name__ == "DropVar":
@@ -603,9 +643,13 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return list(args)
     if prim == "select_n":
         if len(args) != 3:
-            raise UnsupportedError(f"ark.persistent: select_n with {len(args) - 1} cases at {b.source}")
+            raise UnsupportedError(
+                f"ark.persistent: select_n with {len(args) - 1} cases at {b.source}"
+            )
         if args[0].dtype != "bool":
-            raise UnsupportedError(f"ark.persistent: select_n on an integer predicate at {b.source}")
+            raise UnsupportedError(
+                f"ark.persistent: select_n on an integer predicate at {b.source}"
+            )
         return [b.elementwise("select", args, out_shape, out_dtype)]
     if prim == "broadcast_in_dim":
         return [b.broadcast(args[0], out_shape, params["broadcast_dimensions"])]
@@ -613,6 +657,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [b.reshape(args[0], out_shape)]
     if prim == "transpose":
         return [b.transpose(args[0], params["permutation"])]
+    if prim == "slice":
+        return [
+            b.slice(args[0], params["start_indices"], params["limit_indices"], params["strides"])
+        ]
     if prim == "dot_general":
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
     if prim in ("reduce_sum", "reduce_max", "reduce_min"):
@@ -629,7 +677,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         f"ark.persistent: primitive '{prim}' is not supported (at {b.source}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, select_n, reduce_sum / reduce_max / reduce_min, broadcast_in_dim, "
-        "reshape, transpose, squeeze, expand_dims, convert_element_type"
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type"
     )
 
 
@@ -668,9 +716,7 @@ def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
     B, M, K = a.shape
     _, K2, N = bv.shape
     assert K == K2, (K, K2)
-    core = _Core(
-        "matmul", out_dtype, B, M, N, K, a=a, b=bv, source=b.source, name="dot_general"
-    )
+    core = _Core("matmul", out_dtype, B, M, N, K, a=a, b=bv, source=b.source, name="dot_general")
     core.out_shape = out_shape
     return _Pending(out_shape, out_dtype, core=core)
 
@@ -713,7 +759,7 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct]) -> TraceResult:
         t = b.new_tensor(tuple(aval.shape), dtype, "arg", i, name=f"in{i}")
         b.args.append(t)
         in_nodes.append(b.load(t))
-    b.source = "<outputs>"
+    b.source = "<unknown source>"
     out_nodes = _translate(b, closed.jaxpr, list(closed.consts), in_nodes)
     outputs: list[int] = []
     for i, node in enumerate(out_nodes):

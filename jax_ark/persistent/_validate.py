@@ -35,7 +35,9 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
             if not 0 <= v < len(plan.views):
                 raise PlanError(f"{w}: view {v} out of range")
             if len(plan.views[v].strides) != rank:
-                raise PlanError(f"{w}: view {v} has rank {len(plan.views[v].strides)}, expected {rank}")
+                raise PlanError(
+                    f"{w}: view {v} has rank {len(plan.views[v].strides)}, expected {rank}"
+                )
         elif ins.op in UNARY_OPS:
             regs = [ins.a]
         elif ins.op in BINARY_OPS:
@@ -69,8 +71,14 @@ def validate(plan: Plan) -> None:
         raise PlanError(f"num_workers must be >= 1, got {plan.num_workers}")
     # tensors
     for t, spec in enumerate(plan.tensors):
-        if spec.dtype not in DTYPE_SIZES or len(spec.shape) > MAX_RANK or min(spec.shape, default=1) < 0:
-            raise PlanError(f"tensor {t} '{spec.name}': bad dtype {spec.dtype} or shape {spec.shape}")
+        if (
+            spec.dtype not in DTYPE_SIZES
+            or len(spec.shape) > MAX_RANK
+            or min(spec.shape, default=1) < 0
+        ):
+            raise PlanError(
+                f"tensor {t} '{spec.name}': bad dtype {spec.dtype} or shape {spec.shape}"
+            )
         if spec.storage == "workspace":
             if spec.byte_offset < 0 or spec.byte_offset + spec.nbytes > plan.workspace_bytes:
                 raise PlanError(f"tensor {t} '{spec.name}': outside the workspace")
@@ -141,7 +149,9 @@ def validate(plan: Plan) -> None:
             and 0 <= task.m0 < task.m1 <= op.M
             and 0 <= task.n0 < task.n1 <= op.N
         ):
-            raise PlanError(f"{plan.task_name(t)}: tile outside op space B={op.B} M={op.M} N={op.N}")
+            raise PlanError(
+                f"{plan.task_name(t)}: tile outside op space B={op.B} M={op.M} N={op.N}"
+            )
         coverage[task.op][tile_linear(op, task)] += 1
         for d in task.deps:
             if not 0 <= d < len(plan.tasks) or d == t:

@@ -106,6 +106,8 @@ WorkerPool& pool_for_this_thread(int helpers) {
 
 // ---- the run ----------------------------------------------------------------------------------------
 struct Run {
+  Run(PlanView p, const PersistentBuffers& b, const PersistentOptions& o)
+      : plan(p), buf(b), opt(o), t0(Clock::now()) {}
   PlanView plan;
   const PersistentBuffers& buf;
   const PersistentOptions& opt;
@@ -542,7 +544,7 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
 
 PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
                           const PersistentOptions& options) {
-  Run run{PlanView{words}, buffers, options, Clock::now()};
+  Run run(PlanView{words}, buffers, options);
   const Header& h = run.plan.header();
   std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_tasks);
   if (buffers.profile)

@@ -24,7 +24,12 @@ from jax_ark.persistent._trace import TraceResult
 
 def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> list[Task]:
     if op.kind == "matmul":
-        tn = min(op.N, tile_n or 64)
+        default_n = 64
+        if op.M <= 8:
+            # GEMV-like (decode): a tile reads a K x tn slab of weights row by row; wide slabs, one
+            # per worker, stream memory better than many narrow strided ones.
+            default_n = max(64, -(-math.ceil(op.N / num_workers) // 64) * 64)
+        tn = min(op.N, tile_n or default_n)
         tm = min(op.M, tile_m or 32)
         tb = max(1, min(op.B, 2048 // max(1, tm * tn)))
     elif op.kind == "map":

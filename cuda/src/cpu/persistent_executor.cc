@@ -1,8 +1,8 @@
 // CPU executor of persistent-kernel plans. See persistent_executor.hpp and docs/plan_format.md.
 //
 // Math order follows the plan format exactly (k / r ascending, float32, every product and sum
-// rounded: this file is compiled without FMA contraction), so results do not depend on timing or
-// on which worker ran a tile.
+// rounded: CMakeLists.txt compiles this file with -ffp-contract=off), so results do not depend on
+// timing or on which worker ran a tile.
 #include "persistent_executor.hpp"
 
 #include <algorithm>
@@ -18,9 +18,6 @@
 
 #include "jax_ark/tile_ops.hpp"
 
-#if defined(__GNUC__) || defined(__clang__)
-#pragma GCC optimize("fp-contract=off")
-#endif
 
 namespace jax_ark::cpu {
 namespace {
@@ -241,27 +238,32 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   const int tn = task.n1 - task.n0;
   s.acc.resize(tn);
   s.a_row.resize(K);
-  s.b_tile.resize(static_cast<size_t>(K) * tn);
+  if (!(b_dt == kF32 && bv.strides[2] == 1)) s.b_tile.resize(static_cast<size_t>(K) * tn);
+  // float32 weights with unit n-stride are read in place; others are widened into a tile once.
+  const bool direct_b = b_dt == kF32 && bv.strides[2] == 1;
   for (int b = task.b0; b < task.b1; ++b) {
-    // B tile widened to float32 once per task: [k][n], contiguous for the inner loop.
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1];
-      float* dst = s.b_tile.data() + k * tn;
-      if (b_dt == kF32 && bv.strides[2] == 1) {
-        std::memcpy(dst, reinterpret_cast<const float*>(b_base) + row + task.n0, tn * sizeof(float));
-      } else {
+    const float* b_rows = nullptr;  // b_rows + k * b_ld = B[b, k, n0..n1)
+    int64_t b_ld = tn;
+    if (direct_b) {
+      b_rows = reinterpret_cast<const float*>(b_base) + bv.offset + b * bv.strides[0] + task.n0;
+      b_ld = bv.strides[1];
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1];
+        float* dst = s.b_tile.data() + k * tn;
         for (int n = 0; n < tn; ++n)
           dst[n] = load_element(b_base, b_dt, row + (task.n0 + n) * bv.strides[2]);
       }
+      b_rows = s.b_tile.data();
     }
     for (int m = task.m0; m < task.m1; ++m) {
       const int64_t arow = av.offset + b * av.strides[0] + m * av.strides[1];
       for (int64_t k = 0; k < K; ++k) s.a_row[k] = load_element(a_base, a_dt, arow + k * av.strides[2]);
-      float* acc = s.acc.data();
+      float* __restrict__ acc = s.acc.data();
       std::fill(acc, acc + tn, 0.0f);
       for (int64_t k = 0; k < K; ++k) {  // k ascending per element: the format's order
         const float a = s.a_row[k];
-        const float* brow = s.b_tile.data() + k * tn;
+        const float* __restrict__ brow = b_rows + k * b_ld;
         for (int n = 0; n < tn; ++n) acc[n] = acc[n] + a * brow[n];
       }
       if (op.acc_dtype != kF32)
@@ -302,15 +304,17 @@ void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch
 // Waits until counters[d] >= 1; false when the wait timed out or another worker failed.
 bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadline) {
   int32_t* counter = run.buf.counters + dep;
+  // Spin, then yield (a sleep costs ~60 us on Linux, far more than a typical tile), and only
+  // after 2 ms of waiting fall back to short sleeps so a long stall does not burn a core.
+  const auto yield_until = Clock::now() + std::chrono::milliseconds(2);
   for (uint32_t spin = 0;; ++spin) {
     if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1) return true;
     if (run.failed.load(std::memory_order_relaxed)) return false;
     if (spin < 64) continue;
-    if (spin < 256) {
-      std::this_thread::yield();
-      continue;
-    }
-    if (Clock::now() > deadline) {
+    std::this_thread::yield();
+    if (spin % 64) continue;
+    const auto now = Clock::now();
+    if (now > deadline) {
       const TaskRecord& t = run.plan.task(task);
       const TaskRecord& d = run.plan.task(dep);
       std::ostringstream msg;
@@ -320,7 +324,7 @@ bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadlin
       run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
       return false;
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(spin < 4096 ? 5 : 50));
+    if (now > yield_until) std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
 

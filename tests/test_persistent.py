@@ -270,3 +270,15 @@ def test_random_chains_property(seed):
 
     os.environ.setdefault("HYPOTHESIS_SEED", str(seed))
     check()
+
+
+def test_deadlocked_plan_times_out_with_a_clear_error(rng):
+    """A plan that skipped validation and deadlocks fails with DEADLINE_EXCEEDED, not a hang."""
+    from jax_ark.persistent._call import run_plan
+
+    args = _args(rng, [(4, 16), (16, 16)])
+    plan = ark.plan(lambda x, w: jnp.tanh(x @ w) @ w, *args, num_workers=1).copy()
+    first, last = plan.queues[0][0], plan.queues[0][-1]
+    plan.tasks[first].deps.append(last)  # waits for a task queued behind it on its own worker
+    with pytest.raises(Exception, match=r"timed out after 200 ms waiting for task \d+ \(op \d+"):
+        jax.block_until_ready(run_plan(plan, args, timeout_ms=200)[0])

@@ -21,8 +21,11 @@ type of a value, so a change in that representation between jax versions is fixe
 from __future__ import annotations
 
 import enum
+import threading
+import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -78,6 +81,58 @@ def ensure_varying(x, axes: tuple[str, ...]):
     if not missing:
         return x
     return jax.lax.pcast(x, missing, to="varying")
+
+
+def _current_trace():
+    """The innermost active trace, or None where this jax version hides it (internal API)."""
+    try:
+        from jax._src import core as _core
+
+        return _core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---- program order between collectives ---------------------------------------------------------
+# The runtime matches the calls of a group by their order on each device. XLA:CPU does NOT keep
+# independent custom calls in program order: its thunk executor runs any thunk whose input buffers
+# are ready (sequentially only for <= 8 thunks or buffers <= 512 bytes), so two collectives with no
+# data dependency may start in different orders on different devices, or concurrently, and block
+# each other's threads. Each collective therefore takes a real (0-valued) data dependency on the
+# previous collective of the same trace, through its `color` operand.
+
+_order_state = threading.local()
+
+
+def _opaque_zero_from(value):
+    """An int32 zero that XLA must compute from `value`: nothing using it starts before `value`."""
+    if value.size == 0:
+        return None
+    first = jnp.ravel(value)[0]
+    if first.dtype == jnp.int32:
+        bits = first
+    elif first.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(first, jnp.int32)
+    else:
+        bits = jax.lax.bitcast_convert_type(first, jnp.int16).astype(jnp.int32)
+    # An optimization barrier hides the 0 from XLA's algebraic simplifier (which would fold x * 0).
+    return bits * jax.lax.optimization_barrier(jnp.int32(0))
+
+
+def sequenced(color):
+    """`color`, made to depend on the result of the previous collective traced in the same trace."""
+    trace = _current_trace()
+    previous = getattr(_order_state, "previous", None)
+    if trace is None or previous is None or previous[0]() is not trace:
+        return color
+    zero = _opaque_zero_from(previous[1])
+    return color if zero is None else color + zero
+
+
+def remember(result) -> None:
+    """Records `result` as the collective that the next one in this trace must follow."""
+    trace = _current_trace()
+    _order_state.previous = None if trace is None else (weakref.ref(trace), result)
 
 
 # ---- the primitive -----------------------------------------------------------------------------
@@ -205,7 +260,11 @@ ad.primitive_transposes[ark_collective_p] = _transpose
 def _batch(args, dims, **params):
     x, rank, color = args
     dx, drank, dcolor = dims
-    if drank is not None or dcolor is not None:
+    if dcolor is not None:
+        # Only `sequenced` batches the color (the 0 it adds came from a batched value): every
+        # batch element holds the same color.
+        color = jax.lax.index_in_dim(color, 0, dcolor, keepdims=False)
+    if drank is not None:
         raise NotImplementedError(
             "jax_ark collectives: the rank/color of a collective cannot be batched (vmap over a "
             "mesh axis, e.g. spmd_axis_name, is not supported)"

@@ -148,10 +148,10 @@ def _as_operand(api: str, leaf, group: _Group):
 
 def _bind(x, group: _Group, op: Op, reduce: Reduce = Reduce.sum, send_to=(), recv_from=()):
     rank, color = group.operands()
-    return _prim.bind(
+    out = _prim.bind(
         x,
         rank,
-        color,
+        _prim.sequenced(color),
         op=op,
         reduce=reduce,
         axes=group.axes,
@@ -161,6 +161,8 @@ def _bind(x, group: _Group, op: Op, reduce: Reduce = Reduce.sum, send_to=(), rec
         recv_from=recv_from,
         timeout_ms=_timeout_ms(),
     )
+    _prim.remember(out)
+    return out
 
 
 def _axis_index_arg(api: str, what: str, value, ndim: int) -> int:

@@ -207,6 +207,13 @@ ark_collective_p.def_impl(_impl)
 # ---- autodiff -----------------------------------------------------------------------------------
 
 
+def _bind_in_order(x, rank, color, **params):
+    """Binds a collective that a transformation adds (tangent, transpose) after the previous one."""
+    out = ark_collective_p.bind(x, rank, sequenced(color), **params)
+    remember(out)
+    return out
+
+
 def _jvp(primals, tangents, **params):
     x, rank, color = primals
     tx = tangents[0]
@@ -220,7 +227,7 @@ def _jvp(primals, tangents, **params):
     out = ark_collective_p.bind(x, rank, color, **params)
     if type(tx) is ad.Zero:
         return out, ad.Zero(jax.typeof(out).to_tangent_aval())
-    return out, ark_collective_p.bind(tx, rank, color, **params)
+    return out, _bind_in_order(tx, rank, color, **params)
 
 
 def _transpose(ct, x, rank, color, **params):
@@ -236,7 +243,7 @@ def _transpose(ct, x, rank, color, **params):
             return [jax.lax.pcast(ct, axes, to="varying"), None, None]
         # check_vma=False: the result is read as psum + broadcast, so the transpose sums again,
         # as jax.lax.psum's transpose does.
-        return [ark_collective_p.bind(ct, rank, color, **params), None, None]
+        return [_bind_in_order(ct, rank, color, **params), None, None]
     ct = ensure_varying(ct, axes)
     if op == Op.all_gather:
         new = dict(params, op=Op.reduce_scatter, reduce=Reduce.sum)
@@ -247,7 +254,7 @@ def _transpose(ct, x, rank, color, **params):
     else:
         # all_to_all in block layout (y_r[j] = x_j[r]) is its own adjoint.
         new = params
-    return [ark_collective_p.bind(ct, rank, color, **new), None, None]
+    return [_bind_in_order(ct, rank, color, **new), None, None]
 
 
 ad.primitive_jvps[ark_collective_p] = _jvp

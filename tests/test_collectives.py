@@ -96,6 +96,39 @@ def _shift_perm(n: int) -> list[tuple[int, int]]:
     return [(i, (i + 1) % n) for i in range(n)]
 
 
+# ---- types --------------------------------------------------------------------------------------
+
+_TYPE_CASES = {
+    "psum": lambda mod, a: mod.psum(a, "y"),
+    "psum_xy": lambda mod, a: mod.psum(a, ("x", "y")),
+    "pmin": lambda mod, a: mod.pmin(a, "x"),
+    "pmean_int": lambda mod, a: mod.pmean(a.astype(jnp.int32), "y"),
+    "all_gather": lambda mod, a: mod.all_gather(a, "y", axis=1),
+    "all_gather_tiled": lambda mod, a: mod.all_gather(a, ("y", "x"), axis=1, tiled=True),
+    "psum_scatter": lambda mod, a: mod.psum_scatter(a, "y", scatter_dimension=1, tiled=True),
+    "ppermute": lambda mod, a: mod.ppermute(a, "x", [(0, 1)]),
+    "all_to_all": lambda mod, a: mod.all_to_all(a, "y", 1, 0, tiled=True),
+    "psum_invariant": lambda mod, a: mod.psum(jnp.ones(3), "y"),
+    "all_gather_invariant": lambda mod, a: mod.all_gather(jnp.ones(3), "y"),
+}
+
+
+@pytest.mark.parametrize("case", list(_TYPE_CASES))
+def test_types_match_lax(mesh2x4, case):
+    # Shape, dtype and varying manual axes (vma), from tracing alone.
+    types = {}
+    for mod in (jax_ark, jax.lax):
+
+        def body(a, mod=mod):
+            types[mod.__name__] = jax.typeof(_TYPE_CASES[case](mod, a))
+            return a
+
+        jax.make_jaxpr(
+            jax.shard_map(body, mesh=mesh2x4, in_specs=P("x", "y"), out_specs=P("x", "y"))
+        )(jnp.zeros((4, 32), jnp.float32))
+    assert str(types["jax_ark"]) == str(types["jax.lax"]), types
+
+
 # ---- reductions ---------------------------------------------------------------------------------
 
 REDUCTIONS = ["psum", "pmax", "pmin", "pmean"]

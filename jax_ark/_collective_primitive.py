@@ -126,7 +126,14 @@ def sequenced(color):
     if trace is None or previous is None or previous[0]() is not trace:
         return color
     zero = _opaque_zero_from(previous[1])
-    return color if zero is None else color + zero
+    if zero is None:
+        return color
+    # Only XLA:CPU needs it: on GPU, XLA issues custom calls in program order on its stream, and
+    # the dependency would cost a kernel launch per collective. There `zero * 0` folds away at
+    # compile time, the dependency with it (same expression shape, so both branches type alike).
+    return jax.lax.platform_dependent(
+        color, zero, cpu=lambda c, z: c + z, default=lambda c, z: c + z * 0
+    )
 
 
 def remember(result) -> None:

@@ -1,0 +1,156 @@
+// The CPU backend's communicator: the rendezvous that lets the n ranks of a group (n XLA CPU
+// devices, each running its part of the program on its own pool thread) meet inside one
+// `ark_collective` call, work on each other's buffers, and leave together.
+//
+// Protocol per call (one meeting point, work split across ranks):
+//   1. post: a rank writes its input/output pointers, the call's signature and the run id into its
+//      slot, then counts itself in as arrived for epoch e (its own call counter, see below);
+//   2. wait until all n ranks arrived for epoch e, check every slot carries the same signature and
+//      run id (a mismatch is an error, never wrong data);
+//   3. work directly on peers' memory: ranks claim work units from a shared counter until none are
+//      left (host_collectives.hpp), so the work is split across the ranks that have a core;
+//   4. count itself as departed and wait until all n departed: peers may still be reading this
+//      rank's input or writing its output, and XLA frees or reuses those buffers once we return.
+//
+// Epochs instead of call-site keys: XLA runs a group's custom calls in the same order on every
+// device, so the k-th call of every rank is the same collective. Each rank counts its own calls,
+// and a loop that re-enters one call site simply gets the next epoch.
+//
+// Failure: every wait has a deadline. A rank that times out (or sees a mismatch) marks the
+// communicator broken and drops it from the cache: the ranks still waiting fail at once instead of
+// timing out one by one, late arrivals fail fast, and the next program builds a fresh communicator
+// on every rank, so a rank that never arrived is not left one epoch behind forever.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "jax_ark/collective_types.hpp"
+
+namespace jax_ark::cpu {
+
+// Result of a collective call; the FFI layer maps it to an ffi::Error. A plain struct (no
+// exceptions) because it crosses into the FFI handler.
+struct CollectiveStatus {
+  enum class Code { kOk, kInvalidArgument, kDeadlineExceeded, kAborted };
+  Code code = Code::kOk;
+  std::string message;
+
+  bool ok() const { return code == Code::kOk; }
+  static CollectiveStatus Ok() { return {}; }
+};
+
+// Which group a communicator serves: comm_key names the mesh and the group's axes, color the group
+// among those that share them, size the number of ranks.
+struct CommunicatorKey {
+  int64_t comm_key;
+  int32_t color;
+  int32_t size;
+
+  bool operator==(const CommunicatorKey& other) const {
+    return comm_key == other.comm_key && color == other.color && size == other.size;
+  }
+};
+
+// Everything a rank brings to one call. Pointers stay valid until the call returns.
+struct CollectiveCall {
+  CollectiveOp op;
+  ReduceKind reduce;  // kSum for the ops that do not reduce, so signatures compare equal
+  ElementType type;
+  size_t input_elems;  // element count of x
+  size_t block_elems;  // element count of S (see docs/internals.md)
+  const void* input;
+  void* output;
+  int rank;
+  int64_t run_id;
+  int64_t timeout_ms;
+  const int64_t* recv_from;  // permute: n entries; otherwise unused
+  uint64_t table_hash;       // permute: hash of send_to/recv_from, so ranks agree on the pattern
+};
+
+class HostCommunicator {
+ public:
+  HostCommunicator(const CommunicatorKey& key);
+  HostCommunicator(const HostCommunicator&) = delete;
+  HostCommunicator& operator=(const HostCommunicator&) = delete;
+
+  // The communicator of `key`, created on first use; thread-safe. A broken one is never returned.
+  static std::shared_ptr<HostCommunicator> get(const CommunicatorKey& key);
+
+  // Runs one collective for rank call.rank (0 <= rank < size, checked by the caller). Blocks until
+  // the whole group is done with this call or a wait times out.
+  CollectiveStatus run(const CollectiveCall& call);
+
+  const CommunicatorKey& key() const { return key_; }
+
+ private:
+  // Everything one rank posts for the other ranks to read. Cache-line aligned so a rank writing its
+  // slot does not invalidate its neighbours' slots while they spin on them.
+  struct alignas(64) Slot {
+    // Set while a call of this rank is inside run(): a second thread with the same rank (two
+    // devices claiming one rank) is an error, not a silent corruption of the slot.
+    std::atomic<bool> busy{false};
+    // This rank's call counter; only the rank's own (current) thread touches it.
+    uint64_t epoch = 0;
+    // Last epoch this rank arrived at / departed from: read by peers for error messages only.
+    std::atomic<uint64_t> arrived_epoch{0};
+    std::atomic<uint64_t> departed_epoch{0};
+    // The posted call, copied (not pointed to): a rank that fails fast may return while peers
+    // still read its slot, and its stack would be gone. Published by the arrival count (release)
+    // and read after it (acquire).
+    CollectiveCall posted{};
+  };
+
+  enum class Phase { kArrival, kDeparture };
+
+  // Waits until `counter` reaches target (Ok), is poisoned (kAborted), or the deadline passes
+  // (kDeadlineExceeded, after poisoning it).
+  CollectiveStatus wait_for_count(std::atomic<uint64_t>& counter, uint64_t target, Phase phase,
+                                  const CollectiveCall& call, uint64_t epoch);
+  // Counts this rank in; the last one to arrive wakes the sleepers.
+  void count_in(std::atomic<uint64_t>& counter, uint64_t target);
+  // After a timeout: poisons `counter` unless it reached `target` meanwhile (then returns false
+  // and the wait succeeded after all). Deciding under one CAS means the group either completes the
+  // epoch on every rank or on none: no rank can start reading a peer that already gave up.
+  bool poison_if_incomplete(std::atomic<uint64_t>& counter, uint64_t target,
+                            const CollectiveStatus& reason);
+  // Marks the communicator broken with `reason`, poisons both counters, wakes every waiter and
+  // drops it from the cache.
+  void mark_broken(const CollectiveStatus& reason);
+  // The part of breaking that needs mu_ held; returns false if already broken.
+  bool mark_broken_locked(const CollectiveStatus& reason);
+  void after_broken();
+  CollectiveStatus aborted_status(const CollectiveCall& call) const;
+  std::string describe(const CollectiveCall& call, uint64_t epoch) const;
+
+  const CommunicatorKey key_;
+  std::unique_ptr<Slot[]> slots_;
+  // Monotonic counts of arrivals and departures over all epochs: epoch e is complete when the
+  // count reaches e * size. One counter (instead of polling n slots) lets the last rank in know it
+  // is last and wake everybody with a single notify. The top bit (kPoisoned) marks a broken
+  // communicator: a poisoned count never reads as complete.
+  alignas(64) std::atomic<uint64_t> arrivals_{0};
+  alignas(64) std::atomic<uint64_t> departures_{0};
+  // Set (under mu_) together with broken_reason_; read without the lock for the fast checks.
+  // Work units claimed so far, one counter per epoch parity (see run()).
+  alignas(64) std::atomic<uint64_t> next_unit_[2] = {0, 0};
+  alignas(64) std::atomic<bool> broken_{false};
+  // Sleeping waiters block on cv_; mu_ also guards broken_reason_ and the poisoning.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  // The first failure; ranks that fail because of it report its code (a timeout stays
+  // DEADLINE_EXCEEDED on every rank) and quote its message.
+  CollectiveStatus broken_reason_;
+  // The posted buffers by rank, in the layout the work units take. Rank r writes entry r before it
+  // counts itself in (published like its slot) and nobody rewrites it before the departure.
+  std::vector<const void*> group_inputs_;
+  std::vector<void*> group_outputs_;
+};
+
+}  // namespace jax_ark::cpu

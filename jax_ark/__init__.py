@@ -3,14 +3,46 @@
 Public API (everything else is internal):
 - collectives, drop-in for jax.lax inside jax.shard_map: psum, pmax, pmin, pmean, all_gather,
   psum_scatter, ppermute, all_to_all; `check()` raises a failure recorded by an earlier GPU call.
-- persistent loop kernel: persistent, plan, Plan, timeline.
+- persistent loop kernel: persistent, plan, Plan, timeline (and the errors PlanError,
+  UnsupportedError).
 """
 
 from jax_ark._ffi import has_cuda, register_targets
-from jax_ark.persistent import Plan, persistent, plan, timeline
 
 register_targets()
 
+# The FFI targets are registered before the modules that lower to them are imported.
+from jax_ark._cuda_collectives import check  # noqa: E402
+from jax_ark.collectives import (  # noqa: E402
+    all_gather,
+    all_to_all,
+    pmax,
+    pmean,
+    pmin,
+    ppermute,
+    psum,
+    psum_scatter,
+)
+from jax_ark.persistent import Plan, PlanError, UnsupportedError, persistent, plan, timeline  # noqa: E402
+
 __version__ = "0.1.0"
 
-__all__ = ["has_cuda", "__version__", "Plan", "persistent", "plan", "timeline"]
+__all__ = [
+    "__version__",
+    "has_cuda",
+    "check",
+    "psum",
+    "pmax",
+    "pmin",
+    "pmean",
+    "all_gather",
+    "psum_scatter",
+    "ppermute",
+    "all_to_all",
+    "persistent",
+    "plan",
+    "Plan",
+    "PlanError",
+    "UnsupportedError",
+    "timeline",
+]

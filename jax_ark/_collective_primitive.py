@@ -1,0 +1,355 @@
+"""The `ark_collective` primitive: one primitive for every jax_ark collective.
+
+The user-facing functions in `jax_ark.collectives` reshape and move axes so that this primitive only
+ever sees the five block layouts of the contract in docs/internals.md ("Collectives"):
+
+    all_reduce      S      -> S
+    all_gather      S      -> (n, *S)
+    reduce_scatter  (n, *S) -> S
+    permute         S      -> S
+    all_to_all      (n, *S) -> (n, *S)
+
+Operands: `x`, `rank` (int32 scalar, `lax.axis_index(axes)`), `color` (int32 scalar, the index of
+this device's group). Params (read by the CPU lowering here and by the CUDA lowering in
+`jax_ark._cuda_collectives`): `op`, `reduce`, `axes`, `group_size`, `comm_key`, `send_to`,
+`recv_from`, `timeout_ms` (see `CollectiveParams`).
+
+This module also holds the only places that touch how jax represents the varying-manual-axes (vma)
+type of a value, so a change in that representation between jax versions is fixed here.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+FFI_TARGET = "ark_collective"
+
+
+class Op(enum.IntEnum):
+    """The `op` FFI attribute (docs/internals.md)."""
+
+    all_reduce = 0
+    all_gather = 1
+    reduce_scatter = 2
+    permute = 3
+    all_to_all = 4
+
+
+class Reduce(enum.IntEnum):
+    """The `reduce` FFI attribute; ignored by the non-reducing ops."""
+
+    sum = 0
+    max = 1
+    min = 2
+
+
+# ---- jax version compatibility: the vma (varying manual axes) of an abstract value ------------
+# jax 0.10 spells it `aval.mat.varying` (a ManualAxisType); earlier releases spelled it `aval.vma`.
+
+
+def varying_axes(aval) -> frozenset:
+    """The mesh axes over which a value of this type may differ between devices."""
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def _with_shape_and_vma(aval, shape: tuple[int, ...], vma: frozenset):
+    if getattr(aval, "mat", None) is not None:
+        return aval.update(
+            shape=shape, weak_type=False, manual_axis_type=aval.mat.update(varying=vma)
+        )
+    return aval.update(shape=shape, weak_type=False, vma=vma)
+
+
+def ensure_varying(x, axes: tuple[str, ...]):
+    """`x` made varying over every axis in `axes`, as jax.lax does before a collective.
+
+    Without this, psum of a device-invariant value would be rejected; with it the result is n * x,
+    as with jax.lax.psum. A no-op where shard_map runs with check_vma=False (no vma is tracked).
+    """
+    missing = tuple(a for a in axes if a not in varying_axes(jax.typeof(x)))
+    if not missing:
+        return x
+    return jax.lax.pcast(x, missing, to="varying")
+
+
+def _current_trace():
+    """The innermost active trace, or None where this jax version hides it (internal API)."""
+    try:
+        from jax._src import core as _core
+
+        return _core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return None
+
+
+# ---- program order between collectives ---------------------------------------------------------
+# The runtime matches the calls of a group by their order on each device. XLA:CPU does NOT keep
+# independent custom calls in program order: its thunk executor runs any thunk whose input buffers
+# are ready (sequentially only for <= 8 thunks or buffers <= 512 bytes), so two collectives with no
+# data dependency may start in different orders on different devices, or concurrently, and block
+# each other's threads. Each collective therefore takes a real (0-valued) data dependency on the
+# previous collective of the same trace, through its `color` operand.
+
+_order_state = threading.local()
+
+
+def _opaque_zero_from(value):
+    """An int32 zero that XLA must compute from `value`: nothing using it starts before `value`."""
+    if value.size == 0:
+        return None
+    first = jnp.ravel(value)[0]
+    if first.dtype == jnp.int32:
+        bits = first
+    elif first.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(first, jnp.int32)
+    else:
+        bits = jax.lax.bitcast_convert_type(first, jnp.int16).astype(jnp.int32)
+    # An optimization barrier hides the 0 from XLA's algebraic simplifier (which would fold x * 0).
+    return bits * jax.lax.optimization_barrier(jnp.int32(0))
+
+
+def sequenced(color):
+    """`color`, made to depend on the result of the previous collective traced in the same trace."""
+    trace = _current_trace()
+    previous = getattr(_order_state, "previous", None)
+    if trace is None or previous is None or previous[0]() is not trace:
+        return color
+    zero = _opaque_zero_from(previous[1])
+    if zero is None:
+        return color
+    # Only XLA:CPU needs it: on GPU, XLA issues custom calls in program order on its stream, and
+    # the dependency would cost a kernel launch per collective. There `zero * 0` folds away at
+    # compile time, the dependency with it (same expression shape, so both branches type alike).
+    return jax.lax.platform_dependent(
+        color, zero, cpu=lambda c, z: c + z, default=lambda c, z: c + z * 0
+    )
+
+
+def remember(result) -> None:
+    """Records `result` as the collective that the next one in this trace must follow."""
+    trace = _current_trace()
+    _order_state.previous = None if trace is None else (weakref.ref(trace), result)
+
+
+# ---- the primitive -----------------------------------------------------------------------------
+
+ark_collective_p = Primitive("ark_collective")
+
+
+def bind(
+    x,
+    rank,
+    color,
+    *,
+    op: Op,
+    reduce: Reduce = Reduce.sum,
+    axes: tuple[str, ...],
+    group_size: int,
+    comm_key: int,
+    send_to: tuple[int, ...] = (),
+    recv_from: tuple[int, ...] = (),
+    timeout_ms: int,
+):
+    """Binds `ark_collective`; `x` must already have the block layout of `op`."""
+    return ark_collective_p.bind(
+        x,
+        rank,
+        color,
+        op=Op(op),
+        reduce=Reduce(reduce),
+        axes=tuple(axes),
+        group_size=int(group_size),
+        comm_key=int(comm_key),
+        send_to=tuple(int(i) for i in send_to),
+        recv_from=tuple(int(i) for i in recv_from),
+        timeout_ms=int(timeout_ms),
+    )
+
+
+def _out_shape(shape: tuple[int, ...], op: Op, n: int) -> tuple[int, ...]:
+    if op == Op.all_gather:
+        return (n, *shape)
+    if op in (Op.reduce_scatter, Op.all_to_all):
+        if not shape or shape[0] != n:
+            raise ValueError(
+                f"ark_collective {op.name}: operand must have the group size {n} as its leading "
+                f"dimension, got shape {shape} (jax_ark.collectives builds this layout; "
+                "a direct bind is wrong)"
+            )
+        return shape[1:] if op == Op.reduce_scatter else shape
+    return shape
+
+
+def _abstract_eval(x, rank, color, *, op, reduce, axes, group_size, **_):
+    vma = varying_axes(x)
+    if op == Op.all_reduce:
+        # The result is the same on every device of the group: no longer varying over `axes`.
+        vma = vma - frozenset(axes)
+    return _with_shape_and_vma(x, _out_shape(tuple(x.shape), op, group_size), vma)
+
+
+ark_collective_p.def_abstract_eval(_abstract_eval)
+
+
+def _impl(*args, **params):
+    raise RuntimeError(
+        "jax_ark collectives must run inside jax.shard_map under jax.jit (they were called eagerly)"
+    )
+
+
+ark_collective_p.def_impl(_impl)
+
+
+# ---- autodiff -----------------------------------------------------------------------------------
+
+
+def _bind_in_order(x, rank, color, **params):
+    """Binds a collective that a transformation adds (tangent, transpose) after the previous one."""
+    out = ark_collective_p.bind(x, rank, sequenced(color), **params)
+    remember(out)
+    return out
+
+
+def _jvp(primals, tangents, **params):
+    x, rank, color = primals
+    tx = tangents[0]
+    if params["op"] == Op.all_reduce and params["reduce"] != Reduce.sum:
+        # Same as jax.lax.pmax / pmin, which define no differentiation rule either.
+        name = f"p{params['reduce'].name}"
+        raise NotImplementedError(
+            f"jax_ark.{name} is not differentiable (jax.lax.{name} is not either); "
+            "use a psum-based formulation if you need gradients"
+        )
+    out = ark_collective_p.bind(x, rank, color, **params)
+    if type(tx) is ad.Zero:
+        return out, ad.Zero(jax.typeof(out).to_tangent_aval())
+    return out, _bind_in_order(tx, rank, color, **params)
+
+
+def _transpose(ct, x, rank, color, **params):
+    assert ad.is_undefined_primal(x) and not ad.is_undefined_primal(rank)
+    op, axes = params["op"], params["axes"]
+    if type(ct) is ad.Zero:
+        return [ad.Zero(x.aval), None, None]
+    if op == Op.all_reduce:
+        assert params["reduce"] == Reduce.sum, "pmax/pmin have no jvp, hence no transpose"
+        if frozenset(axes) <= varying_axes(x.aval):
+            # vma tracked (check_vma=True): the sum's cotangent is the same on every device, and
+            # each device's input receives it unchanged (as jax.lax's psum_invariant transpose).
+            return [jax.lax.pcast(ct, axes, to="varying"), None, None]
+        # check_vma=False: the result is read as psum + broadcast, so the transpose sums again,
+        # as jax.lax.psum's transpose does.
+        return [_bind_in_order(ct, rank, color, **params), None, None]
+    ct = ensure_varying(ct, axes)
+    if op == Op.all_gather:
+        new = dict(params, op=Op.reduce_scatter, reduce=Reduce.sum)
+    elif op == Op.reduce_scatter:
+        new = dict(params, op=Op.all_gather)
+    elif op == Op.permute:
+        new = dict(params, send_to=params["recv_from"], recv_from=params["send_to"])
+    else:
+        # all_to_all in block layout (y_r[j] = x_j[r]) is its own adjoint.
+        new = params
+    return [_bind_in_order(ct, rank, color, **new), None, None]
+
+
+ad.primitive_jvps[ark_collective_p] = _jvp
+ad.primitive_transposes[ark_collective_p] = _transpose
+
+
+# ---- vmap ---------------------------------------------------------------------------------------
+
+
+def _batch(args, dims, **params):
+    x, rank, color = args
+    dx, drank, dcolor = dims
+    if dcolor is not None:
+        # Only `sequenced` batches the color (the 0 it adds came from a batched value): every
+        # batch element holds the same color.
+        color = jax.lax.index_in_dim(color, 0, dcolor, keepdims=False)
+    if drank is not None:
+        raise NotImplementedError(
+            "jax_ark collectives: the rank/color of a collective cannot be batched (vmap over a "
+            "mesh axis, e.g. spmd_axis_name, is not supported)"
+        )
+    if dx is None:
+        return ark_collective_p.bind(x, rank, color, **params), None
+    op = params["op"]
+    if op in (Op.all_reduce, Op.permute):
+        # Element-wise layouts: the batch dimension can stay where it is.
+        return ark_collective_p.bind(x, rank, color, **params), dx
+    if op == Op.all_gather:
+        x = jax.numpy.moveaxis(x, dx, 0)
+        return ark_collective_p.bind(x, rank, color, **params), 1
+    # reduce_scatter / all_to_all: block dimension first, batch right after it.
+    x = jax.numpy.moveaxis(x, dx, 1)
+    out = ark_collective_p.bind(x, rank, color, **params)
+    return out, (0 if op == Op.reduce_scatter else 1)
+
+
+batching.primitive_batchers[ark_collective_p] = _batch
+
+
+# ---- lowering -----------------------------------------------------------------------------------
+
+
+def ffi_attributes(
+    *, op, reduce, axes, group_size, comm_key, send_to, recv_from, timeout_ms
+) -> dict:
+    """The FFI attributes of the contract, typed as the handlers decode them."""
+    del axes  # named by comm_key; the runtime needs no names
+    return dict(
+        op=np.int32(op),
+        reduce=np.int32(reduce),
+        group_size=np.int64(group_size),
+        comm_key=np.int64(comm_key),
+        timeout_ms=np.int64(timeout_ms),
+        send_to=np.asarray(send_to, dtype=np.int64),
+        recv_from=np.asarray(recv_from, dtype=np.int64),
+    )
+
+
+_cpu_rule = jax.ffi.ffi_lowering(FFI_TARGET)
+
+
+def _lower_cpu(ctx, x, rank, color, **params):
+    return _cpu_rule(ctx, x, rank, color, **ffi_attributes(**params))
+
+
+def _lower_unsupported(ctx, *args, **params):
+    platforms = getattr(ctx.module_context, "platforms", ("?",))
+    raise NotImplementedError(
+        f"jax_ark collectives have no implementation for platform(s) {tuple(platforms)}: "
+        "the CPU backend is always built; the CUDA one only where jax_ark was built with CUDA"
+    )
+
+
+mlir.register_lowering(ark_collective_p, _lower_unsupported)
+mlir.register_lowering(ark_collective_p, _lower_cpu, platform="cpu")
+
+
+def _register_cuda_lowering() -> None:
+    # The CUDA lowering lives with the CUDA runtime (jax_ark/_cuda_collectives.py); a build or a
+    # branch without it keeps the CPU lowering only.
+    import importlib
+    import importlib.util
+
+    from jax_ark import _ffi
+
+    if not _ffi.has_cuda() or importlib.util.find_spec("jax_ark._cuda_collectives") is None:
+        return
+    importlib.import_module("jax_ark._cuda_collectives").register_lowering(ark_collective_p)
+
+
+_register_cuda_lowering()

@@ -1,0 +1,172 @@
+// Binary layout of a persistent-kernel plan, version 1 (docs/plan_format.md is the normative text).
+//
+// A plan is ONE array of little-endian int32 words, produced by jax_ark.persistent.Plan.to_binary()
+// and passed to the `ark_persistent` FFI call as its last operand (so on GPU it already lives in
+// device memory and the host does no per-call work). Every record below is a plain struct of int32 /
+// int64 fields whose int64 members sit at even word offsets, so a kernel or the CPU executor simply
+// reinterpret_casts `words + section_offset` (the buffer must be 8-byte aligned; XLA buffers are).
+//
+// Header-only, no std:: dependencies, every function `ARK_HD` so the CUDA executor and the CPU
+// executor read the same structs and evaluate the same scalar math (tile_ops.hpp).
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define ARK_HD __host__ __device__ __forceinline__
+#else
+#define ARK_HD inline
+#endif
+
+namespace jax_ark::plan {
+
+constexpr int32_t kMagic = 0x504B5241;  // bytes "ARKP"
+constexpr int32_t kVersion = 1;
+constexpr int kMaxRank = 6;             // tensors, views and iteration spaces have rank <= 6
+constexpr int kMaxProgramLen = 64;      // instructions per prologue / epilogue program
+constexpr int kProfileWordsPerTask = 4; // int64 words per task in the profile result
+
+// ---- enums ------------------------------------------------------------------------------------
+enum DType : int32_t {
+  kF32 = 0,
+  kBF16 = 1,
+  kF16 = 2,
+  kBool = 3,   // stored as one byte, 0 or 1
+  kInt32 = 4,  // reserved: v1 planners never emit it
+};
+
+enum Storage : int32_t {
+  kStorageArg = 0,        // FFI operand `storage_index` (user inputs, then constants)
+  kStorageResult = 1,     // FFI result `storage_index` (user outputs)
+  kStorageWorkspace = 2,  // bytes [byte_offset, byte_offset + nbytes) of the workspace result
+};
+
+enum OpKind : int32_t {
+  kOpMatmul = 1,  // out[b,m,n] = epilogue(sum_k A[b,m,k] * B[b,k,n])
+  kOpReduce = 2,  // out[m]     = epilogue(reduce_r prologue(m, r))
+  kOpMap = 3,     // out[i]     = epilogue(i)   (no accumulator)
+};
+
+enum ReduceKind : int32_t { kReduceSum = 0, kReduceMax = 1 };
+
+// Program opcodes. Instruction i writes register i; operands a, b, c name earlier registers.
+enum Opcode : int32_t {
+  kLoadAcc = 0,   // r = the op's accumulator (MATMUL/REDUCE epilogue only), rounded to acc_dtype
+  kLoad = 1,      // r = view a, element at the current iteration index
+  kConst = 2,     // r = bit_cast<float>(a)
+  // unary (operand a)
+  kNeg = 10, kExp = 11, kLog = 12, kTanh = 13, kLogistic = 14, kSqrt = 15, kRsqrt = 16,
+  kErf = 17, kAbs = 18, kIntegerPow = 19 /* exponent = b (int32) */, kSin = 20, kCos = 21,
+  kLog1p = 22, kExpm1 = 23, kSquare = 24, kSign = 25, kCopy = 26 /* convert: rounding only */,
+  // binary (operands a, b)
+  kAdd = 40, kSub = 41, kMul = 42, kDiv = 43, kMax = 44, kMin = 45, kPow = 46,
+  kEq = 47, kNe = 48, kLt = 49, kLe = 50, kGt = 51, kGe = 52,
+  // ternary
+  kSelect = 60,   // r = (a != 0) ? c : b   (jax select_n(pred, on_false, on_true))
+};
+
+// ---- records ----------------------------------------------------------------------------------
+struct Header {                     // 32 words
+  int32_t magic, version, header_words, total_words;                  // 0..3
+  int32_t num_workers, num_tasks, num_ops, num_tensors;               // 4..7
+  int32_t num_views, num_args, num_outputs, flags;                    // 8..11
+  int32_t tensors_at, views_at, ops_at, tasks_at;                     // 12..15 word offsets
+  int32_t dep_offsets_at, deps_at, num_dep_edges, queue_offsets_at;   // 16..19
+  int32_t queues_at, code_at, code_words, names_at;                   // 20..23
+  int32_t names_bytes, num_counters, profile_words_per_task, reserved0;  // 24..27
+  int64_t workspace_bytes;                                            // 28..29
+  int32_t reserved1[2];                                               // 30..31
+};
+
+struct TensorRecord {               // 24 words
+  int32_t dtype, rank, storage, storage_index;  // 0..3
+  int64_t byte_offset;                          // 4..5 workspace offset (0 unless workspace)
+  int64_t num_elements;                         // 6..7
+  int64_t dims[kMaxRank];                       // 8..19 row-major, contiguous; unused dims = 1
+  int32_t reserved[4];                          // 20..23
+};
+
+// A strided window onto a tensor, indexed by an iteration space of `rank` dims:
+// element(idx) = tensor.flat[offset + sum_d idx[d] * strides[d]]   (strides may be 0: broadcast)
+struct ViewRecord {                 // 16 words
+  int32_t tensor, rank;             // 0..1
+  int64_t offset;                   // 2..3 (elements)
+  int64_t strides[kMaxRank];        // 4..15 (elements)
+};
+
+struct OpRecord {                   // 40 words
+  int32_t kind, out_tensor, acc_dtype, reduce_kind;               // 0..3
+  int32_t a_view, b_view, iter_rank, kept_rank;                   // 4..7
+  int32_t prologue_at, prologue_len, epilogue_at, epilogue_len;   // 8..11 (instructions)
+  int32_t name_at, name_len, tile_m, tile_n;                      // 12..15
+  int64_t B, M, N, K;                                             // 16..23 canonical sizes
+  int64_t iter_dims[kMaxRank];                                    // 24..35 REDUCE prologue space
+  int32_t reserved[4];                                            // 36..39
+};
+
+struct TaskRecord {                 // 8 words: one tile of one op, half-open ranges
+  int32_t op, flags;
+  int32_t b0, b1, m0, m1, n0, n1;
+};
+
+struct Instruction {                // 4 words
+  int32_t op_and_dtype;             // opcode in bits 0..15, result dtype (rounding) in bits 16..23
+  int32_t a, b, c;
+};
+
+static_assert(sizeof(Header) == 32 * 4, "Header layout");
+static_assert(sizeof(TensorRecord) == 24 * 4, "TensorRecord layout");
+static_assert(sizeof(ViewRecord) == 16 * 4, "ViewRecord layout");
+static_assert(sizeof(OpRecord) == 40 * 4, "OpRecord layout");
+static_assert(sizeof(TaskRecord) == 8 * 4, "TaskRecord layout");
+static_assert(sizeof(Instruction) == 4 * 4, "Instruction layout");
+
+ARK_HD int32_t opcode_of(const Instruction& ins) { return ins.op_and_dtype & 0xFFFF; }
+ARK_HD int32_t dtype_of(const Instruction& ins) { return (ins.op_and_dtype >> 16) & 0xFF; }
+
+ARK_HD int dtype_size(int32_t dtype) {
+  switch (dtype) {
+    case kF32: return 4;
+    case kBF16: return 2;
+    case kF16: return 2;
+    case kBool: return 1;
+    case kInt32: return 4;
+    default: return 0;
+  }
+}
+
+// Read-only accessors over the word array (no copies; valid while the buffer lives).
+struct PlanView {
+  const int32_t* words;
+
+  ARK_HD const Header& header() const { return *reinterpret_cast<const Header*>(words); }
+  ARK_HD const TensorRecord& tensor(int i) const {
+    return reinterpret_cast<const TensorRecord*>(words + header().tensors_at)[i];
+  }
+  ARK_HD const ViewRecord& view(int i) const {
+    return reinterpret_cast<const ViewRecord*>(words + header().views_at)[i];
+  }
+  ARK_HD const OpRecord& op(int i) const {
+    return reinterpret_cast<const OpRecord*>(words + header().ops_at)[i];
+  }
+  ARK_HD const TaskRecord& task(int i) const {
+    return reinterpret_cast<const TaskRecord*>(words + header().tasks_at)[i];
+  }
+  // Dependencies of task t: deps()[dep_begin(t) .. dep_end(t)) (CSR over tasks).
+  ARK_HD int32_t dep_begin(int t) const { return words[header().dep_offsets_at + t]; }
+  ARK_HD int32_t dep_end(int t) const { return words[header().dep_offsets_at + t + 1]; }
+  ARK_HD int32_t dep(int e) const { return words[header().deps_at + e]; }
+  // Queue of worker w: queue_task(queue_begin(w)) .. queue_task(queue_end(w) - 1), in order.
+  ARK_HD int32_t queue_begin(int w) const { return words[header().queue_offsets_at + w]; }
+  ARK_HD int32_t queue_end(int w) const { return words[header().queue_offsets_at + w + 1]; }
+  ARK_HD int32_t queue_task(int i) const { return words[header().queues_at + i]; }
+  // Program instruction i (absolute, i.e. op.epilogue_at + k).
+  ARK_HD const Instruction& instruction(int i) const {
+    return reinterpret_cast<const Instruction*>(words + header().code_at)[i];
+  }
+  ARK_HD const char* name_chars() const {
+    return reinterpret_cast<const char*>(words + header().names_at);
+  }
+};
+
+}  // namespace jax_ark::plan

@@ -15,18 +15,24 @@
 
 namespace jax_ark::gpu {
 
-// Written by the kernel into host-mapped pinned memory when a wait times out. `status` is written
-// last (after a system-scope fence), so a host that sees status != 0 sees the whole record.
+// Written by the kernel into host-mapped pinned memory when a run fails. `status` is written last
+// (after a system-scope fence), so a host that sees status != 0 sees the whole record. The host
+// (xla_ffi/gpu/persistent.cc) reads it before enqueueing the next call and then clears `status`.
+constexpr int kPersistentNameChars = 48;
 struct PersistentErrorRecord {
-  int32_t status;        // 0 = ok, 1 = dependency wait timed out, 2 = bad plan seen on device
-  int32_t task;          // task index that was waiting (or that was malformed)
-  int32_t op;            // its opcode
-  int32_t worker;        // worker queue (= block) that waited
-  int32_t counter;       // counter index waited on
-  uint32_t value_seen;   // last counter value observed
-  uint32_t value_wanted; // value the task needed
-  int32_t detail;        // extra code (bad-plan reason), 0 otherwise
-  uint64_t waited_ns;    // how long it waited before giving up
+  int32_t status;        // kPersistentOk / kPersistentTimeout / kPersistentBadPlan
+  int32_t worker;        // worker (= block) that failed
+  int32_t task;          // task that was about to run
+  int32_t op;            // its op index
+  int32_t dep_task;      // dependency (= counter index) waited for, -1 if none
+  int32_t dep_op;        // op of that dependency, -1 if none
+  int32_t counter_seen;  // last value of counters[dep_task] observed
+  int32_t detail;        // bad-plan reason code, 0 otherwise
+  uint64_t waited_ns;    // how long the wait lasted before giving up
+  uint32_t call_seq;     // which call (per-device sequence number) failed
+  int32_t reserved;
+  char op_name[kPersistentNameChars];      // name of `op` (truncated, NUL-terminated)
+  char dep_op_name[kPersistentNameChars];  // name of `dep_op`
 };
 
 enum : int32_t {
@@ -72,63 +78,41 @@ __device__ __forceinline__ void persistent_store_relaxed(uint32_t* p, uint32_t v
   asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// Shared state of one kernel run, visible to all blocks (lives in the call's workspace).
+// Shared state of one kernel run, visible to all blocks.
+//  abort_word: device memory owned by the host runtime, one per device, never reset. A run with
+//    sequence number `seq` is aborted iff *abort_word >= seq; the first failing block of the run
+//    raises it with atomicMax (so no per-call memset is needed, and a failure never leaks into a
+//    later call, whose seq is larger).
 struct PersistentRunState {
-  uint32_t* abort_flag;                  // device memory, zeroed per call; nonzero = stop
-  PersistentErrorRecord* error;          // host-mapped pinned memory (may be null: no report)
-  uint64_t timeout_ns;                   // bound for every single wait
+  uint32_t* abort_word;
+  uint32_t seq;
+  PersistentErrorRecord* error;  // host-mapped pinned memory
+  uint64_t timeout_ns;           // bound of every single wait
 };
 
-// Records the first failure of this run in the host-visible record and raises the abort flag so
-// every other block stops at its next wait instead of timing out on its own.
-__device__ inline void persistent_report_failure(const PersistentRunState& run, int32_t status,
-                                                 int32_t task, int32_t op, int32_t worker,
-                                                 int32_t counter, uint32_t seen, uint32_t wanted,
-                                                 int32_t detail, uint64_t waited_ns) {
-  // Only the first block to raise the flag writes the record (atomicCAS returns the old value).
-  if (atomicCAS(run.abort_flag, 0u, 1u) == 0u && run.error != nullptr) {
-    volatile PersistentErrorRecord* rec = run.error;
-    rec->task = task;
-    rec->op = op;
-    rec->worker = worker;
-    rec->counter = counter;
-    rec->value_seen = seen;
-    rec->value_wanted = wanted;
-    rec->detail = detail;
-    rec->waited_ns = waited_ns;
-    __threadfence_system();  // the fields reach host memory before the status that publishes them
-    rec->status = status;
-    __threadfence_system();
-  }
+__device__ __forceinline__ bool persistent_aborted(const PersistentRunState& run) {
+  return persistent_load_relaxed(run.abort_word) >= run.seq;
 }
 
-// Thread 0 of a block waits until counters[counter] >= wanted (a bounded spin). Returns false if
-// the run was aborted (by this wait's timeout or by another block). Called by ONE thread; the
-// caller broadcasts the result to the block through shared memory and a __syncthreads().
-__device__ inline bool persistent_wait_counter(const PersistentRunState& run,
-                                               const uint32_t* counters, int32_t counter,
-                                               uint32_t wanted, int32_t task, int32_t op,
-                                               int32_t worker) {
-  const uint32_t* p = counters + counter;
-  uint32_t seen = persistent_load_acquire(p);
-  if (seen >= wanted) return true;  // fast path: no timer read at all
-  const uint64_t start = persistent_globaltimer_ns();
-  uint32_t spins = 0;
-  while (true) {
-    seen = persistent_load_acquire(p);
-    if (seen >= wanted) return true;
-    // The timer and the abort flag are checked every 64 polls: a poll is an L2 round trip
-    // (~0.5-1 us), so the bound is still enforced to within ~100 us, and the hot loop stays short.
-    if ((++spins & 63u) == 0u) {
-      if (persistent_load_relaxed(run.abort_flag) != 0u) return false;
-      const uint64_t waited = persistent_globaltimer_ns() - start;
-      if (waited > run.timeout_ns) {
-        persistent_report_failure(run, kPersistentTimeout, task, op, worker, counter, seen, wanted,
-                                  0, waited);
-        return false;
-      }
-    }
-  }
+// Marks the run aborted. Returns true for exactly one caller per run: the one that must write the
+// error record.
+__device__ __forceinline__ bool persistent_raise_abort(const PersistentRunState& run) {
+  return atomicMax(run.abort_word, run.seq) < run.seq;
+}
+
+// Publishes a filled record (fields written through `rec` beforehand by the same thread).
+// Keeps an older, not yet reported record rather than overwriting it.
+__device__ inline void persistent_publish_record(const PersistentRunState& run,
+                                                 const PersistentErrorRecord& local) {
+  volatile PersistentErrorRecord* rec = run.error;
+  if (rec == nullptr || rec->status != kPersistentOk) return;
+  const char* src = reinterpret_cast<const char*>(&local);
+  volatile char* dst = reinterpret_cast<volatile char*>(rec);
+  // Everything but `status` (the first field), byte by byte over PCIe: rare path, size ~130 B.
+  for (size_t i = sizeof(int32_t); i < sizeof(PersistentErrorRecord); ++i) dst[i] = src[i];
+  __threadfence_system();  // the fields reach host memory before the status that publishes them
+  rec->status = local.status;
+  __threadfence_system();
 }
 
 #endif  // __CUDACC__

@@ -22,11 +22,11 @@ namespace jax_ark::gpu::tile {
 constexpr int kBlockThreads = 256;
 constexpr int kWarps = kBlockThreads / 32;
 
-// Storage dtypes the tile ops understand (the interpreter maps the plan's dtype codes onto these).
-enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kI32 = 3 };
+// Storage dtypes; the codes equal the plan format's (plan_format.hpp, enum DType).
+enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kBool = 3, kI32 = 4 };
 
 __host__ __device__ constexpr int dtype_bytes(DType t) {
-  return t == DType::kBF16 || t == DType::kF16 ? 2 : 4;
+  return t == DType::kBF16 || t == DType::kF16 ? 2 : (t == DType::kBool ? 1 : 4);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -44,6 +44,12 @@ __device__ __forceinline__ float load_f32(const void* base, DType t, int64_t i) 
       const unsigned short bits = __ldcg(static_cast<const unsigned short*>(base) + i);
       return __half2float(__ushort_as_half(bits));
     }
+    case DType::kBool: {
+      // No byte-sized __ldcg overload: load the aligned 32-bit word that holds the byte.
+      const uintptr_t addr = reinterpret_cast<uintptr_t>(static_cast<const uint8_t*>(base) + i);
+      const unsigned int word = __ldcg(reinterpret_cast<const unsigned int*>(addr & ~uintptr_t{3}));
+      return ((word >> (8 * (addr & 3))) & 0xffu) != 0 ? 1.f : 0.f;
+    }
     case DType::kI32: return static_cast<float>(__ldcg(static_cast<const int*>(base) + i));
   }
   return 0.f;
@@ -56,6 +62,7 @@ __device__ __forceinline__ void store_f32(void* base, DType t, int64_t i, float 
     case DType::kF32: static_cast<float*>(base)[i] = v; return;
     case DType::kBF16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v); return;
     case DType::kF16: static_cast<__half*>(base)[i] = __float2half_rn(v); return;
+    case DType::kBool: static_cast<uint8_t*>(base)[i] = v != 0.f ? 1 : 0; return;
     case DType::kI32: {
       // XLA's f32->s32 convert saturates and maps NaN to 0; match it rather than UB of a cast.
       int r;
@@ -75,6 +82,7 @@ __device__ __forceinline__ float round_to(DType t, float v) {
   switch (t) {
     case DType::kBF16: return __bfloat162float(__float2bfloat16_rn(v));
     case DType::kF16: return __half2float(__float2half_rn(v));
+    case DType::kBool: return v != 0.f ? 1.f : 0.f;
     case DType::kI32: return truncf(v);
     default: return v;
   }
@@ -214,9 +222,10 @@ __device__ __forceinline__ int floor_pow2(int v) {
 // in K chunks. Thread t owns column vector v = t % Vp and rows k = t / Vp (mod R = 256 / Vp); the
 // partial sums of the R row groups are reduced by warp shuffles and then through shared memory.
 struct GemvParams {
-  const void* x;         // activations, x[b * x_batch_stride + k]
+  const void* x;         // activations, x[b * x_batch_stride + k * x_k_stride]
   DType x_dtype;
   int64_t x_batch_stride;
+  int64_t x_k_stride;
   const void* w;         // weights, W[k, n] = w[k * w_row_stride + n]
   int64_t w_row_stride;
   bool w_stream;         // W is a kernel input never written by the plan: use the nc path
@@ -265,7 +274,7 @@ __device__ void gemv_kn_impl(const GemvParams& p, float* smem, Epi& epi) {
       for (int i = tid; i < kBT * kKC; i += kBlockThreads) {
         const int b = i / kKC, k = i % kKC;
         xs[i] = (b < p.batch && k < kl)
-                    ? load_f32(p.x, p.x_dtype, b * p.x_batch_stride + kc + k)
+                    ? load_f32(p.x, p.x_dtype, b * p.x_batch_stride + (kc + k) * p.x_k_stride)
                     : 0.f;
       }
       __syncthreads();

@@ -343,8 +343,11 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
 
 // ---- the three op kinds ------------------------------------------------------------------------
 
-__device__ void run_matmul(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
-                           const pf::TaskRecord& t, TaskSmem& s, float* smem) {
+// Each run_* calls `wait()` (the dependency wait) exactly once, block-uniformly, before reading any
+// tensor another task writes, and returns false if it failed.
+template <typename Wait>
+__device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                           const pf::TaskRecord& t, TaskSmem& s, float* smem, Wait& wait) {
   const pf::ViewRecord& av = plan.view(op.a_view);
   const pf::ViewRecord& bv = plan.view(op.b_view);
   const pf::TensorRecord& ta = plan.tensor(av.tensor);
@@ -355,6 +358,14 @@ __device__ void run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
   const int plen = op.prologue_len, elen = op.epilogue_len;
   const int32_t acc_dtype = op.acc_dtype, out_dtype = s.out_dtype, out_rank = s.out_rank;
   const int64_t M = op.M, N = op.N;
+  // Waits only the first time it is called (every thread calls it equally often: block-uniform).
+  bool waited = false;
+  auto wait_once = [&]() {
+    if (waited) return true;
+    waited = true;
+    return wait();
+  };
+  if (t.b0 >= t.b1) return wait_once();
   for (int64_t b = t.b0; b < t.b1; ++b) {
     auto epilogue = [&](int64_t m, int64_t n, float acc) {
       const int64_t flat = (b * M + m) * N + n;
@@ -382,8 +393,9 @@ __device__ void run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
       g.n_end = t.n1;
       const int64_t m0 = t.m0;
       auto epi = [&](int64_t row, int64_t n, float acc) { epilogue(m0 + row, n, acc); };
-      tile::gemv_kn(g, static_cast<DType>(tb.dtype), smem, epi);
+      if (!tile::gemv_kn(g, static_cast<DType>(tb.dtype), smem, epi, wait_once)) return false;
     } else {
+      if (!wait_once()) return false;
       tile::GemmParams g;
       g.a = element_ptr(a_base, ta.dtype, av.offset + b * av.strides[0]);
       g.a_dtype = static_cast<DType>(ta.dtype);
@@ -397,10 +409,13 @@ __device__ void run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
       tile::gemm_tile(g, smem, epilogue);
     }
   }
+  return true;
 }
 
-__device__ void run_reduce(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
-                           const pf::TaskRecord& t, TaskSmem& s) {
+template <typename Wait>
+__device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                           const pf::TaskRecord& t, TaskSmem& s, Wait& wait) {
+  if (!wait()) return false;
   void* out = tensor_base(p, plan.tensor(op.out_tensor));
   const int plen = op.prologue_len, elen = op.epilogue_len;
   const int kept = op.kept_rank, iter_rank = op.iter_rank;
@@ -419,10 +434,13 @@ __device__ void run_reduce(const KernelParams& p, const pf::PlanView& plan, cons
   const tile::ReduceKind kind =
       op.reduce_kind == pf::kReduceMax ? tile::ReduceKind::kMax : tile::ReduceKind::kSum;
   tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
+  return true;
 }
 
-__device__ void run_map(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
-                        const pf::TaskRecord& t, TaskSmem& s) {
+template <typename Wait>
+__device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                        const pf::TaskRecord& t, TaskSmem& s, Wait& wait) {
+  if (!wait()) return false;
   void* out = tensor_base(p, plan.tensor(op.out_tensor));
   const int plen = op.prologue_len, elen = op.epilogue_len;
   const int32_t out_dtype = s.out_dtype, out_rank = s.out_rank;
@@ -437,6 +455,7 @@ __device__ void run_map(const KernelParams& p, const pf::PlanView& plan, const p
   };
   const int64_t count = static_cast<int64_t>(t.b1 - t.b0) * tm * tn;
   if (count > 0) tile::elementwise_tile(0, count, f);
+  return true;
 }
 
 // Test mode (chaos_seed != 0): a pseudo-random 0..200 us pause before each task, deterministic in
@@ -512,55 +531,56 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (s.flag) return;
 
     if (p.chaos_seed != 0 && threadIdx.x == 0) chaos_pause(p.chaos_seed, task);
+    __syncthreads();
+
+    // Everything up to the wait reads only the plan and FFI operands, so it overlaps the producers.
+    const pf::TaskRecord& t = plan.task(task);
+    const pf::OpRecord& op = plan.op(t.op);
+    stage_task(p, plan, op, s);
+    bool views_ok = s.bad == 0;
+    if (views_ok) {
+      views_ok = tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
+      if (op.kind == pf::kOpMatmul) {
+        views_ok = views_ok && op.a_view >= 0 && op.a_view < h.num_views && op.b_view >= 0 &&
+                   op.b_view < h.num_views;
+        if (views_ok) {
+          const pf::ViewRecord& av = plan.view(op.a_view);
+          const pf::ViewRecord& bv = plan.view(op.b_view);
+          views_ok = av.rank == 3 && bv.rank == 3 && av.tensor >= 0 && av.tensor < h.num_tensors &&
+                     bv.tensor >= 0 && bv.tensor < h.num_tensors &&
+                     tensor_base(p, plan.tensor(av.tensor)) != nullptr &&
+                     tensor_base(p, plan.tensor(bv.tensor)) != nullptr;
+        }
+      }
+    }
+    if (!views_ok) {
+      if (threadIdx.x == 0)
+        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, s.bad ? s.bad : kBadView, 0);
+      return;
+    }
     const uint64_t wait_begin = persistent_globaltimer_ns();
     if (q == q_begin) prefetch_task_weights(p, plan, task);
     if (q + 1 < q_end) {
       const int32_t next = plan.queue_task(q + 1);
       if (next >= 0 && next < p.num_tasks) prefetch_task_weights(p, plan, next);
     }
-    if (!wait_dependencies(p, plan, task, worker)) return;
-    const uint64_t start = persistent_globaltimer_ns();
-
-    const pf::TaskRecord& t = plan.task(task);
-    const pf::OpRecord& op = plan.op(t.op);
-    stage_task(p, plan, op, s);
-    if (s.bad) {
-      if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, s.bad, 0);
-      return;
-    }
-    if (op.kind == pf::kOpMatmul) {
-      const bool views_ok = op.a_view >= 0 && op.a_view < h.num_views && op.b_view >= 0 &&
-                            op.b_view < h.num_views &&
-                            plan.view(op.a_view).rank == 3 && plan.view(op.b_view).rank == 3 &&
-                            tensor_base(p, plan.tensor(plan.view(op.a_view).tensor)) != nullptr &&
-                            tensor_base(p, plan.tensor(plan.view(op.b_view).tensor)) != nullptr &&
-                            tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
-      if (!views_ok) {
-        if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, kBadView, 0);
-        return;
-      }
-      run_matmul(p, plan, op, t, s, smem);
-    } else if (op.kind == pf::kOpReduce) {
-      if (tensor_base(p, plan.tensor(op.out_tensor)) == nullptr) {
-        if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, kBadView, 0);
-        return;
-      }
-      run_reduce(p, plan, op, t, s);
-    } else {
-      if (tensor_base(p, plan.tensor(op.out_tensor)) == nullptr) {
-        if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, kBadView, 0);
-        return;
-      }
-      run_map(p, plan, op, t, s);
-    }
+    uint64_t start = 0;
+    auto wait = [&]() {
+      const bool ok = wait_dependencies(p, plan, task, worker);
+      start = persistent_globaltimer_ns();
+      return ok;
+    };
+    bool ok;
+    if (op.kind == pf::kOpMatmul) ok = run_matmul(p, plan, op, t, s, smem, wait);
+    else if (op.kind == pf::kOpReduce) ok = run_reduce(p, plan, op, t, s, wait);
+    else ok = run_map(p, plan, op, t, s, wait);
+    if (!ok) return;  // aborted (block-uniform): the record was written by whoever failed first
 
     // Publish: every thread's stores of the tile happen-before thread 0's release (bar.sync at CTA
     // scope, then a gpu-scope fence + release store), so a consumer's acquire sees the whole tile.
+    // The end time is taken BEFORE the release, so a consumer's start >= its producers' ends.
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.counters + task), "r"(1u)
-                   : "memory");
       if (p.profile != nullptr) {
         int64_t* rec = p.profile + static_cast<int64_t>(task) * pf::kProfileWordsPerTask;
         rec[0] = static_cast<int64_t>(wait_begin);
@@ -568,6 +588,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         rec[2] = static_cast<int64_t>(persistent_globaltimer_ns());
         rec[3] = worker;
       }
+      // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered
+      // before it by the barrier above.
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.counters + task), "r"(1u)
+                   : "memory");
     }
   }
 }

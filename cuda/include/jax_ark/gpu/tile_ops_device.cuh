@@ -234,14 +234,45 @@ struct GemvParams {
   int64_t n_begin, n_end;
 };
 
-template <typename WT, int kBT, int kVW, typename Epi>
-__device__ void gemv_kn_impl(const GemvParams& p, float* smem, Epi& epi) {
+// Raw load of one weight vector (kVW elements at `src`): a single vector load when the whole vector
+// is inside the tile and aligned, else element by element (masked, packed into the same raw form).
+template <typename WT, int kVW>
+__device__ __forceinline__ RawVec<kVW * sizeof(WT)> load_weight_vec(const WT* src, bool full,
+                                                                   bool stream, int valid) {
+  constexpr int kBytes = kVW * static_cast<int>(sizeof(WT));
+  if (full) return stream ? load_vec_stream<kBytes>(src) : load_vec_coherent<kBytes>(src);
+  RawVec<kBytes> r;
+#pragma unroll
+  for (int j = 0; j < kBytes / 4; ++j) r.w[j] = 0u;
+  if constexpr (sizeof(WT) == 4) {
+    const unsigned int* q = reinterpret_cast<const unsigned int*>(src);
+#pragma unroll
+    for (int j = 0; j < kVW; ++j)
+      if (j < valid) r.w[j] = stream ? __ldg(q + j) : __ldcg(q + j);
+  } else {
+    const unsigned short* q = reinterpret_cast<const unsigned short*>(src);
+#pragma unroll
+    for (int j = 0; j < kVW; ++j)
+      if (j < valid) {
+        const uint32_t bits = stream ? __ldg(q + j) : __ldcg(q + j);
+        r.w[j / 2] |= bits << (16 * (j % 2));
+      }
+  }
+  return r;
+}
+
+// `wait()` is called exactly once by every thread, after the first weight loads are in flight and
+// before any activation is read: the caller passes the dependency wait there, so that for weights
+// that are kernel inputs the first loads overlap the wait. Returns false if wait() did.
+template <typename WT, int kBT, int kVW, typename Epi, typename Wait>
+__device__ __noinline__ bool gemv_kn_impl(const GemvParams& p, float* smem, Epi& epi, Wait& wait) {
   constexpr int kVecBytes = kVW * static_cast<int>(sizeof(WT));
   constexpr int kKC = kGemvXChunkFloats / kBT;  // K rows per staged chunk
   constexpr int kUnroll = kBT <= 2 ? 8 : 4;
   // Columns per pass: Vp vectors of kVW, with kBT * Vp * kVW <= kGemvOutFloats and Vp <= 256.
   constexpr int kMaxVpRaw = kGemvOutFloats / (kBT * kVW);
   constexpr int kMaxVp = kMaxVpRaw > kBlockThreads ? kBlockThreads : kMaxVpRaw;
+  using Raw = RawVec<kVecBytes>;
   float* xs = smem;                           // [kBT][kKC]
   float* out = smem + kGemvXChunkFloats;      // [kBT][Vp * kVW]
   float* red = out + kGemvOutFloats;          // [S][Vp * kVW]
@@ -257,19 +288,48 @@ __device__ void gemv_kn_impl(const GemvParams& p, float* smem, Epi& epi) {
   const WT* w = static_cast<const WT*>(p.w);
   const bool aligned = (reinterpret_cast<uintptr_t>(w) % kVecBytes == 0) &&
                        (p.w_row_stride % kVW == 0) && (p.n_begin % kVW == 0);
+  // Weights written during this kernel must not be read before the wait (acquire) returns.
+  bool waited = false;
+  if (!p.w_stream || p.K == 0 || tn <= 0) {
+    waited = true;
+    if (!wait()) return false;
+  }
 
   for (int64_t c0 = p.n_begin; c0 < p.n_end; c0 += pass_cols) {
     const int64_t col = c0 + static_cast<int64_t>(v) * kVW;
     const bool any = col < p.n_end;
     const bool full = aligned && col + kVW <= p.n_end;
+    const int valid = any ? static_cast<int>(p.n_end - col < kVW ? p.n_end - col : kVW) : 0;
     float acc[kBT][kVW];
 #pragma unroll
     for (int b = 0; b < kBT; ++b)
 #pragma unroll
       for (int j = 0; j < kVW; ++j) acc[b][j] = 0.f;
 
+    // Issues the kUnroll loads of rows k, k + R, ... (of chunk kc) without consuming them.
+    auto load_group = [&](Raw (&raw)[kUnroll], int64_t kc, int kl, int k) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int kk = k + u * rgroups;
+        if (any && kk < kl) {
+          const WT* src = w + (kc + kk) * p.w_row_stride + col;
+          raw[u] = load_weight_vec<WT, kVW>(src, full, p.w_stream, valid);
+        } else {
+#pragma unroll
+          for (int j = 0; j < kVecBytes / 4; ++j) raw[u].w[j] = 0u;
+        }
+      }
+    };
+
     for (int64_t kc = 0; kc < p.K; kc += kKC) {
       const int kl = static_cast<int>(p.K - kc < kKC ? p.K - kc : kKC);
+      // Two-stage pipeline: the group in flight (cur) is consumed while the next one loads.
+      Raw cur[kUnroll];
+      load_group(cur, kc, kl, rg);
+      if (!waited) {
+        waited = true;
+        if (!wait()) return false;  // block-uniform
+      }
       __syncthreads();  // previous readers of xs are done
       for (int i = tid; i < kBT * kKC; i += kBlockThreads) {
         const int b = i / kKC, k = i % kKC;
@@ -279,40 +339,27 @@ __device__ void gemv_kn_impl(const GemvParams& p, float* smem, Epi& epi) {
       }
       __syncthreads();
       if (any) {
-        const WT* wbase = w + (kc + rg) * p.w_row_stride + col;
         for (int k = rg; k < kl; k += kUnroll * rgroups) {
-          // All kUnroll loads are issued before any is consumed (several in flight per thread).
-          float wf[kUnroll][kVW];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            const int kk = k + u * rgroups;
-            const WT* src = wbase + static_cast<int64_t>(kk - rg) * p.w_row_stride;
-            if (kk < kl) {
-              if (full) {
-                const RawVec<kVecBytes> r =
-                    p.w_stream ? load_vec_stream<kVecBytes>(src) : load_vec_coherent<kVecBytes>(src);
-                unpack<WT, kVW>(r, wf[u]);
-              } else {
-#pragma unroll
-                for (int j = 0; j < kVW; ++j)
-                  wf[u][j] = col + j < p.n_end ? scalar_to_f32(src + j, p.w_stream) : 0.f;
-              }
-            } else {
-#pragma unroll
-              for (int j = 0; j < kVW; ++j) wf[u][j] = 0.f;
-            }
-          }
+          Raw nxt[kUnroll];
+          const int kn = k + kUnroll * rgroups;
+          if (kn < kl) load_group(nxt, kc, kl, kn);
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int kk = k + u * rgroups;
             if (kk < kl) {
+              float wf[kVW];
+              unpack<WT, kVW>(cur[u], wf);
 #pragma unroll
               for (int b = 0; b < kBT; ++b) {
                 const float xv = xs[b * kKC + kk];
 #pragma unroll
-                for (int j = 0; j < kVW; ++j) acc[b][j] = fmaf(xv, wf[u][j], acc[b][j]);
+                for (int j = 0; j < kVW; ++j) acc[b][j] = fmaf(xv, wf[j], acc[b][j]);
               }
             }
+          }
+          if (kn < kl) {
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) cur[u] = nxt[u];
           }
         }
       }
@@ -350,27 +397,26 @@ __device__ void gemv_kn_impl(const GemvParams& p, float* smem, Epi& epi) {
     // The next pass (or the caller) starts with a __syncthreads() before touching smem again.
   }
   __syncthreads();
+  return true;
 }
 
 // Dispatch on the weight dtype and the batch size (rounded up to a power of two; the padding rows
-// are zero and never stored). Returns false for an unsupported combination.
-template <typename Epi>
-__device__ bool gemv_kn(const GemvParams& p, DType w_dtype, float* smem, Epi& epi) {
-  if (p.batch < 1 || p.batch > 16) return false;
+// are zero and never stored). The caller guarantees 1 <= batch <= 16 and a float weight dtype.
+template <typename Epi, typename Wait>
+__device__ bool gemv_kn(const GemvParams& p, DType w_dtype, float* smem, Epi& epi, Wait& wait) {
   const int bt = p.batch <= 1 ? 1 : p.batch <= 2 ? 2 : p.batch <= 4 ? 4 : p.batch <= 8 ? 8 : 16;
-#define JAX_ARK_GEMV_CASE(WT, VW_SMALL, VW_BIG)                        \
-  switch (bt) {                                                      \
-    case 1: gemv_kn_impl<WT, 1, VW_SMALL>(p, smem, epi); return true; \
-    case 2: gemv_kn_impl<WT, 2, VW_SMALL>(p, smem, epi); return true; \
-    case 4: gemv_kn_impl<WT, 4, VW_SMALL>(p, smem, epi); return true; \
-    case 8: gemv_kn_impl<WT, 8, VW_SMALL>(p, smem, epi); return true; \
-    default: gemv_kn_impl<WT, 16, VW_BIG>(p, smem, epi); return true; \
+#define JAX_ARK_GEMV_CASE(WT, VW_SMALL, VW_BIG)                                  \
+  switch (bt) {                                                                \
+    case 1: return gemv_kn_impl<WT, 1, VW_SMALL>(p, smem, epi, wait);          \
+    case 2: return gemv_kn_impl<WT, 2, VW_SMALL>(p, smem, epi, wait);          \
+    case 4: return gemv_kn_impl<WT, 4, VW_SMALL>(p, smem, epi, wait);          \
+    case 8: return gemv_kn_impl<WT, 8, VW_SMALL>(p, smem, epi, wait);          \
+    default: return gemv_kn_impl<WT, 16, VW_BIG>(p, smem, epi, wait);          \
   }
   switch (w_dtype) {
     case DType::kBF16: JAX_ARK_GEMV_CASE(__nv_bfloat16, 8, 4)
     case DType::kF16: JAX_ARK_GEMV_CASE(__half, 8, 4)
-    case DType::kF32: JAX_ARK_GEMV_CASE(float, 4, 2)
-    default: return false;
+    default: JAX_ARK_GEMV_CASE(float, 4, 2)
   }
 #undef JAX_ARK_GEMV_CASE
 }

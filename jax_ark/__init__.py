@@ -7,9 +7,10 @@ Public API (everything else is internal):
 """
 
 from jax_ark._ffi import has_cuda, register_targets
+from jax_ark.persistent import Plan, persistent, plan, timeline
 
 register_targets()
 
 __version__ = "0.1.0"
 
-__all__ = ["has_cuda", "__version__"]
+__all__ = ["has_cuda", "__version__", "Plan", "persistent", "plan", "timeline"]

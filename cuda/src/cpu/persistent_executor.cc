@@ -1,0 +1,566 @@
+// CPU executor of persistent-kernel plans. See persistent_executor.hpp and docs/plan_format.md.
+//
+// Math order follows the plan format exactly (k / r ascending, float32, every product and sum
+// rounded: CMakeLists.txt compiles this file with -ffp-contract=off), so results do not depend on
+// timing or on which worker ran a tile.
+#include "persistent_executor.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "jax_ark/tile_ops.hpp"
+
+
+namespace jax_ark::cpu {
+namespace {
+
+using namespace jax_ark::plan;
+using Clock = std::chrono::steady_clock;
+
+constexpr int kSegment = 256;  // elements a program evaluates per pass (registers are float[64][256])
+
+// ---- a pool per calling thread ---------------------------------------------------------------------
+// XLA runs each device's program on its own thread and one call at a time per thread, so a pool
+// owned by the calling thread can never be starved by another device's call (the deadlock trap in
+// shared/DESIGN.md); threads are reused across calls instead of being created per call.
+class WorkerPool {
+ public:
+  explicit WorkerPool(int n) {
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+  }
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    start_cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int size() const { return static_cast<int>(threads_.size()); }
+
+  // Runs job(w) for w in [0, workers): w = 0 on the caller, the rest on pool threads.
+  void run(int workers, const std::function<void(int)>& job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &job;
+      active_ = workers;
+      remaining_ = workers - 1;
+      ++generation_;
+    }
+    start_cv_.notify_all();
+    job(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (index >= active_) continue;
+        job = job_;
+      }
+      (*job)(index);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (--remaining_ == 0) done_cv_.notify_all();
+      }
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable start_cv_, done_cv_;
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, remaining_ = 0;
+  bool stop_ = false;
+};
+
+WorkerPool& pool_for_this_thread(int helpers) {
+  thread_local std::unique_ptr<WorkerPool> pool;
+  if (!pool || pool->size() < helpers) {
+    pool.reset();
+    pool = std::make_unique<WorkerPool>(helpers);
+  }
+  return *pool;
+}
+
+// ---- the run ----------------------------------------------------------------------------------------
+struct Run {
+  Run(PlanView p, const PersistentBuffers& b, const PersistentOptions& o)
+      : plan(p), buf(b), opt(o), t0(Clock::now()) {}
+  PlanView plan;
+  const PersistentBuffers& buf;
+  const PersistentOptions& opt;
+  Clock::time_point t0;
+  std::atomic<bool> failed{false};
+  std::mutex error_mu;
+  PersistentResult error;
+
+  std::string op_name(int op) const {
+    const OpRecord& o = plan.op(op);
+    return "op " + std::to_string(op) + " '" + std::string(plan.name_chars() + o.name_at, o.name_len) + "'";
+  }
+
+  void fail(PersistentStatus status, const std::string& message) {
+    std::lock_guard<std::mutex> lock(error_mu);
+    if (!failed.load()) {
+      error.status = status;
+      error.message = message;
+      failed.store(true);
+    }
+  }
+
+  char* tensor_base(int t) const {
+    const TensorRecord& r = plan.tensor(t);
+    switch (r.storage) {
+      case kStorageArg: return static_cast<char*>(buf.args[r.storage_index]);
+      case kStorageResult: return static_cast<char*>(buf.results[r.storage_index]);
+      default: return reinterpret_cast<char*>(buf.workspace) + r.byte_offset;
+    }
+  }
+
+  int64_t now_ns() const {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+  }
+};
+
+struct Scratch {
+  float regs[kMaxProgramLen][kSegment];
+  std::vector<float> acc, a_row, b_tile, pro;
+};
+
+// Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
+// of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
+void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
+                  int count, const float* acc, Scratch& s) {
+  int64_t start_idx[kMaxRank];
+  {
+    int64_t rem = lin0;
+    for (int d = rank - 1; d >= 0; --d) {
+      start_idx[d] = rem % dims[d];
+      rem /= dims[d];
+    }
+  }
+  for (int i = 0; i < len; ++i) {
+    const Instruction& ins = run.plan.instruction(at + i);
+    const int32_t code = opcode_of(ins), dt = dtype_of(ins);
+    float* r = s.regs[i];
+    if (code == kLoadAcc) {
+      for (int e = 0; e < count; ++e) r[e] = acc[e];
+    } else if (code == kLoad) {
+      const ViewRecord& v = run.plan.view(ins.a);
+      const TensorRecord& t = run.plan.tensor(v.tensor);
+      const char* base = run.tensor_base(v.tensor);
+      int64_t idx[kMaxRank];
+      int64_t off = v.offset;
+      for (int d = 0; d < rank; ++d) {
+        idx[d] = start_idx[d];
+        off += idx[d] * v.strides[d];
+      }
+      const int64_t inner_stride = rank ? v.strides[rank - 1] : 0;
+      for (int e = 0; e < count; ++e) {
+        r[e] = load_element(base, t.dtype, off);
+        // advance the odometer by one element
+        int d = rank - 1;
+        if (d < 0) continue;
+        off += inner_stride;
+        if (++idx[d] < dims[d]) continue;
+        while (d >= 0 && idx[d] >= dims[d]) {
+          off -= idx[d] * v.strides[d];
+          idx[d] = 0;
+          if (--d >= 0) {
+            ++idx[d];
+            off += v.strides[d];
+          }
+        }
+      }
+    } else if (code == kConst) {
+      const float c = bits_float(static_cast<uint32_t>(ins.a));
+      for (int e = 0; e < count; ++e) r[e] = c;
+    } else if (code == kSelect) {
+      const float *p = s.regs[ins.a], *f = s.regs[ins.b], *t = s.regs[ins.c];
+      for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
+    } else if (is_unary(code)) {
+      const float* x = s.regs[ins.a];
+      for (int e = 0; e < count; ++e) r[e] = apply_unary(code, x[e], ins.b);
+    } else {
+      const float *x = s.regs[ins.a], *y = s.regs[ins.b];
+      switch (code) {  // the common ones unrolled so the compiler vectorizes them
+        case kAdd: for (int e = 0; e < count; ++e) r[e] = x[e] + y[e]; break;
+        case kSub: for (int e = 0; e < count; ++e) r[e] = x[e] - y[e]; break;
+        case kMul: for (int e = 0; e < count; ++e) r[e] = x[e] * y[e]; break;
+        default: for (int e = 0; e < count; ++e) r[e] = apply_binary(code, x[e], y[e]);
+      }
+    }
+    if (dt != kF32)
+      for (int e = 0; e < count; ++e) r[e] = round_to(r[e], dt);
+  }
+}
+
+// Epilogue over output flat indices [lin0, lin0 + count), stored into the op's output tensor.
+void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count, const float* acc,
+                    Scratch& s) {
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  char* base = run.tensor_base(op.out_tensor);
+  for (int done = 0; done < count; done += kSegment) {
+    const int n = std::min(kSegment, count - done);
+    eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
+                 acc ? acc + done : nullptr, s);
+    const float* v = s.regs[op.epilogue_len - 1];
+    for (int e = 0; e < n; ++e) store_element(base, out.dtype, lin0 + done + e, v[e]);
+  }
+}
+
+void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  const ViewRecord& av = run.plan.view(op.a_view);
+  const ViewRecord& bv = run.plan.view(op.b_view);
+  const int32_t a_dt = run.plan.tensor(av.tensor).dtype, b_dt = run.plan.tensor(bv.tensor).dtype;
+  const char* a_base = run.tensor_base(av.tensor);
+  const char* b_base = run.tensor_base(bv.tensor);
+  const int64_t K = op.K;
+  const int tn = task.n1 - task.n0;
+  s.acc.resize(tn);
+  s.a_row.resize(K);
+  if (!(b_dt == kF32 && bv.strides[2] == 1)) s.b_tile.resize(static_cast<size_t>(K) * tn);
+  // float32 weights with unit n-stride are read in place; others are widened into a tile once.
+  const bool direct_b = b_dt == kF32 && bv.strides[2] == 1;
+  for (int b = task.b0; b < task.b1; ++b) {
+    const float* b_rows = nullptr;  // b_rows + k * b_ld = B[b, k, n0..n1)
+    int64_t b_ld = tn;
+    if (direct_b) {
+      b_rows = reinterpret_cast<const float*>(b_base) + bv.offset + b * bv.strides[0] + task.n0;
+      b_ld = bv.strides[1];
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1];
+        float* dst = s.b_tile.data() + k * tn;
+        for (int n = 0; n < tn; ++n)
+          dst[n] = load_element(b_base, b_dt, row + (task.n0 + n) * bv.strides[2]);
+      }
+      b_rows = s.b_tile.data();
+    }
+    for (int m = task.m0; m < task.m1; ++m) {
+      const int64_t arow = av.offset + b * av.strides[0] + m * av.strides[1];
+      for (int64_t k = 0; k < K; ++k) s.a_row[k] = load_element(a_base, a_dt, arow + k * av.strides[2]);
+      float* __restrict__ acc = s.acc.data();
+      std::fill(acc, acc + tn, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {  // k ascending per element: the format's order
+        const float a = s.a_row[k];
+        const float* __restrict__ brow = b_rows + k * b_ld;
+        for (int n = 0; n < tn; ++n) acc[n] = acc[n] + a * brow[n];
+      }
+      if (op.acc_dtype != kF32)
+        for (int n = 0; n < tn; ++n) acc[n] = round_to(acc[n], op.acc_dtype);
+      epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m) * op.N + task.n0, tn, acc, s);
+    }
+  }
+}
+
+void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  const int rows = task.m1 - task.m0;
+  s.acc.resize(rows);
+  const int64_t R = op.K;
+  for (int i = 0; i < rows; ++i) {
+    const int64_t m = task.m0 + i;
+    float acc = op.reduce_kind == kReduceSum ? 0.0f : -INFINITY;
+    for (int64_t r0 = 0; r0 < R; r0 += kSegment) {
+      const int n = static_cast<int>(std::min<int64_t>(kSegment, R - r0));
+      eval_program(run, op.prologue_at, op.prologue_len, op.iter_rank, op.iter_dims, m * R + r0, n,
+                   nullptr, s);
+      const float* v = s.regs[op.prologue_len - 1];
+      if (op.reduce_kind == kReduceSum) {
+        for (int e = 0; e < n; ++e) acc = acc + v[e];
+      } else {
+        for (int e = 0; e < n; ++e) acc = nan_max(acc, v[e]);
+      }
+    }
+    s.acc[i] = round_to(acc, op.acc_dtype);
+  }
+  epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
+}
+
+void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  for (int m = task.m0; m < task.m1; ++m)
+    epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
+}
+
+// Waits until counters[d] >= 1; false when the wait timed out or another worker failed.
+bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadline) {
+  int32_t* counter = run.buf.counters + dep;
+  // Spin, then yield (a sleep costs ~60 us on Linux, far more than a typical tile), and only
+  // after 2 ms of waiting fall back to short sleeps so a long stall does not burn a core.
+  const auto yield_until = Clock::now() + std::chrono::milliseconds(2);
+  for (uint32_t spin = 0;; ++spin) {
+    if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1) return true;
+    if (run.failed.load(std::memory_order_relaxed)) return false;
+    if (spin < 64) continue;
+    std::this_thread::yield();
+    if (spin % 64) continue;
+    const auto now = Clock::now();
+    if (now > deadline) {
+      const TaskRecord& t = run.plan.task(task);
+      const TaskRecord& d = run.plan.task(dep);
+      std::ostringstream msg;
+      msg << "ark_persistent: worker " << worker << " timed out after " << run.opt.timeout_ms
+          << " ms waiting for task " << dep << " (" << run.op_name(d.op) << ") before running task "
+          << task << " (" << run.op_name(t.op) << ")";
+      run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
+      return false;
+    }
+    if (now > yield_until) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+void worker_main(Run& run, int w) {
+  const Header& h = run.plan.header();
+  auto scratch = std::make_unique<Scratch>();
+  uint64_t rng = run.opt.chaos_seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(w + 1));
+  for (int q = run.plan.queue_begin(w); q < run.plan.queue_end(w); ++q) {
+    const int t = run.plan.queue_task(q);
+    const int64_t wait_begin = run.now_ns();
+    if (run.opt.chaos_seed) {
+      rng ^= rng << 13;
+      rng ^= rng >> 7;
+      rng ^= rng << 17;
+      std::this_thread::sleep_for(std::chrono::microseconds(rng % 200));
+    }
+    const auto deadline = Clock::now() + std::chrono::milliseconds(run.opt.timeout_ms);
+    for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t); ++e)
+      if (!wait_for(run, w, t, run.plan.dep(e), deadline)) return;
+    const int64_t start = run.now_ns();
+    const TaskRecord& task = run.plan.task(t);
+    const OpRecord& op = run.plan.op(task.op);
+    switch (op.kind) {
+      case kOpMatmul: run_matmul(run, op, task, *scratch); break;
+      case kOpReduce: run_reduce(run, op, task, *scratch); break;
+      default: run_map(run, op, task, *scratch); break;
+    }
+    __atomic_store_n(run.buf.counters + t, 1, __ATOMIC_RELEASE);
+    if (run.buf.profile) {
+      int64_t* p = run.buf.profile + static_cast<int64_t>(t) * h.profile_words_per_task;
+      p[0] = wait_begin;
+      p[1] = start;
+      p[2] = run.now_ns();
+      p[3] = w;
+    }
+    if (run.failed.load(std::memory_order_relaxed)) return;
+  }
+}
+
+// ---- plan checks ------------------------------------------------------------------------------------
+struct Checker {
+  const int32_t* words;
+  size_t n;
+  std::ostringstream err;
+  bool ok = true;
+  bool fail(const std::string& m) {
+    if (ok) err << m;
+    ok = false;
+    return false;
+  }
+  bool section(int32_t at, int64_t count, int64_t width, const char* what) {
+    if (at < 32 || count < 0 || at + count * width > static_cast<int64_t>(n))
+      return fail(std::string("section ") + what + " out of bounds");
+    return true;
+  }
+};
+
+bool check_program(Checker& c, const PlanView& p, int at, int len, int rank, bool acc_ok,
+                   const char* what, int op) {
+  const Header& h = p.header();
+  if (len < 1 || len > kMaxProgramLen || at < 0 || (at + len) * 4 > h.code_words)
+    return c.fail("op " + std::to_string(op) + ": bad " + what + " program bounds");
+  for (int i = 0; i < len; ++i) {
+    const Instruction& ins = p.instruction(at + i);
+    const int code = opcode_of(ins);
+    const std::string where = "op " + std::to_string(op) + " " + what + " instruction " + std::to_string(i);
+    if (dtype_size(dtype_of(ins)) == 0) return c.fail(where + ": bad dtype");
+    if (code == kLoadAcc) {
+      if (!acc_ok) return c.fail(where + ": LOAD_ACC without accumulator");
+    } else if (code == kLoad) {
+      if (ins.a < 0 || ins.a >= h.num_views) return c.fail(where + ": bad view");
+      if (p.view(ins.a).rank != rank) return c.fail(where + ": view rank != iteration rank");
+    } else if (code == kConst) {
+    } else if (code == kSelect) {
+      if (ins.a < 0 || ins.a >= i || ins.b < 0 || ins.b >= i || ins.c < 0 || ins.c >= i)
+        return c.fail(where + ": operand register out of range");
+    } else if (is_unary(code)) {
+      if (ins.a < 0 || ins.a >= i) return c.fail(where + ": operand register out of range");
+    } else if (is_binary(code)) {
+      if (ins.a < 0 || ins.a >= i || ins.b < 0 || ins.b >= i)
+        return c.fail(where + ": operand register out of range");
+    } else {
+      return c.fail(where + ": unknown opcode " + std::to_string(code));
+    }
+  }
+  return true;
+}
+
+// Largest element index a view reaches over an iteration space; -1 if a stride is negative.
+int64_t view_extent(const ViewRecord& v, const int64_t* dims, int rank) {
+  int64_t hi = v.offset;
+  for (int d = 0; d < rank; ++d) {
+    if (v.strides[d] < 0 || dims[d] < 1) return -1;
+    hi += (dims[d] - 1) * v.strides[d];
+  }
+  return v.offset < 0 ? -1 : hi;
+}
+
+bool check_view_in(Checker& c, const PlanView& p, int view, const int64_t* dims, int rank, int op) {
+  const ViewRecord& v = p.view(view);
+  if (v.tensor < 0 || v.tensor >= p.header().num_tensors)
+    return c.fail("view " + std::to_string(view) + ": bad tensor");
+  const int64_t hi = view_extent(v, dims, rank);
+  if (hi < 0 || hi >= p.tensor(v.tensor).num_elements)
+    return c.fail("op " + std::to_string(op) + ": view " + std::to_string(view) +
+                  " reads outside tensor " + std::to_string(v.tensor));
+  return true;
+}
+
+}  // namespace
+
+std::string check_plan(const int32_t* words, size_t num_words, const PersistentBuffers& buf) {
+  Checker c{words, num_words, {}, true};
+  if (num_words < 32) return "plan shorter than its header";
+  const PlanView p{words};
+  const Header& h = p.header();
+  if (h.magic != kMagic) return "bad plan magic (not an ark plan)";
+  if (h.version < 1 || h.version > kVersion)
+    return "plan version " + std::to_string(h.version) + " not supported (this executor knows 1.." +
+           std::to_string(kVersion) + ")";
+  if (h.total_words != static_cast<int64_t>(num_words)) return "plan length != header.total_words";
+  if (h.num_workers < 1 || h.num_workers > 1024) return "bad num_workers";
+  if (h.num_counters != h.num_tasks) return "num_counters != num_tasks";
+  c.section(h.tensors_at, h.num_tensors, 24, "tensors") && c.section(h.views_at, h.num_views, 16, "views") &&
+      c.section(h.ops_at, h.num_ops, 40, "ops") && c.section(h.tasks_at, h.num_tasks, 8, "tasks") &&
+      c.section(h.dep_offsets_at, h.num_tasks + 1, 1, "dep offsets") &&
+      c.section(h.deps_at, h.num_dep_edges, 1, "deps") &&
+      c.section(h.queue_offsets_at, h.num_workers + 1, 1, "queue offsets") &&
+      c.section(h.queues_at, h.num_tasks, 1, "queues") && c.section(h.code_at, h.code_words, 1, "code") &&
+      c.section(h.names_at, (h.names_bytes + 3) / 4, 1, "names");
+  if (!c.ok) return c.err.str();
+  if (static_cast<size_t>(h.num_args) != buf.args.size()) return "operand count != plan num_args";
+  if (static_cast<size_t>(h.num_outputs) != buf.results.size()) return "result count != plan num_outputs";
+  if (static_cast<size_t>(h.workspace_bytes) > buf.workspace_bytes) return "workspace result too small";
+  for (int t = 0; t < h.num_tensors; ++t) {
+    const TensorRecord& r = p.tensor(t);
+    const std::string where = "tensor " + std::to_string(t);
+    if (dtype_size(r.dtype) == 0 || r.rank < 0 || r.rank > kMaxRank || r.num_elements < 0)
+      return where + ": bad dtype / rank / size";
+    const size_t bytes = static_cast<size_t>(r.num_elements) * dtype_size(r.dtype);
+    if (r.storage == kStorageArg) {
+      if (r.storage_index < 0 || r.storage_index >= h.num_args || buf.arg_bytes[r.storage_index] < bytes)
+        return where + ": operand index or size mismatch";
+    } else if (r.storage == kStorageResult) {
+      if (r.storage_index < 0 || r.storage_index >= h.num_outputs ||
+          buf.result_bytes[r.storage_index] < bytes)
+        return where + ": result index or size mismatch";
+    } else if (r.storage == kStorageWorkspace) {
+      if (r.byte_offset < 0 || static_cast<size_t>(r.byte_offset) + bytes > buf.workspace_bytes)
+        return where + ": outside the workspace";
+    } else {
+      return where + ": bad storage kind";
+    }
+  }
+  for (int i = 0; i < h.num_ops; ++i) {
+    const OpRecord& op = p.op(i);
+    const std::string where = "op " + std::to_string(i);
+    if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return where + ": bad output tensor";
+    const TensorRecord& out = p.tensor(op.out_tensor);
+    if (out.storage == kStorageArg) return where + ": writes an operand";
+    if (op.B < 1 || op.M < 1 || op.N < 1 || op.B * op.M * op.N != out.num_elements)
+      return where + ": B*M*N != output size";
+    if (op.name_at < 0 || op.name_len < 0 || op.name_at + op.name_len > h.names_bytes)
+      return where + ": bad name";
+    if (op.kind == kOpMatmul) {
+      if (op.a_view < 0 || op.a_view >= h.num_views || op.b_view < 0 || op.b_view >= h.num_views)
+        return where + ": bad operand view";
+      const int64_t ad[3] = {op.B, op.M, op.K}, bd[3] = {op.B, op.K, op.N};
+      if (op.K < 1 || p.view(op.a_view).rank != 3 || p.view(op.b_view).rank != 3)
+        return where + ": matmul views must have rank 3 and K >= 1";
+      if (!check_view_in(c, p, op.a_view, ad, 3, i) || !check_view_in(c, p, op.b_view, bd, 3, i))
+        return c.err.str();
+    } else if (op.kind == kOpReduce) {
+      if (op.iter_rank < op.kept_rank || op.iter_rank > kMaxRank || op.kept_rank < 0 || op.K < 1)
+        return where + ": bad reduce iteration space";
+      int64_t kept = 1, red = 1;
+      for (int d = 0; d < op.iter_rank; ++d) (d < op.kept_rank ? kept : red) *= op.iter_dims[d];
+      if (kept != op.M || red != op.K) return where + ": iteration space != M x K";
+      if (!check_program(c, p, op.prologue_at, op.prologue_len, op.iter_rank, false, "prologue", i))
+        return c.err.str();
+      for (int k = 0; k < op.prologue_len; ++k) {
+        const Instruction& ins = p.instruction(op.prologue_at + k);
+        if (opcode_of(ins) == kLoad && !check_view_in(c, p, ins.a, op.iter_dims, op.iter_rank, i))
+          return c.err.str();
+      }
+    } else if (op.kind != kOpMap) {
+      return where + ": unknown op kind";
+    }
+    if (!check_program(c, p, op.epilogue_at, op.epilogue_len, out.rank, op.kind != kOpMap, "epilogue", i))
+      return c.err.str();
+    for (int k = 0; k < op.epilogue_len; ++k) {
+      const Instruction& ins = p.instruction(op.epilogue_at + k);
+      if (opcode_of(ins) == kLoad && !check_view_in(c, p, ins.a, out.dims, out.rank, i))
+        return c.err.str();
+    }
+  }
+  for (int t = 0; t < h.num_tasks; ++t) {
+    const TaskRecord& task = p.task(t);
+    const std::string where = "task " + std::to_string(t);
+    if (task.op < 0 || task.op >= h.num_ops) return where + ": bad op";
+    const OpRecord& op = p.op(task.op);
+    if (task.b0 < 0 || task.b1 > op.B || task.b0 >= task.b1 || task.m0 < 0 || task.m1 > op.M ||
+        task.m0 >= task.m1 || task.n0 < 0 || task.n1 > op.N || task.n0 >= task.n1)
+      return where + ": tile outside its op";
+    if (p.dep_begin(t) < 0 || p.dep_end(t) < p.dep_begin(t) || p.dep_end(t) > h.num_dep_edges)
+      return where + ": bad dependency offsets";
+    for (int e = p.dep_begin(t); e < p.dep_end(t); ++e)
+      if (p.dep(e) < 0 || p.dep(e) >= h.num_tasks || p.dep(e) == t) return where + ": bad dependency";
+  }
+  std::vector<char> seen(h.num_tasks, 0);
+  if (p.queue_begin(0) != 0 || p.queue_end(h.num_workers - 1) != h.num_tasks) return "queue offsets do not cover all tasks";
+  for (int w = 0; w < h.num_workers; ++w) {
+    if (p.queue_end(w) < p.queue_begin(w)) return "bad queue offsets";
+    for (int q = p.queue_begin(w); q < p.queue_end(w); ++q) {
+      const int t = p.queue_task(q);
+      if (t < 0 || t >= h.num_tasks || seen[t]++) return "task " + std::to_string(t) + " queued twice or out of range";
+    }
+  }
+  return "";
+}
+
+PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
+                          const PersistentOptions& options) {
+  Run run(PlanView{words}, buffers, options);
+  const Header& h = run.plan.header();
+  std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_tasks);
+  if (buffers.profile)
+    std::memset(buffers.profile, 0, sizeof(int64_t) * h.num_tasks * h.profile_words_per_task);
+  std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
+  if (h.num_workers == 1) {
+    job(0);
+  } else {
+    pool_for_this_thread(h.num_workers - 1).run(h.num_workers, job);
+  }
+  if (run.failed.load()) return run.error;
+  return {};
+}
+
+}  // namespace jax_ark::cpu

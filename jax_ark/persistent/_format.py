@@ -1,0 +1,480 @@
+"""The plan data model: tensors, views, ops, tasks, queues; JSON and binary encodings.
+
+The binary layout mirrors cuda/include/jax_ark/plan_format.hpp (docs/plan_format.md is normative).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PLAN_VERSION = 1
+MAGIC = 0x504B5241
+MAX_RANK = 6
+MAX_PROGRAM_LEN = 64
+PROFILE_WORDS_PER_TASK = 4
+WORKSPACE_ALIGN = 256
+
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4}
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4}
+STORAGE_CODES = {"arg": 0, "result": 1, "workspace": 2}
+OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3}
+REDUCE_CODES = {"sum": 0, "max": 1}
+
+OPCODES = {
+    "load_acc": 0, "load": 1, "const": 2,
+    "neg": 10, "exp": 11, "log": 12, "tanh": 13, "logistic": 14, "sqrt": 15, "rsqrt": 16,
+    "erf": 17, "abs": 18, "integer_pow": 19, "sin": 20, "cos": 21, "log1p": 22, "expm1": 23,
+    "square": 24, "sign": 25, "copy": 26,
+    "add": 40, "sub": 41, "mul": 42, "div": 43, "max": 44, "min": 45, "pow": 46,
+    "eq": 47, "ne": 48, "lt": 49, "le": 50, "gt": 51, "ge": 52,
+    "select": 60,
+}  # fmt: skip
+UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 10 <= v <= 26)
+BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 40 <= v <= 52)
+
+
+class PlanError(ValueError):
+    """A plan is malformed or cannot run; the message names the offending task / op / tensor."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "bfloat16" | "float16" | "bool"
+    storage: str  # "arg" | "result" | "workspace"
+    index: int = 0  # operand index (arg) or result index (result)
+    byte_offset: int = 0  # workspace offset
+
+    @property
+    def num_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_elements * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class View:
+    """element(idx) = tensor.flat[offset + sum(idx[d] * strides[d])]."""
+
+    tensor: int
+    offset: int
+    strides: tuple[int, ...]
+
+
+@dataclass
+class Instr:
+    """One program instruction; register i = result of instruction i.
+
+    op: opcode name; dtype: rounding dtype of the result; a, b, c: operands (register indices,
+    a view id for "load", the float value for "const", the exponent in b for "integer_pow").
+    """
+
+    op: str
+    dtype: str
+    a: float | int = 0
+    b: int = 0
+    c: int = 0
+
+    def to_list(self) -> list:
+        return [self.op, self.dtype, self.a, self.b, self.c]
+
+    @staticmethod
+    def from_list(x: list) -> Instr:
+        op, dtype, a, b, c = x
+        return Instr(op, dtype, a, b, c)
+
+
+@dataclass
+class Op:
+    name: str
+    kind: str  # "matmul" | "reduce" | "map"
+    out: int  # tensor id
+    B: int
+    M: int
+    N: int
+    K: int = 0
+    acc_dtype: str = "float32"
+    reduce_kind: str = "sum"
+    a_view: int = -1
+    b_view: int = -1
+    iter_dims: tuple[int, ...] = ()  # reduce: kept dims + reduced dims
+    kept_rank: int = 0
+    prologue: list[Instr] = field(default_factory=list)
+    epilogue: list[Instr] = field(default_factory=list)
+    tile_m: int = 0
+    tile_n: int = 0
+    source: str = ""  # user source line that produced the op
+
+
+@dataclass
+class Task:
+    op: int
+    b0: int
+    b1: int
+    m0: int
+    m1: int
+    n0: int
+    n1: int
+    deps: list[int] = field(default_factory=list)
+
+    @property
+    def tile(self) -> tuple[int, int, int, int, int, int]:
+        return (self.b0, self.b1, self.m0, self.m1, self.n0, self.n1)
+
+
+@dataclass
+class Plan:
+    """A persistent-kernel plan: inspect with summary(), edit, validate(), serialize.
+
+    args: tensor ids of the FFI operands in order (user inputs first, then constants);
+    outputs: tensor ids of the results in order. constants: arrays of the constant operands, keyed
+    by tensor id. queues[w]: the tasks worker w runs, in order.
+    """
+
+    num_workers: int
+    tensors: list[TensorSpec]
+    views: list[View]
+    ops: list[Op]
+    tasks: list[Task]
+    queues: list[list[int]]
+    num_inputs: int
+    args: list[int]
+    outputs: list[int]
+    constants: dict[int, np.ndarray]
+    workspace_bytes: int
+    version: int = PLAN_VERSION
+
+    # ---- inspection -----------------------------------------------------------------------------
+    def task_name(self, t: int) -> str:
+        task = self.tasks[t]
+        op = self.ops[task.op]
+        tile = f"b{task.b0}:{task.b1} m{task.m0}:{task.m1} n{task.n0}:{task.n1}"
+        return f"task {t} (op {task.op} '{op.name}', tile {tile})"
+
+    def flops(self, t: int) -> int:
+        task = self.tasks[t]
+        op = self.ops[task.op]
+        elems = (task.b1 - task.b0) * (task.m1 - task.m0) * (task.n1 - task.n0)
+        if op.kind == "matmul":
+            return 2 * elems * op.K + elems * len(op.epilogue)
+        if op.kind == "reduce":
+            return elems * op.K * (len(op.prologue) + 1) + elems * len(op.epilogue)
+        return elems * len(op.epilogue)
+
+    def critical_path(self) -> list[int]:
+        """Longest chain of dependent tasks by estimated cost (list of task ids)."""
+        from jax_ark.persistent._schedule import task_costs
+
+        costs = task_costs(self)
+        best: list[float] = [0.0] * len(self.tasks)
+        prev: list[int] = [-1] * len(self.tasks)
+        for t in _topological_order(self):
+            base, arg = 0.0, -1
+            for d in self.tasks[t].deps:
+                if best[d] > base:
+                    base, arg = best[d], d
+            best[t] = base + costs[t]
+            prev[t] = arg
+        if not best:
+            return []
+        t = int(np.argmax(best))
+        path = []
+        while t >= 0:
+            path.append(t)
+            t = prev[t]
+        return path[::-1]
+
+    def summary(self) -> str:
+        lines = [
+            f"ark plan v{self.version}: {len(self.ops)} ops, {len(self.tasks)} tasks, "
+            f"{self.num_workers} workers, workspace {self.workspace_bytes} bytes"
+        ]
+        op_tasks: dict[int, int] = {}
+        for task in self.tasks:
+            op_tasks[task.op] = op_tasks.get(task.op, 0) + 1
+        total_flops = 0
+        for i, op in enumerate(self.ops):
+            out = self.tensors[op.out]
+            fl = sum(self.flops(t) for t, task in enumerate(self.tasks) if task.op == i)
+            total_flops += fl
+            extra = f" K={op.K}" if op.kind != "map" else ""
+            lines.append(
+                f"  op {i:3d} {op.kind:6s} {op.name:24s} -> t{op.out} {out.dtype}{list(out.shape)} "
+                f"[{out.storage}] tasks={op_tasks.get(i, 0)}{extra} epilogue={len(op.epilogue)} "
+                f"flops={fl} {op.source}"
+            )
+        in_bytes = sum(self.tensors[a].nbytes for a in self.args)
+        out_bytes = sum(self.tensors[o].nbytes for o in self.outputs)
+        lines.append(
+            f"  bytes: args {in_bytes}, outputs {out_bytes}, workspace {self.workspace_bytes}; "
+            f"total flops {total_flops}"
+        )
+        for w, q in enumerate(self.queues):
+            lines.append(f"  worker {w}: {len(q)} tasks")
+        path = self.critical_path()
+        lines.append(
+            f"  critical path: {len(path)} tasks over ops "
+            + " -> ".join(str(op) for op in _dedupe([self.tasks[t].op for t in path]))
+        )
+        return "\n".join(lines)
+
+    # ---- JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "jax_ark.plan",
+            "version": self.version,
+            "num_workers": self.num_workers,
+            "num_inputs": self.num_inputs,
+            "args": list(self.args),
+            "outputs": list(self.outputs),
+            "workspace_bytes": self.workspace_bytes,
+            "tensors": [dataclasses.asdict(t) | {"shape": list(t.shape)} for t in self.tensors],
+            "views": [
+                {"tensor": v.tensor, "offset": v.offset, "strides": list(v.strides)}
+                for v in self.views
+            ],
+            "ops": [
+                {
+                    **{
+                        k: v
+                        for k, v in dataclasses.asdict(op).items()
+                        if k not in ("prologue", "epilogue")
+                    },
+                    "iter_dims": list(op.iter_dims),
+                    "prologue": [i.to_list() for i in op.prologue],
+                    "epilogue": [i.to_list() for i in op.epilogue],
+                }
+                for op in self.ops
+            ],
+            "tasks": [dataclasses.asdict(t) for t in self.tasks],
+            "queues": [list(q) for q in self.queues],
+            "constants": {
+                str(k): {
+                    "dtype": self.tensors[k].dtype,
+                    "data": base64.b64encode(np.ascontiguousarray(v).tobytes()).decode(),
+                }
+                for k, v in self.constants.items()
+            },
+        }
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def from_json(text: str | dict) -> Plan:
+        d = json.loads(text) if isinstance(text, str) else text
+        if d.get("format") != "jax_ark.plan":
+            raise PlanError("not a jax_ark plan (missing format: jax_ark.plan)")
+        if d["version"] > PLAN_VERSION:
+            raise PlanError(
+                f"plan version {d['version']} is newer than this jax_ark ({PLAN_VERSION})"
+            )
+        tensors = [TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
+        ops = []
+        for o in d["ops"]:
+            o = dict(o)
+            o["iter_dims"] = tuple(o["iter_dims"])
+            o["prologue"] = [Instr.from_list(i) for i in o["prologue"]]
+            o["epilogue"] = [Instr.from_list(i) for i in o["epilogue"]]
+            ops.append(Op(**o))
+        constants = {}
+        for k, c in d["constants"].items():
+            spec = tensors[int(k)]
+            raw = base64.b64decode(c["data"])
+            constants[int(k)] = np.frombuffer(raw, dtype=np_dtype(spec.dtype)).reshape(spec.shape)
+        return Plan(
+            num_workers=d["num_workers"],
+            tensors=tensors,
+            views=[View(v["tensor"], v["offset"], tuple(v["strides"])) for v in d["views"]],
+            ops=ops,
+            tasks=[Task(**t) for t in d["tasks"]],
+            queues=[list(q) for q in d["queues"]],
+            num_inputs=d["num_inputs"],
+            args=list(d["args"]),
+            outputs=list(d["outputs"]),
+            constants=constants,
+            workspace_bytes=d["workspace_bytes"],
+            version=d["version"],
+        )
+
+    def copy(self) -> Plan:
+        return Plan.from_json(self.to_dict())
+
+    def validate(self) -> Plan:
+        """Raises PlanError naming the offending task / op / tensor; returns self when valid."""
+        from jax_ark.persistent._validate import validate
+
+        validate(self)
+        return self
+
+    # ---- binary ---------------------------------------------------------------------------------
+    def to_binary(self) -> np.ndarray:
+        """The int32 words of plan_format.hpp (version 1)."""
+        return _encode(self)
+
+
+def np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _dedupe(xs: list[int]) -> list[int]:
+    out: list[int] = []
+    for x in xs:
+        if not out or out[-1] != x:
+            out.append(x)
+    return out
+
+
+def _topological_order(plan: Plan) -> list[int]:
+    """Topological order of tasks over dependency edges (raises PlanError on a cycle)."""
+    n = len(plan.tasks)
+    indeg = [0] * n
+    succ: list[list[int]] = [[] for _ in range(n)]
+    for t, task in enumerate(plan.tasks):
+        for d in task.deps:
+            succ[d].append(t)
+            indeg[t] += 1
+    order = [t for t in range(n) if indeg[t] == 0]
+    for t in order:
+        for s in succ[t]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                order.append(s)
+    if len(order) != n:
+        stuck = next(t for t in range(n) if indeg[t] > 0)
+        raise PlanError(f"dependency cycle through {plan.task_name(stuck)}")
+    return order
+
+
+# ---- binary encoding ----------------------------------------
+def _pad_even(words: list[int]) -> None:
+    if len(words) % 2:
+        words.append(0)
+
+
+def _i64(x: int) -> list[int]:
+    lo, hi = struct.unpack("<ii", struct.pack("<q", int(x)))
+    return [lo, hi]
+
+
+def _dims6(dims: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
+    for d in list(dims) + [1] * (MAX_RANK - len(dims)):
+        out += _i64(d)
+    return out
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+def _instr_words(ins: Instr) -> list[int]:
+    word0 = OPCODES[ins.op] | (DTYPE_CODES[ins.dtype] << 16)
+    a = _f32_bits(ins.a) if ins.op == "const" else int(ins.a)
+    return [word0, a, int(ins.b), int(ins.c)]
+
+
+def _encode(plan: Plan) -> np.ndarray:
+    code: list[int] = []
+    prog_at: list[tuple[int, int, int, int]] = []
+    for op in plan.ops:
+        pro_at = len(code) // 4
+        for ins in op.prologue:
+            code += _instr_words(ins)
+        epi_at = len(code) // 4
+        for ins in op.epilogue:
+            code += _instr_words(ins)
+        prog_at.append((pro_at, len(op.prologue), epi_at, len(op.epilogue)))
+    names = b""
+    name_at = []
+    for op in plan.ops:
+        raw = op.name.encode()
+        name_at.append((len(names), len(raw)))
+        names += raw
+    names_words = np.frombuffer(names + b"\0" * (-len(names) % 4), dtype="<i4").tolist()
+
+    words: list[int] = [0] * 32
+    sections: dict[str, int] = {}
+
+    sections["tensors"] = len(words)
+    for t in plan.tensors:
+        words += [DTYPE_CODES[t.dtype], len(t.shape), STORAGE_CODES[t.storage], t.index]
+        words += _i64(t.byte_offset) + _i64(t.num_elements) + _dims6(t.shape) + [0] * 4
+    _pad_even(words)
+    sections["views"] = len(words)
+    for v in plan.views:
+        words += [v.tensor, len(v.strides)] + _i64(v.offset)
+        for s in list(v.strides) + [0] * (MAX_RANK - len(v.strides)):
+            words += _i64(s)
+    _pad_even(words)
+    sections["ops"] = len(words)
+    for i, op in enumerate(plan.ops):
+        pro_at, pro_len, epi_at, epi_len = prog_at[i]
+        words += [OP_KIND_CODES[op.kind], op.out, DTYPE_CODES[op.acc_dtype]]
+        words += [REDUCE_CODES[op.reduce_kind], op.a_view, op.b_view, len(op.iter_dims)]
+        words += [op.kept_rank, pro_at, pro_len, epi_at, epi_len, name_at[i][0], name_at[i][1]]
+        words += [op.tile_m, op.tile_n]
+        words += _i64(op.B) + _i64(op.M) + _i64(op.N) + _i64(op.K) + _dims6(op.iter_dims)
+        words += [0] * 4
+    _pad_even(words)
+    sections["tasks"] = len(words)
+    for t in plan.tasks:
+        words += [t.op, 0, t.b0, t.b1, t.m0, t.m1, t.n0, t.n1]
+    sections["dep_offsets"] = len(words)
+    acc = 0
+    for t in plan.tasks:
+        words.append(acc)
+        acc += len(t.deps)
+    words.append(acc)
+    _pad_even(words)
+    sections["deps"] = len(words)
+    for t in plan.tasks:
+        words += list(t.deps)
+    _pad_even(words)
+    sections["queue_offsets"] = len(words)
+    acc = 0
+    for q in plan.queues:
+        words.append(acc)
+        acc += len(q)
+    words.append(acc)
+    _pad_even(words)
+    sections["queues"] = len(words)
+    for q in plan.queues:
+        words += list(q)
+    _pad_even(words)
+    sections["code"] = len(words)
+    words += code
+    _pad_even(words)
+    sections["names"] = len(words)
+    words += names_words
+    _pad_even(words)
+
+    header = [
+        MAGIC, PLAN_VERSION, 32, len(words),
+        plan.num_workers, len(plan.tasks), len(plan.ops), len(plan.tensors),
+        len(plan.views), len(plan.args), len(plan.outputs), 0,
+        sections["tensors"], sections["views"], sections["ops"], sections["tasks"],
+        sections["dep_offsets"], sections["deps"], sum(len(t.deps) for t in plan.tasks),
+        sections["queue_offsets"],
+        sections["queues"], sections["code"], len(code), sections["names"],
+        len(names), len(plan.tasks), PROFILE_WORDS_PER_TASK, 0,
+        *_i64(plan.workspace_bytes), 0, 0,
+    ]  # fmt: skip
+    assert len(header) == 32
+    words[:32] = header
+    return np.asarray(words, dtype=np.int32)

@@ -1,0 +1,293 @@
+"""Planner back-end: tiling, tile-level dependencies, workspace reuse, worker placement.
+
+Used by the planner and by the validator (which recomputes the dependencies a plan needs).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+
+from jax_ark.persistent._format import (
+    DTYPE_SIZES,
+    WORKSPACE_ALIGN,
+    Op,
+    Plan,
+    Task,
+)
+from jax_ark.persistent._trace import TraceResult
+
+# ---- tiling ----------------------------------------
+
+
+def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> list[Task]:
+    if op.kind == "matmul":
+        default_n = 64
+        if op.M <= 8:
+            # GEMV-like (decode): a tile reads a K x tn slab of weights row by row; wide slabs, one
+            # per worker, stream memory better than many narrow strided ones.
+            default_n = max(64, -(-math.ceil(op.N / num_workers) // 64) * 64)
+        tn = min(op.N, tile_n or default_n)
+        tm = min(op.M, tile_m or 32)
+        tb = max(1, min(op.B, 2048 // max(1, tm * tn)))
+    elif op.kind == "map":
+        tn = min(op.N, tile_n or 1024)
+        tm = max(1, min(op.M, tile_m or max(1, 4096 // tn)))
+        tb = 1
+    else:  # reduce: whole rows; split rows so every worker gets some
+        tn = 1
+        tm = tile_m or max(1, min(op.M, 16384 // max(1, op.K)))
+        tm = max(1, min(tm, math.ceil(op.M / max(1, num_workers))))
+        tb = 1
+    op.tile_m, op.tile_n = tm, tn
+    tasks = []
+    for b0 in range(0, op.B, tb):
+        for m0 in range(0, op.M, tm):
+            for n0 in range(0, op.N, tn):
+                tasks.append(
+                    Task(-1, b0, min(op.B, b0 + tb), m0, min(op.M, m0 + tm), n0, min(op.N, n0 + tn))
+                )
+    return tasks
+
+
+# ---- read / write sets ----------------------------------------
+
+
+def tile_linear(op: Op, task: Task) -> np.ndarray:
+    """Flat output indices a task writes."""
+    b = np.arange(task.b0, task.b1, dtype=np.int64)
+    m = np.arange(task.m0, task.m1, dtype=np.int64)
+    n = np.arange(task.n0, task.n1, dtype=np.int64)
+    return ((b[:, None, None] * op.M + m[None, :, None]) * op.N + n[None, None, :]).ravel()
+
+
+def _offsets(view, idx: tuple[np.ndarray, ...]) -> np.ndarray:
+    off = np.full(idx[0].shape if idx else (1,), view.offset, dtype=np.int64)
+    for d, s in enumerate(view.strides):
+        if s:
+            off = off + idx[d] * s
+    return off
+
+
+def program_views(program) -> list[int]:
+    return [int(i.a) for i in program if i.op == "load"]
+
+
+def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
+    """(tensor id, flat element indices) the task reads, per view."""
+    op = plan.ops[task.op]
+    reads: list[tuple[int, np.ndarray]] = []
+    if op.kind == "matmul":
+        b = np.arange(task.b0, task.b1, dtype=np.int64)
+        m = np.arange(task.m0, task.m1, dtype=np.int64)
+        n = np.arange(task.n0, task.n1, dtype=np.int64)
+        k = np.arange(op.K, dtype=np.int64)
+        av, bv = plan.views[op.a_view], plan.views[op.b_view]
+        sa, sb = av.strides, bv.strides
+        a_off = av.offset + b[:, None, None] * sa[0] + m[None, :, None] * sa[1] + k * sa[2]
+        b_off = bv.offset + b[:, None, None] * sb[0] + k[None, :, None] * sb[1] + n * sb[2]
+        reads += [(av.tensor, a_off.ravel()), (bv.tensor, b_off.ravel())]
+    if op.kind == "reduce" and op.prologue:
+        kept = op.iter_dims[: op.kept_rank]
+        red = op.iter_dims[op.kept_rank :]
+        m_idx = np.unravel_index(np.arange(task.m0, task.m1, dtype=np.int64), kept) if kept else ()
+        r_idx = np.unravel_index(np.arange(op.K, dtype=np.int64), red) if red else ()
+        for v in program_views(op.prologue):
+            view = plan.views[v]
+            s = view.strides
+            mk = np.zeros(task.m1 - task.m0, dtype=np.int64)
+            for d in range(len(kept)):
+                mk = mk + m_idx[d] * s[d]
+            rr = np.zeros(op.K, dtype=np.int64)
+            for d in range(len(red)):
+                rr = rr + r_idx[d] * s[len(kept) + d]
+            reads.append((view.tensor, (view.offset + mk[:, None] + rr[None, :]).ravel()))
+    views = program_views(op.epilogue)
+    if views:
+        out_shape = plan.tensors[op.out].shape
+        lin = tile_linear(op, task)
+        idx = np.unravel_index(lin, out_shape) if out_shape else ()
+        for v in views:
+            view = plan.views[v]
+            reads.append(
+                (view.tensor, _offsets(view, idx) if out_shape else np.array([view.offset]))
+            )
+    return reads
+
+
+def _producers(plan: Plan) -> dict[int, int]:
+    return {op.out: i for i, op in enumerate(plan.ops)}
+
+
+def required_dependencies(plan: Plan) -> list[set[int]]:
+    """For each task, the tasks that must finish before it: read-after-write (producer tiles of
+    every element read) and write-after-read (earlier users of reused workspace bytes)."""
+    n = len(plan.tasks)
+    need: list[set[int]] = [set() for _ in range(n)]
+    producer = _producers(plan)
+    owner: dict[int, np.ndarray] = {}
+    for tid, spec in enumerate(plan.tensors):
+        if tid in producer:
+            owner[tid] = np.full(spec.num_elements, -1, dtype=np.int64)
+    written: list[np.ndarray] = []
+    for t, task in enumerate(plan.tasks):
+        lin = tile_linear(plan.ops[task.op], task)
+        written.append(lin)
+        owner[plan.ops[task.op].out][lin] = t
+    # read intervals of workspace tensors, for the write-after-read check below
+    read_span: dict[int, list[tuple[int, int, int]]] = {}
+    for t, task in enumerate(plan.tasks):
+        for tensor, idx in task_reads(plan, task):
+            if tensor not in owner or idx.size == 0:
+                continue
+            prod = np.unique(owner[tensor][idx])
+            need[t].update(int(p) for p in prod if p >= 0 and p != t)
+            if plan.tensors[tensor].storage == "workspace":
+                read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
+    # write-after-read on reused workspace bytes
+    ws = [i for i, s in enumerate(plan.tensors) if s.storage == "workspace" and i in producer]
+    for y in ws:
+        ys = plan.tensors[y]
+        y_lo, y_hi = ys.byte_offset, ys.byte_offset + ys.nbytes
+        for x in ws:
+            if x == y or producer[x] >= producer[y]:
+                continue
+            xs = plan.tensors[x]
+            if xs.byte_offset >= y_hi or xs.byte_offset + xs.nbytes <= y_lo:
+                continue
+            size_x, size_y = DTYPE_SIZES[xs.dtype], DTYPE_SIZES[ys.dtype]
+            users = read_span.get(x) or [
+                (t, int(written[t].min()), int(written[t].max()))
+                for t, task in enumerate(plan.tasks)
+                if task.op == producer[x]
+            ]
+            for w, task in enumerate(plan.tasks):
+                if task.op != producer[y]:
+                    continue
+                w_lo = ys.byte_offset + int(written[w].min()) * size_y
+                w_hi = ys.byte_offset + (int(written[w].max()) + 1) * size_y
+                for r, lo, hi in users:
+                    r_lo = xs.byte_offset + lo * size_x
+                    r_hi = xs.byte_offset + (hi + 1) * size_x
+                    if r_lo < w_hi and w_lo < r_hi and r != w:
+                        need[w].add(r)
+    return need
+
+
+# ---- workspace ----------------------------------------
+
+
+def _allocate_workspace(plan: Plan) -> int:
+    """Liveness-based first-fit: tensors whose [producer op, last reader op] ranges are disjoint may
+    share bytes (required_dependencies then orders the later writer after the earlier readers)."""
+    producer = _producers(plan)
+    last_use = dict(producer)
+    for i, op in enumerate(plan.ops):
+        views = program_views(op.prologue) + program_views(op.epilogue)
+        if op.kind == "matmul":
+            views += [op.a_view, op.b_view]
+        for v in views:
+            t = plan.views[v].tensor
+            last_use[t] = max(last_use.get(t, i), i)
+    placed: list[tuple[int, int, int, int]] = []  # (first op, last op, lo, hi)
+    top = 0
+    for t in sorted(
+        (t for t, s in enumerate(plan.tensors) if s.storage == "workspace"),
+        key=lambda t: producer.get(t, 0),
+    ):
+        spec = plan.tensors[t]
+        first, last = producer.get(t, 0), last_use.get(t, 0)
+        size = -(-spec.nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+        busy = sorted((lo, hi) for f, la, lo, hi in placed if not (la < first or last < f))
+        offset = 0
+        for lo, hi in busy:
+            if offset + size <= lo:
+                break
+            offset = max(offset, hi)
+        spec.byte_offset = offset
+        placed.append((first, last, offset, offset + size))
+        top = max(top, offset + size)
+    return top
+
+
+# ---- placement ----------------------------------------
+
+
+def task_costs(plan: Plan) -> list[float]:
+    """Rough relative cost of each task (flops + bytes + a fixed per-task overhead)."""
+    costs = []
+    for t, task in enumerate(plan.tasks):
+        op = plan.ops[task.op]
+        elems = (task.b1 - task.b0) * (task.m1 - task.m0) * (task.n1 - task.n0)
+        moved = elems * (op.K + 1) if op.kind != "map" else 2 * elems
+        costs.append(plan.flops(t) + moved + 2000.0)
+    return costs
+
+
+def _place(plan: Plan) -> list[list[int]]:
+    """List scheduling: highest bottom level (critical path to the end) first, on the worker that
+    can start it earliest. The assignment order is a topological order of dependencies, so queues
+    built from it can never deadlock."""
+    n = len(plan.tasks)
+    costs = task_costs(plan)
+    succ: list[list[int]] = [[] for _ in range(n)]
+    indeg = [0] * n
+    for t, task in enumerate(plan.tasks):
+        for d in task.deps:
+            succ[d].append(t)
+            indeg[t] += 1
+    bottom = [0.0] * n
+    for t in reversed(range(n)):  # tasks are created in op order: producers before consumers
+        bottom[t] = costs[t] + max((bottom[s] for s in succ[t]), default=0.0)
+    finish = [0.0] * n
+    free = [0.0] * plan.num_workers
+    queues: list[list[int]] = [[] for _ in range(plan.num_workers)]
+    ready = [(-bottom[t], t) for t in range(n) if indeg[t] == 0]
+    heapq.heapify(ready)
+    while ready:
+        _, t = heapq.heappop(ready)
+        est = max((finish[d] for d in plan.tasks[t].deps), default=0.0)
+        w = min(range(plan.num_workers), key=lambda w: (max(free[w], est), w))
+        finish[t] = max(free[w], est) + costs[t]
+        free[w] = finish[t]
+        queues[w].append(t)
+        for s in succ[t]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                heapq.heappush(ready, (-bottom[s], s))
+    return queues
+
+
+def build_plan(
+    traced: TraceResult,
+    num_workers: int,
+    tile_m: int | None = None,
+    tile_n: int | None = None,
+) -> Plan:
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    tasks: list[Task] = []
+    for i, op in enumerate(traced.ops):
+        for task in _tiles(op, num_workers, tile_m, tile_n):
+            task.op = i
+            tasks.append(task)
+    plan = Plan(
+        num_workers=num_workers,
+        tensors=traced.tensors,
+        views=traced.views,
+        ops=traced.ops,
+        tasks=tasks,
+        queues=[],
+        num_inputs=traced.num_inputs,
+        args=traced.args,
+        outputs=traced.outputs,
+        constants=traced.constants,
+        workspace_bytes=0,
+    )
+    plan.workspace_bytes = _allocate_workspace(plan)
+    for task, deps in zip(plan.tasks, required_dependencies(plan), strict=True):
+        task.deps = sorted(deps)
+    plan.queues = _place(plan)
+    return plan

@@ -1,0 +1,792 @@
+"""Tracing a JAX function into plan ops (matmul / reduce / map) with fused elementwise programs.
+
+Every jaxpr value is held lazily as a `_Node`:
+- `_Load`: a strided view of a materialized tensor (reshape / transpose / broadcast are views);
+- `_Imm`: a scalar constant broadcast to a shape;
+- `_Ew`: an elementwise op over nodes of the same shape (a program still to be compiled);
+- `_Pending`: the accumulator of a matmul / reduce that is not emitted yet, so the elementwise ops
+  applied to it can become its epilogue.
+A node is *materialized* (an op emitted, writing a new tensor) only when something needs memory:
+a matmul operand, a view the program form cannot express, a value used more than once, an output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from jax_ark.persistent._format import (
+    MAX_PROGRAM_LEN,
+    MAX_RANK,
+    Instr,
+    Op,
+    PlanError,
+    TensorSpec,
+    View,
+)
+
+_SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool"}
+# Programs longer than this get their largest operands materialized (keeps headroom below 64).
+_FUSE_LIMIT = 40
+
+
+class UnsupportedError(PlanError):
+    """The traced function uses something the persistent planner cannot run."""
+
+
+# ---- lazy nodes ----------------------------------------
+@dataclass(eq=False)
+class _Node:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return 1
+
+
+@dataclass(eq=False)
+class _Load(_Node):
+    tensor: int = 0
+    offset: int = 0
+    strides: tuple[int, ...] = ()
+
+
+@dataclass(eq=False)
+class _Imm(_Node):
+    value: float = 0.0
+
+
+@dataclass(eq=False)
+class _Ew(_Node):
+    op: str = ""
+    args: tuple[_Node, ...] = ()
+    imm: int = 0  # integer_pow exponent
+    _size: int = 1
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+@dataclass(eq=False)
+class _Core:
+    """An accumulating op not yet emitted (its accumulator value)."""
+
+    kind: str  # matmul | reduce
+    acc_dtype: str
+    B: int
+    M: int
+    N: int
+    K: int
+    a: _Load | None = None  # matmul operands, rank-3 views (b, m, k) / (b, k, n)
+    b: _Load | None = None
+    prologue: _Node | None = None  # reduce: value over iter_dims
+    iter_dims: tuple[int, ...] = ()
+    kept_rank: int = 0
+    reduce_kind: str = "sum"
+    negate: bool = False  # reduce_min = -max(-x): the epilogue negates the accumulator
+    source: str = ""
+    name: str = ""
+    emitted: bool = False
+    out_shape: tuple[int, ...] = ()
+    out_tensor: int = -1
+
+
+@dataclass(eq=False)
+class _Pending(_Node):
+    core: _Core | None = None
+
+
+def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
+def _is_identity(node: _Load, tensor_shape: tuple[int, ...]) -> bool:
+    if node.offset != 0 or math.prod(node.shape) != math.prod(tensor_shape):
+        return False
+    want = _row_major(node.shape)
+    return all(s == w or d == 1 for s, w, d in zip(node.strides, want, node.shape, strict=True))
+
+
+def _reshape_strides(shape, strides, new_shape) -> tuple[int, ...] | None:
+    """Strides for viewing (shape, strides) as new_shape in row-major order, or None."""
+    old = [(d, s) for d, s in zip(shape, strides, strict=True) if d != 1]
+    new_idx = [i for i, d in enumerate(new_shape) if d != 1]
+    out = [0] * len(new_shape)
+    i = j = 0
+    while i < len(old) or j < len(new_idx):
+        # take a group: old dims old[i:i2], new dims new_idx[j:j2] with equal products
+        i2, j2 = i, j
+        po, pn = 1, 1
+        while True:
+            if po == pn and (i2 > i or j2 > j):
+                break
+            if po <= pn and i2 < len(old):
+                po *= old[i2][0]
+                i2 += 1
+            elif j2 < len(new_idx):
+                pn *= new_shape[new_idx[j2]]
+                j2 += 1
+            else:
+                return None
+        group = old[i:i2]
+        for p in range(len(group) - 1):
+            if group[p][1] != group[p + 1][1] * group[p + 1][0]:
+                return None
+        acc = group[-1][1]
+        for q in range(j2 - 1, j - 1, -1):
+            out[new_idx[q]] = acc
+            acc *= new_shape[new_idx[q]]
+        i, j = i2, j2
+    return tuple(out)
+
+
+def _merge(shape, strides, dims) -> tuple[int, int] | None:
+    """(size, stride) of dims merged in the given order, or None when not a single stride."""
+    dims = [d for d in dims if shape[d] != 1]
+    if not dims:
+        return 1, 0
+    for p in range(len(dims) - 1):
+        if strides[dims[p]] != strides[dims[p + 1]] * shape[dims[p + 1]]:
+            return None
+    return math.prod(shape[d] for d in dims), strides[dims[-1]]
+
+
+# ---- the builder ----------------------------------------
+@dataclass
+class TraceResult:
+    tensors: list[TensorSpec]
+    views: list[View]
+    ops: list[Op]
+    args: list[int]
+    num_inputs: int
+    outputs: list[int]
+    constants: dict[int, np.ndarray]
+
+
+@dataclass
+class _Builder:
+    tensors: list[TensorSpec] = field(default_factory=list)
+    views: list[View] = field(default_factory=list)
+    view_ids: dict[Any, int] = field(default_factory=dict)
+    ops: list[Op] = field(default_factory=list)
+    args: list[int] = field(default_factory=list)
+    constants: dict[int, np.ndarray] = field(default_factory=dict)
+    source: str = ""  # source line of the eqn being translated
+
+    def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
+        if len(shape) > MAX_RANK:
+            raise UnsupportedError(f"rank {len(shape)} > {MAX_RANK} at {self.source}")
+        self.tensors.append(
+            TensorSpec(name or f"t{len(self.tensors)}", tuple(shape), dtype, storage, index)
+        )
+        return len(self.tensors) - 1
+
+    def view_id(self, node: _Load) -> int:
+        key = (node.tensor, node.offset, node.strides)
+        if key not in self.view_ids:
+            self.views.append(View(node.tensor, node.offset, tuple(node.strides)))
+            self.view_ids[key] = len(self.views) - 1
+        return self.view_ids[key]
+
+    def load(self, tensor: int) -> _Load:
+        spec = self.tensors[tensor]
+        return _Load(spec.shape, spec.dtype, tensor, 0, _row_major(spec.shape))
+
+    # ---- node transforms (None = cannot be expressed without materializing) ---------------------
+    def broadcast(self, node: _Node, shape, dims) -> _Node:
+        out = self._broadcast(node, tuple(shape), tuple(dims))
+        if out is None:
+            out = self._broadcast(self.materialize(node), tuple(shape), tuple(dims))
+        return out
+
+    def _broadcast(self, node, shape, dims):
+        if isinstance(node, _Imm):
+            return _Imm(shape, node.dtype, value=node.value)
+        if isinstance(node, _Load):
+            strides = [0] * len(shape)
+            for i, d in enumerate(dims):
+                strides[d] = node.strides[i] if node.shape[i] == shape[d] else 0
+            return _Load(shape, node.dtype, node.tensor, node.offset, tuple(strides))
+        if isinstance(node, _Ew):
+            args = [self._broadcast(a, shape, dims) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
+        return None
+
+    def transpose(self, node: _Node, perm) -> _Node:
+        out = self._transpose(node, tuple(perm))
+        if out is None:
+            out = self._transpose(self.materialize(node), tuple(perm))
+        return out
+
+    def _transpose(self, node, perm):
+        shape = tuple(node.shape[p] for p in perm)
+        if isinstance(node, _Imm):
+            return _Imm(shape, node.dtype, value=node.value)
+        if isinstance(node, _Load):
+            strides = tuple(node.strides[p] for p in perm)
+            return _Load(shape, node.dtype, node.tensor, node.offset, strides)
+        if isinstance(node, _Ew):
+            args = [self._transpose(a, perm) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
+        return None
+
+    def slice(self, node: _Node, start, limit, step) -> _Node:
+        step = tuple(step or (1,) * len(start))
+        out = self._slice(node, tuple(start), tuple(limit), step)
+        if out is None:
+            out = self._slice(self.materialize(node), tuple(start), tuple(limit), step)
+        return out
+
+    def _slice(self, node, start, limit, step):
+        shape = tuple(
+            max(0, -(-(hi - lo) // st)) for lo, hi, st in zip(start, limit, step, strict=True)
+        )
+        if isinstance(node, _Imm):
+            return _Imm(shape, node.dtype, value=node.value)
+        if isinstance(node, _Load):
+            offset = node.offset + sum(lo * s for lo, s in zip(start, node.strides, strict=True))
+            strides = tuple(s * st for s, st in zip(node.strides, step, strict=True))
+            return _Load(shape, node.dtype, node.tensor, offset, strides)
+        if isinstance(node, _Ew):
+            args = [self._slice(a, start, limit, step) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
+        return None
+
+    def reshape(self, node: _Node, shape) -> _Node:
+        shape = tuple(shape)
+        out = self._reshape(node, shape)
+        if out is None:
+            out = self._reshape(self.materialize(node), shape)
+        return out
+
+    def _reshape(self, node, shape):
+        if isinstance(node, _Imm):
+            return _Imm(shape, node.dtype, value=node.value)
+        if isinstance(node, _Pending):
+            # The accumulator is indexed by the flat output index: a reshape keeps it.
+            return _Pending(shape, node.dtype, core=node.core)
+        if isinstance(node, _Load):
+            strides = _reshape_strides(node.shape, node.strides, shape)
+            if strides is None:
+                return None
+            return _Load(shape, node.dtype, node.tensor, node.offset, strides)
+        if isinstance(node, _Ew):
+            args = [self._reshape(a, shape) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            return _Ew(
+                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            )
+        return None
+
+    def elementwise(self, op: str, args: list[_Node], shape, dtype, imm: int = 0) -> _Node:
+        shape = tuple(shape)
+        # jax broadcasts scalars and size-1 dims implicitly in elementwise ops (numpy alignment).
+        args = [
+            a
+            if a.shape == shape
+            else self.broadcast(a, shape, tuple(range(len(shape) - len(a.shape), len(shape))))
+            for a in args
+        ]
+        for a in args:
+            if a.shape != shape:
+                raise UnsupportedError(f"{op}: operand shape {a.shape} != {shape} at {self.source}")
+        size = 1 + sum(a.size for a in args)
+        while size > _FUSE_LIMIT:
+            big = max(range(len(args)), key=lambda i: args[i].size)
+            args[big] = self.materialize(args[big])
+            size = 1 + sum(a.size for a in args)
+        return _Ew(shape, dtype, op=op, args=tuple(args), imm=imm, _size=size)
+
+    # ---- materialization ---------------------------------------------------------------------
+    def materialize(self, node: _Node, storage: str = "workspace", index: int = 0) -> _Load:
+        """Emits the op computing `node` into a new contiguous tensor; returns its identity view."""
+        if isinstance(node, _Load) and storage == "workspace":
+            if _is_identity(node, self.tensors[node.tensor].shape):
+                return node
+        cores = _cores(node)
+        # Only one accumulator can feed an epilogue: emit the others on their own first.
+        for core in cores[1:]:
+            self._emit_core(core, None, None, "workspace", 0)
+        if len(cores) > 1:
+            node = self._substitute(node)
+        if cores:
+            return self._emit_core(cores[0], node, node.shape, storage, index)
+        out = self.new_tensor(node.shape, node.dtype, storage, index)
+        n_cols = node.shape[-1] if node.shape else 1
+        op = Op(
+            name=f"map{len(self.ops)}",
+            kind="map",
+            out=out,
+            B=1,
+            M=max(1, math.prod(node.shape) // max(1, n_cols)),
+            N=n_cols,
+            acc_dtype=node.dtype,
+            epilogue=self._compile(node),
+            source=self.source,
+        )
+        self.ops.append(op)
+        return self.load(out)
+
+    def _substitute(self, node: _Node) -> _Node:
+        """Replaces pendings whose core is already emitted by loads of their tensor."""
+        if isinstance(node, _Pending) and node.core.emitted:
+            return self.reshape(self.load(node.core.out_tensor), node.shape)
+        if isinstance(node, _Ew):
+            return _Ew(
+                node.shape,
+                node.dtype,
+                op=node.op,
+                args=tuple(self._substitute(a) for a in node.args),
+                imm=node.imm,
+                _size=node.size,
+            )
+        return node
+
+    def strip_pendings(self, node: _Node) -> _Node:
+        for core in _cores(node):
+            self._emit_core(core, None, None, "workspace", 0)
+        return self._substitute(node)
+
+    def _emit_core(self, core: _Core, epilogue: _Node | None, shape, storage, index) -> _Load:
+        if core.emitted:
+            raise AssertionError("internal error: accumulator emitted twice")
+        if shape is None:
+            shape = core.out_shape
+        if epilogue is None:
+            epilogue = _Pending(shape, core.acc_dtype, core=core)
+        out = self.new_tensor(shape, epilogue.dtype, storage, index)
+        op = Op(
+            name=f"{core.name or core.kind}{len(self.ops)}",
+            kind=core.kind,
+            out=out,
+            B=core.B,
+            M=core.M,
+            N=core.N,
+            K=core.K,
+            acc_dtype=core.acc_dtype,
+            reduce_kind=core.reduce_kind,
+            source=core.source,
+        )
+        if core.kind == "matmul":
+            op.a_view = self.view_id(core.a)
+            op.b_view = self.view_id(core.b)
+        else:
+            op.iter_dims = core.iter_dims
+            op.kept_rank = core.kept_rank
+            op.prologue = self._compile(core.prologue)
+        op.epilogue = self._compile(epilogue, acc_negate=core.negate)
+        core.emitted = True
+        core.out_tensor = out
+        self.ops.append(op)
+        return self.load(out)
+
+    def _compile(self, node: _Node, acc_negate: bool = False) -> list[Instr]:
+        prog: list[Instr] = []
+        memo: dict[Any, int] = {}
+
+        def emit(n: _Node) -> int:
+            if isinstance(n, _Load):
+                key = ("load", self.view_id(n), n.dtype)
+            elif isinstance(n, _Imm):
+                key = ("const", float(n.value), n.dtype)
+            elif isinstance(n, _Pending):
+                key = ("acc",)
+            else:
+                key = ("node", id(n))
+            if key in memo:
+                return memo[key]
+            if isinstance(n, _Load):
+                prog.append(Instr("load", n.dtype, self.view_id(n)))
+            elif isinstance(n, _Imm):
+                prog.append(Instr("const", n.dtype, float(n.value)))
+            elif isinstance(n, _Pending):
+                prog.append(Instr("load_acc", n.core.acc_dtype))
+                if acc_negate:
+                    prog.append(Instr("neg", n.core.acc_dtype, len(prog) - 1))
+            else:
+                regs = [emit(a) for a in n.args]
+                if n.op == "select":
+                    prog.append(Instr("select", n.dtype, regs[0], regs[1], regs[2]))
+                elif n.op == "integer_pow":
+                    prog.append(Instr("integer_pow", n.dtype, regs[0], n.imm))
+                elif len(regs) == 1:
+                    prog.append(Instr(n.op, n.dtype, regs[0]))
+                else:
+                    prog.append(Instr(n.op, n.dtype, regs[0], regs[1]))
+            memo[key] = len(prog) - 1
+            return memo[key]
+
+        emit(node)
+        if len(prog) > MAX_PROGRAM_LEN:
+            raise AssertionError(f"internal error: program of {len(prog)} instructions")
+        return prog
+
+
+def _cores(node: _Node) -> list[_Core]:
+    found: list[_Core] = []
+
+    def walk(n):
+        if isinstance(n, _Pending):
+            if n.core not in found:
+                found.append(n.core)
+        elif isinstance(n, _Ew):
+            for a in n.args:
+                walk(a)
+
+    walk(node)
+    return found
+
+
+# ---- jaxpr translation ----------------------------------------
+_UNARY = {
+    "neg": "neg", "exp": "exp", "log": "log", "tanh": "tanh", "logistic": "logistic",
+    "sqrt": "sqrt", "rsqrt": "rsqrt", "erf": "erf", "abs": "abs", "sin": "sin", "cos": "cos",
+    "log1p": "log1p", "expm1": "expm1", "square": "square", "sign": "sign",
+}  # fmt: skip
+_BINARY = {
+    "add": "add", "sub": "sub", "mul": "mul", "div": "div", "max": "max", "min": "min",
+    "pow": "pow", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+    "add_any": "add",
+}  # fmt: skip
+_IDENTITY = {"copy", "copy_p", "stop_gradient", "optimization_barrier", "pvary", "pcast"}
+_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _source(eqn) -> str:
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # internals moved: degrade to no location rather than failing
+        return ""
+
+
+def _dtype_name(aval) -> str:
+    name = np.dtype(aval.dtype).name
+    return name
+
+
+def _check_dtype(aval, where: str) -> str:
+    name = _dtype_name(aval)
+    if name not in _SUPPORTED_DTYPES:
+        raise UnsupportedError(
+            f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool), "
+            f"at {where}"
+        )
+    return name
+
+
+def _is_literal(v) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+def _use_counts(jaxpr) -> dict:
+    counts: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not _is_literal(v):
+                counts[v] = counts.get(v, 0) + 1
+    for v in jaxpr.outvars:
+        if not _is_literal(v):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+_ELEMENTWISE_PRIMS = (
+    set(_UNARY)
+    | set(_BINARY)
+    | {"erfc", "integer_pow", "convert_element_type", "select_n"}
+    | _IDENTITY
+)
+
+
+def _consumers(jaxpr) -> dict:
+    out: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not _is_literal(v):
+                out.setdefault(v, []).append(eqn)
+    return out
+
+
+def _fuses_into_one(v, counts, consumers, position, limit: int = 48) -> bool:
+    """True when every use of v flows, through elementwise eqns only, into ONE value (as in gelu's
+    body, which reads its input three times). Then v can stay lazy: all its uses end up in a single
+    program, where the shared subexpression is one register."""
+    region: set = set()  # ids of the eqns absorbed so far
+    region_vars = [v]
+
+    def open_uses(r) -> int:
+        inside = sum(1 for e in consumers.get(r, []) if id(e) in region for x in e.invars if x is r)
+        return counts.get(r, 0) - inside
+
+    for _ in range(limit):
+        open_vars = sorted((r for r in region_vars if open_uses(r) > 0), key=position)
+        if len(open_vars) <= 1 and (not open_vars or open_vars[0] is not v):
+            return True
+        # Absorb the consumers of the earliest open value; the latest one is the candidate sink.
+        r = open_vars[0]
+        outside = list({id(e): e for e in consumers.get(r, []) if id(e) not in region}.values())
+        if not outside:
+            return False  # r is also a function output
+        for e in outside:
+            if e.primitive.name not in _ELEMENTWISE_PRIMS:
+                return False
+            region.add(id(e))
+            region_vars.extend(e.outvars)
+    return False
+
+
+def _const_node(b: _Builder, value, aval_dtype=None) -> _Node:
+    arr = np.asarray(value)
+    dtype = np.dtype(aval_dtype) if aval_dtype is not None else arr.dtype
+    name = dtype.name
+    if name not in _SUPPORTED_DTYPES:
+        raise UnsupportedError(f"ark.persistent: constant of dtype {name} at {b.source}")
+    if arr.ndim == 0 or (arr.size > 0 and np.all(arr == arr.reshape(-1)[0])):
+        return _Imm(tuple(arr.shape), name, value=float(np.asarray(arr.reshape(-1)[0], np.float32)))
+    t = b.new_tensor(arr.shape, name, "arg", 0, name=f"const{len(b.constants)}")
+    b.constants[t] = np.asarray(arr)
+    return b.load(t)
+
+
+def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[_Node]:
+    env: dict = {}
+    counts = _use_counts(jaxpr)
+    consumers = _consumers(jaxpr)
+    defined_at = {o: i for i, e in enumerate(jaxpr.eqns) for o in e.outvars}
+
+    def position(var) -> int:
+        return defined_at.get(var, -1)
+
+    def read(v) -> _Node:
+        if _is_literal(v):
+            return _const_node(b, v.val, v.aval.dtype)
+        return env[v]
+
+    def bind(v, node: _Node) -> None:
+        # A value used more than once is computed once into memory rather than re-evaluated in
+        # every consumer's program (and an accumulator cannot be the epilogue of two ops).
+        if (
+            counts.get(v, 0) > 1
+            and isinstance(node, (_Ew, _Pending))
+            and not _fuses_into_one(v, counts, consumers, position)
+        ):
+            node = b.materialize(node)
+        env[v] = node
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        bind(v, _const_node(b, c))
+    for v, n in zip(jaxpr.invars, in_nodes, strict=True):
+        bind(v, n)
+
+    outer = b.source
+    for eqn in jaxpr.eqns:
+        # Inside an inlined call (jnp.sort, jax.nn.*), jax may attribute no user frame to the
+        # eqn: name the user's call site instead.
+        b.source = _source(eqn) or outer
+        outs = _translate_eqn(b, eqn, [read(v) for v in eqn.invars])
+        for v, n in zip(eqn.outvars, outs, strict=True):
+            if type(v).__name__ == "DropVar":
+                continue
+            bind(v, n)
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
+    prim = eqn.primitive.name
+    params = eqn.params
+    for v in eqn.outvars:
+        _check_dtype(v.aval, b.source)
+    out_aval = eqn.outvars[0].aval
+    out_shape = tuple(out_aval.shape)
+    out_dtype = _dtype_name(out_aval)
+
+    if prim in _UNARY:
+        return [b.elementwise(_UNARY[prim], args, out_shape, out_dtype)]
+    if prim in _BINARY:
+        return [b.elementwise(_BINARY[prim], args, out_shape, out_dtype)]
+    if prim == "erfc":
+        e = b.elementwise("erf", args, out_shape, out_dtype)
+        one = _Imm(out_shape, out_dtype, value=1.0)
+        return [b.elementwise("sub", [one, e], out_shape, out_dtype)]
+    if prim == "integer_pow":
+        return [b.elementwise("integer_pow", args, out_shape, out_dtype, imm=int(params["y"]))]
+    if prim == "convert_element_type":
+        if args[0].dtype == out_dtype:
+            return [args[0]]
+        return [b.elementwise("copy", args, out_shape, out_dtype)]
+    if prim in _IDENTITY:
+        return list(args)
+    if prim == "select_n":
+        if len(args) != 3:
+            raise UnsupportedError(
+                f"ark.persistent: select_n with {len(args) - 1} cases at {b.source}"
+            )
+        if args[0].dtype != "bool":
+            raise UnsupportedError(
+                f"ark.persistent: select_n on an integer predicate at {b.source}"
+            )
+        return [b.elementwise("select", args, out_shape, out_dtype)]
+    if prim == "broadcast_in_dim":
+        return [b.broadcast(args[0], out_shape, params["broadcast_dimensions"])]
+    if prim in ("reshape", "squeeze", "expand_dims"):
+        return [b.reshape(args[0], out_shape)]
+    if prim == "transpose":
+        return [b.transpose(args[0], params["permutation"])]
+    if prim == "slice":
+        return [
+            b.slice(args[0], params["start_indices"], params["limit_indices"], params["strides"])
+        ]
+    if prim == "dot_general":
+        return [_dot_general(b, eqn, args, out_shape, out_dtype)]
+    if prim in ("reduce_sum", "reduce_max", "reduce_min"):
+        return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
+    for key in _CALLS:
+        sub = params.get(key)
+        if sub is None:
+            continue
+        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
+            return _translate(b, sub.jaxpr, list(sub.consts), args)
+        if hasattr(sub, "eqns"):  # open Jaxpr
+            return _translate(b, sub, [], args)
+    raise UnsupportedError(
+        f"ark.persistent: primitive '{prim}' is not supported (at {b.source}); supported: "
+        "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
+        "pow, comparisons, select_n, reduce_sum / reduce_max / reduce_min, broadcast_in_dim, "
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type"
+    )
+
+
+def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
+    """A rank-3 view of node whose dims are the merged `groups` of node's dims."""
+    if isinstance(node, _Load):
+        merged = [_merge(node.shape, node.strides, g) for g in groups]
+        if all(m is not None for m in merged):
+            return _Load(
+                tuple(m[0] for m in merged),
+                node.dtype,
+                node.tensor,
+                node.offset,
+                tuple(m[1] for m in merged),
+            )
+    perm = [d for g in groups for d in g]
+    if perm != sorted(perm) or not isinstance(node, _Load):
+        node = b.transpose(node, perm)
+    node = b.materialize(node)
+    sizes, at = [], 0
+    for g in groups:
+        sizes.append(math.prod(node.shape[at : at + len(g)]))
+        at += len(g)
+    return _Load(tuple(sizes), node.dtype, node.tensor, 0, _row_major(tuple(sizes)))
+
+
+def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    # Operands live in memory; an operand still being computed (an elementwise chain, maybe over an
+    # accumulator) is emitted now, fused into its producer's epilogue where possible.
+    lhs, rhs = (a if isinstance(a, _Load) else b.materialize(a) for a in args)
+    lfree = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
+    a = _operand_view(b, lhs, [list(lb), lfree, list(lc)])
+    bv = _operand_view(b, rhs, [list(rb), list(rc), rfree])
+    B, M, K = a.shape
+    _, K2, N = bv.shape
+    assert K == K2, (K, K2)
+    core = _Core("matmul", out_dtype, B, M, N, K, a=a, b=bv, source=b.source, name="dot_general")
+    core.out_shape = out_shape
+    return _Pending(out_shape, out_dtype, core=core)
+
+
+def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
+    node = b.strip_pendings(node)
+    kept = [d for d in range(len(node.shape)) if d not in axes]
+    node = b.transpose(node, kept + list(axes))
+    negate = prim == "reduce_min"
+    if negate:
+        node = b.elementwise("neg", [node], node.shape, node.dtype)
+    M = math.prod(node.shape[: len(kept)])
+    K = math.prod(node.shape[len(kept) :])
+    core = _Core(
+        "reduce",
+        out_dtype,
+        1,
+        M,
+        1,
+        K,
+        prologue=node,
+        iter_dims=node.shape,
+        kept_rank=len(kept),
+        reduce_kind="sum" if prim == "reduce_sum" else "max",
+        negate=negate,
+        source=b.source,
+        name=prim,
+    )
+    core.out_shape = out_shape
+    return _Pending(out_shape, out_dtype, core=core)
+
+
+def trace(fn, avals: list[jax.ShapeDtypeStruct]) -> TraceResult:
+    """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors."""
+    closed = jax.make_jaxpr(fn)(*avals)
+    b = _Builder()
+    in_nodes = []
+    for i, aval in enumerate(avals):
+        dtype = _check_dtype(aval, f"input {i}")
+        t = b.new_tensor(tuple(aval.shape), dtype, "arg", i, name=f"in{i}")
+        b.args.append(t)
+        in_nodes.append(b.load(t))
+    b.source = "<unknown source>"
+    out_nodes = _translate(b, closed.jaxpr, list(closed.consts), in_nodes)
+    outputs: list[int] = []
+    for i, node in enumerate(out_nodes):
+        b.source = f"output {i}"
+        if node.dtype not in _SUPPORTED_DTYPES:
+            raise UnsupportedError(f"ark.persistent: output {i} has dtype {node.dtype}")
+        claimed = (
+            isinstance(node, _Load)
+            and b.tensors[node.tensor].storage == "workspace"
+            and _is_identity(node, b.tensors[node.tensor].shape)
+            and b.tensors[node.tensor].shape == node.shape
+        )
+        if claimed:
+            # Already in memory: move that tensor into the result buffer instead of copying it.
+            spec = b.tensors[node.tensor]
+            spec.storage, spec.index = "result", i
+            outputs.append(node.tensor)
+            continue
+        if isinstance(node, _Load):
+            node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+        elif isinstance(node, _Imm):
+            node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+        outputs.append(b.materialize(node, "result", i).tensor)
+    # Constants become FFI operands after the user inputs.
+    for t in b.constants:
+        b.tensors[t].index = len(b.args)
+        b.args.append(t)
+    for i, t in enumerate(outputs):
+        b.tensors[t].name = f"out{i}"
+    return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants)

@@ -1,0 +1,218 @@
+"""Validation of (possibly user-edited) plans: clear errors naming the offending task / op."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from jax_ark.persistent._format import (
+    BINARY_OPS,
+    DTYPE_SIZES,
+    MAX_PROGRAM_LEN,
+    MAX_RANK,
+    OPCODES,
+    PLAN_VERSION,
+    UNARY_OPS,
+    Plan,
+    PlanError,
+)
+
+
+def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str) -> None:
+    where = f"op {i} '{plan.ops[i].name}' {what}"
+    if not 1 <= len(prog) <= MAX_PROGRAM_LEN:
+        raise PlanError(f"{where}: program length {len(prog)} not in 1..{MAX_PROGRAM_LEN}")
+    for k, ins in enumerate(prog):
+        w = f"{where} instruction {k} ({ins.op})"
+        if ins.op not in OPCODES or ins.dtype not in DTYPE_SIZES:
+            raise PlanError(f"{w}: unknown opcode or dtype {ins.dtype!r}")
+        regs: list = []
+        if ins.op == "load_acc" and not acc_ok:
+            raise PlanError(f"{w}: load_acc in a map op")
+        if ins.op == "load":
+            v = int(ins.a)
+            if not 0 <= v < len(plan.views):
+                raise PlanError(f"{w}: view {v} out of range")
+            if len(plan.views[v].strides) != rank:
+                raise PlanError(
+                    f"{w}: view {v} has rank {len(plan.views[v].strides)}, expected {rank}"
+                )
+        elif ins.op in UNARY_OPS:
+            regs = [ins.a]
+        elif ins.op in BINARY_OPS:
+            regs = [ins.a, ins.b]
+        elif ins.op == "select":
+            regs = [ins.a, ins.b, ins.c]
+        for r in regs:
+            if not 0 <= int(r) < k:
+                raise PlanError(f"{w}: operand register {r} is not an earlier instruction")
+
+
+def _view_in_bounds(plan: Plan, i: int, v: int, dims) -> None:
+    view = plan.views[v]
+    if not 0 <= view.tensor < len(plan.tensors):
+        raise PlanError(f"view {v}: tensor {view.tensor} out of range")
+    if view.offset < 0 or any(s < 0 for s in view.strides):
+        raise PlanError(f"view {v}: negative offset or stride")
+    hi = view.offset + sum((d - 1) * s for d, s in zip(dims, view.strides, strict=True))
+    n = plan.tensors[view.tensor].num_elements
+    if hi >= n:
+        raise PlanError(
+            f"op {i} '{plan.ops[i].name}': view {v} reads element {hi} of tensor {view.tensor} "
+            f"which has {n} elements (shape mismatch)"
+        )
+
+
+def validate(plan: Plan) -> None:
+    if plan.version > PLAN_VERSION:
+        raise PlanError(f"plan version {plan.version} is newer than {PLAN_VERSION}")
+    if plan.num_workers < 1:
+        raise PlanError(f"num_workers must be >= 1, got {plan.num_workers}")
+    # tensors
+    for t, spec in enumerate(plan.tensors):
+        if (
+            spec.dtype not in DTYPE_SIZES
+            or len(spec.shape) > MAX_RANK
+            or min(spec.shape, default=1) < 0
+        ):
+            raise PlanError(
+                f"tensor {t} '{spec.name}': bad dtype {spec.dtype} or shape {spec.shape}"
+            )
+        if spec.storage == "workspace":
+            if spec.byte_offset < 0 or spec.byte_offset + spec.nbytes > plan.workspace_bytes:
+                raise PlanError(f"tensor {t} '{spec.name}': outside the workspace")
+        elif spec.storage not in ("arg", "result"):
+            raise PlanError(f"tensor {t} '{spec.name}': bad storage {spec.storage!r}")
+    if sorted(plan.tensors[a].index for a in plan.args) != list(range(len(plan.args))):
+        raise PlanError("args: operand indices are not 0..n-1")
+    for t in plan.args:
+        if plan.tensors[t].storage != "arg":
+            raise PlanError(f"args: tensor {t} is not an operand")
+    for i, t in enumerate(plan.outputs):
+        if plan.tensors[t].storage != "result" or plan.tensors[t].index != i:
+            raise PlanError(f"output {i}: tensor {t} is not result {i}")
+    # ops
+    writer: dict[int, int] = {}
+    for i, op in enumerate(plan.ops):
+        where = f"op {i} '{op.name}'"
+        if not 0 <= op.out < len(plan.tensors):
+            raise PlanError(f"{where}: output tensor {op.out} out of range")
+        out = plan.tensors[op.out]
+        if out.storage == "arg":
+            raise PlanError(f"{where}: writes operand tensor {op.out}")
+        if op.out in writer:
+            raise PlanError(f"{where}: tensor {op.out} is also written by op {writer[op.out]}")
+        writer[op.out] = i
+        if min(op.B, op.M, op.N) < 1 or op.B * op.M * op.N != out.num_elements:
+            raise PlanError(
+                f"{where}: B*M*N = {op.B}*{op.M}*{op.N} != {out.num_elements} elements of its "
+                f"output {list(out.shape)} (shape mismatch)"
+            )
+        if op.kind == "matmul":
+            for v in (op.a_view, op.b_view):
+                if not 0 <= v < len(plan.views) or len(plan.views[v].strides) != 3:
+                    raise PlanError(f"{where}: operand view {v} missing or not rank 3")
+            if op.K < 1:
+                raise PlanError(f"{where}: K must be >= 1")
+            _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.K))
+            _view_in_bounds(plan, i, op.b_view, (op.B, op.K, op.N))
+        elif op.kind == "reduce":
+            kept, red = op.iter_dims[: op.kept_rank], op.iter_dims[op.kept_rank :]
+            if math.prod(kept) != op.M or math.prod(red) != op.K or op.K < 1:
+                raise PlanError(f"{where}: iteration space {op.iter_dims} != M x K")
+            if op.reduce_kind not in ("sum", "max"):
+                raise PlanError(f"{where}: bad reduce kind {op.reduce_kind!r}")
+            _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
+            for ins in op.prologue:
+                if ins.op == "load":
+                    _view_in_bounds(plan, i, int(ins.a), op.iter_dims)
+        elif op.kind != "map":
+            raise PlanError(f"{where}: unknown kind {op.kind!r}")
+        _check_program(plan, i, op.epilogue, len(out.shape), op.kind != "map", "epilogue")
+        for ins in op.epilogue:
+            if ins.op == "load":
+                _view_in_bounds(plan, i, int(ins.a), out.shape)
+    for i, t in enumerate(plan.outputs):
+        if t not in writer:
+            raise PlanError(f"output {i} (tensor {t}) is never written")
+    # tasks cover their op exactly once
+    coverage = {i: np.zeros(op.B * op.M * op.N, np.int32) for i, op in enumerate(plan.ops)}
+    from jax_ark.persistent._schedule import required_dependencies, tile_linear
+
+    for t, task in enumerate(plan.tasks):
+        if not 0 <= task.op < len(plan.ops):
+            raise PlanError(f"task {t}: op {task.op} out of range")
+        op = plan.ops[task.op]
+        if not (
+            0 <= task.b0 < task.b1 <= op.B
+            and 0 <= task.m0 < task.m1 <= op.M
+            and 0 <= task.n0 < task.n1 <= op.N
+        ):
+            raise PlanError(
+                f"{plan.task_name(t)}: tile outside op space B={op.B} M={op.M} N={op.N}"
+            )
+        coverage[task.op][tile_linear(op, task)] += 1
+        for d in task.deps:
+            if not 0 <= d < len(plan.tasks) or d == t:
+                raise PlanError(f"{plan.task_name(t)}: bad dependency {d}")
+    for i, cov in coverage.items():
+        if cov.size and (cov.min() != 1 or cov.max() != 1):
+            bad = "missing" if cov.min() == 0 else "computed twice"
+            raise PlanError(
+                f"op {i} '{plan.ops[i].name}': output elements {bad} "
+                f"(first at flat index {int(np.argmax(cov != 1))}): a task is missing or duplicated"
+            )
+    # queues
+    if len(plan.queues) != plan.num_workers:
+        raise PlanError(f"{len(plan.queues)} queues for {plan.num_workers} workers")
+    where_queued: dict[int, int] = {}
+    for w, q in enumerate(plan.queues):
+        for t in q:
+            if not 0 <= t < len(plan.tasks):
+                raise PlanError(f"worker {w}: queues unknown task {t}")
+            if t in where_queued:
+                raise PlanError(
+                    f"{plan.task_name(t)} is queued twice (workers {where_queued[t]} and {w})"
+                )
+            where_queued[t] = w
+    for t in range(len(plan.tasks)):
+        if t not in where_queued:
+            raise PlanError(f"{plan.task_name(t)} is in no worker's queue")
+    # runnable: dependency + queue-order edges acyclic
+    n = len(plan.tasks)
+    preds: list[list[int]] = [list(task.deps) for task in plan.tasks]
+    for q in plan.queues:
+        for a, b in zip(q, q[1:], strict=False):
+            preds[b].append(a)
+    indeg = [len(p) for p in preds]
+    succ: list[list[int]] = [[] for _ in range(n)]
+    for t, ps in enumerate(preds):
+        for p in ps:
+            succ[p].append(t)
+    order = [t for t in range(n) if indeg[t] == 0]
+    for t in order:
+        for s in succ[t]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                order.append(s)
+    if len(order) != n:
+        stuck = next(t for t in range(n) if indeg[t] > 0)
+        raise PlanError(
+            f"dependency cycle (dependencies + queue order) through {plan.task_name(stuck)} on "
+            f"worker {where_queued[stuck]}: the plan would deadlock"
+        )
+    # complete: every task that must precede t does (dependency or queue order, transitively)
+    ancestors = [0] * n
+    for t in order:
+        acc = 0
+        for p in preds[t]:
+            acc |= ancestors[p] | (1 << p)
+        ancestors[t] = acc
+    for t, need in enumerate(required_dependencies(plan)):
+        for d in need:
+            if not (ancestors[t] >> d) & 1:
+                raise PlanError(
+                    f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} but "
+                    f"does not depend on it (missing dependency)"
+                )

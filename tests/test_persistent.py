@@ -1,0 +1,284 @@
+"""ark.persistent on the CPU executor: results equal jax.jit(fn), plans, validation, timelines."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_ark as ark
+from jax_ark.persistent import PlanError, UnsupportedError
+from jax_ark.persistent._reference import interpret
+
+TOL = {np.float32: 2e-5, ml_dtypes.bfloat16: 3e-2}
+
+
+def _args(rng, shapes, dtype=np.float32):
+    return [(rng.standard_normal(s) / np.sqrt(s[0])).astype(dtype) for s in shapes]
+
+
+def _close(got, want, dtype=np.float32):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def mlp_chain(x, ws):
+    for w in ws:
+        x = jax.nn.gelu(x @ w)
+    return x
+
+
+def rms_mlp(x, g, w1, w2):
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
+    return x + jax.nn.silu(h @ w1) @ w2
+
+
+def attention(x, wq, wk, wv):
+    q, k, v = x @ wq, x @ wk, x @ wv
+    s = q @ k.T / jnp.sqrt(jnp.float32(q.shape[-1])).astype(x.dtype)
+    return jax.nn.softmax(s, axis=-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_mlp_chain_32_layers(rng, dtype):
+    d, layers = 64, 32
+    x = _args(rng, [(4, d)], dtype)[0]
+    ws = _args(rng, [(d, d)] * layers, dtype)
+    ws = [w * np.asarray(1.5, dtype) for w in ws]  # keep activations O(1) through 32 gelus
+    fast = jax.jit(ark.persistent(mlp_chain, num_workers=2))
+    _close(fast(x, ws), jax.jit(mlp_chain)(x, ws), dtype)
+
+
+def test_rms_norm_mlp_block_and_reference_interpreter(rng):
+    args = _args(rng, [(12, 48), (48,), (48, 96), (96, 48)])
+    want = jax.jit(rms_mlp)(*args)
+    _close(jax.jit(ark.persistent(rms_mlp, num_workers=2))(*args), want)
+    plan = ark.plan(rms_mlp, *args, num_workers=2)
+    _close(interpret(plan, *args)[0], want)
+
+
+def test_softmax_attention_seq128(rng):
+    args = _args(rng, [(128, 32), (32, 16), (32, 16), (32, 16)])
+    want = jax.jit(attention)(*args)
+    _close(jax.jit(ark.persistent(attention, num_workers=2))(*args), want)
+    _close(interpret(ark.plan(attention, *args, num_workers=2), *args)[0], want)
+
+
+def test_shapes_not_dividing_tiles_batched_and_transposed(rng):
+    def fn(a, b, c, bias):
+        y = jnp.einsum("bmk,bnk->bmn", a, b)  # batched, rhs transposed
+        z = c.T @ y[0]  # lhs transposed
+        return jax.nn.tanh(z + bias), jnp.max(y, axis=1), jnp.sum(y, axis=(0, 2))
+
+    args = _args(rng, [(3, 37, 19), (3, 70, 19), (37, 5), (70,)])
+    fast = jax.jit(ark.persistent(fn, num_workers=3, tile_m=16, tile_n=24))
+    for got, want in zip(fast(*args), jax.jit(fn)(*args), strict=True):
+        _close(got, want)
+
+
+def test_plan_json_roundtrip_and_summary(rng):
+    args = _args(rng, [(8, 32), (32, 32), (32, 32)])
+    plan = ark.plan(rms_mlp, args[0], np.ones(32, np.float32), args[1], args[2], num_workers=2)
+    again = ark.Plan.from_json(plan.to_json())
+    assert again.to_json() == plan.to_json()
+    assert np.array_equal(again.to_binary(), plan.to_binary())
+    text = plan.summary()
+    assert "critical path" in text and "worker 1" in text and "flops" in text
+
+
+def test_edited_plan_moved_tasks_runs_and_matches(rng):
+    args = _args(rng, [(16, 32), (32, 64), (64, 32)])
+    fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
+    plan = ark.Plan.from_json(ark.plan(fn, *args, num_workers=2, tile_n=16).to_json())
+    # Move every task to one worker in a topological order, and reverse the other worker.
+    everything = sorted(t for q in plan.queues for t in q)
+    plan.queues = [everything, []]
+    plan.validate()
+    _close(jax.jit(ark.persistent(fn, plan=plan))(*args), jax.jit(fn)(*args))
+
+
+def _broken(rng, how):
+    args = _args(rng, [(16, 32), (32, 64), (64, 32)])
+    fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
+    plan = ark.plan(fn, *args, num_workers=2, tile_n=16).copy()
+    if how == "missing task":
+        plan.queues[0].pop()
+    elif how == "cycle":
+        last = plan.queues[0][-1] if plan.queues[0] else plan.queues[1][-1]
+        first = min(t for q in plan.queues for t in q)
+        plan.tasks[first].deps.append(last)
+    elif how == "missing dependency":
+        t = next(t for t, task in enumerate(plan.tasks) if task.deps)
+        plan.tasks[t].deps = []
+        # first in its queue, so queue order does not order it after its producers either
+        for q in plan.queues:
+            if t in q:
+                q.remove(t)
+        plan.queues[1].insert(0, t)
+    elif how == "bad shape":
+        plan.tensors[plan.ops[0].out].shape = (3, 3)
+    elif how == "wrong worker":
+        plan.queues.append([plan.queues[0].pop()])
+    return plan
+
+
+@pytest.mark.parametrize(
+    "how,pattern",
+    [
+        ("missing task", r"in no worker's queue"),
+        ("cycle", r"cycle"),
+        ("missing dependency", r"missing dependency"),
+        ("bad shape", r"shape mismatch"),
+        ("wrong worker", r"3 queues for 2 workers"),
+    ],
+)
+def test_broken_plan_refused(rng, how, pattern):
+    plan = _broken(rng, how)
+    with pytest.raises(PlanError, match=pattern):
+        plan.validate()
+    with pytest.raises(PlanError, match=pattern):
+        ark.persistent(lambda *a: a, plan=plan)
+
+
+def test_unsupported_primitive_names_it_and_the_line():
+    def fn(x):
+        return jnp.sort(x) * 2
+
+    with pytest.raises(UnsupportedError, match=r"'sort'.*test_persistent.py:\d+"):
+        ark.plan(fn, jnp.ones((4, 4)))
+    with pytest.raises(UnsupportedError, match="cumsum"):
+        jax.jit(ark.persistent(lambda x: jax.lax.cumsum(x, axis=0)))(jnp.ones((4, 4)))
+
+
+def test_timeline_respects_dependencies(rng, tmp_path):
+    args = _args(rng, [(16, 32), (32, 64), (64, 32)])
+    fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
+    prof_fn = ark.persistent(fn, num_workers=2, profile=True, tile_n=16)
+    out, prof = jax.jit(prof_fn)(*args)
+    _close(out, jax.jit(fn)(*args))
+    plan = prof_fn.plan(*args)
+    tl = ark.timeline(prof, plan)
+    assert sorted(r["task"] for r in tl.records) == list(range(len(plan.tasks)))
+    by_task = {r["task"]: r for r in tl.records}
+    for r in tl.records:
+        assert r["wait_begin"] <= r["start"] <= r["end"]
+        assert r["worker"] in range(plan.num_workers)
+        assert plan.tasks[r["task"]].op == r["op"]
+        for d in plan.tasks[r["task"]].deps:
+            assert by_task[d]["end"] <= r["start"], (d, r["task"])
+    assert {r["task"] for r in tl.records if r["worker"] == 1} == set(plan.queues[1])
+    trace = tl.to_chrome_trace()
+    assert len(trace["traceEvents"]) == len(plan.tasks)
+    fig = tl.gantt()
+    fig.savefig(tmp_path / "gantt.png")
+
+
+def test_chaos_mode_is_deterministic(rng, monkeypatch):
+    args = _args(rng, [(16, 48), (48, 64), (64, 48)])
+    fn = lambda x, w1, w2: jax.nn.softmax(x + jax.nn.gelu(x @ w1) @ w2, axis=-1)  # noqa: E731
+    base = np.asarray(jax.jit(ark.persistent(fn, num_workers=3, tile_n=16))(*args))
+    for seed in range(1, 9):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        got = np.asarray(jax.jit(ark.persistent(fn, num_workers=3, tile_n=16))(*args))
+        assert np.array_equal(got, base), seed
+    _close(base, jax.jit(fn)(*args))
+
+
+def test_abstract_semantics_and_pytrees(rng):
+    def fn(inp):
+        h = inp["x"] @ inp["w"]
+        return {"y": h.astype(jnp.bfloat16), "s": jnp.sum(h, axis=-1)}
+
+    inp = {"x": _args(rng, [(5, 7)])[0], "w": _args(rng, [(7, 3)])[0]}
+    fast = ark.persistent(fn)
+    assert jax.eval_shape(fast, inp) == jax.eval_shape(fn, inp)
+    got, want = jax.jit(fast)(inp), jax.jit(fn)(inp)
+    _close(got["s"], want["s"])
+    assert got["y"].dtype == jnp.bfloat16
+
+
+def test_inside_shard_map(mesh8, rng):
+    x = _args(rng, [(8 * 4, 32)])[0]
+    w1, w2 = _args(rng, [(32, 64), (64, 32)])
+    fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
+    sharded = jax.jit(
+        jax.shard_map(
+            ark.persistent(fn, num_workers=2),
+            mesh=mesh8,
+            in_specs=(P("x"), P(), P()),
+            out_specs=P("x"),
+        )
+    )
+    _close(sharded(x, w1, w2), jax.jit(fn)(x, w1, w2))
+
+
+@functools.cache
+def _ops():
+    return {
+        "tanh": jnp.tanh,
+        "exp_neg_sq": lambda x: jnp.exp(-x * x),
+        "gelu": jax.nn.gelu,
+        "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+        "sqrt_abs": lambda x: jnp.sqrt(jnp.abs(x) + 1.0),
+        "pow": lambda x: jnp.power(jnp.abs(x) + 0.5, 1.5),
+        "where": lambda x: jnp.where(x > 0.1, x, 0.5 * x),
+        "square": lambda x: x**2,
+        "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+        "rownorm": lambda x: x - jnp.max(x, axis=-1, keepdims=True),
+        "colmean": lambda x: x - jnp.mean(x, axis=0),
+        "transpose_twice": lambda x: (x.T * 2.0).T,
+        "reshape": lambda x: (x.reshape(-1) + 1.0).reshape(x.shape),
+        "bf16_roundtrip": lambda x: x.astype(jnp.bfloat16).astype(jnp.float32),
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_chains_property(seed):
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    names = sorted(_ops())
+
+    @hypothesis.settings(max_examples=6, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(
+        chain=st.lists(st.sampled_from(names), min_size=1, max_size=5),
+        m=st.integers(1, 20),
+        d=st.integers(1, 40),
+        matmul_at=st.integers(0, 5),
+    )
+    def check(chain, m, d, matmul_at):
+        rng = np.random.default_rng([seed, m, d, matmul_at, len(chain)])
+        x, w = _args(rng, [(m, d), (d, d)])
+
+        def fn(x, w):
+            for i, name in enumerate(chain):
+                if i == matmul_at:
+                    x = x @ w
+                x = _ops()[name](x)
+            return x
+
+        got = jax.jit(ark.persistent(fn, num_workers=2, tile_m=8, tile_n=16))(x, w)
+        _close(got, jax.jit(fn)(x, w))
+
+    os.environ.setdefault("HYPOTHESIS_SEED", str(seed))
+    check()
+
+
+def test_deadlocked_plan_times_out_with_a_clear_error(rng):
+    """A plan that skipped validation and deadlocks fails with DEADLINE_EXCEEDED, not a hang."""
+    from jax_ark.persistent._call import run_plan
+
+    args = _args(rng, [(4, 16), (16, 16)])
+    plan = ark.plan(lambda x, w: jnp.tanh(x @ w) @ w, *args, num_workers=1).copy()
+    first, last = plan.queues[0][0], plan.queues[0][-1]
+    plan.tasks[first].deps.append(last)  # waits for a task queued behind it on its own worker
+    with pytest.raises(Exception, match=r"timed out after 200 ms waiting for task \d+ \(op \d+"):
+        jax.block_until_ready(run_plan(plan, args, timeout_ms=200)[0])

@@ -1,0 +1,101 @@
+// XLA FFI handler of the `ark_persistent` target on the CPU platform (docs/plan_format.md, "The FFI
+// call"). Operands: plan args..., plan words (int32, last). Results: outputs..., workspace,
+// counters[, profile]. The handler checks the plan against the buffers, then runs it on worker
+// threads owned by the executor (never on XLA's pool: see shared/DESIGN.md on pool starvation).
+#include <cstdint>
+#include <exception>
+#include <string>
+
+#include "../../cuda/src/cpu/persistent_executor.hpp"
+#include "registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_ark::cpu {
+namespace {
+
+ffi::Error invalid(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ark_persistent: " + what);
+}
+
+ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
+                          int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
+                          int64_t profile) {
+  if (args.size() < 1) return invalid("missing the plan operand");
+  auto plan_buf = args.get<ffi::AnyBuffer>(args.size() - 1);
+  if (!plan_buf.has_value()) return invalid("cannot decode the plan operand");
+  if (plan_buf->element_type() != ffi::DataType::S32) return invalid("the plan must be int32 words");
+  const auto* words = static_cast<const int32_t*>(plan_buf->untyped_data());
+  const size_t num_words = plan_buf->element_count();
+  if (num_words < 32) return invalid("plan shorter than its header");
+  const jax_ark::plan::Header& header = jax_ark::plan::PlanView{words}.header();
+  if (header.num_workers != num_workers || header.num_tasks != num_tasks)
+    return invalid("attributes num_workers/num_tasks disagree with the plan header");
+
+  PersistentBuffers buffers;
+  for (size_t i = 0; i + 1 < args.size(); ++i) {
+    auto b = args.get<ffi::AnyBuffer>(i);
+    if (!b.has_value()) return invalid("cannot decode operand " + std::to_string(i));
+    buffers.args.push_back(b->untyped_data());
+    buffers.arg_bytes.push_back(b->size_bytes());
+  }
+  const size_t extra = profile ? 3 : 2;
+  if (rets.size() < extra) return invalid("too few results");
+  const size_t num_outputs = rets.size() - extra;
+  for (size_t i = 0; i < num_outputs; ++i) {
+    auto r = rets.get<ffi::AnyBuffer>(i);
+    if (!r.has_value()) return invalid("cannot decode result " + std::to_string(i));
+    buffers.results.push_back((*r)->untyped_data());
+    buffers.result_bytes.push_back((*r)->size_bytes());
+  }
+  auto workspace = rets.get<ffi::AnyBuffer>(num_outputs);
+  auto counters = rets.get<ffi::AnyBuffer>(num_outputs + 1);
+  if (!workspace.has_value() || !counters.has_value()) return invalid("cannot decode workspace/counters");
+  buffers.workspace = static_cast<uint8_t*>((*workspace)->untyped_data());
+  buffers.workspace_bytes = (*workspace)->size_bytes();
+  if ((*counters)->element_type() != ffi::DataType::S32 ||
+      (*counters)->element_count() != static_cast<size_t>(num_tasks))
+    return invalid("counters must be int32[num_tasks]");
+  buffers.counters = static_cast<int32_t*>((*counters)->untyped_data());
+  if (profile) {
+    auto prof = rets.get<ffi::AnyBuffer>(num_outputs + 2);
+    if (!prof.has_value() || (*prof)->element_type() != ffi::DataType::S64 ||
+        (*prof)->element_count() != static_cast<size_t>(num_tasks) * jax_ark::plan::kProfileWordsPerTask)
+      return invalid("profile must be int64[num_tasks * 4]");
+    buffers.profile = static_cast<int64_t*>((*prof)->untyped_data());
+  }
+  const std::string problem = check_plan(words, num_words, buffers);
+  if (!problem.empty()) return invalid("invalid plan: " + problem);
+
+  PersistentOptions options;
+  options.timeout_ms = timeout_ms > 0 ? timeout_ms : 60000;
+  options.chaos_seed = static_cast<uint64_t>(chaos_seed);
+  try {
+    PersistentResult result = run_plan(words, buffers, options);
+    switch (result.status) {
+      case PersistentStatus::kOk: return ffi::Error::Success();
+      case PersistentStatus::kDeadlineExceeded:
+        return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, result.message);
+      default: return ffi::Error(ffi::ErrorCode::kInternal, result.message);
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("ark_persistent: ") + e.what());
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCpu, PersistentImpl,
+                              ffi::Ffi::Bind()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("num_workers")
+                                  .Attr<int64_t>("num_tasks")
+                                  .Attr<int64_t>("timeout_ms")
+                                  .Attr<int64_t>("chaos_seed")
+                                  .Attr<int64_t>("profile"));
+
+JAX_ARK_REGISTER_TARGET("ark_persistent", ArkPersistentCpu);
+
+}  // namespace jax_ark::cpu

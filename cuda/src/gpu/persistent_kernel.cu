@@ -1,0 +1,766 @@
+// The CUDA executor of a persistent-kernel plan (docs/plan_format.md, docs/cuda_executor.md).
+//
+// ONE launch runs the whole plan: grid = num_workers blocks (all co-resident: cooperative launch,
+// occupancy checked), block w walks worker queue w. Per task:
+//   1. prefetch the NEXT task's streamed weights into L2 (overlaps this task's dependency wait),
+//   2. wait for every dependency d: counters[d] >= 1, the waits spread over all 256 threads
+//      (one L2 round trip for a layer with 128 producer tiles, not 128), each bounded in time,
+//   3. run the tile (GEMV / GEMM / row reduction / map) and its epilogue program,
+//   4. __syncthreads(), then thread 0: fence + st.release.gpu counters[t] = 1.
+// A timed-out wait writes a PersistentErrorRecord into host-mapped memory and aborts the run.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "jax_ark/gpu/persistent_launch.hpp"
+#include "jax_ark/gpu/persistent_sync_device.cuh"
+#include "jax_ark/gpu/tile_ops_device.cuh"
+#include "jax_ark/plan_format.hpp"
+#include "jax_ark/tile_ops.hpp"
+
+namespace jax_ark::gpu {
+namespace {
+
+namespace pf = jax_ark::plan;
+using tile::DType;
+using tile::kBlockThreads;
+
+// Bad-plan reasons reported in PersistentErrorRecord::detail.
+enum BadPlanReason : int32_t {
+  kBadHeader = 1,          // magic / version / header_words
+  kBadCounts = 2,          // num_workers / num_tasks / num_args / num_outputs disagree with the call
+  kBadTask = 3,            // task id, op id or tile bounds out of range
+  kBadDependency = 4,      // dependency id out of range
+  kBadProgram = 5,         // opcode, register operand or program length invalid
+  kBadView = 6,            // view / tensor index, rank or storage invalid
+  kBadWorkspace = 7,       // workspace_bytes larger than the workspace result
+  kBadOpKind = 8,
+};
+
+struct KernelParams {
+  const int32_t* plan;
+  int64_t plan_words;
+  void* args[kPersistentMaxArgs];
+  void* results[kPersistentMaxResults];
+  int32_t num_args, num_results;
+  uint8_t* workspace;
+  int64_t workspace_bytes;
+  int32_t* counters;
+  int64_t* profile;
+  int32_t num_workers, num_tasks;
+  uint64_t chaos_seed;
+  PersistentRunState run;
+};
+static_assert(sizeof(KernelParams) < 4000, "kernel parameters must fit the 4 KiB parameter space");
+
+// A LOAD instruction with its view and tensor resolved once per task (not once per element).
+struct ResolvedLoad {
+  const void* base;
+  int32_t dtype, rank;
+  int64_t offset;
+  int64_t strides[pf::kMaxRank];
+};
+
+constexpr int kMaxCode = 2 * pf::kMaxProgramLen;  // prologue followed by epilogue
+
+// Per-task state staged in shared memory by the whole block.
+struct TaskSmem {
+  pf::Instruction code[kMaxCode];
+  ResolvedLoad loads[kMaxCode];
+  int64_t out_dims[pf::kMaxRank];
+  int64_t iter_dims[pf::kMaxRank];
+  int32_t out_rank, out_dtype;
+  int32_t bad;     // nonzero: a BadPlanReason found while staging
+  int32_t flag;    // scratch for block-wide broadcasts
+};
+
+// ---- plan access helpers ---------------------------------------------------------------------
+
+__device__ __forceinline__ void* tensor_base(const KernelParams& p, const pf::TensorRecord& t) {
+  switch (t.storage) {
+    case pf::kStorageArg:
+      return t.storage_index >= 0 && t.storage_index < p.num_args ? p.args[t.storage_index] : nullptr;
+    case pf::kStorageResult:
+      return t.storage_index >= 0 && t.storage_index < p.num_results ? p.results[t.storage_index]
+                                                                     : nullptr;
+    case pf::kStorageWorkspace: {
+      const int64_t bytes = t.num_elements * pf::dtype_size(t.dtype);
+      if (t.byte_offset < 0 || t.byte_offset + bytes > p.workspace_bytes) return nullptr;
+      return p.workspace + t.byte_offset;
+    }
+    default: return nullptr;
+  }
+}
+
+__device__ __forceinline__ const void* element_ptr(const void* base, int32_t dtype, int64_t e) {
+  return static_cast<const char*>(base) + e * pf::dtype_size(dtype);
+}
+
+__device__ __forceinline__ void unravel(int64_t flat, const int64_t* dims, int rank, int64_t* idx) {
+  for (int d = rank - 1; d >= 0; --d) {
+    idx[d] = flat % dims[d];
+    flat /= dims[d];
+  }
+}
+
+// Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
+// i writes register i, and its result is rounded to the instruction's dtype. Indices were checked
+// while staging, so register reads stay inside r[].
+__device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc) {
+  float r[pf::kMaxProgramLen];
+  float v = acc;
+  for (int i = 0; i < len; ++i) {
+    const pf::Instruction ins = s.code[begin + i];
+    const int32_t opc = ins.op_and_dtype & 0xFFFF;
+    const int32_t dt = (ins.op_and_dtype >> 16) & 0xFF;
+    if (opc == pf::kLoadAcc) {
+      v = acc;
+    } else if (opc == pf::kLoad) {
+      const ResolvedLoad& l = s.loads[begin + i];
+      int64_t e = l.offset;
+      for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
+      v = tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+    } else if (opc == pf::kConst) {
+      v = __int_as_float(ins.a);
+    } else if (opc == pf::kSelect) {
+      v = r[ins.a] != 0.f ? r[ins.c] : r[ins.b];
+    } else if (pf::is_unary(opc)) {
+      v = pf::apply_unary(opc, r[ins.a], ins.b);
+    } else {
+      v = pf::apply_binary(opc, r[ins.a], r[ins.b]);
+    }
+    v = pf::round_to(v, dt);
+    r[i] = v;
+  }
+  return v;
+}
+
+// Stores the epilogue's result with the plan's rounding (tile_ops.hpp, shared with the CPU executor).
+__device__ __forceinline__ void store_out(void* base, int32_t dtype, int64_t flat, float v) {
+  pf::store_element(base, dtype, flat, v);
+}
+
+__device__ void copy_name(const pf::PlanView& plan, int32_t op, char* dst) {
+  int n = 0;
+  if (op >= 0 && op < plan.header().num_ops) {
+    const pf::OpRecord& o = plan.op(op);
+    const char* src = plan.name_chars() + o.name_at;
+    if (o.name_at >= 0 && o.name_len > 0 && o.name_at + o.name_len <= plan.header().names_bytes) {
+      n = o.name_len < kPersistentNameChars - 1 ? o.name_len : kPersistentNameChars - 1;
+      for (int i = 0; i < n; ++i) dst[i] = src[i];
+    }
+  }
+  dst[n] = '\0';
+}
+
+// Called by ONE thread. Writes the record if this is the run's first failure.
+__device__ void report(const KernelParams& p, const pf::PlanView& plan, int32_t status,
+                       int32_t worker, int32_t task, int32_t dep_task, int32_t seen,
+                       int32_t detail, uint64_t waited_ns) {
+  if (!persistent_raise_abort(p.run)) return;
+  PersistentErrorRecord rec{};
+  rec.status = status;
+  rec.worker = worker;
+  rec.task = task;
+  const bool task_ok = task >= 0 && task < p.num_tasks && status != kPersistentBadPlan;
+  rec.op = task_ok ? plan.task(task).op : -1;
+  rec.dep_task = dep_task;
+  rec.dep_op = dep_task >= 0 && dep_task < p.num_tasks ? plan.task(dep_task).op : -1;
+  rec.counter_seen = seen;
+  rec.detail = detail;
+  rec.waited_ns = waited_ns;
+  rec.call_seq = p.run.seq;
+  if (status != kPersistentBadPlan || detail != kBadHeader) {
+    copy_name(plan, rec.op, rec.op_name);
+    copy_name(plan, rec.dep_op, rec.dep_op_name);
+  }
+  persistent_publish_record(p.run, rec);
+}
+
+// Every section lies inside the word array at an even offset (int64 fields need 8-byte alignment).
+__device__ bool sections_fit(const pf::Header& h) {
+  const int64_t total = h.total_words;
+  auto fits = [total](int64_t at, int64_t count, int64_t words_each) {
+    return count == 0 || (at >= 32 && at % 2 == 0 && count > 0 && at + count * words_each <= total);
+  };
+  return h.num_workers >= 1 && h.num_tasks >= 0 && h.num_ops >= 0 && h.num_tensors >= 0 &&
+         h.num_views >= 0 && h.num_dep_edges >= 0 && h.code_words >= 0 && h.names_bytes >= 0 &&
+         fits(h.tensors_at, h.num_tensors, 24) && fits(h.views_at, h.num_views, 16) &&
+         fits(h.ops_at, h.num_ops, 40) && fits(h.tasks_at, h.num_tasks, 8) &&
+         fits(h.dep_offsets_at, h.num_tasks + 1, 1) && fits(h.deps_at, h.num_dep_edges, 1) &&
+         fits(h.queue_offsets_at, h.num_workers + 1, 1) && fits(h.queues_at, h.num_tasks, 1) &&
+         fits(h.code_at, h.code_words, 1) && fits(h.names_at, (h.names_bytes + 3) / 4, 1);
+}
+
+// ---- dependency wait --------------------------------------------------------------------------
+
+// All threads: thread j waits for dependencies j, j + 256, ... of the task. Returns false (block-
+// uniformly) if the run was aborted, by this block's timeout or by another block.
+__device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& plan, int task,
+                                  int worker) {
+  const int32_t begin = plan.dep_begin(task), end = plan.dep_end(task);
+  if (begin < 0 || begin > end || end > plan.header().num_dep_edges) {
+    if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, kBadDependency, 0);
+    __syncthreads();
+    return false;
+  }
+  bool failed = false;
+  for (int32_t e = begin + static_cast<int32_t>(threadIdx.x); e < end && !failed;
+       e += kBlockThreads) {
+    const int32_t d = plan.dep(e);
+    if (d < 0 || d >= p.num_tasks) {
+      report(p, plan, kPersistentBadPlan, worker, task, d, 0, kBadDependency, 0);
+      failed = true;
+      break;
+    }
+    const uint32_t* c = reinterpret_cast<const uint32_t*>(p.counters + d);
+    if (persistent_load_acquire(c) >= 1u) continue;  // fast path: no timer read
+    const uint64_t t0 = persistent_globaltimer_ns();
+    for (uint32_t spins = 1;; ++spins) {
+      const uint32_t seen = persistent_load_acquire(c);
+      if (seen >= 1u) break;
+      // Timer and abort flag every 32 polls (a poll is one L2 round trip, ~0.3 us): the bound is
+      // enforced to ~10 us, and the hot loop stays a single load.
+      if ((spins & 31u) == 0u) {
+        if (persistent_aborted(p.run)) {
+          failed = true;
+          break;
+        }
+        const uint64_t waited = persistent_globaltimer_ns() - t0;
+        if (waited > p.run.timeout_ns) {
+          report(p, plan, kPersistentTimeout, worker, task, d, static_cast<int32_t>(seen), 0, waited);
+          failed = true;
+          break;
+        }
+      }
+    }
+  }
+  // Orders the acquire loads of every waiting thread before any thread's tile reads (CTA scope).
+  return !__syncthreads_or(failed);
+}
+
+// ---- L2 prefetch of a MATMUL task's streamed weight operand ------------------------------------
+
+constexpr int64_t kPrefetchBytesPerTask = 64 * 1024;
+
+__device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView& plan, int task) {
+  const pf::TaskRecord& t = plan.task(task);
+  if (t.op < 0 || t.op >= plan.header().num_ops) return;
+  const pf::OpRecord& op = plan.op(t.op);
+  if (op.kind != pf::kOpMatmul || op.b_view < 0 || op.b_view >= plan.header().num_views) return;
+  const pf::ViewRecord& bv = plan.view(op.b_view);
+  if (bv.tensor < 0 || bv.tensor >= plan.header().num_tensors) return;
+  const pf::TensorRecord& tb = plan.tensor(bv.tensor);
+  if (tb.storage != pf::kStorageArg || bv.strides[2] != 1 || t.n1 <= t.n0) return;
+  const void* base = tensor_base(p, tb);
+  if (base == nullptr) return;
+  const int sz = pf::dtype_size(tb.dtype);
+  const void* first = element_ptr(base, tb.dtype, bv.offset + t.b0 * bv.strides[0] + t.n0);
+  tile::prefetch_l2_region(first, op.K, static_cast<int64_t>(t.n1 - t.n0) * sz,
+                           bv.strides[1] * sz, kPrefetchBytesPerTask);
+}
+
+// ---- staging: programs, resolved loads, output shape -----------------------------------------
+
+__device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                           TaskSmem& s) {
+  const pf::Header& h = plan.header();
+  const int plen = op.prologue_len, elen = op.epilogue_len;
+  if (threadIdx.x == 0) {
+    s.bad = 0;
+    const bool lens_ok = plen >= 0 && elen >= 0 && plen <= pf::kMaxProgramLen &&
+                         elen <= pf::kMaxProgramLen && op.prologue_at >= 0 && op.epilogue_at >= 0 &&
+                         (static_cast<int64_t>(op.prologue_at) + plen) * 4 <= h.code_words &&
+                         (static_cast<int64_t>(op.epilogue_at) + elen) * 4 <= h.code_words;
+    const bool out_ok = op.out_tensor >= 0 && op.out_tensor < h.num_tensors;
+    if (!lens_ok) s.bad = kBadProgram;
+    else if (!out_ok) s.bad = kBadView;
+    if (out_ok) {
+      const pf::TensorRecord& out = plan.tensor(op.out_tensor);
+      s.out_rank = out.rank;
+      s.out_dtype = out.dtype;
+      for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = out.dims[d];
+      if (out.rank < 0 || out.rank > pf::kMaxRank || out.storage == pf::kStorageArg) s.bad = kBadView;
+    }
+    for (int d = 0; d < pf::kMaxRank; ++d) s.iter_dims[d] = op.iter_dims[d];
+    if (op.kind == pf::kOpReduce &&
+        (op.iter_rank < op.kept_rank || op.iter_rank > pf::kMaxRank || op.kept_rank < 0))
+      s.bad = kBadView;
+  }
+  __syncthreads();
+  if (s.bad) return;
+  // Iteration rank each program indexes with: the REDUCE prologue walks iter_dims, every epilogue
+  // walks the output tensor's dims.
+  for (int i = threadIdx.x; i < plen + elen; i += kBlockThreads) {
+    const bool is_pro = i < plen;
+    const int local = is_pro ? i : i - plen;
+    const pf::Instruction ins = plan.instruction((is_pro ? op.prologue_at : op.epilogue_at) + local);
+    s.code[i] = ins;
+    const int32_t opc = ins.op_and_dtype & 0xFFFF, dt = (ins.op_and_dtype >> 16) & 0xFF;
+    const int iter_rank = is_pro ? op.iter_rank : s.out_rank;
+    bool ok = dt >= pf::kF32 && dt <= pf::kInt32;
+    if (opc == pf::kLoadAcc) {
+      ok = ok && op.kind != pf::kOpMap && !is_pro;
+    } else if (opc == pf::kLoad) {
+      const bool view_ok = ins.a >= 0 && ins.a < h.num_views;
+      ok = ok && view_ok;
+      if (view_ok) {
+        const pf::ViewRecord& v = plan.view(ins.a);
+        const bool t_ok = v.tensor >= 0 && v.tensor < h.num_tensors && v.rank == iter_rank;
+        ok = ok && t_ok;
+        if (t_ok) {
+          const pf::TensorRecord& t = plan.tensor(v.tensor);
+          ResolvedLoad& l = s.loads[i];
+          l.base = tensor_base(p, t);
+          l.dtype = t.dtype;
+          l.rank = v.rank;
+          l.offset = v.offset;
+          for (int d = 0; d < pf::kMaxRank; ++d) l.strides[d] = v.strides[d];
+          ok = ok && l.base != nullptr;
+        }
+      }
+    } else if (opc == pf::kConst) {
+    } else if (opc == pf::kSelect) {
+      ok = ok && ins.a >= 0 && ins.a < local && ins.b >= 0 && ins.b < local && ins.c >= 0 &&
+           ins.c < local;
+    } else if (pf::is_unary(opc)) {
+      ok = ok && ins.a >= 0 && ins.a < local;
+    } else if (pf::is_binary(opc)) {
+      ok = ok && ins.a >= 0 && ins.a < local && ins.b >= 0 && ins.b < local;
+    } else {
+      ok = false;
+    }
+    if (!ok) s.bad = kBadProgram;  // benign race: any nonzero value is the same verdict
+  }
+  __syncthreads();
+}
+
+// ---- the three op kinds ------------------------------------------------------------------------
+
+// Each run_* calls `wait()` (the dependency wait) exactly once, block-uniformly, before reading any
+// tensor another task writes, and returns false if it failed.
+template <typename Wait>
+__device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                           const pf::TaskRecord& t, TaskSmem& s, float* smem, Wait& wait) {
+  const pf::ViewRecord& av = plan.view(op.a_view);
+  const pf::ViewRecord& bv = plan.view(op.b_view);
+  const pf::TensorRecord& ta = plan.tensor(av.tensor);
+  const pf::TensorRecord& tb = plan.tensor(bv.tensor);
+  const void* a_base = tensor_base(p, ta);
+  const void* b_base = tensor_base(p, tb);
+  void* out = tensor_base(p, plan.tensor(op.out_tensor));
+  const int plen = op.prologue_len, elen = op.epilogue_len;
+  const int32_t acc_dtype = op.acc_dtype, out_dtype = s.out_dtype, out_rank = s.out_rank;
+  const int64_t M = op.M, N = op.N;
+  // Waits only the first time it is called (every thread calls it equally often: block-uniform).
+  bool waited = false;
+  auto wait_once = [&]() {
+    if (waited) return true;
+    waited = true;
+    return wait();
+  };
+  if (t.b0 >= t.b1) return wait_once();
+  for (int64_t b = t.b0; b < t.b1; ++b) {
+    auto epilogue = [&](int64_t m, int64_t n, float acc) {
+      const int64_t flat = (b * M + m) * N + n;
+      int64_t idx[pf::kMaxRank];
+      unravel(flat, s.out_dims, out_rank, idx);
+      const float v = eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype));
+      store_out(out, out_dtype, flat, v);
+    };
+    const int64_t rows = t.m1 - t.m0;
+    const bool w_float = tb.dtype == pf::kF32 || tb.dtype == pf::kBF16 || tb.dtype == pf::kF16;
+    if (rows >= 1 && rows <= 16 && bv.strides[2] == 1 && w_float) {
+      // Memory-bound path: few rows, weights contiguous along N (x @ W with W row-major).
+      tile::GemvParams g;
+      g.x = element_ptr(a_base, ta.dtype, av.offset + b * av.strides[0] + t.m0 * av.strides[1]);
+      g.x_dtype = static_cast<DType>(ta.dtype);
+      g.x_batch_stride = av.strides[1];
+      g.x_k_stride = av.strides[2];
+      g.w = element_ptr(b_base, tb.dtype, bv.offset + b * bv.strides[0]);
+      g.w_row_stride = bv.strides[1];
+      // Operands (storage 0) are never written by a plan: the read-only streaming path is safe.
+      g.w_stream = tb.storage == pf::kStorageArg;
+      g.batch = static_cast<int>(rows);
+      g.K = op.K;
+      g.n_begin = t.n0;
+      g.n_end = t.n1;
+      const int64_t m0 = t.m0;
+      auto epi = [&](int64_t row, int64_t n, float acc) { epilogue(m0 + row, n, acc); };
+      if (!tile::gemv_kn(g, static_cast<DType>(tb.dtype), smem, epi, wait_once)) return false;
+    } else {
+      if (!wait_once()) return false;
+      tile::GemmParams g;
+      g.a = element_ptr(a_base, ta.dtype, av.offset + b * av.strides[0]);
+      g.a_dtype = static_cast<DType>(ta.dtype);
+      g.a_sm = av.strides[1];
+      g.a_sk = av.strides[2];
+      g.b = element_ptr(b_base, tb.dtype, bv.offset + b * bv.strides[0]);
+      g.b_dtype = static_cast<DType>(tb.dtype);
+      g.b_sk = bv.strides[1];
+      g.b_sn = bv.strides[2];
+      g.m0 = t.m0, g.m1 = t.m1, g.n0 = t.n0, g.n1 = t.n1, g.K = op.K;
+      tile::gemm_tile(g, smem, epilogue);
+    }
+  }
+  return true;
+}
+
+template <typename Wait>
+__device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                           const pf::TaskRecord& t, TaskSmem& s, Wait& wait) {
+  if (!wait()) return false;
+  void* out = tensor_base(p, plan.tensor(op.out_tensor));
+  const int plen = op.prologue_len, elen = op.epilogue_len;
+  const int kept = op.kept_rank, iter_rank = op.iter_rank;
+  const int32_t acc_dtype = op.acc_dtype, out_dtype = s.out_dtype, out_rank = s.out_rank;
+  auto load = [&](int64_t m, int64_t r) {
+    int64_t idx[pf::kMaxRank];
+    unravel(m, s.iter_dims, kept, idx);
+    unravel(r, s.iter_dims + kept, iter_rank - kept, idx + kept);
+    return eval_program(s, 0, plen, idx, 0.f);
+  };
+  auto epi = [&](int64_t m, float acc) {
+    int64_t idx[pf::kMaxRank];
+    unravel(m, s.out_dims, out_rank, idx);
+    store_out(out, out_dtype, m, eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype)));
+  };
+  const tile::ReduceKind kind =
+      op.reduce_kind == pf::kReduceMax ? tile::ReduceKind::kMax : tile::ReduceKind::kSum;
+  tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
+  return true;
+}
+
+template <typename Wait>
+__device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                        const pf::TaskRecord& t, TaskSmem& s, Wait& wait) {
+  if (!wait()) return false;
+  void* out = tensor_base(p, plan.tensor(op.out_tensor));
+  const int plen = op.prologue_len, elen = op.epilogue_len;
+  const int32_t out_dtype = s.out_dtype, out_rank = s.out_rank;
+  const int64_t M = op.M, N = op.N;
+  const int64_t tm = t.m1 - t.m0, tn = t.n1 - t.n0;
+  auto f = [&](int64_t i) {
+    const int64_t n = t.n0 + i % tn, m = t.m0 + (i / tn) % tm, b = t.b0 + i / (tn * tm);
+    const int64_t flat = (b * M + m) * N + n;
+    int64_t idx[pf::kMaxRank];
+    unravel(flat, s.out_dims, out_rank, idx);
+    store_out(out, out_dtype, flat, eval_program(s, plen, elen, idx, 0.f));
+  };
+  const int64_t count = static_cast<int64_t>(t.b1 - t.b0) * tm * tn;
+  if (count > 0) tile::elementwise_tile(0, count, f);
+  return true;
+}
+
+// Test mode (chaos_seed != 0): a pseudo-random 0..200 us pause before each task, deterministic in
+// (seed, task), to expose missing dependencies.
+__device__ void chaos_pause(uint64_t seed, int task) {
+  uint64_t x = seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(task + 1));
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  const uint64_t pause_ns = x % 200000ull;
+  const uint64_t t0 = persistent_globaltimer_ns();
+  while (persistent_globaltimer_ns() - t0 < pause_ns) __nanosleep(2000);
+}
+
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    persistent_kernel(const __grid_constant__ KernelParams p) {
+  extern __shared__ float4 dynamic_smem[];
+  float* smem = reinterpret_cast<float*>(dynamic_smem);
+  __shared__ TaskSmem s;
+  const pf::PlanView plan{p.plan};
+  const int worker = blockIdx.x;
+  const pf::Header& h = plan.header();
+
+  // Every block checks the header itself (cheap, and no block trusts another's verdict).
+  if (threadIdx.x == 0) {
+    int32_t bad = 0;
+    if (p.plan_words < 32 || h.magic != pf::kMagic || h.version < 1 || h.version > pf::kVersion ||
+        h.header_words != 32 || h.total_words != p.plan_words) {
+      bad = kBadHeader;
+    } else if (!sections_fit(h)) {
+      bad = kBadHeader;
+    } else if (h.num_workers != p.num_workers || h.num_tasks != p.num_tasks ||
+               h.num_args != p.num_args || h.num_outputs != p.num_results ||
+               h.num_counters != h.num_tasks) {
+      bad = kBadCounts;
+    } else if (h.workspace_bytes > p.workspace_bytes) {
+      bad = kBadWorkspace;
+    }
+    if (bad) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, bad, 0);
+    s.flag = bad;
+  }
+  __syncthreads();
+  if (s.flag) return;
+
+  const int32_t q_begin = plan.queue_begin(worker), q_end = plan.queue_end(worker);
+  if (q_begin < 0 || q_begin > q_end || q_end > p.num_tasks) {
+    if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, kBadTask, 0);
+    return;
+  }
+  for (int32_t q = q_begin; q < q_end; ++q) {
+    const int32_t task = plan.queue_task(q);
+    if (threadIdx.x == 0) {
+      int32_t bad = 0;
+      if (task < 0 || task >= p.num_tasks) {
+        bad = kBadTask;
+      } else {
+        const pf::TaskRecord& t = plan.task(task);
+        if (t.op < 0 || t.op >= h.num_ops) {
+          bad = kBadTask;
+        } else {
+          const pf::OpRecord& o = plan.op(t.op);
+          if (t.b0 < 0 || t.b1 > o.B || t.m0 < 0 || t.m1 > o.M || t.n0 < 0 || t.n1 > o.N ||
+              t.b0 > t.b1 || t.m0 > t.m1 || t.n0 > t.n1)
+            bad = kBadTask;
+          else if (o.kind != pf::kOpMatmul && o.kind != pf::kOpReduce && o.kind != pf::kOpMap)
+            bad = kBadOpKind;
+        }
+      }
+      if (bad) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, bad, 0);
+      s.flag = bad || persistent_aborted(p.run);
+    }
+    __syncthreads();
+    if (s.flag) return;
+
+    if (p.chaos_seed != 0 && threadIdx.x == 0) chaos_pause(p.chaos_seed, task);
+    __syncthreads();
+
+    // Everything up to the wait reads only the plan and FFI operands, so it overlaps the producers.
+    const pf::TaskRecord& t = plan.task(task);
+    const pf::OpRecord& op = plan.op(t.op);
+    stage_task(p, plan, op, s);
+    bool views_ok = s.bad == 0;
+    if (views_ok) {
+      views_ok = tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
+      if (op.kind == pf::kOpMatmul) {
+        views_ok = views_ok && op.a_view >= 0 && op.a_view < h.num_views && op.b_view >= 0 &&
+                   op.b_view < h.num_views;
+        if (views_ok) {
+          const pf::ViewRecord& av = plan.view(op.a_view);
+          const pf::ViewRecord& bv = plan.view(op.b_view);
+          views_ok = av.rank == 3 && bv.rank == 3 && av.tensor >= 0 && av.tensor < h.num_tensors &&
+                     bv.tensor >= 0 && bv.tensor < h.num_tensors &&
+                     tensor_base(p, plan.tensor(av.tensor)) != nullptr &&
+                     tensor_base(p, plan.tensor(bv.tensor)) != nullptr;
+        }
+      }
+    }
+    if (!views_ok) {
+      if (threadIdx.x == 0)
+        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, s.bad ? s.bad : kBadView, 0);
+      return;
+    }
+    const uint64_t wait_begin = persistent_globaltimer_ns();
+    if (q == q_begin) prefetch_task_weights(p, plan, task);
+    if (q + 1 < q_end) {
+      const int32_t next = plan.queue_task(q + 1);
+      if (next >= 0 && next < p.num_tasks) prefetch_task_weights(p, plan, next);
+    }
+    uint64_t start = 0;
+    auto wait = [&]() {
+      const bool ok = wait_dependencies(p, plan, task, worker);
+      start = persistent_globaltimer_ns();
+      return ok;
+    };
+    bool ok;
+    if (op.kind == pf::kOpMatmul) ok = run_matmul(p, plan, op, t, s, smem, wait);
+    else if (op.kind == pf::kOpReduce) ok = run_reduce(p, plan, op, t, s, wait);
+    else ok = run_map(p, plan, op, t, s, wait);
+    if (!ok) return;  // aborted (block-uniform): the record was written by whoever failed first
+
+    // Publish: every thread's stores of the tile happen-before thread 0's release (bar.sync at CTA
+    // scope, then a gpu-scope fence + release store), so a consumer's acquire sees the whole tile.
+    // The end time is taken BEFORE the release, so a consumer's start >= its producers' ends.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (p.profile != nullptr) {
+        int64_t* rec = p.profile + static_cast<int64_t>(task) * pf::kProfileWordsPerTask;
+        rec[0] = static_cast<int64_t>(wait_begin);
+        rec[1] = static_cast<int64_t>(start);
+        rec[2] = static_cast<int64_t>(persistent_globaltimer_ns());
+        rec[3] = worker;
+      }
+      // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered
+      // before it by the barrier above.
+      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.counters + task), "r"(1u)
+                   : "memory");
+    }
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+#define ARK_CUDA_RETURN_IF_ERROR(expr)                                                    \
+  do {                                                                                    \
+    const cudaError_t ark_err_ = (expr);                                                  \
+    if (ark_err_ != cudaSuccess)                                                          \
+      return std::string("ark_persistent: ") + #expr + " failed: " + cudaGetErrorString(ark_err_); \
+  } while (0)
+
+// Per-device runtime state, created on first use and kept for the process lifetime (the kernel of
+// an in-flight call may still write the error record, so it is never freed).
+struct DeviceState {
+  uint32_t* abort_word = nullptr;             // device memory
+  PersistentErrorRecord* host_record = nullptr;  // pinned, mapped
+  PersistentErrorRecord* device_record = nullptr;
+  uint32_t next_seq = 1;
+  int co_resident_blocks = 0;                 // SMs x blocks per SM
+};
+
+std::mutex g_mutex;
+std::vector<DeviceState*> g_devices;  // indexed by CUDA device ordinal
+
+std::string device_state(DeviceState** out) {
+  int device = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (static_cast<int>(g_devices.size()) <= device) g_devices.resize(device + 1, nullptr);
+  if (g_devices[device] == nullptr) {
+    auto* st = new DeviceState();
+    ARK_CUDA_RETURN_IF_ERROR(cudaMalloc(&st->abort_word, sizeof(uint32_t)));
+    ARK_CUDA_RETURN_IF_ERROR(cudaMemset(st->abort_word, 0, sizeof(uint32_t)));
+    ARK_CUDA_RETURN_IF_ERROR(
+        cudaHostAlloc(&st->host_record, sizeof(PersistentErrorRecord), cudaHostAllocMapped));
+    std::memset(st->host_record, 0, sizeof(PersistentErrorRecord));
+    ARK_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(
+        reinterpret_cast<void**>(&st->device_record), st->host_record, 0));
+    ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
+    int per_sm = 0, sms = 0;
+    ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));
+    ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    st->co_resident_blocks = per_sm * sms;
+    g_devices[device] = st;
+  }
+  *out = g_devices[device];
+  return {};
+}
+
+const char* bad_plan_reason(int32_t r) {
+  switch (r) {
+    case kBadHeader: return "bad header (magic, version or length)";
+    case kBadCounts: return "header counts disagree with the call's operands/results/attributes";
+    case kBadTask: return "task, op id or tile bounds out of range";
+    case kBadDependency: return "dependency id out of range";
+    case kBadProgram: return "invalid program (opcode, register operand or length)";
+    case kBadView: return "invalid view or tensor (index, rank or storage)";
+    case kBadWorkspace: return "workspace result smaller than workspace_bytes";
+    case kBadOpKind: return "unknown op kind";
+    default: return "unknown reason";
+  }
+}
+
+}  // namespace
+
+std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& a) {
+  if (a.num_args < 0 || a.num_args > kPersistentMaxArgs)
+    return "ark_persistent: " + std::to_string(a.num_args) + " operands; the CUDA executor takes at most " +
+           std::to_string(kPersistentMaxArgs);
+  if (a.num_results < 0 || a.num_results > kPersistentMaxResults)
+    return "ark_persistent: " + std::to_string(a.num_results) + " outputs; the CUDA executor takes at most " +
+           std::to_string(kPersistentMaxResults);
+  if (a.num_workers < 1) return "ark_persistent: num_workers must be >= 1";
+  if (a.num_tasks < 0) return "ark_persistent: num_tasks must be >= 0";
+  if (a.timeout_ms <= 0) return "ark_persistent: timeout_ms must be > 0";
+  if (a.plan == nullptr || a.plan_words < 32) return "ark_persistent: the plan operand is too short";
+  if (reinterpret_cast<uintptr_t>(a.plan) % 8 != 0)
+    return "ark_persistent: the plan operand is not 8-byte aligned";
+  DeviceState* st = nullptr;
+  if (std::string err = device_state(&st); !err.empty()) return err;
+  if (a.num_workers > st->co_resident_blocks)
+    return "ark_persistent: the plan has " + std::to_string(a.num_workers) +
+           " workers but this GPU keeps only " + std::to_string(st->co_resident_blocks) +
+           " blocks of the persistent kernel resident at once (plan for at most one worker per SM)";
+
+  if (a.num_tasks > 0)
+    ARK_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(a.counters, 0, sizeof(int32_t) * static_cast<size_t>(a.num_tasks), stream));
+  if (a.profile != nullptr && a.num_tasks > 0)
+    ARK_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
+        a.profile, 0, sizeof(int64_t) * pf::kProfileWordsPerTask * static_cast<size_t>(a.num_tasks),
+        stream));
+
+  KernelParams kp{};
+  kp.plan = a.plan;
+  kp.plan_words = a.plan_words;
+  for (int i = 0; i < a.num_args; ++i) kp.args[i] = a.args[i];
+  for (int i = 0; i < a.num_results; ++i) kp.results[i] = a.results[i];
+  kp.num_args = a.num_args;
+  kp.num_results = a.num_results;
+  kp.workspace = static_cast<uint8_t*>(a.workspace);
+  kp.workspace_bytes = a.workspace_bytes;
+  kp.counters = a.counters;
+  kp.profile = a.profile;
+  kp.num_workers = a.num_workers;
+  kp.num_tasks = a.num_tasks;
+  kp.chaos_seed = static_cast<uint64_t>(a.chaos_seed);
+  kp.run.abort_word = st->abort_word;
+  kp.run.error = st->device_record;
+  kp.run.timeout_ns = static_cast<uint64_t>(a.timeout_ms) * 1000000ull;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    kp.run.seq = st->next_seq++;
+  }
+
+  // Cooperative launch: the runtime guarantees all blocks are co-resident (or fails the launch),
+  // which the device-side spin waits between blocks rely on.
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.num_workers));
+  cfg.blockDim = dim3(kBlockThreads);
+  cfg.dynamicSmemBytes = tile::kSmemBytes;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  ARK_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, persistent_kernel, kp));
+  return {};
+}
+
+bool persistent_take_failure(std::string* message, bool* is_timeout) {
+  DeviceState* st = nullptr;
+  if (std::string err = device_state(&st); !err.empty()) {
+    *message = err;
+    *is_timeout = false;
+    return true;
+  }
+  volatile PersistentErrorRecord* rec = st->host_record;
+  if (rec->status == kPersistentOk) return false;
+  std::atomic_thread_fence(std::memory_order_acquire);  // status was published last
+  PersistentErrorRecord r;
+  std::memcpy(&r, const_cast<const PersistentErrorRecord*>(st->host_record), sizeof(r));
+  r.op_name[kPersistentNameChars - 1] = '\0';
+  r.dep_op_name[kPersistentNameChars - 1] = '\0';
+  rec->status = kPersistentOk;
+  char buf[512];
+  if (r.status == kPersistentTimeout) {
+    std::snprintf(buf, sizeof(buf),
+                  "ark_persistent (CUDA, call #%u): worker %d timed out after %.1f ms waiting for "
+                  "task %d (op %d '%s', counters[%d] = %d) before running task %d (op %d '%s'); "
+                  "the outputs of that call are invalid",
+                  r.call_seq, r.worker, r.waited_ns / 1e6, r.dep_task, r.dep_op, r.dep_op_name,
+                  r.dep_task, r.counter_seen, r.task, r.op, r.op_name);
+    *is_timeout = true;
+  } else {
+    std::snprintf(buf, sizeof(buf),
+                  "ark_persistent (CUDA, call #%u): worker %d rejected the plan at task %d (op %d "
+                  "'%s', dependency %d): %s; the outputs of that call are invalid",
+                  r.call_seq, r.worker, r.task, r.op, r.op_name, r.dep_task,
+                  bad_plan_reason(r.detail));
+    *is_timeout = false;
+  }
+  *message = buf;
+  return true;
+}
+
+}  // namespace jax_ark::gpu

@@ -1,0 +1,184 @@
+"""ark.persistent on the CUDA executor: results equal jax.jit(fn) and the Python reference
+interpreter, timelines are consistent, a deadlocked plan fails with a clear error.
+
+All tests need an NVIDIA GPU and the CUDA build (skipped otherwise, see conftest.py). Plans use one
+worker per SM and narrow column tiles, as the decode benchmark does, so the GEMV fast path (rows
+<= 16, weights contiguous along N) and the GEMM fallbacks (transposed operands, many rows) all run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jax_ark as ark
+from jax_ark.persistent._call import run_plan
+from jax_ark.persistent._reference import interpret
+
+pytestmark = pytest.mark.gpu
+
+BF16 = ml_dtypes.bfloat16
+TOL = {np.float32: 1e-4, BF16: 3e-2}
+
+
+def _sms() -> int:
+    return int(getattr(jax.devices("gpu")[0], "core_count", 0) or 108)
+
+
+def _args(rng, shapes, dtype=np.float32):
+    return [(rng.standard_normal(s) / np.sqrt(s[0])).astype(dtype) for s in shapes]
+
+
+def _close(got, want, dtype=np.float32):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def mlp_chain(x, ws):
+    for w in ws:
+        x = jax.nn.gelu(x @ w)
+    return x
+
+
+def rms_mlp(x, g, w1, w2):
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
+    return x + jax.nn.silu(h @ w1) @ w2
+
+
+def attention(x, wq, wk, wv):
+    q, k, v = x @ wq, x @ wk, x @ wv
+    s = q @ k.T / jnp.sqrt(jnp.float32(q.shape[-1])).astype(x.dtype)
+    return jax.nn.softmax(s, axis=-1) @ v
+
+
+@pytest.mark.parametrize(
+    "dtype,batch,d,tile_n",
+    [
+        (BF16, 1, 1024, 8),  # one 16-byte vector per weight row per tile, 128 tiles per layer
+        (BF16, 16, 1024, 32),  # batch 16: the 16-row GEMV variant
+        (np.float32, 3, 512, 16),  # batch padded to 4
+        (BF16, 1, 4096, 32),  # the d=4096 decode shape, 128 tiles of 32 columns
+    ],
+)
+def test_decode_chain_gemv_path(rng, dtype, batch, d, tile_n):
+    layers = 3
+    x = _args(rng, [(batch, d)], dtype)[0]
+    ws = [w * np.asarray(1.5, dtype) for w in _args(rng, [(d, d)] * layers, dtype)]
+    workers = min(_sms(), max(1, d // tile_n))
+    fn = ark.persistent(mlp_chain, num_workers=workers, tile_n=tile_n)
+    got = jax.jit(fn)(x, ws)
+    _close(got, jax.jit(mlp_chain)(x, ws), dtype)
+    _close(got, interpret(fn.plan(x, ws), x, *ws)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_mlp_chain_32_layers(rng, dtype):
+    d, layers = 256, 32
+    x = _args(rng, [(4, d)], dtype)[0]
+    ws = [w * np.asarray(1.5, dtype) for w in _args(rng, [(d, d)] * layers, dtype)]
+    fast = jax.jit(ark.persistent(mlp_chain, num_workers=_sms(), tile_n=8))
+    _close(fast(x, ws), jax.jit(mlp_chain)(x, ws), dtype)
+
+
+def test_rms_norm_mlp_block_and_reference_interpreter(rng):
+    args = _args(rng, [(12, 256), (256,), (256, 512), (512, 256)])
+    want = jax.jit(rms_mlp)(*args)
+    fn = ark.persistent(rms_mlp, num_workers=_sms(), tile_n=16)
+    got = jax.jit(fn)(*args)
+    _close(got, want)
+    _close(got, interpret(fn.plan(*args), *args)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_softmax_attention_seq128(rng, dtype):
+    args = _args(rng, [(128, 64), (64, 32), (64, 32), (64, 32)], dtype)
+    want = jax.jit(attention)(*args)
+    fn = ark.persistent(attention, num_workers=_sms())
+    got = jax.jit(fn)(*args)
+    _close(got, want, dtype)
+    _close(got, interpret(fn.plan(*args), *args)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_shapes_not_dividing_tiles_batched_and_transposed(rng, dtype):
+    def fn(a, b, c, bias):
+        y = jnp.einsum("bmk,bnk->bmn", a, b)  # batched, rhs transposed
+        z = c.T @ y[0]  # lhs transposed
+        return jax.nn.tanh(z + bias), jnp.max(y, axis=1), jnp.sum(y, axis=(0, 2))
+
+    args = _args(rng, [(3, 37, 19), (3, 70, 19), (37, 5), (70,)], dtype)
+    fast = jax.jit(ark.persistent(fn, num_workers=_sms(), tile_m=16, tile_n=24))
+    for got, want in zip(fast(*args), jax.jit(fn)(*args), strict=True):
+        _close(got, want, dtype)
+
+
+def test_gemv_unaligned_tiles_and_weights_computed_in_the_kernel(rng):
+    # tile_n = 12 bf16 columns: vectors straddle tile edges (masked scalar loads); the weights
+    # of the second matmul are produced inside the plan (coherent loads, read after the wait).
+    def fn(x, w1, w2):
+        return jax.nn.gelu(x @ w1) @ (w2 * jnp.asarray(0.5, w2.dtype))
+
+    args = _args(rng, [(2, 200), (200, 300), (300, 100)], BF16)
+    f = ark.persistent(fn, num_workers=_sms(), tile_n=12)
+    got = jax.jit(f)(*args)
+    _close(got, jax.jit(fn)(*args), BF16)
+    _close(got, interpret(f.plan(*args), *args)[0], BF16)
+
+
+def test_timeline_is_consistent(rng):
+    args = _args(rng, [(16, 128), (128, 256), (256, 128)])
+    fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
+    prof_fn = ark.persistent(fn, num_workers=_sms(), profile=True, tile_n=16)
+    out, prof = jax.jit(prof_fn)(*args)
+    _close(out, jax.jit(fn)(*args))
+    plan = prof_fn.plan(*args)
+    tl = ark.timeline(prof, plan)
+    assert sorted(r["task"] for r in tl.records) == list(range(len(plan.tasks)))
+    by_task = {r["task"]: r for r in tl.records}
+    for r in tl.records:
+        assert 0 <= r["wait_begin"] <= r["start"] <= r["end"], r
+        assert plan.tasks[r["task"]].op == r["op"]
+        assert r["task"] in plan.queues[r["worker"]], r
+        for d in plan.tasks[r["task"]].deps:
+            assert by_task[d]["end"] <= r["start"], (d, r["task"])
+
+
+def test_chaos_mode_is_deterministic(rng, monkeypatch):
+    args = _args(rng, [(16, 96), (96, 128), (128, 96)])
+    fn = lambda x, w1, w2: jax.nn.softmax(x + jax.nn.gelu(x @ w1) @ w2, axis=-1)  # noqa: E731
+    base = np.asarray(jax.jit(ark.persistent(fn, num_workers=_sms(), tile_n=16))(*args))
+    for seed in (1, 2, 3):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        got = np.asarray(jax.jit(ark.persistent(fn, num_workers=_sms(), tile_n=16))(*args))
+        assert np.array_equal(got, base), seed
+    _close(base, jax.jit(fn)(*args))
+
+
+def test_deadlocked_plan_times_out_naming_task_and_worker(rng):
+    """The GPU handler never synchronizes, so the failure of a call is reported by the NEXT
+    ark_persistent call on the device; the process stays usable afterwards."""
+    args = _args(rng, [(4, 64), (64, 64)])
+    fn = lambda x, w: jnp.tanh(x @ w) @ w  # noqa: E731
+    plan = ark.plan(fn, *args, num_workers=2).copy()
+    queue = next(q for q in plan.queues if len(q) >= 2)
+    first, last = queue[0], queue[-1]
+    plan.tasks[first].deps.append(last)  # waits for a task queued behind it on its own worker
+    jax.block_until_ready(run_plan(plan, args, timeout_ms=200)[0])  # times out on the device
+    good = ark.plan(fn, *args, num_workers=2)
+    with pytest.raises(Exception, match=r"worker \d+ timed out after [\d.]+ ms waiting for task"):
+        jax.block_until_ready(run_plan(good, args)[0])
+    # The record was consumed: the next call runs normally.
+    _close(run_plan(good, args)[0][0], jax.jit(fn)(*args))
+
+
+def test_more_workers_than_resident_blocks_is_refused(rng):
+    args = _args(rng, [(4, 64), (64, 64)])
+    fn = lambda x, w: jnp.tanh(x @ w)  # noqa: E731
+    with pytest.raises(Exception, match="workers but this GPU keeps only"):
+        jax.block_until_ready(
+            jax.jit(ark.persistent(fn, num_workers=8 * _sms() + 1, tile_n=1))(*args)
+        )

@@ -120,10 +120,74 @@ def plot_cpu(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def bench_gpu(budget_s: float) -> dict[str, Any]:
-    from jax_ark import _gpu_bench
+# nccl-tests conventions: the "size" of a collective and its bus-bandwidth factor for n ranks.
+# x_bytes(size, n) is each rank's input for a message of `size` bytes.
+_GPU_OPS = {
+    "all_reduce": (lambda size, n: size, lambda n: 2 * (n - 1) / n),
+    "all_gather": (lambda size, n: size // n, lambda n: (n - 1) / n),
+    "reduce_scatter": (lambda size, n: size, lambda n: (n - 1) / n),
+    "all_to_all": (lambda size, n: size, lambda n: (n - 1) / n),
+    "permute": (lambda size, n: size, lambda n: 1.0),
+}
 
-    return _gpu_bench.collectives(budget_s)
+
+def bench_gpu(n_ranks: int = 8, small: int = 8 << 10, large: int = 256 << 20) -> dict[str, Any]:
+    """The N-rank harness on the one GPU: every rank is a concurrent stream of this process.
+
+    Latency at `small` bytes and bus bandwidth at `large` bytes per op, next to the copy bandwidth
+    measured in the same run (the harness's ranks share one GPU's HBM, so this is a protocol and
+    kernel benchmark, not an interconnect one).
+    """
+    from jax_ark import _cuda_collectives as cc
+
+    copy_gbps = cc.copy_bandwidth(1 << 30)
+    rows = []
+    for op, (x_bytes, bus_factor) in tqdm(_GPU_OPS.items(), desc="collectives (gpu)", unit="op"):
+        small_us = cc.harness_time(op, "float32", n_ranks, x_bytes(small, n_ranks), iters=200)
+        large_us = cc.harness_time(op, "float32", n_ranks, x_bytes(large, n_ranks), iters=5)
+        bus_gbps = large / (large_us * 1e-6) * bus_factor(n_ranks) / 1e9
+        rows.append(
+            {
+                "op": op,
+                "n_ranks": n_ranks,
+                "small_bytes": small,
+                "small_us": small_us,
+                "large_bytes": large,
+                "large_us": large_us,
+                "bus_GBps": bus_gbps,
+                "bus_vs_copy": bus_gbps / copy_gbps,
+            }
+        )
+    print(
+        f"copy bandwidth (read+write) {copy_gbps:.0f} GB/s; {n_ranks} ranks as streams on one GPU"
+    )
+    print_table(
+        rows,
+        [
+            ("op", "op", "s"),
+            ("small_us", f"{small >> 10} KiB us", ".2f"),
+            ("large_us", f"{large >> 20} MiB us", ".0f"),
+            ("bus_GBps", "busbw GB/s", ".0f"),
+            ("bus_vs_copy", "busbw/copy", ".2f"),
+        ],
+    )
+    return {"copy_GBps": copy_gbps, "rows": rows}
+
+
+def plot_gpu(result: dict[str, Any], path: Path) -> None:
+    rows = result["rows"]
+    fig, axes = new_figure(ncols=2)
+    names = [r["op"] for r in rows]
+    axes[0][0].bar(names, [r["small_us"] for r in rows])
+    axes[0][0].set_ylabel(f"us per call at {rows[0]['small_bytes'] >> 10} KiB")
+    axes[0][0].set_title(f"latency, {rows[0]['n_ranks']} ranks on one GPU")
+    axes[0][1].bar(names, [r["bus_GBps"] for r in rows])
+    axes[0][1].axhline(result["copy_GBps"], color="k", ls="--", label="copy bandwidth")
+    axes[0][1].set_ylabel(f"bus GB/s at {rows[0]['large_bytes'] >> 20} MiB")
+    axes[0][1].legend(fontsize=8)
+    for ax in axes[0]:
+        ax.tick_params(axis="x", labelrotation=30)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         platform = "gpu" if ark.has_cuda() and jax.devices()[0].platform == "gpu" else "cpu"
     info = machine_info()
     if platform == "gpu":
-        result = bench_gpu(args.budget)
+        result = bench_gpu()
         write_json(args.out / "collectives_gpu.json", {"machine": info, **result})
+        plot_gpu(result, args.out / "collectives_gpu.png")
         return 0
     rows = bench_cpu(args.ops.split(","), [int(s) for s in args.sizes.split(",")], args.budget)
     print_table(

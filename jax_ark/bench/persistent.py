@@ -48,20 +48,27 @@ def copy_bandwidth(device: jax.Device, nbytes: int = 256 << 20) -> float:
 
 def bench(configs, device: jax.Device, budget_s: float) -> tuple[list[dict[str, Any]], float]:
     bandwidth = copy_bandwidth(device)
-    rng = np.random.default_rng(0)
     rows = []
     for d, layers, batch in tqdm(configs, desc="persistent", unit="config"):
-        scale = 1.0 / np.sqrt(d)
-        x = jax.device_put(jnp.asarray(rng.standard_normal((batch, d)), jnp.bfloat16), device)
-        ws = [
-            jax.device_put(jnp.asarray(rng.standard_normal((d, d)) * scale, jnp.bfloat16), device)
-            for _ in range(layers)
-        ]
+        # Random weights made on the device: numpy would spend seconds on d=4096's 1 GiB.
+        keys = jax.random.split(jax.random.key(d * 1000 + layers), layers + 1)
+        with jax.default_device(device):
+            x = jax.random.normal(keys[0], (batch, d), jnp.bfloat16)
+            ws = [
+                (jax.random.normal(k, (d, d), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+                for k in keys[1:]
+            ]
         xla_fn = jax.jit(decode_chain)
         ark_fn = jax.jit(ark.persistent(decode_chain))
         want = np.asarray(xla_fn(x, *ws), np.float32)
         got = np.asarray(ark_fn(x, *ws), np.float32)
-        np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2)
+        # bf16 rounding differs between executors layer by layer: compare relative norms.
+        rel_err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+        if not rel_err < 2e-2:
+            raise AssertionError(
+                f"ark.persistent disagrees with jax.jit at d={d} L={layers} "
+                f"b={batch}: relative error {rel_err:.3g}"
+            )
         iters = iters_for(median_seconds(xla_fn, x, *ws, warmup=1, iters=3), budget_s)
         t_xla = median_seconds(xla_fn, x, *ws, iters=iters)
         t_ark = median_seconds(ark_fn, x, *ws, iters=iters)
@@ -72,6 +79,7 @@ def bench(configs, device: jax.Device, budget_s: float) -> tuple[list[dict[str, 
                 "d": d,
                 "layers": layers,
                 "batch": batch,
+                "rel_err": rel_err,
                 "weight_mib": weight_bytes / 2**20,
                 "ark_us": 1e6 * t_ark,
                 "xla_us": 1e6 * t_xla,

@@ -384,6 +384,11 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
         s_failed);
     if (!ok) return false;
     // Phase 2, all-gather of the reduced shards (block b re-reads only what block b wrote).
+    // Block b wrote its reduced pieces of y with block_reduce's thread mapping and now reads them
+    // with block_copy's (the tails differ: per element vs per byte). With one round per phase
+    // nothing else separates the last reduce from the first put: the barrier makes every
+    // thread's y writes visible to the whole block before any thread sends them.
+    __syncthreads();
     return run_phase(
         w, rd, rounds,
         [&](int j, const uint8_t*& src, uint64_t& len) {

@@ -1,7 +1,8 @@
-"""The "cuda" lowering of `ark_collective`, checked on CPU (no GPU needed): the bootstrap is stubbed,
-the program is exported for platform cuda, and the custom call must carry exactly the attributes the
-FFI handler binds (xla_ffi/gpu/collective_handler.cc), with the bootstrap's rank order equal to
-`lax.axis_index(axes)`.
+"""The "cuda" lowering of `ark_collective`, checked on CPU (no GPU needed).
+
+The bootstrap is stubbed and the program exported for platform cuda: the custom call must carry
+exactly the attributes the FFI handler binds (xla_ffi/gpu/collective_handler.cc), and the
+bootstrap's rank order must equal `lax.axis_index(axes)`.
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ def test_cuda_custom_call_attributes_and_rank_order(mesh2x4, stub_bootstrap):
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ark_collective_cuda")],
     )(x)
     configs = re.findall(
-        r"custom_call @ark_collective_cuda\(.*?mhlo.backend_config = \{(.*?)\}", exported.mlir_module()
+        r"custom_call @ark_collective_cuda\(.*?mhlo.backend_config = \{(.*?)\}",
+        exported.mlir_module(),
     )
     assert len(configs) == 2
     for config in configs:
         assert _attributes(config) == HANDLER_ATTRS
-    assert "comm_id = 4242" in configs[0] and "op = 0" in configs[0] and "group_size = 8" in configs[0]
+    assert (
+        "comm_id = 4242" in configs[0] and "op = 0" in configs[0] and "group_size = 8" in configs[0]
+    )
     assert "send_to = dense<[1, 2, 3, 0]>" in configs[1] and "op = 3" in configs[1]
 
     # The bootstrap's group table: column = rank. It must be lax.axis_index(axes) on each device.

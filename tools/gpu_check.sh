@@ -45,7 +45,12 @@ if ! $PY -c "import jax_ark, sys; sys.exit(0 if jax_ark.has_cuda() else 1)" >/de
   step build_inplace 150 env ARK_BUILD_JOBS=16 tools/dev_build.sh -DJAX_ARK_CUDA=ON
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-step pytest_gpu 180 $PY -m pytest -m gpu -v -rs --durations=15 tests
+# One step per GPU test file, cheapest bring-up first, so one hang cannot starve the others;
+# --maxfail stops a systematic failure (every call timing out) early.
+step pytest_gpu_runtime 100 $PY -m pytest -m gpu -v -rs --maxfail=5 --durations=10 \
+  tests/test_gpu_xla_path.py tests/test_gpu_runtime.py
+step pytest_gpu_persistent 70 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py
+step pytest_gpu_multiprocess 90 $PY -m pytest -m gpu -v -rs -s tests/test_gpu_multiprocess.py
 if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
   step bench_collectives 60 $PY -m jax_ark.bench collectives --out "$OUT/bench_collectives"
   step bench_persistent 60 $PY -m jax_ark.bench persistent --out "$OUT/bench_persistent"

@@ -86,39 +86,16 @@ def _group_axes(axes: Any) -> tuple:
     return (axes,)
 
 
-def _lowering(
-    ctx,
-    x,
-    rank,
-    color,
-    *,
-    op,
-    reduce,
-    axes,
-    group_size,
-    comm_key,
-    send_to,
-    recv_from,
-    timeout_ms,
-    **unused_params,
-):
+def _lowering(ctx, x, rank, color, *, axes, group_size, **params):
+    # The attributes come from the one function that also types the CPU backend's, so names and
+    # types match what both handlers decode; `comm_id` is the only CUDA-specific attribute.
+    from jax_ark._collective_primitive import ffi_attributes
+
     mesh = _concrete_mesh(ctx)
     comm_id = _communicator(mesh, _group_axes(axes), int(group_size))
     rule = jax.ffi.ffi_lowering(TARGET)
-    return rule(
-        ctx,
-        x,
-        rank,
-        color,
-        op=np.int32(_code(_OPS, op, "op")),
-        reduce=np.int32(_code(_REDUCES, reduce, "reduce")),
-        group_size=np.int64(group_size),
-        comm_key=np.int64(comm_key),
-        timeout_ms=np.int64(timeout_ms),
-        send_to=np.asarray(tuple(send_to or ()), dtype=np.int64).reshape(-1),
-        recv_from=np.asarray(tuple(recv_from or ()), dtype=np.int64).reshape(-1),
-        comm_id=np.int64(comm_id),
-    )
+    attributes = ffi_attributes(axes=axes, group_size=group_size, **params)
+    return rule(ctx, x, rank, color, **attributes, comm_id=np.int64(comm_id))
 
 
 def register_lowering(prim) -> None:
@@ -308,6 +285,57 @@ def harness_run(
         skip_rank=skip_rank,
     )
     return [np.frombuffer(b, dtype=dtype).reshape(out_shape) for b in raw]
+
+
+def harness_run_calls(
+    op: str | int,
+    reduce: str | int,
+    dtype: Any,
+    n_ranks: int,
+    input_sets: Sequence[Sequence[np.ndarray]],
+    send_to: Sequence[int] | None = None,
+    recv_from: Sequence[int] | None = None,
+    *,
+    iters: int,
+    timeout_ms: int = 10_000,
+    blocks: int = 0,
+    piece_bytes: int = _PIECE_BYTES,
+    ll_bytes: int = _LL_BYTES,
+) -> list[list[np.ndarray]]:
+    """`iters` back-to-back calls; call i reads input_sets[i % len(input_sets)] (one x per rank)
+    and writes its own y. Returns ys[i][r]: every call's result, so a call that consumed stale
+    scratch (an earlier call's data) shows up as a wrong result, not only as a timeout.
+    """
+    name = _dtype_name(dtype)
+    dtype = _np_dtype(dtype)
+    op_code = _code(_OPS, op, "op")
+    sets = [[np.ascontiguousarray(np.asarray(a, dtype=dtype)) for a in s] for s in input_sets]
+    if not sets or any(len(s) != n_ranks for s in sets):
+        raise ValueError(f"jax_ark: every input set needs {n_ranks} inputs")
+    shape = sets[0][0].shape
+    if any(a.shape != shape for s in sets for a in s):
+        raise ValueError("jax_ark: all inputs must have one shape")
+    if op_code in (2, 4) and (len(shape) == 0 or shape[0] != n_ranks):
+        raise ValueError("jax_ark: reduce_scatter/all_to_all inputs need a leading axis of n_ranks")
+    out_shape = {0: shape, 1: (n_ranks, *shape), 2: shape[1:], 3: shape, 4: shape}[op_code]
+    raw = _module().harness_run(
+        op_code,
+        _code(_REDUCES, reduce, "reduce"),
+        _DTYPES[name],
+        n_ranks,
+        [b"".join(s[r].tobytes() for s in sets) for r in range(n_ranks)],
+        list(send_to or ()),
+        list(recv_from or ()),
+        iters=iters,
+        timeout_ms=timeout_ms,
+        blocks=blocks,
+        piece_bytes=piece_bytes,
+        ll_bytes=ll_bytes,
+        input_sets=len(sets),
+        all_outputs=True,
+    )
+    per_rank = [np.frombuffer(b, dtype=dtype).reshape(iters, *out_shape) for b in raw]
+    return [[per_rank[r][i] for r in range(n_ranks)] for i in range(iters)]
 
 
 def harness_time(

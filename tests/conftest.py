@@ -15,6 +15,10 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Each CPU device's part of a program runs on a pool thread; ark's rendezvous parks threads, so the
 # pool needs headroom (../shared/DESIGN.md: fewer threads deadlock both ark and lax.psum).
 os.environ.setdefault("PJRT_NPROC", "16")
+# GPU tests (no effect on CPU): the single-GPU harness runs N spinning ranks as N streams of this
+# process; streams that share a hardware queue serialize and deadlock until the timeout. Must be
+# set before CUDA initializes (jax.devices below).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

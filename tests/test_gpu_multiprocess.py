@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# One deadline for both workers (the step running the GPU tests has its own limit above it), and a
+# device-side timeout well below it, so a hang ends as the workers' named errors, not as a kill.
+DEADLINE_S = 80
+COLLECTIVE_TIMEOUT_S = 20
+
+
 def test_two_processes_one_gpu():
     port = _free_port()
     env = dict(os.environ)
@@ -28,6 +35,7 @@ def test_two_processes_one_gpu():
         CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
         XLA_PYTHON_CLIENT_PREALLOCATE="false",
         PYTHONUNBUFFERED="1",
+        JAX_ARK_TIMEOUT_S=str(COLLECTIVE_TIMEOUT_S),
     )
     env.pop("XLA_FLAGS", None)  # the CPU device-count flag of conftest is not for these processes
     procs = [
@@ -40,17 +48,27 @@ def test_two_processes_one_gpu():
         )
         for pid in (0, 1)
     ]
-    outputs = []
+    deadline = time.monotonic() + DEADLINE_S
+    outputs = ["", ""]
+    timed_out = False
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=240)
-            outputs.append(out)
+        for i, p in enumerate(procs):
+            try:
+                outputs[i], _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
     finally:
-        for p in procs:
+        for i, p in enumerate(procs):
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+            if not outputs[i]:
+                outputs[i] = p.communicate()[0] or ""  # keep what it printed before the kill
+    report = "\n".join(
+        f"---- process {pid} (rc={p.returncode})\n{out[-4000:]}"
+        for pid, (p, out) in enumerate(zip(procs, outputs, strict=True))
+    )
+    print(report)
+    assert not timed_out, f"workers did not finish within {DEADLINE_S} s\n{report}"
     for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        print(f"---- process {pid} (rc={p.returncode})\n{out[-4000:]}")
-    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0 and f"[{pid}] WORKER_OK" in out, f"process {pid} failed"
+        assert p.returncode == 0 and f"[{pid}] WORKER_OK" in out, f"process {pid} failed\n{report}"

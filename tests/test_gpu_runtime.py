@@ -114,16 +114,37 @@ def test_default_scratch_several_rounds(cc, rng, op):
     _check(cc, rng, op, np.dtype(np.float32), 8, count)
 
 
+def _check_calls(cc, rng, op, dtype, n, count, iters, sets=3, **options):
+    # Call i reads input set i % 3 and writes its own y: calls on one scratch half (i and i + 2)
+    # carry different data, so a call that consumed what an earlier call left in scratch (a reuse
+    # race) gives a wrong result instead of passing unnoticed with identical inputs.
+    input_sets = [_inputs(rng, op, n, count, dtype) for _ in range(sets)]
+    send_to, recv_from = _partial_ring(n) if op == "permute" else (None, None)
+    ys = cc.harness_run_calls(
+        op, "sum", dtype, n, input_sets, send_to, recv_from, iters=iters, **options
+    )
+    wants = [_expected(op, "sum", xs, send_to, recv_from) for xs in input_sets]
+    for r in range(n):
+        got = np.stack([ys[i][r] for i in range(iters)])
+        want = np.stack([wants[i % sets][r] for i in range(iters)])
+        _assert_close(got, want, n)
+
+
 @pytest.mark.parametrize("options", [{}, SMALL_SCRATCH], ids=["ll", "chunked"])
 def test_thousand_back_to_back_calls(cc, rng, options):
-    # Call k+1 starts while peers may still read call k: the epoch-parity halves must keep the
-    # result exact (a reuse race shows up as wrong data or a timeout).
-    _check(cc, rng, "all_reduce", np.dtype(np.float32), 8, 3001, iters=1000, **options)
+    # Call k+1 starts while peers may still read call k: the epoch-parity halves must keep every
+    # call's result exact (a reuse race shows up as wrong data or a timeout).
+    _check_calls(cc, rng, "all_reduce", np.dtype(np.float32), 8, 3001, iters=1000, **options)
+
+
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter", "all_to_all"])
+def test_back_to_back_chunked_other_ops(cc, rng, op):
+    _check_calls(cc, rng, op, np.dtype(np.int32), 4, 1001, iters=200, **SMALL_SCRATCH)
 
 
 def test_thousand_back_to_back_permutes(cc, rng):
     # permute moves data between two ranks only; the all-peer arrival keeps epochs in step.
-    _check(cc, rng, "permute", np.dtype(np.int32), 4, 513, iters=1000)
+    _check_calls(cc, rng, "permute", np.dtype(np.int32), 4, 513, iters=1000)
 
 
 @pytest.mark.parametrize("options", [{}, SMALL_SCRATCH], ids=["ll", "chunked"])
@@ -144,6 +165,8 @@ def test_bad_input_is_rejected_before_launch(cc, rng):
     xs = _inputs(rng, "permute", 4, 8, np.dtype(np.float32))
     with pytest.raises(ValueError, match="disagree"):
         cc.harness_run("permute", "sum", np.float32, 4, xs, [1, 2, 3, 0], [3, 0, 2, 1])
+    with pytest.raises(ValueError, match="disagree"):  # rank 1 would wait for a silent rank 0
+        cc.harness_run("permute", "sum", np.float32, 4, xs, [-1] * 4, [-1, 0, -1, -1])
     with pytest.raises(ValueError, match="leading axis"):
         cc.harness_run("all_to_all", "sum", np.float32, 4, xs)
 

@@ -43,7 +43,7 @@ step() {  # step NAME TIMEOUT_S CMD...
 step env 20 bash -c "nvidia-smi; nvcc --version | tail -2; $PY -c 'import jax; print(jax.__version__, jax.devices())'"
 # The build compiles the kernels for sm_80 and sm_90.
 # sm_90 only here (the machine is an H100/H200): half the compile time of the sm_80+sm_90 default.
-step build 200 env JAX_ARK_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 \
+step build 180 env JAX_ARK_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 \
   SKBUILD_CMAKE_DEFINE="CMAKE_CUDA_ARCHITECTURES=90" \
   $PY -m pip install --no-build-isolation --no-deps -v -e .
 step import 30 $PY -c "import jax_ark, jax, sys; print('has_cuda', jax_ark.has_cuda(), jax.devices()); sys.exit(0 if jax_ark.has_cuda() else 1)"
@@ -53,10 +53,15 @@ if ! $PY -c "import jax_ark, sys; sys.exit(0 if jax_ark.has_cuda() else 1)" >/de
     -DCMAKE_CUDA_ARCHITECTURES=90
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-step pytest_gpu 150 $PY -m pytest -m gpu -v -rs --durations=15 tests
+# One step per GPU test file, cheapest bring-up first, so one hang cannot starve the others;
+# --maxfail stops a systematic failure (every call timing out) early.
+step pytest_gpu_runtime 90 $PY -m pytest -m gpu -v -rs --maxfail=5 --durations=10 \
+  tests/test_gpu_xla_path.py tests/test_gpu_runtime.py
+step pytest_gpu_persistent 60 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py
+step pytest_gpu_multiprocess 80 $PY -m pytest -m gpu -v -rs -s tests/test_gpu_multiprocess.py
 if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
-  step bench_collectives 60 $PY -m jax_ark.bench collectives --out "$OUT"
-  step bench_persistent 100 $PY -m jax_ark.bench persistent --out "$OUT"
+  step bench_collectives 50 $PY -m jax_ark.bench collectives --out "$OUT"
+  step bench_persistent 90 $PY -m jax_ark.bench persistent --out "$OUT"
 else
   SUMMARY+=("SKIP  bench (no jax_ark.bench module)")
 fi

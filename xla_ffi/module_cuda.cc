@@ -78,7 +78,7 @@ nb::object last_error() {
     out["op"] = std::string(op_name(r.op));
     out["rank"] = static_cast<int>(r.rank);
     out["peer"] = static_cast<int>(r.peer);
-    out["epoch"] = static_cast<unsigned>(r.epoch);
+    out["epoch"] = static_cast<uint64_t>(r.epoch);
     out["device"] = static_cast<int>(r.device);
     out["comm_id"] = static_cast<int64_t>(r.comm_id);
     return out;
@@ -87,8 +87,11 @@ nb::object last_error() {
 }
 
 HarnessOptions options_of(int32_t blocks, uint32_t piece_bytes, uint32_t ll_bytes,
-                          int64_t timeout_ms, int32_t skip_rank, int32_t iters) {
+                          int64_t timeout_ms, int32_t skip_rank, int32_t iters,
+                          int32_t input_sets = 1, bool all_outputs = false) {
   HarnessOptions o;
+  o.input_sets = input_sets;
+  o.all_outputs = all_outputs;
   o.blocks = blocks;
   o.piece_bytes = piece_bytes;
   o.ll_bytes = ll_bytes;
@@ -129,14 +132,16 @@ NB_MODULE(_ark_cuda, m) {
       [](int32_t op, int32_t reduce, int32_t dtype, int32_t n_ranks,
          const std::vector<nb::bytes>& inputs, const std::vector<int32_t>& send_to,
          const std::vector<int32_t>& recv_from, int32_t iters, int64_t timeout_ms, int32_t blocks,
-         uint32_t piece_bytes, uint32_t ll_bytes, int32_t skip_rank) {
+         uint32_t piece_bytes, uint32_t ll_bytes, int32_t skip_rank, int32_t input_sets,
+         bool all_outputs) {
         std::vector<std::string> in;
         for (const auto& b : inputs) in.emplace_back(b.c_str(), b.size());
         std::vector<std::string> out;
         {
           nb::gil_scoped_release release;
           out = harness_run(op, reduce, dtype, n_ranks, in, send_to, recv_from,
-                            options_of(blocks, piece_bytes, ll_bytes, timeout_ms, skip_rank, iters));
+                            options_of(blocks, piece_bytes, ll_bytes, timeout_ms, skip_rank, iters,
+                                       input_sets, all_outputs));
         }
         std::vector<nb::bytes> result;
         for (const auto& o : out) result.emplace_back(o.data(), o.size());
@@ -145,7 +150,8 @@ NB_MODULE(_ark_cuda, m) {
       nb::arg("op"), nb::arg("reduce"), nb::arg("dtype"), nb::arg("n_ranks"), nb::arg("inputs"),
       nb::arg("send_to"), nb::arg("recv_from"), nb::arg("iters") = 1,
       nb::arg("timeout_ms") = 10000, nb::arg("blocks") = 0, nb::arg("piece_bytes") = 32768,
-      nb::arg("ll_bytes") = 65536, nb::arg("skip_rank") = -1,
+      nb::arg("ll_bytes") = 65536, nb::arg("skip_rank") = -1, nb::arg("input_sets") = 1,
+      nb::arg("all_outputs") = false,
       "Runs n ranks of one collective as concurrent streams on the current GPU (raw bytes in/out).");
   m.def(
       "harness_time",

@@ -41,7 +41,7 @@ int32_t dtype_code(ffi::DataType t) {
   }
 }
 
-constexpr int64_t kDefaultTimeoutMs = 60000;
+constexpr int64_t kMaxTimeoutMs = int64_t{1} << 40;  // ~35 years
 
 ffi::Error ArkCollectiveCudaImpl(cudaStream_t stream, int32_t device_ordinal, ffi::AnyBuffer x,
                                  ffi::Buffer<ffi::S32> rank, ffi::Buffer<ffi::S32> color,
@@ -86,8 +86,13 @@ ffi::Error ArkCollectiveCudaImpl(cudaStream_t stream, int32_t device_ordinal, ff
   args.x = x.untyped_data();
   args.y = y->untyped_data();
   args.rank_operand = rank.typed_data();
-  args.timeout_ns =
-      static_cast<uint64_t>(timeout_ms > 0 ? timeout_ms : kDefaultTimeoutMs) * 1000000ull;
+  // Contract (docs/internals.md): timeout_ms > 0, like the CPU backend. Capped so the
+  // nanoseconds fit 64 bits next to %globaltimer.
+  if (timeout_ms <= 0 || timeout_ms > kMaxTimeoutMs)
+    return ffi::Error::InvalidArgument("jax_ark: timeout_ms must be in [1, " +
+                                       std::to_string(kMaxTimeoutMs) + "], got " +
+                                       std::to_string(timeout_ms));
+  args.timeout_ns = static_cast<uint64_t>(timeout_ms) * 1000000ull;
   for (int j = 0; j < kMaxRanks; ++j) args.send_to[j] = args.recv_from[j] = -1;
   if (op == kPermute) {
     if (send_to.size() != n || recv_from.size() != n)

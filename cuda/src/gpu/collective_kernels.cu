@@ -2,8 +2,8 @@
 //
 // Two protocols (docs/gpu_runtime.md):
 //  * LL (per-peer message <= CommConfig::ll_bytes): every rank pushes 8-byte packets {4 data bytes,
-//    epoch} straight into slot [my rank] of every destination's LL area; readers poll the packets,
-//    so data and "signal" arrive together. Block 0 also pushes one header packet to EVERY rank
+//    ll_flag_of(epoch)} straight into slot [my rank] of every destination's LL area; readers poll
+//    the packets, so data and "signal" arrive together. Block 0 also pushes one header packet to EVERY rank
 //    (data or not) and polls the headers of every rank: each call thereby depends on every peer
 //    having started it (needed by the buffer-reuse argument below, and for permute).
 //  * chunked (larger): rounds of (put one piece per peer into its chunk area, release-signal a
@@ -20,9 +20,10 @@
 //     writes peer p's parity ((g+1) & 1) in round g+1 only after it saw p's round-g flag for block
 //     b, which p raised after consuming round g-1 (= same parity) in block b (program order +
 //     __syncthreads before the signal).
-//  3. Flags are monotonic (epoch in the high 32 bits, round+1 in the low), waits use >=, so stale
-//     values from older calls never satisfy a newer wait and flags are never reset. LL packets are
-//     compared for equality with the call's epoch; the half they live in only holds epochs e-2, e-4...
+//  3. Flags are monotonic (64-bit epoch in the high bits, round+1 in the low kRoundBits), waits use
+//     >=, so stale values from older calls never satisfy a newer wait and flags are never reset.
+//     LL packets are compared for equality with ll_flag_of(epoch); the half they live in only holds
+//     flags of epochs e-2, e-4..., or 0 (never written).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -228,8 +229,8 @@ __device__ bool ll_call(const WaitContext& w, const CollectiveArgs& a) {
   const CommDevice& c = w.comm;
   const int n = c.n;
   const int r = c.rank;
-  const uint32_t e = w.epoch;
-  const uint32_t half = e & 1u;
+  const uint32_t e = w.ll_flag;
+  const uint32_t half = static_cast<uint32_t>(w.epoch & 1u);
   const uint64_t m = a.block_bytes;
   const uint64_t words = (m + 3) / 4;
   const uint8_t* x = static_cast<const uint8_t*>(a.x);
@@ -290,7 +291,7 @@ __device__ bool ll_call(const WaitContext& w, const CollectiveArgs& a) {
 // ---- chunked protocol ----------------------------------------------------------------------
 struct Round {
   uint32_t half;
-  uint32_t epoch;
+  uint64_t epoch;
   uint32_t g = 0;  // round counter over the whole call (both all-reduce phases)
 };
 
@@ -312,8 +313,9 @@ __device__ __forceinline__ bool wait_all(const WaitContext& w, uint64_t seq, int
   return *s_failed == 0;
 }
 
-__device__ __forceinline__ uint64_t round_seq(uint32_t epoch, uint32_t g) {
-  return (static_cast<uint64_t>(epoch) << 32) | (static_cast<uint64_t>(g) + 1);
+// g + 1 < 2^kRoundBits: validate_call bounds the rounds of a call (kMaxRoundsPerCall).
+__device__ __forceinline__ uint64_t round_seq(uint64_t epoch, uint32_t g) {
+  return (epoch << kRoundBits) | (static_cast<uint64_t>(g) + 1);
 }
 
 // One exchange phase: `rounds` rounds; in round k block b handles bytes [off, off + P) of every
@@ -353,7 +355,7 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
   const uint64_t per_round = piece * gridDim.x;  // bytes of one message moved per round
   const uint8_t* x = static_cast<const uint8_t*>(a.x);
   uint8_t* y = static_cast<uint8_t*>(a.y);
-  Round rd{w.epoch & 1u, w.epoch, 0};
+  Round rd{static_cast<uint32_t>(w.epoch & 1u), w.epoch, 0};
   // My pieces of round parity p from every source: [src][block] layout, stride blocks * piece.
   const uint64_t src_stride = static_cast<uint64_t>(c.blocks) * piece;
   auto local_piece = [&](uint32_t parity, int src) {
@@ -384,6 +386,11 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
         s_failed);
     if (!ok) return false;
     // Phase 2, all-gather of the reduced shards (block b re-reads only what block b wrote).
+    // Block b wrote its reduced pieces of y with block_reduce's thread mapping and now reads them
+    // with block_copy's (the tails differ: per element vs per byte). With one round per phase
+    // nothing else separates the last reduce from the first put: the barrier makes every
+    // thread's y writes visible to the whole block before any thread sends them.
+    __syncthreads();
     return run_phase(
         w, rd, rounds,
         [&](int j, const uint8_t*& src, uint64_t& len) {
@@ -451,18 +458,18 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
 template <typename T, int R>
 __global__ void __launch_bounds__(kThreads)
     collective_kernel(CommDevice comm, CollectiveArgs args, int use_ll) {
-  __shared__ uint32_t s_epoch;
+  __shared__ uint64_t s_epoch;
   __shared__ int s_failed;
   // Loaded early, checked at the end: the communicator already knows its rank (bootstrap), the
   // operand only guards against a mesh/rank mismatch, so it stays off the latency path.
   const int32_t rank_operand = args.rank_operand != nullptr ? *args.rank_operand : comm.rank;
   if (threadIdx.x == 0) {
-    s_epoch = *reinterpret_cast<volatile uint32_t*>(&comm.control->epoch);
+    s_epoch = *reinterpret_cast<volatile uint64_t*>(&comm.control->epoch);
     s_failed = 0;
   }
   __syncthreads();
   const uint64_t now = global_timer_ns();
-  const WaitContext wait{comm, now, now + args.timeout_ns, args.op, s_epoch};
+  const WaitContext wait{comm, now, now + args.timeout_ns, args.op, s_epoch, ll_flag_of(s_epoch)};
 
   bool ok = use_ll ? ll_call<T, R>(wait, args) : chunked_call<T, R>(wait, args, &s_failed);
   (void)ok;  // failures are in the error record; the kernel still retires the call below
@@ -477,7 +484,8 @@ __global__ void __launch_bounds__(kThreads)
     if (atomicAdd(&comm.control->blocks_done, 1u) == gridDim.x - 1) {
       atomicExch(&comm.control->blocks_done, 0u);
       __threadfence();
-      atomicExch(&comm.control->epoch, s_epoch + 1u);
+      atomicExch(reinterpret_cast<unsigned long long*>(&comm.control->epoch),
+                 static_cast<unsigned long long>(s_epoch + 1u));
     }
   }
 }

@@ -1,6 +1,7 @@
 // Host side of the GPU communicator: allocation, IPC export/import, peer access, registry.
 #include "jax_ark/gpu/communicator.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <sstream>
 
@@ -94,7 +95,8 @@ RankState::RankState(int64_t comm_id, int device, int rank, const CommConfig& co
     throw std::invalid_argument("jax_ark: ll_bytes must be a positive multiple of 4");
   layout_ = ScratchLayout::of(config);
 
-  // Zeroed scratch: flags and LL epochs start at 0, below every epoch a call can use (>= 1).
+  // Zeroed scratch: flags start at 0, below every call's sequence (epoch >= 1), and LL flags at
+  // 0, which ll_flag_of never returns.
   scratch_ = device_alloc(device, layout_.total_bytes, /*zero=*/true);
   control_ = device_alloc(device, sizeof(RankControl), /*zero=*/true);
   peer_table_ = device_alloc(device, sizeof(uint8_t*) * config.n_ranks, /*zero=*/true);
@@ -240,6 +242,9 @@ std::string validate_call(const CommConfig& config, const CollectiveArgs& args, 
           return "permute route out of range";
         if (args.send_to[j] >= 0 && args.recv_from[args.send_to[j]] != static_cast<int32_t>(j))
           return "permute routes disagree: send_to[j] = d requires recv_from[d] = j";
+        // The other direction too: a receiver whose sender sends elsewhere would wait forever.
+        if (args.recv_from[j] >= 0 && args.send_to[args.recv_from[j]] != static_cast<int32_t>(j))
+          return "permute routes disagree: recv_from[d] = j requires send_to[j] = d";
       }
       break;
     default: return "unknown op code";
@@ -249,6 +254,27 @@ std::string validate_call(const CommConfig& config, const CollectiveArgs& args, 
     os << op_name(args.op) << ": operand/result sizes " << x_bytes << "/" << y_bytes
        << " bytes do not fit group size " << n;
     return os.str();
+  }
+  // Chunked calls number their rounds inside the flag word (kRoundBits); mirror the kernel's
+  // round count (collective_kernels.cu: chunked_call) and refuse what would overflow it.
+  const ScratchLayout layout = ScratchLayout::of(config);
+  const uint64_t ll_capacity = (static_cast<uint64_t>(layout.ll_slot_packets) - 1) * 4;
+  if (m > ll_capacity) {
+    const uint64_t per_round = static_cast<uint64_t>(config.piece_bytes) * config.blocks;
+    uint64_t rounds = 0;
+    if (args.op == kAllReduce) {
+      const uint64_t count = m / es, vec = 16 / es;
+      const uint64_t shard_bytes = ((count + n - 1) / n + vec - 1) / vec * vec * es;
+      rounds = 2 * ((std::min(shard_bytes, m) + per_round - 1) / per_round);
+    } else {
+      rounds = (m + per_round - 1) / per_round;
+    }
+    if (rounds > kMaxRoundsPerCall) {
+      std::ostringstream os;
+      os << op_name(args.op) << ": " << m << " bytes per peer need " << rounds
+         << " rounds of the communicator's scratch, more than " << kMaxRoundsPerCall;
+      return os.str();
+    }
   }
   return "";
 }

@@ -58,10 +58,13 @@ struct HarnessGroup {
   std::vector<DeviceBuffer> xs, ys, rank_operands;
   CollectiveArgs args;
   uint64_t x_bytes = 0, y_bytes = 0;
+  // Several x's / y's per rank live at these strides (256: as aligned as XLA's buffers).
+  uint64_t x_stride = 0, y_stride = 0;
+  int32_t x_sets = 1, y_slots = 1;
 
   HarnessGroup(int32_t op, int32_t reduce, int32_t dtype, int32_t n, uint64_t x_bytes_in,
                const std::vector<int32_t>& send_to, const std::vector<int32_t>& recv_from,
-               const HarnessOptions& options) {
+               const HarnessOptions& options, int32_t x_sets_in = 1, int32_t y_slots_in = 1) {
     if (n < 1 || n > kMaxRanks) throw std::invalid_argument("jax_ark harness: bad rank count");
     ARK_CUDA_THROW(cudaGetDevice(&device));
     int sms = 0;
@@ -98,6 +101,10 @@ struct HarnessGroup {
     const std::string problem = validate_call(config, args, x_bytes, y_bytes);
     if (!problem.empty()) throw std::invalid_argument("jax_ark harness: " + problem);
 
+    x_sets = std::max(x_sets_in, 1);
+    y_slots = std::max(y_slots_in, 1);
+    x_stride = ScratchLayout::round_up(std::max<uint64_t>(x_bytes, 16), 256);
+    y_stride = ScratchLayout::round_up(std::max<uint64_t>(y_bytes, 16), 256);
     const int64_t comm_id = next_harness_comm.fetch_sub(1);
     for (int r = 0; r < n; ++r) ranks.push_back(std::make_unique<RankState>(comm_id, device, r, config));
     std::vector<PeerLink> links(n);
@@ -109,17 +116,17 @@ struct HarnessGroup {
     for (int r = 0; r < n; ++r) {
       ranks[r]->connect(links);
       streams.push_back(std::make_unique<Stream>());
-      xs.push_back(device_alloc(device, std::max<uint64_t>(x_bytes, 16), true));
-      ys.push_back(device_alloc(device, std::max<uint64_t>(y_bytes, 16), true));
+      xs.push_back(device_alloc(device, x_stride * x_sets, true));
+      ys.push_back(device_alloc(device, y_stride * y_slots, true));
       rank_operands.push_back(device_alloc(device, sizeof(int32_t), false));
       ARK_CUDA_THROW(cudaMemcpy(rank_operands[r].get(), &r, sizeof(int32_t), cudaMemcpyHostToDevice));
     }
   }
 
-  cudaError_t launch(int r) const {
+  cudaError_t launch(int r, int call = 0) const {
     CollectiveArgs a = args;
-    a.x = xs[r].get();
-    a.y = ys[r].get();
+    a.x = static_cast<uint8_t*>(xs[r].get()) + (call % x_sets) * x_stride;
+    a.y = static_cast<uint8_t*>(ys[r].get()) + (call % y_slots) * y_stride;
     a.rank_operand = static_cast<const int32_t*>(rank_operands[r].get());
     return launch_collective(ranks[r]->device_view(), a, streams[r]->get());
   }
@@ -153,20 +160,33 @@ std::vector<std::string> harness_run(int32_t op, int32_t reduce, int32_t dtype, 
   for (const auto& in : inputs)
     if (in.size() != inputs[0].size())
       throw std::invalid_argument("jax_ark harness: inputs differ in size");
-  HarnessGroup group(op, reduce, dtype, n, inputs[0].size(), send_to, recv_from, options);
+  const int32_t iters = std::max(options.iters, 1);
+  const int32_t sets = std::max(options.input_sets, 1);
+  if (inputs[0].size() % sets != 0)
+    throw std::invalid_argument("jax_ark harness: inputs do not split into input_sets");
+  const uint64_t x_bytes = inputs[0].size() / sets;
+  HarnessGroup group(op, reduce, dtype, n, x_bytes, send_to, recv_from, options, sets,
+                     options.all_outputs ? iters : 1);
   for (int r = 0; r < n; ++r)
-    ARK_CUDA_THROW(cudaMemcpy(group.xs[r].get(), inputs[r].data(), inputs[r].size(),
-                              cudaMemcpyHostToDevice));
-  for (int it = 0; it < std::max(options.iters, 1); ++it)
+    for (int s = 0; s < sets; ++s)
+      ARK_CUDA_THROW(cudaMemcpy(static_cast<uint8_t*>(group.xs[r].get()) + s * group.x_stride,
+                                inputs[r].data() + s * x_bytes, x_bytes, cudaMemcpyHostToDevice));
+  for (int it = 0; it < iters; ++it)
     for (int r = 0; r < n; ++r)
-      if (r != options.skip_rank) ARK_CUDA_THROW(group.launch(r));
+      if (r != options.skip_rank) ARK_CUDA_THROW(group.launch(r, it));
   group.sync_all();
   group.throw_recorded_errors();
+  // The last call's y, or every call's (slot i = call i).
+  const int32_t first = options.all_outputs ? 0 : (iters - 1) % group.y_slots;
+  const int32_t count = options.all_outputs ? iters : 1;
   std::vector<std::string> outputs(n);
   for (int r = 0; r < n; ++r) {
-    outputs[r].resize(group.y_bytes);
-    ARK_CUDA_THROW(cudaMemcpy(outputs[r].data(), group.ys[r].get(), group.y_bytes,
-                              cudaMemcpyDeviceToHost));
+    outputs[r].resize(group.y_bytes * count);
+    for (int k = 0; k < count; ++k)
+      ARK_CUDA_THROW(cudaMemcpy(outputs[r].data() + k * group.y_bytes,
+                                static_cast<uint8_t*>(group.ys[r].get()) +
+                                    (first + k) * group.y_stride,
+                                group.y_bytes, cudaMemcpyDeviceToHost));
   }
   return outputs;
 }

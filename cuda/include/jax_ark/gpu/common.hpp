@@ -12,6 +12,10 @@ namespace jax_ark::gpu {
 constexpr int kMaxRanks = 64;
 constexpr int kMaxBlocks = 32;
 constexpr int kThreads = 512;
+// Chunked flags hold (epoch << kRoundBits) | (round + 1): rounds of one call (both all-reduce
+// phases together) must stay below 2^kRoundBits - 1, leaving 44 bits of epoch (~10^13 calls).
+constexpr int kRoundBits = 20;
+constexpr uint64_t kMaxRoundsPerCall = (1ull << kRoundBits) - 2;
 
 // Operation codes of the `ark_collective` contract (docs/internals.md).
 enum OpCode : int32_t {
@@ -43,15 +47,17 @@ struct ErrorRecord {
   int32_t op;
   int32_t rank;   // the rank that gave up waiting
   int32_t peer;   // the rank it waited for (-2: the rank operand disagreed with the communicator)
-  uint32_t epoch;
+  uint64_t epoch;
   int32_t device;
   int64_t comm_id;
   uint64_t waited_ns;
 };
 
 // Per-rank control words in device memory, never touched by peers.
+// The epoch is 64-bit: a 32-bit one wraps after 2^32 calls (hours of back-to-back small calls),
+// and after a wrap `>=` flag waits pass on stale flags and LL packets match never-written ones.
 struct RankControl {
-  uint32_t epoch;        // sequence number of the next call; starts at 1 (0 = "never written")
+  uint64_t epoch;        // sequence number of the next call; starts at 1
   uint32_t blocks_done;  // blocks of the running call that finished; the last one bumps `epoch`
   uint32_t abort;        // set by the first failing block so the others stop waiting
   uint32_t error_claim;  // CAS guard: only one failure is recorded

@@ -108,6 +108,13 @@ __device__ __forceinline__ void store_packet(uint2* p, uint32_t data, uint32_t f
   asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// The 32-bit flag of a call's LL packets: never 0 (zeroed scratch = "never written"), and equal
+// for two epochs only 2^32 - 1 calls apart, so a packet left in a slot by an older call (its
+// half holds epochs e-2, e-4, ...) cannot pass for the current call's.
+ARK_HOST_DEVICE inline uint32_t ll_flag_of(uint64_t epoch) {
+  return static_cast<uint32_t>(epoch % 0xFFFFFFFFull) + 1u;
+}
+
 // ---- bounded waits -------------------------------------------------------------------------
 // A wait spins on a local word; every 256 spins it checks %globaltimer against the call's deadline
 // and the rank's abort word. On failure the first failing thread writes the error record.
@@ -116,7 +123,8 @@ struct WaitContext {
   uint64_t start_ns;
   uint64_t deadline_ns;
   int32_t op;
-  uint32_t epoch;
+  uint64_t epoch;
+  uint32_t ll_flag;  // ll_flag_of(epoch)
 
   // Claims the record BEFORE raising `abort`: a thread that stops because it saw `abort` must not
   // record its own (innocent) peer as the culprit.
@@ -155,12 +163,12 @@ struct WaitContext {
     }
     return true;
   }
-  // Waits until an LL packet carries `epoch`; returns its data word through `data`.
+  // Waits until an LL packet carries this call's flag; returns its data word through `data`.
   __device__ bool wait_packet(const uint2* p, int src, uint32_t& data) const {
     uint32_t spins = 0;
     for (;;) {
       const uint2 v = load_packet(p);
-      if (v.y == epoch) {
+      if (v.y == ll_flag) {
         data = v.x;
         return true;
       }

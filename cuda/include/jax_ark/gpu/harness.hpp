@@ -16,10 +16,17 @@ struct HarnessOptions {
   int64_t timeout_ms = 10000;
   int32_t skip_rank = -1;        // a rank whose kernels are never launched (forced timeouts)
   int32_t iters = 1;             // back-to-back calls; outputs are those of the last call
+  // harness_run only: each rank's input holds `input_sets` x's back to back; call i reads set
+  // i % input_sets. With all_outputs, call i writes its own y and every call's y is returned
+  // (rank r's output = iters y's back to back), so a call that read stale scratch is caught
+  // even when its inputs equal an earlier call's.
+  int32_t input_sets = 1;
+  bool all_outputs = false;
 };
 
-// Runs `iters` calls of one collective on n ranks; inputs[r] holds rank r's x as raw bytes.
-// Returns each rank's y as raw bytes. Throws std::runtime_error with the device's error record
+// Runs `iters` calls of one collective on n ranks; inputs[r] holds rank r's x as raw bytes
+// (options.input_sets of them). Returns each rank's y as raw bytes (every call's with
+// options.all_outputs). Throws std::runtime_error with the device's error record
 // (op, rank, peer) when a wait timed out.
 std::vector<std::string> harness_run(int32_t op, int32_t reduce, int32_t dtype, int32_t n,
                                      const std::vector<std::string>& inputs,

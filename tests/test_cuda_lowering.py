@@ -1,0 +1,96 @@
+"""The "cuda" lowering of `ark_collective`, checked on CPU (no GPU needed).
+
+The bootstrap is stubbed and the program exported for platform cuda: the custom call must carry
+exactly the attributes the FFI handler binds (xla_ffi/gpu/collective_handler.cc), and the
+bootstrap's rank order must equal `lax.axis_index(axes)`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_ark
+from jax_ark import _collective_primitive, _cuda_collectives
+
+# name -> MLIR type, as collective_handler.cc binds them (.Attr<int32_t>("op"), ...).
+HANDLER_ATTRS = {
+    "op": "i32",
+    "reduce": "i32",
+    "group_size": "i64",
+    "comm_key": "i64",
+    "timeout_ms": "i64",
+    "send_to": "tensor<?xi64>",
+    "recv_from": "tensor<?xi64>",
+    "comm_id": "i64",
+}
+
+
+@pytest.fixture
+def stub_bootstrap(monkeypatch):
+    seen = []
+
+    def fake(mesh, axes, group_size):
+        seen.append((axes, _cuda_collectives._groups(mesh, axes), group_size))
+        return 4242
+
+    monkeypatch.setattr(_cuda_collectives, "_communicator", fake)
+    _cuda_collectives.register_lowering(_collective_primitive.ark_collective_p)
+    return seen
+
+
+def _attributes(config: str) -> dict[str, str]:
+    out = {}
+    for name, value in re.findall(r"(\w+) = ((?:dense<[^>]*> : tensor<[^>]*>)|[^,}]+)", config):
+        if value.startswith("dense<"):
+            out[name] = "tensor<?x" + value.split("tensor<")[1].split("x")[-1].rstrip(">") + ">"
+        else:
+            out[name] = value.split(":")[-1].strip()
+    return out
+
+
+def test_cuda_custom_call_attributes_and_rank_order(mesh2x4, stub_bootstrap):
+    def body(a):
+        s = jax_ark.psum(a, ("y", "x"))
+        return jax_ark.ppermute(s, "y", perm=[(0, 1), (1, 2), (2, 3), (3, 0)])
+
+    spec = P(("x", "y"))
+    f = jax.jit(jax.shard_map(body, mesh=mesh2x4, in_specs=spec, out_specs=spec))
+    x = jnp.arange(32, dtype=jnp.float32).reshape(8, 4)
+    exported = jax.export.export(
+        f,
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ark_collective_cuda")],
+    )(x)
+    configs = re.findall(
+        r"custom_call @ark_collective_cuda\(.*?mhlo.backend_config = \{(.*?)\}",
+        exported.mlir_module(),
+    )
+    assert len(configs) == 2
+    for config in configs:
+        assert _attributes(config) == HANDLER_ATTRS
+    assert (
+        "comm_id = 4242" in configs[0] and "op = 0" in configs[0] and "group_size = 8" in configs[0]
+    )
+    assert "send_to = dense<[1, 2, 3, 0]>" in configs[1] and "op = 3" in configs[1]
+
+    # The bootstrap's group table: column = rank. It must be lax.axis_index(axes) on each device.
+    (axes, groups, size), (axes2, groups2, size2) = stub_bootstrap
+    assert (axes, size, axes2, size2) == (("y", "x"), 8, ("y",), 4)
+    for axes_, table in [(axes, groups), (axes2, groups2)]:
+        index = jax.jit(
+            jax.shard_map(
+                lambda a, axes_=axes_: jnp.full((1,), jax.lax.axis_index(axes_)),
+                mesh=mesh2x4,
+                in_specs=spec,
+                out_specs=spec,
+            )
+        )(x)
+        rank_of = {s.device.id: int(np.asarray(s.data)[0]) for s in index.addressable_shards}
+        for row in table:
+            assert [rank_of[d.id] for d in row] == list(range(len(row)))

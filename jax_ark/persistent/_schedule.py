@@ -22,8 +22,57 @@ from jax_ark.persistent._trace import TraceResult
 # ---- tiling ----------------------------------------
 
 
-def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> list[Task]:
+# Most rows a tile may have for the CUDA executor's GEMV path (tile_ops_device.cuh, gemv_kn).
+GPU_GEMV_MAX_ROWS = 16
+# Column granularity of GPU tiles: 8 elements = one 16-byte vector of bf16 / f16 weights.
+GPU_COLUMN_QUANTUM = 8
+# Rows of one GEMM sub-tile of the CUDA executor (gemm_tile, 64 x 64).
+GPU_GEMM_ROWS = 64
+
+
+def _round_up(x: int, q: int) -> int:
+    return -(-x // q) * q
+
+
+def gpu_tile_shape(op: Op, num_workers: int) -> tuple[int, int, int]:
+    """(tile_b, tile_m, tile_n) for the CUDA executor: every op split into about one tile per worker
+    (one worker = one SM), so a layer of a decode chain uses every SM once. A GEMV (<= 16 rows per
+    batch entry) keeps all its rows in one tile and splits columns in multiples of 8:
+    d=1024 on 132 SMs -> tile_n 8 (128 tiles), d=4096 -> 32 (128), d=256 -> 8 (32)."""
+    w = max(1, num_workers)
     if op.kind == "matmul":
+        tb = max(1, op.B // w)  # many batch entries (attention heads): group them
+        groups = -(-op.B // tb)
+        if op.M <= GPU_GEMV_MAX_ROWS:
+            tm = op.M
+            per_group = max(1, w // groups)
+            tn = _round_up(-(-op.N // per_group), GPU_COLUMN_QUANTUM)
+        else:
+            tm = GPU_GEMM_ROWS
+            row_tiles = groups * -(-op.M // tm)
+            per_row_tile = max(1, w // row_tiles)
+            tn = min(64, _round_up(-(-op.N // per_row_tile), GPU_COLUMN_QUANTUM))
+        return tb, max(1, min(op.M, tm)), max(1, min(op.N, tn))
+    if op.kind == "map":  # one element per thread, at least a block's worth (256) per tile
+        total = op.M * op.N
+        per_task = min(16384, max(256, _round_up(-(-total // w), 256)))
+        if op.N >= per_task:
+            return 1, 1, per_task
+        return 1, max(1, min(op.M, per_task // max(1, op.N))), max(1, op.N)
+    # reduce: one warp per row; whole rows, split so every worker gets some
+    tm = max(1, min(op.M, 16384 // max(1, op.K)))
+    return 1, max(1, min(tm, -(-op.M // w))), 1
+
+
+def _tiles(
+    op: Op, num_workers: int, tile_m: int | None, tile_n: int | None, platform: str = "cpu"
+) -> list[Task]:
+    if platform == "gpu":
+        tb, tm, tn = gpu_tile_shape(op, num_workers)
+        if op.kind != "reduce":
+            tn = min(op.N, tile_n or tn)
+        tm = max(1, min(op.M, tile_m or tm))
+    elif op.kind == "matmul":
         default_n = 64
         if op.M <= 8:
             # GEMV-like (decode): a tile reads a K x tn slab of weights row by row; wide slabs, one
@@ -36,7 +85,7 @@ def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> 
         tn = min(op.N, tile_n or 1024)
         tm = max(1, min(op.M, tile_m or max(1, 4096 // tn)))
         tb = 1
-    else:  # reduce: whole rows; split rows so every worker gets some
+    else:  # CPU reduce: whole rows; split rows so every worker gets some
         tn = 1
         tm = tile_m or max(1, min(op.M, 16384 // max(1, op.K)))
         tm = max(1, min(tm, math.ceil(op.M / max(1, num_workers))))
@@ -265,12 +314,16 @@ def build_plan(
     num_workers: int,
     tile_m: int | None = None,
     tile_n: int | None = None,
+    platform: str = "cpu",
 ) -> Plan:
+    """platform "cpu" / "gpu" picks the default tile shapes (explicit tile_m / tile_n win)."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if platform not in ("cpu", "gpu"):
+        raise ValueError(f"platform must be 'cpu' or 'gpu', got {platform!r}")
     tasks: list[Task] = []
     for i, op in enumerate(traced.ops):
-        for task in _tiles(op, num_workers, tile_m, tile_n):
+        for task in _tiles(op, num_workers, tile_m, tile_n, platform):
             task.op = i
             tasks.append(task)
     plan = Plan(

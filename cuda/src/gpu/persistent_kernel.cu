@@ -616,6 +616,19 @@ struct DeviceState {
 };
 
 std::mutex g_mutex;
+
+// Co-resident blocks of the kernel on `device`, which must be the current device. Sets the dynamic
+// shared memory attribute first: the occupancy (and every launch) depends on it.
+std::string resident_blocks_on_current(int device, int* blocks) {
+  ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
+  int per_sm = 0, sms = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));
+  ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  *blocks = per_sm * sms;
+  return {};
+}
 std::vector<DeviceState*> g_devices;  // indexed by CUDA device ordinal
 
 std::string device_state(DeviceState** out) {
@@ -632,13 +645,8 @@ std::string device_state(DeviceState** out) {
     std::memset(st->host_record, 0, sizeof(PersistentErrorRecord));
     ARK_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(
         reinterpret_cast<void**>(&st->device_record), st->host_record, 0));
-    ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
-    int per_sm = 0, sms = 0;
-    ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));
-    ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    st->co_resident_blocks = per_sm * sms;
+    if (std::string err = resident_blocks_on_current(device, &st->co_resident_blocks); !err.empty())
+      return err;
     g_devices[device] = st;
   }
   *out = g_devices[device];
@@ -725,6 +733,20 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
   cfg.numAttrs = 1;
   ARK_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, persistent_kernel, kp));
   return {};
+}
+
+std::string persistent_max_workers(int device, int* blocks) {
+  int previous = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaGetDevice(&previous));
+  if (device != previous) ARK_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  std::string err = resident_blocks_on_current(device, blocks);
+  if (device != previous) {
+    const cudaError_t restore = cudaSetDevice(previous);
+    if (err.empty() && restore != cudaSuccess)
+      err = std::string("ark_persistent: cudaSetDevice(previous) failed: ") +
+            cudaGetErrorString(restore);
+  }
+  return err;
 }
 
 bool persistent_take_failure(std::string* message, bool* is_timeout) {

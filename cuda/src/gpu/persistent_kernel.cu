@@ -639,7 +639,19 @@ std::string device_state(DeviceState** out) {
   if (g_devices[device] == nullptr) {
     auto* st = new DeviceState();
     ARK_CUDA_RETURN_IF_ERROR(cudaMalloc(&st->abort_word, sizeof(uint32_t)));
-    ARK_CUDA_RETURN_IF_ERROR(cudaMemset(st->abort_word, 0, sizeof(uint32_t)));
+    // cudaMalloc memory is not zeroed, and a plain cudaMemset runs on the legacy default stream,
+    // which does not order against XLA's (non-blocking) streams: a first kernel could read a stale
+    // abort word >= its seq and every block would exit at once, leaving garbage outputs and no error
+    // record. Zero it on a private stream and wait for just that memset.
+    {
+      cudaStream_t init = nullptr;
+      ARK_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&init, cudaStreamNonBlocking));
+      cudaError_t e = cudaMemsetAsync(st->abort_word, 0, sizeof(uint32_t), init);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(init);
+      const cudaError_t destroyed = cudaStreamDestroy(init);
+      ARK_CUDA_RETURN_IF_ERROR(e);
+      ARK_CUDA_RETURN_IF_ERROR(destroyed);
+    }
     ARK_CUDA_RETURN_IF_ERROR(
         cudaHostAlloc(&st->host_record, sizeof(PersistentErrorRecord), cudaHostAllocMapped));
     std::memset(st->host_record, 0, sizeof(PersistentErrorRecord));

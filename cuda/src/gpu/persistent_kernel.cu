@@ -76,7 +76,8 @@ struct TaskSmem {
   int64_t out_dims[pf::kMaxRank];
   int64_t iter_dims[pf::kMaxRank];
   int32_t out_rank, out_dtype;
-  int32_t bad;     // nonzero: a BadPlanReason found while staging
+  int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
+  int32_t bad_instruction;  // nonzero: kBadProgram found by any thread in the staging loop
   int32_t flag;    // scratch for block-wide broadcasts
 };
 
@@ -274,6 +275,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
   const int plen = op.prologue_len, elen = op.epilogue_len;
   if (threadIdx.x == 0) {
     s.bad = 0;
+    s.bad_instruction = 0;
     const bool lens_ok = plen >= 0 && elen >= 0 && plen <= pf::kMaxProgramLen &&
                          elen <= pf::kMaxProgramLen && op.prologue_at >= 0 && op.epilogue_at >= 0 &&
                          (static_cast<int64_t>(op.prologue_at) + plen) * 4 <= h.code_words &&
@@ -336,7 +338,9 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
     } else {
       ok = false;
     }
-    if (!ok) s.bad = kBadProgram;  // benign race: any nonzero value is the same verdict
+    // Not s.bad: a slower thread may still be reading s.bad above (early return), and seeing it
+    // change would make that thread skip the barrier below while the others wait at it.
+    if (!ok) s.bad_instruction = kBadProgram;  // benign race: any nonzero value is the same verdict
   }
   __syncthreads();
 }
@@ -537,7 +541,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     const pf::TaskRecord& t = plan.task(task);
     const pf::OpRecord& op = plan.op(t.op);
     stage_task(p, plan, op, s);
-    bool views_ok = s.bad == 0;
+    const int32_t staged_bad = s.bad ? s.bad : s.bad_instruction;
+    bool views_ok = staged_bad == 0;
     if (views_ok) {
       views_ok = tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
       if (op.kind == pf::kOpMatmul) {
@@ -555,7 +560,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     if (!views_ok) {
       if (threadIdx.x == 0)
-        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, s.bad ? s.bad : kBadView, 0);
+        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, staged_bad ? staged_bad : kBadView, 0);
       return;
     }
     const uint64_t wait_begin = persistent_globaltimer_ns();

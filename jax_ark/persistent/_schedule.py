@@ -124,20 +124,31 @@ def program_views(program) -> list[int]:
     return [int(i.a) for i in program if i.op == "load"]
 
 
-def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
-    """(tensor id, flat element indices) the task reads, per view."""
+def task_reads(
+    plan: Plan, task: Task, only: set[int] | dict | None = None
+) -> list[tuple[int, np.ndarray]]:
+    """(tensor id, flat element indices) the task reads, per view; only tensors in `only` if given
+    (skipping never-produced weights saves most of the planning time of a GEMV chain)."""
     op = plan.ops[task.op]
+
+    def want(tensor: int) -> bool:
+        return only is None or tensor in only
+
     reads: list[tuple[int, np.ndarray]] = []
     if op.kind == "matmul":
-        b = np.arange(task.b0, task.b1, dtype=np.int64)
-        m = np.arange(task.m0, task.m1, dtype=np.int64)
-        n = np.arange(task.n0, task.n1, dtype=np.int64)
-        k = np.arange(op.K, dtype=np.int64)
         av, bv = plan.views[op.a_view], plan.views[op.b_view]
-        sa, sb = av.strides, bv.strides
-        a_off = av.offset + b[:, None, None] * sa[0] + m[None, :, None] * sa[1] + k * sa[2]
-        b_off = bv.offset + b[:, None, None] * sb[0] + k[None, :, None] * sb[1] + n * sb[2]
-        reads += [(av.tensor, a_off.ravel()), (bv.tensor, b_off.ravel())]
+        b = np.arange(task.b0, task.b1, dtype=np.int64)
+        k = np.arange(op.K, dtype=np.int64)
+        if want(av.tensor):
+            m = np.arange(task.m0, task.m1, dtype=np.int64)
+            sa = av.strides
+            a_off = av.offset + b[:, None, None] * sa[0] + m[None, :, None] * sa[1] + k * sa[2]
+            reads.append((av.tensor, a_off.ravel()))
+        if want(bv.tensor):
+            n = np.arange(task.n0, task.n1, dtype=np.int64)
+            sb = bv.strides
+            b_off = bv.offset + b[:, None, None] * sb[0] + k[None, :, None] * sb[1] + n * sb[2]
+            reads.append((bv.tensor, b_off.ravel()))
     if op.kind == "reduce" and op.prologue:
         kept = op.iter_dims[: op.kept_rank]
         red = op.iter_dims[op.kept_rank :]
@@ -145,6 +156,8 @@ def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
         r_idx = np.unravel_index(np.arange(op.K, dtype=np.int64), red) if red else ()
         for v in program_views(op.prologue):
             view = plan.views[v]
+            if not want(view.tensor):
+                continue
             s = view.strides
             mk = np.zeros(task.m1 - task.m0, dtype=np.int64)
             for d in range(len(kept)):
@@ -153,7 +166,7 @@ def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
             for d in range(len(red)):
                 rr = rr + r_idx[d] * s[len(kept) + d]
             reads.append((view.tensor, (view.offset + mk[:, None] + rr[None, :]).ravel()))
-    views = program_views(op.epilogue)
+    views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
         out_shape = plan.tensors[op.out].shape
         lin = tile_linear(op, task)
@@ -188,11 +201,13 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
     # read intervals of workspace tensors, for the write-after-read check below
     read_span: dict[int, list[tuple[int, int, int]]] = {}
     for t, task in enumerate(plan.tasks):
-        for tensor, idx in task_reads(plan, task):
-            if tensor not in owner or idx.size == 0:
+        for tensor, idx in task_reads(plan, task, owner):
+            if idx.size == 0:
                 continue
-            prod = np.unique(owner[tensor][idx])
-            need[t].update(int(p) for p in prod if p >= 0 and p != t)
+            prod = owner[tensor][idx]
+            prod = prod[prod >= 0]
+            if prod.size:  # bincount: the distinct producers, much faster than np.unique here
+                need[t].update(int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
     # write-after-read on reused workspace bytes

@@ -8,6 +8,8 @@ worker per SM and narrow column tiles, as the decode benchmark does, so the GEMV
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -73,6 +75,22 @@ def test_decode_chain_gemv_path(rng, dtype, batch, d, tile_n):
     got = jax.jit(fn)(x, ws)
     _close(got, jax.jit(mlp_chain)(x, ws), dtype)
     _close(got, interpret(fn.plan(x, ws), x, *ws)[0], dtype)
+
+
+def test_default_plan_uses_one_worker_per_sm(rng):
+    """No num_workers / tile_n: the GPU defaults (a worker per SM, ~one GEMV column tile per SM)."""
+    from jax_ark._ffi import cuda_module
+
+    d, layers = 1024, 4
+    x = _args(rng, [(1, d)], BF16)[0]
+    ws = _args(rng, [(d, d)] * layers, BF16)
+    fn = ark.persistent(mlp_chain)
+    plan = fn.plan(x, ws)
+    resident = cuda_module().persistent_max_workers(0)
+    assert plan.num_workers == min(_sms(), resident)
+    assert plan.ops[0].tile_n == 8 * math.ceil(math.ceil(d / plan.num_workers) / 8)  # 132 SMs: 8
+    assert ark.plan(mlp_chain, x, ws).to_binary().tobytes() == plan.to_binary().tobytes()
+    _close(jax.jit(fn)(x, ws), jax.jit(mlp_chain)(x, ws), BF16)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16])

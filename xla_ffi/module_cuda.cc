@@ -12,6 +12,7 @@
 
 #include "jax_ark/gpu/communicator.hpp"
 #include "jax_ark/gpu/harness.hpp"
+#include "jax_ark/gpu/persistent_launch.hpp"
 #include "registry.h"
 
 namespace nb = nanobind;
@@ -127,6 +128,16 @@ NB_MODULE(_ark_cuda, m) {
     ARK_CUDA_THROW(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     return sms;
   });
+  m.def(
+      "persistent_max_workers",
+      [](int device) {
+        int blocks = 0;
+        if (std::string err = persistent_max_workers(device, &blocks); !err.empty())
+          throw std::runtime_error(err);
+        return blocks;
+      },
+      nb::arg("device"),
+      "Blocks of the persistent kernel CUDA device `device` keeps resident at once (max workers).");
   m.def(
       "harness_run",
       [](int32_t op, int32_t reduce, int32_t dtype, int32_t n_ranks,

@@ -13,18 +13,12 @@ import numpy as np
 
 from jax_ark.persistent._format import PROFILE_WORDS_PER_TASK, Plan, PlanError, np_dtype
 from jax_ark.persistent._schedule import build_plan
+from jax_ark.persistent._target import default_workers, resolve_platform
 from jax_ark.persistent._trace import trace
 from jax_ark.persistent._validate import validate
 
 _TARGET = "ark_persistent"
 _DEFAULT_TIMEOUT_MS = 60_000
-
-
-def _default_workers() -> int:
-    env = os.environ.get("JAX_ARK_PERSISTENT_WORKERS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(os.cpu_count() or 1, 8))
 
 
 def _chaos_seed() -> int:
@@ -45,17 +39,25 @@ def plan(
     num_workers: int | None = None,
     tile_m: int | None = None,
     tile_n: int | None = None,
+    platform: str | None = None,
 ) -> Plan:
-    """The plan `persistent(fn)` runs for these arguments (arrays or ShapeDtypeStructs)."""
+    """The plan `persistent(fn)` runs for these arguments (arrays or ShapeDtypeStructs).
+
+    platform: "cpu" or "gpu", the executor the defaults (worker count, tile shapes) are chosen for;
+    default: the platform of the arguments' devices, else jax's default backend, as
+    `persistent(fn)(*args)` does. Planning for "gpu" without a GPU needs num_workers.
+    """
     _, tree, _ = _flat_avals(args)
     leaves = jax.tree_util.tree_leaves(args)
     avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
+    target, device = resolve_platform(leaves, platform)
+    workers = num_workers or default_workers(target, device)
 
     def flat_fn(*flat):
         return jax.tree_util.tree_leaves(fn(*jax.tree_util.tree_unflatten(tree, flat)))
 
     traced = trace(flat_fn, avals)
-    return build_plan(traced, num_workers or _default_workers(), tile_m, tile_n)
+    return build_plan(traced, workers, tile_m, tile_n, platform=target)
 
 
 def _varying_axes(in_avals) -> tuple:
@@ -134,8 +136,14 @@ class _Persistent:
         functools.update_wrapper(self, fn)
 
     def plan(self, *args) -> Plan:
-        """The plan used for these arguments (traced and planned once per signature)."""
+        """The plan used for these arguments (planned once per signature and platform)."""
+        p, _ = self._planned(args)
+        return p
+
+    def _planned(self, args) -> tuple[Plan, Any]:
         leaves, tree, key = _flat_avals(args)
+        # The platform decides the default workers and tiles (see _target.py): part of the key.
+        key = (key, resolve_platform(leaves)[0] if self._plan is None else None)
         if key not in self._cache:
             avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
             out_tree = jax.tree_util.tree_structure(
@@ -151,18 +159,18 @@ class _Persistent:
                     num_workers=self._num_workers,
                     tile_m=self._tiles[0],
                     tile_n=self._tiles[1],
+                    platform=key[1],
                 )
             if len(p.outputs) != out_tree.num_leaves:
                 raise PlanError(
                     f"plan has {len(p.outputs)} outputs, fn returns {out_tree.num_leaves}"
                 )
             self._cache[key] = (p, out_tree)
-        return self._cache[key][0]
+        return self._cache[key]
 
     def __call__(self, *args):
-        self.plan(*args)
-        leaves, _, key = _flat_avals(args)
-        p, out_tree = self._cache[key]
+        p, out_tree = self._planned(args)
+        leaves = jax.tree_util.tree_leaves(args)
         outs, prof = run_plan(p, leaves, profile=self._profile, timeout_ms=self._timeout_ms)
         result = jax.tree_util.tree_unflatten(out_tree, outs)
         return (result, prof) if self._profile else result
@@ -181,7 +189,11 @@ def persistent(
     """Runs fn as one persistent kernel (one FFI call): same signature and results as fn.
 
     plan: run this (validated, possibly user-edited) plan instead of planning fn.
-    num_workers: worker threads (CPU) / SMs (GPU) the planner targets (default: min(cores, 8)).
+    num_workers: worker threads (CPU) / thread blocks, one per SM (GPU) the planner targets
+    (default: min(cores, 8) on CPU; the SM count, capped by the kernel's co-residency, on GPU; the
+    platform is that of the arguments' devices, else jax's default backend: see `plan`).
+    tile_m / tile_n: tile shape of every op (default: per platform; on GPU a GEMV layer is split
+    into about one column tile per SM).
     profile: the call returns (result, profile) where profile is int64[num_tasks * 4] (see
     `jax_ark.timeline`). timeout_ms bounds every dependency wait.
     """

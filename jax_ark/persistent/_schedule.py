@@ -22,8 +22,57 @@ from jax_ark.persistent._trace import TraceResult
 # ---- tiling ----------------------------------------
 
 
-def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> list[Task]:
+# Most rows a tile may have for the CUDA executor's GEMV path (tile_ops_device.cuh, gemv_kn).
+GPU_GEMV_MAX_ROWS = 16
+# Column granularity of GPU tiles: 8 elements = one 16-byte vector of bf16 / f16 weights.
+GPU_COLUMN_QUANTUM = 8
+# Rows of one GEMM sub-tile of the CUDA executor (gemm_tile, 64 x 64).
+GPU_GEMM_ROWS = 64
+
+
+def _round_up(x: int, q: int) -> int:
+    return -(-x // q) * q
+
+
+def gpu_tile_shape(op: Op, num_workers: int) -> tuple[int, int, int]:
+    """(tile_b, tile_m, tile_n) for the CUDA executor: every op split into about one tile per worker
+    (one worker = one SM), so a layer of a decode chain uses every SM once. A GEMV (<= 16 rows per
+    batch entry) keeps all its rows in one tile and splits columns in multiples of 8:
+    d=1024 on 132 SMs -> tile_n 8 (128 tiles), d=4096 -> 32 (128), d=256 -> 8 (32)."""
+    w = max(1, num_workers)
     if op.kind == "matmul":
+        tb = max(1, op.B // w)  # many batch entries (attention heads): group them
+        groups = -(-op.B // tb)
+        if op.M <= GPU_GEMV_MAX_ROWS:
+            tm = op.M
+            per_group = max(1, w // groups)
+            tn = _round_up(-(-op.N // per_group), GPU_COLUMN_QUANTUM)
+        else:
+            tm = GPU_GEMM_ROWS
+            row_tiles = groups * -(-op.M // tm)
+            per_row_tile = max(1, w // row_tiles)
+            tn = min(64, _round_up(-(-op.N // per_row_tile), GPU_COLUMN_QUANTUM))
+        return tb, max(1, min(op.M, tm)), max(1, min(op.N, tn))
+    if op.kind == "map":  # one element per thread, at least a block's worth (256) per tile
+        total = op.M * op.N
+        per_task = min(16384, max(256, _round_up(-(-total // w), 256)))
+        if op.N >= per_task:
+            return 1, 1, per_task
+        return 1, max(1, min(op.M, per_task // max(1, op.N))), max(1, op.N)
+    # reduce: one warp per row; whole rows, split so every worker gets some
+    tm = max(1, min(op.M, 16384 // max(1, op.K)))
+    return 1, max(1, min(tm, -(-op.M // w))), 1
+
+
+def _tiles(
+    op: Op, num_workers: int, tile_m: int | None, tile_n: int | None, platform: str = "cpu"
+) -> list[Task]:
+    if platform == "gpu":
+        tb, tm, tn = gpu_tile_shape(op, num_workers)
+        if op.kind != "reduce":
+            tn = min(op.N, tile_n or tn)
+        tm = max(1, min(op.M, tile_m or tm))
+    elif op.kind == "matmul":
         default_n = 64
         if op.M <= 8:
             # GEMV-like (decode): a tile reads a K x tn slab of weights row by row; wide slabs, one
@@ -36,7 +85,7 @@ def _tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> 
         tn = min(op.N, tile_n or 1024)
         tm = max(1, min(op.M, tile_m or max(1, 4096 // tn)))
         tb = 1
-    else:  # reduce: whole rows; split rows so every worker gets some
+    else:  # CPU reduce: whole rows; split rows so every worker gets some
         tn = 1
         tm = tile_m or max(1, min(op.M, 16384 // max(1, op.K)))
         tm = max(1, min(tm, math.ceil(op.M / max(1, num_workers))))
@@ -75,20 +124,31 @@ def program_views(program) -> list[int]:
     return [int(i.a) for i in program if i.op == "load"]
 
 
-def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
-    """(tensor id, flat element indices) the task reads, per view."""
+def task_reads(
+    plan: Plan, task: Task, only: set[int] | dict | None = None
+) -> list[tuple[int, np.ndarray]]:
+    """(tensor id, flat element indices) the task reads, per view; only tensors in `only` if given
+    (skipping never-produced weights saves most of the planning time of a GEMV chain)."""
     op = plan.ops[task.op]
+
+    def want(tensor: int) -> bool:
+        return only is None or tensor in only
+
     reads: list[tuple[int, np.ndarray]] = []
     if op.kind == "matmul":
-        b = np.arange(task.b0, task.b1, dtype=np.int64)
-        m = np.arange(task.m0, task.m1, dtype=np.int64)
-        n = np.arange(task.n0, task.n1, dtype=np.int64)
-        k = np.arange(op.K, dtype=np.int64)
         av, bv = plan.views[op.a_view], plan.views[op.b_view]
-        sa, sb = av.strides, bv.strides
-        a_off = av.offset + b[:, None, None] * sa[0] + m[None, :, None] * sa[1] + k * sa[2]
-        b_off = bv.offset + b[:, None, None] * sb[0] + k[None, :, None] * sb[1] + n * sb[2]
-        reads += [(av.tensor, a_off.ravel()), (bv.tensor, b_off.ravel())]
+        b = np.arange(task.b0, task.b1, dtype=np.int64)
+        k = np.arange(op.K, dtype=np.int64)
+        if want(av.tensor):
+            m = np.arange(task.m0, task.m1, dtype=np.int64)
+            sa = av.strides
+            a_off = av.offset + b[:, None, None] * sa[0] + m[None, :, None] * sa[1] + k * sa[2]
+            reads.append((av.tensor, a_off.ravel()))
+        if want(bv.tensor):
+            n = np.arange(task.n0, task.n1, dtype=np.int64)
+            sb = bv.strides
+            b_off = bv.offset + b[:, None, None] * sb[0] + k[None, :, None] * sb[1] + n * sb[2]
+            reads.append((bv.tensor, b_off.ravel()))
     if op.kind == "reduce" and op.prologue:
         kept = op.iter_dims[: op.kept_rank]
         red = op.iter_dims[op.kept_rank :]
@@ -96,6 +156,8 @@ def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
         r_idx = np.unravel_index(np.arange(op.K, dtype=np.int64), red) if red else ()
         for v in program_views(op.prologue):
             view = plan.views[v]
+            if not want(view.tensor):
+                continue
             s = view.strides
             mk = np.zeros(task.m1 - task.m0, dtype=np.int64)
             for d in range(len(kept)):
@@ -104,7 +166,7 @@ def task_reads(plan: Plan, task: Task) -> list[tuple[int, np.ndarray]]:
             for d in range(len(red)):
                 rr = rr + r_idx[d] * s[len(kept) + d]
             reads.append((view.tensor, (view.offset + mk[:, None] + rr[None, :]).ravel()))
-    views = program_views(op.epilogue)
+    views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
         out_shape = plan.tensors[op.out].shape
         lin = tile_linear(op, task)
@@ -139,11 +201,13 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
     # read intervals of workspace tensors, for the write-after-read check below
     read_span: dict[int, list[tuple[int, int, int]]] = {}
     for t, task in enumerate(plan.tasks):
-        for tensor, idx in task_reads(plan, task):
-            if tensor not in owner or idx.size == 0:
+        for tensor, idx in task_reads(plan, task, owner):
+            if idx.size == 0:
                 continue
-            prod = np.unique(owner[tensor][idx])
-            need[t].update(int(p) for p in prod if p >= 0 and p != t)
+            prod = owner[tensor][idx]
+            prod = prod[prod >= 0]
+            if prod.size:  # bincount: the distinct producers, much faster than np.unique here
+                need[t].update(int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
     # write-after-read on reused workspace bytes
@@ -265,12 +329,16 @@ def build_plan(
     num_workers: int,
     tile_m: int | None = None,
     tile_n: int | None = None,
+    platform: str = "cpu",
 ) -> Plan:
+    """platform "cpu" / "gpu" picks the default tile shapes (explicit tile_m / tile_n win)."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if platform not in ("cpu", "gpu"):
+        raise ValueError(f"platform must be 'cpu' or 'gpu', got {platform!r}")
     tasks: list[Task] = []
     for i, op in enumerate(traced.ops):
-        for task in _tiles(op, num_workers, tile_m, tile_n):
+        for task in _tiles(op, num_workers, tile_m, tile_n, platform):
             task.op = i
             tasks.append(task)
     plan = Plan(

@@ -76,7 +76,8 @@ struct TaskSmem {
   int64_t out_dims[pf::kMaxRank];
   int64_t iter_dims[pf::kMaxRank];
   int32_t out_rank, out_dtype;
-  int32_t bad;     // nonzero: a BadPlanReason found while staging
+  int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
+  int32_t bad_instruction;  // nonzero: kBadProgram found by any thread in the staging loop
   int32_t flag;    // scratch for block-wide broadcasts
 };
 
@@ -274,6 +275,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
   const int plen = op.prologue_len, elen = op.epilogue_len;
   if (threadIdx.x == 0) {
     s.bad = 0;
+    s.bad_instruction = 0;
     const bool lens_ok = plen >= 0 && elen >= 0 && plen <= pf::kMaxProgramLen &&
                          elen <= pf::kMaxProgramLen && op.prologue_at >= 0 && op.epilogue_at >= 0 &&
                          (static_cast<int64_t>(op.prologue_at) + plen) * 4 <= h.code_words &&
@@ -336,7 +338,9 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
     } else {
       ok = false;
     }
-    if (!ok) s.bad = kBadProgram;  // benign race: any nonzero value is the same verdict
+    // Not s.bad: a slower thread may still be reading s.bad above (early return), and seeing it
+    // change would make that thread skip the barrier below while the others wait at it.
+    if (!ok) s.bad_instruction = kBadProgram;  // benign race: any nonzero value is the same verdict
   }
   __syncthreads();
 }
@@ -537,7 +541,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     const pf::TaskRecord& t = plan.task(task);
     const pf::OpRecord& op = plan.op(t.op);
     stage_task(p, plan, op, s);
-    bool views_ok = s.bad == 0;
+    const int32_t staged_bad = s.bad ? s.bad : s.bad_instruction;
+    bool views_ok = staged_bad == 0;
     if (views_ok) {
       views_ok = tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
       if (op.kind == pf::kOpMatmul) {
@@ -555,7 +560,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     if (!views_ok) {
       if (threadIdx.x == 0)
-        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, s.bad ? s.bad : kBadView, 0);
+        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, staged_bad ? staged_bad : kBadView, 0);
       return;
     }
     const uint64_t wait_begin = persistent_globaltimer_ns();
@@ -616,6 +621,19 @@ struct DeviceState {
 };
 
 std::mutex g_mutex;
+
+// Co-resident blocks of the kernel on `device`, which must be the current device. Sets the dynamic
+// shared memory attribute first: the occupancy (and every launch) depends on it.
+std::string resident_blocks_on_current(int device, int* blocks) {
+  ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
+  int per_sm = 0, sms = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));
+  ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  *blocks = per_sm * sms;
+  return {};
+}
 std::vector<DeviceState*> g_devices;  // indexed by CUDA device ordinal
 
 std::string device_state(DeviceState** out) {
@@ -626,19 +644,26 @@ std::string device_state(DeviceState** out) {
   if (g_devices[device] == nullptr) {
     auto* st = new DeviceState();
     ARK_CUDA_RETURN_IF_ERROR(cudaMalloc(&st->abort_word, sizeof(uint32_t)));
-    ARK_CUDA_RETURN_IF_ERROR(cudaMemset(st->abort_word, 0, sizeof(uint32_t)));
+    // cudaMalloc memory is not zeroed, and a plain cudaMemset runs on the legacy default stream,
+    // which does not order against XLA's (non-blocking) streams: a first kernel could read a stale
+    // abort word >= its seq and every block would exit at once, leaving garbage outputs and no error
+    // record. Zero it on a private stream and wait for just that memset.
+    {
+      cudaStream_t init = nullptr;
+      ARK_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&init, cudaStreamNonBlocking));
+      cudaError_t e = cudaMemsetAsync(st->abort_word, 0, sizeof(uint32_t), init);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(init);
+      const cudaError_t destroyed = cudaStreamDestroy(init);
+      ARK_CUDA_RETURN_IF_ERROR(e);
+      ARK_CUDA_RETURN_IF_ERROR(destroyed);
+    }
     ARK_CUDA_RETURN_IF_ERROR(
         cudaHostAlloc(&st->host_record, sizeof(PersistentErrorRecord), cudaHostAllocMapped));
     std::memset(st->host_record, 0, sizeof(PersistentErrorRecord));
     ARK_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(
         reinterpret_cast<void**>(&st->device_record), st->host_record, 0));
-    ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
-        persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
-    int per_sm = 0, sms = 0;
-    ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));
-    ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    st->co_resident_blocks = per_sm * sms;
+    if (std::string err = resident_blocks_on_current(device, &st->co_resident_blocks); !err.empty())
+      return err;
     g_devices[device] = st;
   }
   *out = g_devices[device];
@@ -725,6 +750,20 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
   cfg.numAttrs = 1;
   ARK_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, persistent_kernel, kp));
   return {};
+}
+
+std::string persistent_max_workers(int device, int* blocks) {
+  int previous = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaGetDevice(&previous));
+  if (device != previous) ARK_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  std::string err = resident_blocks_on_current(device, blocks);
+  if (device != previous) {
+    const cudaError_t restore = cudaSetDevice(previous);
+    if (err.empty() && restore != cudaSuccess)
+      err = std::string("ark_persistent: cudaSetDevice(previous) failed: ") +
+            cudaGetErrorString(restore);
+  }
+  return err;
 }
 
 bool persistent_take_failure(std::string* message, bool* is_timeout) {

@@ -40,4 +40,9 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
 // clears the record. Never blocks.
 bool persistent_take_failure(std::string* message, bool* is_timeout);
 
+// How many blocks of the persistent kernel CUDA device `device` keeps resident at once (SMs x
+// blocks per SM at the kernel's shared memory): the most workers a plan may have there. The planner
+// asks this at trace time; the calling thread's current device is restored. Empty string on success.
+std::string persistent_max_workers(int device, int* blocks);
+
 }  // namespace jax_ark::gpu

@@ -13,6 +13,7 @@ register_targets()
 
 # The FFI targets are registered before the modules that lower to them are imported.
 from jax_ark._cuda_collectives import check  # noqa: E402
+from jax_ark._persistent import Plan, PlanError, UnsupportedError, persistent, plan, timeline  # noqa: E402
 from jax_ark.collectives import (  # noqa: E402
     all_gather,
     all_to_all,
@@ -23,7 +24,6 @@ from jax_ark.collectives import (  # noqa: E402
     psum,
     psum_scatter,
 )
-from jax_ark.persistent import Plan, PlanError, UnsupportedError, persistent, plan, timeline  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import jax_ark as ark
-from jax_ark.persistent._call import run_plan
-from jax_ark.persistent._reference import interpret
+from jax_ark._persistent._call import run_plan
+from jax_ark._persistent._reference import interpret
 
 pytestmark = pytest.mark.gpu
 

@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_ark as ark
-from jax_ark.persistent import PlanError, UnsupportedError
-from jax_ark.persistent._reference import interpret
+from jax_ark._persistent import PlanError, UnsupportedError
+from jax_ark._persistent._reference import interpret
 
 TOL = {np.float32: 2e-5, ml_dtypes.bfloat16: 3e-2}
 
@@ -274,7 +274,7 @@ def test_random_chains_property(seed):
 
 def test_deadlocked_plan_times_out_with_a_clear_error(rng):
     """A plan that skipped validation and deadlocks fails with DEADLINE_EXCEEDED, not a hang."""
-    from jax_ark.persistent._call import run_plan
+    from jax_ark._persistent._call import run_plan
 
     args = _args(rng, [(4, 16), (16, 16)])
     plan = ark.plan(lambda x, w: jnp.tanh(x @ w) @ w, *args, num_workers=1).copy()

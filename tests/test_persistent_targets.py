@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jax_ark as ark
-from jax_ark.persistent import _target
-from jax_ark.persistent._reference import interpret
+from jax_ark._persistent import _target
+from jax_ark._persistent._reference import interpret
 
 H100_SMS = 132
 BF16 = ml_dtypes.bfloat16

@@ -1,6 +1,6 @@
 // Binary layout of a persistent-kernel plan, version 1 (docs/plan_format.md is the normative text).
 //
-// A plan is ONE array of little-endian int32 words, produced by jax_ark.persistent.Plan.to_binary()
+// A plan is ONE array of little-endian int32 words, produced by jax_ark._persistent.Plan.to_binary()
 // and passed to the `ark_persistent` FFI call as its last operand (so on GPU it already lives in
 // device memory and the host does no per-call work). Every record below is a plain struct of int32 /
 // int64 fields whose int64 members sit at even word offsets, so a kernel or the CPU executor simply

@@ -174,7 +174,7 @@ class Plan:
 
     def critical_path(self) -> list[int]:
         """Longest chain of dependent tasks by estimated cost (list of task ids)."""
-        from jax_ark.persistent._schedule import task_costs
+        from jax_ark._persistent._schedule import task_costs
 
         costs = task_costs(self)
         best: list[float] = [0.0] * len(self.tasks)
@@ -313,7 +313,7 @@ class Plan:
 
     def validate(self) -> Plan:
         """Raises PlanError naming the offending task / op / tensor; returns self when valid."""
-        from jax_ark.persistent._validate import validate
+        from jax_ark._persistent._validate import validate
 
         validate(self)
         return self

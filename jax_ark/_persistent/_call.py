@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ark.persistent._format import PROFILE_WORDS_PER_TASK, Plan, PlanError, np_dtype
-from jax_ark.persistent._schedule import build_plan
-from jax_ark.persistent._target import default_workers, resolve_platform
-from jax_ark.persistent._trace import trace
-from jax_ark.persistent._validate import validate
+from jax_ark._persistent._format import PROFILE_WORDS_PER_TASK, Plan, PlanError, np_dtype
+from jax_ark._persistent._schedule import build_plan
+from jax_ark._persistent._target import default_workers, resolve_platform
+from jax_ark._persistent._trace import trace
+from jax_ark._persistent._validate import validate
 
 _TARGET = "ark_persistent"
 _DEFAULT_TIMEOUT_MS = 60_000

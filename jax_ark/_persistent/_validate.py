@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from jax_ark.persistent._format import (
+from jax_ark._persistent._format import (
     BINARY_OPS,
     DTYPE_SIZES,
     MAX_PROGRAM_LEN,
@@ -138,7 +138,7 @@ def validate(plan: Plan) -> None:
             raise PlanError(f"output {i} (tensor {t}) is never written")
     # tasks cover their op exactly once
     coverage = {i: np.zeros(op.B * op.M * op.N, np.int32) for i, op in enumerate(plan.ops)}
-    from jax_ark.persistent._schedule import required_dependencies, tile_linear
+    from jax_ark._persistent._schedule import required_dependencies, tile_linear
 
     for t, task in enumerate(plan.tasks):
         if not 0 <= task.op < len(plan.ops):

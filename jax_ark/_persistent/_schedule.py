@@ -10,14 +10,14 @@ import math
 
 import numpy as np
 
-from jax_ark.persistent._format import (
+from jax_ark._persistent._format import (
     DTYPE_SIZES,
     WORKSPACE_ALIGN,
     Op,
     Plan,
     Task,
 )
-from jax_ark.persistent._trace import TraceResult
+from jax_ark._persistent._trace import TraceResult
 
 # ---- tiling ----------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_ark.persistent._format import (
+from jax_ark._persistent._format import (
     MAX_PROGRAM_LEN,
     MAX_RANK,
     Instr,

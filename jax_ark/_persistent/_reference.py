@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 
-from jax_ark.persistent._format import Instr, Plan, PlanError, np_dtype
-from jax_ark.persistent._schedule import tile_linear
+from jax_ark._persistent._format import Instr, Plan, PlanError, np_dtype
+from jax_ark._persistent._schedule import tile_linear
 
 _UNARY = {
     "neg": np.negative,

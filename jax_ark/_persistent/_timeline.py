@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jax_ark.persistent._format import PROFILE_WORDS_PER_TASK, Plan
+from jax_ark._persistent._format import PROFILE_WORDS_PER_TASK, Plan
 
 
 @dataclass

@@ -100,6 +100,7 @@ def _lowering(
     send_to,
     recv_from,
     timeout_ms,
+    site=0,
     **unused_params,
 ):
     mesh = _concrete_mesh(ctx)
@@ -118,6 +119,7 @@ def _lowering(
         send_to=np.asarray(tuple(send_to or ()), dtype=np.int64).reshape(-1),
         recv_from=np.asarray(tuple(recv_from or ()), dtype=np.int64).reshape(-1),
         comm_id=np.int64(comm_id),
+        site=np.int64(site),  # accepted and ignored by the CUDA handler (stream order suffices)
     )
 
 

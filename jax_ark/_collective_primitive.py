@@ -12,7 +12,7 @@ ever sees the five block layouts of the contract in docs/internals.md ("Collecti
 Operands: `x`, `rank` (int32 scalar, `lax.axis_index(axes)`), `color` (int32 scalar, the index of
 this device's group). Params (read by the CPU lowering here and by the CUDA lowering in
 `jax_ark._cuda_collectives`): `op`, `reduce`, `axes`, `group_size`, `comm_key`, `send_to`,
-`recv_from`, `timeout_ms` (see `CollectiveParams`).
+`recv_from`, `timeout_ms`, `site` (the call-site id, see `call_site`).
 
 This module also holds the only places that touch how jax represents the varying-manual-axes (vma)
 type of a value, so a change in that representation between jax versions is fixed here.
@@ -21,6 +21,9 @@ type of a value, so a change in that representation between jax versions is fixe
 from __future__ import annotations
 
 import enum
+import hashlib
+import os
+import sys
 import threading
 import weakref
 
@@ -83,23 +86,117 @@ def ensure_varying(x, axes: tuple[str, ...]):
     return jax.lax.pcast(x, missing, to="varying")
 
 
-def _current_trace():
-    """The innermost active trace, or None where this jax version hides it (internal API)."""
+# ---- call sites ---------------------------------------------------------------------------------
+# The CPU runtime matches the calls of a group by (site, per-site sequence number), because XLA:CPU
+# does not run independent custom calls in program order: a `while`/`cond` body is ONE thunk of the
+# enclosing computation, and its collectives can start before, after or concurrently with the
+# collectives around it, in a different order on different devices. A site id names one collective
+# of the traced program; calls at one site are sequential on every device (a loop re-entering it).
+#
+# What makes a site id right: distinct for distinct collectives of one program, and a pure function
+# of the program text, so every device (they all run the one compiled program), every process of a
+# multi-process run, and every re-trace agree. A per-process counter of binds fails the last two.
+# A counter per trace fails the first (a loop body's trace and the enclosing trace both start at 0).
+# So a site is a digest of:
+#   - the collective's signature (comm_key, op, reduce, shape, dtype, permutation tables);
+#   - the user's call path to it: (file name, function, line) of every frame between the bind and
+#     the outermost jax frame (the jit entry), so where the jitted function was first called from
+#     does not matter, but a psum reached through the loop body differs from one reached directly;
+#   - the occurrence index of that (signature, path) within the whole top-level trace (the root of
+#     the chain of nested traces), which separates a Python loop emitting the same collective
+#     several times, including into separate `fori_loop` bodies traced from one line.
+# Collectives that a transformation adds (jvp tangents, transposes) get a site derived from their
+# primal's site. Known gap: jax traces a sub-function once and reuses its jaxpr (a nested jax.jit
+# called twice, a loop body cached across calls), so two uses of it share sites; they are safe
+# when ordered by data (the usual case), otherwise the runtime reports a clash at one rank
+# ("two calls claim rank ...") or, in the worst case, pairs them across devices.
+
+_JAX_DIRS = tuple(
+    os.path.dirname(m.__file__) + os.sep
+    for m in (jax, sys.modules.get("jaxlib"))
+    if m is not None and getattr(m, "__file__", None)
+)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SITE_STATE = threading.local()
+
+
+def _trace_chain() -> list:
+    """The active traces, outermost first, from the top-level trace (eval excluded) to the current
+    one; [] where this jax version hides them (internal API)."""
     try:
         from jax._src import core as _core
 
-        return _core.trace_ctx.trace
+        stack = _core.unsafe_get_trace_stack(_core.trace_ctx.trace)
     except (ImportError, AttributeError):
-        return None
+        return []
+    return [t for t in stack if not isinstance(t, _core.EvalTrace)]
+
+
+def _user_call_path() -> tuple:
+    """(file, function, line) of the user frames inside the traced function, innermost first."""
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    outermost_jax = max(
+        (i for i, f in enumerate(frames) if f.f_code.co_filename.startswith(_JAX_DIRS)),
+        default=len(frames),
+    )
+    path = []
+    for f in frames[:outermost_jax]:
+        name = f.f_code.co_filename
+        if name.startswith(_JAX_DIRS) or os.path.abspath(name).startswith(_OWN_DIR):
+            continue
+        code = f.f_code
+        path.append(
+            (os.path.basename(name), getattr(code, "co_qualname", code.co_name), f.f_lineno)
+        )
+    return tuple(path)
+
+
+def _digest(value) -> int:
+    """A signed 64-bit digest of repr(value), the same in every process (never Python's hash())."""
+    raw = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def call_site(signature: tuple) -> int:
+    """The site id of a collective bound now, with `signature` (see the comment above)."""
+    chain = _trace_chain()
+    key = (signature, _user_call_path())
+    occurrence = 0
+    if chain:
+        # Counts per top-level trace (a trace built without a parent, as jax's linearize does,
+        # counts as one too, and its binds may interleave with the enclosing one's). Dead roots
+        # are forgotten; the counts hold no reference to a trace.
+        per_root = getattr(_SITE_STATE, "per_root", None)
+        if per_root is None:
+            per_root = _SITE_STATE.per_root = {}
+        for rid in [r for r, (ref, _) in per_root.items() if ref() is None]:
+            del per_root[rid]
+        root = chain[0]
+        entry = per_root.get(id(root))
+        if entry is None or entry[0]() is not root:
+            entry = per_root[id(root)] = (weakref.ref(root), {})
+        occurrence = entry[1].get(key, 0)
+        entry[1][key] = occurrence + 1
+    return _digest(("ark_collective site", key, occurrence))
+
+
+def derived_site(site: int, what: str) -> int:
+    """The site of a collective that a transformation (`what`) derives from the one at `site`."""
+    return _digest(("ark_collective derived site", int(site), what))
 
 
 # ---- program order between collectives ---------------------------------------------------------
-# The runtime matches the calls of a group by their order on each device. XLA:CPU does NOT keep
-# independent custom calls in program order: its thunk executor runs any thunk whose input buffers
-# are ready (sequentially only for <= 8 thunks or buffers <= 512 bytes), so two collectives with no
-# data dependency may start in different orders on different devices, or concurrently, and block
-# each other's threads. Each collective therefore takes a real (0-valued) data dependency on the
-# previous collective of the same trace, through its `color` operand.
+# Sites make the runtime correct whatever order XLA runs collectives in, but every collective in
+# flight parks a pool thread while it waits for its peers: a dozen independent collectives at once
+# on each of 8 devices exhaust XLA's CPU pool and stall until the timeout. So each collective still
+# takes a real (0-valued) data dependency on the previous collective of its trace (through its
+# `color` operand), and the first collective of a nested trace (a loop or branch body) on the last
+# one of the nearest enclosing trace (a closed-over value, which makes the whole loop wait for it).
+# Then at most one collective per nesting level is in flight, instead of one per collective.
 
 _order_state = threading.local()
 
@@ -119,13 +216,38 @@ def _opaque_zero_from(value):
     return bits * jax.lax.optimization_barrier(jnp.int32(0))
 
 
+def _previous_in_chain(chain: list):
+    """The last collective result of the innermost trace of `chain` that has one, or None.
+
+    Only through staging traces (jaxpr building, where closing over an outer value is plain
+    lifting); a jvp/vmap trace in between stops the search. Forgets finished traces on the way.
+    """
+    results = getattr(_order_state, "results", None)
+    if not results:
+        return None
+    live = {id(t) for t in chain}
+    for tid in [k for k in results if k not in live]:
+        del results[tid]
+    try:
+        from jax._src.interpreters.partial_eval import DynamicJaxprTrace
+    except ImportError:
+        DynamicJaxprTrace = None
+    for trace in reversed(chain):
+        entry = results.get(id(trace))
+        if entry is not None and entry[0]() is trace:
+            return entry[1]
+        if DynamicJaxprTrace is None or not isinstance(trace, DynamicJaxprTrace):
+            return None
+    return None
+
+
 def sequenced(color):
-    """`color`, made to depend on the result of the previous collective traced in the same trace."""
-    trace = _current_trace()
-    previous = getattr(_order_state, "previous", None)
-    if trace is None or previous is None or previous[0]() is not trace:
+    """`color`, made to depend on the result of the previous collective (see above)."""
+    chain = _trace_chain()
+    previous = _previous_in_chain(chain) if chain else None
+    if previous is None:
         return color
-    zero = _opaque_zero_from(previous[1])
+    zero = _opaque_zero_from(previous)
     if zero is None:
         return color
     # Only XLA:CPU needs it: on GPU, XLA issues custom calls in program order on its stream, and
@@ -138,8 +260,14 @@ def sequenced(color):
 
 def remember(result) -> None:
     """Records `result` as the collective that the next one in this trace must follow."""
-    trace = _current_trace()
-    _order_state.previous = None if trace is None else (weakref.ref(trace), result)
+    chain = _trace_chain()
+    if not chain:
+        return
+    trace = chain[-1]
+    results = getattr(_order_state, "results", None)
+    if results is None:
+        results = _order_state.results = {}
+    results[id(trace)] = (weakref.ref(trace), result)
 
 
 # ---- the primitive -----------------------------------------------------------------------------
@@ -160,8 +288,26 @@ def bind(
     send_to: tuple[int, ...] = (),
     recv_from: tuple[int, ...] = (),
     timeout_ms: int,
+    site: int | None = None,
 ):
-    """Binds `ark_collective`; `x` must already have the block layout of `op`."""
+    """Binds `ark_collective`; `x` must already have the block layout of `op`.
+
+    `site` defaults to `call_site(...)` of this bind (the normal case; see "call sites" above).
+    """
+    send_to = tuple(int(i) for i in send_to)
+    recv_from = tuple(int(i) for i in recv_from)
+    if site is None:
+        aval = jax.typeof(x)
+        signature = (
+            int(comm_key),
+            int(op),
+            int(reduce),
+            tuple(aval.shape),
+            str(aval.dtype),
+            send_to,
+            recv_from,
+        )
+        site = call_site(signature)
     return ark_collective_p.bind(
         x,
         rank,
@@ -171,9 +317,10 @@ def bind(
         axes=tuple(axes),
         group_size=int(group_size),
         comm_key=int(comm_key),
-        send_to=tuple(int(i) for i in send_to),
-        recv_from=tuple(int(i) for i in recv_from),
+        send_to=send_to,
+        recv_from=recv_from,
         timeout_ms=int(timeout_ms),
+        site=int(site),
     )
 
 
@@ -214,8 +361,11 @@ ark_collective_p.def_impl(_impl)
 # ---- autodiff -----------------------------------------------------------------------------------
 
 
-def _bind_in_order(x, rank, color, **params):
-    """Binds a collective that a transformation adds (tangent, transpose) after the previous one."""
+def _bind_in_order(x, rank, color, what: str, **params):
+    """Binds a collective that a transformation (`what`) adds, after the previous one, at a site
+    derived from the original's: it is a different collective, which may run in any order
+    relative to the original."""
+    params = dict(params, site=derived_site(params["site"], what))
     out = ark_collective_p.bind(x, rank, sequenced(color), **params)
     remember(out)
     return out
@@ -234,7 +384,7 @@ def _jvp(primals, tangents, **params):
     out = ark_collective_p.bind(x, rank, color, **params)
     if type(tx) is ad.Zero:
         return out, ad.Zero(jax.typeof(out).to_tangent_aval())
-    return out, _bind_in_order(tx, rank, color, **params)
+    return out, _bind_in_order(tx, rank, color, "jvp", **params)
 
 
 def _transpose(ct, x, rank, color, **params):
@@ -250,7 +400,7 @@ def _transpose(ct, x, rank, color, **params):
             return [jax.lax.pcast(ct, axes, to="varying"), None, None]
         # check_vma=False: the result is read as psum + broadcast, so the transpose sums again,
         # as jax.lax.psum's transpose does.
-        return [_bind_in_order(ct, rank, color, **params), None, None]
+        return [_bind_in_order(ct, rank, color, "transpose", **params), None, None]
     ct = ensure_varying(ct, axes)
     if op == Op.all_gather:
         new = dict(params, op=Op.reduce_scatter, reduce=Reduce.sum)
@@ -261,7 +411,7 @@ def _transpose(ct, x, rank, color, **params):
     else:
         # all_to_all in block layout (y_r[j] = x_j[r]) is its own adjoint.
         new = params
-    return [_bind_in_order(ct, rank, color, **new), None, None]
+    return [_bind_in_order(ct, rank, color, "transpose", **new), None, None]
 
 
 ad.primitive_jvps[ark_collective_p] = _jvp
@@ -305,7 +455,7 @@ batching.primitive_batchers[ark_collective_p] = _batch
 
 
 def ffi_attributes(
-    *, op, reduce, axes, group_size, comm_key, send_to, recv_from, timeout_ms
+    *, op, reduce, axes, group_size, comm_key, send_to, recv_from, timeout_ms, site
 ) -> dict:
     """The FFI attributes of the contract, typed as the handlers decode them."""
     del axes  # named by comm_key; the runtime needs no names
@@ -317,6 +467,7 @@ def ffi_attributes(
         timeout_ms=np.int64(timeout_ms),
         send_to=np.asarray(send_to, dtype=np.int64),
         recv_from=np.asarray(recv_from, dtype=np.int64),
+        site=np.int64(site),
     )
 
 

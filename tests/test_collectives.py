@@ -488,6 +488,49 @@ def test_many_independent_collectives_keep_order(mesh2x4, rng, monkeypatch, axis
     _compare(mesh2x4, make, a, b, exact=False)
 
 
+@pytest.mark.parametrize("nesting", ["fori_loop", "cond"])
+def test_collectives_inside_and_outside_control_flow(mesh8, rng, monkeypatch, nesting):
+    # Same-shape psums in loop / branch bodies and outside them, independent of each other. XLA:CPU
+    # runs a while/cond as one thunk of the enclosing computation, so these start in different
+    # orders on different devices (or concurrently); the runtime must still pair each psum with
+    # the same psum on every device. Before call sites this mixed them up (timeouts, "two devices
+    # claim rank", or wrong data). Inputs are small integers held in float32, so every sum is
+    # exact whatever the summation order, and the results must equal jax.lax's bit for bit.
+    monkeypatch.setenv("JAX_ARK_TIMEOUT_S", "20")  # a regression fails here instead of hanging
+    pairs = 3
+
+    def make(mod):
+        def run(a, b):
+            outs = []
+            for k in range(pairs):
+                # sin makes the inputs cost real time, so the thunks' start order varies.
+                ak = jnp.round((jnp.sin(a * (k + 1)) + b * k) * 50)
+                bk = jnp.round((jnp.sin(b * (k + 2)) + a * k) * 50)
+                if nesting == "fori_loop":
+
+                    def step(_, v):
+                        return v + mod.psum(v % 7, "x") - 20
+
+                    outs.append(jax.lax.fori_loop(0, 3, step, ak))
+                else:
+                    outs.append(
+                        jax.lax.cond(
+                            ak[0] > -1000,  # always true, unknown to XLA
+                            lambda v: mod.psum(v * 3, "x"),
+                            lambda v: mod.psum(v, "x") * 2,
+                            ak,
+                        )
+                    )
+                outs.append(mod.psum(bk, "x"))
+            return outs
+
+        return run
+
+    for _ in range(4):
+        a, b = (_random(rng, (8, 16384), jnp.float32) for _ in range(2))
+        _compare(mesh8, make, a, b, exact=True)
+
+
 # ---- pytrees, invariant inputs, check_vma=False -------------------------------------------------
 
 

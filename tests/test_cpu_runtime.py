@@ -44,8 +44,10 @@ def _comm_key(mesh, axes) -> int:
     return zlib.crc32(repr((tuple(mesh.shape.items()), tuple(axes))).encode())
 
 
-def _ark(x, *, op, mesh, axes, reduce=SUM, send_to=(), recv_from=(), timeout_ms=None):
-    """One direct call of the target from inside shard_map (per-device view of x)."""
+def _ark(x, *, op, mesh, axes, reduce=SUM, send_to=(), recv_from=(), timeout_ms=None, site=0):
+    """One direct call of the target from inside shard_map (per-device view of x).
+
+    `site` names the call site: independent calls of one program need distinct sites."""
     axes = tuple(axes)
     n = _group_size(mesh, axes)
     others = tuple(a for a in mesh.axis_names if a not in axes)
@@ -69,6 +71,7 @@ def _ark(x, *, op, mesh, axes, reduce=SUM, send_to=(), recv_from=(), timeout_ms=
         timeout_ms=np.int64(timeout_ms or DEFAULT_TIMEOUT_MS),
         send_to=np.asarray(send_to, np.int64),
         recv_from=np.asarray(recv_from, np.int64),
+        site=np.int64(site),
     )
 
 
@@ -278,8 +281,10 @@ def test_call_site_reentered_1000_times_in_fori_loop(mesh8, rng):
     def fn(x):
         def body(i, carry):
             v, total = carry
-            v = _ark(v, op=PERMUTE, mesh=mesh8, axes=("x",), send_to=send_to, recv_from=recv_from)
-            s = _ark(v, op=ALL_REDUCE, mesh=mesh8, axes=("x",))
+            v = _ark(
+                v, op=PERMUTE, mesh=mesh8, axes=("x",), send_to=send_to, recv_from=recv_from, site=1
+            )
+            s = _ark(v, op=ALL_REDUCE, mesh=mesh8, axes=("x",), site=2)
             return v + 1, total + s
 
         return lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
@@ -299,13 +304,51 @@ def test_two_independent_calls_in_a_row(mesh8, rng):
 
     def fn(a, b):
         return (
-            _ark(a, op=ALL_REDUCE, mesh=mesh8, axes=("x",)),
-            _ark(b, op=ALL_TO_ALL, mesh=mesh8, axes=("x",)),
+            _ark(a, op=ALL_REDUCE, mesh=mesh8, axes=("x",), site=1),
+            _ark(b, op=ALL_TO_ALL, mesh=mesh8, axes=("x",), site=2),
         )
 
     y1, y2 = _run_sharded(mesh8, fn, x, z)
     np.testing.assert_array_equal(np.asarray(y1), _reference(ALL_REDUCE, x, mesh8, ("x",)))
     np.testing.assert_array_equal(np.asarray(y2), _reference(ALL_TO_ALL, z, mesh8, ("x",)))
+
+
+def test_sites_keep_loop_and_outside_calls_apart(mesh8, rng):
+    """Same-shape all_reduces inside fori_loops and outside them, with no data dependency and no
+    ordering help: XLA:CPU starts them in different orders on different devices, or concurrently
+    on one device. Matching by site must pair each call with its own site on every rank."""
+    loops, steps = 2, 3
+
+    def fn(a, b):
+        outs = []
+        for k in range(loops):
+            ak = jnp.sin(a * (k + 1)) + b * k
+
+            def body(i, v, k=k):
+                return v + _ark(v * 0.5, op=ALL_REDUCE, mesh=mesh8, axes=("x",), site=10 + k)
+
+            outs.append(lax.fori_loop(0, steps, body, ak))
+            bk = jnp.sin(b * (k + 2)) + a * k
+            outs.append(_ark(bk, op=ALL_REDUCE, mesh=mesh8, axes=("x",), site=20 + k))
+        return tuple(outs)
+
+    def model(a, b):
+        outs = []
+        for k in range(loops):
+            v = np.sin(a * (k + 1)) + b * k
+            for _ in range(steps):
+                v = v + _reference(ALL_REDUCE, v * 0.5, mesh8, ("x",))
+            outs.append(v)
+            outs.append(_reference(ALL_REDUCE, np.sin(b * (k + 2)) + a * k, mesh8, ("x",)))
+        return outs
+
+    for _ in range(4):
+        a = _random(rng, (8, 16384), np.float32)
+        b = _random(rng, (8, 16384), np.float32)
+        got = _run_sharded(mesh8, fn, a, b)
+        # XLA's sin may differ from numpy's in the last bit, which the sums then carry along.
+        for g, w in zip(got, model(np.asarray(a), np.asarray(b)), strict=True):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-3)
 
 
 # ---- failures ----

@@ -1,7 +1,7 @@
 // XLA FFI handler of the `ark_collective` target on the CPU platform.
 //
 // Decodes and checks the operands and attributes of the contract in docs/internals.md
-// ("Collectives"), then hands the call to the group's HostCommunicator. Every check happens before
+// ("Collectives"), then hands the call to the HostCommunicator of its (group, site). Every check happens before
 // the rendezvous, so a malformed call fails alone with InvalidArgument instead of leaving its peers
 // waiting for a partner that will never show up correctly.
 #include <cstdint>
@@ -157,7 +157,7 @@ ffi::Error collective_impl(ffi::RunId run_id, ffi::AnyBuffer x, ffi::AnyBuffer r
                            ffi::AnyBuffer color_buffer, ffi::Result<ffi::AnyBuffer> y, int32_t op,
                            int32_t reduce, int64_t group_size, int64_t comm_key,
                            int64_t timeout_ms, ffi::Span<const int64_t> send_to,
-                           ffi::Span<const int64_t> recv_from) {
+                           ffi::Span<const int64_t> recv_from, int64_t site) {
   if (op < 0 || op >= kNumCollectiveOps) {
     return ffi::Error::InvalidArgument("ark_collective: attribute `op` must be in [0, " +
                                        std::to_string(kNumCollectiveOps) + "), got " +
@@ -230,7 +230,7 @@ ffi::Error collective_impl(ffi::RunId run_id, ffi::AnyBuffer x, ffi::AnyBuffer r
   // (first use of a group, error messages), reported as an error instead of terminating XLA.
   try {
     std::shared_ptr<HostCommunicator> comm = HostCommunicator::get(
-        CommunicatorKey{comm_key, *color, static_cast<int32_t>(group_size)});
+        CommunicatorKey{comm_key, *color, static_cast<int32_t>(group_size), site});
     const CollectiveStatus status = comm->run(call);
     switch (status.code) {
       case CollectiveStatus::Code::kOk: return ffi::Error::Success();
@@ -263,6 +263,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkCollectiveCpu, jax_ark::cpu::collective_impl,
                                   .Attr<int64_t>("comm_key")
                                   .Attr<int64_t>("timeout_ms")
                                   .Attr<ffi::Span<const int64_t>>("send_to")
-                                  .Attr<ffi::Span<const int64_t>>("recv_from"));
+                                  .Attr<ffi::Span<const int64_t>>("recv_from")
+                                  .Attr<int64_t>("site"));
 
 JAX_ARK_REGISTER_TARGET("ark_collective", ArkCollectiveCpu);

@@ -48,7 +48,8 @@ ffi::Error ArkCollectiveCudaImpl(cudaStream_t stream, int32_t device_ordinal, ff
                                  ffi::Result<ffi::AnyBuffer> y, int32_t op, int32_t reduce,
                                  int64_t group_size, int64_t comm_key, int64_t timeout_ms,
                                  ffi::Span<const int64_t> send_to,
-                                 ffi::Span<const int64_t> recv_from, int64_t comm_id) {
+                                 ffi::Span<const int64_t> recv_from, int64_t comm_id,
+                                 int64_t /*site: CUDA streams keep program order*/) {
   (void)color;     // the communicator (one group per device) already fixes the group
   (void)comm_key;  // folded into comm_id by the lowering
   // The stream's device is the CUDA ordinal in this process, whatever XLA calls the device.
@@ -133,6 +134,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkCollectiveCuda, jax_ark::gpu::ArkCollectiveCuda
                                   .Attr<int64_t>("timeout_ms")
                                   .Attr<ffi::Span<const int64_t>>("send_to")
                                   .Attr<ffi::Span<const int64_t>>("recv_from")
-                                  .Attr<int64_t>("comm_id"));
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int64_t>("site"));
 
 JAX_ARK_REGISTER_TARGET("ark_collective_cuda", ArkCollectiveCuda);

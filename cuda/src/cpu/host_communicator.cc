@@ -37,6 +37,7 @@ struct KeyHash {
     size_t h = std::hash<int64_t>()(k.comm_key);
     h ^= std::hash<int64_t>()((int64_t{k.color} << 32) | static_cast<uint32_t>(k.size)) +
          0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    h ^= std::hash<int64_t>()(k.site) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
     return h;
   }
 };
@@ -90,7 +91,7 @@ std::shared_ptr<HostCommunicator> HostCommunicator::get(const CommunicatorKey& k
 std::string HostCommunicator::describe(const CollectiveCall& call, uint64_t epoch) const {
   std::ostringstream s;
   s << "group comm_key=" << key_.comm_key << " color=" << key_.color << " size=" << key_.size
-    << ", call #" << epoch << " of this group";
+    << ", site=" << key_.site << ", call #" << epoch << " at this site";
   return s.str();
 }
 
@@ -218,10 +219,12 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
   if (mine.busy.exchange(true, std::memory_order_acquire)) {
     std::ostringstream s;
     // (No epoch in this message: it belongs to the thread that holds the slot.)
-    s << "ark_collective " << collective_op_name(call.op) << ": two devices claim rank "
-      << call.rank << " at the same time (group comm_key=" << key_.comm_key
-      << " color=" << key_.color << " size=" << n
-      << "); the rank operand must be the device's index within its group";
+    s << "ark_collective " << collective_op_name(call.op) << ": two calls claim rank "
+      << call.rank << " at site " << key_.site << " at the same time (group comm_key="
+      << key_.comm_key << " color=" << key_.color << " size=" << n
+      << "); either two devices pass the same rank operand (it must be the device's index "
+         "within its group), or one traced collective runs twice concurrently in one program "
+         "(e.g. a jitted function containing it called twice on independent inputs)";
     const CollectiveStatus status{CollectiveStatus::Code::kInvalidArgument, s.str()};
     mark_broken(status);
     return status;
@@ -258,8 +261,9 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
       // difference and fails: the group fails together instead of exchanging wrong data.
       std::ostringstream s;
       s << "ark_collective " << collective_op_name(call.op) << ": rank " << call.rank
-        << " and rank " << p << " disagree on call #" << epoch << " of group comm_key="
-        << key_.comm_key << " color=" << key_.color << " size=" << n << ": ";
+        << " and rank " << p << " disagree on call #" << epoch << " at site " << key_.site
+        << " of group comm_key=" << key_.comm_key << " color=" << key_.color << " size=" << n
+        << ": ";
       if (!same) {
         s << "rank " << call.rank << " runs " << collective_op_name(call.op) << "/"
           << reduce_kind_name(call.reduce) << " on " << call.input_elems << " "
@@ -267,7 +271,7 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
           << collective_op_name(peer.op) << "/" << reduce_kind_name(peer.reduce) << " on "
           << peer.input_elems << " " << element_type_name(peer.type) << " elements"
           << (peer.table_hash != call.table_hash ? " (or a different permutation)" : "")
-          << "; every rank must run the same collectives in the same order";
+          << "; every rank must run the same collectives at each call site";
       } else {
         s << "they belong to different launches (run ids " << call.run_id << " and "
           << peer.run_id << "); a rank skipped a collective in an earlier launch";

@@ -12,9 +12,14 @@
 //   4. count itself as departed and wait until all n departed: peers may still be reading this
 //      rank's input or writing its output, and XLA frees or reuses those buffers once we return.
 //
-// Epochs instead of call-site keys: XLA runs a group's custom calls in the same order on every
-// device, so the k-th call of every rank is the same collective. Each rank counts its own calls,
-// and a loop that re-enters one call site simply gets the next epoch.
+// Sites, then epochs: XLA:CPU does NOT run a group's custom calls in the same order on every device
+// (its thunk executor runs independent thunks in dataflow order, possibly concurrently, and a
+// while/cond body is one thunk of the enclosing computation). So every call carries the `site` id
+// of its call site (assigned at trace time, the same on every device), and one communicator serves
+// one (group, site): calls at different sites are never paired, and may run concurrently on one
+// rank without sharing any state. Within a site, calls are sequential on every device (a loop
+// re-entering the site), so each rank counts its own calls there and the k-th call of every rank is
+// the same collective.
 //
 // Failure: every wait has a deadline. A rank that times out (or sees a mismatch) marks the
 // communicator broken and drops it from the cache: the ranks still waiting fail at once instead of
@@ -46,15 +51,17 @@ struct CollectiveStatus {
   static CollectiveStatus Ok() { return {}; }
 };
 
-// Which group a communicator serves: comm_key names the mesh and the group's axes, color the group
-// among those that share them, size the number of ranks.
+// Which (group, call site) a communicator serves: comm_key names the mesh and the group's axes,
+// color the group among those that share them, size the number of ranks, site the call site.
 struct CommunicatorKey {
   int64_t comm_key;
   int32_t color;
   int32_t size;
+  int64_t site;
 
   bool operator==(const CommunicatorKey& other) const {
-    return comm_key == other.comm_key && color == other.color && size == other.size;
+    return comm_key == other.comm_key && color == other.color && size == other.size &&
+           site == other.site;
   }
 };
 
@@ -93,10 +100,11 @@ class HostCommunicator {
   // Everything one rank posts for the other ranks to read. Cache-line aligned so a rank writing its
   // slot does not invalidate its neighbours' slots while they spin on them.
   struct alignas(64) Slot {
-    // Set while a call of this rank is inside run(): a second thread with the same rank (two
-    // devices claiming one rank) is an error, not a silent corruption of the slot.
+    // Set while a call of this rank is inside run(): a second thread with the same rank at the
+    // same site (two devices claiming one rank, or one traced call site instantiated twice in a
+    // program and run concurrently) is an error, not a silent corruption of the slot.
     std::atomic<bool> busy{false};
-    // This rank's call counter; only the rank's own (current) thread touches it.
+    // This rank's call counter at this site; only the rank's own (current) thread touches it.
     uint64_t epoch = 0;
     // Last epoch this rank arrived at / departed from: read by peers for error messages only.
     std::atomic<uint64_t> arrived_epoch{0};

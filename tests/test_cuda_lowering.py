@@ -28,6 +28,7 @@ HANDLER_ATTRS = {
     "send_to": "tensor<?xi64>",
     "recv_from": "tensor<?xi64>",
     "comm_id": "i64",
+    "site": "i64",
 }
 
 

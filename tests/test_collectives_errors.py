@@ -188,7 +188,7 @@ def test_timeout_is_read_at_trace_time(mesh8, monkeypatch):
     assert "timeout_ms = 60000" in hlo
 
 
-def test_comm_key_is_stable_across_processes():
+def test_comm_key_is_stable_across_processes(tmp_path):
     # Python's hash() is salted per process; the key must not be, or processes would disagree.
     code = (
         "from jax_ark.collectives import _comm_key;print(_comm_key((('x', 2), ('y', 4)), ('y',)))"
@@ -197,7 +197,12 @@ def test_comm_key_is_stable_across_processes():
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,  # not the checkout: its source folder would shadow the installed package
         )
         keys.add(out.stdout.strip())
     assert len(keys) == 1, keys

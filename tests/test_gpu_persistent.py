@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from persistent_models import assert_close as _assert_close
+from persistent_models import attention, mlp_chain, random_args, rms_mlp
 
 import jax_ark as ark
 from jax_ark._persistent._call import run_plan
@@ -26,35 +28,12 @@ BF16 = ml_dtypes.bfloat16
 TOL = {np.float32: 1e-4, BF16: 3e-2}
 
 
+def _close(got, want, dtype=np.float32):
+    _assert_close(got, want, TOL[dtype])
+
+
 def _sms() -> int:
     return int(getattr(jax.devices("gpu")[0], "core_count", 0) or 108)
-
-
-def _args(rng, shapes, dtype=np.float32):
-    return [(rng.standard_normal(s) / np.sqrt(s[0])).astype(dtype) for s in shapes]
-
-
-def _close(got, want, dtype=np.float32):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    tol = TOL[dtype]
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
-
-
-def mlp_chain(x, ws):
-    for w in ws:
-        x = jax.nn.gelu(x @ w)
-    return x
-
-
-def rms_mlp(x, g, w1, w2):
-    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
-    return x + jax.nn.silu(h @ w1) @ w2
-
-
-def attention(x, wq, wk, wv):
-    q, k, v = x @ wq, x @ wk, x @ wv
-    s = q @ k.T / jnp.sqrt(jnp.float32(q.shape[-1])).astype(x.dtype)
-    return jax.nn.softmax(s, axis=-1) @ v
 
 
 @pytest.mark.parametrize(
@@ -68,8 +47,8 @@ def attention(x, wq, wk, wv):
 )
 def test_decode_chain_gemv_path(rng, dtype, batch, d, tile_n):
     layers = 3
-    x = _args(rng, [(batch, d)], dtype)[0]
-    ws = [w * np.asarray(1.5, dtype) for w in _args(rng, [(d, d)] * layers, dtype)]
+    x = random_args(rng, [(batch, d)], dtype)[0]
+    ws = [w * np.asarray(1.5, dtype) for w in random_args(rng, [(d, d)] * layers, dtype)]
     workers = min(_sms(), max(1, d // tile_n))
     fn = ark.persistent(mlp_chain, num_workers=workers, tile_n=tile_n)
     got = jax.jit(fn)(x, ws)
@@ -82,8 +61,8 @@ def test_default_plan_uses_one_worker_per_sm(rng):
     from jax_ark._ffi import cuda_module
 
     d, layers = 1024, 4
-    x = _args(rng, [(1, d)], BF16)[0]
-    ws = _args(rng, [(d, d)] * layers, BF16)
+    x = random_args(rng, [(1, d)], BF16)[0]
+    ws = random_args(rng, [(d, d)] * layers, BF16)
     fn = ark.persistent(mlp_chain)
     plan = fn.plan(x, ws)
     resident = cuda_module().persistent_max_workers(0)
@@ -96,14 +75,14 @@ def test_default_plan_uses_one_worker_per_sm(rng):
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
 def test_mlp_chain_32_layers(rng, dtype):
     d, layers = 256, 32
-    x = _args(rng, [(4, d)], dtype)[0]
-    ws = [w * np.asarray(1.5, dtype) for w in _args(rng, [(d, d)] * layers, dtype)]
+    x = random_args(rng, [(4, d)], dtype)[0]
+    ws = [w * np.asarray(1.5, dtype) for w in random_args(rng, [(d, d)] * layers, dtype)]
     fast = jax.jit(ark.persistent(mlp_chain, num_workers=_sms(), tile_n=8))
     _close(fast(x, ws), jax.jit(mlp_chain)(x, ws), dtype)
 
 
 def test_rms_norm_mlp_block_and_reference_interpreter(rng):
-    args = _args(rng, [(12, 256), (256,), (256, 512), (512, 256)])
+    args = random_args(rng, [(12, 256), (256,), (256, 512), (512, 256)])
     want = jax.jit(rms_mlp)(*args)
     fn = ark.persistent(rms_mlp, num_workers=_sms(), tile_n=16)
     got = jax.jit(fn)(*args)
@@ -113,7 +92,7 @@ def test_rms_norm_mlp_block_and_reference_interpreter(rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
 def test_softmax_attention_seq128(rng, dtype):
-    args = _args(rng, [(128, 64), (64, 32), (64, 32), (64, 32)], dtype)
+    args = random_args(rng, [(128, 64), (64, 32), (64, 32), (64, 32)], dtype)
     want = jax.jit(attention)(*args)
     fn = ark.persistent(attention, num_workers=_sms())
     got = jax.jit(fn)(*args)
@@ -128,7 +107,7 @@ def test_shapes_not_dividing_tiles_batched_and_transposed(rng, dtype):
         z = c.T @ y[0]  # lhs transposed
         return jax.nn.tanh(z + bias), jnp.max(y, axis=1), jnp.sum(y, axis=(0, 2))
 
-    args = _args(rng, [(3, 37, 19), (3, 70, 19), (37, 5), (70,)], dtype)
+    args = random_args(rng, [(3, 37, 19), (3, 70, 19), (37, 5), (70,)], dtype)
     fast = jax.jit(ark.persistent(fn, num_workers=_sms(), tile_m=16, tile_n=24))
     for got, want in zip(fast(*args), jax.jit(fn)(*args), strict=True):
         _close(got, want, dtype)
@@ -140,7 +119,7 @@ def test_gemv_unaligned_tiles_and_weights_computed_in_the_kernel(rng):
     def fn(x, w1, w2):
         return jax.nn.gelu(x @ w1) @ (w2 * jnp.asarray(0.5, w2.dtype))
 
-    args = _args(rng, [(2, 200), (200, 300), (300, 100)], BF16)
+    args = random_args(rng, [(2, 200), (200, 300), (300, 100)], BF16)
     f = ark.persistent(fn, num_workers=_sms(), tile_n=12)
     got = jax.jit(f)(*args)
     _close(got, jax.jit(fn)(*args), BF16)
@@ -148,7 +127,7 @@ def test_gemv_unaligned_tiles_and_weights_computed_in_the_kernel(rng):
 
 
 def test_timeline_is_consistent(rng):
-    args = _args(rng, [(16, 128), (128, 256), (256, 128)])
+    args = random_args(rng, [(16, 128), (128, 256), (256, 128)])
     fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
     prof_fn = ark.persistent(fn, num_workers=_sms(), profile=True, tile_n=16)
     out, prof = jax.jit(prof_fn)(*args)
@@ -166,7 +145,7 @@ def test_timeline_is_consistent(rng):
 
 
 def test_chaos_mode_is_deterministic(rng, monkeypatch):
-    args = _args(rng, [(16, 96), (96, 128), (128, 96)])
+    args = random_args(rng, [(16, 96), (96, 128), (128, 96)])
     fn = lambda x, w1, w2: jax.nn.softmax(x + jax.nn.gelu(x @ w1) @ w2, axis=-1)  # noqa: E731
     base = np.asarray(jax.jit(ark.persistent(fn, num_workers=_sms(), tile_n=16))(*args))
     for seed in (1, 2, 3):
@@ -179,7 +158,7 @@ def test_chaos_mode_is_deterministic(rng, monkeypatch):
 def test_deadlocked_plan_times_out_naming_task_and_worker(rng):
     """The GPU handler never synchronizes, so the failure of a call is reported by the NEXT
     ark_persistent call on the device; the process stays usable afterwards."""
-    args = _args(rng, [(4, 64), (64, 64)])
+    args = random_args(rng, [(4, 64), (64, 64)])
     fn = lambda x, w: jnp.tanh(x @ w) @ w  # noqa: E731
     plan = ark.plan(fn, *args, num_workers=2).copy()
     queue = next(q for q in plan.queues if len(q) >= 2)
@@ -194,7 +173,7 @@ def test_deadlocked_plan_times_out_naming_task_and_worker(rng):
 
 
 def test_more_workers_than_resident_blocks_is_refused(rng):
-    args = _args(rng, [(4, 64), (64, 64)])
+    args = random_args(rng, [(4, 64), (64, 64)])
     fn = lambda x, w: jnp.tanh(x @ w)  # noqa: E731
     with pytest.raises(Exception, match="workers but this GPU keeps only"):
         jax.block_until_ready(

@@ -11,6 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from persistent_models import assert_close as _assert_close
+from persistent_models import attention, mlp_chain, random_args, rms_mlp
 
 import jax_ark as ark
 from jax_ark._persistent import PlanError, UnsupportedError
@@ -19,45 +21,22 @@ from jax_ark._persistent._reference import interpret
 TOL = {np.float32: 2e-5, ml_dtypes.bfloat16: 3e-2}
 
 
-def _args(rng, shapes, dtype=np.float32):
-    return [(rng.standard_normal(s) / np.sqrt(s[0])).astype(dtype) for s in shapes]
-
-
 def _close(got, want, dtype=np.float32):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    tol = TOL[dtype]
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
-
-
-def mlp_chain(x, ws):
-    for w in ws:
-        x = jax.nn.gelu(x @ w)
-    return x
-
-
-def rms_mlp(x, g, w1, w2):
-    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
-    return x + jax.nn.silu(h @ w1) @ w2
-
-
-def attention(x, wq, wk, wv):
-    q, k, v = x @ wq, x @ wk, x @ wv
-    s = q @ k.T / jnp.sqrt(jnp.float32(q.shape[-1])).astype(x.dtype)
-    return jax.nn.softmax(s, axis=-1) @ v
+    _assert_close(got, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_mlp_chain_32_layers(rng, dtype):
     d, layers = 64, 32
-    x = _args(rng, [(4, d)], dtype)[0]
-    ws = _args(rng, [(d, d)] * layers, dtype)
+    x = random_args(rng, [(4, d)], dtype)[0]
+    ws = random_args(rng, [(d, d)] * layers, dtype)
     ws = [w * np.asarray(1.5, dtype) for w in ws]  # keep activations O(1) through 32 gelus
     fast = jax.jit(ark.persistent(mlp_chain, num_workers=2))
     _close(fast(x, ws), jax.jit(mlp_chain)(x, ws), dtype)
 
 
 def test_rms_norm_mlp_block_and_reference_interpreter(rng):
-    args = _args(rng, [(12, 48), (48,), (48, 96), (96, 48)])
+    args = random_args(rng, [(12, 48), (48,), (48, 96), (96, 48)])
     want = jax.jit(rms_mlp)(*args)
     _close(jax.jit(ark.persistent(rms_mlp, num_workers=2))(*args), want)
     plan = ark.plan(rms_mlp, *args, num_workers=2)
@@ -65,7 +44,7 @@ def test_rms_norm_mlp_block_and_reference_interpreter(rng):
 
 
 def test_softmax_attention_seq128(rng):
-    args = _args(rng, [(128, 32), (32, 16), (32, 16), (32, 16)])
+    args = random_args(rng, [(128, 32), (32, 16), (32, 16), (32, 16)])
     want = jax.jit(attention)(*args)
     _close(jax.jit(ark.persistent(attention, num_workers=2))(*args), want)
     _close(interpret(ark.plan(attention, *args, num_workers=2), *args)[0], want)
@@ -77,14 +56,14 @@ def test_shapes_not_dividing_tiles_batched_and_transposed(rng):
         z = c.T @ y[0]  # lhs transposed
         return jax.nn.tanh(z + bias), jnp.max(y, axis=1), jnp.sum(y, axis=(0, 2))
 
-    args = _args(rng, [(3, 37, 19), (3, 70, 19), (37, 5), (70,)])
+    args = random_args(rng, [(3, 37, 19), (3, 70, 19), (37, 5), (70,)])
     fast = jax.jit(ark.persistent(fn, num_workers=3, tile_m=16, tile_n=24))
     for got, want in zip(fast(*args), jax.jit(fn)(*args), strict=True):
         _close(got, want)
 
 
 def test_plan_json_roundtrip_and_summary(rng):
-    args = _args(rng, [(8, 32), (32, 32), (32, 32)])
+    args = random_args(rng, [(8, 32), (32, 32), (32, 32)])
     plan = ark.plan(rms_mlp, args[0], np.ones(32, np.float32), args[1], args[2], num_workers=2)
     again = ark.Plan.from_json(plan.to_json())
     assert again.to_json() == plan.to_json()
@@ -94,7 +73,7 @@ def test_plan_json_roundtrip_and_summary(rng):
 
 
 def test_edited_plan_moved_tasks_runs_and_matches(rng):
-    args = _args(rng, [(16, 32), (32, 64), (64, 32)])
+    args = random_args(rng, [(16, 32), (32, 64), (64, 32)])
     fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
     plan = ark.Plan.from_json(ark.plan(fn, *args, num_workers=2, tile_n=16).to_json())
     # Move every task to one worker in a topological order, and reverse the other worker.
@@ -105,7 +84,7 @@ def test_edited_plan_moved_tasks_runs_and_matches(rng):
 
 
 def _broken(rng, how):
-    args = _args(rng, [(16, 32), (32, 64), (64, 32)])
+    args = random_args(rng, [(16, 32), (32, 64), (64, 32)])
     fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
     plan = ark.plan(fn, *args, num_workers=2, tile_n=16).copy()
     if how == "missing task":
@@ -158,7 +137,7 @@ def test_unsupported_primitive_names_it_and_the_line():
 
 
 def test_timeline_respects_dependencies(rng, tmp_path):
-    args = _args(rng, [(16, 32), (32, 64), (64, 32)])
+    args = random_args(rng, [(16, 32), (32, 64), (64, 32)])
     fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
     prof_fn = ark.persistent(fn, num_workers=2, profile=True, tile_n=16)
     out, prof = jax.jit(prof_fn)(*args)
@@ -181,7 +160,7 @@ def test_timeline_respects_dependencies(rng, tmp_path):
 
 
 def test_chaos_mode_is_deterministic(rng, monkeypatch):
-    args = _args(rng, [(16, 48), (48, 64), (64, 48)])
+    args = random_args(rng, [(16, 48), (48, 64), (64, 48)])
     fn = lambda x, w1, w2: jax.nn.softmax(x + jax.nn.gelu(x @ w1) @ w2, axis=-1)  # noqa: E731
     base = np.asarray(jax.jit(ark.persistent(fn, num_workers=3, tile_n=16))(*args))
     for seed in range(1, 9):
@@ -196,7 +175,7 @@ def test_abstract_semantics_and_pytrees(rng):
         h = inp["x"] @ inp["w"]
         return {"y": h.astype(jnp.bfloat16), "s": jnp.sum(h, axis=-1)}
 
-    inp = {"x": _args(rng, [(5, 7)])[0], "w": _args(rng, [(7, 3)])[0]}
+    inp = {"x": random_args(rng, [(5, 7)])[0], "w": random_args(rng, [(7, 3)])[0]}
     fast = ark.persistent(fn)
     assert jax.eval_shape(fast, inp) == jax.eval_shape(fn, inp)
     got, want = jax.jit(fast)(inp), jax.jit(fn)(inp)
@@ -205,8 +184,8 @@ def test_abstract_semantics_and_pytrees(rng):
 
 
 def test_inside_shard_map(mesh8, rng):
-    x = _args(rng, [(8 * 4, 32)])[0]
-    w1, w2 = _args(rng, [(32, 64), (64, 32)])
+    x = random_args(rng, [(8 * 4, 32)])[0]
+    w1, w2 = random_args(rng, [(32, 64), (64, 32)])
     fn = lambda x, w1, w2: x + jax.nn.gelu(x @ w1) @ w2  # noqa: E731
     sharded = jax.jit(
         jax.shard_map(
@@ -256,7 +235,7 @@ def test_random_chains_property(seed):
     )
     def check(chain, m, d, matmul_at):
         rng = np.random.default_rng([seed, m, d, matmul_at, len(chain)])
-        x, w = _args(rng, [(m, d), (d, d)])
+        x, w = random_args(rng, [(m, d), (d, d)])
 
         def fn(x, w):
             for i, name in enumerate(chain):
@@ -276,7 +255,7 @@ def test_deadlocked_plan_times_out_with_a_clear_error(rng):
     """A plan that skipped validation and deadlocks fails with DEADLINE_EXCEEDED, not a hang."""
     from jax_ark._persistent._call import run_plan
 
-    args = _args(rng, [(4, 16), (16, 16)])
+    args = random_args(rng, [(4, 16), (16, 16)])
     plan = ark.plan(lambda x, w: jnp.tanh(x @ w) @ w, *args, num_workers=1).copy()
     first, last = plan.queues[0][0], plan.queues[0][-1]
     plan.tasks[first].deps.append(last)  # waits for a task queued behind it on its own worker

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from persistent_models import assert_close as _close
+from persistent_models import attention, rms_mlp
 
 import jax_ark as ark
 from jax_ark._persistent import _target
@@ -24,24 +26,8 @@ def chain(x, *ws):
     return x
 
 
-def rms_mlp(x, g, w1, w2):
-    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
-    return x + jax.nn.silu(h @ w1) @ w2
-
-
-def attention(x, wq, wk, wv):
-    q, k, v = x @ wq, x @ wk, x @ wv
-    s = q @ k.T / jnp.sqrt(jnp.float32(q.shape[-1])).astype(x.dtype)
-    return jax.nn.softmax(s, axis=-1) @ v
-
-
 def batched(a, b):
     return jnp.tanh(jnp.einsum("bmk,bkn->bmn", a, b))
-
-
-def _close(got, want, tol):
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
 
 
 def test_gpu_workers_one_per_sm_capped_by_residency():

@@ -242,6 +242,25 @@ def all_gather(x, axis_name: AxisName, *, axis: int = 0, tiled: bool = False):
     return jax.tree.map(one, x)
 
 
+def _blocks_to_front(api: str, what: str, leaf, dim: int, n: int, axis_name, tiled: bool):
+    """`leaf` as n blocks stacked on a new leading axis: dimension `dim` split into n equal parts
+    (tiled), or `dim` itself moved to the front (untiled: it must have exactly n entries)."""
+    size = leaf.shape[dim]
+    if tiled:
+        if size % n:
+            raise ValueError(
+                f"jax_ark.{api}: {what} {dim} has size {size}, which is not divisible by the size "
+                f"{n} of axis {axis_name!r}"
+            )
+        return _split_to_front(leaf, dim, n)
+    if size != n:
+        raise ValueError(
+            f"jax_ark.{api}: {what} {dim} has size {size}, which must equal the size {n} of axis "
+            f"{axis_name!r} (or pass tiled=True)"
+        )
+    return jnp.moveaxis(leaf, dim, 0)
+
+
 def psum_scatter(x, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: bool = False):
     """Sum over the group, of which each device keeps its block along `scatter_dimension`."""
     group = _group("psum_scatter", axis_name)
@@ -250,21 +269,9 @@ def psum_scatter(x, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: b
     def one(leaf):
         leaf = _as_operand("psum_scatter", leaf, group)
         dim = _axis_index_arg("psum_scatter", "scatter_dimension", scatter_dimension, leaf.ndim)
-        size = leaf.shape[dim]
-        if tiled:
-            if size % n:
-                raise ValueError(
-                    f"jax_ark.psum_scatter: scatter dimension {dim} has size {size}, which is not "
-                    f"divisible by the size {n} of axis {axis_name!r}"
-                )
-            blocks = _split_to_front(leaf, dim, n)
-        else:
-            if size != n:
-                raise ValueError(
-                    f"jax_ark.psum_scatter: scatter dimension {dim} has size {size}, which must "
-                    f"equal the size {n} of axis {axis_name!r} (or pass tiled=True)"
-                )
-            blocks = jnp.moveaxis(leaf, dim, 0)
+        blocks = _blocks_to_front(
+            "psum_scatter", "scatter dimension", leaf, dim, n, axis_name, tiled
+        )
         return _bind(blocks, group, Op.reduce_scatter, Reduce.sum)
 
     return jax.tree.map(one, x)
@@ -332,21 +339,7 @@ def all_to_all(x, axis_name: AxisName, split_axis: int, concat_axis: int, *, til
         leaf = _as_operand("all_to_all", leaf, group)
         split = _axis_index_arg("all_to_all", "split_axis", split_axis, leaf.ndim)
         concat = _axis_index_arg("all_to_all", "concat_axis", concat_axis, leaf.ndim)
-        size = leaf.shape[split]
-        if tiled:
-            if size % n:
-                raise ValueError(
-                    f"jax_ark.all_to_all: split_axis {split} has size {size}, which is not "
-                    f"divisible by the size {n} of axis {axis_name!r}"
-                )
-            blocks = _split_to_front(leaf, split, n)
-        else:
-            if size != n:
-                raise ValueError(
-                    f"jax_ark.all_to_all: split_axis {split} has size {size}, which must equal "
-                    f"the size {n} of axis {axis_name!r} (or pass tiled=True)"
-                )
-            blocks = jnp.moveaxis(leaf, split, 0)
+        blocks = _blocks_to_front("all_to_all", "split_axis", leaf, split, n, axis_name, tiled)
         y = jnp.moveaxis(_bind(blocks, group, Op.all_to_all), 0, concat)
         return _merge_dims(y, concat) if tiled else y
 

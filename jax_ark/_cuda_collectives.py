@@ -235,6 +235,23 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
+def _harness_inputs(op, dtype, n_ranks: int, input_sets):
+    """Checks the harness inputs (each set: one x per rank, one shape); returns the op code, the
+    numpy dtype, the sets as contiguous arrays and the shape of each rank's y."""
+    dtype = _np_dtype(_dtype_name(dtype))
+    op_code = _code(_OPS, op, "op")
+    sets = [[np.ascontiguousarray(np.asarray(a, dtype=dtype)) for a in s] for s in input_sets]
+    if not sets or any(len(s) != n_ranks for s in sets):
+        raise ValueError(f"jax_ark: every input set needs {n_ranks} inputs, one per rank")
+    shape = sets[0][0].shape
+    if any(a.shape != shape for s in sets for a in s):
+        raise ValueError("jax_ark: all ranks' inputs must have one shape")
+    if op_code in (2, 4) and (len(shape) == 0 or shape[0] != n_ranks):
+        raise ValueError("jax_ark: reduce_scatter/all_to_all inputs need a leading axis of n_ranks")
+    out_shape = {0: shape, 1: (n_ranks, *shape), 2: shape[1:], 3: shape, 4: shape}[op_code]
+    return op_code, dtype, sets, out_shape
+
+
 def harness_run(
     op: str | int,
     reduce: str | int,
@@ -257,22 +274,11 @@ def harness_run(
     all_to_all). Returns each rank's y. `piece_bytes` small forces many chunked rounds; `ll_bytes`
     is the largest per-peer message taking the LL path; `skip_rank` never launches that rank.
     """
-    name = _dtype_name(dtype)
-    dtype = _np_dtype(dtype)
-    op_code = _code(_OPS, op, "op")
-    if len(inputs) != n_ranks:
-        raise ValueError(f"jax_ark: {len(inputs)} inputs for {n_ranks} ranks")
-    arrays = [np.ascontiguousarray(np.asarray(a, dtype=dtype)) for a in inputs]
-    shape = arrays[0].shape
-    if any(a.shape != shape for a in arrays):
-        raise ValueError("jax_ark: all ranks' inputs must have one shape")
-    if op_code in (2, 4) and (len(shape) == 0 or shape[0] != n_ranks):
-        raise ValueError("jax_ark: reduce_scatter/all_to_all inputs need a leading axis of n_ranks")
-    out_shape = {0: shape, 1: (n_ranks, *shape), 2: shape[1:], 3: shape, 4: shape}[op_code]
+    op_code, dtype, (arrays,), out_shape = _harness_inputs(op, dtype, n_ranks, [inputs])
     raw = _module().harness_run(
         op_code,
         _code(_REDUCES, reduce, "reduce"),
-        _DTYPES[name],
+        _DTYPES[dtype.name],
         n_ranks,
         [a.tobytes() for a in arrays],
         list(send_to or ()),
@@ -306,22 +312,11 @@ def harness_run_calls(
     and writes its own y. Returns ys[i][r]: every call's result, so a call that consumed stale
     scratch (an earlier call's data) shows up as a wrong result, not only as a timeout.
     """
-    name = _dtype_name(dtype)
-    dtype = _np_dtype(dtype)
-    op_code = _code(_OPS, op, "op")
-    sets = [[np.ascontiguousarray(np.asarray(a, dtype=dtype)) for a in s] for s in input_sets]
-    if not sets or any(len(s) != n_ranks for s in sets):
-        raise ValueError(f"jax_ark: every input set needs {n_ranks} inputs")
-    shape = sets[0][0].shape
-    if any(a.shape != shape for s in sets for a in s):
-        raise ValueError("jax_ark: all inputs must have one shape")
-    if op_code in (2, 4) and (len(shape) == 0 or shape[0] != n_ranks):
-        raise ValueError("jax_ark: reduce_scatter/all_to_all inputs need a leading axis of n_ranks")
-    out_shape = {0: shape, 1: (n_ranks, *shape), 2: shape[1:], 3: shape, 4: shape}[op_code]
+    op_code, dtype, sets, out_shape = _harness_inputs(op, dtype, n_ranks, input_sets)
     raw = _module().harness_run(
         op_code,
         _code(_REDUCES, reduce, "reduce"),
-        _DTYPES[name],
+        _DTYPES[dtype.name],
         n_ranks,
         [b"".join(s[r].tobytes() for s in sets) for r in range(n_ranks)],
         list(send_to or ()),

@@ -189,16 +189,19 @@ struct SumOp {
     return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
   }
 };
-// max/min propagate NaN like XLA's kMaximum/kMinimum (a plain comparison would drop it).
+// max/min propagate NaN like XLA's kMaximum/kMinimum (a plain comparison would drop it). Written
+// as two selects without branches (a + b is NaN when either is) so compilers vectorize the loop.
 struct MaxOp {
   ARK_HOST_DEVICE float operator()(float a, float b) const {
-    return (a != a) ? a : ((b != b) ? b : (a > b ? a : b));
+    const float larger = a > b ? a : b;
+    return (a != a || b != b) ? a + b : larger;
   }
   ARK_HOST_DEVICE int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
 };
 struct MinOp {
   ARK_HOST_DEVICE float operator()(float a, float b) const {
-    return (a != a) ? a : ((b != b) ? b : (a < b ? a : b));
+    const float smaller = a < b ? a : b;
+    return (a != a || b != b) ? a + b : smaller;
   }
   ARK_HOST_DEVICE int32_t operator()(int32_t a, int32_t b) const { return a < b ? a : b; }
 };

@@ -427,3 +427,19 @@ def test_16bit_sums_bitwise_equal_to_lax_over_all_bit_patterns(mesh2x4, rng, dty
     nan = np.isnan(want.astype(np.float32))
     np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
     np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("reduce", [MAX, MIN], ids=["max", "min"])
+def test_max_min_propagate_nan(mesh8, rng, reduce):
+    # Like jnp.maximum / jnp.minimum: a NaN on any rank wins, wherever it stands in the fold.
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    x[0, 3] = x[5, 10] = x[7, 63] = np.nan
+    got = np.asarray(
+        _run_sharded(
+            mesh8, lambda b: _ark(b, op=ALL_REDUCE, mesh=mesh8, axes=("x",), reduce=reduce), x
+        )
+    )
+    want = _fold(list(x), reduce)
+    assert np.isnan(want[[3, 10, 63]]).all()
+    for row in got:
+        np.testing.assert_array_equal(row, want)

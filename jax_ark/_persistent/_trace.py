@@ -472,7 +472,45 @@ _BINARY = {
     "add_any": "add",
 }  # fmt: skip
 _IDENTITY = {"copy", "copy_p", "stop_gradient", "optimization_barrier", "pvary", "pcast"}
-_CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# ---- jax version compatibility: call primitives that are inlined ------------------------------
+# Only primitives whose sub-jaxpr maps the eqn's inputs to its outputs one to one (a plain call)
+# may be inlined. A name list, not "any eqn with a jaxpr param": scan, shard_map and others also
+# carry a `jaxpr` and inlining one of them computes something else without an error. jax renamed
+# some of these between versions (pjit -> jit in 0.9; custom_vjp_call_jaxpr(fun_jaxpr) ->
+# custom_vjp_call(call_jaxpr)); jax 0.10.2 and 0.11.2 both use jit / closed_call /
+# custom_jvp_call / custom_vjp_call / remat2. A call primitive renamed again in a later jax is then
+# refused with a clear UnsupportedError rather than mistranslated.
+_INLINE_CALLS = frozenset(
+    {
+        "jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+        "custom_vjp_call_jaxpr", "remat2", "checkpoint", "remat",
+    }
+)  # fmt: skip
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _call_body(eqn) -> tuple[Any, list] | None:
+    """(open jaxpr, consts) of an inlinable call eqn, or None when eqn is not such a call."""
+    if eqn.primitive.name not in _INLINE_CALLS:
+        return None
+    for key in _CALL_PARAMS:
+        sub = eqn.params.get(key)
+        if sub is None:
+            continue
+        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
+            jaxpr, consts = sub.jaxpr, list(sub.consts)
+        elif hasattr(sub, "eqns"):  # open Jaxpr
+            jaxpr, consts = sub, []
+        else:
+            continue
+        if len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars):
+            return jaxpr, consts
+    # A known call whose params this jax spells differently: fail loudly, never guess.
+    raise UnsupportedError(
+        f"ark.persistent: cannot inline '{eqn.primitive.name}' with this jax "
+        f"({jax.__version__}): none of its params {sorted(eqn.params)} is a sub-jaxpr taking its "
+        "operands one to one"
+    )
 
 
 def _source(eqn) -> str:
@@ -665,19 +703,15 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
     if prim in ("reduce_sum", "reduce_max", "reduce_min"):
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
-    for key in _CALLS:
-        sub = params.get(key)
-        if sub is None:
-            continue
-        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # ClosedJaxpr
-            return _translate(b, sub.jaxpr, list(sub.consts), args)
-        if hasattr(sub, "eqns"):  # open Jaxpr
-            return _translate(b, sub, [], args)
+    body = _call_body(eqn)
+    if body is not None:
+        return _translate(b, body[0], body[1], args)
     raise UnsupportedError(
         f"ark.persistent: primitive '{prim}' is not supported (at {b.source}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, select_n, reduce_sum / reduce_max / reduce_min, broadcast_in_dim, "
-        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type"
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
+        f"({', '.join(sorted(_INLINE_CALLS))}); no loops, conditionals or shard_map"
     )
 
 

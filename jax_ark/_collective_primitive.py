@@ -120,16 +120,45 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SITE_STATE = threading.local()
 
 
-def _trace_chain() -> list:
-    """The active traces, outermost first, from the top-level trace (eval excluded) to the current
-    one; [] where this jax version hides them (internal API)."""
+def _load_trace_api():
+    """(get the trace stack, EvalTrace, DynamicJaxprTrace) from jax internals, or None.
+
+    jax-internal (jax._src), checked against jax 0.10.2 and 0.11.2; the only place that names it.
+    """
     try:
         from jax._src import core as _core
+        from jax._src.interpreters.partial_eval import DynamicJaxprTrace
 
-        stack = _core.unsafe_get_trace_stack(_core.trace_ctx.trace)
+        def stack() -> list:
+            return list(_core.unsafe_get_trace_stack(_core.trace_ctx.trace))
+
+        stack()  # also fails here, not at the first collective, if the names moved
+        return stack, _core.EvalTrace, DynamicJaxprTrace
     except (ImportError, AttributeError):
-        return []
-    return [t for t in stack if not isinstance(t, _core.EvalTrace)]
+        return None
+
+
+_TRACE_API = _load_trace_api()
+
+
+def _trace_api():
+    # Without the trace stack, call-site ids lose their occurrence index (two independent
+    # collectives emitted from one line would share a site, and devices could pair them
+    # crosswise: wrong data, no error) and collectives lose their ordering. So refuse.
+    if _TRACE_API is None:
+        raise RuntimeError(
+            f"jax_ark collectives: this jax ({jax.__version__}) no longer exposes the trace stack "
+            "(jax._src.core.unsafe_get_trace_stack / trace_ctx, partial_eval.DynamicJaxprTrace) "
+            "that call-site ids and collective ordering need; jax_ark supports jax 0.10.x-0.11.x"
+        )
+    return _TRACE_API
+
+
+def _trace_chain() -> list:
+    """The active traces, outermost first, from the top-level trace (eval excluded) to the
+    current one; [] when nothing is being traced."""
+    stack, eval_trace, _ = _trace_api()
+    return [t for t in stack() if not isinstance(t, eval_trace)]
 
 
 def _user_call_path() -> tuple:
@@ -228,15 +257,12 @@ def _previous_in_chain(chain: list):
     live = {id(t) for t in chain}
     for tid in [k for k in results if k not in live]:
         del results[tid]
-    try:
-        from jax._src.interpreters.partial_eval import DynamicJaxprTrace
-    except ImportError:
-        DynamicJaxprTrace = None
+    staging_trace = _trace_api()[2]
     for trace in reversed(chain):
         entry = results.get(id(trace))
         if entry is not None and entry[0]() is trace:
             return entry[1]
-        if DynamicJaxprTrace is None or not isinstance(trace, DynamicJaxprTrace):
+        if not isinstance(trace, staging_trace):
             return None
     return None
 

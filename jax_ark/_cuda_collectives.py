@@ -57,27 +57,46 @@ def _code(table: dict[str, int], value: Any, what: str) -> int:
 
 
 def _concrete_mesh(ctx) -> Any:
-    """The concrete mesh (with devices) the program is lowered for. jax-internal, kept here."""
+    """The concrete mesh (with devices) the program is lowered for.
+
+    jax-internal (checked against jax 0.10.2 and 0.11.2), kept here: the lowering context's
+    `module_context.axis_context` is an `SPMDAxisContext` inside shard_map, whose `mesh` is the
+    concrete Mesh, or an AbstractMesh when shard_map got one (`mesh=mesh.abstract_mesh`); then the
+    mesh of the enclosing `jax.set_mesh` is used, if it is that same mesh.
+    """
     axis_context = getattr(ctx.module_context, "axis_context", None)
     mesh = getattr(axis_context, "mesh", None)
-    if mesh is not None and getattr(mesh, "devices", None) is not None and not _is_abstract(mesh):
+    # Test abstractness first: AbstractMesh.devices raises ValueError, not AttributeError.
+    if mesh is not None and not _is_abstract(mesh) and getattr(mesh, "devices", None) is not None:
         return mesh
-    try:  # jax >= 0.11: shard_map under `jax.set_mesh` may carry an abstract mesh only
+    try:
         from jax._src import mesh as mesh_lib
 
         concrete = mesh_lib.get_concrete_mesh()
-        if concrete is not None and not getattr(concrete, "empty", False):
-            return concrete
     except (ImportError, AttributeError):
-        pass
+        concrete = None
+    if (
+        concrete is not None
+        and not getattr(concrete, "empty", False)
+        and (mesh is None or _same_shape(mesh, concrete))
+    ):
+        return concrete
     raise ValueError(
-        "jax_ark GPU collectives must be used inside jax.shard_map over a concrete Mesh "
-        f"(axis context {type(axis_context).__name__} has no devices)"
+        "jax_ark GPU collectives must be used inside jax.shard_map over a concrete Mesh, or over "
+        "an abstract mesh under `jax.set_mesh(mesh)` with the concrete mesh "
+        f"(axis context {type(axis_context).__name__} has mesh {type(mesh).__name__}, no devices)"
     )
 
 
 def _is_abstract(mesh) -> bool:
     return type(mesh).__name__ == "AbstractMesh"
+
+
+def _same_shape(abstract, concrete) -> bool:
+    """True when `concrete` has the axis names and sizes of `abstract`."""
+    return tuple(abstract.axis_names) == tuple(concrete.axis_names) and tuple(
+        abstract.axis_sizes
+    ) == tuple(concrete.axis_sizes)
 
 
 def _group_axes(axes: Any) -> tuple:

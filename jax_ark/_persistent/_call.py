@@ -60,14 +60,23 @@ def plan(
     return build_plan(traced, workers, tile_m, tile_n, platform=target)
 
 
+# ---- jax version compatibility: the varying manual axes (vma) of a value -----------------------
+# jax 0.10 and 0.11 keep them in `aval.manual_axis_type.varying` (also reachable as `aval.mat`);
+# earlier releases had `aval.vma`. The one place in this module that reads them.
+
+
+def _aval_varying(aval) -> frozenset:
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", None) or ())
+
+
 def _varying_axes(in_avals) -> tuple:
     """Mesh axes some input varies over (inside shard_map); () outside."""
     axes: set = set()
     for a in in_avals:
-        mat = getattr(a, "manual_axis_type", None)
-        if mat is not None:
-            axes |= set(mat.varying)
-        axes |= set(getattr(a, "vma", None) or ())
+        axes |= _aval_varying(a)
     return tuple(sorted(axes))
 
 
@@ -76,7 +85,7 @@ def _mark_varying(x, axes: tuple):
     per-device values, so declare them varying over the inputs' axes."""
     if not axes:
         return x
-    have = set(getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", ()) or ())
+    have = _aval_varying(jax.typeof(x))
     missing = tuple(a for a in axes if a not in have)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 

@@ -26,11 +26,12 @@ def _chaos_seed() -> int:
     return int(os.environ.get("JAX_ARK_PERSISTENT_CHAOS", "0") or 0)
 
 
-def _flat_avals(args) -> tuple[list, Any, tuple]:
+def _flat_avals(args) -> tuple[list, Any, list, tuple]:
+    """(leaves, tree, their shapes/dtypes, a hashable signature key) of a call's arguments."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
     key = (tree, tuple((a.shape, str(a.dtype)) for a in avals))
-    return leaves, tree, key
+    return leaves, tree, avals, key
 
 
 def plan(
@@ -47,9 +48,7 @@ def plan(
     default: the platform of the arguments' devices, else jax's default backend, as
     `persistent(fn)(*args)` does. Planning for "gpu" without a GPU needs num_workers.
     """
-    _, tree, _ = _flat_avals(args)
-    leaves = jax.tree_util.tree_leaves(args)
-    avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
+    leaves, tree, avals, _ = _flat_avals(args)
     target, device = resolve_platform(leaves, platform)
     workers = num_workers or default_workers(target, device)
 
@@ -150,11 +149,10 @@ class _Persistent:
         return p
 
     def _planned(self, args) -> tuple[Plan, Any]:
-        leaves, tree, key = _flat_avals(args)
+        leaves, tree, avals, key = _flat_avals(args)
         # The platform decides the default workers and tiles (see _target.py): part of the key.
         key = (key, resolve_platform(leaves)[0] if self._plan is None else None)
         if key not in self._cache:
-            avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
             out_tree = jax.tree_util.tree_structure(
                 jax.eval_shape(self._fn, *jax.tree_util.tree_unflatten(tree, avals))
             )

@@ -10,6 +10,10 @@ dtype-appropriate tolerances.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import jax
@@ -443,3 +447,62 @@ def test_max_min_propagate_nan(mesh8, rng, reduce):
     assert np.isnan(want[[3, 10, 63]]).all()
     for row in got:
         np.testing.assert_array_equal(row, want)
+
+
+# Run in a fresh process: the group must be larger than the 8 inputs the host kernel folds per
+# pass (17 = a first pass of 8, a middle one of 8, a last one of 1), and this process has 8 devices.
+_WIDE_GROUP_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=17"
+    os.environ["PJRT_NPROC"] = "40"
+    from functools import partial
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import jax_ark as ark
+
+    n = 17
+    mesh = Mesh(np.array(jax.devices("cpu")[:n]), ("x",))
+    rng = np.random.default_rng(0)
+
+    def fold(xs, fn):
+        acc = xs[0].astype(np.float32)
+        for x in xs[1:]:
+            acc = fn(acc, x.astype(np.float32))
+        return acc.astype(xs[0].dtype)
+
+    for dtype in (np.float32, jnp.bfloat16):
+        # 2 tiles of the kernel plus a ragged end, per block.
+        x = rng.standard_normal((n, n * 4200)).astype(dtype)
+        # NaN from a rank of the first pass and from one of the last: max must propagate both.
+        x[3, 5] = x[16, 9000] = np.nan
+        for api, fn, spec in [
+            (ark.psum, np.add, P()),
+            (ark.pmax, np.maximum, P()),
+            (partial(ark.psum_scatter, tiled=True), np.add, P("x")),
+        ]:
+            f = jax.jit(jax.shard_map(
+                lambda b: api(b[0], axis_name="x"), mesh=mesh, in_specs=P("x"), out_specs=spec
+            ))
+            got = np.asarray(f(x))
+            want = fold(list(x), fn)
+            nan = np.isnan(want.astype(np.float32))
+            assert nan[[5, 9000]].all()
+            np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+            # Bit for bit where not NaN (so signed zeros count too).
+            np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+    print("ok")
+    """
+)
+
+
+def test_groups_wider_than_one_fold_pass_match_the_left_fold(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", _WIDE_GROUP_SCRIPT],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

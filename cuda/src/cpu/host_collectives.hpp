@@ -37,7 +37,7 @@ struct CollectiveWork {
 struct WorkPlan {
   size_t num_units;
   size_t unit_elems;  // all_reduce / reduce_scatter: elements per unit
-  bool streaming;     // write outputs with non-temporal stores (large outputs)
+  bool streaming;     // large all-reduce: copy the result to outputs 1..n-1 non-temporally
 };
 
 WorkPlan plan_work(const CollectiveWork& work, int group_size);

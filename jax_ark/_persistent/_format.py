@@ -340,23 +340,30 @@ def _dedupe(xs: list[int]) -> list[int]:
     return out
 
 
-def _topological_order(plan: Plan) -> list[int]:
-    """Topological order of tasks over dependency edges (raises PlanError on a cycle)."""
-    n = len(plan.tasks)
-    indeg = [0] * n
+def topological_order(preds: list[list[int]]) -> tuple[list[int], int | None]:
+    """Kahn's algorithm over predecessor lists: (the nodes in an order where every node follows its
+    predecessors, None) if the graph is acyclic, else (the nodes it could order, a node that waits
+    on a cycle)."""
+    n = len(preds)
+    indeg = [len(p) for p in preds]
     succ: list[list[int]] = [[] for _ in range(n)]
-    for t, task in enumerate(plan.tasks):
-        for d in task.deps:
-            succ[d].append(t)
-            indeg[t] += 1
+    for t, ps in enumerate(preds):
+        for p in ps:
+            succ[p].append(t)
     order = [t for t in range(n) if indeg[t] == 0]
     for t in order:
         for s in succ[t]:
             indeg[s] -= 1
             if indeg[s] == 0:
                 order.append(s)
-    if len(order) != n:
-        stuck = next(t for t in range(n) if indeg[t] > 0)
+    stuck = None if len(order) == n else next(t for t in range(n) if indeg[t] > 0)
+    return order, stuck
+
+
+def _topological_order(plan: Plan) -> list[int]:
+    """Topological order of tasks over dependency edges (raises PlanError on a cycle)."""
+    order, stuck = topological_order([list(task.deps) for task in plan.tasks])
+    if stuck is not None:
         raise PlanError(f"dependency cycle through {plan.task_name(stuck)}")
     return order
 

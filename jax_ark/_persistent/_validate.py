@@ -16,6 +16,7 @@ from jax_ark._persistent._format import (
     UNARY_OPS,
     Plan,
     PlanError,
+    topological_order,
 )
 
 
@@ -185,19 +186,8 @@ def validate(plan: Plan) -> None:
     for q in plan.queues:
         for a, b in zip(q, q[1:], strict=False):
             preds[b].append(a)
-    indeg = [len(p) for p in preds]
-    succ: list[list[int]] = [[] for _ in range(n)]
-    for t, ps in enumerate(preds):
-        for p in ps:
-            succ[p].append(t)
-    order = [t for t in range(n) if indeg[t] == 0]
-    for t in order:
-        for s in succ[t]:
-            indeg[s] -= 1
-            if indeg[s] == 0:
-                order.append(s)
-    if len(order) != n:
-        stuck = next(t for t in range(n) if indeg[t] > 0)
+    order, stuck = topological_order(preds)
+    if stuck is not None:
         raise PlanError(
             f"dependency cycle (dependencies + queue order) through {plan.task_name(stuck)} on "
             f"worker {where_queued[stuck]}: the plan would deadlock"

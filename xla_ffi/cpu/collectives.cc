@@ -1,9 +1,9 @@
 // XLA FFI handler of the `ark_collective` target on the CPU platform.
 //
 // Decodes and checks the operands and attributes of the contract in docs/internals.md
-// ("Collectives"), then hands the call to the HostCommunicator of its (group, site). Every check happens before
-// the rendezvous, so a malformed call fails alone with InvalidArgument instead of leaving its peers
-// waiting for a partner that will never show up correctly.
+// ("Collectives"), then hands the call to the HostCommunicator of its (group, site). Every check
+// happens before the rendezvous, so a malformed call fails alone with InvalidArgument instead of
+// leaving its peers waiting for a partner that will never show up correctly.
 #include <cstdint>
 #include <exception>
 #include <optional>

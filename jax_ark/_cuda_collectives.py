@@ -14,6 +14,7 @@ state from its stream's device. Nothing of this runs per call.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,9 @@ _LL_BYTES = 64 * 1024
 _BOOTSTRAP_TIMEOUT_MS = 120_000
 
 _communicators: dict[tuple, int] = {}
+# Lowerings may run on several Python threads: two bootstrapping one communicator at once would
+# both call comm_create (the second fails: "already exists") and publish the same keys twice.
+_communicators_lock = threading.Lock()
 
 
 def _module():
@@ -156,6 +160,11 @@ def _kv_client():
 
 def _communicator(mesh, axes: tuple, group_size: int) -> int:
     """Bootstraps (once) the communicator of `axes` on `mesh`; returns its id."""
+    with _communicators_lock:
+        return _bootstrap(mesh, axes, group_size)
+
+
+def _bootstrap(mesh, axes: tuple, group_size: int) -> int:
     devices = np.asarray(mesh.devices)
     key = (
         tuple(int(d.id) for d in devices.flat),

@@ -38,52 +38,67 @@ def barrier(name: str) -> None:
     distributed.global_state.client.wait_at_barrier(f"jax_ark_test/{name}", 120_000)
 
 
-def run(name, fn, global_x, expected_local):
+def run(name, fn, global_x, expected):
+    """Runs fn on three inputs (global_x scaled by 1, -2, 3), all dispatched before any result
+    is read, and checks each call's local result against expected(global input): epochs advance,
+    scratch halves alternate, and a call that consumed what an earlier call left in scratch
+    (calls 1 and 3 share a half) shows up as wrong data, not as a pass on repeated inputs."""
     sharding = NamedSharding(mesh, P("x"))
-    local = global_x[process_id : process_id + 1]
-    x = jax.make_array_from_process_local_data(sharding, local)
+    inputs = [(global_x * k).astype(global_x.dtype) for k in (1, -2, 3)]
+    xs = [
+        jax.make_array_from_process_local_data(sharding, g[process_id : process_id + 1])
+        for g in inputs
+    ]
     f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
-    compiled = f.lower(x).compile()
+    compiled = f.lower(xs[0]).compile()
     barrier(name)
-    for _ in range(3):  # several calls: epochs advance, scratch halves alternate
-        y = compiled(x)
-    got = np.asarray(y.addressable_data(0))
-    if expected_local.dtype.kind == "i":
-        np.testing.assert_array_equal(got, expected_local)
-    else:
-        np.testing.assert_allclose(
-            got.astype(np.float32), expected_local.astype(np.float32), rtol=1e-2, atol=1e-2
-        )
+    ys = [compiled(x) for x in xs]
+    for k, (g, y) in enumerate(zip(inputs, ys, strict=True)):
+        got, want = np.asarray(y.addressable_data(0)), expected(g)
+        message = f"{name}, call {k}"
+        if want.dtype.kind == "i":
+            np.testing.assert_array_equal(got, want, err_msg=message)
+        else:
+            np.testing.assert_allclose(
+                got.astype(np.float32),
+                want.astype(np.float32),
+                rtol=1e-2,
+                atol=1e-2,
+                err_msg=message,
+            )
     print(f"[{process_id}] {name} ok", flush=True)
 
 
+def summed(g):
+    """This process's block of psum over the two processes (16-bit floats summed in float32)."""
+    return (g[0].astype(np.float32) + g[1].astype(np.float32)).astype(g.dtype)[None]
+
+
+def summed_int(g):
+    return (g[0] + g[1])[None]
+
+
 g = rng.standard_normal((2, 6, 5)).astype(np.float32)
-run("psum", lambda a: jax_ark.psum(a, "x"), g, (g[0] + g[1])[None])
+run("psum", lambda a: jax_ark.psum(a, "x"), g, summed)
 gi = rng.integers(-100, 100, size=(2, 7, 3), dtype=np.int32)
-run("psum_int32", lambda a: jax_ark.psum(a, "x"), gi, (gi[0] + gi[1])[None])
+run("psum_int32", lambda a: jax_ark.psum(a, "x"), gi, summed_int)
 gb = rng.standard_normal((2, 9)).astype(jax.numpy.bfloat16)
-run(
-    "psum_bf16",
-    lambda a: jax_ark.psum(a, "x"),
-    gb,
-    (gb[0].astype(np.float32) + gb[1].astype(np.float32)).astype(gb.dtype)[None],
-)
-run("all_gather", lambda a: jax_ark.all_gather(a, "x", axis=0, tiled=True), g, g)
-s = g[0] + g[1]
+run("psum_bf16", lambda a: jax_ark.psum(a, "x"), gb, summed)
+run("all_gather", lambda a: jax_ark.all_gather(a, "x", axis=0, tiled=True), g, lambda v: v)
 run(
     "psum_scatter",
     lambda a: jax_ark.psum_scatter(a, "x", scatter_dimension=1, tiled=True),
     g,
-    s[None, 3 * process_id : 3 * process_id + 3],
+    lambda v: summed(v)[:, 3 * process_id : 3 * process_id + 3],
 )
 run(
     "ppermute",
     lambda a: jax_ark.ppermute(a, "x", perm=[(0, 1), (1, 0)]),
     g,
-    g[1 - process_id][None],
+    lambda v: v[1 - process_id][None],
 )
 big = rng.standard_normal((2, 300_000)).astype(np.float32)  # beyond the LL path: chunked rounds
-run("psum_large", lambda a: jax_ark.psum(a, "x"), big, (big[0] + big[1])[None])
+run("psum_large", lambda a: jax_ark.psum(a, "x"), big, summed)
 _cuda_collectives.check()  # no failure recorded by any call
 print(f"[{process_id}] WORKER_OK", flush=True)
 jax.distributed.shutdown()

@@ -80,3 +80,21 @@ def test_many_calls_in_one_program(rng, gpu_mesh):
         want_b = want_b * np.float32(0.5) + np.float32(1.0)
     np.testing.assert_allclose(got_a, want_a, rtol=1e-6)
     np.testing.assert_allclose(got_b, want_b, rtol=1e-6)
+
+
+def test_cpu_ordering_dependency_folds_away_on_gpu(gpu_mesh):
+    # On CPU each collective's `color` operand depends on the previous collective's result, through
+    # lax.platform_dependent (a `case` on a constant index) and `bits * optimization_barrier(0)`.
+    # On GPU it must fold away at compile time: an XLA:GPU conditional copies its branch index to
+    # the host (a stream sync per collective), and a leftover `c + z * 0` is a kernel launch.
+    import re
+
+    import jax_ark
+
+    def fn(a):
+        return jax_ark.psum(jax_ark.psum(a, "x") * 2.0, "x")
+
+    f = jax.jit(jax.shard_map(fn, mesh=gpu_mesh, in_specs=P("x"), out_specs=P("x")))
+    hlo = f.lower(jnp.ones((1, 8), jnp.float32)).compile().as_text()
+    assert len(re.findall(r'custom_call_target="ark_collective_cuda"', hlo)) == 2, hlo
+    assert not re.search(r"\b(conditional|opt-barrier)\(", hlo), hlo

@@ -27,8 +27,13 @@ nb::bytes comm_create(int64_t comm_id, int device, int rank, int n_ranks, int bl
   config.blocks = blocks;
   config.piece_bytes = piece_bytes;
   config.ll_bytes = ll_bytes;
-  RankState& state = Registry::instance().create(comm_id, device, rank, config);
-  const cudaIpcMemHandle_t handle = state.ipc_handle();
+  cudaIpcMemHandle_t handle;
+  {
+    // Allocation, zeroing and kernel preloading may block on the driver: other Python threads
+    // (a host callback of a running XLA program among them) must not wait for them.
+    nb::gil_scoped_release release;
+    handle = Registry::instance().create(comm_id, device, rank, config).ipc_handle();
+  }
   return nb::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 

@@ -53,16 +53,46 @@ void DeviceFree::operator()(void* p) const {
 
 void HostFree::operator()(void* p) const { cudaFreeHost(p); }
 
+namespace {
+// Setup fills and copies run on a private non-blocking stream and wait for that stream alone.
+// - Not cudaDeviceSynchronize: setup runs at lowering time while XLA may have a collective kernel
+//   in flight on this device, spinning for a peer device whose launch (another XLA thread) is
+//   still to come; a device-wide wait here would stall, and with a lock held, deadlock.
+// - Not a plain cudaMemcpy either: from pageable memory it may return before the DMA lands, and
+//   the legacy stream it uses is not ordered with XLA's (or the harness's) non-blocking streams,
+//   so a kernel launched right after could read the old bytes.
+class SetupStream {
+ public:
+  SetupStream() { ARK_CUDA_THROW(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  ~SetupStream() { cudaStreamDestroy(stream_); }
+  SetupStream(const SetupStream&) = delete;
+  SetupStream& operator=(const SetupStream&) = delete;
+  cudaStream_t get() const { return stream_; }
+  void finish() const { ARK_CUDA_THROW(cudaStreamSynchronize(stream_)); }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+}  // namespace
+
 DeviceBuffer device_alloc(int device, size_t bytes, bool zero) {
   DeviceGuard guard(device);
   void* p = nullptr;
   ARK_CUDA_THROW(cudaMalloc(&p, bytes));
   DeviceBuffer owned(p, DeviceFree{device});
   if (zero) {
-    ARK_CUDA_THROW(cudaMemset(p, 0, bytes));
-    ARK_CUDA_THROW(cudaDeviceSynchronize());
+    SetupStream stream;
+    ARK_CUDA_THROW(cudaMemsetAsync(p, 0, bytes, stream.get()));
+    stream.finish();
   }
   return owned;
+}
+
+void copy_to_device(int device, void* dst, const void* src, size_t bytes) {
+  DeviceGuard guard(device);
+  SetupStream stream;
+  ARK_CUDA_THROW(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream.get()));
+  stream.finish();
 }
 
 IpcMapping::IpcMapping(int device, const cudaIpcMemHandle_t& handle) : device_(device) {
@@ -103,7 +133,7 @@ RankState::RankState(int64_t comm_id, int device, int rank, const CommConfig& co
   {
     DeviceGuard guard(device);
     const RankControl initial{/*epoch=*/1u, 0u, 0u, 0u};
-    ARK_CUDA_THROW(cudaMemcpy(control_.get(), &initial, sizeof(initial), cudaMemcpyHostToDevice));
+    copy_to_device(device, control_.get(), &initial, sizeof(initial));
     void* host = nullptr;
     ARK_CUDA_THROW(cudaHostAlloc(&host, sizeof(ErrorRecord), cudaHostAllocMapped));
     error_.reset(host);
@@ -168,10 +198,8 @@ void RankState::connect(const std::vector<PeerLink>& peers) {
       table[j] = link.same_process_ptr;
     }
   }
-  DeviceGuard guard(device_);
-  ARK_CUDA_THROW(cudaMemcpy(peer_table_.get(), table.data(), sizeof(uint8_t*) * table.size(),
-                            cudaMemcpyHostToDevice));
-  connected_ = true;
+  copy_to_device(device_, peer_table_.get(), table.data(), sizeof(uint8_t*) * table.size());
+  connected_.store(true, std::memory_order_release);
 }
 
 std::string RankState::describe_error() const {
@@ -198,12 +226,19 @@ Registry& Registry::instance() {
 }
 
 RankState& Registry::create(int64_t comm_id, int device, int rank, const CommConfig& config) {
+  const auto exists = [&] {
+    return std::logic_error("jax_ark: communicator " + std::to_string(comm_id) +
+                            " already exists on device " + std::to_string(device));
+  };
+  if (find(comm_id, device) != nullptr) throw exists();
+  // Built outside the lock: the FFI handler looks rank states up (find) on XLA's launch threads,
+  // which must not wait for this allocation and its CUDA calls (a kernel already running on
+  // another device may be spinning for the launch that such a wait would hold back).
+  auto state = std::make_unique<RankState>(comm_id, device, rank, config);
   std::lock_guard<std::mutex> lock(mutex_);
   for (const auto& s : states_)
-    if (s->comm_id() == comm_id && s->device() == device)
-      throw std::logic_error("jax_ark: communicator " + std::to_string(comm_id) +
-                             " already exists on device " + std::to_string(device));
-  states_.push_back(std::make_unique<RankState>(comm_id, device, rank, config));
+    if (s->comm_id() == comm_id && s->device() == device) throw exists();
+  states_.push_back(std::move(state));
   return *states_.back();
 }
 

@@ -119,7 +119,7 @@ struct HarnessGroup {
       xs.push_back(device_alloc(device, x_stride * x_sets, true));
       ys.push_back(device_alloc(device, y_stride * y_slots, true));
       rank_operands.push_back(device_alloc(device, sizeof(int32_t), false));
-      ARK_CUDA_THROW(cudaMemcpy(rank_operands[r].get(), &r, sizeof(int32_t), cudaMemcpyHostToDevice));
+      copy_to_device(device, rank_operands[r].get(), &r, sizeof(int32_t));
     }
   }
 
@@ -169,8 +169,8 @@ std::vector<std::string> harness_run(int32_t op, int32_t reduce, int32_t dtype, 
                      options.all_outputs ? iters : 1);
   for (int r = 0; r < n; ++r)
     for (int s = 0; s < sets; ++s)
-      ARK_CUDA_THROW(cudaMemcpy(static_cast<uint8_t*>(group.xs[r].get()) + s * group.x_stride,
-                                inputs[r].data() + s * x_bytes, x_bytes, cudaMemcpyHostToDevice));
+      copy_to_device(group.device, static_cast<uint8_t*>(group.xs[r].get()) + s * group.x_stride,
+                     inputs[r].data() + s * x_bytes, x_bytes);
   for (int it = 0; it < iters; ++it)
     for (int r = 0; r < n; ++r)
       if (r != options.skip_rank) ARK_CUDA_THROW(group.launch(r, it));

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -39,7 +40,10 @@ struct DeviceFree {
   void operator()(void* p) const;
 };
 using DeviceBuffer = std::unique_ptr<void, DeviceFree>;
+// `zero` fills it with zeros, finished before returning (never a device-wide synchronization).
 DeviceBuffer device_alloc(int device, size_t bytes, bool zero);
+// Host -> device copy on a private stream, complete on return: safe to read from any stream.
+void copy_to_device(int device, void* dst, const void* src, size_t bytes);
 
 struct HostFree {
   void operator()(void* p) const;
@@ -84,7 +88,7 @@ class RankState {
   int device() const { return device_; }
   int rank() const { return rank_; }
   int64_t comm_id() const { return comm_id_; }
-  bool connected() const { return connected_; }
+  bool connected() const { return connected_.load(std::memory_order_acquire); }
   // The record the kernels write on failure (host-mapped: readable without a sync).
   const volatile ErrorRecord& error() const { return *error_host_; }
   std::string describe_error() const;  // "" when no error was recorded
@@ -102,7 +106,7 @@ class RankState {
   volatile ErrorRecord* error_host_ = nullptr;
   std::vector<std::unique_ptr<IpcMapping>> mappings_;
   CommDevice view_;
-  bool connected_ = false;
+  std::atomic<bool> connected_{false};  // set by the lowering thread, read by XLA's threads
 };
 
 // Process-wide registry of the rank states the FFI handler uses, keyed by (comm id, device).

@@ -1,0 +1,89 @@
+"""The CUDA bootstrap's IPC-handle exchange through a real jax.distributed key-value store, on CPU.
+
+Two processes with two CPU devices each build one 2x2 mesh (mesh order != device order) and
+bootstrap communicators over each axis combination with the CUDA module replaced by a recorder
+(tests/cuda_bootstrap_worker.py). Every rank must be connected to every peer of its group with
+the peer's own handle, as "self", "local" (same process) or "ipc" (the other process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+WORKER = Path(__file__).with_name("cuda_bootstrap_worker.py")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers() -> list[dict]:
+    port = _free_port()
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(pid), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=90)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"process {pid} failed:\n{out[-4000:]}"
+    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+
+
+def test_handles_reach_every_peer_of_each_group():
+    results = _run_workers()
+    layout = np.array(results[0]["layout"])  # [x][y] -> (process, local id)
+    assert results[0]["ids"] == results[1]["ids"], "processes disagree on communicator ids"
+    for me, result in enumerate(results):
+        calls = result["calls"]
+        assert result["again"] == result["ids"]["x"]
+        for axes, comm_id in result["ids"].items():
+            axes = axes.split(",")
+            # Groups as rows, rank = row-major index over `axes` (lax.axis_index), by hand.
+            order = [("x", "y").index(a) for a in axes]
+            other = [d for d in (0, 1) if d not in order]
+            groups = np.transpose(layout, [*other, *order, 2]).reshape(-1, 2 ** len(axes), 2)
+            creates = {c[2]: c for c in calls if c[0] == "create" and c[1] == comm_id}
+            connects = {c[2]: c[3] for c in calls if c[0] == "connect" and c[1] == comm_id}
+            local = {int(dev): r for group in groups for r, (p, dev) in enumerate(group) if p == me}
+            assert sorted(creates) == sorted(connects) == sorted(local), (axes, calls)
+            for group in groups:
+                for r, (p, dev) in enumerate(group):
+                    if p != me:
+                        continue
+                    assert creates[dev][3:] == [r, len(group)]
+                    want = [
+                        [
+                            "self" if j == r else "local" if pj == me else "ipc",
+                            int(dj),
+                            f"p{pj}r{j}",
+                        ]
+                        for j, (pj, dj) in enumerate(group)
+                    ]
+                    assert connects[dev] == want, (axes, r)

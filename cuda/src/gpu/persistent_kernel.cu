@@ -78,7 +78,10 @@ struct TaskSmem {
   int32_t out_rank, out_dtype;
   int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
   int32_t bad_instruction;  // nonzero: kBadProgram found by any thread in the staging loop
-  int32_t flag;    // scratch for block-wide broadcasts
+  int32_t flag;    // per-task verdict broadcast by thread 0 (bad task or aborted run)
+  // The header verdict has its own word: thread 0 writes `flag` for the first task right after the
+  // header barrier, while a slower thread may not have read the header verdict yet.
+  int32_t header_bad;
 };
 
 // ---- plan access helpers ---------------------------------------------------------------------
@@ -499,10 +502,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       bad = kBadWorkspace;
     }
     if (bad) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, bad, 0);
-    s.flag = bad;
+    s.header_bad = bad;
   }
   __syncthreads();
-  if (s.flag) return;
+  if (s.header_bad) return;
 
   const int32_t q_begin = plan.queue_begin(worker), q_end = plan.queue_end(worker);
   if (q_begin < 0 || q_begin > q_end || q_end > p.num_tasks) {

@@ -172,7 +172,9 @@ __device__ void report(const KernelParams& p, const pf::PlanView& plan, int32_t 
   rec.status = status;
   rec.worker = worker;
   rec.task = task;
-  const bool task_ok = task >= 0 && task < p.num_tasks && status != kPersistentBadPlan;
+  // Any report with task >= 0 comes after the header and section checks, so the task record is
+  // readable; a bad-plan verdict about a task's program or views then names its op too.
+  const bool task_ok = task >= 0 && task < p.num_tasks;
   rec.op = task_ok ? plan.task(task).op : -1;
   rec.dep_task = dep_task;
   rec.dep_op = dep_task >= 0 && dep_task < p.num_tasks ? plan.task(dep_task).op : -1;

@@ -78,7 +78,10 @@ struct TaskSmem {
   int32_t out_rank, out_dtype;
   int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
   int32_t bad_instruction;  // nonzero: kBadProgram found by any thread in the staging loop
-  int32_t flag;    // scratch for block-wide broadcasts
+  int32_t flag;    // per-task verdict broadcast by thread 0 (bad task or aborted run)
+  // The header verdict has its own word: thread 0 writes `flag` for the first task right after the
+  // header barrier, while a slower thread may not have read the header verdict yet.
+  int32_t header_bad;
 };
 
 // ---- plan access helpers ---------------------------------------------------------------------
@@ -169,7 +172,9 @@ __device__ void report(const KernelParams& p, const pf::PlanView& plan, int32_t 
   rec.status = status;
   rec.worker = worker;
   rec.task = task;
-  const bool task_ok = task >= 0 && task < p.num_tasks && status != kPersistentBadPlan;
+  // Any report with task >= 0 comes after the header and section checks, so the task record is
+  // readable; a bad-plan verdict about a task's program or views then names its op too.
+  const bool task_ok = task >= 0 && task < p.num_tasks;
   rec.op = task_ok ? plan.task(task).op : -1;
   rec.dep_task = dep_task;
   rec.dep_op = dep_task >= 0 && dep_task < p.num_tasks ? plan.task(dep_task).op : -1;
@@ -499,10 +504,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       bad = kBadWorkspace;
     }
     if (bad) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, bad, 0);
-    s.flag = bad;
+    s.header_bad = bad;
   }
   __syncthreads();
-  if (s.flag) return;
+  if (s.header_bad) return;
 
   const int32_t q_begin = plan.queue_begin(worker), q_end = plan.queue_end(worker);
   if (q_begin < 0 || q_begin > q_end || q_end > p.num_tasks) {

@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "jax_ark/gpu/gemm_layout.hpp"
+
 namespace jax_ark::gpu::tile {
 
 constexpr int kBlockThreads = 256;
@@ -436,9 +438,7 @@ struct GemmParams {
   int64_t m0, m1, n0, n1, K;
 };
 
-constexpr int kGemmBM = 64, kGemmBN = 64, kGemmBK = 32;
-constexpr int kGemmPadH = kGemmBK + 8;   // halves per smem row of the 16-bit tiles (conflict-free)
-constexpr int kGemmPadF = kGemmBN + 4;   // floats per smem row of the f32 tiles / output
+// Tile sizes, smem strides and the mma fragment index math: gemm_layout.hpp (host-tested).
 
 // Stages the (kGemmBM x kGemmBK) A-slab and (kGemmBN x kGemmBK) B-slab. Consecutive threads walk the
 // operand's contiguous dimension so the scalar L2 loads coalesce.
@@ -447,9 +447,10 @@ __device__ __forceinline__ void gemm_stage(const void* base, DType t, int64_t s_
                                            int64_t outer0, int64_t outer_end, int64_t k0,
                                            int64_t k_end, Store store) {
   const bool k_contig = s_k == 1;
+  static_assert(kGemmBM == kGemmBN, "one staging loop serves the A (m) and B (n) slabs");
   for (int i = threadIdx.x; i < kGemmBM * kGemmBK; i += kBlockThreads) {
-    const int o = k_contig ? i / kGemmBK : i % kGemmBM;
-    const int k = k_contig ? i % kGemmBK : i / kGemmBM;
+    int o, k;
+    gemm_stage_coords(i, k_contig, &o, &k);
     const int64_t go = outer0 + o, gk = k0 + k;
     const float v = (go < outer_end && gk < k_end) ? load_f32(base, t, go * s_outer + gk * s_k) : 0.f;
     store(o, k, v);
@@ -487,8 +488,7 @@ __device__ void gemm_tile(const GemmParams& p, float* smem, Epi& epi) {
         uint16_t* as = reinterpret_cast<uint16_t*>(smem + kGemmBM * kGemmPadF);  // [BM][PadH]
         uint16_t* bs = as + kGemmBM * kGemmPadH;                                  // [BN][PadH]
         const bool is_bf16 = p.a_dtype == DType::kBF16;
-        const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-        const int wm = (warp >> 2) * 32, wn = (warp & 3) * 16;
+        const int warp = tid >> 5, lane = tid & 31;
         float acc[2][2][4] = {};
         for (int64_t k0 = 0; k0 < p.K; k0 += kGemmBK) {
           __syncthreads();
@@ -498,28 +498,25 @@ __device__ void gemm_tile(const GemmParams& p, float* smem, Epi& epi) {
           };
           // Values are exact 16-bit inputs widened to float, so narrowing back is lossless.
           gemm_stage(p.a, p.a_dtype, p.a_sm, p.a_sk, mb, p.m1, k0, p.K,
-                     [&](int m, int k, float v) { as[m * kGemmPadH + k] = to_bits(v); });
+                     [&](int m, int k, float v) { as[mma_smem_index(m, k)] = to_bits(v); });
           gemm_stage(p.b, p.b_dtype, p.b_sn, p.b_sk, nb, p.n1, k0, p.K,
-                     [&](int n, int k, float v) { bs[n * kGemmPadH + k] = to_bits(v); });
+                     [&](int n, int k, float v) { bs[mma_smem_index(n, k)] = to_bits(v); });
           __syncthreads();
 #pragma unroll
           for (int ks = 0; ks < kGemmBK; ks += 16) {
             uint32_t af[2][4], bfr[2][2];
 #pragma unroll
-            for (int mf = 0; mf < 2; ++mf) {
-              const uint16_t* r0 = as + (wm + mf * 16 + g) * kGemmPadH + ks + tq * 2;
-              const uint16_t* r8 = r0 + 8 * kGemmPadH;
-              af[mf][0] = *reinterpret_cast<const uint32_t*>(r0);
-              af[mf][1] = *reinterpret_cast<const uint32_t*>(r8);
-              af[mf][2] = *reinterpret_cast<const uint32_t*>(r0 + 8);
-              af[mf][3] = *reinterpret_cast<const uint32_t*>(r8 + 8);
-            }
+            for (int mf = 0; mf < 2; ++mf)
 #pragma unroll
-            for (int nf = 0; nf < 2; ++nf) {
-              const uint16_t* c = bs + (wn + nf * 8 + g) * kGemmPadH + ks + tq * 2;
-              bfr[nf][0] = *reinterpret_cast<const uint32_t*>(c);
-              bfr[nf][1] = *reinterpret_cast<const uint32_t*>(c + 8);
-            }
+              for (int reg = 0; reg < 4; ++reg)  // index is even: 4-byte aligned pair of halves
+                af[mf][reg] = *reinterpret_cast<const uint32_t*>(
+                    as + mma_a_index(warp, lane, mf, ks, reg));
+#pragma unroll
+            for (int nf = 0; nf < 2; ++nf)
+#pragma unroll
+              for (int reg = 0; reg < 2; ++reg)
+                bfr[nf][reg] = *reinterpret_cast<const uint32_t*>(
+                    bs + mma_b_index(warp, lane, nf, ks, reg));
 #pragma unroll
             for (int mf = 0; mf < 2; ++mf)
 #pragma unroll
@@ -533,13 +530,11 @@ __device__ void gemm_tile(const GemmParams& p, float* smem, Epi& epi) {
 #pragma unroll
         for (int mf = 0; mf < 2; ++mf)
 #pragma unroll
-          for (int nf = 0; nf < 2; ++nf) {
-            const int r = wm + mf * 16 + g, c = wn + nf * 8 + tq * 2;
-            cs[r * kGemmPadF + c] = acc[mf][nf][0];
-            cs[r * kGemmPadF + c + 1] = acc[mf][nf][1];
-            cs[(r + 8) * kGemmPadF + c] = acc[mf][nf][2];
-            cs[(r + 8) * kGemmPadF + c + 1] = acc[mf][nf][3];
-          }
+          for (int nf = 0; nf < 2; ++nf)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              cs[mma_c_row(warp, lane, mf, i) * kGemmPadF + mma_c_col(warp, lane, nf, i)] =
+                  acc[mf][nf][i];
       } else {
         // FFMA: 256 threads as 16 x 16, each a 4 x 4 micro-tile; smem slabs k-major.
         float* as = smem + kGemmBM * kGemmPadF;  // [BK][PadF] (m fastest)

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "jax_ark/tile_ops.hpp"
+#include "persistent_kernels.hpp"
 
 
 namespace jax_ark::cpu {
@@ -228,6 +229,34 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
   }
 }
 
+// Widens B[b, k, n0 + n] (k < K, n < tn) of any dtype / stride into a float32 K x tn tile.
+template <class Load>
+void widen_b_tile(const ViewRecord& bv, int64_t b, int64_t K, int n0, int tn, float* dst, Load load) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1] + n0 * bv.strides[2];
+    for (int n = 0; n < tn; ++n) dst[k * tn + n] = load(row + n * bv.strides[2]);
+  }
+}
+
+// Rows of A widened to float32 (rows x K, row stride K).
+void widen_a_rows(const ViewRecord& av, int32_t dt, const char* base, int64_t b, int64_t m0, int rows,
+                  int64_t K, float* dst) {
+  for (int i = 0; i < rows; ++i) {
+    const int64_t row = av.offset + b * av.strides[0] + (m0 + i) * av.strides[1];
+    const int64_t ks = av.strides[2];
+    float* out = dst + i * K;
+    if (dt == kF32) {
+      const float* src = reinterpret_cast<const float*>(base) + row;
+      for (int64_t k = 0; k < K; ++k) out[k] = src[k * ks];
+    } else if (dt == kBF16) {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(base) + row;
+      for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_f32(src[k * ks]);
+    } else {
+      for (int64_t k = 0; k < K; ++k) out[k] = load_element(base, dt, row + k * ks);
+    }
+  }
+}
+
 void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
   const ViewRecord& av = run.plan.view(op.a_view);
   const ViewRecord& bv = run.plan.view(op.b_view);
@@ -236,39 +265,57 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   const char* b_base = run.tensor_base(bv.tensor);
   const int64_t K = op.K;
   const int tn = task.n1 - task.n0;
-  s.acc.resize(tn);
-  s.a_row.resize(K);
-  if (!(b_dt == kF32 && bv.strides[2] == 1)) s.b_tile.resize(static_cast<size_t>(K) * tn);
-  // float32 weights with unit n-stride are read in place; others are widened into a tile once.
-  const bool direct_b = b_dt == kF32 && bv.strides[2] == 1;
+  // float32 / bf16 weights with unit n-stride are read in place (bf16 widened in registers);
+  // others are widened into a float32 tile once per task and batch entry.
+  const bool direct_b = (b_dt == kF32 || b_dt == kBF16) && bv.strides[2] == 1;
+  const int chunk = std::min(tn, kernels::kCols);  // columns per kernel call
+  s.acc.resize(static_cast<size_t>(kernels::kRows) * chunk);
+  s.a_row.resize(static_cast<size_t>(kernels::kRows) * K);
+  if (!direct_b) s.b_tile.resize(static_cast<size_t>(K) * tn);
   for (int b = task.b0; b < task.b1; ++b) {
-    const float* b_rows = nullptr;  // b_rows + k * b_ld = B[b, k, n0..n1)
+    const char* b_rows;  // B[b, k, n0 + n] is element k * b_ld + n of b_rows (b_size bytes each)
     int64_t b_ld = tn;
+    int b_size = sizeof(float);
+    bool b_bf16 = false;
     if (direct_b) {
-      b_rows = reinterpret_cast<const float*>(b_base) + bv.offset + b * bv.strides[0] + task.n0;
+      const int64_t first = bv.offset + b * bv.strides[0] + task.n0;
+      b_bf16 = b_dt == kBF16;
+      b_size = dtype_size(b_dt);
+      b_rows = b_base + first * b_size;
       b_ld = bv.strides[1];
     } else {
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1];
-        float* dst = s.b_tile.data() + k * tn;
-        for (int n = 0; n < tn; ++n)
-          dst[n] = load_element(b_base, b_dt, row + (task.n0 + n) * bv.strides[2]);
+      float* dst = s.b_tile.data();
+      switch (b_dt) {
+        case kF32:
+          widen_b_tile(bv, b, K, task.n0, tn, dst,
+                       [p = reinterpret_cast<const float*>(b_base)](int64_t i) { return p[i]; });
+          break;
+        case kBF16:
+          widen_b_tile(bv, b, K, task.n0, tn, dst, [p = reinterpret_cast<const uint16_t*>(b_base)](
+                                                       int64_t i) { return bf16_to_f32(p[i]); });
+          break;
+        default:
+          widen_b_tile(bv, b, K, task.n0, tn, dst,
+                       [b_base, b_dt](int64_t i) { return load_element(b_base, b_dt, i); });
       }
-      b_rows = s.b_tile.data();
+      b_rows = reinterpret_cast<const char*>(dst);
     }
-    for (int m = task.m0; m < task.m1; ++m) {
-      const int64_t arow = av.offset + b * av.strides[0] + m * av.strides[1];
-      for (int64_t k = 0; k < K; ++k) s.a_row[k] = load_element(a_base, a_dt, arow + k * av.strides[2]);
-      float* __restrict__ acc = s.acc.data();
-      std::fill(acc, acc + tn, 0.0f);
-      for (int64_t k = 0; k < K; ++k) {  // k ascending per element: the format's order
-        const float a = s.a_row[k];
-        const float* __restrict__ brow = b_rows + k * b_ld;
-        for (int n = 0; n < tn; ++n) acc[n] = acc[n] + a * brow[n];
+    for (int m = task.m0; m < task.m1; m += kernels::kRows) {
+      const int rows = std::min(kernels::kRows, task.m1 - m);
+      widen_a_rows(av, a_dt, a_base, b, m, rows, K, s.a_row.data());
+      for (int c0 = 0; c0 < tn; c0 += chunk) {
+        const int cols = std::min(chunk, tn - c0);
+        float* acc = s.acc.data();
+        kernels::matmul_tile(s.a_row.data(), K, rows, K, b_rows + static_cast<int64_t>(c0) * b_size,
+                             b_bf16, b_ld, cols, acc, cols);
+        for (int i = 0; i < rows; ++i) {
+          float* row = acc + static_cast<int64_t>(i) * cols;
+          if (op.acc_dtype != kF32)
+            for (int n = 0; n < cols; ++n) row[n] = round_to(row[n], op.acc_dtype);
+          epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m + i) * op.N + task.n0 + c0,
+                         cols, row, s);
+        }
       }
-      if (op.acc_dtype != kF32)
-        for (int n = 0; n < tn; ++n) acc[n] = round_to(acc[n], op.acc_dtype);
-      epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m) * op.N + task.n0, tn, acc, s);
     }
   }
 }

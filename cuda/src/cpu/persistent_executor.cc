@@ -147,6 +147,100 @@ struct Scratch {
   std::vector<float> acc, a_row, b_tile, pro;
 };
 
+// ---- program evaluation -----------------------------------------------------------------------------
+// Every loop below has its opcode / dtype switch hoisted out, so each is a straight loop over the
+// segment that the compiler can vectorize (or at least run without per-element dispatch). The
+// per-element math is exactly tile_ops.hpp's (apply_unary / apply_binary with a constant opcode
+// fold to the same expression; libm calls stay scalar libm calls).
+
+// bf16 round trip (= bf16_to_f32(f32_to_bf16(v)), bit for bit) written as selects so it vectorizes.
+inline uint32_t bf16_bits_rne(uint32_t u) {
+  const uint32_t nan = (u | 0x00400000u) & 0xFFFF0000u;
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
+}
+
+void round_in_place(float* r, int count, int32_t dt) {
+  switch (dt) {
+    case kF32: break;
+    case kBF16:
+      for (int e = 0; e < count; ++e) r[e] = bits_float(bf16_bits_rne(float_bits(r[e])));
+      break;
+    case kBool:
+      for (int e = 0; e < count; ++e) r[e] = r[e] != 0.0f ? 1.0f : 0.0f;
+      break;
+    default:
+      for (int e = 0; e < count; ++e) r[e] = round_to(r[e], dt);
+  }
+}
+
+template <int32_t kCode>
+void unary_loop(float* r, const float* x, int count, int32_t imm) {
+  for (int e = 0; e < count; ++e) r[e] = apply_unary(kCode, x[e], imm);
+}
+template <int32_t kCode>
+void binary_loop(float* r, const float* x, const float* y, int count) {
+  for (int e = 0; e < count; ++e) r[e] = apply_binary(kCode, x[e], y[e]);
+}
+
+void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
+  switch (code) {
+#define ARK_UNARY(C) \
+  case C: unary_loop<C>(r, x, count, imm); break;
+    ARK_UNARY(kNeg) ARK_UNARY(kExp) ARK_UNARY(kLog) ARK_UNARY(kTanh) ARK_UNARY(kLogistic)
+    ARK_UNARY(kSqrt) ARK_UNARY(kRsqrt) ARK_UNARY(kErf) ARK_UNARY(kAbs) ARK_UNARY(kSin)
+    ARK_UNARY(kCos) ARK_UNARY(kLog1p) ARK_UNARY(kExpm1) ARK_UNARY(kSquare) ARK_UNARY(kSign)
+    ARK_UNARY(kCopy)
+#undef ARK_UNARY
+    case kIntegerPow:
+      if (imm == 2) {
+        unary_loop<kSquare>(r, x, count, imm);  // x^2 = x * x: the same single multiplication
+      } else if (imm == 3) {
+        for (int e = 0; e < count; ++e) r[e] = x[e] * x[e] * x[e];  // (x * x) * x, left to right
+      } else {
+        unary_loop<kIntegerPow>(r, x, count, imm);
+      }
+      break;
+    default:
+      for (int e = 0; e < count; ++e) r[e] = apply_unary(code, x[e], imm);
+  }
+}
+
+void eval_binary(int32_t code, float* r, const float* x, const float* y, int count) {
+  switch (code) {
+#define ARK_BINARY(C) \
+  case C: binary_loop<C>(r, x, y, count); break;
+    ARK_BINARY(kAdd) ARK_BINARY(kSub) ARK_BINARY(kMul) ARK_BINARY(kDiv) ARK_BINARY(kMax)
+    ARK_BINARY(kMin) ARK_BINARY(kPow) ARK_BINARY(kEq) ARK_BINARY(kNe) ARK_BINARY(kLt)
+    ARK_BINARY(kLe) ARK_BINARY(kGt) ARK_BINARY(kGe)
+#undef ARK_BINARY
+    default:
+      for (int e = 0; e < count; ++e) r[e] = apply_binary(code, x[e], y[e]);
+  }
+}
+
+// r[j] = f32(src[j * stride]) for j < n, the dtype switch outside the loop.
+void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t stride, int n) {
+  switch (dt) {
+    case kF32: {
+      const float* p = reinterpret_cast<const float*>(base) + off;
+      if (stride == 1) {
+        memcpy(r, p, sizeof(float) * n);
+      } else {
+        for (int j = 0; j < n; ++j) r[j] = p[j * stride];
+      }
+      break;
+    }
+    case kBF16: {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(base) + off;
+      for (int j = 0; j < n; ++j) r[j] = bf16_to_f32(p[j * stride]);
+      break;
+    }
+    default:
+      for (int j = 0; j < n; ++j) r[j] = load_element(base, dt, off + j * stride);
+  }
+}
+
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
 void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
@@ -164,31 +258,34 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     const int32_t code = opcode_of(ins), dt = dtype_of(ins);
     float* r = s.regs[i];
     if (code == kLoadAcc) {
-      for (int e = 0; e < count; ++e) r[e] = acc[e];
+      memcpy(r, acc, sizeof(float) * count);
     } else if (code == kLoad) {
       const ViewRecord& v = run.plan.view(ins.a);
-      const TensorRecord& t = run.plan.tensor(v.tensor);
+      const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
       const char* base = run.tensor_base(v.tensor);
-      int64_t idx[kMaxRank];
-      int64_t off = v.offset;
-      for (int d = 0; d < rank; ++d) {
-        idx[d] = start_idx[d];
-        off += idx[d] * v.strides[d];
-      }
-      const int64_t inner_stride = rank ? v.strides[rank - 1] : 0;
-      for (int e = 0; e < count; ++e) {
-        r[e] = load_element(base, t.dtype, off);
-        // advance the odometer by one element
-        int d = rank - 1;
-        if (d < 0) continue;
-        off += inner_stride;
-        if (++idx[d] < dims[d]) continue;
-        while (d >= 0 && idx[d] >= dims[d]) {
-          off -= idx[d] * v.strides[d];
-          idx[d] = 0;
-          if (--d >= 0) {
-            ++idx[d];
-            off += v.strides[d];
+      if (rank == 0) {  // a scalar space: every element reads the view's one element
+        load_run(r, base, src_dt, v.offset, 0, count);
+      } else {
+        // Walk the iteration space in runs along its innermost dim (one strided load each).
+        int64_t idx[kMaxRank];
+        int64_t off = v.offset;
+        for (int d = 0; d < rank; ++d) {
+          idx[d] = start_idx[d];
+          off += idx[d] * v.strides[d];
+        }
+        const int last = rank - 1;
+        const int64_t inner_stride = v.strides[last];
+        for (int e = 0; e < count;) {
+          const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
+          load_run(r + e, base, src_dt, off, inner_stride, n);
+          e += n;
+          off += n * inner_stride;
+          idx[last] += n;
+          for (int d = last; d > 0 && idx[d] >= dims[d]; --d) {  // carry into the outer dims
+            off -= idx[d] * v.strides[d];
+            idx[d] = 0;
+            ++idx[d - 1];
+            off += v.strides[d - 1];
           }
         }
       }
@@ -199,19 +296,11 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
       const float *p = s.regs[ins.a], *f = s.regs[ins.b], *t = s.regs[ins.c];
       for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
     } else if (is_unary(code)) {
-      const float* x = s.regs[ins.a];
-      for (int e = 0; e < count; ++e) r[e] = apply_unary(code, x[e], ins.b);
+      eval_unary(code, r, s.regs[ins.a], count, ins.b);
     } else {
-      const float *x = s.regs[ins.a], *y = s.regs[ins.b];
-      switch (code) {  // the common ones unrolled so the compiler vectorizes them
-        case kAdd: for (int e = 0; e < count; ++e) r[e] = x[e] + y[e]; break;
-        case kSub: for (int e = 0; e < count; ++e) r[e] = x[e] - y[e]; break;
-        case kMul: for (int e = 0; e < count; ++e) r[e] = x[e] * y[e]; break;
-        default: for (int e = 0; e < count; ++e) r[e] = apply_binary(code, x[e], y[e]);
-      }
+      eval_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
     }
-    if (dt != kF32)
-      for (int e = 0; e < count; ++e) r[e] = round_to(r[e], dt);
+    round_in_place(r, count, dt);
   }
 }
 
@@ -225,7 +314,18 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
                  acc ? acc + done : nullptr, s);
     const float* v = s.regs[op.epilogue_len - 1];
-    for (int e = 0; e < n; ++e) store_element(base, out.dtype, lin0 + done + e, v[e]);
+    const int64_t first = lin0 + done;
+    switch (out.dtype) {
+      case kF32: memcpy(reinterpret_cast<float*>(base) + first, v, sizeof(float) * n); break;
+      case kBF16: {
+        // f32_to_bf16 as selects (the value is stored rounded: the high half of bf16_bits_rne).
+        uint16_t* dst = reinterpret_cast<uint16_t*>(base) + first;
+        for (int e = 0; e < n; ++e) dst[e] = static_cast<uint16_t>(bf16_bits_rne(float_bits(v[e])) >> 16);
+        break;
+      }
+      default:
+        for (int e = 0; e < n; ++e) store_element(base, out.dtype, first + e, v[e]);
+    }
   }
 }
 
@@ -310,8 +410,7 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
                              b_bf16, b_ld, cols, acc, cols);
         for (int i = 0; i < rows; ++i) {
           float* row = acc + static_cast<int64_t>(i) * cols;
-          if (op.acc_dtype != kF32)
-            for (int n = 0; n < cols; ++n) row[n] = round_to(row[n], op.acc_dtype);
+          round_in_place(row, cols, op.acc_dtype);
           epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m + i) * op.N + task.n0 + c0,
                          cols, row, s);
         }

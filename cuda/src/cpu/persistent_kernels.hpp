@@ -139,20 +139,79 @@ ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64
   }
 }
 
+// Register-blocked variant for tiles with several rows: a kMicroRows x NV-vector block of the
+// accumulator lives in registers for the whole k loop (one k at a time, ascending), so the inner
+// loop is only B loads, broadcasts, multiplies and adds. B is re-read once per row block, from
+// L1 / L2 after the first (which is prefetched like the panel kernel's).
+constexpr int kMicroRows = 4;
+
+template <class V, class BT, int NV>
+ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, const BT* b,
+                                    int64_t ldb, float* acc, int64_t ldc) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  V c[kMicroRows][NV];
+  for (int i = 0; i < kMicroRows; ++i)
+    for (int j = 0; j < NV; ++j) c[i][j] = V{};
+  const float* a0 = a;
+  const float* a1 = a + lda;
+  const float* a2 = a + 2 * lda;
+  const float* a3 = a + 3 * lda;
+  for (int64_t k = 0; k < K; ++k) {
+    const BT* bk = b + k * ldb;
+    if (k + kPrefetchRows < K) {
+      const char* ahead = reinterpret_cast<const char*>(bk + kPrefetchRows * ldb);
+      for (int off = 0; off < static_cast<int>(NV * W * sizeof(BT)); off += 64)
+        __builtin_prefetch(ahead + off, 0, 0);
+    }
+    V x[NV];
+    for (int j = 0; j < NV; ++j) load_vec(x[j], bk + j * W);
+    for (int j = 0; j < NV; ++j) c[0][j] = c[0][j] + a0[k] * x[j];
+    for (int j = 0; j < NV; ++j) c[1][j] = c[1][j] + a1[k] * x[j];
+    for (int j = 0; j < NV; ++j) c[2][j] = c[2][j] + a2[k] * x[j];
+    for (int j = 0; j < NV; ++j) c[3][j] = c[3][j] + a3[k] * x[j];
+  }
+  for (int i = 0; i < kMicroRows; ++i)
+    for (int j = 0; j < NV; ++j) store_vec(acc + i * ldc + j * W, c[i][j]);
+}
+
+// acc (rows x tn, row stride ldc) for any tile: micro blocks where they fit, the panel kernel on
+// the leftover rows / columns (each element is computed by exactly one of them, same order).
+template <class V, int NV, class BT>
+ARK_ALWAYS_INLINE void matmul_any(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
+                                  int64_t ldb, int tn, float* acc, int64_t ldc) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  constexpr int kBlockCols = NV * W;
+  const int full_rows = rows < kMicroRows ? 0 : rows - rows % kMicroRows;
+  const int full_cols = tn - tn % kBlockCols;
+  if (full_rows == 0 || full_cols == 0) {  // GEMV-like: stream B once with the panel kernel
+    matmul_panel<V>(a, lda, rows, K, b, ldb, tn, acc, ldc);
+    return;
+  }
+  for (int n = 0; n < full_cols; n += kBlockCols)
+    for (int i = 0; i < full_rows; i += kMicroRows)
+      matmul_micro<V, BT, NV>(a + i * lda, lda, K, b + n, ldb, acc + i * ldc + n, ldc);
+  if (full_cols < tn)
+    matmul_panel<V>(a, lda, full_rows, K, b + full_cols, ldb, tn - full_cols, acc + full_cols, ldc);
+  if (full_rows < rows)
+    matmul_panel<V>(a + full_rows * lda, lda, rows - full_rows, K, b, ldb, tn,
+                    acc + full_rows * ldc, ldc);
+}
+
 // One instantiation per instruction set; the widest the CPU supports is picked once at run time.
-#define ARK_MATMUL_VARIANT(NAME, ATTR, V)                                                          \
+// NV: accumulator vectors per micro-block row (4 x NV of the ISA's registers stay live).
+#define ARK_MATMUL_VARIANT(NAME, ATTR, V, NV)                                                      \
   ATTR inline void NAME(const float* a, int64_t lda, int rows, int64_t K, const void* b,          \
                         bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc) {            \
     if (b_is_bf16)                                                                                 \
-      matmul_panel<V>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc);        \
+      matmul_any<V, NV>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc);      \
     else                                                                                           \
-      matmul_panel<V>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc);           \
+      matmul_any<V, NV>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc);         \
   }
 
-ARK_MATMUL_VARIANT(matmul_base, , f32x4)
+ARK_MATMUL_VARIANT(matmul_base, , f32x4, 2)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-ARK_MATMUL_VARIANT(matmul_avx2, __attribute__((target("avx2"))), f32x8)
-ARK_MATMUL_VARIANT(matmul_avx512, __attribute__((target("avx512f"))), f32x16)
+ARK_MATMUL_VARIANT(matmul_avx2, __attribute__((target("avx2"))), f32x8, 2)
+ARK_MATMUL_VARIANT(matmul_avx512, __attribute__((target("avx512f"))), f32x16, 4)
 #endif
 #undef ARK_MATMUL_VARIANT
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -15,6 +16,12 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "jax_ark/tile_ops.hpp"
 #include "persistent_kernels.hpp"
@@ -26,7 +33,9 @@ namespace {
 using namespace jax_ark::plan;
 using Clock = std::chrono::steady_clock;
 
-constexpr int kSegment = 256;  // elements a program evaluates per pass (registers are float[64][256])
+constexpr int kSegment = 256;
+constexpr int64_t kSpinMicros = 200;   // a dependency wait spins / yields this long, then sleeps
+constexpr int64_t kSleepMicros = 1000; // longest single sleep (deadline / failure checks between)  // elements a program evaluates per pass (registers are float[64][256])
 
 // ---- a pool per calling thread ---------------------------------------------------------------------
 // XLA runs each device's program on its own thread and one call at a time per thread, so a pool
@@ -111,6 +120,10 @@ struct Run {
   const PersistentOptions& opt;
   Clock::time_point t0;
   std::atomic<bool> failed{false};
+  // Blocking waits (see wait_for): a waiter that has spun long enough registers in `sleepers` and
+  // sleeps on `epoch`; whoever sets a counter while someone sleeps bumps `epoch` and wakes them.
+  std::atomic<uint32_t> epoch{0};
+  std::atomic<int> sleepers{0};
   std::mutex error_mu;
   PersistentResult error;
 
@@ -120,12 +133,37 @@ struct Run {
   }
 
   void fail(PersistentStatus status, const std::string& message) {
-    std::lock_guard<std::mutex> lock(error_mu);
-    if (!failed.load()) {
-      error.status = status;
-      error.message = message;
-      failed.store(true);
+    {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!failed.load()) {
+        error.status = status;
+        error.message = message;
+        failed.store(true);
+      }
     }
+    wake_sleepers();
+  }
+
+  // Called after a counter store (or a failure): wakes every sleeping waiter so it rechecks.
+  void wake_sleepers() {
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // order the counter store before the load
+    if (sleepers.load(std::memory_order_seq_cst) == 0) return;
+    epoch.fetch_add(1, std::memory_order_seq_cst);
+#ifdef __linux__
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr,
+            nullptr, 0);
+#endif
+  }
+
+  // Sleeps until wake_sleepers() runs after `seen` was read from epoch, or for at most max_us.
+  void sleep_on_epoch(uint32_t seen, int64_t max_us) {
+#ifdef __linux__
+    timespec ts{static_cast<time_t>(max_us / 1000000), static_cast<long>((max_us % 1000000) * 1000)};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+#else
+    (void)seen;
+    std::this_thread::sleep_for(std::chrono::microseconds(std::min<int64_t>(max_us, 50)));
+#endif
   }
 
   char* tensor_base(int t) const {
@@ -447,18 +485,35 @@ void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch
     epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
 }
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Waits until counters[d] >= 1; false when the wait timed out or another worker failed.
 bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadline) {
   int32_t* counter = run.buf.counters + dep;
-  // Spin, then yield (a sleep costs ~60 us on Linux, far more than a typical tile), and only
-  // after 2 ms of waiting fall back to short sleeps so a long stall does not burn a core.
-  const auto yield_until = Clock::now() + std::chrono::milliseconds(2);
-  for (uint32_t spin = 0;; ++spin) {
-    if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1) return true;
+  const auto ready = [counter] { return __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1; };
+  if (ready()) return true;
+  // Spin a little, then yield (with more runnable threads than cores, as on a 2-core host running
+  // XLA's threads too, a pure spinner keeps the worker it waits for off the core: measured 20x
+  // slower than yielding), and after kSpinMicros sleep on a futex until some counter is set (the
+  // setter wakes us at once, where polling sleeps overslept by 50-100 us and long yield phases
+  // burned the cores other callers' workers need).
+  const auto spin_until = Clock::now() + std::chrono::microseconds(kSpinMicros);
+  bool sleeping = false;
+  for (uint32_t spin = 1;; ++spin) {
+    if (ready()) return true;
     if (run.failed.load(std::memory_order_relaxed)) return false;
-    if (spin < 64) continue;
-    std::this_thread::yield();
-    if (spin % 64) continue;
+    if (spin < 64) {
+      cpu_relax();
+      continue;
+    }
+    if (!sleeping) {
+      std::this_thread::yield();
+      if (spin % 64) continue;
+    }
     const auto now = Clock::now();
     if (now > deadline) {
       const TaskRecord& t = run.plan.task(task);
@@ -470,7 +525,13 @@ bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadlin
       run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
       return false;
     }
-    if (now > yield_until) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    if (now < spin_until) continue;
+    sleeping = true;
+    run.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    const uint32_t seen = run.epoch.load(std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (!ready() && !run.failed.load()) run.sleep_on_epoch(seen, kSleepMicros);
+    run.sleepers.fetch_sub(1, std::memory_order_seq_cst);
   }
 }
 
@@ -499,6 +560,7 @@ void worker_main(Run& run, int w) {
       default: run_map(run, op, task, *scratch); break;
     }
     __atomic_store_n(run.buf.counters + t, 1, __ATOMIC_RELEASE);
+    run.wake_sleepers();
     if (run.buf.profile) {
       int64_t* p = run.buf.profile + static_cast<int64_t>(t) * h.profile_words_per_task;
       p[0] = wait_begin;

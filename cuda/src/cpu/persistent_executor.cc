@@ -2,15 +2,16 @@
 //
 // Math order follows the plan format exactly (k / r ascending, float32, every product and sum
 // rounded: CMakeLists.txt compiles this file with -ffp-contract=off), so results do not depend on
-// timing or on which worker ran a tile.
+// timing or on which worker ran a tile. The matmul kernels (persistent_kernels.hpp) vectorize
+// across output columns only; program loops have their opcode / dtype dispatch hoisted out.
 #include "persistent_executor.hpp"
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -33,9 +34,9 @@ namespace {
 using namespace jax_ark::plan;
 using Clock = std::chrono::steady_clock;
 
-constexpr int kSegment = 256;
-constexpr int64_t kSpinMicros = 200;   // a dependency wait spins / yields this long, then sleeps
-constexpr int64_t kSleepMicros = 1000; // longest single sleep (deadline / failure checks between)  // elements a program evaluates per pass (registers are float[64][256])
+constexpr int kSegment = 256;  // elements a program evaluates per pass (registers are float[64][256])
+constexpr int64_t kSpinMicros = 200;    // a dependency wait spins / yields this long, then sleeps
+constexpr int64_t kSleepMicros = 1000;  // longest single sleep (deadline / failure checks between)
 
 // ---- a pool per calling thread ---------------------------------------------------------------------
 // XLA runs each device's program on its own thread and one call at a time per thread, so a pool

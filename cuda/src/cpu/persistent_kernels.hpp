@@ -5,9 +5,10 @@
 // acc = (((0 + a[0]*b[0]) + a[1]*b[1]) + ...), k ascending, each product and each sum rounded to
 // float32. The kernels only vectorize ACROSS output columns n (lanes are independent elements) and
 // process several rows / several k per pass over the accumulator; they never reassociate along k.
-// Plain IEEE vector multiplies and adds (no FMA: -ffp-contract=off, and GCC vector extensions
-// never fuse on their own) give the same bits as the scalar code on every ISA, so the ISA picked
-// at run time changes speed, not results.
+// Separate IEEE vector multiplies and adds give the same bits as the scalar code on every ISA, so
+// the ISA picked at run time changes speed, not results. That needs -ffp-contract=off: the
+// AVX-512 variant has FMA available and GCC would otherwise fuse `c + a * x`
+// (test_persistent.py::test_bit_identical_* catches a fused or reassociated build).
 #pragma once
 
 #include <stdint.h>
@@ -227,8 +228,8 @@ inline MatmulFn pick_matmul() {
   return matmul_base;
 }
 
-// rows x tn float32 tile, row stride ldc: the accumulator for rows [0, rows) of a task.
-// acc = sum over k of a(row, k) * B[k, n]; see matmul_rows.
+// rows x tn float32 tile, row stride ldc: acc[i, n] = sum over k of a[i * lda + k] * B[k, n] with
+// B[k, n] = b[k * ldb + n] (float32, or bf16 bits when b_is_bf16); see matmul_any.
 inline void matmul_tile(const float* a, int64_t lda, int rows, int64_t K, const void* b,
                         bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc) {
   static const MatmulFn fn = pick_matmul();
@@ -236,3 +237,5 @@ inline void matmul_tile(const float* a, int64_t lda, int rows, int64_t K, const 
 }
 
 }  // namespace jax_ark::cpu::kernels
+
+#undef ARK_ALWAYS_INLINE

@@ -70,6 +70,28 @@ def test_cpu_defaults_unchanged_and_explicit_arguments_win(rng):
         ark.plan(chain, x, w, platform="gpu")  # no GPU in this process
 
 
+def test_cpu_default_workers_share_the_cores_inside_shard_map(mesh2x4, rng, monkeypatch):
+    """8 device programs on this host each get cores // 8 workers (at least 1); results match."""
+    monkeypatch.delenv("JAX_ARK_PERSISTENT_WORKERS", raising=False)
+    monkeypatch.setattr(_target.os, "cpu_count", lambda: 16)
+    x = rng.standard_normal((8 * 2, 256)).astype(np.float32)
+    w = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+    fast = ark.persistent(chain)
+    seen = []
+
+    def body(x, w):
+        seen.append(fast.plan(x, w).num_workers)
+        return fast(x, w)
+
+    P = jax.sharding.PartitionSpec
+    run = jax.jit(
+        jax.shard_map(body, mesh=mesh2x4, in_specs=(P(("x", "y")), P()), out_specs=P(("x", "y")))
+    )
+    _close(run(x, w), jax.jit(chain)(x, w), 2e-5)
+    assert seen == [16 // 8]
+    assert ark.plan(chain, x, w).num_workers == 8  # outside shard_map: min(cores, 8)
+
+
 def test_platform_from_argument_devices():
     x = jax.device_put(jnp.ones((2, 8)), jax.devices("cpu")[0])
     assert _target.platform_of([x])[0] == "cpu"

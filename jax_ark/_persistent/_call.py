@@ -13,7 +13,11 @@ import numpy as np
 
 from jax_ark._persistent._format import PROFILE_WORDS_PER_TASK, Plan, PlanError, np_dtype
 from jax_ark._persistent._schedule import build_plan
-from jax_ark._persistent._target import default_workers, resolve_platform
+from jax_ark._persistent._target import (
+    concurrent_cpu_programs,
+    default_workers,
+    resolve_platform,
+)
 from jax_ark._persistent._trace import trace
 from jax_ark._persistent._validate import validate
 
@@ -150,8 +154,13 @@ class _Persistent:
 
     def _planned(self, args) -> tuple[Plan, Any]:
         leaves, tree, avals, key = _flat_avals(args)
-        # The platform decides the default workers and tiles (see _target.py): part of the key.
-        key = (key, resolve_platform(leaves)[0] if self._plan is None else None)
+        # The platform (and, on CPU, how many shard_map programs share the cores) decides the
+        # default workers and tiles (see _target.py): part of the key.
+        key = (
+            key,
+            resolve_platform(leaves)[0] if self._plan is None else None,
+            concurrent_cpu_programs() if self._plan is None else None,
+        )
         if key not in self._cache:
             out_tree = jax.tree_util.tree_structure(
                 jax.eval_shape(self._fn, *jax.tree_util.tree_unflatten(tree, avals))
@@ -197,8 +206,9 @@ def persistent(
 
     plan: run this (validated, possibly user-edited) plan instead of planning fn.
     num_workers: worker threads (CPU) / thread blocks, one per SM (GPU) the planner targets
-    (default: min(cores, 8) on CPU; the SM count, capped by the kernel's co-residency, on GPU; the
-    platform is that of the arguments' devices, else jax's default backend: see `plan`).
+    (default: min(cores, 8) on CPU, cores // programs inside shard_map; the SM count, capped by
+    the kernel's co-residency, on GPU; the platform is that of the arguments' devices, else jax's
+    default backend: see `plan`).
     tile_m / tile_n: tile shape of every op (default: per platform; on GPU a GEMV layer is split
     into about one column tile per SM).
     profile: the call returns (result, profile) where profile is int64[num_tasks * 4] (see

@@ -2,7 +2,8 @@
 //
 // Math order follows the plan format exactly (k / r ascending, float32, every product and sum
 // rounded: CMakeLists.txt compiles this file with -ffp-contract=off), so results do not depend on
-// timing or on which worker ran a tile.
+// timing or on which worker ran a tile. The matmul kernels (persistent_kernels.hpp) vectorize
+// across output columns only; program loops have their opcode / dtype dispatch hoisted out.
 #include "persistent_executor.hpp"
 
 #include <algorithm>
@@ -10,13 +11,21 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <sstream>
 #include <thread>
 
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "jax_ark/tile_ops.hpp"
+#include "persistent_kernels.hpp"
 
 
 namespace jax_ark::cpu {
@@ -26,6 +35,8 @@ using namespace jax_ark::plan;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kSegment = 256;  // elements a program evaluates per pass (registers are float[64][256])
+constexpr int64_t kSpinMicros = 200;    // a dependency wait spins / yields this long, then sleeps
+constexpr int64_t kSleepMicros = 1000;  // longest single sleep (deadline / failure checks between)
 
 // ---- a pool per calling thread ---------------------------------------------------------------------
 // XLA runs each device's program on its own thread and one call at a time per thread, so a pool
@@ -110,6 +121,10 @@ struct Run {
   const PersistentOptions& opt;
   Clock::time_point t0;
   std::atomic<bool> failed{false};
+  // Blocking waits (see wait_for): a waiter that has spun long enough registers in `sleepers` and
+  // sleeps on `epoch`; whoever sets a counter while someone sleeps bumps `epoch` and wakes them.
+  std::atomic<uint32_t> epoch{0};
+  std::atomic<int> sleepers{0};
   std::mutex error_mu;
   PersistentResult error;
 
@@ -119,12 +134,37 @@ struct Run {
   }
 
   void fail(PersistentStatus status, const std::string& message) {
-    std::lock_guard<std::mutex> lock(error_mu);
-    if (!failed.load()) {
-      error.status = status;
-      error.message = message;
-      failed.store(true);
+    {
+      std::lock_guard<std::mutex> lock(error_mu);
+      if (!failed.load()) {
+        error.status = status;
+        error.message = message;
+        failed.store(true);
+      }
     }
+    wake_sleepers();
+  }
+
+  // Called after a counter store (or a failure): wakes every sleeping waiter so it rechecks.
+  void wake_sleepers() {
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // order the counter store before the load
+    if (sleepers.load(std::memory_order_seq_cst) == 0) return;
+    epoch.fetch_add(1, std::memory_order_seq_cst);
+#ifdef __linux__
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr,
+            nullptr, 0);
+#endif
+  }
+
+  // Sleeps until wake_sleepers() runs after `seen` was read from epoch, or for at most max_us.
+  void sleep_on_epoch(uint32_t seen, int64_t max_us) {
+#ifdef __linux__
+    timespec ts{static_cast<time_t>(max_us / 1000000), static_cast<long>((max_us % 1000000) * 1000)};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&epoch), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+#else
+    (void)seen;
+    std::this_thread::sleep_for(std::chrono::microseconds(std::min<int64_t>(max_us, 50)));
+#endif
   }
 
   char* tensor_base(int t) const {
@@ -146,6 +186,100 @@ struct Scratch {
   std::vector<float> acc, a_row, b_tile, pro;
 };
 
+// ---- program evaluation -----------------------------------------------------------------------------
+// Every loop below has its opcode / dtype switch hoisted out, so each is a straight loop over the
+// segment that the compiler can vectorize (or at least run without per-element dispatch). The
+// per-element math is exactly tile_ops.hpp's (apply_unary / apply_binary with a constant opcode
+// fold to the same expression; libm calls stay scalar libm calls).
+
+// bf16 round trip (= bf16_to_f32(f32_to_bf16(v)), bit for bit) written as selects so it vectorizes.
+inline uint32_t bf16_bits_rne(uint32_t u) {
+  const uint32_t nan = (u | 0x00400000u) & 0xFFFF0000u;
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
+}
+
+void round_in_place(float* r, int count, int32_t dt) {
+  switch (dt) {
+    case kF32: break;
+    case kBF16:
+      for (int e = 0; e < count; ++e) r[e] = bits_float(bf16_bits_rne(float_bits(r[e])));
+      break;
+    case kBool:
+      for (int e = 0; e < count; ++e) r[e] = r[e] != 0.0f ? 1.0f : 0.0f;
+      break;
+    default:
+      for (int e = 0; e < count; ++e) r[e] = round_to(r[e], dt);
+  }
+}
+
+template <int32_t kCode>
+void unary_loop(float* r, const float* x, int count, int32_t imm) {
+  for (int e = 0; e < count; ++e) r[e] = apply_unary(kCode, x[e], imm);
+}
+template <int32_t kCode>
+void binary_loop(float* r, const float* x, const float* y, int count) {
+  for (int e = 0; e < count; ++e) r[e] = apply_binary(kCode, x[e], y[e]);
+}
+
+void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
+  switch (code) {
+#define ARK_UNARY(C) \
+  case C: unary_loop<C>(r, x, count, imm); break;
+    ARK_UNARY(kNeg) ARK_UNARY(kExp) ARK_UNARY(kLog) ARK_UNARY(kTanh) ARK_UNARY(kLogistic)
+    ARK_UNARY(kSqrt) ARK_UNARY(kRsqrt) ARK_UNARY(kErf) ARK_UNARY(kAbs) ARK_UNARY(kSin)
+    ARK_UNARY(kCos) ARK_UNARY(kLog1p) ARK_UNARY(kExpm1) ARK_UNARY(kSquare) ARK_UNARY(kSign)
+    ARK_UNARY(kCopy)
+#undef ARK_UNARY
+    case kIntegerPow:
+      if (imm == 2) {
+        unary_loop<kSquare>(r, x, count, imm);  // x^2 = x * x: the same single multiplication
+      } else if (imm == 3) {
+        for (int e = 0; e < count; ++e) r[e] = x[e] * x[e] * x[e];  // (x * x) * x, left to right
+      } else {
+        unary_loop<kIntegerPow>(r, x, count, imm);
+      }
+      break;
+    default:
+      for (int e = 0; e < count; ++e) r[e] = apply_unary(code, x[e], imm);
+  }
+}
+
+void eval_binary(int32_t code, float* r, const float* x, const float* y, int count) {
+  switch (code) {
+#define ARK_BINARY(C) \
+  case C: binary_loop<C>(r, x, y, count); break;
+    ARK_BINARY(kAdd) ARK_BINARY(kSub) ARK_BINARY(kMul) ARK_BINARY(kDiv) ARK_BINARY(kMax)
+    ARK_BINARY(kMin) ARK_BINARY(kPow) ARK_BINARY(kEq) ARK_BINARY(kNe) ARK_BINARY(kLt)
+    ARK_BINARY(kLe) ARK_BINARY(kGt) ARK_BINARY(kGe)
+#undef ARK_BINARY
+    default:
+      for (int e = 0; e < count; ++e) r[e] = apply_binary(code, x[e], y[e]);
+  }
+}
+
+// r[j] = f32(src[j * stride]) for j < n, the dtype switch outside the loop.
+void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t stride, int n) {
+  switch (dt) {
+    case kF32: {
+      const float* p = reinterpret_cast<const float*>(base) + off;
+      if (stride == 1) {
+        memcpy(r, p, sizeof(float) * n);
+      } else {
+        for (int j = 0; j < n; ++j) r[j] = p[j * stride];
+      }
+      break;
+    }
+    case kBF16: {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(base) + off;
+      for (int j = 0; j < n; ++j) r[j] = bf16_to_f32(p[j * stride]);
+      break;
+    }
+    default:
+      for (int j = 0; j < n; ++j) r[j] = load_element(base, dt, off + j * stride);
+  }
+}
+
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
 void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
@@ -163,31 +297,34 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     const int32_t code = opcode_of(ins), dt = dtype_of(ins);
     float* r = s.regs[i];
     if (code == kLoadAcc) {
-      for (int e = 0; e < count; ++e) r[e] = acc[e];
+      memcpy(r, acc, sizeof(float) * count);
     } else if (code == kLoad) {
       const ViewRecord& v = run.plan.view(ins.a);
-      const TensorRecord& t = run.plan.tensor(v.tensor);
+      const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
       const char* base = run.tensor_base(v.tensor);
-      int64_t idx[kMaxRank];
-      int64_t off = v.offset;
-      for (int d = 0; d < rank; ++d) {
-        idx[d] = start_idx[d];
-        off += idx[d] * v.strides[d];
-      }
-      const int64_t inner_stride = rank ? v.strides[rank - 1] : 0;
-      for (int e = 0; e < count; ++e) {
-        r[e] = load_element(base, t.dtype, off);
-        // advance the odometer by one element
-        int d = rank - 1;
-        if (d < 0) continue;
-        off += inner_stride;
-        if (++idx[d] < dims[d]) continue;
-        while (d >= 0 && idx[d] >= dims[d]) {
-          off -= idx[d] * v.strides[d];
-          idx[d] = 0;
-          if (--d >= 0) {
-            ++idx[d];
-            off += v.strides[d];
+      if (rank == 0) {  // a scalar space: every element reads the view's one element
+        load_run(r, base, src_dt, v.offset, 0, count);
+      } else {
+        // Walk the iteration space in runs along its innermost dim (one strided load each).
+        int64_t idx[kMaxRank];
+        int64_t off = v.offset;
+        for (int d = 0; d < rank; ++d) {
+          idx[d] = start_idx[d];
+          off += idx[d] * v.strides[d];
+        }
+        const int last = rank - 1;
+        const int64_t inner_stride = v.strides[last];
+        for (int e = 0; e < count;) {
+          const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
+          load_run(r + e, base, src_dt, off, inner_stride, n);
+          e += n;
+          off += n * inner_stride;
+          idx[last] += n;
+          for (int d = last; d > 0 && idx[d] >= dims[d]; --d) {  // carry into the outer dims
+            off -= idx[d] * v.strides[d];
+            idx[d] = 0;
+            ++idx[d - 1];
+            off += v.strides[d - 1];
           }
         }
       }
@@ -198,19 +335,11 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
       const float *p = s.regs[ins.a], *f = s.regs[ins.b], *t = s.regs[ins.c];
       for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
     } else if (is_unary(code)) {
-      const float* x = s.regs[ins.a];
-      for (int e = 0; e < count; ++e) r[e] = apply_unary(code, x[e], ins.b);
+      eval_unary(code, r, s.regs[ins.a], count, ins.b);
     } else {
-      const float *x = s.regs[ins.a], *y = s.regs[ins.b];
-      switch (code) {  // the common ones unrolled so the compiler vectorizes them
-        case kAdd: for (int e = 0; e < count; ++e) r[e] = x[e] + y[e]; break;
-        case kSub: for (int e = 0; e < count; ++e) r[e] = x[e] - y[e]; break;
-        case kMul: for (int e = 0; e < count; ++e) r[e] = x[e] * y[e]; break;
-        default: for (int e = 0; e < count; ++e) r[e] = apply_binary(code, x[e], y[e]);
-      }
+      eval_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
     }
-    if (dt != kF32)
-      for (int e = 0; e < count; ++e) r[e] = round_to(r[e], dt);
+    round_in_place(r, count, dt);
   }
 }
 
@@ -224,7 +353,46 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
                  acc ? acc + done : nullptr, s);
     const float* v = s.regs[op.epilogue_len - 1];
-    for (int e = 0; e < n; ++e) store_element(base, out.dtype, lin0 + done + e, v[e]);
+    const int64_t first = lin0 + done;
+    switch (out.dtype) {
+      case kF32: memcpy(reinterpret_cast<float*>(base) + first, v, sizeof(float) * n); break;
+      case kBF16: {
+        // f32_to_bf16 as selects (the value is stored rounded: the high half of bf16_bits_rne).
+        uint16_t* dst = reinterpret_cast<uint16_t*>(base) + first;
+        for (int e = 0; e < n; ++e) dst[e] = static_cast<uint16_t>(bf16_bits_rne(float_bits(v[e])) >> 16);
+        break;
+      }
+      default:
+        for (int e = 0; e < n; ++e) store_element(base, out.dtype, first + e, v[e]);
+    }
+  }
+}
+
+// Widens B[b, k, n0 + n] (k < K, n < tn) of any dtype / stride into a float32 K x tn tile.
+template <class Load>
+void widen_b_tile(const ViewRecord& bv, int64_t b, int64_t K, int n0, int tn, float* dst, Load load) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1] + n0 * bv.strides[2];
+    for (int n = 0; n < tn; ++n) dst[k * tn + n] = load(row + n * bv.strides[2]);
+  }
+}
+
+// Rows of A widened to float32 (rows x K, row stride K).
+void widen_a_rows(const ViewRecord& av, int32_t dt, const char* base, int64_t b, int64_t m0, int rows,
+                  int64_t K, float* dst) {
+  for (int i = 0; i < rows; ++i) {
+    const int64_t row = av.offset + b * av.strides[0] + (m0 + i) * av.strides[1];
+    const int64_t ks = av.strides[2];
+    float* out = dst + i * K;
+    if (dt == kF32) {
+      const float* src = reinterpret_cast<const float*>(base) + row;
+      for (int64_t k = 0; k < K; ++k) out[k] = src[k * ks];
+    } else if (dt == kBF16) {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(base) + row;
+      for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_f32(src[k * ks]);
+    } else {
+      for (int64_t k = 0; k < K; ++k) out[k] = load_element(base, dt, row + k * ks);
+    }
   }
 }
 
@@ -236,39 +404,56 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   const char* b_base = run.tensor_base(bv.tensor);
   const int64_t K = op.K;
   const int tn = task.n1 - task.n0;
-  s.acc.resize(tn);
-  s.a_row.resize(K);
-  if (!(b_dt == kF32 && bv.strides[2] == 1)) s.b_tile.resize(static_cast<size_t>(K) * tn);
-  // float32 weights with unit n-stride are read in place; others are widened into a tile once.
-  const bool direct_b = b_dt == kF32 && bv.strides[2] == 1;
+  // float32 / bf16 weights with unit n-stride are read in place (bf16 widened in registers);
+  // others are widened into a float32 tile once per task and batch entry.
+  const bool direct_b = (b_dt == kF32 || b_dt == kBF16) && bv.strides[2] == 1;
+  const int chunk = std::min(tn, kernels::kCols);  // columns per kernel call
+  s.acc.resize(static_cast<size_t>(kernels::kRows) * chunk);
+  s.a_row.resize(static_cast<size_t>(kernels::kRows) * K);
+  if (!direct_b) s.b_tile.resize(static_cast<size_t>(K) * tn);
   for (int b = task.b0; b < task.b1; ++b) {
-    const float* b_rows = nullptr;  // b_rows + k * b_ld = B[b, k, n0..n1)
+    const char* b_rows;  // B[b, k, n0 + n] is element k * b_ld + n of b_rows (b_size bytes each)
     int64_t b_ld = tn;
+    int b_size = sizeof(float);
+    bool b_bf16 = false;
     if (direct_b) {
-      b_rows = reinterpret_cast<const float*>(b_base) + bv.offset + b * bv.strides[0] + task.n0;
+      const int64_t first = bv.offset + b * bv.strides[0] + task.n0;
+      b_bf16 = b_dt == kBF16;
+      b_size = dtype_size(b_dt);
+      b_rows = b_base + first * b_size;
       b_ld = bv.strides[1];
     } else {
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1];
-        float* dst = s.b_tile.data() + k * tn;
-        for (int n = 0; n < tn; ++n)
-          dst[n] = load_element(b_base, b_dt, row + (task.n0 + n) * bv.strides[2]);
+      float* dst = s.b_tile.data();
+      switch (b_dt) {
+        case kF32:
+          widen_b_tile(bv, b, K, task.n0, tn, dst,
+                       [p = reinterpret_cast<const float*>(b_base)](int64_t i) { return p[i]; });
+          break;
+        case kBF16:
+          widen_b_tile(bv, b, K, task.n0, tn, dst, [p = reinterpret_cast<const uint16_t*>(b_base)](
+                                                       int64_t i) { return bf16_to_f32(p[i]); });
+          break;
+        default:
+          widen_b_tile(bv, b, K, task.n0, tn, dst,
+                       [b_base, b_dt](int64_t i) { return load_element(b_base, b_dt, i); });
       }
-      b_rows = s.b_tile.data();
+      b_rows = reinterpret_cast<const char*>(dst);
     }
-    for (int m = task.m0; m < task.m1; ++m) {
-      const int64_t arow = av.offset + b * av.strides[0] + m * av.strides[1];
-      for (int64_t k = 0; k < K; ++k) s.a_row[k] = load_element(a_base, a_dt, arow + k * av.strides[2]);
-      float* __restrict__ acc = s.acc.data();
-      std::fill(acc, acc + tn, 0.0f);
-      for (int64_t k = 0; k < K; ++k) {  // k ascending per element: the format's order
-        const float a = s.a_row[k];
-        const float* __restrict__ brow = b_rows + k * b_ld;
-        for (int n = 0; n < tn; ++n) acc[n] = acc[n] + a * brow[n];
+    for (int m = task.m0; m < task.m1; m += kernels::kRows) {
+      const int rows = std::min(kernels::kRows, task.m1 - m);
+      widen_a_rows(av, a_dt, a_base, b, m, rows, K, s.a_row.data());
+      for (int c0 = 0; c0 < tn; c0 += chunk) {
+        const int cols = std::min(chunk, tn - c0);
+        float* acc = s.acc.data();
+        kernels::matmul_tile(s.a_row.data(), K, rows, K, b_rows + static_cast<int64_t>(c0) * b_size,
+                             b_bf16, b_ld, cols, acc, cols);
+        for (int i = 0; i < rows; ++i) {
+          float* row = acc + static_cast<int64_t>(i) * cols;
+          round_in_place(row, cols, op.acc_dtype);
+          epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m + i) * op.N + task.n0 + c0,
+                         cols, row, s);
+        }
       }
-      if (op.acc_dtype != kF32)
-        for (int n = 0; n < tn; ++n) acc[n] = round_to(acc[n], op.acc_dtype);
-      epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m) * op.N + task.n0, tn, acc, s);
     }
   }
 }
@@ -301,18 +486,35 @@ void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch
     epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
 }
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
 // Waits until counters[d] >= 1; false when the wait timed out or another worker failed.
 bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadline) {
   int32_t* counter = run.buf.counters + dep;
-  // Spin, then yield (a sleep costs ~60 us on Linux, far more than a typical tile), and only
-  // after 2 ms of waiting fall back to short sleeps so a long stall does not burn a core.
-  const auto yield_until = Clock::now() + std::chrono::milliseconds(2);
-  for (uint32_t spin = 0;; ++spin) {
-    if (__atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1) return true;
+  const auto ready = [counter] { return __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1; };
+  if (ready()) return true;
+  // Spin a little, then yield (with more runnable threads than cores, as on a 2-core host running
+  // XLA's threads too, a pure spinner keeps the worker it waits for off the core: measured 20x
+  // slower than yielding), and after kSpinMicros sleep on a futex until some counter is set (the
+  // setter wakes us at once, where polling sleeps overslept by 50-100 us and long yield phases
+  // burned the cores other callers' workers need).
+  const auto spin_until = Clock::now() + std::chrono::microseconds(kSpinMicros);
+  bool sleeping = false;
+  for (uint32_t spin = 1;; ++spin) {
+    if (ready()) return true;
     if (run.failed.load(std::memory_order_relaxed)) return false;
-    if (spin < 64) continue;
-    std::this_thread::yield();
-    if (spin % 64) continue;
+    if (spin < 64) {
+      cpu_relax();
+      continue;
+    }
+    if (!sleeping) {
+      std::this_thread::yield();
+      if (spin % 64) continue;
+    }
     const auto now = Clock::now();
     if (now > deadline) {
       const TaskRecord& t = run.plan.task(task);
@@ -324,7 +526,13 @@ bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadlin
       run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
       return false;
     }
-    if (now > yield_until) std::this_thread::sleep_for(std::chrono::microseconds(50));
+    if (now < spin_until) continue;
+    sleeping = true;
+    run.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    const uint32_t seen = run.epoch.load(std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (!ready() && !run.failed.load()) run.sleep_on_epoch(seen, kSleepMicros);
+    run.sleepers.fetch_sub(1, std::memory_order_seq_cst);
   }
 }
 
@@ -353,6 +561,7 @@ void worker_main(Run& run, int w) {
       default: run_map(run, op, task, *scratch); break;
     }
     __atomic_store_n(run.buf.counters + t, 1, __ATOMIC_RELEASE);
+    run.wake_sleepers();
     if (run.buf.profile) {
       int64_t* p = run.buf.profile + static_cast<int64_t>(t) * h.profile_words_per_task;
       p[0] = wait_begin;

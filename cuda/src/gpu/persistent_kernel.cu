@@ -227,7 +227,7 @@ __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& pla
     }
     const uint32_t* c = reinterpret_cast<const uint32_t*>(p.counters + d);
     if (persistent_load_acquire(c) >= 1u) continue;  // fast path: no timer read
-    const uint64_t t0 = persistent_globaltimer_ns();
+    const uint64_t t0 = global_timer_ns();
     for (uint32_t spins = 1;; ++spins) {
       const uint32_t seen = persistent_load_acquire(c);
       if (seen >= 1u) break;
@@ -238,7 +238,7 @@ __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& pla
           failed = true;
           break;
         }
-        const uint64_t waited = persistent_globaltimer_ns() - t0;
+        const uint64_t waited = global_timer_ns() - t0;
         if (waited > p.run.timeout_ns) {
           report(p, plan, kPersistentTimeout, worker, task, d, static_cast<int32_t>(seen), 0, waited);
           failed = true;
@@ -475,8 +475,8 @@ __device__ void chaos_pause(uint64_t seed, int task) {
   x *= 0xff51afd7ed558ccdull;
   x ^= x >> 33;
   const uint64_t pause_ns = x % 200000ull;
-  const uint64_t t0 = persistent_globaltimer_ns();
-  while (persistent_globaltimer_ns() - t0 < pause_ns) __nanosleep(2000);
+  const uint64_t t0 = global_timer_ns();
+  while (global_timer_ns() - t0 < pause_ns) __nanosleep(2000);
 }
 
 __global__ void __launch_bounds__(kBlockThreads, 1)
@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         report(p, plan, kPersistentBadPlan, worker, task, -1, 0, staged_bad ? staged_bad : kBadView, 0);
       return;
     }
-    const uint64_t wait_begin = persistent_globaltimer_ns();
+    const uint64_t wait_begin = global_timer_ns();
     if (q == q_begin) prefetch_task_weights(p, plan, task);
     if (q + 1 < q_end) {
       const int32_t next = plan.queue_task(q + 1);
@@ -577,7 +577,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     uint64_t start = 0;
     auto wait = [&]() {
       const bool ok = wait_dependencies(p, plan, task, worker);
-      start = persistent_globaltimer_ns();
+      start = global_timer_ns();
       return ok;
     };
     bool ok;
@@ -595,7 +595,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
         int64_t* rec = p.profile + static_cast<int64_t>(task) * pf::kProfileWordsPerTask;
         rec[0] = static_cast<int64_t>(wait_begin);
         rec[1] = static_cast<int64_t>(start);
-        rec[2] = static_cast<int64_t>(persistent_globaltimer_ns());
+        rec[2] = static_cast<int64_t>(global_timer_ns());
         rec[3] = worker;
       }
       // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered

@@ -14,6 +14,9 @@
 #include <cstdint>
 
 #include "jax_ark/gpu/common.hpp"
+#if defined(__CUDACC__)
+#include "jax_ark/gpu/clock_device.cuh"
+#endif
 
 #if defined(__CUDACC__)
 #define ARK_HOST_DEVICE __host__ __device__
@@ -81,11 +84,6 @@ struct CommDevice {
 #if defined(__CUDACC__)
 
 // ---- memory-model primitives ---------------------------------------------------------------
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
   uint64_t v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");

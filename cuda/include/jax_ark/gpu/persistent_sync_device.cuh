@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "jax_ark/gpu/clock_device.cuh"
+
 namespace jax_ark::gpu {
 
 // Written by the kernel into host-mapped pinned memory when a run fails. `status` is written last
@@ -42,12 +44,6 @@ enum : int32_t {
 };
 
 #if defined(__CUDACC__)
-
-__device__ __forceinline__ uint64_t persistent_globaltimer_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
 
 __device__ __forceinline__ uint32_t persistent_smid() {
   uint32_t id;

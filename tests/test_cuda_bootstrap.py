@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 WORKER = Path(__file__).with_name("cuda_bootstrap_worker.py")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -32,7 +31,8 @@ def _run_workers() -> list[dict]:
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
     )
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    # The workers import jax_ark as this process does (installed package, or PYTHONPATH in a
+    # developer build); putting the checkout first would shadow an installed package's modules.
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(pid), str(port)],

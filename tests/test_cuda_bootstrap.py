@@ -10,50 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from two_processes import run_two_workers
 
 WORKER = Path(__file__).with_name("cuda_bootstrap_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers() -> list[dict]:
-    port = _free_port()
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
     )
     # The workers import jax_ark as this process does (installed package, or PYTHONPATH in a
     # developer build); putting the checkout first would shadow an installed package's modules.
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(pid), str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in (0, 1)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=90)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"process {pid} failed:\n{out[-4000:]}"
-    return [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    run = run_two_workers(WORKER, env, deadline_s=90)
+    assert not run.timed_out, f"workers did not finish within 90 s\n{run.report()}"
+    for pid, rc in enumerate(run.returncodes):
+        assert rc == 0, f"process {pid} failed:\n{run.report()}"
+    return [json.loads(out.strip().splitlines()[-1]) for out in run.outputs]
 
 
 def test_handles_reach_every_peer_of_each_group():

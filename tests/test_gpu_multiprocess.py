@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from two_processes import run_two_workers
 
 pytestmark = pytest.mark.gpu
 
 WORKER = Path(__file__).with_name("gpu_multiprocess_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # One deadline for both workers, and a device-side timeout well below it, so a hang ends as the
@@ -31,7 +22,6 @@ COLLECTIVE_TIMEOUT_S = 20
 
 
 def test_two_processes_one_gpu():
-    port = _free_port()
     env = dict(os.environ)
     env.update(
         CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
@@ -40,37 +30,9 @@ def test_two_processes_one_gpu():
         JAX_ARK_TIMEOUT_S=str(COLLECTIVE_TIMEOUT_S),
     )
     env.pop("XLA_FLAGS", None)  # the CPU device-count flag of conftest is not for these processes
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(pid), str(port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for pid in (0, 1)
-    ]
-    deadline = time.monotonic() + DEADLINE_S
-    outputs = ["", ""]
-    timed_out = False
-    try:
-        for i, p in enumerate(procs):
-            try:
-                outputs[i], _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
-    finally:
-        for i, p in enumerate(procs):
-            if p.poll() is None:
-                p.kill()
-            if not outputs[i]:
-                outputs[i] = p.communicate()[0] or ""  # keep what it printed before the kill
-    report = "\n".join(
-        f"---- process {pid} (rc={p.returncode})\n{out[-4000:]}"
-        for pid, (p, out) in enumerate(zip(procs, outputs, strict=True))
-    )
+    run = run_two_workers(WORKER, env, DEADLINE_S)
+    report = run.report()
     print(report)
-    assert not timed_out, f"workers did not finish within {DEADLINE_S} s\n{report}"
-    for pid, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0 and f"[{pid}] WORKER_OK" in out, f"process {pid} failed\n{report}"
+    assert not run.timed_out, f"workers did not finish within {DEADLINE_S} s\n{report}"
+    for pid, (rc, out) in enumerate(zip(run.returncodes, run.outputs, strict=True)):
+        assert rc == 0 and f"[{pid}] WORKER_OK" in out, f"process {pid} failed\n{report}"

@@ -1,9 +1,10 @@
 """Draws docs/timeline.png: the Gantt chart of a profiled ark.persistent run on the CPU executor.
 
 Usage: PYTHONPATH=$PWD python tools/timeline_figure.py [out.png] (from a checkout with a dev build).
-The block is an RMSNorm + MLP at batch 8, d=256, planned for 4 workers with 32-column tiles so the
-tasks are many enough to see the schedule. Of several runs it keeps the one with the shortest span:
-on a shared machine a thread the OS parks for milliseconds would otherwise fill the picture.
+The block is an RMSNorm + MLP at batch 8, d=256, planned for the default CPU workers with
+32-column tiles so the tasks are many enough to see the schedule. Of several runs it keeps the
+one with the shortest span: on a shared machine a thread the OS parks for milliseconds would
+otherwise fill the picture.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(out: str = "docs/timeline.png", runs: int = 7) -> None:
         jax.random.normal(keys[2], (d, hidden)) / np.sqrt(d),
         jax.random.normal(keys[3], (hidden, d)) / np.sqrt(hidden),
     )
-    profiled = ark.persistent(block, profile=True, num_workers=4, tile_n=32)
+    profiled = ark.persistent(block, profile=True, tile_n=32)
     fn = jax.jit(profiled)
     best = None
     for _ in range(runs):

@@ -96,6 +96,7 @@ def bench_cpu(
         rows.append(
             {
                 "op": op,
+                "devices": n,
                 "elements_per_device": size,
                 "bytes_per_device": 4 * size,
                 "ark_ms": 1e3 * t["ark_s"],
@@ -121,6 +122,8 @@ def plot_cpu(rows: list[dict[str, Any]], path: Path) -> None:
     """Left: ark / jax.lax per op and size (median, IQR bars; below 1 is faster). Right: the
     absolute times on a log scale, where a big op (all_gather's n-times output) no longer
     flattens the small ones."""
+    from matplotlib.ticker import FormatStrFormatter
+
     fig, axes = new_figure(ncols=2)
     ratio_ax, time_ax = axes[0]
     ops = list(dict.fromkeys(r["op"] for r in rows))
@@ -142,6 +145,10 @@ def plot_cpu(rows: list[dict[str, Any]], path: Path) -> None:
             label=_size_label(size),
         )
     ratio_ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    # Log scale: 2x slower and 2x faster are the same distance from the line, and one outlier
+    # does not flatten the other bars.
+    ratio_ax.set_yscale("log", base=2)
+    ratio_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ratio_ax.set_xticks(range(len(ops)), ops, rotation=20)
     ratio_ax.set_ylabel("ark time / jax.lax time (median, IQR)")
     ratio_ax.set_title("ark / jax.lax: below the dashed line, ark is faster")
@@ -152,10 +159,12 @@ def plot_cpu(rows: list[dict[str, Any]], path: Path) -> None:
         line = time_ax.plot(xs, [r["ark_ms"] for r in mine], marker="o", label=f"ark.{op}")[0]
         time_ax.plot(xs, [r["lax_ms"] for r in mine], ls="--", color=line.get_color(), alpha=0.6)
     time_ax.set_xscale("log", base=2)
+    time_ax.set_xticks(sizes, [_size_label(size) for size in sizes])
+    time_ax.minorticks_off()
     time_ax.set_yscale("log")
     time_ax.set_xlabel("bytes per device")
     time_ax.set_ylabel("median ms per call (dashed: jax.lax)")
-    time_ax.set_title(f"{len(jax.devices('cpu')[:8])} CPU devices, float32")
+    time_ax.set_title(f"{rows[0].get('devices', '?')} CPU devices, float32")
     time_ax.legend(fontsize=8)
     save_figure(fig, path)
 

@@ -53,7 +53,7 @@ def _missing_backend_message() -> str:
         if installed is not None:
             lines.append(
                 f"jax_ark is installed in {installed}: run Python from another directory "
-                "(and keep the checkout off PYTHONPATH) to use it."
+                "(and keep the checkout off PYTHONPATH) to use it,"
             )
         else:
             lines.append(

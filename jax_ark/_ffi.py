@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
+from pathlib import Path
 from types import ModuleType
 
 import jax
@@ -15,7 +17,58 @@ import jax
 
 @functools.cache
 def cpu_module() -> ModuleType:
-    return importlib.import_module("jax_ark._ark_cpu")
+    try:
+        return importlib.import_module("jax_ark._ark_cpu")
+    except ModuleNotFoundError as err:
+        if err.name != "jax_ark._ark_cpu":
+            raise
+        raise ImportError(_missing_backend_message()) from None
+
+
+def _installed_copy(package_dir: Path) -> Path | None:
+    """Where pip installed jax_ark, when that is not `package_dir` (None if not installed)."""
+    try:
+        dist = importlib.metadata.distribution("jax_ark")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    init = next(
+        (f for f in dist.files or () if str(f).replace("\\", "/") == "jax_ark/__init__.py"), None
+    )
+    if init is None:
+        return None  # an editable install: its modules live in the checkout itself
+    installed = Path(str(dist.locate_file(init))).resolve().parent
+    return None if installed == package_dir else installed
+
+
+def _missing_backend_message() -> str:
+    """Says why the compiled CPU backend is missing and what to run, for the common cases."""
+    package_dir = Path(__file__).resolve().parent
+    lines = [f"jax_ark's compiled backend (jax_ark._ark_cpu) is not in {package_dir}."]
+    if (package_dir.parent / "pyproject.toml").is_file():
+        lines.append(
+            "This is the source checkout, which Python imports first when it is the working "
+            "directory (or on PYTHONPATH); its folder holds no compiled modules."
+        )
+        installed = _installed_copy(package_dir)
+        if installed is not None:
+            lines.append(
+                f"jax_ark is installed in {installed}: run Python from another directory "
+                "(and keep the checkout off PYTHONPATH) to use it,"
+            )
+        else:
+            lines.append(
+                f'Install it (`pip install "{package_dir.parent}"`) and run Python from another '
+                "directory,"
+            )
+        lines.append(
+            f"or build the modules into the checkout: `cd {package_dir.parent} && "
+            "tools/dev_build.sh -DJAX_ARK_CUDA=OFF` (see README.md, Development)."
+        )
+    else:
+        lines.append(
+            "The install is incomplete: reinstall it (`pip install --force-reinstall jax_ark`)."
+        )
+    return "\n".join(lines)
 
 
 @functools.cache

@@ -220,8 +220,7 @@ class Plan:
             f"  bytes: args {in_bytes}, outputs {out_bytes}, workspace {self.workspace_bytes}; "
             f"total flops {total_flops}"
         )
-        for w, q in enumerate(self.queues):
-            lines.append(f"  worker {w}: {len(q)} tasks")
+        lines.extend(_queue_summary(self.queues))
         path = self.critical_path()
         lines.append(
             f"  critical path: {len(path)} tasks over ops "
@@ -322,6 +321,19 @@ class Plan:
     def to_binary(self) -> np.ndarray:
         """The int32 words of plan_format.hpp (version 1)."""
         return _encode(self)
+
+
+def _queue_summary(queues: list[list[int]], listed: int = 8) -> list[str]:
+    """One line per worker for a few workers; for many (a GPU plan has one per SM), the spread."""
+    if len(queues) <= listed:
+        return [f"  worker {w}: {len(q)} tasks" for w, q in enumerate(queues)]
+    counts = np.array([len(q) for q in queues])
+    busiest = int(np.argmax(counts))
+    return [
+        f"  workers: {len(queues)}, tasks per worker min {counts.min()} / median "
+        f"{float(np.median(counts)):g} / max {counts.max()} (worker {busiest}), "
+        f"{int(np.sum(counts == 0))} idle"
+    ]
 
 
 def np_dtype(name: str) -> np.dtype:

@@ -19,25 +19,84 @@ class Timeline:
     records: list[dict]
 
     def gantt(self, ax=None, title: str | None = None):
-        """A per-worker Gantt chart (matplotlib); returns the figure."""
-        import matplotlib.pyplot as plt
+        """A Gantt chart (matplotlib) with one row per worker; returns the figure.
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(12, 1 + 0.4 * self.plan.num_workers))
+        Each task is one bar coloured by its op (legend: op index and name), with a thin outline so
+        back-to-back tasks of one op stay countable; the grey band under a bar is the time its
+        worker waited for the task's dependencies. Without `ax` the figure is sized to its rows and
+        legend and laid out so a plain `fig.savefig(path)` keeps every label.
+        """
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+
+        workers = sorted({r["worker"] for r in self.records} | set(range(self.plan.num_workers)))
+        row = {w: i for i, w in enumerate(workers)}
+        ops = sorted({r["op"] for r in self.records})
+        legend_cols = max(1, min(4, (len(ops) + 5) // 6))
+        legend_rows = -(-len(ops) // legend_cols)
+        own_figure = ax is None
+        if own_figure:
+            # Rows shrink for big worker counts (a GPU plan has one per SM) so the figure stays
+            # a screen tall; the legend sits below the axes and gets its own height.
+            row_in = 0.32 if len(workers) <= 16 else max(0.06, 7.0 / len(workers))
+            height = 1.6 + row_in * len(workers) + 0.22 * legend_rows
+            fig, ax = plt.subplots(figsize=(11, height), layout="constrained")
         else:
             fig = ax.figure
-        cmap = plt.get_cmap("tab20")
+        cmap = plt.get_cmap("tab10" if len(ops) <= 10 else "tab20")
+        colour = {op: cmap(i % cmap.N) for i, op in enumerate(ops)}
+        edge = 0.4 if len(self.records) <= 2000 else 0.0
+        # One collection per (worker, op) and one of waits per worker: a plan can have thousands
+        # of tasks, and a collection holds any number of rectangles (one per task).
+        bars: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        waits: dict[int, list[tuple[float, float]]] = {}
         for r in self.records:
-            ax.broken_barh(
-                [(r["start"] / 1e3, max(r["end"] - r["start"], 1) / 1e3)],
-                (r["worker"] - 0.4, 0.8),
-                facecolors=cmap(r["op"] % 20),
+            span = (r["start"] / 1e3, max(r["end"] - r["start"], 1) / 1e3)
+            bars.setdefault((r["worker"], r["op"]), []).append(span)
+            if r["start"] > r["wait_begin"]:
+                wait = (r["wait_begin"] / 1e3, (r["start"] - r["wait_begin"]) / 1e3)
+                waits.setdefault(r["worker"], []).append(wait)
+        for w, spans in waits.items():
+            coll = ax.broken_barh(spans, (row[w] - 0.4, 0.25), facecolors="0.75", linewidth=0)
+            coll.set_gid("waits")
+        for (w, op), spans in bars.items():
+            coll = ax.broken_barh(
+                spans,
+                (row[w] - 0.15, 0.55),
+                facecolors=colour[op],
+                edgecolors="black",
+                linewidth=edge,
             )
-        ax.set_xlabel("time (us)")
+            coll.set_gid("tasks")
+        ax.set_ylim(len(workers) - 0.5, -0.5)  # worker 0 on top, as in trace viewers
+        step = max(1, len(workers) // 24)
+        ax.set_yticks(range(0, len(workers), step), [str(w) for w in workers[::step]])
         ax.set_ylabel("worker")
-        ax.set_yticks(range(self.plan.num_workers))
-        ax.set_title(title or f"{len(self.records)} tasks on {self.plan.num_workers} workers")
+        ax.set_xlabel("time since the first task began waiting (us)")
+        ax.set_xlim(left=0)
+        ax.grid(axis="x", alpha=0.3)
+        waited = sum(r["start"] - r["wait_begin"] for r in self.records)
+        busy = sum(r["end"] - r["start"] for r in self.records)
+        ax.set_title(
+            title
+            or f"{len(self.records)} tasks of {len(ops)} ops on {len(workers)} workers: "
+            f"busy {busy / 1e3:.0f} us, waiting for dependencies {waited / 1e3:.0f} us"
+        )
+        handles = [
+            Patch(facecolor=colour[op], edgecolor="black", linewidth=0.4, label=self._op_label(op))
+            for op in ops
+        ]
+        handles.append(Patch(facecolor="0.75", label="waiting for dependencies"))
+        if own_figure:
+            fig.legend(handles=handles, loc="outside lower center", ncols=legend_cols, fontsize=8)
+        else:
+            ax.legend(handles=handles, fontsize=8)
         return fig
+
+    def _op_label(self, op: int) -> str:
+        count = sum(1 for r in self.records if r["op"] == op)
+        o = self.plan.ops[op]
+        return f"op {op} {o.kind} {o.name} ({count} task{'s' if count != 1 else ''})"
 
     def to_chrome_trace(self) -> dict:
         """Chrome / Perfetto trace-event JSON (open in ui.perfetto.dev or chrome://tracing)."""

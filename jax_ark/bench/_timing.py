@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 10) -> float:
@@ -25,3 +26,35 @@ def median_seconds(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: i
 def iters_for(seconds_per_call: float, budget_s: float = 1.0, lo: int = 3, hi: int = 200) -> int:
     """How many timed iterations fit a time budget, given one call's rough duration."""
     return max(lo, min(hi, int(budget_s / max(seconds_per_call, 1e-7))))
+
+
+def compare(
+    ark_fn: Callable[..., Any],
+    base_fn: Callable[..., Any],
+    *args: Any,
+    repeats: int,
+    budget_s: float,
+) -> dict[str, float]:
+    """Times ark against its baseline in `repeats` rounds, each round timing both back to back
+    (alternating which goes first, so drift in machine load hits both alike).
+
+    Returns medians over rounds (seconds) and the per-round ratio's median, 25th and 75th
+    percentiles. `budget_s` is the timing time per executor per round.
+    """
+    iters = iters_for(median_seconds(base_fn, *args, warmup=1, iters=3), budget_s)
+    jax.block_until_ready(ark_fn(*args))
+    ark_s, base_s = [], []
+    for i in range(repeats):
+        pair = [(ark_fn, ark_s), (base_fn, base_s)]
+        for fn, out in pair if i % 2 else pair[::-1]:
+            out.append(median_seconds(fn, *args, warmup=1, iters=iters))
+    ratios = np.array(ark_s) / np.array(base_s)
+    return {
+        "ark_s": float(np.median(ark_s)),
+        "base_s": float(np.median(base_s)),
+        "ratio": float(np.median(ratios)),
+        "ratio_p25": float(np.percentile(ratios, 25)),
+        "ratio_p75": float(np.percentile(ratios, 75)),
+        "repeats": repeats,
+        "iters": iters,
+    }

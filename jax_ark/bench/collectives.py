@@ -1,9 +1,13 @@
 """`python -m jax_ark.bench collectives`: ark collectives against jax.lax, measured side by side.
 
-CPU (default when no GPU): 8 virtual CPU devices, each op at several sizes, ark time, jax.lax time
-and their ratio. GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks as concurrent
-streams), latency at 8 KiB and bus bandwidth at 256 MiB next to the copy bandwidth measured in the
-same run.
+CPU (default when no GPU): 8 virtual CPU devices, a 1-D mesh; each op (float32, inside
+jax.jit(jax.shard_map(...)), checked against jax.lax first) at each size, ark time, jax.lax time and
+their ratio: the median over --repeats rounds and the ratio's IQR. Sizes are float32 elements per
+device (default 1024, 65536, 1048576: 4 KiB, 256 KiB, 4 MiB). Writes collectives_cpu.{json,png}.
+
+GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks as concurrent streams),
+latency at 8 KiB and bus bandwidth at 256 MiB next to the copy bandwidth measured in the same run.
+Writes collectives_gpu.{json,png}. --ops, --sizes and --repeats apply to the CPU run only.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from jax_ark.bench._report import (
     save_figure,
     write_json,
 )
-from jax_ark.bench._timing import iters_for, median_seconds
+from jax_ark.bench._timing import compare
 
 # op name -> (ark body, jax.lax body, out_specs); each body maps the per-device block.
 _AXIS = "x"
@@ -71,7 +75,9 @@ def _sharded(body: Callable, mesh: Mesh, out_spec: P) -> Callable:
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(_AXIS), out_specs=out_spec))
 
 
-def bench_cpu(ops: list[str], sizes: list[int], budget_s: float) -> list[dict[str, Any]]:
+def bench_cpu(
+    ops: list[str], sizes: list[int], budget_s: float, repeats: int = 3
+) -> list[dict[str, Any]]:
     devices = jax.devices("cpu")[:8]
     n = len(devices)
     mesh = Mesh(np.array(devices), (_AXIS,))
@@ -86,37 +92,80 @@ def bench_cpu(ops: list[str], sizes: list[int], budget_s: float) -> list[dict[st
         ark_fn, lax_fn = _sharded(ark_body, mesh, out_spec), _sharded(lax_body, mesh, out_spec)
         got, want = ark_fn(x), lax_fn(x)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
-        rough = median_seconds(lax_fn, x, warmup=1, iters=3)
-        iters = iters_for(rough, budget_s)
-        t_lax = median_seconds(lax_fn, x, iters=iters)
-        t_ark = median_seconds(ark_fn, x, iters=iters)
+        t = compare(ark_fn, lax_fn, x, repeats=repeats, budget_s=budget_s)
         rows.append(
             {
                 "op": op,
+                "devices": n,
                 "elements_per_device": size,
                 "bytes_per_device": 4 * size,
-                "ark_ms": 1e3 * t_ark,
-                "lax_ms": 1e3 * t_lax,
-                "ratio": t_ark / t_lax,
+                "ark_ms": 1e3 * t["ark_s"],
+                "lax_ms": 1e3 * t["base_s"],
+                "ratio": t["ratio"],
+                "ratio_p25": t["ratio_p25"],
+                "ratio_p75": t["ratio_p75"],
+                "repeats": repeats,
+                "iters_per_round": t["iters"],
             }
         )
     return rows
 
 
+def _size_label(nbytes: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):g} {unit}"
+    return f"{nbytes} B"
+
+
 def plot_cpu(rows: list[dict[str, Any]], path: Path) -> None:
-    fig, axes = new_figure()
-    ax = axes[0][0]
-    for op in dict.fromkeys(r["op"] for r in rows):
+    """Left: ark / jax.lax per op and size (median, IQR bars; below 1 is faster). Right: the
+    absolute times on a log scale, where a big op (all_gather's n-times output) no longer
+    flattens the small ones."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig, axes = new_figure(ncols=2)
+    ratio_ax, time_ax = axes[0]
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    sizes = sorted({r["bytes_per_device"] for r in rows})
+    width = 0.8 / max(1, len(sizes))
+    for j, size in enumerate(sizes):
+        mine = {r["op"]: r for r in rows if r["bytes_per_device"] == size}
+        xs = [i + (j - (len(sizes) - 1) / 2) * width for i, op in enumerate(ops) if op in mine]
+        got = [mine[op] for op in ops if op in mine]
+        ratio_ax.bar(
+            xs,
+            [r["ratio"] for r in got],
+            width * 0.9,
+            yerr=[
+                [r["ratio"] - r["ratio_p25"] for r in got],
+                [r["ratio_p75"] - r["ratio"] for r in got],
+            ],
+            capsize=2,
+            label=_size_label(size),
+        )
+    ratio_ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    # Log scale: 2x slower and 2x faster are the same distance from the line, and one outlier
+    # does not flatten the other bars.
+    ratio_ax.set_yscale("log", base=2)
+    ratio_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ratio_ax.set_xticks(range(len(ops)), ops, rotation=20)
+    ratio_ax.set_ylabel("ark time / jax.lax time (median, IQR)")
+    ratio_ax.set_title("ark / jax.lax: below the dashed line, ark is faster")
+    ratio_ax.legend(title="bytes per device", fontsize=8)
+    for op in ops:
         mine = [r for r in rows if r["op"] == op]
         xs = [r["bytes_per_device"] for r in mine]
-        line = ax.plot(xs, [r["ark_ms"] for r in mine], marker="o", label=f"ark.{op}")[0]
-        ax.plot(xs, [r["lax_ms"] for r in mine], ls="--", color=line.get_color(), alpha=0.6)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("bytes per device")
-    ax.set_ylabel("median ms per call (dashed: jax.lax)")
-    ax.set_title(f"ark vs jax.lax collectives, {len(jax.devices('cpu')[:8])} CPU devices")
-    ax.legend(fontsize=8)
+        line = time_ax.plot(xs, [r["ark_ms"] for r in mine], marker="o", label=f"ark.{op}")[0]
+        time_ax.plot(xs, [r["lax_ms"] for r in mine], ls="--", color=line.get_color(), alpha=0.6)
+    time_ax.set_xscale("log", base=2)
+    time_ax.set_xticks(sizes, [_size_label(size) for size in sizes])
+    time_ax.minorticks_off()
+    time_ax.set_yscale("log")
+    time_ax.set_xlabel("bytes per device")
+    time_ax.set_ylabel("median ms per call (dashed: jax.lax)")
+    time_ax.set_title(f"{rows[0].get('devices', '?')} CPU devices, float32")
+    time_ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
@@ -190,17 +239,38 @@ def plot_gpu(result: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jax_ark.bench collectives")
-    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--sizes", default=",".join(map(str, CPU_SIZES)), help="float32 elements per device (CPU)"
+        "--ops",
+        default=",".join(OPS),
+        help=f"comma-separated ops (default: all: {','.join(OPS)})",
     )
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per case")
-    parser.add_argument("--platform", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--sizes",
+        default=",".join(map(str, CPU_SIZES)),
+        help="comma-separated float32 elements per device (CPU; default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timing rounds per case (default %(default)s)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0.2,
+        help="seconds of timing per executor per round (default %(default)s)",
+    )
+    parser.add_argument(
+        "--platform",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="auto: the GPU when the CUDA runtime is built and a GPU is present",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG files"
+    )
 
+
+def run(args: argparse.Namespace) -> int:
     platform = args.platform
     if platform == "auto":
         platform = "gpu" if ark.has_cuda() and jax.devices()[0].platform == "gpu" else "cpu"
@@ -210,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out / "collectives_gpu.json", {"machine": info, **result})
         plot_gpu(result, args.out / "collectives_gpu.png")
         return 0
-    rows = bench_cpu(args.ops.split(","), [int(s) for s in args.sizes.split(",")], args.budget)
+    ops = args.ops.split(",")
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise SystemExit(f"unknown ops {unknown}; choose from {','.join(OPS)}")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = bench_cpu(ops, sizes, args.budget, args.repeats)
+    print(f"median of {args.repeats} rounds; IQR: the middle half of the per-round ark/lax ratios")
     print_table(
         rows,
         [
@@ -219,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             ("ark_ms", "ark ms", ".3f"),
             ("lax_ms", "lax ms", ".3f"),
             ("ratio", "ark/lax", ".2f"),
+            ("ratio_p25", "IQR lo", ".2f"),
+            ("ratio_p75", "IQR hi", ".2f"),
         ],
     )
     write_json(args.out / "collectives_cpu.json", {"machine": info, "rows": rows})

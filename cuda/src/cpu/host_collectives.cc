@@ -239,6 +239,34 @@ WorkPlan plan_work(const CollectiveWork& work, int group_size) {
   return plan;
 }
 
+void run_rank_output(const CollectiveWork& work, const WorkPlan& plan, int rank,
+                     const GroupBuffers& group) {
+  const size_t n = static_cast<size_t>(group.size);
+  const size_t r = static_cast<size_t>(rank);
+  switch (work.op) {
+    case CollectiveOp::kAllReduce:
+    case CollectiveOp::kReduceScatter:
+      dispatch_element_type(work.type, [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        dispatch_reduce_kind(work.reduce, [&](auto reducer) {
+          // all_reduce reduces the whole input, reduce_scatter this rank's block of it.
+          const size_t offset = work.op == CollectiveOp::kAllReduce ? 0 : work.block_elems * r;
+          void* const output[1] = {group.outputs[r]};
+          reduce_range<T>(group.inputs, offset, output, 1, 0, group.size, 0, work.block_elems,
+                          false, reducer);
+        });
+      });
+      return;
+    case CollectiveOp::kAllGather:
+    case CollectiveOp::kAllToAll:
+      for (size_t src = 0; src < n; ++src) run_work_unit(work, plan, r * n + src, group);
+      return;
+    case CollectiveOp::kPermute:
+      run_work_unit(work, plan, r, group);
+      return;
+  }
+}
+
 void run_work_unit(const CollectiveWork& work, const WorkPlan& plan, size_t unit,
                    const GroupBuffers& group) {
   const size_t n = static_cast<size_t>(group.size);

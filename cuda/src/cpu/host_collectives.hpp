@@ -49,6 +49,12 @@ WorkPlan plan_work(const CollectiveWork& work, int group_size);
 void run_work_unit(const CollectiveWork& work, const WorkPlan& plan, size_t unit,
                    const GroupBuffers& group);
 
+// Computes rank `rank`'s output alone (group.outputs[rank]; the other outputs are not touched),
+// reading every rank's input: the same result, element for element, as the work units give it.
+// The small-message path runs this on every rank on inputs staged in the communicator.
+void run_rank_output(const CollectiveWork& work, const WorkPlan& plan, int rank,
+                     const GroupBuffers& group);
+
 // Makes this thread's streaming stores visible before it signals that it is done.
 void finish_work(const WorkPlan& plan);
 

@@ -1,6 +1,7 @@
 // Rendezvous of the CPU collectives (see host_communicator.hpp for the protocol).
 #include "host_communicator.hpp"
 
+#include <cstring>
 #include <functional>
 #include <sstream>
 #include <thread>
@@ -241,10 +242,24 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
   const uint64_t epoch = ++mine.epoch;
   const uint64_t target = epoch * static_cast<uint64_t>(n);
 
+  // Every rank decides alike: input_elems is part of the signature checked in step 2 (a rank
+  // that disagrees fails the check before anyone reads its staged bytes).
+  const size_t input_bytes = call.input_elems * element_size(call.type);
+  const bool small = n <= kSmallMaxRanks && input_bytes <= kSmallMessageBytes;
+  const size_t parity = epoch & 1;
+
   // 1. post
-  mine.posted = call;
-  group_inputs_[static_cast<size_t>(call.rank)] = call.input;
-  group_outputs_[static_cast<size_t>(call.rank)] = call.output;
+  mine.posted[parity] = call;
+  if (small) {
+    std::call_once(staging_once_, [&] {
+      staging_.reset(new char[2 * static_cast<size_t>(n) * kSmallMessageBytes]);
+    });
+    char* staged = staging_.get() + (parity * n + call.rank) * kSmallMessageBytes;
+    if (input_bytes != 0) std::memcpy(staged, call.input, input_bytes);
+  } else {
+    group_inputs_[static_cast<size_t>(call.rank)] = call.input;
+    group_outputs_[static_cast<size_t>(call.rank)] = call.output;
+  }
   mine.arrived_epoch.store(epoch, std::memory_order_release);
   count_in(arrivals_, target);
 
@@ -253,7 +268,7 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
   if (!status.ok()) return status;
 
   for (int p = 0; p < n; ++p) {
-    const CollectiveCall& peer = slots_[static_cast<size_t>(p)].posted;
+    const CollectiveCall& peer = slots_[static_cast<size_t>(p)].posted[parity];
     const bool same = peer.op == call.op && peer.reduce == call.reduce && peer.type == call.type &&
                       peer.input_elems == call.input_elems && peer.table_hash == call.table_hash;
     if (!same || peer.run_id != call.run_id) {
@@ -282,15 +297,30 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
     }
   }
 
-  // 3. work: claim units from the shared counter until none are left. Late-waking ranks may find
-  // nothing to do, which is the point: the ranks that have a core do the work.
   const CollectiveWork work{call.op, call.reduce, call.type, call.block_elems, call.recv_from};
   const WorkPlan plan = plan_work(work, n);
+  // The other unit counter was last used by epoch - 1, which every rank finished before arriving
+  // here; it is next used by epoch + 1, which no rank starts before rank 0 is done with this one.
+  if (call.rank == 0) next_unit_[(epoch + 1) & 1].store(0, std::memory_order_relaxed);
+
+  if (small) {
+    // 3'. each rank makes its own output from the staged inputs; nobody waits to leave.
+    std::vector<const void*> staged(static_cast<size_t>(n));
+    for (int p = 0; p < n; ++p) {
+      staged[static_cast<size_t>(p)] = staging_.get() + (parity * n + p) * kSmallMessageBytes;
+    }
+    std::vector<void*> outputs(static_cast<size_t>(n), nullptr);
+    outputs[static_cast<size_t>(call.rank)] = call.output;
+    run_rank_output(work, plan, call.rank, GroupBuffers{staged.data(), outputs.data(), n});
+    mine.departed_epoch.store(epoch, std::memory_order_release);
+    departures_.fetch_add(1, std::memory_order_acq_rel);  // keeps departures == epoch * n
+    return CollectiveStatus::Ok();
+  }
+
+  // 3. work: claim units from the shared counter until none are left. Late-waking ranks may find
+  // nothing to do, which is the point: the ranks that have a core do the work.
   const GroupBuffers group{group_inputs_.data(), group_outputs_.data(), n};
   std::atomic<uint64_t>& next_unit = next_unit_[epoch & 1];
-  // The other counter was last used by epoch - 1, which every rank finished before arriving here;
-  // it is next used by epoch + 1, which no rank starts before rank 0 departs from this epoch.
-  if (call.rank == 0) next_unit_[(epoch + 1) & 1].store(0, std::memory_order_relaxed);
   for (uint64_t unit = next_unit.fetch_add(1, std::memory_order_relaxed); unit < plan.num_units;
        unit = next_unit.fetch_add(1, std::memory_order_relaxed)) {
     run_work_unit(work, plan, unit, group);

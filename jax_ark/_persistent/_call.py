@@ -123,13 +123,22 @@ def _check_signature(p: Plan, avals) -> None:
             )
 
 
-def run_plan(p: Plan, flat_args, *, profile: bool = False, timeout_ms: int = _DEFAULT_TIMEOUT_MS):
-    """Binds one ark_persistent call; returns (flat outputs, profile array or None)."""
+def run_plan(
+    p: Plan,
+    flat_args,
+    *,
+    profile: bool = False,
+    timeout_ms: int = _DEFAULT_TIMEOUT_MS,
+    words: np.ndarray | None = None,
+):
+    """Binds one ark_persistent call; returns (flat outputs, profile array or None).
+
+    words: the binary plan to send instead of p.to_binary() (tests of the runtime's own check)."""
     axes = _varying_axes([jax.typeof(x) for x in flat_args if isinstance(x, jax.Array)])
     operands = list(flat_args)
     for t in p.args[p.num_inputs :]:
         operands.append(jnp.asarray(p.constants[t]))
-    operands.append(jnp.asarray(p.to_binary()))
+    operands.append(jnp.asarray(p.to_binary() if words is None else words))
     results = [
         jax.ShapeDtypeStruct(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs
     ]

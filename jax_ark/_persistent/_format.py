@@ -532,17 +532,17 @@ def _parse_instr(x: Any, path: str) -> Instr:
     x = _list(x, path)
     if len(x) != 5:
         raise PlanError(f"{path}: an instruction is [op, dtype, a, b, c], got {len(x)} entries")
-    op = _str(x[0], f"{path}[0]", OPCODES)
-    dtype = _str(x[1], f"{path}[1]", DTYPE_CODES)
+    op = _str(x[0], f"{path}.op", OPCODES)
+    dtype = _str(x[1], f"{path}.dtype", DTYPE_CODES)
     if op == "const":
         if isinstance(x[2], bool) or not isinstance(x[2], (int, float, np.integer, np.floating)):
-            raise PlanError(f"{path}[2]: a const's value must be a number")
+            raise PlanError(f"{path}.a: a const's value must be a number")
         a: float | int = float(x[2])
         if math.isfinite(a) and abs(a) > float(np.finfo(np.float32).max):
-            raise PlanError(f"{path}[2]: {a} overflows float32")
+            raise PlanError(f"{path}.a: {a} overflows float32")
     else:
-        a = _int(x[2], f"{path}[2]", *INT32)
-    return Instr(op, dtype, a, _int(x[3], f"{path}[3]", *INT32), _int(x[4], f"{path}[4]", *INT32))
+        a = _int(x[2], f"{path}.a", *INT32)
+    return Instr(op, dtype, a, _int(x[3], f"{path}.b", *INT32), _int(x[4], f"{path}.c", *INT32))
 
 
 _TENSOR_KEYS = {"name", "shape", "dtype", "storage", "index", "byte_offset"}

@@ -166,16 +166,22 @@ std::string run_on_workers(int workers, const std::function<void(int)>& job) {
 }
 
 // ---- chaos: an adversarial test mode (chaos_seed != 0) ------------------------------------------------
-// Chooses, per call and seed, one of three adversaries that make a missing dependency show up as a
-// wrong result (the workspace and outputs are poisoned with NaN bytes first, so stale values of an
-// earlier call cannot hide a race):
-//  * reversed: tasks run one at a time; among the workers whose next task has all its listed
-//    dependencies done, the one with the highest task id goes first (consumers as early as the
-//    plan allows, producers as late);
-//  * shuffled: the same, a random ready worker first;
-//  * stalls: workers run concurrently, each starting after a random, per-worker skewed delay, with
-//    random long stalls (up to ~3 ms) before half of the tasks.
-// A correct plan gives the same result under all three (the math never depends on the order).
+// A missing dependency d -> t is a race: the result is wrong only if t runs before d, which normal
+// timing almost never does. Chaos mode runs the whole plan kChaosRuns times in different adversarial
+// orders, with the workspace and outputs poisoned with NaN bytes before each (so stale values of an
+// earlier run cannot hide a race), and fails the call if two runs' outputs differ: the executor's
+// math never depends on the order, so any difference is a race. The adversaries:
+//  * targeted (most runs): tasks run one at a time; a random permutation of the tasks that have
+//    dependencies is demanded in turn, each run as early as its listed dependencies and queue order
+//    allow (only its ancestors before it; among them the highest id or a random one first), so a
+//    consumer with a missing producer tends to run before that producer. One run catches a given
+//    missing edge with probability about 1 / (1 + the producer's other consumers): hence 12 runs;
+//  * reversed: one at a time, the ready task with the highest id first (consumers early);
+//  * stalls: workers run concurrently, each starting after a random per-worker delay, with random
+//    long stalls (up to ~3 ms) before half of the tasks.
+constexpr int kChaosRuns = 12;
+constexpr size_t kChaosMaxTargets = 256;  // demanded tasks per run (the rest: any ready order)
+
 uint64_t mix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -184,20 +190,52 @@ uint64_t mix64(uint64_t x) {
 }
 
 struct Chaos {
-  enum Mode { kReversed, kShuffled, kStalls };
-  Chaos(uint64_t seed, int workers) : rng(mix64(seed)), pos(workers), start_delay_us(workers) {
-    const uint64_t pick = mix64(seed ^ 0x5A5A) % 4;
-    mode = pick < 2 ? kReversed : (pick == 2 ? kShuffled : kStalls);
-    std::vector<int> rank(workers);
-    for (int w = 0; w < workers; ++w) rank[w] = w;
-    for (int w = workers - 1; w > 0; --w) std::swap(rank[w], rank[next() % (w + 1)]);
-    for (int w = 0; w < workers; ++w) start_delay_us[w] = rank[w] * (500 + next() % 1500);
+  enum Mode { kTargeted, kReversed, kStalls };
+  Chaos(const PlanView& p, uint64_t seed, int run_index)
+      : rng(mix64(seed * kChaosRuns + run_index)),
+        pos(p.header().num_workers),
+        start_delay_us(p.header().num_workers) {
+    const Header& h = p.header();
+    mode = run_index == 2 ? kReversed : (run_index == 4 ? kStalls : kTargeted);
+    highest_first = run_index % 2;
+    std::vector<int> rank(h.num_workers);
+    for (int w = 0; w < h.num_workers; ++w) rank[w] = w;
+    for (int w = h.num_workers - 1; w > 0; --w) std::swap(rank[w], rank[next() % (w + 1)]);
+    for (int w = 0; w < h.num_workers; ++w) start_delay_us[w] = rank[w] * (500 + next() % 1500);
+    if (mode != kTargeted) return;
+    done.assign(h.num_tasks, 0);
+    in_closure.assign(h.num_tasks, 0);
+    queue_prev.assign(h.num_tasks, -1);
+    for (int w = 0; w < h.num_workers; ++w)
+      for (int q = p.queue_begin(w) + 1; q < p.queue_end(w); ++q) queue_prev[p.queue_task(q)] = p.queue_task(q - 1);
+    for (int t = 0; t < h.num_tasks; ++t)
+      if (p.dep_end(t) > p.dep_begin(t)) targets.push_back(t);
+    for (size_t i = targets.size(); i > 1; --i) std::swap(targets[i - 1], targets[next() % i]);
+    if (targets.size() > kChaosMaxTargets) targets.resize(kChaosMaxTargets);
   }
   uint64_t next() { return rng = mix64(rng); }
   // kStalls: 0 for half of the tasks, else 50 us * 2^(0..6).
   int64_t stall_us(uint64_t& worker_rng) {
     worker_rng = mix64(worker_rng);
     return (worker_rng & 1) ? 0 : int64_t{50} << ((worker_rng >> 1) % 7);
+  }
+  // kTargeted: marks the ancestors (listed dependencies and queue predecessors) of the first
+  // demanded task not yet done.
+  void retarget(const PlanView& p) {
+    while (next_target < targets.size() && done[targets[next_target]]) ++next_target;
+    if (next_target == closure_of) return;
+    closure_of = next_target;
+    std::fill(in_closure.begin(), in_closure.end(), 0);
+    if (next_target == targets.size()) return;
+    std::vector<int32_t> stack{targets[next_target]};
+    while (!stack.empty()) {
+      const int32_t x = stack.back();
+      stack.pop_back();
+      if (in_closure[x] || done[x]) continue;
+      in_closure[x] = 1;
+      for (int e = p.dep_begin(x); e < p.dep_end(x); ++e) stack.push_back(p.dep(e));
+      if (queue_prev[x] >= 0) stack.push_back(queue_prev[x]);
+    }
   }
 
   Mode mode;
@@ -208,6 +246,10 @@ struct Chaos {
   std::vector<int64_t> start_delay_us; // stalls mode
   int granted = -1;                    // serialized modes: the worker allowed to run next
   bool busy = false;                   // a granted task has not finished yet
+  std::vector<int32_t> targets, queue_prev;
+  std::vector<char> done, in_closure;
+  size_t next_target = 0, closure_of = SIZE_MAX;
+  bool highest_first = false;  // kTargeted: inside the closure, highest task id first (else random)
 };
 
 // ---- the run ----------------------------------------------------------------------------------------
@@ -648,6 +690,7 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
   for (;;) {
     if (run.failed.load()) return false;
     if (!c.busy && c.granted < 0) {
+      if (c.mode == Chaos::kTargeted) c.retarget(p);
       int best = -1;
       int32_t best_key = -1;
       for (int v = 0; v < p.header().num_workers; ++v) {
@@ -658,7 +701,10 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
         for (int e = p.dep_begin(t); e < p.dep_end(t) && ready; ++e)
           ready = __atomic_load_n(run.buf.counters + p.dep(e), __ATOMIC_ACQUIRE) >= 1;
         if (!ready) continue;
-        const int32_t key = c.mode == Chaos::kReversed ? t : static_cast<int32_t>(c.next() >> 33);
+        const int32_t key = c.mode == Chaos::kReversed
+                                ? t
+                                : (c.in_closure[t] << 30) |
+                                      (c.highest_first ? t : static_cast<int32_t>(c.next() >> 35));
         if (key > best_key) best = v, best_key = key;
       }
       if (best < 0) {
@@ -688,10 +734,11 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
   }
 }
 
-void chaos_release(Run& run, int w) {
+void chaos_release(Run& run, int w, int task) {
   Chaos& c = *run.chaos;
   std::lock_guard<std::mutex> lock(c.mu);
   ++c.pos[w];
+  if (c.mode == Chaos::kTargeted) c.done[task] = 1;
   c.busy = false;
   c.cv.notify_all();
 }
@@ -731,7 +778,7 @@ void worker_tasks(Run& run, int w) {
       p[2] = run.now_ns();
       p[3] = w;
     }
-    if (serialized) chaos_release(run, w);
+    if (serialized) chaos_release(run, w, t);
     if (run.failed.load(std::memory_order_relaxed)) return;
   }
 }
@@ -746,17 +793,16 @@ void worker_main(Run& run, int w) {
   }
 }
 
-}  // namespace
-
-PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
-                          const PersistentOptions& options) {
+// One run of the plan on its workers.
+PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers,
+                          const PersistentOptions& options, int chaos_run) {
   Run run(PlanView{words}, buffers, options);
   const Header& h = run.plan.header();
   std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_tasks);
   if (buffers.profile)
     std::memset(buffers.profile, 0, sizeof(int64_t) * h.num_tasks * h.profile_words_per_task);
   if (options.chaos_seed) {
-    run.chaos = std::make_unique<Chaos>(options.chaos_seed, h.num_workers);
+    run.chaos = std::make_unique<Chaos>(run.plan, options.chaos_seed, chaos_run);
     std::memset(buffers.workspace, 0xFF, buffers.workspace_bytes);  // NaN bytes
     for (size_t i = 0; i < buffers.results.size(); ++i) std::memset(buffers.results[i], 0xFF, buffers.result_bytes[i]);
   }
@@ -764,6 +810,33 @@ PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers
   if (std::string err = run_on_workers(h.num_workers, job); !err.empty())
     return {PersistentStatus::kResourceExhausted, err};
   if (run.failed.load()) return run.error;
+  return {};
+}
+
+}  // namespace
+
+PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
+                          const PersistentOptions& options) {
+  if (!options.chaos_seed) return run_once(words, buffers, options, 0);
+  std::vector<std::vector<char>> first(buffers.results.size());
+  for (int r = 0; r < kChaosRuns; ++r) {
+    PersistentResult result = run_once(words, buffers, options, r);
+    if (result.status != PersistentStatus::kOk) return result;
+    for (size_t i = 0; i < buffers.results.size(); ++i) {
+      const char* out = static_cast<const char*>(buffers.results[i]);
+      if (r == 0) {
+        first[i].assign(out, out + buffers.result_bytes[i]);
+        continue;
+      }
+      const auto diff = std::mismatch(first[i].begin(), first[i].end(), out).first - first[i].begin();
+      if (diff != static_cast<std::ptrdiff_t>(first[i].size()))
+        return {PersistentStatus::kRace,
+                "ark_persistent: chaos mode: output " + std::to_string(i) + " differs between two "
+                "adversarial task orders (first at byte " + std::to_string(diff) + ", runs 0 and " +
+                std::to_string(r) + " of seed " + std::to_string(options.chaos_seed) +
+                "): the plan has a race (a missing dependency?)"};
+    }
+  }
   return {};
 }
 

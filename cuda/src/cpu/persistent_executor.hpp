@@ -24,10 +24,10 @@ struct PersistentBuffers {
 
 struct PersistentOptions {
   int64_t timeout_ms = 60000;
-  uint64_t chaos_seed = 0;  // 0 = off
+  uint64_t chaos_seed = 0;  // 0 = off; else the adversarial test mode (persistent_executor.cc)
 };
 
-enum class PersistentStatus { kOk, kInvalidPlan, kDeadlineExceeded, kResourceExhausted };
+enum class PersistentStatus { kOk, kInvalidPlan, kDeadlineExceeded, kResourceExhausted, kRace };
 
 struct PersistentResult {
   PersistentStatus status = PersistentStatus::kOk;

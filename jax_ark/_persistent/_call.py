@@ -191,7 +191,7 @@ class _Persistent:
             concurrent_cpu_programs() if self._plan is None else None,
         )
         if key not in self._cache:
-            out_tree = jax.tree_util.tree_structure(
+            out_avals, out_tree = jax.tree_util.tree_flatten(
                 jax.eval_shape(self._fn, *jax.tree_util.tree_unflatten(tree, avals))
             )
             if self._plan is not None:
@@ -210,6 +210,13 @@ class _Persistent:
                 raise PlanError(
                     f"plan has {len(p.outputs)} outputs, fn returns {out_tree.num_leaves}"
                 )
+            for i, (t, aval) in enumerate(zip(p.outputs, out_avals, strict=True)):
+                spec = p.tensors[t]
+                if tuple(spec.shape) != tuple(aval.shape) or np_dtype(spec.dtype) != aval.dtype:
+                    raise PlanError(
+                        f"plan output {i} is {spec.dtype}{list(spec.shape)}, fn returns "
+                        f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
+                    )
             self._cache[key] = (p, out_tree)
         return self._cache[key]
 

@@ -77,6 +77,16 @@ def _view_in_bounds(plan: Plan, i: int, v: int, dims, reads: set[int]) -> None:
         raise PlanError(f"view {v}: tensor {view.tensor} out of range")
     if len(view.strides) != len(dims):
         raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
+    src, out = plan.tensors[view.tensor], plan.tensors[plan.ops[i].out]
+    if view.tensor == plan.ops[i].out or (
+        src.storage == out.storage == "workspace"
+        and src.byte_offset < out.byte_offset + out.nbytes
+        and out.byte_offset < src.byte_offset + src.nbytes
+    ):
+        raise PlanError(
+            f"op {i} '{plan.ops[i].name}': view {v} reads tensor {view.tensor}, whose bytes the op "
+            f"itself writes"
+        )
     reads.add(view.tensor)
     if view.offset < 0 or any(s < 0 for s in view.strides):
         raise PlanError(f"view {v}: negative offset or stride")
@@ -222,6 +232,14 @@ def _validate(plan: Plan) -> None:
             if ins.op == "load":
                 _view_in_bounds(plan, i, int(ins.a), out.shape, reads)
         work += out.num_elements * (inner + _program_cost(op.epilogue))
+    used = max(
+        (s.byte_offset + s.nbytes for s in plan.tensors if s.storage == "workspace"), default=0
+    )
+    if plan.workspace_bytes > -(-used // WORKSPACE_ALIGN) * WORKSPACE_ALIGN:
+        raise PlanError(
+            f"workspace_bytes {plan.workspace_bytes} exceeds what its tensors use ({used}, "
+            f"rounded up to {WORKSPACE_ALIGN})"
+        )
     if work > MAX_WORK:
         raise PlanError(f"the plan's work ({work} element-operations) exceeds the bound 2^45")
     for i, t in enumerate(plan.outputs):

@@ -231,6 +231,16 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads outside tensor " +
                     std::to_string(v.tensor) + " (negative or overflowing offset / stride, or past its " +
                     std::to_string(p.tensor(v.tensor).num_elements) + " elements)");
+    // A task reading bytes its own op writes would see them half overwritten (or never written).
+    const TensorRecord& in = p.tensor(v.tensor);
+    const int32_t out_id = p.op(op).out_tensor;
+    const TensorRecord& out = p.tensor(out_id);
+    const bool overlap = in.storage == kStorageWorkspace && out.storage == kStorageWorkspace &&
+                         in.byte_offset < out.byte_offset + out.num_elements * dtype_size(out.dtype) &&
+                         out.byte_offset < in.byte_offset + in.num_elements * dtype_size(in.dtype);
+    if (v.tensor == out_id || overlap)
+      return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads tensor " +
+                    std::to_string(v.tensor) + ", whose bytes the op itself writes");
     read[v.tensor] = 1;
     return true;
   };

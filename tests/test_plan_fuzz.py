@@ -122,6 +122,7 @@ def test_plan_fuzzer():
     # the mutations reach both layers and some still run (a fuzzer that only breaks JSON is useless)
     assert outcomes["json:python_rejected"] > 50 and outcomes["binary:runtime_rejected"] > 50
     assert outcomes["json:ran_ok"] > 20 and outcomes["binary:ran_ok"] > 10
+    assert sum(v for k, v in outcomes.items() if k.endswith("ran_denormal")) <= CASES // 50
 
 
 if __name__ == "__main__":

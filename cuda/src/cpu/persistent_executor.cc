@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfenv>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -50,6 +51,9 @@ constexpr size_t kMaxIdleThreads = 128;
 // What a borrowed thread runs: job(index), then it counts itself done.
 struct CallState {
   const std::function<void(int)>* job = nullptr;
+  // The caller's floating-point environment (XLA's threads flush denormals): every worker uses it,
+  // so a tile's result never depends on which thread ran it.
+  std::fenv_t fp_env;
   std::mutex mu;
   std::condition_variable done_cv;
   int remaining = 0;
@@ -88,7 +92,11 @@ class Helper {
         index = index_;
         call_ = nullptr;
       }
+      std::fenv_t own;
+      std::fegetenv(&own);
+      std::fesetenv(&call->fp_env);
       (*call->job)(index);  // never throws: worker_main turns exceptions into a failed run
+      std::fesetenv(&own);
       std::lock_guard<std::mutex> lock(call->mu);
       if (--call->remaining == 0) call->done_cv.notify_all();
     }
@@ -154,6 +162,7 @@ std::string run_on_workers(int workers, const std::function<void(int)>& job) {
   if (std::string err = thread_bank().borrow(workers - 1, &helpers); !err.empty()) return err;
   CallState call;
   call.job = &job;
+  std::fegetenv(&call.fp_env);
   call.remaining = workers - 1;
   for (int i = 0; i < workers - 1; ++i) helpers[i]->start(&call, i + 1);
   job(0);

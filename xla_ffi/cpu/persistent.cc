@@ -102,8 +102,9 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
       return invalid("profile must be int64[num_tasks * 4]");
     buffers.profile = static_cast<int64_t*>((*prof)->untyped_data());
   }
-  const std::string problem =
-      jax_ark::plan::check_plan(words, static_cast<int64_t>(num_words), sizes);
+  // Checked once per plan (and buffers): later calls with the same words hit the cache.
+  static jax_ark::plan::CheckedPlans* checked = new jax_ark::plan::CheckedPlans;  // never destroyed
+  const std::string problem = checked->check(words, static_cast<int64_t>(num_words), sizes);
   if (!problem.empty()) return invalid("invalid plan: " + problem);
 
   PersistentOptions options;

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <list>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -60,6 +63,12 @@ struct PlanBuffers {
   int64_t workspace_bytes = 0;
   int64_t num_counters = 0;
   bool workspace_is_u8 = true;
+
+  bool operator==(const PlanBuffers& o) const {
+    return arg_bytes == o.arg_bytes && result_bytes == o.result_bytes && arg_dtypes == o.arg_dtypes &&
+           result_dtypes == o.result_dtypes && workspace_bytes == o.workspace_bytes &&
+           num_counters == o.num_counters && workspace_is_u8 == o.workspace_is_u8;
+  }
 };
 
 namespace check_detail {
@@ -348,6 +357,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (writer[result_tensor[i]] < 0) return "result " + std::to_string(i) + " is never written";
 
   // ---- tasks: inside their op, exact cover, dependencies ----
+  const int32_t* dep_off = words + h.dep_offsets_at;  // sections were checked above
+  const int32_t* deps = words + h.deps_at;
   std::vector<std::vector<int32_t>> tasks_of(h.num_ops);
   for (int t = 0; t < h.num_tasks; ++t) {
     const TaskRecord& task = p.task(t);
@@ -398,13 +409,13 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (std::find(hit.begin(), hit.end(), 0) != hit.end())
       return op_where(i) + ": output elements no task computes";
   }
-  if (p.dep_begin(0) != 0 || p.dep_end(h.num_tasks - 1) != h.num_dep_edges)
+  if (dep_off[0] != 0 || dep_off[h.num_tasks - 1 + 1] != h.num_dep_edges)
     return "dependency offsets do not span the dependencies section";
   for (int t = 0; t < h.num_tasks; ++t) {
-    if (p.dep_end(t) < p.dep_begin(t)) return "task " + std::to_string(t) + ": dependency offsets decrease";
-    for (int e = p.dep_begin(t); e < p.dep_end(t); ++e)
-      if (p.dep(e) < 0 || p.dep(e) >= h.num_tasks || p.dep(e) == t)
-        return "task " + std::to_string(t) + ": dependency " + std::to_string(p.dep(e)) +
+    if (dep_off[t + 1] < dep_off[t]) return "task " + std::to_string(t) + ": dependency offsets decrease";
+    for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)
+      if (deps[e] < 0 || deps[e] >= h.num_tasks || deps[e] == t)
+        return "task " + std::to_string(t) + ": dependency " + std::to_string(deps[e]) +
                " out of range or itself";
   }
 
@@ -427,8 +438,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   // Kahn's algorithm over "t waits for dep" and "t runs after queue_prev[t]".
   std::vector<int32_t> indeg(h.num_tasks, 0), succ_begin(h.num_tasks + 1, 0), succ;
   for (int t = 0; t < h.num_tasks; ++t) {
-    indeg[t] = p.dep_end(t) - p.dep_begin(t) + (queue_prev[t] >= 0);
-    for (int e = p.dep_begin(t); e < p.dep_end(t); ++e) ++succ_begin[p.dep(e) + 1];
+    indeg[t] = dep_off[t + 1] - dep_off[t] + (queue_prev[t] >= 0);
+    for (int e = dep_off[t]; e < dep_off[t + 1]; ++e) ++succ_begin[deps[e] + 1];
     if (queue_prev[t] >= 0) ++succ_begin[queue_prev[t] + 1];
   }
   for (int t = 0; t < h.num_tasks; ++t) succ_begin[t + 1] += succ_begin[t];
@@ -436,7 +447,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   {
     std::vector<int32_t> fill(succ_begin.begin(), succ_begin.end() - 1);
     for (int t = 0; t < h.num_tasks; ++t) {
-      for (int e = p.dep_begin(t); e < p.dep_end(t); ++e) succ[fill[p.dep(e)]++] = t;
+      for (int e = dep_off[t]; e < dep_off[t + 1]; ++e) succ[fill[deps[e]]++] = t;
       if (queue_prev[t] >= 0) succ[fill[queue_prev[t]]++] = t;
     }
   }
@@ -454,5 +465,59 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   }
   return "";
 }
+
+// Plans that passed check_plan, so each plan is checked once rather than on every call (the check
+// is O(plan): ~1.4 ms for 1024 tasks with 58k dependency edges). A hit compares the whole plan and
+// its buffers (memcmp), never just a hash, so no crafted plan can borrow another's verdict. Holds
+// at most kEntries plans and kBytes of words, least recently used out first.
+class CheckedPlans {
+ public:
+  static constexpr size_t kEntries = 32;
+  static constexpr size_t kBytes = size_t{64} << 20;
+
+  std::string check(const int32_t* words, int64_t num_words, const PlanBuffers& buffers) {
+    if (words == nullptr || num_words < 32 || num_words > static_cast<int64_t>(kBytes / 4))
+      return check_plan(words, num_words, buffers);
+    const uint64_t key = fingerprint(words, num_words);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (it->key == key && static_cast<int64_t>(it->words.size()) == num_words &&
+            it->buffers == buffers &&
+            std::memcmp(it->words.data(), words, sizeof(int32_t) * num_words) == 0) {
+          entries_.splice(entries_.begin(), entries_, it);
+          return "";
+        }
+      }
+    }
+    std::string err = check_plan(words, num_words, buffers);
+    if (!err.empty()) return err;
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.push_front(Entry{key, std::vector<int32_t>(words, words + num_words), buffers});
+    bytes_ += sizeof(int32_t) * num_words;
+    while (entries_.size() > kEntries || bytes_ > kBytes) {
+      bytes_ -= sizeof(int32_t) * entries_.back().words.size();
+      entries_.pop_back();
+    }
+    return "";
+  }
+
+ private:
+  struct Entry {
+    uint64_t key;
+    std::vector<int32_t> words;
+    PlanBuffers buffers;
+  };
+  // Only to skip most non-matching entries quickly; equality is decided by memcmp.
+  static uint64_t fingerprint(const int32_t* words, int64_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);
+    const int64_t step = std::max<int64_t>(1, n / 256);
+    for (int64_t i = 0; i < n; i += step) h = (h ^ static_cast<uint32_t>(words[i])) * 0x100000001B3ull;
+    return h;
+  }
+  std::mutex mu_;
+  std::list<Entry> entries_;
+  size_t bytes_ = 0;
+};
 
 }  // namespace jax_ark::plan

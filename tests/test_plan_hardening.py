@@ -310,6 +310,27 @@ def test_worker_pool_is_bounded_and_released(rng):
     assert _threads() <= before + 128 + 4
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_worker_threads_are_shared_across_devices(mesh8, rng):
+    """8 devices each running 64 workers at once borrow 8 x 63 threads, then give them back."""
+    from jax.sharding import PartitionSpec as P
+
+    x = random_args(rng, [(8 * 8, 16)])[0]
+    w = random_args(rng, [(16, 12)])[0]
+    sharded = jax.jit(
+        jax.shard_map(
+            ark.persistent(_fn, num_workers=64),
+            mesh=mesh8,
+            in_specs=(P("x"), P()),
+            out_specs=P("x"),
+        )
+    )
+    before = _threads()
+    for _ in range(2):
+        assert_close(sharded(x, w), jax.jit(_fn)(x, w), 2e-5)
+    assert _threads() <= before + 128 + 4, (before, _threads())
+
+
 _NO_THREADS = textwrap.dedent(
     """
     import resource, jax, jax.numpy as jnp, numpy as np

@@ -93,8 +93,12 @@ def test_runtime_rejects_unchecked_plans(setup, edit):
     p = plan.copy()
     words = None
     mm = _matmul_op(p)
-    if edit == "stride_overflow":  # (dims - 1) * stride wraps int64 to a small offset
-        p.views[p.ops[mm].a_view] = View(p.views[p.ops[mm].a_view].tensor, 0, (0, 1 << 62, 1 << 62))
+    if edit == "stride_overflow":
+        # A is (B, M, K) = (1, 8, 16): 7 * 2^60 + 15 * (7 * 2^60) = 7 * 2^64 wraps int64 to 0,
+        # so an unchecked multiplication sees the largest element at offset 0
+        assert (p.ops[mm].B, p.ops[mm].M, p.ops[mm].K) == (1, 8, 16)
+        a = p.ops[mm].a_view
+        p.views[a] = View(p.views[a].tensor, 0, (0, 1 << 60, 7 << 60))
     elif edit == "bmn_overflow":  # B*M*N wraps to the output's element count
         p.ops[mm].B = (1 << 62) + 1
         p.ops[mm].M *= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -292,13 +293,32 @@ def test_random_chains_property(seed):
     check()
 
 
-def test_deadlocked_plan_times_out_with_a_clear_error(rng):
-    """A plan that skipped validation and deadlocks fails with DEADLINE_EXCEEDED, not a hang."""
+def test_deadlocked_plan_is_rejected_by_the_runtime(rng):
+    """A plan that skipped validation and would deadlock is refused by the C++ check before any
+    worker starts (it used to wait for the timeout)."""
     from jax_ark._persistent._call import run_plan
 
     args = random_args(rng, [(4, 16), (16, 16)])
     plan = ark.plan(lambda x, w: jnp.tanh(x @ w) @ w, *args, num_workers=1).copy()
     first, last = plan.queues[0][0], plan.queues[0][-1]
     plan.tasks[first].deps.append(last)  # waits for a task queued behind it on its own worker
-    with pytest.raises(Exception, match=r"timed out after 200 ms waiting for task \d+ \(op \d+"):
+    with pytest.raises(Exception, match=r"dependency cycle .* through task \d+ on worker 0"):
         jax.block_until_ready(run_plan(plan, args, timeout_ms=200)[0])
+
+
+def test_slow_dependency_times_out_with_a_clear_error(rng, monkeypatch):
+    """Every wait is bounded: with a 1 ms timeout and chaos stalls of up to ms, a wait expires and
+    the error names the waiting worker, both tasks and their ops."""
+    from jax_ark._persistent._call import run_plan
+
+    args = random_args(rng, [(64, 64), (64, 64)])
+    plan = ark.plan(lambda x, w: jnp.tanh(x @ w) @ w, *args, num_workers=2, tile_m=8, tile_n=8)
+    timeouts = 0
+    for seed in range(1, 9):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        try:
+            jax.block_until_ready(run_plan(plan, args, timeout_ms=1)[0])
+        except Exception as e:  # noqa: BLE001
+            assert re.search(r"worker \d+ timed out after 1 ms waiting for", str(e)), str(e)
+            timeouts += 1
+    assert timeouts >= 1

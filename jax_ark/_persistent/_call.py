@@ -11,7 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ark._persistent._format import PROFILE_WORDS_PER_TASK, Plan, PlanError, np_dtype
+from jax_ark._persistent._format import (
+    MAX_WORKERS,
+    PROFILE_WORDS_PER_TASK,
+    Plan,
+    PlanError,
+    np_dtype,
+)
 from jax_ark._persistent._schedule import build_plan
 from jax_ark._persistent._target import (
     concurrent_cpu_programs,
@@ -19,7 +25,7 @@ from jax_ark._persistent._target import (
     resolve_platform,
 )
 from jax_ark._persistent._trace import trace
-from jax_ark._persistent._validate import validate
+from jax_ark._persistent._validate import freeze
 
 _TARGET = "ark_persistent"
 _DEFAULT_TIMEOUT_MS = 60_000
@@ -52,6 +58,7 @@ def plan(
     default: the platform of the arguments' devices, else jax's default backend, as
     `persistent(fn)(*args)` does. Planning for "gpu" without a GPU needs num_workers.
     """
+    _check_workers(num_workers)
     leaves, tree, avals, _ = _flat_avals(args)
     target, device = resolve_platform(leaves, platform)
     workers = num_workers or default_workers(target, device)
@@ -61,6 +68,17 @@ def plan(
 
     traced = trace(flat_fn, avals)
     return build_plan(traced, workers, tile_m, tile_n, platform=target)
+
+
+def _check_workers(num_workers: int | None) -> None:
+    if num_workers is None:
+        return
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)):
+        raise PlanError(f"num_workers must be an integer, got {type(num_workers).__name__}")
+    if not 1 <= num_workers <= MAX_WORKERS:
+        raise PlanError(
+            f"num_workers must be in 1..{MAX_WORKERS} (the runtime's range), got {num_workers}"
+        )
 
 
 # ---- jax version compatibility: the varying manual axes (vma) of a value -----------------------
@@ -105,13 +123,22 @@ def _check_signature(p: Plan, avals) -> None:
             )
 
 
-def run_plan(p: Plan, flat_args, *, profile: bool = False, timeout_ms: int = _DEFAULT_TIMEOUT_MS):
-    """Binds one ark_persistent call; returns (flat outputs, profile array or None)."""
+def run_plan(
+    p: Plan,
+    flat_args,
+    *,
+    profile: bool = False,
+    timeout_ms: int = _DEFAULT_TIMEOUT_MS,
+    words: np.ndarray | None = None,
+):
+    """Binds one ark_persistent call; returns (flat outputs, profile array or None).
+
+    words: the binary plan to send instead of p.to_binary() (tests of the runtime's own check)."""
     axes = _varying_axes([jax.typeof(x) for x in flat_args if isinstance(x, jax.Array)])
     operands = list(flat_args)
     for t in p.args[p.num_inputs :]:
         operands.append(jnp.asarray(p.constants[t]))
-    operands.append(jnp.asarray(p.to_binary()))
+    operands.append(jnp.asarray(p.to_binary() if words is None else words))
     results = [
         jax.ShapeDtypeStruct(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs
     ]
@@ -143,14 +170,16 @@ class _Persistent:
         self._timeout_ms = timeout_ms
         self._tiles = (tile_m, tile_n)
         self._cache: dict = {}
-        if plan is not None:
-            validate(plan)
+        _check_workers(num_workers)
+        # Frozen: a validated deep copy, so edits to `plan` after this point never run unchecked.
+        self._plan = None if plan is None else freeze(plan)
         functools.update_wrapper(self, fn)
 
     def plan(self, *args) -> Plan:
-        """The plan used for these arguments (planned once per signature and platform)."""
+        """A copy of the plan used for these arguments (planned once per signature and platform);
+        editing it changes nothing here: pass the edited plan to `persistent(fn, plan=...)`."""
         p, _ = self._planned(args)
-        return p
+        return p.copy()
 
     def _planned(self, args) -> tuple[Plan, Any]:
         leaves, tree, avals, key = _flat_avals(args)
@@ -162,7 +191,7 @@ class _Persistent:
             concurrent_cpu_programs() if self._plan is None else None,
         )
         if key not in self._cache:
-            out_tree = jax.tree_util.tree_structure(
+            out_avals, out_tree = jax.tree_util.tree_flatten(
                 jax.eval_shape(self._fn, *jax.tree_util.tree_unflatten(tree, avals))
             )
             if self._plan is not None:
@@ -181,6 +210,13 @@ class _Persistent:
                 raise PlanError(
                     f"plan has {len(p.outputs)} outputs, fn returns {out_tree.num_leaves}"
                 )
+            for i, (t, aval) in enumerate(zip(p.outputs, out_avals, strict=True)):
+                spec = p.tensors[t]
+                if tuple(spec.shape) != tuple(aval.shape) or np_dtype(spec.dtype) != aval.dtype:
+                    raise PlanError(
+                        f"plan output {i} is {spec.dtype}{list(spec.shape)}, fn returns "
+                        f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
+                    )
             self._cache[key] = (p, out_tree)
         return self._cache[key]
 

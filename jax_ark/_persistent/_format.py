@@ -21,6 +21,14 @@ MAX_RANK = 6
 MAX_PROGRAM_LEN = 64
 PROFILE_WORDS_PER_TASK = 4
 WORKSPACE_ALIGN = 256
+# Bounds the runtime enforces (cuda/include/jax_ark/plan_check.hpp); validate() checks them first.
+MAX_WORKERS = 1024
+MAX_INTEGER_POW_EXPONENT = 1 << 16
+MAX_WORK = 1 << 45  # element-operations of a whole plan
+MAX_MATMUL_PANEL = 1 << 28  # K x (n1 - n0) of one matmul task
+MAX_TILING_CELLS = 1 << 24  # grid cells of an op's tiling
+INT32 = (-(1 << 31), (1 << 31) - 1)
+INT64 = (-(1 << 63), (1 << 63) - 1)
 
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4}
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4}
@@ -271,44 +279,27 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent)
 
     @staticmethod
-    def from_json(text: str | dict) -> Plan:
-        d = json.loads(text) if isinstance(text, str) else text
-        if d.get("format") != "jax_ark.plan":
-            raise PlanError("not a jax_ark plan (missing format: jax_ark.plan)")
-        if d["version"] > PLAN_VERSION:
-            raise PlanError(
-                f"plan version {d['version']} is newer than this jax_ark ({PLAN_VERSION})"
-            )
-        tensors = [TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"]]
-        ops = []
-        for o in d["ops"]:
-            o = dict(o)
-            o["iter_dims"] = tuple(o["iter_dims"])
-            o["prologue"] = [Instr.from_list(i) for i in o["prologue"]]
-            o["epilogue"] = [Instr.from_list(i) for i in o["epilogue"]]
-            ops.append(Op(**o))
-        constants = {}
-        for k, c in d["constants"].items():
-            spec = tensors[int(k)]
-            raw = base64.b64decode(c["data"])
-            constants[int(k)] = np.frombuffer(raw, dtype=np_dtype(spec.dtype)).reshape(spec.shape)
-        return Plan(
-            num_workers=d["num_workers"],
-            tensors=tensors,
-            views=[View(v["tensor"], v["offset"], tuple(v["strides"])) for v in d["views"]],
-            ops=ops,
-            tasks=[Task(**t) for t in d["tasks"]],
-            queues=[list(q) for q in d["queues"]],
-            num_inputs=d["num_inputs"],
-            args=list(d["args"]),
-            outputs=list(d["outputs"]),
-            constants=constants,
-            workspace_bytes=d["workspace_bytes"],
-            version=d["version"],
-        )
+    def from_json(text: str | bytes | dict) -> Plan:
+        """Parses a plan; malformed input raises PlanError naming the field
+        (e.g. `ops[3].epilogue[2].op`)."""
+        if isinstance(text, (str, bytes, bytearray)):
+            try:
+                d = json.loads(text)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
+                raise PlanError(f"plan: not valid JSON ({e})") from None
+        else:
+            d = text
+        return _parse_plan(d)
 
     def copy(self) -> Plan:
-        return Plan.from_json(self.to_dict())
+        """A deep copy, checked field by field (PlanError names a malformed field)."""
+        try:
+            d = self.to_dict()
+        except PlanError:
+            raise
+        except Exception as e:  # noqa: BLE001  (edited fields of any type end here)
+            raise PlanError(f"plan: cannot serialize it ({type(e).__name__}: {e})") from None
+        return _parse_plan(d)
 
     def validate(self) -> Plan:
         """Raises PlanError naming the offending task / op / tensor; returns self when valid."""
@@ -497,3 +488,218 @@ def _encode(plan: Plan) -> np.ndarray:
     assert len(header) == 32
     words[:32] = header
     return np.asarray(words, dtype=np.int32)
+
+
+# ---- strict parsing: every field type- and range-checked, errors name the field's path --------
+def _field(d: Any, key: str, path: str) -> Any:
+    if not isinstance(d, dict):
+        raise PlanError(f"{path}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise PlanError(f"{path}.{key}: missing" if path else f"{key}: missing")
+    return d[key]
+
+
+def _int(x: Any, path: str, lo: int = INT64[0], hi: int = INT64[1]) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise PlanError(f"{path}: expected an integer, got {type(x).__name__} {x!r:.40}")
+    x = int(x)
+    if not lo <= x <= hi:
+        raise PlanError(f"{path}: {x} not in {lo}..{hi}")
+    return x
+
+
+def _str(x: Any, path: str, choices: Any = None) -> str:
+    if not isinstance(x, str):
+        raise PlanError(f"{path}: expected a string, got {type(x).__name__}")
+    if choices is not None and x not in choices:
+        raise PlanError(f"{path}: {x!r:.40} is not one of {sorted(choices)}")
+    return x
+
+
+def _list(x: Any, path: str, max_len: int | None = None) -> list:
+    if not isinstance(x, (list, tuple)):
+        raise PlanError(f"{path}: expected a list, got {type(x).__name__}")
+    if max_len is not None and len(x) > max_len:
+        raise PlanError(f"{path}: {len(x)} entries, at most {max_len}")
+    return list(x)
+
+
+def _ints(x: Any, path: str, lo: int, hi: int, max_len: int | None = None) -> list[int]:
+    return [_int(v, f"{path}[{i}]", lo, hi) for i, v in enumerate(_list(x, path, max_len))]
+
+
+def _obj(d: Any, path: str, allowed: set[str]) -> None:
+    if not isinstance(d, dict):
+        raise PlanError(f"{path}: expected an object, got {type(d).__name__}")
+    _keys(d, path, allowed)
+
+
+def _keys(d: dict, path: str, allowed: set[str]) -> None:
+    extra = set(d) - allowed
+    if extra:
+        raise PlanError(f"{path}: unknown field(s) {sorted(map(str, extra))}")
+
+
+def _parse_instr(x: Any, path: str) -> Instr:
+    x = _list(x, path)
+    if len(x) != 5:
+        raise PlanError(f"{path}: an instruction is [op, dtype, a, b, c], got {len(x)} entries")
+    op = _str(x[0], f"{path}.op", OPCODES)
+    dtype = _str(x[1], f"{path}.dtype", DTYPE_CODES)
+    if op == "const":
+        if isinstance(x[2], bool) or not isinstance(x[2], (int, float, np.integer, np.floating)):
+            raise PlanError(f"{path}.a: a const's value must be a number")
+        a: float | int = float(x[2])
+        if math.isfinite(a) and abs(a) > float(np.finfo(np.float32).max):
+            raise PlanError(f"{path}.a: {a} overflows float32")
+    else:
+        a = _int(x[2], f"{path}.a", *INT32)
+    return Instr(op, dtype, a, _int(x[3], f"{path}.b", *INT32), _int(x[4], f"{path}.c", *INT32))
+
+
+_TENSOR_KEYS = {"name", "shape", "dtype", "storage", "index", "byte_offset"}
+_OP_KEYS = {f.name for f in dataclasses.fields(Op)}
+_TASK_KEYS = {f.name for f in dataclasses.fields(Task)}
+_PLAN_KEYS = {
+    "format", "version", "num_workers", "num_inputs", "args", "outputs", "workspace_bytes",
+    "tensors", "views", "ops", "tasks", "queues", "constants",
+}  # fmt: skip
+
+
+def _parse_plan(d: Any) -> Plan:
+    if not isinstance(d, dict):
+        raise PlanError(f"plan: expected a JSON object, got {type(d).__name__}")
+    if d.get("format") != "jax_ark.plan":
+        raise PlanError("format: not a jax_ark plan (missing format: jax_ark.plan)")
+    _keys(d, "plan", _PLAN_KEYS)
+    version = _int(_field(d, "version", ""), "version")
+    if version > PLAN_VERSION:
+        raise PlanError(
+            f"version: plan version {version} is newer than this jax_ark ({PLAN_VERSION})"
+        )
+    if version < 1:
+        raise PlanError(f"version: {version} is not a plan version (1..{PLAN_VERSION})")
+    tensors = []
+    for i, t in enumerate(_list(_field(d, "tensors", ""), "tensors", INT32[1])):
+        path = f"tensors[{i}]"
+        _obj(t, path, _TENSOR_KEYS)
+        tensors.append(
+            TensorSpec(
+                name=_str(_field(t, "name", path), f"{path}.name"),
+                shape=tuple(
+                    _ints(_field(t, "shape", path), f"{path}.shape", 0, INT64[1], MAX_RANK)
+                ),
+                dtype=_str(_field(t, "dtype", path), f"{path}.dtype", DTYPE_CODES),
+                storage=_str(_field(t, "storage", path), f"{path}.storage", STORAGE_CODES),
+                index=_int(t.get("index", 0), f"{path}.index", *INT32),
+                byte_offset=_int(t.get("byte_offset", 0), f"{path}.byte_offset"),
+            )
+        )
+    views = []
+    for i, v in enumerate(_list(_field(d, "views", ""), "views", INT32[1])):
+        path = f"views[{i}]"
+        _obj(v, path, {"tensor", "offset", "strides"})
+        views.append(
+            View(
+                _int(_field(v, "tensor", path), f"{path}.tensor", *INT32),
+                _int(_field(v, "offset", path), f"{path}.offset"),
+                tuple(_ints(_field(v, "strides", path), f"{path}.strides", *INT64, MAX_RANK)),
+            )
+        )
+    ops = []
+    for i, o in enumerate(_list(_field(d, "ops", ""), "ops", INT32[1])):
+        path = f"ops[{i}]"
+        _obj(o, path, _OP_KEYS)
+        ops.append(
+            Op(
+                name=_str(_field(o, "name", path), f"{path}.name"),
+                kind=_str(_field(o, "kind", path), f"{path}.kind", OP_KIND_CODES),
+                out=_int(_field(o, "out", path), f"{path}.out", *INT32),
+                B=_int(_field(o, "B", path), f"{path}.B"),
+                M=_int(_field(o, "M", path), f"{path}.M"),
+                N=_int(_field(o, "N", path), f"{path}.N"),
+                K=_int(o.get("K", 0), f"{path}.K"),
+                acc_dtype=_str(o.get("acc_dtype", "float32"), f"{path}.acc_dtype", DTYPE_CODES),
+                reduce_kind=_str(o.get("reduce_kind", "sum"), f"{path}.reduce_kind", REDUCE_CODES),
+                a_view=_int(o.get("a_view", -1), f"{path}.a_view", *INT32),
+                b_view=_int(o.get("b_view", -1), f"{path}.b_view", *INT32),
+                iter_dims=tuple(
+                    _ints(o.get("iter_dims", []), f"{path}.iter_dims", *INT64, MAX_RANK)
+                ),
+                kept_rank=_int(o.get("kept_rank", 0), f"{path}.kept_rank", *INT32),
+                prologue=[
+                    _parse_instr(x, f"{path}.prologue[{k}]")
+                    for k, x in enumerate(_list(o.get("prologue", []), f"{path}.prologue"))
+                ],
+                epilogue=[
+                    _parse_instr(x, f"{path}.epilogue[{k}]")
+                    for k, x in enumerate(_list(o.get("epilogue", []), f"{path}.epilogue"))
+                ],
+                tile_m=_int(o.get("tile_m", 0), f"{path}.tile_m", *INT32),
+                tile_n=_int(o.get("tile_n", 0), f"{path}.tile_n", *INT32),
+                source=_str(o.get("source", ""), f"{path}.source"),
+            )
+        )
+    tasks = []
+    for i, t in enumerate(_list(_field(d, "tasks", ""), "tasks", INT32[1])):
+        path = f"tasks[{i}]"
+        _obj(t, path, _TASK_KEYS)
+        tasks.append(
+            Task(
+                *(_int(_field(t, k, path), f"{path}.{k}", *INT32) for k in _TILE_FIELDS),
+                deps=_ints(t.get("deps", []), f"{path}.deps", *INT32),
+            )
+        )
+    num_workers = _int(_field(d, "num_workers", ""), "num_workers")
+    if not 1 <= num_workers <= MAX_WORKERS:
+        raise PlanError(f"num_workers: {num_workers} not in 1..{MAX_WORKERS}")
+    queues = [
+        _ints(q, f"queues[{w}]", *INT32)
+        for w, q in enumerate(_list(_field(d, "queues", ""), "queues", MAX_WORKERS))
+    ]
+    args = _ints(_field(d, "args", ""), "args", 0, len(tensors) - 1)
+    outputs = _ints(_field(d, "outputs", ""), "outputs", 0, len(tensors) - 1)
+    num_inputs = _int(_field(d, "num_inputs", ""), "num_inputs", 0, len(args))
+    constants: dict[int, np.ndarray] = {}
+    raw_constants = _field(d, "constants", "")
+    if not isinstance(raw_constants, dict):
+        raise PlanError("constants: expected an object")
+    for k, c in raw_constants.items():
+        path = f"constants[{k!r}]"
+        try:
+            tid = int(k)
+        except (TypeError, ValueError):
+            raise PlanError(f"{path}: key must be a tensor id") from None
+        if tid not in args[num_inputs:]:
+            raise PlanError(f"{path}: tensor {tid} is not one of the plan's constant operands")
+        spec = tensors[tid]
+        _obj(c, path, {"dtype", "data"})
+        if _str(c.get("dtype", spec.dtype), f"{path}.dtype") != spec.dtype:
+            raise PlanError(f"{path}.dtype: {c['dtype']!r} != tensor {tid}'s {spec.dtype}")
+        try:
+            raw = base64.b64decode(_str(_field(c, "data", path), f"{path}.data"), validate=True)
+        except ValueError as e:
+            raise PlanError(f"{path}.data: not base64 ({e})") from None
+        if len(raw) != spec.nbytes:
+            raise PlanError(f"{path}.data: {len(raw)} bytes, tensor {tid} has {spec.nbytes}")
+        constants[tid] = np.frombuffer(raw, dtype=np_dtype(spec.dtype)).reshape(spec.shape)
+    for t in args[num_inputs:]:
+        if t not in constants:
+            raise PlanError(f"constants: constant operand tensor {t} has no data")
+    return Plan(
+        num_workers=num_workers,
+        tensors=tensors,
+        views=views,
+        ops=ops,
+        tasks=tasks,
+        queues=queues,
+        num_inputs=num_inputs,
+        args=args,
+        outputs=outputs,
+        constants=constants,
+        workspace_bytes=_int(_field(d, "workspace_bytes", ""), "workspace_bytes", 0),
+        version=version,
+    )
+
+
+_TILE_FIELDS = ("op", "b0", "b1", "m0", "m1", "n0", "n1")

@@ -9,15 +9,26 @@ import numpy as np
 from jax_ark._persistent._format import (
     BINARY_OPS,
     DTYPE_SIZES,
+    INT32,
+    MAX_INTEGER_POW_EXPONENT,
+    MAX_MATMUL_PANEL,
     MAX_PROGRAM_LEN,
     MAX_RANK,
+    MAX_TILING_CELLS,
+    MAX_WORK,
+    MAX_WORKERS,
     OPCODES,
     PLAN_VERSION,
     UNARY_OPS,
+    WORKSPACE_ALIGN,
     Plan,
     PlanError,
     topological_order,
 )
+
+# validate() itself builds per-element arrays (exact cover, dependencies): it bounds their size.
+MAX_VALIDATED_ELEMENTS = 1 << 30
+INT64_MAX = (1 << 63) - 1
 
 
 def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str) -> None:
@@ -41,6 +52,11 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
                 )
         elif ins.op in UNARY_OPS:
             regs = [ins.a]
+            if ins.op == "integer_pow" and abs(int(ins.b)) > MAX_INTEGER_POW_EXPONENT:
+                raise PlanError(
+                    f"{w}: integer_pow exponent {ins.b} outside +-{MAX_INTEGER_POW_EXPONENT} "
+                    f"(|b| - 1 multiplications per element)"
+                )
         elif ins.op in BINARY_OPS:
             regs = [ins.a, ins.b]
         elif ins.op == "select":
@@ -50,10 +66,28 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
                 raise PlanError(f"{w}: operand register {r} is not an earlier instruction")
 
 
-def _view_in_bounds(plan: Plan, i: int, v: int, dims) -> None:
+def _program_cost(prog) -> int:
+    """Element-operations per element (integer_pow: its multiplications)."""
+    return sum(max(1, abs(int(i.b))) if i.op == "integer_pow" else 1 for i in prog)
+
+
+def _view_in_bounds(plan: Plan, i: int, v: int, dims, reads: set[int]) -> None:
     view = plan.views[v]
     if not 0 <= view.tensor < len(plan.tensors):
         raise PlanError(f"view {v}: tensor {view.tensor} out of range")
+    if len(view.strides) != len(dims):
+        raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
+    src, out = plan.tensors[view.tensor], plan.tensors[plan.ops[i].out]
+    if view.tensor == plan.ops[i].out or (
+        src.storage == out.storage == "workspace"
+        and src.byte_offset < out.byte_offset + out.nbytes
+        and out.byte_offset < src.byte_offset + src.nbytes
+    ):
+        raise PlanError(
+            f"op {i} '{plan.ops[i].name}': view {v} reads tensor {view.tensor}, whose bytes the op "
+            f"itself writes"
+        )
+    reads.add(view.tensor)
     if view.offset < 0 or any(s < 0 for s in view.strides):
         raise PlanError(f"view {v}: negative offset or stride")
     hi = view.offset + sum((d - 1) * s for d, s in zip(dims, view.strides, strict=True))
@@ -65,11 +99,23 @@ def _view_in_bounds(plan: Plan, i: int, v: int, dims) -> None:
         )
 
 
+def freeze(plan: Plan) -> Plan:
+    """A validated deep copy: later edits of `plan` cannot reach what runs."""
+    frozen = plan.copy()
+    _validate(frozen)
+    return frozen
+
+
 def validate(plan: Plan) -> None:
-    if plan.version > PLAN_VERSION:
-        raise PlanError(f"plan version {plan.version} is newer than {PLAN_VERSION}")
-    if plan.num_workers < 1:
-        raise PlanError(f"num_workers must be >= 1, got {plan.num_workers}")
+    """Raises PlanError naming the offending field / task / op / tensor."""
+    _validate(plan.copy())  # the strict parser first: types, ranges, field paths
+
+
+def _validate(plan: Plan) -> None:
+    if not 1 <= plan.version <= PLAN_VERSION:
+        raise PlanError(f"plan version {plan.version} is not in 1..{PLAN_VERSION}")
+    if not 1 <= plan.num_workers <= MAX_WORKERS:
+        raise PlanError(f"num_workers must be in 1..{MAX_WORKERS}, got {plan.num_workers}")
     # tensors
     for t, spec in enumerate(plan.tensors):
         if (
@@ -80,21 +126,58 @@ def validate(plan: Plan) -> None:
             raise PlanError(
                 f"tensor {t} '{spec.name}': bad dtype {spec.dtype} or shape {spec.shape}"
             )
+        if spec.nbytes > INT64_MAX:
+            raise PlanError(f"tensor {t} '{spec.name}': size {spec.shape} overflows int64")
         if spec.storage == "workspace":
-            if spec.byte_offset < 0 or spec.byte_offset + spec.nbytes > plan.workspace_bytes:
-                raise PlanError(f"tensor {t} '{spec.name}': outside the workspace")
+            if (
+                spec.byte_offset < 0
+                or spec.byte_offset % WORKSPACE_ALIGN
+                or spec.byte_offset + spec.nbytes > plan.workspace_bytes
+            ):
+                raise PlanError(
+                    f"tensor {t} '{spec.name}': bytes [{spec.byte_offset}, +{spec.nbytes}) are not "
+                    f"a {WORKSPACE_ALIGN}-aligned range of the {plan.workspace_bytes} B workspace"
+                )
         elif spec.storage not in ("arg", "result"):
             raise PlanError(f"tensor {t} '{spec.name}': bad storage {spec.storage!r}")
+        elif spec.byte_offset != 0:
+            raise PlanError(
+                f"tensor {t} '{spec.name}': byte_offset must be 0 outside the workspace"
+            )
     if sorted(plan.tensors[a].index for a in plan.args) != list(range(len(plan.args))):
         raise PlanError("args: operand indices are not 0..n-1")
     for t in plan.args:
         if plan.tensors[t].storage != "arg":
             raise PlanError(f"args: tensor {t} is not an operand")
+    result_of: dict[int, int] = {}
+    for t, spec in enumerate(plan.tensors):
+        if spec.storage == "arg":
+            if not 0 <= spec.index < len(plan.args):
+                raise PlanError(
+                    f"tensor {t} '{spec.name}': operand index {spec.index} out of range"
+                )
+            a = plan.tensors[plan.args[spec.index]]
+            if (a.nbytes, a.dtype) != (spec.nbytes, spec.dtype):
+                raise PlanError(
+                    f"tensor {t} '{spec.name}': {spec.dtype}{list(spec.shape)} does not fit "
+                    f"operand {spec.index} ({a.dtype}{list(a.shape)})"
+                )
+        elif spec.storage == "result":
+            if not 0 <= spec.index < len(plan.outputs):
+                raise PlanError(f"tensor {t} '{spec.name}': result index {spec.index} out of range")
+            if spec.index in result_of:
+                raise PlanError(
+                    f"tensor {t} '{spec.name}': shares output buffer {spec.index} with tensor "
+                    f"{result_of[spec.index]} (two tensors in one output: racy, wrong results)"
+                )
+            result_of[spec.index] = t
     for i, t in enumerate(plan.outputs):
         if plan.tensors[t].storage != "result" or plan.tensors[t].index != i:
             raise PlanError(f"output {i}: tensor {t} is not result {i}")
     # ops
     writer: dict[int, int] = {}
+    reads: set[int] = set()
+    work = 0
     for i, op in enumerate(plan.ops):
         where = f"op {i} '{op.name}'"
         if not 0 <= op.out < len(plan.tensors):
@@ -105,20 +188,31 @@ def validate(plan: Plan) -> None:
         if op.out in writer:
             raise PlanError(f"{where}: tensor {op.out} is also written by op {writer[op.out]}")
         writer[op.out] = i
-        if min(op.B, op.M, op.N) < 1 or op.B * op.M * op.N != out.num_elements:
+        if (
+            min(op.B, op.M, op.N) < 1
+            or max(op.B, op.M, op.N) > INT32[1]
+            or op.B * op.M * op.N != out.num_elements
+        ):
             raise PlanError(
                 f"{where}: B*M*N = {op.B}*{op.M}*{op.N} != {out.num_elements} elements of its "
-                f"output {list(out.shape)} (shape mismatch)"
+                f"output {list(out.shape)} (shape mismatch; each of B, M, N in 1..2^31-1)"
             )
+        if op.kind != "matmul" and (op.B != 1 or (op.kind == "reduce" and op.N != 1)):
+            raise PlanError(f"{where}: a reduce op has B = N = 1, a map op B = 1")
+        if op.kind in ("matmul", "reduce") and not 1 <= op.K <= INT32[1]:
+            raise PlanError(f"{where}: K = {op.K} not in 1..2^31-1")
         if op.kind == "matmul":
             for v in (op.a_view, op.b_view):
                 if not 0 <= v < len(plan.views) or len(plan.views[v].strides) != 3:
                     raise PlanError(f"{where}: operand view {v} missing or not rank 3")
             if op.K < 1:
                 raise PlanError(f"{where}: K must be >= 1")
-            _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.K))
-            _view_in_bounds(plan, i, op.b_view, (op.B, op.K, op.N))
+            _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.K), reads)
+            _view_in_bounds(plan, i, op.b_view, (op.B, op.K, op.N), reads)
+            inner = op.K
         elif op.kind == "reduce":
+            if not 0 <= op.kept_rank <= len(op.iter_dims) or min(op.iter_dims, default=1) < 1:
+                raise PlanError(f"{where}: bad iteration space {op.iter_dims} / kept_rank")
             kept, red = op.iter_dims[: op.kept_rank], op.iter_dims[op.kept_rank :]
             if math.prod(kept) != op.M or math.prod(red) != op.K or op.K < 1:
                 raise PlanError(f"{where}: iteration space {op.iter_dims} != M x K")
@@ -127,16 +221,38 @@ def validate(plan: Plan) -> None:
             _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
             for ins in op.prologue:
                 if ins.op == "load":
-                    _view_in_bounds(plan, i, int(ins.a), op.iter_dims)
-        elif op.kind != "map":
+                    _view_in_bounds(plan, i, int(ins.a), op.iter_dims, reads)
+            inner = op.K * (_program_cost(op.prologue) + 1)
+        elif op.kind == "map":
+            inner = 0
+        else:
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
         _check_program(plan, i, op.epilogue, len(out.shape), op.kind != "map", "epilogue")
         for ins in op.epilogue:
             if ins.op == "load":
-                _view_in_bounds(plan, i, int(ins.a), out.shape)
+                _view_in_bounds(plan, i, int(ins.a), out.shape, reads)
+        work += out.num_elements * (inner + _program_cost(op.epilogue))
+    used = max(
+        (s.byte_offset + s.nbytes for s in plan.tensors if s.storage == "workspace"), default=0
+    )
+    if plan.workspace_bytes > -(-used // WORKSPACE_ALIGN) * WORKSPACE_ALIGN:
+        raise PlanError(
+            f"workspace_bytes {plan.workspace_bytes} exceeds what its tensors use ({used}, "
+            f"rounded up to {WORKSPACE_ALIGN})"
+        )
+    if work > MAX_WORK:
+        raise PlanError(f"the plan's work ({work} element-operations) exceeds the bound 2^45")
     for i, t in enumerate(plan.outputs):
         if t not in writer:
             raise PlanError(f"output {i} (tensor {t}) is never written")
+    for t in sorted(reads):
+        if plan.tensors[t].storage != "arg" and t not in writer:
+            raise PlanError(
+                f"tensor {t} '{plan.tensors[t].name}' ({plan.tensors[t].storage}) is read by a "
+                f"view but no op writes it (it would read uninitialized memory)"
+            )
+    if sum(plan.tensors[op.out].num_elements for op in plan.ops) > MAX_VALIDATED_ELEMENTS:
+        raise PlanError("plan writes more than 2^30 elements: too large to validate")
     # tasks cover their op exactly once
     coverage = {i: np.zeros(op.B * op.M * op.N, np.int32) for i, op in enumerate(plan.ops)}
     from jax_ark._persistent._schedule import required_dependencies, tile_linear
@@ -153,10 +269,22 @@ def validate(plan: Plan) -> None:
             raise PlanError(
                 f"{plan.task_name(t)}: tile outside op space B={op.B} M={op.M} N={op.N}"
             )
+        if op.kind == "matmul" and op.K * (task.n1 - task.n0) > MAX_MATMUL_PANEL:
+            raise PlanError(f"{plan.task_name(t)}: K x tile columns exceeds 2^28 elements")
         coverage[task.op][tile_linear(op, task)] += 1
         for d in task.deps:
             if not 0 <= d < len(plan.tasks) or d == t:
                 raise PlanError(f"{plan.task_name(t)}: bad dependency {d}")
+    for i, op in enumerate(plan.ops):
+        cells = 1
+        for dim, lo, hi in ((op.B, "b0", "b1"), (op.M, "m0", "m1"), (op.N, "n0", "n1")):
+            cuts = {0, dim}
+            for task in plan.tasks:
+                if task.op == i:
+                    cuts.update((getattr(task, lo), getattr(task, hi)))
+            cells *= len(cuts) - 1
+        if cells > MAX_TILING_CELLS:
+            raise PlanError(f"op {i} '{op.name}': its tiles do not form a grid of <= 2^24 cells")
     for i, cov in coverage.items():
         if cov.size and (cov.min() != 1 or cov.max() != 1):
             bad = "missing" if cov.min() == 0 else "computed twice"

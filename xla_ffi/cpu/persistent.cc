@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../../cuda/src/cpu/persistent_executor.hpp"
+#include "jax_ark/plan_check.hpp"
 #include "registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -19,9 +20,37 @@ ffi::Error invalid(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ark_persistent: " + what);
 }
 
+// The plan format's dtype code of an FFI buffer (-1: a dtype plans cannot describe).
+int32_t plan_dtype(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return jax_ark::plan::kF32;
+    case ffi::DataType::BF16: return jax_ark::plan::kBF16;
+    case ffi::DataType::F16: return jax_ark::plan::kF16;
+    case ffi::DataType::PRED: return jax_ark::plan::kBool;
+    case ffi::DataType::S32: return jax_ark::plan::kInt32;
+    default: return -1;
+  }
+}
+
+ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
+                             int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
+                             int64_t profile);
+
+// Any exception (an allocation failure while checking) becomes an error, never an abort.
 ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
                           int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
                           int64_t profile) {
+  try {
+    return PersistentChecked(args, rets, num_workers, num_tasks, timeout_ms, chaos_seed, profile);
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("ark_persistent: ") + e.what());
+  }
+}
+
+ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
+                             int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
+                             int64_t profile) {
+  if (profile != 0 && profile != 1) return invalid("profile must be 0 or 1");
   if (args.size() < 1) return invalid("missing the plan operand");
   auto plan_buf = args.get<ffi::AnyBuffer>(args.size() - 1);
   if (!plan_buf.has_value()) return invalid("cannot decode the plan operand");
@@ -34,11 +63,14 @@ ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int6
     return invalid("attributes num_workers/num_tasks disagree with the plan header");
 
   PersistentBuffers buffers;
+  jax_ark::plan::PlanBuffers sizes;
   for (size_t i = 0; i + 1 < args.size(); ++i) {
     auto b = args.get<ffi::AnyBuffer>(i);
     if (!b.has_value()) return invalid("cannot decode operand " + std::to_string(i));
     buffers.args.push_back(b->untyped_data());
     buffers.arg_bytes.push_back(b->size_bytes());
+    sizes.arg_bytes.push_back(static_cast<int64_t>(b->size_bytes()));
+    sizes.arg_dtypes.push_back(plan_dtype(b->element_type()));
   }
   const size_t extra = profile ? 3 : 2;
   if (rets.size() < extra) return invalid("too few results");
@@ -48,12 +80,17 @@ ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int6
     if (!r.has_value()) return invalid("cannot decode result " + std::to_string(i));
     buffers.results.push_back((*r)->untyped_data());
     buffers.result_bytes.push_back((*r)->size_bytes());
+    sizes.result_bytes.push_back(static_cast<int64_t>((*r)->size_bytes()));
+    sizes.result_dtypes.push_back(plan_dtype((*r)->element_type()));
   }
   auto workspace = rets.get<ffi::AnyBuffer>(num_outputs);
   auto counters = rets.get<ffi::AnyBuffer>(num_outputs + 1);
   if (!workspace.has_value() || !counters.has_value()) return invalid("cannot decode workspace/counters");
   buffers.workspace = static_cast<uint8_t*>((*workspace)->untyped_data());
   buffers.workspace_bytes = (*workspace)->size_bytes();
+  sizes.workspace_bytes = static_cast<int64_t>(buffers.workspace_bytes);
+  sizes.workspace_is_u8 = (*workspace)->element_type() == ffi::DataType::U8;
+  sizes.num_counters = static_cast<int64_t>((*counters)->element_count());
   if ((*counters)->element_type() != ffi::DataType::S32 ||
       (*counters)->element_count() != static_cast<size_t>(num_tasks))
     return invalid("counters must be int32[num_tasks]");
@@ -65,7 +102,9 @@ ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int6
       return invalid("profile must be int64[num_tasks * 4]");
     buffers.profile = static_cast<int64_t*>((*prof)->untyped_data());
   }
-  const std::string problem = check_plan(words, num_words, buffers);
+  // Checked once per plan (and buffers): later calls with the same words hit the cache.
+  static jax_ark::plan::CheckedPlans* checked = new jax_ark::plan::CheckedPlans;  // never destroyed
+  const std::string problem = checked->check(words, static_cast<int64_t>(num_words), sizes);
   if (!problem.empty()) return invalid("invalid plan: " + problem);
 
   PersistentOptions options;
@@ -77,6 +116,8 @@ ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int6
       case PersistentStatus::kOk: return ffi::Error::Success();
       case PersistentStatus::kDeadlineExceeded:
         return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, result.message);
+      case PersistentStatus::kResourceExhausted:
+        return ffi::Error(ffi::ErrorCode::kResourceExhausted, result.message);
       default: return ffi::Error(ffi::ErrorCode::kInternal, result.message);
     }
   } catch (const std::exception& e) {

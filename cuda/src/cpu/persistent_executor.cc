@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfenv>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -38,79 +39,227 @@ constexpr int kSegment = 256;  // elements a program evaluates per pass (registe
 constexpr int64_t kSpinMicros = 200;    // a dependency wait spins / yields this long, then sleeps
 constexpr int64_t kSleepMicros = 1000;  // longest single sleep (deadline / failure checks between)
 
-// ---- a pool per calling thread ---------------------------------------------------------------------
-// XLA runs each device's program on its own thread and one call at a time per thread, so a pool
-// owned by the calling thread can never be starved by another device's call (the deadlock trap in
-// shared/DESIGN.md); threads are reused across calls instead of being created per call.
-class WorkerPool {
+// ---- worker threads: one process-wide bank of parked threads ---------------------------------------
+// A call borrows num_workers - 1 threads for its whole duration and gives them back. Its workers
+// spin-wait on each other, so they must all run at once: a call never queues work on threads
+// another call could hold (the starvation trap in shared/DESIGN.md), it owns its borrowed threads.
+// At most kMaxIdleThreads stay parked for later calls (any device's), the rest exit when returned,
+// so one call with 1000 workers does not leave 1000 threads behind. A thread that cannot be
+// started (address-space or process limits) fails the call instead of hanging it.
+constexpr size_t kMaxIdleThreads = 128;
+
+// What a borrowed thread runs: job(index), then it counts itself done.
+struct CallState {
+  const std::function<void(int)>* job = nullptr;
+  // The caller's floating-point environment (XLA's threads flush denormals): every worker uses it,
+  // so a tile's result never depends on which thread ran it.
+  std::fenv_t fp_env;
+  std::mutex mu;
+  std::condition_variable done_cv;
+  int remaining = 0;
+};
+
+class Helper {
  public:
-  explicit WorkerPool(int n) {
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
-  }
-  ~WorkerPool() {
+  Helper() { thread_ = std::thread([this] { loop(); }); }  // throws std::system_error
+  ~Helper() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
     }
-    start_cv_.notify_all();
-    for (auto& t : threads_) t.join();
+    cv_.notify_all();
+    thread_.join();
   }
-  int size() const { return static_cast<int>(threads_.size()); }
-
-  // Runs job(w) for w in [0, workers): w = 0 on the caller, the rest on pool threads.
-  void run(int workers, const std::function<void(int)>& job) {
+  void start(CallState* call, int index) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      job_ = &job;
-      active_ = workers;
-      remaining_ = workers - 1;
-      ++generation_;
+      call_ = call;
+      index_ = index;
     }
-    start_cv_.notify_all();
-    job(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return remaining_ == 0; });
-    job_ = nullptr;
+    cv_.notify_all();
   }
 
  private:
-  void loop(int index) {
-    uint64_t seen = 0;
+  void loop() {
     for (;;) {
-      const std::function<void(int)>* job = nullptr;
+      CallState* call = nullptr;
+      int index = 0;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-        if (stop_) return;
-        seen = generation_;
-        if (index >= active_) continue;
-        job = job_;
+        cv_.wait(lock, [this] { return stop_ || call_ != nullptr; });
+        if (call_ == nullptr) return;
+        call = call_;
+        index = index_;
+        call_ = nullptr;
       }
-      (*job)(index);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (--remaining_ == 0) done_cv_.notify_all();
-      }
+      std::fenv_t own;
+      std::fegetenv(&own);
+      std::fesetenv(&call->fp_env);
+      (*call->job)(index);  // never throws: worker_main turns exceptions into a failed run
+      std::fesetenv(&own);
+      std::lock_guard<std::mutex> lock(call->mu);
+      if (--call->remaining == 0) call->done_cv.notify_all();
     }
   }
 
-  std::vector<std::thread> threads_;
   std::mutex mu_;
-  std::condition_variable start_cv_, done_cv_;
-  const std::function<void(int)>* job_ = nullptr;
-  uint64_t generation_ = 0;
-  int active_ = 0, remaining_ = 0;
+  std::condition_variable cv_;
+  CallState* call_ = nullptr;
+  int index_ = 0;
   bool stop_ = false;
+  std::thread thread_;  // last: started after the members it uses exist
 };
 
-WorkerPool& pool_for_this_thread(int helpers) {
-  thread_local std::unique_ptr<WorkerPool> pool;
-  if (!pool || pool->size() < helpers) {
-    pool.reset();
-    pool = std::make_unique<WorkerPool>(helpers);
+class ThreadBank {
+ public:
+  // Appends n started helpers to *out, or returns them all and says why not.
+  std::string borrow(int n, std::vector<std::unique_ptr<Helper>>* out) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int>(out->size()) < n && !idle_.empty()) {
+        out->push_back(std::move(idle_.back()));
+        idle_.pop_back();
+      }
+    }
+    try {
+      while (static_cast<int>(out->size()) < n) out->push_back(std::make_unique<Helper>());
+    } catch (const std::exception& e) {
+      const size_t got = out->size();
+      give_back(out);
+      return "ark_persistent: could not start " + std::to_string(n) + " worker threads (" +
+             std::to_string(got) + " started): " + e.what() + "; use fewer num_workers";
+    }
+    return "";
   }
-  return *pool;
+  void give_back(std::vector<std::unique_ptr<Helper>>* helpers) {
+    std::vector<std::unique_ptr<Helper>> excess;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& h : *helpers) (idle_.size() < kMaxIdleThreads ? idle_ : excess).push_back(std::move(h));
+    }
+    helpers->clear();
+    excess.clear();  // joins those threads, outside the lock
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Helper>> idle_;
+};
+
+// Never destroyed: parked threads must not be joined by static destructors at exit.
+ThreadBank& thread_bank() {
+  static ThreadBank* bank = new ThreadBank;
+  return *bank;
 }
+
+// Runs job(w) for w in [0, workers), w = 0 on the caller; "" or why the threads could not start.
+std::string run_on_workers(int workers, const std::function<void(int)>& job) {
+  if (workers == 1) {
+    job(0);
+    return "";
+  }
+  std::vector<std::unique_ptr<Helper>> helpers;
+  if (std::string err = thread_bank().borrow(workers - 1, &helpers); !err.empty()) return err;
+  CallState call;
+  call.job = &job;
+  std::fegetenv(&call.fp_env);
+  call.remaining = workers - 1;
+  for (int i = 0; i < workers - 1; ++i) helpers[i]->start(&call, i + 1);
+  job(0);
+  {
+    std::unique_lock<std::mutex> lock(call.mu);
+    call.done_cv.wait(lock, [&call] { return call.remaining == 0; });
+  }
+  thread_bank().give_back(&helpers);
+  return "";
+}
+
+// ---- chaos: an adversarial test mode (chaos_seed != 0) ------------------------------------------------
+// A missing dependency d -> t is a race: the result is wrong only if t runs before d, which normal
+// timing almost never does. Chaos mode runs the whole plan kChaosRuns times in different adversarial
+// orders, with the workspace and outputs poisoned with NaN bytes before each (so stale values of an
+// earlier run cannot hide a race), and fails the call if two runs' outputs differ: the executor's
+// math never depends on the order, so any difference is a race. The adversaries:
+//  * targeted (most runs): tasks run one at a time; a random permutation of the tasks that have
+//    dependencies is demanded in turn, each run as early as its listed dependencies and queue order
+//    allow (only its ancestors before it; among them the highest id or a random one first), so a
+//    consumer with a missing producer tends to run before that producer. One run catches a given
+//    missing edge with probability about 1 / (1 + the producer's other consumers): hence 12 runs;
+//  * reversed: one at a time, the ready task with the highest id first (consumers early);
+//  * stalls: workers run concurrently, each starting after a random per-worker delay, with random
+//    long stalls (up to ~3 ms) before half of the tasks.
+constexpr int kChaosRuns = 12;
+constexpr size_t kChaosMaxTargets = 256;  // demanded tasks per run (the rest: any ready order)
+
+uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+struct Chaos {
+  enum Mode { kTargeted, kReversed, kStalls };
+  Chaos(const PlanView& p, uint64_t seed, int run_index)
+      : rng(mix64(seed * kChaosRuns + run_index)),
+        pos(p.header().num_workers),
+        start_delay_us(p.header().num_workers) {
+    const Header& h = p.header();
+    mode = run_index == 2 ? kReversed : (run_index == 4 ? kStalls : kTargeted);
+    highest_first = run_index % 2;
+    std::vector<int> rank(h.num_workers);
+    for (int w = 0; w < h.num_workers; ++w) rank[w] = w;
+    for (int w = h.num_workers - 1; w > 0; --w) std::swap(rank[w], rank[next() % (w + 1)]);
+    for (int w = 0; w < h.num_workers; ++w) start_delay_us[w] = rank[w] * (500 + next() % 1500);
+    if (mode != kTargeted) return;
+    done.assign(h.num_tasks, 0);
+    in_closure.assign(h.num_tasks, 0);
+    queue_prev.assign(h.num_tasks, -1);
+    for (int w = 0; w < h.num_workers; ++w)
+      for (int q = p.queue_begin(w) + 1; q < p.queue_end(w); ++q) queue_prev[p.queue_task(q)] = p.queue_task(q - 1);
+    for (int t = 0; t < h.num_tasks; ++t)
+      if (p.dep_end(t) > p.dep_begin(t)) targets.push_back(t);
+    for (size_t i = targets.size(); i > 1; --i) std::swap(targets[i - 1], targets[next() % i]);
+    if (targets.size() > kChaosMaxTargets) targets.resize(kChaosMaxTargets);
+  }
+  uint64_t next() { return rng = mix64(rng); }
+  // kStalls: 0 for half of the tasks, else 50 us * 2^(0..6).
+  int64_t stall_us(uint64_t& worker_rng) {
+    worker_rng = mix64(worker_rng);
+    return (worker_rng & 1) ? 0 : int64_t{50} << ((worker_rng >> 1) % 7);
+  }
+  // kTargeted: marks the ancestors (listed dependencies and queue predecessors) of the first
+  // demanded task not yet done.
+  void retarget(const PlanView& p) {
+    while (next_target < targets.size() && done[targets[next_target]]) ++next_target;
+    if (next_target == closure_of) return;
+    closure_of = next_target;
+    std::fill(in_closure.begin(), in_closure.end(), 0);
+    if (next_target == targets.size()) return;
+    std::vector<int32_t> stack{targets[next_target]};
+    while (!stack.empty()) {
+      const int32_t x = stack.back();
+      stack.pop_back();
+      if (in_closure[x] || done[x]) continue;
+      in_closure[x] = 1;
+      for (int e = p.dep_begin(x); e < p.dep_end(x); ++e) stack.push_back(p.dep(e));
+      if (queue_prev[x] >= 0) stack.push_back(queue_prev[x]);
+    }
+  }
+
+  Mode mode;
+  uint64_t rng;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<int32_t> pos;            // serialized modes: queue index of each worker's next task
+  std::vector<int64_t> start_delay_us; // stalls mode
+  int granted = -1;                    // serialized modes: the worker allowed to run next
+  bool busy = false;                   // a granted task has not finished yet
+  std::vector<int32_t> targets, queue_prev;
+  std::vector<char> done, in_closure;
+  size_t next_target = 0, closure_of = SIZE_MAX;
+  bool highest_first = false;  // kTargeted: inside the closure, highest task id first (else random)
+};
 
 // ---- the run ----------------------------------------------------------------------------------------
 struct Run {
@@ -127,6 +276,7 @@ struct Run {
   std::atomic<int> sleepers{0};
   std::mutex error_mu;
   PersistentResult error;
+  std::unique_ptr<Chaos> chaos;  // test mode only
 
   std::string op_name(int op) const {
     const OpRecord& o = plan.op(op);
@@ -143,6 +293,10 @@ struct Run {
       }
     }
     wake_sleepers();
+    if (chaos) {
+      std::lock_guard<std::mutex> lock(chaos->mu);
+      chaos->cv.notify_all();
+    }
   }
 
   // Called after a counter store (or a failure): wakes every sleeping waiter so it rechecks.
@@ -536,20 +690,84 @@ bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadlin
   }
 }
 
-void worker_main(Run& run, int w) {
+// Serialized chaos modes: blocks until the adversary lets worker w run its next task (then, when
+// the task is done, chaos_release). False when the run failed or the wait timed out.
+bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
+  Chaos& c = *run.chaos;
+  const PlanView& p = run.plan;
+  std::unique_lock<std::mutex> lock(c.mu);
+  for (;;) {
+    if (run.failed.load()) return false;
+    if (!c.busy && c.granted < 0) {
+      if (c.mode == Chaos::kTargeted) c.retarget(p);
+      int best = -1;
+      int32_t best_key = -1;
+      for (int v = 0; v < p.header().num_workers; ++v) {
+        const int32_t q = p.queue_begin(v) + c.pos[v];
+        if (q >= p.queue_end(v)) continue;
+        const int32_t t = p.queue_task(q);
+        bool ready = true;
+        for (int e = p.dep_begin(t); e < p.dep_end(t) && ready; ++e)
+          ready = __atomic_load_n(run.buf.counters + p.dep(e), __ATOMIC_ACQUIRE) >= 1;
+        if (!ready) continue;
+        const int32_t key = c.mode == Chaos::kReversed
+                                ? t
+                                : (c.in_closure[t] << 30) |
+                                      (c.highest_first ? t : static_cast<int32_t>(c.next() >> 35));
+        if (key > best_key) best = v, best_key = key;
+      }
+      if (best < 0) {
+        lock.unlock();
+        run.fail(PersistentStatus::kDeadlineExceeded,
+                 "ark_persistent: chaos mode: no worker can run its next task (worker " +
+                     std::to_string(w) + " waits to run task " + std::to_string(task) +
+                     "): the plan deadlocks");
+        return false;
+      }
+      c.granted = best;
+      c.cv.notify_all();
+    }
+    if (c.granted == w) {
+      c.granted = -1;
+      c.busy = true;
+      return true;
+    }
+    if (c.cv.wait_until(lock, deadline) == std::cv_status::timeout && Clock::now() > deadline) {
+      lock.unlock();
+      run.fail(PersistentStatus::kDeadlineExceeded,
+               "ark_persistent: worker " + std::to_string(w) + " timed out after " +
+                   std::to_string(run.opt.timeout_ms) + " ms waiting for its chaos-mode turn to run task " +
+                   std::to_string(task) + " (" + run.op_name(p.task(task).op) + ")");
+      return false;
+    }
+  }
+}
+
+void chaos_release(Run& run, int w, int task) {
+  Chaos& c = *run.chaos;
+  std::lock_guard<std::mutex> lock(c.mu);
+  ++c.pos[w];
+  if (c.mode == Chaos::kTargeted) c.done[task] = 1;
+  c.busy = false;
+  c.cv.notify_all();
+}
+
+void worker_tasks(Run& run, int w) {
   const Header& h = run.plan.header();
   auto scratch = std::make_unique<Scratch>();
-  uint64_t rng = run.opt.chaos_seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(w + 1));
+  Chaos* chaos = run.chaos.get();
+  const bool serialized = chaos && chaos->mode != Chaos::kStalls;
+  uint64_t rng = mix64(run.opt.chaos_seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(w + 1)));
+  if (chaos && !serialized)
+    std::this_thread::sleep_for(std::chrono::microseconds(chaos->start_delay_us[w]));
   for (int q = run.plan.queue_begin(w); q < run.plan.queue_end(w); ++q) {
     const int t = run.plan.queue_task(q);
     const int64_t wait_begin = run.now_ns();
-    if (run.opt.chaos_seed) {
-      rng ^= rng << 13;
-      rng ^= rng >> 7;
-      rng ^= rng << 17;
-      std::this_thread::sleep_for(std::chrono::microseconds(rng % 200));
+    if (chaos && !serialized) {
+      if (const int64_t us = chaos->stall_us(rng)) std::this_thread::sleep_for(std::chrono::microseconds(us));
     }
     const auto deadline = Clock::now() + std::chrono::milliseconds(run.opt.timeout_ms);
+    if (serialized && !chaos_acquire(run, w, t, deadline)) return;
     for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t); ++e)
       if (!wait_for(run, w, t, run.plan.dep(e), deadline)) return;
     const int64_t start = run.now_ns();
@@ -569,206 +787,65 @@ void worker_main(Run& run, int w) {
       p[2] = run.now_ns();
       p[3] = w;
     }
+    if (serialized) chaos_release(run, w, t);
     if (run.failed.load(std::memory_order_relaxed)) return;
   }
 }
 
-// ---- plan checks ------------------------------------------------------------------------------------
-struct Checker {
-  const int32_t* words;
-  size_t n;
-  std::ostringstream err;
-  bool ok = true;
-  bool fail(const std::string& m) {
-    if (ok) err << m;
-    ok = false;
-    return false;
+// A worker: its queue, with any exception (an allocation failure) turned into a failed run.
+void worker_main(Run& run, int w) {
+  try {
+    worker_tasks(run, w);
+  } catch (const std::exception& e) {
+    run.fail(PersistentStatus::kInvalidPlan, std::string("ark_persistent: worker ") +
+                                                 std::to_string(w) + " failed: " + e.what());
   }
-  bool section(int32_t at, int64_t count, int64_t width, const char* what) {
-    if (at < 32 || count < 0 || at + count * width > static_cast<int64_t>(n))
-      return fail(std::string("section ") + what + " out of bounds");
-    return true;
-  }
-};
-
-bool check_program(Checker& c, const PlanView& p, int at, int len, int rank, bool acc_ok,
-                   const char* what, int op) {
-  const Header& h = p.header();
-  if (len < 1 || len > kMaxProgramLen || at < 0 || (at + len) * 4 > h.code_words)
-    return c.fail("op " + std::to_string(op) + ": bad " + what + " program bounds");
-  for (int i = 0; i < len; ++i) {
-    const Instruction& ins = p.instruction(at + i);
-    const int code = opcode_of(ins);
-    const std::string where = "op " + std::to_string(op) + " " + what + " instruction " + std::to_string(i);
-    if (dtype_size(dtype_of(ins)) == 0) return c.fail(where + ": bad dtype");
-    if (code == kLoadAcc) {
-      if (!acc_ok) return c.fail(where + ": LOAD_ACC without accumulator");
-    } else if (code == kLoad) {
-      if (ins.a < 0 || ins.a >= h.num_views) return c.fail(where + ": bad view");
-      if (p.view(ins.a).rank != rank) return c.fail(where + ": view rank != iteration rank");
-    } else if (code == kConst) {
-    } else if (code == kSelect) {
-      if (ins.a < 0 || ins.a >= i || ins.b < 0 || ins.b >= i || ins.c < 0 || ins.c >= i)
-        return c.fail(where + ": operand register out of range");
-    } else if (is_unary(code)) {
-      if (ins.a < 0 || ins.a >= i) return c.fail(where + ": operand register out of range");
-    } else if (is_binary(code)) {
-      if (ins.a < 0 || ins.a >= i || ins.b < 0 || ins.b >= i)
-        return c.fail(where + ": operand register out of range");
-    } else {
-      return c.fail(where + ": unknown opcode " + std::to_string(code));
-    }
-  }
-  return true;
 }
 
-// Largest element index a view reaches over an iteration space; -1 if a stride is negative.
-int64_t view_extent(const ViewRecord& v, const int64_t* dims, int rank) {
-  int64_t hi = v.offset;
-  for (int d = 0; d < rank; ++d) {
-    if (v.strides[d] < 0 || dims[d] < 1) return -1;
-    hi += (dims[d] - 1) * v.strides[d];
-  }
-  return v.offset < 0 ? -1 : hi;
-}
-
-bool check_view_in(Checker& c, const PlanView& p, int view, const int64_t* dims, int rank, int op) {
-  const ViewRecord& v = p.view(view);
-  if (v.tensor < 0 || v.tensor >= p.header().num_tensors)
-    return c.fail("view " + std::to_string(view) + ": bad tensor");
-  const int64_t hi = view_extent(v, dims, rank);
-  if (hi < 0 || hi >= p.tensor(v.tensor).num_elements)
-    return c.fail("op " + std::to_string(op) + ": view " + std::to_string(view) +
-                  " reads outside tensor " + std::to_string(v.tensor));
-  return true;
-}
-
-}  // namespace
-
-std::string check_plan(const int32_t* words, size_t num_words, const PersistentBuffers& buf) {
-  Checker c{words, num_words, {}, true};
-  if (num_words < 32) return "plan shorter than its header";
-  const PlanView p{words};
-  const Header& h = p.header();
-  if (h.magic != kMagic) return "bad plan magic (not an ark plan)";
-  if (h.version < 1 || h.version > kVersion)
-    return "plan version " + std::to_string(h.version) + " not supported (this executor knows 1.." +
-           std::to_string(kVersion) + ")";
-  if (h.total_words != static_cast<int64_t>(num_words)) return "plan length != header.total_words";
-  if (h.num_workers < 1 || h.num_workers > 1024) return "bad num_workers";
-  if (h.num_counters != h.num_tasks) return "num_counters != num_tasks";
-  c.section(h.tensors_at, h.num_tensors, 24, "tensors") && c.section(h.views_at, h.num_views, 16, "views") &&
-      c.section(h.ops_at, h.num_ops, 40, "ops") && c.section(h.tasks_at, h.num_tasks, 8, "tasks") &&
-      c.section(h.dep_offsets_at, h.num_tasks + 1, 1, "dep offsets") &&
-      c.section(h.deps_at, h.num_dep_edges, 1, "deps") &&
-      c.section(h.queue_offsets_at, h.num_workers + 1, 1, "queue offsets") &&
-      c.section(h.queues_at, h.num_tasks, 1, "queues") && c.section(h.code_at, h.code_words, 1, "code") &&
-      c.section(h.names_at, (h.names_bytes + 3) / 4, 1, "names");
-  if (!c.ok) return c.err.str();
-  if (static_cast<size_t>(h.num_args) != buf.args.size()) return "operand count != plan num_args";
-  if (static_cast<size_t>(h.num_outputs) != buf.results.size()) return "result count != plan num_outputs";
-  if (static_cast<size_t>(h.workspace_bytes) > buf.workspace_bytes) return "workspace result too small";
-  for (int t = 0; t < h.num_tensors; ++t) {
-    const TensorRecord& r = p.tensor(t);
-    const std::string where = "tensor " + std::to_string(t);
-    if (dtype_size(r.dtype) == 0 || r.rank < 0 || r.rank > kMaxRank || r.num_elements < 0)
-      return where + ": bad dtype / rank / size";
-    const size_t bytes = static_cast<size_t>(r.num_elements) * dtype_size(r.dtype);
-    if (r.storage == kStorageArg) {
-      if (r.storage_index < 0 || r.storage_index >= h.num_args || buf.arg_bytes[r.storage_index] < bytes)
-        return where + ": operand index or size mismatch";
-    } else if (r.storage == kStorageResult) {
-      if (r.storage_index < 0 || r.storage_index >= h.num_outputs ||
-          buf.result_bytes[r.storage_index] < bytes)
-        return where + ": result index or size mismatch";
-    } else if (r.storage == kStorageWorkspace) {
-      if (r.byte_offset < 0 || static_cast<size_t>(r.byte_offset) + bytes > buf.workspace_bytes)
-        return where + ": outside the workspace";
-    } else {
-      return where + ": bad storage kind";
-    }
-  }
-  for (int i = 0; i < h.num_ops; ++i) {
-    const OpRecord& op = p.op(i);
-    const std::string where = "op " + std::to_string(i);
-    if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return where + ": bad output tensor";
-    const TensorRecord& out = p.tensor(op.out_tensor);
-    if (out.storage == kStorageArg) return where + ": writes an operand";
-    if (op.B < 1 || op.M < 1 || op.N < 1 || op.B * op.M * op.N != out.num_elements)
-      return where + ": B*M*N != output size";
-    if (op.name_at < 0 || op.name_len < 0 || op.name_at + op.name_len > h.names_bytes)
-      return where + ": bad name";
-    if (op.kind == kOpMatmul) {
-      if (op.a_view < 0 || op.a_view >= h.num_views || op.b_view < 0 || op.b_view >= h.num_views)
-        return where + ": bad operand view";
-      const int64_t ad[3] = {op.B, op.M, op.K}, bd[3] = {op.B, op.K, op.N};
-      if (op.K < 1 || p.view(op.a_view).rank != 3 || p.view(op.b_view).rank != 3)
-        return where + ": matmul views must have rank 3 and K >= 1";
-      if (!check_view_in(c, p, op.a_view, ad, 3, i) || !check_view_in(c, p, op.b_view, bd, 3, i))
-        return c.err.str();
-    } else if (op.kind == kOpReduce) {
-      if (op.iter_rank < op.kept_rank || op.iter_rank > kMaxRank || op.kept_rank < 0 || op.K < 1)
-        return where + ": bad reduce iteration space";
-      int64_t kept = 1, red = 1;
-      for (int d = 0; d < op.iter_rank; ++d) (d < op.kept_rank ? kept : red) *= op.iter_dims[d];
-      if (kept != op.M || red != op.K) return where + ": iteration space != M x K";
-      if (!check_program(c, p, op.prologue_at, op.prologue_len, op.iter_rank, false, "prologue", i))
-        return c.err.str();
-      for (int k = 0; k < op.prologue_len; ++k) {
-        const Instruction& ins = p.instruction(op.prologue_at + k);
-        if (opcode_of(ins) == kLoad && !check_view_in(c, p, ins.a, op.iter_dims, op.iter_rank, i))
-          return c.err.str();
-      }
-    } else if (op.kind != kOpMap) {
-      return where + ": unknown op kind";
-    }
-    if (!check_program(c, p, op.epilogue_at, op.epilogue_len, out.rank, op.kind != kOpMap, "epilogue", i))
-      return c.err.str();
-    for (int k = 0; k < op.epilogue_len; ++k) {
-      const Instruction& ins = p.instruction(op.epilogue_at + k);
-      if (opcode_of(ins) == kLoad && !check_view_in(c, p, ins.a, out.dims, out.rank, i))
-        return c.err.str();
-    }
-  }
-  for (int t = 0; t < h.num_tasks; ++t) {
-    const TaskRecord& task = p.task(t);
-    const std::string where = "task " + std::to_string(t);
-    if (task.op < 0 || task.op >= h.num_ops) return where + ": bad op";
-    const OpRecord& op = p.op(task.op);
-    if (task.b0 < 0 || task.b1 > op.B || task.b0 >= task.b1 || task.m0 < 0 || task.m1 > op.M ||
-        task.m0 >= task.m1 || task.n0 < 0 || task.n1 > op.N || task.n0 >= task.n1)
-      return where + ": tile outside its op";
-    if (p.dep_begin(t) < 0 || p.dep_end(t) < p.dep_begin(t) || p.dep_end(t) > h.num_dep_edges)
-      return where + ": bad dependency offsets";
-    for (int e = p.dep_begin(t); e < p.dep_end(t); ++e)
-      if (p.dep(e) < 0 || p.dep(e) >= h.num_tasks || p.dep(e) == t) return where + ": bad dependency";
-  }
-  std::vector<char> seen(h.num_tasks, 0);
-  if (p.queue_begin(0) != 0 || p.queue_end(h.num_workers - 1) != h.num_tasks) return "queue offsets do not cover all tasks";
-  for (int w = 0; w < h.num_workers; ++w) {
-    if (p.queue_end(w) < p.queue_begin(w)) return "bad queue offsets";
-    for (int q = p.queue_begin(w); q < p.queue_end(w); ++q) {
-      const int t = p.queue_task(q);
-      if (t < 0 || t >= h.num_tasks || seen[t]++) return "task " + std::to_string(t) + " queued twice or out of range";
-    }
-  }
-  return "";
-}
-
-PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
-                          const PersistentOptions& options) {
+// One run of the plan on its workers.
+PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers,
+                          const PersistentOptions& options, int chaos_run) {
   Run run(PlanView{words}, buffers, options);
   const Header& h = run.plan.header();
   std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_tasks);
   if (buffers.profile)
     std::memset(buffers.profile, 0, sizeof(int64_t) * h.num_tasks * h.profile_words_per_task);
-  std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
-  if (h.num_workers == 1) {
-    job(0);
-  } else {
-    pool_for_this_thread(h.num_workers - 1).run(h.num_workers, job);
+  if (options.chaos_seed) {
+    run.chaos = std::make_unique<Chaos>(run.plan, options.chaos_seed, chaos_run);
+    std::memset(buffers.workspace, 0xFF, buffers.workspace_bytes);  // NaN bytes
+    for (size_t i = 0; i < buffers.results.size(); ++i) std::memset(buffers.results[i], 0xFF, buffers.result_bytes[i]);
   }
+  const std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
+  if (std::string err = run_on_workers(h.num_workers, job); !err.empty())
+    return {PersistentStatus::kResourceExhausted, err};
   if (run.failed.load()) return run.error;
+  return {};
+}
+
+}  // namespace
+
+PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
+                          const PersistentOptions& options) {
+  if (!options.chaos_seed) return run_once(words, buffers, options, 0);
+  std::vector<std::vector<char>> first(buffers.results.size());
+  for (int r = 0; r < kChaosRuns; ++r) {
+    PersistentResult result = run_once(words, buffers, options, r);
+    if (result.status != PersistentStatus::kOk) return result;
+    for (size_t i = 0; i < buffers.results.size(); ++i) {
+      const char* out = static_cast<const char*>(buffers.results[i]);
+      if (r == 0) {
+        first[i].assign(out, out + buffers.result_bytes[i]);
+        continue;
+      }
+      const auto diff = std::mismatch(first[i].begin(), first[i].end(), out).first - first[i].begin();
+      if (diff != static_cast<std::ptrdiff_t>(first[i].size()))
+        return {PersistentStatus::kRace,
+                "ark_persistent: chaos mode: output " + std::to_string(i) + " differs between two "
+                "adversarial task orders (first at byte " + std::to_string(diff) + ", runs 0 and " +
+                std::to_string(r) + " of seed " + std::to_string(options.chaos_seed) +
+                "): the plan has a race (a missing dependency?)"};
+    }
+  }
   return {};
 }
 

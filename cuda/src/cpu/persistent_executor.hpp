@@ -24,21 +24,19 @@ struct PersistentBuffers {
 
 struct PersistentOptions {
   int64_t timeout_ms = 60000;
-  uint64_t chaos_seed = 0;  // 0 = off
+  uint64_t chaos_seed = 0;  // 0 = off; else the adversarial test mode (persistent_executor.cc)
 };
 
-enum class PersistentStatus { kOk, kInvalidPlan, kDeadlineExceeded };
+enum class PersistentStatus { kOk, kInvalidPlan, kDeadlineExceeded, kResourceExhausted, kRace };
 
 struct PersistentResult {
   PersistentStatus status = PersistentStatus::kOk;
   std::string message;
 };
 
-// Checks that the plan is well formed (header, section bounds, every index in range, buffers large
-// enough for every tensor). Returns an empty string when the plan can run safely.
-std::string check_plan(const int32_t* words, size_t num_words, const PersistentBuffers& buffers);
-
-// Runs a checked plan to completion on num_workers threads (the caller is worker 0).
+// Runs a plan that jax_ark::plan::check_plan (plan_check.hpp) accepted against these buffers, to
+// completion on num_workers threads (the caller is worker 0; the others are borrowed from a bounded
+// process-wide bank of threads).
 PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
                           const PersistentOptions& options);
 

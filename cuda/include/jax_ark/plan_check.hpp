@@ -1,0 +1,523 @@
+// The runtime's own check of a binary plan (docs/plan_format.md, "What the runtime checks").
+//
+// A plan reaches the FFI call as plain int32 words that anyone can build, so before anything runs
+// the host checks, once per call and in O(plan size), that NO plan can make an executor read or
+// write outside its buffers, run unbounded work, or wait forever: every count, offset and index is
+// range checked, every product that sizes memory is computed with overflow checks, the tasks of an
+// op cover its output exactly once, every tensor a view reads is an operand or written by some op,
+// and the graph "dependencies + queue order" is acyclic. What it does not prove is that the
+// dependencies are *sufficient* (a missing one is a race within the plan's own buffers, not a
+// memory error): Python's Plan.validate() checks that on every plan it accepts.
+//
+// Host only (std::string / std::vector); the executors include it, never the device code. Opcode,
+// dtype and op-kind knowledge is in the small tables at the top, so new ones slot in there.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "jax_ark/plan_format.hpp"
+#include "jax_ark/tile_ops.hpp"
+
+namespace jax_ark::plan {
+
+// Bounds every executor shares (the Python validator mirrors them: jax_ark/_persistent/_format.py).
+constexpr int32_t kMaxWorkers = 1024;
+constexpr int32_t kMaxIntegerPowExponent = 1 << 16;  // |b| of INTEGER_POW: |b| - 1 multiplications
+constexpr int64_t kMaxWork = int64_t{1} << 45;       // element-operations of a whole plan
+constexpr int64_t kMaxMatmulPanel = int64_t{1} << 28;  // K x (n1 - n0) of one matmul task
+constexpr int64_t kMaxTilingCells = int64_t{1} << 24;  // grid cells the exact-cover check builds
+constexpr int64_t kWorkspaceAlign = 256;
+
+// What an instruction's operand fields mean, by opcode (-1 registers: not an opcode).
+struct OpcodeInfo {
+  int registers;   // how many of a, b, c are earlier registers
+  bool reads_acc;  // LOAD_ACC
+  bool reads_view; // LOAD: a is a view id
+};
+
+inline OpcodeInfo opcode_info(int32_t code) {
+  if (code == kLoadAcc) return {0, true, false};
+  if (code == kLoad) return {0, false, true};
+  if (code == kConst) return {0, false, false};
+  if (is_unary(code)) return {1, false, false};
+  if (is_binary(code)) return {2, false, false};
+  if (code == kSelect) return {3, false, false};
+  return {-1, false, false};
+}
+
+inline bool known_op_kind(int32_t kind) {
+  return kind == kOpMatmul || kind == kOpReduce || kind == kOpMap;
+}
+
+// The FFI buffers a plan runs against: sizes in bytes and dtypes as plan dtype codes (-1 = a dtype
+// the plan format has no code for).
+struct PlanBuffers {
+  std::vector<int64_t> arg_bytes, result_bytes;
+  std::vector<int32_t> arg_dtypes, result_dtypes;
+  int64_t workspace_bytes = 0;
+  int64_t num_counters = 0;
+  bool workspace_is_u8 = true;
+
+  bool operator==(const PlanBuffers& o) const {
+    return arg_bytes == o.arg_bytes && result_bytes == o.result_bytes && arg_dtypes == o.arg_dtypes &&
+           result_dtypes == o.result_dtypes && workspace_bytes == o.workspace_bytes &&
+           num_counters == o.num_counters && workspace_is_u8 == o.workspace_is_u8;
+  }
+};
+
+namespace check_detail {
+
+inline bool mul_ok(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+inline bool add_ok(int64_t a, int64_t b, int64_t* out) { return !__builtin_add_overflow(a, b, out); }
+
+// a * b, saturating at INT64_MAX (work estimates: "too much" is all that matters past the cap).
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+inline int64_t sat_add(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_add_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+struct Checker {
+  const int32_t* words;
+  int64_t n;
+  std::string err;
+  bool fail(const std::string& m) {
+    if (err.empty()) err = m;
+    return false;
+  }
+  // [at, at + count * width) inside the plan, at >= 32; even `at` where records hold int64s.
+  bool section(int64_t at, int64_t count, int64_t width, bool even, const char* what) {
+    int64_t len = 0, end = 0;
+    if (at < 32 || count < 0 || (even && at % 2) || !mul_ok(count, width, &len) ||
+        !add_ok(at, len, &end) || end > n)
+      return fail(std::string("section ") + what + " is outside the plan (offset " +
+                  std::to_string(at) + ", " + std::to_string(count) + " records)");
+    return true;
+  }
+};
+
+inline std::string op_where(int op) { return "op " + std::to_string(op); }
+
+// Largest element a view reaches over dims[0..rank) (all >= 1); false on a negative offset or
+// stride or an int64 overflow.
+inline bool view_extent(const ViewRecord& v, const int64_t* dims, int rank, int64_t* hi) {
+  int64_t acc = v.offset;
+  if (acc < 0) return false;
+  for (int d = 0; d < rank; ++d) {
+    int64_t step = 0;
+    if (v.strides[d] < 0 || dims[d] < 1 || !mul_ok(dims[d] - 1, v.strides[d], &step) ||
+        !add_ok(acc, step, &acc))
+      return false;
+  }
+  *hi = acc;
+  return true;
+}
+
+}  // namespace check_detail
+
+// Returns "" when the plan can run safely against these buffers, else what is wrong (naming the
+// section / tensor / view / op / task / worker).
+inline std::string check_plan(const int32_t* words, int64_t num_words, const PlanBuffers& buf) {
+  using namespace check_detail;
+  if (words == nullptr || num_words < 32) return "plan shorter than its 32-word header";
+  if (reinterpret_cast<uintptr_t>(words) % 8 != 0) return "plan buffer is not 8-byte aligned";
+  Checker c{words, num_words, {}};
+  const PlanView p{words};
+  const Header& h = p.header();
+  if (h.magic != kMagic) return "bad plan magic (not an ark plan)";
+  if (h.version < 1 || h.version > kVersion)
+    return "plan version " + std::to_string(h.version) + " not supported (this executor knows 1.." +
+           std::to_string(kVersion) + ")";
+  if (h.header_words != 32) return "header_words != 32";
+  if (h.total_words != num_words)
+    return "plan length " + std::to_string(num_words) + " != header.total_words " +
+           std::to_string(h.total_words);
+  if (h.num_workers < 1 || h.num_workers > kMaxWorkers)
+    return "num_workers " + std::to_string(h.num_workers) + " not in 1.." + std::to_string(kMaxWorkers);
+  if (h.num_tasks < 0 || h.num_ops < 0 || h.num_tensors < 0 || h.num_views < 0 || h.num_args < 0 ||
+      h.num_outputs < 0 || h.num_dep_edges < 0 || h.code_words < 0 || h.names_bytes < 0)
+    return "negative count in the plan header";
+  if (h.flags != 0) return "header.flags must be 0";
+  if (h.num_counters != h.num_tasks) return "num_counters != num_tasks";
+  if (h.profile_words_per_task != kProfileWordsPerTask) return "profile_words_per_task != 4";
+  if (h.code_words % 4) return "code_words is not a multiple of 4";
+  if (!(c.section(h.tensors_at, h.num_tensors, 24, true, "tensors") &&
+        c.section(h.views_at, h.num_views, 16, true, "views") &&
+        c.section(h.ops_at, h.num_ops, 40, true, "ops") &&
+        c.section(h.tasks_at, h.num_tasks, 8, false, "tasks") &&
+        c.section(h.dep_offsets_at, int64_t{h.num_tasks} + 1, 1, false, "dependency offsets") &&
+        c.section(h.deps_at, h.num_dep_edges, 1, false, "dependencies") &&
+        c.section(h.queue_offsets_at, int64_t{h.num_workers} + 1, 1, false, "queue offsets") &&
+        c.section(h.queues_at, h.num_tasks, 1, false, "queues") &&
+        c.section(h.code_at, h.code_words, 1, false, "code") &&
+        c.section(h.names_at, (int64_t{h.names_bytes} + 3) / 4, 1, false, "names")))
+    return c.err;
+
+  // ---- buffers ----
+  if (static_cast<int64_t>(buf.arg_bytes.size()) != h.num_args)
+    return "the call has " + std::to_string(buf.arg_bytes.size()) + " plan operands, the plan " +
+           std::to_string(h.num_args);
+  if (static_cast<int64_t>(buf.result_bytes.size()) != h.num_outputs)
+    return "the call has " + std::to_string(buf.result_bytes.size()) + " outputs, the plan " +
+           std::to_string(h.num_outputs);
+  if (buf.num_counters != h.num_tasks) return "counters result size != num_tasks";
+  if (!buf.workspace_is_u8) return "the workspace result must be uint8";
+  if (h.workspace_bytes < 0 || h.workspace_bytes > buf.workspace_bytes)
+    return "workspace_bytes " + std::to_string(h.workspace_bytes) +
+           " is negative or larger than the workspace result (" + std::to_string(buf.workspace_bytes) + ")";
+
+  // ---- tensors ----
+  std::vector<int32_t> result_tensor(h.num_outputs, -1);
+  for (int t = 0; t < h.num_tensors; ++t) {
+    const TensorRecord& r = p.tensor(t);
+    const std::string where = "tensor " + std::to_string(t);
+    const int size = dtype_size(r.dtype);
+    if (size == 0) return where + ": unknown dtype " + std::to_string(r.dtype);
+    if (r.rank < 0 || r.rank > kMaxRank) return where + ": rank not in 0..6";
+    int64_t elems = 1, bytes = 0;
+    for (int d = 0; d < kMaxRank; ++d) {
+      if (d >= r.rank ? r.dims[d] != 1 : r.dims[d] < 0) return where + ": bad dims";
+      if (!mul_ok(elems, r.dims[d], &elems)) return where + ": element count overflows int64";
+    }
+    if (r.num_elements != elems) return where + ": num_elements != product of dims";
+    if (!mul_ok(elems, size, &bytes)) return where + ": byte size overflows int64";
+    if (r.storage == kStorageArg || r.storage == kStorageResult) {
+      const bool arg = r.storage == kStorageArg;
+      const int64_t count = arg ? h.num_args : h.num_outputs;
+      if (r.storage_index < 0 || r.storage_index >= count)
+        return where + ": " + (arg ? "operand" : "result") + " index " +
+               std::to_string(r.storage_index) + " out of range";
+      const int64_t have = arg ? buf.arg_bytes[r.storage_index] : buf.result_bytes[r.storage_index];
+      const int32_t have_dt = arg ? buf.arg_dtypes[r.storage_index] : buf.result_dtypes[r.storage_index];
+      if (have != bytes || have_dt != r.dtype)
+        return where + ": " + (arg ? "operand " : "result ") + std::to_string(r.storage_index) +
+               " has " + std::to_string(have) + " bytes of dtype code " + std::to_string(have_dt) +
+               ", the plan expects " + std::to_string(bytes) + " of dtype code " + std::to_string(r.dtype);
+      if (r.byte_offset != 0) return where + ": byte_offset must be 0 outside the workspace";
+      if (!arg) {
+        if (result_tensor[r.storage_index] >= 0)
+          return where + ": shares result " + std::to_string(r.storage_index) + " with tensor " +
+                 std::to_string(result_tensor[r.storage_index]);
+        result_tensor[r.storage_index] = t;
+      }
+    } else if (r.storage == kStorageWorkspace) {
+      int64_t end = 0;
+      if (r.byte_offset < 0 || r.byte_offset % kWorkspaceAlign || !add_ok(r.byte_offset, bytes, &end) ||
+          end > h.workspace_bytes)
+        return where + ": bytes [" + std::to_string(r.byte_offset) + ", +" + std::to_string(bytes) +
+               ") are not a 256-aligned range of the workspace (" + std::to_string(h.workspace_bytes) + " bytes)";
+    } else {
+      return where + ": unknown storage " + std::to_string(r.storage);
+    }
+  }
+  for (int i = 0; i < h.num_outputs; ++i)
+    if (result_tensor[i] < 0) return "result " + std::to_string(i) + " has no tensor";
+
+  // ---- views (shape-independent part; extents are checked per use below) ----
+  for (int v = 0; v < h.num_views; ++v) {
+    const ViewRecord& r = p.view(v);
+    if (r.tensor < 0 || r.tensor >= h.num_tensors || r.rank < 0 || r.rank > kMaxRank)
+      return "view " + std::to_string(v) + ": tensor or rank out of range";
+  }
+  std::vector<int32_t> writer(h.num_tensors, -1);
+  std::vector<char> read(h.num_tensors, 0);
+  const auto view_in = [&](int view, const int64_t* dims, int rank, int op) -> bool {
+    const ViewRecord& v = p.view(view);
+    int64_t hi = 0;
+    if (v.rank != rank)
+      return c.fail(op_where(op) + ": view " + std::to_string(view) + " has rank " +
+                    std::to_string(v.rank) + ", its iteration space " + std::to_string(rank));
+    if (!view_extent(v, dims, rank, &hi) || hi >= p.tensor(v.tensor).num_elements)
+      return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads outside tensor " +
+                    std::to_string(v.tensor) + " (negative or overflowing offset / stride, or past its " +
+                    std::to_string(p.tensor(v.tensor).num_elements) + " elements)");
+    // A task reading bytes its own op writes would see them half overwritten (or never written).
+    const TensorRecord& in = p.tensor(v.tensor);
+    const int32_t out_id = p.op(op).out_tensor;
+    const TensorRecord& out = p.tensor(out_id);
+    const bool overlap = in.storage == kStorageWorkspace && out.storage == kStorageWorkspace &&
+                         in.byte_offset < out.byte_offset + out.num_elements * dtype_size(out.dtype) &&
+                         out.byte_offset < in.byte_offset + in.num_elements * dtype_size(in.dtype);
+    if (v.tensor == out_id || overlap)
+      return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads tensor " +
+                    std::to_string(v.tensor) + ", whose bytes the op itself writes");
+    read[v.tensor] = 1;
+    return true;
+  };
+  // A program's bounds, operands and views; returns its cost per element (INTEGER_POW counts its
+  // multiplications), or -1 with c.err set.
+  const auto program = [&](int op, int at, int len, const int64_t* dims, int rank, bool acc_ok,
+                           const char* what) -> int64_t {
+    int64_t end = 0;
+    if (len < 1 || len > kMaxProgramLen || at < 0 || !add_ok(at, len, &end) || end * 4 > h.code_words)
+      return c.fail(op_where(op) + ": " + what + " program [" + std::to_string(at) + ", +" +
+                    std::to_string(len) + ") outside the code section or not 1..64 long"), -1;
+    int64_t cost = 0;
+    for (int i = 0; i < len; ++i) {
+      const Instruction& ins = p.instruction(at + i);
+      const int32_t code = opcode_of(ins);
+      const std::string where = op_where(op) + " " + what + " instruction " + std::to_string(i);
+      const OpcodeInfo info = opcode_info(code);
+      if (info.registers < 0 || (ins.op_and_dtype >> 24) != 0)
+        return c.fail(where + ": unknown opcode " + std::to_string(code)), -1;
+      if (dtype_size(dtype_of(ins)) == 0) return c.fail(where + ": unknown dtype"), -1;
+      if (info.reads_acc && !acc_ok) return c.fail(where + ": LOAD_ACC in an op without accumulator"), -1;
+      if (info.reads_view) {
+        if (ins.a < 0 || ins.a >= h.num_views) return c.fail(where + ": view out of range"), -1;
+        if (!view_in(ins.a, dims, rank, op)) return -1;
+      }
+      const int32_t regs[3] = {ins.a, ins.b, ins.c};
+      for (int k = 0; k < info.registers; ++k)
+        if (regs[k] < 0 || regs[k] >= i)
+          return c.fail(where + ": operand register " + std::to_string(regs[k]) +
+                        " is not an earlier instruction"), -1;
+      int64_t step = 1;
+      if (code == kIntegerPow) {
+        if (ins.b < -kMaxIntegerPowExponent || ins.b > kMaxIntegerPowExponent)
+          return c.fail(where + ": integer_pow exponent " + std::to_string(ins.b) + " outside +-" +
+                        std::to_string(kMaxIntegerPowExponent)), -1;
+        step = std::max<int64_t>(1, ins.b < 0 ? -int64_t{ins.b} : ins.b);
+      }
+      cost += step;
+    }
+    return cost;
+  };
+
+  // ---- ops ----
+  int64_t work = 0;
+  for (int i = 0; i < h.num_ops; ++i) {
+    const OpRecord& op = p.op(i);
+    const std::string where = op_where(i);
+    if (!known_op_kind(op.kind)) return where + ": unknown op kind " + std::to_string(op.kind);
+    if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return where + ": output tensor out of range";
+    const TensorRecord& out = p.tensor(op.out_tensor);
+    if (out.storage == kStorageArg) return where + ": writes operand tensor " + std::to_string(op.out_tensor);
+    if (writer[op.out_tensor] >= 0)
+      return where + ": tensor " + std::to_string(op.out_tensor) + " is also written by op " +
+             std::to_string(writer[op.out_tensor]);
+    writer[op.out_tensor] = i;
+    int64_t elems = 0;
+    const int64_t int32_max = INT32_MAX;
+    if (op.B < 1 || op.M < 1 || op.N < 1 || op.B > int32_max || op.M > int32_max || op.N > int32_max ||
+        !mul_ok(op.B, op.M, &elems) || !mul_ok(elems, op.N, &elems) || elems != out.num_elements)
+      return where + ": B*M*N = " + std::to_string(op.B) + "*" + std::to_string(op.M) + "*" +
+             std::to_string(op.N) + " != the " + std::to_string(out.num_elements) +
+             " elements of its output (each in 1..2^31-1)";
+    if (op.kind != kOpMatmul && (op.B != 1 || (op.kind == kOpReduce && op.N != 1)))
+      return where + ": a reduce op has B = N = 1, a map op B = 1";
+    if (dtype_size(op.acc_dtype) == 0) return where + ": unknown acc_dtype";
+    if (op.name_at < 0 || op.name_len < 0 || int64_t{op.name_at} + op.name_len > h.names_bytes)
+      return where + ": name outside the names section";
+    int64_t inner = 0;  // per output element, before the epilogue
+    if (op.kind == kOpMatmul) {
+      if (op.K < 1 || op.K > int32_max) return where + ": K must be in 1..2^31-1";
+      if (op.a_view < 0 || op.a_view >= h.num_views || op.b_view < 0 || op.b_view >= h.num_views)
+        return where + ": operand view out of range";
+      const int64_t ad[3] = {op.B, op.M, op.K}, bd[3] = {op.B, op.K, op.N};
+      if (!view_in(op.a_view, ad, 3, i) || !view_in(op.b_view, bd, 3, i)) return c.err;
+      inner = op.K;
+    } else if (op.kind == kOpReduce) {
+      if (op.reduce_kind != kReduceSum && op.reduce_kind != kReduceMax) return where + ": unknown reduce kind";
+      if (op.iter_rank < 0 || op.iter_rank > kMaxRank || op.kept_rank < 0 || op.kept_rank > op.iter_rank)
+        return where + ": bad reduce iteration rank";
+      int64_t kept = 1, red = 1;
+      for (int d = 0; d < op.iter_rank; ++d) {
+        int64_t& side = d < op.kept_rank ? kept : red;
+        if (op.iter_dims[d] < 1 || !mul_ok(side, op.iter_dims[d], &side))
+          return where + ": bad reduce iteration dims";
+      }
+      if (kept != op.M || red != op.K || op.K > int32_max) return where + ": iteration space != M x K";
+      const int64_t pro = program(i, op.prologue_at, op.prologue_len, op.iter_dims, op.iter_rank,
+                                  false, "prologue");
+      if (pro < 0) return c.err;
+      inner = sat_mul(op.K, pro + 1);
+    }
+    const int64_t epi = program(i, op.epilogue_at, op.epilogue_len, out.dims, out.rank,
+                                op.kind != kOpMap, "epilogue");
+    if (epi < 0) return c.err;
+    work = sat_add(work, sat_mul(elems, sat_add(inner, epi)));
+  }
+  if (work > kMaxWork)
+    return "the plan's work (" + std::to_string(work) + " element-operations) exceeds the bound 2^45";
+  for (int t = 0; t < h.num_tensors; ++t) {
+    const TensorRecord& r = p.tensor(t);
+    if (read[t] && r.storage != kStorageArg && writer[t] < 0)
+      return "tensor " + std::to_string(t) + " is read by a view but no op writes it";
+  }
+  for (int i = 0; i < h.num_outputs; ++i)
+    if (writer[result_tensor[i]] < 0) return "result " + std::to_string(i) + " is never written";
+
+  // ---- tasks: inside their op, exact cover, dependencies ----
+  const int32_t* dep_off = words + h.dep_offsets_at;  // sections were checked above
+  const int32_t* deps = words + h.deps_at;
+  std::vector<std::vector<int32_t>> tasks_of(h.num_ops);
+  for (int t = 0; t < h.num_tasks; ++t) {
+    const TaskRecord& task = p.task(t);
+    const std::string where = "task " + std::to_string(t);
+    if (task.op < 0 || task.op >= h.num_ops) return where + ": op out of range";
+    if (task.flags != 0) return where + ": flags must be 0";
+    const OpRecord& op = p.op(task.op);
+    if (task.b0 < 0 || task.b1 > op.B || task.b0 >= task.b1 || task.m0 < 0 || task.m1 > op.M ||
+        task.m0 >= task.m1 || task.n0 < 0 || task.n1 > op.N || task.n0 >= task.n1)
+      return where + ": tile outside op " + std::to_string(task.op) + " or empty";
+    if (op.kind == kOpMatmul && op.K * (task.n1 - task.n0) > kMaxMatmulPanel)
+      return where + ": K x tile columns exceeds 2^28 elements";
+    tasks_of[task.op].push_back(t);
+  }
+  std::vector<int64_t> cuts[3];
+  std::vector<uint8_t> hit;
+  for (int i = 0; i < h.num_ops; ++i) {
+    const OpRecord& op = p.op(i);
+    const int64_t size[3] = {op.B, op.M, op.N};
+    for (int a = 0; a < 3; ++a) cuts[a].assign({0, size[a]});
+    for (int32_t t : tasks_of[i]) {
+      const TaskRecord& task = p.task(t);
+      cuts[0].insert(cuts[0].end(), {task.b0, task.b1});
+      cuts[1].insert(cuts[1].end(), {task.m0, task.m1});
+      cuts[2].insert(cuts[2].end(), {task.n0, task.n1});
+    }
+    int64_t cells = 1;
+    for (auto& v : cuts) {
+      std::sort(v.begin(), v.end());
+      v.erase(std::unique(v.begin(), v.end()), v.end());
+      cells = sat_mul(cells, static_cast<int64_t>(v.size()) - 1);
+    }
+    if (cells > kMaxTilingCells) return op_where(i) + ": its tiles do not form a grid of <= 2^24 cells";
+    hit.assign(cells, 0);
+    const auto at = [](const std::vector<int64_t>& v, int64_t x) {
+      return static_cast<int64_t>(std::lower_bound(v.begin(), v.end(), x) - v.begin());
+    };
+    const int64_t nm = cuts[1].size() - 1, nn = cuts[2].size() - 1;
+    for (int32_t t : tasks_of[i]) {
+      const TaskRecord& task = p.task(t);
+      for (int64_t b = at(cuts[0], task.b0); b < at(cuts[0], task.b1); ++b)
+        for (int64_t m = at(cuts[1], task.m0); m < at(cuts[1], task.m1); ++m)
+          for (int64_t n = at(cuts[2], task.n0); n < at(cuts[2], task.n1); ++n)
+            if (hit[(b * nm + m) * nn + n]++)
+              return "task " + std::to_string(t) + ": computes elements of op " + std::to_string(i) +
+                     " another task computes too";
+    }
+    if (std::find(hit.begin(), hit.end(), 0) != hit.end())
+      return op_where(i) + ": output elements no task computes";
+  }
+  if (dep_off[0] != 0 || dep_off[h.num_tasks - 1 + 1] != h.num_dep_edges)
+    return "dependency offsets do not span the dependencies section";
+  for (int t = 0; t < h.num_tasks; ++t) {
+    if (dep_off[t + 1] < dep_off[t]) return "task " + std::to_string(t) + ": dependency offsets decrease";
+    for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)
+      if (deps[e] < 0 || deps[e] >= h.num_tasks || deps[e] == t)
+        return "task " + std::to_string(t) + ": dependency " + std::to_string(deps[e]) +
+               " out of range or itself";
+  }
+
+  // ---- queues: every task exactly once; dependencies + queue order acyclic ----
+  if (p.queue_begin(0) != 0 || p.queue_end(h.num_workers - 1) != h.num_tasks)
+    return "queue offsets do not span all tasks";
+  std::vector<int32_t> queue_prev(h.num_tasks, -1), worker_of(h.num_tasks, -1);
+  for (int w = 0; w < h.num_workers; ++w) {
+    if (p.queue_end(w) < p.queue_begin(w)) return "worker " + std::to_string(w) + ": queue offsets decrease";
+    for (int q = p.queue_begin(w); q < p.queue_end(w); ++q) {
+      const int32_t t = p.queue_task(q);
+      if (t < 0 || t >= h.num_tasks) return "worker " + std::to_string(w) + ": queues unknown task " + std::to_string(t);
+      if (worker_of[t] >= 0)
+        return "task " + std::to_string(t) + " is queued twice (workers " + std::to_string(worker_of[t]) +
+               " and " + std::to_string(w) + ")";
+      worker_of[t] = w;
+      queue_prev[t] = q > p.queue_begin(w) ? p.queue_task(q - 1) : -1;
+    }
+  }
+  // Kahn's algorithm over "t waits for dep" and "t runs after queue_prev[t]".
+  std::vector<int32_t> indeg(h.num_tasks, 0), succ_begin(h.num_tasks + 1, 0), succ;
+  for (int t = 0; t < h.num_tasks; ++t) {
+    indeg[t] = dep_off[t + 1] - dep_off[t] + (queue_prev[t] >= 0);
+    for (int e = dep_off[t]; e < dep_off[t + 1]; ++e) ++succ_begin[deps[e] + 1];
+    if (queue_prev[t] >= 0) ++succ_begin[queue_prev[t] + 1];
+  }
+  for (int t = 0; t < h.num_tasks; ++t) succ_begin[t + 1] += succ_begin[t];
+  succ.resize(succ_begin[h.num_tasks]);
+  {
+    std::vector<int32_t> fill(succ_begin.begin(), succ_begin.end() - 1);
+    for (int t = 0; t < h.num_tasks; ++t) {
+      for (int e = dep_off[t]; e < dep_off[t + 1]; ++e) succ[fill[deps[e]]++] = t;
+      if (queue_prev[t] >= 0) succ[fill[queue_prev[t]]++] = t;
+    }
+  }
+  std::vector<int32_t> ready;
+  for (int t = 0; t < h.num_tasks; ++t)
+    if (indeg[t] == 0) ready.push_back(t);
+  for (size_t k = 0; k < ready.size(); ++k)
+    for (int32_t e = succ_begin[ready[k]]; e < succ_begin[ready[k] + 1]; ++e)
+      if (--indeg[succ[e]] == 0) ready.push_back(succ[e]);
+  if (static_cast<int64_t>(ready.size()) != h.num_tasks) {
+    int stuck = 0;
+    while (indeg[stuck] == 0) ++stuck;
+    return "dependency cycle (dependencies + queue order) through task " + std::to_string(stuck) +
+           " on worker " + std::to_string(worker_of[stuck]) + ": the plan would deadlock";
+  }
+  return "";
+}
+
+// Plans that passed check_plan, so each plan is checked once rather than on every call (the check
+// is O(plan): ~1.4 ms for 1024 tasks with 58k dependency edges). A hit compares the whole plan and
+// its buffers (memcmp), never just a hash, so no crafted plan can borrow another's verdict. Holds
+// at most kEntries plans and kBytes of words, least recently used out first.
+class CheckedPlans {
+ public:
+  static constexpr size_t kEntries = 32;
+  static constexpr size_t kBytes = size_t{64} << 20;
+
+  std::string check(const int32_t* words, int64_t num_words, const PlanBuffers& buffers) {
+    if (words == nullptr || num_words < 32 || num_words > static_cast<int64_t>(kBytes / 4))
+      return check_plan(words, num_words, buffers);
+    const uint64_t key = fingerprint(words, num_words);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (it->key == key && static_cast<int64_t>(it->words.size()) == num_words &&
+            it->buffers == buffers &&
+            std::memcmp(it->words.data(), words, sizeof(int32_t) * num_words) == 0) {
+          entries_.splice(entries_.begin(), entries_, it);
+          return "";
+        }
+      }
+    }
+    std::string err = check_plan(words, num_words, buffers);
+    if (!err.empty()) return err;
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.push_front(Entry{key, std::vector<int32_t>(words, words + num_words), buffers});
+    bytes_ += sizeof(int32_t) * num_words;
+    while (entries_.size() > kEntries || bytes_ > kBytes) {
+      bytes_ -= sizeof(int32_t) * entries_.back().words.size();
+      entries_.pop_back();
+    }
+    return "";
+  }
+
+ private:
+  struct Entry {
+    uint64_t key;
+    std::vector<int32_t> words;
+    PlanBuffers buffers;
+  };
+  // Only to skip most non-matching entries quickly; equality is decided by memcmp.
+  static uint64_t fingerprint(const int32_t* words, int64_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);
+    const int64_t step = std::max<int64_t>(1, n / 256);
+    for (int64_t i = 0; i < n; i += step) h = (h ^ static_cast<uint32_t>(words[i])) * 0x100000001B3ull;
+    return h;
+  }
+  std::mutex mu_;
+  std::list<Entry> entries_;
+  size_t bytes_ = 0;
+};
+
+}  // namespace jax_ark::plan

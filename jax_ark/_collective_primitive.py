@@ -269,7 +269,7 @@ def _opaque_zero_from(value):
     return bits * jax.lax.optimization_barrier(jnp.int32(0))
 
 
-def _previous_in_chain(chain: list):
+def _previous_in_chain(chain: list, enclosing: bool = True):
     """The last collective result of the innermost trace of `chain` that has one, or None.
 
     Only through staging traces (jaxpr building, where closing over an outer value is plain
@@ -289,15 +289,21 @@ def _previous_in_chain(chain: list):
                 result = ref()
                 if result is not None:
                     return result
-        if not isinstance(trace, staging_trace):
+        if not enclosing or not isinstance(trace, staging_trace):
             return None
     return None
 
 
-def sequenced(color):
-    """`color`, made to depend on the result of the previous collective (see above)."""
+def sequenced(color, enclosing: bool = True):
+    """`color`, made to depend on the result of the previous collective (see above).
+
+    `enclosing=False` looks in the innermost trace only. Collectives that a transformation adds
+    (jvp tangents, transposes) need that: jax re-traces closed jaxprs for them (a loop body's jvp,
+    a transpose) and caches the result, so a value closed over from an enclosing trace would stay
+    in jax's cache as a leaked tracer.
+    """
     chain = _trace_chain()
-    previous = _previous_in_chain(chain) if chain else None
+    previous = _previous_in_chain(chain, enclosing) if chain else None
     if previous is None:
         return color
     zero = _opaque_zero_from(previous)
@@ -433,7 +439,7 @@ def _bind_in_order(x, rank, color, what: str, **params):
     derived from the original's: it is a different collective, which may run in any order
     relative to the original."""
     params = dict(params, site=derived_site(params["site"], what))
-    out = ark_collective_p.bind(x, rank, sequenced(color), **params)
+    out = ark_collective_p.bind(x, rank, sequenced(color, enclosing=False), **params)
     remember(out)
     return out
 

@@ -14,9 +14,10 @@ Fast-path dtypes: float32, bfloat16, float16, int32. Sums of 16-bit floats accum
 
 Drop-in for jax.lax: every function takes the arguments of its jax.lax namesake. Where ark has no
 fast path (vmap/pmap axis names, a shard_map that leaves mesh axes automatic, other dtypes,
-`axis_index_groups`, unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU mesh
-spanning several processes), the jax.lax collective runs instead and a `FallbackWarning` is issued
-once per function and reason. With `JAX_ARK_STRICT=1` those cases raise instead.
+unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU mesh spanning several
+processes), the jax.lax collective runs instead and a `FallbackWarning` is issued once per function
+and reason. With `JAX_ARK_STRICT=1` those cases raise instead. `axis_index_groups` must be None
+over shard_map mesh axes (jax.lax rejects groups there too).
 
 Every wait inside a collective is bounded: the environment variable `JAX_ARK_TIMEOUT_S`
 (seconds, default 60) is read when a function is traced, so it is baked into the compiled program;
@@ -237,27 +238,39 @@ def _as_operand(api: str, leaf, group: _Group):
     return _prim.ensure_varying(leaf, group.axes)
 
 
+def _group_or_none(api: str, axis_name: AxisName) -> _Group | _NoFastPath:
+    """`_group(...)`, or the reason it has no fast path (returned, not raised, so that jax.lax's
+    errors in the fallback are not chained to it)."""
+    try:
+        return _group(api, axis_name)
+    except _NoFastPath as why:
+        return why
+
+
 def _collective(api: str, x, axis_name: AxisName, axis_index_groups, per_leaf, run_lax, group=None):
     """Maps `per_leaf(group, operand)` over the leaves of `x`; where ark has no fast path for the
     call (or a leaf), `run_lax(x or leaf)` (the jax.lax collective) runs instead."""
     if group is None:
-        try:
-            if axis_index_groups is not None:
-                raise _NoFastPath(
-                    "axis_index_groups",
-                    NotImplementedError(
-                        f"jax_ark.{api}: axis_index_groups is not supported (pass None, or "
-                        "split the mesh axis and name the sub-axis)"
-                    ),
-                )
-            group = _group(api, axis_name)
-        except _NoFastPath as why:
-            return _fallback(api, why, lambda: run_lax(x))
+        group = _group_or_none(api, axis_name)
+        if isinstance(group, _NoFastPath):
+            # vmap/pmap axes and the like: jax.lax handles them (with axis_index_groups too).
+            return _fallback(api, group, lambda: run_lax(x))
+        if axis_index_groups is not None:
+            # Over shard_map mesh axes jax.lax rejects groups too (a bare NotImplementedError in
+            # jax 0.10), so there is nothing to fall back to: say what to do instead.
+            raise NotImplementedError(
+                f"jax_ark.{api}: axis_index_groups is not supported over jax.shard_map mesh axes "
+                "(as in jax.lax); split the mesh axis into two axes and name the one that spans "
+                "each group"
+            )
 
     def one(leaf):
+        why = None
         try:
             operand = _as_operand(api, leaf, group)
-        except _NoFastPath as why:
+        except _NoFastPath as no_fast_path:
+            why = no_fast_path
+        if why is not None:  # outside the except block: jax.lax's errors carry no ark context
             return _fallback(api, why, lambda: run_lax(leaf))
         return per_leaf(group, operand)
 
@@ -465,6 +478,10 @@ def psum_scatter(
     return _collective("psum_scatter", x, axis_name, axis_index_groups, one, run_lax)
 
 
+class _PermIndexError(ValueError, IndexError):
+    """A ppermute index out of range: a ValueError, and an IndexError as jax.lax raises there."""
+
+
 def _permutation_tables(
     perm: Sequence[tuple[int, int]], n: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -487,7 +504,7 @@ def _permutation_tables(
             raise TypeError(f"jax_ark.ppermute: perm entry {pair!r} must hold ints") from None
         for index in (src, dst):
             if not 0 <= index < n:
-                raise ValueError(
+                raise _PermIndexError(
                     f"jax_ark.ppermute: perm entry {pair!r} is out of range: indices must lie in "
                     f"0..{n - 1} for a group of size {n}"
                 )
@@ -522,11 +539,9 @@ def ppermute(x, axis_name: AxisName, perm: Sequence[tuple[int, int]]):
     jax.lax.ppermute does in jax 0.10 (unlike jax.lax.axis_index, which follows the tuple's
     order; see docs/lax_compat.md).
     """
-    ordered = _mesh_ordered(axis_name)
-    try:
-        group = _group("ppermute", ordered)
-    except _NoFastPath as why:
-        return _fallback("ppermute", why, lambda: jax.lax.ppermute(x, axis_name, perm))
+    group = _group_or_none("ppermute", _mesh_ordered(axis_name))
+    if isinstance(group, _NoFastPath):
+        return _fallback("ppermute", group, lambda: jax.lax.ppermute(x, axis_name, perm))
     send_to, recv_from = _permutation_tables(perm, group.size)
 
     def one(group, leaf):

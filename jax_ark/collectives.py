@@ -35,6 +35,7 @@ import math
 import operator
 import os
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +68,13 @@ _SUPPORTED_NAMES = ", ".join(np.dtype(d).name for d in SUPPORTED_DTYPES)
 TIMEOUT_ENV = "JAX_ARK_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
 STRICT_ENV = "JAX_ARK_STRICT"
+
+
+# jax.lax's collectives as they were when jax_ark was imported: the fallbacks call these, so a
+# program (or a test harness) that replaces jax.lax.psum etc. by ark's does not loop back here.
+_lax = types.SimpleNamespace(
+    **{name: getattr(jax.lax, name) for name in __all__ if name != "FallbackWarning"}
+)
 
 
 class FallbackWarning(UserWarning):
@@ -341,7 +349,7 @@ def psum(x, axis_name: AxisName, *, axis_index_groups=None):
         axis_name,
         Reduce.sum,
         axis_index_groups,
-        lambda v: jax.lax.psum(v, axis_name, axis_index_groups=axis_index_groups),
+        lambda v: _lax.psum(v, axis_name, axis_index_groups=axis_index_groups),
     )
 
 
@@ -353,7 +361,7 @@ def pmax(x, axis_name: AxisName, *, axis_index_groups=None):
         axis_name,
         Reduce.max,
         axis_index_groups,
-        lambda v: jax.lax.pmax(v, axis_name, axis_index_groups=axis_index_groups),
+        lambda v: _lax.pmax(v, axis_name, axis_index_groups=axis_index_groups),
     )
 
 
@@ -365,7 +373,7 @@ def pmin(x, axis_name: AxisName, *, axis_index_groups=None):
         axis_name,
         Reduce.min,
         axis_index_groups,
-        lambda v: jax.lax.pmin(v, axis_name, axis_index_groups=axis_index_groups),
+        lambda v: _lax.pmin(v, axis_name, axis_index_groups=axis_index_groups),
     )
 
 
@@ -381,7 +389,7 @@ def pmean(x, axis_name: AxisName, *, axis_index_groups=None):
         axis_name,
         axis_index_groups,
         one,
-        lambda v: jax.lax.pmean(v, axis_name, axis_index_groups=axis_index_groups),
+        lambda v: _lax.pmean(v, axis_name, axis_index_groups=axis_index_groups),
     )
 
 
@@ -410,7 +418,7 @@ def all_gather(
         )
 
     def run_lax(v):
-        return jax.lax.all_gather(
+        return _lax.all_gather(
             v, axis_name, axis_index_groups=axis_index_groups, axis=axis, tiled=tiled, to=to
         )
 
@@ -467,7 +475,7 @@ def psum_scatter(
         return _bind(blocks, group, Op.reduce_scatter, Reduce.sum)
 
     def run_lax(v):
-        return jax.lax.psum_scatter(
+        return _lax.psum_scatter(
             v,
             axis_name,
             scatter_dimension=scatter_dimension,
@@ -541,14 +549,14 @@ def ppermute(x, axis_name: AxisName, perm: Sequence[tuple[int, int]]):
     """
     group = _group_or_none("ppermute", _mesh_ordered(axis_name))
     if isinstance(group, _NoFastPath):
-        return _fallback("ppermute", group, lambda: jax.lax.ppermute(x, axis_name, perm))
+        return _fallback("ppermute", group, lambda: _lax.ppermute(x, axis_name, perm))
     send_to, recv_from = _permutation_tables(perm, group.size)
 
     def one(group, leaf):
         return _bind(leaf, group, Op.permute, send_to=send_to, recv_from=recv_from)
 
     return _collective(
-        "ppermute", x, axis_name, None, one, lambda v: jax.lax.ppermute(v, axis_name, perm), group
+        "ppermute", x, axis_name, None, one, lambda v: _lax.ppermute(v, axis_name, perm), group
     )
 
 
@@ -574,7 +582,7 @@ def all_to_all(
         return _merge_dims(y, concat) if tiled else y
 
     def run_lax(v):
-        return jax.lax.all_to_all(
+        return _lax.all_to_all(
             v, axis_name, split_axis, concat_axis, axis_index_groups=axis_index_groups, tiled=tiled
         )
 

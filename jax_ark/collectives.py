@@ -16,8 +16,7 @@ Drop-in for jax.lax: every function takes the arguments of its jax.lax namesake.
 fast path (vmap/pmap axis names, a shard_map that leaves mesh axes automatic, other dtypes,
 unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU mesh spanning several
 processes), the jax.lax collective runs instead and a `FallbackWarning` is issued once per function
-and reason. With `JAX_ARK_STRICT=1` those cases raise instead. `axis_index_groups` must be None
-over shard_map mesh axes (jax.lax rejects groups there too).
+and reason, as do calls with `axis_index_groups`. With `JAX_ARK_STRICT=1` those cases raise.
 
 Every wait inside a collective is bounded: the environment variable `JAX_ARK_TIMEOUT_S`
 (seconds, default 60) is read when a function is traced, so it is baked into the compiled program;
@@ -264,13 +263,16 @@ def _collective(api: str, x, axis_name: AxisName, axis_index_groups, per_leaf, r
             # vmap/pmap axes and the like: jax.lax handles them (with axis_index_groups too).
             return _fallback(api, group, lambda: run_lax(x))
         if axis_index_groups is not None:
-            # Over shard_map mesh axes jax.lax rejects groups too (a bare NotImplementedError in
-            # jax 0.10), so there is nothing to fall back to: say what to do instead.
-            raise NotImplementedError(
-                f"jax_ark.{api}: axis_index_groups is not supported over jax.shard_map mesh axes "
-                "(as in jax.lax); split the mesh axis into two axes and name the one that spans "
-                "each group"
+            # jax.lax supports some of these inside shard_map (all_gather, all_to_all in jax 0.10)
+            # and rejects the rest; either way its answer is the drop-in one.
+            why = _NoFastPath(
+                "axis_index_groups",
+                NotImplementedError(
+                    f"jax_ark.{api}: axis_index_groups is not supported; split the mesh axis into "
+                    "two axes and name the one that spans each group"
+                ),
             )
+            return _fallback(api, why, lambda: run_lax(x))
 
     def one(leaf):
         why = None

@@ -148,11 +148,25 @@ def test_axis_index_groups_none_is_accepted(mesh8, rng, name, call, out_specs):
     _assert_same(got, _run(mesh8, lambda v: call(jax.lax, v), x, out_specs=out_specs))
 
 
-def test_axis_index_groups_over_mesh_axes_is_a_clear_error(mesh8):
-    x = jnp.zeros((8, 4), jnp.float32)
+def test_axis_index_groups_run_lax(mesh8, rng, monkeypatch):
+    # jax.lax supports groups for all_gather inside shard_map and rejects them for psum; ark
+    # hands both to it.
+    x = jnp.asarray(rng.standard_normal((8, 4)), jnp.float32)
     groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    with pytest.raises(NotImplementedError, match="axis_index_groups is not supported"):
+
+    def gather(m):
+        return lambda v: m.all_gather(v, "x", axis_index_groups=groups, tiled=True)
+
+    with pytest.warns(jax_ark.FallbackWarning, match="axis_index_groups"):
+        got = _run(mesh8, gather(jax_ark), x)
+    _assert_same(got, _run(mesh8, gather(jax.lax), x))
+    with pytest.raises(NotImplementedError):
+        _run(mesh8, lambda v: jax.lax.psum(v, "x", axis_index_groups=groups), x)
+    with pytest.raises(NotImplementedError):
         _run(mesh8, lambda v: jax_ark.psum(v, "x", axis_index_groups=groups), x)
+    monkeypatch.setenv("JAX_ARK_STRICT", "1")
+    with pytest.raises(NotImplementedError, match="jax_ark.all_gather: axis_index_groups"):
+        _run(mesh8, gather(jax_ark), x)
 
 
 def test_axis_index_groups_under_vmap_is_lax(rng):

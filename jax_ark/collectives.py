@@ -176,8 +176,12 @@ def _group(api: str, axis_name: AxisName) -> _Group:
             )
             if axis in mesh_names or axis not in _prim.bound_axis_names():
                 # Not bound at all (jax.lax would fail too, some jax versions with a bare
-                # AssertionError), or an automatic mesh axis: a clear error, no fallback.
-                raise unbound
+                # AssertionError), or an automatic mesh axis: a clear error, no fallback. Its
+                # first sentence is jax.lax's, for code that matches on it.
+                raise NameError(
+                    f"Found an unbound axis name: {axis}. To fix this, please call {api} under "
+                    f"`jax.shard_map`. {unbound}"
+                )
             raise _NoFastPath("axis names of vmap/pmap (not manual shard_map mesh axes)", unbound)
     shape = dict(mesh.shape)
     auto = [a for a in mesh_names if a not in manual and shape[a] > 1]

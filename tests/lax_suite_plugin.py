@@ -70,7 +70,7 @@ def pytest_runtest_logreport(report):
     # One line per test: the call phase's outcome, or the setup's when setup failed or skipped.
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         entry = {
-            "id": report.nodeid.split("::", 1)[-1],
+            "id": report.nodeid,
             "outcome": report.outcome,
             "called": sorted(_current.get("called", ())),
             "ark_binds": _current.get("ark_binds", 0),

@@ -2,7 +2,8 @@
 
 Public API (everything else is internal):
 - collectives, drop-in for jax.lax inside jax.shard_map: psum, pmax, pmin, pmean, all_gather,
-  psum_scatter, ppermute, all_to_all; `check()` raises a failure recorded by an earlier GPU call.
+  psum_scatter, ppermute, all_to_all (FallbackWarning where jax.lax runs instead); `check()`
+  raises a failure recorded by an earlier GPU call.
 - persistent loop kernel: persistent, plan, Plan, timeline (and the errors PlanError,
   UnsupportedError).
 """
@@ -15,6 +16,7 @@ register_targets()
 from jax_ark._cuda_collectives import check  # noqa: E402
 from jax_ark._persistent import Plan, PlanError, UnsupportedError, persistent, plan, timeline  # noqa: E402
 from jax_ark.collectives import (  # noqa: E402
+    FallbackWarning,
     all_gather,
     all_to_all,
     pmax,
@@ -31,6 +33,7 @@ __all__ = [
     "__version__",
     "has_cuda",
     "check",
+    "FallbackWarning",
     "psum",
     "pmax",
     "pmin",

@@ -66,6 +66,15 @@ def varying_axes(aval) -> frozenset:
     return frozenset(getattr(aval, "vma", frozenset()))
 
 
+def pending_reduction_axes(aval) -> frozenset:
+    """The mesh axes over which a value is unreduced or reduced (partial sums that a collective
+    must not treat as ordinary per-device values); empty where jax has no such types."""
+    mat = getattr(aval, "mat", None)
+    if mat is None:
+        return frozenset()
+    return frozenset(getattr(mat, "unreduced", ())) | frozenset(getattr(mat, "reduced", ()))
+
+
 def _with_shape_and_vma(aval, shape: tuple[int, ...], vma: frozenset):
     if getattr(aval, "mat", None) is not None:
         return aval.update(
@@ -141,6 +150,19 @@ def _load_trace_api():
 _TRACE_API = _load_trace_api()
 
 
+def bound_axis_names() -> frozenset:
+    """The axis names bound by vmap/pmap (and shard_map) around the current trace.
+
+    jax-internal (jax._src.core.unsafe_get_axis_names); empty if this jax lacks it.
+    """
+    try:
+        from jax._src import core as _core
+
+        return frozenset(_core.unsafe_get_axis_names())
+    except (ImportError, AttributeError):
+        return frozenset()
+
+
 def _trace_api():
     # Without the trace stack, call-site ids lose their occurrence index (two independent
     # collectives emitted from one line would share a site, and devices could pair them
@@ -158,7 +180,9 @@ def _trace_chain() -> list:
     """The active traces, outermost first, from the top-level trace (eval excluded) to the
     current one; [] when nothing is being traced."""
     stack, eval_trace, _ = _trace_api()
-    return [t for t in stack() if not isinstance(t, eval_trace)]
+    # A trace built without a parent (custom_vjp's optimize_remat traces its forward so) sits on a
+    # stack whose bottom entry is None rather than an EvalTrace.
+    return [t for t in stack() if t is not None and not isinstance(t, eval_trace)]
 
 
 def _user_call_path() -> tuple:
@@ -245,7 +269,7 @@ def _opaque_zero_from(value):
     return bits * jax.lax.optimization_barrier(jnp.int32(0))
 
 
-def _previous_in_chain(chain: list):
+def _previous_in_chain(chain: list, enclosing: bool = True):
     """The last collective result of the innermost trace of `chain` that has one, or None.
 
     Only through staging traces (jaxpr building, where closing over an outer value is plain
@@ -261,16 +285,25 @@ def _previous_in_chain(chain: list):
     for trace in reversed(chain):
         entry = results.get(id(trace))
         if entry is not None and entry[0]() is trace:
-            return entry[1]
-        if not isinstance(trace, staging_trace):
+            for ref in reversed(entry[1]):
+                result = ref()
+                if result is not None:
+                    return result
+        if not enclosing or not isinstance(trace, staging_trace):
             return None
     return None
 
 
-def sequenced(color):
-    """`color`, made to depend on the result of the previous collective (see above)."""
+def sequenced(color, enclosing: bool = True):
+    """`color`, made to depend on the result of the previous collective (see above).
+
+    `enclosing=False` looks in the innermost trace only. Collectives that a transformation adds
+    (jvp tangents, transposes) need that: jax re-traces closed jaxprs for them (a loop body's jvp,
+    a transpose) and caches the result, so a value closed over from an enclosing trace would stay
+    in jax's cache as a leaked tracer.
+    """
     chain = _trace_chain()
-    previous = _previous_in_chain(chain) if chain else None
+    previous = _previous_in_chain(chain, enclosing) if chain else None
     if previous is None:
         return color
     zero = _opaque_zero_from(previous)
@@ -284,8 +317,17 @@ def sequenced(color):
     )
 
 
+# How many recent results of a trace are remembered (weakly): when the user already dropped the
+# latest one, the next collective follows the newest one still alive.
+_REMEMBERED_RESULTS = 8
+
+
 def remember(result) -> None:
-    """Records `result` as the collective that the next one in this trace must follow."""
+    """Records `result` as the collective that the next one in this trace must follow.
+
+    Only weak references: a strong one would keep the tracer (and through it its trace) alive
+    after tracing ends, which `jax.checking_leaks()` reports as a leaked trace.
+    """
     chain = _trace_chain()
     if not chain:
         return
@@ -293,7 +335,12 @@ def remember(result) -> None:
     results = getattr(_order_state, "results", None)
     if results is None:
         results = _order_state.results = {}
-    results[id(trace)] = (weakref.ref(trace), result)
+    entry = results.get(id(trace))
+    if entry is None or entry[0]() is not trace:
+        entry = results[id(trace)] = (weakref.ref(trace), [])
+    refs = [r for r in entry[1] if r() is not None][-(_REMEMBERED_RESULTS - 1) :]
+    refs.append(weakref.ref(result))
+    entry[1][:] = refs
 
 
 # ---- the primitive -----------------------------------------------------------------------------
@@ -392,7 +439,7 @@ def _bind_in_order(x, rank, color, what: str, **params):
     derived from the original's: it is a different collective, which may run in any order
     relative to the original."""
     params = dict(params, site=derived_site(params["site"], what))
-    out = ark_collective_p.bind(x, rank, sequenced(color), **params)
+    out = ark_collective_p.bind(x, rank, sequenced(color, enclosing=False), **params)
     remember(out)
     return out
 

@@ -6,6 +6,7 @@ compiler; importing jax_ark without it (or without a GPU) registers the CPU targ
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import importlib.metadata
@@ -98,3 +99,17 @@ def register_targets() -> tuple[str, ...]:
 def has_cuda() -> bool:
     """True when the CUDA runtime was built into this install."""
     return cuda_module() is not None
+
+
+def _cancel_collectives_at_exit() -> None:
+    # A collective blocked on a peer that never comes (the user pressed Ctrl-C while it waited)
+    # holds an XLA thread, and jax's own exit handler waits for it: without this the process would
+    # exit only when the collective's timeout ends. Registered after jax's handler (jax_ark is
+    # imported after jax), so it runs before it.
+    try:
+        cpu_module().cancel_collectives("the Python interpreter is exiting")
+    except Exception:  # noqa: BLE001 - never turn an exit into a traceback
+        pass
+
+
+atexit.register(_cancel_collectives_at_exit)

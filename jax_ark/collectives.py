@@ -10,7 +10,13 @@ Use them inside `jax.shard_map` (check_vma on or off) under `jax.jit`::
 `axis_name` is one manual mesh axis or a tuple of them; the group of a device is the set of
 devices that differ from it only along those axes, ranked as `jax.lax.axis_index(axis_name)`.
 Pytrees are accepted wherever jax.lax accepts them (every function here maps over the leaves).
-Supported dtypes: float32, bfloat16, float16, int32. Sums of 16-bit floats accumulate in float32.
+Fast-path dtypes: float32, bfloat16, float16, int32. Sums of 16-bit floats accumulate in float32.
+
+Drop-in for jax.lax: every function takes the arguments of its jax.lax namesake. Where ark has no
+fast path (vmap/pmap axis names, a shard_map that leaves mesh axes automatic, other dtypes,
+unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU mesh spanning several
+processes), the jax.lax collective runs instead and a `FallbackWarning` is issued once per function
+and reason, as do calls with `axis_index_groups`. With `JAX_ARK_STRICT=1` those cases raise.
 
 Every wait inside a collective is bounded: the environment variable `JAX_ARK_TIMEOUT_S`
 (seconds, default 60) is read when a function is traced, so it is baked into the compiled program;
@@ -27,6 +33,9 @@ import hashlib
 import math
 import operator
 import os
+import sys
+import types
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +47,7 @@ from jax_ark import _collective_primitive as _prim
 from jax_ark._collective_primitive import Op, Reduce
 
 __all__ = [
+    "FallbackWarning",
     "psum",
     "pmax",
     "pmin",
@@ -56,6 +66,65 @@ _SUPPORTED_NAMES = ", ".join(np.dtype(d).name for d in SUPPORTED_DTYPES)
 
 TIMEOUT_ENV = "JAX_ARK_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
+STRICT_ENV = "JAX_ARK_STRICT"
+
+
+# jax.lax's collectives as they were when jax_ark was imported: the fallbacks call these, so a
+# program (or a test harness) that replaces jax.lax.psum etc. by ark's does not loop back here.
+_lax = types.SimpleNamespace(
+    **{name: getattr(jax.lax, name) for name in __all__ if name != "FallbackWarning"}
+)
+
+
+class FallbackWarning(UserWarning):
+    """A jax_ark collective ran jax.lax's collective instead (no fast path for the case)."""
+
+
+class _NoFastPath(Exception):
+    """Internal: this call has no ark fast path; `error` is what strict mode raises."""
+
+    def __init__(self, reason: str, error: Exception):
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (jax, _prim) if m.__file__
+)
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn stacklevel of the first caller outside jax_ark and jax (the user's line)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _INTERNAL_DIRS
+    ):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _fallback(api: str, why: _NoFastPath, run_lax):
+    """Runs jax.lax's collective (`run_lax()`) in place of ark's, or raises in strict mode."""
+    if _strict():
+        raise why.error
+    key = (api, why.reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"jax_ark.{api}: {why.reason}; running jax.lax.{api} instead (this warning is shown "
+            f"once; set {STRICT_ENV}=1 to make it an error)",
+            FallbackWarning,
+            stacklevel=_user_stacklevel(),
+        )
+    return run_lax()
 
 
 # ---- validation helpers -------------------------------------------------------------------------
@@ -100,18 +169,38 @@ def _group(api: str, axis_name: AxisName) -> _Group:
                 if bound
                 else "it is not called inside jax.shard_map"
             )
-            raise NameError(
-                f"jax_ark.{api}: axis name {axis!r} is not bound to a manual mesh axis ({where}). "
-                "jax_ark collectives run over jax.shard_map mesh axes only, not over vmap/pmap "
-                "axis names."
+            unbound = NameError(
+                f"jax_ark.{api}: axis name {axis!r} is not bound to a manual mesh axis "
+                f"({where}). jax_ark collectives run over jax.shard_map mesh axes only, not "
+                "over vmap/pmap axis names."
             )
+            if axis in mesh_names or axis not in _prim.bound_axis_names():
+                # Not bound at all (jax.lax would fail too, some jax versions with a bare
+                # AssertionError), or an automatic mesh axis: a clear error, no fallback. Its
+                # first sentence is jax.lax's, for code that matches on it.
+                raise NameError(
+                    f"Found an unbound axis name: {axis}. To fix this, please call {api} under "
+                    f"`jax.shard_map`. {unbound}"
+                )
+            raise _NoFastPath("axis names of vmap/pmap (not manual shard_map mesh axes)", unbound)
     shape = dict(mesh.shape)
     auto = [a for a in mesh_names if a not in manual and shape[a] > 1]
     if auto:
-        raise NotImplementedError(
-            f"jax_ark.{api}: mesh axes {tuple(auto)} are not manual in this jax.shard_map; jax_ark "
-            "collectives need every mesh axis of size > 1 to be manual (a shard_map over the whole "
-            "mesh)"
+        raise _NoFastPath(
+            "a partially manual jax.shard_map (some mesh axes left automatic)",
+            NotImplementedError(
+                f"jax_ark.{api}: mesh axes {tuple(auto)} are not manual in this jax.shard_map; "
+                "jax_ark collectives need every mesh axis of size > 1 to be manual (a shard_map "
+                "over the whole mesh)"
+            ),
+        )
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        raise _NoFastPath(
+            "a CPU mesh spanning several processes",
+            NotImplementedError(
+                f"jax_ark.{api}: the CPU backend runs collectives between the devices of one "
+                f"process; this job has {jax.process_count()} processes"
+            ),
         )
     mesh_axes = tuple((a, int(shape[a])) for a in mesh_names)
     return _Group(
@@ -136,14 +225,70 @@ def _timeout_ms() -> int:
 
 
 def _as_operand(api: str, leaf, group: _Group):
+    """`leaf` ready for ark's collective over `group`; raises _NoFastPath where ark has none."""
     leaf = jnp.asarray(leaf)
     if leaf.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"jax_ark.{api}: unsupported dtype {leaf.dtype.name}; supported dtypes are "
-            f"{_SUPPORTED_NAMES}"
+        raise _NoFastPath(
+            f"dtype {leaf.dtype.name}",
+            TypeError(
+                f"jax_ark.{api}: unsupported dtype {leaf.dtype.name}; supported dtypes are "
+                f"{_SUPPORTED_NAMES}"
+            ),
+        )
+    pending = _prim.pending_reduction_axes(jax.typeof(leaf)) & set(group.axes)
+    if pending:
+        raise _NoFastPath(
+            "unreduced or reduced inputs",
+            ValueError(
+                f"jax_ark.{api}: the input is unreduced/reduced over mesh axes "
+                f"{tuple(sorted(pending, key=str))}; ark collectives take varying or invariant "
+                "values only"
+            ),
         )
     # As jax.lax does implicitly: a value invariant over the group is first made varying.
     return _prim.ensure_varying(leaf, group.axes)
+
+
+def _group_or_none(api: str, axis_name: AxisName) -> _Group | _NoFastPath:
+    """`_group(...)`, or the reason it has no fast path (returned, not raised, so that jax.lax's
+    errors in the fallback are not chained to it)."""
+    try:
+        return _group(api, axis_name)
+    except _NoFastPath as why:
+        return why
+
+
+def _collective(api: str, x, axis_name: AxisName, axis_index_groups, per_leaf, run_lax, group=None):
+    """Maps `per_leaf(group, operand)` over the leaves of `x`; where ark has no fast path for the
+    call (or a leaf), `run_lax(x or leaf)` (the jax.lax collective) runs instead."""
+    if group is None:
+        group = _group_or_none(api, axis_name)
+        if isinstance(group, _NoFastPath):
+            # vmap/pmap axes and the like: jax.lax handles them (with axis_index_groups too).
+            return _fallback(api, group, lambda: run_lax(x))
+        if axis_index_groups is not None:
+            # jax.lax supports some of these inside shard_map (all_gather, all_to_all in jax 0.10)
+            # and rejects the rest; either way its answer is the drop-in one.
+            why = _NoFastPath(
+                "axis_index_groups",
+                NotImplementedError(
+                    f"jax_ark.{api}: axis_index_groups is not supported; split the mesh axis into "
+                    "two axes and name the one that spans each group"
+                ),
+            )
+            return _fallback(api, why, lambda: run_lax(x))
+
+    def one(leaf):
+        why = None
+        try:
+            operand = _as_operand(api, leaf, group)
+        except _NoFastPath as no_fast_path:
+            why = no_fast_path
+        if why is not None:  # outside the except block: jax.lax's errors carry no ark context
+            return _fallback(api, why, lambda: run_lax(leaf))
+        return per_leaf(group, operand)
+
+    return jax.tree.map(one, x)
 
 
 def _bind(x, group: _Group, op: Op, reduce: Reduce = Reduce.sum, send_to=(), recv_from=()):
@@ -195,51 +340,108 @@ def _split_to_front(x, dim: int, n: int):
 # ---- reductions ---------------------------------------------------------------------------------
 
 
-def _all_reduce(api: str, x, axis_name: AxisName, reduce: Reduce):
-    group = _group(api, axis_name)
+def _all_reduce(api: str, x, axis_name: AxisName, reduce: Reduce, axis_index_groups, run_lax):
+    def one(group, operand):
+        return _bind(operand, group, Op.all_reduce, reduce)
 
-    def one(leaf):
-        return _bind(_as_operand(api, leaf, group), group, Op.all_reduce, reduce)
-
-    return jax.tree.map(one, x)
+    return _collective(api, x, axis_name, axis_index_groups, one, run_lax)
 
 
-def psum(x, axis_name: AxisName):
+def psum(x, axis_name: AxisName, *, axis_index_groups=None):
     """Sum of `x` over the devices of the group, on every device (as `jax.lax.psum`)."""
-    return _all_reduce("psum", x, axis_name, Reduce.sum)
+    return _all_reduce(
+        "psum",
+        x,
+        axis_name,
+        Reduce.sum,
+        axis_index_groups,
+        lambda v: _lax.psum(v, axis_name, axis_index_groups=axis_index_groups),
+    )
 
 
-def pmax(x, axis_name: AxisName):
+def pmax(x, axis_name: AxisName, *, axis_index_groups=None):
     """Element-wise maximum over the group (as `jax.lax.pmax`; not differentiable, like it)."""
-    return _all_reduce("pmax", x, axis_name, Reduce.max)
+    return _all_reduce(
+        "pmax",
+        x,
+        axis_name,
+        Reduce.max,
+        axis_index_groups,
+        lambda v: _lax.pmax(v, axis_name, axis_index_groups=axis_index_groups),
+    )
 
 
-def pmin(x, axis_name: AxisName):
+def pmin(x, axis_name: AxisName, *, axis_index_groups=None):
     """Element-wise minimum over the group (as `jax.lax.pmin`; not differentiable, like it)."""
-    return _all_reduce("pmin", x, axis_name, Reduce.min)
+    return _all_reduce(
+        "pmin",
+        x,
+        axis_name,
+        Reduce.min,
+        axis_index_groups,
+        lambda v: _lax.pmin(v, axis_name, axis_index_groups=axis_index_groups),
+    )
 
 
-def pmean(x, axis_name: AxisName):
+def pmean(x, axis_name: AxisName, *, axis_index_groups=None):
     """Mean over the group: psum / group size (integers give floats, as `jax.lax.pmean`)."""
-    n = _group("pmean", axis_name).size
-    return jax.tree.map(lambda v: v / n, _all_reduce("pmean", x, axis_name, Reduce.sum))
+
+    def one(group, operand):
+        return _bind(operand, group, Op.all_reduce, Reduce.sum) / group.size
+
+    return _collective(
+        "pmean",
+        x,
+        axis_name,
+        axis_index_groups,
+        one,
+        lambda v: _lax.pmean(v, axis_name, axis_index_groups=axis_index_groups),
+    )
 
 
 # ---- data movement ------------------------------------------------------------------------------
 
+_ALL_GATHER_TO = ("varying", "invarying", "reduced")
 
-def all_gather(x, axis_name: AxisName, *, axis: int = 0, tiled: bool = False):
-    """The `x` of every device of the group, stacked (or, if `tiled`, concatenated) along `axis`."""
-    group = _group("all_gather", axis_name)
 
-    def one(leaf):
-        leaf = _as_operand("all_gather", leaf, group)
+def all_gather(
+    x,
+    axis_name: AxisName,
+    *,
+    axis_index_groups=None,
+    axis: int = 0,
+    tiled: bool = False,
+    to: str = "varying",
+):
+    """The `x` of every device of the group, stacked (or, if `tiled`, concatenated) along `axis`.
+
+    `to` is the manual-axis type of the result, as in `jax.lax.all_gather`: ark's fast path makes
+    it "varying"; "invarying" and "reduced" run jax.lax's all_gather.
+    """
+    if to not in _ALL_GATHER_TO:
+        raise ValueError(
+            f"jax_ark.all_gather: to={to!r} is not one of {_ALL_GATHER_TO} (as jax.lax.all_gather)"
+        )
+
+    def run_lax(v):
+        return _lax.all_gather(
+            v, axis_name, axis_index_groups=axis_index_groups, axis=axis, tiled=tiled, to=to
+        )
+
+    if to != "varying":
+        why = _NoFastPath(
+            f"to={to!r}",
+            NotImplementedError(f'jax_ark.all_gather: to={to!r} (ark gathers to="varying")'),
+        )
+        return _fallback("all_gather", why, lambda: run_lax(x))
+
+    def one(group, leaf):
         ndim = leaf.ndim if tiled else leaf.ndim + 1
         dim = _axis_index_arg("all_gather", "axis", axis, ndim)
         y = jnp.moveaxis(_bind(leaf, group, Op.all_gather), 0, dim)
         return _merge_dims(y, dim) if tiled else y
 
-    return jax.tree.map(one, x)
+    return _collective("all_gather", x, axis_name, axis_index_groups, one, run_lax)
 
 
 def _blocks_to_front(api: str, what: str, leaf, dim: int, n: int, axis_name, tiled: bool):
@@ -261,20 +463,37 @@ def _blocks_to_front(api: str, what: str, leaf, dim: int, n: int, axis_name, til
     return jnp.moveaxis(leaf, dim, 0)
 
 
-def psum_scatter(x, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: bool = False):
+def psum_scatter(
+    x,
+    axis_name: AxisName,
+    *,
+    scatter_dimension: int = 0,
+    axis_index_groups=None,
+    tiled: bool = False,
+):
     """Sum over the group, of which each device keeps its block along `scatter_dimension`."""
-    group = _group("psum_scatter", axis_name)
-    n = group.size
 
-    def one(leaf):
-        leaf = _as_operand("psum_scatter", leaf, group)
+    def one(group, leaf):
         dim = _axis_index_arg("psum_scatter", "scatter_dimension", scatter_dimension, leaf.ndim)
         blocks = _blocks_to_front(
-            "psum_scatter", "scatter dimension", leaf, dim, n, axis_name, tiled
+            "psum_scatter", "scatter dimension", leaf, dim, group.size, axis_name, tiled
         )
         return _bind(blocks, group, Op.reduce_scatter, Reduce.sum)
 
-    return jax.tree.map(one, x)
+    def run_lax(v):
+        return _lax.psum_scatter(
+            v,
+            axis_name,
+            scatter_dimension=scatter_dimension,
+            axis_index_groups=axis_index_groups,
+            tiled=tiled,
+        )
+
+    return _collective("psum_scatter", x, axis_name, axis_index_groups, one, run_lax)
+
+
+class _PermIndexError(ValueError, IndexError):
+    """A ppermute index out of range: a ValueError, and an IndexError as jax.lax raises there."""
 
 
 def _permutation_tables(
@@ -299,7 +518,7 @@ def _permutation_tables(
             raise TypeError(f"jax_ark.ppermute: perm entry {pair!r} must hold ints") from None
         for index in (src, dst):
             if not 0 <= index < n:
-                raise ValueError(
+                raise _PermIndexError(
                     f"jax_ark.ppermute: perm entry {pair!r} is out of range: indices must lie in "
                     f"0..{n - 1} for a group of size {n}"
                 )
@@ -316,31 +535,61 @@ def _permutation_tables(
     return tuple(send_to), tuple(recv_from)
 
 
+def _mesh_ordered(axis_name: AxisName) -> AxisName:
+    """The axes of `axis_name` in mesh order (names that are not mesh axes keep their place)."""
+    if not isinstance(axis_name, (tuple, list)) or len(axis_name) < 2:
+        return axis_name
+    names = tuple(getattr(jax.sharding.get_abstract_mesh(), "axis_names", ()) or ())
+    if not all(a in names for a in axis_name):
+        return axis_name
+    return tuple(sorted(axis_name, key=names.index))
+
+
 def ppermute(x, axis_name: AxisName, perm: Sequence[tuple[int, int]]):
     """Sends `x` from rank `src` to rank `dst` for each pair of `perm`; ranks that receive
-    nothing get zeros (as `jax.lax.ppermute`)."""
-    group = _group("ppermute", axis_name)
+    nothing get zeros (as `jax.lax.ppermute`).
+
+    Over several mesh axes, ranks are numbered in MESH order whatever the order of the tuple, as
+    jax.lax.ppermute does in jax 0.10 (unlike jax.lax.axis_index, which follows the tuple's
+    order; see docs/lax_compat.md).
+    """
+    group = _group_or_none("ppermute", _mesh_ordered(axis_name))
+    if isinstance(group, _NoFastPath):
+        return _fallback("ppermute", group, lambda: _lax.ppermute(x, axis_name, perm))
     send_to, recv_from = _permutation_tables(perm, group.size)
 
-    def one(leaf):
-        leaf = _as_operand("ppermute", leaf, group)
+    def one(group, leaf):
         return _bind(leaf, group, Op.permute, send_to=send_to, recv_from=recv_from)
 
-    return jax.tree.map(one, x)
+    return _collective(
+        "ppermute", x, axis_name, None, one, lambda v: _lax.ppermute(v, axis_name, perm), group
+    )
 
 
-def all_to_all(x, axis_name: AxisName, split_axis: int, concat_axis: int, *, tiled: bool = False):
+def all_to_all(
+    x,
+    axis_name: AxisName,
+    split_axis: int,
+    concat_axis: int,
+    *,
+    axis_index_groups=None,
+    tiled: bool = False,
+):
     """Splits `split_axis` into one block per rank, sends block j to rank j, and concatenates the
     blocks received along `concat_axis` (stacked as a new axis unless `tiled`), as `jax.lax`."""
-    group = _group("all_to_all", axis_name)
-    n = group.size
 
-    def one(leaf):
-        leaf = _as_operand("all_to_all", leaf, group)
+    def one(group, leaf):
         split = _axis_index_arg("all_to_all", "split_axis", split_axis, leaf.ndim)
         concat = _axis_index_arg("all_to_all", "concat_axis", concat_axis, leaf.ndim)
-        blocks = _blocks_to_front("all_to_all", "split_axis", leaf, split, n, axis_name, tiled)
+        blocks = _blocks_to_front(
+            "all_to_all", "split_axis", leaf, split, group.size, axis_name, tiled
+        )
         y = jnp.moveaxis(_bind(blocks, group, Op.all_to_all), 0, concat)
         return _merge_dims(y, concat) if tiled else y
 
-    return jax.tree.map(one, x)
+    def run_lax(v):
+        return _lax.all_to_all(
+            v, axis_name, split_axis, concat_axis, axis_index_groups=axis_index_groups, tiled=tiled
+        )
+
+    return _collective("all_to_all", x, axis_name, axis_index_groups, one, run_lax)

@@ -20,6 +20,13 @@ import jax_ark
 ROWS = P("x")
 
 
+@pytest.fixture
+def strict(monkeypatch):
+    """JAX_ARK_STRICT=1: the cases where ark would run jax.lax's collective raise instead (the
+    fallback itself is tested in test_lax_fallback.py)."""
+    monkeypatch.setenv("JAX_ARK_STRICT", "1")
+
+
 def _trace(mesh, body, x, in_specs=ROWS, out_specs=ROWS, **kwargs):
     """Traces body inside shard_map over `mesh` (no compile, no run)."""
     return jax.make_jaxpr(
@@ -48,7 +55,7 @@ def test_unbound_axis_name(mesh8, call):
         _trace(mesh8, call, X8)
 
 
-def test_vmap_axis_name_is_rejected(mesh8):
+def test_vmap_axis_name_is_rejected(mesh8, strict):
     def body(x):
         return jax.vmap(lambda row: jax_ark.psum(row, "batch"), axis_name="batch")(x)
 
@@ -61,7 +68,7 @@ def test_outside_shard_map():
         jax.make_jaxpr(lambda x: jax_ark.psum(x, "x"))(X8)
 
 
-def test_partially_manual_shard_map(mesh2x4):
+def test_partially_manual_shard_map(mesh2x4, strict):
     body = lambda x: jax_ark.psum(x, "x")  # noqa: E731
     with pytest.raises(NotImplementedError, match=r"mesh axes \('y',\) are not manual"):
         _trace(mesh2x4, body, X2x4, axis_names={"x"})
@@ -76,7 +83,7 @@ def test_bad_axis_name_tuple(mesh8, axis_name):
 @pytest.mark.parametrize(
     "dtype", [jnp.bool_, jnp.int8, jnp.uint32, jnp.complex64, jnp.int16], ids=str
 )
-def test_unsupported_dtype(mesh8, dtype):
+def test_unsupported_dtype(mesh8, strict, dtype):
     x = jnp.zeros((8, 4), dtype)
     expected = rf"unsupported dtype {np.dtype(dtype).name}; supported dtypes are float32, "
     expected += "bfloat16, float16, int32"
@@ -84,7 +91,7 @@ def test_unsupported_dtype(mesh8, dtype):
         _trace(mesh8, lambda v: jax_ark.all_gather(v, "x", tiled=True), x, out_specs=P())
 
 
-def test_unsupported_dtype_in_a_pytree_leaf(mesh8):
+def test_unsupported_dtype_in_a_pytree_leaf(mesh8, strict):
     tree = {"ok": jnp.zeros((8, 4), jnp.float32), "bad": jnp.zeros((8, 4), jnp.uint8)}
     with pytest.raises(TypeError, match=r"jax_ark.psum: unsupported dtype uint8"):
         _trace(mesh8, lambda t: jax_ark.psum(t, "x"), tree, in_specs=P("x"), out_specs=P())

@@ -32,6 +32,14 @@ constexpr uint64_t kPoisoned = uint64_t{1} << 63;
 // we yield, and after that sleep on the condition variable until woken or the deadline.
 constexpr int kSpinIterations = 64;
 constexpr auto kYieldPhase = std::chrono::microseconds(50);
+// A sleeping waiter wakes at least this often to look at the process-wide cancel flag (besides
+// being woken by cancel_all itself), so a cancellation is seen even if a wakeup raced past it.
+constexpr auto kCancelPollPeriod = std::chrono::milliseconds(100);
+
+// Set once by HostCommunicator::cancel_all; the reason is written before the flag is released.
+std::atomic<bool> g_cancelled{false};
+std::mutex g_cancel_mu;
+std::string g_cancel_reason;
 
 struct KeyHash {
   size_t operator()(const CommunicatorKey& k) const {
@@ -61,6 +69,16 @@ class Registry {
     return slot;
   }
 
+  // Every cached communicator, for cancel_all to wake their waiters.
+  std::vector<std::shared_ptr<HostCommunicator>> all() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::shared_ptr<HostCommunicator>> out;
+    out.reserve(map_.size());
+    for (auto& [key, comm] : map_)
+      if (comm) out.push_back(comm);
+    return out;
+  }
+
   // Drops `comm` if the cache still holds it (a fresh one may already have replaced it).
   void drop(const HostCommunicator* comm) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -87,6 +105,34 @@ std::shared_ptr<HostCommunicator> HostCommunicator::get(const CommunicatorKey& k
   return Registry::instance().get(key, [](const HostCommunicator& c) {
     return c.broken_.load(std::memory_order_acquire);
   });
+}
+
+bool HostCommunicator::cancelled() { return g_cancelled.load(std::memory_order_acquire); }
+
+void HostCommunicator::cancel_all(const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(g_cancel_mu);
+    if (g_cancelled.load(std::memory_order_relaxed)) return;
+    g_cancel_reason = reason;
+    g_cancelled.store(true, std::memory_order_release);
+  }
+  for (const auto& comm : Registry::instance().all()) {
+    // Under the communicator's lock, so a waiter between its check and its sleep cannot miss it.
+    { std::lock_guard<std::mutex> lock(comm->mu_); }
+    comm->cv_.notify_all();
+  }
+}
+
+CollectiveStatus HostCommunicator::cancelled_status(const CollectiveCall& call) const {
+  std::string reason;
+  {
+    std::lock_guard<std::mutex> lock(g_cancel_mu);
+    reason = g_cancel_reason;
+  }
+  std::ostringstream s;
+  s << "ark_collective " << collective_op_name(call.op) << " at rank " << call.rank
+    << " cancelled: " << reason;
+  return {CollectiveStatus::Code::kAborted, s.str()};
 }
 
 std::string HostCommunicator::describe(const CollectiveCall& call, uint64_t epoch) const {
@@ -179,12 +225,20 @@ CollectiveStatus HostCommunicator::wait_for_count(std::atomic<uint64_t>& counter
   }
   {
     std::unique_lock<std::mutex> lock(mu_);
-    while (!done() && !poisoned()) {
-      if (cv_.wait_until(lock, deadline) == std::cv_status::timeout) break;
+    while (!done() && !poisoned() && !cancelled()) {
+      const auto now = Clock::now();
+      if (now >= deadline) break;
+      cv_.wait_until(lock, std::min(deadline, now + kCancelPollPeriod));
     }
   }
   if (done()) return CollectiveStatus::Ok();
   if (poisoned()) return aborted_status(call);
+  if (cancelled()) {
+    // Break the group too, so peers fail now and the next program builds a fresh communicator.
+    const CollectiveStatus status = cancelled_status(call);
+    if (!poison_if_incomplete(counter, target, status)) return CollectiveStatus::Ok();
+    return aborted_status(call);
+  }
 
   // Timed out: name the first peer that is missing, so the user can tell a rank that never
   // called this collective from a slow one.
@@ -238,6 +292,7 @@ CollectiveStatus HostCommunicator::run(const CollectiveCall& call) {
 
   // A late arrival on a broken communicator fails now instead of waiting out its timeout.
   if (broken_.load(std::memory_order_acquire)) return aborted_status(call);
+  if (cancelled()) return cancelled_status(call);
 
   const uint64_t epoch = ++mine.epoch;
   const uint64_t target = epoch * static_cast<uint64_t>(n);

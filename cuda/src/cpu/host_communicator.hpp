@@ -104,6 +104,12 @@ class HostCommunicator {
   // The communicator of `key`, created on first use; thread-safe. A broken one is never returned.
   static std::shared_ptr<HostCommunicator> get(const CommunicatorKey& key);
 
+  // Process-wide cancellation (interpreter exit, Ctrl-C): every collective waiting now or called
+  // later fails at once with kAborted and `reason`, instead of holding XLA's threads (and so the
+  // process's exit) until its timeout. Irreversible: meant for a process that is going away.
+  static void cancel_all(const std::string& reason);
+  static bool cancelled();
+
   // Runs one collective for rank call.rank (0 <= rank < size, checked by the caller). Blocks until
   // the whole group is done with this call or a wait times out.
   CollectiveStatus run(const CollectiveCall& call);
@@ -150,6 +156,7 @@ class HostCommunicator {
   // The part of breaking that needs mu_ held; returns false if already broken.
   bool mark_broken_locked(const CollectiveStatus& reason);
   void after_broken();
+  CollectiveStatus cancelled_status(const CollectiveCall& call) const;
   CollectiveStatus aborted_status(const CollectiveCall& call) const;
   std::string describe(const CollectiveCall& call, uint64_t epoch) const;
 

@@ -1,8 +1,15 @@
 // nanobind module of the CPU backend: hands the registered FFI targets to Python as capsules.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "../cuda/src/cpu/host_communicator.hpp"
+#include "jax_ark/plan_check.hpp"
 #include "registry.h"
 
 namespace nb = nanobind;
@@ -20,4 +27,31 @@ NB_MODULE(_ark_cpu, m) {
       [](const std::string& reason) { jax_ark::cpu::HostCommunicator::cancel_all(reason); },
       nb::arg("reason"),
       "Makes every CPU collective waiting now or started later fail at once (process exit).");
+  // The runtime's check of a binary plan (plan_check.hpp), for executors whose plan words live
+  // where the handler cannot read them without a device sync (the GPU): run on the exact words
+  // before they become the call's operand.
+  m.def(
+      "check_plan",
+      [](nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> words,
+         std::vector<int64_t> arg_bytes, std::vector<int32_t> arg_dtypes,
+         std::vector<int64_t> result_bytes, std::vector<int32_t> result_dtypes,
+         int64_t workspace_bytes, int64_t num_counters) {
+        jax_ark::plan::PlanBuffers buffers;
+        buffers.arg_bytes = std::move(arg_bytes);
+        buffers.arg_dtypes = std::move(arg_dtypes);
+        buffers.result_bytes = std::move(result_bytes);
+        buffers.result_dtypes = std::move(result_dtypes);
+        buffers.workspace_bytes = workspace_bytes;
+        buffers.num_counters = num_counters;
+        // The checker wants 8-byte aligned words (int64 fields); numpy gives no such promise.
+        std::vector<int64_t> aligned((words.shape(0) + 1) / 2);
+        std::memcpy(aligned.data(), words.data(), words.shape(0) * sizeof(int32_t));
+        nb::gil_scoped_release release;
+        return jax_ark::plan::check_plan(reinterpret_cast<const int32_t*>(aligned.data()),
+                                         static_cast<int64_t>(words.shape(0)), buffers);
+      },
+      nb::arg("words"), nb::arg("arg_bytes"), nb::arg("arg_dtypes"), nb::arg("result_bytes"),
+      nb::arg("result_dtypes"), nb::arg("workspace_bytes"), nb::arg("num_counters"),
+      "'' when the plan words can run safely against buffers of these sizes and dtype codes, else "
+      "what is wrong.");
 }

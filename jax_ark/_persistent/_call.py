@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ark._ffi import cpu_module
 from jax_ark._persistent._format import (
+    DTYPE_CODES,
     MAX_WORKERS,
     PROFILE_WORDS_PER_TASK,
     Plan,
@@ -130,20 +132,27 @@ def run_plan(
     profile: bool = False,
     timeout_ms: int = _DEFAULT_TIMEOUT_MS,
     words: np.ndarray | None = None,
+    check_on_host: bool = False,
 ):
     """Binds one ark_persistent call; returns (flat outputs, profile array or None).
 
-    words: the binary plan to send instead of p.to_binary() (tests of the runtime's own check)."""
+    words: the binary plan to send instead of p.to_binary() (tests of the runtime's own check).
+    check_on_host: run the runtime's binary-plan check here, on the exact words sent (for the GPU,
+    whose handler cannot read the plan operand in device memory without a stream sync; the CPU
+    handler checks the words it receives itself)."""
     axes = _varying_axes([jax.typeof(x) for x in flat_args if isinstance(x, jax.Array)])
     operands = list(flat_args)
     for t in p.args[p.num_inputs :]:
         operands.append(jnp.asarray(p.constants[t]))
-    operands.append(jnp.asarray(p.to_binary() if words is None else words))
+    plan_words = np.ascontiguousarray(p.to_binary() if words is None else words, dtype=np.int32)
     results = [
         jax.ShapeDtypeStruct(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs
     ]
     results.append(jax.ShapeDtypeStruct((max(p.workspace_bytes, 1),), np.uint8))
     results.append(jax.ShapeDtypeStruct((len(p.tasks),), np.int32))
+    if check_on_host:
+        _check_words_on_host(plan_words, operands, results)
+    operands.append(jnp.asarray(plan_words))
     if profile:
         results.append(jax.ShapeDtypeStruct((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64))
     outs = jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(
@@ -157,6 +166,27 @@ def run_plan(
     outs = [_mark_varying(o, axes) for o in outs]
     n = len(p.outputs)
     return list(outs[:n]), (outs[n + 2] if profile else None)
+
+
+def _dtype_code(dtype) -> int:
+    """The plan format's code of a buffer dtype (-1: none, which the check rejects)."""
+    return DTYPE_CODES.get(np.dtype(dtype).name, -1)
+
+
+def _check_words_on_host(words: np.ndarray, operands: list, results: list) -> None:
+    """The runtime's own binary-plan check (plan_check.hpp) against the call's buffers; raises
+    PlanError with its verdict."""
+    problem = cpu_module().check_plan(
+        words,
+        [int(np.prod(np.shape(x))) * np.dtype(jnp.result_type(x)).itemsize for x in operands],
+        [_dtype_code(jnp.result_type(x)) for x in operands],
+        [int(np.prod(r.shape)) * np.dtype(r.dtype).itemsize for r in results[:-2]],
+        [_dtype_code(r.dtype) for r in results[:-2]],
+        int(results[-2].shape[0]),
+        int(results[-1].shape[0]),
+    )
+    if problem:
+        raise PlanError(f"the runtime's check refuses this plan: {problem}")
 
 
 class _Persistent:
@@ -223,7 +253,13 @@ class _Persistent:
     def __call__(self, *args):
         p, out_tree = self._planned(args)
         leaves = jax.tree_util.tree_leaves(args)
-        outs, prof = run_plan(p, leaves, profile=self._profile, timeout_ms=self._timeout_ms)
+        outs, prof = run_plan(
+            p,
+            leaves,
+            profile=self._profile,
+            timeout_ms=self._timeout_ms,
+            check_on_host=resolve_platform(leaves)[0] != "cpu",
+        )
         result = jax.tree_util.tree_unflatten(out_tree, outs)
         return (result, prof) if self._profile else result
 

@@ -52,6 +52,16 @@ def binaries(tmp_path_factory):
         done = _compile(SOURCE, tmp / f"protocol_{name}", *flags)
         assert done.returncode == 0, done.stderr
         built[name] = tmp / f"protocol_{name}"
+    # The same source through nvcc: the protocol then takes its libcu++ branch (cuda::atomic_ref,
+    # the kernels' own atomics), run here by host threads.
+    built["nvcc"] = None
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        cmd = [nvcc, "-std=c++17", "-O2", "-x", "cu", "-Xcompiler", "-pthread,-Wall,-Wextra"]
+        cmd += [f"-I{ROOT / 'cuda' / 'include'}", str(SOURCE), "-o", str(tmp / "protocol_nvcc")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        built["nvcc"] = tmp / "protocol_nvcc"
     return built
 
 
@@ -201,4 +211,18 @@ def test_thread_sanitizer_finds_no_race(binaries, plan_files):
     assert _summary(_run(exe, "ll", 4, 40, 2, 21), "ll")["mismatches"] == "0"
     assert _summary(_run(exe, "pingpong", 4, 40, 2, 22), "pingpong")["mismatches"] == "0"
     s = _summary(_run(exe, "persistent", plan_files["attention"][1], 23), "persistent")
+    assert (s["wrong"], s["not_run_once"]) == ("0", "0")
+
+
+def test_libcudacxx_branch_passes_the_same_checks(binaries, plan_files):
+    """Built by nvcc, the shim maps onto libcu++'s cuda::atomic_ref (what the kernels use) instead
+    of the __atomic builtins: the same calls, rounds, timeouts and plan run must pass."""
+    if binaries["nvcc"] is None:
+        pytest.skip("no nvcc")
+    exe = binaries["nvcc"]
+    assert _summary(_run(exe, "ll", 4, 60, 2, 31), "ll")["mismatches"] == "0"
+    assert _summary(_run(exe, "pingpong", 4, 60, 2, 32), "pingpong")["mismatches"] == "0"
+    assert _summary(_run(exe, "timeout", 3, 1), "timeout")["all_failed"] == "1"
+    assert "failures=0" in _run(exe, "stale")
+    s = _summary(_run(exe, "persistent", plan_files["mlp_chain"][1], 33), "persistent")
     assert (s["wrong"], s["not_run_once"]) == ("0", "0")

@@ -598,10 +598,19 @@ struct DeviceState {
 std::mutex g_mutex;
 
 // Co-resident blocks of the kernel on `device`, which must be the current device. Sets the dynamic
-// shared memory attribute first: the occupancy (and every launch) depends on it.
+// shared memory attribute first: the occupancy (and every launch) depends on it. Also reserves
+// the kernel's per-thread stack now: left to the first launch, the driver grows the reservation
+// (hundreds of MB: stack x resident threads) inside XLA's launch of the FFI call. This runs at
+// trace time when the planner asks for the worker count, else at the first enqueue.
 std::string resident_blocks_on_current(int device, int* blocks) {
   ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
+  cudaFuncAttributes attr{};
+  ARK_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, persistent_kernel));
+  size_t stack = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetLimit(&stack, cudaLimitStackSize));
+  if (stack < attr.localSizeBytes)
+    ARK_CUDA_RETURN_IF_ERROR(cudaDeviceSetLimit(cudaLimitStackSize, attr.localSizeBytes));
   int per_sm = 0, sms = 0;
   ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));

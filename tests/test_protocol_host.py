@@ -226,3 +226,49 @@ def test_libcudacxx_branch_passes_the_same_checks(binaries, plan_files):
     assert "failures=0" in _run(exe, "stale")
     s = _summary(_run(exe, "persistent", plan_files["mlp_chain"][1], 33), "persistent")
     assert (s["wrong"], s["not_run_once"]) == ("0", "0")
+
+
+def _mutant(tmp: pathlib.Path, name: str, header: str, old: str, new: str, *flags: str):
+    """The test binary built against a copy of the headers with one line changed."""
+    inc = tmp / name
+    shutil.copytree(ROOT / "cuda" / "include", inc)
+    path = inc / "jax_ark" / "gpu" / header
+    text = path.read_text()
+    assert text.count(old) == 1, f"mutation target not found once in {header}: {old}"
+    path.write_text(text.replace(old, new))
+    exe = tmp / f"{name}.exe"
+    cmd = [CXX, "-std=c++17", "-pthread", *flags, f"-I{inc}", str(SOURCE), "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    return exe
+
+
+def test_the_checks_catch_a_broken_protocol(binaries, tmp_path):
+    """The checks above can fail: an LL flag that ignores the epoch lets a stale packet through,
+    and a signal without release ordering is a race that ThreadSanitizer reports."""
+    exe = _mutant(
+        tmp_path,
+        "flag_ignores_epoch",
+        "protocol.hpp",
+        "return static_cast<uint32_t>(epoch % 0xFFFFFFFFull) + 1u;",
+        "return 1u;",
+        "-O1",
+    )
+    out = _run(exe, "stale", expect_rc=1)
+    assert "check stale_packet_rejected=0" in out
+    if binaries["tsan"] is None:
+        return
+    exe = _mutant(
+        tmp_path,
+        "relaxed_signal",
+        "communicator_device.hpp",
+        "      .store_release(seq);",
+        "      .store_relaxed(seq);",
+        "-O1",
+        "-g",
+        "-fsanitize=thread",
+    )
+    done = subprocess.run(
+        [str(exe), "pingpong", "3", "20", "1", "41"], capture_output=True, text=True, timeout=120
+    )
+    assert "ThreadSanitizer: data race" in done.stderr

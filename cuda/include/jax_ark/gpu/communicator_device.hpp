@@ -157,14 +157,12 @@ struct WaitContext {
     }
     return false;
   }
-  // Waits until my flag[src][block] >= target: relaxed polls, one acquire load once it is there.
+  // Waits until my flag[src][block] >= target (proto::wait_at_least: relaxed polls, one acquire).
   // Returns false on timeout/abort.
   ARK_PROTO_HD bool wait_flag(int src, int block, uint64_t target) const {
     const proto::AtomicRef<uint64_t, proto::Scope::kSystem> f(comm.flag(comm.local, src, block));
-    const bool ok = proto::spin_until([&] { return f.load_relaxed() >= target; },
-                                      [&] { return give_up(src); }, 256u);
-    if (ok) (void)f.load_acquire();
-    return ok;
+    uint64_t seen = 0;
+    return proto::wait_at_least(f, target, [&] { return give_up(src); }, 256u, &seen);
   }
   // Waits until an LL packet carries this call's flag; returns its data word through `data`.
   // The data travels in the polled word itself, so no acquire is needed.

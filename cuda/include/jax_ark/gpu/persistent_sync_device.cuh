@@ -86,10 +86,10 @@ struct DepWaitResult {
   uint64_t waited_ns;  // how long the failed wait lasted
 };
 
-// Waits for dependencies lane, lane + lanes, ... of `task` (counters[d] >= 1 for each): relaxed
-// polls, one acquire load once a counter is set; the clock and the abort word every 32 polls
-// (a poll is one L2 round trip, ~0.3 us, so the bound holds to ~10 us and the hot loop stays a
-// single load). Device: lane = thread, lanes = threads of the block (a layer with 128 producer
+// Waits for dependencies lane, lane + lanes, ... of `task` (counters[d] >= 1 for each) with
+// proto::wait_at_least: one acquire probe (a set counter costs one load, no clock read), then
+// relaxed polls and one acquire; the clock and the abort word every 32 polls (a poll is one L2
+// round trip, ~0.3 us). The clock starts at the first check, so the bound is timeout + ~10 us. Device: lane = thread, lanes = threads of the block (a layer with 128 producer
 // tiles costs one round trip, not 128). Host: one thread per worker, lane 0 of 1.
 ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int32_t num_tasks,
                                                 const int32_t* counters, int32_t task, int32_t lane,
@@ -102,25 +102,21 @@ ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int3
     if (d < 0 || d >= num_tasks) return DepWaitResult{DepWait::kBadPlan, d, 0u, 0u};
     const proto::AtomicRef<uint32_t, proto::Scope::kGpu> c(
         reinterpret_cast<const uint32_t*>(counters + d));
-    if (c.load_relaxed() >= 1u) {  // fast path: no clock read
-      (void)c.load_acquire();
-      continue;
-    }
-    const uint64_t t0 = proto::now_ns();
-    uint32_t seen = 0;
+    uint64_t t0 = 0;  // the clock is read only once the first probe found the counter unset
     uint64_t waited = 0;
     bool aborted = false;
-    const bool ready = proto::spin_until(
-        [&] { return (seen = c.load_relaxed()) >= 1u; },
+    uint32_t seen = 0;
+    const bool ready = proto::wait_at_least(
+        c, 1u,
         [&] {
+          if (t0 == 0) t0 = proto::now_ns();
           if (persistent_aborted(run)) return aborted = true;
           waited = proto::now_ns() - t0;
           return waited > run.timeout_ns;
         },
-        32u);
+        32u, &seen);
     if (!ready)
       return DepWaitResult{aborted ? DepWait::kAborted : DepWait::kTimedOut, d, seen, waited};
-    (void)c.load_acquire();
   }
   return DepWaitResult{DepWait::kReady, -1, 0u, 0u};
 }

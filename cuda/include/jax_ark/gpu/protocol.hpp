@@ -8,11 +8,11 @@
 // `__atomic` builtins with the same orderings. tests/protocol_host_test.cc then runs the very code
 // the kernels run, with host threads standing in for ranks and workers (under ThreadSanitizer too).
 //
-// Waits poll with RELAXED loads (no L1 invalidation per poll on the device) and make ONE acquire
-// load of the same word once the value is there: the word is monotonic, so that load reads the
-// awaited value or a later one written by a release of the same producer, and it synchronizes with
-// it. (An acquire load rather than a standalone fence: same cost on the device, and it is what
-// ThreadSanitizer models, so host runs check the ordering instead of reporting false races.)
+// Waits (wait_word) probe once with an ACQUIRE load, so a value that is already there costs one
+// load as ever; otherwise they poll with RELAXED loads (no L1 invalidation per poll on the device)
+// and take ONE acquire once the value is there: an acquire fence at the word's scope on the device,
+// an acquire re-load of the same (monotonic) word on the host, which synchronizes the same way and
+// is what ThreadSanitizer models (it ignores standalone fences), so host runs check the ordering.
 #pragma once
 
 #include <stdint.h>
@@ -65,6 +65,14 @@ class AtomicRef {
   ARK_PROTO_HD T fetch_max_relaxed(T v) const {
     return ref().fetch_max(v, cuda::memory_order_relaxed);
   }
+  // Upgrades an earlier relaxed load of this word that saw the awaited value to an acquire.
+  ARK_PROTO_HD void acquire_after_relaxed_load() const {
+#if defined(__CUDA_ARCH__)
+    cuda::atomic_thread_fence(cuda::memory_order_acquire, CudaScope<S>::value);
+#else
+    (void)load_acquire();
+#endif
+  }
   // Strong CAS; true when *p was `expected` and now holds `desired`.
   ARK_PROTO_HD bool compare_exchange(T expected, T desired) const {
     return ref().compare_exchange_strong(expected, desired, cuda::memory_order_acq_rel,
@@ -88,6 +96,7 @@ class AtomicRef {
     }
     return seen;
   }
+  void acquire_after_relaxed_load() const { (void)load_acquire(); }
   bool compare_exchange(T expected, T desired) const {
     return __atomic_compare_exchange_n(p_, &expected, desired, false, __ATOMIC_ACQ_REL,
                                        __ATOMIC_RELAXED);
@@ -141,6 +150,22 @@ ARK_PROTO_HD bool spin_until(Ready ready, GiveUp give_up, uint32_t check_every) 
     if ((spins & (check_every - 1u)) == 0u && give_up()) return false;
     spin_pause();
   }
+}
+
+// Waits until *word >= target, with acquire ordering on success (see the top of this file).
+// `give_up()` is asked every `check_every` polls; `seen` gets the last value read.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename T, Scope S, typename GiveUp>
+ARK_PROTO_HD bool wait_at_least(const AtomicRef<T, S>& word, T target, GiveUp give_up,
+                                uint32_t check_every, T* seen) {
+  *seen = word.load_acquire();
+  if (*seen >= target) return true;
+  const bool ok =
+      spin_until([&] { return (*seen = word.load_relaxed()) >= target; }, give_up, check_every);
+  if (ok) word.acquire_after_relaxed_load();
+  return ok;
 }
 
 // ---- LL packets ---------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """`python -m jax_ark.bench collectives`: ark collectives against jax.lax, measured side by side.
 
 CPU (default when no GPU): 8 virtual CPU devices, each op at several sizes, ark time, jax.lax time
-and their ratio. GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks in one
-cooperative launch per call), latency at 8 KiB and bus bandwidth at 256 MiB next to the copy
-bandwidth measured in the same run.
+and their ratio. GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks as concurrent
+streams), latency at 8 KiB and bus bandwidth at 256 MiB next to the copy bandwidth measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ _GPU_OPS = {
 
 
 def bench_gpu(n_ranks: int = 8, small: int = 8 << 10, large: int = 256 << 20) -> dict[str, Any]:
-    """The N-rank harness on the one GPU: every call of all ranks is one cooperative launch.
+    """The N-rank harness on the one GPU: every rank is a concurrent stream of this process.
 
     Latency at `small` bytes and bus bandwidth at `large` bytes per op, next to the copy bandwidth
     measured in the same run (the harness's ranks share one GPU's HBM, so this is a protocol and

@@ -296,7 +296,7 @@ def harness_run(
     ll_bytes: int = _LL_BYTES,
     skip_rank: int = -1,
 ) -> list[np.ndarray]:
-    """Runs one collective on `n_ranks` ranks as concurrent streams on the current GPU.
+    """Runs one collective on `n_ranks` (<= 16) ranks on the current GPU, one cooperative launch.
 
     inputs[r] is rank r's x (shapes as in docs/internals.md: (n, *S) for reduce_scatter and
     all_to_all). Returns each rank's y. `piece_bytes` small forces many chunked rounds; `ll_bytes`

@@ -1,4 +1,5 @@
-"""GPU runtime through the single-GPU harness: n ranks as concurrent streams on one GPU.
+"""GPU runtime through the single-GPU harness: n ranks of one communicator on one GPU (one
+cooperative launch per call).
 
 Every op, dtype and rank count against a numpy model of the contract (docs/internals.md): left
 fold over ranks 0..n-1, 16-bit floats accumulated in float32 and rounded once.

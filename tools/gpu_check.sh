@@ -10,8 +10,8 @@ OUT=${1:-${OUT:-./gpu_out}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
-# The harness runs N spinning ranks as N streams of one process: streams that alias one hardware
-# queue would serialize and deadlock (until the timeout), so give every stream its own queue.
+# The harness now runs its N ranks as ONE cooperative launch; kept for any test that still has
+# several spinning streams in one process (streams aliasing one hardware queue serialize).
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 # The pytest process and the two worker processes of the multi-process test share the GPU.
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}

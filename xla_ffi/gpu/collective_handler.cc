@@ -54,7 +54,14 @@ ffi::Error ArkCollectiveCudaImpl(cudaStream_t stream, int32_t device_ordinal, ff
   (void)comm_key;  // folded into comm_id by the lowering
   // The stream's device is the CUDA ordinal in this process, whatever XLA calls the device.
   int device = device_ordinal;
+#if CUDART_VERSION >= 12080
   ARK_CUDA_FFI(cudaStreamGetDevice(stream, &device));
+#else
+  // cudaStreamGetDevice is CUDA 12.8+. Older runtimes: XLA runs a device's thunks with that
+  // device's primary context current, so the current device is the stream's; a mismatch would
+  // find no communicator below and fail with a clear error rather than use a wrong one.
+  ARK_CUDA_FFI(cudaGetDevice(&device));
+#endif
   RankState* state = Registry::instance().find(comm_id, device);
   if (state == nullptr || !state->connected())
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,

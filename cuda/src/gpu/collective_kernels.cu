@@ -104,25 +104,6 @@ __device__ __forceinline__ uint32_t to_bits(T v) {
   }
 }
 
-// ---- byte helpers (tails and misaligned buffers) -------------------------------------------
-// Reads 32-bit word `w` of an M-byte buffer; bytes past the end read as 0.
-__device__ __forceinline__ uint32_t load_word(const uint8_t* p, uint64_t m, uint64_t w) {
-  const uint64_t at = w * 4;
-  if (at + 4 <= m && (reinterpret_cast<uintptr_t>(p + at) & 3) == 0)
-    return *reinterpret_cast<const uint32_t*>(p + at);
-  uint32_t v = 0;
-  for (int i = 0; i < 4 && at + i < m; ++i) v |= static_cast<uint32_t>(p[at + i]) << (8 * i);
-  return v;
-}
-__device__ __forceinline__ void store_word(uint8_t* p, uint64_t m, uint64_t w, uint32_t v) {
-  const uint64_t at = w * 4;
-  if (at + 4 <= m && (reinterpret_cast<uintptr_t>(p + at) & 3) == 0) {
-    *reinterpret_cast<uint32_t*>(p + at) = v;
-    return;
-  }
-  for (int i = 0; i < 4 && at + i < m; ++i) p[at + i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
 // Folds the elements packed in one 32-bit word from every rank, in rank order.
 template <typename T, int R>
 struct WordFold {
@@ -223,111 +204,48 @@ __device__ __forceinline__ uint64_t piece_len(uint64_t len, uint64_t off, uint64
   return len > off ? min_u64(piece, len - off) : 0;
 }
 
-// ---- LL protocol ---------------------------------------------------------------------------
-template <typename T, int R>
-__device__ bool ll_call(const WaitContext& w, const CollectiveArgs& a) {
-  const CommDevice& c = w.comm;
-  const int n = c.n;
-  const int r = c.rank;
-  const uint32_t e = w.ll_flag;
-  const uint32_t half = static_cast<uint32_t>(w.epoch & 1u);
-  const uint64_t m = a.block_bytes;
-  const uint64_t words = (m + 3) / 4;
-  const uint8_t* x = static_cast<const uint8_t*>(a.x);
-  uint8_t* y = static_cast<uint8_t*>(a.y);
-  const uint64_t tid = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const uint64_t nthreads = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-
-  // Send. Packet 0 of each slot is the arrival header, data packets follow.
-  if (blockIdx.x == 0 && threadIdx.x < static_cast<unsigned>(n))
-    store_packet(c.ll_slot(c.peers[threadIdx.x], half, r), 0u, e);
-  if (a.op == kPermute) {
-    const int dst = a.send_to[r];
-    if (dst >= 0) {
-      uint2* slot = c.ll_slot(c.peers[dst], half, r) + 1;
-      for (uint64_t i = tid; i < words; i += nthreads) store_packet(slot + i, load_word(x, m, i), e);
-    }
-  } else {
-    const bool per_peer_block = a.op == kReduceScatter || a.op == kAllToAll;
-    for (uint64_t i = tid; i < n * words; i += nthreads) {
-      const int j = static_cast<int>(i / words);
-      const uint64_t wd = i % words;
-      const uint8_t* src = per_peer_block ? x + j * m : x;
-      store_packet(c.ll_slot(c.peers[j], half, r) + 1 + wd, load_word(src, m, wd), e);
-    }
-  }
-
-  // Receive.
-  bool ok = true;
-  uint32_t data = 0;
-  if (blockIdx.x == 0 && threadIdx.x < static_cast<unsigned>(n))
-    ok = w.wait_packet(c.ll_slot(c.local, half, threadIdx.x), threadIdx.x, data);
-  if (a.op == kAllReduce || a.op == kReduceScatter) {
-    for (uint64_t i = tid; ok && i < words; i += nthreads) {
-      WordFold<T, R> fold;
-      for (int j = 0; ok && j < n; ++j) {
-        ok = w.wait_packet(c.ll_slot(c.local, half, j) + 1 + i, j, data);
-        if (j == 0) fold.first(data); else fold.next(data);
-      }
-      if (ok) store_word(y, m, i, fold.result());
-    }
-  } else if (a.op == kPermute) {
-    const int src = a.recv_from[r];
-    for (uint64_t i = tid; ok && i < words; i += nthreads) {
-      if (src >= 0) ok = w.wait_packet(c.ll_slot(c.local, half, src) + 1 + i, src, data);
-      if (ok) store_word(y, m, i, src >= 0 ? data : 0u);
-    }
-  } else {  // all_gather, all_to_all: y[j] = what rank j sent me
-    for (uint64_t i = tid; ok && i < n * words; i += nthreads) {
-      const int j = static_cast<int>(i / words);
-      const uint64_t wd = i % words;
-      ok = w.wait_packet(c.ll_slot(c.local, half, j) + 1 + wd, j, data);
-      if (ok) store_word(y + j * m, m, wd, data);
-    }
-  }
-  return ok;
-}
-
 // ---- chunked protocol ----------------------------------------------------------------------
+// Which block of its rank's grid this block is: the whole grid for a rank's own launch, a slice of
+// it in the harness's group launch (rank = blockIdx.x / blocks_per_rank).
+struct GridPos {
+  uint32_t block;
+  uint32_t blocks;
+};
+
 struct Round {
   uint32_t half;
   uint64_t epoch;
   uint32_t g = 0;  // round counter over the whole call (both all-reduce phases)
 };
 
-// Raises flag[me][block] = seq on every peer after the whole block's puts of this round.
-__device__ __forceinline__ void signal_all(const CommDevice& c, uint64_t seq) {
+// Raises flag[me][block] = seq on every peer after the whole block's puts of this round: the
+// barrier, then one release store per peer (signal_peer: no extra fence).
+__device__ __forceinline__ void signal_all(const CommDevice& c, uint32_t block, uint64_t seq) {
   __syncthreads();
-  if (threadIdx.x < static_cast<unsigned>(c.n)) {
-    __threadfence_system();
-    store_release_sys(c.flag(c.peers[threadIdx.x], c.rank, blockIdx.x), seq);
-  }
+  if (threadIdx.x < static_cast<unsigned>(c.n)) signal_peer(c, threadIdx.x, block, seq);
 }
 
 // Waits for flag[src][block] >= seq from every rank; false (on every thread) on failure.
-__device__ __forceinline__ bool wait_all(const WaitContext& w, uint64_t seq, int* s_failed) {
+__device__ __forceinline__ bool wait_all(const WaitContext& w, uint32_t block, uint64_t seq,
+                                         int* s_failed) {
   if (threadIdx.x < static_cast<unsigned>(w.comm.n) &&
-      !w.wait_flag(static_cast<int>(threadIdx.x), blockIdx.x, seq))
+      !w.wait_flag(static_cast<int>(threadIdx.x), block, seq))
     *s_failed = 1;
   __syncthreads();
   return *s_failed == 0;
-}
-
-// g + 1 < 2^kRoundBits: validate_call bounds the rounds of a call (kMaxRoundsPerCall).
-__device__ __forceinline__ uint64_t round_seq(uint64_t epoch, uint32_t g) {
-  return (epoch << kRoundBits) | (static_cast<uint64_t>(g) + 1);
 }
 
 // One exchange phase: `rounds` rounds; in round k block b handles bytes [off, off + P) of every
 // message, off = (k * blocks + b) * P. send(j) -> (pointer, length) of the message for rank j;
 // consume(off, parity) reads what arrived.
 template <typename SendFn, typename ConsumeFn>
-__device__ bool run_phase(const WaitContext& w, Round& rd, uint64_t rounds, SendFn send,
+__device__ bool run_phase(const WaitContext& w, const GridPos& g, Round& rd, uint64_t rounds,
+                          SendFn send,
                           ConsumeFn consume, int* s_failed) {
   const CommDevice& c = w.comm;
   const uint64_t piece = c.piece_bytes;
   for (uint64_t k = 0; k < rounds; ++k, ++rd.g) {
-    const uint64_t off = (k * gridDim.x + blockIdx.x) * piece;
+    const uint64_t off = (k * g.blocks + g.block) * piece;
     const uint32_t parity = rd.g & 1u;
     for (int jj = 0; jj < c.n; ++jj) {
       const int j = (c.rank + jj) % c.n;  // staggered so ranks do not all hit one peer at once
@@ -335,31 +253,30 @@ __device__ bool run_phase(const WaitContext& w, Round& rd, uint64_t rounds, Send
       uint64_t len = 0;
       send(j, src, len);
       const uint64_t l = piece_len(len, off, piece);
-      if (l > 0) block_copy(c.piece(c.peers[j], rd.half, parity, c.rank, blockIdx.x), src + off, l);
+      if (l > 0) block_copy(c.piece(c.peers[j], rd.half, parity, c.rank, g.block), src + off, l);
     }
     const uint64_t seq = round_seq(rd.epoch, rd.g);
-    signal_all(c, seq);
-    if (!wait_all(w, seq, s_failed)) return false;
+    signal_all(c, g.block, seq);
+    if (!wait_all(w, g.block, seq, s_failed)) return false;
     consume(off, parity);
   }
   return true;
 }
 
 template <typename T, int R>
-__device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int* s_failed) {
+__device__ bool chunked_call(const WaitContext& w, const GridPos& g, const CollectiveArgs& a,
+                             const uint8_t* x, uint8_t* y, int* s_failed) {
   const CommDevice& c = w.comm;
   const int n = c.n;
   const int r = c.rank;
   const uint64_t m = a.block_bytes;
   const uint64_t piece = c.piece_bytes;
-  const uint64_t per_round = piece * gridDim.x;  // bytes of one message moved per round
-  const uint8_t* x = static_cast<const uint8_t*>(a.x);
-  uint8_t* y = static_cast<uint8_t*>(a.y);
+  const uint64_t per_round = piece * g.blocks;  // bytes of one message moved per round
   Round rd{static_cast<uint32_t>(w.epoch & 1u), w.epoch, 0};
   // My pieces of round parity p from every source: [src][block] layout, stride blocks * piece.
   const uint64_t src_stride = static_cast<uint64_t>(c.blocks) * piece;
   auto local_piece = [&](uint32_t parity, int src) {
-    return c.piece(c.local, rd.half, parity, src, blockIdx.x);
+    return c.piece(c.local, rd.half, parity, src, g.block);
   };
 
   if (a.op == kAllReduce) {
@@ -373,7 +290,7 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
     const uint64_t rounds = (shard_len(0) + per_round - 1) / per_round;
     // Phase 1, reduce-scatter: rank j receives shard j of everyone and reduces it into y.
     const bool ok = run_phase(
-        w, rd, rounds,
+        w, g, rd, rounds,
         [&](int j, const uint8_t*& src, uint64_t& len) {
           src = x + shard_off(j);
           len = shard_len(j);
@@ -392,7 +309,7 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
     // thread's y writes visible to the whole block before any thread sends them.
     __syncthreads();
     return run_phase(
-        w, rd, rounds,
+        w, g, rd, rounds,
         [&](int j, const uint8_t*& src, uint64_t& len) {
           src = y + shard_off(r);
           len = j == r ? 0 : shard_len(r);  // my own shard is already in place
@@ -411,7 +328,7 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
   switch (a.op) {
     case kReduceScatter:
       return run_phase(
-          w, rd, rounds,
+          w, g, rd, rounds,
           [&](int j, const uint8_t*& src, uint64_t& len) {
             src = x + j * m;
             len = m;
@@ -423,7 +340,7 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
           s_failed);
     case kPermute:
       return run_phase(
-          w, rd, rounds,
+          w, g, rd, rounds,
           [&](int j, const uint8_t*& src, uint64_t& len) {
             src = x;
             len = (a.send_to[r] == j) ? m : 0;
@@ -439,7 +356,7 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
     default: {  // all_gather, all_to_all
       const bool per_peer_block = a.op == kAllToAll;
       return run_phase(
-          w, rd, rounds,
+          w, g, rd, rounds,
           [&](int j, const uint8_t*& src, uint64_t& len) {
             src = per_peer_block ? x + j * m : x;
             len = m;
@@ -454,63 +371,133 @@ __device__ bool chunked_call(const WaitContext& w, const CollectiveArgs& a, int*
   }
 }
 
-// ---- the kernel ----------------------------------------------------------------------------
+// ---- the kernels ---------------------------------------------------------------------------
+// One call of one rank, run by the `g.blocks` blocks of that rank.
 template <typename T, int R>
-__global__ void __launch_bounds__(kThreads)
-    collective_kernel(CommDevice comm, CollectiveArgs args, int use_ll) {
+__device__ __forceinline__ void collective_call(const CommDevice& comm, const CollectiveArgs& args,
+                                                const void* x, void* y, const int32_t* rank_ptr,
+                                                GridPos g, bool use_ll) {
   __shared__ uint64_t s_epoch;
   __shared__ int s_failed;
   // Loaded early, checked at the end: the communicator already knows its rank (bootstrap), the
   // operand only guards against a mesh/rank mismatch, so it stays off the latency path.
-  const int32_t rank_operand = args.rank_operand != nullptr ? *args.rank_operand : comm.rank;
+  const int32_t rank_operand = rank_ptr != nullptr ? *rank_ptr : comm.rank;
   if (threadIdx.x == 0) {
-    s_epoch = *reinterpret_cast<volatile uint64_t*>(&comm.control->epoch);
+    s_epoch = current_epoch(comm.control);
     s_failed = 0;
   }
   __syncthreads();
-  const uint64_t now = global_timer_ns();
-  const WaitContext wait{comm, now, now + args.timeout_ns, args.op, s_epoch, ll_flag_of(s_epoch)};
+  const WaitContext wait = WaitContext::begin(comm, args.op, s_epoch, args.timeout_ns);
+  const uint8_t* xb = static_cast<const uint8_t*>(x);
+  uint8_t* yb = static_cast<uint8_t*>(y);
 
-  bool ok = use_ll ? ll_call<T, R>(wait, args) : chunked_call<T, R>(wait, args, &s_failed);
+  bool ok;
+  if (use_ll) {
+    const Lanes lanes{static_cast<uint64_t>(g.block) * blockDim.x + threadIdx.x,
+                      static_cast<uint64_t>(g.blocks) * blockDim.x,
+                      g.block == 0 ? static_cast<int32_t>(threadIdx.x) : -1,
+                      static_cast<int32_t>(blockDim.x)};
+    ok = ll_call<WordFold<T, R>>(wait, args, xb, yb, lanes);
+  } else {
+    ok = chunked_call<T, R>(wait, g, args, xb, yb, &s_failed);
+  }
   (void)ok;  // failures are in the error record; the kernel still retires the call below
-  if (blockIdx.x == 0 && threadIdx.x == 0 && rank_operand != comm.rank) wait.record_failure(-2);
+  if (g.block == 0 && threadIdx.x == 0 && rank_operand != comm.rank) wait.record_failure(-2);
 
-  // The last block to finish advances the epoch. Every block read s_epoch before counting itself
-  // done, so no block of this call can see the new value; the next call (a later kernel on the
-  // same stream) does.
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&comm.control->blocks_done, 1u) == gridDim.x - 1) {
-      atomicExch(&comm.control->blocks_done, 0u);
-      __threadfence();
-      atomicExch(reinterpret_cast<unsigned long long*>(&comm.control->epoch),
-                 static_cast<unsigned long long>(s_epoch + 1u));
+  if (threadIdx.x == 0) retire_block(comm.control, g.blocks, s_epoch);
+}
+
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads)
+    collective_kernel(const __grid_constant__ CommDevice comm,
+                      const __grid_constant__ CollectiveArgs args, int use_ll) {
+  // __grid_constant__: the body takes references to both, which must not copy them to local memory.
+  collective_call<T, R>(comm, args, args.x, args.y, args.rank_operand,
+                        GridPos{blockIdx.x, gridDim.x}, use_ll != 0);
+}
+
+// Every rank of a single-GPU group in one cooperative launch: CUDA guarantees that all blocks of a
+// cooperative grid are resident together, which N kernels on N streams do not (they may run one
+// after the other, and then spin until the timeout).
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads)
+    collective_group_kernel(const __grid_constant__ GroupLaunch p, int use_ll) {
+  const uint32_t rank = blockIdx.x / p.blocks_per_rank;
+  if (static_cast<int32_t>(rank) == p.skip_rank) return;
+  collective_call<T, R>(p.comm[rank], p.args, p.x[rank], p.y[rank], p.rank_operand[rank],
+                        GridPos{blockIdx.x % p.blocks_per_rank, p.blocks_per_rank}, use_ll != 0);
+}
+
+// Blocks per rank of one call: as many as the LL packets need (LL has no per-block pairing
+// between ranks), all of them for the chunked protocol.
+bool use_ll_for(const CommDevice& comm, const CollectiveArgs& args, unsigned* grid) {
+  const uint64_t ll_capacity = (static_cast<uint64_t>(comm.ll_slot_packets) - 1) * 4;
+  const bool use_ll = args.block_bytes <= ll_capacity;
+  *grid = static_cast<unsigned>(comm.blocks);
+  if (use_ll) {
+    const uint64_t items = static_cast<uint64_t>(comm.n) * ((args.block_bytes + 3) / 4);
+    const uint64_t want = (items + kThreads - 1) / kThreads;
+    *grid = static_cast<unsigned>(want < 1 ? 1 : (want > *grid ? *grid : want));
+  }
+  return use_ll;
+}
+
+// Launches `kernel<T, R>` for the call's dtype / reduction (non-reducing ops only move bytes: any
+// instantiation does; they reuse the int32 sum one).
+template <template <typename, int> class Launch, typename... A>
+cudaError_t dispatch(const CollectiveArgs& args, A&&... a) {
+  const bool reducing = args.op == kAllReduce || args.op == kReduceScatter;
+  auto by_reduce = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (args.reduce) {
+      case kMax: return Launch<T, kMax>::run(a...);
+      case kMin: return Launch<T, kMin>::run(a...);
+      default: return Launch<T, kSum>::run(a...);
     }
+  };
+  if (!reducing) return Launch<int32_t, kSum>::run(a...);
+  switch (args.dtype) {
+    case kF32: return by_reduce(float{});
+    case kBF16: return by_reduce(__nv_bfloat16{});
+    case kF16: return by_reduce(__half{});
+    case kS32: return by_reduce(int32_t{});
+    default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, int R>
-cudaError_t launch_typed(const CommDevice& comm, const CollectiveArgs& args, cudaStream_t stream,
+struct LaunchOne {
+  static cudaError_t run(const CommDevice& comm, const CollectiveArgs& args, cudaStream_t stream,
                          bool use_ll, unsigned grid) {
-  collective_kernel<T, R><<<grid, kThreads, 0, stream>>>(comm, args, use_ll ? 1 : 0);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_reduce(const CommDevice& comm, const CollectiveArgs& args, cudaStream_t stream,
-                          bool use_ll, unsigned grid) {
-  switch (args.reduce) {
-    case kMax: return launch_typed<T, kMax>(comm, args, stream, use_ll, grid);
-    case kMin: return launch_typed<T, kMin>(comm, args, stream, use_ll, grid);
-    default: return launch_typed<T, kSum>(comm, args, stream, use_ll, grid);
+    collective_kernel<T, R><<<grid, kThreads, 0, stream>>>(comm, args, use_ll ? 1 : 0);
+    return cudaGetLastError();
   }
-}
+};
+
+template <typename T, int R>
+struct LaunchGroup {
+  static cudaError_t run(const GroupLaunch& p, cudaStream_t stream, bool use_ll, unsigned grid) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, collective_group_kernel<T, R>, p, use_ll ? 1 : 0);
+  }
+};
 
 template <typename T, int R>
 cudaError_t preload_one() {
   cudaFuncAttributes attr;
-  return cudaFuncGetAttributes(&attr, collective_kernel<T, R>);
+  cudaError_t err = cudaFuncGetAttributes(&attr, collective_kernel<T, R>);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, collective_group_kernel<T, R>);
+  return err;
 }
 
 template <typename T>
@@ -525,25 +512,20 @@ cudaError_t preload_type() {
 
 cudaError_t launch_collective(const CommDevice& comm, const CollectiveArgs& args,
                               cudaStream_t stream) {
-  const uint64_t ll_capacity = (static_cast<uint64_t>(comm.ll_slot_packets) - 1) * 4;
-  const bool use_ll = args.block_bytes <= ll_capacity;
-  unsigned grid = static_cast<unsigned>(comm.blocks);
-  if (use_ll) {
-    // Only as many blocks as the packets need; LL has no per-block pairing between ranks.
-    const uint64_t items = static_cast<uint64_t>(comm.n) * ((args.block_bytes + 3) / 4);
-    const uint64_t want = (items + kThreads - 1) / kThreads;
-    grid = static_cast<unsigned>(want < 1 ? 1 : (want > grid ? grid : want));
-  }
-  const bool reducing = args.op == kAllReduce || args.op == kReduceScatter;
-  // Non-reducing ops only move bytes: any instantiation does; reuse the int32 sum one.
-  if (!reducing) return launch_typed<int32_t, kSum>(comm, args, stream, use_ll, grid);
-  switch (args.dtype) {
-    case kF32: return launch_reduce<float>(comm, args, stream, use_ll, grid);
-    case kBF16: return launch_reduce<__nv_bfloat16>(comm, args, stream, use_ll, grid);
-    case kF16: return launch_reduce<__half>(comm, args, stream, use_ll, grid);
-    case kS32: return launch_reduce<int32_t>(comm, args, stream, use_ll, grid);
-    default: return cudaErrorInvalidValue;
-  }
+  unsigned grid = 0;
+  const bool use_ll = use_ll_for(comm, args, &grid);
+  return dispatch<LaunchOne>(args, comm, args, stream, use_ll, grid);
+}
+
+cudaError_t launch_collective_group(const GroupLaunch& group, cudaStream_t stream,
+                                    unsigned* blocks_per_rank) {
+  if (group.n < 1 || group.n > kMaxGroupRanks) return cudaErrorInvalidValue;
+  unsigned grid = 0;
+  const bool use_ll = use_ll_for(group.comm[0], group.args, &grid);
+  GroupLaunch p = group;
+  p.blocks_per_rank = grid;
+  if (blocks_per_rank != nullptr) *blocks_per_rank = grid;
+  return dispatch<LaunchGroup>(p.args, p, stream, use_ll, grid * static_cast<unsigned>(p.n));
 }
 
 cudaError_t preload_kernels() {

@@ -1,4 +1,5 @@
-// Single-GPU harness: N ranks as concurrent streams in one process (see harness.hpp).
+// Single-GPU harness: N ranks of one communicator in one process, all ranks' blocks in ONE
+// cooperative launch per call (see harness.hpp).
 #include "jax_ark/gpu/harness.hpp"
 
 #include <algorithm>
@@ -54,7 +55,7 @@ struct HarnessGroup {
   int device = 0;
   CommConfig config;
   std::vector<std::unique_ptr<RankState>> ranks;
-  std::vector<std::unique_ptr<Stream>> streams;
+  Stream stream;  // every call of every rank: one cooperative launch on this stream
   std::vector<DeviceBuffer> xs, ys, rank_operands;
   CollectiveArgs args;
   uint64_t x_bytes = 0, y_bytes = 0;
@@ -65,7 +66,9 @@ struct HarnessGroup {
   HarnessGroup(int32_t op, int32_t reduce, int32_t dtype, int32_t n, uint64_t x_bytes_in,
                const std::vector<int32_t>& send_to, const std::vector<int32_t>& recv_from,
                const HarnessOptions& options, int32_t x_sets_in = 1, int32_t y_slots_in = 1) {
-    if (n < 1 || n > kMaxRanks) throw std::invalid_argument("jax_ark harness: bad rank count");
+    if (n < 1 || n > kMaxGroupRanks)
+      throw std::invalid_argument("jax_ark harness: rank count must be in [1, " +
+                                  std::to_string(kMaxGroupRanks) + "]");
     ARK_CUDA_THROW(cudaGetDevice(&device));
     int sms = 0;
     ARK_CUDA_THROW(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -115,7 +118,6 @@ struct HarnessGroup {
     }
     for (int r = 0; r < n; ++r) {
       ranks[r]->connect(links);
-      streams.push_back(std::make_unique<Stream>());
       xs.push_back(device_alloc(device, x_stride * x_sets, true));
       ys.push_back(device_alloc(device, y_stride * y_slots, true));
       rank_operands.push_back(device_alloc(device, sizeof(int32_t), false));
@@ -123,17 +125,22 @@ struct HarnessGroup {
     }
   }
 
-  cudaError_t launch(int r, int call = 0) const {
-    CollectiveArgs a = args;
-    a.x = static_cast<uint8_t*>(xs[r].get()) + (call % x_sets) * x_stride;
-    a.y = static_cast<uint8_t*>(ys[r].get()) + (call % y_slots) * y_stride;
-    a.rank_operand = static_cast<const int32_t*>(rank_operands[r].get());
-    return launch_collective(ranks[r]->device_view(), a, streams[r]->get());
+  // One call of every rank but `skip_rank`.
+  cudaError_t launch(int call = 0, int32_t skip_rank = -1) const {
+    GroupLaunch g{};
+    g.args = args;
+    g.n = static_cast<int32_t>(ranks.size());
+    g.skip_rank = skip_rank;
+    for (int r = 0; r < g.n; ++r) {
+      g.comm[r] = ranks[r]->device_view();
+      g.x[r] = static_cast<uint8_t*>(xs[r].get()) + (call % x_sets) * x_stride;
+      g.y[r] = static_cast<uint8_t*>(ys[r].get()) + (call % y_slots) * y_stride;
+      g.rank_operand[r] = static_cast<const int32_t*>(rank_operands[r].get());
+    }
+    return launch_collective_group(g, stream.get(), nullptr);
   }
 
-  void sync_all() const {
-    for (const auto& s : streams) ARK_CUDA_THROW(cudaStreamSynchronize(s->get()));
-  }
+  void sync_all() const { ARK_CUDA_THROW(cudaStreamSynchronize(stream.get())); }
 
   void throw_recorded_errors() const {
     std::ostringstream os;
@@ -171,9 +178,7 @@ std::vector<std::string> harness_run(int32_t op, int32_t reduce, int32_t dtype, 
     for (int s = 0; s < sets; ++s)
       copy_to_device(group.device, static_cast<uint8_t*>(group.xs[r].get()) + s * group.x_stride,
                      inputs[r].data() + s * x_bytes, x_bytes);
-  for (int it = 0; it < iters; ++it)
-    for (int r = 0; r < n; ++r)
-      if (r != options.skip_rank) ARK_CUDA_THROW(group.launch(r, it));
+  for (int it = 0; it < iters; ++it) ARK_CUDA_THROW(group.launch(it, options.skip_rank));
   group.sync_all();
   group.throw_recorded_errors();
   // The last call's y, or every call's (slot i = call i).
@@ -202,62 +207,32 @@ double harness_time(int32_t op, int32_t reduce, int32_t dtype, int32_t n, uint64
     }
   }
   HarnessGroup group(op, reduce, dtype, n, x_bytes, send_to, recv_from, options);
-  cudaStream_t s0 = group.streams[0]->get();
+  cudaStream_t s0 = group.stream.get();
   Event start, stop;
-
-  if (graph) {
-    // One graph: fork every rank's stream from s0, `iters` launches per rank, join back to s0.
-    Event fork(cudaEventDisableTiming);
-    std::vector<std::unique_ptr<Event>> joins;
-    GraphExec g;
+  GraphExec g;
+  if (graph) {  // `iters` group launches as one graph
     ARK_CUDA_THROW(cudaStreamBeginCapture(s0, cudaStreamCaptureModeThreadLocal));
-    ARK_CUDA_THROW(cudaEventRecord(fork.get(), s0));
-    for (int r = 1; r < n; ++r)
-      ARK_CUDA_THROW(cudaStreamWaitEvent(group.streams[r]->get(), fork.get(), 0));
-    for (int it = 0; it < iters; ++it)
-      for (int r = 0; r < n; ++r) ARK_CUDA_THROW(group.launch(r));
-    for (int r = 1; r < n; ++r) {
-      joins.push_back(std::make_unique<Event>(cudaEventDisableTiming));
-      ARK_CUDA_THROW(cudaEventRecord(joins.back()->get(), group.streams[r]->get()));
-      ARK_CUDA_THROW(cudaStreamWaitEvent(s0, joins.back()->get(), 0));
-    }
+    for (int it = 0; it < iters; ++it) ARK_CUDA_THROW(group.launch());
     ARK_CUDA_THROW(cudaStreamEndCapture(s0, &g.graph));
     ARK_CUDA_THROW(cudaGraphInstantiate(&g.exec, g.graph, 0));
     ARK_CUDA_THROW(cudaGraphLaunch(g.exec, s0));  // warm-up
-    ARK_CUDA_THROW(cudaStreamSynchronize(s0));
-    group.throw_recorded_errors();
-    ARK_CUDA_THROW(cudaEventRecord(start.get(), s0));
-    ARK_CUDA_THROW(cudaGraphLaunch(g.exec, s0));
-    ARK_CUDA_THROW(cudaEventRecord(stop.get(), s0));
-    ARK_CUDA_THROW(cudaStreamSynchronize(s0));
-    group.throw_recorded_errors();
-    float ms = 0;
-    ARK_CUDA_THROW(cudaEventElapsedTime(&ms, start.get(), stop.get()));
-    return ms * 1000.0 / iters;
+  } else {
+    for (int it = 0; it < std::min(iters, 10); ++it) ARK_CUDA_THROW(group.launch());  // warm-up
   }
-
-  for (int it = 0; it < std::min(iters, 10); ++it)  // warm-up
-    for (int r = 0; r < n; ++r) ARK_CUDA_THROW(group.launch(r));
   group.sync_all();
   group.throw_recorded_errors();
-  std::vector<std::unique_ptr<Event>> stops;
   ARK_CUDA_THROW(cudaEventRecord(start.get(), s0));
-  for (int r = 1; r < n; ++r) ARK_CUDA_THROW(cudaStreamWaitEvent(group.streams[r]->get(), start.get(), 0));
-  for (int it = 0; it < iters; ++it)
-    for (int r = 0; r < n; ++r) ARK_CUDA_THROW(group.launch(r));
-  for (int r = 0; r < n; ++r) {
-    stops.push_back(std::make_unique<Event>());
-    ARK_CUDA_THROW(cudaEventRecord(stops.back()->get(), group.streams[r]->get()));
+  if (graph) {
+    ARK_CUDA_THROW(cudaGraphLaunch(g.exec, s0));
+  } else {
+    for (int it = 0; it < iters; ++it) ARK_CUDA_THROW(group.launch());
   }
+  ARK_CUDA_THROW(cudaEventRecord(stop.get(), s0));
   group.sync_all();
   group.throw_recorded_errors();
-  float worst = 0;
-  for (const auto& e : stops) {
-    float ms = 0;
-    ARK_CUDA_THROW(cudaEventElapsedTime(&ms, start.get(), e->get()));
-    worst = std::max(worst, ms);
-  }
-  return worst * 1000.0 / iters;
+  float ms = 0;
+  ARK_CUDA_THROW(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+  return ms * 1000.0 / iters;
 }
 
 double copy_bandwidth(uint64_t nbytes, int32_t iters) {

@@ -206,49 +206,20 @@ __device__ bool sections_fit(const pf::Header& h) {
 
 // ---- dependency wait --------------------------------------------------------------------------
 
-// All threads: thread j waits for dependencies j, j + 256, ... of the task. Returns false (block-
-// uniformly) if the run was aborted, by this block's timeout or by another block.
+// All threads: thread j waits for dependencies j, j + 256, ... of the task (persistent_wait_deps,
+// shared with the host tests). Returns false (block-uniformly) if the run was aborted, by this
+// block's timeout or bad dependency, or by another block.
 __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& plan, int task,
                                   int worker) {
-  const int32_t begin = plan.dep_begin(task), end = plan.dep_end(task);
-  if (begin < 0 || begin > end || end > plan.header().num_dep_edges) {
-    if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, kBadDependency, 0);
-    __syncthreads();
-    return false;
-  }
-  bool failed = false;
-  for (int32_t e = begin + static_cast<int32_t>(threadIdx.x); e < end && !failed;
-       e += kBlockThreads) {
-    const int32_t d = plan.dep(e);
-    if (d < 0 || d >= p.num_tasks) {
-      report(p, plan, kPersistentBadPlan, worker, task, d, 0, kBadDependency, 0);
-      failed = true;
-      break;
-    }
-    const uint32_t* c = reinterpret_cast<const uint32_t*>(p.counters + d);
-    if (persistent_load_acquire(c) >= 1u) continue;  // fast path: no timer read
-    const uint64_t t0 = global_timer_ns();
-    for (uint32_t spins = 1;; ++spins) {
-      const uint32_t seen = persistent_load_acquire(c);
-      if (seen >= 1u) break;
-      // Timer and abort flag every 32 polls (a poll is one L2 round trip, ~0.3 us): the bound is
-      // enforced to ~10 us, and the hot loop stays a single load.
-      if ((spins & 31u) == 0u) {
-        if (persistent_aborted(p.run)) {
-          failed = true;
-          break;
-        }
-        const uint64_t waited = global_timer_ns() - t0;
-        if (waited > p.run.timeout_ns) {
-          report(p, plan, kPersistentTimeout, worker, task, d, static_cast<int32_t>(seen), 0, waited);
-          failed = true;
-          break;
-        }
-      }
-    }
-  }
+  const DepWaitResult r = persistent_wait_deps(plan, p.num_tasks, p.counters, task,
+                                               static_cast<int32_t>(threadIdx.x), kBlockThreads, p.run);
+  if (r.status == DepWait::kBadPlan)
+    report(p, plan, kPersistentBadPlan, worker, task, r.dep_task, 0, kBadDependency, 0);
+  else if (r.status == DepWait::kTimedOut)
+    report(p, plan, kPersistentTimeout, worker, task, r.dep_task, static_cast<int32_t>(r.seen), 0,
+           r.waited_ns);
   // Orders the acquire loads of every waiting thread before any thread's tile reads (CTA scope).
-  return !__syncthreads_or(failed);
+  return !__syncthreads_or(r.status != DepWait::kReady);
 }
 
 // ---- L2 prefetch of a MATMUL task's streamed weight operand ------------------------------------
@@ -600,8 +571,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       }
       // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered
       // before it by the barrier above.
-      asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.counters + task), "r"(1u)
-                   : "memory");
+      persistent_release_task(p.counters, task);
     }
   }
 }
@@ -628,10 +598,19 @@ struct DeviceState {
 std::mutex g_mutex;
 
 // Co-resident blocks of the kernel on `device`, which must be the current device. Sets the dynamic
-// shared memory attribute first: the occupancy (and every launch) depends on it.
+// shared memory attribute first: the occupancy (and every launch) depends on it. Also reserves
+// the kernel's per-thread stack now: left to the first launch, the driver grows the reservation
+// (hundreds of MB: stack x resident threads) inside XLA's launch of the FFI call. This runs at
+// trace time when the planner asks for the worker count, else at the first enqueue.
 std::string resident_blocks_on_current(int device, int* blocks) {
   ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
+  cudaFuncAttributes attr{};
+  ARK_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, persistent_kernel));
+  size_t stack = 0;
+  ARK_CUDA_RETURN_IF_ERROR(cudaDeviceGetLimit(&stack, cudaLimitStackSize));
+  if (stack < attr.localSizeBytes)
+    ARK_CUDA_RETURN_IF_ERROR(cudaDeviceSetLimit(cudaLimitStackSize, attr.localSizeBytes));
   int per_sm = 0, sms = 0;
   ARK_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &per_sm, persistent_kernel, kBlockThreads, tile::kSmemBytes));

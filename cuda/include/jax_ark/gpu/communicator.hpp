@@ -125,6 +125,25 @@ class Registry {
 // Enqueues one collective call on `stream` (no host synchronization).
 cudaError_t launch_collective(const CommDevice& comm, const CollectiveArgs& args,
                               cudaStream_t stream);
+// Every rank of one single-GPU communicator in ONE cooperative launch (the harness): rank r runs
+// blocks [r * blocks_per_rank, (r + 1) * blocks_per_rank) with comm[r] and x[r] / y[r]; `args`
+// (x, y and rank_operand ignored) is shared. Passed by value as kernel parameters, hence the rank
+// limit (the 4 KiB parameter space of CUDA < 12.1).
+constexpr int kMaxGroupRanks = 16;
+struct GroupLaunch {
+  CommDevice comm[kMaxGroupRanks];
+  const void* x[kMaxGroupRanks];
+  void* y[kMaxGroupRanks];
+  const int32_t* rank_operand[kMaxGroupRanks];
+  CollectiveArgs args;
+  int32_t n = 0;
+  int32_t skip_rank = -1;       // a rank whose blocks return at once (forced timeouts)
+  uint32_t blocks_per_rank = 0;  // set by launch_collective_group
+};
+static_assert(sizeof(GroupLaunch) < 4000, "GroupLaunch must fit the 4 KiB kernel parameter space");
+// Enqueues one call of every rank of `group` on `stream`; reports the blocks per rank it used.
+cudaError_t launch_collective_group(const GroupLaunch& group, cudaStream_t stream,
+                                    unsigned* blocks_per_rank);
 // Forces the kernels to load now (lazy module loading must not happen inside a capture).
 cudaError_t preload_kernels();
 // Checks sizes and codes of a call; returns "" when valid, else a message.

@@ -1,6 +1,7 @@
-// Single-GPU test harness: N ranks of one communicator run as concurrent streams on the current
-// GPU of one process (each rank its own stream, scratch and semaphores), used by the GPU tests and
-// the collectives benchmark.
+// Single-GPU test harness: N ranks of one communicator (each its own scratch and semaphores) on the
+// current GPU of one process, used by the GPU tests and the collectives benchmark. Each call of all
+// N ranks is ONE cooperative launch (rank = blockIdx / blocks_per_rank), so every rank's blocks are
+// resident at once: N kernels on N streams carry no such promise.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +15,7 @@ struct HarnessOptions {
   uint32_t piece_bytes = 32768;  // chunk piece per (source, block): small values force many rounds
   uint32_t ll_bytes = 65536;     // largest per-peer message sent with the LL protocol
   int64_t timeout_ms = 10000;
-  int32_t skip_rank = -1;        // a rank whose kernels are never launched (forced timeouts)
+  int32_t skip_rank = -1;        // a rank whose blocks return at once (forced timeouts)
   int32_t iters = 1;             // back-to-back calls; outputs are those of the last call
   // harness_run only: each rank's input holds `input_sets` x's back to back; call i reads set
   // i % input_sets. With all_outputs, call i writes its own y and every call's y is returned
@@ -35,8 +36,8 @@ std::vector<std::string> harness_run(int32_t op, int32_t reduce, int32_t dtype, 
                                      const HarnessOptions& options);
 
 // Microseconds per call of `iters` back-to-back calls (x_bytes per rank), timed with cudaEvents.
-// graph=true captures all ranks' launches in one CUDA graph (launch overhead of a graph node, the
-// way XLA command buffers would run it); false launches from the host one by one.
+// graph=true captures the `iters` group launches in one CUDA graph (launch overhead of a graph
+// node, the way XLA command buffers would run it); false launches from the host one by one.
 double harness_time(int32_t op, int32_t reduce, int32_t dtype, int32_t n, uint64_t x_bytes,
                     int32_t iters, bool graph, const HarnessOptions& options);
 

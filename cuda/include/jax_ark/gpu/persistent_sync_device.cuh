@@ -1,19 +1,23 @@
-// Device-side synchronization for the persistent loop kernel: dependency counters with
-// acquire/release ordering, bounded waits on %globaltimer, and the error record that a timed-out
-// wait leaves for the host.
+// Synchronization of the persistent loop kernel: dependency counters with acquire/release
+// ordering, bounded waits, the run's abort word, and the error record that a timed-out wait leaves
+// for the host. Written once for the device and host threads (protocol.hpp): the kernel runs it,
+// and tests/protocol_host_test.cc runs the same functions with host threads as workers.
 //
 // Memory-ordering contract (docs/cuda_executor.md has the full argument):
 //  producer block:  all threads store the tile -> __syncthreads() -> thread 0: fence.acq_rel.gpu +
 //                   red.release.gpu.add(counter)
-//  consumer block:  thread 0: ld.acquire.gpu(counter) until >= target -> __syncthreads() -> all
-//                   threads load the tile with ld.global.cg (L2, never the non-coherent/L1 path).
+//  consumer block:  waiting threads: ld.relaxed.gpu(counter) until >= target, then ONE
+//                   ld.acquire.gpu of it -> __syncthreads() -> all threads load the tile with
+//                   ld.global.cg (L2, never the non-coherent/L1 path).
 // The barrier carries CTA-scope causality between the block's threads and thread 0; the
 // release/acquire pair carries it across SMs at gpu scope.
 #pragma once
 
-#include <cstdint>
+#include <stddef.h>
+#include <stdint.h>
 
-#include "jax_ark/gpu/clock_device.cuh"
+#include "jax_ark/gpu/protocol.hpp"
+#include "jax_ark/plan_format.hpp"
 
 namespace jax_ark::gpu {
 
@@ -43,42 +47,11 @@ enum : int32_t {
   kPersistentBadPlan = 2,
 };
 
-#if defined(__CUDACC__)
-
-__device__ __forceinline__ uint32_t persistent_smid() {
-  uint32_t id;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
-  return id;
-}
-
-__device__ __forceinline__ uint32_t persistent_load_acquire(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ uint32_t persistent_load_relaxed(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// Release increment. The explicit fence makes the ordering independent of how the compiler or a
-// future PTX revision treats red.release; it costs far less than one dependency hop.
-__device__ __forceinline__ void persistent_release_add(uint32_t* p, uint32_t v) {
-  asm volatile("fence.acq_rel.gpu;\n\tred.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v)
-               : "memory");
-}
-
-__device__ __forceinline__ void persistent_store_relaxed(uint32_t* p, uint32_t v) {
-  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 // Shared state of one kernel run, visible to all blocks.
 //  abort_word: device memory owned by the host runtime, one per device, never reset. A run with
 //    sequence number `seq` is aborted iff *abort_word >= seq; the first failing block of the run
-//    raises it with atomicMax (so no per-call memset is needed, and a failure never leaks into a
-//    later call, whose seq is larger).
+//    raises it with an atomic max (so no per-call memset is needed, and a failure never leaks into
+//    a later call, whose seq is larger).
 struct PersistentRunState {
   uint32_t* abort_word;
   uint32_t seq;
@@ -86,31 +59,94 @@ struct PersistentRunState {
   uint64_t timeout_ns;           // bound of every single wait
 };
 
-__device__ __forceinline__ bool persistent_aborted(const PersistentRunState& run) {
-  return persistent_load_relaxed(run.abort_word) >= run.seq;
+ARK_PROTO_HD bool persistent_aborted(const PersistentRunState& run) {
+  return proto::AtomicRef<uint32_t, proto::Scope::kGpu>(run.abort_word).load_relaxed() >= run.seq;
 }
 
 // Marks the run aborted. Returns true for exactly one caller per run: the one that must write the
 // error record.
-__device__ __forceinline__ bool persistent_raise_abort(const PersistentRunState& run) {
-  return atomicMax(run.abort_word, run.seq) < run.seq;
+ARK_PROTO_HD bool persistent_raise_abort(const PersistentRunState& run) {
+  return proto::AtomicRef<uint32_t, proto::Scope::kGpu>(run.abort_word).fetch_max_relaxed(run.seq) <
+         run.seq;
 }
+
+// Publishes a finished tile: counters[task] = 1. The caller orders every thread's tile stores
+// before this (a block barrier on the device); the release is cumulative over them.
+ARK_PROTO_HD void persistent_release_task(int32_t* counters, int32_t task) {
+  proto::AtomicRef<uint32_t, proto::Scope::kGpu>(reinterpret_cast<uint32_t*>(counters + task))
+      .store_release(1u);
+}
+
+// How a dependency wait ended.
+enum class DepWait : int32_t { kReady = 0, kBadPlan, kTimedOut, kAborted };
+struct DepWaitResult {
+  DepWait status;
+  int32_t dep_task;    // the dependency that failed (-1: the task's dependency range itself)
+  uint32_t seen;       // last counter value observed
+  uint64_t waited_ns;  // how long the failed wait lasted
+};
+
+// Waits for dependencies lane, lane + lanes, ... of `task` (counters[d] >= 1 for each) with
+// proto::wait_at_least: one acquire probe (a set counter costs one load, no clock read), then
+// relaxed polls and one acquire; the clock and the abort word every 32 polls (a poll is one L2
+// round trip, ~0.3 us). The clock starts at the first check, so the bound is timeout + ~10 us. Device: lane = thread, lanes = threads of the block (a layer with 128 producer
+// tiles costs one round trip, not 128). Host: one thread per worker, lane 0 of 1.
+ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int32_t num_tasks,
+                                                const int32_t* counters, int32_t task, int32_t lane,
+                                                int32_t lanes, const PersistentRunState& run) {
+  const int32_t begin = plan.dep_begin(task), end = plan.dep_end(task);
+  if (begin < 0 || begin > end || end > plan.header().num_dep_edges)
+    return DepWaitResult{DepWait::kBadPlan, -1, 0u, 0u};
+  for (int32_t e = begin + lane; e < end; e += lanes) {
+    const int32_t d = plan.dep(e);
+    if (d < 0 || d >= num_tasks) return DepWaitResult{DepWait::kBadPlan, d, 0u, 0u};
+    const proto::AtomicRef<uint32_t, proto::Scope::kGpu> c(
+        reinterpret_cast<const uint32_t*>(counters + d));
+    uint64_t t0 = 0;  // the clock is read only once the first probe found the counter unset
+    uint64_t waited = 0;
+    bool aborted = false;
+    uint32_t seen = 0;
+    const bool ready = proto::wait_at_least(
+        c, 1u,
+        [&] {
+          if (t0 == 0) t0 = proto::now_ns();
+          if (persistent_aborted(run)) return aborted = true;
+          waited = proto::now_ns() - t0;
+          return waited > run.timeout_ns;
+        },
+        32u, &seen);
+    if (!ready)
+      return DepWaitResult{aborted ? DepWait::kAborted : DepWait::kTimedOut, d, seen, waited};
+  }
+  return DepWaitResult{DepWait::kReady, -1, 0u, 0u};
+}
+
+#if defined(__CUDACC__)
+}  // namespace jax_ark::gpu
+#include "jax_ark/gpu/clock_device.cuh"
+namespace jax_ark::gpu {
+
+__device__ __forceinline__ uint32_t persistent_smid() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+
+#endif  // __CUDACC__
 
 // Publishes a filled record (fields written through `rec` beforehand by the same thread).
 // Keeps an older, not yet reported record rather than overwriting it.
-__device__ inline void persistent_publish_record(const PersistentRunState& run,
-                                                 const PersistentErrorRecord& local) {
+ARK_PROTO_HD void persistent_publish_record(const PersistentRunState& run,
+                                            const PersistentErrorRecord& local) {
   volatile PersistentErrorRecord* rec = run.error;
   if (rec == nullptr || rec->status != kPersistentOk) return;
   const char* src = reinterpret_cast<const char*>(&local);
   volatile char* dst = reinterpret_cast<volatile char*>(rec);
   // Everything but `status` (the first field), byte by byte over PCIe: rare path, size ~130 B.
   for (size_t i = sizeof(int32_t); i < sizeof(PersistentErrorRecord); ++i) dst[i] = src[i];
-  __threadfence_system();  // the fields reach host memory before the status that publishes them
-  rec->status = local.status;
-  __threadfence_system();
+  // The fields reach host memory before the status that publishes them.
+  proto::AtomicRef<int32_t, proto::Scope::kSystem>(&run.error->status).store_release(local.status);
+  proto::push_out_system();
 }
-
-#endif  // __CUDACC__
 
 }  // namespace jax_ark::gpu

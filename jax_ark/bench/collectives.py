@@ -5,7 +5,7 @@ jax.jit(jax.shard_map(...)), checked against jax.lax first) at each size, ark ti
 their ratio: the median over --repeats rounds and the ratio's IQR. Sizes are float32 elements per
 device (default 1024, 65536, 1048576: 4 KiB, 256 KiB, 4 MiB). Writes collectives_cpu.{json,png}.
 
-GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks as concurrent streams),
+GPU: the N-rank harness of the CUDA runtime on the one GPU (all ranks in one cooperative launch),
 latency at 8 KiB and bus bandwidth at 256 MiB next to the copy bandwidth measured in the same run.
 Writes collectives_gpu.{json,png}. --ops, --sizes and --repeats apply to the CPU run only.
 """
@@ -181,7 +181,7 @@ _GPU_OPS = {
 
 
 def bench_gpu(n_ranks: int = 8, small: int = 8 << 10, large: int = 256 << 20) -> dict[str, Any]:
-    """The N-rank harness on the one GPU: every rank is a concurrent stream of this process.
+    """The N-rank harness on the one GPU: all ranks run in one cooperative launch.
 
     Latency at `small` bytes and bus bandwidth at `large` bytes per op, next to the copy bandwidth
     measured in the same run (the harness's ranks share one GPU's HBM, so this is a protocol and
@@ -208,7 +208,7 @@ def bench_gpu(n_ranks: int = 8, small: int = 8 << 10, large: int = 256 << 20) ->
             }
         )
     print(
-        f"copy bandwidth (read+write) {copy_gbps:.0f} GB/s; {n_ranks} ranks as streams on one GPU"
+        f"copy bandwidth (read+write) {copy_gbps:.0f} GB/s; {n_ranks} ranks in one cooperative launch on one GPU"
     )
     print_table(
         rows,

@@ -208,7 +208,8 @@ def bench_gpu(n_ranks: int = 8, small: int = 8 << 10, large: int = 256 << 20) ->
             }
         )
     print(
-        f"copy bandwidth (read+write) {copy_gbps:.0f} GB/s; {n_ranks} ranks in one cooperative launch on one GPU"
+        f"copy bandwidth (read+write) {copy_gbps:.0f} GB/s; {n_ranks} ranks in one cooperative "
+        "launch on one GPU"
     )
     print_table(
         rows,

@@ -107,6 +107,11 @@ def _check_signature(p: Plan, avals) -> None:
 
 def run_plan(p: Plan, flat_args, *, profile: bool = False, timeout_ms: int = _DEFAULT_TIMEOUT_MS):
     """Binds one ark_persistent call; returns (flat outputs, profile array or None)."""
+    if not p.tasks:
+        # Every output has a zero-size dim (an op is planned for every non-empty output): there is
+        # nothing to run, and a kernel with no tasks would only cost a launch.
+        outs = [jnp.zeros(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs]
+        return outs, (jnp.zeros((0,), np.int64) if profile else None)
     axes = _varying_axes([jax.typeof(x) for x in flat_args if isinstance(x, jax.Array)])
     operands = list(flat_args)
     for t in p.args[p.num_inputs :]:

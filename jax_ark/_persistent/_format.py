@@ -15,18 +15,26 @@ from typing import Any
 
 import numpy as np
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # v2: int32 / uint32 tensors, integer opcodes, more reduce kinds
 MAGIC = 0x504B5241
 MAX_RANK = 6
 MAX_PROGRAM_LEN = 64
 PROFILE_WORDS_PER_TASK = 4
 WORKSPACE_ALIGN = 256
 
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4}
-DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4}
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4, "uint32": 5}
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4, "uint32": 4}
+# Registers of these dtypes hold integer bits; every other register holds a float32 value.
+INT_DTYPES = frozenset({"int32", "uint32"})
 STORAGE_CODES = {"arg": 0, "result": 1, "workspace": 2}
 OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3}
-REDUCE_CODES = {"sum": 0, "max": 1}
+REDUCE_CODES = {
+    "sum": 0, "max": 1, "min": 2, "isum": 3, "imax": 4, "imin": 5, "umax": 6, "umin": 7,
+    "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11,
+}  # fmt: skip
+# Reduce kinds whose prologue yields integer bits (the others fold float32 values).
+INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin"})
+ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {
     "load_acc": 0, "load": 1, "const": 2,
@@ -36,9 +44,22 @@ OPCODES = {
     "add": 40, "sub": 41, "mul": 42, "div": 43, "max": 44, "min": 45, "pow": 46,
     "eq": 47, "ne": 48, "lt": 49, "le": 50, "gt": 51, "ge": 52,
     "select": 60,
+    "iadd": 70, "isub": 71, "imul": 72, "idiv": 73, "irem": 74, "udiv": 75, "urem": 76,
+    "imax": 77, "imin": 78, "umax": 79, "umin": 80, "and": 81, "or": 82, "xor": 83,
+    "shl": 84, "shra": 85, "shrl": 86,
+    "ieq": 87, "ine": 88, "ilt": 89, "ile": 90, "igt": 91, "ige": 92,
+    "ult": 93, "ule": 94, "ugt": 95, "uge": 96,
+    "ineg": 100, "not": 101, "iabs": 102, "isign": 103, "i2f": 104, "u2f": 105, "f2i": 106,
+    "f2u": 107, "imov": 108, "ipow": 109,
 }  # fmt: skip
 UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 10 <= v <= 26)
 BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 40 <= v <= 52)
+# v2 integer opcodes: 32-bit register operands in, 32 bits out (XLA semantics, tile_ops.hpp).
+INT_BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 70 <= v <= 96)
+INT_UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 100 <= v <= 109)
+# Opcodes whose operands are integer registers; the result is integer unless it is a comparison
+# (bool) or a conversion to float.
+INT_OPERAND_OPS = (INT_BINARY_OPS | INT_UNARY_OPS) - {"f2i", "f2u"}
 
 
 class PlanError(ValueError):
@@ -49,7 +70,7 @@ class PlanError(ValueError):
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    dtype: str  # "float32" | "bfloat16" | "float16" | "bool"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "bool" | "int32" | "uint32"
     storage: str  # "arg" | "result" | "workspace"
     index: int = 0  # operand index (arg) or result index (result)
     byte_offset: int = 0  # workspace offset
@@ -77,7 +98,8 @@ class Instr:
     """One program instruction; register i = result of instruction i.
 
     op: opcode name; dtype: rounding dtype of the result; a, b, c: operands (register indices,
-    a view id for "load", the float value for "const", the exponent in b for "integer_pow").
+    a view id for "load", the value for "const" (an int for int32 / uint32), the exponent in b for
+    "integer_pow" / "ipow").
     """
 
     op: str
@@ -320,7 +342,7 @@ class Plan:
 
     # ---- binary ---------------------------------------------------------------------------------
     def to_binary(self) -> np.ndarray:
-        """The int32 words of plan_format.hpp (version 1)."""
+        """The int32 words of plan_format.hpp (version PLAN_VERSION)."""
         return _encode(self)
 
 
@@ -392,7 +414,12 @@ def _f32_bits(x: float) -> int:
 
 def _instr_words(ins: Instr) -> list[int]:
     word0 = OPCODES[ins.op] | (DTYPE_CODES[ins.dtype] << 16)
-    a = _f32_bits(ins.a) if ins.op == "const" else int(ins.a)
+    if ins.op == "const" and ins.dtype in INT_DTYPES:
+        a = struct.unpack("<i", struct.pack("<I", int(ins.a) & 0xFFFFFFFF))[0]
+    elif ins.op == "const":
+        a = _f32_bits(ins.a)
+    else:
+        a = int(ins.a)
     return [word0, a, int(ins.b), int(ins.c)]
 
 

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from jax_ark._persistent._format import (
+    ARG_REDUCES,
+    INT_DTYPES,
     MAX_PROGRAM_LEN,
     MAX_RANK,
     Instr,
@@ -29,7 +31,7 @@ from jax_ark._persistent._format import (
     View,
 )
 
-_SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool"}
+_SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool", "int32", "uint32"}
 # Programs longer than this get their largest operands materialized (keeps headroom below 64).
 _FUSE_LIMIT = 40
 
@@ -58,7 +60,7 @@ class _Load(_Node):
 
 @dataclass(eq=False)
 class _Imm(_Node):
-    value: float = 0.0
+    value: float | int = 0.0  # an int for int32 / uint32 (exact), else a float
 
 
 @dataclass(eq=False)
@@ -326,6 +328,9 @@ class _Builder:
         if isinstance(node, _Load) and storage == "workspace":
             if _is_identity(node, self.tensors[node.tensor].shape):
                 return node
+        if math.prod(node.shape) == 0:
+            # Nothing to compute (a zero-size dim): the tensor exists, no op writes it.
+            return self.load(self.new_tensor(node.shape, node.dtype, storage, index))
         cores = _cores(node)
         # Only one accumulator can feed an epilogue: emit the others on their own first.
         for core in cores[1:]:
@@ -411,7 +416,7 @@ class _Builder:
             if isinstance(n, _Load):
                 key = ("load", self.view_id(n), n.dtype)
             elif isinstance(n, _Imm):
-                key = ("const", float(n.value), n.dtype)
+                key = ("const", n.value, n.dtype)
             elif isinstance(n, _Pending):
                 key = ("acc",)
             else:
@@ -421,7 +426,8 @@ class _Builder:
             if isinstance(n, _Load):
                 prog.append(Instr("load", n.dtype, self.view_id(n)))
             elif isinstance(n, _Imm):
-                prog.append(Instr("const", n.dtype, float(n.value)))
+                value = int(n.value) if n.dtype in INT_DTYPES else float(n.value)
+                prog.append(Instr("const", n.dtype, value))
             elif isinstance(n, _Pending):
                 prog.append(Instr("load_acc", n.core.acc_dtype))
                 if acc_negate:
@@ -430,8 +436,8 @@ class _Builder:
                 regs = [emit(a) for a in n.args]
                 if n.op == "select":
                     prog.append(Instr("select", n.dtype, regs[0], regs[1], regs[2]))
-                elif n.op == "integer_pow":
-                    prog.append(Instr("integer_pow", n.dtype, regs[0], n.imm))
+                elif n.op in ("integer_pow", "ipow"):
+                    prog.append(Instr(n.op, n.dtype, regs[0], n.imm))
                 elif len(regs) == 1:
                     prog.append(Instr(n.op, n.dtype, regs[0]))
                 else:
@@ -553,14 +559,6 @@ def _use_counts(jaxpr) -> dict:
     return counts
 
 
-_ELEMENTWISE_PRIMS = (
-    set(_UNARY)
-    | set(_BINARY)
-    | {"erfc", "integer_pow", "convert_element_type", "select_n"}
-    | _IDENTITY
-)
-
-
 def _consumers(jaxpr) -> dict:
     out: dict = {}
     for eqn in jaxpr.eqns:
@@ -605,10 +603,171 @@ def _const_node(b: _Builder, value, aval_dtype=None) -> _Node:
     if name not in _SUPPORTED_DTYPES:
         raise UnsupportedError(f"ark.persistent: constant of dtype {name} at {b.source}")
     if arr.ndim == 0 or (arr.size > 0 and np.all(arr == arr.reshape(-1)[0])):
-        return _Imm(tuple(arr.shape), name, value=float(np.asarray(arr.reshape(-1)[0], np.float32)))
+        return _Imm(tuple(arr.shape), name, value=_scalar(arr.reshape(-1)[0], name))
     t = b.new_tensor(arr.shape, name, "arg", 0, name=f"const{len(b.constants)}")
     b.constants[t] = np.asarray(arr)
     return b.load(t)
+
+
+# ---- integer and boolean values (plan v2) ----------------------------------------
+# Registers of int32 / uint32 dtype hold bits and are computed by the integer opcodes; bool
+# registers hold float 0 / 1, so boolean logic maps onto float opcodes exactly.
+def _kind(dtype: str) -> str:
+    return {"int32": "int", "uint32": "uint", "bool": "bool"}.get(dtype, "float")
+
+
+def _zero(dtype: str) -> float | int:
+    return 0 if dtype in INT_DTYPES else 0.0
+
+
+def _scalar(x, dtype: str) -> float | int:
+    if dtype in INT_DTYPES:
+        return int(x)
+    return float(np.asarray(x, np.float32))
+
+
+# jaxpr primitive -> opcode by operand kind; None: not defined for that kind (refused).
+_INT_TYPED: dict[str, dict[str, str]] = {
+    "add": {"int": "iadd", "uint": "iadd"},
+    "add_any": {"int": "iadd", "uint": "iadd"},
+    "sub": {"int": "isub", "uint": "isub"},
+    "mul": {"int": "imul", "uint": "imul"},
+    "div": {"int": "idiv", "uint": "udiv"},
+    "rem": {"int": "irem", "uint": "urem"},
+    "max": {"int": "imax", "uint": "umax"},
+    "min": {"int": "imin", "uint": "umin"},
+    "eq": {"int": "ieq", "uint": "ieq"},
+    "ne": {"int": "ine", "uint": "ine"},
+    "lt": {"int": "ilt", "uint": "ult"},
+    "le": {"int": "ile", "uint": "ule"},
+    "gt": {"int": "igt", "uint": "ugt"},
+    "ge": {"int": "ige", "uint": "uge"},
+    "neg": {"int": "ineg", "uint": "ineg"},
+    "abs": {"int": "iabs"},
+    "sign": {"int": "isign"},
+    "and": {"int": "and", "uint": "and", "bool": "mul"},  # bool: 1*1 = 1, else 0
+    "or": {"int": "or", "uint": "or", "bool": "max"},
+    "xor": {"int": "xor", "uint": "xor", "bool": "ne"},
+    "not": {"int": "not", "uint": "not"},
+    "shift_left": {"int": "shl", "uint": "shl"},
+    "shift_right_arithmetic": {"int": "shra", "uint": "shra"},
+    "shift_right_logical": {"int": "shrl", "uint": "shrl"},
+}
+
+
+def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, params) -> _Node:
+    kind = _kind(args[0].dtype)
+    if prim == "not" and kind == "bool":
+        zero = _Imm((), "bool", value=0.0)
+        return b.elementwise("eq", [args[0], zero], out_shape, out_dtype)
+    if prim == "integer_pow":
+        y = int(params["y"])
+        if kind == "float":
+            return b.elementwise("integer_pow", args, out_shape, out_dtype, imm=y)
+        if kind in ("int", "uint") and y >= 0:
+            return b.elementwise("ipow", args, out_shape, out_dtype, imm=y)
+    elif prim == "square" and kind in ("int", "uint"):
+        return b.elementwise("imul", [args[0], args[0]], out_shape, out_dtype)
+    else:
+        opcode = _INT_TYPED.get(prim, {}).get(kind)
+        if opcode is None and kind in ("float", "bool"):
+            opcode = _UNARY.get(prim) or _BINARY.get(prim)
+        if opcode is not None:
+            return b.elementwise(opcode, args, out_shape, out_dtype)
+    raise UnsupportedError(
+        f"ark.persistent: primitive '{prim}' on {args[0].dtype} values is not supported "
+        f"(at {b.source})"
+    )
+
+
+def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
+    """convert_element_type with XLA's semantics: float -> int truncates and saturates (NaN -> 0);
+    int -> float rounds to nearest even (to float32 first, then to a 16-bit float dtype)."""
+    src, dst = _kind(x.dtype), _kind(dtype)
+    if x.dtype == dtype:
+        return x
+    if src in ("int", "uint"):
+        if dst in ("int", "uint"):
+            return b.elementwise("imov", [x], x.shape, dtype)
+        if dst == "bool":
+            zero = _Imm((), x.dtype, value=0)
+            return b.elementwise("ine", [x, zero], x.shape, dtype)
+        return b.elementwise("i2f" if src == "int" else "u2f", [x], x.shape, dtype)
+    if dst in ("int", "uint"):  # from a float or bool register (bool: 0.0 / 1.0)
+        return b.elementwise("f2i" if dst == "int" else "f2u", [x], x.shape, dtype)
+    return b.elementwise("copy", [x], x.shape, dtype)
+
+
+def _select_n(b: _Builder, args, out_shape, out_dtype) -> _Node:
+    """select_n(pred, *cases) = cases[pred]: a chain of selects on pred >= i (bool or int32)."""
+    pred, cases = args[0], list(args[1:])
+    if pred.dtype == "bool":
+        if len(cases) != 2:
+            raise UnsupportedError(f"ark.persistent: select_n on a bool with {len(cases)} cases")
+        return b.elementwise("select", [pred, *cases], out_shape, out_dtype)
+    if pred.dtype != "int32":
+        raise UnsupportedError(f"ark.persistent: select_n on a {pred.dtype} predicate")
+    out = cases[0]
+    for i, case in enumerate(cases[1:], start=1):
+        take = b.elementwise("ige", [pred, _Imm((), "int32", value=i)], out_shape, "bool")
+        out = b.elementwise("select", [take, out, case], out_shape, out_dtype)
+    return out
+
+
+def _iota(b: _Builder, params, out_shape, out_dtype) -> _Node:
+    """iota as a plan constant arange(n) broadcast along its dimension (a view: no copy)."""
+    dim = int(params["dimension"])
+    n = out_shape[dim]
+    values = np.arange(n).astype(np.dtype(out_dtype) if out_dtype != "bfloat16" else np.float32)
+    if out_dtype == "bfloat16":
+        import ml_dtypes
+
+        values = values.astype(ml_dtypes.bfloat16)
+    if n <= 1:
+        return _Imm(out_shape, out_dtype, value=_zero(out_dtype))
+    t = b.new_tensor((n,), out_dtype, "arg", 0, name=f"const{len(b.constants)}")
+    b.constants[t] = values
+    return b.broadcast(b.load(t), out_shape, (dim,))
+
+
+_REDUCE_KINDS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or"}
+
+
+def _reduce_kind(prim: str, dtype: str) -> str:
+    kind = _kind(dtype)
+    table = {
+        ("reduce_sum", "float"): "sum", ("reduce_max", "float"): "max",
+        ("reduce_min", "float"): "min", ("reduce_max", "bool"): "max",
+        ("reduce_min", "bool"): "min", ("reduce_and", "bool"): "min",
+        ("reduce_or", "bool"): "max",
+        ("reduce_sum", "int"): "isum", ("reduce_sum", "uint"): "isum",
+        ("reduce_max", "int"): "imax", ("reduce_min", "int"): "imin",
+        ("reduce_max", "uint"): "umax", ("reduce_min", "uint"): "umin",
+        ("argmax", "float"): "argmax", ("argmin", "float"): "argmin",
+        ("argmax", "int"): "iargmax", ("argmin", "int"): "iargmin",
+    }  # fmt: skip
+    if (prim, kind) not in table:
+        raise UnsupportedError(f"ark.persistent: {prim} over {dtype} values is not supported")
+    return table[(prim, kind)]
+
+
+def _reduce_identity(kind: str, out_dtype: str) -> float | int:
+    ident = {
+        "sum": 0.0, "max": -np.inf, "min": np.inf, "isum": 0, "imax": -(2**31),
+        "imin": 2**31 - 1, "umax": 0, "umin": 2**32 - 1,
+    }[kind]  # fmt: skip
+    if out_dtype == "bool":
+        return 1.0 if kind == "min" else 0.0  # reduce_and of nothing is True, reduce_or False
+    return ident
+
+
+_ELEMENTWISE_PRIMS = (
+    set(_UNARY)
+    | set(_BINARY)
+    | set(_INT_TYPED)
+    | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
+    | _IDENTITY
+)
 
 
 def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[_Node]:
@@ -663,32 +822,26 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     out_shape = tuple(out_aval.shape)
     out_dtype = _dtype_name(out_aval)
 
-    if prim in _UNARY:
-        return [b.elementwise(_UNARY[prim], args, out_shape, out_dtype)]
-    if prim in _BINARY:
-        return [b.elementwise(_BINARY[prim], args, out_shape, out_dtype)]
+    if prim in _INT_TYPED or prim in _UNARY or prim in _BINARY or prim == "integer_pow":
+        return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
     if prim == "erfc":
         e = b.elementwise("erf", args, out_shape, out_dtype)
         one = _Imm(out_shape, out_dtype, value=1.0)
         return [b.elementwise("sub", [one, e], out_shape, out_dtype)]
-    if prim == "integer_pow":
-        return [b.elementwise("integer_pow", args, out_shape, out_dtype, imm=int(params["y"]))]
     if prim == "convert_element_type":
-        if args[0].dtype == out_dtype:
-            return [args[0]]
-        return [b.elementwise("copy", args, out_shape, out_dtype)]
+        return [_convert(b, args[0], out_dtype)]
     if prim in _IDENTITY:
         return list(args)
     if prim == "select_n":
-        if len(args) != 3:
-            raise UnsupportedError(
-                f"ark.persistent: select_n with {len(args) - 1} cases at {b.source}"
-            )
-        if args[0].dtype != "bool":
-            raise UnsupportedError(
-                f"ark.persistent: select_n on an integer predicate at {b.source}"
-            )
-        return [b.elementwise("select", args, out_shape, out_dtype)]
+        return [_select_n(b, args, out_shape, out_dtype)]
+    if prim == "clamp":  # clamp(lo, x, hi) = min(max(x, lo), hi)
+        lo, x, hi = args
+        kind = _kind(x.dtype)
+        mx, mn = {"int": ("imax", "imin"), "uint": ("umax", "umin")}.get(kind, ("max", "min"))
+        t = b.elementwise(mx, [x, lo], out_shape, out_dtype)
+        return [b.elementwise(mn, [t, hi], out_shape, out_dtype)]
+    if prim == "iota":
+        return [_iota(b, params, out_shape, out_dtype)]
     if prim == "broadcast_in_dim":
         return [b.broadcast(args[0], out_shape, params["broadcast_dimensions"])]
     if prim in ("reshape", "squeeze", "expand_dims"):
@@ -701,15 +854,18 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         ]
     if prim == "dot_general":
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
-    if prim in ("reduce_sum", "reduce_max", "reduce_min"):
+    if prim in _REDUCE_KINDS or prim in ("argmax", "argmin"):
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
+    if prim == "cumsum":
+        return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
     raise UnsupportedError(
         f"ark.persistent: primitive '{prim}' is not supported (at {b.source}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
-        "pow, comparisons, select_n, reduce_sum / reduce_max / reduce_min, broadcast_in_dim, "
+        "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
+        "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}); no loops, conditionals or shard_map"
     )
@@ -740,6 +896,15 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
 
 def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if _kind(args[0].dtype) != "float" or _kind(args[1].dtype) != "float":
+        raise UnsupportedError(
+            f"ark.persistent: dot_general of {args[0].dtype} x {args[1].dtype} (only float "
+            f"operands) at {b.source}"
+        )
+    K = math.prod(args[0].shape[d] for d in lc)
+    if math.prod(out_shape) == 0 or K == 0:
+        # Empty result, or an empty contraction: every element is the empty sum, 0.
+        return _Imm(out_shape, out_dtype, value=0.0)
     # Operands live in memory; an operand still being computed (an elementwise chain, maybe over an
     # accumulator) is emitted now, fused into its producer's epilogue where possible.
     lhs, rhs = (a if isinstance(a, _Load) else b.materialize(a) for a in args)
@@ -756,14 +921,24 @@ def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
 
 
 def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
+    kind = _reduce_kind(prim, node.dtype)
+    K = math.prod(node.shape[d] for d in axes)
+    if K == 0:
+        # An empty reduced axis: every output is the fold's identity (jax.jit does the same).
+        if kind in ARG_REDUCES:
+            raise UnsupportedError(f"ark.persistent: {prim} over an empty axis at {b.source}")
+        return _Imm(out_shape, out_dtype, value=_reduce_identity(kind, out_dtype))
+    if math.prod(out_shape) == 0:
+        return _Imm(out_shape, out_dtype, value=_zero(out_dtype))
     node = b.strip_pendings(node)
     kept = [d for d in range(len(node.shape)) if d not in axes]
     node = b.transpose(node, kept + list(axes))
-    negate = prim == "reduce_min"
+    # Float reduce_min stays -max(-x) (plan v1 kind); integer / bool kinds fold directly.
+    negate = kind == "min" and node.dtype != "bool"
     if negate:
+        kind = "max"
         node = b.elementwise("neg", [node], node.shape, node.dtype)
     M = math.prod(node.shape[: len(kept)])
-    K = math.prod(node.shape[len(kept) :])
     core = _Core(
         "reduce",
         out_dtype,
@@ -774,13 +949,51 @@ def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
         prologue=node,
         iter_dims=node.shape,
         kept_rank=len(kept),
-        reduce_kind="sum" if prim == "reduce_sum" else "max",
+        reduce_kind=kind,
         negate=negate,
         source=b.source,
         name=prim,
     )
     core.out_shape = out_shape
     return _Pending(out_shape, out_dtype, core=core)
+
+
+def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) -> _Node:
+    """cumsum as a REDUCE over the whole axis whose prologue masks the terms past each output
+    position (r <= j, or r >= j reversed): O(L^2) work, exact for integers, r ascending for floats.
+    """
+    shape = node.shape
+    L = shape[axis]
+    if math.prod(shape) == 0:
+        return _Imm(shape, out_dtype, value=0)
+    node = b.strip_pendings(node)
+    rank = len(shape)
+    # Iteration space: the output's dims, then the summed position r along `axis`.
+    iter_shape = shape + (L,)
+    dims = tuple(rank if d == axis else d for d in range(rank))  # x's axis becomes r
+    x = b.broadcast(node, iter_shape, dims)
+    pos = _iota(b, {"dimension": axis, "shape": iter_shape}, iter_shape, "int32")
+    r = _iota(b, {"dimension": rank, "shape": iter_shape}, iter_shape, "int32")
+    keep = b.elementwise("ige" if reverse else "ile", [r, pos], iter_shape, "bool")
+    zero = _Imm(iter_shape, node.dtype, value=_zero(node.dtype))
+    term = b.elementwise("select", [keep, zero, x], iter_shape, node.dtype)
+    kind = "isum" if node.dtype in INT_DTYPES else "sum"
+    core = _Core(
+        "reduce",
+        out_dtype,
+        1,
+        math.prod(shape),
+        1,
+        L,
+        prologue=term,
+        iter_dims=iter_shape,
+        kept_rank=rank,
+        reduce_kind=kind,
+        source=b.source,
+        name="cumsum",
+    )
+    core.out_shape = shape
+    return _Pending(shape, out_dtype, core=core)
 
 
 def trace(fn, avals: list[jax.ShapeDtypeStruct]) -> TraceResult:

@@ -9,10 +9,15 @@ import numpy as np
 from jax_ark._persistent._format import (
     BINARY_OPS,
     DTYPE_SIZES,
+    INT_BINARY_OPS,
+    INT_DTYPES,
+    INT_OPERAND_OPS,
+    INT_UNARY_OPS,
     MAX_PROGRAM_LEN,
     MAX_RANK,
     OPCODES,
     PLAN_VERSION,
+    REDUCE_CODES,
     UNARY_OPS,
     Plan,
     PlanError,
@@ -39,15 +44,31 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
                 raise PlanError(
                     f"{w}: view {v} has rank {len(plan.views[v].strides)}, expected {rank}"
                 )
-        elif ins.op in UNARY_OPS:
+        elif ins.op in UNARY_OPS or ins.op in INT_UNARY_OPS:
             regs = [ins.a]
-        elif ins.op in BINARY_OPS:
+        elif ins.op in BINARY_OPS or ins.op in INT_BINARY_OPS:
             regs = [ins.a, ins.b]
         elif ins.op == "select":
             regs = [ins.a, ins.b, ins.c]
         for r in regs:
             if not 0 <= int(r) < k:
                 raise PlanError(f"{w}: operand register {r} is not an earlier instruction")
+        # Registers hold float32 values or integer bits (by the writer's dtype): an opcode must
+        # read the kind it computes on (select moves either kind; its predicate is bool / float).
+        operands = [] if ins.op == "select" else regs
+        want_int = ins.op in INT_OPERAND_OPS
+        if ins.op == "select":
+            for r in regs[1:]:
+                if (prog[int(r)].dtype in INT_DTYPES) != (ins.dtype in INT_DTYPES):
+                    raise PlanError(f"{w}: selects register {r} of another kind than {ins.dtype}")
+        for r in operands:
+            if (prog[int(r)].dtype in INT_DTYPES) != want_int:
+                raise PlanError(
+                    f"{w}: reads register {r} of dtype {prog[int(r)].dtype}, but {ins.op} takes "
+                    f"{'integer' if want_int else 'float / bool'} operands"
+                )
+        if ins.op == "select" and prog[int(ins.a)].dtype in INT_DTYPES:
+            raise PlanError(f"{w}: the predicate must be a bool / float register")
 
 
 def _view_in_bounds(plan: Plan, i: int, v: int, dims) -> None:
@@ -122,7 +143,7 @@ def validate(plan: Plan) -> None:
             kept, red = op.iter_dims[: op.kept_rank], op.iter_dims[op.kept_rank :]
             if math.prod(kept) != op.M or math.prod(red) != op.K or op.K < 1:
                 raise PlanError(f"{where}: iteration space {op.iter_dims} != M x K")
-            if op.reduce_kind not in ("sum", "max"):
+            if op.reduce_kind not in REDUCE_CODES:
                 raise PlanError(f"{where}: bad reduce kind {op.reduce_kind!r}")
             _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
             for ins in op.prologue:
@@ -135,7 +156,7 @@ def validate(plan: Plan) -> None:
             if ins.op == "load":
                 _view_in_bounds(plan, i, int(ins.a), out.shape)
     for i, t in enumerate(plan.outputs):
-        if t not in writer:
+        if t not in writer and plan.tensors[t].num_elements > 0:
             raise PlanError(f"output {i} (tensor {t}) is never written")
     # tasks cover their op exactly once
     coverage = {i: np.zeros(op.B * op.M * op.N, np.int32) for i, op in enumerate(plan.ops)}

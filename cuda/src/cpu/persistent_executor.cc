@@ -201,7 +201,9 @@ inline uint32_t bf16_bits_rne(uint32_t u) {
 
 void round_in_place(float* r, int count, int32_t dt) {
   switch (dt) {
-    case kF32: break;
+    case kF32:
+    case kInt32:
+    case kUInt32: break;  // integer registers hold bits: nothing to round
     case kBF16:
       for (int e = 0; e < count; ++e) r[e] = bits_float(bf16_bits_rne(float_bits(r[e])));
       break;
@@ -256,6 +258,37 @@ void eval_binary(int32_t code, float* r, const float* x, const float* y, int cou
     default:
       for (int e = 0; e < count; ++e) r[e] = apply_binary(code, x[e], y[e]);
   }
+}
+
+// Integer registers share the float register file (plan_format.hpp: a register is 32 bits); these
+// loops view it through a may_alias type so the compiler cannot assume float and uint32 stores
+// to the same register never overlap.
+typedef uint32_t bits_alias __attribute__((may_alias));
+
+template <int32_t kCode>
+void int_binary_loop(bits_alias* r, const bits_alias* x, const bits_alias* y, int count) {
+  for (int e = 0; e < count; ++e) r[e] = apply_int_binary(kCode, x[e], y[e]);
+}
+
+void eval_int_binary(int32_t code, float* r, const float* x, const float* y, int count) {
+  bits_alias* rb = reinterpret_cast<bits_alias*>(r);
+  const bits_alias* xb = reinterpret_cast<const bits_alias*>(x);
+  const bits_alias* yb = reinterpret_cast<const bits_alias*>(y);
+  switch (code) {
+#define ARK_IBINARY(C) \
+  case C: int_binary_loop<C>(rb, xb, yb, count); break;
+    ARK_IBINARY(kIAdd) ARK_IBINARY(kISub) ARK_IBINARY(kIMul) ARK_IBINARY(kAnd) ARK_IBINARY(kOr)
+    ARK_IBINARY(kXor) ARK_IBINARY(kIMax) ARK_IBINARY(kIMin) ARK_IBINARY(kIEq) ARK_IBINARY(kILt)
+#undef ARK_IBINARY
+    default:
+      for (int e = 0; e < count; ++e) rb[e] = apply_int_binary(code, xb[e], yb[e]);
+  }
+}
+
+void eval_int_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
+  bits_alias* rb = reinterpret_cast<bits_alias*>(r);
+  const bits_alias* xb = reinterpret_cast<const bits_alias*>(x);
+  for (int e = 0; e < count; ++e) rb[e] = apply_int_unary(code, xb[e], imm);
 }
 
 // r[j] = f32(src[j * stride]) for j < n, the dtype switch outside the loop.
@@ -336,6 +369,10 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
       for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
     } else if (is_unary(code)) {
       eval_unary(code, r, s.regs[ins.a], count, ins.b);
+    } else if (is_int_binary(code)) {
+      eval_int_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
+    } else if (is_int_unary(code)) {
+      eval_int_unary(code, r, s.regs[ins.a], count, ins.b);
     } else {
       eval_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
     }
@@ -465,17 +502,24 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   for (int i = 0; i < rows; ++i) {
     const int64_t m = task.m0 + i;
     float acc = op.reduce_kind == kReduceSum ? 0.0f : -INFINITY;
+    ReduceAcc state = reduce_identity(op.reduce_kind);
+    const bool generic = op.reduce_kind != kReduceSum && op.reduce_kind != kReduceMax;
     for (int64_t r0 = 0; r0 < R; r0 += kSegment) {
       const int n = static_cast<int>(std::min<int64_t>(kSegment, R - r0));
       eval_program(run, op.prologue_at, op.prologue_len, op.iter_rank, op.iter_dims, m * R + r0, n,
                    nullptr, s);
       const float* v = s.regs[op.prologue_len - 1];
-      if (op.reduce_kind == kReduceSum) {
+      if (generic) {  // v2 kinds: the shared fold of tile_ops.hpp, r ascending
+        for (int e = 0; e < n; ++e)
+          state = reduce_combine(op.reduce_kind, state,
+                                 ReduceAcc{float_bits(v[e]), static_cast<int32_t>(r0 + e)});
+      } else if (op.reduce_kind == kReduceSum) {
         for (int e = 0; e < n; ++e) acc = acc + v[e];
       } else {
         for (int e = 0; e < n; ++e) acc = nan_max(acc, v[e]);
       }
     }
+    if (generic) acc = bits_float(reduce_result(op.reduce_kind, state));
     s.acc[i] = round_to(acc, op.acc_dtype);
   }
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
@@ -612,9 +656,11 @@ bool check_program(Checker& c, const PlanView& p, int at, int len, int rank, boo
         return c.fail(where + ": operand register out of range");
     } else if (is_unary(code)) {
       if (ins.a < 0 || ins.a >= i) return c.fail(where + ": operand register out of range");
-    } else if (is_binary(code)) {
+    } else if (is_binary(code) || is_int_binary(code)) {
       if (ins.a < 0 || ins.a >= i || ins.b < 0 || ins.b >= i)
         return c.fail(where + ": operand register out of range");
+    } else if (is_int_unary(code)) {
+      if (ins.a < 0 || ins.a >= i) return c.fail(where + ": operand register out of range");
     } else {
       return c.fail(where + ": unknown opcode " + std::to_string(code));
     }
@@ -709,6 +755,7 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
     } else if (op.kind == kOpReduce) {
       if (op.iter_rank < op.kept_rank || op.iter_rank > kMaxRank || op.kept_rank < 0 || op.K < 1)
         return where + ": bad reduce iteration space";
+      if (op.reduce_kind < 0 || op.reduce_kind >= kNumReduceKinds) return where + ": bad reduce kind";
       int64_t kept = 1, red = 1;
       for (int d = 0; d < op.iter_rank; ++d) (d < op.kept_rank ? kept : red) *= op.iter_dims[d];
       if (kept != op.M || red != op.K) return where + ": iteration space != M x K";

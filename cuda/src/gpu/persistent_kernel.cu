@@ -129,13 +129,19 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
       const ResolvedLoad& l = s.loads[begin + i];
       int64_t e = l.offset;
       for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
-      v = tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+      // Integer elements load as their bits (an integer register, plan_format.hpp).
+      v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
+                                    : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
     } else if (opc == pf::kConst) {
       v = __int_as_float(ins.a);
     } else if (opc == pf::kSelect) {
       v = r[ins.a] != 0.f ? r[ins.c] : r[ins.b];
     } else if (pf::is_unary(opc)) {
       v = pf::apply_unary(opc, r[ins.a], ins.b);
+    } else if (pf::is_int_binary(opc)) {
+      v = __uint_as_float(pf::apply_int_binary(opc, __float_as_uint(r[ins.a]), __float_as_uint(r[ins.b])));
+    } else if (pf::is_int_unary(opc)) {
+      v = __uint_as_float(pf::apply_int_unary(opc, __float_as_uint(r[ins.a]), ins.b));
     } else {
       v = pf::apply_binary(opc, r[ins.a], r[ins.b]);
     }
@@ -297,7 +303,8 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
     }
     for (int d = 0; d < pf::kMaxRank; ++d) s.iter_dims[d] = op.iter_dims[d];
     if (op.kind == pf::kOpReduce &&
-        (op.iter_rank < op.kept_rank || op.iter_rank > pf::kMaxRank || op.kept_rank < 0))
+        (op.iter_rank < op.kept_rank || op.iter_rank > pf::kMaxRank || op.kept_rank < 0 ||
+         op.reduce_kind < 0 || op.reduce_kind >= pf::kNumReduceKinds))
       s.bad = kBadView;
   }
   __syncthreads();
@@ -311,7 +318,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
     s.code[i] = ins;
     const int32_t opc = ins.op_and_dtype & 0xFFFF, dt = (ins.op_and_dtype >> 16) & 0xFF;
     const int iter_rank = is_pro ? op.iter_rank : s.out_rank;
-    bool ok = dt >= pf::kF32 && dt <= pf::kInt32;
+    bool ok = dt >= pf::kF32 && dt <= pf::kUInt32;
     if (opc == pf::kLoadAcc) {
       ok = ok && op.kind != pf::kOpMap && !is_pro;
     } else if (opc == pf::kLoad) {
@@ -338,14 +345,39 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
            ins.c < local;
     } else if (pf::is_unary(opc)) {
       ok = ok && ins.a >= 0 && ins.a < local;
-    } else if (pf::is_binary(opc)) {
+    } else if (pf::is_binary(opc) || pf::is_int_binary(opc)) {
       ok = ok && ins.a >= 0 && ins.a < local && ins.b >= 0 && ins.b < local;
+    } else if (pf::is_int_unary(opc)) {
+      ok = ok && ins.a >= 0 && ins.a < local;
     } else {
       ok = false;
     }
     // Not s.bad: a slower thread may still be reading s.bad above (early return), and seeing it
     // change would make that thread skip the barrier below while the others wait at it.
     if (!ok) s.bad_instruction = kBadProgram;  // benign race: any nonzero value is the same verdict
+  }
+  __syncthreads();
+}
+
+// REDUCE of the v2 kinds (integer, min, argmax / argmin): one warp per row, lane l folding
+// r = l, l + 32, ... with tile_ops.hpp's reduce_combine, then an xor-shuffle tree over (bits, index).
+// combine() is associative and commutative for these kinds, so the result is the CPU executor's.
+template <typename Load, typename Epi>
+__device__ void row_reduce_generic(int64_t r0, int64_t r1, int64_t ncols, int32_t kind, Load& load,
+                                   Epi& epi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t r = r0 + warp; r < r1; r += tile::kWarps) {
+    pf::ReduceAcc acc = pf::reduce_identity(kind);
+    for (int64_t c = lane; c < ncols; c += 32)
+      acc = pf::reduce_combine(kind, acc,
+                               pf::ReduceAcc{__float_as_uint(load(r, c)), static_cast<int32_t>(c)});
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const pf::ReduceAcc other{__shfl_xor_sync(0xffffffffu, acc.bits, o),
+                                __shfl_xor_sync(0xffffffffu, acc.index, o)};
+      acc = pf::reduce_combine(kind, acc, other);
+    }
+    if (lane == 0) epi(r, __uint_as_float(pf::reduce_result(kind, acc)));
   }
   __syncthreads();
 }
@@ -440,9 +472,13 @@ __device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, cons
     unravel(m, s.out_dims, out_rank, idx);
     store_out(out, out_dtype, m, eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype)));
   };
-  const tile::ReduceKind kind =
-      op.reduce_kind == pf::kReduceMax ? tile::ReduceKind::kMax : tile::ReduceKind::kSum;
-  tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
+  if (op.reduce_kind == pf::kReduceSum || op.reduce_kind == pf::kReduceMax) {
+    const tile::ReduceKind kind =
+        op.reduce_kind == pf::kReduceMax ? tile::ReduceKind::kMax : tile::ReduceKind::kSum;
+    tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
+  } else {
+    row_reduce_generic(t.m0, t.m1, op.K, op.reduce_kind, load, epi);
+  }
   return true;
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -59,8 +60,27 @@ def plan(
     def flat_fn(*flat):
         return jax.tree_util.tree_leaves(fn(*jax.tree_util.tree_unflatten(tree, flat)))
 
-    traced = trace(flat_fn, avals)
+    traced = trace(flat_fn, avals, _arg_names(fn, args))
     return build_plan(traced, workers, tile_m, tile_n, platform=target)
+
+
+def _arg_names(fn: Callable, args: tuple) -> list[str]:
+    """The user's name of every flat argument: the parameter name, then its pytree path
+    (``cache['k']``, ``params.layers[0].w``); ``args[i]...`` when fn has no usable signature."""
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(args)[0]:
+        i = getattr(path[0], "idx", 0)
+        head = params[i] if i < len(params) else f"args[{i}]"
+        names.append(head + jax.tree_util.keystr(tuple(path[1:])))
+    return names
 
 
 # ---- jax version compatibility: the varying manual axes (vma) of a value -----------------------

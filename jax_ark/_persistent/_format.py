@@ -37,7 +37,7 @@ INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iar
 ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {
-    "load_acc": 0, "load": 1, "const": 2,
+    "load_acc": 0, "load": 1, "const": 2, "load_at": 3,
     "neg": 10, "exp": 11, "log": 12, "tanh": 13, "logistic": 14, "sqrt": 15, "rsqrt": 16,
     "erf": 17, "abs": 18, "integer_pow": 19, "sin": 20, "cos": 21, "log1p": 22, "expm1": 23,
     "square": 24, "sign": 25, "copy": 26,
@@ -60,6 +60,8 @@ INT_UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 100 <= v <= 109)
 # Opcodes whose operands are integer registers; the result is integer unless it is a comparison
 # (bool) or a conversion to float.
 INT_OPERAND_OPS = (INT_BINARY_OPS | INT_UNARY_OPS) - {"f2i", "f2u"}
+# Instructions that read a view (a = view id); load_at also reads the int32 offset register b.
+LOAD_OPS = frozenset({"load", "load_at"})
 
 
 class PlanError(ValueError):

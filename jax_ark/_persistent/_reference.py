@@ -180,12 +180,15 @@ def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers) -> np.ndarray
         for ins in prog:
             if ins.op == "load_acc":
                 r = acc
-            elif ins.op == "load":
+            elif ins.op in ("load", "load_at"):
                 view = plan.views[int(ins.a)]
                 off = np.full(shape, view.offset, dtype=np.int64)
                 for d, s in enumerate(view.strides):
                     if s:
                         off = off + idx[d] * s
+                if ins.op == "load_at":  # moved by a device value, clamped into the tensor
+                    off = off + _s(regs[int(ins.b)])
+                    off = np.clip(off, 0, plan.tensors[view.tensor].num_elements - 1)
                 src = buffers[view.tensor]
                 if src.dtype.kind in "iu":
                     r = src[off].view(np.uint32)

@@ -121,7 +121,7 @@ def _offsets(view, idx: tuple[np.ndarray, ...]) -> np.ndarray:
 
 
 def program_views(program) -> list[int]:
-    return [int(i.a) for i in program if i.op == "load"]
+    return [int(i.a) for i in program if i.op in ("load", "load_at")]
 
 
 def task_reads(
@@ -166,6 +166,11 @@ def task_reads(
             for d in range(len(red)):
                 rr = rr + r_idx[d] * s[len(kept) + d]
             reads.append((view.tensor, (view.offset + mk[:, None] + rr[None, :]).ravel()))
+    # load_at reads an element chosen at run time (a device index): any element of its tensor.
+    for ins in list(op.prologue) + list(op.epilogue):
+        if ins.op == "load_at" and want(plan.views[int(ins.a)].tensor):
+            tensor = plan.views[int(ins.a)].tensor
+            reads.append((tensor, np.arange(plan.tensors[tensor].num_elements, dtype=np.int64)))
     views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
         out_shape = plan.tensors[op.out].shape

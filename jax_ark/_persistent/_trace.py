@@ -184,6 +184,7 @@ class _Builder:
     args: list[int] = field(default_factory=list)
     constants: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""  # source line of the eqn being translated
+    aranges: dict[tuple[int, str], int] = field(default_factory=dict)  # iota constants by size
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -433,6 +434,11 @@ class _Builder:
                 if acc_negate:
                     prog.append(Instr("neg", n.core.acc_dtype, len(prog) - 1))
             else:
+                if n.op == "load_at":  # args: (the static view, the int32 offset node)
+                    moved = emit(n.args[1])
+                    prog.append(Instr("load_at", n.dtype, self.view_id(n.args[0]), moved))
+                    memo[key] = len(prog) - 1
+                    return memo[key]
                 regs = [emit(a) for a in n.args]
                 if n.op == "select":
                     prog.append(Instr("select", n.dtype, regs[0], regs[1], regs[2]))
@@ -537,8 +543,8 @@ def _check_dtype(aval, where: str) -> str:
     name = _dtype_name(aval)
     if name not in _SUPPORTED_DTYPES:
         raise UnsupportedError(
-            f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool), "
-            f"at {where}"
+            f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool, "
+            f"int32, uint32), at {where}"
         )
     return name
 
@@ -643,7 +649,7 @@ _INT_TYPED: dict[str, dict[str, str]] = {
     "gt": {"int": "igt", "uint": "ugt"},
     "ge": {"int": "ige", "uint": "uge"},
     "neg": {"int": "ineg", "uint": "ineg"},
-    "abs": {"int": "iabs"},
+    "abs": {"int": "iabs", "uint": "imov"},
     "sign": {"int": "isign"},
     "and": {"int": "and", "uint": "and", "bool": "mul"},  # bool: 1*1 = 1, else 0
     "or": {"int": "or", "uint": "or", "bool": "max"},
@@ -666,6 +672,8 @@ def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, param
             return b.elementwise("integer_pow", args, out_shape, out_dtype, imm=y)
         if kind in ("int", "uint") and y >= 0:
             return b.elementwise("ipow", args, out_shape, out_dtype, imm=y)
+    elif prim == "sign" and kind == "uint":  # 0 or 1
+        return b.elementwise("umin", [args[0], _Imm((), "uint32", value=1)], out_shape, out_dtype)
     elif prim == "square" and kind in ("int", "uint"):
         return b.elementwise("imul", [args[0], args[0]], out_shape, out_dtype)
     else:
@@ -718,6 +726,8 @@ def _iota(b: _Builder, params, out_shape, out_dtype) -> _Node:
     """iota as a plan constant arange(n) broadcast along its dimension (a view: no copy)."""
     dim = int(params["dimension"])
     n = out_shape[dim]
+    if n > 1 and (n, out_dtype) in b.aranges:
+        return b.broadcast(b.load(b.aranges[(n, out_dtype)]), out_shape, (dim,))
     values = np.arange(n).astype(np.dtype(out_dtype) if out_dtype != "bfloat16" else np.float32)
     if out_dtype == "bfloat16":
         import ml_dtypes
@@ -727,7 +737,203 @@ def _iota(b: _Builder, params, out_shape, out_dtype) -> _Node:
         return _Imm(out_shape, out_dtype, value=_zero(out_dtype))
     t = b.new_tensor((n,), out_dtype, "arg", 0, name=f"const{len(b.constants)}")
     b.constants[t] = values
+    b.aranges[(n, out_dtype)] = t
     return b.broadcast(b.load(t), out_shape, (dim,))
+
+
+# ---- indexing (plan v2): device indices read by the kernel through load_at -----------------------
+# An indexed value is `load_at(view, offset)`: a static view over the output's index space plus an
+# int32 element offset computed in the same program from the index values (loaded from device
+# memory at run time, never read by the host). Indices are clamped as XLA clamps them, so every
+# offset stays inside the tensor; dims whose position comes from an index have stride 0 in the view.
+def _i32(b: _Builder, node: _Node, shape) -> _Node:
+    """An index value as int32, broadcast to shape (scalars and index vectors)."""
+    if node.dtype == "uint32":
+        node = b.elementwise("imov", [node], node.shape, "int32")
+    elif node.dtype != "int32":
+        raise UnsupportedError(f"ark.persistent: {node.dtype} indices at {b.source}")
+    return node if node.shape == tuple(shape) else b.broadcast(node, shape, ())
+
+
+def _iconst(value: int) -> _Imm:
+    return _Imm((), "int32", value=int(value))
+
+
+def _iop(b: _Builder, op: str, x: _Node, y: _Node | int) -> _Node:
+    y = _iconst(y) if isinstance(y, (int, np.integer)) else y
+    cmp = op[1:] in ("lt", "le", "gt", "ge", "eq", "ne")
+    return b.elementwise(op, [x, y], x.shape, "bool" if cmp else x.dtype)
+
+
+def _clamp(b: _Builder, x: _Node, lo: int, hi: int) -> _Node:
+    return _iop(b, "imin", _iop(b, "imax", x, lo), hi)
+
+
+def _position(b: _Builder, shape, dim: int) -> _Node:
+    return _iota(b, {"dimension": dim}, tuple(shape), "int32")
+
+
+def _as_load(b: _Builder, node: _Node) -> _Load:
+    return node if isinstance(node, _Load) else b.materialize(node)
+
+
+def _load_at(base: _Load, offset: _Node | None) -> _Node:
+    if offset is None:
+        return base
+    return _Ew(base.shape, base.dtype, op="load_at", args=(base, offset), _size=offset.size + 2)
+
+
+def _sum_offsets(b: _Builder, terms: list[_Node]) -> _Node | None:
+    out = None
+    for t in terms:
+        out = t if out is None else b.elementwise("iadd", [out, t], t.shape, "int32")
+    return out
+
+
+def _and(b: _Builder, x: _Node | None, y: _Node) -> _Node:
+    return y if x is None else b.elementwise("mul", [x, y], y.shape, "bool")
+
+
+def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x = _as_load(b, args[0])
+    terms = []
+    for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
+        s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
+        terms.append(_iop(b, "imul", s, x.strides[d]))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides)
+    return _load_at(base, _sum_offsets(b, terms))
+
+
+def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    operand, update = args[0], _as_load(b, args[1])
+    if math.prod(update.shape) == 0:
+        return operand
+    inside, terms = None, []
+    for d, start in enumerate(args[2:]):
+        n, u = out_shape[d], update.shape[d]
+        s = _clamp(b, _i32(b, start, out_shape), 0, n - u)
+        i = _position(b, out_shape, d)
+        rel = b.elementwise("isub", [i, s], out_shape, "int32")
+        inside = _and(b, inside, _iop(b, "ige", rel, 0))
+        inside = _and(b, inside, _iop(b, "ilt", rel, u))
+        terms.append(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
+    base = _Load(
+        tuple(out_shape), update.dtype, update.tensor, update.offset, (0,) * len(out_shape)
+    )
+    new = _load_at(base, _sum_offsets(b, terms))
+    return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
+
+
+def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x, idx = _as_load(b, args[0]), args[1]
+    dn = params["dimension_numbers"]
+    sizes = tuple(params["slice_sizes"])
+    mode = str(params.get("mode", "")).rsplit(".", 1)[-1].lower()
+    rank = len(out_shape)
+    offset_dims = tuple(dn.offset_dims)
+    batch_out = [d for d in range(rank) if d not in offset_dims]  # = idx dims but the last
+    collapsed = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    window = [d for d in range(len(x.shape)) if d not in collapsed]
+    strides = [0] * rank
+    for od, xd in zip(offset_dims, window, strict=True):
+        strides[od] = x.strides[xd]
+    for xd, idd in zip(dn.operand_batching_dims, dn.start_indices_batching_dims, strict=True):
+        strides[batch_out[idd]] = x.strides[xd]  # idx batch dim idd is output dim batch_out[idd]
+    nvec = idx.shape[-1]
+    idx_dims = tuple(batch_out)
+    inside, terms = None, []
+    for k, xd in enumerate(dn.start_index_map):
+        start = b.slice(idx, (0,) * (len(idx.shape) - 1) + (k,), idx.shape[:-1] + (k + 1,), None)
+        start = b.reshape(start, idx.shape[:-1])
+        start = _i32(b, b.broadcast(start, out_shape, idx_dims), out_shape)
+        hi = x.shape[xd] - sizes[xd]
+        if mode == "fill_or_drop":
+            inside = _and(b, inside, _iop(b, "ige", start, 0))
+            inside = _and(b, inside, _iop(b, "ile", start, hi))
+        terms.append(_iop(b, "imul", _clamp(b, start, 0, hi), x.strides[xd]))
+    del nvec
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, tuple(strides))
+    value = _load_at(base, _sum_offsets(b, terms))
+    if inside is None:
+        return value
+    fill = params.get("fill_value")
+    if fill is None:
+        fill = {"int32": -(2**31), "uint32": 2**32 - 1, "bool": 1.0}.get(out_dtype, float("nan"))
+    return b.elementwise(
+        "select",
+        [inside, _Imm(out_shape, out_dtype, value=_scalar(fill, out_dtype)), value],
+        out_shape,
+        out_dtype,
+    )
+
+
+def _concatenate(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    axis = int(params["dimension"])
+    i = _position(b, out_shape, axis)
+    out, at = None, 0
+    for a in args:
+        n = a.shape[axis]
+        if n == 0:
+            continue
+        x = _as_load(b, a)
+        strides = tuple(0 if d == axis else s for d, s in enumerate(x.strides))
+        base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides)
+        moved = _iop(b, "imul", _clamp(b, _iop(b, "isub", i, at), 0, n - 1), x.strides[axis])
+        part = _load_at(base, moved)
+        out = (
+            part
+            if out is None
+            else b.elementwise("select", [_iop(b, "ige", i, at), out, part], out_shape, out_dtype)
+        )
+        at += n
+    return out if out is not None else _Imm(out_shape, out_dtype, value=_zero(out_dtype))
+
+
+def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x, fill = _as_load(b, args[0]), args[1]
+    if math.prod(x.shape) == 0:
+        return b.broadcast(fill, out_shape, ())
+    inside, terms = None, []
+    for d, (lo, _hi, interior) in enumerate(params["padding_config"]):
+        t = _iop(b, "isub", _position(b, out_shape, d), lo)
+        if interior:
+            step = interior + 1
+            inside = _and(b, inside, _iop(b, "ieq", _iop(b, "irem", t, step), 0))
+            t = _iop(b, "idiv", t, step)
+        inside = _and(b, inside, _iop(b, "ige", t, 0))
+        inside = _and(b, inside, _iop(b, "ilt", t, x.shape[d]))
+        terms.append(_iop(b, "imul", _clamp(b, t, 0, x.shape[d] - 1), x.strides[d]))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, (0,) * len(out_shape))
+    value = _load_at(base, _sum_offsets(b, terms))
+    if inside is None:
+        return value
+    return b.elementwise(
+        "select", [inside, b.broadcast(fill, out_shape, ()), value], out_shape, out_dtype
+    )
+
+
+def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x = _as_load(b, args[0])
+    dims = set(params["dimensions"])
+    strides = tuple(0 if d in dims else s for d, s in enumerate(x.strides))
+    terms = []
+    for d in sorted(dims):
+        if x.shape[d] > 1:  # element n - 1 - i along a reversed dim
+            neg = b.elementwise("ineg", [_position(b, out_shape, d)], out_shape, "int32")
+            back = _iop(b, "iadd", neg, x.shape[d] - 1)
+            terms.append(_iop(b, "imul", back, x.strides[d]))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides)
+    return _load_at(base, _sum_offsets(b, terms))
+
+
+_INDEXING = {
+    "dynamic_slice": _dynamic_slice,
+    "dynamic_update_slice": _dynamic_update_slice,
+    "gather": _gather,
+    "concatenate": _concatenate,
+    "pad": _pad,
+    "rev": _rev,
+}
 
 
 _REDUCE_KINDS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or"}
@@ -842,6 +1048,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [b.elementwise(mn, [t, hi], out_shape, out_dtype)]
     if prim == "iota":
         return [_iota(b, params, out_shape, out_dtype)]
+    if prim in _INDEXING:
+        return [_INDEXING[prim](b, args, params, out_shape, out_dtype)]
     if prim == "broadcast_in_dim":
         return [b.broadcast(args[0], out_shape, params["broadcast_dimensions"])]
     if prim in ("reshape", "squeeze", "expand_dims"):
@@ -862,13 +1070,23 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if body is not None:
         return _translate(b, body[0], body[1], args)
     raise UnsupportedError(
-        f"ark.persistent: primitive '{prim}' is not supported (at {b.source}); supported: "
+        f"ark.persistent: primitive '{prim}'{_operand_names(b, args)} is not supported (at "
+        f"{b.source}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}); no loops, conditionals or shard_map"
     )
+
+
+def _operand_names(b: _Builder, args: list[_Node]) -> str:
+    """' of argument x, cache['k']' for the operands that are (views of) user arguments."""
+    names = []
+    for a in args:
+        if isinstance(a, _Load) and a.tensor in b.args:
+            names.append(b.tensors[a.tensor].name)
+    return f" of argument {', '.join(names)}" if names else ""
 
 
 def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
@@ -996,14 +1214,21 @@ def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) 
     return _Pending(shape, out_dtype, core=core)
 
 
-def trace(fn, avals: list[jax.ShapeDtypeStruct]) -> TraceResult:
-    """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors."""
+def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = None) -> TraceResult:
+    """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors.
+
+    arg_names: the user's name of each flat input (its pytree path, e.g. "cache['k']"), used in
+    error messages and as the input tensors' names.
+    """
+    names = arg_names or [f"input {i}" for i in range(len(avals))]
+    for i, aval in enumerate(avals):
+        _check_dtype(aval, f"argument {names[i]}")
     closed = jax.make_jaxpr(fn)(*avals)
     b = _Builder()
     in_nodes = []
     for i, aval in enumerate(avals):
-        dtype = _check_dtype(aval, f"input {i}")
-        t = b.new_tensor(tuple(aval.shape), dtype, "arg", i, name=f"in{i}")
+        dtype = _dtype_name(aval)
+        t = b.new_tensor(tuple(aval.shape), dtype, "arg", i, name=names[i])
         b.args.append(t)
         in_nodes.append(b.load(t))
     b.source = "<unknown source>"

@@ -13,6 +13,7 @@ from jax_ark._persistent._format import (
     INT_DTYPES,
     INT_OPERAND_OPS,
     INT_UNARY_OPS,
+    LOAD_OPS,
     MAX_PROGRAM_LEN,
     MAX_RANK,
     OPCODES,
@@ -36,7 +37,9 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
         regs: list = []
         if ins.op == "load_acc" and not acc_ok:
             raise PlanError(f"{w}: load_acc in a map op")
-        if ins.op == "load":
+        if ins.op == "load_at":
+            regs = [ins.b]  # the offset: an earlier integer register (checked below)
+        if ins.op in LOAD_OPS:
             v = int(ins.a)
             if not 0 <= v < len(plan.views):
                 raise PlanError(f"{w}: view {v} out of range")
@@ -56,7 +59,7 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
         # Registers hold float32 values or integer bits (by the writer's dtype): an opcode must
         # read the kind it computes on (select moves either kind; its predicate is bool / float).
         operands = [] if ins.op == "select" else regs
-        want_int = ins.op in INT_OPERAND_OPS
+        want_int = ins.op in INT_OPERAND_OPS or ins.op == "load_at"
         if ins.op == "select":
             for r in regs[1:]:
                 if (prog[int(r)].dtype in INT_DTYPES) != (ins.dtype in INT_DTYPES):
@@ -147,13 +150,13 @@ def validate(plan: Plan) -> None:
                 raise PlanError(f"{where}: bad reduce kind {op.reduce_kind!r}")
             _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
             for ins in op.prologue:
-                if ins.op == "load":
+                if ins.op in LOAD_OPS:
                     _view_in_bounds(plan, i, int(ins.a), op.iter_dims)
         elif op.kind != "map":
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
         _check_program(plan, i, op.epilogue, len(out.shape), op.kind != "map", "epilogue")
         for ins in op.epilogue:
-            if ins.op == "load":
+            if ins.op in LOAD_OPS:
                 _view_in_bounds(plan, i, int(ins.a), out.shape)
     for i, t in enumerate(plan.outputs):
         if t not in writer and plan.tensors[t].num_elements > 0:

@@ -69,6 +69,9 @@ enum Opcode : int32_t {
   kLoadAcc = 0,   // r = the op's accumulator (MATMUL/REDUCE epilogue only), rounded to acc_dtype
   kLoad = 1,      // r = view a, element at the current iteration index
   kConst = 2,     // r = bit_cast<float>(a)
+  // v2: r = view a's element at the current index moved by int32 register b elements (a device
+  // value: gather / dynamic_slice indices), the element index clamped into the tensor
+  kLoadAt = 3,
   // unary (operand a)
   kNeg = 10, kExp = 11, kLog = 12, kTanh = 13, kLogistic = 14, kSqrt = 15, kRsqrt = 16,
   kErf = 17, kAbs = 18, kIntegerPow = 19 /* exponent = b (int32) */, kSin = 20, kCos = 21,

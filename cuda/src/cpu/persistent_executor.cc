@@ -313,6 +313,29 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
   }
 }
 
+// LOAD_AT (plan v2): the view's element index plus the int32 offset in register `moved`, clamped
+// into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
+// plan inside its buffer).
+void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* dims,
+             const int64_t* start_idx, int count, const float* moved, float* r) {
+  const ViewRecord& v = run.plan.view(ins.a);
+  const TensorRecord& t = run.plan.tensor(v.tensor);
+  const char* base = run.tensor_base(v.tensor);
+  const bits_alias* delta = reinterpret_cast<const bits_alias*>(moved);
+  int64_t idx[kMaxRank];
+  for (int d = 0; d < rank; ++d) idx[d] = start_idx[d];
+  for (int e = 0; e < count; ++e) {
+    int64_t off = v.offset + static_cast<int32_t>(delta[e]);
+    for (int d = 0; d < rank; ++d) off += idx[d] * v.strides[d];
+    off = std::min<int64_t>(std::max<int64_t>(off, 0), t.num_elements - 1);
+    r[e] = load_element(base, t.dtype, off);
+    for (int d = rank - 1; d >= 0; --d) {  // next iteration index, row-major
+      if (++idx[d] < dims[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
 void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
@@ -361,6 +384,8 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
           }
         }
       }
+    } else if (code == kLoadAt) {
+      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r);
     } else if (code == kConst) {
       const float c = bits_float(static_cast<uint32_t>(ins.a));
       for (int e = 0; e < count; ++e) r[e] = c;
@@ -647,9 +672,11 @@ bool check_program(Checker& c, const PlanView& p, int at, int len, int rank, boo
     if (dtype_size(dtype_of(ins)) == 0) return c.fail(where + ": bad dtype");
     if (code == kLoadAcc) {
       if (!acc_ok) return c.fail(where + ": LOAD_ACC without accumulator");
-    } else if (code == kLoad) {
+    } else if (code == kLoad || code == kLoadAt) {
       if (ins.a < 0 || ins.a >= h.num_views) return c.fail(where + ": bad view");
       if (p.view(ins.a).rank != rank) return c.fail(where + ": view rank != iteration rank");
+      if (code == kLoadAt && (ins.b < 0 || ins.b >= i || !is_int_dtype(dtype_of(p.instruction(at + ins.b)))))
+        return c.fail(where + ": LOAD_AT offset must be an earlier integer register");
     } else if (code == kConst) {
     } else if (code == kSelect) {
       if (ins.a < 0 || ins.a >= i || ins.b < 0 || ins.b >= i || ins.c < 0 || ins.c >= i)
@@ -763,7 +790,8 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
         return c.err.str();
       for (int k = 0; k < op.prologue_len; ++k) {
         const Instruction& ins = p.instruction(op.prologue_at + k);
-        if (opcode_of(ins) == kLoad && !check_view_in(c, p, ins.a, op.iter_dims, op.iter_rank, i))
+        if ((opcode_of(ins) == kLoad || opcode_of(ins) == kLoadAt) &&
+            !check_view_in(c, p, ins.a, op.iter_dims, op.iter_rank, i))
           return c.err.str();
       }
     } else if (op.kind != kOpMap) {
@@ -773,7 +801,8 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
       return c.err.str();
     for (int k = 0; k < op.epilogue_len; ++k) {
       const Instruction& ins = p.instruction(op.epilogue_at + k);
-      if (opcode_of(ins) == kLoad && !check_view_in(c, p, ins.a, out.dims, out.rank, i))
+      if ((opcode_of(ins) == kLoad || opcode_of(ins) == kLoadAt) &&
+          !check_view_in(c, p, ins.a, out.dims, out.rank, i))
         return c.err.str();
     }
   }

@@ -65,6 +65,7 @@ struct ResolvedLoad {
   int32_t dtype, rank;
   int64_t offset;
   int64_t strides[pf::kMaxRank];
+  int64_t num_elements;  // LOAD_AT clamps its moved element index into [0, num_elements)
 };
 
 constexpr int kMaxCode = 2 * pf::kMaxProgramLen;  // prologue followed by epilogue
@@ -130,6 +131,13 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
       int64_t e = l.offset;
       for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
       // Integer elements load as their bits (an integer register, plan_format.hpp).
+      v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
+                                    : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+    } else if (opc == pf::kLoadAt) {
+      const ResolvedLoad& l = s.loads[begin + i];
+      int64_t e = l.offset + __float_as_int(r[ins.b]);
+      for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
+      e = e < 0 ? 0 : (e >= l.num_elements ? l.num_elements - 1 : e);
       v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
                                     : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
     } else if (opc == pf::kConst) {
@@ -321,9 +329,14 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
     bool ok = dt >= pf::kF32 && dt <= pf::kUInt32;
     if (opc == pf::kLoadAcc) {
       ok = ok && op.kind != pf::kOpMap && !is_pro;
-    } else if (opc == pf::kLoad) {
+    } else if (opc == pf::kLoad || opc == pf::kLoadAt) {
       const bool view_ok = ins.a >= 0 && ins.a < h.num_views;
       ok = ok && view_ok;
+      if (opc == pf::kLoadAt) {  // the offset register: an earlier integer instruction
+        const int first = is_pro ? op.prologue_at : op.epilogue_at;
+        ok = ok && ins.b >= 0 && ins.b < local &&
+             pf::is_int_dtype((plan.instruction(first + ins.b).op_and_dtype >> 16) & 0xFF);
+      }
       if (view_ok) {
         const pf::ViewRecord& v = plan.view(ins.a);
         const bool t_ok = v.tensor >= 0 && v.tensor < h.num_tensors && v.rank == iter_rank;
@@ -335,6 +348,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
           l.dtype = t.dtype;
           l.rank = v.rank;
           l.offset = v.offset;
+          l.num_elements = t.num_elements;
           for (int d = 0; d < pf::kMaxRank; ++d) l.strides[d] = v.strides[d];
           ok = ok && l.base != nullptr;
         }

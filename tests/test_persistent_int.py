@@ -1,0 +1,273 @@
+"""ark.persistent with integer and boolean tensors (plan v2), zero-size dims, and models written by
+others (flax nnx, equinox): results equal jax.jit(fn), integers exactly, and the Python reference
+interpreter agrees with the CPU executor.
+
+The GPU variants at the end run the same functions on the CUDA executor (marked gpu).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from persistent_models import assert_close
+
+import jax_ark as ark
+from jax_ark._persistent._reference import interpret
+from jax_ark._persistent._trace import UnsupportedError
+
+I32 = st.integers(-(2**31), 2**31 - 1)
+U32 = st.integers(0, 2**32 - 1)
+# A few fixed shapes (values are fresh each example): jax.jit compiles each signature once.
+SHAPES = st.sampled_from([(7,), (3, 5), (2, 3, 4)])
+FAST = settings(max_examples=8, deadline=None, database=None)
+
+
+def _exact_or_close(got, want, tol=1e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype)
+    if want.dtype.kind in "iub":
+        np.testing.assert_array_equal(got, want)
+        return
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite], want[~finite])  # inf / nan where jax has them
+    if finite.any():
+        assert_close(got[finite], want[finite], tol)
+
+
+def _check(fn, *args, tol=1e-5, reference=True):
+    """persistent(fn) under jit == jax.jit(fn), and the reference interpreter == jax.jit(fn)."""
+    want = jax.tree_util.tree_leaves(jax.jit(fn)(*args))
+    got = jax.tree_util.tree_leaves(jax.jit(ark.persistent(fn))(*args))
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        _exact_or_close(g, w, tol)
+    if reference:
+        plan = ark.plan(fn, *args, platform="cpu")
+        flat = [np.asarray(a) for a in jax.tree_util.tree_leaves(args)]
+        for r, w in zip(interpret(plan, *flat), want, strict=True):
+            _exact_or_close(r.reshape(np.shape(w)), w, tol)
+
+
+# ---- integer arithmetic with XLA's edge cases (division by 0, INT_MIN / -1, shifts >= 32) ----
+def _int_ops(a, b):
+    return (
+        a + b,
+        a - b,
+        a * b,
+        jax.lax.div(a, b),
+        jax.lax.rem(a, b),
+        a // b,
+        a % b,
+        -a,
+        jnp.abs(a),
+        jnp.sign(a),
+        a**2,
+        jnp.maximum(a, b),
+        jnp.minimum(a, b),
+        a & b,
+        a | b,
+        a ^ b,
+        ~a,
+        jax.lax.shift_left(a, b),
+        jax.lax.shift_right_arithmetic(a, b),
+        jax.lax.shift_right_logical(a, b),
+        jax.lax.clamp(jnp.int32(-1000), a, jnp.int32(1000)) if a.dtype == jnp.int32 else a,
+    )
+
+
+def _cmp_ops(a, b):
+    return (a == b, a != b, a < b, a <= b, a > b, a >= b, (a < b) & (a != 0), (a > b) | ~(a == b))
+
+
+@FAST
+@given(data=st.data(), shape=SHAPES)
+def test_int32_ops_match_jit(data, shape):
+    a = data.draw(hnp.arrays(np.int32, shape, elements=I32))
+    # small values, zeros and -1 often: the divisors and shift amounts XLA special-cases
+    b = data.draw(hnp.arrays(np.int32, shape, elements=st.one_of(st.integers(-40, 40), I32)))
+    _check(_int_ops, a, b)
+    _check(_cmp_ops, a, b)
+
+
+@FAST
+@given(data=st.data(), shape=SHAPES)
+def test_uint32_ops_match_jit(data, shape):
+    a = data.draw(hnp.arrays(np.uint32, shape, elements=U32))
+    b = data.draw(hnp.arrays(np.uint32, shape, elements=st.one_of(st.integers(0, 40), U32)))
+    _check(_int_ops, a, b)
+    _check(_cmp_ops, a, b)
+
+
+def _conversions(x, i, u):
+    return (
+        x.astype(jnp.int32),
+        x.astype(jnp.uint32),
+        x.astype(jnp.bfloat16).astype(jnp.int32),
+        i.astype(jnp.float32),
+        u.astype(jnp.float32),
+        i.astype(jnp.uint32),
+        u.astype(jnp.int32),
+        i.astype(jnp.bool_),
+        (x > 0).astype(jnp.int32),
+        (i > 0).astype(jnp.float32) + x,  # (not * x: XLA rewrites 0 * inf to 0)
+        jnp.where(i > 0, i, u.astype(jnp.int32)),
+        jax.lax.select_n(jnp.clip(i, 0, 2), i, -i, i * 2),
+        (i % 1024).astype(jnp.bfloat16),  # small integers: exact in bfloat16
+    )
+
+
+@FAST
+@given(data=st.data(), shape=SHAPES)
+def test_conversions_match_jit(data, shape):
+    x = data.draw(
+        hnp.arrays(np.float32, shape, elements=st.floats(width=32, allow_subnormal=False))
+    )
+    i = data.draw(hnp.arrays(np.int32, shape, elements=I32))
+    u = data.draw(hnp.arrays(np.uint32, shape, elements=U32))
+    _check(_conversions, x, i, u)
+
+
+def _reductions(x, i, u):
+    return (
+        i.sum(-1),
+        i.max(0),
+        i.min(-1),
+        u.max(-1),
+        u.min(0),
+        jnp.argmax(x, -1),
+        jnp.argmin(x, 0),
+        jnp.argmax(i, 0),
+        jnp.argmin(i, -1),
+        (x > 0).all(-1),
+        (i > 0).any(0),
+        jnp.cumsum(i, -1),
+        jnp.cumsum(i, 0, dtype=jnp.int32),
+        jax.lax.cumsum(x, axis=x.ndim - 1, reverse=True),
+        x.min(-1),
+    )
+
+
+@FAST
+@given(data=st.data(), shape=SHAPES)
+def test_reductions_match_jit(data, shape):
+    # few distinct values: ties, where argmax must pick the first
+    x = data.draw(hnp.arrays(np.float32, shape, elements=st.sampled_from([-1.5, 0.0, 2.0, 7.25])))
+    i = data.draw(hnp.arrays(np.int32, shape, elements=st.one_of(st.integers(-3, 3), I32)))
+    u = data.draw(hnp.arrays(np.uint32, shape, elements=U32))
+    _check(_reductions, x, i, u, tol=1e-5)
+
+
+def test_argmax_nan_and_ties_as_xla():
+    x = np.array([[1.0, np.nan, 3.0, np.nan], [2.0, 2.0, -1.0, 2.0], [-np.inf] * 4], np.float32)
+    _check(lambda x: (jnp.argmax(x, 1), jnp.argmin(x, 1), jnp.argmax(x, 0)), x)
+
+
+def test_iota_and_causal_mask(rng):
+    x = rng.standard_normal((2, 6, 6)).astype(np.float32)
+
+    def masked_softmax(x):
+        q = jnp.arange(6)[:, None]
+        k = jnp.arange(6)[None, :]
+        return jax.nn.softmax(jnp.where(k <= q, x, -jnp.inf), axis=-1), jnp.arange(12.0)
+
+    _check(masked_softmax, x)
+
+
+# ---- zero-size dims ---------------------------------------------------------------------------
+def test_zero_size_dims_as_jit(rng):
+    x = rng.standard_normal((0, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    a = rng.standard_normal((3, 0)).astype(np.float32)
+    b = rng.standard_normal((0, 4)).astype(np.float32)
+
+    _check(lambda x, w: x @ w, x, w)  # (0,16) @ (16,8): an empty result, no task
+    _check(lambda a, b: jax.nn.relu(a @ b + 1.0), a, b)  # empty K: every element is relu(0 + 1)
+    _check(lambda a: (a.sum(1), a.max(1), a.min(1)), a)  # empty reduced axis: the identities
+    _check(lambda a, x: (a.astype(jnp.int32).sum(1), (a > 0).all(1), (a > 0).any(1)), a, x)
+    _check(lambda x, w: (x @ w, jnp.tanh(w)), x, w)  # an empty output next to a real one
+
+
+# ---- errors name the argument and the line -----------------------------------------------------
+def test_errors_name_the_argument_by_pytree_path():
+    def step(x, cache):
+        return x + cache["k"].astype(jnp.float32)
+
+    with pytest.raises(UnsupportedError, match=r"int8.*argument cache\['k'\]"):
+        ark.plan(step, jnp.ones(4), {"k": jnp.ones(4, jnp.int8)})
+
+    def sorts(x, cache):
+        return jnp.sort(cache["k"]) + x
+
+    with pytest.raises(
+        UnsupportedError, match=r"'sort' of argument cache\['k'\].*test_persistent_int.py:\d+"
+    ):
+        ark.plan(sorts, jnp.ones(4), {"k": jnp.ones(4)})
+
+
+# ---- models written by others ------------------------------------------------------------------
+def test_flax_nnx_prenorm_block_with_causal_mask():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Block(nnx.Module):
+        def __init__(self, d, heads, rngs):
+            self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=heads, in_features=d, decode=False, rngs=rngs
+            )
+            self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+            self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
+            self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            mask = nnx.make_causal_mask(x[..., 0])  # iota, int32 compare, bool and
+            x = x + self.attn(self.ln1(x), mask=mask)
+            return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+
+    graphdef, state = nnx.split(Block(32, 4, nnx.Rngs(0)))
+
+    def block(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    x = jax.random.normal(jax.random.key(1), (2, 8, 32))
+    _check(block, state, x, tol=1e-5, reference=False)
+
+
+def test_equinox_layernorm_mlp():
+    eqx = pytest.importorskip("equinox")
+    model = (eqx.nn.LayerNorm(32), eqx.nn.MLP(32, 32, 64, 2, key=jax.random.key(2)))
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def apply(params, x):
+        ln, mlp = eqx.combine(params, static)  # LayerNorm's jnp.var: an int32 ddof, converted
+        return jax.vmap(lambda v: mlp(ln(v)))(x)
+
+    x = jax.random.normal(jax.random.key(3), (8, 32))
+    _check(apply, params, x, tol=1e-5)
+
+
+# ---- the CUDA executor ---------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_integer_ops_and_reductions(rng):
+    a = rng.integers(-(2**31), 2**31, (5, 37), dtype=np.int64).astype(np.int32)
+    b = rng.integers(-40, 40, (5, 37)).astype(np.int32)
+    u = rng.integers(0, 2**32, (5, 37), dtype=np.int64).astype(np.uint32)
+    x = rng.choice(np.float32([-1.5, 0.0, 2.0, np.nan, 1e10, -1e10]), (5, 37))
+    gpu = jax.devices("gpu")[0]
+    put = lambda *v: [jax.device_put(t, gpu) for t in v]  # noqa: E731
+    for fn, args in (
+        (_int_ops, (a, b)),
+        (_cmp_ops, (a, b)),
+        (_int_ops, (u, u % 40)),
+        (_conversions, (x, a, u)),
+        (_reductions, (x, a, u)),
+    ):
+        want = jax.tree_util.tree_leaves(jax.jit(fn)(*put(*args)))
+        got = jax.tree_util.tree_leaves(jax.jit(ark.persistent(fn))(*put(*args)))
+        for g, w in zip(got, want, strict=True):
+            _exact_or_close(g, w, 1e-4)

@@ -251,6 +251,82 @@ def test_equinox_layernorm_mlp():
     _check(apply, params, x, tol=1e-5)
 
 
+# ---- indexing: device indices, clamped as XLA clamps them ---------------------------------------
+def _indexing(x, ids, pos):
+    return (
+        x[ids],  # embedding lookup: gather, promise_in_bounds (clamped)
+        jnp.take(x, ids, axis=0),  # fill_or_drop: out-of-range rows are NaN
+        jnp.take_along_axis(x, jnp.abs(ids[:, :2]) % 9, axis=1),  # gather with batching dims
+        jnp.take_along_axis(x, ids[:, :2], axis=1, mode="clip"),
+        jax.lax.dynamic_slice(x, (pos, pos - 2), (3, 4)),
+        jax.lax.dynamic_update_slice(x, -x[:2, :3], (pos, pos + 5)),
+        jnp.concatenate([x[:, :2], 2 * x, x[:1, :].repeat(x.shape[0], 0)], axis=1),
+        jax.lax.pad(x, jnp.float32(0.5), ((1, -1, 1), (2, 0, 0))),
+        jnp.pad(x, ((0, 2), (3, 1))),
+        jnp.flip(x, 0),
+        jax.lax.rev(x, (0, 1)),
+    )
+
+
+@FAST
+@given(data=st.data())
+def test_indexing_matches_jit(data):
+    x = data.draw(hnp.arrays(np.float32, (6, 9), elements=st.floats(-4, 4, width=32)))
+    ids = data.draw(hnp.arrays(np.int32, (6, 4), elements=st.integers(-10, 10)))
+    pos = np.int32(data.draw(st.integers(-3, 12)))
+    _check(_indexing, x, ids, pos)
+
+
+def test_integer_indexing_matches_jit(rng):
+    table = rng.integers(-(2**31), 2**31, (7, 5), dtype=np.int64).astype(np.int32)
+    ids = rng.integers(-9, 9, (4,)).astype(np.int32)
+    _check(lambda t, i: (t[i], jnp.flip(t, 1), jnp.concatenate([t, t + 1])), table, ids)
+
+
+def _decode_step(params, cache, token, pos):
+    """One decode step of a 1-layer GPT-style model: token id -> embedding gather, K / V written
+    into the cache at `pos` (dynamic_update_slice), causal attention over the filled prefix
+    (iota <= pos), logits, greedy next token (argmax)."""
+    x = params["embed"][token]  # (B, D)
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+    q, k, v = h @ params["wq"], h @ params["wk"], h @ params["wv"]
+    kc = jax.lax.dynamic_update_slice(cache["k"], k[:, None, :], (0, pos, 0))
+    vc = jax.lax.dynamic_update_slice(cache["v"], v[:, None, :], (0, pos, 0))
+    s = jnp.einsum("bd,btd->bt", q, kc) / np.sqrt(q.shape[-1]).astype(np.float32)
+    s = jnp.where(jnp.arange(kc.shape[1])[None, :] <= pos, s, -jnp.inf)
+    a = jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), vc)
+    y = x + a @ params["wo"]
+    logits = y @ params["embed"].T
+    return jnp.argmax(logits, -1).astype(jnp.int32), {"k": kc, "v": vc}
+
+
+def test_kv_cache_decode_step(rng):
+    B, T, D, V = 2, 16, 32, 50
+    params = {
+        "embed": rng.standard_normal((V, D)).astype(np.float32),
+        **{
+            w: (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+            for w in ("wq", "wk", "wv", "wo")
+        },
+    }
+    cache = {
+        "k": rng.standard_normal((B, T, D)).astype(np.float32),
+        "v": rng.standard_normal((B, T, D)).astype(np.float32),
+    }
+    token = rng.integers(0, V, (B,)).astype(np.int32)
+    step = jax.jit(ark.persistent(_decode_step))
+    want_step = jax.jit(_decode_step)
+    got_cache, want_cache = dict(cache), dict(cache)
+    got_tok, want_tok = token, token
+    for pos in range(3):  # three steps, each feeding the previous step's token and cache back
+        got_tok, got_cache = step(params, got_cache, got_tok, np.int32(pos))
+        want_tok, want_cache = want_step(params, want_cache, want_tok, np.int32(pos))
+        np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok))
+        for name in ("k", "v"):
+            assert_close(got_cache[name], want_cache[name], 1e-5)
+    _check(_decode_step, params, cache, token, np.int32(T + 3))  # pos past the end: clamped
+
+
 # ---- the CUDA executor ---------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_integer_ops_and_reductions(rng):
@@ -266,6 +342,8 @@ def test_gpu_integer_ops_and_reductions(rng):
         (_int_ops, (u, u % 40)),
         (_conversions, (x, a, u)),
         (_reductions, (x, a, u)),
+        (_indexing, (x[:, :9] % 7, b[:, :4], np.int32(4))),
+        (lambda t, i: (t[i], jnp.flip(t, 1)), (a, b[0])),
     ):
         want = jax.tree_util.tree_leaves(jax.jit(fn)(*put(*args)))
         got = jax.tree_util.tree_leaves(jax.jit(ark.persistent(fn))(*put(*args)))

@@ -328,6 +328,59 @@ def test_kv_cache_decode_step(rng):
     _check(_decode_step, params, cache, token, np.int32(T + 3))  # pos past the end: clamped
 
 
+# ---- in-place state: a donated input aliased to its output --------------------------------------
+def test_kv_cache_updated_in_place(rng):
+    cache = rng.standard_normal((2, 16, 8)).astype(np.float32)
+    row = rng.standard_normal((2, 1, 8)).astype(np.float32)
+
+    def write(cache, row, pos):
+        return jax.lax.dynamic_update_slice(cache, jnp.tanh(row), (0, pos, 0))
+
+    plan = ark.plan(write, cache, row, np.int32(3), platform="cpu")
+    (store,) = plan.ops  # one window-store task: the row, at a device offset; not the cache
+    assert store.store_view >= 0 and len(plan.tasks) == 1
+    assert plan.tensors[plan.outputs[0]].alias == 0
+    step = jax.jit(ark.persistent(write), donate_argnums=0)
+    hlo = step.lower(cache, row, np.int32(3)).compile().as_text()
+    assert " copy(" not in hlo and "copy-start" not in hlo  # no per-step copy of the cache
+    want = jax.jit(write)(cache, row, np.int32(3))
+    buf = jnp.asarray(cache)
+    ptr = buf.unsafe_buffer_pointer()
+    out = step(buf, row, np.int32(3))
+    assert out.unsafe_buffer_pointer() == ptr  # the donated buffer itself
+    assert_close(out, want, 1e-6)  # tanh: libm vs XLA, an ulp apart
+    for pos in (-4, 0, 15, 40):  # clamped as XLA clamps; without donation XLA copies once
+        _check(write, cache, row, np.int32(pos))
+
+
+def test_decode_step_updates_both_caches_in_place(rng):
+    B, T, D, V = 2, 16, 32, 50
+    params = {
+        "embed": rng.standard_normal((V, D)).astype(np.float32),
+        **{
+            w: (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+            for w in ("wq", "wk", "wv", "wo")
+        },
+    }
+    cache = {"k": np.zeros((B, T, D), np.float32), "v": np.zeros((B, T, D), np.float32)}
+    plan = ark.plan(_decode_step, params, cache, np.zeros(B, np.int32), np.int32(0))
+    aliased = sorted(plan.tensors[o].alias for o in plan.outputs if plan.tensors[o].alias >= 0)
+    assert len(aliased) == 2  # cache['k'], cache['v'] (flattened operand indices)
+    step = jax.jit(ark.persistent(_decode_step), donate_argnums=1)
+    want_step = jax.jit(_decode_step)
+    got_cache = {k: jnp.asarray(v) for k, v in cache.items()}
+    want_cache = dict(cache)
+    got_tok = want_tok = rng.integers(0, V, (B,)).astype(np.int32)
+    for pos in range(4):
+        ptrs = {k: v.unsafe_buffer_pointer() for k, v in got_cache.items()}
+        got_tok, got_cache = step(params, got_cache, got_tok, np.int32(pos))
+        want_tok, want_cache = want_step(params, want_cache, want_tok, np.int32(pos))
+        assert {k: v.unsafe_buffer_pointer() for k, v in got_cache.items()} == ptrs
+        np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok))
+        for name in ("k", "v"):
+            assert_close(got_cache[name], want_cache[name], 1e-5)
+
+
 # ---- the CUDA executor ---------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_integer_ops_and_reductions(rng):
@@ -345,6 +398,7 @@ def test_gpu_integer_ops_and_reductions(rng):
         (_reductions, (x, a, u)),
         (_indexing, (x[:, :9] % 7, b[:, :4], np.int32(4))),
         (lambda t, i: (t[i], jnp.flip(t, 1)), (a, b[0])),
+        (lambda c, r, p: jax.lax.dynamic_update_slice(c, r, (p, 0)), (x, x[:1] * 2, np.int32(3))),
     ):
         want = jax.tree_util.tree_leaves(jax.jit(fn)(*put(*args)))
         got = jax.tree_util.tree_leaves(jax.jit(ark.persistent(fn))(*put(*args)))

@@ -144,7 +144,12 @@ def run_plan(p: Plan, flat_args, *, profile: bool = False, timeout_ms: int = _DE
     results.append(jax.ShapeDtypeStruct((len(p.tasks),), np.int32))
     if profile:
         results.append(jax.ShapeDtypeStruct((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64))
-    outs = jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(
+    # Results updated in place share their operand's buffer (with jax.jit donation of that
+    # argument XLA passes the buffer itself; otherwise it copies the operand once before the call).
+    aliases = {p.tensors[o].alias: i for i, o in enumerate(p.outputs) if p.tensors[o].alias >= 0}
+    outs = jax.ffi.ffi_call(
+        _TARGET, results, vmap_method="sequential", input_output_aliases=aliases or None
+    )(
         *operands,
         num_workers=np.int64(p.num_workers),
         num_tasks=np.int64(len(p.tasks)),

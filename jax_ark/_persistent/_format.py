@@ -76,6 +76,9 @@ class TensorSpec:
     storage: str  # "arg" | "result" | "workspace"
     index: int = 0  # operand index (arg) or result index (result)
     byte_offset: int = 0  # workspace offset
+    # result tensors only: the operand index whose buffer this result IS (input_output_aliases);
+    # it starts with that operand's content and is updated in place (-1: a fresh buffer)
+    alias: int = -1
 
     @property
     def num_elements(self) -> int:
@@ -139,6 +142,11 @@ class Op:
     tile_m: int = 0
     tile_n: int = 0
     source: str = ""  # user source line that produced the op
+    # Window store (map ops writing part of an aliased result in place, e.g. a KV-cache row):
+    # the epilogue runs over iter_dims and stores at store_view's element + the int32 register
+    # store_at, clamped into the tensor. -1: the op writes its whole output tensor.
+    store_view: int = -1
+    store_at: int = -1
 
 
 @dataclass
@@ -450,7 +458,8 @@ def _encode(plan: Plan) -> np.ndarray:
     sections["tensors"] = len(words)
     for t in plan.tensors:
         words += [DTYPE_CODES[t.dtype], len(t.shape), STORAGE_CODES[t.storage], t.index]
-        words += _i64(t.byte_offset) + _i64(t.num_elements) + _dims6(t.shape) + [0] * 4
+        words += _i64(t.byte_offset) + _i64(t.num_elements) + _dims6(t.shape)
+        words += [t.alias + 1, 0, 0, 0]
     _pad_even(words)
     sections["views"] = len(words)
     for v in plan.views:
@@ -466,7 +475,7 @@ def _encode(plan: Plan) -> np.ndarray:
         words += [op.kept_rank, pro_at, pro_len, epi_at, epi_len, name_at[i][0], name_at[i][1]]
         words += [op.tile_m, op.tile_n]
         words += _i64(op.B) + _i64(op.M) + _i64(op.N) + _i64(op.K) + _dims6(op.iter_dims)
-        words += [0] * 4
+        words += [op.store_view + 1, op.store_at + 1, 0, 0]
     _pad_even(words)
     sections["tasks"] = len(words)
     for t in plan.tasks:

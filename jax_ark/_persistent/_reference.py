@@ -174,7 +174,7 @@ def _integer_pow(x: np.ndarray, n: int) -> np.ndarray:
     return np.float32(1) / p if n < 0 else p
 
 
-def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers) -> np.ndarray:
+def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: bool = False):
     regs: list[np.ndarray] = []
     with np.errstate(all="ignore"):
         for ins in prog:
@@ -215,7 +215,7 @@ def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers) -> np.ndarray
             else:
                 raise PlanError(f"unknown opcode {ins.op!r}")
             regs.append(round_to(np.broadcast_to(r, shape), ins.dtype))
-    return regs[-1]
+    return regs if all_regs else regs[-1]
 
 
 def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
@@ -251,10 +251,18 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
             )
             vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers)
             acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
-    idx = np.unravel_index(lin, out.shape) if out.shape else ()
-    if not out.shape:
-        idx = ()
-    value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers)
+    if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
+        idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
+        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True)
+        view = plan.views[op.store_view]
+        at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
+        for d, stride in enumerate(view.strides):
+            at = at + idx[d] * stride
+        at = np.clip(at, 0, out.num_elements - 1)
+        lin, value = at, regs[-1]
+    else:
+        idx = np.unravel_index(lin, out.shape) if out.shape else ()
+        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers)
     if out.dtype in INT_DTYPES:
         buffers[op.out][lin] = value.astype(np.uint32).view(np_dtype(out.dtype))
     else:
@@ -301,12 +309,19 @@ def _buffers(plan: Plan, args: list[np.ndarray]) -> tuple[dict[int, np.ndarray],
         if spec.storage == "arg":
             arr = np.asarray(args[spec.index])
             buffers[tid] = np.ascontiguousarray(arr).astype(dt, copy=False).reshape(-1)
+        elif spec.storage == "result" and spec.alias >= 0:
+            pass  # the aliased operand's buffer itself (below): updated in place
         elif spec.storage == "result":
             fill = 0x5A if dt.kind in "iub" else 0xFF  # a recognizable non-result (NaN for floats)
             buffers[tid] = np.full(spec.nbytes, fill, np.uint8).view(dt)
         else:
             raw = workspace[spec.byte_offset : spec.byte_offset + spec.nbytes]
             buffers[tid] = raw.view(dt)
+    by_index = {plan.tensors[a].index: a for a in plan.args}
+    for tid, spec in enumerate(plan.tensors):
+        if spec.storage == "result" and spec.alias >= 0:
+            src = buffers[by_index[spec.alias]]
+            buffers[by_index[spec.alias]] = buffers[tid] = src.copy()  # a caller's array stays
     return buffers, workspace
 
 

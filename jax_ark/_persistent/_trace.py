@@ -185,6 +185,13 @@ class _Builder:
     constants: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""  # source line of the eqn being translated
     aranges: dict[tuple[int, str], int] = field(default_factory=dict)  # iota constants by size
+    # In-place updates: the function's output index of each top-level jaxpr var, the use count of
+    # each top-level var, the eqn being translated, user input tensors already aliased.
+    top_outputs: dict = field(default_factory=dict)
+    top_counts: dict = field(default_factory=dict)
+    eqn: Any = None
+    aliased: set[int] = field(default_factory=set)
+    num_inputs: int = 0
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -409,7 +416,20 @@ class _Builder:
         self.ops.append(op)
         return self.load(out)
 
-    def _compile(self, node: _Node, acc_negate: bool = False) -> list[Instr]:
+    def compile_with(self, node: _Node, extra: list[_Node]) -> tuple[list[Instr], list[int]]:
+        """A program whose last register is node's value and which also computes `extra` nodes
+        (their registers are returned)."""
+        regs: list[int] = []
+        prog = self._compile(node, extra=extra, extra_regs=regs)
+        return prog, regs
+
+    def _compile(
+        self,
+        node: _Node,
+        acc_negate: bool = False,
+        extra: list[_Node] | None = None,
+        extra_regs: list[int] | None = None,
+    ) -> list[Instr]:
         prog: list[Instr] = []
         memo: dict[Any, int] = {}
 
@@ -451,7 +471,11 @@ class _Builder:
             memo[key] = len(prog) - 1
             return memo[key]
 
-        emit(node)
+        for e in extra or []:
+            extra_regs.append(emit(e))
+        last = emit(node)
+        if last != len(prog) - 1:  # the value was computed before the extras: copy it last
+            prog.append(Instr("imov" if node.dtype in INT_DTYPES else "copy", node.dtype, last))
         if len(prog) > MAX_PROGRAM_LEN:
             raise AssertionError(f"internal error: program of {len(prog)} instructions")
         return prog
@@ -805,9 +829,12 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
 
 
 def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    if math.prod(args[1].shape) == 0:
+        return args[0]
+    in_place = _update_in_place(b, args, out_shape)
+    if in_place is not None:
+        return in_place
     operand, update = args[0], _as_load(b, args[1])
-    if math.prod(update.shape) == 0:
-        return operand
     inside, terms = None, []
     for d, start in enumerate(args[2:]):
         n, u = out_shape[d], update.shape[d]
@@ -822,6 +849,61 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
     )
     new = _load_at(base, _sum_offsets(b, terms))
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
+
+
+def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
+    """dynamic_update_slice of a user input that nothing else reads, returned by the function:
+    the result is that input's buffer (aliased through the FFI call: with jax.jit donation, no
+    copy) and one window-store task writes only the update, at the clamped device offset.
+    None when the pattern does not apply (then the whole result is computed)."""
+    operand, update = args[0], args[1]
+    eqn = b.eqn
+    var = eqn.invars[0] if eqn is not None else None
+    out_var = eqn.outvars[0] if eqn is not None else None
+    if (
+        not isinstance(operand, _Load)
+        or operand.tensor not in b.args[: b.num_inputs]
+        or b.tensors[operand.tensor].shape != tuple(out_shape)
+        or not _is_identity(operand, b.tensors[operand.tensor].shape)
+        or b.top_counts.get(var) != 1
+        or out_var not in b.top_outputs
+    ):
+        return None
+    src = b.tensors[operand.tensor]
+    if src.index in b.aliased:
+        return None
+    b.aliased.add(src.index)
+    index = b.top_outputs.pop(out_var)
+    out = b.new_tensor(out_shape, src.dtype, "result", index)
+    b.tensors[out].alias = src.index
+    window = tuple(update.shape)
+    strides = _row_major(tuple(out_shape))
+    terms = []
+    for d, start in enumerate(args[2:]):
+        s = _clamp(b, _i32(b, start, window), 0, out_shape[d] - window[d])
+        terms.append(_iop(b, "imul", s, strides[d]))
+    offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
+    value = b.strip_pendings(update)
+    if value.dtype != src.dtype:
+        value = _convert(b, value, src.dtype)
+    prog, (store_at,) = b.compile_with(value, [offset])
+    b.ops.append(
+        Op(
+            name=f"update_in_place{len(b.ops)}",
+            kind="map",
+            out=out,
+            B=1,
+            M=math.prod(window[:-1]) if window else 1,
+            N=window[-1] if window else 1,
+            acc_dtype=src.dtype,
+            iter_dims=window,
+            epilogue=prog,
+            source=b.source,
+            store_view=b.view_id(_Load(window, src.dtype, out, 0, strides)),
+            store_at=store_at,
+        )
+    )
+    return b.load(out)
 
 
 def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
@@ -1021,6 +1103,7 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
 
 def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     prim = eqn.primitive.name
+    b.eqn = eqn
     params = eqn.params
     for v in eqn.outvars:
         _check_dtype(v.aval, b.source)
@@ -1232,12 +1315,25 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
         b.args.append(t)
         in_nodes.append(b.load(t))
     b.source = "<unknown source>"
+    b.num_inputs = len(avals)
+    b.top_counts = _use_counts(closed.jaxpr)
+    for i, v in enumerate(closed.jaxpr.outvars):
+        if not _is_literal(v) and v not in b.top_outputs:
+            b.top_outputs[v] = i
     out_nodes = _translate(b, closed.jaxpr, list(closed.consts), in_nodes)
     outputs: list[int] = []
     for i, node in enumerate(out_nodes):
         b.source = f"output {i}"
         if node.dtype not in _SUPPORTED_DTYPES:
             raise UnsupportedError(f"ark.persistent: output {i} has dtype {node.dtype}")
+        if (
+            isinstance(node, _Load)
+            and b.tensors[node.tensor].storage == "result"
+            and b.tensors[node.tensor].index == i
+            and node.tensor not in outputs
+        ):
+            outputs.append(node.tensor)  # updated in place (an aliased input's buffer)
+            continue
         claimed = (
             isinstance(node, _Load)
             and b.tensors[node.tensor].storage == "workspace"
@@ -1261,4 +1357,6 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
         b.args.append(t)
     for i, t in enumerate(outputs):
         b.tensors[t].name = f"out{i}"
+        if b.tensors[t].alias >= 0:
+            b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
     return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants)

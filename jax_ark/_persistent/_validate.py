@@ -117,6 +117,18 @@ def validate(plan: Plan) -> None:
     for i, t in enumerate(plan.outputs):
         if plan.tensors[t].storage != "result" or plan.tensors[t].index != i:
             raise PlanError(f"output {i}: tensor {t} is not result {i}")
+    operand = {plan.tensors[a].index: plan.tensors[a] for a in plan.args}
+    for t, spec in enumerate(plan.tensors):
+        if spec.alias < 0:
+            continue
+        src = operand.get(spec.alias)
+        if spec.storage != "result" or src is None or src.num_elements != spec.num_elements:
+            raise PlanError(
+                f"tensor {t} '{spec.name}': alias {spec.alias} must name an operand of its size, "
+                "and only a result may alias one"
+            )
+        if src.dtype != spec.dtype:
+            raise PlanError(f"tensor {t} '{spec.name}': aliases an operand of another dtype")
     # ops
     writer: dict[int, int] = {}
     for i, op in enumerate(plan.ops):
@@ -129,10 +141,31 @@ def validate(plan: Plan) -> None:
         if op.out in writer:
             raise PlanError(f"{where}: tensor {op.out} is also written by op {writer[op.out]}")
         writer[op.out] = i
-        if min(op.B, op.M, op.N) < 1 or op.B * op.M * op.N != out.num_elements:
+        window = op.store_view >= 0
+        space = tuple(op.iter_dims) if window else out.shape
+        if window:
+            if op.kind != "map" or out.storage != "result" or out.alias < 0:
+                raise PlanError(
+                    f"{where}: a window store must be a map op writing an aliased result (the "
+                    "elements it does not write keep the aliased operand's content)"
+                )
+            if not 0 <= op.store_view < len(plan.views):
+                raise PlanError(f"{where}: store view {op.store_view} out of range")
+            if plan.views[op.store_view].tensor != op.out:
+                raise PlanError(f"{where}: store view {op.store_view} is not a view of its output")
+            if len(plan.views[op.store_view].strides) != len(space):
+                raise PlanError(f"{where}: store view rank != len(iter_dims)")
+            _view_in_bounds(plan, i, op.store_view, space)
+            if not 0 <= op.store_at < len(op.epilogue) or (
+                op.epilogue[op.store_at].dtype not in INT_DTYPES
+            ):
+                raise PlanError(f"{where}: store_at {op.store_at} is not an integer register")
+            if sum(1 for task in plan.tasks if task.op == i) != 1:
+                raise PlanError(f"{where}: a window store must be exactly one task")
+        if min(op.B, op.M, op.N) < 1 or op.B * op.M * op.N != math.prod(space):
             raise PlanError(
-                f"{where}: B*M*N = {op.B}*{op.M}*{op.N} != {out.num_elements} elements of its "
-                f"output {list(out.shape)} (shape mismatch)"
+                f"{where}: B*M*N = {op.B}*{op.M}*{op.N} != {math.prod(space)} elements of its "
+                f"{'window' if window else 'output'} {list(space)} (shape mismatch)"
             )
         if op.kind == "matmul":
             for v in (op.a_view, op.b_view):
@@ -154,10 +187,10 @@ def validate(plan: Plan) -> None:
                     _view_in_bounds(plan, i, int(ins.a), op.iter_dims)
         elif op.kind != "map":
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
-        _check_program(plan, i, op.epilogue, len(out.shape), op.kind != "map", "epilogue")
+        _check_program(plan, i, op.epilogue, len(space), op.kind != "map", "epilogue")
         for ins in op.epilogue:
             if ins.op in LOAD_OPS:
-                _view_in_bounds(plan, i, int(ins.a), out.shape)
+                _view_in_bounds(plan, i, int(ins.a), space)
     for i, t in enumerate(plan.outputs):
         if t not in writer and plan.tensors[t].num_elements > 0:
             raise PlanError(f"output {i} (tensor {t}) is never written")

@@ -113,7 +113,10 @@ struct TensorRecord {               // 24 words
   int64_t byte_offset;                          // 4..5 workspace offset (0 unless workspace)
   int64_t num_elements;                         // 6..7
   int64_t dims[kMaxRank];                       // 8..19 row-major, contiguous; unused dims = 1
-  int32_t reserved[4];                          // 20..23
+  // v2, results only: 1 + the operand index whose buffer this result is (input_output_aliases:
+  // it starts with the operand's content, updated in place); 0 = its own buffer
+  int32_t alias_plus1;                          // 20
+  int32_t reserved[3];                          // 21..23
 };
 
 // A strided window onto a tensor, indexed by an iteration space of `rank` dims:
@@ -130,8 +133,12 @@ struct OpRecord {                   // 40 words
   int32_t prologue_at, prologue_len, epilogue_at, epilogue_len;   // 8..11 (instructions)
   int32_t name_at, name_len, tile_m, tile_n;                      // 12..15
   int64_t B, M, N, K;                                             // 16..23 canonical sizes
-  int64_t iter_dims[kMaxRank];                                    // 24..35 REDUCE prologue space
-  int32_t reserved[4];                                            // 36..39
+  int64_t iter_dims[kMaxRank];                                    // 24..35 REDUCE / window space
+  // v2 window store (MAP only): 1 + a view of out_tensor over iter_dims and 1 + the epilogue
+  // register holding an int32 element offset; the result goes to that view's element + offset,
+  // clamped into the tensor (an in-place update of an aliased result). 0 = whole-tensor op.
+  int32_t store_view_plus1, store_at_plus1;                       // 36..37
+  int32_t reserved[2];                                            // 38..39
 };
 
 struct TaskRecord {                 // 8 words: one tile of one op, half-open ranges

@@ -550,7 +550,42 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
 }
 
+// A window store (plan v2): the epilogue over iter_dims, each value stored at the store view's
+// element plus the int32 offset register, clamped into the tensor.
+void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  char* base = run.tensor_base(op.out_tensor);
+  const int rank = op.iter_rank;
+  for (int m = task.m0; m < task.m1; ++m) {
+    const int64_t lin0 = static_cast<int64_t>(m) * op.N + task.n0;
+    for (int done = 0; done < task.n1 - task.n0; done += kSegment) {
+      const int n = std::min(kSegment, task.n1 - task.n0 - done);
+      eval_program(run, op.epilogue_at, op.epilogue_len, rank, op.iter_dims, lin0 + done, n, nullptr, s);
+      const float* value = s.regs[op.epilogue_len - 1];
+      const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.regs[op.store_at_plus1 - 1]);
+      int64_t idx[kMaxRank];
+      int64_t rem = lin0 + done;
+      for (int d = rank - 1; d >= 0; --d) {
+        idx[d] = rem % op.iter_dims[d];
+        rem /= op.iter_dims[d];
+      }
+      for (int e = 0; e < n; ++e) {
+        int64_t at = v.offset + static_cast<int32_t>(moved[e]);
+        for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
+        at = std::min<int64_t>(std::max<int64_t>(at, 0), out.num_elements - 1);
+        store_element(base, out.dtype, at, value[e]);
+        for (int d = rank - 1; d >= 0; --d) {
+          if (++idx[d] < op.iter_dims[d]) break;
+          idx[d] = 0;
+        }
+      }
+    }
+  }
+}
+
 void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  if (op.store_view_plus1 > 0) return run_window_store(run, op, task, s);
   for (int m = task.m0; m < task.m1; ++m)
     epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
 }
@@ -754,6 +789,11 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
       if (r.storage_index < 0 || r.storage_index >= h.num_outputs ||
           buf.result_bytes[r.storage_index] < bytes)
         return where + ": result index or size mismatch";
+      if (r.alias_plus1 != 0) {  // updated in place: XLA must have passed the operand's buffer
+        const int a = r.alias_plus1 - 1;
+        if (a < 0 || a >= h.num_args || buf.args[a] != buf.results[r.storage_index])
+          return where + ": aliased result is not its operand's buffer";
+      }
     } else if (r.storage == kStorageWorkspace) {
       if (r.byte_offset < 0 || static_cast<size_t>(r.byte_offset) + bytes > buf.workspace_bytes)
         return where + ": outside the workspace";
@@ -767,7 +807,22 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
     if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return where + ": bad output tensor";
     const TensorRecord& out = p.tensor(op.out_tensor);
     if (out.storage == kStorageArg) return where + ": writes an operand";
-    if (op.B < 1 || op.M < 1 || op.N < 1 || op.B * op.M * op.N != out.num_elements)
+    const bool window = op.store_view_plus1 != 0;
+    int64_t window_size = 1;
+    if (window) {
+      if (op.kind != kOpMap || op.iter_rank < 0 || op.iter_rank > kMaxRank || out.alias_plus1 == 0)
+        return where + ": window store must be a map op writing an aliased result";
+      for (int d = 0; d < op.iter_rank; ++d) window_size *= op.iter_dims[d];
+      const int sv = op.store_view_plus1 - 1;
+      if (sv < 0 || sv >= h.num_views || p.view(sv).tensor != op.out_tensor || p.view(sv).rank != op.iter_rank)
+        return where + ": bad store view";
+      if (!check_view_in(c, p, sv, op.iter_dims, op.iter_rank, i)) return c.err.str();
+      if (op.store_at_plus1 < 1 || op.store_at_plus1 > op.epilogue_len || op.epilogue_len > kMaxProgramLen ||
+          op.epilogue_at < 0 || (op.epilogue_at + op.epilogue_len) * 4 > h.code_words ||
+          !is_int_dtype(dtype_of(p.instruction(op.epilogue_at + op.store_at_plus1 - 1))))
+        return where + ": store_at is not an integer register of the epilogue";
+    }
+    if (op.B < 1 || op.M < 1 || op.N < 1 || op.B * op.M * op.N != (window ? window_size : out.num_elements))
       return where + ": B*M*N != output size";
     if (op.name_at < 0 || op.name_len < 0 || op.name_at + op.name_len > h.names_bytes)
       return where + ": bad name";
@@ -797,12 +852,14 @@ std::string check_plan(const int32_t* words, size_t num_words, const PersistentB
     } else if (op.kind != kOpMap) {
       return where + ": unknown op kind";
     }
-    if (!check_program(c, p, op.epilogue_at, op.epilogue_len, out.rank, op.kind != kOpMap, "epilogue", i))
+    const int epi_rank = window ? op.iter_rank : out.rank;
+    const int64_t* epi_dims = window ? op.iter_dims : out.dims;
+    if (!check_program(c, p, op.epilogue_at, op.epilogue_len, epi_rank, op.kind != kOpMap, "epilogue", i))
       return c.err.str();
     for (int k = 0; k < op.epilogue_len; ++k) {
       const Instruction& ins = p.instruction(op.epilogue_at + k);
       if ((opcode_of(ins) == kLoad || opcode_of(ins) == kLoadAt) &&
-          !check_view_in(c, p, ins.a, out.dims, out.rank, i))
+          !check_view_in(c, p, ins.a, epi_dims, epi_rank, i))
         return c.err.str();
     }
   }

@@ -77,6 +77,10 @@ struct TaskSmem {
   int64_t out_dims[pf::kMaxRank];
   int64_t iter_dims[pf::kMaxRank];
   int32_t out_rank, out_dtype;
+  // v2 window store (MAP with store_view_plus1): out_rank / out_dims are the window (iter_dims);
+  // each value goes to `store`'s element + int32 register store_reg, clamped into the tensor.
+  ResolvedLoad store;
+  int32_t store_reg;  // -1: an ordinary op
   int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
   int32_t bad_instruction;  // nonzero: kBadProgram found by any thread in the staging loop
   int32_t flag;    // per-task verdict broadcast by thread 0 (bad task or aborted run)
@@ -117,7 +121,8 @@ __device__ __forceinline__ void unravel(int64_t flat, const int64_t* dims, int r
 // Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
 // i writes register i, and its result is rounded to the instruction's dtype. Indices were checked
 // while staging, so register reads stay inside r[].
-__device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc) {
+__device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc,
+                              int keep = -1, float* kept = nullptr) {
   float r[pf::kMaxProgramLen];
   float v = acc;
   for (int i = 0; i < len; ++i) {
@@ -156,6 +161,7 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
     v = pf::round_to(v, dt);
     r[i] = v;
   }
+  if (keep >= 0 && keep < len) *kept = r[keep];  // window stores: the offset register
   return v;
 }
 
@@ -308,6 +314,30 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
       s.out_dtype = out.dtype;
       for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = out.dims[d];
       if (out.rank < 0 || out.rank > pf::kMaxRank || out.storage == pf::kStorageArg) s.bad = kBadView;
+      s.store_reg = -1;
+      if (op.store_view_plus1 != 0) {  // window store: the epilogue walks iter_dims
+        const int sv = op.store_view_plus1 - 1, reg = op.store_at_plus1 - 1;
+        const bool ok = op.kind == pf::kOpMap && out.alias_plus1 != 0 && op.iter_rank >= 0 &&
+                        op.iter_rank <= pf::kMaxRank && sv >= 0 && sv < h.num_views &&
+                        plan.view(sv).tensor == op.out_tensor && plan.view(sv).rank == op.iter_rank &&
+                        reg >= 0 && reg < elen && lens_ok &&
+                        pf::is_int_dtype((plan.instruction(op.epilogue_at + reg).op_and_dtype >> 16) & 0xFF);
+        if (!ok) {
+          s.bad = kBadView;
+        } else {
+          const pf::ViewRecord& v = plan.view(sv);
+          s.out_rank = op.iter_rank;
+          for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = op.iter_dims[d];
+          s.store.base = tensor_base(p, out);
+          s.store.dtype = out.dtype;
+          s.store.rank = v.rank;
+          s.store.offset = v.offset;
+          s.store.num_elements = out.num_elements;
+          for (int d = 0; d < pf::kMaxRank; ++d) s.store.strides[d] = v.strides[d];
+          s.store_reg = reg;
+          if (s.store.base == nullptr) s.bad = kBadView;
+        }
+      }
     }
     for (int d = 0; d < pf::kMaxRank; ++d) s.iter_dims[d] = op.iter_dims[d];
     if (op.kind == pf::kOpReduce &&
@@ -510,7 +540,16 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
     const int64_t flat = (b * M + m) * N + n;
     int64_t idx[pf::kMaxRank];
     unravel(flat, s.out_dims, out_rank, idx);
-    store_out(out, out_dtype, flat, eval_program(s, plen, elen, idx, 0.f));
+    if (s.store_reg < 0) {
+      store_out(out, out_dtype, flat, eval_program(s, plen, elen, idx, 0.f));
+      return;
+    }
+    float moved = 0.f;
+    const float v = eval_program(s, plen, elen, idx, 0.f, s.store_reg, &moved);
+    int64_t e = s.store.offset + __float_as_int(moved);
+    for (int d = 0; d < s.store.rank; ++d) e += idx[d] * s.store.strides[d];
+    e = e < 0 ? 0 : (e >= s.store.num_elements ? s.store.num_elements - 1 : e);
+    store_out(out, out_dtype, e, v);
   };
   const int64_t count = static_cast<int64_t>(t.b1 - t.b0) * tm * tn;
   if (count > 0) tile::elementwise_tile(0, count, f);

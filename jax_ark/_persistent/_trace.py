@@ -886,6 +886,10 @@ def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
     value = b.strip_pendings(update)
     if value.dtype != src.dtype:
         value = _convert(b, value, src.dtype)
+    if value.size + offset.size > _FUSE_LIMIT:  # keep the one program within MAX_PROGRAM_LEN
+        value = b.materialize(value)
+    if offset.size > _FUSE_LIMIT:
+        offset = b.materialize(offset)
     prog, (store_at,) = b.compile_with(value, [offset])
     b.ops.append(
         Op(

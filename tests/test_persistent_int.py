@@ -429,3 +429,29 @@ def test_integer_plan_round_trips_and_validates(rng):
         bad.validate()
     with pytest.raises(ark.PlanError, match="integer operands"):
         ark.persistent(fn, plan=bad)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_in_place(rng):
+    B, T, D, V = 2, 16, 32, 50
+    gpu = jax.devices("gpu")[0]
+    params = {
+        "embed": rng.standard_normal((V, D)).astype(np.float32),
+        **{
+            w: (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+            for w in ("wq", "wk", "wv", "wo")
+        },
+    }
+    params = jax.device_put(params, gpu)
+    cache = {k: jax.device_put(np.zeros((B, T, D), np.float32), gpu) for k in ("k", "v")}
+    want_cache = {k: np.zeros((B, T, D), np.float32) for k in ("k", "v")}
+    step = jax.jit(ark.persistent(_decode_step), donate_argnums=1)
+    got_tok = want_tok = jax.device_put(rng.integers(0, V, (B,)).astype(np.int32), gpu)
+    for pos in range(4):
+        ptrs = {k: v.unsafe_buffer_pointer() for k, v in cache.items()}
+        got_tok, cache = step(params, cache, got_tok, np.int32(pos))
+        want_tok, want_cache = jax.jit(_decode_step)(params, want_cache, want_tok, np.int32(pos))
+        assert {k: v.unsafe_buffer_pointer() for k, v in cache.items()} == ptrs
+        np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok))
+        for name in ("k", "v"):
+            assert_close(cache[name], want_cache[name], 1e-4)

@@ -450,7 +450,10 @@ def test_gpu_decode_step_in_place(rng):
     for pos in range(4):
         ptrs = {k: v.unsafe_buffer_pointer() for k, v in cache.items()}
         got_tok, cache = step(params, cache, got_tok, np.int32(pos))
-        want_tok, want_cache = jax.jit(_decode_step)(params, want_cache, want_tok, np.int32(pos))
+        with jax.default_matmul_precision("highest"):  # float32 reference, not TF32
+            want_tok, want_cache = jax.jit(_decode_step)(
+                params, want_cache, want_tok, np.int32(pos)
+            )
         assert {k: v.unsafe_buffer_pointer() for k, v in cache.items()} == ptrs
         np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok))
         for name in ("k", "v"):

@@ -1157,8 +1157,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if body is not None:
         return _translate(b, body[0], body[1], args)
     raise UnsupportedError(
-        f"ark.persistent: primitive '{prim}'{_operand_names(b, args)} is not supported (at "
-        f"{b.source}); supported: "
+        f"ark.persistent: primitive '{prim}' is not supported (at {b.source}"
+        f"{_operand_names(b, args)}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
@@ -1168,12 +1168,13 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
 
 
 def _operand_names(b: _Builder, args: list[_Node]) -> str:
-    """' of argument x, cache['k']' for the operands that are (views of) user arguments."""
-    names = []
+    """'; it reads argument x, cache['k']' for operands that are (views of) user arguments."""
+    names: list[str] = []
     for a in args:
-        if isinstance(a, _Load) and a.tensor in b.args:
-            names.append(b.tensors[a.tensor].name)
-    return f" of argument {', '.join(names)}" if names else ""
+        if isinstance(a, _Load) and a.tensor in b.args[: b.num_inputs]:
+            if b.tensors[a.tensor].name not in names:
+                names.append(b.tensors[a.tensor].name)
+    return f"; it reads argument {', '.join(names)}" if names else ""
 
 
 def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:

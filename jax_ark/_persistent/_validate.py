@@ -7,12 +7,14 @@ import math
 import numpy as np
 
 from jax_ark._persistent._format import (
+    ARG_REDUCES,
     BINARY_OPS,
     DTYPE_SIZES,
     INT32,
     INT_BINARY_OPS,
     INT_DTYPES,
     INT_OPERAND_OPS,
+    INT_REDUCES,
     INT_UNARY_OPS,
     LOAD_OPS,
     MAX_INTEGER_POW_EXPONENT,
@@ -35,6 +37,30 @@ from jax_ark._persistent._format import (
 # validate() itself builds per-element arrays (exact cover, dependencies): it bounds their size.
 MAX_VALIDATED_ELEMENTS = 1 << 30
 INT64_MAX = (1 << 63) - 1
+
+
+# Integer opcodes whose result is a bool / float register, not integer bits.
+_INT_TO_FLOAT = frozenset(
+    {"ieq", "ine", "ilt", "ile", "igt", "ige", "ult", "ule", "ugt", "uge", "i2f", "u2f"}
+)
+
+
+def _int_result(plan: Plan, op, ins) -> bool | None:
+    """Whether instruction `ins` of `op` yields integer bits (None: either, a const). The
+    executors keep a register's bits as its opcode wrote them and only round by dtype, so a
+    dtype of the other kind would be reinterpreted there but converted by value elsewhere."""
+    if ins.op == "const":
+        return None
+    if ins.op in LOAD_OPS:
+        t = plan.views[int(ins.a)].tensor  # a view in range (checked first); its tensor later
+        return plan.tensors[t].dtype in INT_DTYPES if 0 <= t < len(plan.tensors) else None
+    if ins.op == "load_acc":
+        return op.acc_dtype in INT_DTYPES
+    if ins.op == "select":
+        return None  # its operands' kind, checked in _check_program
+    if ins.op in INT_BINARY_OPS or ins.op in INT_UNARY_OPS:
+        return ins.op not in _INT_TO_FLOAT
+    return False
 
 
 def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str) -> None:
@@ -88,6 +114,18 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
                 )
         if ins.op == "select" and prog[int(ins.a)].dtype in INT_DTYPES:
             raise PlanError(f"{w}: the predicate must be a bool / float register")
+
+
+def _check_result_kinds(plan: Plan, i: int, prog, what: str) -> None:
+    """After _check_program (operands first: their messages name the reading opcode)."""
+    for k, ins in enumerate(prog):
+        want = _int_result(plan, plan.ops[i], ins)
+        if want is not None and want != (ins.dtype in INT_DTYPES):
+            raise PlanError(
+                f"op {i} '{plan.ops[i].name}' {what} instruction {k} ({ins.op}): yields "
+                f"{'integer bits' if want else 'a float / bool value'}, its dtype {ins.dtype} "
+                "says otherwise"
+            )
 
 
 def _program_cost(prog) -> int:
@@ -288,6 +326,11 @@ def _validate(plan: Plan) -> None:
             for v in (op.a_view, op.b_view):
                 if not 0 <= v < len(plan.views) or len(plan.views[v].strides) != 3:
                     raise PlanError(f"{where}: operand view {v} missing or not rank 3")
+                src = plan.views[v].tensor
+                if 0 <= src < len(plan.tensors) and plan.tensors[src].dtype in INT_DTYPES:
+                    raise PlanError(f"{where}: a matmul operand must be float / bool, not integer")
+            if op.acc_dtype in INT_DTYPES:
+                raise PlanError(f"{where}: a matmul accumulates floats, not {op.acc_dtype}")
             if op.K < 1:
                 raise PlanError(f"{where}: K must be >= 1")
             _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.K), reads)
@@ -302,6 +345,18 @@ def _validate(plan: Plan) -> None:
             if op.reduce_kind not in REDUCE_CODES:
                 raise PlanError(f"{where}: bad reduce kind {op.reduce_kind!r}")
             _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
+            _check_result_kinds(plan, i, op.prologue, "prologue")
+            folds_int = op.reduce_kind in INT_REDUCES
+            if (op.prologue[-1].dtype in INT_DTYPES) != folds_int:
+                raise PlanError(
+                    f"{where}: reduce kind {op.reduce_kind} folds "
+                    f"{'integer' if folds_int else 'float'} values, its prologue yields "
+                    f"{op.prologue[-1].dtype}"
+                )
+            if (op.acc_dtype in INT_DTYPES) != (folds_int or op.reduce_kind in ARG_REDUCES):
+                raise PlanError(
+                    f"{where}: acc_dtype {op.acc_dtype} is not what {op.reduce_kind} yields"
+                )
             for ins in op.prologue:
                 if ins.op in LOAD_OPS:
                     _view_in_bounds(plan, i, int(ins.a), op.iter_dims, reads)
@@ -311,6 +366,12 @@ def _validate(plan: Plan) -> None:
         else:
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
         _check_program(plan, i, op.epilogue, len(space), op.kind != "map", "epilogue")
+        _check_result_kinds(plan, i, op.epilogue, "epilogue")
+        if (op.epilogue[-1].dtype in INT_DTYPES) != (out.dtype in INT_DTYPES):
+            raise PlanError(
+                f"{where}: the epilogue yields {op.epilogue[-1].dtype}, its output is {out.dtype} "
+                "(integer bits and float values do not mix)"
+            )
         for ins in op.epilogue:
             if ins.op in LOAD_OPS:
                 _view_in_bounds(plan, i, int(ins.a), space, reads)

@@ -75,8 +75,9 @@ struct PlanBuffers {
 
   bool operator==(const PlanBuffers& o) const {
     return arg_bytes == o.arg_bytes && result_bytes == o.result_bytes && arg_dtypes == o.arg_dtypes &&
-           result_dtypes == o.result_dtypes && result_alias == o.result_alias && workspace_bytes == o.workspace_bytes &&
-           num_counters == o.num_counters && workspace_is_u8 == o.workspace_is_u8;
+           result_dtypes == o.result_dtypes && result_alias == o.result_alias &&
+           workspace_bytes == o.workspace_bytes && num_counters == o.num_counters &&
+           workspace_is_u8 == o.workspace_is_u8;
   }
 };
 
@@ -361,9 +362,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       for (int d = 0; d < op.iter_rank; ++d)
         if (op.iter_dims[d] < 1 || !mul_ok(space_elems, op.iter_dims[d], &space_elems))
           return where + ": bad window iter_dims";
-      const int32_t sv = op.store_view_plus1 - 1;  // store_view_plus1 >= 1 here
+      const int32_t sv = op.store_view_plus1 - 1;
       int64_t hi = 0;
-      if (op.store_view_plus1 < 1 || sv >= h.num_views || p.view(sv).tensor != op.out_tensor || p.view(sv).rank != op.iter_rank)
+      if (op.store_view_plus1 < 1 || sv >= h.num_views || p.view(sv).tensor != op.out_tensor ||
+          p.view(sv).rank != op.iter_rank)
         return where + ": store view is not a view of its output over iter_dims";
       if (!view_extent(p.view(sv), op.iter_dims, op.iter_rank, &hi) || hi >= out.num_elements)
         return where + ": store view reaches outside its output";

@@ -73,6 +73,15 @@ def _f3(x):
     return jnp.maximum(x * _RAMP, 0.5).T
 
 
+def _f4(table, ids, cache, row, pos):
+    """Plan v2: a gather (LOAD_AT at a device index), a dynamic_update_slice of an input nothing
+    else reads (a window store into its buffer, aliased to the output), integer / uint32 math and
+    an argmax."""
+    emb = table[ids]
+    new = jax.lax.dynamic_update_slice(cache, row * 2.0 + emb[:1], (pos, 0))
+    return new, (ids * 3 + pos) % 5, ids.astype(jnp.uint32) >> 1, jnp.argmax(emb, axis=-1)
+
+
 def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
     rng = np.random.default_rng(1234)
 
@@ -88,6 +97,11 @@ def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
         ),
         (_f2, [arr(8, 8), arr(8, 8), arr(8, 8)], dict(num_workers=2, tile_m=4, tile_n=4)),
         (_f3, [arr(3, 4)], dict(num_workers=2, tile_m=2, tile_n=2)),
+        (
+            _f4,
+            [arr(7, 5), np.array([3, -2, 6, 9], np.int32), arr(6, 5), arr(1, 5), np.int32(4)],
+            dict(num_workers=2, tile_m=2, tile_n=4),
+        ),
     ]
     return [(fn, args, ark.plan(fn, *args, **kw)) for fn, args, kw in cases]
 
@@ -248,6 +262,7 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 _rev(STORAGE_CODES, int(w[r + 2]), "storage"),
                 int(w[r + 3]),
                 i64(r + 4),
+                alias=int(w[r + 20]) - 1,
             )
         )
     views = []
@@ -263,8 +278,11 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
             c = h[21] + 4 * (at + k)
             word0, a, b, cc = (int(x) for x in w[c : c + 4])
             op = _rev(OPCODES, word0 & 0xFFFF, "opcode")
-            val: float | int = struct.unpack("<f", struct.pack("<i", a))[0] if op == "const" else a
-            out.append(Instr(op, _rev(DTYPE_CODES, (word0 >> 16) & 0xFF, "dtype"), val, b, cc))
+            dtype = _rev(DTYPE_CODES, (word0 >> 16) & 0xFF, "dtype")
+            val: float | int = a
+            if op == "const" and dtype not in ("int32", "uint32"):
+                val = struct.unpack("<f", struct.pack("<i", a))[0]
+            out.append(Instr(op, dtype, val, b, cc))
         return out
 
     ops = []
@@ -272,6 +290,8 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
         r = h[14] + 40 * i
         f = [int(x) for x in w[r : r + 16]]
         kind = _rev(OP_KIND_CODES, f[0], "op kind")
+        store_view, store_at = int(w[r + 36]) - 1, int(w[r + 37]) - 1
+        spaced = kind == "reduce" or store_view >= 0  # iter_dims: a reduce's or a window's
         ops.append(
             Op(
                 name=base.ops[i].name if i < len(base.ops) else f"op{i}",
@@ -285,14 +305,14 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 reduce_kind=_rev(REDUCE_CODES, f[3], "reduce") if kind == "reduce" else "sum",
                 a_view=f[4],
                 b_view=f[5],
-                iter_dims=tuple(i64(r + 24 + 2 * d) for d in range(f[6]))
-                if kind == "reduce"
-                else (),
+                iter_dims=tuple(i64(r + 24 + 2 * d) for d in range(f[6])) if spaced else (),
                 kept_rank=f[7] if kind == "reduce" else 0,
                 prologue=program(f[8], f[9]) if kind == "reduce" else [],
                 epilogue=program(f[10], f[11]),
                 tile_m=f[14],
                 tile_n=f[15],
+                store_view=store_view,
+                store_at=store_at,
             )
         )
     offs = [int(x) for x in w[h[16] : h[16] + h[5] + 1]]
@@ -345,6 +365,8 @@ def _same_buffers(p: Plan, base: Plan) -> None:
             raise PlanError(
                 f"tensor {a}: {ta.dtype}{ta.shape} is not the call's {tb.dtype}{tb.shape}"
             )
+        if ta.alias != tb.alias:  # the call aliases (input_output_aliases) as the base plan says
+            raise PlanError(f"tensor {a}: alias {ta.alias} is not the call's {tb.alias}")
 
 
 # ---- running a case ------------------------------------------------------------------------------
@@ -352,6 +374,11 @@ def _same(got: list, want: list) -> bool:
     if len(got) != len(want):
         return False
     for g, r in zip(got, want, strict=True):
+        g, r = np.asarray(g), np.asarray(r)
+        if np.issubdtype(g.dtype, np.integer) or np.issubdtype(r.dtype, np.integer):
+            if g.shape != r.shape or g.dtype != r.dtype or not np.array_equal(g, r):
+                return False  # integers are exact
+            continue
         g = np.asarray(g).astype(np.float32)
         r = np.asarray(r).astype(np.float32)
         if g.shape != r.shape or not np.allclose(g, r, rtol=1e-4, atol=1e-5, equal_nan=True):

@@ -425,3 +425,156 @@ def test_chaos_mode_catches_a_deleted_dependency(rng, monkeypatch):
         f"normal runs wrong: {normal_wrong}/5"
     )
     assert_close(interpret(plan, *args)[0], want, 2e-5)
+
+
+# ---- plan v2: integer registers, LOAD_AT, in-place (aliased) results -----------------------------
+def _v2(table, ids, cache, row, pos):
+    emb = table[ids]  # a gather: LOAD_AT at a device index
+    new = jax.lax.dynamic_update_slice(cache, row * 2.0 + emb[:1], (pos, 0))  # a window store
+    return new, ids**3 + pos, jnp.argmax(emb, axis=-1)
+
+
+@pytest.fixture
+def v2_setup(rng):
+    args = [
+        rng.standard_normal((7, 5)).astype(np.float32),
+        np.array([3, -2, 6, 9], np.int32),
+        rng.standard_normal((6, 5)).astype(np.float32),
+        rng.standard_normal((1, 5)).astype(np.float32),
+        np.int32(4),
+    ]
+    plan = ark.plan(_v2, *args, num_workers=2, tile_m=2, tile_n=4)
+    return plan, args, [np.asarray(x) for x in jax.jit(_v2)(*args)]
+
+
+def _code_word(words, op_record: int, k: int) -> int:
+    """Word 0 of epilogue instruction k of the op whose record starts at op_record."""
+    return int(words[HEADER["code_at"]]) + 4 * (int(words[op_record + 10]) + k)
+
+
+def _find(plan, pred):
+    return next(
+        (i, k, ins)
+        for i, op in enumerate(plan.ops)
+        for k, ins in enumerate(op.epilogue)
+        if pred(ins)
+    )
+
+
+def test_v2_plan_runs_and_round_trips(v2_setup):
+    plan, args, want = v2_setup
+    assert any(op.store_view >= 0 for op in plan.ops)
+    assert plan.tensors[plan.outputs[0]].alias == 2
+    again = ark.Plan.from_json(plan.to_json())
+    np.testing.assert_array_equal(again.to_binary(), plan.to_binary())
+    got = jax.jit(ark.persistent(_v2, plan=again))(*args)
+    assert_close(got[0], want[0], 1e-6)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_array_equal(np.asarray(g), w)  # integers: exact
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "load_at_offset_float",
+        "load_at_offset_later",
+        "load_at_reach",
+        "alias_undeclared",
+        "alias_other_operand",
+        "store_reads_its_operand",
+        "store_view_outside",
+        "store_at_float",
+        "ipow_exponent",
+        "reduce_kind",
+    ],
+)
+def test_runtime_rejects_unchecked_v2_plans(v2_setup, edit):
+    """The C++ check knows plan v2: a LOAD_AT offset is an earlier integer register and the
+    view's unmoved reach is inside the tensor (the executors clamp the moved element into it), an
+    aliased result is exactly the buffer XLA aliased and its writer never reads that operand, a
+    window store writes inside its output."""
+    plan, args, _ = v2_setup
+    p = plan.copy()
+    words = p.to_binary()
+    ops_at = int(words[HEADER["ops_at"]])
+    tensors_at = int(words[HEADER["tensors_at"]])
+    match = "ark_persistent: invalid plan"
+    python_match = None
+    if edit.startswith("load_at"):
+        i, k, ins = _find(p, lambda ins: ins.op == "load_at")
+        code = _code_word(words, ops_at + 40 * i, k)
+        if edit == "load_at_offset_float":
+            c = next(j for j, x in enumerate(p.ops[i].epilogue[:k]) if x.op == "const")
+            p.ops[i].epilogue[c].dtype = "float32"  # now a float register
+            p.ops[i].epilogue[k].b = c
+            words = p.to_binary()
+            match = "LOAD_AT offset register"
+            python_match = "takes integer operands"
+        elif edit == "load_at_offset_later":
+            words[code + 2] = k
+            match = "LOAD_AT offset register"
+        else:
+            view = int(ins.a)
+            at = int(words[HEADER["views_at"]]) + 16 * view + 2
+            words[at] = p.tensors[p.views[view].tensor].num_elements  # offset past the end
+            match = "reads outside tensor"
+            p.views[view] = View(p.views[view].tensor, words[at], p.views[view].strides)
+            python_match = "reads element"
+    elif edit.startswith("alias"):
+        t = p.outputs[0]
+        if edit == "alias_undeclared":
+            words[tensors_at + 24 * t + 20] = 0  # the call still aliases it (run_plan uses p)
+            match = "is operand 2's buffer"
+        else:
+            words[tensors_at + 24 * t + 20] = 1  # 1 + operand 0: table, of another shape
+            match = "aliases operand 0 of another size"
+            q = p.copy()
+            q.tensors[t].alias = 0
+            with pytest.raises(PlanError, match="alias 0 must name an operand of its size"):
+                q.validate()
+    elif edit.startswith("store"):
+        i = next(i for i, op in enumerate(p.ops) if op.store_view >= 0)
+        op = p.ops[i]
+        if edit == "store_reads_its_operand":
+            k, ins = next(
+                (k, x) for k, x in enumerate(op.epilogue) if x.op == "load" and x.dtype == "float32"
+            )
+            view = p.views[int(ins.a)]
+            cache = p.args[2]
+            p.views.append(View(cache, 0, view.strides))
+            op.epilogue[k].a = len(p.views) - 1
+            words = None  # the edited plan, encoded without a Python check
+            match = "whose bytes the op itself writes"
+            python_match = "whose bytes the op itself writes"
+        elif edit == "store_view_outside":
+            at = int(words[HEADER["views_at"]]) + 16 * op.store_view + 2
+            words[at] = p.tensors[op.out].num_elements
+            match = "store view reaches outside its output"
+        else:
+            f = next(k for k, x in enumerate(op.epilogue) if x.dtype == "float32")
+            words[ops_at + 40 * i + 37] = f + 1
+            match = "store_at is not an integer register"
+    elif edit == "ipow_exponent":
+        i, k, _ = _find(p, lambda ins: ins.op == "ipow")
+        words[_code_word(words, ops_at + 40 * i, k) + 2] = (1 << 31) - 1  # a CPU time bomb
+        match = "integer_pow exponent"
+        p.ops[i].epilogue[k].b = (1 << 31) - 1
+        python_match = "integer_pow exponent"
+    elif edit == "reduce_kind":
+        i = next(i for i, op in enumerate(p.ops) if op.kind == "reduce")
+        words[ops_at + 40 * i + 3] = 12
+        match = "unknown reduce kind"
+    _runtime_rejects(p, args, words, match=match)
+    if python_match is not None:
+        with pytest.raises(PlanError, match=python_match):
+            p.validate()
+
+
+def test_chaos_mode_keeps_an_in_place_result(v2_setup, monkeypatch):
+    """Chaos mode poisons outputs before each of its runs; an aliased result instead restarts
+    from its operand's content (the rows the window store does not write are the cache's)."""
+    plan, args, want = v2_setup
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "7")
+    got = run_plan(plan, args)[0]
+    assert_close(got[0], want[0], 1e-6)
+    np.testing.assert_array_equal(np.asarray(got[1]), want[1])

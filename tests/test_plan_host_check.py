@@ -59,3 +59,24 @@ def test_host_check_refuses_before_anything_runs(setup, edit):
     # Traced, never run: the refusal comes while the call is being built.
     with pytest.raises(PlanError, match="the runtime's check refuses this plan"):
         jax.jit(lambda *a: run_plan(p, list(a), words=words, check_on_host=True)[0]).trace(*args)
+
+
+def test_host_check_knows_in_place_results(rng):
+    """A result aliased to its operand (in-place cache update) passes the host check, and a plan
+    whose words claim a different buffer for it is refused."""
+
+    def write(cache, row, pos):
+        return jax.lax.dynamic_update_slice(cache, jnp.tanh(row), (0, pos, 0))
+
+    cache = rng.standard_normal((2, 16, 8)).astype(np.float32)
+    row = rng.standard_normal((2, 1, 8)).astype(np.float32)
+    args = [cache, row, np.int32(5)]
+    p = ark.plan(write, *args, platform="cpu")
+    assert p.tensors[p.outputs[0]].alias == 0
+    out = jax.jit(lambda *a: run_plan(p, list(a), check_on_host=True)[0][0])(*args)
+    assert_close(out, jax.jit(write)(*args), 1e-6)
+    bad = p.copy()
+    bad.tensors[bad.outputs[0]].alias = -1  # the words say "own buffer"; XLA is told to alias
+    words = bad.to_binary()
+    with pytest.raises(PlanError, match="the runtime's check refuses this plan"):
+        jax.jit(lambda *a: run_plan(p, list(a), words=words, check_on_host=True)[0]).trace(*args)

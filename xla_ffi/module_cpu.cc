@@ -35,12 +35,13 @@ NB_MODULE(_ark_cpu, m) {
       [](nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> words,
          std::vector<int64_t> arg_bytes, std::vector<int32_t> arg_dtypes,
          std::vector<int64_t> result_bytes, std::vector<int32_t> result_dtypes,
-         int64_t workspace_bytes, int64_t num_counters) {
+         std::vector<int32_t> result_alias, int64_t workspace_bytes, int64_t num_counters) {
         jax_ark::plan::PlanBuffers buffers;
         buffers.arg_bytes = std::move(arg_bytes);
         buffers.arg_dtypes = std::move(arg_dtypes);
         buffers.result_bytes = std::move(result_bytes);
         buffers.result_dtypes = std::move(result_dtypes);
+        buffers.result_alias = std::move(result_alias);
         buffers.workspace_bytes = workspace_bytes;
         buffers.num_counters = num_counters;
         // The checker wants 8-byte aligned words (int64 fields); numpy gives no such promise.
@@ -51,7 +52,8 @@ NB_MODULE(_ark_cpu, m) {
                                          static_cast<int64_t>(words.shape(0)), buffers);
       },
       nb::arg("words"), nb::arg("arg_bytes"), nb::arg("arg_dtypes"), nb::arg("result_bytes"),
-      nb::arg("result_dtypes"), nb::arg("workspace_bytes"), nb::arg("num_counters"),
+      nb::arg("result_dtypes"), nb::arg("result_alias"), nb::arg("workspace_bytes"),
+      nb::arg("num_counters"),
       "'' when the plan words can run safely against buffers of these sizes and dtype codes, else "
       "what is wrong.");
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,7 @@ def plan(
     def flat_fn(*flat):
         return jax.tree_util.tree_leaves(fn(*jax.tree_util.tree_unflatten(tree, flat)))
 
-    traced = trace(flat_fn, avals)
+    traced = trace(flat_fn, avals, _arg_names(fn, args))
     return build_plan(traced, workers, tile_m, tile_n, platform=target)
 
 
@@ -81,6 +82,25 @@ def _check_workers(num_workers: int | None) -> None:
         raise PlanError(
             f"num_workers must be in 1..{MAX_WORKERS} (the runtime's range), got {num_workers}"
         )
+
+
+def _arg_names(fn: Callable, args: tuple) -> list[str]:
+    """The user's name of every flat argument: the parameter name, then its pytree path
+    (``cache['k']``, ``params.layers[0].w``); ``args[i]...`` when fn has no usable signature."""
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(args)[0]:
+        i = getattr(path[0], "idx", 0)
+        head = params[i] if i < len(params) else f"args[{i}]"
+        names.append(head + jax.tree_util.keystr(tuple(path[1:])))
+    return names
 
 
 # ---- jax version compatibility: the varying manual axes (vma) of a value -----------------------
@@ -140,6 +160,11 @@ def run_plan(
     check_on_host: run the runtime's binary-plan check here, on the exact words sent (for the GPU,
     whose handler cannot read the plan operand in device memory without a stream sync; the CPU
     handler checks the words it receives itself)."""
+    if not p.tasks:
+        # Every output has a zero-size dim (an op is planned for every non-empty output): there is
+        # nothing to run, and a kernel with no tasks would only cost a launch.
+        outs = [jnp.zeros(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs]
+        return outs, (jnp.zeros((0,), np.int64) if profile else None)
     axes = _varying_axes([jax.typeof(x) for x in flat_args if isinstance(x, jax.Array)])
     operands = list(flat_args)
     for t in p.args[p.num_inputs :]:
@@ -150,12 +175,17 @@ def run_plan(
     ]
     results.append(jax.ShapeDtypeStruct((max(p.workspace_bytes, 1),), np.uint8))
     results.append(jax.ShapeDtypeStruct((len(p.tasks),), np.int32))
+    # Results updated in place share their operand's buffer (with jax.jit donation of that
+    # argument XLA passes the buffer itself; otherwise it copies the operand once before the call).
+    aliases = {p.tensors[o].alias: i for i, o in enumerate(p.outputs) if p.tensors[o].alias >= 0}
     if check_on_host:
-        _check_words_on_host(plan_words, operands, results)
+        _check_words_on_host(plan_words, operands, results, aliases)
     operands.append(jnp.asarray(plan_words))
     if profile:
         results.append(jax.ShapeDtypeStruct((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64))
-    outs = jax.ffi.ffi_call(_TARGET, results, vmap_method="sequential")(
+    outs = jax.ffi.ffi_call(
+        _TARGET, results, vmap_method="sequential", input_output_aliases=aliases or None
+    )(
         *operands,
         num_workers=np.int64(p.num_workers),
         num_tasks=np.int64(len(p.tasks)),
@@ -173,15 +203,22 @@ def _dtype_code(dtype) -> int:
     return DTYPE_CODES.get(np.dtype(dtype).name, -1)
 
 
-def _check_words_on_host(words: np.ndarray, operands: list, results: list) -> None:
+def _check_words_on_host(
+    words: np.ndarray, operands: list, results: list, aliases: dict[int, int]
+) -> None:
     """The runtime's own binary-plan check (plan_check.hpp) against the call's buffers; raises
-    PlanError with its verdict."""
+    PlanError with its verdict. aliases: operand index -> index of the result in its buffer."""
+    outputs = results[:-2]
+    result_alias = [-1] * len(outputs)
+    for operand, result in aliases.items():
+        result_alias[result] = operand
     problem = cpu_module().check_plan(
         words,
         [int(np.prod(np.shape(x))) * np.dtype(jnp.result_type(x)).itemsize for x in operands],
         [_dtype_code(jnp.result_type(x)) for x in operands],
-        [int(np.prod(r.shape)) * np.dtype(r.dtype).itemsize for r in results[:-2]],
-        [_dtype_code(r.dtype) for r in results[:-2]],
+        [int(np.prod(r.shape)) * np.dtype(r.dtype).itemsize for r in outputs],
+        [_dtype_code(r.dtype) for r in outputs],
+        result_alias,
         int(results[-2].shape[0]),
         int(results[-1].shape[0]),
     )

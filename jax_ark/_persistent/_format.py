@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # v2: int32 / uint32 tensors, integer opcodes, more reduce kinds
 MAGIC = 0x504B5241
 MAX_RANK = 6
 MAX_PROGRAM_LEN = 64
@@ -30,23 +30,46 @@ MAX_TILING_CELLS = 1 << 24  # grid cells of an op's tiling
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4}
-DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4}
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4, "uint32": 5}
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4, "uint32": 4}
+# Registers of these dtypes hold integer bits; every other register holds a float32 value.
+INT_DTYPES = frozenset({"int32", "uint32"})
 STORAGE_CODES = {"arg": 0, "result": 1, "workspace": 2}
 OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3}
-REDUCE_CODES = {"sum": 0, "max": 1}
+REDUCE_CODES = {
+    "sum": 0, "max": 1, "min": 2, "isum": 3, "imax": 4, "imin": 5, "umax": 6, "umin": 7,
+    "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11,
+}  # fmt: skip
+# Reduce kinds whose prologue yields integer bits (the others fold float32 values).
+INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin"})
+ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {
-    "load_acc": 0, "load": 1, "const": 2,
+    "load_acc": 0, "load": 1, "const": 2, "load_at": 3,
     "neg": 10, "exp": 11, "log": 12, "tanh": 13, "logistic": 14, "sqrt": 15, "rsqrt": 16,
     "erf": 17, "abs": 18, "integer_pow": 19, "sin": 20, "cos": 21, "log1p": 22, "expm1": 23,
     "square": 24, "sign": 25, "copy": 26,
     "add": 40, "sub": 41, "mul": 42, "div": 43, "max": 44, "min": 45, "pow": 46,
     "eq": 47, "ne": 48, "lt": 49, "le": 50, "gt": 51, "ge": 52,
     "select": 60,
+    "iadd": 70, "isub": 71, "imul": 72, "idiv": 73, "irem": 74, "udiv": 75, "urem": 76,
+    "imax": 77, "imin": 78, "umax": 79, "umin": 80, "and": 81, "or": 82, "xor": 83,
+    "shl": 84, "shra": 85, "shrl": 86,
+    "ieq": 87, "ine": 88, "ilt": 89, "ile": 90, "igt": 91, "ige": 92,
+    "ult": 93, "ule": 94, "ugt": 95, "uge": 96,
+    "ineg": 100, "not": 101, "iabs": 102, "isign": 103, "i2f": 104, "u2f": 105, "f2i": 106,
+    "f2u": 107, "imov": 108, "ipow": 109,
 }  # fmt: skip
 UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 10 <= v <= 26)
 BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 40 <= v <= 52)
+# v2 integer opcodes: 32-bit register operands in, 32 bits out (XLA semantics, tile_ops.hpp).
+INT_BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 70 <= v <= 96)
+INT_UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 100 <= v <= 109)
+# Opcodes whose operands are integer registers; the result is integer unless it is a comparison
+# (bool) or a conversion to float.
+INT_OPERAND_OPS = (INT_BINARY_OPS | INT_UNARY_OPS) - {"f2i", "f2u"}
+# Instructions that read a view (a = view id); load_at also reads the int32 offset register b.
+LOAD_OPS = frozenset({"load", "load_at"})
 
 
 class PlanError(ValueError):
@@ -57,10 +80,13 @@ class PlanError(ValueError):
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    dtype: str  # "float32" | "bfloat16" | "float16" | "bool"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "bool" | "int32" | "uint32"
     storage: str  # "arg" | "result" | "workspace"
     index: int = 0  # operand index (arg) or result index (result)
     byte_offset: int = 0  # workspace offset
+    # result tensors only: the operand index whose buffer this result IS (input_output_aliases);
+    # it starts with that operand's content and is updated in place (-1: a fresh buffer)
+    alias: int = -1
 
     @property
     def num_elements(self) -> int:
@@ -85,7 +111,8 @@ class Instr:
     """One program instruction; register i = result of instruction i.
 
     op: opcode name; dtype: rounding dtype of the result; a, b, c: operands (register indices,
-    a view id for "load", the float value for "const", the exponent in b for "integer_pow").
+    a view id for "load", the value for "const" (an int for int32 / uint32), the exponent in b for
+    "integer_pow" / "ipow").
     """
 
     op: str
@@ -123,6 +150,11 @@ class Op:
     tile_m: int = 0
     tile_n: int = 0
     source: str = ""  # user source line that produced the op
+    # Window store (map ops writing part of an aliased result in place, e.g. a KV-cache row):
+    # the epilogue runs over iter_dims and stores at store_view's element + the int32 register
+    # store_at, clamped into the tensor. -1: the op writes its whole output tensor.
+    store_view: int = -1
+    store_at: int = -1
 
 
 @dataclass
@@ -310,7 +342,7 @@ class Plan:
 
     # ---- binary ---------------------------------------------------------------------------------
     def to_binary(self) -> np.ndarray:
-        """The int32 words of plan_format.hpp (version 1)."""
+        """The int32 words of plan_format.hpp (version PLAN_VERSION)."""
         return _encode(self)
 
 
@@ -395,7 +427,12 @@ def _f32_bits(x: float) -> int:
 
 def _instr_words(ins: Instr) -> list[int]:
     word0 = OPCODES[ins.op] | (DTYPE_CODES[ins.dtype] << 16)
-    a = _f32_bits(ins.a) if ins.op == "const" else int(ins.a)
+    if ins.op == "const" and ins.dtype in INT_DTYPES:
+        a = struct.unpack("<i", struct.pack("<I", int(ins.a) & 0xFFFFFFFF))[0]
+    elif ins.op == "const":
+        a = _f32_bits(ins.a)
+    else:
+        a = int(ins.a)
     return [word0, a, int(ins.b), int(ins.c)]
 
 
@@ -424,7 +461,8 @@ def _encode(plan: Plan) -> np.ndarray:
     sections["tensors"] = len(words)
     for t in plan.tensors:
         words += [DTYPE_CODES[t.dtype], len(t.shape), STORAGE_CODES[t.storage], t.index]
-        words += _i64(t.byte_offset) + _i64(t.num_elements) + _dims6(t.shape) + [0] * 4
+        words += _i64(t.byte_offset) + _i64(t.num_elements) + _dims6(t.shape)
+        words += [t.alias + 1, 0, 0, 0]
     _pad_even(words)
     sections["views"] = len(words)
     for v in plan.views:
@@ -440,7 +478,7 @@ def _encode(plan: Plan) -> np.ndarray:
         words += [op.kept_rank, pro_at, pro_len, epi_at, epi_len, name_at[i][0], name_at[i][1]]
         words += [op.tile_m, op.tile_n]
         words += _i64(op.B) + _i64(op.M) + _i64(op.N) + _i64(op.K) + _dims6(op.iter_dims)
-        words += [0] * 4
+        words += [op.store_view + 1, op.store_at + 1, 0, 0]
     _pad_even(words)
     sections["tasks"] = len(words)
     for t in plan.tasks:
@@ -546,10 +584,13 @@ def _parse_instr(x: Any, path: str) -> Instr:
         raise PlanError(f"{path}: an instruction is [op, dtype, a, b, c], got {len(x)} entries")
     op = _str(x[0], f"{path}.op", OPCODES)
     dtype = _str(x[1], f"{path}.dtype", DTYPE_CODES)
-    if op == "const":
+    if op == "const" and dtype in INT_DTYPES:
+        # an integer const holds 32 bits: int32 or uint32 values (to_binary keeps the low 32 bits)
+        a: float | int = _int(x[2], f"{path}.a", INT32[0], (1 << 32) - 1)
+    elif op == "const":
         if isinstance(x[2], bool) or not isinstance(x[2], (int, float, np.integer, np.floating)):
             raise PlanError(f"{path}.a: a const's value must be a number")
-        a: float | int = float(x[2])
+        a = float(x[2])
         if math.isfinite(a) and abs(a) > float(np.finfo(np.float32).max):
             raise PlanError(f"{path}.a: {a} overflows float32")
     else:
@@ -557,7 +598,7 @@ def _parse_instr(x: Any, path: str) -> Instr:
     return Instr(op, dtype, a, _int(x[3], f"{path}.b", *INT32), _int(x[4], f"{path}.c", *INT32))
 
 
-_TENSOR_KEYS = {"name", "shape", "dtype", "storage", "index", "byte_offset"}
+_TENSOR_KEYS = {"name", "shape", "dtype", "storage", "index", "byte_offset", "alias"}
 _OP_KEYS = {f.name for f in dataclasses.fields(Op)}
 _TASK_KEYS = {f.name for f in dataclasses.fields(Task)}
 _PLAN_KEYS = {
@@ -593,6 +634,7 @@ def _parse_plan(d: Any) -> Plan:
                 storage=_str(_field(t, "storage", path), f"{path}.storage", STORAGE_CODES),
                 index=_int(t.get("index", 0), f"{path}.index", *INT32),
                 byte_offset=_int(t.get("byte_offset", 0), f"{path}.byte_offset"),
+                alias=_int(t.get("alias", -1), f"{path}.alias", -1, INT32[1] - 1),
             )
         )
     views = []
@@ -638,6 +680,8 @@ def _parse_plan(d: Any) -> Plan:
                 tile_m=_int(o.get("tile_m", 0), f"{path}.tile_m", *INT32),
                 tile_n=_int(o.get("tile_n", 0), f"{path}.tile_n", *INT32),
                 source=_str(o.get("source", ""), f"{path}.source"),
+                store_view=_int(o.get("store_view", -1), f"{path}.store_view", -1, INT32[1] - 1),
+                store_at=_int(o.get("store_at", -1), f"{path}.store_at", -1, INT32[1] - 1),
             )
         )
     tasks = []

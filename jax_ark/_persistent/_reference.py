@@ -10,7 +10,15 @@ from __future__ import annotations
 import numpy as np
 import scipy.special
 
-from jax_ark._persistent._format import Instr, Plan, PlanError, np_dtype
+from jax_ark._persistent._format import (
+    ARG_REDUCES,
+    INT_DTYPES,
+    INT_REDUCES,
+    Instr,
+    Plan,
+    PlanError,
+    np_dtype,
+)
 from jax_ark._persistent._schedule import tile_linear
 
 _UNARY = {
@@ -48,7 +56,109 @@ _BINARY = {
 }
 
 
+def _s(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.uint32).view(np.int32).astype(np.int64)
+
+
+def _u(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.uint32).astype(np.int64)
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    """int64 values -> uint32 bits (two's complement wrap)."""
+    return (np.asarray(x, np.int64) & 0xFFFFFFFF).astype(np.uint32)
+
+
+def _flag(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).astype(np.float32)
+
+
+def _idiv(a, b):
+    sa, sb = _s(a), _s(b)
+    safe = np.where(sb == 0, 1, sb)
+    q = np.abs(sa) // np.abs(safe) * np.sign(sa) * np.sign(safe)  # truncation toward zero
+    return _bits(np.where(sb == 0, -1, q))
+
+
+def _irem(a, b):
+    sa, sb = _s(a), _s(b)
+    safe = np.where(sb == 0, 1, sb)
+    q = np.abs(sa) // np.abs(safe) * np.sign(sa) * np.sign(safe)
+    return _bits(np.where(sb == 0, sa, sa - q * safe))
+
+
+def _shift(a, b, kind):
+    sa, ub = _s(a), _u(b)
+    amount = np.minimum(ub, 31)
+    if kind == "shl":
+        r = np.where(ub >= 32, 0, _u(a) << amount)
+    elif kind == "shra":
+        r = np.where(ub >= 32, np.where(sa < 0, -1, 0), sa >> amount)
+    else:
+        r = np.where(ub >= 32, 0, _u(a) >> amount)
+    return _bits(r)
+
+
+def _f2i(x, unsigned: bool):
+    x = np.asarray(x, np.float32).astype(np.float64)
+    lo, hi = (0, 2**32 - 1) if unsigned else (-(2**31), 2**31 - 1)
+    t = np.trunc(np.where(np.isnan(x), 0, np.clip(x, lo, hi)))
+    return _bits(t.astype(np.int64))
+
+
+def _ipow(x, n: int):
+    p = np.ones_like(_u(x))
+    for _ in range(n):
+        p = (p * _u(x)) & 0xFFFFFFFF
+    return _bits(p)
+
+
+# Integer opcodes: uint32 bit registers in, uint32 bits (or float32 0/1 flags) out.
+_INT_BINARY = {
+    "iadd": lambda a, b: _bits(_u(a) + _u(b)),
+    "isub": lambda a, b: _bits(_u(a) - _u(b)),
+    "imul": lambda a, b: _bits(_u(a) * _u(b)),
+    "idiv": _idiv,
+    "irem": _irem,
+    "udiv": lambda a, b: _bits(np.where(_u(b) == 0, 2**32 - 1, _u(a) // np.maximum(_u(b), 1))),
+    "urem": lambda a, b: _bits(np.where(_u(b) == 0, _u(a), _u(a) % np.maximum(_u(b), 1))),
+    "imax": lambda a, b: _bits(np.maximum(_s(a), _s(b))),
+    "imin": lambda a, b: _bits(np.minimum(_s(a), _s(b))),
+    "umax": lambda a, b: _bits(np.maximum(_u(a), _u(b))),
+    "umin": lambda a, b: _bits(np.minimum(_u(a), _u(b))),
+    "and": lambda a, b: _bits(_u(a) & _u(b)),
+    "or": lambda a, b: _bits(_u(a) | _u(b)),
+    "xor": lambda a, b: _bits(_u(a) ^ _u(b)),
+    "shl": lambda a, b: _shift(a, b, "shl"),
+    "shra": lambda a, b: _shift(a, b, "shra"),
+    "shrl": lambda a, b: _shift(a, b, "shrl"),
+    "ieq": lambda a, b: _flag(_s(a) == _s(b)),
+    "ine": lambda a, b: _flag(_s(a) != _s(b)),
+    "ilt": lambda a, b: _flag(_s(a) < _s(b)),
+    "ile": lambda a, b: _flag(_s(a) <= _s(b)),
+    "igt": lambda a, b: _flag(_s(a) > _s(b)),
+    "ige": lambda a, b: _flag(_s(a) >= _s(b)),
+    "ult": lambda a, b: _flag(_u(a) < _u(b)),
+    "ule": lambda a, b: _flag(_u(a) <= _u(b)),
+    "ugt": lambda a, b: _flag(_u(a) > _u(b)),
+    "uge": lambda a, b: _flag(_u(a) >= _u(b)),
+}
+_INT_UNARY = {
+    "ineg": lambda x: _bits(-_s(x)),
+    "not": lambda x: _bits(~_u(x)),
+    "iabs": lambda x: _bits(np.abs(_s(x))),
+    "isign": lambda x: _bits(np.sign(_s(x))),
+    "i2f": lambda x: _s(x).astype(np.int32).astype(np.float32),
+    "u2f": lambda x: _u(x).astype(np.uint32).astype(np.float32),
+    "f2i": lambda x: _f2i(x, False),
+    "f2u": lambda x: _f2i(x, True),
+    "imov": lambda x: np.asarray(x, np.uint32),
+}
+
+
 def round_to(v: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype in INT_DTYPES:
+        return np.asarray(v).astype(np.uint32)  # integer registers hold bits
     v = np.asarray(v, dtype=np.float32)
     if dtype in ("bfloat16", "float16"):
         return v.astype(np_dtype(dtype)).astype(np.float32)
@@ -64,21 +174,36 @@ def _integer_pow(x: np.ndarray, n: int) -> np.ndarray:
     return np.float32(1) / p if n < 0 else p
 
 
-def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers) -> np.ndarray:
+def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: bool = False):
     regs: list[np.ndarray] = []
     with np.errstate(all="ignore"):
         for ins in prog:
             if ins.op == "load_acc":
                 r = acc
-            elif ins.op == "load":
+            elif ins.op in ("load", "load_at"):
                 view = plan.views[int(ins.a)]
                 off = np.full(shape, view.offset, dtype=np.int64)
                 for d, s in enumerate(view.strides):
                     if s:
                         off = off + idx[d] * s
-                r = buffers[view.tensor][off].astype(np.float32)
+                if ins.op == "load_at":  # moved by a device value, clamped into the tensor
+                    off = off + _s(regs[int(ins.b)])
+                    off = np.clip(off, 0, plan.tensors[view.tensor].num_elements - 1)
+                src = buffers[view.tensor]
+                if src.dtype.kind in "iu":
+                    r = src[off].view(np.uint32)
+                else:
+                    r = src[off].astype(np.float32)
+            elif ins.op == "const" and ins.dtype in INT_DTYPES:
+                r = np.full(shape, int(ins.a) & 0xFFFFFFFF, dtype=np.uint32)
             elif ins.op == "const":
                 r = np.full(shape, np.float32(ins.a), dtype=np.float32)
+            elif ins.op == "ipow":
+                r = _ipow(regs[int(ins.a)], int(ins.b))
+            elif ins.op in _INT_BINARY:
+                r = _INT_BINARY[ins.op](regs[int(ins.a)], regs[int(ins.b)])
+            elif ins.op in _INT_UNARY:
+                r = _INT_UNARY[ins.op](regs[int(ins.a)])
             elif ins.op == "integer_pow":
                 r = _integer_pow(regs[int(ins.a)], int(ins.b))
             elif ins.op in _UNARY:
@@ -90,7 +215,7 @@ def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers) -> np.ndarray
             else:
                 raise PlanError(f"unknown opcode {ins.op!r}")
             regs.append(round_to(np.broadcast_to(r, shape), ins.dtype))
-    return regs[-1]
+    return regs if all_regs else regs[-1]
 
 
 def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
@@ -125,20 +250,55 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
                 np.broadcast_to(i[None, :], (rows, K)) for i in r_idx
             )
             vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers)
-            if op.reduce_kind == "sum":
-                acc = np.zeros(rows, np.float32)
-                for r in range(K):
-                    acc = acc + vals[:, r]
-            else:
-                acc = np.full(rows, -np.inf, np.float32)
-                for r in range(K):
-                    acc = np.maximum(acc, vals[:, r])
-            acc = round_to(acc, op.acc_dtype)
-    idx = np.unravel_index(lin, out.shape) if out.shape else ()
-    if not out.shape:
-        idx = ()
-    value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers)
-    buffers[op.out][lin] = value.astype(np_dtype(out.dtype))
+            acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
+    if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
+        idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
+        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True)
+        view = plan.views[op.store_view]
+        at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
+        for d, stride in enumerate(view.strides):
+            at = at + idx[d] * stride
+        at = np.clip(at, 0, out.num_elements - 1)
+        lin, value = at, regs[-1]
+    else:
+        idx = np.unravel_index(lin, out.shape) if out.shape else ()
+        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers)
+    if out.dtype in INT_DTYPES:
+        buffers[op.out][lin] = value.astype(np.uint32).view(np_dtype(out.dtype))
+    else:
+        buffers[op.out][lin] = value.astype(np_dtype(out.dtype))
+
+
+def _fold(kind: str, vals: np.ndarray) -> np.ndarray:
+    """Folds vals[rows, K] along K, r ascending (docs/plan_format.md, REDUCE kinds)."""
+    rows, K = vals.shape
+    if kind in ARG_REDUCES:
+        keyed = _s(vals) if kind in INT_REDUCES else vals.astype(np.float64)
+        if kind in ("argmax", "argmin"):
+            nan = np.isnan(keyed)
+            # the first NaN wins; otherwise the first extremum
+            keyed = np.where(nan, np.inf if kind == "argmax" else -np.inf, keyed)
+            first_nan = np.where(nan.any(axis=1), np.argmax(nan, axis=1), -1)
+        else:
+            first_nan = np.full(rows, -1)
+        best = np.argmax(keyed, axis=1) if kind.endswith("max") else np.argmin(keyed, axis=1)
+        return _bits(np.where(first_nan >= 0, first_nan, best))
+    if kind in INT_REDUCES:
+        key = _u if kind[0] == "u" else _s
+        v = key(vals)
+        if kind == "isum":
+            return _bits(v.sum(axis=1))
+        return _bits(v.max(axis=1) if kind.endswith("max") else v.min(axis=1))
+    if kind == "sum":
+        acc = np.zeros(rows, np.float32)
+        for r in range(K):
+            acc = acc + vals[:, r]
+        return acc
+    acc = np.full(rows, -np.inf if kind == "max" else np.inf, np.float32)
+    pick = np.maximum if kind == "max" else np.minimum  # NaN propagates, as nan_max
+    for r in range(K):
+        acc = pick(acc, vals[:, r])
+    return acc
 
 
 def _buffers(plan: Plan, args: list[np.ndarray]) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -149,11 +309,19 @@ def _buffers(plan: Plan, args: list[np.ndarray]) -> tuple[dict[int, np.ndarray],
         if spec.storage == "arg":
             arr = np.asarray(args[spec.index])
             buffers[tid] = np.ascontiguousarray(arr).astype(dt, copy=False).reshape(-1)
+        elif spec.storage == "result" and spec.alias >= 0:
+            pass  # the aliased operand's buffer itself (below): updated in place
         elif spec.storage == "result":
-            buffers[tid] = np.full(spec.num_elements, np.nan, np.float32).astype(dt)
+            fill = 0x5A if dt.kind in "iub" else 0xFF  # a recognizable non-result (NaN for floats)
+            buffers[tid] = np.full(spec.nbytes, fill, np.uint8).view(dt)
         else:
             raw = workspace[spec.byte_offset : spec.byte_offset + spec.nbytes]
             buffers[tid] = raw.view(dt)
+    by_index = {plan.tensors[a].index: a for a in plan.args}
+    for tid, spec in enumerate(plan.tensors):
+        if spec.storage == "result" and spec.alias >= 0:
+            src = buffers[by_index[spec.alias]]
+            buffers[by_index[spec.alias]] = buffers[tid] = src.copy()  # a caller's array stays
     return buffers, workspace
 
 

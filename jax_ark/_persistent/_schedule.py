@@ -67,6 +67,11 @@ def gpu_tile_shape(op: Op, num_workers: int) -> tuple[int, int, int]:
 def _tiles(
     op: Op, num_workers: int, tile_m: int | None, tile_n: int | None, platform: str = "cpu"
 ) -> list[Task]:
+    if op.store_view >= 0:
+        # A window store writes elements chosen at run time: one task, so every reader of the
+        # tensor depends on exactly that task.
+        op.tile_m, op.tile_n = op.M, op.N
+        return [Task(-1, 0, op.B, 0, op.M, 0, op.N)]
     if platform == "gpu":
         tb, tm, tn = gpu_tile_shape(op, num_workers)
         if op.kind != "reduce":
@@ -121,7 +126,7 @@ def _offsets(view, idx: tuple[np.ndarray, ...]) -> np.ndarray:
 
 
 def program_views(program) -> list[int]:
-    return [int(i.a) for i in program if i.op == "load"]
+    return [int(i.a) for i in program if i.op in ("load", "load_at")]
 
 
 def task_reads(
@@ -166,6 +171,11 @@ def task_reads(
             for d in range(len(red)):
                 rr = rr + r_idx[d] * s[len(kept) + d]
             reads.append((view.tensor, (view.offset + mk[:, None] + rr[None, :]).ravel()))
+    # load_at reads an element chosen at run time (a device index): any element of its tensor.
+    for ins in list(op.prologue) + list(op.epilogue):
+        if ins.op == "load_at" and want(plan.views[int(ins.a)].tensor):
+            tensor = plan.views[int(ins.a)].tensor
+            reads.append((tensor, np.arange(plan.tensors[tensor].num_elements, dtype=np.int64)))
     views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
         out_shape = plan.tensors[op.out].shape
@@ -195,9 +205,13 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
             owner[tid] = np.full(spec.num_elements, -1, dtype=np.int64)
     written: list[np.ndarray] = []
     for t, task in enumerate(plan.tasks):
-        lin = tile_linear(plan.ops[task.op], task)
+        op = plan.ops[task.op]
+        if op.store_view >= 0:  # a window store may write any element of its tensor
+            lin = np.arange(plan.tensors[op.out].num_elements, dtype=np.int64)
+        else:
+            lin = tile_linear(op, task)
         written.append(lin)
-        owner[plan.ops[task.op].out][lin] = t
+        owner[op.out][lin] = t
     # read intervals of workspace tensors, for the write-after-read check below
     read_span: dict[int, list[tuple[int, int, int]]] = {}
     for t, task in enumerate(plan.tasks):
@@ -210,6 +224,16 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
                 need[t].update(int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
+    # write-after-read on an aliased result: its writers overwrite the operand it aliases, so
+    # every task reading that operand must finish first
+    for t, task in enumerate(plan.tasks):
+        out = plan.tensors[plan.ops[task.op].out]
+        if out.storage != "result" or out.alias < 0:
+            continue
+        sources = {a for a in plan.args if plan.tensors[a].index == out.alias}
+        for r, other in enumerate(plan.tasks):
+            if r != t and any(tensor in sources for tensor, _ in task_reads(plan, other)):
+                need[t].add(r)
     # write-after-read on reused workspace bytes
     ws = [i for i, s in enumerate(plan.tensors) if s.storage == "workspace" and i in producer]
     for y in ws:

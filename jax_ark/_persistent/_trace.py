@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from jax_ark._persistent._format import (
+    ARG_REDUCES,
+    INT_DTYPES,
     MAX_PROGRAM_LEN,
     MAX_RANK,
     Instr,
@@ -29,7 +31,7 @@ from jax_ark._persistent._format import (
     View,
 )
 
-_SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool"}
+_SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool", "int32", "uint32"}
 # Programs longer than this get their largest operands materialized (keeps headroom below 64).
 _FUSE_LIMIT = 40
 
@@ -58,7 +60,7 @@ class _Load(_Node):
 
 @dataclass(eq=False)
 class _Imm(_Node):
-    value: float = 0.0
+    value: float | int = 0.0  # an int for int32 / uint32 (exact), else a float
 
 
 @dataclass(eq=False)
@@ -182,6 +184,14 @@ class _Builder:
     args: list[int] = field(default_factory=list)
     constants: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""  # source line of the eqn being translated
+    aranges: dict[tuple[int, str], int] = field(default_factory=dict)  # iota constants by size
+    # In-place updates: the function's output index of each top-level jaxpr var, the use count of
+    # each top-level var, the eqn being translated, user input tensors already aliased.
+    top_outputs: dict = field(default_factory=dict)
+    top_counts: dict = field(default_factory=dict)
+    eqn: Any = None
+    aliased: set[int] = field(default_factory=set)
+    num_inputs: int = 0
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -326,6 +336,9 @@ class _Builder:
         if isinstance(node, _Load) and storage == "workspace":
             if _is_identity(node, self.tensors[node.tensor].shape):
                 return node
+        if math.prod(node.shape) == 0:
+            # Nothing to compute (a zero-size dim): the tensor exists, no op writes it.
+            return self.load(self.new_tensor(node.shape, node.dtype, storage, index))
         cores = _cores(node)
         # Only one accumulator can feed an epilogue: emit the others on their own first.
         for core in cores[1:]:
@@ -403,7 +416,20 @@ class _Builder:
         self.ops.append(op)
         return self.load(out)
 
-    def _compile(self, node: _Node, acc_negate: bool = False) -> list[Instr]:
+    def compile_with(self, node: _Node, extra: list[_Node]) -> tuple[list[Instr], list[int]]:
+        """A program whose last register is node's value and which also computes `extra` nodes
+        (their registers are returned)."""
+        regs: list[int] = []
+        prog = self._compile(node, extra=extra, extra_regs=regs)
+        return prog, regs
+
+    def _compile(
+        self,
+        node: _Node,
+        acc_negate: bool = False,
+        extra: list[_Node] | None = None,
+        extra_regs: list[int] | None = None,
+    ) -> list[Instr]:
         prog: list[Instr] = []
         memo: dict[Any, int] = {}
 
@@ -411,7 +437,7 @@ class _Builder:
             if isinstance(n, _Load):
                 key = ("load", self.view_id(n), n.dtype)
             elif isinstance(n, _Imm):
-                key = ("const", float(n.value), n.dtype)
+                key = ("const", n.value, n.dtype)
             elif isinstance(n, _Pending):
                 key = ("acc",)
             else:
@@ -421,17 +447,23 @@ class _Builder:
             if isinstance(n, _Load):
                 prog.append(Instr("load", n.dtype, self.view_id(n)))
             elif isinstance(n, _Imm):
-                prog.append(Instr("const", n.dtype, float(n.value)))
+                value = int(n.value) if n.dtype in INT_DTYPES else float(n.value)
+                prog.append(Instr("const", n.dtype, value))
             elif isinstance(n, _Pending):
                 prog.append(Instr("load_acc", n.core.acc_dtype))
                 if acc_negate:
                     prog.append(Instr("neg", n.core.acc_dtype, len(prog) - 1))
             else:
+                if n.op == "load_at":  # args: (the static view, the int32 offset node)
+                    moved = emit(n.args[1])
+                    prog.append(Instr("load_at", n.dtype, self.view_id(n.args[0]), moved))
+                    memo[key] = len(prog) - 1
+                    return memo[key]
                 regs = [emit(a) for a in n.args]
                 if n.op == "select":
                     prog.append(Instr("select", n.dtype, regs[0], regs[1], regs[2]))
-                elif n.op == "integer_pow":
-                    prog.append(Instr("integer_pow", n.dtype, regs[0], n.imm))
+                elif n.op in ("integer_pow", "ipow"):
+                    prog.append(Instr(n.op, n.dtype, regs[0], n.imm))
                 elif len(regs) == 1:
                     prog.append(Instr(n.op, n.dtype, regs[0]))
                 else:
@@ -439,7 +471,11 @@ class _Builder:
             memo[key] = len(prog) - 1
             return memo[key]
 
-        emit(node)
+        for e in extra or []:
+            extra_regs.append(emit(e))
+        last = emit(node)
+        if last != len(prog) - 1:  # the value was computed before the extras: copy it last
+            prog.append(Instr("imov" if node.dtype in INT_DTYPES else "copy", node.dtype, last))
         if len(prog) > MAX_PROGRAM_LEN:
             raise AssertionError(f"internal error: program of {len(prog)} instructions")
         return prog
@@ -531,8 +567,8 @@ def _check_dtype(aval, where: str) -> str:
     name = _dtype_name(aval)
     if name not in _SUPPORTED_DTYPES:
         raise UnsupportedError(
-            f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool), "
-            f"at {where}"
+            f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool, "
+            f"int32, uint32), at {where}"
         )
     return name
 
@@ -551,14 +587,6 @@ def _use_counts(jaxpr) -> dict:
         if not _is_literal(v):
             counts[v] = counts.get(v, 0) + 1
     return counts
-
-
-_ELEMENTWISE_PRIMS = (
-    set(_UNARY)
-    | set(_BINARY)
-    | {"erfc", "integer_pow", "convert_element_type", "select_n"}
-    | _IDENTITY
-)
 
 
 def _consumers(jaxpr) -> dict:
@@ -605,10 +633,433 @@ def _const_node(b: _Builder, value, aval_dtype=None) -> _Node:
     if name not in _SUPPORTED_DTYPES:
         raise UnsupportedError(f"ark.persistent: constant of dtype {name} at {b.source}")
     if arr.ndim == 0 or (arr.size > 0 and np.all(arr == arr.reshape(-1)[0])):
-        return _Imm(tuple(arr.shape), name, value=float(np.asarray(arr.reshape(-1)[0], np.float32)))
+        return _Imm(tuple(arr.shape), name, value=_scalar(arr.reshape(-1)[0], name))
     t = b.new_tensor(arr.shape, name, "arg", 0, name=f"const{len(b.constants)}")
     b.constants[t] = np.asarray(arr)
     return b.load(t)
+
+
+# ---- integer and boolean values (plan v2) ----------------------------------------
+# Registers of int32 / uint32 dtype hold bits and are computed by the integer opcodes; bool
+# registers hold float 0 / 1, so boolean logic maps onto float opcodes exactly.
+def _kind(dtype: str) -> str:
+    return {"int32": "int", "uint32": "uint", "bool": "bool"}.get(dtype, "float")
+
+
+def _zero(dtype: str) -> float | int:
+    return 0 if dtype in INT_DTYPES else 0.0
+
+
+def _scalar(x, dtype: str) -> float | int:
+    if dtype in INT_DTYPES:
+        return int(x)
+    return float(np.asarray(x, np.float32))
+
+
+# jaxpr primitive -> opcode by operand kind; None: not defined for that kind (refused).
+_INT_TYPED: dict[str, dict[str, str]] = {
+    "add": {"int": "iadd", "uint": "iadd"},
+    "add_any": {"int": "iadd", "uint": "iadd"},
+    "sub": {"int": "isub", "uint": "isub"},
+    "mul": {"int": "imul", "uint": "imul"},
+    "div": {"int": "idiv", "uint": "udiv"},
+    "rem": {"int": "irem", "uint": "urem"},
+    "max": {"int": "imax", "uint": "umax"},
+    "min": {"int": "imin", "uint": "umin"},
+    "eq": {"int": "ieq", "uint": "ieq"},
+    "ne": {"int": "ine", "uint": "ine"},
+    "lt": {"int": "ilt", "uint": "ult"},
+    "le": {"int": "ile", "uint": "ule"},
+    "gt": {"int": "igt", "uint": "ugt"},
+    "ge": {"int": "ige", "uint": "uge"},
+    "neg": {"int": "ineg", "uint": "ineg"},
+    "abs": {"int": "iabs", "uint": "imov"},
+    "sign": {"int": "isign"},
+    "and": {"int": "and", "uint": "and", "bool": "mul"},  # bool: 1*1 = 1, else 0
+    "or": {"int": "or", "uint": "or", "bool": "max"},
+    "xor": {"int": "xor", "uint": "xor", "bool": "ne"},
+    "not": {"int": "not", "uint": "not"},
+    "shift_left": {"int": "shl", "uint": "shl"},
+    "shift_right_arithmetic": {"int": "shra", "uint": "shra"},
+    "shift_right_logical": {"int": "shrl", "uint": "shrl"},
+}
+
+
+def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, params) -> _Node:
+    kind = _kind(args[0].dtype)
+    if prim == "not" and kind == "bool":
+        zero = _Imm((), "bool", value=0.0)
+        return b.elementwise("eq", [args[0], zero], out_shape, out_dtype)
+    if prim == "integer_pow":
+        y = int(params["y"])
+        if kind == "float":
+            return b.elementwise("integer_pow", args, out_shape, out_dtype, imm=y)
+        if kind in ("int", "uint") and y >= 0:
+            return b.elementwise("ipow", args, out_shape, out_dtype, imm=y)
+    elif prim == "sign" and kind == "uint":  # 0 or 1
+        return b.elementwise("umin", [args[0], _Imm((), "uint32", value=1)], out_shape, out_dtype)
+    elif prim == "square" and kind in ("int", "uint"):
+        return b.elementwise("imul", [args[0], args[0]], out_shape, out_dtype)
+    else:
+        opcode = _INT_TYPED.get(prim, {}).get(kind)
+        if opcode is None and kind in ("float", "bool"):
+            opcode = _UNARY.get(prim) or _BINARY.get(prim)
+        if opcode is not None:
+            return b.elementwise(opcode, args, out_shape, out_dtype)
+    raise UnsupportedError(
+        f"ark.persistent: primitive '{prim}' on {args[0].dtype} values is not supported "
+        f"(at {b.source})"
+    )
+
+
+def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
+    """convert_element_type with XLA's semantics: float -> int truncates and saturates (NaN -> 0);
+    int -> float rounds to nearest even (to float32 first, then to a 16-bit float dtype)."""
+    src, dst = _kind(x.dtype), _kind(dtype)
+    if x.dtype == dtype:
+        return x
+    if src in ("int", "uint"):
+        if dst in ("int", "uint"):
+            return b.elementwise("imov", [x], x.shape, dtype)
+        if dst == "bool":
+            zero = _Imm((), x.dtype, value=0)
+            return b.elementwise("ine", [x, zero], x.shape, dtype)
+        return b.elementwise("i2f" if src == "int" else "u2f", [x], x.shape, dtype)
+    if dst in ("int", "uint"):  # from a float or bool register (bool: 0.0 / 1.0)
+        return b.elementwise("f2i" if dst == "int" else "f2u", [x], x.shape, dtype)
+    return b.elementwise("copy", [x], x.shape, dtype)
+
+
+def _select_n(b: _Builder, args, out_shape, out_dtype) -> _Node:
+    """select_n(pred, *cases) = cases[pred]: a chain of selects on pred >= i (bool or int32)."""
+    pred, cases = args[0], list(args[1:])
+    if pred.dtype == "bool":
+        if len(cases) != 2:
+            raise UnsupportedError(f"ark.persistent: select_n on a bool with {len(cases)} cases")
+        return b.elementwise("select", [pred, *cases], out_shape, out_dtype)
+    if pred.dtype != "int32":
+        raise UnsupportedError(f"ark.persistent: select_n on a {pred.dtype} predicate")
+    out = cases[0]
+    for i, case in enumerate(cases[1:], start=1):
+        take = b.elementwise("ige", [pred, _Imm((), "int32", value=i)], out_shape, "bool")
+        out = b.elementwise("select", [take, out, case], out_shape, out_dtype)
+    return out
+
+
+def _iota(b: _Builder, params, out_shape, out_dtype) -> _Node:
+    """iota as a plan constant arange(n) broadcast along its dimension (a view: no copy)."""
+    dim = int(params["dimension"])
+    n = out_shape[dim]
+    if n > 1 and (n, out_dtype) in b.aranges:
+        return b.broadcast(b.load(b.aranges[(n, out_dtype)]), out_shape, (dim,))
+    values = np.arange(n).astype(np.dtype(out_dtype) if out_dtype != "bfloat16" else np.float32)
+    if out_dtype == "bfloat16":
+        import ml_dtypes
+
+        values = values.astype(ml_dtypes.bfloat16)
+    if n <= 1:
+        return _Imm(out_shape, out_dtype, value=_zero(out_dtype))
+    t = b.new_tensor((n,), out_dtype, "arg", 0, name=f"const{len(b.constants)}")
+    b.constants[t] = values
+    b.aranges[(n, out_dtype)] = t
+    return b.broadcast(b.load(t), out_shape, (dim,))
+
+
+# ---- indexing (plan v2): device indices read by the kernel through load_at -----------------------
+# An indexed value is `load_at(view, offset)`: a static view over the output's index space plus an
+# int32 element offset computed in the same program from the index values (loaded from device
+# memory at run time, never read by the host). Indices are clamped as XLA clamps them, so every
+# offset stays inside the tensor; dims whose position comes from an index have stride 0 in the view.
+def _i32(b: _Builder, node: _Node, shape) -> _Node:
+    """An index value as int32, broadcast to shape (scalars and index vectors)."""
+    if node.dtype == "uint32":
+        node = b.elementwise("imov", [node], node.shape, "int32")
+    elif node.dtype != "int32":
+        raise UnsupportedError(f"ark.persistent: {node.dtype} indices at {b.source}")
+    return node if node.shape == tuple(shape) else b.broadcast(node, shape, ())
+
+
+def _iconst(value: int) -> _Imm:
+    return _Imm((), "int32", value=int(value))
+
+
+def _iop(b: _Builder, op: str, x: _Node, y: _Node | int) -> _Node:
+    y = _iconst(y) if isinstance(y, (int, np.integer)) else y
+    cmp = op[1:] in ("lt", "le", "gt", "ge", "eq", "ne")
+    return b.elementwise(op, [x, y], x.shape, "bool" if cmp else x.dtype)
+
+
+def _clamp(b: _Builder, x: _Node, lo: int, hi: int) -> _Node:
+    return _iop(b, "imin", _iop(b, "imax", x, lo), hi)
+
+
+def _position(b: _Builder, shape, dim: int) -> _Node:
+    return _iota(b, {"dimension": dim}, tuple(shape), "int32")
+
+
+def _as_load(b: _Builder, node: _Node) -> _Load:
+    return node if isinstance(node, _Load) else b.materialize(node)
+
+
+def _load_at(base: _Load, offset: _Node | None) -> _Node:
+    if offset is None:
+        return base
+    return _Ew(base.shape, base.dtype, op="load_at", args=(base, offset), _size=offset.size + 2)
+
+
+def _sum_offsets(b: _Builder, terms: list[_Node]) -> _Node | None:
+    out = None
+    for t in terms:
+        out = t if out is None else b.elementwise("iadd", [out, t], t.shape, "int32")
+    return out
+
+
+def _and(b: _Builder, x: _Node | None, y: _Node) -> _Node:
+    return y if x is None else b.elementwise("mul", [x, y], y.shape, "bool")
+
+
+def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x = _as_load(b, args[0])
+    terms = []
+    for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
+        s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
+        terms.append(_iop(b, "imul", s, x.strides[d]))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides)
+    return _load_at(base, _sum_offsets(b, terms))
+
+
+def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    if math.prod(args[1].shape) == 0:
+        return args[0]
+    in_place = _update_in_place(b, args, out_shape)
+    if in_place is not None:
+        return in_place
+    operand, update = args[0], _as_load(b, args[1])
+    inside, terms = None, []
+    for d, start in enumerate(args[2:]):
+        n, u = out_shape[d], update.shape[d]
+        s = _clamp(b, _i32(b, start, out_shape), 0, n - u)
+        i = _position(b, out_shape, d)
+        rel = b.elementwise("isub", [i, s], out_shape, "int32")
+        inside = _and(b, inside, _iop(b, "ige", rel, 0))
+        inside = _and(b, inside, _iop(b, "ilt", rel, u))
+        terms.append(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
+    base = _Load(
+        tuple(out_shape), update.dtype, update.tensor, update.offset, (0,) * len(out_shape)
+    )
+    new = _load_at(base, _sum_offsets(b, terms))
+    return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
+
+
+def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
+    """dynamic_update_slice of a user input that nothing else reads, returned by the function:
+    the result is that input's buffer (aliased through the FFI call: with jax.jit donation, no
+    copy) and one window-store task writes only the update, at the clamped device offset.
+    None when the pattern does not apply (then the whole result is computed)."""
+    operand, update = args[0], args[1]
+    eqn = b.eqn
+    var = eqn.invars[0] if eqn is not None else None
+    out_var = eqn.outvars[0] if eqn is not None else None
+    if (
+        not isinstance(operand, _Load)
+        or operand.tensor not in b.args[: b.num_inputs]
+        or b.tensors[operand.tensor].shape != tuple(out_shape)
+        or not _is_identity(operand, b.tensors[operand.tensor].shape)
+        or b.top_counts.get(var) != 1
+        or out_var not in b.top_outputs
+    ):
+        return None
+    src = b.tensors[operand.tensor]
+    if src.index in b.aliased:
+        return None
+    b.aliased.add(src.index)
+    index = b.top_outputs.pop(out_var)
+    out = b.new_tensor(out_shape, src.dtype, "result", index)
+    b.tensors[out].alias = src.index
+    window = tuple(update.shape)
+    strides = _row_major(tuple(out_shape))
+    terms = []
+    for d, start in enumerate(args[2:]):
+        s = _clamp(b, _i32(b, start, window), 0, out_shape[d] - window[d])
+        terms.append(_iop(b, "imul", s, strides[d]))
+    offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
+    value = b.strip_pendings(update)
+    if value.dtype != src.dtype:
+        value = _convert(b, value, src.dtype)
+    if value.size + offset.size > _FUSE_LIMIT:  # keep the one program within MAX_PROGRAM_LEN
+        value = b.materialize(value)
+    if offset.size > _FUSE_LIMIT:
+        offset = b.materialize(offset)
+    prog, (store_at,) = b.compile_with(value, [offset])
+    b.ops.append(
+        Op(
+            name=f"update_in_place{len(b.ops)}",
+            kind="map",
+            out=out,
+            B=1,
+            M=math.prod(window[:-1]) if window else 1,
+            N=window[-1] if window else 1,
+            acc_dtype=src.dtype,
+            iter_dims=window,
+            epilogue=prog,
+            source=b.source,
+            store_view=b.view_id(_Load(window, src.dtype, out, 0, strides)),
+            store_at=store_at,
+        )
+    )
+    return b.load(out)
+
+
+def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x, idx = _as_load(b, args[0]), args[1]
+    dn = params["dimension_numbers"]
+    sizes = tuple(params["slice_sizes"])
+    mode = str(params.get("mode", "")).rsplit(".", 1)[-1].lower()
+    rank = len(out_shape)
+    offset_dims = tuple(dn.offset_dims)
+    batch_out = [d for d in range(rank) if d not in offset_dims]  # = idx dims but the last
+    collapsed = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    window = [d for d in range(len(x.shape)) if d not in collapsed]
+    strides = [0] * rank
+    for od, xd in zip(offset_dims, window, strict=True):
+        strides[od] = x.strides[xd]
+    for xd, idd in zip(dn.operand_batching_dims, dn.start_indices_batching_dims, strict=True):
+        strides[batch_out[idd]] = x.strides[xd]  # idx batch dim idd is output dim batch_out[idd]
+    nvec = idx.shape[-1]
+    idx_dims = tuple(batch_out)
+    inside, terms = None, []
+    for k, xd in enumerate(dn.start_index_map):
+        start = b.slice(idx, (0,) * (len(idx.shape) - 1) + (k,), idx.shape[:-1] + (k + 1,), None)
+        start = b.reshape(start, idx.shape[:-1])
+        start = _i32(b, b.broadcast(start, out_shape, idx_dims), out_shape)
+        hi = x.shape[xd] - sizes[xd]
+        if mode == "fill_or_drop":
+            inside = _and(b, inside, _iop(b, "ige", start, 0))
+            inside = _and(b, inside, _iop(b, "ile", start, hi))
+        terms.append(_iop(b, "imul", _clamp(b, start, 0, hi), x.strides[xd]))
+    del nvec
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, tuple(strides))
+    value = _load_at(base, _sum_offsets(b, terms))
+    if inside is None:
+        return value
+    fill = params.get("fill_value")
+    if fill is None:
+        fill = {"int32": -(2**31), "uint32": 2**32 - 1, "bool": 1.0}.get(out_dtype, float("nan"))
+    return b.elementwise(
+        "select",
+        [inside, _Imm(out_shape, out_dtype, value=_scalar(fill, out_dtype)), value],
+        out_shape,
+        out_dtype,
+    )
+
+
+def _concatenate(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    axis = int(params["dimension"])
+    i = _position(b, out_shape, axis)
+    out, at = None, 0
+    for a in args:
+        n = a.shape[axis]
+        if n == 0:
+            continue
+        x = _as_load(b, a)
+        strides = tuple(0 if d == axis else s for d, s in enumerate(x.strides))
+        base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides)
+        moved = _iop(b, "imul", _clamp(b, _iop(b, "isub", i, at), 0, n - 1), x.strides[axis])
+        part = _load_at(base, moved)
+        out = (
+            part
+            if out is None
+            else b.elementwise("select", [_iop(b, "ige", i, at), out, part], out_shape, out_dtype)
+        )
+        at += n
+    return out if out is not None else _Imm(out_shape, out_dtype, value=_zero(out_dtype))
+
+
+def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x, fill = _as_load(b, args[0]), args[1]
+    if math.prod(x.shape) == 0:
+        return b.broadcast(fill, out_shape, ())
+    inside, terms = None, []
+    for d, (lo, _hi, interior) in enumerate(params["padding_config"]):
+        t = _iop(b, "isub", _position(b, out_shape, d), lo)
+        if interior:
+            step = interior + 1
+            inside = _and(b, inside, _iop(b, "ieq", _iop(b, "irem", t, step), 0))
+            t = _iop(b, "idiv", t, step)
+        inside = _and(b, inside, _iop(b, "ige", t, 0))
+        inside = _and(b, inside, _iop(b, "ilt", t, x.shape[d]))
+        terms.append(_iop(b, "imul", _clamp(b, t, 0, x.shape[d] - 1), x.strides[d]))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, (0,) * len(out_shape))
+    value = _load_at(base, _sum_offsets(b, terms))
+    if inside is None:
+        return value
+    return b.elementwise(
+        "select", [inside, b.broadcast(fill, out_shape, ()), value], out_shape, out_dtype
+    )
+
+
+def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    x = _as_load(b, args[0])
+    dims = set(params["dimensions"])
+    strides = tuple(0 if d in dims else s for d, s in enumerate(x.strides))
+    terms = []
+    for d in sorted(dims):
+        if x.shape[d] > 1:  # element n - 1 - i along a reversed dim
+            neg = b.elementwise("ineg", [_position(b, out_shape, d)], out_shape, "int32")
+            back = _iop(b, "iadd", neg, x.shape[d] - 1)
+            terms.append(_iop(b, "imul", back, x.strides[d]))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides)
+    return _load_at(base, _sum_offsets(b, terms))
+
+
+_INDEXING = {
+    "dynamic_slice": _dynamic_slice,
+    "dynamic_update_slice": _dynamic_update_slice,
+    "gather": _gather,
+    "concatenate": _concatenate,
+    "pad": _pad,
+    "rev": _rev,
+}
+
+
+_REDUCE_KINDS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or"}
+
+
+def _reduce_kind(prim: str, dtype: str) -> str:
+    kind = _kind(dtype)
+    table = {
+        ("reduce_sum", "float"): "sum", ("reduce_max", "float"): "max",
+        ("reduce_min", "float"): "min", ("reduce_max", "bool"): "max",
+        ("reduce_min", "bool"): "min", ("reduce_and", "bool"): "min",
+        ("reduce_or", "bool"): "max",
+        ("reduce_sum", "int"): "isum", ("reduce_sum", "uint"): "isum",
+        ("reduce_max", "int"): "imax", ("reduce_min", "int"): "imin",
+        ("reduce_max", "uint"): "umax", ("reduce_min", "uint"): "umin",
+        ("argmax", "float"): "argmax", ("argmin", "float"): "argmin",
+        ("argmax", "int"): "iargmax", ("argmin", "int"): "iargmin",
+    }  # fmt: skip
+    if (prim, kind) not in table:
+        raise UnsupportedError(f"ark.persistent: {prim} over {dtype} values is not supported")
+    return table[(prim, kind)]
+
+
+def _reduce_identity(kind: str, out_dtype: str) -> float | int:
+    ident = {
+        "sum": 0.0, "max": -np.inf, "min": np.inf, "isum": 0, "imax": -(2**31),
+        "imin": 2**31 - 1, "umax": 0, "umin": 2**32 - 1,
+    }[kind]  # fmt: skip
+    if out_dtype == "bool":
+        return 1.0 if kind == "min" else 0.0  # reduce_and of nothing is True, reduce_or False
+    return ident
+
+
+_ELEMENTWISE_PRIMS = (
+    set(_UNARY)
+    | set(_BINARY)
+    | set(_INT_TYPED)
+    | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
+    | _IDENTITY
+)
 
 
 def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[_Node]:
@@ -656,6 +1107,7 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
 
 def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     prim = eqn.primitive.name
+    b.eqn = eqn
     params = eqn.params
     for v in eqn.outvars:
         _check_dtype(v.aval, b.source)
@@ -663,32 +1115,28 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     out_shape = tuple(out_aval.shape)
     out_dtype = _dtype_name(out_aval)
 
-    if prim in _UNARY:
-        return [b.elementwise(_UNARY[prim], args, out_shape, out_dtype)]
-    if prim in _BINARY:
-        return [b.elementwise(_BINARY[prim], args, out_shape, out_dtype)]
+    if prim in _INT_TYPED or prim in _UNARY or prim in _BINARY or prim == "integer_pow":
+        return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
     if prim == "erfc":
         e = b.elementwise("erf", args, out_shape, out_dtype)
         one = _Imm(out_shape, out_dtype, value=1.0)
         return [b.elementwise("sub", [one, e], out_shape, out_dtype)]
-    if prim == "integer_pow":
-        return [b.elementwise("integer_pow", args, out_shape, out_dtype, imm=int(params["y"]))]
     if prim == "convert_element_type":
-        if args[0].dtype == out_dtype:
-            return [args[0]]
-        return [b.elementwise("copy", args, out_shape, out_dtype)]
+        return [_convert(b, args[0], out_dtype)]
     if prim in _IDENTITY:
         return list(args)
     if prim == "select_n":
-        if len(args) != 3:
-            raise UnsupportedError(
-                f"ark.persistent: select_n with {len(args) - 1} cases at {b.source}"
-            )
-        if args[0].dtype != "bool":
-            raise UnsupportedError(
-                f"ark.persistent: select_n on an integer predicate at {b.source}"
-            )
-        return [b.elementwise("select", args, out_shape, out_dtype)]
+        return [_select_n(b, args, out_shape, out_dtype)]
+    if prim == "clamp":  # clamp(lo, x, hi) = min(max(x, lo), hi)
+        lo, x, hi = args
+        kind = _kind(x.dtype)
+        mx, mn = {"int": ("imax", "imin"), "uint": ("umax", "umin")}.get(kind, ("max", "min"))
+        t = b.elementwise(mx, [x, lo], out_shape, out_dtype)
+        return [b.elementwise(mn, [t, hi], out_shape, out_dtype)]
+    if prim == "iota":
+        return [_iota(b, params, out_shape, out_dtype)]
+    if prim in _INDEXING:
+        return [_INDEXING[prim](b, args, params, out_shape, out_dtype)]
     if prim == "broadcast_in_dim":
         return [b.broadcast(args[0], out_shape, params["broadcast_dimensions"])]
     if prim in ("reshape", "squeeze", "expand_dims"):
@@ -701,18 +1149,32 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         ]
     if prim == "dot_general":
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
-    if prim in ("reduce_sum", "reduce_max", "reduce_min"):
+    if prim in _REDUCE_KINDS or prim in ("argmax", "argmin"):
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
+    if prim == "cumsum":
+        return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
     raise UnsupportedError(
-        f"ark.persistent: primitive '{prim}' is not supported (at {b.source}); supported: "
+        f"ark.persistent: primitive '{prim}' is not supported (at {b.source}"
+        f"{_operand_names(b, args)}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
-        "pow, comparisons, select_n, reduce_sum / reduce_max / reduce_min, broadcast_in_dim, "
+        "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
+        "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}); no loops, conditionals or shard_map"
     )
+
+
+def _operand_names(b: _Builder, args: list[_Node]) -> str:
+    """'; it reads argument x, cache['k']' for operands that are (views of) user arguments."""
+    names: list[str] = []
+    for a in args:
+        if isinstance(a, _Load) and a.tensor in b.args[: b.num_inputs]:
+            if b.tensors[a.tensor].name not in names:
+                names.append(b.tensors[a.tensor].name)
+    return f"; it reads argument {', '.join(names)}" if names else ""
 
 
 def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
@@ -740,6 +1202,15 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
 
 def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if _kind(args[0].dtype) != "float" or _kind(args[1].dtype) != "float":
+        raise UnsupportedError(
+            f"ark.persistent: dot_general of {args[0].dtype} x {args[1].dtype} (only float "
+            f"operands) at {b.source}"
+        )
+    K = math.prod(args[0].shape[d] for d in lc)
+    if math.prod(out_shape) == 0 or K == 0:
+        # Empty result, or an empty contraction: every element is the empty sum, 0.
+        return _Imm(out_shape, out_dtype, value=0.0)
     # Operands live in memory; an operand still being computed (an elementwise chain, maybe over an
     # accumulator) is emitted now, fused into its producer's epilogue where possible.
     lhs, rhs = (a if isinstance(a, _Load) else b.materialize(a) for a in args)
@@ -756,14 +1227,24 @@ def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
 
 
 def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
+    kind = _reduce_kind(prim, node.dtype)
+    K = math.prod(node.shape[d] for d in axes)
+    if K == 0:
+        # An empty reduced axis: every output is the fold's identity (jax.jit does the same).
+        if kind in ARG_REDUCES:
+            raise UnsupportedError(f"ark.persistent: {prim} over an empty axis at {b.source}")
+        return _Imm(out_shape, out_dtype, value=_reduce_identity(kind, out_dtype))
+    if math.prod(out_shape) == 0:
+        return _Imm(out_shape, out_dtype, value=_zero(out_dtype))
     node = b.strip_pendings(node)
     kept = [d for d in range(len(node.shape)) if d not in axes]
     node = b.transpose(node, kept + list(axes))
-    negate = prim == "reduce_min"
+    # Float reduce_min stays -max(-x) (plan v1 kind); integer / bool kinds fold directly.
+    negate = kind == "min" and node.dtype != "bool"
     if negate:
+        kind = "max"
         node = b.elementwise("neg", [node], node.shape, node.dtype)
     M = math.prod(node.shape[: len(kept)])
-    K = math.prod(node.shape[len(kept) :])
     core = _Core(
         "reduce",
         out_dtype,
@@ -774,7 +1255,7 @@ def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
         prologue=node,
         iter_dims=node.shape,
         kept_rank=len(kept),
-        reduce_kind="sum" if prim == "reduce_sum" else "max",
+        reduce_kind=kind,
         negate=negate,
         source=b.source,
         name=prim,
@@ -783,23 +1264,81 @@ def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
     return _Pending(out_shape, out_dtype, core=core)
 
 
-def trace(fn, avals: list[jax.ShapeDtypeStruct]) -> TraceResult:
-    """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors."""
+def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) -> _Node:
+    """cumsum as a REDUCE over the whole axis whose prologue masks the terms past each output
+    position (r <= j, or r >= j reversed): O(L^2) work, exact for integers, r ascending for floats.
+    """
+    shape = node.shape
+    L = shape[axis]
+    if math.prod(shape) == 0:
+        return _Imm(shape, out_dtype, value=0)
+    node = b.strip_pendings(node)
+    rank = len(shape)
+    # Iteration space: the output's dims, then the summed position r along `axis`.
+    iter_shape = shape + (L,)
+    dims = tuple(rank if d == axis else d for d in range(rank))  # x's axis becomes r
+    x = b.broadcast(node, iter_shape, dims)
+    pos = _iota(b, {"dimension": axis, "shape": iter_shape}, iter_shape, "int32")
+    r = _iota(b, {"dimension": rank, "shape": iter_shape}, iter_shape, "int32")
+    keep = b.elementwise("ige" if reverse else "ile", [r, pos], iter_shape, "bool")
+    zero = _Imm(iter_shape, node.dtype, value=_zero(node.dtype))
+    term = b.elementwise("select", [keep, zero, x], iter_shape, node.dtype)
+    kind = "isum" if node.dtype in INT_DTYPES else "sum"
+    core = _Core(
+        "reduce",
+        out_dtype,
+        1,
+        math.prod(shape),
+        1,
+        L,
+        prologue=term,
+        iter_dims=iter_shape,
+        kept_rank=rank,
+        reduce_kind=kind,
+        source=b.source,
+        name="cumsum",
+    )
+    core.out_shape = shape
+    return _Pending(shape, out_dtype, core=core)
+
+
+def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = None) -> TraceResult:
+    """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors.
+
+    arg_names: the user's name of each flat input (its pytree path, e.g. "cache['k']"), used in
+    error messages and as the input tensors' names.
+    """
+    names = arg_names or [f"input {i}" for i in range(len(avals))]
+    for i, aval in enumerate(avals):
+        _check_dtype(aval, f"argument {names[i]}")
     closed = jax.make_jaxpr(fn)(*avals)
     b = _Builder()
     in_nodes = []
     for i, aval in enumerate(avals):
-        dtype = _check_dtype(aval, f"input {i}")
-        t = b.new_tensor(tuple(aval.shape), dtype, "arg", i, name=f"in{i}")
+        dtype = _dtype_name(aval)
+        t = b.new_tensor(tuple(aval.shape), dtype, "arg", i, name=names[i])
         b.args.append(t)
         in_nodes.append(b.load(t))
     b.source = "<unknown source>"
+    b.num_inputs = len(avals)
+    b.top_counts = _use_counts(closed.jaxpr)
+    for i, v in enumerate(closed.jaxpr.outvars):
+        if not _is_literal(v) and v not in b.top_outputs:
+            b.top_outputs[v] = i
     out_nodes = _translate(b, closed.jaxpr, list(closed.consts), in_nodes)
     outputs: list[int] = []
     for i, node in enumerate(out_nodes):
         b.source = f"output {i}"
         if node.dtype not in _SUPPORTED_DTYPES:
             raise UnsupportedError(f"ark.persistent: output {i} has dtype {node.dtype}")
+        if (
+            isinstance(node, _Load)
+            and b.tensors[node.tensor].storage == "result"
+            and b.tensors[node.tensor].index == i
+            and node.tensor not in outputs
+        ):
+            outputs.append(node.tensor)  # updated in place (an aliased input's buffer)
+            continue
         claimed = (
             isinstance(node, _Load)
             and b.tensors[node.tensor].storage == "workspace"
@@ -823,4 +1362,6 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct]) -> TraceResult:
         b.args.append(t)
     for i, t in enumerate(outputs):
         b.tensors[t].name = f"out{i}"
+        if b.tensors[t].alias >= 0:
+            b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
     return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants)

@@ -7,9 +7,16 @@ import math
 import numpy as np
 
 from jax_ark._persistent._format import (
+    ARG_REDUCES,
     BINARY_OPS,
     DTYPE_SIZES,
     INT32,
+    INT_BINARY_OPS,
+    INT_DTYPES,
+    INT_OPERAND_OPS,
+    INT_REDUCES,
+    INT_UNARY_OPS,
+    LOAD_OPS,
     MAX_INTEGER_POW_EXPONENT,
     MAX_MATMUL_PANEL,
     MAX_PROGRAM_LEN,
@@ -19,6 +26,7 @@ from jax_ark._persistent._format import (
     MAX_WORKERS,
     OPCODES,
     PLAN_VERSION,
+    REDUCE_CODES,
     UNARY_OPS,
     WORKSPACE_ALIGN,
     Plan,
@@ -29,6 +37,30 @@ from jax_ark._persistent._format import (
 # validate() itself builds per-element arrays (exact cover, dependencies): it bounds their size.
 MAX_VALIDATED_ELEMENTS = 1 << 30
 INT64_MAX = (1 << 63) - 1
+
+
+# Integer opcodes whose result is a bool / float register, not integer bits.
+_INT_TO_FLOAT = frozenset(
+    {"ieq", "ine", "ilt", "ile", "igt", "ige", "ult", "ule", "ugt", "uge", "i2f", "u2f"}
+)
+
+
+def _int_result(plan: Plan, op, ins) -> bool | None:
+    """Whether instruction `ins` of `op` yields integer bits (None: either, a const). The
+    executors keep a register's bits as its opcode wrote them and only round by dtype, so a
+    dtype of the other kind would be reinterpreted there but converted by value elsewhere."""
+    if ins.op == "const":
+        return None
+    if ins.op in LOAD_OPS:
+        t = plan.views[int(ins.a)].tensor  # a view in range (checked first); its tensor later
+        return plan.tensors[t].dtype in INT_DTYPES if 0 <= t < len(plan.tensors) else None
+    if ins.op == "load_acc":
+        return op.acc_dtype in INT_DTYPES
+    if ins.op == "select":
+        return None  # its operands' kind, checked in _check_program
+    if ins.op in INT_BINARY_OPS or ins.op in INT_UNARY_OPS:
+        return ins.op not in _INT_TO_FLOAT
+    return False
 
 
 def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str) -> None:
@@ -42,7 +74,9 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
         regs: list = []
         if ins.op == "load_acc" and not acc_ok:
             raise PlanError(f"{w}: load_acc in a map op")
-        if ins.op == "load":
+        if ins.op == "load_at":
+            regs = [ins.b]  # the offset: an earlier integer register (checked below)
+        if ins.op in LOAD_OPS:
             v = int(ins.a)
             if not 0 <= v < len(plan.views):
                 raise PlanError(f"{w}: view {v} out of range")
@@ -50,44 +84,86 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
                 raise PlanError(
                     f"{w}: view {v} has rank {len(plan.views[v].strides)}, expected {rank}"
                 )
-        elif ins.op in UNARY_OPS:
+        elif ins.op in UNARY_OPS or ins.op in INT_UNARY_OPS:
             regs = [ins.a]
-            if ins.op == "integer_pow" and abs(int(ins.b)) > MAX_INTEGER_POW_EXPONENT:
+            if ins.op in ("integer_pow", "ipow") and abs(int(ins.b)) > MAX_INTEGER_POW_EXPONENT:
                 raise PlanError(
                     f"{w}: integer_pow exponent {ins.b} outside +-{MAX_INTEGER_POW_EXPONENT} "
                     f"(|b| - 1 multiplications per element)"
                 )
-        elif ins.op in BINARY_OPS:
+        elif ins.op in BINARY_OPS or ins.op in INT_BINARY_OPS:
             regs = [ins.a, ins.b]
         elif ins.op == "select":
             regs = [ins.a, ins.b, ins.c]
         for r in regs:
             if not 0 <= int(r) < k:
                 raise PlanError(f"{w}: operand register {r} is not an earlier instruction")
+        # Registers hold float32 values or integer bits (by the writer's dtype): an opcode must
+        # read the kind it computes on (select moves either kind; its predicate is bool / float).
+        operands = [] if ins.op == "select" else regs
+        want_int = ins.op in INT_OPERAND_OPS or ins.op == "load_at"
+        if ins.op == "select":
+            for r in regs[1:]:
+                if (prog[int(r)].dtype in INT_DTYPES) != (ins.dtype in INT_DTYPES):
+                    raise PlanError(f"{w}: selects register {r} of another kind than {ins.dtype}")
+        for r in operands:
+            if (prog[int(r)].dtype in INT_DTYPES) != want_int:
+                raise PlanError(
+                    f"{w}: reads register {r} of dtype {prog[int(r)].dtype}, but {ins.op} takes "
+                    f"{'integer' if want_int else 'float / bool'} operands"
+                )
+        if ins.op == "select" and prog[int(ins.a)].dtype in INT_DTYPES:
+            raise PlanError(f"{w}: the predicate must be a bool / float register")
+
+
+def _check_result_kinds(plan: Plan, i: int, prog, what: str) -> None:
+    """After _check_program (operands first: their messages name the reading opcode)."""
+    for k, ins in enumerate(prog):
+        want = _int_result(plan, plan.ops[i], ins)
+        if want is not None and want != (ins.dtype in INT_DTYPES):
+            raise PlanError(
+                f"op {i} '{plan.ops[i].name}' {what} instruction {k} ({ins.op}): yields "
+                f"{'integer bits' if want else 'a float / bool value'}, its dtype {ins.dtype} "
+                "says otherwise"
+            )
 
 
 def _program_cost(prog) -> int:
-    """Element-operations per element (integer_pow: its multiplications)."""
-    return sum(max(1, abs(int(i.b))) if i.op == "integer_pow" else 1 for i in prog)
+    """Element-operations per element (integer_pow / ipow: their multiplications)."""
+    return sum(max(1, abs(int(i.b))) if i.op in ("integer_pow", "ipow") else 1 for i in prog)
 
 
 def _view_in_bounds(plan: Plan, i: int, v: int, dims, reads: set[int]) -> None:
+    """A view op i reads: inside its tensor, and not over bytes op i itself writes (its output,
+    a workspace tensor overlapping it, or the operand its output aliases)."""
+    _view_reach(plan, i, v, dims)
     view = plan.views[v]
-    if not 0 <= view.tensor < len(plan.tensors):
-        raise PlanError(f"view {v}: tensor {view.tensor} out of range")
-    if len(view.strides) != len(dims):
-        raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
     src, out = plan.tensors[view.tensor], plan.tensors[plan.ops[i].out]
-    if view.tensor == plan.ops[i].out or (
-        src.storage == out.storage == "workspace"
-        and src.byte_offset < out.byte_offset + out.nbytes
-        and out.byte_offset < src.byte_offset + src.nbytes
+    if (
+        view.tensor == plan.ops[i].out
+        or (
+            src.storage == out.storage == "workspace"
+            and src.byte_offset < out.byte_offset + out.nbytes
+            and out.byte_offset < src.byte_offset + src.nbytes
+        )
+        or (src.storage == "arg" and out.storage == "result" and src.index == out.alias >= 0)
     ):
         raise PlanError(
             f"op {i} '{plan.ops[i].name}': view {v} reads tensor {view.tensor}, whose bytes the op "
             f"itself writes"
         )
     reads.add(view.tensor)
+
+
+def _view_reach(plan: Plan, i: int, v: int, dims) -> None:
+    """Every element view v reaches over `dims` is inside its tensor. A load_at / window store
+    moves that element by a device offset, and the executors clamp the moved element into the
+    tensor, so this bound is what keeps those inside too."""
+    view = plan.views[v]
+    if not 0 <= view.tensor < len(plan.tensors):
+        raise PlanError(f"view {v}: tensor {view.tensor} out of range")
+    if len(view.strides) != len(dims):
+        raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
     if view.offset < 0 or any(s < 0 for s in view.strides):
         raise PlanError(f"view {v}: negative offset or stride")
     hi = view.offset + sum((d - 1) * s for d, s in zip(dims, view.strides, strict=True))
@@ -174,6 +250,25 @@ def _validate(plan: Plan) -> None:
     for i, t in enumerate(plan.outputs):
         if plan.tensors[t].storage != "result" or plan.tensors[t].index != i:
             raise PlanError(f"output {i}: tensor {t} is not result {i}")
+    operand = {plan.tensors[a].index: plan.tensors[a] for a in plan.args}
+    aliased: dict[int, int] = {}
+    for t, spec in enumerate(plan.tensors):
+        if spec.alias < 0:
+            continue
+        src = operand.get(spec.alias)
+        if spec.storage != "result" or src is None or src.num_elements != spec.num_elements:
+            raise PlanError(
+                f"tensor {t} '{spec.name}': alias {spec.alias} must name an operand of its size, "
+                "and only a result may alias one"
+            )
+        if src.dtype != spec.dtype:
+            raise PlanError(f"tensor {t} '{spec.name}': aliases an operand of another dtype")
+        if spec.alias in aliased:
+            raise PlanError(
+                f"tensor {t} '{spec.name}': operand {spec.alias} is already aliased by tensor "
+                f"{aliased[spec.alias]} (one buffer cannot be two results)"
+            )
+        aliased[spec.alias] = t
     # ops
     writer: dict[int, int] = {}
     reads: set[int] = set()
@@ -188,14 +283,40 @@ def _validate(plan: Plan) -> None:
         if op.out in writer:
             raise PlanError(f"{where}: tensor {op.out} is also written by op {writer[op.out]}")
         writer[op.out] = i
+        window = op.store_view >= 0
+        space = tuple(op.iter_dims) if window else out.shape
+        if window:
+            if op.kind != "map" or out.storage != "result" or out.alias < 0:
+                raise PlanError(
+                    f"{where}: a window store must be a map op writing an aliased result (the "
+                    "elements it does not write keep the aliased operand's content)"
+                )
+            if not 0 <= op.store_view < len(plan.views):
+                raise PlanError(f"{where}: store view {op.store_view} out of range")
+            if plan.views[op.store_view].tensor != op.out:
+                raise PlanError(f"{where}: store view {op.store_view} is not a view of its output")
+            if len(plan.views[op.store_view].strides) != len(space):
+                raise PlanError(f"{where}: store view rank != len(iter_dims)")
+            if min(space, default=1) < 1:
+                raise PlanError(f"{where}: window iter_dims {list(space)} must be >= 1")
+            _view_reach(plan, i, op.store_view, space)
+            if not 0 <= op.store_at < len(op.epilogue) or (
+                op.epilogue[op.store_at].dtype not in INT_DTYPES
+            ):
+                raise PlanError(f"{where}: store_at {op.store_at} is not an integer register")
+            if sum(1 for task in plan.tasks if task.op == i) != 1:
+                raise PlanError(f"{where}: a window store must be exactly one task")
+        elif op.store_at != -1:
+            raise PlanError(f"{where}: store_at {op.store_at} without a store view")
         if (
             min(op.B, op.M, op.N) < 1
             or max(op.B, op.M, op.N) > INT32[1]
-            or op.B * op.M * op.N != out.num_elements
+            or op.B * op.M * op.N != math.prod(space)
         ):
             raise PlanError(
-                f"{where}: B*M*N = {op.B}*{op.M}*{op.N} != {out.num_elements} elements of its "
-                f"output {list(out.shape)} (shape mismatch; each of B, M, N in 1..2^31-1)"
+                f"{where}: B*M*N = {op.B}*{op.M}*{op.N} != {math.prod(space)} elements of its "
+                f"{'window' if window else 'output'} {list(space)} (shape mismatch; each of B, M, "
+                "N in 1..2^31-1)"
             )
         if op.kind != "matmul" and (op.B != 1 or (op.kind == "reduce" and op.N != 1)):
             raise PlanError(f"{where}: a reduce op has B = N = 1, a map op B = 1")
@@ -205,6 +326,11 @@ def _validate(plan: Plan) -> None:
             for v in (op.a_view, op.b_view):
                 if not 0 <= v < len(plan.views) or len(plan.views[v].strides) != 3:
                     raise PlanError(f"{where}: operand view {v} missing or not rank 3")
+                src = plan.views[v].tensor
+                if 0 <= src < len(plan.tensors) and plan.tensors[src].dtype in INT_DTYPES:
+                    raise PlanError(f"{where}: a matmul operand must be float / bool, not integer")
+            if op.acc_dtype in INT_DTYPES:
+                raise PlanError(f"{where}: a matmul accumulates floats, not {op.acc_dtype}")
             if op.K < 1:
                 raise PlanError(f"{where}: K must be >= 1")
             _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.K), reads)
@@ -216,22 +342,40 @@ def _validate(plan: Plan) -> None:
             kept, red = op.iter_dims[: op.kept_rank], op.iter_dims[op.kept_rank :]
             if math.prod(kept) != op.M or math.prod(red) != op.K or op.K < 1:
                 raise PlanError(f"{where}: iteration space {op.iter_dims} != M x K")
-            if op.reduce_kind not in ("sum", "max"):
+            if op.reduce_kind not in REDUCE_CODES:
                 raise PlanError(f"{where}: bad reduce kind {op.reduce_kind!r}")
             _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
+            _check_result_kinds(plan, i, op.prologue, "prologue")
+            folds_int = op.reduce_kind in INT_REDUCES
+            if (op.prologue[-1].dtype in INT_DTYPES) != folds_int:
+                raise PlanError(
+                    f"{where}: reduce kind {op.reduce_kind} folds "
+                    f"{'integer' if folds_int else 'float'} values, its prologue yields "
+                    f"{op.prologue[-1].dtype}"
+                )
+            if (op.acc_dtype in INT_DTYPES) != (folds_int or op.reduce_kind in ARG_REDUCES):
+                raise PlanError(
+                    f"{where}: acc_dtype {op.acc_dtype} is not what {op.reduce_kind} yields"
+                )
             for ins in op.prologue:
-                if ins.op == "load":
+                if ins.op in LOAD_OPS:
                     _view_in_bounds(plan, i, int(ins.a), op.iter_dims, reads)
             inner = op.K * (_program_cost(op.prologue) + 1)
         elif op.kind == "map":
             inner = 0
         else:
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
-        _check_program(plan, i, op.epilogue, len(out.shape), op.kind != "map", "epilogue")
+        _check_program(plan, i, op.epilogue, len(space), op.kind != "map", "epilogue")
+        _check_result_kinds(plan, i, op.epilogue, "epilogue")
+        if (op.epilogue[-1].dtype in INT_DTYPES) != (out.dtype in INT_DTYPES):
+            raise PlanError(
+                f"{where}: the epilogue yields {op.epilogue[-1].dtype}, its output is {out.dtype} "
+                "(integer bits and float values do not mix)"
+            )
         for ins in op.epilogue:
-            if ins.op == "load":
-                _view_in_bounds(plan, i, int(ins.a), out.shape, reads)
-        work += out.num_elements * (inner + _program_cost(op.epilogue))
+            if ins.op in LOAD_OPS:
+                _view_in_bounds(plan, i, int(ins.a), space, reads)
+        work += math.prod(space) * (inner + _program_cost(op.epilogue))
     used = max(
         (s.byte_offset + s.nbytes for s in plan.tensors if s.storage == "workspace"), default=0
     )
@@ -243,7 +387,7 @@ def _validate(plan: Plan) -> None:
     if work > MAX_WORK:
         raise PlanError(f"the plan's work ({work} element-operations) exceeds the bound 2^45")
     for i, t in enumerate(plan.outputs):
-        if t not in writer:
+        if t not in writer and plan.tensors[t].num_elements > 0:
             raise PlanError(f"output {i} (tensor {t}) is never written")
     for t in sorted(reads):
         if plan.tensors[t].storage != "arg" and t not in writer:

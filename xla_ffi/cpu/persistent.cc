@@ -28,6 +28,7 @@ int32_t plan_dtype(ffi::DataType t) {
     case ffi::DataType::F16: return jax_ark::plan::kF16;
     case ffi::DataType::PRED: return jax_ark::plan::kBool;
     case ffi::DataType::S32: return jax_ark::plan::kInt32;
+    case ffi::DataType::U32: return jax_ark::plan::kUInt32;
     default: return -1;
   }
 }
@@ -82,6 +83,11 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
     buffers.result_bytes.push_back((*r)->size_bytes());
     sizes.result_bytes.push_back(static_cast<int64_t>((*r)->size_bytes()));
     sizes.result_dtypes.push_back(plan_dtype((*r)->element_type()));
+    // input_output_aliases: XLA hands the aliased operand's own buffer as this result.
+    int32_t alias = -1;
+    for (size_t a = 0; a < buffers.args.size() && (*r)->size_bytes() > 0; ++a)
+      if (buffers.args[a] == buffers.results.back()) alias = alias == -1 ? static_cast<int32_t>(a) : -2;
+    sizes.result_alias.push_back(alias);
   }
   auto workspace = rets.get<ffi::AnyBuffer>(num_outputs);
   auto counters = rets.get<ffi::AnyBuffer>(num_outputs + 1);

@@ -36,20 +36,26 @@ constexpr int64_t kWorkspaceAlign = 256;
 
 // What an instruction's operand fields mean, by opcode (-1 registers: not an opcode).
 struct OpcodeInfo {
-  int registers;   // how many of a, b, c are earlier registers
-  bool reads_acc;  // LOAD_ACC
-  bool reads_view; // LOAD: a is a view id
+  int registers;     // how many of a, b, c are earlier registers
+  bool reads_acc;    // LOAD_ACC
+  bool reads_view;   // LOAD / LOAD_AT: a is a view id
+  bool moved;        // LOAD_AT: b is an earlier integer register, the element offset
+  bool exponent;     // INTEGER_POW / IPOW: b is a loop count (bounded, it costs |b| per element)
 };
 
 inline OpcodeInfo opcode_info(int32_t code) {
-  if (code == kLoadAcc) return {0, true, false};
-  if (code == kLoad) return {0, false, true};
-  if (code == kConst) return {0, false, false};
-  if (is_unary(code)) return {1, false, false};
-  if (is_binary(code)) return {2, false, false};
-  if (code == kSelect) return {3, false, false};
-  return {-1, false, false};
+  if (code == kLoadAcc) return {0, true, false, false, false};
+  if (code == kLoad) return {0, false, true, false, false};
+  if (code == kLoadAt) return {0, false, true, true, false};
+  if (code == kConst) return {0, false, false, false, false};
+  if (is_unary(code)) return {1, false, false, false, code == kIntegerPow};
+  if (is_binary(code) || is_int_binary(code)) return {2, false, false, false, false};
+  if (is_int_unary(code)) return {1, false, false, false, code == kIPow};
+  if (code == kSelect) return {3, false, false, false, false};
+  return {-1, false, false, false, false};
 }
+
+inline bool known_reduce_kind(int32_t kind) { return kind >= 0 && kind < kNumReduceKinds; }
 
 inline bool known_op_kind(int32_t kind) {
   return kind == kOpMatmul || kind == kOpReduce || kind == kOpMap;
@@ -60,14 +66,18 @@ inline bool known_op_kind(int32_t kind) {
 struct PlanBuffers {
   std::vector<int64_t> arg_bytes, result_bytes;
   std::vector<int32_t> arg_dtypes, result_dtypes;
+  // Per result: the operand whose buffer it is (XLA input_output_aliases), -1 for its own buffer,
+  // -2 when several operands share it.
+  std::vector<int32_t> result_alias;
   int64_t workspace_bytes = 0;
   int64_t num_counters = 0;
   bool workspace_is_u8 = true;
 
   bool operator==(const PlanBuffers& o) const {
     return arg_bytes == o.arg_bytes && result_bytes == o.result_bytes && arg_dtypes == o.arg_dtypes &&
-           result_dtypes == o.result_dtypes && workspace_bytes == o.workspace_bytes &&
-           num_counters == o.num_counters && workspace_is_u8 == o.workspace_is_u8;
+           result_dtypes == o.result_dtypes && result_alias == o.result_alias &&
+           workspace_bytes == o.workspace_bytes && num_counters == o.num_counters &&
+           workspace_is_u8 == o.workspace_is_u8;
   }
 };
 
@@ -170,6 +180,9 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     return "the call has " + std::to_string(buf.result_bytes.size()) + " outputs, the plan " +
            std::to_string(h.num_outputs);
   if (buf.num_counters != h.num_tasks) return "counters result size != num_tasks";
+  if (buf.arg_dtypes.size() != buf.arg_bytes.size() || buf.result_dtypes.size() != buf.result_bytes.size() ||
+      buf.result_alias.size() != buf.result_bytes.size())
+    return "inconsistent buffer description";
   if (!buf.workspace_is_u8) return "the workspace result must be uint8";
   if (h.workspace_bytes < 0 || h.workspace_bytes > buf.workspace_bytes)
     return "workspace_bytes " + std::to_string(h.workspace_bytes) +
@@ -177,6 +190,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
 
   // ---- tensors ----
   std::vector<int32_t> result_tensor(h.num_outputs, -1);
+  std::vector<int32_t> alias_of_arg(h.num_args, -1);  // the result tensor updating operand a in place
   for (int t = 0; t < h.num_tensors; ++t) {
     const TensorRecord& r = p.tensor(t);
     const std::string where = "tensor " + std::to_string(t);
@@ -208,9 +222,31 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
           return where + ": shares result " + std::to_string(r.storage_index) + " with tensor " +
                  std::to_string(result_tensor[r.storage_index]);
         result_tensor[r.storage_index] = t;
+        // In place (v2): the result IS operand alias_plus1 - 1's buffer, exactly when XLA passed
+        // that buffer (an undeclared alias would let ops read bytes other ops overwrite).
+        const int64_t a = int64_t{r.alias_plus1} - 1;
+        if (a < -1 || a >= h.num_args) return where + ": alias operand out of range";
+        if (a >= 0 && (buf.arg_bytes[a] != bytes || buf.arg_dtypes[a] != r.dtype))
+          return where + ": aliases operand " + std::to_string(a) + " of another size or dtype";
+        if (bytes > 0 && buf.result_alias[r.storage_index] != a)
+          return where + ": declares alias operand " + std::to_string(a) + " but the call's result " +
+                 std::to_string(r.storage_index) + " is " +
+                 (buf.result_alias[r.storage_index] < 0
+                      ? std::string(buf.result_alias[r.storage_index] == -1 ? "its own buffer"
+                                                                             : "several operands' buffer")
+                      : "operand " + std::to_string(buf.result_alias[r.storage_index]) + "'s buffer");
+        if (a >= 0) {
+          if (alias_of_arg[a] >= 0)
+            return where + ": operand " + std::to_string(a) + " is already aliased by tensor " +
+                   std::to_string(alias_of_arg[a]);
+          alias_of_arg[a] = t;
+        }
+      } else if (r.alias_plus1 != 0) {
+        return where + ": only a result may alias an operand";
       }
     } else if (r.storage == kStorageWorkspace) {
       int64_t end = 0;
+      if (r.alias_plus1 != 0) return where + ": only a result may alias an operand";
       if (r.byte_offset < 0 || r.byte_offset % kWorkspaceAlign || !add_ok(r.byte_offset, bytes, &end) ||
           end > h.workspace_bytes)
         return where + ": bytes [" + std::to_string(r.byte_offset) + ", +" + std::to_string(bytes) +
@@ -247,7 +283,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     const bool overlap = in.storage == kStorageWorkspace && out.storage == kStorageWorkspace &&
                          in.byte_offset < out.byte_offset + out.num_elements * dtype_size(out.dtype) &&
                          out.byte_offset < in.byte_offset + in.num_elements * dtype_size(in.dtype);
-    if (v.tensor == out_id || overlap)
+    // An aliased result's bytes are its operand's: the op writing it must not read that operand.
+    const bool aliased = in.storage == kStorageArg && out.storage == kStorageResult &&
+                         out.alias_plus1 != 0 && in.storage_index == out.alias_plus1 - 1;
+    if (v.tensor == out_id || overlap || aliased)
       return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads tensor " +
                     std::to_string(v.tensor) + ", whose bytes the op itself writes");
     read[v.tensor] = 1;
@@ -280,8 +319,14 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
         if (regs[k] < 0 || regs[k] >= i)
           return c.fail(where + ": operand register " + std::to_string(regs[k]) +
                         " is not an earlier instruction"), -1;
+      // LOAD_AT moves the view's element by this register's int32 value; the executors clamp
+      // the moved element into the tensor, and view_in above proved the unmoved reach inside it
+      // (so the tensor is not empty): every offset value stays inside the buffer.
+      if (info.moved && (ins.b < 0 || ins.b >= i || !is_int_dtype(dtype_of(p.instruction(at + ins.b)))))
+        return c.fail(where + ": LOAD_AT offset register " + std::to_string(ins.b) +
+                      " is not an earlier integer register"), -1;
       int64_t step = 1;
-      if (code == kIntegerPow) {
+      if (info.exponent) {
         if (ins.b < -kMaxIntegerPowExponent || ins.b > kMaxIntegerPowExponent)
           return c.fail(where + ": integer_pow exponent " + std::to_string(ins.b) + " outside +-" +
                         std::to_string(kMaxIntegerPowExponent)), -1;
@@ -305,13 +350,37 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       return where + ": tensor " + std::to_string(op.out_tensor) + " is also written by op " +
              std::to_string(writer[op.out_tensor]);
     writer[op.out_tensor] = i;
+    // A window store (v2) writes only the window iter_dims of its aliased result, at its store
+    // view's element + an int32 register, clamped into the tensor by the executors.
+    const bool window = op.store_view_plus1 != 0;
+    int64_t space_elems = out.num_elements;
+    if (window) {
+      if (op.kind != kOpMap || out.storage != kStorageResult || out.alias_plus1 == 0)
+        return where + ": a window store must be a map op writing an aliased result";
+      if (op.iter_rank < 0 || op.iter_rank > kMaxRank) return where + ": window rank not in 0..6";
+      space_elems = 1;
+      for (int d = 0; d < op.iter_rank; ++d)
+        if (op.iter_dims[d] < 1 || !mul_ok(space_elems, op.iter_dims[d], &space_elems))
+          return where + ": bad window iter_dims";
+      const int32_t sv = op.store_view_plus1 - 1;
+      int64_t hi = 0;
+      if (op.store_view_plus1 < 1 || sv >= h.num_views || p.view(sv).tensor != op.out_tensor ||
+          p.view(sv).rank != op.iter_rank)
+        return where + ": store view is not a view of its output over iter_dims";
+      if (!view_extent(p.view(sv), op.iter_dims, op.iter_rank, &hi) || hi >= out.num_elements)
+        return where + ": store view reaches outside its output";
+      if (op.store_at_plus1 < 1 || op.store_at_plus1 > op.epilogue_len)
+        return where + ": store_at is not an epilogue register";
+    } else if (op.store_at_plus1 != 0) {
+      return where + ": store_at without a store view";
+    }
     int64_t elems = 0;
     const int64_t int32_max = INT32_MAX;
     if (op.B < 1 || op.M < 1 || op.N < 1 || op.B > int32_max || op.M > int32_max || op.N > int32_max ||
-        !mul_ok(op.B, op.M, &elems) || !mul_ok(elems, op.N, &elems) || elems != out.num_elements)
+        !mul_ok(op.B, op.M, &elems) || !mul_ok(elems, op.N, &elems) || elems != space_elems)
       return where + ": B*M*N = " + std::to_string(op.B) + "*" + std::to_string(op.M) + "*" +
-             std::to_string(op.N) + " != the " + std::to_string(out.num_elements) +
-             " elements of its output (each in 1..2^31-1)";
+             std::to_string(op.N) + " != the " + std::to_string(space_elems) + " elements of its " +
+             (window ? "window" : "output") + " (each in 1..2^31-1)";
     if (op.kind != kOpMatmul && (op.B != 1 || (op.kind == kOpReduce && op.N != 1)))
       return where + ": a reduce op has B = N = 1, a map op B = 1";
     if (dtype_size(op.acc_dtype) == 0) return where + ": unknown acc_dtype";
@@ -326,7 +395,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       if (!view_in(op.a_view, ad, 3, i) || !view_in(op.b_view, bd, 3, i)) return c.err;
       inner = op.K;
     } else if (op.kind == kOpReduce) {
-      if (op.reduce_kind != kReduceSum && op.reduce_kind != kReduceMax) return where + ": unknown reduce kind";
+      if (!known_reduce_kind(op.reduce_kind)) return where + ": unknown reduce kind";
       if (op.iter_rank < 0 || op.iter_rank > kMaxRank || op.kept_rank < 0 || op.kept_rank > op.iter_rank)
         return where + ": bad reduce iteration rank";
       int64_t kept = 1, red = 1;
@@ -341,9 +410,11 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       if (pro < 0) return c.err;
       inner = sat_mul(op.K, pro + 1);
     }
-    const int64_t epi = program(i, op.epilogue_at, op.epilogue_len, out.dims, out.rank,
-                                op.kind != kOpMap, "epilogue");
+    const int64_t epi = program(i, op.epilogue_at, op.epilogue_len, window ? op.iter_dims : out.dims,
+                                window ? op.iter_rank : out.rank, op.kind != kOpMap, "epilogue");
     if (epi < 0) return c.err;
+    if (window && !is_int_dtype(dtype_of(p.instruction(op.epilogue_at + op.store_at_plus1 - 1))))
+      return where + ": store_at is not an integer register of the epilogue";
     work = sat_add(work, sat_mul(elems, sat_add(inner, epi)));
   }
   if (work > kMaxWork)
@@ -353,8 +424,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (read[t] && r.storage != kStorageArg && writer[t] < 0)
       return "tensor " + std::to_string(t) + " is read by a view but no op writes it";
   }
+  // A zero-size result needs no writer (v2 plans no op for an empty tensor).
   for (int i = 0; i < h.num_outputs; ++i)
-    if (writer[result_tensor[i]] < 0) return "result " + std::to_string(i) + " is never written";
+    if (writer[result_tensor[i]] < 0 && p.tensor(result_tensor[i]).num_elements > 0)
+      return "result " + std::to_string(i) + " is never written";
 
   // ---- tasks: inside their op, exact cover, dependencies ----
   const int32_t* dep_off = words + h.dep_offsets_at;  // sections were checked above

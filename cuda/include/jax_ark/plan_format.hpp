@@ -1,4 +1,4 @@
-// Binary layout of a persistent-kernel plan, version 1 (docs/plan_format.md is the normative text).
+// Binary layout of a persistent-kernel plan, version 2 (docs/plan_format.md is the normative text).
 //
 // A plan is ONE array of little-endian int32 words, produced by jax_ark._persistent.Plan.to_binary()
 // and passed to the `ark_persistent` FFI call as its last operand (so on GPU it already lives in
@@ -21,7 +21,7 @@
 namespace jax_ark::plan {
 
 constexpr int32_t kMagic = 0x504B5241;  // bytes "ARKP"
-constexpr int32_t kVersion = 1;
+constexpr int32_t kVersion = 2;  // v2: integer tensors (int32 / uint32), integer opcodes
 constexpr int kMaxRank = 6;             // tensors, views and iteration spaces have rank <= 6
 constexpr int kMaxProgramLen = 64;      // instructions per prologue / epilogue program
 constexpr int kProfileWordsPerTask = 4; // int64 words per task in the profile result
@@ -31,9 +31,16 @@ enum DType : int32_t {
   kF32 = 0,
   kBF16 = 1,
   kF16 = 2,
-  kBool = 3,   // stored as one byte, 0 or 1
-  kInt32 = 4,  // reserved: v1 planners never emit it
+  kBool = 3,    // stored as one byte, 0 or 1
+  kInt32 = 4,   // v2; program registers of integer dtype hold the value's 32 bits
+  kUInt32 = 5,  // v2
 };
+
+// A program register holds 32 bits. Registers written by an instruction of float dtype (f32 / bf16
+// / f16) or bool hold a float32 value (bool: 0.0f or 1.0f); registers of integer dtype hold the
+// two's-complement bits. Float opcodes (10..60) read and write float registers, integer opcodes
+// (70..119) read and write bits (see is_int_opcode).
+ARK_HD bool is_int_dtype(int32_t dtype) { return dtype == kInt32 || dtype == kUInt32; }
 
 enum Storage : int32_t {
   kStorageArg = 0,        // FFI operand `storage_index` (user inputs, then constants)
@@ -47,13 +54,24 @@ enum OpKind : int32_t {
   kOpMap = 3,     // out[i]     = epilogue(i)   (no accumulator)
 };
 
-enum ReduceKind : int32_t { kReduceSum = 0, kReduceMax = 1 };
+// Accumulator of a REDUCE (docs/plan_format.md, "Ops"). Float kinds fold float32 values; integer
+// kinds fold the prologue's 32 bits (isum wraps); arg kinds keep (best value, its index r) and
+// yield the int32 index of the first extremum (a NaN counts as the extremum, as in XLA).
+enum ReduceKind : int32_t {
+  kReduceSum = 0, kReduceMax = 1,
+  kReduceMin = 2, kReduceISum = 3, kReduceIMax = 4, kReduceIMin = 5, kReduceUMax = 6,
+  kReduceUMin = 7, kReduceArgMax = 8, kReduceArgMin = 9, kReduceIArgMax = 10, kReduceIArgMin = 11,
+  kNumReduceKinds = 12,
+};
 
 // Program opcodes. Instruction i writes register i; operands a, b, c name earlier registers.
 enum Opcode : int32_t {
   kLoadAcc = 0,   // r = the op's accumulator (MATMUL/REDUCE epilogue only), rounded to acc_dtype
   kLoad = 1,      // r = view a, element at the current iteration index
   kConst = 2,     // r = bit_cast<float>(a)
+  // v2: r = view a's element at the current index moved by int32 register b elements (a device
+  // value: gather / dynamic_slice indices), the element index clamped into the tensor
+  kLoadAt = 3,
   // unary (operand a)
   kNeg = 10, kExp = 11, kLog = 12, kTanh = 13, kLogistic = 14, kSqrt = 15, kRsqrt = 16,
   kErf = 17, kAbs = 18, kIntegerPow = 19 /* exponent = b (int32) */, kSin = 20, kCos = 21,
@@ -63,6 +81,18 @@ enum Opcode : int32_t {
   kEq = 47, kNe = 48, kLt = 49, kLe = 50, kGt = 51, kGe = 52,
   // ternary
   kSelect = 60,   // r = (a != 0) ? c : b   (jax select_n(pred, on_false, on_true))
+  // v2 integer binary (32-bit operands a, b; XLA semantics, see tile_ops.hpp apply_int_binary)
+  kIAdd = 70, kISub = 71, kIMul = 72, kIDiv = 73, kIRem = 74, kUDiv = 75, kURem = 76,
+  kIMax = 77, kIMin = 78, kUMax = 79, kUMin = 80, kAnd = 81, kOr = 82, kXor = 83,
+  kShl = 84, kShrA = 85, kShrL = 86,
+  kIEq = 87, kINe = 88, kILt = 89, kILe = 90, kIGt = 91, kIGe = 92,  // -> bool (float 0 / 1)
+  kULt = 93, kULe = 94, kUGt = 95, kUGe = 96,
+  // v2 integer unary (operand a) and conversions between register kinds
+  kINeg = 100, kNot = 101, kIAbs = 102, kISign = 103,
+  kI2F = 104, kU2F = 105,  // int32 / uint32 -> float32 (round to nearest even)
+  kF2I = 106, kF2U = 107,  // float32 -> int32 / uint32: truncate, saturate, NaN -> 0
+  kIMov = 108,             // bits unchanged (int32 <-> uint32)
+  kIPow = 109,             // a^b for the int32 exponent b >= 0, wrapping multiplications
 };
 
 // ---- records ----------------------------------------------------------------------------------
@@ -83,7 +113,10 @@ struct TensorRecord {               // 24 words
   int64_t byte_offset;                          // 4..5 workspace offset (0 unless workspace)
   int64_t num_elements;                         // 6..7
   int64_t dims[kMaxRank];                       // 8..19 row-major, contiguous; unused dims = 1
-  int32_t reserved[4];                          // 20..23
+  // v2, results only: 1 + the operand index whose buffer this result is (input_output_aliases:
+  // it starts with the operand's content, updated in place); 0 = its own buffer
+  int32_t alias_plus1;                          // 20
+  int32_t reserved[3];                          // 21..23
 };
 
 // A strided window onto a tensor, indexed by an iteration space of `rank` dims:
@@ -100,8 +133,12 @@ struct OpRecord {                   // 40 words
   int32_t prologue_at, prologue_len, epilogue_at, epilogue_len;   // 8..11 (instructions)
   int32_t name_at, name_len, tile_m, tile_n;                      // 12..15
   int64_t B, M, N, K;                                             // 16..23 canonical sizes
-  int64_t iter_dims[kMaxRank];                                    // 24..35 REDUCE prologue space
-  int32_t reserved[4];                                            // 36..39
+  int64_t iter_dims[kMaxRank];                                    // 24..35 REDUCE / window space
+  // v2 window store (MAP only): 1 + a view of out_tensor over iter_dims and 1 + the epilogue
+  // register holding an int32 element offset; the result goes to that view's element + offset,
+  // clamped into the tensor (an in-place update of an aliased result). 0 = whole-tensor op.
+  int32_t store_view_plus1, store_at_plus1;                       // 36..37
+  int32_t reserved[2];                                            // 38..39
 };
 
 struct TaskRecord {                 // 8 words: one tile of one op, half-open ranges
@@ -131,6 +168,7 @@ ARK_HD int dtype_size(int32_t dtype) {
     case kF16: return 2;
     case kBool: return 1;
     case kInt32: return 4;
+    case kUInt32: return 4;
     default: return 0;
   }
 }

@@ -91,7 +91,9 @@ ARK_HD float load_element(const void* base, int32_t dtype, int64_t index) {
     case kBF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[index]);
     case kF16: return f16_to_f32(static_cast<const uint16_t*>(base)[index]);
     case kBool: return static_cast<const uint8_t*>(base)[index] ? 1.0f : 0.0f;
-    case kInt32: return static_cast<float>(static_cast<const int32_t*>(base)[index]);
+    // Integer elements load as their bits (an integer register, plan_format.hpp).
+    case kInt32:
+    case kUInt32: return bits_float(static_cast<const uint32_t*>(base)[index]);
     default: return 0.0f;
   }
 }
@@ -102,7 +104,8 @@ ARK_HD void store_element(void* base, int32_t dtype, int64_t index, float v) {
     case kBF16: static_cast<uint16_t*>(base)[index] = f32_to_bf16(v); break;
     case kF16: static_cast<uint16_t*>(base)[index] = f32_to_f16(v); break;
     case kBool: static_cast<uint8_t*>(base)[index] = v != 0.0f ? 1 : 0; break;
-    case kInt32: static_cast<int32_t*>(base)[index] = static_cast<int32_t>(v); break;
+    case kInt32:
+    case kUInt32: static_cast<uint32_t*>(base)[index] = float_bits(v); break;
     default: break;
   }
 }
@@ -173,5 +176,148 @@ ARK_HD float apply_binary(int32_t opcode, float a, float b) {
 
 ARK_HD bool is_unary(int32_t opcode) { return opcode >= kNeg && opcode <= kCopy; }
 ARK_HD bool is_binary(int32_t opcode) { return opcode >= kAdd && opcode <= kGe; }
+ARK_HD bool is_int_binary(int32_t opcode) { return opcode >= kIAdd && opcode <= kUGe; }
+ARK_HD bool is_int_unary(int32_t opcode) { return opcode >= kINeg && opcode <= kIPow; }
+
+// ---- integer opcodes (v2): 32 bits in, 32 bits out --------------------------------------------
+// Arithmetic wraps (two's complement, computed on uint32 so it is defined behaviour); division,
+// remainder, shifts and float -> int conversion follow XLA, whose results jax.jit returns.
+ARK_HD uint32_t bool_bits(bool x) { return float_bits(x ? 1.0f : 0.0f); }
+
+ARK_HD uint32_t apply_int_binary(int32_t opcode, uint32_t a, uint32_t b) {
+  const int32_t sa = static_cast<int32_t>(a), sb = static_cast<int32_t>(b);
+  switch (opcode) {
+    case kIAdd: return a + b;
+    case kISub: return a - b;
+    case kIMul: return a * b;
+    case kIDiv:  // x / 0 = -1, INT_MIN / -1 = INT_MIN, else truncation toward zero
+      if (sb == 0) return 0xFFFFFFFFu;
+      if (sb == -1) return 0u - a;
+      return static_cast<uint32_t>(sa / sb);
+    case kIRem:  // x % 0 = x, INT_MIN % -1 = 0, sign of the dividend
+      if (sb == 0) return a;
+      if (sb == -1) return 0u;
+      return static_cast<uint32_t>(sa % sb);
+    case kUDiv: return b == 0 ? 0xFFFFFFFFu : a / b;
+    case kURem: return b == 0 ? a : a % b;
+    case kIMax: return sa > sb ? a : b;
+    case kIMin: return sa < sb ? a : b;
+    case kUMax: return a > b ? a : b;
+    case kUMin: return a < b ? a : b;
+    case kAnd: return a & b;
+    case kOr: return a | b;
+    case kXor: return a ^ b;
+    case kShl: return b >= 32u ? 0u : a << b;  // the amount is read as unsigned
+    case kShrA: return b >= 32u ? (sa < 0 ? 0xFFFFFFFFu : 0u)
+                                : static_cast<uint32_t>(sa < 0 ? ~(~a >> b) : a >> b);
+    case kShrL: return b >= 32u ? 0u : a >> b;
+    case kIEq: return bool_bits(a == b);
+    case kINe: return bool_bits(a != b);
+    case kILt: return bool_bits(sa < sb);
+    case kILe: return bool_bits(sa <= sb);
+    case kIGt: return bool_bits(sa > sb);
+    case kIGe: return bool_bits(sa >= sb);
+    case kULt: return bool_bits(a < b);
+    case kULe: return bool_bits(a <= b);
+    case kUGt: return bool_bits(a > b);
+    case kUGe: return bool_bits(a >= b);
+    default: return a;
+  }
+}
+
+ARK_HD uint32_t float_to_int_bits(float x, bool is_unsigned) {
+  if (x != x) return 0u;
+  if (is_unsigned) {
+    if (x <= 0.0f) return 0u;  // also -0.5 -> 0 (truncation)
+    if (x >= 4294967296.0f) return 0xFFFFFFFFu;
+    return static_cast<uint32_t>(x);
+  }
+  if (x >= 2147483648.0f) return 0x7FFFFFFFu;
+  if (x <= -2147483648.0f) return 0x80000000u;
+  return static_cast<uint32_t>(static_cast<int32_t>(x));
+}
+
+ARK_HD uint32_t apply_int_unary(int32_t opcode, uint32_t x, int32_t imm) {
+  const int32_t sx = static_cast<int32_t>(x);
+  switch (opcode) {
+    case kINeg: return 0u - x;
+    case kNot: return ~x;
+    case kIAbs: return sx < 0 ? 0u - x : x;  // |INT_MIN| = INT_MIN, as XLA
+    case kISign: return sx > 0 ? 1u : (sx < 0 ? 0xFFFFFFFFu : 0u);
+    case kI2F: return float_bits(static_cast<float>(sx));
+    case kU2F: return float_bits(static_cast<float>(x));
+    case kF2I: return float_to_int_bits(bits_float(x), false);
+    case kF2U: return float_to_int_bits(bits_float(x), true);
+    case kIMov: return x;
+    case kIPow: {
+      uint32_t p = 1u;
+      for (int32_t i = 0; i < imm; ++i) p = p * x;
+      return p;
+    }
+    default: return x;
+  }
+}
+
+// ---- REDUCE accumulators (v2 kinds) ----------------------------------------------------------------
+// A state is (32 bits, index). combine() is associative and commutative for every kind (float sum
+// only up to rounding), so the CPU's sequential fold (r ascending) and the GPU's lane-strided tree
+// pick the same element for max / min / arg kinds. Arg kinds order by (value, lower index first),
+// a NaN above every number: the first maximum / minimum, the first NaN if there is one.
+struct ReduceAcc {
+  uint32_t bits;
+  int32_t index;
+};
+
+ARK_HD bool is_arg_reduce(int32_t kind) { return kind >= kReduceArgMax && kind <= kReduceIArgMin; }
+
+ARK_HD ReduceAcc reduce_identity(int32_t kind) {
+  switch (kind) {
+    case kReduceSum: return {float_bits(0.0f), 0};
+    case kReduceMax:
+    case kReduceArgMax: return {float_bits(-INFINITY), 0x7FFFFFFF};
+    case kReduceMin:
+    case kReduceArgMin: return {float_bits(INFINITY), 0x7FFFFFFF};
+    case kReduceIMax:
+    case kReduceIArgMax: return {0x80000000u, 0x7FFFFFFF};
+    case kReduceIMin:
+    case kReduceIArgMin: return {0x7FFFFFFFu, 0x7FFFFFFF};
+    case kReduceUMin: return {0xFFFFFFFFu, 0};
+    default: return {0u, 0};  // isum, umax
+  }
+}
+
+// True when candidate (value b at index j) beats the current best (a at i) for an arg kind.
+ARK_HD bool arg_better(int32_t kind, uint32_t a, int32_t i, uint32_t b, int32_t j) {
+  const bool lower_index = j < i;
+  if (kind == kReduceArgMax || kind == kReduceArgMin) {
+    const float x = bits_float(a), y = bits_float(b);
+    const bool xn = x != x, yn = y != y;
+    if (xn || yn) return yn && (!xn || lower_index);
+    if (x == y) return lower_index;
+    return kind == kReduceArgMax ? y > x : y < x;
+  }
+  const int32_t x = static_cast<int32_t>(a), y = static_cast<int32_t>(b);
+  if (x == y) return lower_index;
+  return kind == kReduceIArgMax ? y > x : y < x;
+}
+
+ARK_HD ReduceAcc reduce_combine(int32_t kind, ReduceAcc a, ReduceAcc b) {
+  switch (kind) {
+    case kReduceSum: return {float_bits(bits_float(a.bits) + bits_float(b.bits)), 0};
+    case kReduceMax: return {float_bits(nan_max(bits_float(a.bits), bits_float(b.bits))), 0};
+    case kReduceMin: return {float_bits(nan_min(bits_float(a.bits), bits_float(b.bits))), 0};
+    case kReduceISum: return {a.bits + b.bits, 0};
+    case kReduceIMax: return {apply_int_binary(kIMax, a.bits, b.bits), 0};
+    case kReduceIMin: return {apply_int_binary(kIMin, a.bits, b.bits), 0};
+    case kReduceUMax: return {apply_int_binary(kUMax, a.bits, b.bits), 0};
+    case kReduceUMin: return {apply_int_binary(kUMin, a.bits, b.bits), 0};
+    default: return arg_better(kind, a.bits, a.index, b.bits, b.index) ? b : a;
+  }
+}
+
+// The accumulator's register bits: the folded value, or for arg kinds the int32 index.
+ARK_HD uint32_t reduce_result(int32_t kind, ReduceAcc a) {
+  return is_arg_reduce(kind) ? static_cast<uint32_t>(a.index) : a.bits;
+}
 
 }  // namespace jax_ark::plan

@@ -355,7 +355,9 @@ inline uint32_t bf16_bits_rne(uint32_t u) {
 
 void round_in_place(float* r, int count, int32_t dt) {
   switch (dt) {
-    case kF32: break;
+    case kF32:
+    case kInt32:
+    case kUInt32: break;  // integer registers hold bits: nothing to round
     case kBF16:
       for (int e = 0; e < count; ++e) r[e] = bits_float(bf16_bits_rne(float_bits(r[e])));
       break;
@@ -412,6 +414,37 @@ void eval_binary(int32_t code, float* r, const float* x, const float* y, int cou
   }
 }
 
+// Integer registers share the float register file (plan_format.hpp: a register is 32 bits); these
+// loops view it through a may_alias type so the compiler cannot assume float and uint32 stores
+// to the same register never overlap.
+typedef uint32_t bits_alias __attribute__((may_alias));
+
+template <int32_t kCode>
+void int_binary_loop(bits_alias* r, const bits_alias* x, const bits_alias* y, int count) {
+  for (int e = 0; e < count; ++e) r[e] = apply_int_binary(kCode, x[e], y[e]);
+}
+
+void eval_int_binary(int32_t code, float* r, const float* x, const float* y, int count) {
+  bits_alias* rb = reinterpret_cast<bits_alias*>(r);
+  const bits_alias* xb = reinterpret_cast<const bits_alias*>(x);
+  const bits_alias* yb = reinterpret_cast<const bits_alias*>(y);
+  switch (code) {
+#define ARK_IBINARY(C) \
+  case C: int_binary_loop<C>(rb, xb, yb, count); break;
+    ARK_IBINARY(kIAdd) ARK_IBINARY(kISub) ARK_IBINARY(kIMul) ARK_IBINARY(kAnd) ARK_IBINARY(kOr)
+    ARK_IBINARY(kXor) ARK_IBINARY(kIMax) ARK_IBINARY(kIMin) ARK_IBINARY(kIEq) ARK_IBINARY(kILt)
+#undef ARK_IBINARY
+    default:
+      for (int e = 0; e < count; ++e) rb[e] = apply_int_binary(code, xb[e], yb[e]);
+  }
+}
+
+void eval_int_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
+  bits_alias* rb = reinterpret_cast<bits_alias*>(r);
+  const bits_alias* xb = reinterpret_cast<const bits_alias*>(x);
+  for (int e = 0; e < count; ++e) rb[e] = apply_int_unary(code, xb[e], imm);
+}
+
 // r[j] = f32(src[j * stride]) for j < n, the dtype switch outside the loop.
 void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t stride, int n) {
   switch (dt) {
@@ -431,6 +464,29 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
     }
     default:
       for (int j = 0; j < n; ++j) r[j] = load_element(base, dt, off + j * stride);
+  }
+}
+
+// LOAD_AT (plan v2): the view's element index plus the int32 offset in register `moved`, clamped
+// into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
+// plan inside its buffer).
+void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* dims,
+             const int64_t* start_idx, int count, const float* moved, float* r) {
+  const ViewRecord& v = run.plan.view(ins.a);
+  const TensorRecord& t = run.plan.tensor(v.tensor);
+  const char* base = run.tensor_base(v.tensor);
+  const bits_alias* delta = reinterpret_cast<const bits_alias*>(moved);
+  int64_t idx[kMaxRank];
+  for (int d = 0; d < rank; ++d) idx[d] = start_idx[d];
+  for (int e = 0; e < count; ++e) {
+    int64_t off = v.offset + static_cast<int32_t>(delta[e]);
+    for (int d = 0; d < rank; ++d) off += idx[d] * v.strides[d];
+    off = std::min<int64_t>(std::max<int64_t>(off, 0), t.num_elements - 1);
+    r[e] = load_element(base, t.dtype, off);
+    for (int d = rank - 1; d >= 0; --d) {  // next iteration index, row-major
+      if (++idx[d] < dims[d]) break;
+      idx[d] = 0;
+    }
   }
 }
 
@@ -482,6 +538,8 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
           }
         }
       }
+    } else if (code == kLoadAt) {
+      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r);
     } else if (code == kConst) {
       const float c = bits_float(static_cast<uint32_t>(ins.a));
       for (int e = 0; e < count; ++e) r[e] = c;
@@ -490,6 +548,10 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
       for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
     } else if (is_unary(code)) {
       eval_unary(code, r, s.regs[ins.a], count, ins.b);
+    } else if (is_int_binary(code)) {
+      eval_int_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
+    } else if (is_int_unary(code)) {
+      eval_int_unary(code, r, s.regs[ins.a], count, ins.b);
     } else {
       eval_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
     }
@@ -619,23 +681,65 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   for (int i = 0; i < rows; ++i) {
     const int64_t m = task.m0 + i;
     float acc = op.reduce_kind == kReduceSum ? 0.0f : -INFINITY;
+    ReduceAcc state = reduce_identity(op.reduce_kind);
+    const bool generic = op.reduce_kind != kReduceSum && op.reduce_kind != kReduceMax;
     for (int64_t r0 = 0; r0 < R; r0 += kSegment) {
       const int n = static_cast<int>(std::min<int64_t>(kSegment, R - r0));
       eval_program(run, op.prologue_at, op.prologue_len, op.iter_rank, op.iter_dims, m * R + r0, n,
                    nullptr, s);
       const float* v = s.regs[op.prologue_len - 1];
-      if (op.reduce_kind == kReduceSum) {
+      if (generic) {  // v2 kinds: the shared fold of tile_ops.hpp, r ascending
+        for (int e = 0; e < n; ++e)
+          state = reduce_combine(op.reduce_kind, state,
+                                 ReduceAcc{float_bits(v[e]), static_cast<int32_t>(r0 + e)});
+      } else if (op.reduce_kind == kReduceSum) {
         for (int e = 0; e < n; ++e) acc = acc + v[e];
       } else {
         for (int e = 0; e < n; ++e) acc = nan_max(acc, v[e]);
       }
     }
+    if (generic) acc = bits_float(reduce_result(op.reduce_kind, state));
     s.acc[i] = round_to(acc, op.acc_dtype);
   }
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
 }
 
+// A window store (plan v2): the epilogue over iter_dims, each value stored at the store view's
+// element plus the int32 offset register, clamped into the tensor.
+void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  char* base = run.tensor_base(op.out_tensor);
+  const int rank = op.iter_rank;
+  for (int m = task.m0; m < task.m1; ++m) {
+    const int64_t lin0 = static_cast<int64_t>(m) * op.N + task.n0;
+    for (int done = 0; done < task.n1 - task.n0; done += kSegment) {
+      const int n = std::min(kSegment, task.n1 - task.n0 - done);
+      eval_program(run, op.epilogue_at, op.epilogue_len, rank, op.iter_dims, lin0 + done, n, nullptr, s);
+      const float* value = s.regs[op.epilogue_len - 1];
+      const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.regs[op.store_at_plus1 - 1]);
+      int64_t idx[kMaxRank];
+      int64_t rem = lin0 + done;
+      for (int d = rank - 1; d >= 0; --d) {
+        idx[d] = rem % op.iter_dims[d];
+        rem /= op.iter_dims[d];
+      }
+      for (int e = 0; e < n; ++e) {
+        int64_t at = v.offset + static_cast<int32_t>(moved[e]);
+        for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
+        at = std::min<int64_t>(std::max<int64_t>(at, 0), out.num_elements - 1);
+        store_element(base, out.dtype, at, value[e]);
+        for (int d = rank - 1; d >= 0; --d) {
+          if (++idx[d] < op.iter_dims[d]) break;
+          idx[d] = 0;
+        }
+      }
+    }
+  }
+}
+
 void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  if (op.store_view_plus1 > 0) return run_window_store(run, op, task, s);
   for (int m = task.m0; m < task.m1; ++m)
     epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
 }
@@ -803,8 +907,11 @@ void worker_main(Run& run, int w) {
 }
 
 // One run of the plan on its workers.
+// initial: chaos mode only, per result the content an in-place (aliased) result starts with (its
+// operand's), empty for the others.
 PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers,
-                          const PersistentOptions& options, int chaos_run) {
+                          const PersistentOptions& options, int chaos_run,
+                          const std::vector<std::vector<char>>* initial) {
   Run run(PlanView{words}, buffers, options);
   const Header& h = run.plan.header();
   std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_tasks);
@@ -813,7 +920,12 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
   if (options.chaos_seed) {
     run.chaos = std::make_unique<Chaos>(run.plan, options.chaos_seed, chaos_run);
     std::memset(buffers.workspace, 0xFF, buffers.workspace_bytes);  // NaN bytes
-    for (size_t i = 0; i < buffers.results.size(); ++i) std::memset(buffers.results[i], 0xFF, buffers.result_bytes[i]);
+    for (size_t i = 0; i < buffers.results.size(); ++i) {
+      if (initial && !(*initial)[i].empty())  // in place: the elements no op writes keep their value
+        std::memcpy(buffers.results[i], (*initial)[i].data(), buffers.result_bytes[i]);
+      else
+        std::memset(buffers.results[i], 0xFF, buffers.result_bytes[i]);
+    }
   }
   const std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
   if (std::string err = run_on_workers(h.num_workers, job); !err.empty())
@@ -826,10 +938,21 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
 
 PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers,
                           const PersistentOptions& options) {
-  if (!options.chaos_seed) return run_once(words, buffers, options, 0);
+  if (!options.chaos_seed) return run_once(words, buffers, options, 0, nullptr);
+  // Results updated in place (plan v2 aliases) are the operand's buffer: every run starts from its
+  // content, which the first run overwrites, so keep a copy.
+  const PlanView plan{words};
+  std::vector<std::vector<char>> initial(buffers.results.size());
+  for (int t = 0; t < plan.header().num_tensors; ++t) {
+    const TensorRecord& r = plan.tensor(t);
+    if (r.storage == kStorageResult && r.alias_plus1 != 0) {
+      const char* data = static_cast<const char*>(buffers.results[r.storage_index]);
+      initial[r.storage_index].assign(data, data + buffers.result_bytes[r.storage_index]);
+    }
+  }
   std::vector<std::vector<char>> first(buffers.results.size());
   for (int r = 0; r < kChaosRuns; ++r) {
-    PersistentResult result = run_once(words, buffers, options, r);
+    PersistentResult result = run_once(words, buffers, options, r, &initial);
     if (result.status != PersistentStatus::kOk) return result;
     for (size_t i = 0; i < buffers.results.size(); ++i) {
       const char* out = static_cast<const char*>(buffers.results[i]);

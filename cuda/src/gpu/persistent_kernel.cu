@@ -65,6 +65,7 @@ struct ResolvedLoad {
   int32_t dtype, rank;
   int64_t offset;
   int64_t strides[pf::kMaxRank];
+  int64_t num_elements;  // LOAD_AT clamps its moved element index into [0, num_elements)
 };
 
 constexpr int kMaxCode = 2 * pf::kMaxProgramLen;  // prologue followed by epilogue
@@ -76,6 +77,10 @@ struct TaskSmem {
   int64_t out_dims[pf::kMaxRank];
   int64_t iter_dims[pf::kMaxRank];
   int32_t out_rank, out_dtype;
+  // v2 window store (MAP with store_view_plus1): out_rank / out_dims are the window (iter_dims);
+  // each value goes to `store`'s element + int32 register store_reg, clamped into the tensor.
+  ResolvedLoad store;
+  int32_t store_reg;  // -1: an ordinary op
   int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
   int32_t bad_instruction;  // nonzero: kBadProgram found by any thread in the staging loop
   int32_t flag;    // per-task verdict broadcast by thread 0 (bad task or aborted run)
@@ -116,7 +121,8 @@ __device__ __forceinline__ void unravel(int64_t flat, const int64_t* dims, int r
 // Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
 // i writes register i, and its result is rounded to the instruction's dtype. Indices were checked
 // while staging, so register reads stay inside r[].
-__device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc) {
+__device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc,
+                              int keep = -1, float* kept = nullptr) {
   float r[pf::kMaxProgramLen];
   float v = acc;
   for (int i = 0; i < len; ++i) {
@@ -129,19 +135,33 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
       const ResolvedLoad& l = s.loads[begin + i];
       int64_t e = l.offset;
       for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
-      v = tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+      // Integer elements load as their bits (an integer register, plan_format.hpp).
+      v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
+                                    : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+    } else if (opc == pf::kLoadAt) {
+      const ResolvedLoad& l = s.loads[begin + i];
+      int64_t e = l.offset + __float_as_int(r[ins.b]);
+      for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
+      e = e < 0 ? 0 : (e >= l.num_elements ? l.num_elements - 1 : e);
+      v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
+                                    : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
     } else if (opc == pf::kConst) {
       v = __int_as_float(ins.a);
     } else if (opc == pf::kSelect) {
       v = r[ins.a] != 0.f ? r[ins.c] : r[ins.b];
     } else if (pf::is_unary(opc)) {
       v = pf::apply_unary(opc, r[ins.a], ins.b);
+    } else if (pf::is_int_binary(opc)) {
+      v = __uint_as_float(pf::apply_int_binary(opc, __float_as_uint(r[ins.a]), __float_as_uint(r[ins.b])));
+    } else if (pf::is_int_unary(opc)) {
+      v = __uint_as_float(pf::apply_int_unary(opc, __float_as_uint(r[ins.a]), ins.b));
     } else {
       v = pf::apply_binary(opc, r[ins.a], r[ins.b]);
     }
     v = pf::round_to(v, dt);
     r[i] = v;
   }
+  if (keep >= 0 && keep < len) *kept = r[keep];  // window stores: the offset register
   return v;
 }
 
@@ -265,10 +285,35 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
       s.out_dtype = out.dtype;
       for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = out.dims[d];
       if (out.rank < 0 || out.rank > pf::kMaxRank || out.storage == pf::kStorageArg) s.bad = kBadView;
+      s.store_reg = -1;
+      if (op.store_view_plus1 != 0) {  // window store: the epilogue walks iter_dims
+        const int sv = op.store_view_plus1 - 1, reg = op.store_at_plus1 - 1;
+        const bool ok = op.kind == pf::kOpMap && out.alias_plus1 != 0 && op.iter_rank >= 0 &&
+                        op.iter_rank <= pf::kMaxRank && sv >= 0 && sv < h.num_views &&
+                        plan.view(sv).tensor == op.out_tensor && plan.view(sv).rank == op.iter_rank &&
+                        reg >= 0 && reg < elen && lens_ok &&
+                        pf::is_int_dtype((plan.instruction(op.epilogue_at + reg).op_and_dtype >> 16) & 0xFF);
+        if (!ok) {
+          s.bad = kBadView;
+        } else {
+          const pf::ViewRecord& v = plan.view(sv);
+          s.out_rank = op.iter_rank;
+          for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = op.iter_dims[d];
+          s.store.base = tensor_base(p, out);
+          s.store.dtype = out.dtype;
+          s.store.rank = v.rank;
+          s.store.offset = v.offset;
+          s.store.num_elements = out.num_elements;
+          for (int d = 0; d < pf::kMaxRank; ++d) s.store.strides[d] = v.strides[d];
+          s.store_reg = reg;
+          if (s.store.base == nullptr) s.bad = kBadView;
+        }
+      }
     }
     for (int d = 0; d < pf::kMaxRank; ++d) s.iter_dims[d] = op.iter_dims[d];
     if (op.kind == pf::kOpReduce &&
-        (op.iter_rank < op.kept_rank || op.iter_rank > pf::kMaxRank || op.kept_rank < 0))
+        (op.iter_rank < op.kept_rank || op.iter_rank > pf::kMaxRank || op.kept_rank < 0 ||
+         op.reduce_kind < 0 || op.reduce_kind >= pf::kNumReduceKinds))
       s.bad = kBadView;
   }
   __syncthreads();
@@ -282,12 +327,17 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
     s.code[i] = ins;
     const int32_t opc = ins.op_and_dtype & 0xFFFF, dt = (ins.op_and_dtype >> 16) & 0xFF;
     const int iter_rank = is_pro ? op.iter_rank : s.out_rank;
-    bool ok = dt >= pf::kF32 && dt <= pf::kInt32;
+    bool ok = dt >= pf::kF32 && dt <= pf::kUInt32;
     if (opc == pf::kLoadAcc) {
       ok = ok && op.kind != pf::kOpMap && !is_pro;
-    } else if (opc == pf::kLoad) {
+    } else if (opc == pf::kLoad || opc == pf::kLoadAt) {
       const bool view_ok = ins.a >= 0 && ins.a < h.num_views;
       ok = ok && view_ok;
+      if (opc == pf::kLoadAt) {  // the offset register: an earlier integer instruction
+        const int first = is_pro ? op.prologue_at : op.epilogue_at;
+        ok = ok && ins.b >= 0 && ins.b < local &&
+             pf::is_int_dtype((plan.instruction(first + ins.b).op_and_dtype >> 16) & 0xFF);
+      }
       if (view_ok) {
         const pf::ViewRecord& v = plan.view(ins.a);
         const bool t_ok = v.tensor >= 0 && v.tensor < h.num_tensors && v.rank == iter_rank;
@@ -299,6 +349,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
           l.dtype = t.dtype;
           l.rank = v.rank;
           l.offset = v.offset;
+          l.num_elements = t.num_elements;
           for (int d = 0; d < pf::kMaxRank; ++d) l.strides[d] = v.strides[d];
           ok = ok && l.base != nullptr;
         }
@@ -309,14 +360,39 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
            ins.c < local;
     } else if (pf::is_unary(opc)) {
       ok = ok && ins.a >= 0 && ins.a < local;
-    } else if (pf::is_binary(opc)) {
+    } else if (pf::is_binary(opc) || pf::is_int_binary(opc)) {
       ok = ok && ins.a >= 0 && ins.a < local && ins.b >= 0 && ins.b < local;
+    } else if (pf::is_int_unary(opc)) {
+      ok = ok && ins.a >= 0 && ins.a < local;
     } else {
       ok = false;
     }
     // Not s.bad: a slower thread may still be reading s.bad above (early return), and seeing it
     // change would make that thread skip the barrier below while the others wait at it.
     if (!ok) s.bad_instruction = kBadProgram;  // benign race: any nonzero value is the same verdict
+  }
+  __syncthreads();
+}
+
+// REDUCE of the v2 kinds (integer, min, argmax / argmin): one warp per row, lane l folding
+// r = l, l + 32, ... with tile_ops.hpp's reduce_combine, then an xor-shuffle tree over (bits, index).
+// combine() is associative and commutative for these kinds, so the result is the CPU executor's.
+template <typename Load, typename Epi>
+__device__ void row_reduce_generic(int64_t r0, int64_t r1, int64_t ncols, int32_t kind, Load& load,
+                                   Epi& epi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t r = r0 + warp; r < r1; r += tile::kWarps) {
+    pf::ReduceAcc acc = pf::reduce_identity(kind);
+    for (int64_t c = lane; c < ncols; c += 32)
+      acc = pf::reduce_combine(kind, acc,
+                               pf::ReduceAcc{__float_as_uint(load(r, c)), static_cast<int32_t>(c)});
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const pf::ReduceAcc other{__shfl_xor_sync(0xffffffffu, acc.bits, o),
+                                __shfl_xor_sync(0xffffffffu, acc.index, o)};
+      acc = pf::reduce_combine(kind, acc, other);
+    }
+    if (lane == 0) epi(r, __uint_as_float(pf::reduce_result(kind, acc)));
   }
   __syncthreads();
 }
@@ -411,9 +487,13 @@ __device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, cons
     unravel(m, s.out_dims, out_rank, idx);
     store_out(out, out_dtype, m, eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype)));
   };
-  const tile::ReduceKind kind =
-      op.reduce_kind == pf::kReduceMax ? tile::ReduceKind::kMax : tile::ReduceKind::kSum;
-  tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
+  if (op.reduce_kind == pf::kReduceSum || op.reduce_kind == pf::kReduceMax) {
+    const tile::ReduceKind kind =
+        op.reduce_kind == pf::kReduceMax ? tile::ReduceKind::kMax : tile::ReduceKind::kSum;
+    tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
+  } else {
+    row_reduce_generic(t.m0, t.m1, op.K, op.reduce_kind, load, epi);
+  }
   return true;
 }
 
@@ -431,7 +511,16 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
     const int64_t flat = (b * M + m) * N + n;
     int64_t idx[pf::kMaxRank];
     unravel(flat, s.out_dims, out_rank, idx);
-    store_out(out, out_dtype, flat, eval_program(s, plen, elen, idx, 0.f));
+    if (s.store_reg < 0) {
+      store_out(out, out_dtype, flat, eval_program(s, plen, elen, idx, 0.f));
+      return;
+    }
+    float moved = 0.f;
+    const float v = eval_program(s, plen, elen, idx, 0.f, s.store_reg, &moved);
+    int64_t e = s.store.offset + __float_as_int(moved);
+    for (int d = 0; d < s.store.rank; ++d) e += idx[d] * s.store.strides[d];
+    e = e < 0 ? 0 : (e >= s.store.num_elements ? s.store.num_elements - 1 : e);
+    store_out(out, out_dtype, e, v);
   };
   const int64_t count = static_cast<int64_t>(t.b1 - t.b0) * tm * tn;
   if (count > 0) tile::elementwise_tile(0, count, f);

@@ -3,7 +3,8 @@ mesh ("p", "d") whose axis "p" spans the processes and "d" stays inside each (te
 
 With the mesh set by jax.set_mesh (ark sees its devices while tracing), psum/pmax/pmin/pmean over
 ("p", "d") run hierarchically: ark over "d" inside each process, then jax.lax over "p" across
-them; over "d" alone they are ark's only; over "p" alone jax.lax runs (a FallbackWarning). Every
+them; over "d" alone they are ark's only; over "p" alone jax.lax runs (a FallbackWarning). So do
+all_gather, psum_scatter, ppermute and all_to_all (ark's over "d", jax.lax's over "p"). Every
 result is compared with jax.lax's on the same random inputs; the jaxprs show which ran.
 
 Usage: python multiprocess_hierarchical_worker.py PROCESS_ID PORT. Prints WORKER_OK at the end.
@@ -98,6 +99,37 @@ with jax.set_mesh(mesh):
         np.testing.assert_allclose(total[0][row], floats.sum(0), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(total[1][row], ints.sum(0))
         np.testing.assert_array_equal(total[3][row], ints.max(0))
+
+    # The other collectives over the process-local axis "d" are ark's alone; over "p" jax.lax's.
+    def movers(module, axis):
+        def body(v):
+            return (
+                module.all_gather(v, axis, tiled=True),
+                module.psum_scatter(module.all_gather(v, axis, tiled=True), axis, tiled=True),
+                module.ppermute(
+                    v, axis, [(i, (i + 1) % mesh.shape[axis]) for i in range(mesh.shape[axis])]
+                ),
+                module.all_to_all(module.all_gather(v, axis, tiled=True), axis, 0, 0, tiled=True),
+            )
+
+        return jax.jit(jax.shard_map(body, in_specs=spec, out_specs=(spec,) * 4, check_vma=False))
+
+    for axis in ("d", "p"):
+        expected = [
+            np.asarray(jax.experimental.multihost_utils.process_allgather(o, tiled=True))
+            for o in movers(jax.lax, axis)(inputs[0])
+        ]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", jax_ark.FallbackWarning)
+            f = movers(jax_ark, axis)
+            got = [
+                np.asarray(jax.experimental.multihost_utils.process_allgather(o, tiled=True))
+                for o in f(inputs[0])
+            ]
+            jaxpr = str(f.trace(inputs[0]).jaxpr)
+        assert jaxpr.count("ark_collective") == (6 if axis == "d" else 0), jaxpr
+        for e, g in zip(expected, got, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6, err_msg=axis)
 
 # Without jax.set_mesh ark cannot see which process holds which device: jax.lax runs.
 with warnings.catch_warnings(record=True) as caught:

@@ -14,9 +14,13 @@ Fast-path dtypes: float32, bfloat16, float16, int32. Sums of 16-bit floats accum
 
 Drop-in for jax.lax: every function takes the arguments of its jax.lax namesake. Where ark has no
 fast path (vmap/pmap axis names, a shard_map that leaves mesh axes automatic, other dtypes,
-unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU mesh spanning several
+unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU group spanning several
 processes), the jax.lax collective runs instead and a `FallbackWarning` is issued once per function
 and reason, as do calls with `axis_index_groups`. With `JAX_ARK_STRICT=1` those cases raise.
+
+On a CPU mesh spanning several jax.distributed processes, set with `jax.set_mesh`: collectives over
+process-local mesh axes run on ark, and psum/pmax/pmin/pmean over axes that partly span processes
+run hierarchically (ark over the process-local axes, then jax.lax across processes).
 
 Every wait inside a collective is bounded: the environment variable `JAX_ARK_TIMEOUT_S`
 (seconds, default 60) is read when a function is traced, so it is baked into the compiled program;

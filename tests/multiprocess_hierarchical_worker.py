@@ -100,6 +100,25 @@ with jax.set_mesh(mesh):
         np.testing.assert_array_equal(total[1][row], ints.sum(0))
         np.testing.assert_array_equal(total[3][row], ints.max(0))
 
+    # With check_vma (the default) the result is typed invariant over both axes: out_specs=P().
+    # The gradient runs through both halves (ark's transpose and jax.lax's).
+    def loss(module):
+        def body(v):
+            return module.psum(jax.numpy.sin(v) * v, ("p", "d")).sum()
+
+        smap = jax.shard_map(body, in_specs=spec, out_specs=P())
+        return jax.jit(jax.value_and_grad(smap))
+
+    (value_e, grad_e), (value_g, grad_g) = (loss(m)(inputs[0]) for m in (jax.lax, jax_ark))
+    assert "ark_collective" in str(loss(jax_ark).trace(inputs[0]).jaxpr)
+    np.testing.assert_allclose(float(value_g), float(value_e), rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.experimental.multihost_utils.process_allgather(grad_g, tiled=True),
+        jax.experimental.multihost_utils.process_allgather(grad_e, tiled=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
     # The other collectives over the process-local axis "d" are ark's alone; over "p" jax.lax's.
     def movers(module, axis):
         def body(v):

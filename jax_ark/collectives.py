@@ -212,19 +212,29 @@ def _group(api: str, axis_name: AxisName, hierarchical: bool = False) -> _Group 
         # The CPU backend meets ranks inside one process only: a group must not leave it.
         spanning = _process_spanning_axes(mesh_names, shape, axes)
         if spanning:
+            if spanning == _UNKNOWN:
+                raise _NoFastPath(
+                    "a CPU mesh spanning several processes, not set with jax.set_mesh",
+                    NotImplementedError(
+                        f"jax_ark.{api}: the CPU backend runs collectives between the devices of "
+                        f"one process, and this job has {jax.process_count()} processes: set the "
+                        "mesh with jax.set_mesh so that ark can see which process holds which "
+                        "device"
+                    ),
+                )
             local = tuple(a for a in axes if a not in spanning)
-            if hierarchical and local and spanning != _UNKNOWN:
+            if hierarchical and local:
                 return _Hierarchical(local=make(local), across=spanning)
             raise _NoFastPath(
-                "a CPU mesh spanning several processes",
+                "a CPU group spanning several processes",
                 NotImplementedError(
                     f"jax_ark.{api}: the CPU backend runs collectives between the devices of one "
-                    f"process; mesh axes {spanning} of this call span the job's "
-                    f"{jax.process_count()} processes"
+                    f"process; mesh axes {spanning} of this call span processes"
                     + (
-                        ""
-                        if spanning != _UNKNOWN
-                        else " (set the mesh with jax.set_mesh so that ark can see its devices)"
+                        " (psum/pmax/pmin/pmean also over a process-local axis run ark within "
+                        "each process, then jax.lax across)"
+                        if not local
+                        else ""
                     )
                 ),
             )

@@ -12,6 +12,7 @@ Usage: python multiprocess_hierarchical_worker.py PROCESS_ID PORT. Prints WORKER
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -149,6 +150,18 @@ with jax.set_mesh(mesh):
         assert jaxpr.count("ark_collective") == (6 if axis == "d" else 0), jaxpr
         for e, g in zip(expected, got, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-6, err_msg=axis)
+
+    # Strict mode: the hierarchical reduction is no fallback and runs; over "p" alone it raises.
+    os.environ["JAX_ARK_STRICT"] = "1"
+    strict_total = run(jax_ark, ("p", "d"))
+    np.testing.assert_array_equal(strict_total[1], total[1])
+    try:
+        program(jax_ark, "p").trace(*inputs)
+    except NotImplementedError as e:
+        assert "span processes" in str(e), e
+    else:
+        raise AssertionError("JAX_ARK_STRICT=1: psum over the process-spanning axis ran")
+    del os.environ["JAX_ARK_STRICT"]
 
 # Without jax.set_mesh ark cannot see which process holds which device: jax.lax runs.
 with warnings.catch_warnings(record=True) as caught:

@@ -1,7 +1,7 @@
 """JAX's own collective tests, run with jax.lax's collectives replaced by jax_ark's.
 
 The pinned ids (lax_suite_ids.txt) are the tests of jax 0.10.2's tests/ (shard_map_test.py,
-pmap_test.py, batching_test.py, roofline_test.py and a few more) that call at least one of psum,
+pmap_test.py, batching_test.py, roofline_test.py and twelve more) that call at least one of psum,
 pmax, pmin, pmean, all_gather, psum_scatter, ppermute, all_to_all and pass under jax.lax on 8 CPU
 devices. Under vmap axis names ark has no fast path, so those calls exercise the fallback to
 jax.lax; shard_map (and pmap, which runs on shard_map) tests run ark's own collectives (the
@@ -44,6 +44,13 @@ KNOWN_FAILURES: dict[str, str] = {
         "only when lowering (roofline never lowers), ark when tracing"
     ),
 }
+_NO_EXPORT = (
+    "jax.export refuses custom calls without a compatibility guarantee; ark's collective is one"
+)
+for _poly in ("2*b1_", "2*b1_b2", "None", "b2"):
+    KNOWN_FAILURES[
+        f"tests/export_test.py::JaxExportTest::test_shard_map_collective_permute_poly_{_poly}"
+    ] = _NO_EXPORT
 _NO_ROOFLINE = "roofline has cost rules for jax.lax's collective primitives only, not ark's"
 for _name in (
     "all_to_all",

@@ -14,9 +14,13 @@ Fast-path dtypes: float32, bfloat16, float16, int32. Sums of 16-bit floats accum
 
 Drop-in for jax.lax: every function takes the arguments of its jax.lax namesake. Where ark has no
 fast path (vmap/pmap axis names, a shard_map that leaves mesh axes automatic, other dtypes,
-unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU mesh spanning several
+unreduced/reduced inputs, `all_gather(to="invarying"|"reduced")`, a CPU group spanning several
 processes), the jax.lax collective runs instead and a `FallbackWarning` is issued once per function
 and reason, as do calls with `axis_index_groups`. With `JAX_ARK_STRICT=1` those cases raise.
+
+On a CPU mesh spanning several jax.distributed processes, set with `jax.set_mesh`: collectives over
+process-local mesh axes run on ark, and psum/pmax/pmin/pmean over axes that partly span processes
+run hierarchically (ark over the process-local axes, then jax.lax across processes).
 
 Every wait inside a collective is bounded: the environment variable `JAX_ARK_TIMEOUT_S`
 (seconds, default 60) is read when a function is traced, so it is baked into the compiled program;
@@ -152,7 +156,7 @@ def _comm_key(mesh_axes: tuple[tuple[Any, int], ...], group_axes: tuple) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
 
 
-def _group(api: str, axis_name: AxisName) -> _Group:
+def _group(api: str, axis_name: AxisName, hierarchical: bool = False) -> _Group | _Hierarchical:
     axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
     if not axes:
         raise ValueError(f"jax_ark.{api}: axis_name is empty; name at least one mesh axis")
@@ -194,21 +198,91 @@ def _group(api: str, axis_name: AxisName) -> _Group:
                 "over the whole mesh)"
             ),
         )
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        raise _NoFastPath(
-            "a CPU mesh spanning several processes",
-            NotImplementedError(
-                f"jax_ark.{api}: the CPU backend runs collectives between the devices of one "
-                f"process; this job has {jax.process_count()} processes"
-            ),
-        )
     mesh_axes = tuple((a, int(shape[a])) for a in mesh_names)
-    return _Group(
-        axes=axes,
-        size=math.prod(int(shape[a]) for a in axes),
-        comm_key=_comm_key(mesh_axes, axes),
-        other_axes=tuple(a for a in mesh_names if a not in axes and a in manual),
-    )
+
+    def make(group_axes: tuple) -> _Group:
+        return _Group(
+            axes=group_axes,
+            size=math.prod(int(shape[a]) for a in group_axes),
+            comm_key=_comm_key(mesh_axes, group_axes),
+            other_axes=tuple(a for a in mesh_names if a not in group_axes and a in manual),
+        )
+
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # The CPU backend meets ranks inside one process only: a group must not leave it.
+        spanning = _process_spanning_axes(mesh_names, shape, axes)
+        if spanning:
+            if spanning == _UNKNOWN:
+                raise _NoFastPath(
+                    "a CPU mesh spanning several processes, not set with jax.set_mesh",
+                    NotImplementedError(
+                        f"jax_ark.{api}: the CPU backend runs collectives between the devices of "
+                        f"one process, and this job has {jax.process_count()} processes: set the "
+                        "mesh with jax.set_mesh so that ark can see which process holds which "
+                        "device"
+                    ),
+                )
+            local = tuple(a for a in axes if a not in spanning)
+            if hierarchical and local:
+                return _Hierarchical(local=make(local), across=spanning)
+            raise _NoFastPath(
+                "a CPU group spanning several processes",
+                NotImplementedError(
+                    f"jax_ark.{api}: the CPU backend runs collectives between the devices of one "
+                    f"process; mesh axes {spanning} of this call span processes"
+                    + (
+                        " (psum/pmax/pmin/pmean also over a process-local axis run ark within "
+                        "each process, then jax.lax across)"
+                        if not local
+                        else ""
+                    )
+                ),
+            )
+    return make(axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hierarchical:
+    """A reduction over axes some of which span processes: ark over the process-local axes
+    (`local`), then jax.lax over the rest (`across`, XLA's cross-process collective)."""
+
+    local: _Group
+    across: tuple
+
+
+_UNKNOWN = ("?",)
+
+
+def _concrete_mesh():
+    """The mesh set with jax.set_mesh, while tracing under jax.jit too (jax.sharding.get_mesh
+    refuses there; jax has no public accessor for it inside jit), or None."""
+    try:
+        from jax._src import mesh as mesh_lib
+
+        return mesh_lib.get_concrete_mesh()
+    except (ImportError, AttributeError):  # another jax: the devices stay unknown
+        return None
+
+
+def _process_spanning_axes(mesh_names: tuple, shape: dict, axes: tuple) -> tuple:
+    """Those of `axes` along which the mesh's devices change process, or ("?",) when the devices
+    are unknown (_UNKNOWN). An axis is process-local when every line of devices along it lies in one
+    process; a group over process-local axes only then stays inside one process."""
+    concrete = _concrete_mesh()
+    if concrete is None or getattr(concrete, "empty", True):
+        return _UNKNOWN
+    # Only the mesh set with jax.set_mesh is visible while tracing; it must be the one the
+    # enclosing shard_map runs over (same axes, same sizes), else nothing is known.
+    if tuple(concrete.axis_names) != mesh_names or dict(concrete.shape) != shape:
+        return _UNKNOWN
+    procs = np.vectorize(lambda d: d.process_index, otypes=[np.int64])(concrete.devices)
+    spanning = []
+    for a in axes:
+        dim = mesh_names.index(a)
+        first = np.take(procs, [0], axis=dim)
+        if not np.all(procs == first):
+            spanning.append(a)
+    return tuple(spanning)
 
 
 def _timeout_ms() -> int:
@@ -249,20 +323,32 @@ def _as_operand(api: str, leaf, group: _Group):
     return _prim.ensure_varying(leaf, group.axes)
 
 
-def _group_or_none(api: str, axis_name: AxisName) -> _Group | _NoFastPath:
+def _group_or_none(
+    api: str, axis_name: AxisName, hierarchical: bool = False
+) -> _Group | _Hierarchical | _NoFastPath:
     """`_group(...)`, or the reason it has no fast path (returned, not raised, so that jax.lax's
     errors in the fallback are not chained to it)."""
     try:
-        return _group(api, axis_name)
+        return _group(api, axis_name, hierarchical)
     except _NoFastPath as why:
         return why
 
 
-def _collective(api: str, x, axis_name: AxisName, axis_index_groups, per_leaf, run_lax, group=None):
+def _collective(
+    api: str,
+    x,
+    axis_name: AxisName,
+    axis_index_groups,
+    per_leaf,
+    run_lax,
+    group=None,
+    hierarchical: bool = False,
+):
     """Maps `per_leaf(group, operand)` over the leaves of `x`; where ark has no fast path for the
-    call (or a leaf), `run_lax(x or leaf)` (the jax.lax collective) runs instead."""
+    call (or a leaf), `run_lax(x or leaf)` (the jax.lax collective) runs instead. With
+    `hierarchical`, `group` may be a `_Hierarchical` (reductions only)."""
     if group is None:
-        group = _group_or_none(api, axis_name)
+        group = _group_or_none(api, axis_name, hierarchical)
         if isinstance(group, _NoFastPath):
             # vmap/pmap axes and the like: jax.lax handles them (with axis_index_groups too).
             return _fallback(api, group, lambda: run_lax(x))
@@ -281,7 +367,9 @@ def _collective(api: str, x, axis_name: AxisName, axis_index_groups, per_leaf, r
     def one(leaf):
         why = None
         try:
-            operand = _as_operand(api, leaf, group)
+            operand = _as_operand(
+                api, leaf, group.local if isinstance(group, _Hierarchical) else group
+            )
         except _NoFastPath as no_fast_path:
             why = no_fast_path
         if why is not None:  # outside the except block: jax.lax's errors carry no ark context
@@ -340,11 +428,23 @@ def _split_to_front(x, dim: int, n: int):
 # ---- reductions ---------------------------------------------------------------------------------
 
 
+_ACROSS_PROCESSES = {Reduce.sum: "psum", Reduce.max: "pmax", Reduce.min: "pmin"}
+
+
+def _reduce(operand, group: _Group | _Hierarchical, reduce: Reduce):
+    if isinstance(group, _Group):
+        return _bind(operand, group, Op.all_reduce, reduce)
+    # Sum, max and min over a product of axes reduce in any split: first among this process's
+    # devices (ark), then the per-process results across processes (jax.lax).
+    local = _bind(operand, group.local, Op.all_reduce, reduce)
+    return getattr(_lax, _ACROSS_PROCESSES[reduce])(local, group.across)
+
+
 def _all_reduce(api: str, x, axis_name: AxisName, reduce: Reduce, axis_index_groups, run_lax):
     def one(group, operand):
-        return _bind(operand, group, Op.all_reduce, reduce)
+        return _reduce(operand, group, reduce)
 
-    return _collective(api, x, axis_name, axis_index_groups, one, run_lax)
+    return _collective(api, x, axis_name, axis_index_groups, one, run_lax, hierarchical=True)
 
 
 def psum(x, axis_name: AxisName, *, axis_index_groups=None):
@@ -387,7 +487,8 @@ def pmean(x, axis_name: AxisName, *, axis_index_groups=None):
     """Mean over the group: psum / group size (integers give floats, as `jax.lax.pmean`)."""
 
     def one(group, operand):
-        return _bind(operand, group, Op.all_reduce, Reduce.sum) / group.size
+        size = group.size if isinstance(group, _Group) else group.local.size * _axes_size(group)
+        return _reduce(operand, group, Reduce.sum) / size
 
     return _collective(
         "pmean",
@@ -396,7 +497,13 @@ def pmean(x, axis_name: AxisName, *, axis_index_groups=None):
         axis_index_groups,
         one,
         lambda v: _lax.pmean(v, axis_name, axis_index_groups=axis_index_groups),
+        hierarchical=True,
     )
+
+
+def _axes_size(group: _Hierarchical) -> int:
+    shape = dict(jax.sharding.get_abstract_mesh().shape)
+    return math.prod(int(shape[a]) for a in group.across)
 
 
 # ---- data movement ------------------------------------------------------------------------------

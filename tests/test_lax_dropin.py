@@ -346,3 +346,20 @@ def test_mesh_spanning_two_processes_runs_lax():
     assert not run.timed_out, f"workers did not finish within 120 s\n{run.report()}"
     for pid, rc in enumerate(run.returncodes):
         assert rc == 0 and f"[{pid}] WORKER_OK" in run.outputs[pid], run.report()
+
+
+def test_mesh_spanning_two_processes_reduces_hierarchically():
+    # 2 processes x 4 CPU devices: ark inside each process, jax.lax across (the worker checks
+    # results against jax.lax and numpy, and the jaxprs for which one ran).
+    worker = Path(__file__).with_name("multiprocess_hierarchical_worker.py")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        JAX_ARK_TIMEOUT_S="20",
+    )
+    env.pop("JAX_ARK_STRICT", None)
+    run = run_two_workers(worker, env, deadline_s=180)
+    assert not run.timed_out, f"workers did not finish within 180 s\n{run.report()}"
+    for pid, rc in enumerate(run.returncodes):
+        assert rc == 0 and f"[{pid}] WORKER_OK" in run.outputs[pid], run.report()

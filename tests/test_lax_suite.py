@@ -1,10 +1,11 @@
-"""JAX's own shard_map tests, run with jax.lax's collectives replaced by jax_ark's.
+"""JAX's own collective tests, run with jax.lax's collectives replaced by jax_ark's.
 
-The pinned ids (lax_suite_ids.txt) are the tests of jax 0.10.2's tests/shard_map_test.py and
-tests/pmap_test.py that call at least one of psum, pmax, pmin, pmean, all_gather, psum_scatter,
-ppermute, all_to_all and pass under jax.lax on 8 CPU devices. Under pmap (and vmap) axis names
-ark has no fast path, so those calls exercise the fallback to jax.lax; the shard_map tests run
-ark's own collectives (the summary line says how many tests traced one).
+The pinned ids (lax_suite_ids.txt) are the tests of jax 0.10.2's tests/ (shard_map_test.py,
+pmap_test.py, batching_test.py, roofline_test.py and twelve more) that call at least one of psum,
+pmax, pmin, pmean, all_gather, psum_scatter, ppermute, all_to_all and pass under jax.lax on 8 CPU
+devices. Under vmap axis names ark has no fast path, so those calls exercise the fallback to
+jax.lax; shard_map (and pmap, which runs on shard_map) tests run ark's own collectives (the
+summary line says how many tests traced one).
 
 jax's test code is not part of this project: it is read from a jax source tree at run time,
 JAX_SOURCE_DIR (tools/fetch_jax_tests.sh fetches one; the PyPI sdist has no tests/), and this test
@@ -28,7 +29,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 PINNED_JAX = "0.10.2"
-TEST_FILES = ("tests/shard_map_test.py", "tests/pmap_test.py")
 DEADLINE_S = 900
 
 # id -> why it fails under ark (also in docs/lax_compat.md).
@@ -39,12 +39,37 @@ KNOWN_FAILURES: dict[str, str] = {
         _JAXPR_SHAPE
     ),
     "tests/shard_map_test.py::ShardMapTest::test_rewrite_scan": _JAXPR_SHAPE,
+    "tests/roofline_test.py::RooflineTest::test_one_sized_axis_collectives": (
+        "traces a ppermute whose perm is out of range for its axis of size 1: jax.lax rejects it "
+        "only when lowering (roofline never lowers), ark when tracing"
+    ),
 }
+_NO_EXPORT = (
+    "jax.export refuses custom calls without a compatibility guarantee; ark's collective is one"
+)
+for _poly in ("2*b1_", "2*b1_b2", "None", "b2"):
+    KNOWN_FAILURES[
+        f"tests/export_test.py::JaxExportTest::test_shard_map_collective_permute_poly_{_poly}"
+    ] = _NO_EXPORT
+_NO_ROOFLINE = "roofline has cost rules for jax.lax's collective primitives only, not ark's"
+for _name in (
+    "all_to_all",
+    "grad_matmuls",
+    "matmul_psum",
+    "ppermute",
+    "remat",
+    "scalar_collectives",
+):
+    KNOWN_FAILURES[f"tests/roofline_test.py::RooflineTest::test_{_name}"] = _NO_ROOFLINE
 
 
 def _pinned_ids() -> list[str]:
     lines = (HERE / "lax_suite_ids.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _test_files() -> list[str]:
+    return sorted({i.split("::")[0] for i in _pinned_ids()})
 
 
 def _source_dir() -> Path:
@@ -57,7 +82,7 @@ def _source_dir() -> Path:
     root = Path(raw)
     if (root / "shard_map_test.py").is_file():
         root = root.parent  # JAX_SOURCE_DIR named the tests/ folder itself
-    missing = [f for f in TEST_FILES if not (root / f).is_file()]
+    missing = [f for f in _test_files() if not (root / f).is_file()]
     if missing:
         pytest.skip(f"JAX_SOURCE_DIR={raw} has no {', '.join(missing)}")
     return root
@@ -101,7 +126,8 @@ def test_jax_shard_map_suite_under_ark(tmp_path):
     on_ark = [i for i in passed if results[i]["ark_binds"] > 0]
     fell_back = [i for i in passed if results[i]["fallbacks"] > 0]
     print(
-        f"jax {jax.__version__} {', '.join(TEST_FILES)}: {len(passed)}/{len(ids)} pinned tests "
+        f"jax {jax.__version__} ({len(_test_files())} test files): "
+        f"{len(passed)}/{len(ids)} pinned tests "
         f"pass with jax_ark's collectives ({len(on_ark)} traced ark collectives; "
         f"{len(fell_back)} had a call fall back to jax.lax)"
     )

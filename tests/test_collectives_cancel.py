@@ -6,12 +6,13 @@ waited for the XLA threads parked in the collective, so the process lived until 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from subprocess_env import subprocess_env
 
 WORKER = Path(__file__).with_name("blocked_collective_worker.py")
 COLLECTIVE_TIMEOUT_S = 60
@@ -19,9 +20,7 @@ EXIT_WITHIN_S = 10.0
 
 
 def test_sigint_ends_a_blocked_collective_promptly():
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, JAX_ARK_TIMEOUT_S=str(COLLECTIVE_TIMEOUT_S), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+    env = subprocess_env(JAX_ARK_TIMEOUT_S=str(COLLECTIVE_TIMEOUT_S), PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen(
         [sys.executable, str(WORKER)],

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_env import subprocess_env
 
 SEED = int(os.environ.get("JAX_ARK_FUZZ_SEED", "20261204"))
 CASES = int(os.environ.get("JAX_ARK_FUZZ_CASES", "600"))
@@ -30,10 +31,7 @@ TOTAL_BUDGET_S = 240.0  # a safety net; the run takes ~30-60 s on 2 cores
 class _Worker:
     def __init__(self) -> None:
         here = Path(__file__).parent
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(here.parent), str(here), env.get("PYTHONPATH", "")]
-        )
+        env = subprocess_env()
         env.pop("XLA_FLAGS", None)
         env.pop("JAX_ARK_PERSISTENT_CHAOS", None)
         env["JAX_PLATFORMS"] = "cpu"

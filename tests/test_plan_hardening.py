@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from persistent_models import assert_close, random_args
+from subprocess_env import TESTS_DIR, subprocess_env
 
 import jax_ark as ark
 from jax_ark._persistent import PlanError
@@ -363,10 +364,15 @@ _NO_THREADS = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_AS semantics of Linux")
 def test_failed_thread_start_is_an_error_not_a_hang():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = subprocess_env()
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, "-c", _NO_THREADS], capture_output=True, text=True, timeout=180, env=env
+        [sys.executable, "-c", _NO_THREADS],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=TESTS_DIR,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out

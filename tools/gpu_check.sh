@@ -57,11 +57,12 @@ fi
 # --maxfail stops a systematic failure (every call timing out) early.
 step pytest_gpu_runtime 90 $PY -m pytest -m gpu -v -rs --maxfail=5 --durations=10 \
   tests/test_gpu_xla_path.py tests/test_gpu_runtime.py
-step pytest_gpu_persistent 60 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py
+step pytest_gpu_persistent 90 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py \
+  tests/test_persistent_int.py
 step pytest_gpu_multiprocess 80 $PY -m pytest -m gpu -v -rs -s tests/test_gpu_multiprocess.py
 if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
   step bench_collectives 50 $PY -m jax_ark.bench collectives --out "$OUT"
-  step bench_persistent 90 $PY -m jax_ark.bench persistent --out "$OUT"
+  step bench_persistent 60 $PY -m jax_ark.bench persistent --out "$OUT"
 else
   SUMMARY+=("SKIP  bench (no jax_ark.bench module)")
 fi

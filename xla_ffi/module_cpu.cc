@@ -29,7 +29,8 @@ NB_MODULE(_ark_cpu, m) {
       "Makes every CPU collective waiting now or started later fail at once (process exit).");
   // The runtime's check of a binary plan (plan_check.hpp), for executors whose plan words live
   // where the handler cannot read them without a device sync (the GPU): run on the exact words
-  // before they become the call's operand.
+  // before they become the call's operand, through the same cache as the CPU handler (an eager
+  // call checks its plan on every call).
   m.def(
       "check_plan",
       [](nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> words,
@@ -48,8 +49,9 @@ NB_MODULE(_ark_cpu, m) {
         std::vector<int64_t> aligned((words.shape(0) + 1) / 2);
         std::memcpy(aligned.data(), words.data(), words.shape(0) * sizeof(int32_t));
         nb::gil_scoped_release release;
-        return jax_ark::plan::check_plan(reinterpret_cast<const int32_t*>(aligned.data()),
-                                         static_cast<int64_t>(words.shape(0)), buffers);
+        return jax_ark::plan::checked_plans().check(
+            reinterpret_cast<const int32_t*>(aligned.data()), static_cast<int64_t>(words.shape(0)),
+            buffers);
       },
       nb::arg("words"), nb::arg("arg_bytes"), nb::arg("arg_dtypes"), nb::arg("result_bytes"),
       nb::arg("result_dtypes"), nb::arg("result_alias"), nb::arg("workspace_bytes"),

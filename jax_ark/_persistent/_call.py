@@ -245,16 +245,16 @@ class _Persistent:
     def plan(self, *args) -> Plan:
         """A copy of the plan used for these arguments (planned once per signature and platform);
         editing it changes nothing here: pass the edited plan to `persistent(fn, plan=...)`."""
-        p, _ = self._planned(args)
+        p, _ = self._planned(args, resolve_platform(jax.tree_util.tree_leaves(args))[0])
         return p.copy()
 
-    def _planned(self, args) -> tuple[Plan, Any]:
-        leaves, tree, avals, key = _flat_avals(args)
+    def _planned(self, args, platform: str) -> tuple[Plan, Any]:
+        _, tree, avals, key = _flat_avals(args)
         # The platform (and, on CPU, how many shard_map programs share the cores) decides the
         # default workers and tiles (see _target.py): part of the key.
         key = (
             key,
-            resolve_platform(leaves)[0] if self._plan is None else None,
+            platform if self._plan is None else None,
             concurrent_cpu_programs() if self._plan is None else None,
         )
         if key not in self._cache:
@@ -288,14 +288,15 @@ class _Persistent:
         return self._cache[key]
 
     def __call__(self, *args):
-        p, out_tree = self._planned(args)
         leaves = jax.tree_util.tree_leaves(args)
+        platform = resolve_platform(leaves)[0]
+        p, out_tree = self._planned(args, platform)
         outs, prof = run_plan(
             p,
             leaves,
             profile=self._profile,
             timeout_ms=self._timeout_ms,
-            check_on_host=resolve_platform(leaves)[0] != "cpu",
+            check_on_host=platform != "cpu",
         )
         result = jax.tree_util.tree_unflatten(out_tree, outs)
         return (result, prof) if self._profile else result

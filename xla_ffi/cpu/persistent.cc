@@ -109,8 +109,8 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
     buffers.profile = static_cast<int64_t*>((*prof)->untyped_data());
   }
   // Checked once per plan (and buffers): later calls with the same words hit the cache.
-  static jax_ark::plan::CheckedPlans* checked = new jax_ark::plan::CheckedPlans;  // never destroyed
-  const std::string problem = checked->check(words, static_cast<int64_t>(num_words), sizes);
+  const std::string problem =
+      jax_ark::plan::checked_plans().check(words, static_cast<int64_t>(num_words), sizes);
   if (!problem.empty()) return invalid("invalid plan: " + problem);
 
   PersistentOptions options;

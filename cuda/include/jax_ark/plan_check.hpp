@@ -593,4 +593,11 @@ class CheckedPlans {
   size_t bytes_ = 0;
 };
 
+// The module's one cache of checked plans, shared by the CPU handler and the trace-time check of
+// GPU plans (never destroyed: handlers may still run while the process exits).
+inline CheckedPlans& checked_plans() {
+  static CheckedPlans* cache = new CheckedPlans;
+  return *cache;
+}
+
 }  // namespace jax_ark::plan

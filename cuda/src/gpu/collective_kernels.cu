@@ -32,6 +32,7 @@
 
 #include "jax_ark/gpu/communicator.hpp"
 #include "jax_ark/gpu/communicator_device.hpp"
+#include "jax_ark/gpu/cooperative_launch.cuh"
 
 namespace jax_ark::gpu {
 namespace {
@@ -478,17 +479,8 @@ struct LaunchOne {
 template <typename T, int R>
 struct LaunchGroup {
   static cudaError_t run(const GroupLaunch& p, cudaStream_t stream, bool use_ll, unsigned grid) {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = 0;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeCooperative;
-    attr[0].val.cooperative = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, collective_group_kernel<T, R>, p, use_ll ? 1 : 0);
+    return launch_cooperative(collective_group_kernel<T, R>, grid, kThreads, 0, stream, p,
+                              use_ll ? 1 : 0);
   }
 };
 

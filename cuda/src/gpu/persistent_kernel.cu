@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "jax_ark/gpu/cooperative_launch.cuh"
 #include "jax_ark/gpu/persistent_launch.hpp"
 #include "jax_ark/gpu/persistent_sync_device.cuh"
 #include "jax_ark/gpu/tile_ops_device.cuh"
@@ -809,19 +810,9 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
     kp.run.seq = st->next_seq++;
   }
 
-  // Cooperative launch: the runtime guarantees all blocks are co-resident (or fails the launch),
-  // which the device-side spin waits between blocks rely on.
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.num_workers));
-  cfg.blockDim = dim3(kBlockThreads);
-  cfg.dynamicSmemBytes = tile::kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  ARK_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, persistent_kernel, kp));
+  ARK_CUDA_RETURN_IF_ERROR(launch_cooperative(persistent_kernel,
+                                              static_cast<unsigned>(a.num_workers), kBlockThreads,
+                                              tile::kSmemBytes, stream, kp));
   return {};
 }
 

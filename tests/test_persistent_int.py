@@ -398,7 +398,6 @@ def test_gpu_integer_ops_and_reductions(rng):
         (_int_ops, (u, u % 40)),
         (_conversions, (x, a, u)),
         (_reductions, (small, a, u)),
-        (lambda x: (jnp.argmax(x, 1), jnp.argmin(x, 0)), (x,)),  # NaN: the first NaN's index
         (_indexing, (small[:, :9], b[:, :4], np.int32(4))),
         (lambda t, i: (t[i], jnp.flip(t, 1)), (a, b[0])),
         (lambda c, r, p: jax.lax.dynamic_update_slice(c, r, (p, 0)), (x, x[:1] * 2, np.int32(3))),
@@ -407,6 +406,12 @@ def test_gpu_integer_ops_and_reductions(rng):
         got = jax.tree_util.tree_leaves(jax.jit(ark.persistent(fn))(*put(*args)))
         for g, w in zip(got, want, strict=True):
             _exact_or_close(g, w, 1e-4)
+    # NaN rows: jnp.argmax documents the first NaN's index (numpy agrees). XLA:GPU's reduction
+    # returns some NaN's index (24 and 16 instead of 2 and 3 on the first H200 run), so numpy is
+    # the reference here.
+    got = jax.jit(ark.persistent(lambda x: (jnp.argmax(x, 1), jnp.argmin(x, 0))))(*put(x))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.argmax(x, 1))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.argmin(x, 0))
 
 
 # ---- plans with integer programs: JSON round trip, validation of register kinds --------------

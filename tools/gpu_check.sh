@@ -55,7 +55,7 @@ if ! $PY -c "import jax_ark, sys; sys.exit(0 if jax_ark.has_cuda() else 1)" >/de
 fi
 # One step per GPU test file, cheapest bring-up first, so one hang cannot starve the others;
 # --maxfail stops a systematic failure (every call timing out) early.
-step pytest_gpu_runtime 90 $PY -m pytest -m gpu -v -rs --maxfail=5 --durations=10 \
+step pytest_gpu_runtime 90 $PY -m pytest -m gpu -v -rs --maxfail=20 --durations=10 \
   tests/test_gpu_xla_path.py tests/test_gpu_runtime.py
 step pytest_gpu_persistent 90 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py \
   tests/test_persistent_int.py
@@ -65,6 +65,16 @@ if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
   step bench_persistent 60 $PY -m jax_ark.bench persistent --out "$OUT"
 else
   SUMMARY+=("SKIP  bench (no jax_ark.bench module)")
+fi
+# Diagnostics of wrong collective results (ARK_GPU_DIAG=1; their limits add 150 s to the 600):
+# every wrong element's bits over many calls, and the memory checker on one failing case.
+if [ "${ARK_GPU_DIAG:-0}" = 1 ]; then
+  step collective_stress 60 $PY tools/collective_stress.py --reps 4
+  SANITIZER=$(command -v compute-sanitizer || echo "$(dirname "$(command -v nvcc)")/compute-sanitizer")
+  if [ -x "$SANITIZER" ]; then
+    step memcheck 90 "$SANITIZER" --tool memcheck --error-exitcode 9 \
+      $PY tools/collective_stress.py --reps 1 --only "reduce_scatter bfloat16 n=2 count=12345"
+  fi
 fi
 
 echo

@@ -3,8 +3,9 @@
 The chain is `x = gelu(x @ W_i)` for L layers (bfloat16, batch b, width d), the shape of a
 batch-1 decode step where launch gaps, not bytes, dominate under XLA. Configurations are DxLxB
 (width, layers, batch); defaults: GPU 1024x32x1,4096x32x1,256x64x1,1024x32x16,4096x32x16 and CPU
-256x64x1,1024x32x1,1024x32x16. Each is checked against jax.jit first, then timed in --repeats rounds
-(median and the ratio's IQR). Writes persistent_{gpu,cpu}.{json,png}.
+256x64x1,1024x32x1,1024x32x16. Each is checked first (its error to the same chain in float32 at
+most twice jax.jit's), then timed in --repeats rounds (median and the ratio's IQR). Writes
+persistent_{gpu,cpu}.{json,png}.
 
 On a GPU the table also gives the weight-bytes floor: the time to read every weight once at the
 copy bandwidth measured in the same run, and the percent of that floor each executor reaches. On a
@@ -52,6 +53,21 @@ def copy_bandwidth(device: jax.Device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / seconds
 
 
+def _errors_against_float32(ark_fn, xla_fn, x, ws) -> tuple[float, float]:
+    """Relative errors (Frobenius) of ark's and jax.jit's bfloat16 chains against the same chain
+    in float32 at HIGHEST precision (no TF32), from the same bfloat16 inputs."""
+    with jax.default_matmul_precision("highest"):
+        exact = np.asarray(
+            jax.jit(decode_chain)(x.astype(jnp.float32), *[w.astype(jnp.float32) for w in ws])
+        )
+    norm = max(float(np.linalg.norm(exact)), 1e-30)
+
+    def err(out) -> float:
+        return float(np.linalg.norm(np.asarray(out, np.float32) - exact)) / norm
+
+    return err(ark_fn(x, *ws)), err(xla_fn(x, *ws))
+
+
 def bench(
     configs, device: jax.Device, budget_s: float, repeats: int = 3
 ) -> tuple[list[dict[str, Any]], float]:
@@ -68,14 +84,13 @@ def bench(
             ]
         xla_fn = jax.jit(decode_chain)
         ark_fn = jax.jit(ark.persistent(decode_chain))
-        want = np.asarray(xla_fn(x, *ws), np.float32)
-        got = np.asarray(ark_fn(x, *ws), np.float32)
-        # bf16 rounding differs between executors layer by layer: compare relative norms.
-        rel_err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-        if not rel_err < 2e-2:
+        rel_err, xla_rel_err = _errors_against_float32(ark_fn, xla_fn, x, ws)
+        # bf16 rounds every layer, in another order in each executor, so both drift from the
+        # float32 chain (2% after 64 layers on the first H200 run): ark must not drift much more.
+        if not rel_err <= 2 * xla_rel_err + 1e-3:
             raise AssertionError(
-                f"ark.persistent disagrees with jax.jit at d={d} L={layers} "
-                f"b={batch}: relative error {rel_err:.3g}"
+                f"ark.persistent is less accurate than jax.jit at d={d} L={layers} b={batch}: "
+                f"relative error to the float32 chain {rel_err:.3g}, jax.jit's {xla_rel_err:.3g}"
             )
         t = compare(ark_fn, xla_fn, x, *ws, repeats=repeats, budget_s=budget_s)
         t_xla, t_ark = t["base_s"], t["ark_s"]
@@ -87,6 +102,7 @@ def bench(
                 "layers": layers,
                 "batch": batch,
                 "rel_err": rel_err,
+                "xla_rel_err": xla_rel_err,
                 "weight_mib": weight_bytes / 2**20,
                 "ark_us": 1e6 * t_ark,
                 "xla_us": 1e6 * t_xla,

@@ -377,7 +377,7 @@ def test_nested_scan_refused(rng):
         ark.plan(fn, x, w, platform="cpu")
 
 
-# ---- GPU ------------------------------------------------------------------------------------------
+# ---- GPU ----------------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_gpu_scan_models_match_jit(rng):
     gpu = jax.devices("gpu")[0]

@@ -257,6 +257,71 @@ def test_flax_nnx_scan_over_layers(rng):
     _check(fn, x, state, tol=5e-5, workers=(2,))
 
 
+# ---- a greedy decode loop with a KV cache as ONE persistent call ----------------------------------
+def _gpt_step(params, cache, token, pos):
+    """One decode step of a small 2-layer GPT-style model (pre-norm attention + MLP per layer):
+    token id -> embedding gather, K / V of each layer written into its cache at `pos`, causal
+    attention over the filled prefix, logits through an unembedding, greedy next token."""
+    x = params["embed"][token]  # (B, D)
+    new_cache = []
+    for layer, (kc, vc) in zip(params["layers"], cache, strict=True):
+        h = _rms(x, layer["g1"])
+        q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
+        kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
+        s = jnp.einsum("bd,btd->bt", q, kc) / np.float32(np.sqrt(q.shape[-1]))
+        s = jnp.where(jnp.arange(kc.shape[1])[None, :] <= pos, s, -jnp.inf)
+        x = x + jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), vc) @ layer["wo"]
+        x = x + jax.nn.gelu(_rms(x, layer["g2"]) @ layer["w1"]) @ layer["w2"]
+        new_cache.append((kc, vc))
+    logits = _rms(x, params["gf"]) @ params["unembed"]
+    return jnp.argmax(logits, -1).astype(jnp.int32), new_cache
+
+
+def generate_16(params, cache, token):
+    """Greedy decoding of 16 tokens: a fori_loop around the decode step."""
+
+    def body(pos, c):
+        tok, cache, out = c
+        tok, cache = _gpt_step(params, cache, tok, pos)
+        return tok, cache, jax.lax.dynamic_update_slice(out, tok[:, None], (0, pos))
+
+    out = jnp.zeros((token.shape[0], 16), jnp.int32)
+    return jax.lax.fori_loop(0, 16, body, (token, cache, out))
+
+
+def _gpt_args(rng, B=2, T=16, d=32, V=64, layers=2):
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    params = {
+        "embed": rng.standard_normal((V, d)).astype(np.float32),
+        "unembed": w(d, V) * 4,
+        "gf": np.ones(d, np.float32),
+        "layers": [
+            {
+                "g1": np.ones(d, np.float32),
+                "g2": np.ones(d, np.float32),
+                **{k: w(d, d) for k in ("wq", "wk", "wv", "wo")},
+                "w1": w(d, 2 * d),
+                "w2": w(2 * d, d),
+            }
+            for _ in range(layers)
+        ],
+    }
+    cache = [(np.zeros((B, T, d), np.float32), np.zeros((B, T, d), np.float32))] * layers
+    return params, cache, rng.integers(0, V, (B,)).astype(np.int32)
+
+
+def test_greedy_decode_16_tokens_one_call(rng):
+    args = _gpt_args(rng)
+    want = _check(generate_16, *args, tol=1e-4, workers=(1, 3))
+    tokens = want[-1]
+    assert tokens.shape == (2, 16) and len(np.unique(tokens)) > 2  # the model really decodes
+    plan = ark.plan(generate_16, *args, platform="cpu")
+    assert [lp.trip_count for lp in plan.loops] == [16]  # one loop, not 16 unrolled steps
+
+
 # ---- the plan shows the loop ---------------------------------------------------------------------
 def test_plan_json_and_summary_show_the_loop(rng):
     x, w = _mlp_args(rng)

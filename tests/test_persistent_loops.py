@@ -257,7 +257,7 @@ def test_flax_nnx_scan_over_layers(rng):
     _check(fn, x, state, tol=5e-5, workers=(2,))
 
 
-# ---- a greedy decode loop with a KV cache as ONE persistent call ----------------------------------
+# ---- a greedy decode loop with a KV cache as ONE persistent call ---------------------------------
 def _gpt_step(params, cache, token, pos):
     """One decode step of a small 2-layer GPT-style model (pre-norm attention + MLP per layer):
     token id -> embedding gather, K / V of each layer written into its cache at `pos`, causal

@@ -313,13 +313,16 @@ def _gpt_args(rng, B=2, T=16, d=32, V=64, layers=2):
     return params, cache, rng.integers(0, V, (B,)).astype(np.int32)
 
 
-def test_greedy_decode_16_tokens_one_call(rng):
+def test_greedy_decode_16_tokens_one_call(rng, monkeypatch):
     args = _gpt_args(rng)
     want = _check(generate_16, *args, tol=1e-4, workers=(1, 3))
     tokens = want[-1]
     assert tokens.shape == (2, 16) and len(np.unique(tokens)) > 2  # the model really decodes
     plan = ark.plan(generate_16, *args, platform="cpu")
     assert [lp.trip_count for lp in plan.loops] == [16]  # one loop, not 16 unrolled steps
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "3")
+    got = _leaves(jax.jit(ark.persistent(generate_16, num_workers=4))(*args))
+    np.testing.assert_array_equal(got[-1], tokens)
 
 
 # ---- the plan shows the loop ---------------------------------------------------------------------

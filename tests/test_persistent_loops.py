@@ -419,17 +419,43 @@ def test_queue_that_runs_a_loop_task_after_later_work_refused(rng):
 
 
 # ---- what is not supported yet names itself ------------------------------------------------------
-@pytest.mark.parametrize("which", ["while_loop", "cond"])
-def test_while_loop_and_cond_refused_with_primitive_and_line(rng, which):
+def test_while_loop_refused_with_primitive_and_line(rng):
     def fn(x):
-        if which == "while_loop":
-            return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, x)
-        return jax.lax.cond(x.sum() > 0, lambda x: x * 2.0, lambda x: x - 1.0, x)
+        return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, x)
 
     x = rng.standard_normal((3,)).astype(np.float32) + 1.0
-    prim = "while" if which == "while_loop" else "cond"
-    with pytest.raises(UnsupportedError, match=rf"'{prim}'.*test_persistent_loops.py:\d+"):
+    with pytest.raises(UnsupportedError, match=r"'while'.*test_persistent_loops.py:\d+"):
         jax.jit(ark.persistent(fn))(x)
+
+
+def test_cond_and_switch_on_device_predicates(rng):
+    """cond / switch: every branch is planned and the device index selects (exact for pure
+    functions, including a branch that would divide by zero)."""
+
+    def fn(x, i, w):
+        a = jax.lax.cond(x.sum() > 0, lambda x: x @ w, lambda x: jnp.log(x) / 0.0, x)
+        b = jax.lax.switch(i, [lambda x: x * 2.0, lambda x: jnp.tanh(x @ w), jnp.sin], x)
+        return a, b
+
+    w = (rng.standard_normal((4, 4)) / 2).astype(np.float32)
+    for sign in (1.0, -1.0):
+        x = (sign * np.abs(rng.standard_normal((3, 4)))).astype(np.float32)
+        for i in (-3, 0, 1, 2, 7):  # switch clamps its index
+            _check(fn, x, np.int32(i), w, workers=(1, 2))
+
+
+def test_cond_inside_a_scan_body(rng):
+    def fn(x, ws):
+        def body(c, w):
+            h, i = c
+            h = jax.lax.cond(i % 2 == 0, lambda h: jnp.tanh(h @ w), lambda h: h @ w.T * 0.5, h)
+            return (h, i + 1), None
+
+        return jax.lax.scan(body, (x, jnp.int32(0)), ws)[0][0]
+
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    ws = (rng.standard_normal((5, 8, 8)) / 3).astype(np.float32)
+    _check(fn, x, ws, workers=(1, 3))
 
 
 def test_nested_scan_refused(rng):

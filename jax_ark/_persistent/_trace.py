@@ -1203,6 +1203,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
     if prim == "scan":
         return _scan(b, eqn, args)
+    if prim == "cond":
+        return _cond(b, eqn, args)
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
@@ -1213,8 +1215,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
-        f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count; "
-        "no while_loop, cond / switch or shard_map"
+        f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
+        "cond / switch; no while_loop or shard_map"
     )
 
 
@@ -1296,6 +1298,27 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         op.loop = loop_id
     b.loops.append(Loop(T, first_op, end_op, source=source))
     return [b.load(t) for t in carry_tensors] + ys
+
+
+def _cond(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
+    """cond / switch on a device predicate: every branch is planned, and the index (an int32
+    device value, clamped into range as XLA clamps it) selects each output element. jax functions
+    are pure, so this is exact (an untaken branch's inf / NaN never reaches the result); it costs
+    every branch's work: the untaken branch's tasks are not skipped."""
+    branches = eqn.params["branches"]
+    outs = [_translate(b, br.jaxpr, list(br.consts), list(args[1:])) for br in branches]
+    if len(branches) == 1:
+        return outs[0]
+    index = _clamp(b, _i32(b, args[0], ()), 0, len(branches) - 1)
+    results = []
+    for k, var in enumerate(eqn.outvars):
+        shape, dtype = tuple(var.aval.shape), _dtype_name(var.aval)
+        out = outs[0][k]
+        for i, branch in enumerate(outs[1:], start=1):
+            take = b.elementwise("ige", [index, _iconst(i)], shape, "bool")
+            out = b.elementwise("select", [take, out, branch[k]], shape, dtype)
+        results.append(out)
+    return results
 
 
 def _operand_names(b: _Builder, args: list[_Node]) -> str:

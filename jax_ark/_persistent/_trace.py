@@ -1255,8 +1255,8 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     loop_id, first_op = len(b.loops), len(b.ops)
     b.in_loop = True
     try:
-        first = _Ew((), "bool", op="ieq", args=(_Ew((), "int32", op="load_iter"), _iconst(0)))
-        first._size = 3
+        iteration = _Ew((), "int32", op="load_iter")
+        first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
         carries = []
         for k, x in enumerate(init):
             prev = b.load(carry_tensors[k])

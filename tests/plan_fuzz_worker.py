@@ -37,6 +37,7 @@ from jax_ark._persistent._format import (
     REDUCE_CODES,
     STORAGE_CODES,
     Instr,
+    Loop,
     Op,
     Plan,
     Task,
@@ -82,6 +83,20 @@ def _f4(table, ids, cache, row, pos):
     return new, (ids * 3 + pos) % 5, ids.astype(jnp.uint32) >> 1, jnp.argmax(emb, axis=-1)
 
 
+def _f5(x, ws, bs):
+    """Plan v3: a scan over stacked weights (views with an iteration stride), a carry, a stacked
+    output and a loop counter used as a device index."""
+
+    def body(c, wb):
+        h, i = c
+        w, b = wb
+        h = jnp.tanh(h @ w + b) + jax.lax.dynamic_slice(bs, (i, 0), (1, 4))
+        return (h, i + 1), jnp.sum(h, axis=-1)
+
+    (h, _), ys = jax.lax.scan(body, (x, jnp.int32(0)), (ws, bs))
+    return h, ys
+
+
 def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
     rng = np.random.default_rng(1234)
 
@@ -102,6 +117,7 @@ def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
             [arr(7, 5), np.array([3, -2, 6, 9], np.int32), arr(6, 5), arr(1, 5), np.int32(4)],
             dict(num_workers=2, tile_m=2, tile_n=4),
         ),
+        (_f5, [arr(3, 4), arr(5, 4, 4), arr(5, 4)], dict(num_workers=3, tile_m=2, tile_n=2)),
     ]
     return [(fn, args, ark.plan(fn, *args, **kw)) for fn, args, kw in cases]
 
@@ -204,6 +220,8 @@ def mutate_binary(words: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
         "queues": (int(h[20]), ntasks),
         "code": (int(h[21]), int(h[22])),
     }
+    if h[30]:  # v3 loop section: [num_loops, 0], loop records, op records, iteration strides
+        sections["loops"] = (int(h[30]), 2 + 8 * int(words[h[30]]) + 2 * int(h[6]) + 2 * int(h[8]))
     names = [k for k, (_, n) in sections.items() if n > 0]
     name = names[rng.integers(len(names))]
     at, n = sections[name]
@@ -265,11 +283,25 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 alias=int(w[r + 20]) - 1,
             )
         )
+    # v3 loop section (header word 30)
+    num_loops = int(w[h[30]]) if h[30] else 0
+    loop_rec = h[30] + 2
+    op_rec = loop_rec + 8 * num_loops
+    stride_rec = op_rec + 2 * h[6]
+    loops = [
+        Loop(i64(loop_rec + 8 * k), int(w[loop_rec + 8 * k + 2]), int(w[loop_rec + 8 * k + 3]))
+        for k in range(num_loops)
+    ]
     views = []
     for v in range(h[8]):
         r = h[13] + 16 * v
         views.append(
-            View(int(w[r]), i64(r + 2), tuple(i64(r + 4 + 2 * d) for d in range(int(w[r + 1]))))
+            View(
+                int(w[r]),
+                i64(r + 2),
+                tuple(i64(r + 4 + 2 * d) for d in range(int(w[r + 1]))),
+                i64(stride_rec + 2 * v) if num_loops else 0,
+            )
         )
 
     def program(at: int, n: int) -> list[Instr]:
@@ -313,6 +345,8 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 tile_n=f[15],
                 store_view=store_view,
                 store_at=store_at,
+                loop=int(w[op_rec + 2 * i]) if num_loops else -1,
+                stacked=bool(w[op_rec + 2 * i + 1]) if num_loops else False,
             )
         )
     offs = [int(x) for x in w[h[16] : h[16] + h[5] + 1]]
@@ -346,6 +380,7 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
         constants=constants,
         workspace_bytes=i64(28),
         version=h[1],
+        loops=loops,
     )
     # Fields the Plan has no place for (reserved words, num_elements, unused dims...) must be what
     # the encoder writes: words that are not the encoding of any plan are not a plan.

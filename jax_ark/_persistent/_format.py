@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-PLAN_VERSION = 2  # v2: int32 / uint32 tensors, integer opcodes, more reduce kinds
+PLAN_VERSION = 3  # v2: integer tensors / opcodes; v3: loops (scan / fori_loop)
 MAGIC = 0x504B5241
 MAX_RANK = 6
 MAX_PROGRAM_LEN = 64
@@ -27,6 +27,7 @@ MAX_INTEGER_POW_EXPONENT = 1 << 16
 MAX_WORK = 1 << 45  # element-operations of a whole plan
 MAX_MATMUL_PANEL = 1 << 28  # K x (n1 - n0) of one matmul task
 MAX_TILING_CELLS = 1 << 24  # grid cells of an op's tiling
+MAX_TRIP_COUNT = 1 << 24  # iterations of one loop (v3); a task's counter reaches its trip count
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -45,7 +46,7 @@ INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iar
 ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {
-    "load_acc": 0, "load": 1, "const": 2, "load_at": 3,
+    "load_acc": 0, "load": 1, "const": 2, "load_at": 3, "load_iter": 4,
     "neg": 10, "exp": 11, "log": 12, "tanh": 13, "logistic": 14, "sqrt": 15, "rsqrt": 16,
     "erf": 17, "abs": 18, "integer_pow": 19, "sin": 20, "cos": 21, "log1p": 22, "expm1": 23,
     "square": 24, "sign": 25, "copy": 26,
@@ -99,11 +100,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class View:
-    """element(idx) = tensor.flat[offset + sum(idx[d] * strides[d])]."""
+    """element(idx) = tensor.flat[offset + i * iter_stride + sum(idx[d] * strides[d])], where i
+    is the loop iteration of the op reading it (0 outside loops; v3)."""
 
     tensor: int
     offset: int
     strides: tuple[int, ...]
+    iter_stride: int = 0
 
 
 @dataclass
@@ -155,6 +158,21 @@ class Op:
     # store_at, clamped into the tensor. -1: the op writes its whole output tensor.
     store_view: int = -1
     store_at: int = -1
+    # Loops (v3): the loop whose body this op is part of (-1: none); a stacked op (in a loop)
+    # writes slice i of its output (shape (trip_count, *S)) at iteration i.
+    loop: int = -1
+    stacked: bool = False
+
+
+@dataclass
+class Loop:
+    """A loop (v3): ops first_op .. end_op - 1 are its body, run trip_count times. The body's
+    tasks are planned once and re-run per iteration (docs/plan_format.md, "Loops")."""
+
+    trip_count: int
+    first_op: int
+    end_op: int
+    source: str = ""
 
 
 @dataclass
@@ -194,6 +212,7 @@ class Plan:
     constants: dict[int, np.ndarray]
     workspace_bytes: int
     version: int = PLAN_VERSION
+    loops: list[Loop] = field(default_factory=list)
 
     # ---- inspection -----------------------------------------------------------------------------
     def task_name(self, t: int) -> str:
@@ -201,6 +220,20 @@ class Plan:
         op = self.ops[task.op]
         tile = f"b{task.b0}:{task.b1} m{task.m0}:{task.m1} n{task.n0}:{task.n1}"
         return f"task {t} (op {task.op} '{op.name}', tile {tile})"
+
+    def carried(self, t: int, d: int) -> bool:
+        """Whether task t's dependency d is on the PREVIOUS iteration of d: both in one loop and
+        d's op not before t's (a loop-carried read, or a write-after-read of the next iteration).
+        Iteration i of t then waits for counters[d] >= i; otherwise for i + 1 (same iteration,
+        same loop), 1 (d outside loops) or d's trip count (d in another loop: all of it)."""
+        a, b = self.tasks[t].op, self.tasks[d].op
+        loop = self.ops[a].loop
+        return loop >= 0 and self.ops[b].loop == loop and b >= a
+
+    def trip_count(self, op: int) -> int:
+        """How many times op's tasks run (its loop's trip count, 1 outside loops)."""
+        loop = self.ops[op].loop
+        return self.loops[loop].trip_count if 0 <= loop < len(self.loops) else 1
 
     def flops(self, t: int) -> int:
         task = self.tasks[t]
@@ -246,9 +279,19 @@ class Plan:
         total_flops = 0
         for i, op in enumerate(self.ops):
             out = self.tensors[op.out]
-            fl = sum(self.flops(t) for t, task in enumerate(self.tasks) if task.op == i)
+            fl = self.trip_count(i) * sum(
+                self.flops(t) for t, task in enumerate(self.tasks) if task.op == i
+            )
             total_flops += fl
             extra = f" K={op.K}" if op.kind != "map" else ""
+            if op.loop >= 0:
+                extra += f" loop={op.loop}" + (" stacked" if op.stacked else "")
+            for li, loop in enumerate(self.loops):
+                if loop.first_op == i:
+                    lines.append(
+                        f"  loop {li}: ops {loop.first_op}..{loop.end_op - 1} run "
+                        f"{loop.trip_count} times (body planned once) {loop.source}"
+                    )
             lines.append(
                 f"  op {i:3d} {op.kind:6s} {op.name:24s} -> t{op.out} {out.dtype}{list(out.shape)} "
                 f"[{out.storage}] tasks={op_tasks.get(i, 0)}{extra} epilogue={len(op.epilogue)} "
@@ -281,6 +324,7 @@ class Plan:
             "tensors": [dataclasses.asdict(t) | {"shape": list(t.shape)} for t in self.tensors],
             "views": [
                 {"tensor": v.tensor, "offset": v.offset, "strides": list(v.strides)}
+                | ({"iter_stride": v.iter_stride} if v.iter_stride else {})
                 for v in self.views
             ],
             "ops": [
@@ -296,6 +340,7 @@ class Plan:
                 }
                 for op in self.ops
             ],
+            "loops": [dataclasses.asdict(loop) for loop in self.loops],
             "tasks": [dataclasses.asdict(t) for t in self.tasks],
             "queues": [list(q) for q in self.queues],
             "constants": {
@@ -396,8 +441,11 @@ def topological_order(preds: list[list[int]]) -> tuple[list[int], int | None]:
 
 
 def _topological_order(plan: Plan) -> list[int]:
-    """Topological order of tasks over dependency edges (raises PlanError on a cycle)."""
-    order, stuck = topological_order([list(task.deps) for task in plan.tasks])
+    """Topological order of tasks over dependency edges within an iteration (raises PlanError on
+    a cycle)."""
+    order, stuck = topological_order(
+        [[d for d in task.deps if not plan.carried(t, d)] for t, task in enumerate(plan.tasks)]
+    )
     if stuck is not None:
         raise PlanError(f"dependency cycle through {plan.task_name(stuck)}")
     return order
@@ -511,6 +559,7 @@ def _encode(plan: Plan) -> np.ndarray:
     sections["names"] = len(words)
     words += names_words
     _pad_even(words)
+    loops_at = _encode_loops(plan, words)
 
     header = [
         MAGIC, PLAN_VERSION, 32, len(words),
@@ -521,11 +570,27 @@ def _encode(plan: Plan) -> np.ndarray:
         sections["queue_offsets"],
         sections["queues"], sections["code"], len(code), sections["names"],
         len(names), len(plan.tasks), PROFILE_WORDS_PER_TASK, 0,
-        *_i64(plan.workspace_bytes), 0, 0,
+        *_i64(plan.workspace_bytes), loops_at, 0,
     ]  # fmt: skip
     assert len(header) == 32
     words[:32] = header
     return np.asarray(words, dtype=np.int32)
+
+
+def _encode_loops(plan: Plan, words: list[int]) -> int:
+    """Appends the v3 loop section (docs/plan_format.md, "Loops"); returns its word offset, 0 when
+    the plan has no loops (then the binary is a v2 plan's but for the version)."""
+    if not plan.loops:
+        return 0
+    at = len(words)
+    words += [len(plan.loops), 0]
+    for loop in plan.loops:
+        words += _i64(loop.trip_count) + [loop.first_op, loop.end_op, 0, 0, 0, 0]
+    for op in plan.ops:
+        words += [op.loop, int(op.stacked)]
+    for v in plan.views:
+        words += _i64(v.iter_stride)
+    return at
 
 
 # ---- strict parsing: every field type- and range-checked, errors name the field's path --------
@@ -543,6 +608,12 @@ def _int(x: Any, path: str, lo: int = INT64[0], hi: int = INT64[1]) -> int:
     x = int(x)
     if not lo <= x <= hi:
         raise PlanError(f"{path}: {x} not in {lo}..{hi}")
+    return x
+
+
+def _bool(x: Any, path: str) -> bool:
+    if not isinstance(x, bool):
+        raise PlanError(f"{path}: expected true / false, got {type(x).__name__}")
     return x
 
 
@@ -603,8 +674,29 @@ _OP_KEYS = {f.name for f in dataclasses.fields(Op)}
 _TASK_KEYS = {f.name for f in dataclasses.fields(Task)}
 _PLAN_KEYS = {
     "format", "version", "num_workers", "num_inputs", "args", "outputs", "workspace_bytes",
-    "tensors", "views", "ops", "tasks", "queues", "constants",
+    "tensors", "views", "ops", "tasks", "queues", "constants", "loops",
 }  # fmt: skip
+_LOOP_KEYS = {f.name for f in dataclasses.fields(Loop)}
+
+
+def _parse_loops(d: dict, version: int, num_ops: int) -> list[Loop]:
+    """The v3 loop section: loops' op ranges are checked here; op.loop against them in validate."""
+    loops = []
+    for i, x in enumerate(_list(d.get("loops", []), "loops", num_ops)):
+        path = f"loops[{i}]"
+        _obj(x, path, _LOOP_KEYS)
+        loops.append(
+            Loop(
+                trip_count=_int(_field(x, "trip_count", path), f"{path}.trip_count", 1,
+                                MAX_TRIP_COUNT),
+                first_op=_int(_field(x, "first_op", path), f"{path}.first_op", 0, num_ops - 1),
+                end_op=_int(_field(x, "end_op", path), f"{path}.end_op", 1, num_ops),
+                source=_str(x.get("source", ""), f"{path}.source"),
+            )
+        )  # fmt: skip
+    if loops and version < 3:
+        raise PlanError(f"loops: a version {version} plan has no loops (loops need version 3)")
+    return loops
 
 
 def _parse_plan(d: Any) -> Plan:
@@ -640,14 +732,17 @@ def _parse_plan(d: Any) -> Plan:
     views = []
     for i, v in enumerate(_list(_field(d, "views", ""), "views", INT32[1])):
         path = f"views[{i}]"
-        _obj(v, path, {"tensor", "offset", "strides"})
+        _obj(v, path, {"tensor", "offset", "strides", "iter_stride"})
         views.append(
             View(
                 _int(_field(v, "tensor", path), f"{path}.tensor", *INT32),
                 _int(_field(v, "offset", path), f"{path}.offset"),
                 tuple(_ints(_field(v, "strides", path), f"{path}.strides", *INT64, MAX_RANK)),
+                _int(v.get("iter_stride", 0), f"{path}.iter_stride"),
             )
         )
+        if views[-1].iter_stride and version < 3:
+            raise PlanError(f"{path}.iter_stride: needs plan version 3 (loops)")
     ops = []
     for i, o in enumerate(_list(_field(d, "ops", ""), "ops", INT32[1])):
         path = f"ops[{i}]"
@@ -682,8 +777,12 @@ def _parse_plan(d: Any) -> Plan:
                 source=_str(o.get("source", ""), f"{path}.source"),
                 store_view=_int(o.get("store_view", -1), f"{path}.store_view", -1, INT32[1] - 1),
                 store_at=_int(o.get("store_at", -1), f"{path}.store_at", -1, INT32[1] - 1),
+                loop=_int(o.get("loop", -1), f"{path}.loop", -1, INT32[1] - 1),
+                stacked=_bool(o.get("stacked", False), f"{path}.stacked"),
             )
         )
+        if (ops[-1].loop >= 0 or ops[-1].stacked) and version < 3:
+            raise PlanError(f"{path}.loop: needs plan version 3 (loops)")
     tasks = []
     for i, t in enumerate(_list(_field(d, "tasks", ""), "tasks", INT32[1])):
         path = f"tasks[{i}]"
@@ -743,6 +842,7 @@ def _parse_plan(d: Any) -> Plan:
         constants=constants,
         workspace_bytes=_int(_field(d, "workspace_bytes", ""), "workspace_bytes", 0),
         version=version,
+        loops=_parse_loops(d, version, len(ops)),
     )
 
 

@@ -19,7 +19,7 @@ from jax_ark._persistent._format import (
     PlanError,
     np_dtype,
 )
-from jax_ark._persistent._schedule import tile_linear
+from jax_ark._persistent._schedule import epilogue_shape, tile_linear
 
 _UNARY = {
     "neg": np.negative,
@@ -174,7 +174,9 @@ def _integer_pow(x: np.ndarray, n: int) -> np.ndarray:
     return np.float32(1) / p if n < 0 else p
 
 
-def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: bool = False):
+def _eval(
+    plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: bool = False, it: int = 0
+):
     regs: list[np.ndarray] = []
     with np.errstate(all="ignore"):
         for ins in prog:
@@ -182,7 +184,7 @@ def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: boo
                 r = acc
             elif ins.op in ("load", "load_at"):
                 view = plan.views[int(ins.a)]
-                off = np.full(shape, view.offset, dtype=np.int64)
+                off = np.full(shape, view.offset + it * view.iter_stride, dtype=np.int64)
                 for d, s in enumerate(view.strides):
                     if s:
                         off = off + idx[d] * s
@@ -194,6 +196,8 @@ def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: boo
                     r = src[off].view(np.uint32)
                 else:
                     r = src[off].astype(np.float32)
+            elif ins.op == "load_iter":  # the loop iteration (v3)
+                r = np.full(shape, it, dtype=np.uint32)
             elif ins.op == "const" and ins.dtype in INT_DTYPES:
                 r = np.full(shape, int(ins.a) & 0xFFFFFFFF, dtype=np.uint32)
             elif ins.op == "const":
@@ -218,7 +222,8 @@ def _eval(plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: boo
     return regs if all_regs else regs[-1]
 
 
-def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
+def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) -> None:
+    """Runs iteration `it` of task t (0 outside loops)."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
     out = plan.tensors[op.out]
@@ -227,15 +232,16 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
     with np.errstate(all="ignore"):
         if op.kind == "matmul":
             av, bv = plan.views[op.a_view], plan.views[op.b_view]
+            a_at, b_at = av.offset + it * av.iter_stride, bv.offset + it * bv.iter_stride
             b = np.arange(task.b0, task.b1)[:, None, None]
             m = np.arange(task.m0, task.m1)[None, :, None]
             n = np.arange(task.n0, task.n1)[None, None, :]
             k = np.arange(op.K)
             a_tile = buffers[av.tensor][
-                av.offset + b * av.strides[0] + m * av.strides[1] + k[None, None, :] * av.strides[2]
+                a_at + b * av.strides[0] + m * av.strides[1] + k[None, None, :] * av.strides[2]
             ].astype(np.float32)
             b_tile = buffers[bv.tensor][
-                bv.offset + b * bv.strides[0] + k[None, :, None] * bv.strides[1] + n * bv.strides[2]
+                b_at + b * bv.strides[0] + k[None, :, None] * bv.strides[1] + n * bv.strides[2]
             ].astype(np.float32)
             acc = np.zeros((task.b1 - task.b0, task.m1 - task.m0, task.n1 - task.n0), np.float32)
             for kk in range(op.K):  # k ascending, product and sum each rounded to float32
@@ -249,11 +255,11 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
             idx = tuple(np.broadcast_to(i[:, None], (rows, K)) for i in m_idx) + tuple(
                 np.broadcast_to(i[None, :], (rows, K)) for i in r_idx
             )
-            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers)
+            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, it=it)
             acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
     if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
         idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
-        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True)
+        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, it=it)
         view = plan.views[op.store_view]
         at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
         for d, stride in enumerate(view.strides):
@@ -261,8 +267,11 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray]) -> None:
         at = np.clip(at, 0, out.num_elements - 1)
         lin, value = at, regs[-1]
     else:
-        idx = np.unravel_index(lin, out.shape) if out.shape else ()
-        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers)
+        shape = epilogue_shape(plan, op)
+        idx = np.unravel_index(lin, shape) if shape else ()
+        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, it=it)
+        if op.stacked:  # slice `it` of the stacked output
+            lin = lin + it * (op.B * op.M * op.N)
     if out.dtype in INT_DTYPES:
         buffers[op.out][lin] = value.astype(np.uint32).view(np_dtype(out.dtype))
     else:
@@ -325,28 +334,82 @@ def _buffers(plan: Plan, args: list[np.ndarray]) -> tuple[dict[int, np.ndarray],
     return buffers, workspace
 
 
-def execution_order(plan: Plan, rng: np.random.Generator | None = None) -> list[int]:
-    """An order in which workers could run their queues (each waits for its task's dependencies);
-    with rng, the next worker to advance is random (a stand-in for arbitrary timing)."""
-    done = [False] * len(plan.tasks)
-    pos = [0] * plan.num_workers
-    order: list[int] = []
-    while len(order) < len(plan.tasks):
-        ready = [
-            w
-            for w, q in enumerate(plan.queues)
-            if pos[w] < len(q) and all(done[d] for d in plan.tasks[q[pos[w]]].deps)
-        ]
+def dependency_target(plan: Plan, t: int, d: int, it: int) -> int:
+    """What counters[d] must reach before iteration `it` of task t runs (docs/plan_format.md,
+    "Loops"): counters count the finished iterations of each task."""
+    loop_t, loop_d = plan.ops[plan.tasks[t].op].loop, plan.ops[plan.tasks[d].op].loop
+    if loop_d < 0:
+        return 1
+    if loop_d != loop_t:
+        return plan.loops[loop_d].trip_count
+    return it if plan.carried(t, d) else it + 1
+
+
+class _Cursor:
+    """A worker's position: its queue index and, inside a loop's segment of its queue (the
+    worker's tasks of that loop, consecutive), the iteration."""
+
+    def __init__(self, plan: Plan, queue: list[int]):
+        self.plan, self.queue, self.q, self.it = plan, queue, 0, 0
+        self._enter()
+
+    def _enter(self) -> None:
+        self.begin, self.end, self.trips = self.q, self.q + 1, 1
+        if self.q < len(self.queue):
+            loop = self.plan.ops[self.plan.tasks[self.queue[self.q]].op].loop
+            if loop >= 0:
+                while (
+                    self.end < len(self.queue)
+                    and self.plan.ops[self.plan.tasks[self.queue[self.end]].op].loop == loop
+                ):
+                    self.end += 1
+                self.trips = self.plan.loops[loop].trip_count
+
+    @property
+    def done(self) -> bool:
+        return self.q >= len(self.queue)
+
+    def current(self) -> tuple[int, int]:
+        return self.queue[self.q], self.it
+
+    def advance(self) -> None:
+        self.q += 1
+        if self.q == self.end:
+            self.it += 1
+            if self.it < self.trips:
+                self.q = self.begin
+            else:
+                self.it = 0
+                self._enter()
+
+
+def execution_order(plan: Plan, rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
+    """(task, iteration) pairs in an order in which workers could run their queues (each waits
+    for its task's dependency targets); with rng, the next worker to advance is random (a
+    stand-in for arbitrary timing)."""
+    count = [0] * len(plan.tasks)
+    cursors = [_Cursor(plan, q) for q in plan.queues]
+    total = sum(plan.trip_count(task.op) for task in plan.tasks)
+    order: list[tuple[int, int]] = []
+
+    def runnable(c: _Cursor) -> bool:
+        t, it = c.current()
+        return all(count[d] >= dependency_target(plan, t, d, it) for d in plan.tasks[t].deps)
+
+    while len(order) < total:
+        ready = [w for w, c in enumerate(cursors) if not c.done and runnable(c)]
         if not ready:
             stuck = [
-                plan.task_name(q[pos[w]]) for w, q in enumerate(plan.queues) if pos[w] < len(q)
+                f"{plan.task_name(c.current()[0])} iteration {c.current()[1]}"
+                for c in cursors
+                if not c.done
             ]
             raise PlanError(f"plan deadlocks: every worker waits ({'; '.join(stuck)})")
         for w in [ready[rng.integers(len(ready))]] if rng is not None else ready:
-            t = plan.queues[w][pos[w]]
-            pos[w] += 1
-            done[t] = True
-            order.append(t)
+            t, it = cursors[w].current()
+            cursors[w].advance()
+            count[t] = it + 1
+            order.append((t, it))
     return order
 
 
@@ -356,6 +419,6 @@ def interpret(plan: Plan, *args, rng: np.random.Generator | None = None) -> list
         raise ValueError(f"plan takes {plan.num_inputs} inputs, got {len(args)}")
     full = list(args) + [plan.constants[t] for t in plan.args[plan.num_inputs :]]
     buffers, _ = _buffers(plan, full)
-    for t in execution_order(plan, rng):
-        run_task(plan, t, buffers)
+    for t, it in execution_order(plan, rng):
+        run_task(plan, t, buffers, it)
     return [buffers[o].reshape(plan.tensors[o].shape) for o in plan.outputs]

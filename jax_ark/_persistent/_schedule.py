@@ -117,6 +117,33 @@ def tile_linear(op: Op, task: Task) -> np.ndarray:
     return ((b[:, None, None] * op.M + m[None, :, None]) * op.N + n[None, None, :]).ravel()
 
 
+def written_elements(plan: Plan, task: Task) -> np.ndarray:
+    """Flat elements of its output tensor a task writes over all iterations of its loop."""
+    op = plan.ops[task.op]
+    if op.store_view >= 0:  # a window store may write any element of its tensor
+        return np.arange(plan.tensors[op.out].num_elements, dtype=np.int64)
+    lin = tile_linear(op, task)
+    if not op.stacked:
+        return lin
+    trips = np.arange(plan.trip_count(task.op), dtype=np.int64)
+    return (lin[None, :] + trips[:, None] * (op.B * op.M * op.N)).ravel()
+
+
+def epilogue_shape(plan: Plan, op: Op) -> tuple[int, ...]:
+    """The index space of op's epilogue: its output's shape (a stacked op: one slice)."""
+    shape = tuple(plan.tensors[op.out].shape)
+    return shape[1:] if op.stacked else shape
+
+
+def _all_iterations(plan: Plan, op_index: int, view, off: np.ndarray) -> np.ndarray:
+    """Elements a view reads at iteration 0 (off), moved to every iteration of op's loop."""
+    trips = plan.trip_count(op_index)
+    if not view.iter_stride or trips == 1:
+        return off
+    steps = np.arange(trips, dtype=np.int64) * view.iter_stride
+    return (off.ravel()[None, :] + steps[:, None]).ravel()
+
+
 def _offsets(view, idx: tuple[np.ndarray, ...]) -> np.ndarray:
     off = np.full(idx[0].shape if idx else (1,), view.offset, dtype=np.int64)
     for d, s in enumerate(view.strides):
@@ -148,12 +175,12 @@ def task_reads(
             m = np.arange(task.m0, task.m1, dtype=np.int64)
             sa = av.strides
             a_off = av.offset + b[:, None, None] * sa[0] + m[None, :, None] * sa[1] + k * sa[2]
-            reads.append((av.tensor, a_off.ravel()))
+            reads.append((av.tensor, _all_iterations(plan, task.op, av, a_off.ravel())))
         if want(bv.tensor):
             n = np.arange(task.n0, task.n1, dtype=np.int64)
             sb = bv.strides
             b_off = bv.offset + b[:, None, None] * sb[0] + k[None, :, None] * sb[1] + n * sb[2]
-            reads.append((bv.tensor, b_off.ravel()))
+            reads.append((bv.tensor, _all_iterations(plan, task.op, bv, b_off.ravel())))
     if op.kind == "reduce" and op.prologue:
         kept = op.iter_dims[: op.kept_rank]
         red = op.iter_dims[op.kept_rank :]
@@ -170,7 +197,8 @@ def task_reads(
             rr = np.zeros(op.K, dtype=np.int64)
             for d in range(len(red)):
                 rr = rr + r_idx[d] * s[len(kept) + d]
-            reads.append((view.tensor, (view.offset + mk[:, None] + rr[None, :]).ravel()))
+            off = (view.offset + mk[:, None] + rr[None, :]).ravel()
+            reads.append((view.tensor, _all_iterations(plan, task.op, view, off)))
     # load_at reads an element chosen at run time (a device index): any element of its tensor.
     for ins in list(op.prologue) + list(op.epilogue):
         if ins.op == "load_at" and want(plan.views[int(ins.a)].tensor):
@@ -178,14 +206,13 @@ def task_reads(
             reads.append((tensor, np.arange(plan.tensors[tensor].num_elements, dtype=np.int64)))
     views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
-        out_shape = plan.tensors[op.out].shape
+        out_shape = epilogue_shape(plan, op)
         lin = tile_linear(op, task)
         idx = np.unravel_index(lin, out_shape) if out_shape else ()
         for v in views:
             view = plan.views[v]
-            reads.append(
-                (view.tensor, _offsets(view, idx) if out_shape else np.array([view.offset]))
-            )
+            off = _offsets(view, idx) if out_shape else np.array([view.offset])
+            reads.append((view.tensor, _all_iterations(plan, task.op, view, off)))
     return reads
 
 
@@ -206,10 +233,7 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
     written: list[np.ndarray] = []
     for t, task in enumerate(plan.tasks):
         op = plan.ops[task.op]
-        if op.store_view >= 0:  # a window store may write any element of its tensor
-            lin = np.arange(plan.tensors[op.out].num_elements, dtype=np.int64)
-        else:
-            lin = tile_linear(op, task)
+        lin = written_elements(plan, task)
         written.append(lin)
         owner[op.out][lin] = t
     # read intervals of workspace tensors, for the write-after-read check below
@@ -221,7 +245,14 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
             prod = owner[tensor][idx]
             prod = prod[prod >= 0]
             if prod.size:  # bincount: the distinct producers, much faster than np.unique here
-                need[t].update(int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t)
+                producers = [int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t]
+                need[t].update(producers)
+                loop = plan.ops[task.op].loop
+                for p in producers:
+                    # A tensor written in t's own loop is written again next iteration: its writer
+                    # waits for this read (write-after-read; same or next iteration, see carried)
+                    if loop >= 0 and plan.ops[plan.tasks[p].op].loop == loop:
+                        need[p].add(t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
     # write-after-read on an aliased result: its writers overwrite the operand it aliases, so
@@ -272,6 +303,7 @@ def _allocate_workspace(plan: Plan) -> int:
     share bytes (required_dependencies then orders the later writer after the earlier readers)."""
     producer = _producers(plan)
     last_use = dict(producer)
+    first_use = dict(producer)
     for i, op in enumerate(plan.ops):
         views = program_views(op.prologue) + program_views(op.epilogue)
         if op.kind == "matmul":
@@ -279,6 +311,14 @@ def _allocate_workspace(plan: Plan) -> int:
         for v in views:
             t = plan.views[v].tensor
             last_use[t] = max(last_use.get(t, i), i)
+            first_use[t] = min(first_use.get(t, i), i)
+    # A tensor used inside a loop is used at every iteration: it lives over the whole loop (its
+    # bytes are never shared with another tensor of the loop, whatever the iteration).
+    for loop in plan.loops:
+        for t in last_use:
+            if first_use[t] < loop.end_op and last_use[t] >= loop.first_op:
+                first_use[t] = min(first_use[t], loop.first_op)
+                last_use[t] = max(last_use[t], loop.end_op - 1)
     placed: list[tuple[int, int, int, int]] = []  # (first op, last op, lo, hi)
     top = 0
     for t in sorted(
@@ -286,7 +326,7 @@ def _allocate_workspace(plan: Plan) -> int:
         key=lambda t: producer.get(t, 0),
     ):
         spec = plan.tensors[t]
-        first, last = producer.get(t, 0), last_use.get(t, 0)
+        first, last = first_use.get(t, 0), last_use.get(t, 0)
         size = -(-spec.nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
         busy = sorted((lo, hi) for f, la, lo, hi in placed if not (la < first or last < f))
         offset = 0
@@ -324,8 +364,9 @@ def _place(plan: Plan) -> list[list[int]]:
     indeg = [0] * n
     for t, task in enumerate(plan.tasks):
         for d in task.deps:
-            succ[d].append(t)
-            indeg[t] += 1
+            if not plan.carried(t, d):  # an earlier iteration's: no order within one iteration
+                succ[d].append(t)
+                indeg[t] += 1
     bottom = [0.0] * n
     for t in reversed(range(n)):  # tasks are created in op order: producers before consumers
         bottom[t] = costs[t] + max((bottom[s] for s in succ[t]), default=0.0)
@@ -336,7 +377,7 @@ def _place(plan: Plan) -> list[list[int]]:
     heapq.heapify(ready)
     while ready:
         _, t = heapq.heappop(ready)
-        est = max((finish[d] for d in plan.tasks[t].deps), default=0.0)
+        est = max((finish[d] for d in plan.tasks[t].deps if not plan.carried(t, d)), default=0.0)
         w = min(range(plan.num_workers), key=lambda w: (max(free[w], est), w))
         finish[t] = max(free[w], est) + costs[t]
         free[w] = finish[t]
@@ -345,7 +386,19 @@ def _place(plan: Plan) -> list[list[int]]:
             indeg[s] -= 1
             if indeg[s] == 0:
                 heapq.heappush(ready, (-bottom[s], s))
+    # Loops: a worker runs its tasks of a loop as one segment, once per iteration, so each queue
+    # lists the tasks before a loop, then the loop's, then those after (stable: the order within
+    # a stage stays topological). docs/plan_format.md, "Loops", says why this cannot deadlock.
+    if plan.loops:
+        queues = [sorted(q, key=lambda t: stage_of(plan, plan.tasks[t].op)) for q in queues]
     return queues
+
+
+def stage_of(plan: Plan, op: int) -> int:
+    """2 * (loops that end at or before op) + 1 if op is in a loop: dependencies and queues only
+    go from a stage to the same or a later one."""
+    before = sum(1 for loop in plan.loops if loop.end_op <= op)
+    return 2 * before + (1 if plan.ops[op].loop >= 0 else 0)
 
 
 def build_plan(
@@ -377,6 +430,7 @@ def build_plan(
         outputs=traced.outputs,
         constants=traced.constants,
         workspace_bytes=0,
+        loops=traced.loops,
     )
     plan.workspace_bytes = _allocate_workspace(plan)
     for task, deps in zip(plan.tasks, required_dependencies(plan), strict=True):

@@ -25,6 +25,7 @@ from jax_ark._persistent._format import (
     MAX_PROGRAM_LEN,
     MAX_RANK,
     Instr,
+    Loop,
     Op,
     PlanError,
     TensorSpec,
@@ -56,6 +57,7 @@ class _Load(_Node):
     tensor: int = 0
     offset: int = 0
     strides: tuple[int, ...] = ()
+    iter_stride: int = 0  # inside a loop body: moves by this many elements per iteration (xs)
 
 
 @dataclass(eq=False)
@@ -113,7 +115,11 @@ def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _is_identity(node: _Load, tensor_shape: tuple[int, ...]) -> bool:
-    if node.offset != 0 or math.prod(node.shape) != math.prod(tensor_shape):
+    if (
+        node.offset != 0
+        or node.iter_stride != 0
+        or math.prod(node.shape) != math.prod(tensor_shape)
+    ):
         return False
     want = _row_major(node.shape)
     return all(s == w or d == 1 for s, w, d in zip(node.strides, want, node.shape, strict=True))
@@ -173,6 +179,7 @@ class TraceResult:
     num_inputs: int
     outputs: list[int]
     constants: dict[int, np.ndarray]
+    loops: list[Loop] = field(default_factory=list)
 
 
 @dataclass
@@ -192,6 +199,8 @@ class _Builder:
     eqn: Any = None
     aliased: set[int] = field(default_factory=set)
     num_inputs: int = 0
+    loops: list[Loop] = field(default_factory=list)
+    in_loop: bool = False  # translating a loop body (nested loops are refused)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -202,9 +211,9 @@ class _Builder:
         return len(self.tensors) - 1
 
     def view_id(self, node: _Load) -> int:
-        key = (node.tensor, node.offset, node.strides)
+        key = (node.tensor, node.offset, node.strides, node.iter_stride)
         if key not in self.view_ids:
-            self.views.append(View(node.tensor, node.offset, tuple(node.strides)))
+            self.views.append(View(node.tensor, node.offset, tuple(node.strides), node.iter_stride))
             self.view_ids[key] = len(self.views) - 1
         return self.view_ids[key]
 
@@ -226,7 +235,9 @@ class _Builder:
             strides = [0] * len(shape)
             for i, d in enumerate(dims):
                 strides[d] = node.strides[i] if node.shape[i] == shape[d] else 0
-            return _Load(shape, node.dtype, node.tensor, node.offset, tuple(strides))
+            return _Load(
+                shape, node.dtype, node.tensor, node.offset, tuple(strides), node.iter_stride
+            )
         if isinstance(node, _Ew):
             args = [self._broadcast(a, shape, dims) for a in node.args]
             if any(a is None for a in args):
@@ -248,7 +259,7 @@ class _Builder:
             return _Imm(shape, node.dtype, value=node.value)
         if isinstance(node, _Load):
             strides = tuple(node.strides[p] for p in perm)
-            return _Load(shape, node.dtype, node.tensor, node.offset, strides)
+            return _Load(shape, node.dtype, node.tensor, node.offset, strides, node.iter_stride)
         if isinstance(node, _Ew):
             args = [self._transpose(a, perm) for a in node.args]
             if any(a is None for a in args):
@@ -274,7 +285,7 @@ class _Builder:
         if isinstance(node, _Load):
             offset = node.offset + sum(lo * s for lo, s in zip(start, node.strides, strict=True))
             strides = tuple(s * st for s, st in zip(node.strides, step, strict=True))
-            return _Load(shape, node.dtype, node.tensor, offset, strides)
+            return _Load(shape, node.dtype, node.tensor, offset, strides, node.iter_stride)
         if isinstance(node, _Ew):
             args = [self._slice(a, start, limit, step) for a in node.args]
             if any(a is None for a in args):
@@ -301,7 +312,7 @@ class _Builder:
             strides = _reshape_strides(node.shape, node.strides, shape)
             if strides is None:
                 return None
-            return _Load(shape, node.dtype, node.tensor, node.offset, strides)
+            return _Load(shape, node.dtype, node.tensor, node.offset, strides, node.iter_stride)
         if isinstance(node, _Ew):
             args = [self._reshape(a, shape) for a in node.args]
             if any(a is None for a in args):
@@ -331,14 +342,28 @@ class _Builder:
         return _Ew(shape, dtype, op=op, args=tuple(args), imm=imm, _size=size)
 
     # ---- materialization ---------------------------------------------------------------------
-    def materialize(self, node: _Node, storage: str = "workspace", index: int = 0) -> _Load:
-        """Emits the op computing `node` into a new contiguous tensor; returns its identity view."""
-        if isinstance(node, _Load) and storage == "workspace":
+    def materialize(
+        self,
+        node: _Node,
+        storage: str = "workspace",
+        index: int = 0,
+        into: int | None = None,
+        stacked: int = 0,
+    ) -> _Load:
+        """Emits the op computing `node` into a new contiguous tensor; returns its identity view.
+
+        into: write this existing (not yet written) tensor instead (a loop's carry);
+        stacked: inside a loop of that many iterations, a tensor (stacked, *node.shape) whose
+        slice i the op writes at iteration i (a scan's stacked outputs)."""
+        if isinstance(node, _Load) and storage == "workspace" and into is None and not stacked:
             if _is_identity(node, self.tensors[node.tensor].shape):
                 return node
         if math.prod(node.shape) == 0:
             # Nothing to compute (a zero-size dim): the tensor exists, no op writes it.
-            return self.load(self.new_tensor(node.shape, node.dtype, storage, index))
+            if into is not None:
+                return self.load(into)
+            shape = ((stacked,) if stacked else ()) + tuple(node.shape)
+            return self.load(self.new_tensor(shape, node.dtype, storage, index))
         cores = _cores(node)
         # Only one accumulator can feed an epilogue: emit the others on their own first.
         for core in cores[1:]:
@@ -346,8 +371,8 @@ class _Builder:
         if len(cores) > 1:
             node = self._substitute(node)
         if cores:
-            return self._emit_core(cores[0], node, node.shape, storage, index)
-        out = self.new_tensor(node.shape, node.dtype, storage, index)
+            return self._emit_core(cores[0], node, node.shape, storage, index, into, stacked)
+        out = self._out_tensor(node.shape, node.dtype, storage, index, into, stacked)
         n_cols = node.shape[-1] if node.shape else 1
         op = Op(
             name=f"map{len(self.ops)}",
@@ -359,9 +384,20 @@ class _Builder:
             acc_dtype=node.dtype,
             epilogue=self._compile(node),
             source=self.source,
+            stacked=bool(stacked),
         )
         self.ops.append(op)
         return self.load(out)
+
+    def _out_tensor(self, shape, dtype, storage, index, into, stacked) -> int:
+        if into is not None:
+            spec = self.tensors[into]
+            if spec.shape != tuple(shape) or spec.dtype != dtype:
+                raise AssertionError("internal error: loop carry shape / dtype changed")
+            return into
+        return self.new_tensor(
+            ((stacked,) if stacked else ()) + tuple(shape), dtype, storage, index
+        )
 
     def _substitute(self, node: _Node) -> _Node:
         """Replaces pendings whose core is already emitted by loads of their tensor."""
@@ -383,14 +419,16 @@ class _Builder:
             self._emit_core(core, None, None, "workspace", 0)
         return self._substitute(node)
 
-    def _emit_core(self, core: _Core, epilogue: _Node | None, shape, storage, index) -> _Load:
+    def _emit_core(
+        self, core: _Core, epilogue: _Node | None, shape, storage, index, into=None, stacked=0
+    ) -> _Load:
         if core.emitted:
             raise AssertionError("internal error: accumulator emitted twice")
         if shape is None:
             shape = core.out_shape
         if epilogue is None:
             epilogue = _Pending(shape, core.acc_dtype, core=core)
-        out = self.new_tensor(shape, epilogue.dtype, storage, index)
+        out = self._out_tensor(shape, epilogue.dtype, storage, index, into, stacked)
         op = Op(
             name=f"{core.name or core.kind}{len(self.ops)}",
             kind=core.kind,
@@ -402,6 +440,7 @@ class _Builder:
             acc_dtype=core.acc_dtype,
             reduce_kind=core.reduce_kind,
             source=core.source,
+            stacked=bool(stacked),
         )
         if core.kind == "matmul":
             op.a_view = self.view_id(core.a)
@@ -453,6 +492,8 @@ class _Builder:
                 prog.append(Instr("load_acc", n.core.acc_dtype))
                 if acc_negate:
                     prog.append(Instr("neg", n.core.acc_dtype, len(prog) - 1))
+            elif n.op == "load_iter":  # the loop iteration (v3)
+                prog.append(Instr("load_iter", "int32"))
             else:
                 if n.op == "load_at":  # args: (the static view, the int32 offset node)
                     moved = emit(n.args[1])
@@ -824,7 +865,7 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
         s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
         terms.append(_iop(b, "imul", s, x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides)
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride)
     return _load_at(base, _sum_offsets(b, terms))
 
 
@@ -845,7 +886,12 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
         inside = _and(b, inside, _iop(b, "ilt", rel, u))
         terms.append(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
     base = _Load(
-        tuple(out_shape), update.dtype, update.tensor, update.offset, (0,) * len(out_shape)
+        tuple(out_shape),
+        update.dtype,
+        update.tensor,
+        update.offset,
+        (0,) * len(out_shape),
+        update.iter_stride,
     )
     new = _load_at(base, _sum_offsets(b, terms))
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
@@ -938,7 +984,7 @@ def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             inside = _and(b, inside, _iop(b, "ile", start, hi))
         terms.append(_iop(b, "imul", _clamp(b, start, 0, hi), x.strides[xd]))
     del nvec
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, tuple(strides))
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, tuple(strides), x.iter_stride)
     value = _load_at(base, _sum_offsets(b, terms))
     if inside is None:
         return value
@@ -963,7 +1009,7 @@ def _concatenate(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             continue
         x = _as_load(b, a)
         strides = tuple(0 if d == axis else s for d, s in enumerate(x.strides))
-        base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides)
+        base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride)
         moved = _iop(b, "imul", _clamp(b, _iop(b, "isub", i, at), 0, n - 1), x.strides[axis])
         part = _load_at(base, moved)
         out = (
@@ -989,7 +1035,9 @@ def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
         inside = _and(b, inside, _iop(b, "ige", t, 0))
         inside = _and(b, inside, _iop(b, "ilt", t, x.shape[d]))
         terms.append(_iop(b, "imul", _clamp(b, t, 0, x.shape[d] - 1), x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, (0,) * len(out_shape))
+    base = _Load(
+        tuple(out_shape), x.dtype, x.tensor, x.offset, (0,) * len(out_shape), x.iter_stride
+    )
     value = _load_at(base, _sum_offsets(b, terms))
     if inside is None:
         return value
@@ -1008,7 +1056,7 @@ def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             neg = b.elementwise("ineg", [_position(b, out_shape, d)], out_shape, "int32")
             back = _iop(b, "iadd", neg, x.shape[d] - 1)
             terms.append(_iop(b, "imul", back, x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides)
+    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride)
     return _load_at(base, _sum_offsets(b, terms))
 
 
@@ -1153,6 +1201,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
     if prim == "cumsum":
         return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
+    if prim == "scan":
+        return _scan(b, eqn, args)
+    if prim == "cond":
+        return _cond(b, eqn, args)
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
@@ -1163,8 +1215,110 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
-        f"({', '.join(sorted(_INLINE_CALLS))}); no loops, conditionals or shard_map"
+        f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
+        "cond / switch; no while_loop or shard_map"
     )
+
+
+# ---- loops (plan v3): a scan body is planned once and its tasks re-run per iteration ------------
+def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
+    """jax.lax.scan (and fori_loop with a static trip count, which jax lowers to scan) as a plan
+    loop. Per carry k the loop owns a tensor C_k that the body's last ops write each iteration;
+    the body's first ops copy the carry in: X_k = (iteration == 0 ? init_k : C_k), so C_k of
+    iteration i - 1 is read before iteration i overwrites it (a write-after-read dependency from
+    the carry-in task to C_k's writers), and every tensor has exactly one writer op. xs are views
+    whose offset moves by one slice per iteration; ys are written by stacked ops."""
+    p = eqn.params
+    source = b.source
+    where = f"at {source}"
+    if b.in_loop:
+        raise UnsupportedError(f"ark.persistent: a scan / fori_loop inside a loop body {where}")
+    if p.get("reverse"):
+        raise UnsupportedError(f"ark.persistent: scan(reverse=True) is not supported {where}")
+    T, nc, nk = int(p["length"]), int(p["num_consts"]), int(p["num_carry"])
+    closed = p["jaxpr"]
+    consts, init, xs = args[:nc], args[nc : nc + nk], args[nc + nk :]
+    carry_avals = [v.aval for v in eqn.outvars[:nk]]
+    ys_avals = [v.aval for v in eqn.outvars[nk:]]
+    if T == 0:  # no iteration: the carries are the initial values, ys empty
+        return list(init) + [
+            _Imm(tuple(a.shape), _dtype_name(a), value=_zero(_dtype_name(a))) for a in ys_avals
+        ]
+    # Values from before the loop are computed before it (not re-run per iteration).
+    consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in consts]
+    init = [b.strip_pendings(x) for x in init]
+    xs = [x if isinstance(x, (_Load, _Imm)) else b.materialize(x) for x in xs]
+    carry_tensors = [
+        b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}")
+        for k, a in enumerate(carry_avals)
+    ]
+    loop_id, first_op = len(b.loops), len(b.ops)
+    b.in_loop = True
+    try:
+        iteration = _Ew((), "int32", op="load_iter")
+        first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
+        carries = []
+        for k, x in enumerate(init):
+            prev = b.load(carry_tensors[k])
+            if math.prod(x.shape) == 0:
+                carries.append(prev)
+                continue
+            x = b.elementwise("select", [first, prev, x], x.shape, x.dtype)
+            carries.append(b.materialize(x))
+        slices: list[_Node] = []
+        for x in xs:
+            if isinstance(x, _Imm):
+                slices.append(_Imm(x.shape[1:], x.dtype, value=x.value))
+            elif x.iter_stride:
+                raise UnsupportedError(f"ark.persistent: nested scan over xs {where}")
+            else:
+                slices.append(
+                    _Load(x.shape[1:], x.dtype, x.tensor, x.offset, x.strides[1:], x.strides[0])
+                )
+        outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
+        for k, node in enumerate(outs[:nk]):
+            if isinstance(node, (_Load, _Imm)):
+                node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+            if node.dtype != b.tensors[carry_tensors[k]].dtype:
+                node = _convert(b, node, b.tensors[carry_tensors[k]].dtype)
+            b.materialize(node, into=carry_tensors[k])
+        ys = []
+        for node, aval in zip(outs[nk:], ys_avals, strict=True):
+            if isinstance(node, (_Load, _Imm)):
+                node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+            ys.append(b.materialize(node, stacked=T))
+            if tuple(ys[-1].shape) != tuple(aval.shape):
+                raise AssertionError("internal error: stacked output shape")
+    finally:
+        b.in_loop = False
+    end_op = len(b.ops)
+    for op in b.ops[first_op:end_op]:
+        if op.store_view >= 0:
+            raise UnsupportedError(f"ark.persistent: an in-place update inside a loop {where}")
+        op.loop = loop_id
+    b.loops.append(Loop(T, first_op, end_op, source=source))
+    return [b.load(t) for t in carry_tensors] + ys
+
+
+def _cond(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
+    """cond / switch on a device predicate: every branch is planned, and the index (an int32
+    device value, clamped into range as XLA clamps it) selects each output element. jax functions
+    are pure, so this is exact (an untaken branch's inf / NaN never reaches the result); it costs
+    every branch's work: the untaken branch's tasks are not skipped."""
+    branches = eqn.params["branches"]
+    outs = [_translate(b, br.jaxpr, list(br.consts), list(args[1:])) for br in branches]
+    if len(branches) == 1:
+        return outs[0]
+    index = _clamp(b, _i32(b, args[0], ()), 0, len(branches) - 1)
+    results = []
+    for k, var in enumerate(eqn.outvars):
+        shape, dtype = tuple(var.aval.shape), _dtype_name(var.aval)
+        out = outs[0][k]
+        for i, branch in enumerate(outs[1:], start=1):
+            take = b.elementwise("ige", [index, _iconst(i)], shape, "bool")
+            out = b.elementwise("select", [take, out, branch[k]], shape, dtype)
+        results.append(out)
+    return results
 
 
 def _operand_names(b: _Builder, args: list[_Node]) -> str:
@@ -1188,6 +1342,7 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
                 node.tensor,
                 node.offset,
                 tuple(m[1] for m in merged),
+                node.iter_stride,
             )
     perm = [d for g in groups for d in g]
     if perm != sorted(perm) or not isinstance(node, _Load):
@@ -1364,4 +1519,4 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
         b.tensors[t].name = f"out{i}"
         if b.tensors[t].alias >= 0:
             b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
-    return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants)
+    return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants, b.loops)

@@ -22,6 +22,7 @@ from jax_ark._persistent._format import (
     MAX_PROGRAM_LEN,
     MAX_RANK,
     MAX_TILING_CELLS,
+    MAX_TRIP_COUNT,
     MAX_WORK,
     MAX_WORKERS,
     OPCODES,
@@ -56,6 +57,8 @@ def _int_result(plan: Plan, op, ins) -> bool | None:
         return plan.tensors[t].dtype in INT_DTYPES if 0 <= t < len(plan.tensors) else None
     if ins.op == "load_acc":
         return op.acc_dtype in INT_DTYPES
+    if ins.op == "load_iter":
+        return True
     if ins.op == "select":
         return None  # its operands' kind, checked in _check_program
     if ins.op in INT_BINARY_OPS or ins.op in INT_UNARY_OPS:
@@ -74,6 +77,8 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
         regs: list = []
         if ins.op == "load_acc" and not acc_ok:
             raise PlanError(f"{w}: load_acc in a map op")
+        if ins.op == "load_iter" and plan.version < 3:
+            raise PlanError(f"{w}: load_iter needs plan version 3 (loops)")
         if ins.op == "load_at":
             regs = [ins.b]  # the offset: an earlier integer register (checked below)
         if ins.op in LOAD_OPS:
@@ -164,9 +169,10 @@ def _view_reach(plan: Plan, i: int, v: int, dims) -> None:
         raise PlanError(f"view {v}: tensor {view.tensor} out of range")
     if len(view.strides) != len(dims):
         raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
-    if view.offset < 0 or any(s < 0 for s in view.strides):
+    if view.offset < 0 or any(s < 0 for s in view.strides) or view.iter_stride < 0:
         raise PlanError(f"view {v}: negative offset or stride")
     hi = view.offset + sum((d - 1) * s for d, s in zip(dims, view.strides, strict=True))
+    hi += (plan.trip_count(i) - 1) * view.iter_stride  # the last iteration's (v3 loops)
     n = plan.tensors[view.tensor].num_elements
     if hi >= n:
         raise PlanError(
@@ -269,6 +275,7 @@ def _validate(plan: Plan) -> None:
                 f"{aliased[spec.alias]} (one buffer cannot be two results)"
             )
         aliased[spec.alias] = t
+    _validate_loops(plan)
     # ops
     writer: dict[int, int] = {}
     reads: set[int] = set()
@@ -285,6 +292,8 @@ def _validate(plan: Plan) -> None:
         writer[op.out] = i
         window = op.store_view >= 0
         space = tuple(op.iter_dims) if window else out.shape
+        if op.stacked:  # one slice of its output per iteration
+            space = out.shape[1:]
         if window:
             if op.kind != "map" or out.storage != "result" or out.alias < 0:
                 raise PlanError(
@@ -375,7 +384,7 @@ def _validate(plan: Plan) -> None:
         for ins in op.epilogue:
             if ins.op in LOAD_OPS:
                 _view_in_bounds(plan, i, int(ins.a), space, reads)
-        work += math.prod(space) * (inner + _program_cost(op.epilogue))
+        work += plan.trip_count(i) * math.prod(space) * (inner + _program_cost(op.epilogue))
     used = max(
         (s.byte_offset + s.nbytes for s in plan.tensors if s.storage == "workspace"), default=0
     )
@@ -452,6 +461,8 @@ def _validate(plan: Plan) -> None:
     for t in range(len(plan.tasks)):
         if t not in where_queued:
             raise PlanError(f"{plan.task_name(t)} is in no worker's queue")
+    if plan.loops:
+        return _validate_loop_schedule(plan, where_queued)
     # runnable: dependency + queue-order edges acyclic
     n = len(plan.tasks)
     preds: list[list[int]] = [list(task.deps) for task in plan.tasks]
@@ -477,4 +488,107 @@ def _validate(plan: Plan) -> None:
                 raise PlanError(
                     f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} but "
                     f"does not depend on it (missing dependency)"
+                )
+
+
+# ---- loops (plan v3) ----------------------------------------
+def _validate_loops(plan: Plan) -> None:
+    """The loop section and the loop fields of ops and views (before the ops are checked)."""
+    for k, loop in enumerate(plan.loops):
+        where = f"loops[{k}]"
+        if not 1 <= loop.trip_count <= MAX_TRIP_COUNT:
+            raise PlanError(f"{where}: trip_count {loop.trip_count} not in 1..{MAX_TRIP_COUNT}")
+        if not 0 <= loop.first_op < loop.end_op <= len(plan.ops):
+            raise PlanError(f"{where}: ops {loop.first_op}..{loop.end_op} not a range of ops")
+        if k and plan.loops[k - 1].end_op > loop.first_op:
+            raise PlanError(f"{where}: loops must be disjoint and in op order")
+    for i, op in enumerate(plan.ops):
+        where = f"op {i} '{op.name}'"
+        inside = [k for k, lp in enumerate(plan.loops) if lp.first_op <= i < lp.end_op]
+        if op.loop != (inside[0] if inside else -1):
+            raise PlanError(
+                f"{where}: loop {op.loop}, but the loop section puts it in "
+                f"{inside[0] if inside else 'no loop'}"
+            )
+        if op.loop >= 0 and op.store_view >= 0:
+            raise PlanError(f"{where}: a window store cannot be in a loop")
+        if op.stacked:
+            shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
+            if op.loop < 0 or not shape or shape[0] != plan.loops[op.loop].trip_count:
+                raise PlanError(
+                    f"{where}: a stacked op is in a loop and its output's first dim is the "
+                    "loop's trip count"
+                )
+    for v, view in enumerate(plan.views):
+        if view.iter_stride < 0:
+            raise PlanError(f"view {v}: negative iter_stride")
+
+
+def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
+    """Runnable and complete, with loops (docs/plan_format.md, "Loops"): dependencies and queues
+    never go back to an earlier stage; dependencies within one iteration plus queue order are
+    acyclic; every required dependency holds through a chain that waits for the right
+    iteration (a carried one may go through one earlier iteration, the others through none)."""
+    from jax_ark._persistent._schedule import required_dependencies, stage_of
+
+    n = len(plan.tasks)
+    stage = [stage_of(plan, task.op) for task in plan.tasks]
+    for t, task in enumerate(plan.tasks):
+        for d in task.deps:
+            if stage[d] > stage[t]:
+                raise PlanError(
+                    f"{plan.task_name(t)} depends on {plan.task_name(d)}, which comes after it "
+                    "(a later loop or the ops after a loop)"
+                )
+    for w, q in enumerate(plan.queues):
+        for a, b in zip(q, q[1:], strict=False):
+            if stage[a] > stage[b]:
+                raise PlanError(
+                    f"worker {w}: queues {plan.task_name(b)} after {plan.task_name(a)} of a later "
+                    "stage (a worker runs the tasks before a loop, the loop's, then those after)"
+                )
+    same: list[list[int]] = [
+        [d for d in task.deps if not plan.carried(t, d)] for t, task in enumerate(plan.tasks)
+    ]
+    prev: list[list[int]] = [
+        [d for d in task.deps if plan.carried(t, d)] for t, task in enumerate(plan.tasks)
+    ]
+    preds = [list(p) for p in same]
+    for q in plan.queues:
+        for a, b in zip(q, q[1:], strict=False):
+            preds[b].append(a)
+        # a loop's segment wraps around: its first task's next iteration follows its last task
+        for k in range(len(plan.loops)):
+            seg = [t for t in q if plan.ops[plan.tasks[t].op].loop == k]
+            if len(seg) > 1:
+                prev[seg[0]].append(seg[-1])
+    order, stuck = topological_order(preds)
+    if stuck is not None:
+        raise PlanError(
+            f"dependency cycle (dependencies within an iteration + queue order) through "
+            f"{plan.task_name(stuck)} on worker {where_queued[stuck]}: the plan would deadlock"
+        )
+    # anc0: ancestors through same-iteration edges; anc1: through at most one carried edge
+    anc0 = [0] * n
+    for t in order:
+        acc = 0
+        for p in preds[t]:
+            acc |= anc0[p] | (1 << p)
+        anc0[t] = acc
+    anc1 = [0] * n
+    for t in order:
+        acc = anc0[t]
+        for p in preds[t]:
+            acc |= anc1[p]
+        for p in prev[t]:
+            acc |= anc0[p] | (1 << p)
+        anc1[t] = acc
+    for t, need in enumerate(required_dependencies(plan)):
+        for d in need:
+            ok = anc1[t] if plan.carried(t, d) else anc0[t]
+            if not (ok >> d) & 1:
+                raise PlanError(
+                    f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} "
+                    f"{'(of the previous iteration) ' if plan.carried(t, d) else ''}but does not "
+                    "depend on it (missing dependency)"
                 )

@@ -33,6 +33,7 @@ constexpr int64_t kMaxWork = int64_t{1} << 45;       // element-operations of a 
 constexpr int64_t kMaxMatmulPanel = int64_t{1} << 28;  // K x (n1 - n0) of one matmul task
 constexpr int64_t kMaxTilingCells = int64_t{1} << 24;  // grid cells the exact-cover check builds
 constexpr int64_t kWorkspaceAlign = 256;
+constexpr int64_t kMaxTripCount = int64_t{1} << 24;   // iterations of one loop (v3)
 
 // What an instruction's operand fields mean, by opcode (-1 registers: not an opcode).
 struct OpcodeInfo {
@@ -47,7 +48,7 @@ inline OpcodeInfo opcode_info(int32_t code) {
   if (code == kLoadAcc) return {0, true, false, false, false};
   if (code == kLoad) return {0, false, true, false, false};
   if (code == kLoadAt) return {0, false, true, true, false};
-  if (code == kConst) return {0, false, false, false, false};
+  if (code == kConst || code == kLoadIter) return {0, false, false, false, false};
   if (is_unary(code)) return {1, false, false, false, code == kIntegerPow};
   if (is_binary(code) || is_int_binary(code)) return {2, false, false, false, false};
   if (is_int_unary(code)) return {1, false, false, false, code == kIPow};
@@ -129,6 +130,56 @@ inline bool view_extent(const ViewRecord& v, const int64_t* dims, int rank, int6
       return false;
   }
   *hi = acc;
+  return true;
+}
+
+// The v3 loop section (plan_format.hpp, LoopView): inside the plan, loops disjoint and in op
+// order with bounded trip counts, each op's loop id the loop whose range holds it, stacked ops in a
+// loop writing a (trip_count, ...) tensor, no window store in a loop, iteration strides >= 0. The
+// other sections were checked before (ops, tensors, views are in range).
+inline bool check_loop_section(const PlanView& p, Checker& c) {
+  const Header& h = p.header();
+  const LoopView lv{p.words};
+  if (h.version < 3) return h.loops_at == 0 || c.fail("header.loops_at must be 0 before version 3");
+  if (h.loops_at == 0) return true;
+  if (!c.section(h.loops_at, 2, 1, true, "loops")) return false;
+  const int64_t num_loops = p.words[h.loops_at];
+  if (num_loops < 1 || num_loops > h.num_ops || p.words[h.loops_at + 1] != 0)
+    return c.fail("loop section: " + std::to_string(num_loops) + " loops, not 1..num_ops");
+  if (!c.section(h.loops_at, 2 + 8 * num_loops + 2 * int64_t{h.num_ops} + 2 * int64_t{h.num_views}, 1,
+                 true, "loops"))
+    return false;
+  for (int l = 0; l < num_loops; ++l) {
+    const LoopRecord& r = lv.loop(l);
+    const std::string where = "loop " + std::to_string(l);
+    if (r.trip_count < 1 || r.trip_count > kMaxTripCount)
+      return c.fail(where + ": trip_count " + std::to_string(r.trip_count) + " not in 1..2^24");
+    if (r.first_op < 0 || r.first_op >= r.end_op || r.end_op > h.num_ops)
+      return c.fail(where + ": ops [" + std::to_string(r.first_op) + ", " + std::to_string(r.end_op) +
+                    ") not a range of ops");
+    if (l > 0 && lv.loop(l - 1).end_op > r.first_op) return c.fail(where + ": loops overlap or are out of order");
+    for (int k = 0; k < 4; ++k)
+      if (r.reserved[k] != 0) return c.fail(where + ": reserved words must be 0");
+  }
+  int32_t in_loop = 0;  // loop of the scan below: ops are visited in order, loops too
+  for (int i = 0; i < h.num_ops; ++i) {
+    while (in_loop < num_loops && lv.loop(in_loop).end_op <= i) ++in_loop;
+    const bool inside = in_loop < num_loops && lv.loop(in_loop).first_op <= i;
+    const OpLoopRecord& r = lv.op_records()[i];
+    const std::string where = op_where(i);
+    if (r.loop != (inside ? in_loop : -1))
+      return c.fail(where + ": loop id " + std::to_string(r.loop) + " disagrees with the loop ranges");
+    const OpRecord& op = p.op(i);
+    if (inside && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be in a loop");
+    if (r.stacked != 0 && r.stacked != 1) return c.fail(where + ": stacked must be 0 or 1");
+    if (r.stacked) {
+      const TensorRecord& out = p.tensor(op.out_tensor);  // range checked by the caller first
+      if (!inside || out.rank < 1 || out.dims[0] != lv.loop(r.loop).trip_count)
+        return c.fail(where + ": a stacked op is in a loop and its output's first dim is the trip count");
+    }
+  }
+  for (int v = 0; v < h.num_views; ++v)
+    if (lv.view_iter_stride(v) < 0) return c.fail("view " + std::to_string(v) + ": negative iter_stride");
   return true;
 }
 
@@ -264,6 +315,12 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (r.tensor < 0 || r.tensor >= h.num_tensors || r.rank < 0 || r.rank > kMaxRank)
       return "view " + std::to_string(v) + ": tensor or rank out of range";
   }
+  // v3 loops: checked before any view extent or op space depends on them.
+  for (int i = 0; i < h.num_ops; ++i)
+    if (p.op(i).out_tensor < 0 || p.op(i).out_tensor >= h.num_tensors)
+      return op_where(i) + ": output tensor out of range";
+  if (!check_loop_section(p, c)) return c.err;
+  const LoopView lv{words};
   std::vector<int32_t> writer(h.num_tensors, -1);
   std::vector<char> read(h.num_tensors, 0);
   const auto view_in = [&](int view, const int64_t* dims, int rank, int op) -> bool {
@@ -272,7 +329,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (v.rank != rank)
       return c.fail(op_where(op) + ": view " + std::to_string(view) + " has rank " +
                     std::to_string(v.rank) + ", its iteration space " + std::to_string(rank));
-    if (!view_extent(v, dims, rank, &hi) || hi >= p.tensor(v.tensor).num_elements)
+    int64_t moved = 0;  // v3: the last iteration's extra offset
+    const bool iter_ok = mul_ok(lv.op_trips(op) - 1, lv.view_iter_stride(view), &moved);
+    if (!view_extent(v, dims, rank, &hi) || !iter_ok || !add_ok(hi, moved, &hi) ||
+        hi >= p.tensor(v.tensor).num_elements)
       return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads outside tensor " +
                     std::to_string(v.tensor) + " (negative or overflowing offset / stride, or past its " +
                     std::to_string(p.tensor(v.tensor).num_elements) + " elements)");
@@ -354,6 +414,9 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     // view's element + an int32 register, clamped into the tensor by the executors.
     const bool window = op.store_view_plus1 != 0;
     int64_t space_elems = out.num_elements;
+    // A stacked op (v3) computes one slice (dims 1..rank) of its output per iteration.
+    const bool stacked = lv.op_stacked(i);
+    if (stacked) space_elems = out.dims[0] ? out.num_elements / out.dims[0] : 0;
     if (window) {
       if (op.kind != kOpMap || out.storage != kStorageResult || out.alias_plus1 == 0)
         return where + ": a window store must be a map op writing an aliased result";
@@ -410,12 +473,14 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       if (pro < 0) return c.err;
       inner = sat_mul(op.K, pro + 1);
     }
-    const int64_t epi = program(i, op.epilogue_at, op.epilogue_len, window ? op.iter_dims : out.dims,
-                                window ? op.iter_rank : out.rank, op.kind != kOpMap, "epilogue");
+    const int64_t epi = program(i, op.epilogue_at, op.epilogue_len,
+                                window ? op.iter_dims : out.dims + (stacked ? 1 : 0),
+                                window ? op.iter_rank : out.rank - (stacked ? 1 : 0), op.kind != kOpMap,
+                                "epilogue");
     if (epi < 0) return c.err;
     if (window && !is_int_dtype(dtype_of(p.instruction(op.epilogue_at + op.store_at_plus1 - 1))))
       return where + ": store_at is not an integer register of the epilogue";
-    work = sat_add(work, sat_mul(elems, sat_add(inner, epi)));
+    work = sat_add(work, sat_mul(lv.op_trips(i), sat_mul(elems, sat_add(inner, epi))));
   }
   if (work > kMaxWork)
     return "the plan's work (" + std::to_string(work) + " element-operations) exceeds the bound 2^45";
@@ -508,11 +573,32 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       queue_prev[t] = q > p.queue_begin(w) ? p.queue_task(q - 1) : -1;
     }
   }
-  // Kahn's algorithm over "t waits for dep" and "t runs after queue_prev[t]".
+  // v3 loops (docs/plan_format.md, "Loops"): stages (the ops before the first loop, loop 0, the
+  // ops between, ...) never go backwards along a dependency or a queue; then the graph of
+  // same-iteration dependencies + queue order being acyclic is what makes the plan deadlock-free.
+  if (lv.num_loops() > 0) {
+    std::vector<int32_t> stage(h.num_ops);
+    for (int i = 0, before = 0; i < h.num_ops; ++i) {
+      while (before < lv.num_loops() && lv.loop(before).end_op <= i) ++before;
+      stage[i] = 2 * before + (lv.op_loop(i) >= 0);
+    }
+    for (int t = 0; t < h.num_tasks; ++t) {
+      for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)
+        if (stage[p.task(deps[e]).op] > stage[p.task(t).op])
+          return "task " + std::to_string(t) + ": depends on task " + std::to_string(deps[e]) +
+                 " of a later loop stage";
+      if (queue_prev[t] >= 0 && stage[p.task(queue_prev[t]).op] > stage[p.task(t).op])
+        return "worker " + std::to_string(worker_of[t]) + ": queues task " + std::to_string(t) +
+               " after task " + std::to_string(queue_prev[t]) + " of a later loop stage";
+    }
+  }
+  const auto same_iteration = [&](int t, int e) { return !lv.carried(p.task(t).op, p.task(deps[e]).op); };
+  // Kahn's algorithm over "t waits for dep (same iteration)" and "t runs after queue_prev[t]".
   std::vector<int32_t> indeg(h.num_tasks, 0), succ_begin(h.num_tasks + 1, 0), succ;
   for (int t = 0; t < h.num_tasks; ++t) {
-    indeg[t] = dep_off[t + 1] - dep_off[t] + (queue_prev[t] >= 0);
-    for (int e = dep_off[t]; e < dep_off[t + 1]; ++e) ++succ_begin[deps[e] + 1];
+    indeg[t] = queue_prev[t] >= 0;
+    for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)
+      if (same_iteration(t, e)) ++indeg[t], ++succ_begin[deps[e] + 1];
     if (queue_prev[t] >= 0) ++succ_begin[queue_prev[t] + 1];
   }
   for (int t = 0; t < h.num_tasks; ++t) succ_begin[t + 1] += succ_begin[t];
@@ -520,7 +606,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   {
     std::vector<int32_t> fill(succ_begin.begin(), succ_begin.end() - 1);
     for (int t = 0; t < h.num_tasks; ++t) {
-      for (int e = dep_off[t]; e < dep_off[t + 1]; ++e) succ[fill[deps[e]]++] = t;
+      for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)
+        if (same_iteration(t, e)) succ[fill[deps[e]]++] = t;
       if (queue_prev[t] >= 0) succ[fill[queue_prev[t]]++] = t;
     }
   }

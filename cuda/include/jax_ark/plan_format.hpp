@@ -21,7 +21,7 @@
 namespace jax_ark::plan {
 
 constexpr int32_t kMagic = 0x504B5241;  // bytes "ARKP"
-constexpr int32_t kVersion = 2;  // v2: integer tensors (int32 / uint32), integer opcodes
+constexpr int32_t kVersion = 3;  // v2: integer tensors, integer opcodes; v3: loops (see the end)
 constexpr int kMaxRank = 6;             // tensors, views and iteration spaces have rank <= 6
 constexpr int kMaxProgramLen = 64;      // instructions per prologue / epilogue program
 constexpr int kProfileWordsPerTask = 4; // int64 words per task in the profile result
@@ -72,6 +72,7 @@ enum Opcode : int32_t {
   // v2: r = view a's element at the current index moved by int32 register b elements (a device
   // value: gather / dynamic_slice indices), the element index clamped into the tensor
   kLoadAt = 3,
+  kLoadIter = 4,  // v3: r = the current loop iteration as int32 (0 outside loops)
   // unary (operand a)
   kNeg = 10, kExp = 11, kLog = 12, kTanh = 13, kLogistic = 14, kSqrt = 15, kRsqrt = 16,
   kErf = 17, kAbs = 18, kIntegerPow = 19 /* exponent = b (int32) */, kSin = 20, kCos = 21,
@@ -105,7 +106,8 @@ struct Header {                     // 32 words
   int32_t queues_at, code_at, code_words, names_at;                   // 20..23
   int32_t names_bytes, num_counters, profile_words_per_task, reserved0;  // 24..27
   int64_t workspace_bytes;                                            // 28..29
-  int32_t reserved1[2];                                               // 30..31
+  int32_t loops_at;   // 30: v3 word offset of the loop section (0 = no loops; see LoopView)
+  int32_t reserved1;                                                  // 31
 };
 
 struct TensorRecord {               // 24 words
@@ -204,6 +206,100 @@ struct PlanView {
   }
   ARK_HD const char* name_chars() const {
     return reinterpret_cast<const char*>(words + header().names_at);
+  }
+};
+
+// ---- loops (v3) ----------------------------------------------------------------------------------
+// A loop is a contiguous range of ops [first_op, end_op) whose tasks run trip_count times: the body
+// is planned once. The loop section (at header.loops_at, an even offset; absent when 0) is
+//   [num_loops, 0], LoopRecord x num_loops, OpLoopRecord x num_ops, int64 iter_stride x num_views.
+// Counters count finished iterations (a task outside loops: 0 or 1). Iteration i of task t waits
+// for counters[d] >= dep_target(...) for each dependency d; a worker runs its queue's tasks of one
+// loop (consecutive in its queue: a segment) once per iteration (QueueCursor).
+struct LoopRecord {                 // 8 words
+  int64_t trip_count;               // 0..1, in 1..kMaxTripCount (plan_check.hpp)
+  int32_t first_op, end_op;         // 2..3
+  int32_t reserved[4];              // 4..7
+};
+struct OpLoopRecord {               // 2 words
+  int32_t loop;                     // the loop this op belongs to, -1 = none
+  int32_t stacked;                  // 1: out_tensor is (trip_count, *S); iteration i writes slice i
+};
+static_assert(sizeof(LoopRecord) == 8 * 4, "LoopRecord layout");
+static_assert(sizeof(OpLoopRecord) == 2 * 4, "OpLoopRecord layout");
+
+struct LoopView {
+  const int32_t* words;
+
+  ARK_HD const Header& header() const { return *reinterpret_cast<const Header*>(words); }
+  ARK_HD int32_t at() const { return header().version >= 3 ? header().loops_at : 0; }
+  ARK_HD int32_t num_loops() const { return at() ? words[at()] : 0; }
+  ARK_HD const LoopRecord& loop(int l) const {
+    return reinterpret_cast<const LoopRecord*>(words + at() + 2)[l];
+  }
+  ARK_HD const OpLoopRecord* op_records() const {
+    return reinterpret_cast<const OpLoopRecord*>(words + at() + 2 + 8 * num_loops());
+  }
+  ARK_HD int32_t op_loop(int op) const { return at() ? op_records()[op].loop : -1; }
+  ARK_HD bool op_stacked(int op) const { return at() && op_records()[op].stacked != 0; }
+  // Element offset a view moves by per iteration (an xs slice of a scan).
+  ARK_HD int64_t view_iter_stride(int v) const {
+    if (!at()) return 0;
+    const int32_t* strides = words + at() + 2 + 8 * num_loops() + 2 * header().num_ops;
+    return reinterpret_cast<const int64_t*>(strides)[v];
+  }
+  ARK_HD int64_t op_trips(int op) const {
+    const int32_t l = op_loop(op);
+    return l >= 0 ? loop(l).trip_count : 1;
+  }
+  // A dependency on the previous iteration: both ops in one loop, the dependency's op not earlier.
+  ARK_HD bool carried(int task_op, int dep_op) const {
+    const int32_t l = op_loop(task_op);
+    return l >= 0 && op_loop(dep_op) == l && dep_op >= task_op;
+  }
+  // What counters[d] must reach before iteration `iter` of a task of op task_op runs.
+  ARK_HD int64_t dep_target(int task_op, int dep_op, int64_t iter) const {
+    const int32_t ld = op_loop(dep_op);
+    if (ld < 0) return 1;
+    if (ld != op_loop(task_op)) return loop(ld).trip_count;  // another loop: all of it
+    return dep_op < task_op ? iter + 1 : iter;
+  }
+};
+
+// A worker's position in its queue: index q and, inside a segment of one loop's tasks, the
+// iteration. After the last task of a segment the worker goes back to the segment's first task
+// until the loop's trip count is reached.
+struct QueueCursor {
+  int32_t q = 0, end_q = 0, seg_begin = 0, seg_end = 0;
+  int64_t iter = 0, trips = 1;
+
+  ARK_HD void start(const PlanView& p, const LoopView& lv, int worker) {
+    q = p.queue_begin(worker);
+    end_q = p.queue_end(worker);
+    enter(p, lv);
+  }
+  ARK_HD bool done() const { return q >= end_q; }
+  ARK_HD int32_t task(const PlanView& p) const { return p.queue_task(q); }
+  ARK_HD void advance(const PlanView& p, const LoopView& lv) {
+    if (++q < seg_end) return;
+    if (++iter < trips) {
+      q = seg_begin;
+    } else {
+      enter(p, lv);
+    }
+  }
+
+ private:
+  ARK_HD void enter(const PlanView& p, const LoopView& lv) {
+    seg_begin = q;
+    seg_end = q + 1;
+    iter = 0;
+    trips = 1;
+    if (q >= end_q) return;
+    const int32_t l = lv.op_loop(p.task(p.queue_task(q)).op);
+    if (l < 0) return;
+    while (seg_end < end_q && lv.op_loop(p.task(p.queue_task(seg_end)).op) == l) ++seg_end;
+    trips = lv.loop(l).trip_count;
   }
 };
 

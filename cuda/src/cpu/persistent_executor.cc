@@ -202,9 +202,10 @@ struct Chaos {
   enum Mode { kTargeted, kReversed, kStalls };
   Chaos(const PlanView& p, uint64_t seed, int run_index)
       : rng(mix64(seed * kChaosRuns + run_index)),
-        pos(p.header().num_workers),
+        cursors(p.header().num_workers),
         start_delay_us(p.header().num_workers) {
     const Header& h = p.header();
+    for (int w = 0; w < h.num_workers; ++w) cursors[w].start(p, LoopView{p.words}, w);
     mode = run_index == 2 ? kReversed : (run_index == 4 ? kStalls : kTargeted);
     highest_first = run_index % 2;
     std::vector<int> rank(h.num_workers);
@@ -251,7 +252,7 @@ struct Chaos {
   uint64_t rng;
   std::mutex mu;
   std::condition_variable cv;
-  std::vector<int32_t> pos;            // serialized modes: queue index of each worker's next task
+  std::vector<QueueCursor> cursors;    // serialized modes: each worker's next task and iteration
   std::vector<int64_t> start_delay_us; // stalls mode
   int granted = -1;                    // serialized modes: the worker allowed to run next
   bool busy = false;                   // a granted task has not finished yet
@@ -264,8 +265,9 @@ struct Chaos {
 // ---- the run ----------------------------------------------------------------------------------------
 struct Run {
   Run(PlanView p, const PersistentBuffers& b, const PersistentOptions& o)
-      : plan(p), buf(b), opt(o), t0(Clock::now()) {}
+      : plan(p), loops{p.words}, buf(b), opt(o), t0(Clock::now()) {}
   PlanView plan;
+  LoopView loops;  // v3: empty for plans without loops
   const PersistentBuffers& buf;
   const PersistentOptions& opt;
   Clock::time_point t0;
@@ -321,6 +323,13 @@ struct Run {
 #endif
   }
 
+  // View v as iteration `iter` of its op's loop sees it (v3: an xs slice moves per iteration).
+  ViewRecord view(int v, int64_t iter) const {
+    ViewRecord r = plan.view(v);
+    r.offset += iter * loops.view_iter_stride(v);
+    return r;
+  }
+
   char* tensor_base(int t) const {
     const TensorRecord& r = plan.tensor(t);
     switch (r.storage) {
@@ -336,6 +345,8 @@ struct Run {
 };
 
 struct Scratch {
+  int64_t iter = 0;      // the loop iteration of the task being run (0 outside loops)
+  bool stacked = false;  // its op writes slice `iter` of a stacked output
   float regs[kMaxProgramLen][kSegment];
   std::vector<float> acc, a_row, b_tile, pro;
 };
@@ -471,8 +482,8 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
 // into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
 // plan inside its buffer).
 void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* dims,
-             const int64_t* start_idx, int count, const float* moved, float* r) {
-  const ViewRecord& v = run.plan.view(ins.a);
+             const int64_t* start_idx, int count, const float* moved, float* r, int64_t iter) {
+  const ViewRecord v = run.view(ins.a, iter);
   const TensorRecord& t = run.plan.tensor(v.tensor);
   const char* base = run.tensor_base(v.tensor);
   const bits_alias* delta = reinterpret_cast<const bits_alias*>(moved);
@@ -509,7 +520,7 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     if (code == kLoadAcc) {
       memcpy(r, acc, sizeof(float) * count);
     } else if (code == kLoad) {
-      const ViewRecord& v = run.plan.view(ins.a);
+      const ViewRecord v = run.view(ins.a, s.iter);
       const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
       const char* base = run.tensor_base(v.tensor);
       if (rank == 0) {  // a scalar space: every element reads the view's one element
@@ -539,7 +550,10 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         }
       }
     } else if (code == kLoadAt) {
-      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r);
+      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r, s.iter);
+    } else if (code == kLoadIter) {
+      const uint32_t it = static_cast<uint32_t>(s.iter);
+      for (int e = 0; e < count; ++e) r[e] = bits_float(it);
     } else if (code == kConst) {
       const float c = bits_float(static_cast<uint32_t>(ins.a));
       for (int e = 0; e < count; ++e) r[e] = c;
@@ -564,9 +578,13 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
                     Scratch& s) {
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   char* base = run.tensor_base(op.out_tensor);
+  // A stacked output (v3): the epilogue walks one slice (dims 1..rank), stored at slice `iter`.
+  const int rank = s.stacked ? out.rank - 1 : out.rank;
+  const int64_t* dims = s.stacked ? out.dims + 1 : out.dims;
+  if (s.stacked) base += s.iter * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
   for (int done = 0; done < count; done += kSegment) {
     const int n = std::min(kSegment, count - done);
-    eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
+    eval_program(run, op.epilogue_at, op.epilogue_len, rank, dims, lin0 + done, n,
                  acc ? acc + done : nullptr, s);
     const float* v = s.regs[op.epilogue_len - 1];
     const int64_t first = lin0 + done;
@@ -613,8 +631,8 @@ void widen_a_rows(const ViewRecord& av, int32_t dt, const char* base, int64_t b,
 }
 
 void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
-  const ViewRecord& av = run.plan.view(op.a_view);
-  const ViewRecord& bv = run.plan.view(op.b_view);
+  const ViewRecord av = run.view(op.a_view, s.iter);
+  const ViewRecord bv = run.view(op.b_view, s.iter);
   const int32_t a_dt = run.plan.tensor(av.tensor).dtype, b_dt = run.plan.tensor(bv.tensor).dtype;
   const char* a_base = run.tensor_base(av.tensor);
   const char* b_base = run.tensor_base(bv.tensor);
@@ -750,10 +768,12 @@ inline void cpu_relax() {
 #endif
 }
 
-// Waits until counters[d] >= 1; false when the wait timed out or another worker failed.
-bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadline) {
+// Waits until counters[d] >= target (finished iterations of d); false when the wait timed out or
+// another worker failed.
+bool wait_for(Run& run, int worker, int task, int64_t iter, int dep, int64_t target,
+              Clock::time_point deadline) {
   int32_t* counter = run.buf.counters + dep;
-  const auto ready = [counter] { return __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= 1; };
+  const auto ready = [counter, target] { return __atomic_load_n(counter, __ATOMIC_ACQUIRE) >= target; };
   if (ready()) return true;
   // Spin a little, then yield (with more runnable threads than cores, as on a 2-core host running
   // XLA's threads too, a pure spinner keeps the worker it waits for off the core: measured 20x
@@ -781,6 +801,9 @@ bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadlin
       msg << "ark_persistent: worker " << worker << " timed out after " << run.opt.timeout_ms
           << " ms waiting for task " << dep << " (" << run.op_name(d.op) << ") before running task "
           << task << " (" << run.op_name(t.op) << ")";
+      if (run.loops.num_loops() > 0)
+        msg << " iteration " << iter << " (counters[" << dep << "] = "
+            << __atomic_load_n(counter, __ATOMIC_ACQUIRE) << ", needs " << target << ")";
       run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
       return false;
     }
@@ -797,6 +820,7 @@ bool wait_for(Run& run, int worker, int task, int dep, Clock::time_point deadlin
 // Serialized chaos modes: blocks until the adversary lets worker w run its next task (then, when
 // the task is done, chaos_release). False when the run failed or the wait timed out.
 bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
+  const LoopView& lv = run.loops;
   Chaos& c = *run.chaos;
   const PlanView& p = run.plan;
   std::unique_lock<std::mutex> lock(c.mu);
@@ -807,12 +831,12 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
       int best = -1;
       int32_t best_key = -1;
       for (int v = 0; v < p.header().num_workers; ++v) {
-        const int32_t q = p.queue_begin(v) + c.pos[v];
-        if (q >= p.queue_end(v)) continue;
-        const int32_t t = p.queue_task(q);
+        if (c.cursors[v].done()) continue;
+        const int32_t t = c.cursors[v].task(p);
         bool ready = true;
         for (int e = p.dep_begin(t); e < p.dep_end(t) && ready; ++e)
-          ready = __atomic_load_n(run.buf.counters + p.dep(e), __ATOMIC_ACQUIRE) >= 1;
+          ready = __atomic_load_n(run.buf.counters + p.dep(e), __ATOMIC_ACQUIRE) >=
+                  lv.dep_target(p.task(t).op, p.task(p.dep(e)).op, c.cursors[v].iter);
         if (!ready) continue;
         const int32_t key = c.mode == Chaos::kReversed
                                 ? t
@@ -850,8 +874,9 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
 void chaos_release(Run& run, int w, int task) {
   Chaos& c = *run.chaos;
   std::lock_guard<std::mutex> lock(c.mu);
-  ++c.pos[w];
-  if (c.mode == Chaos::kTargeted) c.done[task] = 1;
+  const bool last = c.cursors[w].iter + 1 == c.cursors[w].trips;  // a loop task's final iteration
+  c.cursors[w].advance(run.plan, run.loops);
+  if (c.mode == Chaos::kTargeted && last) c.done[task] = 1;
   c.busy = false;
   c.cv.notify_all();
 }
@@ -864,25 +889,33 @@ void worker_tasks(Run& run, int w) {
   uint64_t rng = mix64(run.opt.chaos_seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(w + 1)));
   if (chaos && !serialized)
     std::this_thread::sleep_for(std::chrono::microseconds(chaos->start_delay_us[w]));
-  for (int q = run.plan.queue_begin(w); q < run.plan.queue_end(w); ++q) {
-    const int t = run.plan.queue_task(q);
+  QueueCursor cursor;
+  for (cursor.start(run.plan, run.loops, w); !cursor.done(); cursor.advance(run.plan, run.loops)) {
+    const int t = cursor.task(run.plan);
+    const int64_t iter = cursor.iter;
     const int64_t wait_begin = run.now_ns();
     if (chaos && !serialized) {
       if (const int64_t us = chaos->stall_us(rng)) std::this_thread::sleep_for(std::chrono::microseconds(us));
     }
     const auto deadline = Clock::now() + std::chrono::milliseconds(run.opt.timeout_ms);
     if (serialized && !chaos_acquire(run, w, t, deadline)) return;
-    for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t); ++e)
-      if (!wait_for(run, w, t, run.plan.dep(e), deadline)) return;
-    const int64_t start = run.now_ns();
     const TaskRecord& task = run.plan.task(t);
+    for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t); ++e) {
+      const int d = run.plan.dep(e);
+      const int64_t target = run.loops.dep_target(task.op, run.plan.task(d).op, iter);
+      if (!wait_for(run, w, t, iter, d, target, deadline)) return;
+    }
+    const int64_t start = run.now_ns();
     const OpRecord& op = run.plan.op(task.op);
+    scratch->iter = iter;
+    scratch->stacked = run.loops.op_stacked(task.op);
     switch (op.kind) {
       case kOpMatmul: run_matmul(run, op, task, *scratch); break;
       case kOpReduce: run_reduce(run, op, task, *scratch); break;
       default: run_map(run, op, task, *scratch); break;
     }
-    __atomic_store_n(run.buf.counters + t, 1, __ATOMIC_RELEASE);
+    // Counters count finished iterations: never reset, so no barrier between iterations.
+    __atomic_store_n(run.buf.counters + t, static_cast<int32_t>(iter + 1), __ATOMIC_RELEASE);
     run.wake_sleepers();
     if (run.buf.profile) {
       int64_t* p = run.buf.profile + static_cast<int64_t>(t) * h.profile_words_per_task;

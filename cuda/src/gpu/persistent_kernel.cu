@@ -42,6 +42,7 @@ enum BadPlanReason : int32_t {
   kBadView = 6,            // view / tensor index, rank or storage invalid
   kBadWorkspace = 7,       // workspace_bytes larger than the workspace result
   kBadOpKind = 8,
+  kBadLoop = 9,            // v3 loop section: out of the plan, bad trip count or op ranges
 };
 
 struct KernelParams {
@@ -78,6 +79,8 @@ struct TaskSmem {
   int64_t out_dims[pf::kMaxRank];
   int64_t iter_dims[pf::kMaxRank];
   int32_t out_rank, out_dtype;
+  int64_t iter;        // v3: the loop iteration being run (0 outside loops)
+  int64_t out_offset;  // v3: element offset of the output slice (a stacked op: iter * slice)
   // v2 window store (MAP with store_view_plus1): out_rank / out_dims are the window (iter_dims);
   // each value goes to `store`'s element + int32 register store_reg, clamped into the tensor.
   ResolvedLoad store;
@@ -148,6 +151,8 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
                                     : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
     } else if (opc == pf::kConst) {
       v = __int_as_float(ins.a);
+    } else if (opc == pf::kLoadIter) {
+      v = __int_as_float(static_cast<int32_t>(s.iter));
     } else if (opc == pf::kSelect) {
       v = r[ins.a] != 0.f ? r[ins.c] : r[ins.b];
     } else if (pf::is_unary(opc)) {
@@ -225,15 +230,52 @@ __device__ bool sections_fit(const pf::Header& h) {
          fits(h.code_at, h.code_words, 1) && fits(h.names_at, (h.names_bytes + 3) / 4, 1);
 }
 
+// v3 loop section (plan_format.hpp LoopView), checked by every block before it walks its queue:
+// inside the plan, loops disjoint and in op order, trip counts in 1..2^24, op loop ids agreeing with
+// the ranges, stacked ops' outputs (trip_count, ...). The host's check_plan checks the same (and
+// view extents over every iteration) when the plan is checked on the host.
+__device__ bool loops_fit(const pf::PlanView& plan) {
+  const pf::Header& h = plan.header();
+  const pf::LoopView lv{plan.words};
+  if (h.version < 3) return true;  // loops_at is a reserved word before v3: LoopView ignores it
+  if (h.loops_at == 0) return true;
+  const int64_t at = h.loops_at;
+  if (at < 32 || at % 2 || at + 2 > h.total_words) return false;
+  const int64_t L = plan.words[at];
+  if (L < 1 || L > h.num_ops ||
+      at + 2 + 8 * L + 2 * int64_t{h.num_ops} + 2 * int64_t{h.num_views} > h.total_words)
+    return false;
+  for (int l = 0; l < L; ++l) {
+    const pf::LoopRecord& r = lv.loop(l);
+    if (r.trip_count < 1 || r.trip_count > (int64_t{1} << 24) || r.first_op < 0 ||
+        r.first_op >= r.end_op || r.end_op > h.num_ops || (l > 0 && lv.loop(l - 1).end_op > r.first_op))
+      return false;
+  }
+  for (int i = 0, l = 0; i < h.num_ops; ++i) {
+    while (l < L && lv.loop(l).end_op <= i) ++l;
+    const int32_t want = l < L && lv.loop(l).first_op <= i ? l : -1;
+    const pf::OpLoopRecord& r = lv.op_records()[i];
+    if (r.loop != want || r.stacked < 0 || r.stacked > 1) return false;
+    if (r.stacked) {
+      const int32_t out = plan.op(i).out_tensor;
+      if (want < 0 || out < 0 || out >= h.num_tensors || plan.tensor(out).rank < 1 ||
+          plan.tensor(out).dims[0] != lv.loop(want).trip_count)
+        return false;
+    }
+  }
+  return true;
+}
+
 // ---- dependency wait --------------------------------------------------------------------------
 
 // All threads: thread j waits for dependencies j, j + 256, ... of the task (persistent_wait_deps,
 // shared with the host tests). Returns false (block-uniformly) if the run was aborted, by this
 // block's timeout or bad dependency, or by another block.
 __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& plan, int task,
-                                  int worker) {
+                                  int worker, int64_t iter) {
   const DepWaitResult r = persistent_wait_deps(plan, p.num_tasks, p.counters, task,
-                                               static_cast<int32_t>(threadIdx.x), kBlockThreads, p.run);
+                                               static_cast<int32_t>(threadIdx.x), kBlockThreads, p.run,
+                                               iter);
   if (r.status == DepWait::kBadPlan)
     report(p, plan, kPersistentBadPlan, worker, task, r.dep_task, 0, kBadDependency, 0);
   else if (r.status == DepWait::kTimedOut)
@@ -247,7 +289,8 @@ __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& pla
 
 constexpr int64_t kPrefetchBytesPerTask = 64 * 1024;
 
-__device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView& plan, int task) {
+__device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView& plan, int task,
+                                      int64_t iter) {
   const pf::TaskRecord& t = plan.task(task);
   if (t.op < 0 || t.op >= plan.header().num_ops) return;
   const pf::OpRecord& op = plan.op(t.op);
@@ -259,20 +302,24 @@ __device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView&
   const void* base = tensor_base(p, tb);
   if (base == nullptr) return;
   const int sz = pf::dtype_size(tb.dtype);
-  const void* first = element_ptr(base, tb.dtype, bv.offset + t.b0 * bv.strides[0] + t.n0);
+  const int64_t offset = bv.offset + iter * pf::LoopView{plan.words}.view_iter_stride(op.b_view);
+  const void* first = element_ptr(base, tb.dtype, offset + t.b0 * bv.strides[0] + t.n0);
   tile::prefetch_l2_region(first, op.K, static_cast<int64_t>(t.n1 - t.n0) * sz,
                            bv.strides[1] * sz, kPrefetchBytesPerTask);
 }
 
 // ---- staging: programs, resolved loads, output shape -----------------------------------------
 
-__device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
-                           TaskSmem& s) {
+__device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int32_t op_index,
+                           const pf::OpRecord& op, int64_t iter, TaskSmem& s) {
   const pf::Header& h = plan.header();
+  const pf::LoopView lv{plan.words};
   const int plen = op.prologue_len, elen = op.epilogue_len;
   if (threadIdx.x == 0) {
     s.bad = 0;
     s.bad_instruction = 0;
+    s.iter = iter;
+    s.out_offset = 0;
     const bool lens_ok = plen >= 0 && elen >= 0 && plen <= pf::kMaxProgramLen &&
                          elen <= pf::kMaxProgramLen && op.prologue_at >= 0 && op.epilogue_at >= 0 &&
                          (static_cast<int64_t>(op.prologue_at) + plen) * 4 <= h.code_words &&
@@ -286,6 +333,12 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
       s.out_dtype = out.dtype;
       for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = out.dims[d];
       if (out.rank < 0 || out.rank > pf::kMaxRank || out.storage == pf::kStorageArg) s.bad = kBadView;
+      if (lv.op_stacked(op_index) && out.rank >= 1 && out.dims[0] >= 1) {
+        // v3 stacked output: the epilogue walks one slice (dims 1..rank), stored at slice `iter`.
+        s.out_rank = out.rank - 1;
+        for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = d + 1 < pf::kMaxRank ? out.dims[d + 1] : 1;
+        s.out_offset = iter * (out.num_elements / out.dims[0]);
+      }
       s.store_reg = -1;
       if (op.store_view_plus1 != 0) {  // window store: the epilogue walks iter_dims
         const int sv = op.store_view_plus1 - 1, reg = op.store_at_plus1 - 1;
@@ -349,13 +402,13 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, cons
           l.base = tensor_base(p, t);
           l.dtype = t.dtype;
           l.rank = v.rank;
-          l.offset = v.offset;
+          l.offset = v.offset + s.iter * lv.view_iter_stride(ins.a);  // v3: an xs slice moves
           l.num_elements = t.num_elements;
           for (int d = 0; d < pf::kMaxRank; ++d) l.strides[d] = v.strides[d];
           ok = ok && l.base != nullptr;
         }
       }
-    } else if (opc == pf::kConst) {
+    } else if (opc == pf::kConst || opc == pf::kLoadIter) {
     } else if (opc == pf::kSelect) {
       ok = ok && ins.a >= 0 && ins.a < local && ins.b >= 0 && ins.b < local && ins.c >= 0 &&
            ins.c < local;
@@ -409,6 +462,9 @@ __device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
   const pf::ViewRecord& bv = plan.view(op.b_view);
   const pf::TensorRecord& ta = plan.tensor(av.tensor);
   const pf::TensorRecord& tb = plan.tensor(bv.tensor);
+  const pf::LoopView lv{plan.words};
+  const int64_t a_offset = av.offset + s.iter * lv.view_iter_stride(op.a_view);  // v3 xs slices
+  const int64_t b_offset = bv.offset + s.iter * lv.view_iter_stride(op.b_view);
   const void* a_base = tensor_base(p, ta);
   const void* b_base = tensor_base(p, tb);
   void* out = tensor_base(p, plan.tensor(op.out_tensor));
@@ -429,18 +485,18 @@ __device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
       int64_t idx[pf::kMaxRank];
       unravel(flat, s.out_dims, out_rank, idx);
       const float v = eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype));
-      store_out(out, out_dtype, flat, v);
+      store_out(out, out_dtype, s.out_offset + flat, v);
     };
     const int64_t rows = t.m1 - t.m0;
     const bool w_float = tb.dtype == pf::kF32 || tb.dtype == pf::kBF16 || tb.dtype == pf::kF16;
     if (rows >= 1 && rows <= 16 && bv.strides[2] == 1 && w_float) {
       // Memory-bound path: few rows, weights contiguous along N (x @ W with W row-major).
       tile::GemvParams g;
-      g.x = element_ptr(a_base, ta.dtype, av.offset + b * av.strides[0] + t.m0 * av.strides[1]);
+      g.x = element_ptr(a_base, ta.dtype, a_offset + b * av.strides[0] + t.m0 * av.strides[1]);
       g.x_dtype = static_cast<DType>(ta.dtype);
       g.x_batch_stride = av.strides[1];
       g.x_k_stride = av.strides[2];
-      g.w = element_ptr(b_base, tb.dtype, bv.offset + b * bv.strides[0]);
+      g.w = element_ptr(b_base, tb.dtype, b_offset + b * bv.strides[0]);
       g.w_row_stride = bv.strides[1];
       // Operands (storage 0) are never written by a plan: the read-only streaming path is safe.
       g.w_stream = tb.storage == pf::kStorageArg;
@@ -454,11 +510,11 @@ __device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
     } else {
       if (!wait_once()) return false;
       tile::GemmParams g;
-      g.a = element_ptr(a_base, ta.dtype, av.offset + b * av.strides[0]);
+      g.a = element_ptr(a_base, ta.dtype, a_offset + b * av.strides[0]);
       g.a_dtype = static_cast<DType>(ta.dtype);
       g.a_sm = av.strides[1];
       g.a_sk = av.strides[2];
-      g.b = element_ptr(b_base, tb.dtype, bv.offset + b * bv.strides[0]);
+      g.b = element_ptr(b_base, tb.dtype, b_offset + b * bv.strides[0]);
       g.b_dtype = static_cast<DType>(tb.dtype);
       g.b_sk = bv.strides[1];
       g.b_sn = bv.strides[2];
@@ -486,7 +542,8 @@ __device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, cons
   auto epi = [&](int64_t m, float acc) {
     int64_t idx[pf::kMaxRank];
     unravel(m, s.out_dims, out_rank, idx);
-    store_out(out, out_dtype, m, eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype)));
+    store_out(out, out_dtype, s.out_offset + m,
+              eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype)));
   };
   if (op.reduce_kind == pf::kReduceSum || op.reduce_kind == pf::kReduceMax) {
     const tile::ReduceKind kind =
@@ -513,7 +570,7 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
     int64_t idx[pf::kMaxRank];
     unravel(flat, s.out_dims, out_rank, idx);
     if (s.store_reg < 0) {
-      store_out(out, out_dtype, flat, eval_program(s, plen, elen, idx, 0.f));
+      store_out(out, out_dtype, s.out_offset + flat, eval_program(s, plen, elen, idx, 0.f));
       return;
     }
     float moved = 0.f;
@@ -563,6 +620,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       bad = kBadCounts;
     } else if (h.workspace_bytes > p.workspace_bytes) {
       bad = kBadWorkspace;
+    } else if (!loops_fit(plan)) {
+      bad = kBadLoop;
     }
     if (bad) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, bad, 0);
     s.header_bad = bad;
@@ -575,7 +634,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, kBadTask, 0);
     return;
   }
-  for (int32_t q = q_begin; q < q_end; ++q) {
+  // A worker runs its tasks of a loop (a segment of its queue) once per iteration (QueueCursor).
+  const pf::LoopView lv{p.plan};
+  pf::QueueCursor cursor;
+  for (cursor.start(plan, lv, worker); !cursor.done(); cursor.advance(plan, lv)) {
+    const int32_t q = cursor.q;
+    const int64_t iter = cursor.iter;
     const int32_t task = plan.queue_task(q);
     if (threadIdx.x == 0) {
       int32_t bad = 0;
@@ -606,7 +670,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     // Everything up to the wait reads only the plan and FFI operands, so it overlaps the producers.
     const pf::TaskRecord& t = plan.task(task);
     const pf::OpRecord& op = plan.op(t.op);
-    stage_task(p, plan, op, s);
+    stage_task(p, plan, t.op, op, iter, s);
     const int32_t staged_bad = s.bad ? s.bad : s.bad_instruction;
     bool views_ok = staged_bad == 0;
     if (views_ok) {
@@ -630,14 +694,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       return;
     }
     const uint64_t wait_begin = global_timer_ns();
-    if (q == q_begin) prefetch_task_weights(p, plan, task);
+    if (q == q_begin && iter == 0) prefetch_task_weights(p, plan, task, iter);
     if (q + 1 < q_end) {
       const int32_t next = plan.queue_task(q + 1);
-      if (next >= 0 && next < p.num_tasks) prefetch_task_weights(p, plan, next);
+      if (next >= 0 && next < p.num_tasks) prefetch_task_weights(p, plan, next, iter);
     }
     uint64_t start = 0;
     auto wait = [&]() {
-      const bool ok = wait_dependencies(p, plan, task, worker);
+      const bool ok = wait_dependencies(p, plan, task, worker, iter);
       start = global_timer_ns();
       return ok;
     };
@@ -661,7 +725,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       }
       // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered
       // before it by the barrier above.
-      persistent_release_task(p.counters, task);
+      persistent_release_task(p.counters, task, static_cast<uint32_t>(iter + 1));
     }
   }
 }
@@ -752,6 +816,7 @@ const char* bad_plan_reason(int32_t r) {
     case kBadDependency: return "dependency id out of range";
     case kBadProgram: return "invalid program (opcode, register operand or length)";
     case kBadView: return "invalid view or tensor (index, rank or storage)";
+    case kBadLoop: return "invalid loop section (plan v3)";
     case kBadWorkspace: return "workspace result smaller than workspace_bytes";
     case kBadOpKind: return "unknown op kind";
     default: return "unknown reason";

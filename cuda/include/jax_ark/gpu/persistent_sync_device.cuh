@@ -70,11 +70,12 @@ ARK_PROTO_HD bool persistent_raise_abort(const PersistentRunState& run) {
          run.seq;
 }
 
-// Publishes a finished tile: counters[task] = 1. The caller orders every thread's tile stores
-// before this (a block barrier on the device); the release is cumulative over them.
-ARK_PROTO_HD void persistent_release_task(int32_t* counters, int32_t task) {
+// Publishes a finished tile: counters[task] = finished iterations (1 outside loops; iteration i
+// of a loop task stores i + 1: counters only grow, never reset). The caller orders every thread's
+// tile stores before this (a block barrier on the device); the release is cumulative over them.
+ARK_PROTO_HD void persistent_release_task(int32_t* counters, int32_t task, uint32_t finished = 1u) {
   proto::AtomicRef<uint32_t, proto::Scope::kGpu>(reinterpret_cast<uint32_t*>(counters + task))
-      .store_release(1u);
+      .store_release(finished);
 }
 
 // How a dependency wait ended.
@@ -91,15 +92,26 @@ struct DepWaitResult {
 // relaxed polls and one acquire; the clock and the abort word every 32 polls (a poll is one L2
 // round trip, ~0.3 us). The clock starts at the first check, so the bound is timeout + ~10 us. Device: lane = thread, lanes = threads of the block (a layer with 128 producer
 // tiles costs one round trip, not 128). Host: one thread per worker, lane 0 of 1.
+// Plan v3 loops: `iter` is the loop iteration the task is about to run, and each dependency's
+// target is plan::LoopView::dep_target (the caller checked the loop section and the task's op).
 ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int32_t num_tasks,
                                                 const int32_t* counters, int32_t task, int32_t lane,
-                                                int32_t lanes, const PersistentRunState& run) {
+                                                int32_t lanes, const PersistentRunState& run,
+                                                int64_t iter = 0) {
   const int32_t begin = plan.dep_begin(task), end = plan.dep_end(task);
   if (begin < 0 || begin > end || end > plan.header().num_dep_edges)
     return DepWaitResult{DepWait::kBadPlan, -1, 0u, 0u};
+  const plan::LoopView loops{plan.words};
+  const bool has_loops = loops.num_loops() > 0;
   for (int32_t e = begin + lane; e < end; e += lanes) {
     const int32_t d = plan.dep(e);
     if (d < 0 || d >= num_tasks) return DepWaitResult{DepWait::kBadPlan, d, 0u, 0u};
+    uint32_t target = 1u;
+    if (has_loops) {
+      const int32_t d_op = plan.task(d).op;
+      if (d_op < 0 || d_op >= plan.header().num_ops) return DepWaitResult{DepWait::kBadPlan, d, 0u, 0u};
+      target = static_cast<uint32_t>(loops.dep_target(plan.task(task).op, d_op, iter));
+    }
     const proto::AtomicRef<uint32_t, proto::Scope::kGpu> c(
         reinterpret_cast<const uint32_t*>(counters + d));
     uint64_t t0 = 0;  // the clock is read only once the first probe found the counter unset
@@ -107,7 +119,7 @@ ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int3
     bool aborted = false;
     uint32_t seen = 0;
     const bool ready = proto::wait_at_least(
-        c, 1u,
+        c, target,
         [&] {
           if (t0 == 0) t0 = proto::now_ns();
           if (persistent_aborted(run)) return aborted = true;

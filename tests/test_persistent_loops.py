@@ -1,0 +1,486 @@
+"""Loops as plan constructs (plan v3): `lax.scan` / `fori_loop` with a static trip count are planned
+once and their tasks re-run per iteration. Results equal jax.jit(fn) on fresh random inputs for
+1..N workers, in chaos mode, and in the Python reference interpreter; the plan shows the loop.
+
+The GPU variant at the end runs the same functions on the CUDA executor (marked gpu).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from persistent_models import assert_close
+
+import jax_ark as ark
+from jax_ark._persistent._call import run_plan
+from jax_ark._persistent._format import Plan, PlanError
+from jax_ark._persistent._reference import interpret
+from jax_ark._persistent._trace import UnsupportedError
+
+D, F, LAYERS = 32, 64, 8
+
+
+def _leaves(x):
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(x)]
+
+
+def _check(fn, *args, tol=2e-5, workers=(None,), reference=True):
+    """persistent(fn) under jit == jax.jit(fn) (integers exactly), for each worker count, and the
+    reference interpreter too."""
+    want = _leaves(jax.jit(fn)(*args))
+    for w in workers:
+        got = _leaves(jax.jit(ark.persistent(fn, num_workers=w))(*args))
+        assert len(got) == len(want)
+        for g, r in zip(got, want, strict=True):
+            assert g.dtype == r.dtype and g.shape == r.shape
+            if r.dtype.kind in "iub" or r.size == 0:
+                np.testing.assert_array_equal(g, r)
+            else:
+                assert_close(g, r, tol)
+    if reference:
+        plan = ark.plan(fn, *args, platform="cpu")
+        flat = [np.asarray(a) for a in jax.tree_util.tree_leaves(args)]
+        for g, r in zip(interpret(plan, *flat), want, strict=True):
+            if r.size:
+                assert_close(g.reshape(r.shape).astype(np.float32), r.astype(np.float32), tol)
+    return want
+
+
+# ---- models --------------------------------------------------------------------------------------
+def _rms(x, g):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * g
+
+
+def mlp_stack(x, layers):
+    """8 pre-norm residual MLP blocks via lax.scan over stacked weights."""
+
+    def block(h, p):
+        return h + jax.nn.gelu(_rms(h, p["g"]) @ p["w1"]) @ p["w2"], None
+
+    return jax.lax.scan(block, x, layers)[0]
+
+
+def transformer_stack(x, layers):
+    """8 pre-norm transformer blocks (2-head causal self-attention + MLP) via lax.scan."""
+    T, heads = x.shape[0], 2
+    hd = x.shape[1] // heads
+    mask = jnp.tril(jnp.ones((T, T), bool))
+
+    def block(h, p):
+        a = _rms(h, p["g1"])
+        q = (a @ p["wq"]).reshape(T, heads, hd).transpose(1, 0, 2)
+        k = (a @ p["wk"]).reshape(T, heads, hd).transpose(1, 0, 2)
+        v = (a @ p["wv"]).reshape(T, heads, hd).transpose(1, 0, 2)
+        s = jnp.einsum("htd,hsd->hts", q, k) / np.float32(np.sqrt(hd))
+        s = jnp.where(mask[None], s, -jnp.inf)
+        o = jnp.einsum("hts,hsd->htd", jax.nn.softmax(s, axis=-1), v)
+        h = h + o.transpose(1, 0, 2).reshape(T, heads * hd) @ p["wo"]
+        return h + jax.nn.silu(_rms(h, p["g2"]) @ p["w1"]) @ p["w2"], None
+
+    return jax.lax.scan(block, x, layers)[0]
+
+
+def _weights(rng, shapes, layers=LAYERS):
+    out = {}
+    for name, shape in shapes.items():
+        if name.startswith("g"):
+            out[name] = (1.0 + 0.1 * rng.standard_normal((layers, *shape))).astype(np.float32)
+        else:
+            out[name] = (rng.standard_normal((layers, *shape)) / np.sqrt(shape[0])).astype(
+                np.float32
+            )
+    return out
+
+
+def _mlp_args(rng, rows=4):
+    x = rng.standard_normal((rows, D)).astype(np.float32)
+    return x, _weights(rng, {"g": (D,), "w1": (D, F), "w2": (F, D)})
+
+
+def _transformer_args(rng, T=8):
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    shapes = {"g1": (D,), "g2": (D,), "w1": (D, F), "w2": (F, D)}
+    shapes |= {w: (D, D) for w in ("wq", "wk", "wv", "wo")}
+    return x, _weights(rng, shapes)
+
+
+# ---- results -------------------------------------------------------------------------------------
+def test_scan_mlp_8_layers_1_to_n_workers(rng):
+    _check(mlp_stack, *_mlp_args(rng), workers=(1, 2, 3, 8))
+
+
+def test_scan_prenorm_transformer_8_layers(rng):
+    _check(transformer_stack, *_transformer_args(rng), tol=5e-5, workers=(1, 4))
+
+
+def test_body_is_planned_once_not_unrolled(rng):
+    x, w = _mlp_args(rng)
+    plan8 = ark.plan(mlp_stack, x, w, platform="cpu", num_workers=2)
+    w16 = {k: np.concatenate([v, v]) for k, v in w.items()}
+    plan16 = ark.plan(mlp_stack, x, w16, platform="cpu", num_workers=2)
+    assert len(plan8.tasks) == len(plan16.tasks) and len(plan8.ops) == len(plan16.ops)
+    assert [lp.trip_count for lp in plan8.loops] == [8]
+    assert [lp.trip_count for lp in plan16.loops] == [16]
+    # stacked weights are read through views that move one layer per iteration
+    strided = {v.iter_stride for v in plan8.views if v.iter_stride}
+    assert strided >= {D * F, F * D, D}
+
+
+def test_fori_loop_with_carry_and_loop_index(rng):
+    """fori_loop (static bounds: jax lowers it to scan): the index selects a weight row
+    (dynamic_slice on a device value) and the carry is a pair."""
+    table = rng.standard_normal((10, 16)).astype(np.float32)
+    a = (rng.standard_normal((16, 16)) / 4).astype(np.float32)
+
+    def fn(x, y, table, a):
+        def body(i, c):
+            x, y = c
+            row = jax.lax.dynamic_slice(table, (i, 0), (1, 16))
+            x = jnp.tanh(x @ a + row)
+            return x, y + x.sum() * (i + 1).astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, 7, body, (x, y))
+
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    _check(fn, x, np.float32(rng.standard_normal()), table, a, workers=(1, 3))
+
+
+def test_integer_carry_is_exact(rng):
+    def fn(x):
+        def body(i, c):
+            return c * 3 + (c >> 2) + i
+
+        return jax.lax.fori_loop(0, 12, body, x)
+
+    _check(fn, rng.integers(-1000, 1000, (5, 7)).astype(np.int32), workers=(1, 2))
+
+
+def test_scan_emits_stacked_outputs(rng):
+    """An RNN: ys (the hidden state per step and a per-step reduction) are stacked outputs, the
+    inputs xs a scanned sequence."""
+    wh = (rng.standard_normal((16, 16)) / 4).astype(np.float32)
+    wx = (rng.standard_normal((8, 16)) / 3).astype(np.float32)
+
+    def rnn(h0, xs, wh, wx):
+        def step(h, x):
+            h = jnp.tanh(h @ wh + x @ wx)
+            return h, (h, jnp.max(h, axis=-1))
+
+        return jax.lax.scan(step, h0, xs)
+
+    h0 = rng.standard_normal((2, 16)).astype(np.float32)
+    xs = rng.standard_normal((11, 2, 8)).astype(np.float32)
+    _check(rnn, h0, xs, wh, wx, workers=(1, 2, 5))
+    plan = ark.plan(rnn, h0, xs, wh, wx, platform="cpu")
+    assert sum(op.stacked for op in plan.ops) == 2
+
+
+def test_two_loops_and_work_between(rng):
+    def fn(x, w1, w2):
+        h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, w1)[0]
+        h = h * 2.0 + 1.0
+        h, ys = jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), h.sum()), h, w2)
+        return h.sum(axis=0), ys
+
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    w1 = (rng.standard_normal((3, 16, 16)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((5, 16, 16)) / 4).astype(np.float32)
+    _check(fn, x, w1, w2, workers=(1, 2, 4))
+    assert len(ark.plan(fn, x, w1, w2, platform="cpu").loops) == 2
+
+
+def test_zero_and_one_trip(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    for n in (0, 1):
+        w = rng.standard_normal((n, 4, 4)).astype(np.float32)
+        _check(lambda x, w: jax.lax.scan(lambda h, w: (h @ w, h), x, w), x, w)
+
+
+def test_chaos_mode_identical_results(rng, monkeypatch):
+    """Chaos mode runs the plan 12 times in adversarial orders (with poisoned workspace) and fails
+    on any difference: loop-carried and write-after-read dependencies are complete."""
+    args = _transformer_args(rng)
+    want = _leaves(jax.jit(transformer_stack)(*args))
+    for seed in (1, 2):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        for w in (2, 5):
+            got = _leaves(jax.jit(ark.persistent(transformer_stack, num_workers=w))(*args))
+            assert_close(got[0], want[0], 5e-5)
+
+
+def test_reference_interpreter_in_random_worker_orders(rng):
+    x, w = _mlp_args(rng)
+    want = np.asarray(jax.jit(mlp_stack)(x, w))
+    plan = ark.plan(mlp_stack, x, w, platform="cpu", num_workers=3)
+    flat = [x] + [np.asarray(v) for v in jax.tree_util.tree_leaves(w)]
+    for seed in range(4):
+        (got,) = interpret(plan, *flat, rng=np.random.default_rng(seed))
+        assert_close(got, want, 2e-5)
+
+
+# ---- models written by others ------------------------------------------------------------------
+def test_flax_nnx_scan_over_layers(rng):
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.RMSNorm(D, rngs=rngs)
+            self.up = nnx.Linear(D, F, rngs=rngs)
+            self.down = nnx.Linear(F, D, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.down(nnx.gelu(self.up(self.norm(x))))
+
+    @nnx.split_rngs(splits=LAYERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(rngs)
+
+    seed = int(rng.integers(1 << 30))
+    layers = make(nnx.Rngs(seed))
+    graphdef, state = nnx.split(layers)
+
+    def fn(x, state):
+        model = nnx.merge(graphdef, state)
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run(layer, x):
+            return layer(x)
+
+        return run(model, x)
+
+    x = rng.standard_normal((4, D)).astype(np.float32)
+    jaxpr = jax.make_jaxpr(fn)(x, state)
+    assert "scan" in str(jaxpr)  # it traces to a scan, not to an unrolled body
+    _check(fn, x, state, tol=5e-5, workers=(2,))
+
+
+# ---- a greedy decode loop with a KV cache as ONE persistent call ---------------------------------
+def _gpt_step(params, cache, token, pos):
+    """One decode step of a small 2-layer GPT-style model (pre-norm attention + MLP per layer):
+    token id -> embedding gather, K / V of each layer written into its cache at `pos`, causal
+    attention over the filled prefix, logits through an unembedding, greedy next token."""
+    x = params["embed"][token]  # (B, D)
+    new_cache = []
+    for layer, (kc, vc) in zip(params["layers"], cache, strict=True):
+        h = _rms(x, layer["g1"])
+        q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
+        kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
+        s = jnp.einsum("bd,btd->bt", q, kc) / np.float32(np.sqrt(q.shape[-1]))
+        s = jnp.where(jnp.arange(kc.shape[1])[None, :] <= pos, s, -jnp.inf)
+        x = x + jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), vc) @ layer["wo"]
+        x = x + jax.nn.gelu(_rms(x, layer["g2"]) @ layer["w1"]) @ layer["w2"]
+        new_cache.append((kc, vc))
+    logits = _rms(x, params["gf"]) @ params["unembed"]
+    return jnp.argmax(logits, -1).astype(jnp.int32), new_cache
+
+
+def generate_16(params, cache, token):
+    """Greedy decoding of 16 tokens: a fori_loop around the decode step."""
+
+    def body(pos, c):
+        tok, cache, out = c
+        tok, cache = _gpt_step(params, cache, tok, pos)
+        return tok, cache, jax.lax.dynamic_update_slice(out, tok[:, None], (0, pos))
+
+    out = jnp.zeros((token.shape[0], 16), jnp.int32)
+    return jax.lax.fori_loop(0, 16, body, (token, cache, out))
+
+
+def _gpt_args(rng, B=2, T=16, d=32, V=64, layers=2):
+    def w(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    params = {
+        "embed": rng.standard_normal((V, d)).astype(np.float32),
+        "unembed": w(d, V) * 4,
+        "gf": np.ones(d, np.float32),
+        "layers": [
+            {
+                "g1": np.ones(d, np.float32),
+                "g2": np.ones(d, np.float32),
+                **{k: w(d, d) for k in ("wq", "wk", "wv", "wo")},
+                "w1": w(d, 2 * d),
+                "w2": w(2 * d, d),
+            }
+            for _ in range(layers)
+        ],
+    }
+    cache = [(np.zeros((B, T, d), np.float32), np.zeros((B, T, d), np.float32))] * layers
+    return params, cache, rng.integers(0, V, (B,)).astype(np.int32)
+
+
+def test_greedy_decode_16_tokens_one_call(rng, monkeypatch):
+    args = _gpt_args(rng)
+    want = _check(generate_16, *args, tol=1e-4, workers=(1, 3))
+    tokens = want[-1]
+    assert tokens.shape == (2, 16) and len(np.unique(tokens)) > 2  # the model really decodes
+    plan = ark.plan(generate_16, *args, platform="cpu")
+    assert [lp.trip_count for lp in plan.loops] == [16]  # one loop, not 16 unrolled steps
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "3")
+    got = _leaves(jax.jit(ark.persistent(generate_16, num_workers=4))(*args))
+    np.testing.assert_array_equal(got[-1], tokens)
+
+
+# ---- the plan shows the loop ---------------------------------------------------------------------
+def test_plan_json_and_summary_show_the_loop(rng):
+    x, w = _mlp_args(rng)
+    plan = ark.plan(mlp_stack, x, w, platform="cpu", num_workers=2)
+    d = plan.to_dict()
+    assert d["version"] == 3
+    (loop,) = d["loops"]
+    assert loop["trip_count"] == LAYERS and loop["first_op"] < loop["end_op"]
+    assert "test_persistent_loops.py" in loop["source"]
+    body = [op for op in d["ops"] if op["loop"] == 0]
+    assert len(body) == loop["end_op"] - loop["first_op"]
+    assert any(v.get("iter_stride") for v in d["views"])
+    summary = plan.summary()
+    assert f"loop 0: ops {loop['first_op']}..{loop['end_op'] - 1} run {LAYERS} times" in summary
+    back = Plan.from_json(plan.to_json())
+    back.validate()
+    got = jax.jit(ark.persistent(mlp_stack, plan=back))(x, w)
+    assert_close(got, jax.jit(mlp_stack)(x, w), 2e-5)
+
+
+def _loop_plan(rng):
+    x, w = _mlp_args(rng)
+    return ark.plan(mlp_stack, x, w, platform="cpu", num_workers=2), (x, w)
+
+
+def test_missing_carried_dependency_is_found_by_validate(rng):
+    """A carry's writer moved to another worker still runs before the next iteration's carry-in
+    (its dependency on the previous iteration); without that dependency validate() reports it."""
+    x, w = _mlp_args(rng)
+    plan = ark.plan(mlp_stack, x, w, platform="cpu", num_workers=4, tile_m=2, tile_n=8)
+    first, last = plan.loops[0].first_op, plan.loops[0].end_op - 1
+    carry_in = next(t for t, task in enumerate(plan.tasks) if task.op == first)
+    writer = next(d for d in plan.tasks[carry_in].deps if plan.tasks[d].op == last)
+    assert plan.carried(carry_in, writer)
+    home = next(q for q in plan.queues if writer in q)
+    other = next(q for q in plan.queues if writer not in q and carry_in not in q)
+    home.remove(writer)
+    other.append(writer)  # the last op of the loop: still the end of that worker's segment
+    plan.validate()
+    got = jax.jit(ark.persistent(mlp_stack, plan=plan))(x, w)
+    assert_close(got, jax.jit(mlp_stack)(x, w), 2e-5)
+    plan.tasks[carry_in].deps.remove(writer)
+    with pytest.raises(PlanError, match="previous iteration.*missing dependency"):
+        plan.validate()
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda d: d["loops"][0].update(trip_count=0), r"trip_count"),
+        (lambda d: d["loops"][0].update(trip_count=(1 << 24) + 1), r"trip_count"),
+        (lambda d: d["ops"][0].update(loop=-1), r"loop"),
+        (lambda d: d.update(version=2), r"version 3"),
+        (lambda d: d["views"][-1].update(iter_stride=-4), r"iter_stride|negative"),
+    ],
+)
+def test_malformed_loop_fields_refused(rng, edit, pattern):
+    plan, _ = _loop_plan(rng)
+    d = plan.to_dict()
+    edit(d)
+    with pytest.raises(PlanError, match=pattern):
+        Plan.from_json(d).validate()
+
+
+def test_iteration_stride_past_the_tensor_refused_by_both_checkers(rng):
+    """A view whose LAST iteration reads past its tensor: Python's validate and the runtime's
+    check_plan (given the plan without validate) both refuse it before anything runs."""
+    plan, (x, w) = _loop_plan(rng)
+    v = next(i for i, view in enumerate(plan.views) if view.iter_stride)
+    view = plan.views[v]
+    plan.views[v] = type(view)(view.tensor, view.offset, view.strides, view.iter_stride * 2)
+    with pytest.raises(PlanError, match="reads element"):
+        plan.validate()
+    flat = [x] + [np.asarray(v) for v in jax.tree_util.tree_leaves(w)]
+    with pytest.raises(Exception, match="reads outside tensor") as e:
+        jax.block_until_ready(run_plan(plan, flat, timeout_ms=5000)[0])
+    assert "INVALID_ARGUMENT" in str(e.value)
+
+
+def test_queue_that_runs_a_loop_task_after_later_work_refused(rng):
+    def fn(x, w):
+        h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, w)[0]
+        return h + 1.0
+
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    w = (rng.standard_normal((3, 16, 16)) / 4).astype(np.float32)
+    plan = ark.plan(fn, x, w, platform="cpu", num_workers=1)
+    q = plan.queues[0]
+    q[-1], q[-2] = q[-2], q[-1]  # the op after the loop before the loop's last task
+    with pytest.raises(PlanError, match="later stage|deadlock"):
+        plan.validate()
+
+
+# ---- what is not supported yet names itself ------------------------------------------------------
+def test_while_loop_refused_with_primitive_and_line(rng):
+    def fn(x):
+        return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, x)
+
+    x = rng.standard_normal((3,)).astype(np.float32) + 1.0
+    with pytest.raises(UnsupportedError, match=r"'while'.*test_persistent_loops.py:\d+"):
+        jax.jit(ark.persistent(fn))(x)
+
+
+def test_cond_and_switch_on_device_predicates(rng):
+    """cond / switch: every branch is planned and the device index selects (exact for pure
+    functions, including a branch that would divide by zero)."""
+
+    def fn(x, i, w):
+        a = jax.lax.cond(x.sum() > 0, lambda x: x @ w, lambda x: jnp.log(x) / 0.0, x)
+        b = jax.lax.switch(i, [lambda x: x * 2.0, lambda x: jnp.tanh(x @ w), jnp.sin], x)
+        return a, b
+
+    w = (rng.standard_normal((4, 4)) / 2).astype(np.float32)
+    for sign in (1.0, -1.0):
+        x = (sign * np.abs(rng.standard_normal((3, 4)))).astype(np.float32)
+        for i in (-3, 0, 1, 2, 7):  # switch clamps its index
+            _check(fn, x, np.int32(i), w, workers=(1, 2))
+
+
+def test_cond_inside_a_scan_body(rng):
+    def fn(x, ws):
+        def body(c, w):
+            h, i = c
+            h = jax.lax.cond(i % 2 == 0, lambda h: jnp.tanh(h @ w), lambda h: h @ w.T * 0.5, h)
+            return (h, i + 1), None
+
+        return jax.lax.scan(body, (x, jnp.int32(0)), ws)[0][0]
+
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    ws = (rng.standard_normal((5, 8, 8)) / 3).astype(np.float32)
+    _check(fn, x, ws, workers=(1, 3))
+
+
+def test_nested_scan_refused(rng):
+    def fn(x, w):
+        def outer(h, ws):
+            return jax.lax.scan(lambda g, w: (g @ w, None), h, ws)[0], None
+
+        return jax.lax.scan(outer, x, w)[0]
+
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    w = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    with pytest.raises(UnsupportedError, match="inside a loop body"):
+        ark.plan(fn, x, w, platform="cpu")
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_gpu_scan_models_match_jit(rng):
+    gpu = jax.devices("gpu")[0]
+    for fn, args, tol in (
+        (mlp_stack, _mlp_args(rng), 2e-4),
+        (transformer_stack, _transformer_args(rng), 5e-4),
+    ):
+        args = jax.device_put(args, gpu)
+        with jax.default_matmul_precision("highest"):
+            want = _leaves(jax.jit(fn)(*args))
+        got = _leaves(jax.jit(ark.persistent(fn))(*args))
+        assert_close(got[0], want[0], tol)

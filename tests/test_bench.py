@@ -12,9 +12,10 @@ from jax_ark.bench.__main__ import main
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], ["collectives", "persistent", "--repeats", "IQR"]),
+        ([], ["collectives", "persistent", "decode", "--repeats", "IQR"]),
         (["collectives"], ["--ops", "--sizes", "float32 elements per device", "4 KiB"]),
         (["persistent"], ["--configs", "DxLxB", "weight-bytes floor", "cache"]),
+        (["decode"], ["--configs", "--vocab", "--cache-len", "tokens/s", "weight-bytes floor"]),
     ],
 )
 def test_help_documents_options(argv, expected, capsys):
@@ -44,3 +45,16 @@ def test_persistent_cpu_bench_has_no_floor_columns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ark/jit" in out and "%floor" not in out
     assert (tmp_path / "persistent_cpu.png").stat().st_size > 0
+
+
+def test_decode_cpu_bench_checks_tokens_and_runs(tmp_path, capsys):
+    argv = ["decode", "--configs", "64x2x1,64x2x2", "--vocab", "50", "--cache-len", "16"]
+    assert main([*argv, "--repeats", "2", "--budget", "0.01", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "decode_cpu.json").read_text())["rows"]
+    assert [(r["d"], r["layers"], r["batch"]) for r in rows] == [(64, 2, 1), (64, 2, 2)]
+    for r in rows:
+        assert r["ratio_p25"] <= r["ratio"] <= r["ratio_p75"]
+        assert r["ark_tok_s"] > 0 and r["xla_tok_s"] > 0
+    out = capsys.readouterr().out
+    assert "ark tok/s" in out and "%floor" not in out
+    assert (tmp_path / "decode_cpu.png").stat().st_size > 0

@@ -466,3 +466,20 @@ def test_gpu_decode_step_in_place(rng):
         np.testing.assert_array_equal(np.asarray(got_tok), np.asarray(want_tok))
         for name in ("k", "v"):
             assert_close(cache[name], want_cache[name], 1e-4)
+
+
+def test_int_to_bf16_rounds_as_xla_cpu():
+    """int -> bfloat16 goes int -> float32 -> bfloat16 in ark, the executors and the reference,
+    and XLA:CPU rounds twice the same way: 2^24 + 2^16 + 1 becomes 2^24 (one rounding would give
+    2^24 + 2^17). Pinned so that a change on either side shows up."""
+    x = np.array([2**24 + 2**16 + 1, -(2**24 + 2**16 + 1), 2**24 + 2**16, 5, 2**31 - 1], np.int32)
+
+    def fn(i, u):
+        return i.astype(jnp.bfloat16), u.astype(jnp.bfloat16)
+
+    args = (x, x.view(np.uint32))
+    want = jax.jit(fn)(*args)
+    assert float(want[0][0]) == 2.0**24  # XLA:CPU rounds twice
+    for got in (jax.jit(ark.persistent(fn))(*args), interpret(ark.plan(fn, *args), *args)):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -66,6 +66,11 @@ if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
 else
   SUMMARY+=("SKIP  bench (no jax_ark.bench module)")
 fi
+# The KV-cache decode step benchmark (ARK_GPU_DECODE=1; its limit adds 90 s to the 600): ark's
+# tokens checked against jax.jit's, then tokens/s of both and the weight-bytes floor.
+if [ "${ARK_GPU_DECODE:-0}" = 1 ]; then
+  step bench_decode 90 $PY -m jax_ark.bench decode --repeats 3 --out "$OUT"
+fi
 # Diagnostics of wrong collective results (ARK_GPU_DIAG=1; their limits add 150 s to the 600):
 # every wrong element's bits over many calls, and the memory checker on one failing case.
 if [ "${ARK_GPU_DIAG:-0}" = 1 ]; then

@@ -602,12 +602,42 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
   }
 }
 
-// Widens B[b, k, n0 + n] (k < K, n < tn) of any dtype / stride into a float32 K x tn tile.
+// Widens the block B[b, k0 + k, n0 + n] (k < kb, n < nb) of any dtype / stride into a float32
+// kb x nb tile (row stride nb). The loop order follows the smaller stride, so the source is read
+// along its contiguous dim: a transposed weight (`y @ E.T`, k contiguous) is read row by row of E,
+// and only the small tile (it stays in L1) is written across.
 template <class Load>
-void widen_b_tile(const ViewRecord& bv, int64_t b, int64_t K, int n0, int tn, float* dst, Load load) {
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t row = bv.offset + b * bv.strides[0] + k * bv.strides[1] + n0 * bv.strides[2];
-    for (int n = 0; n < tn; ++n) dst[k * tn + n] = load(row + n * bv.strides[2]);
+void widen_b_block(const ViewRecord& bv, int64_t b, int64_t k0, int kb, int64_t n0, int nb,
+                   float* dst, int64_t ld, Load load) {
+  const int64_t first = bv.offset + b * bv.strides[0] + k0 * bv.strides[1] + n0 * bv.strides[2];
+  const int64_t sk = bv.strides[1], sn = bv.strides[2];
+  if (sk == 1 && sn != 1) {
+    for (int n = 0; n < nb; ++n) {
+      const int64_t row = first + n * sn;
+      for (int k = 0; k < kb; ++k) dst[k * ld + n] = load(row + k);
+    }
+  } else {
+    for (int k = 0; k < kb; ++k) {
+      const int64_t row = first + k * sk;
+      for (int n = 0; n < nb; ++n) dst[k * ld + n] = load(row + n * sn);
+    }
+  }
+}
+
+void widen_b_block(const ViewRecord& bv, int32_t dt, const char* base, int64_t b, int64_t k0,
+                   int kb, int64_t n0, int nb, float* dst, int64_t ld) {
+  switch (dt) {
+    case kF32:
+      widen_b_block(bv, b, k0, kb, n0, nb, dst, ld,
+                    [p = reinterpret_cast<const float*>(base)](int64_t i) { return p[i]; });
+      break;
+    case kBF16:
+      widen_b_block(bv, b, k0, kb, n0, nb, dst, ld,
+                    [p = reinterpret_cast<const uint16_t*>(base)](int64_t i) { return bf16_to_f32(p[i]); });
+      break;
+    default:
+      widen_b_block(bv, b, k0, kb, n0, nb, dst, ld,
+                    [base, dt](int64_t i) { return load_element(base, dt, i); });
   }
 }
 
@@ -630,6 +660,13 @@ void widen_a_rows(const ViewRecord& av, int32_t dt, const char* base, int64_t b,
   }
 }
 
+// Widened B blocks (operands that are not float32 / bf16 with unit n-stride) are at most
+// kWidenFloats floats (32 KiB, L1-sized) and kWidenCols columns: a block is widened, used by every
+// row of the row block at once and dropped, where a whole K x tn widened tile (8 MiB for a
+// 1024 x 2048 logits tile) went through DRAM twice.
+constexpr int kWidenFloats = 8192;
+constexpr int kWidenCols = 256;
+
 void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
   const ViewRecord av = run.view(op.a_view, s.iter);
   const ViewRecord bv = run.view(op.b_view, s.iter);
@@ -639,48 +676,49 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   const int64_t K = op.K;
   const int tn = task.n1 - task.n0;
   // float32 / bf16 weights with unit n-stride are read in place (bf16 widened in registers);
-  // others are widened into a float32 tile once per task and batch entry.
-  const bool direct_b = (b_dt == kF32 || b_dt == kBF16) && bv.strides[2] == 1;
-  const int chunk = std::min(tn, kernels::kCols);  // columns per kernel call
+  // others are widened block by block (k blocks of a column chunk, in k order: the kernel carries
+  // each sum over from one block to the next, so the terms are added in the same order).
+  // Transposed float32 / bf16 weights (unit k-stride) are read in place too, by the matmul_kt
+  // kernels (transposed in registers).
+  const bool float_b = b_dt == kF32 || b_dt == kBF16;
+  const bool direct_b = float_b && bv.strides[2] == 1;
+  const bool direct_bt = float_b && !direct_b && bv.strides[1] == 1;
+  const int chunk = std::min(tn, direct_b || direct_bt ? kernels::kCols : kWidenCols);
+  const int64_t tile_ld = chunk + 16;
+  const int64_t k_block = direct_b || direct_bt ? K : std::max<int64_t>(16, (kWidenFloats / tile_ld) & ~15);
   s.acc.resize(static_cast<size_t>(kernels::kRows) * chunk);
   s.a_row.resize(static_cast<size_t>(kernels::kRows) * K);
-  if (!direct_b) s.b_tile.resize(static_cast<size_t>(K) * tn);
+  // Widened rows are padded by one cache line: rows a power of two apart map to a few L1 sets,
+  // and the column-wise writes of a transposed B then evict each other.
+  if (!direct_b && !direct_bt) s.b_tile.resize(static_cast<size_t>(std::min(K, k_block)) * tile_ld);
+  const int b_size = dtype_size(b_dt);
   for (int b = task.b0; b < task.b1; ++b) {
-    const char* b_rows;  // B[b, k, n0 + n] is element k * b_ld + n of b_rows (b_size bytes each)
-    int64_t b_ld = tn;
-    int b_size = sizeof(float);
-    bool b_bf16 = false;
-    if (direct_b) {
-      const int64_t first = bv.offset + b * bv.strides[0] + task.n0;
-      b_bf16 = b_dt == kBF16;
-      b_size = dtype_size(b_dt);
-      b_rows = b_base + first * b_size;
-      b_ld = bv.strides[1];
-    } else {
-      float* dst = s.b_tile.data();
-      switch (b_dt) {
-        case kF32:
-          widen_b_tile(bv, b, K, task.n0, tn, dst,
-                       [p = reinterpret_cast<const float*>(b_base)](int64_t i) { return p[i]; });
-          break;
-        case kBF16:
-          widen_b_tile(bv, b, K, task.n0, tn, dst, [p = reinterpret_cast<const uint16_t*>(b_base)](
-                                                       int64_t i) { return bf16_to_f32(p[i]); });
-          break;
-        default:
-          widen_b_tile(bv, b, K, task.n0, tn, dst,
-                       [b_base, b_dt](int64_t i) { return load_element(b_base, b_dt, i); });
-      }
-      b_rows = reinterpret_cast<const char*>(dst);
-    }
+    // direct_b: B[b, k, n0 + n] is element k * strides[1] + n of b_rows;
+    // direct_bt: element n * strides[2] + k
+    const char* b_rows = b_base + (bv.offset + b * bv.strides[0] + task.n0 * bv.strides[2]) * b_size;
     for (int m = task.m0; m < task.m1; m += kernels::kRows) {
       const int rows = std::min(kernels::kRows, task.m1 - m);
       widen_a_rows(av, a_dt, a_base, b, m, rows, K, s.a_row.data());
       for (int c0 = 0; c0 < tn; c0 += chunk) {
         const int cols = std::min(chunk, tn - c0);
         float* acc = s.acc.data();
-        kernels::matmul_tile(s.a_row.data(), K, rows, K, b_rows + static_cast<int64_t>(c0) * b_size,
-                             b_bf16, b_ld, cols, acc, cols);
+        if (direct_b) {
+          kernels::matmul_tile(s.a_row.data(), K, rows, K, b_rows + static_cast<int64_t>(c0) * b_size,
+                               b_dt == kBF16, bv.strides[1], cols, acc, cols);
+        } else if (direct_bt) {
+          kernels::matmul_tile_kt(s.a_row.data(), K, rows, K,
+                                  b_rows + static_cast<int64_t>(c0) * bv.strides[2] * b_size,
+                                  b_dt == kBF16, bv.strides[2], cols, acc, cols);
+        } else if (K == 0) {
+          std::fill(acc, acc + static_cast<int64_t>(rows) * cols, 0.0f);
+        } else {
+          for (int64_t k0 = 0; k0 < K; k0 += k_block) {
+            const int kb = static_cast<int>(std::min(k_block, K - k0));
+            widen_b_block(bv, b_dt, b_base, b, k0, kb, task.n0 + c0, cols, s.b_tile.data(), tile_ld);
+            kernels::matmul_tile(s.a_row.data() + k0, K, rows, kb, s.b_tile.data(), false, tile_ld,
+                                 cols, acc, cols, k0 > 0);
+          }
+        }
         for (int i = 0; i < rows; ++i) {
           float* row = acc + static_cast<int64_t>(i) * cols;
           round_in_place(row, cols, op.acc_dtype);

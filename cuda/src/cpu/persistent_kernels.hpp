@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <utility>
+
 #include "jax_ark/tile_ops.hpp"
 
 #define ARK_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -63,16 +65,19 @@ ARK_ALWAYS_INLINE float to_f32(float x) { return x; }
 ARK_ALWAYS_INLINE float to_f32(uint16_t x) { return plan::bf16_to_f32(x); }
 
 // acc[i * ldc + n] = sum_k a[i * lda + k] * B[k, n] for i < rows, n < tn, where B[k, n] =
-// b[k * ldb + n] (float32 or bf16 bits). The loop nest is k (4 at a time) -> n (one vector) ->
+// b[k * ldb + n] (float32 or bf16 bits). With `accumulate` the sums continue from acc's values
+// instead of 0: a K split into consecutive blocks, each called in k order, adds every term in the
+// same order as one call over all of K (so the result is the same bits). The loop nest is k (4 at a time) -> n (one vector) ->
 // rows, so each B vector is loaded (and widened) once and serves every row, and B is streamed once
 // per call in row order (a task's K x tn slab, typically straight from DRAM). Each element still
 // receives its terms one by one in ascending k (see the file comment).
 template <class V, class BT>
 ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
-                                    int64_t ldb, int tn, float* acc, int64_t ldc) {
+                                    int64_t ldb, int tn, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
-  for (int i = 0; i < rows; ++i)
-    for (int n = 0; n < tn; ++n) acc[i * ldc + n] = 0.0f;
+  if (!accumulate)
+    for (int i = 0; i < rows; ++i)
+      for (int n = 0; n < tn; ++n) acc[i * ldc + n] = 0.0f;
   const int nv = tn - tn % W;
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
@@ -148,11 +153,16 @@ constexpr int kMicroRows = 4;
 
 template <class V, class BT, int NV>
 ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, const BT* b,
-                                    int64_t ldb, float* acc, int64_t ldc) {
+                                    int64_t ldb, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
   V c[kMicroRows][NV];
   for (int i = 0; i < kMicroRows; ++i)
-    for (int j = 0; j < NV; ++j) c[i][j] = V{};
+    for (int j = 0; j < NV; ++j) {
+      if (accumulate)
+        load_vec(c[i][j], acc + i * ldc + j * W);
+      else
+        c[i][j] = V{};
+    }
   const float* a0 = a;
   const float* a1 = a + lda;
   const float* a2 = a + 2 * lda;
@@ -179,61 +189,198 @@ ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, cons
 // the leftover rows / columns (each element is computed by exactly one of them, same order).
 template <class V, int NV, class BT>
 ARK_ALWAYS_INLINE void matmul_any(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
-                                  int64_t ldb, int tn, float* acc, int64_t ldc) {
+                                  int64_t ldb, int tn, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
   constexpr int kBlockCols = NV * W;
   const int full_rows = rows < kMicroRows ? 0 : rows - rows % kMicroRows;
   const int full_cols = tn - tn % kBlockCols;
   if (full_rows == 0 || full_cols == 0) {  // GEMV-like: stream B once with the panel kernel
-    matmul_panel<V>(a, lda, rows, K, b, ldb, tn, acc, ldc);
+    matmul_panel<V>(a, lda, rows, K, b, ldb, tn, acc, ldc, accumulate);
     return;
   }
   for (int n = 0; n < full_cols; n += kBlockCols)
     for (int i = 0; i < full_rows; i += kMicroRows)
-      matmul_micro<V, BT, NV>(a + i * lda, lda, K, b + n, ldb, acc + i * ldc + n, ldc);
+      matmul_micro<V, BT, NV>(a + i * lda, lda, K, b + n, ldb, acc + i * ldc + n, ldc, accumulate);
   if (full_cols < tn)
-    matmul_panel<V>(a, lda, full_rows, K, b + full_cols, ldb, tn - full_cols, acc + full_cols, ldc);
+    matmul_panel<V>(a, lda, full_rows, K, b + full_cols, ldb, tn - full_cols, acc + full_cols, ldc,
+                    accumulate);
   if (full_rows < rows)
     matmul_panel<V>(a + full_rows * lda, lda, rows - full_rows, K, b, ldb, tn,
-                    acc + full_rows * ldc, ldc);
+                    acc + full_rows * ldc, ldc, accumulate);
+}
+
+// ---- B read along k: B[k, n] = b[n * ldb + k] (a transposed weight, `y @ E.T`) -------------------
+// Vectorizing across n needs W columns' k-th elements in one vector: W rows of b (W consecutive
+// k each, contiguous loads) are transposed in registers, then every row of A adds its W terms
+// into its W column sums one k at a time, ascending: the same per-element order as matmul_panel.
+
+// Interleaves the low (high) halves of x and y: lo = x0 y0 x1 y1 ..., hi = x[W/2] y[W/2] ...
+template <class V, int W, size_t... I>
+ARK_ALWAYS_INLINE void interleave(V& lo, V& hi, const V& x, const V& y, std::index_sequence<I...>) {
+  lo = __builtin_shufflevector(x, y, (I % 2 ? W + I / 2 : I / 2)...);
+  hi = __builtin_shufflevector(x, y, (I % 2 ? W + W / 2 + I / 2 : W / 2 + I / 2)...);
+}
+
+// t[j][kk] -> t[kk][j]: log2(W) rounds of pairing vector i with i + W/2 (a perfect shuffle). Each
+// interleave is one instruction for 4 lanes (unpcklps / unpckhps) and 16 (vpermt2ps).
+template <class V>
+ARK_ALWAYS_INLINE void transpose(V (&t)[sizeof(V) / sizeof(float)]) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  for (int round = 1; round < W; round *= 2) {
+    V u[W];
+    for (int i = 0; i < W / 2; ++i)
+      interleave<V, W>(u[2 * i], u[2 * i + 1], t[i], t[i + W / 2], std::make_index_sequence<W>{});
+    for (int i = 0; i < W; ++i) t[i] = u[i];
+  }
+}
+
+// 8 lanes (AVX2): a full-width interleave crosses the 128-bit halves (2-3 instructions each), so
+// the classic sequence instead: in-half unpack, in-half 64-bit shuffle, then one half swap.
+template <>
+ARK_ALWAYS_INLINE void transpose<f32x8>(f32x8 (&r)[8]) {
+  f32x8 t[8], s[8];
+  for (int p = 0; p < 8; p += 2) {
+    t[p] = __builtin_shufflevector(r[p], r[p + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[p + 1] = __builtin_shufflevector(r[p], r[p + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int q = 0; q < 8; q += 4) {
+    s[q] = __builtin_shufflevector(t[q], t[q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    s[q + 1] = __builtin_shufflevector(t[q], t[q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    s[q + 2] = __builtin_shufflevector(t[q + 1], t[q + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    s[q + 3] = __builtin_shufflevector(t[q + 1], t[q + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(s[i], s[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(s[i], s[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// Columns [n, n + W), terms k in [k0, k1) (a multiple of KS * W apart) added to acc. A step reads
+// KS * W consecutive k of each of the W rows (KS = a cache line's worth: a line is fetched and used
+// at once, where half-line steps left it to be fetched again), transposes KS W x W tiles and
+// runs each row's W column sums KS * W terms on.
+template <class V, int KS, class BT>
+ARK_ALWAYS_INLINE void matmul_kt_columns(const float* a, int64_t lda, int rows, int64_t k0,
+                                         int64_t k1, const BT* b, int64_t ldb, int n, float* acc,
+                                         int64_t ldc) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  constexpr int64_t kPrefetchK = 1024 / sizeof(BT);  // 1 KiB ahead in each row
+  const BT* bn = b + n * ldb;
+  V tiles[KS][W];
+  for (int64_t k = k0; k < k1; k += KS * W) {
+    if (k + kPrefetchK < k1)  // W concurrent row streams: more than the hardware prefetcher tracks
+      for (int j = 0; j < W; ++j) __builtin_prefetch(bn + j * ldb + k + kPrefetchK, 0, 3);
+    for (int h = 0; h < KS; ++h) {
+      for (int j = 0; j < W; ++j) load_vec(tiles[h][j], bn + j * ldb + k + h * W);
+      transpose(tiles[h]);
+    }
+    for (int i = 0; i < rows; ++i) {
+      const float* ai = a + i * lda + k;
+      float* ci = acc + i * ldc + n;
+      V c;
+      load_vec(c, ci);
+      for (int h = 0; h < KS; ++h)
+        for (int kk = 0; kk < W; ++kk) c = c + ai[h * W + kk] * tiles[h][kk];
+      store_vec(ci, c);
+    }
+  }
+}
+
+template <class V, class BT>
+ARK_ALWAYS_INLINE void matmul_kt(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
+                                 int64_t ldb, int tn, float* acc, int64_t ldc, bool accumulate) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  constexpr int KS = 64 / (W * sizeof(BT)) > 1 ? 64 / (W * sizeof(BT)) : 1;
+  if (!accumulate)
+    for (int i = 0; i < rows; ++i)
+      for (int n = 0; n < tn; ++n) acc[i * ldc + n] = 0.0f;
+  const int64_t k_lines = K - K % (KS * W);
+  const int64_t kv = K - K % W;
+  const int nv = tn - tn % W;
+  for (int n = 0; n < nv; n += W) {
+    matmul_kt_columns<V, KS>(a, lda, rows, 0, k_lines, b, ldb, n, acc, ldc);
+    matmul_kt_columns<V, 1>(a, lda, rows, k_lines, kv, b, ldb, n, acc, ldc);
+    for (int j = 0; j < W; ++j) {  // the last K % W terms of these columns, still in k order
+      const BT* bj = b + (n + j) * ldb;
+      for (int64_t k = kv; k < K; ++k) {
+        const float x = to_f32(bj[k]);
+        for (int i = 0; i < rows; ++i) acc[i * ldc + n + j] = acc[i * ldc + n + j] + a[i * lda + k] * x;
+      }
+    }
+  }
+  for (int n = nv; n < tn; ++n) {  // leftover columns: one sequential dot product each
+    const BT* bn = b + n * ldb;
+    for (int i = 0; i < rows; ++i) {
+      float c = acc[i * ldc + n];
+      for (int64_t k = 0; k < K; ++k) c = c + a[i * lda + k] * to_f32(bn[k]);
+      acc[i * ldc + n] = c;
+    }
+  }
 }
 
 // One instantiation per instruction set; the widest the CPU supports is picked once at run time.
 // NV: accumulator vectors per micro-block row (4 x NV of the ISA's registers stay live).
 #define ARK_MATMUL_VARIANT(NAME, ATTR, V, NV)                                                      \
   ATTR inline void NAME(const float* a, int64_t lda, int rows, int64_t K, const void* b,          \
-                        bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc) {            \
+                        bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc,              \
+                        bool accumulate) {                                                         \
     if (b_is_bf16)                                                                                 \
-      matmul_any<V, NV>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc);      \
+      matmul_any<V, NV>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc,       \
+                        accumulate);                                                               \
     else                                                                                           \
-      matmul_any<V, NV>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc);         \
+      matmul_any<V, NV>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc,          \
+                        accumulate);                                                               \
+  }
+
+#define ARK_MATMUL_KT_VARIANT(NAME, ATTR, V)                                                       \
+  ATTR inline void NAME(const float* a, int64_t lda, int rows, int64_t K, const void* b,          \
+                        bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc,              \
+                        bool accumulate) {                                                         \
+    if (b_is_bf16)                                                                                 \
+      matmul_kt<V>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc, accumulate); \
+    else                                                                                           \
+      matmul_kt<V>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc, accumulate);  \
   }
 
 ARK_MATMUL_VARIANT(matmul_base, , f32x4, 2)
+ARK_MATMUL_KT_VARIANT(matmul_kt_base, , f32x4)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 ARK_MATMUL_VARIANT(matmul_avx2, __attribute__((target("avx2"))), f32x8, 2)
 ARK_MATMUL_VARIANT(matmul_avx512, __attribute__((target("avx512f"))), f32x16, 4)
+ARK_MATMUL_KT_VARIANT(matmul_kt_avx2, __attribute__((target("avx2"))), f32x8)
+ARK_MATMUL_KT_VARIANT(matmul_kt_avx512, __attribute__((target("avx512f"))), f32x16)
 #endif
 #undef ARK_MATMUL_VARIANT
+#undef ARK_MATMUL_KT_VARIANT
 
 using MatmulFn = void (*)(const float*, int64_t, int, int64_t, const void*, bool, int64_t, int,
-                          float*, int64_t);
+                          float*, int64_t, bool);
 
-inline MatmulFn pick_matmul() {
+// k_contiguous: the matmul_kt kernels (B[k, n] = b[n * ldb + k]).
+inline MatmulFn pick_matmul(bool k_contiguous) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return matmul_avx512;
-  if (__builtin_cpu_supports("avx2")) return matmul_avx2;
+  if (__builtin_cpu_supports("avx512f")) return k_contiguous ? matmul_kt_avx512 : matmul_avx512;
+  if (__builtin_cpu_supports("avx2")) return k_contiguous ? matmul_kt_avx2 : matmul_avx2;
 #endif
-  return matmul_base;
+  return k_contiguous ? matmul_kt_base : matmul_base;
 }
 
 // rows x tn float32 tile, row stride ldc: acc[i, n] = sum over k of a[i * lda + k] * B[k, n] with
-// B[k, n] = b[k * ldb + n] (float32, or bf16 bits when b_is_bf16); see matmul_any.
+// B[k, n] = b[k * ldb + n] (float32, or bf16 bits when b_is_bf16); see matmul_any. accumulate:
+// continue the sums in acc (the next block of k) instead of starting from 0.
 inline void matmul_tile(const float* a, int64_t lda, int rows, int64_t K, const void* b,
-                        bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc) {
-  static const MatmulFn fn = pick_matmul();
-  fn(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc);
+                        bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc,
+                        bool accumulate = false) {
+  static const MatmulFn fn = pick_matmul(false);
+  fn(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc, accumulate);
+}
+
+// The same for B read along k: B[k, n] = b[n * ldb + k]; see matmul_kt.
+inline void matmul_tile_kt(const float* a, int64_t lda, int rows, int64_t K, const void* b,
+                           bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc) {
+  static const MatmulFn fn = pick_matmul(true);
+  fn(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc, false);
 }
 
 }  // namespace jax_ark::cpu::kernels

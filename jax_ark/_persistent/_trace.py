@@ -19,11 +19,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_ark._persistent._comm import COMM_PRIMITIVES, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     INT_DTYPES,
     MAX_PROGRAM_LEN,
     MAX_RANK,
+    CommGroup,
     Instr,
     Op,
     PlanError,
@@ -173,6 +175,7 @@ class TraceResult:
     num_inputs: int
     outputs: list[int]
     constants: dict[int, np.ndarray]
+    comm: CommGroup | None = None  # v3: the group of the function's collectives
 
 
 @dataclass
@@ -192,6 +195,7 @@ class _Builder:
     eqn: Any = None
     aliased: set[int] = field(default_factory=set)
     num_inputs: int = 0
+    comm: CommGroup | None = None  # set by the first collective (_comm.py)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -1153,6 +1157,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
     if prim == "cumsum":
         return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
+    if prim in COMM_PRIMITIVES:
+        return translate_collective(b, eqn, args, UnsupportedError)
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
@@ -1162,7 +1168,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
-        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, the "
+        "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
+        "or jax_ark, inside jax.shard_map), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}); no loops, conditionals or shard_map"
     )
 
@@ -1311,7 +1319,10 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
     names = arg_names or [f"input {i}" for i in range(len(avals))]
     for i, aval in enumerate(avals):
         _check_dtype(aval, f"argument {names[i]}")
-    closed = jax.make_jaxpr(fn)(*avals)
+    from jax_ark.collectives import as_lax_collectives
+
+    with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
+        closed = jax.make_jaxpr(fn)(*avals)
     b = _Builder()
     in_nodes = []
     for i, aval in enumerate(avals):
@@ -1364,4 +1375,6 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
         b.tensors[t].name = f"out{i}"
         if b.tensors[t].alias >= 0:
             b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
-    return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants)
+    return TraceResult(
+        b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants, comm=b.comm
+    )

@@ -211,9 +211,11 @@ def run_plan(
         outs = [_mark_varying(o, axes) for o in outs]
     else:
         n = len(p.outputs)
-        outs = [_mark_varying(o, v) for o, v in zip(outs[:n], out_varying, strict=True)] + list(
-            outs[n:]
-        )
+        # workspace, counters and profile differ per rank, whatever the inputs are
+        per_rank = tuple(sorted(set(axes) | set(p.comm.axes if p.comm else ()), key=str))
+        outs = [_mark_varying(o, v) for o, v in zip(outs[:n], out_varying, strict=True)] + [
+            _mark_varying(o, per_rank) for o in outs[n:]
+        ]
     if group is not None:
         _prim.remember(outs[0])
     n = len(p.outputs)

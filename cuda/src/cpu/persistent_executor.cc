@@ -334,8 +334,11 @@ struct Run {
     }
   }
 
+  // steady_clock's own origin, not the run's start: the ranks of a group (devices of one
+  // process) then share one clock, so their timelines line up.
   int64_t now_ns() const {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+        .count();
   }
 };
 

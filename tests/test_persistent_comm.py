@@ -8,6 +8,9 @@ plain run (the executor's math never depends on timing or placement).
 from __future__ import annotations
 
 import json
+import pathlib
+import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -405,3 +408,34 @@ def test_timeline_draws_comm_tasks_per_rank(mesh8, rng):
     assert "comm tasks" in gids and "tasks" in gids
     trace = tl.to_chrome_trace()
     assert {e["pid"] for e in trace["traceEvents"]} == set(range(8))
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+def test_put_wait_times_out_and_cancels_naming_rank_peer_task(mesh8, rng, tmp_path):
+    """A peer that never puts (rank 0 alone, tests/persistent_comm_host_test.cc): the executor's
+    signal wait ends by its timeout, then by the process-wide cancel flag, naming the rank, the
+    peer, the task and its op."""
+    plan = _tp_plan(mesh8, rng)
+    words = tmp_path / "plan.bin"
+    words.write_bytes(plan.to_binary().astype("<i4").tobytes())
+    src = ROOT / "cuda" / "src" / "cpu"
+    exe = tmp_path / "comm_host_test"
+    cmd = [CXX, "-std=c++17", "-O1", "-pthread", "-ffp-contract=off"]
+    cmd += [
+        f"-I{ROOT / 'cuda' / 'include'}",
+        f"-I{src}",
+        str(ROOT / "tests" / "persistent_comm_host_test.cc"),
+    ]
+    cmd += [
+        str(src / f)
+        for f in ("persistent_executor.cc", "host_communicator.cc", "host_collectives.cc")
+    ]
+    built = subprocess.run([*cmd, "-o", str(exe)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([str(exe), str(words)], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert ran.stdout.count("ok:") == 6, ran.stdout

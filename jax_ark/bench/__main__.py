@@ -15,15 +15,21 @@ from jax_ark._env import configure_host_devices
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jax_ark.bench import collectives, persistent
+    from jax_ark.bench import collectives, overlap, persistent
 
     parser = argparse.ArgumentParser(
         prog="python -m jax_ark.bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{collectives,persistent}")
-    for name, module in (("collectives", collectives), ("persistent", persistent)):
+    sub = parser.add_subparsers(
+        dest="bench", required=True, metavar="{collectives,persistent,overlap}"
+    )
+    for name, module in (
+        ("collectives", collectives),
+        ("persistent", persistent),
+        ("overlap", overlap),
+    ):
         doc = module.__doc__ or ""
         module.add_arguments(
             sub.add_parser(
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_host_devices()  # before any jax backend starts
     if args.bench == "collectives":
         from jax_ark.bench import collectives as bench
+    elif args.bench == "overlap":
+        from jax_ark.bench import overlap as bench
     else:
         from jax_ark.bench import persistent as bench
     return bench.run(args)

@@ -32,12 +32,14 @@ five block layouts of the `ark_collective` primitive (docs/internals.md, "Collec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
 import operator
 import os
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Sequence
@@ -334,6 +336,22 @@ def _group_or_none(
         return why
 
 
+_persistent_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def as_lax_collectives():
+    """While `ark.persistent` traces a function, jax_ark collectives bind jax.lax's primitives:
+    the planner turns those into its own put tasks (jax_ark/_persistent/_trace.py), so both
+    spellings mean the same plan."""
+    depth = getattr(_persistent_tracing, "depth", 0)
+    _persistent_tracing.depth = depth + 1
+    try:
+        yield
+    finally:
+        _persistent_tracing.depth = depth
+
+
 def _collective(
     api: str,
     x,
@@ -347,6 +365,8 @@ def _collective(
     """Maps `per_leaf(group, operand)` over the leaves of `x`; where ark has no fast path for the
     call (or a leaf), `run_lax(x or leaf)` (the jax.lax collective) runs instead. With
     `hierarchical`, `group` may be a `_Hierarchical` (reductions only)."""
+    if getattr(_persistent_tracing, "depth", 0):
+        return run_lax(x)
     if group is None:
         group = _group_or_none(api, axis_name, hierarchical)
         if isinstance(group, _NoFastPath):

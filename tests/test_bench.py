@@ -12,7 +12,8 @@ from jax_ark.bench.__main__ import main
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], ["collectives", "persistent", "decode", "--repeats", "IQR"]),
+        ([], ["collectives", "persistent", "decode", "overlap", "--repeats", "IQR"]),
+        (["overlap"], ["--layers", "--sizes", "RxDxH", "max(compute, comm)"]),
         (["collectives"], ["--ops", "--sizes", "float32 elements per device", "4 KiB"]),
         (["persistent"], ["--configs", "DxLxB", "weight-bytes floor", "cache"]),
         (["decode"], ["--configs", "--vocab", "--cache-len", "tokens/s", "weight-bytes floor"]),
@@ -58,3 +59,15 @@ def test_decode_cpu_bench_checks_tokens_and_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ark tok/s" in out and "%floor" not in out
     assert (tmp_path / "decode_cpu.png").stat().st_size > 0
+
+
+def test_overlap_cpu_bench_runs(tmp_path, capsys):
+    argv = ["overlap", "--sizes", "16x32x64", "--repeats", "2", "--budget", "0.01"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "overlap_cpu.json").read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["tp", "sp"]
+    for r in rows:
+        assert r["ratio_p25"] <= r["ratio"] <= r["ratio_p75"]
+        assert r["max_rel_err"] < 1e-4
+        assert r["overlap_eff"] > 0
+    assert "ark/lax" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ark import _collective_primitive as _prim
 from jax_ark._ffi import cpu_module
 from jax_ark._persistent._format import (
     DTYPE_CODES,
@@ -153,13 +155,16 @@ def run_plan(
     timeout_ms: int = _DEFAULT_TIMEOUT_MS,
     words: np.ndarray | None = None,
     check_on_host: bool = False,
+    out_varying: list[tuple] | None = None,
 ):
     """Binds one ark_persistent call; returns (flat outputs, profile array or None).
 
     words: the binary plan to send instead of p.to_binary() (tests of the runtime's own check).
     check_on_host: run the runtime's binary-plan check here, on the exact words sent (for the GPU,
     whose handler cannot read the plan operand in device memory without a stream sync; the CPU
-    handler checks the words it receives itself)."""
+    handler checks the words it receives itself).
+    out_varying: the mesh axes each output varies over (default: every axis an input varies
+    over; a psum's result varies over fewer)."""
     if not p.tasks:
         # Every output has a zero-size dim (an op is planned for every non-empty output): there is
         # nothing to run, and a kernel with no tasks would only cost a launch.
@@ -174,12 +179,21 @@ def run_plan(
         jax.ShapeDtypeStruct(p.tensors[o].shape, np_dtype(p.tensors[o].dtype)) for o in p.outputs
     ]
     results.append(jax.ShapeDtypeStruct((max(p.workspace_bytes, 1),), np.uint8))
-    results.append(jax.ShapeDtypeStruct((len(p.tasks),), np.int32))
+    results.append(jax.ShapeDtypeStruct((p.num_counters,), np.int32))
     # Results updated in place share their operand's buffer (with jax.jit donation of that
     # argument XLA passes the buffer itself; otherwise it copies the operand once before the call).
     aliases = {p.tensors[o].alias: i for i, o in enumerate(p.outputs) if p.tensors[o].alias >= 0}
     if check_on_host:
+        if p.comm is not None:
+            raise PlanError(
+                "this plan has communication (put) tasks, which only the CPU executor runs for "
+                "now; the CUDA executor refuses them"
+            )
         _check_words_on_host(plan_words, operands, results, aliases)
+    group = None
+    if p.comm is not None:
+        group, comm_operand = _comm_operand(p, plan_words)
+        operands.append(comm_operand)
     operands.append(jnp.asarray(plan_words))
     if profile:
         results.append(jax.ShapeDtypeStruct((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64))
@@ -193,9 +207,56 @@ def run_plan(
         chaos_seed=np.int64(_chaos_seed()),
         profile=np.int64(1 if profile else 0),
     )
-    outs = [_mark_varying(o, axes) for o in outs]
+    if out_varying is None:
+        outs = [_mark_varying(o, axes) for o in outs]
+    else:
+        n = len(p.outputs)
+        # workspace, counters and profile differ per rank, whatever the inputs are
+        per_rank = tuple(sorted(set(axes) | set(p.comm.axes if p.comm else ()), key=str))
+        outs = [_mark_varying(o, v) for o, v in zip(outs[:n], out_varying, strict=True)] + [
+            _mark_varying(o, per_rank) for o in outs[n:]
+        ]
+    if group is not None:
+        _prim.remember(outs[0])
     n = len(p.outputs)
     return list(outs[:n]), (outs[n + 2] if profile else None)
+
+
+def _comm_operand(p: Plan, plan_words: np.ndarray):
+    """(the group, the int32[6] operand rank, color, comm_key, site) of a plan with put tasks.
+
+    The group is looked up at call time from the enclosing jax.shard_map, like ark_collective's
+    (a plan given with `plan=` may run under another mesh of the same axes); the site keeps two
+    such calls in one program apart (docs/internals.md, "Call sites")."""
+    from jax_ark import collectives
+
+    try:
+        group = collectives._group("persistent", p.comm.axes)
+    except collectives._NoFastPath as why:
+        raise PlanError(f"ark.persistent: the plan's collectives: {why.error}") from None
+    if not isinstance(group, collectives._Group) or group.size != p.comm.group_size:
+        raise PlanError(
+            f"the plan's communication group is {p.comm.group_size} ranks over mesh axes "
+            f"{p.comm.axes}; this call's mesh gives "
+            f"{getattr(group, 'size', 'a group spanning processes')}"
+        )
+    digest = hashlib.blake2b(np.ascontiguousarray(plan_words).tobytes(), digest_size=8).digest()
+    site = _prim.call_site(("ark_persistent", group.comm_key, digest))
+    rank, color = group.operands()
+    color = _prim.sequenced(color)
+
+    def halves(v: int) -> list[int]:
+        u = v & ((1 << 64) - 1)
+        return [np.int32(np.uint32(u & 0xFFFFFFFF)), np.int32(np.uint32(u >> 32))]
+
+    operand = jnp.stack(
+        [
+            jnp.asarray(rank, jnp.int32),
+            jnp.asarray(color, jnp.int32),
+            *(jnp.asarray(h, jnp.int32) for h in halves(group.comm_key) + halves(site)),
+        ]
+    )
+    return group, operand
 
 
 def _dtype_code(dtype) -> int:
@@ -291,12 +352,18 @@ class _Persistent:
         leaves = jax.tree_util.tree_leaves(args)
         platform = resolve_platform(leaves)[0]
         p, out_tree = self._planned(args, platform)
+        out_varying = None
+        if p.comm is not None:
+            # A psum's result is the same on every rank: typed invariant, as jax.lax's.
+            traced = jax.make_jaxpr(self._fn)(*args)
+            out_varying = [tuple(sorted(_aval_varying(a), key=str)) for a in traced.out_avals]
         outs, prof = run_plan(
             p,
             leaves,
             profile=self._profile,
             timeout_ms=self._timeout_ms,
             check_on_host=platform != "cpu",
+            out_varying=out_varying,
         )
         result = jax.tree_util.tree_unflatten(out_tree, outs)
         return (result, prof) if self._profile else result

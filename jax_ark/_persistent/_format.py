@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-PLAN_VERSION = 3  # v2: integer tensors / opcodes; v3: loops (scan / fori_loop)
+# v2: int32 / uint32 tensors, integer opcodes; v3: loops (scan / fori_loop) and / or comm (put)
+# ops, both optional sections (one plan with both is refused: no communication inside loops yet)
+PLAN_VERSION = 3
 MAGIC = 0x504B5241
 MAX_RANK = 6
 MAX_PROGRAM_LEN = 64
@@ -28,6 +30,7 @@ MAX_WORK = 1 << 45  # element-operations of a whole plan
 MAX_MATMUL_PANEL = 1 << 28  # K x (n1 - n0) of one matmul task
 MAX_TILING_CELLS = 1 << 24  # grid cells of an op's tiling
 MAX_TRIP_COUNT = 1 << 24  # iterations of one loop (v3); a task's counter reaches its trip count
+MAX_GROUP_SIZE = 4096  # v3: ranks of a plan's communication group
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -36,7 +39,7 @@ DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4,
 # Registers of these dtypes hold integer bits; every other register holds a float32 value.
 INT_DTYPES = frozenset({"int32", "uint32"})
 STORAGE_CODES = {"arg": 0, "result": 1, "workspace": 2}
-OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3}
+OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3, "put": 4}  # put: v3 communication
 REDUCE_CODES = {
     "sum": 0, "max": 1, "min": 2, "isum": 3, "imax": 4, "imin": 5, "umax": 6, "umin": 7,
     "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11,
@@ -136,7 +139,7 @@ class Instr:
 @dataclass
 class Op:
     name: str
-    kind: str  # "matmul" | "reduce" | "map"
+    kind: str  # "matmul" | "reduce" | "map" | "put" (v3: see CommGroup)
     out: int  # tensor id
     B: int
     M: int
@@ -173,6 +176,17 @@ class Loop:
     first_op: int
     end_op: int
     source: str = ""
+
+
+@dataclass
+class CommGroup:
+    """v3: the one communication group of a plan with put ops (docs/plan_format.md,
+    "Communication"). A put op's output is its symmetric inbox `[group_size, M, N]`: on rank r, a
+    task whose b range holds r copies its (m, n) tile of `a_view[p, m, n]` into row r of every
+    rank p's inbox, then every task waits until ranks b0..b1-1 have put their tiles."""
+
+    axes: tuple  # the mesh axes the group spans (rank = jax.lax.axis_index(axes))
+    group_size: int
 
 
 @dataclass
@@ -213,6 +227,13 @@ class Plan:
     workspace_bytes: int
     version: int = PLAN_VERSION
     loops: list[Loop] = field(default_factory=list)
+    comm: CommGroup | None = None  # v3: set when the plan has put ops
+
+    @property
+    def num_counters(self) -> int:
+        """Entries of the counters result: one per task, then (v3) one signal per put task and
+        source rank (unused for other tasks; indexed num_tasks + task * group_size + rank)."""
+        return len(self.tasks) * (1 + (self.comm.group_size if self.comm else 0))
 
     # ---- inspection -----------------------------------------------------------------------------
     def task_name(self, t: int) -> str:
@@ -243,7 +264,18 @@ class Plan:
             return 2 * elems * op.K + elems * len(op.epilogue)
         if op.kind == "reduce":
             return elems * op.K * (len(op.prologue) + 1) + elems * len(op.epilogue)
+        if op.kind == "put":
+            return 0
         return elems * len(op.epilogue)
+
+    def put_bytes(self, t: int) -> int:
+        """Bytes a put task's source rank copies into each rank's inbox (its tile); 0 for other
+        tasks."""
+        task = self.tasks[t]
+        op = self.ops[task.op]
+        if op.kind != "put":
+            return 0
+        return (task.m1 - task.m0) * (task.n1 - task.n0) * DTYPE_SIZES[self.tensors[op.out].dtype]
 
     def critical_path(self) -> list[int]:
         """Longest chain of dependent tasks by estimated cost (list of task ids)."""
@@ -283,7 +315,7 @@ class Plan:
                 self.flops(t) for t, task in enumerate(self.tasks) if task.op == i
             )
             total_flops += fl
-            extra = f" K={op.K}" if op.kind != "map" else ""
+            extra = f" K={op.K}" if op.kind in ("matmul", "reduce") else ""
             if op.loop >= 0:
                 extra += f" loop={op.loop}" + (" stacked" if op.stacked else "")
             for li, loop in enumerate(self.loops):
@@ -292,6 +324,18 @@ class Plan:
                         f"  loop {li}: ops {loop.first_op}..{loop.end_op - 1} run "
                         f"{loop.trip_count} times (body planned once) {loop.source}"
                     )
+            if op.kind == "put" and self.comm is not None:
+                # Each rank copies its tiles into all n inboxes (its own included).
+                n = self.comm.group_size
+                mine = sum(
+                    (task.b1 - task.b0) * self.put_bytes(t)
+                    for t, task in enumerate(self.tasks)
+                    if task.op == i
+                ) // max(1, n)
+                extra = (
+                    f" group={n} (axes {','.join(map(str, self.comm.axes))}): each rank puts "
+                    f"{mine} bytes into each of the {n} inboxes"
+                )
             lines.append(
                 f"  op {i:3d} {op.kind:6s} {op.name:24s} -> t{op.out} {out.dtype}{list(out.shape)} "
                 f"[{out.storage}] tasks={op_tasks.get(i, 0)}{extra} epilogue={len(op.epilogue)} "
@@ -303,6 +347,8 @@ class Plan:
             f"  bytes: args {in_bytes}, outputs {out_bytes}, workspace {self.workspace_bytes}; "
             f"total flops {total_flops}"
         )
+        if self.comm is not None:
+            lines.extend(_comm_summary(self))
         lines.extend(_queue_summary(self.queues))
         path = self.critical_path()
         lines.append(
@@ -343,6 +389,11 @@ class Plan:
             "loops": [dataclasses.asdict(loop) for loop in self.loops],
             "tasks": [dataclasses.asdict(t) for t in self.tasks],
             "queues": [list(q) for q in self.queues],
+            **(
+                {"comm": {"axes": list(self.comm.axes), "group_size": self.comm.group_size}}
+                if self.comm is not None
+                else {}
+            ),
             "constants": {
                 str(k): {
                     "dtype": self.tensors[k].dtype,
@@ -389,6 +440,22 @@ class Plan:
     def to_binary(self) -> np.ndarray:
         """The int32 words of plan_format.hpp (version PLAN_VERSION)."""
         return _encode(self)
+
+
+def _comm_summary(plan: Plan, listed: int = 12) -> list[str]:
+    """The put tasks: tile, the source ranks it awaits, bytes copied per peer by its source."""
+    lines = []
+    puts = [t for t, task in enumerate(plan.tasks) if plan.ops[task.op].kind == "put"]
+    n = plan.comm.group_size if plan.comm else 1
+    for t in puts[:listed]:
+        task = plan.tasks[t]
+        src = f"rank {task.b0}" if task.b1 - task.b0 == 1 else f"ranks {task.b0}..{task.b1 - 1}"
+        lines.append(
+            f"  comm {plan.task_name(t)}: {src} -> all {n} ranks, {plan.put_bytes(t)} bytes to each"
+        )
+    if len(puts) > listed:
+        lines.append(f"  comm: ... {len(puts) - listed} more put tasks")
+    return lines
 
 
 def _queue_summary(queues: list[list[int]], listed: int = 8) -> list[str]:
@@ -569,8 +636,8 @@ def _encode(plan: Plan) -> np.ndarray:
         sections["dep_offsets"], sections["deps"], sum(len(t.deps) for t in plan.tasks),
         sections["queue_offsets"],
         sections["queues"], sections["code"], len(code), sections["names"],
-        len(names), len(plan.tasks), PROFILE_WORDS_PER_TASK, 0,
-        *_i64(plan.workspace_bytes), loops_at, 0,
+        len(names), plan.num_counters, PROFILE_WORDS_PER_TASK, 0,
+        *_i64(plan.workspace_bytes), loops_at, plan.comm.group_size if plan.comm else 0,
     ]  # fmt: skip
     assert len(header) == 32
     words[:32] = header
@@ -674,7 +741,7 @@ _OP_KEYS = {f.name for f in dataclasses.fields(Op)}
 _TASK_KEYS = {f.name for f in dataclasses.fields(Task)}
 _PLAN_KEYS = {
     "format", "version", "num_workers", "num_inputs", "args", "outputs", "workspace_bytes",
-    "tensors", "views", "ops", "tasks", "queues", "constants", "loops",
+    "tensors", "views", "ops", "tasks", "queues", "constants", "loops", "comm",
 }  # fmt: skip
 _LOOP_KEYS = {f.name for f in dataclasses.fields(Loop)}
 
@@ -829,8 +896,10 @@ def _parse_plan(d: Any) -> Plan:
     for t in args[num_inputs:]:
         if t not in constants:
             raise PlanError(f"constants: constant operand tensor {t} has no data")
+    comm = _parse_comm(d.get("comm"), version)
     return Plan(
         num_workers=num_workers,
+        comm=comm,
         tensors=tensors,
         views=views,
         ops=ops,
@@ -847,3 +916,21 @@ def _parse_plan(d: Any) -> Plan:
 
 
 _TILE_FIELDS = ("op", "b0", "b1", "m0", "m1", "n0", "n1")
+
+
+def _parse_comm(c: Any, version: int) -> CommGroup | None:
+    """v3 `comm`: {"axes": [mesh axis names], "group_size": n} or absent."""
+    if c is None:
+        return None
+    if version < 3:
+        raise PlanError(f"comm: needs plan version 3, the plan is version {version}")
+    _obj(c, "comm", {"axes", "group_size"})
+    axes = _list(_field(c, "axes", "comm"), "comm.axes", MAX_RANK)
+    if not axes:
+        raise PlanError("comm.axes: names no mesh axis")
+    for i, a in enumerate(axes):
+        _str(a, f"comm.axes[{i}]")
+    if len(set(axes)) != len(axes):
+        raise PlanError("comm.axes: an axis is named twice")
+    size = _int(_field(c, "group_size", "comm"), "comm.group_size", 1, MAX_GROUP_SIZE)
+    return CommGroup(tuple(axes), size)

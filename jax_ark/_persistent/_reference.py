@@ -222,10 +222,28 @@ def _eval(
     return regs if all_regs else regs[-1]
 
 
+def _run_put(plan: Plan, t: int, rank: int, group: list[dict[int, np.ndarray]]) -> None:
+    """Put task t on `rank` (plan v3): its tile of the source, for every peer p, into row `rank`
+    of p's inbox, when rank is one of the task's source ranks."""
+    task = plan.tasks[t]
+    op = plan.ops[task.op]
+    if not task.b0 <= rank < task.b1:
+        return
+    av = plan.views[op.a_view]
+    m = np.arange(task.m0, task.m1)[:, None]
+    n = np.arange(task.n0, task.n1)[None, :]
+    to = ((rank * op.M + m) * op.N + n).ravel()
+    for p, buffers in enumerate(group):
+        src = av.offset + p * av.strides[0] + m * av.strides[1] + n * av.strides[2]
+        buffers[op.out][to] = group[rank][av.tensor][src.ravel()]
+
+
 def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) -> None:
     """Runs iteration `it` of task t (0 outside loops)."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
+    if op.kind == "put":
+        raise PlanError(f"{plan.task_name(t)} is a put: run the plan with interpret_group")
     out = plan.tensors[op.out]
     lin = tile_linear(op, task)
     acc = None
@@ -417,8 +435,40 @@ def interpret(plan: Plan, *args, rng: np.random.Generator | None = None) -> list
     """Runs the plan on numpy inputs (user inputs only; constants come from the plan)."""
     if len(args) != plan.num_inputs:
         raise ValueError(f"plan takes {plan.num_inputs} inputs, got {len(args)}")
+    if plan.comm is not None:
+        raise PlanError("the plan has put tasks (a communication group): use interpret_group")
     full = list(args) + [plan.constants[t] for t in plan.args[plan.num_inputs :]]
     buffers, _ = _buffers(plan, full)
     for t, it in execution_order(plan, rng):
         run_task(plan, t, buffers, it)
     return [buffers[o].reshape(plan.tensors[o].shape) for o in plan.outputs]
+
+
+def interpret_group(plan: Plan, per_rank_args: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """Runs a plan with put tasks (v3) on every rank of its group: per_rank_args[r] are rank r's
+    user inputs; returns each rank's outputs. All ranks follow one execution order, every task
+    on every rank before the next task (the ranks run the same plan, so that order is one the
+    executors could take)."""
+    if plan.comm is None:
+        raise PlanError("the plan has no communication group: use interpret")
+    if plan.loops:
+        raise PlanError(
+            "the plan has both loops and put tasks: communication inside loops is not supported"
+        )
+    n = plan.comm.group_size
+    if len(per_rank_args) != n:
+        raise ValueError(f"the plan's group has {n} ranks, got inputs for {len(per_rank_args)}")
+    group = []
+    for args in per_rank_args:
+        if len(args) != plan.num_inputs:
+            raise ValueError(f"plan takes {plan.num_inputs} inputs, got {len(args)}")
+        full = list(args) + [plan.constants[t] for t in plan.args[plan.num_inputs :]]
+        group.append(_buffers(plan, full)[0])
+    for t, it in execution_order(plan):
+        if plan.ops[plan.tasks[t].op].kind == "put":
+            for r in range(n):
+                _run_put(plan, t, r, group)
+        else:
+            for buffers in group:
+                run_task(plan, t, buffers, it)
+    return [[b[o].reshape(plan.tensors[o].shape) for o in plan.outputs] for b in group]

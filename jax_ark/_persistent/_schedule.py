@@ -72,6 +72,8 @@ def _tiles(
         # tensor depends on exactly that task.
         op.tile_m, op.tile_n = op.M, op.N
         return [Task(-1, 0, op.B, 0, op.M, 0, op.N)]
+    if op.kind == "put":
+        return _put_tiles(op, num_workers, tile_m, tile_n)
     if platform == "gpu":
         tb, tm, tn = gpu_tile_shape(op, num_workers)
         if op.kind != "reduce":
@@ -104,6 +106,22 @@ def _tiles(
                     Task(-1, b0, min(op.B, b0 + tb), m0, min(op.M, m0 + tm), n0, min(op.N, n0 + tn))
                 )
     return tasks
+
+
+def _put_tiles(op: Op, num_workers: int, tile_m: int | None, tile_n: int | None) -> list[Task]:
+    """A put op: one source rank per task (a consumer then waits for exactly the ranks whose rows
+    it reads) and row tiles, so that a producer's finished rows go out while it computes the
+    rest; about one tile per worker and at most 16K elements per tile."""
+    tn = min(op.N, tile_n or 4096)
+    rows = max(1, min(op.M, 16384 // max(1, tn)))
+    tm = max(1, min(op.M, tile_m or max(-(-op.M // max(1, num_workers)), 1), rows))
+    op.tile_m, op.tile_n = tm, tn
+    return [
+        Task(-1, b, b + 1, m0, min(op.M, m0 + tm), n0, min(op.N, n0 + tn))
+        for b in range(op.B)
+        for m0 in range(0, op.M, tm)
+        for n0 in range(0, op.N, tn)
+    ]
 
 
 # ---- read / write sets ----------------------------------------
@@ -167,6 +185,18 @@ def task_reads(
         return only is None or tensor in only
 
     reads: list[tuple[int, np.ndarray]] = []
+    if op.kind == "put":
+        # The source tile for every peer (the plan is the same on every rank; the rank that
+        # runs the copy is only known at run time).
+        av = plan.views[op.a_view]
+        if want(av.tensor):
+            p = np.arange(op.B, dtype=np.int64)
+            m = np.arange(task.m0, task.m1, dtype=np.int64)
+            n = np.arange(task.n0, task.n1, dtype=np.int64)
+            s = av.strides
+            off = av.offset + p[:, None, None] * s[0] + m[None, :, None] * s[1] + n * s[2]
+            reads.append((av.tensor, np.unique(off.ravel())))
+        return reads
     if op.kind == "matmul":
         av, bv = plan.views[op.a_view], plan.views[op.b_view]
         b = np.arange(task.b0, task.b1, dtype=np.int64)
@@ -319,6 +349,12 @@ def _allocate_workspace(plan: Plan) -> int:
             if first_use[t] < loop.end_op and last_use[t] >= loop.first_op:
                 first_use[t] = min(first_use[t], loop.first_op)
                 last_use[t] = max(last_use[t], loop.end_op - 1)
+    # A put's inbox is written by peers whenever they get there: live for the whole plan, so no
+    # other tensor shares its bytes (a local write-after-read dependency cannot order a peer).
+    for op in plan.ops:
+        if op.kind == "put":
+            first_use[op.out] = -1
+            last_use[op.out] = len(plan.ops)
     placed: list[tuple[int, int, int, int]] = []  # (first op, last op, lo, hi)
     top = 0
     for t in sorted(
@@ -350,6 +386,8 @@ def task_costs(plan: Plan) -> list[float]:
         op = plan.ops[task.op]
         elems = (task.b1 - task.b0) * (task.m1 - task.m0) * (task.n1 - task.n0)
         moved = elems * (op.K + 1) if op.kind != "map" else 2 * elems
+        if op.kind == "put":  # one copy per rank of the group, and waiting for the peers
+            moved = 2 * elems * op.B
         costs.append(plan.flops(t) + moved + 2000.0)
     return costs
 
@@ -431,6 +469,7 @@ def build_plan(
         constants=traced.constants,
         workspace_bytes=0,
         loops=traced.loops,
+        comm=traced.comm,
     )
     plan.workspace_bytes = _allocate_workspace(plan)
     for task, deps in zip(plan.tasks, required_dependencies(plan), strict=True):

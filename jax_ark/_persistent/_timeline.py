@@ -12,8 +12,10 @@ from jax_ark._persistent._format import PROFILE_WORDS_PER_TASK, Plan
 
 @dataclass
 class Timeline:
-    """records: one dict per task with task, op, op_name, worker, wait_begin, start, end (ns,
-    relative to the earliest wait_begin of the run)."""
+    """records: one dict per task and rank with task, op, op_name, kind, rank, worker,
+    wait_begin, start, end (ns, relative to the earliest wait_begin of the run). rank is 0 for a
+    single profile; for a plan with put tasks, profiles of several ranks (stacked) share one
+    clock (the CPU executor's), so their rows line up."""
 
     plan: Plan
     records: list[dict]
@@ -23,13 +25,23 @@ class Timeline:
 
         Each task is one bar coloured by its op (legend: op index and name), with a thin outline so
         back-to-back tasks of one op stay countable; the grey band under a bar is the time its
-        worker waited for the task's dependencies. Without `ax` the figure is sized to its rows and
-        legend and laid out so a plain `fig.savefig(path)` keeps every label.
+        worker waited for the task's dependencies. Communication (put) tasks are drawn hatched in
+        shades of red that no compute op uses; their bar includes the wait for the peers' tiles.
+        With several ranks there is one row per (rank, worker). Without `ax` the figure is sized
+        to its rows and legend and laid out so a plain `fig.savefig(path)` keeps every label.
         """
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
 
-        workers = sorted({r["worker"] for r in self.records} | set(range(self.plan.num_workers)))
+        ranks = sorted({r.get("rank", 0) for r in self.records}) or [0]
+        workers = [
+            (k, w)
+            for k in ranks
+            for w in sorted(
+                {r["worker"] for r in self.records if r.get("rank", 0) == k}
+                | set(range(self.plan.num_workers))
+            )
+        ]
         row = {w: i for i, w in enumerate(workers)}
         ops = sorted({r["op"] for r in self.records})
         legend_cols = max(1, min(4, (len(ops) + 5) // 6))
@@ -43,8 +55,15 @@ class Timeline:
             fig, ax = plt.subplots(figsize=(11, height), layout="constrained")
         else:
             fig = ax.figure
-        cmap = plt.get_cmap("tab10" if len(ops) <= 10 else "tab20")
-        colour = {op: cmap(i % cmap.N) for i, op in enumerate(ops)}
+        comm_ops = [op for op in ops if self.plan.ops[op].kind == "put"]
+        compute_ops = [op for op in ops if op not in comm_ops]
+        cmap = plt.get_cmap("tab10" if len(compute_ops) <= 9 else "tab20")
+        # Compute ops skip the palette's reds, which belong to communication.
+        palette = [cmap(i) for i in range(cmap.N) if i not in ((3,) if cmap.N == 10 else (6, 7))]
+        colour = {op: palette[i % len(palette)] for i, op in enumerate(compute_ops)}
+        reds = plt.get_cmap("Reds")
+        for i, op in enumerate(comm_ops):
+            colour[op] = reds(0.45 + 0.45 * (i % 4) / 3)
         edge = 0.4 if len(self.records) <= 2000 else 0.0
         # One collection per (worker, op) and one of waits per worker: a plan can have thousands
         # of tasks, and a collection holds any number of rectangles (one per task).
@@ -52,10 +71,11 @@ class Timeline:
         waits: dict[int, list[tuple[float, float]]] = {}
         for r in self.records:
             span = (r["start"] / 1e3, max(r["end"] - r["start"], 1) / 1e3)
-            bars.setdefault((r["worker"], r["op"]), []).append(span)
+            key = (r.get("rank", 0), r["worker"])
+            bars.setdefault((key, r["op"]), []).append(span)
             if r["start"] > r["wait_begin"]:
                 wait = (r["wait_begin"] / 1e3, (r["start"] - r["wait_begin"]) / 1e3)
-                waits.setdefault(r["worker"], []).append(wait)
+                waits.setdefault(key, []).append(wait)
         for w, spans in waits.items():
             coll = ax.broken_barh(spans, (row[w] - 0.4, 0.25), facecolors="0.75", linewidth=0)
             coll.set_gid("waits")
@@ -66,12 +86,15 @@ class Timeline:
                 facecolors=colour[op],
                 edgecolors="black",
                 linewidth=edge,
+                hatch="//" if op in comm_ops else None,
             )
-            coll.set_gid("tasks")
+            coll.set_gid("comm tasks" if op in comm_ops else "tasks")
         ax.set_ylim(len(workers) - 0.5, -0.5)  # worker 0 on top, as in trace viewers
         step = max(1, len(workers) // 24)
-        ax.set_yticks(range(0, len(workers), step), [str(w) for w in workers[::step]])
-        ax.set_ylabel("worker")
+        several = len(ranks) > 1
+        labels = [f"r{k} w{w}" if several else str(w) for k, w in workers[::step]]
+        ax.set_yticks(range(0, len(workers), step), labels)
+        ax.set_ylabel("rank, worker" if several else "worker")
         ax.set_xlabel("time since the first task began waiting (us)")
         ax.set_xlim(left=0)
         ax.grid(axis="x", alpha=0.3)
@@ -79,11 +102,19 @@ class Timeline:
         busy = sum(r["end"] - r["start"] for r in self.records)
         ax.set_title(
             title
-            or f"{len(self.records)} tasks of {len(ops)} ops on {len(workers)} workers: "
-            f"busy {busy / 1e3:.0f} us, waiting for dependencies {waited / 1e3:.0f} us"
+            or f"{len(self.records)} tasks of {len(ops)} ops on {len(workers)} workers"
+            + (f" of {len(ranks)} ranks" if several else "")
+            + f": busy {busy / 1e3:.0f} us, waiting for dependencies {waited / 1e3:.0f} us"
         )
         handles = [
-            Patch(facecolor=colour[op], edgecolor="black", linewidth=0.4, label=self._op_label(op))
+            Patch(
+                facecolor=colour[op],
+                edgecolor="black",
+                linewidth=0.4,
+                hatch="//" if op in comm_ops else None,
+                label=self._op_label(op)
+                + (" (put: send + wait for peers)" if op in comm_ops else ""),
+            )
             for op in ops
         ]
         handles.append(Patch(facecolor="0.75", label="waiting for dependencies"))
@@ -107,7 +138,7 @@ class Timeline:
                 "ph": "X",
                 "ts": r["start"] / 1e3,
                 "dur": (r["end"] - r["start"]) / 1e3,
-                "pid": 0,
+                "pid": r.get("rank", 0),
                 "tid": r["worker"],
                 "args": {
                     "task": r["task"],
@@ -126,21 +157,27 @@ class Timeline:
 
 def timeline(profile, plan: Plan) -> Timeline:
     """Builds the timeline of one profiled run: `profile` is the int64[num_tasks * 4] array that
-    `persistent(fn, profile=True)` returns, `plan` the plan it ran (`persistent_fn.plan(*args)`)."""
+    `persistent(fn, profile=True)` returns, `plan` the plan it ran (`persistent_fn.plan(*args)`).
+    For a plan with put tasks, `profile` may hold the profiles of several ranks one after the
+    other (`out_specs=P(axis)` of the profile inside jax.shard_map): one row per rank and worker.
+    """
     raw = np.asarray(profile, dtype=np.int64).reshape(-1, PROFILE_WORDS_PER_TASK)
-    if raw.shape[0] != len(plan.tasks):
-        raise ValueError(
-            f"profile has {raw.shape[0]} task records, the plan {len(plan.tasks)} tasks"
-        )
+    n = len(plan.tasks)
+    ranks = raw.shape[0] // n if n and raw.shape[0] % n == 0 else 0
+    if raw.shape[0] != n and (plan.comm is None or ranks < 1):
+        raise ValueError(f"profile has {raw.shape[0]} task records, the plan {n} tasks")
     origin = int(raw[:, 0].min()) if raw.size else 0
     records = []
-    for t, (wait_begin, start, end, worker) in enumerate(raw.tolist()):
+    for i, (wait_begin, start, end, worker) in enumerate(raw.tolist()):
+        t = i % n if n else i
         op = plan.tasks[t].op
         records.append(
             {
                 "task": t,
                 "op": op,
                 "op_name": plan.ops[op].name,
+                "kind": plan.ops[op].kind,
+                "rank": i // n if n else 0,
                 "worker": int(worker),
                 "wait_begin": wait_begin - origin,
                 "start": start - origin,

@@ -19,11 +19,13 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax_ark._persistent._comm import COMM_PRIMITIVES, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     INT_DTYPES,
     MAX_PROGRAM_LEN,
     MAX_RANK,
+    CommGroup,
     Instr,
     Loop,
     Op,
@@ -180,6 +182,7 @@ class TraceResult:
     outputs: list[int]
     constants: dict[int, np.ndarray]
     loops: list[Loop] = field(default_factory=list)
+    comm: CommGroup | None = None  # v3: the group of the function's collectives
 
 
 @dataclass
@@ -201,6 +204,7 @@ class _Builder:
     num_inputs: int = 0
     loops: list[Loop] = field(default_factory=list)
     in_loop: bool = False  # translating a loop body (nested loops are refused)
+    comm: CommGroup | None = None  # set by the first collective (_comm.py)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -1205,6 +1209,15 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return _scan(b, eqn, args)
     if prim == "cond":
         return _cond(b, eqn, args)
+    if prim in COMM_PRIMITIVES:
+        if b.in_loop:
+            raise UnsupportedError(
+                f"ark.persistent: collective '{prim}' inside a loop body (at {b.source}): "
+                "communication inside scan / fori_loop is not supported (plan v3 has loops or "
+                "put tasks, not both); move the collective out of the loop or call the loop and "
+                "the collective in separate ark.persistent functions"
+            )
+        return translate_collective(b, eqn, args, UnsupportedError)
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
@@ -1214,7 +1227,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
-        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, and calls "
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, the "
+        "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
+        "or jax_ark, inside jax.shard_map; not together with loops), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
         "cond / switch; no while_loop or shard_map"
     )
@@ -1466,7 +1481,10 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
     names = arg_names or [f"input {i}" for i in range(len(avals))]
     for i, aval in enumerate(avals):
         _check_dtype(aval, f"argument {names[i]}")
-    closed = jax.make_jaxpr(fn)(*avals)
+    from jax_ark.collectives import as_lax_collectives
+
+    with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
+        closed = jax.make_jaxpr(fn)(*avals)
     b = _Builder()
     in_nodes = []
     for i, aval in enumerate(avals):
@@ -1519,4 +1537,12 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
         b.tensors[t].name = f"out{i}"
         if b.tensors[t].alias >= 0:
             b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
-    return TraceResult(b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants, b.loops)
+    if b.loops and b.comm is not None:
+        raise UnsupportedError(
+            "ark.persistent: the function has both a loop (scan / fori_loop) and collectives "
+            f"over {tuple(b.comm.axes)}: a plan with loops and communication (put tasks) is not "
+            "supported; call the loop and the collectives in separate ark.persistent functions"
+        )
+    return TraceResult(
+        b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants, b.loops, comm=b.comm
+    )

@@ -17,6 +17,7 @@ from jax_ark._persistent._format import (
     INT_REDUCES,
     INT_UNARY_OPS,
     LOAD_OPS,
+    MAX_GROUP_SIZE,
     MAX_INTEGER_POW_EXPONENT,
     MAX_MATMUL_PANEL,
     MAX_PROGRAM_LEN,
@@ -181,6 +182,55 @@ def _view_reach(plan: Plan, i: int, v: int, dims) -> None:
         )
 
 
+def _check_comm_group(plan: Plan) -> None:
+    """v3: a plan with put ops names its group (plan.comm), and only then."""
+    has_put = any(op.kind == "put" for op in plan.ops)
+    if plan.comm is None:
+        if has_put:
+            raise PlanError("comm: the plan has put ops but names no communication group")
+        return
+    if plan.version < 3:
+        raise PlanError(f"comm: needs plan version 3, the plan is version {plan.version}")
+    if not 1 <= plan.comm.group_size <= MAX_GROUP_SIZE:
+        raise PlanError(f"comm.group_size: {plan.comm.group_size} not in 1..{MAX_GROUP_SIZE}")
+    if plan.num_counters > INT32[1]:
+        raise PlanError("comm: num_tasks * (1 + group_size) counters exceed int32")
+    if plan.loops:
+        raise PlanError(
+            "comm: the plan has both loops and put tasks (a communication group); communication "
+            "inside or alongside loops is not supported (plan v3 takes one or the other)"
+        )
+
+
+def _check_put(plan: Plan, i: int, reads: set[int]) -> None:
+    """A put op (v3): B = the group's size, a rank-3 source view over (peer, M, N) of its
+    inbox's dtype, no programs, and an inbox in workspace bytes no other tensor uses (peers write
+    it whenever they get to it, so no local dependency could order a reuse against them)."""
+    op = plan.ops[i]
+    where = f"op {i} '{op.name}'"
+    out = plan.tensors[op.out]
+    if plan.comm is None or op.B != plan.comm.group_size:
+        raise PlanError(f"{where}: a put op's B must be the plan's comm.group_size")
+    if out.storage != "workspace":
+        raise PlanError(f"{where}: a put op writes a workspace tensor (its symmetric inbox)")
+    if op.prologue or op.epilogue:
+        raise PlanError(f"{where}: a put op has no prologue / epilogue")
+    if not 0 <= op.a_view < len(plan.views) or len(plan.views[op.a_view].strides) != 3:
+        raise PlanError(f"{where}: source view {op.a_view} missing or not rank 3")
+    _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.N), reads)
+    if plan.tensors[plan.views[op.a_view].tensor].dtype != out.dtype:
+        raise PlanError(f"{where}: its source and inbox dtypes differ")
+    lo, hi = out.byte_offset, out.byte_offset + out.nbytes
+    for t, other in enumerate(plan.tensors):
+        if t == op.out or other.storage != "workspace":
+            continue
+        if other.byte_offset < hi and lo < other.byte_offset + other.nbytes:
+            raise PlanError(
+                f"{where}: its inbox (tensor {op.out}) shares workspace bytes with tensor {t} "
+                f"'{other.name}'"
+            )
+
+
 def freeze(plan: Plan) -> Plan:
     """A validated deep copy: later edits of `plan` cannot reach what runs."""
     frozen = plan.copy()
@@ -198,6 +248,7 @@ def _validate(plan: Plan) -> None:
         raise PlanError(f"plan version {plan.version} is not in 1..{PLAN_VERSION}")
     if not 1 <= plan.num_workers <= MAX_WORKERS:
         raise PlanError(f"num_workers must be in 1..{MAX_WORKERS}, got {plan.num_workers}")
+    _check_comm_group(plan)
     # tensors
     for t, spec in enumerate(plan.tensors):
         if (
@@ -327,7 +378,7 @@ def _validate(plan: Plan) -> None:
                 f"{'window' if window else 'output'} {list(space)} (shape mismatch; each of B, M, "
                 "N in 1..2^31-1)"
             )
-        if op.kind != "matmul" and (op.B != 1 or (op.kind == "reduce" and op.N != 1)):
+        if op.kind in ("map", "reduce") and (op.B != 1 or (op.kind == "reduce" and op.N != 1)):
             raise PlanError(f"{where}: a reduce op has B = N = 1, a map op B = 1")
         if op.kind in ("matmul", "reduce") and not 1 <= op.K <= INT32[1]:
             raise PlanError(f"{where}: K = {op.K} not in 1..2^31-1")
@@ -372,6 +423,10 @@ def _validate(plan: Plan) -> None:
             inner = op.K * (_program_cost(op.prologue) + 1)
         elif op.kind == "map":
             inner = 0
+        elif op.kind == "put":
+            _check_put(plan, i, reads)
+            work += math.prod(space) * op.B
+            continue
         else:
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
         _check_program(plan, i, op.epilogue, len(space), op.kind != "map", "epilogue")

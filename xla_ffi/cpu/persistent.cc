@@ -4,8 +4,11 @@
 // threads owned by the executor (never on XLA's pool: see shared/DESIGN.md on pool starvation).
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <string>
+#include <vector>
 
+#include "../../cuda/src/cpu/host_communicator.hpp"
 #include "../../cuda/src/cpu/persistent_executor.hpp"
 #include "jax_ark/plan_check.hpp"
 #include "registry.h"
@@ -33,24 +36,101 @@ int32_t plan_dtype(ffi::DataType t) {
   }
 }
 
-ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
-                             int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
-                             int64_t profile);
+ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                             int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
+                             int64_t chaos_seed, int64_t profile);
 
 // Any exception (an allocation failure while checking) becomes an error, never an abort.
-ffi::Error PersistentImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
-                          int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
-                          int64_t profile) {
+ffi::Error PersistentImpl(ffi::RunId run_id, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                          int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
+                          int64_t chaos_seed, int64_t profile) {
   try {
-    return PersistentChecked(args, rets, num_workers, num_tasks, timeout_ms, chaos_seed, profile);
+    return PersistentChecked(run_id, args, rets, num_workers, num_tasks, timeout_ms, chaos_seed,
+                             profile);
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("ark_persistent: ") + e.what());
   }
 }
 
-ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_workers,
-                             int64_t num_tasks, int64_t timeout_ms, int64_t chaos_seed,
-                             int64_t profile) {
+// Plan v3 communication: the operand before the plan, int32[6] = rank, color, comm_key (low,
+// high word), site (low, high word). rank/color come from jax.lax.axis_index at trace time
+// (the device ordinal is not the rank on a permuted mesh); comm_key names the group's mesh axes
+// and site the call site, as for ark_collective (docs/internals.md).
+struct CommOperand {
+  int32_t rank, color;
+  int64_t comm_key, site;
+};
+
+int64_t join_words(int32_t lo, int32_t hi) {
+  return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(hi)) << 32) |
+                              static_cast<uint32_t>(lo));
+}
+
+uint64_t plan_hash(const int32_t* words, size_t n) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint32_t>(words[i])) * 0x100000001b3ULL;
+  return h;
+}
+
+// Meets the group through its communicator (one per (group, site), reused across calls, with
+// per-call epochs: host_communicator.hpp) and returns every rank's workspace and counters.
+// The ranks also compare their plans: identical queues on every rank are what keeps the put
+// tasks free of cross-rank deadlock (docs/plan_format.md, "Communication").
+PersistentResult exchange_pointers(const CommOperand& id, int32_t group_size, int64_t run_id,
+                                   int64_t timeout_ms, uint64_t hash, uint8_t* workspace,
+                                   int32_t* counters, std::vector<uint8_t*>* peer_workspace,
+                                   std::vector<int32_t*>* peer_counters) {
+  constexpr int kWords = 6;
+  const auto ws = reinterpret_cast<uint64_t>(workspace), ctr = reinterpret_cast<uint64_t>(counters);
+  const int32_t mine[kWords] = {static_cast<int32_t>(ws), static_cast<int32_t>(ws >> 32),
+                                static_cast<int32_t>(ctr), static_cast<int32_t>(ctr >> 32),
+                                static_cast<int32_t>(hash), static_cast<int32_t>(hash >> 32)};
+  std::vector<int32_t> all(static_cast<size_t>(kWords) * group_size);
+  CollectiveCall call{};
+  call.op = CollectiveOp::kAllGather;
+  call.reduce = ReduceKind::kSum;
+  call.type = ElementType::kS32;
+  call.input_elems = kWords;
+  call.block_elems = kWords;
+  call.input = mine;
+  call.output = all.data();
+  call.rank = id.rank;
+  call.run_id = run_id;
+  call.timeout_ms = timeout_ms;
+  call.recv_from = nullptr;
+  call.table_hash = 0;
+  std::shared_ptr<HostCommunicator> comm =
+      HostCommunicator::get(CommunicatorKey{id.comm_key, id.color, group_size, id.site});
+  const CollectiveStatus status = comm->run(call);
+  if (!status.ok()) {
+    const std::string msg = "ark_persistent: rank " + std::to_string(id.rank) +
+                            " could not meet its group to exchange workspace pointers: " +
+                            status.message;
+    switch (status.code) {
+      case CollectiveStatus::Code::kDeadlineExceeded:
+        return {PersistentStatus::kDeadlineExceeded, msg};
+      case CollectiveStatus::Code::kAborted: return {PersistentStatus::kAborted, msg};
+      default: return {PersistentStatus::kInvalidPlan, msg};
+    }
+  }
+  peer_workspace->assign(group_size, nullptr);
+  peer_counters->assign(group_size, nullptr);
+  for (int r = 0; r < group_size; ++r) {
+    const int32_t* w = all.data() + static_cast<size_t>(r) * kWords;
+    if (join_words(w[4], w[5]) != static_cast<int64_t>(hash))
+      return {PersistentStatus::kInvalidPlan,
+              "ark_persistent: rank " + std::to_string(r) + " runs another plan than rank " +
+                  std::to_string(id.rank) + " at the same call site (put tasks need one plan on "
+                  "every rank of the group)"};
+    (*peer_workspace)[r] = reinterpret_cast<uint8_t*>(static_cast<uint64_t>(join_words(w[0], w[1])));
+    (*peer_counters)[r] = reinterpret_cast<int32_t*>(static_cast<uint64_t>(join_words(w[2], w[3])));
+  }
+  return {};
+}
+
+ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                             int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
+                             int64_t chaos_seed, int64_t profile) {
   if (profile != 0 && profile != 1) return invalid("profile must be 0 or 1");
   if (args.size() < 1) return invalid("missing the plan operand");
   auto plan_buf = args.get<ffi::AnyBuffer>(args.size() - 1);
@@ -63,9 +143,28 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
   if (header.num_workers != num_workers || header.num_tasks != num_tasks)
     return invalid("attributes num_workers/num_tasks disagree with the plan header");
 
+  // v3: a plan with put tasks takes the comm operand (int32[6]) right before the plan.
+  const int32_t group_size = header.version >= 3 ? header.group_size : 0;
+  if (group_size < 0 || group_size > jax_ark::plan::kMaxGroupSize)
+    return invalid("group_size " + std::to_string(group_size) + " not in 0.." +
+                   std::to_string(jax_ark::plan::kMaxGroupSize));
+  const size_t num_plan_args = args.size() - 1 - (group_size > 0 ? 1 : 0);
+  if (group_size > 0 && args.size() < 2) return invalid("missing the comm operand");
+  CommOperand comm_id{};
+  if (group_size > 0) {
+    auto ids = args.get<ffi::AnyBuffer>(args.size() - 2);
+    if (!ids.has_value() || ids->element_type() != ffi::DataType::S32 || ids->element_count() != 6)
+      return invalid("a plan with put tasks takes an int32[6] comm operand before the plan");
+    const auto* v = static_cast<const int32_t*>(ids->untyped_data());
+    comm_id = CommOperand{v[0], v[1], join_words(v[2], v[3]), join_words(v[4], v[5])};
+    if (comm_id.rank < 0 || comm_id.rank >= group_size || comm_id.color < 0)
+      return invalid("comm operand: rank " + std::to_string(comm_id.rank) + " not in [0, " +
+                     std::to_string(group_size) + ") or color " + std::to_string(comm_id.color) +
+                     " < 0");
+  }
   PersistentBuffers buffers;
   jax_ark::plan::PlanBuffers sizes;
-  for (size_t i = 0; i + 1 < args.size(); ++i) {
+  for (size_t i = 0; i < num_plan_args; ++i) {
     auto b = args.get<ffi::AnyBuffer>(i);
     if (!b.has_value()) return invalid("cannot decode operand " + std::to_string(i));
     buffers.args.push_back(b->untyped_data());
@@ -98,8 +197,8 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
   sizes.workspace_is_u8 = (*workspace)->element_type() == ffi::DataType::U8;
   sizes.num_counters = static_cast<int64_t>((*counters)->element_count());
   if ((*counters)->element_type() != ffi::DataType::S32 ||
-      (*counters)->element_count() != static_cast<size_t>(num_tasks))
-    return invalid("counters must be int32[num_tasks]");
+      (*counters)->element_count() != static_cast<size_t>(num_tasks) * (1 + group_size))
+    return invalid("counters must be int32[num_tasks * (1 + group_size)]");
   buffers.counters = static_cast<int32_t*>((*counters)->untyped_data());
   if (profile) {
     auto prof = rets.get<ffi::AnyBuffer>(num_outputs + 2);
@@ -116,6 +215,17 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
   PersistentOptions options;
   options.timeout_ms = timeout_ms > 0 ? timeout_ms : 60000;
   options.chaos_seed = static_cast<uint64_t>(chaos_seed);
+  PersistentComm comm;
+  if (group_size > 0) {
+    comm.rank = comm_id.rank;
+    comm.size = group_size;
+    const uint64_t hash = plan_hash(words, num_words);
+    comm.exchange = [&, hash](std::vector<uint8_t*>* peer_ws, std::vector<int32_t*>* peer_ctr) {
+      return exchange_pointers(comm_id, group_size, run_id.run_id, options.timeout_ms, hash,
+                               buffers.workspace, buffers.counters, peer_ws, peer_ctr);
+    };
+    options.comm = &comm;
+  }
   try {
     PersistentResult result = run_plan(words, buffers, options);
     switch (result.status) {
@@ -124,6 +234,7 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
         return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, result.message);
       case PersistentStatus::kResourceExhausted:
         return ffi::Error(ffi::ErrorCode::kResourceExhausted, result.message);
+      case PersistentStatus::kAborted: return ffi::Error(ffi::ErrorCode::kAborted, result.message);
       default: return ffi::Error(ffi::ErrorCode::kInternal, result.message);
     }
   } catch (const std::exception& e) {
@@ -135,6 +246,7 @@ ffi::Error PersistentChecked(ffi::RemainingArgs args, ffi::RemainingRets rets, i
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCpu, PersistentImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::RunId>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<int64_t>("num_workers")

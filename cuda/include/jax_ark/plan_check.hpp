@@ -59,7 +59,7 @@ inline OpcodeInfo opcode_info(int32_t code) {
 inline bool known_reduce_kind(int32_t kind) { return kind >= 0 && kind < kNumReduceKinds; }
 
 inline bool known_op_kind(int32_t kind) {
-  return kind == kOpMatmul || kind == kOpReduce || kind == kOpMap;
+  return kind == kOpMatmul || kind == kOpReduce || kind == kOpMap || kind == kOpPut;
 }
 
 // The FFI buffers a plan runs against: sizes in bytes and dtypes as plan dtype codes (-1 = a dtype
@@ -208,7 +208,19 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       h.num_outputs < 0 || h.num_dep_edges < 0 || h.code_words < 0 || h.names_bytes < 0)
     return "negative count in the plan header";
   if (h.flags != 0) return "header.flags must be 0";
-  if (h.num_counters != h.num_tasks) return "num_counters != num_tasks";
+  // v3: a plan with PUT ops names its group size; its signals follow the task counters.
+  if (h.group_size < 0 || h.group_size > kMaxGroupSize || (h.version < 3 && h.group_size != 0))
+    return "group_size " + std::to_string(h.group_size) + " not in 0.." + std::to_string(kMaxGroupSize) +
+           " (and 0 before version 3)";
+  int64_t expect_counters = 0;
+  if (!mul_ok(int64_t{h.num_tasks}, int64_t{1} + h.group_size, &expect_counters) || expect_counters > INT32_MAX)
+    return "num_tasks * (1 + group_size) overflows";
+  if (h.num_counters != expect_counters) return "num_counters != num_tasks * (1 + group_size)";
+  // v3 loops and v3 comm are each supported, not together (a put inside a loop body would need
+  // per-iteration signals and inboxes).
+  if (h.version >= 3 && h.loops_at != 0 && h.group_size != 0)
+    return "the plan has both a loop section and put tasks (group_size " + std::to_string(h.group_size) +
+           "): communication inside loops is not supported";
   if (h.profile_words_per_task != kProfileWordsPerTask) return "profile_words_per_task != 4";
   if (h.code_words % 4) return "code_words is not a multiple of 4";
   if (!(c.section(h.tensors_at, h.num_tensors, 24, true, "tensors") &&
@@ -230,7 +242,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   if (static_cast<int64_t>(buf.result_bytes.size()) != h.num_outputs)
     return "the call has " + std::to_string(buf.result_bytes.size()) + " outputs, the plan " +
            std::to_string(h.num_outputs);
-  if (buf.num_counters != h.num_tasks) return "counters result size != num_tasks";
+  if (buf.num_counters != h.num_counters) return "counters result size != num_counters";
   if (buf.arg_dtypes.size() != buf.arg_bytes.size() || buf.result_dtypes.size() != buf.result_bytes.size() ||
       buf.result_alias.size() != buf.result_bytes.size())
     return "inconsistent buffer description";
@@ -444,7 +456,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       return where + ": B*M*N = " + std::to_string(op.B) + "*" + std::to_string(op.M) + "*" +
              std::to_string(op.N) + " != the " + std::to_string(space_elems) + " elements of its " +
              (window ? "window" : "output") + " (each in 1..2^31-1)";
-    if (op.kind != kOpMatmul && (op.B != 1 || (op.kind == kOpReduce && op.N != 1)))
+    if ((op.kind == kOpMap || op.kind == kOpReduce) && (op.B != 1 || (op.kind == kOpReduce && op.N != 1)))
       return where + ": a reduce op has B = N = 1, a map op B = 1";
     if (dtype_size(op.acc_dtype) == 0) return where + ": unknown acc_dtype";
     if (op.name_at < 0 || op.name_len < 0 || int64_t{op.name_at} + op.name_len > h.names_bytes)
@@ -472,6 +484,29 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
                                   false, "prologue");
       if (pro < 0) return c.err;
       inner = sat_mul(op.K, pro + 1);
+    }
+    if (op.kind == kOpPut) {
+      // v3: a copy of the source tile into every peer's inbox; no programs.
+      if (op.B != h.group_size)
+        return where + ": a put op's B must be the plan's group_size (" + std::to_string(h.group_size) + ")";
+      if (out.storage != kStorageWorkspace) return where + ": a put op writes a workspace tensor (its inbox)";
+      if (op.prologue_len != 0 || op.epilogue_len != 0) return where + ": a put op has no programs";
+      if (op.a_view < 0 || op.a_view >= h.num_views) return where + ": operand view out of range";
+      const int64_t ad[3] = {op.B, op.M, op.N};
+      if (!view_in(op.a_view, ad, 3, i)) return c.err;
+      if (p.tensor(p.view(op.a_view).tensor).dtype != out.dtype)
+        return where + ": a put op's source and inbox dtypes differ";
+      // Peers write this rank's inbox whenever they get there: no other tensor may use its bytes.
+      const int64_t lo = out.byte_offset, hi = lo + out.num_elements * dtype_size(out.dtype);
+      for (int t = 0; t < h.num_tensors; ++t) {
+        const TensorRecord& o = p.tensor(t);
+        if (t == op.out_tensor || o.storage != kStorageWorkspace) continue;
+        if (o.byte_offset < hi && lo < o.byte_offset + o.num_elements * dtype_size(o.dtype))
+          return where + ": its inbox (tensor " + std::to_string(op.out_tensor) +
+                 ") shares workspace bytes with tensor " + std::to_string(t);
+      }
+      work = sat_add(work, sat_mul(elems, op.B));
+      continue;
     }
     const int64_t epi = program(i, op.epilogue_at, op.epilogue_len,
                                 window ? op.iter_dims : out.dims + (stacked ? 1 : 0),

@@ -1,4 +1,4 @@
-// Binary layout of a persistent-kernel plan, version 2 (docs/plan_format.md is the normative text).
+// Binary layout of a persistent-kernel plan, version 3 (docs/plan_format.md is the normative text).
 //
 // A plan is ONE array of little-endian int32 words, produced by jax_ark._persistent.Plan.to_binary()
 // and passed to the `ark_persistent` FFI call as its last operand (so on GPU it already lives in
@@ -21,7 +21,10 @@
 namespace jax_ark::plan {
 
 constexpr int32_t kMagic = 0x504B5241;  // bytes "ARKP"
-constexpr int32_t kVersion = 3;  // v2: integer tensors, integer opcodes; v3: loops (see the end)
+// v2: integer tensors, integer opcodes; v3: loops (see the end) and / or comm (PUT) ops, both
+// optional (a plan with both is refused by check_plan: comm inside loops is not supported yet)
+constexpr int32_t kVersion = 3;
+constexpr int32_t kMaxGroupSize = 4096;  // v3: ranks of the one communication group of a plan
 constexpr int kMaxRank = 6;             // tensors, views and iteration spaces have rank <= 6
 constexpr int kMaxProgramLen = 64;      // instructions per prologue / epilogue program
 constexpr int kProfileWordsPerTask = 4; // int64 words per task in the profile result
@@ -52,6 +55,11 @@ enum OpKind : int32_t {
   kOpMatmul = 1,  // out[b,m,n] = epilogue(sum_k A[b,m,k] * B[b,k,n])
   kOpReduce = 2,  // out[m]     = epilogue(reduce_r prologue(m, r))
   kOpMap = 3,     // out[i]     = epilogue(i)   (no accumulator)
+  // v3 communication: out is a symmetric workspace tensor [group_size, M, N] (its "inbox"). On
+  // rank r a task with b0 <= r < b1 copies its (m, n) tile of a_view[p, m, n] into row r of peer
+  // p's inbox for every rank p and signals p; then every task waits for the signals of the ranks
+  // b in [b0, b1) (docs/plan_format.md, "Communication").
+  kOpPut = 4,
 };
 
 // Accumulator of a REDUCE (docs/plan_format.md, "Ops"). Float kinds fold float32 values; integer
@@ -107,7 +115,9 @@ struct Header {                     // 32 words
   int32_t names_bytes, num_counters, profile_words_per_task, reserved0;  // 24..27
   int64_t workspace_bytes;                                            // 28..29
   int32_t loops_at;   // 30: v3 word offset of the loop section (0 = no loops; see LoopView)
-  int32_t reserved1;                                                  // 31
+  // 31: v3 ranks of the plan's communication group; 0 = no PUT ops (then num_counters =
+  // num_tasks, else num_tasks * (1 + group_size): the signals follow the task counters).
+  int32_t group_size;
 };
 
 struct TensorRecord {               // 24 words
@@ -173,6 +183,11 @@ ARK_HD int dtype_size(int32_t dtype) {
     case kUInt32: return 4;
     default: return 0;
   }
+}
+
+// v3: index in `counters` of the signal that rank `src` sends for PUT task t (plan_format.md).
+ARK_HD int64_t signal_index(int32_t num_tasks, int32_t group_size, int32_t t, int32_t src) {
+  return int64_t{num_tasks} + int64_t{t} * group_size + src;
 }
 
 // Read-only accessors over the word array (no copies; valid while the buffer lives).

@@ -25,6 +25,7 @@
 #include <unistd.h>
 #endif
 
+#include "host_communicator.hpp"
 #include "jax_ark/tile_ops.hpp"
 #include "persistent_kernels.hpp"
 
@@ -279,6 +280,9 @@ struct Run {
   std::mutex error_mu;
   PersistentResult error;
   std::unique_ptr<Chaos> chaos;  // test mode only
+  // v3 communication: every rank's workspace and counters (by rank), from this run's exchange.
+  std::vector<uint8_t*> peer_workspace;
+  std::vector<int32_t*> peer_counters;
 
   std::string op_name(int op) const {
     const OpRecord& o = plan.op(op);
@@ -339,8 +343,11 @@ struct Run {
     }
   }
 
+  // steady_clock's own origin, not the run's start: the ranks of a group (devices of one
+  // process) then share one clock, so their timelines line up.
   int64_t now_ns() const {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+        .count();
   }
 };
 
@@ -800,6 +807,98 @@ void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch
     epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
 }
 
+// ---- communication (plan v3 PUT ops) ---------------------------------------------------------
+void futex_wake_all(int32_t* word) {
+#ifdef __linux__
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
+// Copies this rank's tile of the source into row `rank` of every rank's inbox (itself included),
+// each followed by a release store of that rank's signal for (task t, this rank). The peer order
+// starts after this rank so that the ranks of a group do not all write to rank 0 first.
+void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task) {
+  const Header& h = run.plan.header();
+  const int me = run.opt.comm->rank, n = h.group_size;
+  const ViewRecord& av = run.plan.view(op.a_view);
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  const int64_t size = dtype_size(out.dtype);
+  const char* src = run.tensor_base(av.tensor);
+  const int64_t cols = task.n1 - task.n0;
+  for (int k = 1; k <= n; ++k) {
+    const int p = (me + k) % n;
+    char* dst = reinterpret_cast<char*>(run.peer_workspace[p]) + out.byte_offset;
+    for (int m = task.m0; m < task.m1; ++m) {
+      const int64_t from = av.offset + p * av.strides[0] + m * av.strides[1] + task.n0 * av.strides[2];
+      const int64_t to = (static_cast<int64_t>(me) * op.M + m) * op.N + task.n0;
+      if (av.strides[2] == 1) {
+        std::memcpy(dst + to * size, src + from * size, cols * size);
+      } else {
+        for (int64_t e = 0; e < cols; ++e)
+          std::memcpy(dst + (to + e) * size, src + (from + e * av.strides[2]) * size, size);
+      }
+    }
+    int32_t* signal = run.peer_counters[p] + signal_index(h.num_tasks, n, t, me);
+    __atomic_store_n(signal, 1, __ATOMIC_RELEASE);
+    futex_wake_all(signal);
+  }
+}
+
+// Waits for rank `src`'s signal for PUT task t (its tile is in this rank's inbox); false on a
+// timeout, a failure of another worker, or cancellation (interpreter exit).
+bool wait_signal(Run& run, int worker, int t, int src, Clock::time_point deadline) {
+  const Header& h = run.plan.header();
+  int32_t* signal = run.buf.counters + signal_index(h.num_tasks, h.group_size, t, src);
+  for (uint32_t spin = 0;; ++spin) {
+    if (__atomic_load_n(signal, __ATOMIC_ACQUIRE) >= 1) return true;
+    if (run.failed.load(std::memory_order_relaxed)) return false;
+    if (spin < 64) continue;
+    if (HostCommunicator::cancelled()) {
+      run.fail(PersistentStatus::kAborted,
+               "ark_persistent: rank " + std::to_string(run.opt.comm->rank) +
+                   " cancelled while waiting for rank " + std::to_string(src) + "'s put of task " +
+                   std::to_string(t) + " (" + run.op_name(run.plan.task(t).op) +
+                   "): the Python interpreter is exiting");
+      return false;
+    }
+    if (Clock::now() > deadline) {
+      std::ostringstream msg;
+      msg << "ark_persistent: rank " << run.opt.comm->rank << " (worker " << worker
+          << ") timed out after " << run.opt.timeout_ms << " ms waiting for peer rank " << src
+          << " to put its tile of task " << t << " (" << run.op_name(run.plan.task(t).op)
+          << ", a put over a group of " << h.group_size << " ranks)";
+      run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
+      return false;
+    }
+    // Few yields, then sleep: the peer we wait for is often a thread that is not running (the
+    // ranks of a group are more threads than cores), and spinning or yielding waiters keep it
+    // off the cores (measured: 3-4 ms stalls per put with 256 yields on 2 cores and 8 ranks).
+    if (spin < 80) {
+      std::this_thread::yield();
+      continue;
+    }
+#ifdef __linux__
+    timespec ts{0, 1000000};  // 1 ms, then recheck the deadline and the flags
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(signal), FUTEX_WAIT_PRIVATE, 0, &ts, nullptr, 0);
+#else
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+#endif
+  }
+}
+
+// A PUT task: this rank's tile (when its rank is in [b0, b1)) to every rank, then the tiles of
+// ranks b0..b1-1 awaited in this rank's inbox. Dependents only ever wait for counters[t].
+bool run_put(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
+             Clock::time_point deadline) {
+  const int me = run.opt.comm->rank;
+  if (task.b0 <= me && me < task.b1) put_tile(run, t, op, task);
+  for (int b = task.b0; b < task.b1; ++b)
+    if (!wait_signal(run, worker, t, b, deadline)) return false;
+  return true;
+}
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -950,6 +1049,12 @@ void worker_tasks(Run& run, int w) {
     switch (op.kind) {
       case kOpMatmul: run_matmul(run, op, task, *scratch); break;
       case kOpReduce: run_reduce(run, op, task, *scratch); break;
+      case kOpPut:
+        if (!run_put(run, w, t, op, task, deadline)) {
+          if (serialized) chaos_release(run, w, t);
+          return;
+        }
+        break;
       default: run_map(run, op, task, *scratch); break;
     }
     // Counters count finished iterations: never reset, so no barrier between iterations.
@@ -985,7 +1090,7 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
                           const std::vector<std::vector<char>>* initial) {
   Run run(PlanView{words}, buffers, options);
   const Header& h = run.plan.header();
-  std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_tasks);
+  std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_counters);
   if (buffers.profile)
     std::memset(buffers.profile, 0, sizeof(int64_t) * h.num_tasks * h.profile_words_per_task);
   if (options.chaos_seed) {
@@ -997,6 +1102,15 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
       else
         std::memset(buffers.results[i], 0xFF, buffers.result_bytes[i]);
     }
+  }
+  if (h.group_size > 0) {
+    // After the reset above: peers can only write here once they have our pointers.
+    if (options.comm == nullptr || options.comm->size != h.group_size || !options.comm->exchange)
+      return {PersistentStatus::kInvalidPlan,
+              "ark_persistent: the plan has put tasks over " + std::to_string(h.group_size) +
+                  " ranks but the call names no such group"};
+    PersistentResult met = options.comm->exchange(&run.peer_workspace, &run.peer_counters);
+    if (met.status != PersistentStatus::kOk) return met;
   }
   const std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
   if (std::string err = run_on_workers(h.num_workers, job); !err.empty())

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,16 +23,32 @@ struct PersistentBuffers {
   int64_t* profile = nullptr;        // num_tasks * 4, or null
 };
 
-struct PersistentOptions {
-  int64_t timeout_ms = 60000;
-  uint64_t chaos_seed = 0;  // 0 = off; else the adversarial test mode (persistent_executor.cc)
+enum class PersistentStatus {
+  kOk, kInvalidPlan, kDeadlineExceeded, kResourceExhausted, kRace, kAborted
 };
-
-enum class PersistentStatus { kOk, kInvalidPlan, kDeadlineExceeded, kResourceExhausted, kRace };
 
 struct PersistentResult {
   PersistentStatus status = PersistentStatus::kOk;
   std::string message;
+};
+
+// Plan v3 communication (PUT ops): this rank's place in its group and how to meet the group.
+struct PersistentComm {
+  int rank = 0;
+  int size = 0;  // = the plan's group_size
+  // Called at the start of every run of the plan, after this rank reset its counters (and, in
+  // chaos mode, poisoned its workspace): meets every rank of the group and returns their
+  // workspace and counters pointers (the symmetric workspace), indexed by rank. A peer can only
+  // write into this rank's buffers after this meeting, so nothing it puts can be erased by the
+  // reset, and the meeting's epochs keep back-to-back calls apart.
+  std::function<PersistentResult(std::vector<uint8_t*>* workspaces, std::vector<int32_t*>* counters)>
+      exchange;
+};
+
+struct PersistentOptions {
+  int64_t timeout_ms = 60000;
+  uint64_t chaos_seed = 0;  // 0 = off; else the adversarial test mode (persistent_executor.cc)
+  const PersistentComm* comm = nullptr;  // required when the plan's group_size > 0
 };
 
 // Runs a plan that jax_ark::plan::check_plan (plan_check.hpp) accepted against these buffers, to

@@ -43,6 +43,7 @@ enum BadPlanReason : int32_t {
   kBadWorkspace = 7,       // workspace_bytes larger than the workspace result
   kBadOpKind = 8,
   kBadLoop = 9,            // v3 loop section: out of the plan, bad trip count or op ranges
+  kCommUnsupported = 10,   // plan v3 PUT ops (group_size != 0): the CPU executor runs them, not this one
 };
 
 struct KernelParams {
@@ -614,6 +615,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       bad = kBadHeader;
     } else if (!sections_fit(h)) {
       bad = kBadHeader;
+    } else if (h.group_size != 0) {
+      bad = kCommUnsupported;
     } else if (h.num_workers != p.num_workers || h.num_tasks != p.num_tasks ||
                h.num_args != p.num_args || h.num_outputs != p.num_results ||
                h.num_counters != h.num_tasks) {
@@ -819,6 +822,9 @@ const char* bad_plan_reason(int32_t r) {
     case kBadLoop: return "invalid loop section (plan v3)";
     case kBadWorkspace: return "workspace result smaller than workspace_bytes";
     case kBadOpKind: return "unknown op kind";
+    case kCommUnsupported:
+      return "the plan has communication (put) tasks, which the CUDA executor does not run yet "
+             "(the CPU executor does)";
     default: return "unknown reason";
   }
 }

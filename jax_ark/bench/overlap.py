@@ -1,0 +1,190 @@
+"""`python -m jax_ark.bench overlap`: compute + communication in one persistent plan vs jax.lax.
+
+CPU: 8 virtual CPU devices, a 1-D mesh. Each layer runs as `jax.jit(jax.shard_map(fn))` twice in
+the same run: with jax.lax's collectives under XLA (the baseline) and as ONE `ark.persistent(fn)`
+call per device whose put tasks overlap the matmul tiles (plan v3). Results are checked against
+the baseline first. Columns: both times and their ratio (median over --repeats rounds, the
+ratio's IQR), then ark's compute-only time (the layer without its collectives) and comm-only
+time (the collectives alone, same shapes), and the overlap efficiency
+ark / max(compute, comm): 1.0 would hide all communication behind compute.
+
+Layers (--layers): tp, the Megatron tensor-parallel MLP (x replicated, w1 column- and w2
+row-parallel, psum); sp, the sequence-parallel MLP (rows sharded: all_gather -> matmul -> gelu
+-> matmul -> psum_scatter). --sizes are RxDxH: R rows per device (sp: gathered to 8R), model dim
+D, hidden dim H in total (H/8 per device). Writes overlap_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_ark as ark
+from jax_ark.bench._report import machine_info, print_table, write_json
+from jax_ark.bench._timing import compare, median_seconds
+
+_AXIS = "x"
+
+
+def _tp(x, w1, w2):
+    return jax.lax.psum(jax.nn.gelu(x @ w1) @ w2, _AXIS)
+
+
+def _tp_compute(x, w1, w2):
+    return jax.nn.gelu(x @ w1) @ w2
+
+
+def _tp_comm(y):
+    return jax.lax.psum(y, _AXIS)
+
+
+def _sp(x, w1, w2):
+    xg = jax.lax.all_gather(x, _AXIS, tiled=True)
+    return jax.lax.psum_scatter(jax.nn.gelu(xg @ w1) @ w2, _AXIS, tiled=True)
+
+
+def _sp_compute(xg, w1, w2):
+    return jax.nn.gelu(xg @ w1) @ w2
+
+
+def _sp_comm(x, y):
+    return jax.lax.all_gather(x, _AXIS, tiled=True), jax.lax.psum_scatter(y, _AXIS, tiled=True)
+
+
+def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str, Any]:
+    """fn, its compute-only and comm-only parts, their global inputs and shard_map specs."""
+
+    def normal(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    w1, w2 = normal(d, hidden), normal(hidden, d)
+    wspec = (P(None, _AXIS), P(_AXIS, None))
+    if layer == "tp":
+        x = normal(rows, d)
+        return {
+            "full": (_tp, (x, w1, w2), (P(), *wspec), P()),
+            "compute": (_tp_compute, (x, w1, w2), (P(), *wspec), P(_AXIS)),
+            "comm": (_tp_comm, (normal(n * rows, d),), (P(_AXIS),), P()),
+        }
+    x = normal(n * rows, d)
+    return {
+        "full": (_sp, (x, w1, w2), (P(_AXIS), *wspec), P(_AXIS)),
+        "compute": (_sp_compute, (normal(n * n * rows, d), w1, w2), (P(_AXIS), *wspec), P(_AXIS)),
+        "comm": (
+            _sp_comm,
+            (x, normal(n * n * rows, d)),
+            (P(_AXIS), P(_AXIS)),
+            (P(_AXIS), P(_AXIS)),
+        ),
+    }
+
+
+def _sharded(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+
+
+def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: float, repeats: int):
+    devices = jax.devices("cpu")
+    n = 8 if len(devices) >= 8 else len(devices)
+    mesh = Mesh(np.array(devices[:n]), (_AXIS,))
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for layer in layers:
+        for rows, d, hidden in sizes:
+            if hidden % n:
+                raise SystemExit(f"hidden dim {hidden} must be a multiple of the {n} devices")
+            cases = _cases(layer, n, rows, d, hidden, rng)
+            fn, args, in_specs, out_specs = cases["full"]
+            base = _sharded(fn, mesh, in_specs, out_specs)
+            fast = _sharded(ark.persistent(fn), mesh, in_specs, out_specs)
+            want, got = np.asarray(base(*args)), np.asarray(fast(*args))
+            err = float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+            if not err < 1e-4:
+                raise SystemExit(f"{layer} {rows}x{d}x{hidden}: ark differs from jax.lax ({err})")
+            row = compare(fast, base, *args, repeats=repeats, budget_s=budget_s)
+            part_s = {}
+            for part in ("compute", "comm"):
+                pfn, pargs, pin, pout = cases[part]
+                part_fn = _sharded(ark.persistent(pfn), mesh, pin, pout)
+                part_s[part] = median_seconds(part_fn, *pargs, warmup=2, iters=max(3, row["iters"]))
+            rows_out.append(
+                {
+                    "layer": layer,
+                    "size": f"{rows}x{d}x{hidden}",
+                    "ark_ms": row["ark_s"] * 1e3,
+                    "lax_ms": row["base_s"] * 1e3,
+                    **{k: row[k] for k in ("ratio", "ratio_p25", "ratio_p75", "repeats")},
+                    "compute_ms": part_s["compute"] * 1e3,
+                    "comm_ms": part_s["comm"] * 1e3,
+                    "overlap_eff": row["ark_s"] / max(part_s["compute"], part_s["comm"]),
+                    "max_rel_err": err,
+                }
+            )
+    return rows_out
+
+
+def _size(text: str) -> tuple[int, int, int]:
+    try:
+        rows, d, hidden = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--sizes: {text!r} is not RxDxH (e.g. 64x256x1024)") from None
+    return rows, d, hidden
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", default="tp,sp", help="comma-separated: tp, sp (default: both)")
+    parser.add_argument(
+        "--sizes",
+        default="64x256x1024",
+        help="comma-separated RxDxH: rows per device, model dim, total hidden dim "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timing rounds per case (default %(default)s)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=0.3,
+        help="seconds of timing per executor per round (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench_out"), help="folder for the JSON file"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    layers = args.layers.split(",")
+    unknown = sorted(set(layers) - {"tp", "sp"})
+    if unknown:
+        raise SystemExit(f"unknown layers {unknown}; choose from tp,sp")
+    sizes = [_size(s) for s in args.sizes.split(",")]
+    rows = bench_cpu(layers, sizes, args.budget, args.repeats)
+    print(
+        f"median of {args.repeats} rounds; IQR: the middle half of the per-round ark/lax ratios; "
+        "eff = ark / max(compute, comm) (ark's own compute-only and comm-only runs)"
+    )
+    print_table(
+        rows,
+        [
+            ("layer", "layer", "s"),
+            ("size", "RxDxH", "s"),
+            ("ark_ms", "ark ms", ".3f"),
+            ("lax_ms", "lax ms", ".3f"),
+            ("ratio", "ark/lax", ".2f"),
+            ("ratio_p25", "IQR lo", ".2f"),
+            ("ratio_p75", "IQR hi", ".2f"),
+            ("compute_ms", "compute ms", ".3f"),
+            ("comm_ms", "comm ms", ".3f"),
+            ("overlap_eff", "eff", ".2f"),
+        ],
+    )
+    write_json(args.out / "overlap_cpu.json", {"machine": machine_info(), "rows": rows})
+    return 0

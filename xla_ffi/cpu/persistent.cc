@@ -148,8 +148,8 @@ ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::Re
   if (group_size < 0 || group_size > jax_ark::plan::kMaxGroupSize)
     return invalid("group_size " + std::to_string(group_size) + " not in 0.." +
                    std::to_string(jax_ark::plan::kMaxGroupSize));
-  const size_t num_plan_args = args.size() - 1 - (group_size > 0 ? 1 : 0);
   if (group_size > 0 && args.size() < 2) return invalid("missing the comm operand");
+  const size_t num_plan_args = args.size() - 1 - (group_size > 0 ? 1 : 0);
   CommOperand comm_id{};
   if (group_size > 0) {
     auto ids = args.get<ffi::AnyBuffer>(args.size() - 2);

@@ -58,7 +58,7 @@ fi
 step pytest_gpu_runtime 90 $PY -m pytest -m gpu -v -rs --maxfail=20 --durations=10 \
   tests/test_gpu_xla_path.py tests/test_gpu_runtime.py
 step pytest_gpu_persistent 90 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py \
-  tests/test_persistent_int.py
+  tests/test_persistent_int.py tests/test_persistent_loops.py
 step pytest_gpu_multiprocess 80 $PY -m pytest -m gpu -v -rs -s tests/test_gpu_multiprocess.py
 if $PY -c "import jax_ark.bench" >/dev/null 2>&1; then
   step bench_collectives 50 $PY -m jax_ark.bench collectives --out "$OUT"

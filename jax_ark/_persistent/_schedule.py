@@ -338,6 +338,8 @@ def _allocate_workspace(plan: Plan) -> int:
         views = program_views(op.prologue) + program_views(op.epilogue)
         if op.kind == "matmul":
             views += [op.a_view, op.b_view]
+        elif op.kind == "put":
+            views.append(op.a_view)  # the source a put copies out to the peers
         for v in views:
             t = plan.views[v].tensor
             last_use[t] = max(last_use.get(t, i), i)

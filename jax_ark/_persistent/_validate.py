@@ -519,7 +519,6 @@ def _validate(plan: Plan) -> None:
     if plan.loops:
         return _validate_loop_schedule(plan, where_queued)
     # runnable: dependency + queue-order edges acyclic
-    n = len(plan.tasks)
     preds: list[list[int]] = [list(task.deps) for task in plan.tasks]
     for q in plan.queues:
         for a, b in zip(q, q[1:], strict=False):
@@ -531,12 +530,7 @@ def _validate(plan: Plan) -> None:
             f"worker {where_queued[stuck]}: the plan would deadlock"
         )
     # complete: every task that must precede t does (dependency or queue order, transitively)
-    ancestors = [0] * n
-    for t in order:
-        acc = 0
-        for p in preds[t]:
-            acc |= ancestors[p] | (1 << p)
-        ancestors[t] = acc
+    ancestors = _ancestor_masks(order, preds)
     for t, need in enumerate(required_dependencies(plan)):
         for d in need:
             if not (ancestors[t] >> d) & 1:
@@ -544,6 +538,18 @@ def _validate(plan: Plan) -> None:
                     f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} but "
                     f"does not depend on it (missing dependency)"
                 )
+
+
+def _ancestor_masks(order: list[int], preds: list[list[int]]) -> list[int]:
+    """Bit p of masks[t] is set when task p precedes t through `preds`, transitively (`order` is
+    a topological order of `preds`)."""
+    masks = [0] * len(preds)
+    for t in order:
+        acc = 0
+        for p in preds[t]:
+            acc |= masks[p] | (1 << p)
+        masks[t] = acc
+    return masks
 
 
 # ---- loops (plan v3) ----------------------------------------
@@ -624,12 +630,7 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
             f"{plan.task_name(stuck)} on worker {where_queued[stuck]}: the plan would deadlock"
         )
     # anc0: ancestors through same-iteration edges; anc1: through at most one carried edge
-    anc0 = [0] * n
-    for t in order:
-        acc = 0
-        for p in preds[t]:
-            acc |= anc0[p] | (1 << p)
-        anc0[t] = acc
+    anc0 = _ancestor_masks(order, preds)
     anc1 = [0] * n
     for t in order:
         acc = anc0[t]

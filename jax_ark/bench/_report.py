@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -9,6 +10,42 @@ from pathlib import Path
 from typing import Any
 
 import jax
+
+# The weight-bytes floor columns of the GPU tables (bench persistent, bench decode).
+FLOOR_COLUMNS = [
+    ("floor_us", "floor us", ".1f"),
+    ("ark_pct_floor", "ark %floor", ".0f"),
+    ("xla_pct_floor", "jit %floor", ".0f"),
+]
+
+
+def parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
+    """`--configs` of DxLxB items (width x layers x batch), comma-separated."""
+    out = []
+    for item in text.split(","):
+        d, layers, batch = (int(v) for v in item.split("x"))
+        out.append((d, layers, batch))
+    return tuple(out)
+
+
+def add_round_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    budget_s: float,
+    per: str = "config",
+    out_help: str = "folder for JSON and PNG files",
+) -> None:
+    """--repeats, --budget and --out, shared by every benchmark."""
+    parser.add_argument(
+        "--repeats", type=int, default=5, help=f"timing rounds per {per} (default %(default)s)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=budget_s,
+        help="seconds of timing per executor per round (default %(default)s)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help=out_help)
 
 
 def machine_info() -> dict[str, Any]:

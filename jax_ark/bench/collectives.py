@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import jax_ark as ark
 from jax_ark.bench._report import (
+    add_round_arguments,
     machine_info,
     new_figure,
     print_table,
@@ -252,23 +253,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated float32 elements per device (CPU; default %(default)s)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timing rounds per case (default %(default)s)"
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=0.2,
-        help="seconds of timing per executor per round (default %(default)s)",
-    )
-    parser.add_argument(
         "--platform",
         choices=["auto", "cpu", "gpu"],
         default="auto",
         help="auto: the GPU when the CUDA runtime is built and a GPU is present",
     )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG files"
-    )
+    add_round_arguments(parser, budget_s=0.2, per="case")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,7 +27,16 @@ import numpy as np
 from tqdm import tqdm
 
 import jax_ark as ark
-from jax_ark.bench._report import machine_info, new_figure, print_table, save_figure, write_json
+from jax_ark.bench._report import (
+    FLOOR_COLUMNS,
+    add_round_arguments,
+    machine_info,
+    new_figure,
+    parse_configs,
+    print_table,
+    save_figure,
+    write_json,
+)
 from jax_ark.bench._timing import compare
 from jax_ark.bench.persistent import copy_bandwidth
 
@@ -192,14 +201,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def _parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
-    return tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))  # type: ignore[misc]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs",
-        type=_parse_configs,
+        type=parse_configs,
         default=None,
         help="comma-separated DxLxB (width x layers x batch), default 1024x8x1,1024x8x8",
     )
@@ -207,18 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-len", type=int, default=256, help="KV cache positions (default %(default)s)"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timing rounds per config (default %(default)s)"
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=0.5,
-        help="seconds of timing per executor per round (default %(default)s)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG files"
-    )
+    add_round_arguments(parser, budget_s=0.5)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,11 +239,7 @@ def run(args: argparse.Namespace) -> int:
         ("ratio_p75", "IQR hi", ".2f"),
     ]
     if on_gpu:
-        columns += [
-            ("floor_us", "floor us", ".1f"),
-            ("ark_pct_floor", "ark %floor", ".0f"),
-            ("xla_pct_floor", "jit %floor", ".0f"),
-        ]
+        columns += FLOOR_COLUMNS
     print_table(rows, columns)
     name = "decode_gpu" if on_gpu else "decode_cpu"
     write_json(

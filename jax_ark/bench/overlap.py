@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_ark as ark
-from jax_ark.bench._report import machine_info, print_table, write_json
+from jax_ark.bench._report import add_round_arguments, machine_info, print_table, write_json
 from jax_ark.bench._timing import compare, median_seconds
 
 _AXIS = "x"
@@ -146,18 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated RxDxH: rows per device, model dim, total hidden dim "
         "(default %(default)s)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timing rounds per case (default %(default)s)"
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=0.3,
-        help="seconds of timing per executor per round (default %(default)s)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench_out"), help="folder for the JSON file"
-    )
+    add_round_arguments(parser, budget_s=0.3, per="case", out_help="folder for the JSON file")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,8 +26,11 @@ from tqdm import tqdm
 
 import jax_ark as ark
 from jax_ark.bench._report import (
+    FLOOR_COLUMNS,
+    add_round_arguments,
     machine_info,
     new_figure,
+    parse_configs,
     print_table,
     save_figure,
     write_json,
@@ -153,33 +156,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, show_floor: bool) -
     save_figure(fig, path)
 
 
-def _parse_configs(text: str) -> tuple[tuple[int, int, int], ...]:
-    out = []
-    for item in text.split(","):
-        d, layers, batch = (int(v) for v in item.split("x"))
-        out.append((d, layers, batch))
-    return tuple(out)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--configs",
-        type=_parse_configs,
+        type=parse_configs,
         default=None,
         help="comma-separated DxLxB (width x layers x batch), e.g. 1024x32x1,256x64x1",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timing rounds per config (default %(default)s)"
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=0.3,
-        help="seconds of timing per executor per round (default %(default)s)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench_out"), help="folder for JSON and PNG files"
-    )
+    add_round_arguments(parser, budget_s=0.3)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,11 +186,7 @@ def run(args: argparse.Namespace) -> int:
         ("ratio_p75", "IQR hi", ".2f"),
     ]
     if on_gpu:
-        columns += [
-            ("floor_us", "floor us", ".1f"),
-            ("ark_pct_floor", "ark %floor", ".0f"),
-            ("xla_pct_floor", "jit %floor", ".0f"),
-        ]
+        columns += FLOOR_COLUMNS
     print_table(rows, columns)
     name = "persistent_gpu" if on_gpu else "persistent_cpu"
     write_json(

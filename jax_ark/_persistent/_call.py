@@ -234,6 +234,15 @@ def _comm_operand(p: Plan, plan_words: np.ndarray):
         group = collectives._group("persistent", p.comm.axes)
     except collectives._NoFastPath as why:
         raise PlanError(f"ark.persistent: the plan's collectives: {why.error}") from None
+    shape = dict(jax.sharding.get_abstract_mesh().shape)
+    sizes = tuple(int(shape[a]) for a in p.comm.axes if a in shape)
+    if p.comm.axis_sizes and sizes != p.comm.axis_sizes:
+        # Routing tables and axis_index programs depend on each axis's size, not only on the
+        # group's: a plan for a 2 x 4 mesh would route wrongly on a 4 x 2 one.
+        raise PlanError(
+            f"the plan's communication group is mesh axes {p.comm.axes} of sizes "
+            f"{p.comm.axis_sizes}; this call's mesh gives sizes {sizes}"
+        )
     if not isinstance(group, collectives._Group) or group.size != p.comm.group_size:
         raise PlanError(
             f"the plan's communication group is {p.comm.group_size} ranks over mesh axes "

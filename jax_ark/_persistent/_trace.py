@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_ark._persistent._comm import COMM_PRIMITIVES, translate_collective
+from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     INT_DTYPES,
@@ -204,7 +204,7 @@ class _Builder:
     num_inputs: int = 0
     loops: list[Loop] = field(default_factory=list)
     in_loop: bool = False  # translating a loop body (nested loops are refused)
-    comm: CommGroup | None = None  # set by the first collective (_comm.py)
+    comm: CommGroup | None = None  # the plan's group, set before translating (_comm.plan_group)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -496,8 +496,8 @@ class _Builder:
                 prog.append(Instr("load_acc", n.core.acc_dtype))
                 if acc_negate:
                     prog.append(Instr("neg", n.core.acc_dtype, len(prog) - 1))
-            elif n.op == "load_iter":  # the loop iteration (v3)
-                prog.append(Instr("load_iter", "int32"))
+            elif n.op in ("load_iter", "load_rank"):  # the loop iteration / the rank (v3)
+                prog.append(Instr(n.op, "int32"))
             else:
                 if n.op == "load_at":  # args: (the static view, the int32 offset node)
                     moved = emit(n.args[1])
@@ -1486,6 +1486,9 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
         closed = jax.make_jaxpr(fn)(*avals)
     b = _Builder()
+    # The plan's one group (every mesh axis its collectives name), known before any is planned:
+    # routing tables and axis_index programs depend on it (_comm.plan_group).
+    b.comm = plan_group(closed.jaxpr, UnsupportedError)
     in_nodes = []
     for i, aval in enumerate(avals):
         dtype = _dtype_name(aval)

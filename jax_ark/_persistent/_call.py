@@ -42,11 +42,29 @@ def _chaos_seed() -> int:
 
 
 def _flat_avals(args) -> tuple[list, Any, list, tuple]:
-    """(leaves, tree, their shapes/dtypes, a hashable signature key) of a call's arguments."""
+    """(leaves, tree, their shapes/dtypes/varying axes, a hashable signature key) of a call's
+    arguments."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
-    key = (tree, tuple((a.shape, str(a.dtype)) for a in avals))
+    avals = [_aval_of(x) for x in leaves]
+    key = (
+        tree,
+        tuple((a.shape, str(a.dtype), _varying_of(x)) for a, x in zip(avals, leaves, strict=True)),
+    )
     return leaves, tree, avals, key
+
+
+def _varying_of(x) -> tuple:
+    return tuple(sorted(_aval_varying(jax.typeof(x)), key=str)) if isinstance(x, jax.Array) else ()
+
+
+def _aval_of(x):
+    """x's shape and dtype, and inside jax.shard_map the mesh axes it varies over (then x's own
+    abstract value, which carries them): the planner traces fn on these, and what jax derives
+    depends on them (jax.grad transposes a psum of a varying value to a pvary, to another psum
+    without the type)."""
+    if isinstance(x, jax.Array) and _aval_varying(jax.typeof(x)):
+        return jax.typeof(x)
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
 
 def plan(

@@ -12,6 +12,7 @@ a matmul operand, a view the program form cannot express, a value used more than
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,7 @@ class _Core:
     emitted: bool = False
     out_shape: tuple[int, ...] = ()
     out_tensor: int = -1
+    raw_tensor: int = -1  # a tensor holding the accumulator itself (no epilogue), once emitted
 
 
 @dataclass(eq=False)
@@ -368,6 +370,10 @@ class _Builder:
                 return self.load(into)
             shape = ((stacked,) if stacked else ()) + tuple(node.shape)
             return self.load(self.new_tensor(shape, node.dtype, storage, index))
+        # A value used several times may stay lazy in some consumers (_fuses_into_one) while
+        # another consumer already emitted its accumulator (jax.grad's backward reuses the
+        # forward's matmuls): read those from memory, never emit an accumulator twice.
+        node = self._substitute(node)
         cores = _cores(node)
         # Only one accumulator can feed an epilogue: emit the others on their own first.
         for core in cores[1:]:
@@ -403,10 +409,21 @@ class _Builder:
             ((stacked,) if stacked else ()) + tuple(shape), dtype, storage, index
         )
 
+    def _raw(self, core: _Core) -> int:
+        """A tensor holding core's accumulator as is. A core emitted with an epilogue (fused into
+        one consumer's expression) holds that expression, not the accumulator: a consumer that
+        still needs the accumulator gets a second op computing it (jax.grad's backward reads the
+        forward's matmul outputs again; rare, and correct rather than fast)."""
+        if core.raw_tensor < 0:
+            twin = dataclasses.replace(core, emitted=False, out_tensor=-1, raw_tensor=-1)
+            self._emit_core(twin, None, None, "workspace", 0)
+            core.raw_tensor = twin.out_tensor
+        return core.raw_tensor
+
     def _substitute(self, node: _Node) -> _Node:
-        """Replaces pendings whose core is already emitted by loads of their tensor."""
+        """Replaces pendings whose core is already emitted by loads of their accumulator."""
         if isinstance(node, _Pending) and node.core.emitted:
-            return self.reshape(self.load(node.core.out_tensor), node.shape)
+            return self.reshape(self.load(self._raw(node.core)), node.shape)
         if isinstance(node, _Ew):
             return _Ew(
                 node.shape,
@@ -419,6 +436,7 @@ class _Builder:
         return node
 
     def strip_pendings(self, node: _Node) -> _Node:
+        node = self._substitute(node)
         for core in _cores(node):
             self._emit_core(core, None, None, "workspace", 0)
         return self._substitute(node)
@@ -456,6 +474,8 @@ class _Builder:
         op.epilogue = self._compile(epilogue, acc_negate=core.negate)
         core.emitted = True
         core.out_tensor = out
+        if isinstance(epilogue, _Pending) and not stacked and into is None:
+            core.raw_tensor = out
         self.ops.append(op)
         return self.load(out)
 

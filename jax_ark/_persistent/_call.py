@@ -29,7 +29,7 @@ from jax_ark._persistent._target import (
     default_workers,
     resolve_platform,
 )
-from jax_ark._persistent._trace import trace
+from jax_ark._persistent._trace import UnsupportedError, trace
 from jax_ark._persistent._validate import freeze
 
 _TARGET = "ark_persistent"
@@ -314,6 +314,16 @@ def _check_words_on_host(
         raise PlanError(f"the runtime's check refuses this plan: {problem}")
 
 
+# jax's tracers of forward / reverse-mode differentiation (jax.jvp; jax.grad and jax.vjp
+# linearize), by class name: jax_ark reads no jax internals here, and a renamed class only
+# means jax's own (less helpful) error instead of ours.
+_AD_TRACERS = frozenset({"JVPTracer", "LinearizeTracer"})
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__name__", "fn")
+
+
 class _Persistent:
     """The callable `persistent(fn)` returns: same signature and results as fn."""
 
@@ -377,6 +387,15 @@ class _Persistent:
 
     def __call__(self, *args):
         leaves = jax.tree_util.tree_leaves(args)
+        if any(type(x).__name__ in _AD_TRACERS for x in leaves):
+            # Otherwise jax fails inside with "The FFI call to ark_persistent cannot be
+            # differentiated"; say what works instead.
+            raise UnsupportedError(
+                f"jax.grad / jax.vjp / jax.jvp of ark.persistent({_fn_name(self._fn)}) is not "
+                "supported: the FFI call has no derivative rule. Differentiate inside instead: "
+                f"ark.persistent(jax.grad({_fn_name(self._fn)})) plans the backward pass (its "
+                "collectives too) as one persistent call"
+            )
         platform = resolve_platform(leaves)[0]
         p, out_tree = self._planned(args, platform)
         out_varying = None

@@ -126,6 +126,23 @@ def test_axis_index_on_2d_meshes(mesh2x4, mesh4x2, rng):
         assert_close(_ark(mesh, f, args, specs, num_workers=2), want, TOL)
 
 
+def test_ppermute_over_two_axes_and_one_axis_of_2d_mesh(mesh2x4, rng, monkeypatch):
+    """Over a tuple of axes jax.lax numbers ranks in mesh order whatever the tuple's order; over
+    one axis of a 2-D mesh each row of the mesh permutes on its own (a routed subgroup)."""
+
+    def f(v):
+        both = jax.lax.ppermute(v, ("y", "x"), [(i, (3 * i + 1) % N) for i in range(N)])
+        row = jax.lax.ppermute(v * 2.0, "y", [(0, 2), (2, 1), (1, 0)])  # rank 3 gets zeros
+        return both + jax.lax.axis_index(("y", "x")).astype(jnp.float32), row
+
+    specs = {"in_specs": P(("x", "y")), "out_specs": (P(("x", "y")), P(("x", "y")))}
+    args = random_args(rng, [(N * 3, 7)])
+    want = _lax(mesh2x4, f, args, specs)
+    got = _same_under_workers_and_chaos(mesh2x4, f, args, specs, monkeypatch, workers=(1, 2))
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, TOL)
+
+
 def test_axis_index_alone_has_a_group_and_no_put(mesh8, rng):
     """axis_index without collectives: the plan names the group (the rank comes with the comm
     operand) but has no put op."""
@@ -318,6 +335,9 @@ def test_reference_interpreter_of_routed_puts(mesh2x4, rng):
     outs = interpret_group(plan, per_rank)
     want = np.asarray(_lax(mesh2x4, _dp_tp_psums, args, DP_TP_PSUM_SPECS))
     assert_close(np.concatenate([o[0] for o in outs]), want, TOL)
+    text = plan.summary()
+    assert "routed over 4 slots of the group of 8 (axes x,y)" in text
+    assert "routed over 2 slots" in text and "routed over 1 slots" in text
     # JSON round trip keeps the routing tables
     again = Plan.from_json(plan.to_json())
     assert [op.recv_from for op in again.ops] == [op.recv_from for op in plan.ops]

@@ -185,10 +185,12 @@ class Loop:
 
 @dataclass
 class CommGroup:
-    """v3: the one communication group of a plan with put ops (docs/plan_format.md,
-    "Communication"). A put op's output is its symmetric inbox `[group_size, M, N]`: on rank r, a
-    task whose b range holds r copies its (m, n) tile of `a_view[p, m, n]` into row r of every
-    rank p's inbox, then every task waits until ranks b0..b1-1 have put their tiles."""
+    """v3: the one communication group of a plan with put ops or axis_index (docs/plan_format.md,
+    "Communication"): every mesh axis its collectives name. A put op's output is its symmetric
+    inbox `[B, M, N]`: by default (B = group_size) on rank r, a task whose b range holds r copies
+    its (m, n) tile of `a_view[p, m, n]` into row r of every rank p's inbox, then every task
+    waits until ranks b0..b1-1 have put their tiles; a put with a routing table (Op.recv_from /
+    send_row) sends and waits as the table says (ppermute, a collective over fewer axes)."""
 
     axes: tuple  # the mesh axes the group spans (rank = jax.lax.axis_index(axes))
     group_size: int

@@ -394,3 +394,23 @@ def test_runtime_check_refuses_bad_route_words(mesh2x4, rng):
     with pytest.raises(Exception, match="routing table is outside the route section"):
         run_words(bad)
     assert_close(run_words(words), _lax(mesh2x4, _dp_tp_psums, args, DP_TP_PSUM_SPECS), TOL)
+
+
+def test_random_routings_run_as_the_reference_and_never_deadlock(mesh2x4, rng):
+    """Any routing table in range is a valid plan: no deadlock (a remote wait only ever names a
+    peer's copy phase of the same task), and the executor equals interpret_group on it (ranks
+    receiving from several slots of one peer, from themselves, or from nobody)."""
+    args = random_args(rng, [(N * 3, 5)])
+    plan = _plan_in(mesh2x4, _dp_tp_psums, args, DP_TP_PSUM_SPECS, num_workers=2)
+    per_rank = [[part] for part in np.split(args[0], N)]
+    routed = [i for i, op in enumerate(plan.ops) if op.recv_from is not None]
+    for _ in range(6):
+        edited = plan.copy()
+        for i in routed:
+            op = edited.ops[i]
+            op.recv_from = rng.integers(-1, N, (N, op.B)).tolist()
+            op.send_row = rng.integers(0, op.B, (N, op.B)).tolist()
+        want = np.concatenate([o[0] for o in interpret_group(edited.validate(), per_rank)])
+        pf = ark.persistent(_dp_tp_psums, plan=edited, timeout_ms=20_000)
+        got = _lax(mesh2x4, pf, args, DP_TP_PSUM_SPECS)
+        np.testing.assert_array_equal(np.asarray(got), want)

@@ -289,15 +289,19 @@ def test_tp_mlp_training_step_on_2d_mesh(mesh2x4, mesh4x2, rng, monkeypatch, sha
     assert {op.B for op in routed} == set(mesh.shape.values())
 
 
-def test_psum_over_both_axes_and_gathers_in_either_order(mesh2x4, mesh4x2, rng):
+def test_collectives_over_both_axes_and_over_one_axis_of_2d_meshes(mesh2x4, mesh4x2, rng):
     def f(v):
         total = jax.lax.psum(v, ("x", "y"))
         rows = jax.lax.all_gather(v, ("y", "x"), tiled=True)  # y-major order
         cols = jax.lax.all_gather(v * 2.0, "y", axis=1, tiled=True)
-        return total, rows, jax.lax.psum(cols, "x")
+        # per-peer blocks within a subgroup: the routed source row is the receiver's index
+        scattered = jax.lax.psum_scatter(v, "y", scatter_dimension=1, tiled=True)
+        swapped = jax.lax.all_to_all(v, "x", 1, 0, tiled=True)
+        return total, rows, jax.lax.psum(cols, "x"), scattered, swapped
 
-    specs = {"in_specs": P(("x", "y")), "out_specs": (P(), P(("x", "y")), P("y"))}
-    args = random_args(rng, [(N * 2, 6)])
+    both = P(("x", "y"))
+    specs = {"in_specs": both, "out_specs": (P(), both, P("y"), both, both)}
+    args = random_args(rng, [(N * 2, 8)])
     for mesh in (mesh2x4, mesh4x2):
         want = _lax(mesh, f, args, specs)
         got = _ark(mesh, f, args, specs, num_workers=2)

@@ -29,7 +29,7 @@ from jax_ark._persistent._target import (
     default_workers,
     resolve_platform,
 )
-from jax_ark._persistent._trace import trace
+from jax_ark._persistent._trace import UnsupportedError, trace
 from jax_ark._persistent._validate import freeze
 
 _TARGET = "ark_persistent"
@@ -42,11 +42,29 @@ def _chaos_seed() -> int:
 
 
 def _flat_avals(args) -> tuple[list, Any, list, tuple]:
-    """(leaves, tree, their shapes/dtypes, a hashable signature key) of a call's arguments."""
+    """(leaves, tree, their shapes/dtypes/varying axes, a hashable signature key) of a call's
+    arguments."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    avals = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) for x in leaves]
-    key = (tree, tuple((a.shape, str(a.dtype)) for a in avals))
+    avals = [_aval_of(x) for x in leaves]
+    key = (
+        tree,
+        tuple((a.shape, str(a.dtype), _varying_of(x)) for a, x in zip(avals, leaves, strict=True)),
+    )
     return leaves, tree, avals, key
+
+
+def _varying_of(x) -> tuple:
+    return tuple(sorted(_aval_varying(jax.typeof(x)), key=str)) if isinstance(x, jax.Array) else ()
+
+
+def _aval_of(x):
+    """x's shape and dtype, and inside jax.shard_map the mesh axes it varies over (then x's own
+    abstract value, which carries them): the planner traces fn on these, and what jax derives
+    depends on them (jax.grad transposes a psum of a varying value to a pvary, to another psum
+    without the type)."""
+    if isinstance(x, jax.Array) and _aval_varying(jax.typeof(x)):
+        return jax.typeof(x)
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
 
 def plan(
@@ -234,6 +252,15 @@ def _comm_operand(p: Plan, plan_words: np.ndarray):
         group = collectives._group("persistent", p.comm.axes)
     except collectives._NoFastPath as why:
         raise PlanError(f"ark.persistent: the plan's collectives: {why.error}") from None
+    shape = dict(jax.sharding.get_abstract_mesh().shape)
+    sizes = tuple(int(shape[a]) for a in p.comm.axes if a in shape)
+    if p.comm.axis_sizes and sizes != p.comm.axis_sizes:
+        # Routing tables and axis_index programs depend on each axis's size, not only on the
+        # group's: a plan for a 2 x 4 mesh would route wrongly on a 4 x 2 one.
+        raise PlanError(
+            f"the plan's communication group is mesh axes {p.comm.axes} of sizes "
+            f"{p.comm.axis_sizes}; this call's mesh gives sizes {sizes}"
+        )
     if not isinstance(group, collectives._Group) or group.size != p.comm.group_size:
         raise PlanError(
             f"the plan's communication group is {p.comm.group_size} ranks over mesh axes "
@@ -285,6 +312,16 @@ def _check_words_on_host(
     )
     if problem:
         raise PlanError(f"the runtime's check refuses this plan: {problem}")
+
+
+# jax's tracers of forward / reverse-mode differentiation (jax.jvp; jax.grad and jax.vjp
+# linearize), by class name: jax_ark reads no jax internals here, and a renamed class only
+# means jax's own (less helpful) error instead of ours.
+_AD_TRACERS = frozenset({"JVPTracer", "LinearizeTracer"})
+
+
+def _fn_name(fn) -> str:
+    return getattr(fn, "__name__", "fn")
 
 
 class _Persistent:
@@ -350,6 +387,15 @@ class _Persistent:
 
     def __call__(self, *args):
         leaves = jax.tree_util.tree_leaves(args)
+        if any(type(x).__name__ in _AD_TRACERS for x in leaves):
+            # Otherwise jax fails inside with "The FFI call to ark_persistent cannot be
+            # differentiated"; say what works instead.
+            raise UnsupportedError(
+                f"jax.grad / jax.vjp / jax.jvp of ark.persistent({_fn_name(self._fn)}) is not "
+                "supported: the FFI call has no derivative rule. Differentiate inside instead: "
+                f"ark.persistent(jax.grad({_fn_name(self._fn)})) plans the backward pass (its "
+                "collectives too) as one persistent call"
+            )
         platform = resolve_platform(leaves)[0]
         p, out_tree = self._planned(args, platform)
         out_varying = None

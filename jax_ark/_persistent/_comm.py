@@ -10,20 +10,30 @@ Every collective is planned as one *put* op, then ordinary ops on its inbox:
 - psum_scatter: the source view picks block p for peer p, then a REDUCE over ranks;
 - all_to_all: the source view picks block p for peer p; the inbox is the result.
 
-A plan has one communication group (the mesh axes its collectives run over): every rank of the
-group runs the same plan, which is what makes the put tasks deadlock-free for any worker count
-(docs/plan_format.md, "Communication").
+- ppermute: a put with one slot whose routing table names, per rank, the rank it receives from
+  (none: the slot is zeroed, as jax.lax gives zeros to a rank no pair sends to);
+- axis_index: a program on LOAD_RANK (this call's rank in the plan's group), no communication.
+
+A plan has one communication group: every mesh axis that any collective or axis_index of the
+function names (in mesh order), all ranks meeting once per run. A collective over some of those
+axes (a "tp" psum in a plan that also averages over "dp") is a put with a routing table: per rank,
+the ranks of its own subgroup. Every rank of the group runs the same plan, which is what makes the
+put tasks deadlock-free for any worker count (docs/plan_format.md, "Communication").
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+
 from jax_ark._persistent._format import CommGroup, Op
 
-# jaxpr primitives planned here (jax 0.10 / 0.11 names).
+# jaxpr primitives planned here (jax 0.10 / 0.11 names); each names mesh axes of the plan's group.
 COMM_PRIMITIVES = frozenset(
     {
+        "ppermute",
+        "axis_index",
         "psum",
         "psum_invariant",
         "pmax",
@@ -48,8 +58,56 @@ def _axes(eqn) -> tuple:
     return tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)
 
 
-def _group_size(b, eqn, unsupported) -> int:
-    """The size of the collective's group; registers the plan's group (one per plan)."""
+def _sub_jaxprs(eqn):
+    for v in eqn.params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            inner = getattr(x, "jaxpr", x)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _named_axes(jaxpr, found: list) -> None:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in COMM_PRIMITIVES:
+            found.extend(a for a in _axes(eqn) if a not in found)
+        for inner in _sub_jaxprs(eqn):
+            _named_axes(inner, found)
+
+
+def plan_group(jaxpr, unsupported) -> CommGroup | None:
+    """The plan's one communication group: every mesh axis some collective, ppermute or
+    axis_index of the function (sub-jaxprs included) names, in mesh order; None when none does.
+    One meeting over these axes serves every collective: one over fewer axes gets a routing table
+    (its subgroup of the plan's ranks), so several groups (dp x tp) need no second communicator."""
+    from jax_ark import collectives
+
+    named: list = []
+    _named_axes(jaxpr, named)
+    if not named:
+        return None
+    if any(not isinstance(a, str) for a in named):
+        raise unsupported(
+            f"ark.persistent: collectives over axes {tuple(named)}: only named jax.shard_map "
+            "mesh axes"
+        )
+    mesh = jax.sharding.get_abstract_mesh()
+    order = tuple(getattr(mesh, "axis_names", ()) or ())
+    axes = tuple(sorted(named, key=lambda a: order.index(a) if a in order else len(order)))
+    try:
+        group = collectives._group("persistent collectives", axes)
+    except collectives._NoFastPath as why:
+        raise unsupported(f"ark.persistent: collectives over {axes}: {why.error}") from None
+    if not isinstance(group, collectives._Group):
+        raise unsupported(
+            f"ark.persistent: collectives over axes {axes} span processes; the CPU executor's "
+            "puts reach the devices of one process"
+        )
+    shape = dict(mesh.shape)
+    return CommGroup(tuple(group.axes), int(group.size), tuple(int(shape[a]) for a in axes))
+
+
+def _group_axes(b, eqn, unsupported) -> tuple:
+    """The axes of a collective eqn (checked like jax_ark's own collectives' groups)."""
     from jax_ark import collectives
 
     axes = _axes(eqn)
@@ -64,27 +122,67 @@ def _group_size(b, eqn, unsupported) -> int:
             f"(at {b.source})"
         )
     try:
-        group = collectives._group(f"persistent {prim}", axes)
+        collectives._group(f"persistent {prim}", axes)
     except collectives._NoFastPath as why:
         raise unsupported(f"ark.persistent: {prim} at {b.source}: {why.error}") from None
-    if not isinstance(group, collectives._Group):
-        raise unsupported(
-            f"ark.persistent: {prim} over axes {axes} spans processes (at {b.source}); the CPU "
-            "executor's puts reach the devices of one process"
-        )
-    if b.comm is None:
-        b.comm = CommGroup(tuple(group.axes), int(group.size))
-    elif tuple(b.comm.axes) != tuple(group.axes):
-        raise unsupported(
-            f"ark.persistent: {prim} over axes {axes} at {b.source}, but this function's earlier "
-            f"collectives run over {b.comm.axes}: a plan has one communication group for now"
-        )
-    return int(group.size)
+    if b.comm is None or any(a not in b.comm.axes for a in axes):  # pragma: no cover - plan_group
+        raise AssertionError(f"internal error: {prim} over {axes} outside the plan's group")
+    return axes
 
 
-def _put(b, source, n: int, per_peer: bool):
+def _strides(sizes) -> list[int]:
+    out, acc = [], 1
+    for n in reversed(sizes):
+        out.append(acc)
+        acc *= n
+    return out[::-1]
+
+
+class _Ranks:
+    """Rank arithmetic of the plan's group: a rank is jax.lax.axis_index(comm.axes), row-major
+    over the axes; a subgroup over `axes` (in the collective's order) indexes its members
+    row-major over those axes, the other coordinates those of the rank itself."""
+
+    def __init__(self, comm: CommGroup):
+        self.axes = tuple(comm.axes)
+        self.size = dict(zip(comm.axes, comm.axis_sizes, strict=True))
+        self.stride = dict(zip(comm.axes, _strides(comm.axis_sizes), strict=True))
+        self.n = comm.group_size
+
+    def coord(self, rank: int, axis) -> int:
+        return (rank // self.stride[axis]) % self.size[axis]
+
+    def index_in(self, rank: int, axes: tuple) -> int:
+        """The rank's index in its subgroup over axes (= jax.lax.axis_index(axes))."""
+        return sum(
+            self.coord(rank, a) * s
+            for a, s in zip(axes, _strides([self.size[a] for a in axes]), strict=True)
+        )
+
+    def member(self, rank: int, axes: tuple, index: int) -> int:
+        """The rank of member `index` of rank's subgroup over axes."""
+        sub = dict(zip(axes, _strides([self.size[a] for a in axes]), strict=True))
+        return sum(
+            ((index // sub[a]) % self.size[a] if a in sub else self.coord(rank, a)) * self.stride[a]
+            for a in self.axes
+        )
+
+    def subgroup_route(self, axes: tuple) -> tuple[list[list[int]], list[list[int]]] | None:
+        """Routing of a collective over axes: slot p of rank r from member p of r's subgroup,
+        which sends its row for r (r's index in the subgroup). None: the default routing (the
+        subgroup is the whole group in the group's order)."""
+        if tuple(axes) == self.axes:
+            return None
+        k = math.prod(self.size[a] for a in axes)
+        recv = [[self.member(r, axes, p) for p in range(k)] for r in range(self.n)]
+        row = [[self.index_in(r, axes)] * k for r in range(self.n)]
+        return recv, row
+
+
+def _put(b, source, n: int, per_peer: bool, route=None):
     """Emits a put op. source: a node of shape (M, N) (the same tile to every peer) or, with
-    per_peer, (n, M, N) (block p to peer p). Returns the inbox as a (n, M, N) load node."""
+    per_peer, (n, M, N) (block p to peer p); route: its (recv_from, send_row) tables, None for the
+    default routing. Returns the inbox as a (n, M, N) load node."""
     from jax_ark._persistent._trace import _Load
 
     shape = tuple(source.shape)
@@ -108,6 +206,8 @@ def _put(b, source, n: int, per_peer: bool):
             acc_dtype=source.dtype,
             a_view=b.view_id(src),
             source=b.source,
+            recv_from=None if route is None else route[0],
+            send_row=None if route is None else route[1],
         )
     )
     return b.load(inbox)
@@ -131,7 +231,14 @@ def translate_collective(b, eqn, args, unsupported) -> list:
     from jax_ark._persistent._trace import _dtype_name, _reduce
 
     prim = eqn.primitive.name
-    n = _group_size(b, eqn, unsupported)
+    if prim == "axis_index":
+        return [_axis_index(b, eqn, unsupported)]
+    axes = _group_axes(b, eqn, unsupported)
+    ranks = _Ranks(b.comm)
+    n = math.prod(ranks.size[a] for a in axes)
+    route = ranks.subgroup_route(axes)
+    if prim == "ppermute":
+        return [_ppermute(b, eqn, x, ranks, axes, unsupported) for x in args]
     outs = []
     for x, var in zip(args, eqn.outvars, strict=True):
         out_shape = tuple(var.aval.shape)
@@ -140,13 +247,13 @@ def translate_collective(b, eqn, args, unsupported) -> list:
             raise unsupported(f"ark.persistent: {prim} of a zero-size array (at {b.source})")
         if prim in _REDUCE_OF:
             shape = tuple(x.shape)
-            inbox = _put(b, _matrix(b, x), n, per_peer=False)
+            inbox = _put(b, _matrix(b, x), n, per_peer=False, route=route)
             red = _reduce(b, _REDUCE_OF[prim], inbox, (0,), inbox.shape[1:], out_dtype)
             outs.append(b.reshape(red, shape))
         elif prim in ("all_gather", "all_gather_invariant"):
             dim = int(eqn.params["all_gather_dimension"])
             shape = tuple(x.shape)
-            inbox = _put(b, _matrix(b, x), n, per_peer=False)
+            inbox = _put(b, _matrix(b, x), n, per_peer=False, route=route)
             stacked = b.reshape(inbox, (n, *shape))
             perm = (*range(1, dim + 1), 0, *range(dim + 1, len(shape) + 1))
             moved = b.transpose(stacked, perm)
@@ -154,13 +261,13 @@ def translate_collective(b, eqn, args, unsupported) -> list:
         elif prim == "reduce_scatter":
             dim = int(eqn.params["scatter_dimension"])
             blocks, _ = _blocks(b, x, dim, n)
-            inbox = _put(b, blocks, n, per_peer=True)
+            inbox = _put(b, blocks, n, per_peer=True, route=route)
             red = _reduce(b, "reduce_sum", inbox, (0,), inbox.shape[1:], out_dtype)
             outs.append(b.reshape(red, out_shape))
         elif prim == "all_to_all":
             split, concat = int(eqn.params["split_axis"]), int(eqn.params["concat_axis"])
             blocks, rest = _blocks(b, x, split, n)
-            inbox = _put(b, blocks, n, per_peer=True)
+            inbox = _put(b, blocks, n, per_peer=True, route=route)
             # inbox[j] = block `me` of rank j's x (shape `rest`: x without the n blocks of
             # split_axis); put j next to concat_axis and merge the two.
             y = b.reshape(inbox, (n, *rest))
@@ -173,6 +280,49 @@ def translate_collective(b, eqn, args, unsupported) -> list:
         if outs[-1].dtype != out_dtype:
             raise unsupported(f"ark.persistent: {prim} changes the dtype (at {b.source})")
     return outs
+
+
+def _ppermute(b, eqn, x, ranks: _Ranks, axes: tuple, unsupported):
+    """ppermute: one slot; rank r receives from the member of its subgroup that the perm sends to
+    r's index (from no one: zeros), and every sender reads its whole tile (send_row 0)."""
+    shape = tuple(x.shape)
+    if math.prod(shape) == 0:
+        raise unsupported(f"ark.persistent: ppermute of a zero-size array (at {b.source})")
+    # jax.lax.ppermute numbers the ranks over several axes in MESH order, whatever the tuple's
+    # order (unlike axis_index; docs/lax_compat.md): the plan's axes are in mesh order.
+    axes = tuple(a for a in ranks.axes if a in axes)
+    source_of = {int(dst): int(src) for src, dst in eqn.params["perm"]}
+    recv = [
+        [
+            ranks.member(r, axes, source_of[ranks.index_in(r, axes)])
+            if ranks.index_in(r, axes) in source_of
+            else -1
+        ]
+        for r in range(ranks.n)
+    ]
+    rows = [[0] for _ in range(ranks.n)]
+    inbox = _put(b, _matrix(b, x), 1, per_peer=False, route=(recv, rows))
+    return b.reshape(inbox, shape)
+
+
+def _axis_index(b, eqn, unsupported):
+    """axis_index over axes: this rank's index in its subgroup, computed from LOAD_RANK (the
+    rank in the plan's group, known at run time from the comm operand): per axis
+    (rank / stride) % size, combined row-major over the axes in the order given."""
+    from jax_ark._persistent._trace import _Ew, _iop
+
+    axes = _axes(eqn)
+    if any(not isinstance(a, str) for a in axes):
+        raise unsupported(f"ark.persistent: axis_index over {axes} (at {b.source})")
+    ranks = _Ranks(b.comm)
+    rank = _Ew((), "int32", op="load_rank", _size=1)
+    out = None
+    for a, sub in zip(axes, _strides([ranks.size[a] for a in axes]), strict=True):
+        c = _iop(b, "irem", _iop(b, "idiv", rank, ranks.stride[a]), ranks.size[a])
+        if sub != 1:
+            c = _iop(b, "imul", c, sub)
+        out = c if out is None else _iop(b, "iadd", out, c)
+    return out
 
 
 def _matrix(b, node):

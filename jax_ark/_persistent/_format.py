@@ -49,7 +49,7 @@ INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iar
 ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {
-    "load_acc": 0, "load": 1, "const": 2, "load_at": 3, "load_iter": 4,
+    "load_acc": 0, "load": 1, "const": 2, "load_at": 3, "load_iter": 4, "load_rank": 5,
     "neg": 10, "exp": 11, "log": 12, "tanh": 13, "logistic": 14, "sqrt": 15, "rsqrt": 16,
     "erf": 17, "abs": 18, "integer_pow": 19, "sin": 20, "cos": 21, "log1p": 22, "expm1": 23,
     "square": 24, "sign": 25, "copy": 26,
@@ -165,6 +165,11 @@ class Op:
     # writes slice i of its output (shape (trip_count, *S)) at iteration i.
     loop: int = -1
     stacked: bool = False
+    # Put ops (v3) with a routing table (ppermute; a collective over a subgroup of the plan's
+    # ranks): slot b of rank q's inbox is written by rank recv_from[q][b] (-1: nobody, zeros) from
+    # row send_row[q][b] of a_view. None: the default routing (slot b from rank b, row q).
+    recv_from: list[list[int]] | None = None
+    send_row: list[list[int]] | None = None
 
 
 @dataclass
@@ -180,13 +185,18 @@ class Loop:
 
 @dataclass
 class CommGroup:
-    """v3: the one communication group of a plan with put ops (docs/plan_format.md,
-    "Communication"). A put op's output is its symmetric inbox `[group_size, M, N]`: on rank r, a
-    task whose b range holds r copies its (m, n) tile of `a_view[p, m, n]` into row r of every
-    rank p's inbox, then every task waits until ranks b0..b1-1 have put their tiles."""
+    """v3: the one communication group of a plan with put ops or axis_index (docs/plan_format.md,
+    "Communication"): every mesh axis its collectives name. A put op's output is its symmetric
+    inbox `[B, M, N]`: by default (B = group_size) on rank r, a task whose b range holds r copies
+    its (m, n) tile of `a_view[p, m, n]` into row r of every rank p's inbox, then every task
+    waits until ranks b0..b1-1 have put their tiles; a put with a routing table (Op.recv_from /
+    send_row) sends and waits as the table says (ppermute, a collective over fewer axes)."""
 
     axes: tuple  # the mesh axes the group spans (rank = jax.lax.axis_index(axes))
     group_size: int
+    # The size of each axis (the routing tables of put ops over some of the axes and axis_index
+    # programs depend on them, not only on their product); () in plans written before.
+    axis_sizes: tuple = ()
 
 
 @dataclass
@@ -324,7 +334,12 @@ class Plan:
                         f"  loop {li}: ops {loop.first_op}..{loop.end_op - 1} run "
                         f"{loop.trip_count} times (body planned once) {loop.source}"
                     )
-            if op.kind == "put" and self.comm is not None:
+            if op.kind == "put" and self.comm is not None and op.recv_from is not None:
+                extra = (
+                    f" routed over {op.B} slots of the group of {self.comm.group_size} "
+                    f"(axes {','.join(map(str, self.comm.axes))})"
+                )
+            elif op.kind == "put" and self.comm is not None:
                 # Each rank copies its tiles into all n inboxes (its own included).
                 n = self.comm.group_size
                 mine = sum(
@@ -379,6 +394,7 @@ class Plan:
                         k: v
                         for k, v in dataclasses.asdict(op).items()
                         if k not in ("prologue", "epilogue")
+                        and not (k in ("recv_from", "send_row") and v is None)
                     },
                     "iter_dims": list(op.iter_dims),
                     "prologue": [i.to_list() for i in op.prologue],
@@ -390,7 +406,10 @@ class Plan:
             "tasks": [dataclasses.asdict(t) for t in self.tasks],
             "queues": [list(q) for q in self.queues],
             **(
-                {"comm": {"axes": list(self.comm.axes), "group_size": self.comm.group_size}}
+                {
+                    "comm": {"axes": list(self.comm.axes), "group_size": self.comm.group_size}
+                    | ({"axis_sizes": list(self.comm.axis_sizes)} if self.comm.axis_sizes else {})
+                }
                 if self.comm is not None
                 else {}
             ),
@@ -449,6 +468,12 @@ def _comm_summary(plan: Plan, listed: int = 12) -> list[str]:
     n = plan.comm.group_size if plan.comm else 1
     for t in puts[:listed]:
         task = plan.tasks[t]
+        if plan.ops[task.op].recv_from is not None:
+            lines.append(
+                f"  comm {plan.task_name(t)}: slots {task.b0}..{task.b1 - 1} as routed, "
+                f"{plan.put_bytes(t)} bytes per slot"
+            )
+            continue
         src = f"rank {task.b0}" if task.b1 - task.b0 == 1 else f"ranks {task.b0}..{task.b1 - 1}"
         lines.append(
             f"  comm {plan.task_name(t)}: {src} -> all {n} ranks, {plan.put_bytes(t)} bytes to each"
@@ -570,6 +595,20 @@ def _encode(plan: Plan) -> np.ndarray:
         names += raw
     names_words = np.frombuffer(names + b"\0" * (-len(names) % 4), dtype="<i4").tolist()
 
+    # v3 routing tables of put ops (docs/plan_format.md, "Communication"): recv_from then
+    # send_row, each [group_size][B] row-major; route_at[i] = the word offset of op i's table in
+    # the route section (-1: none).
+    route_words: list[int] = []
+    route_at: list[int] = []
+    for op in plan.ops:
+        if op.recv_from is None:
+            route_at.append(-1)
+            continue
+        route_at.append(len(route_words))
+        for table in (op.recv_from, op.send_row or []):
+            for row in table:
+                route_words += list(row)
+
     words: list[int] = [0] * 32
     sections: dict[str, int] = {}
 
@@ -593,7 +632,7 @@ def _encode(plan: Plan) -> np.ndarray:
         words += [op.kept_rank, pro_at, pro_len, epi_at, epi_len, name_at[i][0], name_at[i][1]]
         words += [op.tile_m, op.tile_n]
         words += _i64(op.B) + _i64(op.M) + _i64(op.N) + _i64(op.K) + _dims6(op.iter_dims)
-        words += [op.store_view + 1, op.store_at + 1, 0, 0]
+        words += [op.store_view + 1, op.store_at + 1, route_at[i] + 1, 0]
     _pad_even(words)
     sections["tasks"] = len(words)
     for t in plan.tasks:
@@ -627,6 +666,11 @@ def _encode(plan: Plan) -> np.ndarray:
     words += names_words
     _pad_even(words)
     loops_at = _encode_loops(plan, words)
+    _pad_even(words)
+    routes_at = 0
+    if route_words:
+        routes_at = len(words)
+        words += [len(route_words), 0, *route_words]
 
     header = [
         MAGIC, PLAN_VERSION, 32, len(words),
@@ -636,7 +680,7 @@ def _encode(plan: Plan) -> np.ndarray:
         sections["dep_offsets"], sections["deps"], sum(len(t.deps) for t in plan.tasks),
         sections["queue_offsets"],
         sections["queues"], sections["code"], len(code), sections["names"],
-        len(names), plan.num_counters, PROFILE_WORDS_PER_TASK, 0,
+        len(names), plan.num_counters, PROFILE_WORDS_PER_TASK, routes_at,
         *_i64(plan.workspace_bytes), loops_at, plan.comm.group_size if plan.comm else 0,
     ]  # fmt: skip
     assert len(header) == 32
@@ -846,8 +890,14 @@ def _parse_plan(d: Any) -> Plan:
                 store_at=_int(o.get("store_at", -1), f"{path}.store_at", -1, INT32[1] - 1),
                 loop=_int(o.get("loop", -1), f"{path}.loop", -1, INT32[1] - 1),
                 stacked=_bool(o.get("stacked", False), f"{path}.stacked"),
+                recv_from=_table(o.get("recv_from"), f"{path}.recv_from"),
+                send_row=_table(o.get("send_row"), f"{path}.send_row"),
             )
         )
+        if (ops[-1].recv_from is None) != (ops[-1].send_row is None):
+            raise PlanError(f"{path}: a routing table needs both recv_from and send_row")
+        if ops[-1].recv_from is not None and (version < 3 or ops[-1].kind != "put"):
+            raise PlanError(f"{path}.recv_from: only put ops (plan version 3) have a routing table")
         if (ops[-1].loop >= 0 or ops[-1].stacked) and version < 3:
             raise PlanError(f"{path}.loop: needs plan version 3 (loops)")
     tasks = []
@@ -918,13 +968,21 @@ def _parse_plan(d: Any) -> Plan:
 _TILE_FIELDS = ("op", "b0", "b1", "m0", "m1", "n0", "n1")
 
 
+def _table(x: Any, path: str) -> list[list[int]] | None:
+    """A routing table: a list (one per rank) of lists of int32 (one per inbox slot), or absent."""
+    if x is None:
+        return None
+    rows = _list(x, path, MAX_GROUP_SIZE)
+    return [_ints(r, f"{path}[{q}]", *INT32, MAX_GROUP_SIZE) for q, r in enumerate(rows)]
+
+
 def _parse_comm(c: Any, version: int) -> CommGroup | None:
     """v3 `comm`: {"axes": [mesh axis names], "group_size": n} or absent."""
     if c is None:
         return None
     if version < 3:
         raise PlanError(f"comm: needs plan version 3, the plan is version {version}")
-    _obj(c, "comm", {"axes", "group_size"})
+    _obj(c, "comm", {"axes", "group_size", "axis_sizes"})
     axes = _list(_field(c, "axes", "comm"), "comm.axes", MAX_RANK)
     if not axes:
         raise PlanError("comm.axes: names no mesh axis")
@@ -933,4 +991,7 @@ def _parse_comm(c: Any, version: int) -> CommGroup | None:
     if len(set(axes)) != len(axes):
         raise PlanError("comm.axes: an axis is named twice")
     size = _int(_field(c, "group_size", "comm"), "comm.group_size", 1, MAX_GROUP_SIZE)
-    return CommGroup(tuple(axes), size)
+    sizes = _ints(c.get("axis_sizes", []), "comm.axis_sizes", 1, MAX_GROUP_SIZE, MAX_RANK)
+    if sizes and (len(sizes) != len(axes) or math.prod(sizes) != size):
+        raise PlanError("comm.axis_sizes: one size per axis, their product group_size")
+    return CommGroup(tuple(axes), size, tuple(sizes))

@@ -175,7 +175,15 @@ def _integer_pow(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _eval(
-    plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: bool = False, it: int = 0
+    plan: Plan,
+    prog: list[Instr],
+    idx,
+    shape,
+    acc,
+    buffers,
+    all_regs: bool = False,
+    it: int = 0,
+    rank: int = 0,
 ):
     regs: list[np.ndarray] = []
     with np.errstate(all="ignore"):
@@ -198,6 +206,8 @@ def _eval(
                     r = src[off].astype(np.float32)
             elif ins.op == "load_iter":  # the loop iteration (v3)
                 r = np.full(shape, it, dtype=np.uint32)
+            elif ins.op == "load_rank":  # this rank in the plan's group (v3)
+                r = np.full(shape, rank, dtype=np.uint32)
             elif ins.op == "const" and ins.dtype in INT_DTYPES:
                 r = np.full(shape, int(ins.a) & 0xFFFFFFFF, dtype=np.uint32)
             elif ins.op == "const":
@@ -223,23 +233,38 @@ def _eval(
 
 
 def _run_put(plan: Plan, t: int, rank: int, group: list[dict[int, np.ndarray]]) -> None:
-    """Put task t on `rank` (plan v3): its tile of the source, for every peer p, into row `rank`
-    of p's inbox, when rank is one of the task's source ranks."""
+    """Put task t on `rank` (plan v3): for every rank q and slot b of the task that the op's
+    routing gives to `rank` (default: slot `rank` of every q, from row q), its tile of the source
+    row into slot b of q's inbox; a slot of `rank`'s own inbox that nobody sends to is zeroed."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
-    if not task.b0 <= rank < task.b1:
-        return
     av = plan.views[op.a_view]
     m = np.arange(task.m0, task.m1)[:, None]
     n = np.arange(task.n0, task.n1)[None, :]
-    to = ((rank * op.M + m) * op.N + n).ravel()
-    for p, buffers in enumerate(group):
-        src = av.offset + p * av.strides[0] + m * av.strides[1] + n * av.strides[2]
-        buffers[op.out][to] = group[rank][av.tensor][src.ravel()]
+    for b in range(task.b0, task.b1):
+        to = ((b * op.M + m) * op.N + n).ravel()
+        for q, buffers in enumerate(group):
+            src_rank, row = route_of(op, q, b)
+            if src_rank != rank:
+                continue
+            src = av.offset + row * av.strides[0] + m * av.strides[1] + n * av.strides[2]
+            buffers[op.out][to] = group[rank][av.tensor][src.ravel()]
+        if route_of(op, rank, b)[0] < 0:
+            group[rank][op.out][to] = 0
 
 
-def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) -> None:
-    """Runs iteration `it` of task t (0 outside loops)."""
+def route_of(op, q: int, b: int) -> tuple[int, int]:
+    """(source rank, source row) of slot b of rank q's inbox of put op `op` (-1: no source)."""
+    if op.recv_from is None:
+        return b, q
+    return op.recv_from[q][b], op.send_row[q][b]
+
+
+def run_task(
+    plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0, rank: int = 0
+) -> None:
+    """Runs iteration `it` of task t (0 outside loops) on `rank` of the plan's group (0 without
+    one)."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
     if op.kind == "put":
@@ -273,11 +298,13 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) ->
             idx = tuple(np.broadcast_to(i[:, None], (rows, K)) for i in m_idx) + tuple(
                 np.broadcast_to(i[None, :], (rows, K)) for i in r_idx
             )
-            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, it=it)
+            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, it=it, rank=rank)
             acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
     if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
         idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
-        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, it=it)
+        regs = _eval(
+            plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, it=it, rank=rank
+        )
         view = plan.views[op.store_view]
         at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
         for d, stride in enumerate(view.strides):
@@ -287,7 +314,7 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) ->
     else:
         shape = epilogue_shape(plan, op)
         idx = np.unravel_index(lin, shape) if shape else ()
-        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, it=it)
+        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, it=it, rank=rank)
         if op.stacked:  # slice `it` of the stacked output
             lin = lin + it * (op.B * op.M * op.N)
     if out.dtype in INT_DTYPES:
@@ -469,6 +496,6 @@ def interpret_group(plan: Plan, per_rank_args: list[list[np.ndarray]]) -> list[l
             for r in range(n):
                 _run_put(plan, t, r, group)
         else:
-            for buffers in group:
-                run_task(plan, t, buffers, it)
+            for r, buffers in enumerate(group):
+                run_task(plan, t, buffers, it, rank=r)
     return [[b[o].reshape(plan.tensors[o].shape) for o in plan.outputs] for b in group]

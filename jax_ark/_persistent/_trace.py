@@ -12,6 +12,7 @@ a matmul operand, a view the program form cannot express, a value used more than
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_ark._persistent._comm import COMM_PRIMITIVES, translate_collective
+from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     INT_DTYPES,
@@ -101,6 +102,7 @@ class _Core:
     emitted: bool = False
     out_shape: tuple[int, ...] = ()
     out_tensor: int = -1
+    raw_tensor: int = -1  # a tensor holding the accumulator itself (no epilogue), once emitted
 
 
 @dataclass(eq=False)
@@ -204,7 +206,7 @@ class _Builder:
     num_inputs: int = 0
     loops: list[Loop] = field(default_factory=list)
     in_loop: bool = False  # translating a loop body (nested loops are refused)
-    comm: CommGroup | None = None  # set by the first collective (_comm.py)
+    comm: CommGroup | None = None  # the plan's group, set before translating (_comm.plan_group)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -368,6 +370,10 @@ class _Builder:
                 return self.load(into)
             shape = ((stacked,) if stacked else ()) + tuple(node.shape)
             return self.load(self.new_tensor(shape, node.dtype, storage, index))
+        # A value used several times may stay lazy in some consumers (_fuses_into_one) while
+        # another consumer already emitted its accumulator (jax.grad's backward reuses the
+        # forward's matmuls): read those from memory, never emit an accumulator twice.
+        node = self._substitute(node)
         cores = _cores(node)
         # Only one accumulator can feed an epilogue: emit the others on their own first.
         for core in cores[1:]:
@@ -403,10 +409,21 @@ class _Builder:
             ((stacked,) if stacked else ()) + tuple(shape), dtype, storage, index
         )
 
+    def _raw(self, core: _Core) -> int:
+        """A tensor holding core's accumulator as is. A core emitted with an epilogue (fused into
+        one consumer's expression) holds that expression, not the accumulator: a consumer that
+        still needs the accumulator gets a second op computing it (jax.grad's backward reads the
+        forward's matmul outputs again; rare, and correct rather than fast)."""
+        if core.raw_tensor < 0:
+            twin = dataclasses.replace(core, emitted=False, out_tensor=-1, raw_tensor=-1)
+            self._emit_core(twin, None, None, "workspace", 0)
+            core.raw_tensor = twin.out_tensor
+        return core.raw_tensor
+
     def _substitute(self, node: _Node) -> _Node:
-        """Replaces pendings whose core is already emitted by loads of their tensor."""
+        """Replaces pendings whose core is already emitted by loads of their accumulator."""
         if isinstance(node, _Pending) and node.core.emitted:
-            return self.reshape(self.load(node.core.out_tensor), node.shape)
+            return self.reshape(self.load(self._raw(node.core)), node.shape)
         if isinstance(node, _Ew):
             return _Ew(
                 node.shape,
@@ -419,6 +436,7 @@ class _Builder:
         return node
 
     def strip_pendings(self, node: _Node) -> _Node:
+        node = self._substitute(node)
         for core in _cores(node):
             self._emit_core(core, None, None, "workspace", 0)
         return self._substitute(node)
@@ -456,6 +474,8 @@ class _Builder:
         op.epilogue = self._compile(epilogue, acc_negate=core.negate)
         core.emitted = True
         core.out_tensor = out
+        if isinstance(epilogue, _Pending) and not stacked and into is None:
+            core.raw_tensor = out
         self.ops.append(op)
         return self.load(out)
 
@@ -496,8 +516,8 @@ class _Builder:
                 prog.append(Instr("load_acc", n.core.acc_dtype))
                 if acc_negate:
                     prog.append(Instr("neg", n.core.acc_dtype, len(prog) - 1))
-            elif n.op == "load_iter":  # the loop iteration (v3)
-                prog.append(Instr("load_iter", "int32"))
+            elif n.op in ("load_iter", "load_rank"):  # the loop iteration / the rank (v3)
+                prog.append(Instr(n.op, "int32"))
             else:
                 if n.op == "load_at":  # args: (the static view, the int32 offset node)
                     moved = emit(n.args[1])
@@ -1486,6 +1506,9 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
         closed = jax.make_jaxpr(fn)(*avals)
     b = _Builder()
+    # The plan's one group (every mesh axis its collectives name), known before any is planned:
+    # routing tables and axis_index programs depend on it (_comm.plan_group).
+    b.comm = plan_group(closed.jaxpr, UnsupportedError)
     in_nodes = []
     for i, aval in enumerate(avals):
         dtype = _dtype_name(aval)

@@ -58,7 +58,7 @@ def _int_result(plan: Plan, op, ins) -> bool | None:
         return plan.tensors[t].dtype in INT_DTYPES if 0 <= t < len(plan.tensors) else None
     if ins.op == "load_acc":
         return op.acc_dtype in INT_DTYPES
-    if ins.op == "load_iter":
+    if ins.op in ("load_iter", "load_rank"):
         return True
     if ins.op == "select":
         return None  # its operands' kind, checked in _check_program
@@ -80,6 +80,8 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
             raise PlanError(f"{w}: load_acc in a map op")
         if ins.op == "load_iter" and plan.version < 3:
             raise PlanError(f"{w}: load_iter needs plan version 3 (loops)")
+        if ins.op == "load_rank" and plan.comm is None:
+            raise PlanError(f"{w}: load_rank in a plan without a communication group (comm)")
         if ins.op == "load_at":
             regs = [ins.b]  # the offset: an earlier integer register (checked below)
         if ins.op in LOAD_OPS:
@@ -209,8 +211,16 @@ def _check_put(plan: Plan, i: int, reads: set[int]) -> None:
     op = plan.ops[i]
     where = f"op {i} '{op.name}'"
     out = plan.tensors[op.out]
-    if plan.comm is None or op.B != plan.comm.group_size:
-        raise PlanError(f"{where}: a put op's B must be the plan's comm.group_size")
+    if plan.comm is None:
+        raise PlanError(f"{where}: a put op in a plan without comm")
+    n = plan.comm.group_size
+    if op.recv_from is None:
+        if op.B != n:
+            raise PlanError(f"{where}: a put op's B must be the plan's comm.group_size")
+        if op.send_row is not None:
+            raise PlanError(f"{where}: send_row without recv_from")
+    else:
+        _check_route(op, where, n)
     if out.storage != "workspace":
         raise PlanError(f"{where}: a put op writes a workspace tensor (its symmetric inbox)")
     if op.prologue or op.epilogue:
@@ -229,6 +239,22 @@ def _check_put(plan: Plan, i: int, reads: set[int]) -> None:
                 f"{where}: its inbox (tensor {op.out}) shares workspace bytes with tensor {t} "
                 f"'{other.name}'"
             )
+
+
+def _check_route(op, where: str, n: int) -> None:
+    """A routing table: [n][B] sources in -1..n-1 and source rows in 0..B-1 (B in 1..n)."""
+    if not 1 <= op.B <= n:
+        raise PlanError(f"{where}: a routed put op's B must be in 1..comm.group_size ({n})")
+    for name, table, lo, hi in (
+        ("recv_from", op.recv_from, -1, n - 1),
+        ("send_row", op.send_row, 0, op.B - 1),
+    ):
+        if table is None or len(table) != n or any(len(row) != op.B for row in table):
+            raise PlanError(f"{where}: {name} must be [{n}][{op.B}] (ranks x inbox slots)")
+        for q, row in enumerate(table):
+            for b, v in enumerate(row):
+                if not lo <= v <= hi:
+                    raise PlanError(f"{where}: {name}[{q}][{b}] = {v} not in {lo}..{hi}")
 
 
 def freeze(plan: Plan) -> Plan:

@@ -48,7 +48,7 @@ inline OpcodeInfo opcode_info(int32_t code) {
   if (code == kLoadAcc) return {0, true, false, false, false};
   if (code == kLoad) return {0, false, true, false, false};
   if (code == kLoadAt) return {0, false, true, true, false};
-  if (code == kConst || code == kLoadIter) return {0, false, false, false, false};
+  if (code == kConst || code == kLoadIter || code == kLoadRank) return {0, false, false, false, false};
   if (is_unary(code)) return {1, false, false, false, code == kIntegerPow};
   if (is_binary(code) || is_int_binary(code)) return {2, false, false, false, false};
   if (is_int_unary(code)) return {1, false, false, false, code == kIPow};
@@ -131,6 +131,20 @@ inline bool view_extent(const ViewRecord& v, const int64_t* dims, int rank, int6
   }
   *hi = acc;
   return true;
+}
+
+// The v3 route section (plan_format.hpp, RouteView): only in a plan with a group, inside the plan;
+// each routed op's table is checked with the op.
+inline bool check_route_section(const PlanView& p, Checker& c) {
+  const Header& h = p.header();
+  if (h.version < 3 || h.group_size == 0)
+    return h.routes_at == 0 || c.fail("header.routes_at must be 0 without a communication group");
+  if (h.routes_at == 0) return true;
+  if (!c.section(h.routes_at, 2, 1, true, "routes")) return false;
+  const int64_t route_words = p.words[h.routes_at];
+  if (route_words < 0 || p.words[h.routes_at + 1] != 0)
+    return c.fail("route section: bad length " + std::to_string(route_words));
+  return c.section(h.routes_at, 2 + route_words, 1, true, "routes");
 }
 
 // The v3 loop section (plan_format.hpp, LoopView): inside the plan, loops disjoint and in op
@@ -332,6 +346,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (p.op(i).out_tensor < 0 || p.op(i).out_tensor >= h.num_tensors)
       return op_where(i) + ": output tensor out of range";
   if (!check_loop_section(p, c)) return c.err;
+  if (!check_route_section(p, c)) return c.err;
   const LoopView lv{words};
   std::vector<int32_t> writer(h.num_tensors, -1);
   std::vector<char> read(h.num_tensors, 0);
@@ -381,6 +396,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       if (info.registers < 0 || (ins.op_and_dtype >> 24) != 0)
         return c.fail(where + ": unknown opcode " + std::to_string(code)), -1;
       if (dtype_size(dtype_of(ins)) == 0) return c.fail(where + ": unknown dtype"), -1;
+      if (code == kLoadRank && h.group_size == 0)
+        return c.fail(where + ": LOAD_RANK in a plan without a communication group"), -1;
       if (info.reads_acc && !acc_ok) return c.fail(where + ": LOAD_ACC in an op without accumulator"), -1;
       if (info.reads_view) {
         if (ins.a < 0 || ins.a >= h.num_views) return c.fail(where + ": view out of range"), -1;
@@ -425,6 +442,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     // A window store (v2) writes only the window iter_dims of its aliased result, at its store
     // view's element + an int32 register, clamped into the tensor by the executors.
     const bool window = op.store_view_plus1 != 0;
+    if (op.route_plus1 != 0 && op.kind != kOpPut) return where + ": only a put op has a routing table";
     int64_t space_elems = out.num_elements;
     // A stacked op (v3) computes one slice (dims 1..rank) of its output per iteration.
     const bool stacked = lv.op_stacked(i);
@@ -487,8 +505,28 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     }
     if (op.kind == kOpPut) {
       // v3: a copy of the source tile into every peer's inbox; no programs.
-      if (op.B != h.group_size)
-        return where + ": a put op's B must be the plan's group_size (" + std::to_string(h.group_size) + ")";
+      // Default routing: one slot per rank. A routing table (ppermute, a collective over a
+      // subgroup of the plan's ranks) may have fewer slots; every value is checked here, so the
+      // executor's sends and waits stay inside the group and the source view.
+      if (op.route_plus1 == 0 ? op.B != h.group_size : (op.B < 1 || op.B > h.group_size))
+        return where + ": a put op's B must be the plan's group_size (" + std::to_string(h.group_size) +
+               "), or 1..group_size with a routing table";
+      if (op.route_plus1 != 0) {
+        if (h.routes_at == 0) return where + ": a routing table but no route section";
+        const int64_t cells = int64_t{h.group_size} * op.B, at = int64_t{op.route_plus1} - 1;
+        if (op.route_plus1 < 0 || at + 2 * cells > p.words[h.routes_at])
+          return where + ": its routing table is outside the route section";
+        const RouteView route = p.route(op);
+        for (int q = 0; q < h.group_size; ++q)
+          for (int b = 0; b < op.B; ++b) {
+            const int32_t from = route.recv_from(q, b), row = route.send_row(q, b);
+            if (from < -1 || from >= h.group_size || row < 0 || row >= op.B)
+              return where + ": route of rank " + std::to_string(q) + " slot " + std::to_string(b) +
+                     ": source rank " + std::to_string(from) + " not in -1.." +
+                     std::to_string(h.group_size - 1) + " or source row " + std::to_string(row) +
+                     " not in 0.." + std::to_string(op.B - 1);
+          }
+      }
       if (out.storage != kStorageWorkspace) return where + ": a put op writes a workspace tensor (its inbox)";
       if (op.prologue_len != 0 || op.epilogue_len != 0) return where + ": a put op has no programs";
       if (op.a_view < 0 || op.a_view >= h.num_views) return where + ": operand view out of range";

@@ -59,6 +59,9 @@ enum OpKind : int32_t {
   // rank r a task with b0 <= r < b1 copies its (m, n) tile of a_view[p, m, n] into row r of peer
   // p's inbox for every rank p and signals p; then every task waits for the signals of the ranks
   // b in [b0, b1) (docs/plan_format.md, "Communication").
+  // With a routing table (OpRecord.route_plus1, v3 ppermute / several groups): slot b of rank q's
+  // inbox comes from rank recv_from(q, b) (none: -1, the slot is zeros), which reads
+  // a_view[send_row(q, b), m, n]; B may then be less than group_size.
   kOpPut = 4,
 };
 
@@ -81,6 +84,7 @@ enum Opcode : int32_t {
   // value: gather / dynamic_slice indices), the element index clamped into the tensor
   kLoadAt = 3,
   kLoadIter = 4,  // v3: r = the current loop iteration as int32 (0 outside loops)
+  kLoadRank = 5,  // v3: r = this call's rank in the plan's communication group as int32
   // unary (operand a)
   kNeg = 10, kExp = 11, kLog = 12, kTanh = 13, kLogistic = 14, kSqrt = 15, kRsqrt = 16,
   kErf = 17, kAbs = 18, kIntegerPow = 19 /* exponent = b (int32) */, kSin = 20, kCos = 21,
@@ -112,7 +116,8 @@ struct Header {                     // 32 words
   int32_t tensors_at, views_at, ops_at, tasks_at;                     // 12..15 word offsets
   int32_t dep_offsets_at, deps_at, num_dep_edges, queue_offsets_at;   // 16..19
   int32_t queues_at, code_at, code_words, names_at;                   // 20..23
-  int32_t names_bytes, num_counters, profile_words_per_task, reserved0;  // 24..27
+  int32_t names_bytes, num_counters, profile_words_per_task;           // 24..26
+  int32_t routes_at;  // 27: v3 word offset of the route section (0 = none; see RouteView)
   int64_t workspace_bytes;                                            // 28..29
   int32_t loops_at;   // 30: v3 word offset of the loop section (0 = no loops; see LoopView)
   // 31: v3 ranks of the plan's communication group; 0 = no PUT ops (then num_counters =
@@ -150,7 +155,10 @@ struct OpRecord {                   // 40 words
   // register holding an int32 element offset; the result goes to that view's element + offset,
   // clamped into the tensor (an in-place update of an aliased result). 0 = whole-tensor op.
   int32_t store_view_plus1, store_at_plus1;                       // 36..37
-  int32_t reserved[2];                                            // 38..39
+  // v3 PUT only: 1 + the word offset of this op's routing table in the route section (RouteView);
+  // 0 = the default routing (slot b of every rank's inbox comes from rank b).
+  int32_t route_plus1;                                            // 38
+  int32_t reserved[1];                                            // 39
 };
 
 struct TaskRecord {                 // 8 words: one tile of one op, half-open ranges
@@ -190,6 +198,24 @@ ARK_HD int64_t signal_index(int32_t num_tasks, int32_t group_size, int32_t t, in
   return int64_t{num_tasks} + int64_t{t} * group_size + src;
 }
 
+// v3 routing table of a PUT op with route_plus1 != 0. The route section (at header.routes_at, an
+// even offset; absent when 0) is [route_words, 0] then route_words words; an op's table starts at
+// word route_plus1 - 1 of them and holds recv_from[G][B] then send_row[G][B] (G = group_size,
+// B = the op's B, row-major): slot b of rank q's inbox is written by rank recv_from[q][b] (-1: by
+// nobody, the slot reads as zeros) from row send_row[q][b] of its a_view.
+struct RouteView {
+  const int32_t* table = nullptr;  // nullptr: the default routing
+  int32_t group_size = 0, slots = 0;
+
+  ARK_HD bool routed() const { return table != nullptr; }
+  ARK_HD int32_t recv_from(int q, int b) const {
+    return table ? table[int64_t{q} * slots + b] : b;
+  }
+  ARK_HD int32_t send_row(int q, int b) const {
+    return table ? table[int64_t{group_size} * slots + int64_t{q} * slots + b] : q;
+  }
+};
+
 // Read-only accessors over the word array (no copies; valid while the buffer lives).
 struct PlanView {
   const int32_t* words;
@@ -221,6 +247,14 @@ struct PlanView {
   }
   ARK_HD const char* name_chars() const {
     return reinterpret_cast<const char*>(words + header().names_at);
+  }
+  // The routing of PUT op `o` (checked by check_plan: inside the route section, values in range).
+  ARK_HD RouteView route(const OpRecord& o) const {
+    const Header& h = header();
+    if (h.version < 3 || h.routes_at == 0 || o.route_plus1 == 0)
+      return RouteView{nullptr, h.group_size, static_cast<int32_t>(o.B)};
+    return RouteView{words + h.routes_at + 2 + (o.route_plus1 - 1), h.group_size,
+                     static_cast<int32_t>(o.B)};
   }
 };
 

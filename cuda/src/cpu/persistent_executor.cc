@@ -561,6 +561,9 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     } else if (code == kLoadIter) {
       const uint32_t it = static_cast<uint32_t>(s.iter);
       for (int e = 0; e < count; ++e) r[e] = bits_float(it);
+    } else if (code == kLoadRank) {  // check_plan allows it only in a plan with a group
+      const uint32_t rank_bits = static_cast<uint32_t>(run.opt.comm ? run.opt.comm->rank : 0);
+      for (int e = 0; e < count; ++e) r[e] = bits_float(rank_bits);
     } else if (code == kConst) {
       const float c = bits_float(static_cast<uint32_t>(ins.a));
       for (int e = 0; e < count; ++e) r[e] = c;
@@ -816,41 +819,63 @@ void futex_wake_all(int32_t* word) {
 #endif
 }
 
-// Copies this rank's tile of the source into row `rank` of every rank's inbox (itself included),
-// each followed by a release store of that rank's signal for (task t, this rank). The peer order
+// Copies one (m, n) tile of source row `row` into slot `slot` of an inbox at `dst`.
+void copy_tile(char* dst, const char* src, const OpRecord& op, const ViewRecord& av,
+               const TaskRecord& task, int64_t size, int row, int slot) {
+  const int64_t cols = task.n1 - task.n0;
+  for (int m = task.m0; m < task.m1; ++m) {
+    const int64_t from = av.offset + row * av.strides[0] + m * av.strides[1] + task.n0 * av.strides[2];
+    const int64_t to = (static_cast<int64_t>(slot) * op.M + m) * op.N + task.n0;
+    if (av.strides[2] == 1) {
+      std::memcpy(dst + to * size, src + from * size, cols * size);
+    } else {
+      for (int64_t e = 0; e < cols; ++e)
+        std::memcpy(dst + (to + e) * size, src + (from + e * av.strides[2]) * size, size);
+    }
+  }
+}
+
+// Sends this rank's tiles of task t: for every rank q and slot b in [b0, b1) that the op's routing
+// gives to this rank (default: slot `rank` of every rank, from row q), the tile of a_view[row]
+// into slot b of q's inbox, followed by a release store of q's signal for (t, b). The peer order
 // starts after this rank so that the ranks of a group do not all write to rank 0 first.
 void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task) {
   const Header& h = run.plan.header();
   const int me = run.opt.comm->rank, n = h.group_size;
+  const RouteView route = run.plan.route(op);
   const ViewRecord& av = run.plan.view(op.a_view);
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   const int64_t size = dtype_size(out.dtype);
   const char* src = run.tensor_base(av.tensor);
-  const int64_t cols = task.n1 - task.n0;
   for (int k = 1; k <= n; ++k) {
-    const int p = (me + k) % n;
-    char* dst = reinterpret_cast<char*>(run.peer_workspace[p]) + out.byte_offset;
-    for (int m = task.m0; m < task.m1; ++m) {
-      const int64_t from = av.offset + p * av.strides[0] + m * av.strides[1] + task.n0 * av.strides[2];
-      const int64_t to = (static_cast<int64_t>(me) * op.M + m) * op.N + task.n0;
-      if (av.strides[2] == 1) {
-        std::memcpy(dst + to * size, src + from * size, cols * size);
-      } else {
-        for (int64_t e = 0; e < cols; ++e)
-          std::memcpy(dst + (to + e) * size, src + (from + e * av.strides[2]) * size, size);
-      }
+    const int q = (me + k) % n;
+    char* dst = reinterpret_cast<char*>(run.peer_workspace[q]) + out.byte_offset;
+    for (int b = task.b0; b < task.b1; ++b) {
+      if (route.recv_from(q, b) != me) continue;
+      copy_tile(dst, src, op, av, task, size, route.send_row(q, b), b);
+      int32_t* signal = run.peer_counters[q] + signal_index(h.num_tasks, n, t, b);
+      __atomic_store_n(signal, 1, __ATOMIC_RELEASE);
+      futex_wake_all(signal);
     }
-    int32_t* signal = run.peer_counters[p] + signal_index(h.num_tasks, n, t, me);
-    __atomic_store_n(signal, 1, __ATOMIC_RELEASE);
-    futex_wake_all(signal);
   }
 }
 
-// Waits for rank `src`'s signal for PUT task t (its tile is in this rank's inbox); false on a
-// timeout, a failure of another worker, or cancellation (interpreter exit).
-bool wait_signal(Run& run, int worker, int t, int src, Clock::time_point deadline) {
+// A slot nobody sends to (a rank outside a ppermute's destinations) reads as zeros, as jax.lax's.
+void zero_tile(Run& run, const OpRecord& op, const TaskRecord& task, int slot) {
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  const int64_t size = dtype_size(out.dtype);
+  char* dst = reinterpret_cast<char*>(run.buf.workspace) + out.byte_offset;
+  for (int m = task.m0; m < task.m1; ++m) {
+    const int64_t to = (static_cast<int64_t>(slot) * op.M + m) * op.N + task.n0;
+    std::memset(dst + to * size, 0, (task.n1 - task.n0) * size);
+  }
+}
+
+// Waits for rank `src`'s signal for slot `slot` of PUT task t (its tile is in this rank's inbox);
+// false on a timeout, a failure of another worker, or cancellation (interpreter exit).
+bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_point deadline) {
   const Header& h = run.plan.header();
-  int32_t* signal = run.buf.counters + signal_index(h.num_tasks, h.group_size, t, src);
+  int32_t* signal = run.buf.counters + signal_index(h.num_tasks, h.group_size, t, slot);
   for (uint32_t spin = 0;; ++spin) {
     if (__atomic_load_n(signal, __ATOMIC_ACQUIRE) >= 1) return true;
     if (run.failed.load(std::memory_order_relaxed)) return false;
@@ -888,14 +913,22 @@ bool wait_signal(Run& run, int worker, int t, int src, Clock::time_point deadlin
   }
 }
 
-// A PUT task: this rank's tile (when its rank is in [b0, b1)) to every rank, then the tiles of
-// ranks b0..b1-1 awaited in this rank's inbox. Dependents only ever wait for counters[t].
+// A PUT task: this rank's tiles to the ranks its routing names (default: its tile, when its rank
+// is in [b0, b1), to every rank), then the slots b0..b1-1 of this rank's inbox awaited (a slot
+// with no source zero-filled). Dependents only ever wait for counters[t].
 bool run_put(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
              Clock::time_point deadline) {
   const int me = run.opt.comm->rank;
-  if (task.b0 <= me && me < task.b1) put_tile(run, t, op, task);
-  for (int b = task.b0; b < task.b1; ++b)
-    if (!wait_signal(run, worker, t, b, deadline)) return false;
+  const RouteView route = run.plan.route(op);
+  put_tile(run, t, op, task);
+  for (int b = task.b0; b < task.b1; ++b) {
+    const int from = route.recv_from(me, b);
+    if (from < 0) {
+      zero_tile(run, op, task, b);
+    } else if (!wait_signal(run, worker, t, b, from, deadline)) {
+      return false;
+    }
+  }
   return true;
 }
 

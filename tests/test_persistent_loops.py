@@ -325,6 +325,57 @@ def test_greedy_decode_16_tokens_one_call(rng, monkeypatch):
     np.testing.assert_array_equal(got[-1], tokens)
 
 
+def generate_16_scanned_layers(params, layers, kcs, vcs, token):
+    """The decode loop as users write it for deep models: the layers' weights and KV caches are
+    stacked on a leading layer axis and the step runs them with an inner lax.scan, inside the
+    token fori_loop (a nested loop: tokens x layers)."""
+
+    def step(tok, kcs, vcs, pos):
+        def layer(x, lw):
+            w, kc, vc = lw
+            h = _rms(x, w["g1"])
+            q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+            kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
+            s = jnp.einsum("bd,btd->bt", q, kc) / np.float32(np.sqrt(q.shape[-1]))
+            s = jnp.where(jnp.arange(kc.shape[1])[None, :] <= pos, s, -jnp.inf)
+            x = x + jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), vc) @ w["wo"]
+            x = x + jax.nn.gelu(_rms(x, w["g2"]) @ w["w1"]) @ w["w2"]
+            return x, (kc, vc)
+
+        x, (kcs, vcs) = jax.lax.scan(layer, params["embed"][tok], (layers, kcs, vcs))
+        logits = _rms(x, params["gf"]) @ params["unembed"]
+        return jnp.argmax(logits, -1).astype(jnp.int32), kcs, vcs
+
+    def body(pos, c):
+        tok, kcs, vcs, out = c
+        tok, kcs, vcs = step(tok, kcs, vcs, pos)
+        return tok, kcs, vcs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, pos))
+
+    out = jnp.zeros((token.shape[0], 16), jnp.int32)
+    return jax.lax.fori_loop(0, 16, body, (token, kcs, vcs, out))
+
+
+def test_decode_tokens_x_scanned_layers_one_call(rng, monkeypatch):
+    """16 greedy tokens x 3 layers as an inner scan: ONE persistent call, a nested loop, the
+    tokens and caches equal to jax.jit's."""
+    params, cache, token = _gpt_args(rng, layers=3)
+    layers = jax.tree_util.tree_map(lambda *ws: np.stack(ws), *params.pop("layers"))
+    kcs, vcs = (np.stack([c[k] for c in cache]) for k in (0, 1))
+    kcs = rng.standard_normal(kcs.shape).astype(np.float32)  # not zeros: masked entries are read
+    vcs = rng.standard_normal(vcs.shape).astype(np.float32)
+    args = (params, layers, kcs, vcs, token)
+    want = _check(generate_16_scanned_layers, *args, tol=1e-4, workers=(1, 3))
+    tokens = want[-1]
+    assert len(np.unique(tokens)) > 2  # the model really decodes
+    plan = ark.plan(generate_16_scanned_layers, *args, platform="cpu")
+    assert [(lp.trip_count, lp.parent) for lp in plan.loops] == [(16, -1), (3, 0)]
+    plan.validate()
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "3")
+    got = _leaves(jax.jit(ark.persistent(generate_16_scanned_layers, num_workers=4))(*args))
+    np.testing.assert_array_equal(got[-1], tokens)
+
+
 # ---- the plan shows the loop ---------------------------------------------------------------------
 def test_plan_json_and_summary_show_the_loop(rng):
     x, w = _mlp_args(rng)
@@ -458,16 +509,136 @@ def test_cond_inside_a_scan_body(rng):
     _check(fn, x, ws, workers=(1, 3))
 
 
-def test_nested_scan_refused(rng):
-    def fn(x, w):
-        def outer(h, ws):
-            return jax.lax.scan(lambda g, w: (g @ w, None), h, ws)[0], None
+# ---- reverse and nested loops ----------------------------------------------------------------
+def _chaos_check(fn, *args, tol=2e-5, monkeypatch=None):
+    """persistent(fn) in chaos mode (adversarial orders, races detected) == jax.jit(fn)."""
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "7")
+    want = _leaves(jax.jit(fn)(*args))
+    got = _leaves(jax.jit(ark.persistent(fn, num_workers=3))(*args))
+    for g, r in zip(got, want, strict=True):
+        assert_close(g, r, tol)
 
-        return jax.lax.scan(outer, x, w)[0]
+
+def reverse_rnn(x, ws, us):
+    """scan(reverse=True): xs read from the last slice back, ys stored from the last slice back."""
+
+    def body(h, wu):
+        w, u = wu
+        h = jnp.tanh(h @ w + u)
+        return h, (h.sum(axis=-1), h * 2.0)
+
+    return jax.lax.scan(body, x, (ws, us), reverse=True)
+
+
+def test_reverse_scan_matches_jit(rng):
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    ws = (rng.standard_normal((5, 8, 8)) / 3).astype(np.float32)
+    us = rng.standard_normal((5, 3, 8)).astype(np.float32)
+    _check(reverse_rnn, x, ws, us, workers=(1, 2, 4))
+    plan = ark.plan(reverse_rnn, x, ws, us, platform="cpu")
+    assert len(plan.loops) == 1
+    assert any(v.iter_stride < 0 for v in plan.views)  # the xs views walk backwards
+    assert sum(op.stack_reversed for op in plan.ops) == 2  # ys stored from the last slice back
+    plan.validate()
+
+
+def test_reverse_cumulative_scan_exact_int(rng):
+    """Integer carries and ys through a reversed scan: exact."""
+
+    def fn(xs):
+        return jax.lax.scan(
+            lambda c, x: (c * 3 + x, c ^ x), jnp.ones(4, jnp.int32), xs, reverse=True
+        )
+
+    xs = rng.integers(-1000, 1000, size=(9, 4)).astype(np.int32)
+    _check(fn, xs, workers=(1, 3))
+
+
+def test_scan_passes_an_integer_carry_through(rng):
+    """A carry and a ys that are the body's inputs unchanged (int32 and float): copied with the
+    integer move for int32 (validate() refuses a float copy of integer bits)."""
+
+    def fn(k, h, xs):
+        return jax.lax.scan(lambda c, x: ((c[0], c[1] * 0.5 + x), (c[0], x)), (k, h), xs)
+
+    k = rng.integers(-99, 99, (3,)).astype(np.int32)
+    h = rng.standard_normal((3,)).astype(np.float32)
+    xs = rng.standard_normal((4, 3)).astype(np.float32)
+    _check(fn, k, h, xs, workers=(1, 2))
+    ark.plan(fn, k, h, xs, platform="cpu").validate()
+
+
+def layers_x_microsteps(x, w, u):
+    """An outer scan over layers whose body runs an inner scan over microsteps (xs of both: w is
+    [layers, steps, d, d], u is [layers, d]), with a carry of each loop and ys of each."""
+
+    def layer(h, wl_ul):
+        wl, ul = wl_ul
+
+        def step(g, ws):
+            g = jnp.tanh(g @ ws + ul)
+            return g, g.mean()
+
+        g, means = jax.lax.scan(step, h * 0.5, wl)
+        return h + g, means
+
+    return jax.lax.scan(layer, x, (w, u))
+
+
+def test_nested_scan_matches_jit(rng):
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    w = (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32)
+    u = rng.standard_normal((3, 8)).astype(np.float32)
+    _check(layers_x_microsteps, x, w, u, workers=(1, 2, 3))
+    plan = ark.plan(layers_x_microsteps, x, w, u, platform="cpu")
+    assert len(plan.loops) == 2
+    outer, inner = plan.loops
+    assert inner.parent == 0 and outer.parent == -1
+    assert outer.first_op <= inner.first_op < inner.end_op <= outer.end_op
+    # the inner body reads w[j, i] through a view moving with both loops, planned once
+    assert any(v.iter_stride and v.outer_iter_stride for v in plan.views)
+    plan.validate()
+    assert "inside loop 0" in plan.summary()
+
+
+def test_nested_scan_chaos(rng, monkeypatch):
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    w = (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32)
+    u = rng.standard_normal((3, 8)).astype(np.float32)
+    _chaos_check(layers_x_microsteps, x, w, u, monkeypatch=monkeypatch)
+
+
+def test_nested_fori_loops_reverse_inner(rng):
+    """fori_loop around a reversed scan: the inner scan's xs are a constant of the outer body."""
+
+    def fn(x, ws):
+        def outer(i, h):
+            def inner(g, w):
+                return jnp.tanh(g @ w) + i.astype(jnp.float32) * 0.01, g[0]
+
+            g, ys = jax.lax.scan(inner, h, ws, reverse=True)
+            return g + ys.sum(axis=0) * 0.1
+
+        return jax.lax.fori_loop(0, 3, outer, x)
+
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    ws = (rng.standard_normal((4, 8, 8)) / 3).astype(np.float32)
+    _check(fn, x, ws, workers=(1, 2))
+
+
+def test_three_nested_loops_refused(rng):
+    def fn(x, w):
+        def l1(h, a):
+            def l2(g, b):
+                return jax.lax.scan(lambda k, c: (k @ c, None), g, b)[0], None
+
+            return jax.lax.scan(l2, h, a)[0], None
+
+        return jax.lax.scan(l1, x, w)[0]
 
     x = rng.standard_normal((2, 4)).astype(np.float32)
-    w = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
-    with pytest.raises(UnsupportedError, match="inside a loop body"):
+    w = rng.standard_normal((2, 2, 2, 4, 4)).astype(np.float32)
+    with pytest.raises(UnsupportedError, match="nested more than 2 loops deep"):
         ark.plan(fn, x, w, platform="cpu")
 
 

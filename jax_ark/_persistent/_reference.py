@@ -175,7 +175,15 @@ def _integer_pow(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _eval(
-    plan: Plan, prog: list[Instr], idx, shape, acc, buffers, all_regs: bool = False, it: int = 0
+    plan: Plan,
+    prog: list[Instr],
+    idx,
+    shape,
+    acc,
+    buffers,
+    all_regs: bool = False,
+    its: tuple[int, ...] = (),
+    op: int = -1,
 ):
     regs: list[np.ndarray] = []
     with np.errstate(all="ignore"):
@@ -184,7 +192,8 @@ def _eval(
                 r = acc
             elif ins.op in ("load", "load_at"):
                 view = plan.views[int(ins.a)]
-                off = np.full(shape, view.offset + it * view.iter_stride, dtype=np.int64)
+                at = view.offset + plan.view_shift(int(ins.a), op, its)
+                off = np.full(shape, at, dtype=np.int64)
                 for d, s in enumerate(view.strides):
                     if s:
                         off = off + idx[d] * s
@@ -197,7 +206,7 @@ def _eval(
                 else:
                     r = src[off].astype(np.float32)
             elif ins.op == "load_iter":  # the loop iteration (v3)
-                r = np.full(shape, it, dtype=np.uint32)
+                r = np.full(shape, its[-1] if its else 0, dtype=np.uint32)
             elif ins.op == "const" and ins.dtype in INT_DTYPES:
                 r = np.full(shape, int(ins.a) & 0xFFFFFFFF, dtype=np.uint32)
             elif ins.op == "const":
@@ -238,10 +247,16 @@ def _run_put(plan: Plan, t: int, rank: int, group: list[dict[int, np.ndarray]]) 
         buffers[op.out][to] = group[rank][av.tensor][src.ravel()]
 
 
-def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) -> None:
-    """Runs iteration `it` of task t (0 outside loops)."""
+def run_task(
+    plan: Plan, t: int, buffers: dict[int, np.ndarray], its: tuple[int, ...] | int = ()
+) -> None:
+    """Runs task t at iterations `its` of its loops, outermost first (() outside loops; an int:
+    the iteration of a loop that is not nested)."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
+    if isinstance(its, int):
+        its = (its,) if op.loop >= 0 else ()
+    ev = {"its": its, "op": task.op}
     if op.kind == "put":
         raise PlanError(f"{plan.task_name(t)} is a put: run the plan with interpret_group")
     out = plan.tensors[op.out]
@@ -250,7 +265,8 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) ->
     with np.errstate(all="ignore"):
         if op.kind == "matmul":
             av, bv = plan.views[op.a_view], plan.views[op.b_view]
-            a_at, b_at = av.offset + it * av.iter_stride, bv.offset + it * bv.iter_stride
+            a_at = av.offset + plan.view_shift(op.a_view, task.op, its)
+            b_at = bv.offset + plan.view_shift(op.b_view, task.op, its)
             b = np.arange(task.b0, task.b1)[:, None, None]
             m = np.arange(task.m0, task.m1)[None, :, None]
             n = np.arange(task.n0, task.n1)[None, None, :]
@@ -273,11 +289,11 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) ->
             idx = tuple(np.broadcast_to(i[:, None], (rows, K)) for i in m_idx) + tuple(
                 np.broadcast_to(i[None, :], (rows, K)) for i in r_idx
             )
-            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, it=it)
+            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, **ev)
             acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
     if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
         idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
-        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, it=it)
+        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, **ev)
         view = plan.views[op.store_view]
         at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
         for d, stride in enumerate(view.strides):
@@ -287,9 +303,9 @@ def run_task(plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0) ->
     else:
         shape = epilogue_shape(plan, op)
         idx = np.unravel_index(lin, shape) if shape else ()
-        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, it=it)
-        if op.stacked:  # slice `it` of the stacked output
-            lin = lin + it * (op.B * op.M * op.N)
+        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, **ev)
+        if op.stacked:  # one slice of the stacked output per iteration
+            lin = lin + plan.stacked_slice(task.op, its) * (op.B * op.M * op.N)
     if out.dtype in INT_DTYPES:
         buffers[op.out][lin] = value.astype(np.uint32).view(np_dtype(out.dtype))
     else:
@@ -352,82 +368,86 @@ def _buffers(plan: Plan, args: list[np.ndarray]) -> tuple[dict[int, np.ndarray],
     return buffers, workspace
 
 
-def dependency_target(plan: Plan, t: int, d: int, it: int) -> int:
-    """What counters[d] must reach before iteration `it` of task t runs (docs/plan_format.md,
-    "Loops"): counters count the finished iterations of each task."""
-    loop_t, loop_d = plan.ops[plan.tasks[t].op].loop, plan.ops[plan.tasks[d].op].loop
-    if loop_d < 0:
-        return 1
-    if loop_d != loop_t:
-        return plan.loops[loop_d].trip_count
-    return it if plan.carried(t, d) else it + 1
+def dependency_target(plan: Plan, t: int, d: int, its: tuple[int, ...] | int) -> int:
+    """What counters[d] must reach before task t's run at iterations `its` (docs/plan_format.md,
+    "Loops"): counters count the finished runs of each task."""
+    if isinstance(its, int):
+        its = (its,) if plan.ops[plan.tasks[t].op].loop >= 0 else ()
+    return plan.dependency_target(t, d, its)
 
 
 class _Cursor:
-    """A worker's position: its queue index and, inside a loop's segment of its queue (the
-    worker's tasks of that loop, consecutive), the iteration."""
+    """A worker's position: its queue index and, inside the segments of its queue that hold its
+    tasks of a loop (consecutive; an inner loop's inside its outer loop's), the iteration of each
+    loop entered (plan_format.hpp QueueCursor)."""
 
     def __init__(self, plan: Plan, queue: list[int]):
-        self.plan, self.queue, self.q, self.it = plan, queue, 0, 0
+        self.plan, self.queue, self.q = plan, queue, 0
+        self.segs: list[list[int]] = []  # per entered loop: [begin, end, iteration, trips]
         self._enter()
 
+    def _loop_at(self, q: int, level: int) -> int:
+        chain = self.plan.loop_chain(self.plan.tasks[self.queue[q]].op)
+        return chain[level] if level < len(chain) else -1
+
     def _enter(self) -> None:
-        self.begin, self.end, self.trips = self.q, self.q + 1, 1
-        if self.q < len(self.queue):
-            loop = self.plan.ops[self.plan.tasks[self.queue[self.q]].op].loop
-            if loop >= 0:
-                while (
-                    self.end < len(self.queue)
-                    and self.plan.ops[self.plan.tasks[self.queue[self.end]].op].loop == loop
-                ):
-                    self.end += 1
-                self.trips = self.plan.loops[loop].trip_count
+        while self.q < len(self.queue):
+            loop = self._loop_at(self.q, len(self.segs))
+            if loop < 0:
+                return
+            end = self.q + 1
+            while end < len(self.queue) and self._loop_at(end, len(self.segs)) == loop:
+                end += 1
+            self.segs.append([self.q, end, 0, self.plan.loops[loop].trip_count])
 
     @property
     def done(self) -> bool:
         return self.q >= len(self.queue)
 
-    def current(self) -> tuple[int, int]:
-        return self.queue[self.q], self.it
+    def current(self) -> tuple[int, tuple[int, ...]]:
+        return self.queue[self.q], tuple(seg[2] for seg in self.segs)
 
     def advance(self) -> None:
         self.q += 1
-        if self.q == self.end:
-            self.it += 1
-            if self.it < self.trips:
-                self.q = self.begin
-            else:
-                self.it = 0
-                self._enter()
+        while self.segs and self.q == self.segs[-1][1]:
+            seg = self.segs[-1]
+            seg[2] += 1
+            if seg[2] < seg[3]:
+                self.q = seg[0]
+                break
+            self.segs.pop()
+        self._enter()
 
 
-def execution_order(plan: Plan, rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
-    """(task, iteration) pairs in an order in which workers could run their queues (each waits
+def execution_order(
+    plan: Plan, rng: np.random.Generator | None = None
+) -> list[tuple[int, tuple[int, ...]]]:
+    """(task, iterations) pairs in an order in which workers could run their queues (each waits
     for its task's dependency targets); with rng, the next worker to advance is random (a
     stand-in for arbitrary timing)."""
     count = [0] * len(plan.tasks)
     cursors = [_Cursor(plan, q) for q in plan.queues]
     total = sum(plan.trip_count(task.op) for task in plan.tasks)
-    order: list[tuple[int, int]] = []
+    order: list[tuple[int, tuple[int, ...]]] = []
 
     def runnable(c: _Cursor) -> bool:
-        t, it = c.current()
-        return all(count[d] >= dependency_target(plan, t, d, it) for d in plan.tasks[t].deps)
+        t, its = c.current()
+        return all(count[d] >= plan.dependency_target(t, d, its) for d in plan.tasks[t].deps)
 
     while len(order) < total:
         ready = [w for w, c in enumerate(cursors) if not c.done and runnable(c)]
         if not ready:
             stuck = [
-                f"{plan.task_name(c.current()[0])} iteration {c.current()[1]}"
+                f"{plan.task_name(c.current()[0])} iterations {c.current()[1]}"
                 for c in cursors
                 if not c.done
             ]
             raise PlanError(f"plan deadlocks: every worker waits ({'; '.join(stuck)})")
         for w in [ready[rng.integers(len(ready))]] if rng is not None else ready:
-            t, it = cursors[w].current()
+            t, its = cursors[w].current()
             cursors[w].advance()
-            count[t] = it + 1
-            order.append((t, it))
+            count[t] = plan.run_index(plan.tasks[t].op, its) + 1
+            order.append((t, its))
     return order
 
 

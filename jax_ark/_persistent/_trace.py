@@ -12,6 +12,7 @@ a matmul operand, a view the program form cannot express, a value used more than
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from jax_ark._persistent._comm import COMM_PRIMITIVES, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     INT_DTYPES,
+    MAX_LOOP_DEPTH,
     MAX_PROGRAM_LEN,
     MAX_RANK,
     CommGroup,
@@ -60,6 +62,7 @@ class _Load(_Node):
     offset: int = 0
     strides: tuple[int, ...] = ()
     iter_stride: int = 0  # inside a loop body: moves by this many elements per iteration (xs)
+    outer_iter_stride: int = 0  # in a nested loop's body: ... per iteration of the outer loop
 
 
 @dataclass(eq=False)
@@ -120,6 +123,7 @@ def _is_identity(node: _Load, tensor_shape: tuple[int, ...]) -> bool:
     if (
         node.offset != 0
         or node.iter_stride != 0
+        or node.outer_iter_stride != 0
         or math.prod(node.shape) != math.prod(tensor_shape)
     ):
         return False
@@ -203,7 +207,7 @@ class _Builder:
     aliased: set[int] = field(default_factory=set)
     num_inputs: int = 0
     loops: list[Loop] = field(default_factory=list)
-    in_loop: bool = False  # translating a loop body (nested loops are refused)
+    loop_stack: list[int] = field(default_factory=list)  # the loops whose bodies are translated
     comm: CommGroup | None = None  # set by the first collective (_comm.py)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
@@ -215,9 +219,17 @@ class _Builder:
         return len(self.tensors) - 1
 
     def view_id(self, node: _Load) -> int:
-        key = (node.tensor, node.offset, node.strides, node.iter_stride)
+        key = (node.tensor, node.offset, node.strides, node.iter_stride, node.outer_iter_stride)
         if key not in self.view_ids:
-            self.views.append(View(node.tensor, node.offset, tuple(node.strides), node.iter_stride))
+            self.views.append(
+                View(
+                    node.tensor,
+                    node.offset,
+                    tuple(node.strides),
+                    node.iter_stride,
+                    node.outer_iter_stride,
+                )
+            )
             self.view_ids[key] = len(self.views) - 1
         return self.view_ids[key]
 
@@ -240,7 +252,13 @@ class _Builder:
             for i, d in enumerate(dims):
                 strides[d] = node.strides[i] if node.shape[i] == shape[d] else 0
             return _Load(
-                shape, node.dtype, node.tensor, node.offset, tuple(strides), node.iter_stride
+                shape,
+                node.dtype,
+                node.tensor,
+                node.offset,
+                tuple(strides),
+                node.iter_stride,
+                node.outer_iter_stride,
             )
         if isinstance(node, _Ew):
             args = [self._broadcast(a, shape, dims) for a in node.args]
@@ -263,7 +281,15 @@ class _Builder:
             return _Imm(shape, node.dtype, value=node.value)
         if isinstance(node, _Load):
             strides = tuple(node.strides[p] for p in perm)
-            return _Load(shape, node.dtype, node.tensor, node.offset, strides, node.iter_stride)
+            return _Load(
+                shape,
+                node.dtype,
+                node.tensor,
+                node.offset,
+                strides,
+                node.iter_stride,
+                node.outer_iter_stride,
+            )
         if isinstance(node, _Ew):
             args = [self._transpose(a, perm) for a in node.args]
             if any(a is None for a in args):
@@ -289,7 +315,15 @@ class _Builder:
         if isinstance(node, _Load):
             offset = node.offset + sum(lo * s for lo, s in zip(start, node.strides, strict=True))
             strides = tuple(s * st for s, st in zip(node.strides, step, strict=True))
-            return _Load(shape, node.dtype, node.tensor, offset, strides, node.iter_stride)
+            return _Load(
+                shape,
+                node.dtype,
+                node.tensor,
+                offset,
+                strides,
+                node.iter_stride,
+                node.outer_iter_stride,
+            )
         if isinstance(node, _Ew):
             args = [self._slice(a, start, limit, step) for a in node.args]
             if any(a is None for a in args):
@@ -316,7 +350,15 @@ class _Builder:
             strides = _reshape_strides(node.shape, node.strides, shape)
             if strides is None:
                 return None
-            return _Load(shape, node.dtype, node.tensor, node.offset, strides, node.iter_stride)
+            return _Load(
+                shape,
+                node.dtype,
+                node.tensor,
+                node.offset,
+                strides,
+                node.iter_stride,
+                node.outer_iter_stride,
+            )
         if isinstance(node, _Ew):
             args = [self._reshape(a, shape) for a in node.args]
             if any(a is None for a in args):
@@ -869,7 +911,9 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
         s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
         terms.append(_iop(b, "imul", s, x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride)
+    base = _Load(
+        tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride, x.outer_iter_stride
+    )
     return _load_at(base, _sum_offsets(b, terms))
 
 
@@ -896,6 +940,7 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
         update.offset,
         (0,) * len(out_shape),
         update.iter_stride,
+        update.outer_iter_stride,
     )
     new = _load_at(base, _sum_offsets(b, terms))
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
@@ -988,7 +1033,15 @@ def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             inside = _and(b, inside, _iop(b, "ile", start, hi))
         terms.append(_iop(b, "imul", _clamp(b, start, 0, hi), x.strides[xd]))
     del nvec
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, tuple(strides), x.iter_stride)
+    base = _Load(
+        tuple(out_shape),
+        x.dtype,
+        x.tensor,
+        x.offset,
+        tuple(strides),
+        x.iter_stride,
+        x.outer_iter_stride,
+    )
     value = _load_at(base, _sum_offsets(b, terms))
     if inside is None:
         return value
@@ -1013,7 +1066,15 @@ def _concatenate(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             continue
         x = _as_load(b, a)
         strides = tuple(0 if d == axis else s for d, s in enumerate(x.strides))
-        base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride)
+        base = _Load(
+            tuple(out_shape),
+            x.dtype,
+            x.tensor,
+            x.offset,
+            strides,
+            x.iter_stride,
+            x.outer_iter_stride,
+        )
         moved = _iop(b, "imul", _clamp(b, _iop(b, "isub", i, at), 0, n - 1), x.strides[axis])
         part = _load_at(base, moved)
         out = (
@@ -1040,7 +1101,13 @@ def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
         inside = _and(b, inside, _iop(b, "ilt", t, x.shape[d]))
         terms.append(_iop(b, "imul", _clamp(b, t, 0, x.shape[d] - 1), x.strides[d]))
     base = _Load(
-        tuple(out_shape), x.dtype, x.tensor, x.offset, (0,) * len(out_shape), x.iter_stride
+        tuple(out_shape),
+        x.dtype,
+        x.tensor,
+        x.offset,
+        (0,) * len(out_shape),
+        x.iter_stride,
+        x.outer_iter_stride,
     )
     value = _load_at(base, _sum_offsets(b, terms))
     if inside is None:
@@ -1060,7 +1127,9 @@ def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             neg = b.elementwise("ineg", [_position(b, out_shape, d)], out_shape, "int32")
             back = _iop(b, "iadd", neg, x.shape[d] - 1)
             terms.append(_iop(b, "imul", back, x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride)
+    base = _Load(
+        tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride, x.outer_iter_stride
+    )
     return _load_at(base, _sum_offsets(b, terms))
 
 
@@ -1210,7 +1279,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "cond":
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
-        if b.in_loop:
+        if b.loop_stack:
             raise UnsupportedError(
                 f"ark.persistent: collective '{prim}' inside a loop body (at {b.source}): "
                 "communication inside scan / fori_loop is not supported (plan v3 has loops or "
@@ -1242,14 +1311,17 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     the body's first ops copy the carry in: X_k = (iteration == 0 ? init_k : C_k), so C_k of
     iteration i - 1 is read before iteration i overwrites it (a write-after-read dependency from
     the carry-in task to C_k's writers), and every tensor has exactly one writer op. xs are views
-    whose offset moves by one slice per iteration; ys are written by stacked ops."""
+    whose offset moves by one slice per iteration (backwards for reverse=True); ys are written by
+    stacked ops (slice T - 1 - i at iteration i when reversed). A scan inside a loop body is a
+    nested loop (one level): views of the outer loop's xs move with the outer iteration there."""
     p = eqn.params
     source = b.source
     where = f"at {source}"
-    if b.in_loop:
-        raise UnsupportedError(f"ark.persistent: a scan / fori_loop inside a loop body {where}")
-    if p.get("reverse"):
-        raise UnsupportedError(f"ark.persistent: scan(reverse=True) is not supported {where}")
+    if len(b.loop_stack) >= MAX_LOOP_DEPTH:
+        raise UnsupportedError(
+            f"ark.persistent: scan / fori_loop nested more than {MAX_LOOP_DEPTH} loops deep {where}"
+        )
+    reverse = bool(p.get("reverse"))
     T, nc, nk = int(p["length"]), int(p["num_consts"]), int(p["num_carry"])
     closed = p["jaxpr"]
     consts, init, xs = args[:nc], args[nc : nc + nk], args[nc + nk :]
@@ -1263,12 +1335,19 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in consts]
     init = [b.strip_pendings(x) for x in init]
     xs = [x if isinstance(x, (_Load, _Imm)) else b.materialize(x) for x in xs]
+    parent = b.loop_stack[-1] if b.loop_stack else -1
+    if parent >= 0:
+        # Inside the inner body, what moved with the outer loop's iteration moves per OUTER
+        # iteration (outer_iter_stride); iter_stride is the inner loop's.
+        consts, init, xs = ([_to_outer(x) for x in group] for group in (consts, init, xs))
     carry_tensors = [
         b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}")
         for k, a in enumerate(carry_avals)
     ]
+    # The loop's record is reserved now, so an outer loop precedes the loops nested in it.
     loop_id, first_op = len(b.loops), len(b.ops)
-    b.in_loop = True
+    b.loops.append(Loop(T, first_op, first_op, source=source, parent=parent))
+    b.loop_stack.append(loop_id)
     try:
         iteration = _Ew((), "int32", op="load_iter")
         first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
@@ -1284,35 +1363,61 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         for x in xs:
             if isinstance(x, _Imm):
                 slices.append(_Imm(x.shape[1:], x.dtype, value=x.value))
-            elif x.iter_stride:
-                raise UnsupportedError(f"ark.persistent: nested scan over xs {where}")
             else:
+                # slice i is x[i] (x[T - 1 - i] reversed): the view walks the leading dim
+                step = -x.strides[0] if reverse else x.strides[0]
+                start = x.offset + (T - 1) * x.strides[0] if reverse else x.offset
                 slices.append(
-                    _Load(x.shape[1:], x.dtype, x.tensor, x.offset, x.strides[1:], x.strides[0])
-                )
+                    _Load(
+                        x.shape[1:], x.dtype, x.tensor, start, x.strides[1:], step,
+                        x.outer_iter_stride,
+                    )
+                )  # fmt: skip
         outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
         for k, node in enumerate(outs[:nk]):
-            if isinstance(node, (_Load, _Imm)):
-                node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+            if isinstance(node, (_Load, _Imm)):  # a value passed through: copied into place
+                move = "imov" if node.dtype in INT_DTYPES else "copy"
+                node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
             if node.dtype != b.tensors[carry_tensors[k]].dtype:
                 node = _convert(b, node, b.tensors[carry_tensors[k]].dtype)
             b.materialize(node, into=carry_tensors[k])
         ys = []
         for node, aval in zip(outs[nk:], ys_avals, strict=True):
-            if isinstance(node, (_Load, _Imm)):
-                node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+            if isinstance(node, (_Load, _Imm)):  # a value passed through: copied into place
+                move = "imov" if node.dtype in INT_DTYPES else "copy"
+                node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
+            emitted = len(b.ops)
             ys.append(b.materialize(node, stacked=T))
+            if reverse and len(b.ops) > emitted:
+                b.ops[-1].stack_reversed = True  # the stacked op is the last one emitted
             if tuple(ys[-1].shape) != tuple(aval.shape):
                 raise AssertionError("internal error: stacked output shape")
     finally:
-        b.in_loop = False
+        b.loop_stack.pop()
     end_op = len(b.ops)
     for op in b.ops[first_op:end_op]:
         if op.store_view >= 0:
             raise UnsupportedError(f"ark.persistent: an in-place update inside a loop {where}")
-        op.loop = loop_id
-    b.loops.append(Loop(T, first_op, end_op, source=source))
+        if op.loop < 0:  # ops of a nested loop keep their (innermost) loop
+            op.loop = loop_id
+    if end_op == first_op:  # nothing runs per iteration (only empty carries)
+        assert loop_id == len(b.loops) - 1, "an op-less loop holds no other loop"
+        b.loops.pop()
+    else:
+        b.loops[loop_id].end_op = end_op
     return [b.load(t) for t in carry_tensors] + ys
+
+
+def _to_outer(node: _Node) -> _Node:
+    """node with every view's iteration stride moved to the outer loop (entering a nested loop's
+    body: the enclosing loop's xs slices move per outer iteration there)."""
+    if isinstance(node, _Load) and node.iter_stride:
+        if node.outer_iter_stride:
+            raise AssertionError("internal error: a view moving with three loops")
+        return dataclasses.replace(node, iter_stride=0, outer_iter_stride=node.iter_stride)
+    if isinstance(node, _Ew) and node.args:
+        return dataclasses.replace(node, args=tuple(_to_outer(a) for a in node.args))
+    return node
 
 
 def _cond(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
@@ -1358,6 +1463,7 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
                 node.offset,
                 tuple(m[1] for m in merged),
                 node.iter_stride,
+                node.outer_iter_stride,
             )
     perm = [d for g in groups for d in g]
     if perm != sorted(perm) or not isinstance(node, _Load):
@@ -1524,10 +1630,9 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
             spec.storage, spec.index = "result", i
             outputs.append(node.tensor)
             continue
-        if isinstance(node, _Load):
-            node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
-        elif isinstance(node, _Imm):
-            node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+        if isinstance(node, (_Load, _Imm)):  # integer bits move with imov, floats with copy
+            move = "imov" if node.dtype in INT_DTYPES else "copy"
+            node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
         outputs.append(b.materialize(node, "result", i).tensor)
     # Constants become FFI operands after the user inputs.
     for t in b.constants:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -170,10 +171,20 @@ def _view_reach(plan: Plan, i: int, v: int, dims) -> None:
         raise PlanError(f"view {v}: tensor {view.tensor} out of range")
     if len(view.strides) != len(dims):
         raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
-    if view.offset < 0 or any(s < 0 for s in view.strides) or view.iter_stride < 0:
+    if view.offset < 0 or any(s < 0 for s in view.strides):
         raise PlanError(f"view {v}: negative offset or stride")
     hi = view.offset + sum((d - 1) * s for d, s in zip(dims, view.strides, strict=True))
-    hi += (plan.trip_count(i) - 1) * view.iter_stride  # the last iteration's (v3 loops)
+    # v3 loops: the iterations move the view (backwards for a negative iteration stride)
+    lo = view.offset
+    chain = plan.loop_chain(i)
+    for loop, stride in zip(chain[::-1], (view.iter_stride, view.outer_iter_stride), strict=False):
+        far = (plan.loops[loop].trip_count - 1) * stride
+        lo, hi = lo + min(far, 0), hi + max(far, 0)
+    if lo < 0:
+        raise PlanError(
+            f"op {i} '{plan.ops[i].name}': view {v} reads element {lo} of tensor {view.tensor} "
+            "at some iteration (a negative iteration stride moves it below 0)"
+        )
     n = plan.tensors[view.tensor].num_elements
     if hi >= n:
         raise PlanError(
@@ -554,25 +565,50 @@ def _ancestor_masks(order: list[int], preds: list[list[int]]) -> list[int]:
 
 # ---- loops (plan v3) ----------------------------------------
 def _validate_loops(plan: Plan) -> None:
-    """The loop section and the loop fields of ops and views (before the ops are checked)."""
+    """The loop section and the loop fields of ops and views (before the ops are checked): loops
+    ordered by first op, a nested loop inside its parent's ops (at most two levels), loops of one
+    parent disjoint, each op's loop the innermost loop holding it."""
+    last_child: dict[int, int] = {}
     for k, loop in enumerate(plan.loops):
         where = f"loops[{k}]"
         if not 1 <= loop.trip_count <= MAX_TRIP_COUNT:
             raise PlanError(f"{where}: trip_count {loop.trip_count} not in 1..{MAX_TRIP_COUNT}")
         if not 0 <= loop.first_op < loop.end_op <= len(plan.ops):
             raise PlanError(f"{where}: ops {loop.first_op}..{loop.end_op} not a range of ops")
-        if k and plan.loops[k - 1].end_op > loop.first_op:
-            raise PlanError(f"{where}: loops must be disjoint and in op order")
+        if not -1 <= loop.parent < k:
+            raise PlanError(f"{where}: parent {loop.parent} is not an earlier loop")
+        if loop.parent >= 0:
+            outer = plan.loops[loop.parent]
+            if outer.parent >= 0:
+                raise PlanError(f"{where}: loops nest at most two levels deep")
+            if not outer.first_op <= loop.first_op < loop.end_op <= outer.end_op:
+                raise PlanError(f"{where}: not inside the ops of its parent loop {loop.parent}")
+            if loop.trip_count * outer.trip_count > MAX_TRIP_COUNT:
+                raise PlanError(
+                    f"{where}: {loop.trip_count * outer.trip_count} runs in all (its trip count "
+                    f"times its parent's), more than {MAX_TRIP_COUNT}"
+                )
+        prev = last_child.get(loop.parent)
+        if (prev is not None and plan.loops[prev].end_op > loop.first_op) or (
+            k and plan.loops[k - 1].first_op > loop.first_op
+        ):
+            raise PlanError(f"{where}: loops must be disjoint (or nested) and in op order")
+        last_child[loop.parent] = k
+    innermost = [-1] * len(plan.ops)
+    for k, loop in enumerate(plan.loops):  # parents first: the innermost loop is written last
+        for i in range(loop.first_op, loop.end_op):
+            innermost[i] = k
     for i, op in enumerate(plan.ops):
         where = f"op {i} '{op.name}'"
-        inside = [k for k, lp in enumerate(plan.loops) if lp.first_op <= i < lp.end_op]
-        if op.loop != (inside[0] if inside else -1):
+        if op.loop != innermost[i]:
             raise PlanError(
                 f"{where}: loop {op.loop}, but the loop section puts it in "
-                f"{inside[0] if inside else 'no loop'}"
+                f"{innermost[i] if innermost[i] >= 0 else 'no loop'}"
             )
         if op.loop >= 0 and op.store_view >= 0:
             raise PlanError(f"{where}: a window store cannot be in a loop")
+        if op.stack_reversed and not op.stacked:
+            raise PlanError(f"{where}: stack_reversed without stacked")
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
             if op.loop < 0 or not shape or shape[0] != plan.loops[op.loop].trip_count:
@@ -580,9 +616,6 @@ def _validate_loops(plan: Plan) -> None:
                     f"{where}: a stacked op is in a loop and its output's first dim is the "
                     "loop's trip count"
                 )
-    for v, view in enumerate(plan.views):
-        if view.iter_stride < 0:
-            raise PlanError(f"view {v}: negative iter_stride")
 
 
 def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
@@ -596,7 +629,7 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
     stage = [stage_of(plan, task.op) for task in plan.tasks]
     for t, task in enumerate(plan.tasks):
         for d in task.deps:
-            if stage[d] > stage[t]:
+            if stage[d] > stage[t] and not plan.carried(t, d):
                 raise PlanError(
                     f"{plan.task_name(t)} depends on {plan.task_name(d)}, which comes after it "
                     "(a later loop or the ops after a loop)"
@@ -620,7 +653,7 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
             preds[b].append(a)
         # a loop's segment wraps around: its first task's next iteration follows its last task
         for k in range(len(plan.loops)):
-            seg = [t for t in q if plan.ops[plan.tasks[t].op].loop == k]
+            seg = [t for t in q if k in plan.loop_chain(plan.tasks[t].op)]
             if len(seg) > 1:
                 prev[seg[0]].append(seg[-1])
     order, stuck = topological_order(preds)
@@ -629,6 +662,9 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
             f"dependency cycle (dependencies within an iteration + queue order) through "
             f"{plan.task_name(stuck)} on worker {where_queued[stuck]}: the plan would deadlock"
         )
+    if any(loop.parent >= 0 for loop in plan.loops):
+        _validate_nested_dependencies(plan, required_dependencies(plan))
+        return
     # anc0: ancestors through same-iteration edges; anc1: through at most one carried edge
     anc0 = _ancestor_masks(order, preds)
     anc1 = [0] * n
@@ -646,5 +682,65 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
                 raise PlanError(
                     f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} "
                     f"{'(of the previous iteration) ' if plan.carried(t, d) else ''}but does not "
+                    "depend on it (missing dependency)"
+                )
+
+
+_UNROLL = 3  # iterations per loop the nested-loop dependency check unrolls
+
+
+def _validate_nested_dependencies(plan: Plan, need: list[set[int]]) -> None:
+    """Complete dependencies with nested loops: a carried dependency of an inner loop and one of
+    the outer loop reach back different distances, so the "at most one carried edge" closure of
+    flat loops would accept chains through the wrong loop. Instead the plan is unrolled to
+    min(trip_count, 3) iterations per loop (every dependency reaches back at most one iteration
+    of one loop, so three iterations hold every pattern: the first, one after a first and one
+    after a generic one) into runs (task, iterations) with the executors' edges: each dependency's
+    target run, the task's own previous run, and each worker's run order (its queue walked as the
+    executors' cursors walk it). Every required dependency's target run must precede the run."""
+    from jax_ark._persistent._reference import _Cursor
+
+    small = dataclasses.replace(
+        plan,
+        loops=[
+            dataclasses.replace(lp, trip_count=min(lp.trip_count, _UNROLL)) for lp in plan.loops
+        ],
+    )
+    runs: dict[tuple[int, int], int] = {}  # (task, run index) -> node
+    its_of: list[tuple[int, tuple[int, ...]]] = []
+    preds: list[list[int]] = []
+    for q in small.queues:
+        cursor, last = _Cursor(small, q), -1
+        while not cursor.done:
+            t, its = cursor.current()
+            node = len(preds)
+            runs[(t, small.run_index(small.tasks[t].op, its))] = node
+            its_of.append((t, its))
+            preds.append([last] if last >= 0 else [])
+            last = node
+            cursor.advance()
+    for node, (t, its) in enumerate(its_of):
+        r = small.run_index(small.tasks[t].op, its)
+        if r:
+            preds[node].append(runs[(t, r - 1)])
+        for d in small.tasks[t].deps:
+            target = small.dependency_target(t, d, its)
+            if target:
+                preds[node].append(runs[(d, target - 1)])
+    order, stuck = topological_order(preds)
+    if stuck is not None:
+        t, its = its_of[stuck]
+        raise PlanError(
+            f"dependency cycle through {plan.task_name(t)} at iterations {its}: the plan would "
+            "deadlock"
+        )
+    anc = _ancestor_masks(order, preds)
+    for node, (t, its) in enumerate(its_of):
+        for d in need[t]:
+            target = small.dependency_target(t, d, its)
+            if target and not (anc[node] >> runs[(d, target - 1)]) & 1:
+                raise PlanError(
+                    f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} "
+                    f"(run {target - 1} of it, before its own iterations {its}) but does not "
                     "depend on it (missing dependency)"
                 )

@@ -470,12 +470,15 @@ def test_queue_that_runs_a_loop_task_after_later_work_refused(rng):
 
 
 # ---- what is not supported yet names itself ------------------------------------------------------
-def test_while_loop_refused_with_primitive_and_line(rng):
+def test_while_loop_inside_scan_refused_with_line(rng):
     def fn(x):
-        return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, x)
+        def body(h, _):
+            return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, h), None
+
+        return jax.lax.scan(body, x, None, length=2)[0]
 
     x = rng.standard_normal((3,)).astype(np.float32) + 1.0
-    with pytest.raises(UnsupportedError, match=r"'while'.*test_persistent_loops.py:\d+"):
+    with pytest.raises(UnsupportedError, match=r"while_loop.*test_persistent_loops.py:\d+"):
         jax.jit(ark.persistent(fn))(x)
 
 
@@ -640,6 +643,84 @@ def test_three_nested_loops_refused(rng):
     w = rng.standard_normal((2, 2, 2, 4, 4)).astype(np.float32)
     with pytest.raises(UnsupportedError, match="nested more than 2 loops deep"):
         ark.plan(fn, x, w, platform="cpu")
+
+
+# ---- while_loop: the predicate is computed on the device ----------------------------------------
+def newton_sqrt(a, tol):
+    """Until convergence: Newton steps for sqrt(a) while any element moved more than tol, with a
+    step counter (an int carry) in the predicate too."""
+
+    def cond(c):
+        x, prev, k = c
+        return (jnp.max(jnp.abs(x - prev)) > tol) & (k < 50)
+
+    def body(c):
+        x, _, k = c
+        return 0.5 * (x + a / x), x, k + 1
+
+    return jax.lax.while_loop(cond, body, (a + 1.0, jnp.zeros_like(a), jnp.int32(0)))
+
+
+def test_while_loop_until_convergence(rng):
+    a = rng.uniform(0.5, 50.0, (3, 8)).astype(np.float32)
+    steps = []
+    for tol in (np.float32(1e-3), np.float32(1.0), np.float32(1e9)):  # many, few, no body runs
+        steps.append(int(_check(newton_sqrt, a, tol, workers=(1, 2, 4))[-1]))
+    assert steps[0] > steps[1] > steps[2] == 0
+    plan = ark.plan(newton_sqrt, a, np.float32(1e-3), platform="cpu")
+    (loop,) = plan.loops
+    assert loop.pred_op >= 0 and loop.trip_count == 65537  # the default guard + the final check
+    pred = plan.ops[loop.pred_op]
+    assert pred.stacked and plan.tensors[pred.out].dtype == "bool"
+    plan.validate()
+    assert "while op" in plan.summary()
+    back = Plan.from_json(plan.to_json())
+    back.validate()
+    assert back.loops[0].pred_op == loop.pred_op
+
+
+def test_while_loop_fori_with_traced_bounds(rng):
+    """fori_loop with a trip count read from a device value lowers to while_loop."""
+
+    def fn(x, n):
+        return jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h * 1.5) + i.astype(h.dtype), x)
+
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    for n in (0, 1, 7):
+        _check(fn, x, np.int32(n), workers=(1, 3))
+
+
+def test_while_loop_chaos(rng, monkeypatch):
+    a = rng.uniform(0.5, 50.0, (3, 8)).astype(np.float32)
+    _chaos_check(newton_sqrt, a, np.float32(1e-3), monkeypatch=monkeypatch)
+
+
+def test_while_loop_guard_is_an_error_not_a_hang(rng):
+    def fn(x):
+        return jax.lax.while_loop(lambda c: c[1] < 1000, lambda c: (c[0] * 0.5, c[1] + 1), (x, 0))
+
+    x = rng.standard_normal((4,)).astype(np.float32)
+    with pytest.raises(Exception, match="did not end within 10 iterations"):
+        jax.block_until_ready(jax.jit(ark.persistent(fn, max_while_iterations=10))(x))
+    plan = ark.plan(fn, x, platform="cpu", max_while_iterations=10)
+    with pytest.raises(PlanError, match="did not end within 10 iterations"):
+        interpret(plan, x)
+    got = jax.jit(ark.persistent(fn, max_while_iterations=1000))(x)  # exactly the guard: fine
+    assert int(got[1]) == 1000
+    with pytest.raises(PlanError, match="max_while_iterations"):
+        ark.persistent(fn, max_while_iterations=0)
+
+
+def test_while_loop_inside_a_loop_refused(rng):
+    def fn(x):
+        def body(h, _):
+            return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, h), None
+
+        return jax.lax.scan(body, x, None, length=3)[0]
+
+    x = np.abs(rng.standard_normal((4,))).astype(np.float32) + 0.1
+    with pytest.raises(UnsupportedError, match="while_loop inside a loop body"):
+        ark.plan(fn, x, platform="cpu")
 
 
 # ---- GPU ----------------------------------------------------------------------------------------

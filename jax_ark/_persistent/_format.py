@@ -29,6 +29,9 @@ MAX_INTEGER_POW_EXPONENT = 1 << 16
 MAX_WORK = 1 << 45  # element-operations of a whole plan
 MAX_MATMUL_PANEL = 1 << 28  # K x (n1 - n0) of one matmul task
 MAX_TILING_CELLS = 1 << 24  # grid cells of an op's tiling
+# The guard of a while loop by default: more body iterations fail the call (the plan's loop then
+# has this + 1 iterations, one stacked predicate byte each).
+DEFAULT_MAX_WHILE_ITERATIONS = 1 << 16
 MAX_LOOP_DEPTH = 2  # a loop and loops inside its body (v3)
 MAX_TRIP_COUNT = 1 << 24  # iterations of one loop (v3); a task's counter reaches its trip count
 MAX_GROUP_SIZE = 4096  # v3: ranks of a plan's communication group
@@ -182,6 +185,10 @@ class Loop:
     end_op: int
     source: str = ""
     parent: int = -1  # the loop whose body holds this one (-1: top level); at most 2 levels
+    # A while loop (-1: a loop of trip_count iterations): the op whose stacked bool output slice
+    # i says whether iteration i runs the ops after it (the body); the ops up to it (the head)
+    # run every iteration. trip_count - 1 bounds the body iterations (exceeding it is an error).
+    pred_op: int = -1
 
 
 @dataclass
@@ -386,7 +393,12 @@ class Plan:
                 if loop.first_op == i:
                     lines.append(
                         f"  loop {li}: ops {loop.first_op}..{loop.end_op - 1} run "
-                        f"{loop.trip_count} times (body planned once)"
+                        + (
+                            f"while op {loop.pred_op} is true, at most {loop.trip_count - 1} "
+                            "times (body planned once)"
+                            if loop.pred_op >= 0
+                            else f"{loop.trip_count} times (body planned once)"
+                        )
                         + (f" inside loop {loop.parent}" if loop.parent >= 0 else "")
                         + f" {loop.source}"
                     )
@@ -720,7 +732,9 @@ def _encode_loops(plan: Plan, words: list[int]) -> int:
     outer = any(v.outer_iter_stride for v in plan.views)
     words += [len(plan.loops), 1 if outer else 0]  # flags: the outer_iter_stride array follows
     for loop in plan.loops:
-        words += _i64(loop.trip_count) + [loop.first_op, loop.end_op, loop.parent + 1, 0, 0, 0]
+        pred_task = next((t for t, x in enumerate(plan.tasks) if x.op == loop.pred_op), -1)
+        words += _i64(loop.trip_count) + [loop.first_op, loop.end_op, loop.parent + 1]
+        words += [loop.pred_op + 1, pred_task if loop.pred_op >= 0 else 0, 0]
     for op in plan.ops:
         words += [op.loop, (2 if op.stack_reversed else 1) if op.stacked else 0]
     for v in plan.views:
@@ -831,6 +845,7 @@ def _parse_loops(d: dict, version: int, num_ops: int) -> list[Loop]:
                 end_op=_int(_field(x, "end_op", path), f"{path}.end_op", 1, num_ops),
                 source=_str(x.get("source", ""), f"{path}.source"),
                 parent=_int(x.get("parent", -1), f"{path}.parent", -1, i - 1),
+                pred_op=_int(x.get("pred_op", -1), f"{path}.pred_op", -1, num_ops - 1),
             )
         )  # fmt: skip
     if loops and version < 3:

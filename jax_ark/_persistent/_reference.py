@@ -7,6 +7,8 @@ bytes, so a missing dependency shows up as wrong numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.special
 
@@ -379,16 +381,45 @@ def dependency_target(plan: Plan, t: int, d: int, its: tuple[int, ...] | int) ->
 class _Cursor:
     """A worker's position: its queue index and, inside the segments of its queue that hold its
     tasks of a loop (consecutive; an inner loop's inside its outer loop's), the iteration of each
-    loop entered (plan_format.hpp QueueCursor)."""
+    loop entered; at a while loop's check point, `pending_check` (plan_format.hpp QueueCursor)."""
 
     def __init__(self, plan: Plan, queue: list[int]):
         self.plan, self.queue, self.q = plan, queue, 0
-        self.segs: list[list[int]] = []  # per entered loop: [begin, end, iteration, trips]
-        self._enter()
+        self.segs: list[list[int]] = []  # per entered loop: [begin, end, iteration, trips, loop]
+        self.pending_check = self.checked = False
+        self._settle()
 
     def _loop_at(self, q: int, level: int) -> int:
         chain = self.plan.loop_chain(self.plan.tasks[self.queue[q]].op)
         return chain[level] if level < len(chain) else -1
+
+    def _needs_check(self) -> bool:
+        if len(self.segs) != 1 or self.checked:
+            return False
+        pred = self.plan.loops[self.segs[0][4]].pred_op
+        if pred < 0:
+            return False
+        return self.q == self.segs[0][1] or self.plan.tasks[self.queue[self.q]].op > pred
+
+    def _settle(self) -> None:
+        while True:
+            if self._needs_check():
+                self.pending_check = True
+                return
+            if not self.segs or self.q != self.segs[-1][1]:
+                break
+            seg = self.segs[-1]
+            seg[2] += 1
+            if seg[2] < seg[3]:
+                self.q = seg[0]
+                if len(self.segs) == 1:
+                    self.checked = False
+                continue
+            self.segs.pop()
+        before = len(self.segs)
+        self._enter()
+        if len(self.segs) > before and self._needs_check():
+            self.pending_check = True
 
     def _enter(self) -> None:
         while self.q < len(self.queue):
@@ -398,56 +429,105 @@ class _Cursor:
             end = self.q + 1
             while end < len(self.queue) and self._loop_at(end, len(self.segs)) == loop:
                 end += 1
-            self.segs.append([self.q, end, 0, self.plan.loops[loop].trip_count])
+            if not self.segs:
+                self.checked = False
+            self.segs.append([self.q, end, 0, self.plan.loops[loop].trip_count, loop])
 
     @property
     def done(self) -> bool:
-        return self.q >= len(self.queue)
+        return self.q >= len(self.queue) and not self.pending_check
 
     def current(self) -> tuple[int, tuple[int, ...]]:
         return self.queue[self.q], tuple(seg[2] for seg in self.segs)
 
+    def check_point(self) -> tuple[int, int]:
+        """At a pending check: (the while loop, its iteration)."""
+        return self.segs[0][4], self.segs[0][2]
+
+    def segment(self) -> list[int]:
+        """The worker's tasks of the entered top-level loop."""
+        return self.queue[self.segs[0][0] : self.segs[0][1]]
+
     def advance(self) -> None:
         self.q += 1
-        while self.segs and self.q == self.segs[-1][1]:
-            seg = self.segs[-1]
-            seg[2] += 1
-            if seg[2] < seg[3]:
-                self.q = seg[0]
-                break
-            self.segs.pop()
-        self._enter()
+        self._settle()
+
+    def resolve_check(self, taken: bool) -> None:
+        self.pending_check = False
+        if taken:
+            self.checked = True
+        else:
+            self.q = self.segs[0][1]
+            self.segs = []
+        self._settle()
+
+
+Predicate = Callable[[int, int], bool]  # (while loop, iteration) -> does the body run
 
 
 def execution_order(
-    plan: Plan, rng: np.random.Generator | None = None
+    plan: Plan,
+    rng: np.random.Generator | None = None,
+    run: Callable[[int, tuple[int, ...]], None] | None = None,
+    predicate: Predicate | None = None,
 ) -> list[tuple[int, tuple[int, ...]]]:
     """(task, iterations) pairs in an order in which workers could run their queues (each waits
     for its task's dependency targets); with rng, the next worker to advance is random (a
-    stand-in for arbitrary timing)."""
+    stand-in for arbitrary timing). run(t, its) is called as each run is ordered, and
+    predicate(loop, i) at a while loop's check point once the predicate task's run i is done
+    (without one, a while loop runs its body until its guard, as if always true)."""
     count = [0] * len(plan.tasks)
     cursors = [_Cursor(plan, q) for q in plan.queues]
-    total = sum(plan.trip_count(task.op) for task in plan.tasks)
     order: list[tuple[int, tuple[int, ...]]] = []
+    verdicts: dict[tuple[int, int], bool] = {}
+    pred_task = {
+        k: next((t for t, x in enumerate(plan.tasks) if x.op == loop.pred_op), -1)
+        for k, loop in enumerate(plan.loops)
+        if loop.pred_op >= 0
+    }
 
     def runnable(c: _Cursor) -> bool:
+        if c.pending_check:
+            loop, i = c.check_point()
+            return count[pred_task[loop]] >= i + 1
         t, its = c.current()
         return all(count[d] >= plan.dependency_target(t, d, its) for d in plan.tasks[t].deps)
 
-    while len(order) < total:
+    while any(not c.done for c in cursors):
         ready = [w for w, c in enumerate(cursors) if not c.done and runnable(c)]
         if not ready:
             stuck = [
                 f"{plan.task_name(c.current()[0])} iterations {c.current()[1]}"
+                if not c.pending_check
+                else f"the check of while loop {c.check_point()[0]}"
                 for c in cursors
                 if not c.done
             ]
             raise PlanError(f"plan deadlocks: every worker waits ({'; '.join(stuck)})")
         for w in [ready[rng.integers(len(ready))]] if rng is not None else ready:
-            t, its = cursors[w].current()
-            cursors[w].advance()
+            c = cursors[w]
+            if c.pending_check:
+                loop, i = c.check_point()
+                if (loop, i) not in verdicts:
+                    verdicts[loop, i] = True if predicate is None else bool(predicate(loop, i))
+                taken = verdicts[loop, i]
+                if taken and i + 1 >= plan.loops[loop].trip_count and predicate is not None:
+                    raise PlanError(
+                        f"while loop {loop} ({plan.loops[loop].source}) did not end within "
+                        f"{plan.loops[loop].trip_count - 1} iterations (its guard: raise "
+                        "max_while_iterations or the loop's trip_count)"
+                    )
+                if not taken:  # the loop ended: its tasks count as finished
+                    for t in c.segment():
+                        count[t] = plan.trip_count(plan.tasks[t].op)
+                c.resolve_check(taken)
+                continue
+            t, its = c.current()
+            c.advance()
             count[t] = plan.run_index(plan.tasks[t].op, its) + 1
             order.append((t, its))
+            if run is not None:
+                run(t, its)
     return order
 
 
@@ -459,8 +539,13 @@ def interpret(plan: Plan, *args, rng: np.random.Generator | None = None) -> list
         raise PlanError("the plan has put tasks (a communication group): use interpret_group")
     full = list(args) + [plan.constants[t] for t in plan.args[plan.num_inputs :]]
     buffers, _ = _buffers(plan, full)
-    for t, it in execution_order(plan, rng):
-        run_task(plan, t, buffers, it)
+
+    def predicate(loop: int, i: int) -> bool:
+        return bool(buffers[plan.ops[plan.loops[loop].pred_op].out][i])
+
+    execution_order(
+        plan, rng, run=lambda t, its: run_task(plan, t, buffers, its), predicate=predicate
+    )
     return [buffers[o].reshape(plan.tensors[o].shape) for o in plan.outputs]
 
 

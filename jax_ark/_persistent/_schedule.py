@@ -441,11 +441,13 @@ def _place(plan: Plan) -> list[list[int]]:
 
 
 def stage_of(plan: Plan, op: int) -> int:
-    """How many loop boundaries (a loop's first op or end op) are at or before op: the stages are
-    the runs of ops between boundaries (before a loop, an outer loop's ops before its inner loop,
-    the inner loop, ...). Queues and same-iteration dependencies only go from a stage to the same
-    or a later one (a carried dependency goes to an earlier iteration instead)."""
+    """How many loop boundaries (a loop's first op or end op, a while loop's first body op) are at
+    or before op: the stages are the runs of ops between boundaries (before a loop, an outer
+    loop's ops before its inner loop, the inner loop, a while loop's head and body, ...). Queues
+    and same-iteration dependencies only go from a stage to the same or a later one (a carried
+    dependency goes to an earlier iteration instead)."""
     bounds = {b for loop in plan.loops for b in (loop.first_op, loop.end_op)}
+    bounds |= {loop.pred_op + 1 for loop in plan.loops if loop.pred_op >= 0}  # while: head | body
     return sum(1 for b in bounds if b <= op)
 
 

@@ -23,10 +23,12 @@ import numpy as np
 from jax_ark._persistent._comm import COMM_PRIMITIVES, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
+    DEFAULT_MAX_WHILE_ITERATIONS,
     INT_DTYPES,
     MAX_LOOP_DEPTH,
     MAX_PROGRAM_LEN,
     MAX_RANK,
+    MAX_TRIP_COUNT,
     CommGroup,
     Instr,
     Loop,
@@ -209,6 +211,7 @@ class _Builder:
     loops: list[Loop] = field(default_factory=list)
     loop_stack: list[int] = field(default_factory=list)  # the loops whose bodies are translated
     comm: CommGroup | None = None  # set by the first collective (_comm.py)
+    max_while_iterations: int = 0  # the guard of while loops (trace's argument)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -1276,6 +1279,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
     if prim == "scan":
         return _scan(b, eqn, args)
+    if prim == "while":
+        return _while(b, eqn, args)
     if prim == "cond":
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
@@ -1300,7 +1305,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
         "or jax_ark, inside jax.shard_map; not together with loops), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
-        "cond / switch; no while_loop or shard_map"
+        "cond / switch, while_loop (at top level, no loop inside); no shard_map"
     )
 
 
@@ -1406,6 +1411,81 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     else:
         b.loops[loop_id].end_op = end_op
     return [b.load(t) for t in carry_tensors] + ys
+
+
+def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
+    """jax.lax.while_loop (and fori_loop with traced bounds) as a plan *while loop*: per iteration
+    the head (carry-in X = (i == 0 ? init : C), then cond(X) into slot i of a stacked bool
+    predicate tensor) runs, and every worker reads slot i to decide whether to run the body (the
+    ops after the predicate, writing C) or leave the loop. The result is X of the iteration whose
+    predicate was false. At most max_while_iterations body iterations: one more fails the call."""
+    p = eqn.params
+    source = b.source
+    where = f"at {source}"
+    if b.loop_stack:
+        raise UnsupportedError(
+            f"ark.persistent: while_loop inside a loop body {where} (a while loop must be at top "
+            "level; a scan / fori_loop with a static trip count may be nested)"
+        )
+    guard = b.max_while_iterations
+    T = guard + 1  # head runs: the body's guard iterations and the final (false) check
+    if T > MAX_TRIP_COUNT:
+        raise UnsupportedError(
+            f"ark.persistent: max_while_iterations {guard} > {MAX_TRIP_COUNT - 1} {where}"
+        )
+    ncc, nbc = int(p["cond_nconsts"]), int(p["body_nconsts"])
+    cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+    cond_consts, body_consts, init = args[:ncc], args[ncc : ncc + nbc], args[ncc + nbc :]
+    avals = [v.aval for v in eqn.outvars]
+    cond_consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in cond_consts]
+    body_consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in body_consts]
+    init = [b.strip_pendings(x) for x in init]
+    carry_tensors = [
+        b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}") for k, a in enumerate(avals)
+    ]
+    loop_id, first_op = len(b.loops), len(b.ops)
+    b.loops.append(Loop(T, first_op, first_op, source=source))
+    b.loop_stack.append(loop_id)
+    try:
+        iteration = _Ew((), "int32", op="load_iter")
+        first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
+        carries = []
+        for k, x in enumerate(init):
+            prev = b.load(carry_tensors[k])
+            if math.prod(x.shape) == 0:
+                carries.append(prev)
+                continue
+            x = b.elementwise("select", [first, prev, x], x.shape, x.dtype)
+            carries.append(b.materialize(x))
+        (pred,) = _translate(b, cond.jaxpr, list(cond.consts), cond_consts + carries)
+        if pred.dtype != "bool":
+            pred = _convert(b, pred, "bool")
+        if isinstance(pred, (_Load, _Imm)):
+            pred = _Ew((), "bool", op="copy", args=(pred,), _size=2)
+        b.materialize(pred, stacked=T)  # slot i: does iteration i run the body
+        pred_op = len(b.ops) - 1
+        outs = _translate(b, body.jaxpr, list(body.consts), body_consts + carries)
+        for k, node in enumerate(outs):
+            if math.prod(node.shape) == 0:
+                continue
+            if isinstance(node, (_Load, _Imm)):
+                move = "imov" if node.dtype in INT_DTYPES else "copy"
+                node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
+            if node.dtype != b.tensors[carry_tensors[k]].dtype:
+                node = _convert(b, node, b.tensors[carry_tensors[k]].dtype)
+            b.materialize(node, into=carry_tensors[k])
+    finally:
+        b.loop_stack.pop()
+    end_op = len(b.ops)
+    for op in b.ops[first_op:end_op]:
+        if op.store_view >= 0:
+            raise UnsupportedError(f"ark.persistent: an in-place update inside a loop {where}")
+        if op.loop >= 0:
+            raise UnsupportedError(f"ark.persistent: a loop inside a while_loop body {where}")
+        op.loop = loop_id
+    b.loops[loop_id].end_op = end_op
+    b.loops[loop_id].pred_op = pred_op
+    return carries
 
 
 def _to_outer(node: _Node) -> _Node:
@@ -1578,11 +1658,17 @@ def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) 
     return _Pending(shape, out_dtype, core=core)
 
 
-def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = None) -> TraceResult:
+def trace(
+    fn,
+    avals: list[jax.ShapeDtypeStruct],
+    arg_names: list[str] | None = None,
+    max_while_iterations: int = DEFAULT_MAX_WHILE_ITERATIONS,
+) -> TraceResult:
     """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors.
 
     arg_names: the user's name of each flat input (its pytree path, e.g. "cache['k']"), used in
-    error messages and as the input tensors' names.
+    error messages and as the input tensors' names. max_while_iterations: the guard of every
+    while_loop (more body iterations fail the call).
     """
     names = arg_names or [f"input {i}" for i in range(len(avals))]
     for i, aval in enumerate(avals):
@@ -1591,7 +1677,7 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
 
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
         closed = jax.make_jaxpr(fn)(*avals)
-    b = _Builder()
+    b = _Builder(max_while_iterations=max_while_iterations)
     in_nodes = []
     for i, aval in enumerate(avals):
         dtype = _dtype_name(aval)

@@ -594,6 +594,27 @@ def _validate_loops(plan: Plan) -> None:
         ):
             raise PlanError(f"{where}: loops must be disjoint (or nested) and in op order")
         last_child[loop.parent] = k
+    for k, loop in enumerate(plan.loops):  # while loops (docs/plan_format.md, "While loops")
+        if loop.pred_op < 0:
+            continue
+        where = f"loops[{k}] (a while loop)"
+        if not loop.first_op <= loop.pred_op < loop.end_op:
+            raise PlanError(f"{where}: pred_op {loop.pred_op} is not an op of the loop")
+        if loop.parent >= 0 or any(other.parent == k for other in plan.loops):
+            raise PlanError(f"{where}: a while loop is a top-level loop with no loop inside")
+        pred = plan.ops[loop.pred_op]
+        out = plan.tensors[pred.out] if 0 <= pred.out < len(plan.tensors) else None
+        if (
+            not pred.stacked
+            or pred.stack_reversed
+            or out is None
+            or out.dtype != "bool"
+            or tuple(out.shape) != (loop.trip_count,)
+        ):
+            raise PlanError(
+                f"{where}: its predicate op {loop.pred_op} must write a stacked bool "
+                f"({loop.trip_count},) tensor"
+            )
     innermost = [-1] * len(plan.ops)
     for k, loop in enumerate(plan.loops):  # parents first: the innermost loop is written last
         for i in range(loop.first_op, loop.end_op):
@@ -712,6 +733,9 @@ def _validate_nested_dependencies(plan: Plan, need: list[set[int]]) -> None:
     for q in small.queues:
         cursor, last = _Cursor(small, q), -1
         while not cursor.done:
+            if cursor.pending_check:  # a while loop: unrolled as if its predicate held
+                cursor.resolve_check(True)
+                continue
             t, its = cursor.current()
             node = len(preds)
             runs[(t, small.run_index(small.tasks[t].op, its))] = node

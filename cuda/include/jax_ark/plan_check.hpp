@@ -164,8 +164,8 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
     if (r.first_op < 0 || r.first_op >= r.end_op || r.end_op > h.num_ops)
       return c.fail(where + ": ops [" + std::to_string(r.first_op) + ", " + std::to_string(r.end_op) +
                     ") not a range of ops");
-    for (int k = 0; k < 3; ++k)
-      if (r.reserved[k] != 0) return c.fail(where + ": reserved words must be 0");
+    if (r.reserved != 0) return c.fail(where + ": reserved word must be 0");
+    if (r.pred_op_plus1 == 0 && r.pred_task != 0) return c.fail(where + ": pred_task set on a for loop");
     if (r.parent_plus1 < 0 || r.parent_plus1 > l)
       return c.fail(where + ": parent " + std::to_string(r.parent_plus1 - 1) + " is not an earlier loop");
     const int32_t parent = r.parent_plus1 - 1;
@@ -184,6 +184,24 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
       return c.fail(where + ": overlaps loop " + std::to_string(prev) + " or is out of order");
     if (l > 0 && lv.loop(l - 1).first_op > r.first_op) return c.fail(where + ": loops out of order");
     last_child[parent + 1] = l;
+  }
+  // While loops: top level, no loop inside, the predicate a stacked bool (trip_count,) op of the
+  // loop with one task (its slice is one element: the cover check below makes it one task).
+  for (int l = 0; l < num_loops; ++l) {
+    const LoopRecord& r = lv.loop(l);
+    if (r.pred_op_plus1 == 0) continue;
+    const std::string where = "loop " + std::to_string(l) + " (a while loop)";
+    const int64_t pred = int64_t{r.pred_op_plus1} - 1;
+    if (pred < r.first_op || pred >= r.end_op) return c.fail(where + ": predicate op not in the loop");
+    if (r.parent_plus1 != 0) return c.fail(where + ": a while loop must be a top-level loop");
+    for (int k = l + 1; k < num_loops; ++k)
+      if (lv.loop(k).parent_plus1 == l + 1) return c.fail(where + ": holds a nested loop");
+    const OpLoopRecord& pr = lv.op_records()[pred];
+    const TensorRecord& out = p.tensor(p.op(static_cast<int>(pred)).out_tensor);
+    if (pr.stacked != kStackedForward || out.dtype != kBool || out.rank != 1 || out.dims[0] != r.trip_count)
+      return c.fail(where + ": the predicate op must write a stacked bool (trip_count,) tensor");
+    if (r.pred_task < 0 || r.pred_task >= h.num_tasks || p.task(r.pred_task).op != pred)
+      return c.fail(where + ": pred_task is not a task of the predicate op");
   }
   // The innermost loop of each op: parents come before their children, so the last write wins
   // (O(num_ops * kMaxLoopDepth): loops with one parent are disjoint).
@@ -656,7 +674,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   if (lv.num_loops() > 0) {
     std::vector<int32_t> stage(h.num_ops);
     std::vector<char> boundary(h.num_ops + 1, 0);
-    for (int l = 0; l < lv.num_loops(); ++l) boundary[lv.loop(l).first_op] = boundary[lv.loop(l).end_op] = 1;
+    for (int l = 0; l < lv.num_loops(); ++l) {
+      boundary[lv.loop(l).first_op] = boundary[lv.loop(l).end_op] = 1;
+      if (lv.while_pred_op(l) >= 0) boundary[lv.while_pred_op(l) + 1] = 1;  // head | body
+    }
     for (int i = 0, n = 0; i < h.num_ops; ++i) stage[i] = n += boundary[i];
     for (int t = 0; t < h.num_tasks; ++t) {
       for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)

@@ -242,7 +242,11 @@ struct LoopRecord {                 // 8 words
   int64_t trip_count;               // 0..1, in 1..kMaxTripCount (plan_check.hpp)
   int32_t first_op, end_op;         // 2..3
   int32_t parent_plus1;             // 4: 1 + the loop whose body holds this one; 0 = top level
-  int32_t reserved[3];              // 5..7
+  // 5..6, a while loop (0 = a loop of trip_count iterations): 1 + its predicate op, a stacked bool
+  // op whose slice i says whether iteration i runs the body (the ops after it), and that op's one
+  // task. trip_count - 1 is the most body iterations (the guard). See QueueCursor.
+  int32_t pred_op_plus1, pred_task;
+  int32_t reserved;                 // 7
 };
 struct OpLoopRecord {               // 2 words
   int32_t loop;                     // the innermost loop this op belongs to, -1 = none
@@ -262,6 +266,7 @@ struct LoopView {
     return reinterpret_cast<const LoopRecord*>(words + at() + 2)[l];
   }
   ARK_HD int32_t parent(int l) const { return loop(l).parent_plus1 - 1; }
+  ARK_HD int32_t while_pred_op(int l) const { return loop(l).pred_op_plus1 - 1; }
   ARK_HD const OpLoopRecord* op_records() const {
     return reinterpret_cast<const OpLoopRecord*>(words + at() + 2 + 8 * num_loops());
   }
@@ -350,20 +355,34 @@ struct LoopView {
 // one loop are consecutive in its queue; an inner loop's inside its outer loop's), the iteration
 // of each entered loop. After the last task of a segment the worker goes back to the segment's
 // first task until that loop's trip count is reached.
+//
+// While loops (top level, no loops inside): in each iteration the worker runs its *head* tasks
+// (ops up to the predicate op) and then stops at a check point (pending_check) before its first
+// body task, or at the segment's end when it has none. The executor then waits for the predicate
+// task's counter to reach iteration + 1 (acquire), reads slice `iteration` of its bool output
+// (every worker reads the same slot, which is written once per call, so all workers agree) and
+// calls resolve_check: true runs the body; false ends the loop (the executor first stores each of
+// the worker's segment tasks' counters = its trip count, release, so everything after the loop
+// sees the loop as finished). A true predicate at the last iteration exceeds the guard: the
+// executor fails the call (guard_exceeded()).
 struct QueueCursor {
   int32_t q = 0, end_q = 0;
   int32_t depth = 0;                          // loops entered (= op_depth of the task at q)
   int32_t seg_begin[kMaxLoopDepth] = {0, 0}, seg_end[kMaxLoopDepth] = {0, 0};
   int64_t iters[kMaxLoopDepth] = {0, 0};      // iteration of each entered loop, outermost first
   int64_t trips_of[kMaxLoopDepth] = {1, 1};
+  int32_t top_loop = -1;                      // the entered top-level loop
+  bool pending_check = false;                 // at a while loop's check point (see above)
+  bool checked = false;                       // this iteration's predicate was read (true)
 
   ARK_HD void start(const PlanView& p, const LoopView& lv, int worker) {
     q = p.queue_begin(worker);
     end_q = p.queue_end(worker);
     depth = 0;
-    enter(p, lv);
+    pending_check = checked = false;
+    settle(p, lv);
   }
-  ARK_HD bool done() const { return q >= end_q; }
+  ARK_HD bool done() const { return q >= end_q && !pending_check; }
   ARK_HD int32_t task(const PlanView& p) const { return p.queue_task(q); }
   // The innermost loop's iteration (LOAD_ITER, stacked slices, iter_stride); 0 outside loops.
   ARK_HD int64_t iter() const { return depth ? iters[depth - 1] : 0; }
@@ -376,17 +395,46 @@ struct QueueCursor {
   }
   ARK_HD void advance(const PlanView& p, const LoopView& lv) {
     ++q;
-    while (depth > 0 && q == seg_end[depth - 1]) {
-      if (++iters[depth - 1] < trips_of[depth - 1]) {
-        q = seg_begin[depth - 1];
-        break;
-      }
-      --depth;
+    settle(p, lv);
+  }
+  // At a check point: a true predicate at the last iteration would need one more (the guard).
+  ARK_HD bool guard_exceeded() const { return iters[0] + 1 >= trips_of[0]; }
+  // After the executor read the predicate of a pending check (and, when false, ended the
+  // worker's segment tasks' counters).
+  ARK_HD void resolve_check(const PlanView& p, const LoopView& lv, bool taken) {
+    pending_check = false;
+    if (taken) {
+      checked = true;
+    } else {
+      q = seg_end[0];
+      depth = 0;
     }
-    enter(p, lv);
+    settle(p, lv);
   }
 
  private:
+  ARK_HD bool needs_check(const PlanView& p, const LoopView& lv) const {
+    if (depth != 1 || checked || lv.while_pred_op(top_loop) < 0) return false;
+    return q == seg_end[0] || p.task(p.queue_task(q)).op > lv.while_pred_op(top_loop);
+  }
+  ARK_HD void settle(const PlanView& p, const LoopView& lv) {
+    for (;;) {
+      if (needs_check(p, lv)) {
+        pending_check = true;
+        return;
+      }
+      if (depth == 0 || q != seg_end[depth - 1]) break;
+      if (++iters[depth - 1] < trips_of[depth - 1]) {
+        q = seg_begin[depth - 1];
+        if (depth == 1) checked = false;
+        continue;
+      }
+      --depth;
+    }
+    const int32_t before = depth;
+    enter(p, lv);
+    if (depth > before && needs_check(p, lv)) pending_check = true;
+  }
   ARK_HD void enter(const PlanView& p, const LoopView& lv) {
     while (q < end_q && depth < kMaxLoopDepth) {
       const int32_t l = lv.level_loop(p.task(p.queue_task(q)).op, depth);
@@ -397,6 +445,10 @@ struct QueueCursor {
       seg_end[depth] = e;
       iters[depth] = 0;
       trips_of[depth] = lv.loop(l).trip_count;
+      if (depth == 0) {
+        top_loop = l;
+        checked = false;
+      }
       ++depth;
     }
   }

@@ -971,8 +971,13 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
       if (c.mode == Chaos::kTargeted) c.retarget(p);
       int best = -1;
       int32_t best_key = -1;
+      bool checking = false;  // a worker at a while loop's check point (no turn needed)
       for (int v = 0; v < p.header().num_workers; ++v) {
         if (c.cursors[v].done()) continue;
+        if (c.cursors[v].pending_check) {
+          checking = true;
+          continue;
+        }
         const int32_t t = c.cursors[v].task(p);
         bool ready = true;
         for (int e = p.dep_begin(t); e < p.dep_end(t) && ready; ++e)
@@ -984,6 +989,16 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
                                 : (c.in_closure[t] << 30) |
                                       (c.highest_first ? t : static_cast<int32_t>(c.next() >> 35));
         if (key > best_key) best = v, best_key = key;
+      }
+      if (best < 0 && checking) {  // that worker's check resolves its cursor and notifies
+        if (c.cv.wait_until(lock, deadline) == std::cv_status::timeout && Clock::now() > deadline) {
+          lock.unlock();
+          run.fail(PersistentStatus::kDeadlineExceeded,
+                   "ark_persistent: worker " + std::to_string(w) + " timed out after " +
+                       std::to_string(run.opt.timeout_ms) + " ms waiting for a while loop's check");
+          return false;
+        }
+        continue;
       }
       if (best < 0) {
         lock.unlock();
@@ -1022,6 +1037,48 @@ void chaos_release(Run& run, int w, int task) {
   c.cv.notify_all();
 }
 
+// A while loop's check point (plan_format.hpp QueueCursor): waits for the predicate task's run of
+// this iteration, reads its slot (written once per call, so every worker reads the same value)
+// and resolves the cursor; a false predicate first ends the worker's segment tasks' counters at
+// their trip count (release), so everything after the loop sees it finished. False when the run
+// failed (a timeout, or a true predicate at the guard's last iteration).
+bool while_check(Run& run, int w, QueueCursor& cursor, Clock::time_point deadline) {
+  const PlanView& p = run.plan;
+  const LoopView& lv = run.loops;
+  const LoopRecord& loop = lv.loop(cursor.top_loop);
+  const int64_t i = cursor.iters[0];
+  const int32_t pred_task = loop.pred_task;
+  const int32_t waiting = cursor.q < cursor.end_q ? p.queue_task(cursor.q) : pred_task;
+  if (!wait_for(run, w, waiting, i, pred_task, i + 1, deadline)) return false;
+  const int32_t out = p.op(loop.pred_op_plus1 - 1).out_tensor;
+  const bool taken = run.tensor_base(out)[i] != 0;  // bool: one byte per iteration's slot
+  if (taken && cursor.guard_exceeded()) {
+    run.fail(PersistentStatus::kResourceExhausted,
+             "ark_persistent: while_loop (" + run.op_name(loop.first_op) + ") did not end within " +
+                 std::to_string(loop.trip_count - 1) +
+                 " iterations (the plan's guard: loops[k].trip_count - 1; raise "
+                 "max_while_iterations or edit the plan's trip_count)");
+    return false;
+  }
+  if (!taken) {
+    for (int q = cursor.seg_begin[0]; q < cursor.seg_end[0]; ++q) {
+      const int32_t t = p.queue_task(q);
+      __atomic_store_n(run.buf.counters + t, static_cast<int32_t>(loop.trip_count), __ATOMIC_RELEASE);
+    }
+    run.wake_sleepers();
+  }
+  if (run.chaos && run.chaos->mode != Chaos::kStalls) {  // the adversary's copy of the cursor too
+    Chaos& c = *run.chaos;
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (!taken && c.mode == Chaos::kTargeted)
+      for (int q = cursor.seg_begin[0]; q < cursor.seg_end[0]; ++q) c.done[p.queue_task(q)] = 1;
+    c.cursors[w].resolve_check(p, lv, taken);
+    c.cv.notify_all();
+  }
+  cursor.resolve_check(p, lv, taken);
+  return true;
+}
+
 void worker_tasks(Run& run, int w) {
   const Header& h = run.plan.header();
   auto scratch = std::make_unique<Scratch>();
@@ -1032,6 +1089,11 @@ void worker_tasks(Run& run, int w) {
     std::this_thread::sleep_for(std::chrono::microseconds(chaos->start_delay_us[w]));
   QueueCursor cursor;
   for (cursor.start(run.plan, run.loops, w); !cursor.done(); cursor.advance(run.plan, run.loops)) {
+    while (cursor.pending_check) {  // a while loop: does this iteration run its body?
+      const auto deadline = Clock::now() + std::chrono::milliseconds(run.opt.timeout_ms);
+      if (!while_check(run, w, cursor, deadline)) return;
+    }
+    if (cursor.done()) break;
     const int t = cursor.task(run.plan);
     const int64_t iter = cursor.iter();
     const int64_t wait_begin = run.now_ns();

@@ -44,6 +44,7 @@ enum BadPlanReason : int32_t {
   kBadOpKind = 8,
   kBadLoop = 9,            // v3 loop section: out of the plan, bad trip count or op ranges
   kCommUnsupported = 10,   // plan v3 PUT ops (group_size != 0): the CPU executor runs them, not this one
+  kWhileGuard = 11,        // a while loop's predicate was still true at its guard's last iteration
 };
 
 struct KernelParams {
@@ -277,6 +278,14 @@ __device__ bool loops_fit(const pf::PlanView& plan) {
       if (lv.loop(l).first_op <= i && i < lv.loop(l).end_op) want = l;
     const pf::OpLoopRecord& r = lv.op_records()[i];
     if (r.loop != want || r.stacked < 0 || r.stacked > pf::kStackedReversed) return false;
+    if (want >= 0 && lv.while_pred_op(want) == i) {  // a while loop's predicate: read as bools
+      const pf::LoopRecord& wl = lv.loop(want);
+      const int32_t out = plan.op(i).out_tensor;
+      if (r.stacked != pf::kStackedForward || wl.parent_plus1 != 0 || out < 0 || out >= h.num_tensors ||
+          plan.tensor(out).dtype != pf::kBool || plan.tensor(out).rank != 1 || wl.pred_task < 0 ||
+          wl.pred_task >= h.num_tasks || plan.task(wl.pred_task).op != i)
+        return false;
+    }
     if (r.stacked) {
       const int32_t out = plan.op(i).out_tensor;
       if (want < 0 || out < 0 || out >= h.num_tensors || plan.tensor(out).rank < 1 ||
@@ -284,6 +293,61 @@ __device__ bool loops_fit(const pf::PlanView& plan) {
         return false;
     }
   }
+  return true;
+}
+
+// ---- while loops ----------------------------------------------------------------------------
+
+// A while loop's check point (plan_format.hpp QueueCursor), block-uniform: thread 0 waits for the
+// predicate task's run of this iteration (acquire), reads its slot (written once per call, so every
+// block reads the same value); a false predicate ends this block's segment tasks' counters at their
+// trip count (release: everything after the loop sees it finished). Every thread then resolves its
+// copy of the cursor the same way. False when the run failed (timeout, abort, the guard).
+__device__ bool while_check(const KernelParams& p, const pf::PlanView& plan, const pf::LoopView& lv,
+                            pf::QueueCursor& cursor, int worker, TaskSmem& s) {
+  const pf::LoopRecord& loop = lv.loop(cursor.top_loop);
+  const int64_t i = cursor.iters[0];
+  if (threadIdx.x == 0) {
+    const int32_t waiting = cursor.q < cursor.end_q ? plan.queue_task(cursor.q) : loop.pred_task;
+    const proto::AtomicRef<uint32_t, proto::Scope::kGpu> c(
+        reinterpret_cast<const uint32_t*>(p.counters + loop.pred_task));
+    uint64_t t0 = 0, waited = 0;
+    bool aborted = false;
+    uint32_t seen = 0;
+    const bool ready = proto::wait_at_least(
+        c, static_cast<uint32_t>(i + 1),
+        [&] {
+          if (t0 == 0) t0 = proto::now_ns();
+          if (persistent_aborted(p.run)) return aborted = true;
+          waited = proto::now_ns() - t0;
+          return waited > p.run.timeout_ns;
+        },
+        32u, &seen);
+    int32_t verdict = 0;  // 0 failed, 1 run the body, 2 the loop ended
+    if (!ready) {
+      if (!aborted)
+        report(p, plan, kPersistentTimeout, worker, waiting, loop.pred_task, static_cast<int32_t>(seen), 0,
+               waited);
+    } else {
+      const pf::TensorRecord& out = plan.tensor(plan.op(loop.pred_op_plus1 - 1).out_tensor);
+      const bool taken = static_cast<const uint8_t*>(tensor_base(p, out))[i] != 0;
+      if (taken && cursor.guard_exceeded()) {
+        report(p, plan, kPersistentBadPlan, worker, waiting, loop.pred_task, 0, kWhileGuard, 0);
+      } else if (taken) {
+        verdict = 1;
+      } else {
+        for (int32_t q = cursor.seg_begin[0]; q < cursor.seg_end[0]; ++q)
+          persistent_release_task(p.counters, plan.queue_task(q), static_cast<uint32_t>(loop.trip_count));
+        verdict = 2;
+      }
+    }
+    s.flag = verdict;
+  }
+  __syncthreads();
+  const int32_t verdict = s.flag;
+  __syncthreads();  // s.flag is rewritten by the next task's checks
+  if (verdict == 0) return false;
+  cursor.resolve_check(plan, lv, verdict == 1);
   return true;
 }
 
@@ -663,6 +727,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const pf::LoopView lv{p.plan};
   pf::QueueCursor cursor;
   for (cursor.start(plan, lv, worker); !cursor.done(); cursor.advance(plan, lv)) {
+    while (cursor.pending_check)  // a while loop: does this iteration run its body?
+      if (!while_check(p, plan, lv, cursor, worker, s)) return;
+    if (cursor.done()) break;
     const int32_t q = cursor.q;
     const int64_t iter = cursor.iter(), outer_iter = cursor.outer_iter();
     const int32_t task = plan.queue_task(q);
@@ -845,6 +912,9 @@ const char* bad_plan_reason(int32_t r) {
     case kBadLoop: return "invalid loop section (plan v3)";
     case kBadWorkspace: return "workspace result smaller than workspace_bytes";
     case kBadOpKind: return "unknown op kind";
+    case kWhileGuard:
+      return "a while_loop did not end within its guard (the loop's trip_count - 1 iterations; "
+             "raise max_while_iterations or the plan's trip_count)";
     case kCommUnsupported:
       return "the plan has communication (put) tasks, which the CUDA executor does not run yet "
              "(the CPU executor does)";

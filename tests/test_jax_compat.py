@@ -135,6 +135,7 @@ def test_scan_is_a_loop_not_inlined(rng):
     assert [loop.trip_count for loop in plan.loops] == [4]
     got = jax.jit(ark.persistent(_scan_sum, num_workers=2))(x)
     np.testing.assert_allclose(got, jax.jit(_scan_sum)(x), rtol=1e-6, atol=1e-6)
+
     def doubling(x):
         return jax.lax.while_loop(lambda c: c[0, 0] < 3, lambda c: c * 2, x)
 

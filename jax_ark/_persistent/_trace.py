@@ -13,6 +13,7 @@ a matmul operand, a view the program form cannot express, a value used more than
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -1136,6 +1137,110 @@ def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     return _load_at(base, _sum_offsets(b, terms))
 
 
+def _scatter_handler(prim, b, args, params, out_shape, out_dtype):
+    return _scatter(b, prim, args, params, out_shape, out_dtype)
+
+
+_SCATTER_MAX_POINTS = 16  # scatter points planned as chained selects (each one a whole-tensor pass)
+
+
+def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Node:
+    """scatter / scatter-add / -mul / -min / -max with device indices (x.at[i].set(v), a KV-cache
+    write cache.at[:, pos].set(kv), tokens.at[i].set(tok)): every output element is the operand's,
+    or, inside a scatter point's window, the update's (combined with the operand's for add / mul /
+    min / max). A point whose window does not fit is dropped (FILL_OR_DROP, jax's default for
+    scatters, and XLA's own behaviour for PROMISE_IN_BOUNDS) or clamped into the operand (CLIP),
+    as XLA does. Points are applied in order (duplicate indices of `set` are unspecified in XLA;
+    add / mul / min / max fold every point); at most 16 points."""
+    operand, indices, updates = args
+    dn = params["dimension_numbers"]
+    mode = str(params.get("mode", ""))
+    where = f"at {b.source}"
+    if dn.operand_batching_dims or dn.scatter_indices_batching_dims:
+        raise UnsupportedError(f"ark.persistent: {prim} with batching dims {where}")
+    if not indices.shape:
+        raise UnsupportedError(f"ark.persistent: {prim} with scalar indices {where}")
+    batch_shape = tuple(indices.shape[:-1])
+    points = math.prod(batch_shape)
+    if points == 0 or math.prod(updates.shape) == 0 or math.prod(out_shape) == 0:
+        return operand
+    if points > _SCATTER_MAX_POINTS:
+        raise UnsupportedError(
+            f"ark.persistent: {prim} of {points} scatter points (at most "
+            f"{_SCATTER_MAX_POINTS}) {where}"
+        )
+    kind = _kind(out_dtype)
+    combine = None
+    if prim != "scatter":
+        table = {
+            "scatter-add": {"float": "add", "int": "iadd", "uint": "iadd"},
+            "scatter_add": {"float": "add", "int": "iadd", "uint": "iadd"},
+            "scatter-mul": {"float": "mul", "int": "imul", "uint": "imul"},
+            "scatter_mul": {"float": "mul", "int": "imul", "uint": "imul"},
+            "scatter-min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
+            "scatter_min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
+            "scatter-max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
+            "scatter_max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
+        }
+        combine = table.get(prim, {}).get(kind)
+        if combine is None:
+            raise UnsupportedError(f"ark.persistent: {prim} on {out_dtype} {where}")
+    rank = len(out_shape)
+    inserted = set(dn.inserted_window_dims)
+    window_dims = [d for d in range(rank) if d not in inserted]
+    window = {d: 1 for d in inserted}
+    for j, d in enumerate(window_dims):
+        window[d] = updates.shape[dn.update_window_dims[j]]
+    scatter_dims = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
+    idx = _as_load(b, indices)
+    upd = _as_load(b, b.strip_pendings(updates))
+    cur = operand
+    for p in range(points):
+        at = np.unravel_index(p, batch_shape) if batch_shape else ()
+        idx_at = idx.offset + sum(int(i) * s for i, s in zip(at, idx.strides[:-1], strict=True))
+        starts = {
+            d: _Load(
+                (), idx.dtype, idx.tensor, idx_at + c * idx.strides[-1], (), idx.iter_stride,
+                idx.outer_iter_stride,
+            )
+            for c, d in enumerate(dn.scatter_dims_to_operand_dims)
+        }  # fmt: skip
+        take, terms = None, []
+        for d in range(rank):
+            n, w = out_shape[d], window[d]
+            pos = _position(b, out_shape, d)
+            if d in starts:
+                s = _i32(b, starts[d], out_shape)
+                if "CLIP" in mode:
+                    s = _clamp(b, s, 0, n - w)
+                else:  # the whole window must fit, else the point is dropped
+                    take = _and(b, take, _iop(b, "ige", s, 0))
+                    take = _and(b, take, _iop(b, "ile", s, n - w))
+                rel = b.elementwise("isub", [pos, s], out_shape, "int32")
+            else:
+                rel = pos
+            if d in starts or w < n:
+                take = _and(b, take, _iop(b, "ige", rel, 0))
+                take = _and(b, take, _iop(b, "ilt", rel, w))
+            if d not in inserted:
+                stride = upd.strides[dn.update_window_dims[window_dims.index(d)]]
+                terms.append(_iop(b, "imul", _clamp(b, rel, 0, w - 1), stride))
+        upd_at = upd.offset + sum(
+            int(i) * upd.strides[d] for i, d in zip(at, scatter_dims, strict=True)
+        )
+        base = _Load(
+            tuple(out_shape), upd.dtype, upd.tensor, upd_at, (0,) * rank, upd.iter_stride,
+            upd.outer_iter_stride,
+        )  # fmt: skip
+        new = _load_at(base, _sum_offsets(b, terms))
+        if combine is not None:
+            new = b.elementwise(combine, [cur, new], out_shape, out_dtype)
+        cur = (
+            new if take is None else b.elementwise("select", [take, cur, new], out_shape, out_dtype)
+        )
+    return cur
+
+
 _INDEXING = {
     "dynamic_slice": _dynamic_slice,
     "dynamic_update_slice": _dynamic_update_slice,
@@ -1143,6 +1248,20 @@ _INDEXING = {
     "concatenate": _concatenate,
     "pad": _pad,
     "rev": _rev,
+    **{
+        name: functools.partial(_scatter_handler, name)
+        for name in (
+            "scatter",
+            "scatter-add",
+            "scatter_add",
+            "scatter-mul",
+            "scatter_mul",
+            "scatter-min",
+            "scatter_min",
+            "scatter-max",
+            "scatter_max",
+        )
+    },  # fmt: skip
 }
 
 
@@ -1301,7 +1420,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
-        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, the "
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
+        "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
+        "most 16 points), concatenate, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
         "or jax_ark, inside jax.shard_map; not together with loops), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "

@@ -376,6 +376,60 @@ def test_decode_tokens_x_scanned_layers_one_call(rng, monkeypatch):
     np.testing.assert_array_equal(got[-1], tokens)
 
 
+def test_kv_cache_carried_through_fori_loop_is_updated_in_place(rng):
+    """A KV cache carried through a fori_loop and updated with dynamic_update_slice each step is
+    ONE tensor, the result aliased to the cache input: per iteration one window-store task writes
+    the step's row; no op of the cache's size runs inside the loop (no carry-in copy, no
+    whole-cache write), and the results equal jax.jit's, with and without donation."""
+    B, T, d = 2, 16, 8
+
+    def decode(w, cache, x):
+        def body(pos, c):
+            cache, h = c
+            cache = jax.lax.dynamic_update_slice(cache, jnp.tanh(h @ w)[:, None, :], (0, pos, 0))
+            s = jnp.einsum("bd,btd->bt", h, cache)
+            s = jnp.where(jnp.arange(T)[None, :] <= pos, s, -jnp.inf)
+            return cache, h + jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), cache)
+
+        return jax.lax.fori_loop(0, T, body, (cache, x))
+
+    w = (rng.standard_normal((d, d)) / 3).astype(np.float32)
+    cache = rng.standard_normal((B, T, d)).astype(np.float32)
+    x = rng.standard_normal((B, d)).astype(np.float32)
+    _check(decode, w, cache, x, tol=1e-4, workers=(1, 3))
+    plan = ark.plan(decode, w, cache, x, platform="cpu")
+    (loop,) = plan.loops
+    state = plan.outputs[0]
+    assert plan.tensors[state].storage == "result" and plan.tensors[state].alias == 1
+    body = plan.ops[loop.first_op : loop.end_op]
+    assert not [op.name for op in body if op.B * op.M * op.N >= B * T * d]  # no cache-sized op
+    (store,) = [op for op in body if op.out == state]
+    assert store.store_view >= 0 and store.B * store.M * store.N == B * d  # one row per step
+    plan.validate()
+    want = _leaves(jax.jit(decode)(w, cache, x))
+    donated = jax.jit(ark.persistent(decode), donate_argnums=1)
+    got = _leaves(donated(w, jnp.asarray(cache), x))
+    for g, r in zip(got, want, strict=True):
+        assert_close(g, r, 1e-4)
+
+
+def test_in_place_carry_chaos(rng, monkeypatch):
+    def fn(cache, xs):
+        def body(c, x):
+            i, cache = c
+            cache = jax.lax.dynamic_update_slice(cache, x[None], (i, 0))
+            return (i + 1, cache), cache.sum()
+
+        return jax.lax.scan(body, (jnp.int32(0), cache), xs)
+
+    cache = rng.standard_normal((6, 4)).astype(np.float32)
+    xs = rng.standard_normal((6, 4)).astype(np.float32)
+    _check(fn, cache, xs, workers=(1, 2))
+    plan = ark.plan(fn, cache, xs, platform="cpu")
+    assert any(op.store_view >= 0 and op.loop == 0 for op in plan.ops)
+    _chaos_check(fn, cache, xs, monkeypatch=monkeypatch)
+
+
 # ---- the plan shows the loop ---------------------------------------------------------------------
 def test_plan_json_and_summary_show_the_loop(rng):
     x, w = _mlp_args(rng)

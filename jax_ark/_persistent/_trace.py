@@ -213,6 +213,8 @@ class _Builder:
     loop_stack: list[int] = field(default_factory=list)  # the loops whose bodies are translated
     comm: CommGroup | None = None  # set by the first collective (_comm.py)
     max_while_iterations: int = 0  # the guard of while loops (trace's argument)
+    # id(dynamic_update_slice eqn of a loop body) -> the aliased result tensor it updates in place
+    loop_in_place: dict[int, int] = field(default_factory=dict)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -924,6 +926,9 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
 def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     if math.prod(args[1].shape) == 0:
         return args[0]
+    state = b.loop_in_place.get(id(b.eqn))
+    if state is not None:  # a loop's in-place carry (see _in_place_carries)
+        return _window_store(b, state, args[1], args[2:], out_shape)
     in_place = _update_in_place(b, args, out_shape)
     if in_place is not None:
         return in_place
@@ -975,10 +980,17 @@ def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
     index = b.top_outputs.pop(out_var)
     out = b.new_tensor(out_shape, src.dtype, "result", index)
     b.tensors[out].alias = src.index
+    return _window_store(b, out, update, args[2:], out_shape)
+
+
+def _window_store(b: _Builder, out: int, update: _Node, starts, out_shape) -> _Load:
+    """One window-store task writing `update` into tensor `out` (an aliased result) at the
+    clamped device offset of `starts`; the other elements keep their content."""
+    src = b.tensors[out]
     window = tuple(update.shape)
     strides = _row_major(tuple(out_shape))
     terms = []
-    for d, start in enumerate(args[2:]):
+    for d, start in enumerate(starts):
         s = _clamp(b, _i32(b, start, window), 0, out_shape[d] - window[d])
         terms.append(_iop(b, "imul", s, strides[d]))
     offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
@@ -1466,8 +1478,11 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         # Inside the inner body, what moved with the outer loop's iteration moves per OUTER
         # iteration (outer_iter_stride); iter_stride is the inner loop's.
         consts, init, xs = ([_to_outer(x) for x in group] for group in (consts, init, xs))
+    in_place = _in_place_carries(b, eqn, init)
     carry_tensors = [
-        b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}")
+        in_place[k]
+        if k in in_place
+        else b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}")
         for k, a in enumerate(carry_avals)
     ]
     # The loop's record is reserved now, so an outer loop precedes the loops nested in it.
@@ -1480,7 +1495,7 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         carries = []
         for k, x in enumerate(init):
             prev = b.load(carry_tensors[k])
-            if math.prod(x.shape) == 0:
+            if math.prod(x.shape) == 0 or k in in_place:  # in place: the body reads the state
                 carries.append(prev)
                 continue
             x = b.elementwise("select", [first, prev, x], x.shape, x.dtype)
@@ -1501,6 +1516,10 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 )  # fmt: skip
         outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
         for k, node in enumerate(outs[:nk]):
+            if k in in_place:  # its window store wrote the state itself
+                if not (isinstance(node, _Load) and node.tensor == in_place[k]):
+                    raise AssertionError("internal error: in-place carry not updated in place")
+                continue
             if isinstance(node, (_Load, _Imm)):  # a value passed through: copied into place
                 move = "imov" if node.dtype in INT_DTYPES else "copy"
                 node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
@@ -1520,10 +1539,10 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 raise AssertionError("internal error: stacked output shape")
     finally:
         b.loop_stack.pop()
+    for k in in_place:
+        del b.loop_in_place[id(_carry_update_eqn(closed.jaxpr, nc, k))]
     end_op = len(b.ops)
     for op in b.ops[first_op:end_op]:
-        if op.store_view >= 0:
-            raise UnsupportedError(f"ark.persistent: an in-place update inside a loop {where}")
         if op.loop < 0:  # ops of a nested loop keep their (innermost) loop
             op.loop = loop_id
     if end_op == first_op:  # nothing runs per iteration (only empty carries)
@@ -1532,6 +1551,60 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     else:
         b.loops[loop_id].end_op = end_op
     return [b.load(t) for t in carry_tensors] + ys
+
+
+def _carry_update_eqn(body, nc: int, k: int):
+    """The body eqn producing carry k's new value when it is a dynamic_update_slice of carry k's
+    own incoming value that nothing else in the body reads; else None."""
+    var_in, var_out = body.invars[nc + k], body.outvars[k]
+    if _is_literal(var_out) or var_in in body.outvars:
+        return None
+    uses = [e for e in body.eqns if any(v is var_in for v in e.invars if not _is_literal(v))]
+    if len(uses) != 1:
+        return None
+    (eqn,) = uses
+    ok = (
+        eqn.primitive.name == "dynamic_update_slice"
+        and eqn.invars[0] is var_in
+        and eqn.outvars[0] is var_out
+        and sum(v is var_in for v in eqn.invars) == 1
+    )
+    return eqn if ok else None
+
+
+def _in_place_carries(b: _Builder, eqn, init: list[_Node]) -> dict[int, int]:
+    """Carries of a top-level scan / fori_loop kept in place (a decode loop's KV cache): the
+    initial value is a user input nothing else reads, the loop's final value is returned by the
+    function, and the body's new value is a dynamic_update_slice of the old one that nothing else
+    reads. Such a carry lives in ONE tensor, the result aliased to that input (with donation no
+    copy at all), and each iteration's update is one window-store task writing only the update:
+    no carry-in copy, no whole-cache write per iteration. carry k -> that tensor."""
+    if b.loop_stack:
+        return {}
+    body, nc = eqn.params["jaxpr"].jaxpr, int(eqn.params["num_consts"])
+    found: dict[int, int] = {}
+    for k, x in enumerate(init):
+        var_in, var_out = eqn.invars[nc + k], eqn.outvars[k]
+        update = _carry_update_eqn(body, nc, k)
+        if (
+            update is None
+            or _is_literal(var_in)
+            or not isinstance(x, _Load)
+            or x.tensor not in b.args[: b.num_inputs]
+            or not _is_identity(x, b.tensors[x.tensor].shape)
+            or b.top_counts.get(var_in) != 1
+            or var_out not in b.top_outputs
+            or b.tensors[x.tensor].index in b.aliased
+            or math.prod(x.shape) == 0
+        ):
+            continue
+        src = b.tensors[x.tensor]
+        b.aliased.add(src.index)
+        out = b.new_tensor(src.shape, src.dtype, "result", b.top_outputs.pop(var_out))
+        b.tensors[out].alias = src.index
+        b.loop_in_place[id(update)] = out
+        found[k] = out
+    return found
 
 
 def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:

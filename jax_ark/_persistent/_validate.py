@@ -626,8 +626,8 @@ def _validate_loops(plan: Plan) -> None:
                 f"{where}: loop {op.loop}, but the loop section puts it in "
                 f"{innermost[i] if innermost[i] >= 0 else 'no loop'}"
             )
-        if op.loop >= 0 and op.store_view >= 0:
-            raise PlanError(f"{where}: a window store cannot be in a loop")
+        if op.stacked and op.store_view >= 0:
+            raise PlanError(f"{where}: a window store cannot be stacked")
         if op.stack_reversed and not op.stacked:
             raise PlanError(f"{where}: stack_reversed without stacked")
         if op.stacked:

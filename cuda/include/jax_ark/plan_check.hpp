@@ -137,7 +137,8 @@ inline bool view_extent(const ViewRecord& v, const int64_t* dims, int rank, int6
 // each inside its parent's range (parents earlier, at most kMaxLoopDepth levels), loops with one
 // parent (or top-level ones) disjoint; bounded trip counts and runs (the product over the nest,
 // since a counter counts runs); each op's loop id the innermost loop whose range holds it; stacked
-// ops in a loop writing a (trip_count, ...) tensor; no window store in a loop. The other sections
+// ops in a loop writing a (trip_count, ...) tensor (a window store may be in a loop: an in-place
+// carry). The other sections
 // were checked before (ops, tensors, views are in range).
 inline bool check_loop_section(const PlanView& p, Checker& c) {
   const Header& h = p.header();
@@ -215,9 +216,9 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
     if (r.loop != innermost[i])
       return c.fail(where + ": loop id " + std::to_string(r.loop) + " disagrees with the loop ranges");
     const OpRecord& op = p.op(i);
-    if (inside && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be in a loop");
     if (r.stacked < 0 || r.stacked > kStackedReversed)
       return c.fail(where + ": stacked must be 0, 1 or 2 (reversed)");
+    if (r.stacked && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be stacked");
     if (r.stacked) {
       const TensorRecord& out = p.tensor(op.out_tensor);  // range checked by the caller first
       if (!inside || out.rank < 1 || out.dims[0] != lv.loop(r.loop).trip_count)

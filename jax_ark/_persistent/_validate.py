@@ -32,6 +32,7 @@ from jax_ark._persistent._format import (
     REDUCE_CODES,
     UNARY_OPS,
     WORKSPACE_ALIGN,
+    Instr,
     Plan,
     PlanError,
     topological_order,
@@ -470,6 +471,8 @@ def _validate(plan: Plan) -> None:
                 f"tensor {t} '{plan.tensors[t].name}' ({plan.tensors[t].storage}) is read by a "
                 f"view but no op writes it (it would read uninitialized memory)"
             )
+    if plan.loops:
+        _validate_carried_reads(plan)
     if sum(plan.tensors[op.out].num_elements for op in plan.ops) > MAX_VALIDATED_ELEMENTS:
         raise PlanError("plan writes more than 2^30 elements: too large to validate")
     # tasks cover their op exactly once
@@ -705,6 +708,73 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
                     f"{'(of the previous iteration) ' if plan.carried(t, d) else ''}but does not "
                     "depend on it (missing dependency)"
                 )
+
+
+def _operand_registers(ins: Instr) -> list[int]:
+    if ins.op == "load_at":
+        return [int(ins.b)]
+    if ins.op in UNARY_OPS or ins.op in INT_UNARY_OPS:
+        return [int(ins.a)]
+    if ins.op in BINARY_OPS or ins.op in INT_BINARY_OPS:
+        return [int(ins.a), int(ins.b)]
+    if ins.op == "select":
+        return [int(ins.a), int(ins.b), int(ins.c)]
+    return []
+
+
+def _is_first_iteration(prog: list[Instr], r: int) -> bool:
+    """Register r is `load_iter == 0` (either operand order)."""
+    ins = prog[r]
+    if ins.op != "ieq":
+        return False
+    a, b = prog[int(ins.a)], prog[int(ins.b)]
+    return {a.op, b.op} == {"load_iter", "const"} and (a if a.op == "const" else b).a == 0
+
+
+def _validate_carried_reads(plan: Plan) -> None:
+    """A read of the PREVIOUS iteration's value (a tensor written in a loop the reader is in too,
+    by an op not before the reader) finds nothing written yet at the loop's first iteration. Plans
+    only do that in the carry-in form `select(load_iter == 0, that value, init)`, which discards
+    it there; anything else would read whatever the buffer held (different per executor)."""
+    writer = {op.out: i for i, op in enumerate(plan.ops)}
+
+    def carried(i: int, v: int) -> bool:
+        w = writer.get(plan.views[v].tensor)
+        return w is not None and w >= i and plan.common_depth(i, w) > 0
+
+    for i, op in enumerate(plan.ops):
+        if op.loop < 0:
+            continue
+        where = f"op {i} '{op.name}'"
+        for v in (op.a_view, op.b_view) if op.kind == "matmul" else ():
+            if carried(i, v):
+                raise PlanError(
+                    f"{where}: a matmul operand (view {v}) is the previous iteration's value, "
+                    "which the first iteration has not written"
+                )
+        for name, prog in (("prologue", op.prologue), ("epilogue", op.epilogue)):
+            for r, ins in enumerate(prog):
+                if ins.op not in ("load", "load_at") or not carried(i, int(ins.a)):
+                    continue
+                uses = [x for x in prog[r + 1 :] if r in _operand_registers(x)]
+                guarded = (
+                    r != len(prog) - 1
+                    and bool(uses)
+                    and all(
+                        x.op == "select"
+                        and int(x.b) == r
+                        and int(x.a) != r
+                        and int(x.c) != r
+                        and _is_first_iteration(prog, int(x.a))
+                        for x in uses
+                    )
+                )
+                if not guarded:
+                    raise PlanError(
+                        f"{where} {name} instruction {r}: reads view {int(ins.a)}, the previous "
+                        "iteration's value, outside the carry-in form select(load_iter == 0, "
+                        "it, init) (the first iteration would read a tensor not yet written)"
+                    )
 
 
 _UNROLL = 3  # iterations per loop the nested-loop dependency check unrolls

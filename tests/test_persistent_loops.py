@@ -509,6 +509,58 @@ def test_iteration_stride_past_the_tensor_refused_by_both_checkers(rng):
     assert "INVALID_ARGUMENT" in str(e.value)
 
 
+def _flat(args):
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(args)]
+
+
+def test_edited_nested_and_while_plans_refused_by_both_checkers(rng):
+    """Nested / reversed / while loop fields edited out of shape: Python's validate and the
+    runtime's check_plan (given the plan without validate) both refuse them before anything runs."""
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    w = (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32)
+    u = rng.standard_normal((3, 8)).astype(np.float32)
+    base = ark.plan(layers_x_microsteps, x, w, u, platform="cpu")
+
+    def refused(edit, py, rt):
+        p = base.copy()
+        edit(p)
+        with pytest.raises(PlanError, match=py):
+            p.validate()
+        with pytest.raises(Exception, match=rt):
+            jax.block_until_ready(run_plan(p, [x, w, u], timeout_ms=5000)[0])
+
+    def outside_parent(p):  # the outer loop ends inside the inner one
+        p.loops[0].end_op = p.loops[1].end_op - 1
+
+    refused(outside_parent, "not inside", "not inside")
+    v = next(i for i, view in enumerate(base.views) if view.outer_iter_stride)
+
+    def far_outer(p):
+        view = p.views[v]
+        p.views[v] = type(view)(
+            view.tensor, view.offset, view.strides, view.iter_stride, view.outer_iter_stride * 4
+        )
+
+    refused(far_outer, "reads element", "reads outside tensor")
+
+    def backwards_from_zero(p):  # a reversed walk that starts at the first slice: below 0
+        view = p.views[v]
+        p.views[v] = type(view)(
+            view.tensor, 0, view.strides, -abs(view.iter_stride), view.outer_iter_stride
+        )
+
+    refused(backwards_from_zero, "below 0|reads element", "reads outside tensor")
+    a = np.abs(rng.standard_normal((3, 8))).astype(np.float32) + 0.5
+    wplan = ark.plan(newton_sqrt, a, np.float32(1e-3), platform="cpu", max_while_iterations=8)
+    (loop,) = wplan.loops
+    p = wplan.copy()
+    p.loops[0].pred_op = loop.first_op  # the carry-in op: not a stacked bool predicate
+    with pytest.raises(PlanError, match="stacked bool"):
+        p.validate()
+    with pytest.raises(Exception, match="stacked bool"):
+        jax.block_until_ready(run_plan(p, [a, np.float32(1e-3)], timeout_ms=5000)[0])
+
+
 def test_queue_that_runs_a_loop_task_after_later_work_refused(rng):
     def fn(x, w):
         h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, w)[0]

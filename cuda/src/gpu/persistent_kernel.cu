@@ -330,7 +330,8 @@ __device__ bool while_check(const KernelParams& p, const pf::PlanView& plan, con
                waited);
     } else {
       const pf::TensorRecord& out = plan.tensor(plan.op(loop.pred_op_plus1 - 1).out_tensor);
-      const bool taken = static_cast<const uint8_t*>(tensor_base(p, out))[i] != 0;
+      // After the acquire above (a plain load would do; volatile keeps it from being hoisted).
+      const bool taken = static_cast<const volatile uint8_t*>(tensor_base(p, out))[i] != 0;
       if (taken && cursor.guard_exceeded()) {
         report(p, plan, kPersistentBadPlan, worker, waiting, loop.pred_task, 0, kWhileGuard, 0);
       } else if (taken) {

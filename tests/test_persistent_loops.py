@@ -842,3 +842,39 @@ def test_gpu_scan_models_match_jit(rng):
             want = _leaves(jax.jit(fn)(*args))
         got = _leaves(jax.jit(ark.persistent(fn))(*args))
         assert_close(got[0], want[0], tol)
+
+
+@pytest.mark.gpu
+def test_gpu_reverse_nested_while_and_in_place_loops_match_jit(rng):
+    """The CUDA executor's loop extensions (compiled here, run only where a GPU is lent): a
+    reversed scan, a nested scan, a while loop with a device predicate, an in-place carry."""
+    gpu = jax.devices("gpu")[0]
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+
+    def in_place(cache, xs):
+        def body(c, v):
+            i, cache = c
+            cache = jax.lax.dynamic_update_slice(cache, v[None], (i, 0))
+            return (i + 1, cache), cache.sum()
+
+        return jax.lax.scan(body, (jnp.int32(0), cache), xs)
+
+    cases = (
+        (reverse_rnn, (x, (rng.standard_normal((5, 8, 8)) / 3).astype(np.float32),
+                       rng.standard_normal((5, 3, 8)).astype(np.float32))),
+        (layers_x_microsteps, (x[:2], (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32),
+                               rng.standard_normal((3, 8)).astype(np.float32))),
+        (newton_sqrt, (np.abs(x) + 0.5, np.float32(1e-3))),
+        (in_place, (rng.standard_normal((6, 4)).astype(np.float32),
+                    rng.standard_normal((6, 4)).astype(np.float32))),
+    )  # fmt: skip
+    for fn, args in cases:
+        args = jax.device_put(args, gpu)
+        with jax.default_matmul_precision("highest"):
+            want = _leaves(jax.jit(fn)(*args))
+        got = _leaves(jax.jit(ark.persistent(fn))(*args))
+        for g, r in zip(got, want, strict=True):
+            if r.dtype.kind in "iub":
+                np.testing.assert_array_equal(g, r)
+            else:
+                assert_close(g, r, 5e-4)

@@ -97,6 +97,30 @@ def _f5(x, ws, bs):
     return h, ys
 
 
+def _f6(x, w, cache):
+    """Plan v3 loop extensions: a reversed scan nested in a fori_loop (parent loop, negative and
+    outer iteration strides, a reversed stacked output) and an in-place carry (a window store in
+    a loop, aliased to the cache input)."""
+
+    def outer(i, c):
+        h, cache = c
+        h2, ys = jax.lax.scan(lambda g, wl: (jnp.tanh(g @ wl), g[0]), h, w, reverse=True)
+        cache = jax.lax.dynamic_update_slice(cache, ys[:1] + h2[:1], (i, 0))
+        return h2 * 0.5, cache
+
+    return jax.lax.fori_loop(0, 3, outer, (x, cache))
+
+
+def _f7(a):
+    """Plan v3 while loop: a device predicate (stacked bool slots) and a step counter."""
+
+    def cond(c):
+        return (jnp.max(jnp.abs(c[0] - c[1])) > 1e-3) & (c[2] < 20)
+
+    return jax.lax.while_loop(cond, lambda c: (0.5 * (c[0] + a / c[0]), c[0], c[2] + 1),
+                              (a + 1.0, a * 0.0, jnp.int32(0)))  # fmt: skip
+
+
 def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
     rng = np.random.default_rng(1234)
 
@@ -118,6 +142,12 @@ def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
             dict(num_workers=2, tile_m=2, tile_n=4),
         ),
         (_f5, [arr(3, 4), arr(5, 4, 4), arr(5, 4)], dict(num_workers=3, tile_m=2, tile_n=2)),
+        (_f6, [arr(2, 4), arr(3, 4, 4), arr(3, 4)], dict(num_workers=3, tile_m=2, tile_n=2)),
+        (
+            _f7,
+            [np.abs(arr(2, 4)) + 0.5],
+            dict(num_workers=2, tile_m=2, tile_n=2, max_while_iterations=30),
+        ),
     ]
     return [(fn, args, ark.plan(fn, *args, **kw)) for fn, args, kw in cases]
 
@@ -288,8 +318,15 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
     loop_rec = h[30] + 2
     op_rec = loop_rec + 8 * num_loops
     stride_rec = op_rec + 2 * h[6]
+    outer_rec = stride_rec + 2 * h[8] if num_loops and int(w[h[30] + 1]) & 1 else 0
     loops = [
-        Loop(i64(loop_rec + 8 * k), int(w[loop_rec + 8 * k + 2]), int(w[loop_rec + 8 * k + 3]))
+        Loop(
+            i64(loop_rec + 8 * k),
+            int(w[loop_rec + 8 * k + 2]),
+            int(w[loop_rec + 8 * k + 3]),
+            parent=int(w[loop_rec + 8 * k + 4]) - 1,
+            pred_op=int(w[loop_rec + 8 * k + 5]) - 1,
+        )
         for k in range(num_loops)
     ]
     views = []
@@ -301,6 +338,7 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 i64(r + 2),
                 tuple(i64(r + 4 + 2 * d) for d in range(int(w[r + 1]))),
                 i64(stride_rec + 2 * v) if num_loops else 0,
+                i64(outer_rec + 2 * v) if outer_rec else 0,
             )
         )
 
@@ -347,6 +385,7 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 store_at=store_at,
                 loop=int(w[op_rec + 2 * i]) if num_loops else -1,
                 stacked=bool(w[op_rec + 2 * i + 1]) if num_loops else False,
+                stack_reversed=int(w[op_rec + 2 * i + 1]) == 2 if num_loops else False,
             )
         )
     offs = [int(x) for x in w[h[16] : h[16] + h[5] + 1]]

@@ -129,14 +129,18 @@ def _scan_sum(x):
 
 def test_scan_is_a_loop_not_inlined(rng):
     # Once: scan's body was inlined as one call, which ran one step and returned a wrong sum.
-    # Now it is a plan loop run x.shape[0] times; while_loop is still refused by name.
+    # Now it is a plan loop run x.shape[0] times; while_loop a plan while loop.
     x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
     plan = ark.plan(_scan_sum, x, num_workers=2)
     assert [loop.trip_count for loop in plan.loops] == [4]
     got = jax.jit(ark.persistent(_scan_sum, num_workers=2))(x)
     np.testing.assert_allclose(got, jax.jit(_scan_sum)(x), rtol=1e-6, atol=1e-6)
-    with pytest.raises(UnsupportedError, match="'while' is not supported"):
-        ark.plan(lambda x: jax.lax.while_loop(lambda c: c[0, 0] < 3, lambda c: c * 2, x), x)
+
+    def doubling(x):
+        return jax.lax.while_loop(lambda c: c[0, 0] < 3, lambda c: c * 2, x)
+
+    got = jax.jit(ark.persistent(doubling, num_workers=2))(jnp.abs(x) + 0.01)
+    np.testing.assert_array_equal(got, jax.jit(doubling)(jnp.abs(x) + 0.01))
 
 
 def test_known_call_with_unknown_params_is_refused():

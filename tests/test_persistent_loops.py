@@ -325,6 +325,111 @@ def test_greedy_decode_16_tokens_one_call(rng, monkeypatch):
     np.testing.assert_array_equal(got[-1], tokens)
 
 
+def generate_16_scanned_layers(params, layers, kcs, vcs, token):
+    """The decode loop as users write it for deep models: the layers' weights and KV caches are
+    stacked on a leading layer axis and the step runs them with an inner lax.scan, inside the
+    token fori_loop (a nested loop: tokens x layers)."""
+
+    def step(tok, kcs, vcs, pos):
+        def layer(x, lw):
+            w, kc, vc = lw
+            h = _rms(x, w["g1"])
+            q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
+            kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
+            s = jnp.einsum("bd,btd->bt", q, kc) / np.float32(np.sqrt(q.shape[-1]))
+            s = jnp.where(jnp.arange(kc.shape[1])[None, :] <= pos, s, -jnp.inf)
+            x = x + jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), vc) @ w["wo"]
+            x = x + jax.nn.gelu(_rms(x, w["g2"]) @ w["w1"]) @ w["w2"]
+            return x, (kc, vc)
+
+        x, (kcs, vcs) = jax.lax.scan(layer, params["embed"][tok], (layers, kcs, vcs))
+        logits = _rms(x, params["gf"]) @ params["unembed"]
+        return jnp.argmax(logits, -1).astype(jnp.int32), kcs, vcs
+
+    def body(pos, c):
+        tok, kcs, vcs, out = c
+        tok, kcs, vcs = step(tok, kcs, vcs, pos)
+        return tok, kcs, vcs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, pos))
+
+    out = jnp.zeros((token.shape[0], 16), jnp.int32)
+    return jax.lax.fori_loop(0, 16, body, (token, kcs, vcs, out))
+
+
+def test_decode_tokens_x_scanned_layers_one_call(rng, monkeypatch):
+    """16 greedy tokens x 3 layers as an inner scan: ONE persistent call, a nested loop, the
+    tokens and caches equal to jax.jit's."""
+    params, cache, token = _gpt_args(rng, layers=3)
+    layers = jax.tree_util.tree_map(lambda *ws: np.stack(ws), *params.pop("layers"))
+    kcs, vcs = (np.stack([c[k] for c in cache]) for k in (0, 1))
+    kcs = rng.standard_normal(kcs.shape).astype(np.float32)  # not zeros: masked entries are read
+    vcs = rng.standard_normal(vcs.shape).astype(np.float32)
+    args = (params, layers, kcs, vcs, token)
+    want = _check(generate_16_scanned_layers, *args, tol=1e-4, workers=(1, 3))
+    tokens = want[-1]
+    assert len(np.unique(tokens)) > 2  # the model really decodes
+    plan = ark.plan(generate_16_scanned_layers, *args, platform="cpu")
+    assert [(lp.trip_count, lp.parent) for lp in plan.loops] == [(16, -1), (3, 0)]
+    plan.validate()
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "3")
+    got = _leaves(jax.jit(ark.persistent(generate_16_scanned_layers, num_workers=4))(*args))
+    np.testing.assert_array_equal(got[-1], tokens)
+
+
+def test_kv_cache_carried_through_fori_loop_is_updated_in_place(rng):
+    """A KV cache carried through a fori_loop and updated with dynamic_update_slice each step is
+    ONE tensor, the result aliased to the cache input: per iteration one window-store task writes
+    the step's row; no op of the cache's size runs inside the loop (no carry-in copy, no
+    whole-cache write), and the results equal jax.jit's, with and without donation."""
+    B, T, d = 2, 16, 8
+
+    def decode(w, cache, x):
+        def body(pos, c):
+            cache, h = c
+            cache = jax.lax.dynamic_update_slice(cache, jnp.tanh(h @ w)[:, None, :], (0, pos, 0))
+            s = jnp.einsum("bd,btd->bt", h, cache)
+            s = jnp.where(jnp.arange(T)[None, :] <= pos, s, -jnp.inf)
+            return cache, h + jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1), cache)
+
+        return jax.lax.fori_loop(0, T, body, (cache, x))
+
+    w = (rng.standard_normal((d, d)) / 3).astype(np.float32)
+    cache = rng.standard_normal((B, T, d)).astype(np.float32)
+    x = rng.standard_normal((B, d)).astype(np.float32)
+    _check(decode, w, cache, x, tol=1e-4, workers=(1, 3))
+    plan = ark.plan(decode, w, cache, x, platform="cpu")
+    (loop,) = plan.loops
+    state = plan.outputs[0]
+    assert plan.tensors[state].storage == "result" and plan.tensors[state].alias == 1
+    body = plan.ops[loop.first_op : loop.end_op]
+    assert not [op.name for op in body if op.B * op.M * op.N >= B * T * d]  # no cache-sized op
+    (store,) = [op for op in body if op.out == state]
+    assert store.store_view >= 0 and store.B * store.M * store.N == B * d  # one row per step
+    plan.validate()
+    want = _leaves(jax.jit(decode)(w, cache, x))
+    donated = jax.jit(ark.persistent(decode), donate_argnums=1)
+    got = _leaves(donated(w, jnp.asarray(cache), x))
+    for g, r in zip(got, want, strict=True):
+        assert_close(g, r, 1e-4)
+
+
+def test_in_place_carry_chaos(rng, monkeypatch):
+    def fn(cache, xs):
+        def body(c, x):
+            i, cache = c
+            cache = jax.lax.dynamic_update_slice(cache, x[None], (i, 0))
+            return (i + 1, cache), cache.sum()
+
+        return jax.lax.scan(body, (jnp.int32(0), cache), xs)
+
+    cache = rng.standard_normal((6, 4)).astype(np.float32)
+    xs = rng.standard_normal((6, 4)).astype(np.float32)
+    _check(fn, cache, xs, workers=(1, 2))
+    plan = ark.plan(fn, cache, xs, platform="cpu")
+    assert any(op.store_view >= 0 and op.loop == 0 for op in plan.ops)
+    _chaos_check(fn, cache, xs, monkeypatch=monkeypatch)
+
+
 # ---- the plan shows the loop ---------------------------------------------------------------------
 def test_plan_json_and_summary_show_the_loop(rng):
     x, w = _mlp_args(rng)
@@ -404,6 +509,58 @@ def test_iteration_stride_past_the_tensor_refused_by_both_checkers(rng):
     assert "INVALID_ARGUMENT" in str(e.value)
 
 
+def _flat(args):
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(args)]
+
+
+def test_edited_nested_and_while_plans_refused_by_both_checkers(rng):
+    """Nested / reversed / while loop fields edited out of shape: Python's validate and the
+    runtime's check_plan (given the plan without validate) both refuse them before anything runs."""
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    w = (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32)
+    u = rng.standard_normal((3, 8)).astype(np.float32)
+    base = ark.plan(layers_x_microsteps, x, w, u, platform="cpu")
+
+    def refused(edit, py, rt):
+        p = base.copy()
+        edit(p)
+        with pytest.raises(PlanError, match=py):
+            p.validate()
+        with pytest.raises(Exception, match=rt):
+            jax.block_until_ready(run_plan(p, [x, w, u], timeout_ms=5000)[0])
+
+    def outside_parent(p):  # the outer loop ends inside the inner one
+        p.loops[0].end_op = p.loops[1].end_op - 1
+
+    refused(outside_parent, "not inside", "not inside")
+    v = next(i for i, view in enumerate(base.views) if view.outer_iter_stride)
+
+    def far_outer(p):
+        view = p.views[v]
+        p.views[v] = type(view)(
+            view.tensor, view.offset, view.strides, view.iter_stride, view.outer_iter_stride * 4
+        )
+
+    refused(far_outer, "reads element", "reads outside tensor")
+
+    def backwards_from_zero(p):  # a reversed walk that starts at the first slice: below 0
+        view = p.views[v]
+        p.views[v] = type(view)(
+            view.tensor, 0, view.strides, -abs(view.iter_stride), view.outer_iter_stride
+        )
+
+    refused(backwards_from_zero, "below 0|reads element", "reads outside tensor")
+    a = np.abs(rng.standard_normal((3, 8))).astype(np.float32) + 0.5
+    wplan = ark.plan(newton_sqrt, a, np.float32(1e-3), platform="cpu", max_while_iterations=8)
+    (loop,) = wplan.loops
+    p = wplan.copy()
+    p.loops[0].pred_op = loop.first_op  # the carry-in op: not a stacked bool predicate
+    with pytest.raises(PlanError, match="stacked bool"):
+        p.validate()
+    with pytest.raises(Exception, match="stacked bool"):
+        jax.block_until_ready(run_plan(p, [a, np.float32(1e-3)], timeout_ms=5000)[0])
+
+
 def test_queue_that_runs_a_loop_task_after_later_work_refused(rng):
     def fn(x, w):
         h = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, w)[0]
@@ -419,12 +576,15 @@ def test_queue_that_runs_a_loop_task_after_later_work_refused(rng):
 
 
 # ---- what is not supported yet names itself ------------------------------------------------------
-def test_while_loop_refused_with_primitive_and_line(rng):
+def test_while_loop_inside_scan_refused_with_line(rng):
     def fn(x):
-        return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, x)
+        def body(h, _):
+            return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, h), None
+
+        return jax.lax.scan(body, x, None, length=2)[0]
 
     x = rng.standard_normal((3,)).astype(np.float32) + 1.0
-    with pytest.raises(UnsupportedError, match=r"'while'.*test_persistent_loops.py:\d+"):
+    with pytest.raises(UnsupportedError, match=r"while_loop.*test_persistent_loops.py:\d+"):
         jax.jit(ark.persistent(fn))(x)
 
 
@@ -458,17 +618,215 @@ def test_cond_inside_a_scan_body(rng):
     _check(fn, x, ws, workers=(1, 3))
 
 
-def test_nested_scan_refused(rng):
-    def fn(x, w):
-        def outer(h, ws):
-            return jax.lax.scan(lambda g, w: (g @ w, None), h, ws)[0], None
+# ---- reverse and nested loops ----------------------------------------------------------------
+def _chaos_check(fn, *args, tol=2e-5, monkeypatch=None):
+    """persistent(fn) in chaos mode (adversarial orders, races detected) == jax.jit(fn)."""
+    monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", "7")
+    want = _leaves(jax.jit(fn)(*args))
+    got = _leaves(jax.jit(ark.persistent(fn, num_workers=3))(*args))
+    for g, r in zip(got, want, strict=True):
+        assert_close(g, r, tol)
 
-        return jax.lax.scan(outer, x, w)[0]
+
+def reverse_rnn(x, ws, us):
+    """scan(reverse=True): xs read from the last slice back, ys stored from the last slice back."""
+
+    def body(h, wu):
+        w, u = wu
+        h = jnp.tanh(h @ w + u)
+        return h, (h.sum(axis=-1), h * 2.0)
+
+    return jax.lax.scan(body, x, (ws, us), reverse=True)
+
+
+def test_reverse_scan_matches_jit(rng):
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    ws = (rng.standard_normal((5, 8, 8)) / 3).astype(np.float32)
+    us = rng.standard_normal((5, 3, 8)).astype(np.float32)
+    _check(reverse_rnn, x, ws, us, workers=(1, 2, 4))
+    plan = ark.plan(reverse_rnn, x, ws, us, platform="cpu")
+    assert len(plan.loops) == 1
+    assert any(v.iter_stride < 0 for v in plan.views)  # the xs views walk backwards
+    assert sum(op.stack_reversed for op in plan.ops) == 2  # ys stored from the last slice back
+    plan.validate()
+
+
+def test_reverse_cumulative_scan_exact_int(rng):
+    """Integer carries and ys through a reversed scan: exact."""
+
+    def fn(xs):
+        return jax.lax.scan(
+            lambda c, x: (c * 3 + x, c ^ x), jnp.ones(4, jnp.int32), xs, reverse=True
+        )
+
+    xs = rng.integers(-1000, 1000, size=(9, 4)).astype(np.int32)
+    _check(fn, xs, workers=(1, 3))
+
+
+def test_scan_passes_an_integer_carry_through(rng):
+    """A carry and a ys that are the body's inputs unchanged (int32 and float): copied with the
+    integer move for int32 (validate() refuses a float copy of integer bits)."""
+
+    def fn(k, h, xs):
+        return jax.lax.scan(lambda c, x: ((c[0], c[1] * 0.5 + x), (c[0], x)), (k, h), xs)
+
+    k = rng.integers(-99, 99, (3,)).astype(np.int32)
+    h = rng.standard_normal((3,)).astype(np.float32)
+    xs = rng.standard_normal((4, 3)).astype(np.float32)
+    _check(fn, k, h, xs, workers=(1, 2))
+    ark.plan(fn, k, h, xs, platform="cpu").validate()
+
+
+def layers_x_microsteps(x, w, u):
+    """An outer scan over layers whose body runs an inner scan over microsteps (xs of both: w is
+    [layers, steps, d, d], u is [layers, d]), with a carry of each loop and ys of each."""
+
+    def layer(h, wl_ul):
+        wl, ul = wl_ul
+
+        def step(g, ws):
+            g = jnp.tanh(g @ ws + ul)
+            return g, g.mean()
+
+        g, means = jax.lax.scan(step, h * 0.5, wl)
+        return h + g, means
+
+    return jax.lax.scan(layer, x, (w, u))
+
+
+def test_nested_scan_matches_jit(rng):
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    w = (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32)
+    u = rng.standard_normal((3, 8)).astype(np.float32)
+    _check(layers_x_microsteps, x, w, u, workers=(1, 2, 3))
+    plan = ark.plan(layers_x_microsteps, x, w, u, platform="cpu")
+    assert len(plan.loops) == 2
+    outer, inner = plan.loops
+    assert inner.parent == 0 and outer.parent == -1
+    assert outer.first_op <= inner.first_op < inner.end_op <= outer.end_op
+    # the inner body reads w[j, i] through a view moving with both loops, planned once
+    assert any(v.iter_stride and v.outer_iter_stride for v in plan.views)
+    plan.validate()
+    assert "inside loop 0" in plan.summary()
+
+
+def test_nested_scan_chaos(rng, monkeypatch):
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    w = (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32)
+    u = rng.standard_normal((3, 8)).astype(np.float32)
+    _chaos_check(layers_x_microsteps, x, w, u, monkeypatch=monkeypatch)
+
+
+def test_nested_fori_loops_reverse_inner(rng):
+    """fori_loop around a reversed scan: the inner scan's xs are a constant of the outer body."""
+
+    def fn(x, ws):
+        def outer(i, h):
+            def inner(g, w):
+                return jnp.tanh(g @ w) + i.astype(jnp.float32) * 0.01, g[0]
+
+            g, ys = jax.lax.scan(inner, h, ws, reverse=True)
+            return g + ys.sum(axis=0) * 0.1
+
+        return jax.lax.fori_loop(0, 3, outer, x)
+
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    ws = (rng.standard_normal((4, 8, 8)) / 3).astype(np.float32)
+    _check(fn, x, ws, workers=(1, 2))
+
+
+def test_three_nested_loops_refused(rng):
+    def fn(x, w):
+        def l1(h, a):
+            def l2(g, b):
+                return jax.lax.scan(lambda k, c: (k @ c, None), g, b)[0], None
+
+            return jax.lax.scan(l2, h, a)[0], None
+
+        return jax.lax.scan(l1, x, w)[0]
 
     x = rng.standard_normal((2, 4)).astype(np.float32)
-    w = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
-    with pytest.raises(UnsupportedError, match="inside a loop body"):
+    w = rng.standard_normal((2, 2, 2, 4, 4)).astype(np.float32)
+    with pytest.raises(UnsupportedError, match="nested more than 2 loops deep"):
         ark.plan(fn, x, w, platform="cpu")
+
+
+# ---- while_loop: the predicate is computed on the device ----------------------------------------
+def newton_sqrt(a, tol):
+    """Until convergence: Newton steps for sqrt(a) while any element moved more than tol, with a
+    step counter (an int carry) in the predicate too."""
+
+    def cond(c):
+        x, prev, k = c
+        return (jnp.max(jnp.abs(x - prev)) > tol) & (k < 50)
+
+    def body(c):
+        x, _, k = c
+        return 0.5 * (x + a / x), x, k + 1
+
+    return jax.lax.while_loop(cond, body, (a + 1.0, jnp.zeros_like(a), jnp.int32(0)))
+
+
+def test_while_loop_until_convergence(rng):
+    a = rng.uniform(0.5, 50.0, (3, 8)).astype(np.float32)
+    steps = []
+    for tol in (np.float32(1e-3), np.float32(1.0), np.float32(1e9)):  # many, few, no body runs
+        steps.append(int(_check(newton_sqrt, a, tol, workers=(1, 2, 4))[-1]))
+    assert steps[0] > steps[1] > steps[2] == 0
+    plan = ark.plan(newton_sqrt, a, np.float32(1e-3), platform="cpu")
+    (loop,) = plan.loops
+    assert loop.pred_op >= 0 and loop.trip_count == 65537  # the default guard + the final check
+    pred = plan.ops[loop.pred_op]
+    assert pred.stacked and plan.tensors[pred.out].dtype == "bool"
+    plan.validate()
+    assert "while op" in plan.summary()
+    back = Plan.from_json(plan.to_json())
+    back.validate()
+    assert back.loops[0].pred_op == loop.pred_op
+
+
+def test_while_loop_fori_with_traced_bounds(rng):
+    """fori_loop with a trip count read from a device value lowers to while_loop."""
+
+    def fn(x, n):
+        return jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h * 1.5) + i.astype(h.dtype), x)
+
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    for n in (0, 1, 7):
+        _check(fn, x, np.int32(n), workers=(1, 3))
+
+
+def test_while_loop_chaos(rng, monkeypatch):
+    a = rng.uniform(0.5, 50.0, (3, 8)).astype(np.float32)
+    _chaos_check(newton_sqrt, a, np.float32(1e-3), monkeypatch=monkeypatch)
+
+
+def test_while_loop_guard_is_an_error_not_a_hang(rng):
+    def fn(x):
+        return jax.lax.while_loop(lambda c: c[1] < 1000, lambda c: (c[0] * 0.5, c[1] + 1), (x, 0))
+
+    x = rng.standard_normal((4,)).astype(np.float32)
+    with pytest.raises(Exception, match="did not end within 10 iterations"):
+        jax.block_until_ready(jax.jit(ark.persistent(fn, max_while_iterations=10))(x))
+    plan = ark.plan(fn, x, platform="cpu", max_while_iterations=10)
+    with pytest.raises(PlanError, match="did not end within 10 iterations"):
+        interpret(plan, x)
+    got = jax.jit(ark.persistent(fn, max_while_iterations=1000))(x)  # exactly the guard: fine
+    assert int(got[1]) == 1000
+    with pytest.raises(PlanError, match="max_while_iterations"):
+        ark.persistent(fn, max_while_iterations=0)
+
+
+def test_while_loop_inside_a_loop_refused(rng):
+    def fn(x):
+        def body(h, _):
+            return jax.lax.while_loop(lambda c: c.sum() < 10.0, lambda c: c * 2.0, h), None
+
+        return jax.lax.scan(body, x, None, length=3)[0]
+
+    x = np.abs(rng.standard_normal((4,))).astype(np.float32) + 0.1
+    with pytest.raises(UnsupportedError, match="while_loop inside a loop body"):
+        ark.plan(fn, x, platform="cpu")
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -484,3 +842,39 @@ def test_gpu_scan_models_match_jit(rng):
             want = _leaves(jax.jit(fn)(*args))
         got = _leaves(jax.jit(ark.persistent(fn))(*args))
         assert_close(got[0], want[0], tol)
+
+
+@pytest.mark.gpu
+def test_gpu_reverse_nested_while_and_in_place_loops_match_jit(rng):
+    """The CUDA executor's loop extensions (compiled here, run only where a GPU is lent): a
+    reversed scan, a nested scan, a while loop with a device predicate, an in-place carry."""
+    gpu = jax.devices("gpu")[0]
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+
+    def in_place(cache, xs):
+        def body(c, v):
+            i, cache = c
+            cache = jax.lax.dynamic_update_slice(cache, v[None], (i, 0))
+            return (i + 1, cache), cache.sum()
+
+        return jax.lax.scan(body, (jnp.int32(0), cache), xs)
+
+    cases = (
+        (reverse_rnn, (x, (rng.standard_normal((5, 8, 8)) / 3).astype(np.float32),
+                       rng.standard_normal((5, 3, 8)).astype(np.float32))),
+        (layers_x_microsteps, (x[:2], (rng.standard_normal((3, 4, 8, 8)) / 3).astype(np.float32),
+                               rng.standard_normal((3, 8)).astype(np.float32))),
+        (newton_sqrt, (np.abs(x) + 0.5, np.float32(1e-3))),
+        (in_place, (rng.standard_normal((6, 4)).astype(np.float32),
+                    rng.standard_normal((6, 4)).astype(np.float32))),
+    )  # fmt: skip
+    for fn, args in cases:
+        args = jax.device_put(args, gpu)
+        with jax.default_matmul_precision("highest"):
+            want = _leaves(jax.jit(fn)(*args))
+        got = _leaves(jax.jit(ark.persistent(fn))(*args))
+        for g, r in zip(got, want, strict=True):
+            if r.dtype.kind in "iub":
+                np.testing.assert_array_equal(g, r)
+            else:
+                assert_close(g, r, 5e-4)

@@ -16,7 +16,9 @@ import numpy as np
 from jax_ark import _collective_primitive as _prim
 from jax_ark._ffi import cpu_module
 from jax_ark._persistent._format import (
+    DEFAULT_MAX_WHILE_ITERATIONS,
     DTYPE_CODES,
+    MAX_TRIP_COUNT,
     MAX_WORKERS,
     PROFILE_WORDS_PER_TASK,
     Plan,
@@ -74,13 +76,16 @@ def plan(
     tile_m: int | None = None,
     tile_n: int | None = None,
     platform: str | None = None,
+    max_while_iterations: int = DEFAULT_MAX_WHILE_ITERATIONS,
 ) -> Plan:
     """The plan `persistent(fn)` runs for these arguments (arrays or ShapeDtypeStructs).
 
     platform: "cpu" or "gpu", the executor the defaults (worker count, tile shapes) are chosen for;
     default: the platform of the arguments' devices, else jax's default backend, as
     `persistent(fn)(*args)` does. Planning for "gpu" without a GPU needs num_workers.
+    max_while_iterations: the guard of each while_loop (one more body iteration fails the call).
     """
+    _check_max_while(max_while_iterations)
     _check_workers(num_workers)
     leaves, tree, avals, _ = _flat_avals(args)
     target, device = resolve_platform(leaves, platform)
@@ -89,8 +94,15 @@ def plan(
     def flat_fn(*flat):
         return jax.tree_util.tree_leaves(fn(*jax.tree_util.tree_unflatten(tree, flat)))
 
-    traced = trace(flat_fn, avals, _arg_names(fn, args))
+    traced = trace(flat_fn, avals, _arg_names(fn, args), int(max_while_iterations))
     return build_plan(traced, workers, tile_m, tile_n, platform=target)
+
+
+def _check_max_while(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise PlanError(f"max_while_iterations must be an integer, got {type(n).__name__}")
+    if not 1 <= n < MAX_TRIP_COUNT:
+        raise PlanError(f"max_while_iterations {n} not in 1..{MAX_TRIP_COUNT - 1}")
 
 
 def _check_workers(num_workers: int | None) -> None:
@@ -327,8 +339,10 @@ def _fn_name(fn) -> str:
 class _Persistent:
     """The callable `persistent(fn)` returns: same signature and results as fn."""
 
-    def __init__(self, fn, plan, num_workers, profile, timeout_ms, tile_m, tile_n):
+    def __init__(self, fn, plan, num_workers, profile, timeout_ms, tile_m, tile_n, max_while):
         self._fn = fn
+        self._max_while = max_while
+        _check_max_while(max_while)
         self._plan = plan
         self._num_workers = num_workers
         self._profile = profile
@@ -370,6 +384,7 @@ class _Persistent:
                     tile_m=self._tiles[0],
                     tile_n=self._tiles[1],
                     platform=key[1],
+                    max_while_iterations=self._max_while,
                 )
             if len(p.outputs) != out_tree.num_leaves:
                 raise PlanError(
@@ -424,6 +439,7 @@ def persistent(
     timeout_ms: int = _DEFAULT_TIMEOUT_MS,
     tile_m: int | None = None,
     tile_n: int | None = None,
+    max_while_iterations: int = DEFAULT_MAX_WHILE_ITERATIONS,
 ) -> Callable:
     """Runs fn as one persistent kernel (one FFI call): same signature and results as fn.
 
@@ -436,5 +452,9 @@ def persistent(
     into about one column tile per SM).
     profile: the call returns (result, profile) where profile is int64[num_tasks * 4] (see
     `jax_ark.timeline`). timeout_ms bounds every dependency wait.
+    max_while_iterations: the guard of each while_loop in fn: a loop whose predicate is still true
+    after that many body iterations fails the call (an error, never a hang).
     """
-    return _Persistent(fn, plan, num_workers, profile, timeout_ms, tile_m, tile_n)
+    return _Persistent(
+        fn, plan, num_workers, profile, timeout_ms, tile_m, tile_n, max_while_iterations
+    )

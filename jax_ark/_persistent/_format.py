@@ -29,6 +29,10 @@ MAX_INTEGER_POW_EXPONENT = 1 << 16
 MAX_WORK = 1 << 45  # element-operations of a whole plan
 MAX_MATMUL_PANEL = 1 << 28  # K x (n1 - n0) of one matmul task
 MAX_TILING_CELLS = 1 << 24  # grid cells of an op's tiling
+# The guard of a while loop by default: more body iterations fail the call (the plan's loop then
+# has this + 1 iterations, one stacked predicate byte each).
+DEFAULT_MAX_WHILE_ITERATIONS = 1 << 16
+MAX_LOOP_DEPTH = 2  # a loop and loops inside its body (v3)
 MAX_TRIP_COUNT = 1 << 24  # iterations of one loop (v3); a task's counter reaches its trip count
 MAX_GROUP_SIZE = 4096  # v3: ranks of a plan's communication group
 INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -103,13 +107,15 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class View:
-    """element(idx) = tensor.flat[offset + i * iter_stride + sum(idx[d] * strides[d])], where i
-    is the loop iteration of the op reading it (0 outside loops; v3)."""
+    """element(idx) = tensor.flat[offset + i * iter_stride + j * outer_iter_stride +
+    sum(idx[d] * strides[d])], where i is the iteration of the innermost loop of the op reading it
+    and j that of the loop around that loop (0 outside loops / when not nested; v3)."""
 
     tensor: int
     offset: int
     strides: tuple[int, ...]
     iter_stride: int = 0
+    outer_iter_stride: int = 0
 
 
 @dataclass
@@ -161,10 +167,12 @@ class Op:
     # store_at, clamped into the tensor. -1: the op writes its whole output tensor.
     store_view: int = -1
     store_at: int = -1
-    # Loops (v3): the loop whose body this op is part of (-1: none); a stacked op (in a loop)
-    # writes slice i of its output (shape (trip_count, *S)) at iteration i.
+    # Loops (v3): the innermost loop whose body this op is part of (-1: none); a stacked op (in
+    # a loop) writes slice i of its output (shape (trip_count, *S)) at iteration i, or slice
+    # trip_count - 1 - i when stack_reversed (scan(reverse=True)).
     loop: int = -1
     stacked: bool = False
+    stack_reversed: bool = False
     # Put ops (v3) with a routing table (ppermute; a collective over a subgroup of the plan's
     # ranks): slot b of rank q's inbox is written by rank recv_from[q][b] (-1: nobody, zeros) from
     # row send_row[q][b] of a_view. None: the default routing (slot b from rank b, row q).
@@ -181,6 +189,11 @@ class Loop:
     first_op: int
     end_op: int
     source: str = ""
+    parent: int = -1  # the loop whose body holds this one (-1: top level); at most 2 levels
+    # A while loop (-1: a loop of trip_count iterations): the op whose stacked bool output slice
+    # i says whether iteration i runs the ops after it (the body); the ops up to it (the head)
+    # run every iteration. trip_count - 1 bounds the body iterations (exceeding it is an error).
+    pred_op: int = -1
 
 
 @dataclass
@@ -252,19 +265,76 @@ class Plan:
         tile = f"b{task.b0}:{task.b1} m{task.m0}:{task.m1} n{task.n0}:{task.n1}"
         return f"task {t} (op {task.op} '{op.name}', tile {tile})"
 
+    def loop_chain(self, op: int) -> list[int]:
+        """The loops around op, outermost first (empty outside loops)."""
+        chain: list[int] = []
+        loop = self.ops[op].loop
+        while 0 <= loop < len(self.loops) and len(chain) <= len(self.loops):
+            chain.append(loop)
+            loop = self.loops[loop].parent
+        return chain[::-1]
+
+    def common_depth(self, a: int, b: int) -> int:
+        """How many loops ops a and b are both in (0: none)."""
+        n = 0
+        for x, y in zip(self.loop_chain(a), self.loop_chain(b), strict=False):
+            if x != y:
+                break
+            n += 1
+        return n
+
     def carried(self, t: int, d: int) -> bool:
-        """Whether task t's dependency d is on the PREVIOUS iteration of d: both in one loop and
-        d's op not before t's (a loop-carried read, or a write-after-read of the next iteration).
-        Iteration i of t then waits for counters[d] >= i; otherwise for i + 1 (same iteration,
-        same loop), 1 (d outside loops) or d's trip count (d in another loop: all of it)."""
+        """Whether task t's dependency d is on an EARLIER iteration of a loop both are in: d's op
+        not before t's (a loop-carried read, or a write-after-read of the next iteration). See
+        dependency_target for what a run of t waits for."""
         a, b = self.tasks[t].op, self.tasks[d].op
-        loop = self.ops[a].loop
-        return loop >= 0 and self.ops[b].loop == loop and b >= a
+        return b >= a and self.common_depth(a, b) > 0
+
+    def run_index(self, op: int, its: tuple[int, ...]) -> int:
+        """How many runs of op precede the run at iterations `its` (of its loops, outermost
+        first); its counter holds run index + 1 when that run is done."""
+        k = 0
+        for loop, i in zip(self.loop_chain(op), its, strict=True):
+            k = k * self.loops[loop].trip_count + i
+        return k
+
+    def dependency_target(self, t: int, d: int, its: tuple[int, ...]) -> int:
+        """What counters[d] must reach before task t's run at iterations `its` (docs/plan_format.md,
+        "Loops"): with C the innermost loop both ops are in, k t's run index over the loops down
+        to C and R the runs of d per iteration of C, (k + 1) * R if d's op is before t's (this
+        iteration of C), else k * R (the previous one: carried); all of d's runs without a common
+        loop."""
+        a, b = self.tasks[t].op, self.tasks[d].op
+        c = self.common_depth(a, b)
+        if c == 0:
+            return self.trip_count(b)
+        k = 0
+        for loop, i in zip(self.loop_chain(a)[:c], its[:c], strict=True):
+            k = k * self.loops[loop].trip_count + i
+        runs = math.prod(self.loops[loop].trip_count for loop in self.loop_chain(b)[c:])
+        return (k if b >= a else k + 1) * runs
 
     def trip_count(self, op: int) -> int:
-        """How many times op's tasks run (its loop's trip count, 1 outside loops)."""
-        loop = self.ops[op].loop
-        return self.loops[loop].trip_count if 0 <= loop < len(self.loops) else 1
+        """How many times op's tasks run in all (the product of its loops' trip counts, 1 outside
+        loops)."""
+        return math.prod(self.loops[loop].trip_count for loop in self.loop_chain(op))
+
+    def view_shift(self, view: int, op: int, its: tuple[int, ...]) -> int:
+        """How far `view` moves for op's run at iterations `its` (iteration strides, v3)."""
+        v = self.views[view]
+        if not its:
+            return 0
+        shift = its[-1] * v.iter_stride
+        if len(its) > 1:
+            shift += its[-2] * v.outer_iter_stride
+        return shift
+
+    def stacked_slice(self, op: int, its: tuple[int, ...]) -> int:
+        """The slice of its (trip_count, *S) output a stacked op writes at iterations `its`."""
+        i = its[-1]
+        return (
+            self.loops[self.ops[op].loop].trip_count - 1 - i if self.ops[op].stack_reversed else i
+        )
 
     def flops(self, t: int) -> int:
         task = self.tasks[t]
@@ -328,11 +398,19 @@ class Plan:
             extra = f" K={op.K}" if op.kind in ("matmul", "reduce") else ""
             if op.loop >= 0:
                 extra += f" loop={op.loop}" + (" stacked" if op.stacked else "")
+                extra += " reversed" if op.stack_reversed else ""
             for li, loop in enumerate(self.loops):
                 if loop.first_op == i:
                     lines.append(
                         f"  loop {li}: ops {loop.first_op}..{loop.end_op - 1} run "
-                        f"{loop.trip_count} times (body planned once) {loop.source}"
+                        + (
+                            f"while op {loop.pred_op} is true, at most {loop.trip_count - 1} "
+                            "times (body planned once)"
+                            if loop.pred_op >= 0
+                            else f"{loop.trip_count} times (body planned once)"
+                        )
+                        + (f" inside loop {loop.parent}" if loop.parent >= 0 else "")
+                        + f" {loop.source}"
                     )
             if op.kind == "put" and self.comm is not None and op.recv_from is not None:
                 extra = (
@@ -386,6 +464,7 @@ class Plan:
             "views": [
                 {"tensor": v.tensor, "offset": v.offset, "strides": list(v.strides)}
                 | ({"iter_stride": v.iter_stride} if v.iter_stride else {})
+                | ({"outer_iter_stride": v.outer_iter_stride} if v.outer_iter_stride else {})
                 for v in self.views
             ],
             "ops": [
@@ -694,13 +773,19 @@ def _encode_loops(plan: Plan, words: list[int]) -> int:
     if not plan.loops:
         return 0
     at = len(words)
-    words += [len(plan.loops), 0]
+    outer = any(v.outer_iter_stride for v in plan.views)
+    words += [len(plan.loops), 1 if outer else 0]  # flags: the outer_iter_stride array follows
     for loop in plan.loops:
-        words += _i64(loop.trip_count) + [loop.first_op, loop.end_op, 0, 0, 0, 0]
+        pred_task = next((t for t, x in enumerate(plan.tasks) if x.op == loop.pred_op), -1)
+        words += _i64(loop.trip_count) + [loop.first_op, loop.end_op, loop.parent + 1]
+        words += [loop.pred_op + 1, pred_task if loop.pred_op >= 0 else 0, 0]
     for op in plan.ops:
-        words += [op.loop, int(op.stacked)]
+        words += [op.loop, (2 if op.stack_reversed else 1) if op.stacked else 0]
     for v in plan.views:
         words += _i64(v.iter_stride)
+    if outer:
+        for v in plan.views:
+            words += _i64(v.outer_iter_stride)
     return at
 
 
@@ -803,6 +888,8 @@ def _parse_loops(d: dict, version: int, num_ops: int) -> list[Loop]:
                 first_op=_int(_field(x, "first_op", path), f"{path}.first_op", 0, num_ops - 1),
                 end_op=_int(_field(x, "end_op", path), f"{path}.end_op", 1, num_ops),
                 source=_str(x.get("source", ""), f"{path}.source"),
+                parent=_int(x.get("parent", -1), f"{path}.parent", -1, i - 1),
+                pred_op=_int(x.get("pred_op", -1), f"{path}.pred_op", -1, num_ops - 1),
             )
         )  # fmt: skip
     if loops and version < 3:
@@ -843,16 +930,17 @@ def _parse_plan(d: Any) -> Plan:
     views = []
     for i, v in enumerate(_list(_field(d, "views", ""), "views", INT32[1])):
         path = f"views[{i}]"
-        _obj(v, path, {"tensor", "offset", "strides", "iter_stride"})
+        _obj(v, path, {"tensor", "offset", "strides", "iter_stride", "outer_iter_stride"})
         views.append(
             View(
                 _int(_field(v, "tensor", path), f"{path}.tensor", *INT32),
                 _int(_field(v, "offset", path), f"{path}.offset"),
                 tuple(_ints(_field(v, "strides", path), f"{path}.strides", *INT64, MAX_RANK)),
                 _int(v.get("iter_stride", 0), f"{path}.iter_stride"),
+                _int(v.get("outer_iter_stride", 0), f"{path}.outer_iter_stride"),
             )
         )
-        if views[-1].iter_stride and version < 3:
+        if (views[-1].iter_stride or views[-1].outer_iter_stride) and version < 3:
             raise PlanError(f"{path}.iter_stride: needs plan version 3 (loops)")
     ops = []
     for i, o in enumerate(_list(_field(d, "ops", ""), "ops", INT32[1])):
@@ -890,6 +978,7 @@ def _parse_plan(d: Any) -> Plan:
                 store_at=_int(o.get("store_at", -1), f"{path}.store_at", -1, INT32[1] - 1),
                 loop=_int(o.get("loop", -1), f"{path}.loop", -1, INT32[1] - 1),
                 stacked=_bool(o.get("stacked", False), f"{path}.stacked"),
+                stack_reversed=_bool(o.get("stack_reversed", False), f"{path}.stack_reversed"),
                 recv_from=_table(o.get("recv_from"), f"{path}.recv_from"),
                 send_row=_table(o.get("send_row"), f"{path}.send_row"),
             )

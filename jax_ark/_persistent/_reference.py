@@ -7,6 +7,8 @@ bytes, so a missing dependency shows up as wrong numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.special
 
@@ -182,7 +184,8 @@ def _eval(
     acc,
     buffers,
     all_regs: bool = False,
-    it: int = 0,
+    its: tuple[int, ...] = (),
+    op: int = -1,
     rank: int = 0,
 ):
     regs: list[np.ndarray] = []
@@ -192,7 +195,8 @@ def _eval(
                 r = acc
             elif ins.op in ("load", "load_at"):
                 view = plan.views[int(ins.a)]
-                off = np.full(shape, view.offset + it * view.iter_stride, dtype=np.int64)
+                at = view.offset + plan.view_shift(int(ins.a), op, its)
+                off = np.full(shape, at, dtype=np.int64)
                 for d, s in enumerate(view.strides):
                     if s:
                         off = off + idx[d] * s
@@ -205,7 +209,7 @@ def _eval(
                 else:
                     r = src[off].astype(np.float32)
             elif ins.op == "load_iter":  # the loop iteration (v3)
-                r = np.full(shape, it, dtype=np.uint32)
+                r = np.full(shape, its[-1] if its else 0, dtype=np.uint32)
             elif ins.op == "load_rank":  # this rank in the plan's group (v3)
                 r = np.full(shape, rank, dtype=np.uint32)
             elif ins.op == "const" and ins.dtype in INT_DTYPES:
@@ -261,12 +265,19 @@ def route_of(op, q: int, b: int) -> tuple[int, int]:
 
 
 def run_task(
-    plan: Plan, t: int, buffers: dict[int, np.ndarray], it: int = 0, rank: int = 0
+    plan: Plan,
+    t: int,
+    buffers: dict[int, np.ndarray],
+    its: tuple[int, ...] | int = (),
+    rank: int = 0,
 ) -> None:
-    """Runs iteration `it` of task t (0 outside loops) on `rank` of the plan's group (0 without
-    one)."""
+    """Runs task t at iterations `its` of its loops, outermost first (() outside loops; an int:
+    the iteration of a loop that is not nested), on `rank` of the plan's group (0 without one)."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
+    if isinstance(its, int):
+        its = (its,) if op.loop >= 0 else ()
+    ev = {"its": its, "op": task.op, "rank": rank}
     if op.kind == "put":
         raise PlanError(f"{plan.task_name(t)} is a put: run the plan with interpret_group")
     out = plan.tensors[op.out]
@@ -275,7 +286,8 @@ def run_task(
     with np.errstate(all="ignore"):
         if op.kind == "matmul":
             av, bv = plan.views[op.a_view], plan.views[op.b_view]
-            a_at, b_at = av.offset + it * av.iter_stride, bv.offset + it * bv.iter_stride
+            a_at = av.offset + plan.view_shift(op.a_view, task.op, its)
+            b_at = bv.offset + plan.view_shift(op.b_view, task.op, its)
             b = np.arange(task.b0, task.b1)[:, None, None]
             m = np.arange(task.m0, task.m1)[None, :, None]
             n = np.arange(task.n0, task.n1)[None, None, :]
@@ -298,13 +310,11 @@ def run_task(
             idx = tuple(np.broadcast_to(i[:, None], (rows, K)) for i in m_idx) + tuple(
                 np.broadcast_to(i[None, :], (rows, K)) for i in r_idx
             )
-            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, it=it, rank=rank)
+            vals = _eval(plan, op.prologue, idx, (rows, K), None, buffers, **ev)
             acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
     if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
         idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
-        regs = _eval(
-            plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, it=it, rank=rank
-        )
+        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, **ev)
         view = plan.views[op.store_view]
         at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
         for d, stride in enumerate(view.strides):
@@ -314,9 +324,9 @@ def run_task(
     else:
         shape = epilogue_shape(plan, op)
         idx = np.unravel_index(lin, shape) if shape else ()
-        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, it=it, rank=rank)
-        if op.stacked:  # slice `it` of the stacked output
-            lin = lin + it * (op.B * op.M * op.N)
+        value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, **ev)
+        if op.stacked:  # one slice of the stacked output per iteration
+            lin = lin + plan.stacked_slice(task.op, its) * (op.B * op.M * op.N)
     if out.dtype in INT_DTYPES:
         buffers[op.out][lin] = value.astype(np.uint32).view(np_dtype(out.dtype))
     else:
@@ -379,82 +389,164 @@ def _buffers(plan: Plan, args: list[np.ndarray]) -> tuple[dict[int, np.ndarray],
     return buffers, workspace
 
 
-def dependency_target(plan: Plan, t: int, d: int, it: int) -> int:
-    """What counters[d] must reach before iteration `it` of task t runs (docs/plan_format.md,
-    "Loops"): counters count the finished iterations of each task."""
-    loop_t, loop_d = plan.ops[plan.tasks[t].op].loop, plan.ops[plan.tasks[d].op].loop
-    if loop_d < 0:
-        return 1
-    if loop_d != loop_t:
-        return plan.loops[loop_d].trip_count
-    return it if plan.carried(t, d) else it + 1
+def dependency_target(plan: Plan, t: int, d: int, its: tuple[int, ...] | int) -> int:
+    """What counters[d] must reach before task t's run at iterations `its` (docs/plan_format.md,
+    "Loops"): counters count the finished runs of each task."""
+    if isinstance(its, int):
+        its = (its,) if plan.ops[plan.tasks[t].op].loop >= 0 else ()
+    return plan.dependency_target(t, d, its)
 
 
 class _Cursor:
-    """A worker's position: its queue index and, inside a loop's segment of its queue (the
-    worker's tasks of that loop, consecutive), the iteration."""
+    """A worker's position: its queue index and, inside the segments of its queue that hold its
+    tasks of a loop (consecutive; an inner loop's inside its outer loop's), the iteration of each
+    loop entered; at a while loop's check point, `pending_check` (plan_format.hpp QueueCursor)."""
 
     def __init__(self, plan: Plan, queue: list[int]):
-        self.plan, self.queue, self.q, self.it = plan, queue, 0, 0
+        self.plan, self.queue, self.q = plan, queue, 0
+        self.segs: list[list[int]] = []  # per entered loop: [begin, end, iteration, trips, loop]
+        self.pending_check = self.checked = False
+        self._settle()
+
+    def _loop_at(self, q: int, level: int) -> int:
+        chain = self.plan.loop_chain(self.plan.tasks[self.queue[q]].op)
+        return chain[level] if level < len(chain) else -1
+
+    def _needs_check(self) -> bool:
+        if len(self.segs) != 1 or self.checked:
+            return False
+        pred = self.plan.loops[self.segs[0][4]].pred_op
+        if pred < 0:
+            return False
+        return self.q == self.segs[0][1] or self.plan.tasks[self.queue[self.q]].op > pred
+
+    def _settle(self) -> None:
+        while True:
+            if self._needs_check():
+                self.pending_check = True
+                return
+            if not self.segs or self.q != self.segs[-1][1]:
+                break
+            seg = self.segs[-1]
+            seg[2] += 1
+            if seg[2] < seg[3]:
+                self.q = seg[0]
+                if len(self.segs) == 1:
+                    self.checked = False
+                continue
+            self.segs.pop()
+        before = len(self.segs)
         self._enter()
+        if len(self.segs) > before and self._needs_check():
+            self.pending_check = True
 
     def _enter(self) -> None:
-        self.begin, self.end, self.trips = self.q, self.q + 1, 1
-        if self.q < len(self.queue):
-            loop = self.plan.ops[self.plan.tasks[self.queue[self.q]].op].loop
-            if loop >= 0:
-                while (
-                    self.end < len(self.queue)
-                    and self.plan.ops[self.plan.tasks[self.queue[self.end]].op].loop == loop
-                ):
-                    self.end += 1
-                self.trips = self.plan.loops[loop].trip_count
+        while self.q < len(self.queue):
+            loop = self._loop_at(self.q, len(self.segs))
+            if loop < 0:
+                return
+            end = self.q + 1
+            while end < len(self.queue) and self._loop_at(end, len(self.segs)) == loop:
+                end += 1
+            if not self.segs:
+                self.checked = False
+            self.segs.append([self.q, end, 0, self.plan.loops[loop].trip_count, loop])
 
     @property
     def done(self) -> bool:
-        return self.q >= len(self.queue)
+        return self.q >= len(self.queue) and not self.pending_check
 
-    def current(self) -> tuple[int, int]:
-        return self.queue[self.q], self.it
+    def current(self) -> tuple[int, tuple[int, ...]]:
+        return self.queue[self.q], tuple(seg[2] for seg in self.segs)
+
+    def check_point(self) -> tuple[int, int]:
+        """At a pending check: (the while loop, its iteration)."""
+        return self.segs[0][4], self.segs[0][2]
+
+    def segment(self) -> list[int]:
+        """The worker's tasks of the entered top-level loop."""
+        return self.queue[self.segs[0][0] : self.segs[0][1]]
 
     def advance(self) -> None:
         self.q += 1
-        if self.q == self.end:
-            self.it += 1
-            if self.it < self.trips:
-                self.q = self.begin
-            else:
-                self.it = 0
-                self._enter()
+        self._settle()
+
+    def resolve_check(self, taken: bool) -> None:
+        self.pending_check = False
+        if taken:
+            self.checked = True
+        else:
+            self.q = self.segs[0][1]
+            self.segs = []
+        self._settle()
 
 
-def execution_order(plan: Plan, rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
-    """(task, iteration) pairs in an order in which workers could run their queues (each waits
+Predicate = Callable[[int, int], bool]  # (while loop, iteration) -> does the body run
+
+
+def execution_order(
+    plan: Plan,
+    rng: np.random.Generator | None = None,
+    run: Callable[[int, tuple[int, ...]], None] | None = None,
+    predicate: Predicate | None = None,
+) -> list[tuple[int, tuple[int, ...]]]:
+    """(task, iterations) pairs in an order in which workers could run their queues (each waits
     for its task's dependency targets); with rng, the next worker to advance is random (a
-    stand-in for arbitrary timing)."""
+    stand-in for arbitrary timing). run(t, its) is called as each run is ordered, and
+    predicate(loop, i) at a while loop's check point once the predicate task's run i is done
+    (without one, a while loop runs its body until its guard, as if always true)."""
     count = [0] * len(plan.tasks)
     cursors = [_Cursor(plan, q) for q in plan.queues]
-    total = sum(plan.trip_count(task.op) for task in plan.tasks)
-    order: list[tuple[int, int]] = []
+    order: list[tuple[int, tuple[int, ...]]] = []
+    verdicts: dict[tuple[int, int], bool] = {}
+    pred_task = {
+        k: next((t for t, x in enumerate(plan.tasks) if x.op == loop.pred_op), -1)
+        for k, loop in enumerate(plan.loops)
+        if loop.pred_op >= 0
+    }
 
     def runnable(c: _Cursor) -> bool:
-        t, it = c.current()
-        return all(count[d] >= dependency_target(plan, t, d, it) for d in plan.tasks[t].deps)
+        if c.pending_check:
+            loop, i = c.check_point()
+            return count[pred_task[loop]] >= i + 1
+        t, its = c.current()
+        return all(count[d] >= plan.dependency_target(t, d, its) for d in plan.tasks[t].deps)
 
-    while len(order) < total:
+    while any(not c.done for c in cursors):
         ready = [w for w, c in enumerate(cursors) if not c.done and runnable(c)]
         if not ready:
             stuck = [
-                f"{plan.task_name(c.current()[0])} iteration {c.current()[1]}"
+                f"{plan.task_name(c.current()[0])} iterations {c.current()[1]}"
+                if not c.pending_check
+                else f"the check of while loop {c.check_point()[0]}"
                 for c in cursors
                 if not c.done
             ]
             raise PlanError(f"plan deadlocks: every worker waits ({'; '.join(stuck)})")
         for w in [ready[rng.integers(len(ready))]] if rng is not None else ready:
-            t, it = cursors[w].current()
-            cursors[w].advance()
-            count[t] = it + 1
-            order.append((t, it))
+            c = cursors[w]
+            if c.pending_check:
+                loop, i = c.check_point()
+                if (loop, i) not in verdicts:
+                    verdicts[loop, i] = True if predicate is None else bool(predicate(loop, i))
+                taken = verdicts[loop, i]
+                if taken and i + 1 >= plan.loops[loop].trip_count and predicate is not None:
+                    raise PlanError(
+                        f"while loop {loop} ({plan.loops[loop].source}) did not end within "
+                        f"{plan.loops[loop].trip_count - 1} iterations (its guard: raise "
+                        "max_while_iterations or the loop's trip_count)"
+                    )
+                if not taken:  # the loop ended: its tasks count as finished
+                    for t in c.segment():
+                        count[t] = plan.trip_count(plan.tasks[t].op)
+                c.resolve_check(taken)
+                continue
+            t, its = c.current()
+            c.advance()
+            count[t] = plan.run_index(plan.tasks[t].op, its) + 1
+            order.append((t, its))
+            if run is not None:
+                run(t, its)
     return order
 
 
@@ -466,8 +558,13 @@ def interpret(plan: Plan, *args, rng: np.random.Generator | None = None) -> list
         raise PlanError("the plan has put tasks (a communication group): use interpret_group")
     full = list(args) + [plan.constants[t] for t in plan.args[plan.num_inputs :]]
     buffers, _ = _buffers(plan, full)
-    for t, it in execution_order(plan, rng):
-        run_task(plan, t, buffers, it)
+
+    def predicate(loop: int, i: int) -> bool:
+        return bool(buffers[plan.ops[plan.loops[loop].pred_op].out][i])
+
+    execution_order(
+        plan, rng, run=lambda t, its: run_task(plan, t, buffers, its), predicate=predicate
+    )
     return [buffers[o].reshape(plan.tensors[o].shape) for o in plan.outputs]
 
 

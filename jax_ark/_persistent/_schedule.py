@@ -143,8 +143,8 @@ def written_elements(plan: Plan, task: Task) -> np.ndarray:
     lin = tile_linear(op, task)
     if not op.stacked:
         return lin
-    trips = np.arange(plan.trip_count(task.op), dtype=np.int64)
-    return (lin[None, :] + trips[:, None] * (op.B * op.M * op.N)).ravel()
+    slices = np.arange(plan.loops[op.loop].trip_count, dtype=np.int64)  # every slice, any order
+    return (lin[None, :] + slices[:, None] * (op.B * op.M * op.N)).ravel()
 
 
 def epilogue_shape(plan: Plan, op: Op) -> tuple[int, ...]:
@@ -154,11 +154,17 @@ def epilogue_shape(plan: Plan, op: Op) -> tuple[int, ...]:
 
 
 def _all_iterations(plan: Plan, op_index: int, view, off: np.ndarray) -> np.ndarray:
-    """Elements a view reads at iteration 0 (off), moved to every iteration of op's loop."""
-    trips = plan.trip_count(op_index)
-    if not view.iter_stride or trips == 1:
+    """Elements a view reads at iteration 0 (off), moved to every iteration of op's loops (the
+    innermost by iter_stride, the one around it by outer_iter_stride)."""
+    chain = plan.loop_chain(op_index)
+    steps = np.zeros(1, dtype=np.int64)
+    for loop, stride in zip(chain[::-1], (view.iter_stride, view.outer_iter_stride), strict=False):
+        trips = plan.loops[loop].trip_count
+        if stride and trips > 1:
+            more = np.arange(trips, dtype=np.int64) * stride
+            steps = (steps[None, :] + more[:, None]).ravel()
+    if steps.size == 1:
         return off
-    steps = np.arange(trips, dtype=np.int64) * view.iter_stride
     return (off.ravel()[None, :] + steps[:, None]).ravel()
 
 
@@ -277,11 +283,11 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
             if prod.size:  # bincount: the distinct producers, much faster than np.unique here
                 producers = [int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t]
                 need[t].update(producers)
-                loop = plan.ops[task.op].loop
                 for p in producers:
-                    # A tensor written in t's own loop is written again next iteration: its writer
-                    # waits for this read (write-after-read; same or next iteration, see carried)
-                    if loop >= 0 and plan.ops[plan.tasks[p].op].loop == loop:
+                    # A tensor written in a loop t is in too is written again next iteration: its
+                    # writer waits for this read (write-after-read; same or next iteration of the
+                    # innermost common loop, see carried)
+                    if plan.common_depth(task.op, plan.tasks[p].op) > 0:
                         need[p].add(t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
@@ -435,10 +441,14 @@ def _place(plan: Plan) -> list[list[int]]:
 
 
 def stage_of(plan: Plan, op: int) -> int:
-    """2 * (loops that end at or before op) + 1 if op is in a loop: dependencies and queues only
-    go from a stage to the same or a later one."""
-    before = sum(1 for loop in plan.loops if loop.end_op <= op)
-    return 2 * before + (1 if plan.ops[op].loop >= 0 else 0)
+    """How many loop boundaries (a loop's first op or end op, a while loop's first body op) are at
+    or before op: the stages are the runs of ops between boundaries (before a loop, an outer
+    loop's ops before its inner loop, the inner loop, a while loop's head and body, ...). Queues
+    and same-iteration dependencies only go from a stage to the same or a later one (a carried
+    dependency goes to an earlier iteration instead)."""
+    bounds = {b for loop in plan.loops for b in (loop.first_op, loop.end_op)}
+    bounds |= {loop.pred_op + 1 for loop in plan.loops if loop.pred_op >= 0}  # while: head | body
+    return sum(1 for b in bounds if b <= op)
 
 
 def build_plan(

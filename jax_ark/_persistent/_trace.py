@@ -13,6 +13,7 @@ a matmul operand, a view the program form cannot express, a value used more than
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +24,12 @@ import numpy as np
 from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
+    DEFAULT_MAX_WHILE_ITERATIONS,
     INT_DTYPES,
+    MAX_LOOP_DEPTH,
     MAX_PROGRAM_LEN,
     MAX_RANK,
+    MAX_TRIP_COUNT,
     CommGroup,
     Instr,
     Loop,
@@ -61,6 +65,7 @@ class _Load(_Node):
     offset: int = 0
     strides: tuple[int, ...] = ()
     iter_stride: int = 0  # inside a loop body: moves by this many elements per iteration (xs)
+    outer_iter_stride: int = 0  # in a nested loop's body: ... per iteration of the outer loop
 
 
 @dataclass(eq=False)
@@ -122,6 +127,7 @@ def _is_identity(node: _Load, tensor_shape: tuple[int, ...]) -> bool:
     if (
         node.offset != 0
         or node.iter_stride != 0
+        or node.outer_iter_stride != 0
         or math.prod(node.shape) != math.prod(tensor_shape)
     ):
         return False
@@ -205,8 +211,11 @@ class _Builder:
     aliased: set[int] = field(default_factory=set)
     num_inputs: int = 0
     loops: list[Loop] = field(default_factory=list)
-    in_loop: bool = False  # translating a loop body (nested loops are refused)
+    loop_stack: list[int] = field(default_factory=list)  # the loops whose bodies are translated
     comm: CommGroup | None = None  # the plan's group, set before translating (_comm.plan_group)
+    max_while_iterations: int = 0  # the guard of while loops (trace's argument)
+    # id(dynamic_update_slice eqn of a loop body) -> the aliased result tensor it updates in place
+    loop_in_place: dict[int, int] = field(default_factory=dict)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -217,9 +226,17 @@ class _Builder:
         return len(self.tensors) - 1
 
     def view_id(self, node: _Load) -> int:
-        key = (node.tensor, node.offset, node.strides, node.iter_stride)
+        key = (node.tensor, node.offset, node.strides, node.iter_stride, node.outer_iter_stride)
         if key not in self.view_ids:
-            self.views.append(View(node.tensor, node.offset, tuple(node.strides), node.iter_stride))
+            self.views.append(
+                View(
+                    node.tensor,
+                    node.offset,
+                    tuple(node.strides),
+                    node.iter_stride,
+                    node.outer_iter_stride,
+                )
+            )
             self.view_ids[key] = len(self.views) - 1
         return self.view_ids[key]
 
@@ -242,7 +259,13 @@ class _Builder:
             for i, d in enumerate(dims):
                 strides[d] = node.strides[i] if node.shape[i] == shape[d] else 0
             return _Load(
-                shape, node.dtype, node.tensor, node.offset, tuple(strides), node.iter_stride
+                shape,
+                node.dtype,
+                node.tensor,
+                node.offset,
+                tuple(strides),
+                node.iter_stride,
+                node.outer_iter_stride,
             )
         if isinstance(node, _Ew):
             args = [self._broadcast(a, shape, dims) for a in node.args]
@@ -265,7 +288,15 @@ class _Builder:
             return _Imm(shape, node.dtype, value=node.value)
         if isinstance(node, _Load):
             strides = tuple(node.strides[p] for p in perm)
-            return _Load(shape, node.dtype, node.tensor, node.offset, strides, node.iter_stride)
+            return _Load(
+                shape,
+                node.dtype,
+                node.tensor,
+                node.offset,
+                strides,
+                node.iter_stride,
+                node.outer_iter_stride,
+            )
         if isinstance(node, _Ew):
             args = [self._transpose(a, perm) for a in node.args]
             if any(a is None for a in args):
@@ -291,7 +322,15 @@ class _Builder:
         if isinstance(node, _Load):
             offset = node.offset + sum(lo * s for lo, s in zip(start, node.strides, strict=True))
             strides = tuple(s * st for s, st in zip(node.strides, step, strict=True))
-            return _Load(shape, node.dtype, node.tensor, offset, strides, node.iter_stride)
+            return _Load(
+                shape,
+                node.dtype,
+                node.tensor,
+                offset,
+                strides,
+                node.iter_stride,
+                node.outer_iter_stride,
+            )
         if isinstance(node, _Ew):
             args = [self._slice(a, start, limit, step) for a in node.args]
             if any(a is None for a in args):
@@ -318,7 +357,15 @@ class _Builder:
             strides = _reshape_strides(node.shape, node.strides, shape)
             if strides is None:
                 return None
-            return _Load(shape, node.dtype, node.tensor, node.offset, strides, node.iter_stride)
+            return _Load(
+                shape,
+                node.dtype,
+                node.tensor,
+                node.offset,
+                strides,
+                node.iter_stride,
+                node.outer_iter_stride,
+            )
         if isinstance(node, _Ew):
             args = [self._reshape(a, shape) for a in node.args]
             if any(a is None for a in args):
@@ -889,13 +936,18 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
         s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
         terms.append(_iop(b, "imul", s, x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride)
+    base = _Load(
+        tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride, x.outer_iter_stride
+    )
     return _load_at(base, _sum_offsets(b, terms))
 
 
 def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     if math.prod(args[1].shape) == 0:
         return args[0]
+    state = b.loop_in_place.get(id(b.eqn))
+    if state is not None:  # a loop's in-place carry (see _in_place_carries)
+        return _window_store(b, state, args[1], args[2:], out_shape)
     in_place = _update_in_place(b, args, out_shape)
     if in_place is not None:
         return in_place
@@ -916,6 +968,7 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
         update.offset,
         (0,) * len(out_shape),
         update.iter_stride,
+        update.outer_iter_stride,
     )
     new = _load_at(base, _sum_offsets(b, terms))
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
@@ -946,10 +999,17 @@ def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
     index = b.top_outputs.pop(out_var)
     out = b.new_tensor(out_shape, src.dtype, "result", index)
     b.tensors[out].alias = src.index
+    return _window_store(b, out, update, args[2:], out_shape)
+
+
+def _window_store(b: _Builder, out: int, update: _Node, starts, out_shape) -> _Load:
+    """One window-store task writing `update` into tensor `out` (an aliased result) at the
+    clamped device offset of `starts`; the other elements keep their content."""
+    src = b.tensors[out]
     window = tuple(update.shape)
     strides = _row_major(tuple(out_shape))
     terms = []
-    for d, start in enumerate(args[2:]):
+    for d, start in enumerate(starts):
         s = _clamp(b, _i32(b, start, window), 0, out_shape[d] - window[d])
         terms.append(_iop(b, "imul", s, strides[d]))
     offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
@@ -1008,7 +1068,15 @@ def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             inside = _and(b, inside, _iop(b, "ile", start, hi))
         terms.append(_iop(b, "imul", _clamp(b, start, 0, hi), x.strides[xd]))
     del nvec
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, tuple(strides), x.iter_stride)
+    base = _Load(
+        tuple(out_shape),
+        x.dtype,
+        x.tensor,
+        x.offset,
+        tuple(strides),
+        x.iter_stride,
+        x.outer_iter_stride,
+    )
     value = _load_at(base, _sum_offsets(b, terms))
     if inside is None:
         return value
@@ -1033,7 +1101,15 @@ def _concatenate(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             continue
         x = _as_load(b, a)
         strides = tuple(0 if d == axis else s for d, s in enumerate(x.strides))
-        base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride)
+        base = _Load(
+            tuple(out_shape),
+            x.dtype,
+            x.tensor,
+            x.offset,
+            strides,
+            x.iter_stride,
+            x.outer_iter_stride,
+        )
         moved = _iop(b, "imul", _clamp(b, _iop(b, "isub", i, at), 0, n - 1), x.strides[axis])
         part = _load_at(base, moved)
         out = (
@@ -1060,7 +1136,13 @@ def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
         inside = _and(b, inside, _iop(b, "ilt", t, x.shape[d]))
         terms.append(_iop(b, "imul", _clamp(b, t, 0, x.shape[d] - 1), x.strides[d]))
     base = _Load(
-        tuple(out_shape), x.dtype, x.tensor, x.offset, (0,) * len(out_shape), x.iter_stride
+        tuple(out_shape),
+        x.dtype,
+        x.tensor,
+        x.offset,
+        (0,) * len(out_shape),
+        x.iter_stride,
+        x.outer_iter_stride,
     )
     value = _load_at(base, _sum_offsets(b, terms))
     if inside is None:
@@ -1080,8 +1162,114 @@ def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
             neg = b.elementwise("ineg", [_position(b, out_shape, d)], out_shape, "int32")
             back = _iop(b, "iadd", neg, x.shape[d] - 1)
             terms.append(_iop(b, "imul", back, x.strides[d]))
-    base = _Load(tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride)
+    base = _Load(
+        tuple(out_shape), x.dtype, x.tensor, x.offset, strides, x.iter_stride, x.outer_iter_stride
+    )
     return _load_at(base, _sum_offsets(b, terms))
+
+
+def _scatter_handler(prim, b, args, params, out_shape, out_dtype):
+    return _scatter(b, prim, args, params, out_shape, out_dtype)
+
+
+_SCATTER_MAX_POINTS = 16  # scatter points planned as chained selects (each one a whole-tensor pass)
+
+
+def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Node:
+    """scatter / scatter-add / -mul / -min / -max with device indices (x.at[i].set(v), a KV-cache
+    write cache.at[:, pos].set(kv), tokens.at[i].set(tok)): every output element is the operand's,
+    or, inside a scatter point's window, the update's (combined with the operand's for add / mul /
+    min / max). A point whose window does not fit is dropped (FILL_OR_DROP, jax's default for
+    scatters, and XLA's own behaviour for PROMISE_IN_BOUNDS) or clamped into the operand (CLIP),
+    as XLA does. Points are applied in order (duplicate indices of `set` are unspecified in XLA;
+    add / mul / min / max fold every point); at most 16 points."""
+    operand, indices, updates = args
+    dn = params["dimension_numbers"]
+    mode = str(params.get("mode", ""))
+    where = f"at {b.source}"
+    if dn.operand_batching_dims or dn.scatter_indices_batching_dims:
+        raise UnsupportedError(f"ark.persistent: {prim} with batching dims {where}")
+    if not indices.shape:
+        raise UnsupportedError(f"ark.persistent: {prim} with scalar indices {where}")
+    batch_shape = tuple(indices.shape[:-1])
+    points = math.prod(batch_shape)
+    if points == 0 or math.prod(updates.shape) == 0 or math.prod(out_shape) == 0:
+        return operand
+    if points > _SCATTER_MAX_POINTS:
+        raise UnsupportedError(
+            f"ark.persistent: {prim} of {points} scatter points (at most "
+            f"{_SCATTER_MAX_POINTS}) {where}"
+        )
+    kind = _kind(out_dtype)
+    combine = None
+    if prim != "scatter":
+        table = {
+            "scatter-add": {"float": "add", "int": "iadd", "uint": "iadd"},
+            "scatter_add": {"float": "add", "int": "iadd", "uint": "iadd"},
+            "scatter-mul": {"float": "mul", "int": "imul", "uint": "imul"},
+            "scatter_mul": {"float": "mul", "int": "imul", "uint": "imul"},
+            "scatter-min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
+            "scatter_min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
+            "scatter-max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
+            "scatter_max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
+        }
+        combine = table.get(prim, {}).get(kind)
+        if combine is None:
+            raise UnsupportedError(f"ark.persistent: {prim} on {out_dtype} {where}")
+    rank = len(out_shape)
+    inserted = set(dn.inserted_window_dims)
+    window_dims = [d for d in range(rank) if d not in inserted]
+    window = {d: 1 for d in inserted}
+    for j, d in enumerate(window_dims):
+        window[d] = updates.shape[dn.update_window_dims[j]]
+    scatter_dims = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
+    idx = _as_load(b, indices)
+    upd = _as_load(b, b.strip_pendings(updates))
+    cur = operand
+    for p in range(points):
+        at = np.unravel_index(p, batch_shape) if batch_shape else ()
+        idx_at = idx.offset + sum(int(i) * s for i, s in zip(at, idx.strides[:-1], strict=True))
+        starts = {
+            d: _Load(
+                (), idx.dtype, idx.tensor, idx_at + c * idx.strides[-1], (), idx.iter_stride,
+                idx.outer_iter_stride,
+            )
+            for c, d in enumerate(dn.scatter_dims_to_operand_dims)
+        }  # fmt: skip
+        take, terms = None, []
+        for d in range(rank):
+            n, w = out_shape[d], window[d]
+            pos = _position(b, out_shape, d)
+            if d in starts:
+                s = _i32(b, starts[d], out_shape)
+                if "CLIP" in mode:
+                    s = _clamp(b, s, 0, n - w)
+                else:  # the whole window must fit, else the point is dropped
+                    take = _and(b, take, _iop(b, "ige", s, 0))
+                    take = _and(b, take, _iop(b, "ile", s, n - w))
+                rel = b.elementwise("isub", [pos, s], out_shape, "int32")
+            else:
+                rel = pos
+            if d in starts or w < n:
+                take = _and(b, take, _iop(b, "ige", rel, 0))
+                take = _and(b, take, _iop(b, "ilt", rel, w))
+            if d not in inserted:
+                stride = upd.strides[dn.update_window_dims[window_dims.index(d)]]
+                terms.append(_iop(b, "imul", _clamp(b, rel, 0, w - 1), stride))
+        upd_at = upd.offset + sum(
+            int(i) * upd.strides[d] for i, d in zip(at, scatter_dims, strict=True)
+        )
+        base = _Load(
+            tuple(out_shape), upd.dtype, upd.tensor, upd_at, (0,) * rank, upd.iter_stride,
+            upd.outer_iter_stride,
+        )  # fmt: skip
+        new = _load_at(base, _sum_offsets(b, terms))
+        if combine is not None:
+            new = b.elementwise(combine, [cur, new], out_shape, out_dtype)
+        cur = (
+            new if take is None else b.elementwise("select", [take, cur, new], out_shape, out_dtype)
+        )
+    return cur
 
 
 _INDEXING = {
@@ -1091,6 +1279,20 @@ _INDEXING = {
     "concatenate": _concatenate,
     "pad": _pad,
     "rev": _rev,
+    **{
+        name: functools.partial(_scatter_handler, name)
+        for name in (
+            "scatter",
+            "scatter-add",
+            "scatter_add",
+            "scatter-mul",
+            "scatter_mul",
+            "scatter-min",
+            "scatter_min",
+            "scatter-max",
+            "scatter_max",
+        )
+    },  # fmt: skip
 }
 
 
@@ -1227,10 +1429,12 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
     if prim == "scan":
         return _scan(b, eqn, args)
+    if prim == "while":
+        return _while(b, eqn, args)
     if prim == "cond":
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
-        if b.in_loop:
+        if b.loop_stack:
             raise UnsupportedError(
                 f"ark.persistent: collective '{prim}' inside a loop body (at {b.source}): "
                 "communication inside scan / fori_loop is not supported (plan v3 has loops or "
@@ -1247,11 +1451,13 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, broadcast_in_dim, "
-        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, the "
+        "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
+        "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
+        "most 16 points), concatenate, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
         "or jax_ark, inside jax.shard_map; not together with loops), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
-        "cond / switch; no while_loop or shard_map"
+        "cond / switch, while_loop (at top level, no loop inside); no shard_map"
     )
 
 
@@ -1262,14 +1468,17 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     the body's first ops copy the carry in: X_k = (iteration == 0 ? init_k : C_k), so C_k of
     iteration i - 1 is read before iteration i overwrites it (a write-after-read dependency from
     the carry-in task to C_k's writers), and every tensor has exactly one writer op. xs are views
-    whose offset moves by one slice per iteration; ys are written by stacked ops."""
+    whose offset moves by one slice per iteration (backwards for reverse=True); ys are written by
+    stacked ops (slice T - 1 - i at iteration i when reversed). A scan inside a loop body is a
+    nested loop (one level): views of the outer loop's xs move with the outer iteration there."""
     p = eqn.params
     source = b.source
     where = f"at {source}"
-    if b.in_loop:
-        raise UnsupportedError(f"ark.persistent: a scan / fori_loop inside a loop body {where}")
-    if p.get("reverse"):
-        raise UnsupportedError(f"ark.persistent: scan(reverse=True) is not supported {where}")
+    if len(b.loop_stack) >= MAX_LOOP_DEPTH:
+        raise UnsupportedError(
+            f"ark.persistent: scan / fori_loop nested more than {MAX_LOOP_DEPTH} loops deep {where}"
+        )
+    reverse = bool(p.get("reverse"))
     T, nc, nk = int(p["length"]), int(p["num_consts"]), int(p["num_carry"])
     closed = p["jaxpr"]
     consts, init, xs = args[:nc], args[nc : nc + nk], args[nc + nk :]
@@ -1283,12 +1492,173 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in consts]
     init = [b.strip_pendings(x) for x in init]
     xs = [x if isinstance(x, (_Load, _Imm)) else b.materialize(x) for x in xs]
+    parent = b.loop_stack[-1] if b.loop_stack else -1
+    if parent >= 0:
+        # Inside the inner body, what moved with the outer loop's iteration moves per OUTER
+        # iteration (outer_iter_stride); iter_stride is the inner loop's.
+        consts, init, xs = ([_to_outer(x) for x in group] for group in (consts, init, xs))
+    in_place = _in_place_carries(b, eqn, init)
     carry_tensors = [
-        b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}")
+        in_place[k]
+        if k in in_place
+        else b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}")
         for k, a in enumerate(carry_avals)
     ]
+    # The loop's record is reserved now, so an outer loop precedes the loops nested in it.
     loop_id, first_op = len(b.loops), len(b.ops)
-    b.in_loop = True
+    b.loops.append(Loop(T, first_op, first_op, source=source, parent=parent))
+    b.loop_stack.append(loop_id)
+    try:
+        iteration = _Ew((), "int32", op="load_iter")
+        first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
+        carries = []
+        for k, x in enumerate(init):
+            prev = b.load(carry_tensors[k])
+            if math.prod(x.shape) == 0 or k in in_place:  # in place: the body reads the state
+                carries.append(prev)
+                continue
+            x = b.elementwise("select", [first, prev, x], x.shape, x.dtype)
+            carries.append(b.materialize(x))
+        slices: list[_Node] = []
+        for x in xs:
+            if isinstance(x, _Imm):
+                slices.append(_Imm(x.shape[1:], x.dtype, value=x.value))
+            else:
+                # slice i is x[i] (x[T - 1 - i] reversed): the view walks the leading dim
+                step = -x.strides[0] if reverse else x.strides[0]
+                start = x.offset + (T - 1) * x.strides[0] if reverse else x.offset
+                slices.append(
+                    _Load(
+                        x.shape[1:], x.dtype, x.tensor, start, x.strides[1:], step,
+                        x.outer_iter_stride,
+                    )
+                )  # fmt: skip
+        outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
+        for k, node in enumerate(outs[:nk]):
+            if k in in_place:  # its window store wrote the state itself
+                if not (isinstance(node, _Load) and node.tensor == in_place[k]):
+                    raise AssertionError("internal error: in-place carry not updated in place")
+                continue
+            if isinstance(node, (_Load, _Imm)):  # a value passed through: copied into place
+                move = "imov" if node.dtype in INT_DTYPES else "copy"
+                node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
+            if node.dtype != b.tensors[carry_tensors[k]].dtype:
+                node = _convert(b, node, b.tensors[carry_tensors[k]].dtype)
+            b.materialize(node, into=carry_tensors[k])
+        ys = []
+        for node, aval in zip(outs[nk:], ys_avals, strict=True):
+            if isinstance(node, (_Load, _Imm)):  # a value passed through: copied into place
+                move = "imov" if node.dtype in INT_DTYPES else "copy"
+                node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
+            emitted = len(b.ops)
+            ys.append(b.materialize(node, stacked=T))
+            if reverse and len(b.ops) > emitted:
+                b.ops[-1].stack_reversed = True  # the stacked op is the last one emitted
+            if tuple(ys[-1].shape) != tuple(aval.shape):
+                raise AssertionError("internal error: stacked output shape")
+    finally:
+        b.loop_stack.pop()
+    for k in in_place:
+        del b.loop_in_place[id(_carry_update_eqn(closed.jaxpr, nc, k))]
+    end_op = len(b.ops)
+    for op in b.ops[first_op:end_op]:
+        if op.loop < 0:  # ops of a nested loop keep their (innermost) loop
+            op.loop = loop_id
+    if end_op == first_op:  # nothing runs per iteration (only empty carries)
+        assert loop_id == len(b.loops) - 1, "an op-less loop holds no other loop"
+        b.loops.pop()
+    else:
+        b.loops[loop_id].end_op = end_op
+    return [b.load(t) for t in carry_tensors] + ys
+
+
+def _carry_update_eqn(body, nc: int, k: int):
+    """The body eqn producing carry k's new value when it is a dynamic_update_slice of carry k's
+    own incoming value that nothing else in the body reads; else None."""
+    var_in, var_out = body.invars[nc + k], body.outvars[k]
+    if _is_literal(var_out) or var_in in body.outvars:
+        return None
+    uses = [e for e in body.eqns if any(v is var_in for v in e.invars if not _is_literal(v))]
+    if len(uses) != 1:
+        return None
+    (eqn,) = uses
+    ok = (
+        eqn.primitive.name == "dynamic_update_slice"
+        and eqn.invars[0] is var_in
+        and eqn.outvars[0] is var_out
+        and sum(v is var_in for v in eqn.invars) == 1
+    )
+    return eqn if ok else None
+
+
+def _in_place_carries(b: _Builder, eqn, init: list[_Node]) -> dict[int, int]:
+    """Carries of a top-level scan / fori_loop kept in place (a decode loop's KV cache): the
+    initial value is a user input nothing else reads, the loop's final value is returned by the
+    function, and the body's new value is a dynamic_update_slice of the old one that nothing else
+    reads. Such a carry lives in ONE tensor, the result aliased to that input (with donation no
+    copy at all), and each iteration's update is one window-store task writing only the update:
+    no carry-in copy, no whole-cache write per iteration. carry k -> that tensor."""
+    if b.loop_stack:
+        return {}
+    body, nc = eqn.params["jaxpr"].jaxpr, int(eqn.params["num_consts"])
+    found: dict[int, int] = {}
+    for k, x in enumerate(init):
+        var_in, var_out = eqn.invars[nc + k], eqn.outvars[k]
+        update = _carry_update_eqn(body, nc, k)
+        if (
+            update is None
+            or _is_literal(var_in)
+            or not isinstance(x, _Load)
+            or x.tensor not in b.args[: b.num_inputs]
+            or not _is_identity(x, b.tensors[x.tensor].shape)
+            or b.top_counts.get(var_in) != 1
+            or var_out not in b.top_outputs
+            or b.tensors[x.tensor].index in b.aliased
+            or math.prod(x.shape) == 0
+        ):
+            continue
+        src = b.tensors[x.tensor]
+        b.aliased.add(src.index)
+        out = b.new_tensor(src.shape, src.dtype, "result", b.top_outputs.pop(var_out))
+        b.tensors[out].alias = src.index
+        b.loop_in_place[id(update)] = out
+        found[k] = out
+    return found
+
+
+def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
+    """jax.lax.while_loop (and fori_loop with traced bounds) as a plan *while loop*: per iteration
+    the head (carry-in X = (i == 0 ? init : C), then cond(X) into slot i of a stacked bool
+    predicate tensor) runs, and every worker reads slot i to decide whether to run the body (the
+    ops after the predicate, writing C) or leave the loop. The result is X of the iteration whose
+    predicate was false. At most max_while_iterations body iterations: one more fails the call."""
+    p = eqn.params
+    source = b.source
+    where = f"at {source}"
+    if b.loop_stack:
+        raise UnsupportedError(
+            f"ark.persistent: while_loop inside a loop body {where} (a while loop must be at top "
+            "level; a scan / fori_loop with a static trip count may be nested)"
+        )
+    guard = b.max_while_iterations
+    T = guard + 1  # head runs: the body's guard iterations and the final (false) check
+    if T > MAX_TRIP_COUNT:
+        raise UnsupportedError(
+            f"ark.persistent: max_while_iterations {guard} > {MAX_TRIP_COUNT - 1} {where}"
+        )
+    ncc, nbc = int(p["cond_nconsts"]), int(p["body_nconsts"])
+    cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+    cond_consts, body_consts, init = args[:ncc], args[ncc : ncc + nbc], args[ncc + nbc :]
+    avals = [v.aval for v in eqn.outvars]
+    cond_consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in cond_consts]
+    body_consts = [c if isinstance(c, (_Load, _Imm)) else b.materialize(c) for c in body_consts]
+    init = [b.strip_pendings(x) for x in init]
+    carry_tensors = [
+        b.new_tensor(tuple(a.shape), _dtype_name(a), name=f"carry{k}") for k, a in enumerate(avals)
+    ]
+    loop_id, first_op = len(b.loops), len(b.ops)
+    b.loops.append(Loop(T, first_op, first_op, source=source))
+    b.loop_stack.append(loop_id)
     try:
         iteration = _Ew((), "int32", op="load_iter")
         first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
@@ -1300,39 +1670,47 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 continue
             x = b.elementwise("select", [first, prev, x], x.shape, x.dtype)
             carries.append(b.materialize(x))
-        slices: list[_Node] = []
-        for x in xs:
-            if isinstance(x, _Imm):
-                slices.append(_Imm(x.shape[1:], x.dtype, value=x.value))
-            elif x.iter_stride:
-                raise UnsupportedError(f"ark.persistent: nested scan over xs {where}")
-            else:
-                slices.append(
-                    _Load(x.shape[1:], x.dtype, x.tensor, x.offset, x.strides[1:], x.strides[0])
-                )
-        outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
-        for k, node in enumerate(outs[:nk]):
+        (pred,) = _translate(b, cond.jaxpr, list(cond.consts), cond_consts + carries)
+        if pred.dtype != "bool":
+            pred = _convert(b, pred, "bool")
+        if isinstance(pred, (_Load, _Imm)):
+            pred = _Ew((), "bool", op="copy", args=(pred,), _size=2)
+        b.materialize(pred, stacked=T)  # slot i: does iteration i run the body
+        pred_op = len(b.ops) - 1
+        outs = _translate(b, body.jaxpr, list(body.consts), body_consts + carries)
+        for k, node in enumerate(outs):
+            if math.prod(node.shape) == 0:
+                continue
             if isinstance(node, (_Load, _Imm)):
-                node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+                move = "imov" if node.dtype in INT_DTYPES else "copy"
+                node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
             if node.dtype != b.tensors[carry_tensors[k]].dtype:
                 node = _convert(b, node, b.tensors[carry_tensors[k]].dtype)
             b.materialize(node, into=carry_tensors[k])
-        ys = []
-        for node, aval in zip(outs[nk:], ys_avals, strict=True):
-            if isinstance(node, (_Load, _Imm)):
-                node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
-            ys.append(b.materialize(node, stacked=T))
-            if tuple(ys[-1].shape) != tuple(aval.shape):
-                raise AssertionError("internal error: stacked output shape")
     finally:
-        b.in_loop = False
+        b.loop_stack.pop()
     end_op = len(b.ops)
     for op in b.ops[first_op:end_op]:
         if op.store_view >= 0:
             raise UnsupportedError(f"ark.persistent: an in-place update inside a loop {where}")
+        if op.loop >= 0:
+            raise UnsupportedError(f"ark.persistent: a loop inside a while_loop body {where}")
         op.loop = loop_id
-    b.loops.append(Loop(T, first_op, end_op, source=source))
-    return [b.load(t) for t in carry_tensors] + ys
+    b.loops[loop_id].end_op = end_op
+    b.loops[loop_id].pred_op = pred_op
+    return carries
+
+
+def _to_outer(node: _Node) -> _Node:
+    """node with every view's iteration stride moved to the outer loop (entering a nested loop's
+    body: the enclosing loop's xs slices move per outer iteration there)."""
+    if isinstance(node, _Load) and node.iter_stride:
+        if node.outer_iter_stride:
+            raise AssertionError("internal error: a view moving with three loops")
+        return dataclasses.replace(node, iter_stride=0, outer_iter_stride=node.iter_stride)
+    if isinstance(node, _Ew) and node.args:
+        return dataclasses.replace(node, args=tuple(_to_outer(a) for a in node.args))
+    return node
 
 
 def _cond(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
@@ -1378,6 +1756,7 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
                 node.offset,
                 tuple(m[1] for m in merged),
                 node.iter_stride,
+                node.outer_iter_stride,
             )
     perm = [d for g in groups for d in g]
     if perm != sorted(perm) or not isinstance(node, _Load):
@@ -1492,11 +1871,17 @@ def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) 
     return _Pending(shape, out_dtype, core=core)
 
 
-def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = None) -> TraceResult:
+def trace(
+    fn,
+    avals: list[jax.ShapeDtypeStruct],
+    arg_names: list[str] | None = None,
+    max_while_iterations: int = DEFAULT_MAX_WHILE_ITERATIONS,
+) -> TraceResult:
     """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors.
 
     arg_names: the user's name of each flat input (its pytree path, e.g. "cache['k']"), used in
-    error messages and as the input tensors' names.
+    error messages and as the input tensors' names. max_while_iterations: the guard of every
+    while_loop (more body iterations fail the call).
     """
     names = arg_names or [f"input {i}" for i in range(len(avals))]
     for i, aval in enumerate(avals):
@@ -1505,7 +1890,7 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
 
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
         closed = jax.make_jaxpr(fn)(*avals)
-    b = _Builder()
+    b = _Builder(max_while_iterations=max_while_iterations)
     # The plan's one group (every mesh axis its collectives name), known before any is planned:
     # routing tables and axis_index programs depend on it (_comm.plan_group).
     b.comm = plan_group(closed.jaxpr, UnsupportedError)
@@ -1547,10 +1932,9 @@ def trace(fn, avals: list[jax.ShapeDtypeStruct], arg_names: list[str] | None = N
             spec.storage, spec.index = "result", i
             outputs.append(node.tensor)
             continue
-        if isinstance(node, _Load):
-            node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
-        elif isinstance(node, _Imm):
-            node = _Ew(node.shape, node.dtype, op="copy", args=(node,), _size=2)
+        if isinstance(node, (_Load, _Imm)):  # integer bits move with imov, floats with copy
+            move = "imov" if node.dtype in INT_DTYPES else "copy"
+            node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
         outputs.append(b.materialize(node, "result", i).tensor)
     # Constants become FFI operands after the user inputs.
     for t in b.constants:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -31,6 +32,7 @@ from jax_ark._persistent._format import (
     REDUCE_CODES,
     UNARY_OPS,
     WORKSPACE_ALIGN,
+    Instr,
     Plan,
     PlanError,
     topological_order,
@@ -172,10 +174,20 @@ def _view_reach(plan: Plan, i: int, v: int, dims) -> None:
         raise PlanError(f"view {v}: tensor {view.tensor} out of range")
     if len(view.strides) != len(dims):
         raise PlanError(f"op {i}: view {v} has rank {len(view.strides)}, its space {len(dims)}")
-    if view.offset < 0 or any(s < 0 for s in view.strides) or view.iter_stride < 0:
+    if view.offset < 0 or any(s < 0 for s in view.strides):
         raise PlanError(f"view {v}: negative offset or stride")
     hi = view.offset + sum((d - 1) * s for d, s in zip(dims, view.strides, strict=True))
-    hi += (plan.trip_count(i) - 1) * view.iter_stride  # the last iteration's (v3 loops)
+    # v3 loops: the iterations move the view (backwards for a negative iteration stride)
+    lo = view.offset
+    chain = plan.loop_chain(i)
+    for loop, stride in zip(chain[::-1], (view.iter_stride, view.outer_iter_stride), strict=False):
+        far = (plan.loops[loop].trip_count - 1) * stride
+        lo, hi = lo + min(far, 0), hi + max(far, 0)
+    if lo < 0:
+        raise PlanError(
+            f"op {i} '{plan.ops[i].name}': view {v} reads element {lo} of tensor {view.tensor} "
+            "at some iteration (a negative iteration stride moves it below 0)"
+        )
     n = plan.tensors[view.tensor].num_elements
     if hi >= n:
         raise PlanError(
@@ -485,6 +497,8 @@ def _validate(plan: Plan) -> None:
                 f"tensor {t} '{plan.tensors[t].name}' ({plan.tensors[t].storage}) is read by a "
                 f"view but no op writes it (it would read uninitialized memory)"
             )
+    if plan.loops:
+        _validate_carried_reads(plan)
     if sum(plan.tensors[op.out].num_elements for op in plan.ops) > MAX_VALIDATED_ELEMENTS:
         raise PlanError("plan writes more than 2^30 elements: too large to validate")
     # tasks cover their op exactly once
@@ -580,25 +594,71 @@ def _ancestor_masks(order: list[int], preds: list[list[int]]) -> list[int]:
 
 # ---- loops (plan v3) ----------------------------------------
 def _validate_loops(plan: Plan) -> None:
-    """The loop section and the loop fields of ops and views (before the ops are checked)."""
+    """The loop section and the loop fields of ops and views (before the ops are checked): loops
+    ordered by first op, a nested loop inside its parent's ops (at most two levels), loops of one
+    parent disjoint, each op's loop the innermost loop holding it."""
+    last_child: dict[int, int] = {}
     for k, loop in enumerate(plan.loops):
         where = f"loops[{k}]"
         if not 1 <= loop.trip_count <= MAX_TRIP_COUNT:
             raise PlanError(f"{where}: trip_count {loop.trip_count} not in 1..{MAX_TRIP_COUNT}")
         if not 0 <= loop.first_op < loop.end_op <= len(plan.ops):
             raise PlanError(f"{where}: ops {loop.first_op}..{loop.end_op} not a range of ops")
-        if k and plan.loops[k - 1].end_op > loop.first_op:
-            raise PlanError(f"{where}: loops must be disjoint and in op order")
+        if not -1 <= loop.parent < k:
+            raise PlanError(f"{where}: parent {loop.parent} is not an earlier loop")
+        if loop.parent >= 0:
+            outer = plan.loops[loop.parent]
+            if outer.parent >= 0:
+                raise PlanError(f"{where}: loops nest at most two levels deep")
+            if not outer.first_op <= loop.first_op < loop.end_op <= outer.end_op:
+                raise PlanError(f"{where}: not inside the ops of its parent loop {loop.parent}")
+            if loop.trip_count * outer.trip_count > MAX_TRIP_COUNT:
+                raise PlanError(
+                    f"{where}: {loop.trip_count * outer.trip_count} runs in all (its trip count "
+                    f"times its parent's), more than {MAX_TRIP_COUNT}"
+                )
+        prev = last_child.get(loop.parent)
+        if (prev is not None and plan.loops[prev].end_op > loop.first_op) or (
+            k and plan.loops[k - 1].first_op > loop.first_op
+        ):
+            raise PlanError(f"{where}: loops must be disjoint (or nested) and in op order")
+        last_child[loop.parent] = k
+    for k, loop in enumerate(plan.loops):  # while loops (docs/plan_format.md, "While loops")
+        if loop.pred_op < 0:
+            continue
+        where = f"loops[{k}] (a while loop)"
+        if not loop.first_op <= loop.pred_op < loop.end_op:
+            raise PlanError(f"{where}: pred_op {loop.pred_op} is not an op of the loop")
+        if loop.parent >= 0 or any(other.parent == k for other in plan.loops):
+            raise PlanError(f"{where}: a while loop is a top-level loop with no loop inside")
+        pred = plan.ops[loop.pred_op]
+        out = plan.tensors[pred.out] if 0 <= pred.out < len(plan.tensors) else None
+        if (
+            not pred.stacked
+            or pred.stack_reversed
+            or out is None
+            or out.dtype != "bool"
+            or tuple(out.shape) != (loop.trip_count,)
+        ):
+            raise PlanError(
+                f"{where}: its predicate op {loop.pred_op} must write a stacked bool "
+                f"({loop.trip_count},) tensor"
+            )
+    innermost = [-1] * len(plan.ops)
+    for k, loop in enumerate(plan.loops):  # parents first: the innermost loop is written last
+        for i in range(loop.first_op, loop.end_op):
+            innermost[i] = k
     for i, op in enumerate(plan.ops):
         where = f"op {i} '{op.name}'"
-        inside = [k for k, lp in enumerate(plan.loops) if lp.first_op <= i < lp.end_op]
-        if op.loop != (inside[0] if inside else -1):
+        if op.loop != innermost[i]:
             raise PlanError(
                 f"{where}: loop {op.loop}, but the loop section puts it in "
-                f"{inside[0] if inside else 'no loop'}"
+                f"{innermost[i] if innermost[i] >= 0 else 'no loop'}"
             )
-        if op.loop >= 0 and op.store_view >= 0:
-            raise PlanError(f"{where}: a window store cannot be in a loop")
+        if op.stacked and op.store_view >= 0:
+            raise PlanError(f"{where}: a window store cannot be stacked")
+        if op.stack_reversed and not op.stacked:
+            raise PlanError(f"{where}: stack_reversed without stacked")
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
             if op.loop < 0 or not shape or shape[0] != plan.loops[op.loop].trip_count:
@@ -606,9 +666,6 @@ def _validate_loops(plan: Plan) -> None:
                     f"{where}: a stacked op is in a loop and its output's first dim is the "
                     "loop's trip count"
                 )
-    for v, view in enumerate(plan.views):
-        if view.iter_stride < 0:
-            raise PlanError(f"view {v}: negative iter_stride")
 
 
 def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
@@ -622,7 +679,7 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
     stage = [stage_of(plan, task.op) for task in plan.tasks]
     for t, task in enumerate(plan.tasks):
         for d in task.deps:
-            if stage[d] > stage[t]:
+            if stage[d] > stage[t] and not plan.carried(t, d):
                 raise PlanError(
                     f"{plan.task_name(t)} depends on {plan.task_name(d)}, which comes after it "
                     "(a later loop or the ops after a loop)"
@@ -646,7 +703,7 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
             preds[b].append(a)
         # a loop's segment wraps around: its first task's next iteration follows its last task
         for k in range(len(plan.loops)):
-            seg = [t for t in q if plan.ops[plan.tasks[t].op].loop == k]
+            seg = [t for t in q if k in plan.loop_chain(plan.tasks[t].op)]
             if len(seg) > 1:
                 prev[seg[0]].append(seg[-1])
     order, stuck = topological_order(preds)
@@ -655,6 +712,9 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
             f"dependency cycle (dependencies within an iteration + queue order) through "
             f"{plan.task_name(stuck)} on worker {where_queued[stuck]}: the plan would deadlock"
         )
+    if any(loop.parent >= 0 for loop in plan.loops):
+        _validate_nested_dependencies(plan, required_dependencies(plan))
+        return
     # anc0: ancestors through same-iteration edges; anc1: through at most one carried edge
     anc0 = _ancestor_masks(order, preds)
     anc1 = [0] * n
@@ -672,5 +732,135 @@ def _validate_loop_schedule(plan: Plan, where_queued: dict[int, int]) -> None:
                 raise PlanError(
                     f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} "
                     f"{'(of the previous iteration) ' if plan.carried(t, d) else ''}but does not "
+                    "depend on it (missing dependency)"
+                )
+
+
+def _operand_registers(ins: Instr) -> list[int]:
+    if ins.op == "load_at":
+        return [int(ins.b)]
+    if ins.op in UNARY_OPS or ins.op in INT_UNARY_OPS:
+        return [int(ins.a)]
+    if ins.op in BINARY_OPS or ins.op in INT_BINARY_OPS:
+        return [int(ins.a), int(ins.b)]
+    if ins.op == "select":
+        return [int(ins.a), int(ins.b), int(ins.c)]
+    return []
+
+
+def _is_first_iteration(prog: list[Instr], r: int) -> bool:
+    """Register r is `load_iter == 0` (either operand order)."""
+    ins = prog[r]
+    if ins.op != "ieq":
+        return False
+    a, b = prog[int(ins.a)], prog[int(ins.b)]
+    return {a.op, b.op} == {"load_iter", "const"} and (a if a.op == "const" else b).a == 0
+
+
+def _validate_carried_reads(plan: Plan) -> None:
+    """A read of the PREVIOUS iteration's value (a tensor written in a loop the reader is in too,
+    by an op not before the reader) finds nothing written yet at the loop's first iteration. Plans
+    only do that in the carry-in form `select(load_iter == 0, that value, init)`, which discards
+    it there; anything else would read whatever the buffer held (different per executor)."""
+    writer = {op.out: i for i, op in enumerate(plan.ops)}
+
+    def carried(i: int, v: int) -> bool:
+        w = writer.get(plan.views[v].tensor)
+        return w is not None and w >= i and plan.common_depth(i, w) > 0
+
+    for i, op in enumerate(plan.ops):
+        if op.loop < 0:
+            continue
+        where = f"op {i} '{op.name}'"
+        for v in (op.a_view, op.b_view) if op.kind == "matmul" else ():
+            if carried(i, v):
+                raise PlanError(
+                    f"{where}: a matmul operand (view {v}) is the previous iteration's value, "
+                    "which the first iteration has not written"
+                )
+        for name, prog in (("prologue", op.prologue), ("epilogue", op.epilogue)):
+            for r, ins in enumerate(prog):
+                if ins.op not in ("load", "load_at") or not carried(i, int(ins.a)):
+                    continue
+                uses = [x for x in prog[r + 1 :] if r in _operand_registers(x)]
+                guarded = (
+                    r != len(prog) - 1
+                    and bool(uses)
+                    and all(
+                        x.op == "select"
+                        and int(x.b) == r
+                        and int(x.a) != r
+                        and int(x.c) != r
+                        and _is_first_iteration(prog, int(x.a))
+                        for x in uses
+                    )
+                )
+                if not guarded:
+                    raise PlanError(
+                        f"{where} {name} instruction {r}: reads view {int(ins.a)}, the previous "
+                        "iteration's value, outside the carry-in form select(load_iter == 0, "
+                        "it, init) (the first iteration would read a tensor not yet written)"
+                    )
+
+
+_UNROLL = 3  # iterations per loop the nested-loop dependency check unrolls
+
+
+def _validate_nested_dependencies(plan: Plan, need: list[set[int]]) -> None:
+    """Complete dependencies with nested loops: a carried dependency of an inner loop and one of
+    the outer loop reach back different distances, so the "at most one carried edge" closure of
+    flat loops would accept chains through the wrong loop. Instead the plan is unrolled to
+    min(trip_count, 3) iterations per loop (every dependency reaches back at most one iteration
+    of one loop, so three iterations hold every pattern: the first, one after a first and one
+    after a generic one) into runs (task, iterations) with the executors' edges: each dependency's
+    target run, the task's own previous run, and each worker's run order (its queue walked as the
+    executors' cursors walk it). Every required dependency's target run must precede the run."""
+    from jax_ark._persistent._reference import _Cursor
+
+    small = dataclasses.replace(
+        plan,
+        loops=[
+            dataclasses.replace(lp, trip_count=min(lp.trip_count, _UNROLL)) for lp in plan.loops
+        ],
+    )
+    runs: dict[tuple[int, int], int] = {}  # (task, run index) -> node
+    its_of: list[tuple[int, tuple[int, ...]]] = []
+    preds: list[list[int]] = []
+    for q in small.queues:
+        cursor, last = _Cursor(small, q), -1
+        while not cursor.done:
+            if cursor.pending_check:  # a while loop: unrolled as if its predicate held
+                cursor.resolve_check(True)
+                continue
+            t, its = cursor.current()
+            node = len(preds)
+            runs[(t, small.run_index(small.tasks[t].op, its))] = node
+            its_of.append((t, its))
+            preds.append([last] if last >= 0 else [])
+            last = node
+            cursor.advance()
+    for node, (t, its) in enumerate(its_of):
+        r = small.run_index(small.tasks[t].op, its)
+        if r:
+            preds[node].append(runs[(t, r - 1)])
+        for d in small.tasks[t].deps:
+            target = small.dependency_target(t, d, its)
+            if target:
+                preds[node].append(runs[(d, target - 1)])
+    order, stuck = topological_order(preds)
+    if stuck is not None:
+        t, its = its_of[stuck]
+        raise PlanError(
+            f"dependency cycle through {plan.task_name(t)} at iterations {its}: the plan would "
+            "deadlock"
+        )
+    anc = _ancestor_masks(order, preds)
+    for node, (t, its) in enumerate(its_of):
+        for d in need[t]:
+            target = small.dependency_target(t, d, its)
+            if target and not (anc[node] >> runs[(d, target - 1)]) & 1:
+                raise PlanError(
+                    f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} "
+                    f"(run {target - 1} of it, before its own iterations {its}) but does not "
                     "depend on it (missing dependency)"
                 )

@@ -147,10 +147,13 @@ inline bool check_route_section(const PlanView& p, Checker& c) {
   return c.section(h.routes_at, 2 + route_words, 1, true, "routes");
 }
 
-// The v3 loop section (plan_format.hpp, LoopView): inside the plan, loops disjoint and in op
-// order with bounded trip counts, each op's loop id the loop whose range holds it, stacked ops in a
-// loop writing a (trip_count, ...) tensor, no window store in a loop, iteration strides >= 0. The
-// other sections were checked before (ops, tensors, views are in range).
+// The v3 loop section (plan_format.hpp, LoopView): inside the plan; loops ordered by first op,
+// each inside its parent's range (parents earlier, at most kMaxLoopDepth levels), loops with one
+// parent (or top-level ones) disjoint; bounded trip counts and runs (the product over the nest,
+// since a counter counts runs); each op's loop id the innermost loop whose range holds it; stacked
+// ops in a loop writing a (trip_count, ...) tensor (a window store may be in a loop: an in-place
+// carry). The other sections
+// were checked before (ops, tensors, views are in range).
 inline bool check_loop_section(const PlanView& p, Checker& c) {
   const Header& h = p.header();
   const LoopView lv{p.words};
@@ -158,11 +161,16 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
   if (h.loops_at == 0) return true;
   if (!c.section(h.loops_at, 2, 1, true, "loops")) return false;
   const int64_t num_loops = p.words[h.loops_at];
-  if (num_loops < 1 || num_loops > h.num_ops || p.words[h.loops_at + 1] != 0)
+  const int32_t flags = p.words[h.loops_at + 1];
+  if (num_loops < 1 || num_loops > h.num_ops)
     return c.fail("loop section: " + std::to_string(num_loops) + " loops, not 1..num_ops");
-  if (!c.section(h.loops_at, 2 + 8 * num_loops + 2 * int64_t{h.num_ops} + 2 * int64_t{h.num_views}, 1,
-                 true, "loops"))
+  if (flags != 0 && flags != kLoopsOuterStrides)
+    return c.fail("loop section: flags " + std::to_string(flags) + " not 0 or 1 (outer iteration strides)");
+  const int64_t stride_arrays = flags & kLoopsOuterStrides ? 2 : 1;
+  if (!c.section(h.loops_at, 2 + 8 * num_loops + 2 * int64_t{h.num_ops} + stride_arrays * 2 * int64_t{h.num_views},
+                 1, true, "loops"))
     return false;
+  std::vector<int32_t> last_child(num_loops + 1, -1);  // [parent + 1]: the latest loop with that parent
   for (int l = 0; l < num_loops; ++l) {
     const LoopRecord& r = lv.loop(l);
     const std::string where = "loop " + std::to_string(l);
@@ -171,29 +179,80 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
     if (r.first_op < 0 || r.first_op >= r.end_op || r.end_op > h.num_ops)
       return c.fail(where + ": ops [" + std::to_string(r.first_op) + ", " + std::to_string(r.end_op) +
                     ") not a range of ops");
-    if (l > 0 && lv.loop(l - 1).end_op > r.first_op) return c.fail(where + ": loops overlap or are out of order");
-    for (int k = 0; k < 4; ++k)
-      if (r.reserved[k] != 0) return c.fail(where + ": reserved words must be 0");
+    if (r.reserved != 0) return c.fail(where + ": reserved word must be 0");
+    if (r.pred_op_plus1 == 0 && r.pred_task != 0) return c.fail(where + ": pred_task set on a for loop");
+    if (r.parent_plus1 < 0 || r.parent_plus1 > l)
+      return c.fail(where + ": parent " + std::to_string(r.parent_plus1 - 1) + " is not an earlier loop");
+    const int32_t parent = r.parent_plus1 - 1;
+    if (parent >= 0) {
+      const LoopRecord& pr = lv.loop(parent);
+      if (pr.parent_plus1 != 0)
+        return c.fail(where + ": nested more than " + std::to_string(kMaxLoopDepth) + " loops deep");
+      if (r.first_op < pr.first_op || r.end_op > pr.end_op)
+        return c.fail(where + ": not inside the ops of its parent loop " + std::to_string(parent));
+      if (r.trip_count * pr.trip_count > kMaxTripCount)
+        return c.fail(where + ": " + std::to_string(r.trip_count * pr.trip_count) +
+                      " runs in all (trip counts times its parent's), more than 2^24");
+    }
+    const int32_t prev = last_child[parent + 1];
+    if (prev >= 0 && lv.loop(prev).end_op > r.first_op)
+      return c.fail(where + ": overlaps loop " + std::to_string(prev) + " or is out of order");
+    if (l > 0 && lv.loop(l - 1).first_op > r.first_op) return c.fail(where + ": loops out of order");
+    last_child[parent + 1] = l;
   }
-  int32_t in_loop = 0;  // loop of the scan below: ops are visited in order, loops too
+  // While loops: top level, no loop inside, the predicate a stacked bool (trip_count,) op of the
+  // loop with one task (its slice is one element: the cover check below makes it one task).
+  for (int l = 0; l < num_loops; ++l) {
+    const LoopRecord& r = lv.loop(l);
+    if (r.pred_op_plus1 == 0) continue;
+    const std::string where = "loop " + std::to_string(l) + " (a while loop)";
+    const int64_t pred = int64_t{r.pred_op_plus1} - 1;
+    if (pred < r.first_op || pred >= r.end_op) return c.fail(where + ": predicate op not in the loop");
+    if (r.parent_plus1 != 0) return c.fail(where + ": a while loop must be a top-level loop");
+    for (int k = l + 1; k < num_loops; ++k)
+      if (lv.loop(k).parent_plus1 == l + 1) return c.fail(where + ": holds a nested loop");
+    const OpLoopRecord& pr = lv.op_records()[pred];
+    const TensorRecord& out = p.tensor(p.op(static_cast<int>(pred)).out_tensor);
+    if (pr.stacked != kStackedForward || out.dtype != kBool || out.rank != 1 || out.dims[0] != r.trip_count)
+      return c.fail(where + ": the predicate op must write a stacked bool (trip_count,) tensor");
+    if (r.pred_task < 0 || r.pred_task >= h.num_tasks || p.task(r.pred_task).op != pred)
+      return c.fail(where + ": pred_task is not a task of the predicate op");
+  }
+  // The innermost loop of each op: parents come before their children, so the last write wins
+  // (O(num_ops * kMaxLoopDepth): loops with one parent are disjoint).
+  std::vector<int32_t> innermost(h.num_ops, -1);
+  for (int l = 0; l < num_loops; ++l)
+    for (int i = lv.loop(l).first_op; i < lv.loop(l).end_op; ++i) innermost[i] = l;
   for (int i = 0; i < h.num_ops; ++i) {
-    while (in_loop < num_loops && lv.loop(in_loop).end_op <= i) ++in_loop;
-    const bool inside = in_loop < num_loops && lv.loop(in_loop).first_op <= i;
     const OpLoopRecord& r = lv.op_records()[i];
     const std::string where = op_where(i);
-    if (r.loop != (inside ? in_loop : -1))
+    const bool inside = innermost[i] >= 0;
+    if (r.loop != innermost[i])
       return c.fail(where + ": loop id " + std::to_string(r.loop) + " disagrees with the loop ranges");
     const OpRecord& op = p.op(i);
-    if (inside && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be in a loop");
-    if (r.stacked != 0 && r.stacked != 1) return c.fail(where + ": stacked must be 0 or 1");
+    if (r.stacked < 0 || r.stacked > kStackedReversed)
+      return c.fail(where + ": stacked must be 0, 1 or 2 (reversed)");
+    if (r.stacked && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be stacked");
     if (r.stacked) {
       const TensorRecord& out = p.tensor(op.out_tensor);  // range checked by the caller first
       if (!inside || out.rank < 1 || out.dims[0] != lv.loop(r.loop).trip_count)
         return c.fail(where + ": a stacked op is in a loop and its output's first dim is the trip count");
     }
   }
-  for (int v = 0; v < h.num_views; ++v)
-    if (lv.view_iter_stride(v) < 0) return c.fail("view " + std::to_string(v) + ": negative iter_stride");
+  return true;
+}
+
+// The range [*lo, *hi] of the element shift of view v over every run of op (its loops'
+// iterations times the view's iteration strides); false on overflow.
+inline bool view_shift_range(const LoopView& lv, int v, int op, int64_t* lo, int64_t* hi) {
+  *lo = *hi = 0;
+  const int depth = lv.op_depth(op);
+  for (int level = 0; level < depth; ++level) {
+    const int64_t stride = level == depth - 1 ? lv.view_iter_stride(v) : lv.view_outer_iter_stride(v);
+    int64_t far = 0;
+    if (!mul_ok(lv.loop(lv.level_loop(op, level)).trip_count - 1, stride, &far)) return false;
+    if (!add_ok(far < 0 ? *lo : *hi, far, far < 0 ? lo : hi)) return false;
+  }
   return true;
 }
 
@@ -356,10 +415,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (v.rank != rank)
       return c.fail(op_where(op) + ": view " + std::to_string(view) + " has rank " +
                     std::to_string(v.rank) + ", its iteration space " + std::to_string(rank));
-    int64_t moved = 0;  // v3: the last iteration's extra offset
-    const bool iter_ok = mul_ok(lv.op_trips(op) - 1, lv.view_iter_stride(view), &moved);
-    if (!view_extent(v, dims, rank, &hi) || !iter_ok || !add_ok(hi, moved, &hi) ||
-        hi >= p.tensor(v.tensor).num_elements)
+    int64_t shift_lo = 0, shift_hi = 0;  // v3: how far the view moves over the op's iterations
+    const bool iter_ok = view_shift_range(lv, view, op, &shift_lo, &shift_hi);
+    if (!view_extent(v, dims, rank, &hi) || !iter_ok || v.offset + shift_lo < 0 ||
+        !add_ok(hi, shift_hi, &hi) || hi >= p.tensor(v.tensor).num_elements)
       return c.fail(op_where(op) + ": view " + std::to_string(view) + " reads outside tensor " +
                     std::to_string(v.tensor) + " (negative or overflowing offset / stride, or past its " +
                     std::to_string(p.tensor(v.tensor).num_elements) + " elements)");
@@ -646,18 +705,22 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       queue_prev[t] = q > p.queue_begin(w) ? p.queue_task(q - 1) : -1;
     }
   }
-  // v3 loops (docs/plan_format.md, "Loops"): stages (the ops before the first loop, loop 0, the
-  // ops between, ...) never go backwards along a dependency or a queue; then the graph of
-  // same-iteration dependencies + queue order being acyclic is what makes the plan deadlock-free.
+  // v3 loops (docs/plan_format.md, "Loops"): stages (runs of ops between loop boundaries: the ops
+  // before the first loop, an outer loop's ops before its inner loop, the inner loop, ...) never go
+  // backwards along a queue or a same-iteration dependency (a carried one goes to an earlier
+  // iteration of a loop both tasks are in); then the graph of same-iteration dependencies + queue
+  // order being acyclic is what makes the plan deadlock-free.
   if (lv.num_loops() > 0) {
     std::vector<int32_t> stage(h.num_ops);
-    for (int i = 0, before = 0; i < h.num_ops; ++i) {
-      while (before < lv.num_loops() && lv.loop(before).end_op <= i) ++before;
-      stage[i] = 2 * before + (lv.op_loop(i) >= 0);
+    std::vector<char> boundary(h.num_ops + 1, 0);
+    for (int l = 0; l < lv.num_loops(); ++l) {
+      boundary[lv.loop(l).first_op] = boundary[lv.loop(l).end_op] = 1;
+      if (lv.while_pred_op(l) >= 0) boundary[lv.while_pred_op(l) + 1] = 1;  // head | body
     }
+    for (int i = 0, n = 0; i < h.num_ops; ++i) stage[i] = n += boundary[i];
     for (int t = 0; t < h.num_tasks; ++t) {
       for (int e = dep_off[t]; e < dep_off[t + 1]; ++e)
-        if (stage[p.task(deps[e]).op] > stage[p.task(t).op])
+        if (stage[p.task(deps[e]).op] > stage[p.task(t).op] && !lv.carried(p.task(t).op, p.task(deps[e]).op))
           return "task " + std::to_string(t) + ": depends on task " + std::to_string(deps[e]) +
                  " of a later loop stage";
       if (queue_prev[t] >= 0 && stage[p.task(queue_prev[t]).op] > stage[p.task(t).op])

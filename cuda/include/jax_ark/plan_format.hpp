@@ -260,19 +260,31 @@ struct PlanView {
 
 // ---- loops (v3) ----------------------------------------------------------------------------------
 // A loop is a contiguous range of ops [first_op, end_op) whose tasks run trip_count times: the body
-// is planned once. The loop section (at header.loops_at, an even offset; absent when 0) is
-//   [num_loops, 0], LoopRecord x num_loops, OpLoopRecord x num_ops, int64 iter_stride x num_views.
-// Counters count finished iterations (a task outside loops: 0 or 1). Iteration i of task t waits
-// for counters[d] >= dep_target(...) for each dependency d; a worker runs its queue's tasks of one
-// loop (consecutive in its queue: a segment) once per iteration (QueueCursor).
+// is planned once. A loop may sit inside another loop's body (parent_plus1; at most kMaxLoopDepth
+// levels). The loop section (at header.loops_at, an even offset; absent when 0) is
+//   [num_loops, flags], LoopRecord x num_loops, OpLoopRecord x num_ops, int64 iter_stride x num_views,
+//   and, when flags & kLoopsOuterStrides, int64 outer_iter_stride x num_views.
+// Counters count finished runs (a task outside loops: 0 or 1; in a loop nested in another:
+// outer_iteration * inner_trips + inner_iteration + 1). A run of task t waits for counters[d] >=
+// dep_target(...) for each dependency d; a worker runs its queue's tasks of one loop (consecutive in
+// its queue: a segment, with the inner loops' segments inside it) once per iteration (QueueCursor).
+constexpr int kMaxLoopDepth = 2;             // a loop, and loops inside its body
+constexpr int32_t kLoopsOuterStrides = 1;    // loop section flag: the outer_iter_stride array follows
+constexpr int32_t kStackedForward = 1;       // OpLoopRecord::stacked: iteration i writes slice i
+constexpr int32_t kStackedReversed = 2;      // ... slice trip_count - 1 - i (scan(reverse=True))
 struct LoopRecord {                 // 8 words
   int64_t trip_count;               // 0..1, in 1..kMaxTripCount (plan_check.hpp)
   int32_t first_op, end_op;         // 2..3
-  int32_t reserved[4];              // 4..7
+  int32_t parent_plus1;             // 4: 1 + the loop whose body holds this one; 0 = top level
+  // 5..6, a while loop (0 = a loop of trip_count iterations): 1 + its predicate op, a stacked bool
+  // op whose slice i says whether iteration i runs the body (the ops after it), and that op's one
+  // task. trip_count - 1 is the most body iterations (the guard). See QueueCursor.
+  int32_t pred_op_plus1, pred_task;
+  int32_t reserved;                 // 7
 };
 struct OpLoopRecord {               // 2 words
-  int32_t loop;                     // the loop this op belongs to, -1 = none
-  int32_t stacked;                  // 1: out_tensor is (trip_count, *S); iteration i writes slice i
+  int32_t loop;                     // the innermost loop this op belongs to, -1 = none
+  int32_t stacked;                  // kStacked*: out_tensor is (trip_count, *S), one slice per run
 };
 static_assert(sizeof(LoopRecord) == 8 * 4, "LoopRecord layout");
 static_assert(sizeof(OpLoopRecord) == 2 * 4, "OpLoopRecord layout");
@@ -283,72 +295,196 @@ struct LoopView {
   ARK_HD const Header& header() const { return *reinterpret_cast<const Header*>(words); }
   ARK_HD int32_t at() const { return header().version >= 3 ? header().loops_at : 0; }
   ARK_HD int32_t num_loops() const { return at() ? words[at()] : 0; }
+  ARK_HD int32_t flags() const { return at() ? words[at() + 1] : 0; }
   ARK_HD const LoopRecord& loop(int l) const {
     return reinterpret_cast<const LoopRecord*>(words + at() + 2)[l];
   }
+  ARK_HD int32_t parent(int l) const { return loop(l).parent_plus1 - 1; }
+  ARK_HD int32_t while_pred_op(int l) const { return loop(l).pred_op_plus1 - 1; }
   ARK_HD const OpLoopRecord* op_records() const {
     return reinterpret_cast<const OpLoopRecord*>(words + at() + 2 + 8 * num_loops());
   }
   ARK_HD int32_t op_loop(int op) const { return at() ? op_records()[op].loop : -1; }
   ARK_HD bool op_stacked(int op) const { return at() && op_records()[op].stacked != 0; }
-  // Element offset a view moves by per iteration (an xs slice of a scan).
+  ARK_HD bool op_stacked_reversed(int op) const {
+    return at() && op_records()[op].stacked == kStackedReversed;
+  }
+  // Element offset a view moves by per iteration of its reader's innermost loop (an xs slice).
   ARK_HD int64_t view_iter_stride(int v) const {
     if (!at()) return 0;
     const int32_t* strides = words + at() + 2 + 8 * num_loops() + 2 * header().num_ops;
     return reinterpret_cast<const int64_t*>(strides)[v];
   }
-  ARK_HD int64_t op_trips(int op) const {
+  // ... and per iteration of the loop around that loop (a nested loop's reader; 0 when absent).
+  ARK_HD int64_t view_outer_iter_stride(int v) const {
+    if (!(flags() & kLoopsOuterStrides)) return 0;
+    const int32_t* strides =
+        words + at() + 2 + 8 * num_loops() + 2 * header().num_ops + 2 * header().num_views;
+    return reinterpret_cast<const int64_t*>(strides)[v];
+  }
+  // How far a view moves at a run of its reader in iteration `iter` of the reader's innermost
+  // loop and `outer_iter` of the loop around it (0 when not nested).
+  ARK_HD int64_t view_shift(int v, int64_t iter, int64_t outer_iter) const {
+    return iter * view_iter_stride(v) + outer_iter * view_outer_iter_stride(v);
+  }
+  // The slice of its (trip_count, *S) output that a stacked op writes at iteration `iter`.
+  ARK_HD int64_t stacked_slice(int op, int64_t iter) const {
+    return op_stacked_reversed(op) ? loop(op_loop(op)).trip_count - 1 - iter : iter;
+  }
+  // Nesting depth of op: 0 outside loops, 1 in a top-level loop, 2 in a loop inside one.
+  ARK_HD int op_depth(int op) const {
     const int32_t l = op_loop(op);
-    return l >= 0 ? loop(l).trip_count : 1;
+    return l < 0 ? 0 : (parent(l) >= 0 ? 2 : 1);
   }
-  // A dependency on the previous iteration: both ops in one loop, the dependency's op not earlier.
+  // The loop enclosing op at nesting level `level` (0 = top level), -1 when op is not that deep.
+  ARK_HD int32_t level_loop(int op, int level) const {
+    const int depth = op_depth(op);
+    if (level >= depth) return -1;
+    const int32_t l = op_loop(op);
+    return level == depth - 1 ? l : parent(l);
+  }
+  // How many times op's tasks run in all (the product of its loops' trip counts).
+  ARK_HD int64_t op_trips(int op) const {
+    int64_t n = 1;
+    for (int level = 0; level < op_depth(op); ++level) n *= loop(level_loop(op, level)).trip_count;
+    return n;
+  }
+  // Loop levels ops a and b share (0: no common loop).
+  ARK_HD int common_depth(int a, int b) const {
+    int c = 0;
+    while (c < kMaxLoopDepth && level_loop(a, c) >= 0 && level_loop(a, c) == level_loop(b, c)) ++c;
+    return c;
+  }
+  // A dependency on an earlier iteration of a loop both ops are in: the dependency's op not earlier.
   ARK_HD bool carried(int task_op, int dep_op) const {
-    const int32_t l = op_loop(task_op);
-    return l >= 0 && op_loop(dep_op) == l && dep_op >= task_op;
+    return common_depth(task_op, dep_op) > 0 && dep_op >= task_op;
   }
-  // What counters[d] must reach before iteration `iter` of a task of op task_op runs.
-  ARK_HD int64_t dep_target(int task_op, int dep_op, int64_t iter) const {
-    const int32_t ld = op_loop(dep_op);
-    if (ld < 0) return 1;
-    if (ld != op_loop(task_op)) return loop(ld).trip_count;  // another loop: all of it
-    return dep_op < task_op ? iter + 1 : iter;
+  // The run index of op at iterations iters[0..depth) (outermost first): how many runs of op
+  // precede this one. Counters store run index + 1 when the run is done.
+  ARK_HD int64_t run_index(int op, const int64_t* iters) const {
+    int64_t k = 0;
+    for (int level = 0; level < op_depth(op); ++level)
+      k = k * loop(level_loop(op, level)).trip_count + iters[level];
+    return k;
+  }
+  // What counters[d] must reach before the run of a task of op task_op at iterations iters[] (its
+  // loops', outermost first) runs: with C the innermost loop both ops are in and k the task's run
+  // index counted over the loops down to C, R the runs of dep_op per iteration of C:
+  // (k + 1) * R when dep_op is before task_op (this iteration of C), k * R otherwise (the
+  // previous one: carried); all runs of dep_op when they share no loop.
+  ARK_HD int64_t dep_target(int task_op, int dep_op, const int64_t* iters) const {
+    const int c = common_depth(task_op, dep_op);
+    if (c == 0) return op_trips(dep_op);
+    int64_t k = 0;
+    for (int level = 0; level < c; ++level)
+      k = k * loop(level_loop(task_op, level)).trip_count + iters[level];
+    int64_t runs = 1;
+    for (int level = c; level < op_depth(dep_op); ++level)
+      runs *= loop(level_loop(dep_op, level)).trip_count;
+    return (dep_op < task_op ? k + 1 : k) * runs;
   }
 };
 
-// A worker's position in its queue: index q and, inside a segment of one loop's tasks, the
-// iteration. After the last task of a segment the worker goes back to the segment's first task
-// until the loop's trip count is reached.
+// A worker's position in its queue: index q and, inside segments of loops' tasks (its tasks of
+// one loop are consecutive in its queue; an inner loop's inside its outer loop's), the iteration
+// of each entered loop. After the last task of a segment the worker goes back to the segment's
+// first task until that loop's trip count is reached.
+//
+// While loops (top level, no loops inside): in each iteration the worker runs its *head* tasks
+// (ops up to the predicate op) and then stops at a check point (pending_check) before its first
+// body task, or at the segment's end when it has none. The executor then waits for the predicate
+// task's counter to reach iteration + 1 (acquire), reads slice `iteration` of its bool output
+// (every worker reads the same slot, which is written once per call, so all workers agree) and
+// calls resolve_check: true runs the body; false ends the loop (the executor first stores each of
+// the worker's segment tasks' counters = its trip count, release, so everything after the loop
+// sees the loop as finished). A true predicate at the last iteration exceeds the guard: the
+// executor fails the call (guard_exceeded()).
 struct QueueCursor {
-  int32_t q = 0, end_q = 0, seg_begin = 0, seg_end = 0;
-  int64_t iter = 0, trips = 1;
+  int32_t q = 0, end_q = 0;
+  int32_t depth = 0;                          // loops entered (= op_depth of the task at q)
+  int32_t seg_begin[kMaxLoopDepth] = {0, 0}, seg_end[kMaxLoopDepth] = {0, 0};
+  int64_t iters[kMaxLoopDepth] = {0, 0};      // iteration of each entered loop, outermost first
+  int64_t trips_of[kMaxLoopDepth] = {1, 1};
+  int32_t top_loop = -1;                      // the entered top-level loop
+  bool pending_check = false;                 // at a while loop's check point (see above)
+  bool checked = false;                       // this iteration's predicate was read (true)
 
   ARK_HD void start(const PlanView& p, const LoopView& lv, int worker) {
     q = p.queue_begin(worker);
     end_q = p.queue_end(worker);
-    enter(p, lv);
+    depth = 0;
+    pending_check = checked = false;
+    settle(p, lv);
   }
-  ARK_HD bool done() const { return q >= end_q; }
+  ARK_HD bool done() const { return q >= end_q && !pending_check; }
   ARK_HD int32_t task(const PlanView& p) const { return p.queue_task(q); }
+  // The innermost loop's iteration (LOAD_ITER, stacked slices, iter_stride); 0 outside loops.
+  ARK_HD int64_t iter() const { return depth ? iters[depth - 1] : 0; }
+  ARK_HD int64_t outer_iter() const { return depth == 2 ? iters[0] : 0; }
+  // Whether this is the task's last run (every entered loop at its last iteration).
+  ARK_HD bool last_run() const {
+    for (int level = 0; level < depth; ++level)
+      if (iters[level] + 1 != trips_of[level]) return false;
+    return true;
+  }
   ARK_HD void advance(const PlanView& p, const LoopView& lv) {
-    if (++q < seg_end) return;
-    if (++iter < trips) {
-      q = seg_begin;
+    ++q;
+    settle(p, lv);
+  }
+  // At a check point: a true predicate at the last iteration would need one more (the guard).
+  ARK_HD bool guard_exceeded() const { return iters[0] + 1 >= trips_of[0]; }
+  // After the executor read the predicate of a pending check (and, when false, ended the
+  // worker's segment tasks' counters).
+  ARK_HD void resolve_check(const PlanView& p, const LoopView& lv, bool taken) {
+    pending_check = false;
+    if (taken) {
+      checked = true;
     } else {
-      enter(p, lv);
+      q = seg_end[0];
+      depth = 0;
     }
+    settle(p, lv);
   }
 
  private:
+  ARK_HD bool needs_check(const PlanView& p, const LoopView& lv) const {
+    if (depth != 1 || checked || lv.while_pred_op(top_loop) < 0) return false;
+    return q == seg_end[0] || p.task(p.queue_task(q)).op > lv.while_pred_op(top_loop);
+  }
+  ARK_HD void settle(const PlanView& p, const LoopView& lv) {
+    for (;;) {
+      if (needs_check(p, lv)) {
+        pending_check = true;
+        return;
+      }
+      if (depth == 0 || q != seg_end[depth - 1]) break;
+      if (++iters[depth - 1] < trips_of[depth - 1]) {
+        q = seg_begin[depth - 1];
+        if (depth == 1) checked = false;
+        continue;
+      }
+      --depth;
+    }
+    const int32_t before = depth;
+    enter(p, lv);
+    if (depth > before && needs_check(p, lv)) pending_check = true;
+  }
   ARK_HD void enter(const PlanView& p, const LoopView& lv) {
-    seg_begin = q;
-    seg_end = q + 1;
-    iter = 0;
-    trips = 1;
-    if (q >= end_q) return;
-    const int32_t l = lv.op_loop(p.task(p.queue_task(q)).op);
-    if (l < 0) return;
-    while (seg_end < end_q && lv.op_loop(p.task(p.queue_task(seg_end)).op) == l) ++seg_end;
-    trips = lv.loop(l).trip_count;
+    while (q < end_q && depth < kMaxLoopDepth) {
+      const int32_t l = lv.level_loop(p.task(p.queue_task(q)).op, depth);
+      if (l < 0) return;
+      int32_t e = q + 1;
+      while (e < end_q && lv.level_loop(p.task(p.queue_task(e)).op, depth) == l) ++e;
+      seg_begin[depth] = q;
+      seg_end[depth] = e;
+      iters[depth] = 0;
+      trips_of[depth] = lv.loop(l).trip_count;
+      if (depth == 0) {
+        top_loop = l;
+        checked = false;
+      }
+      ++depth;
+    }
   }
 };
 

@@ -327,10 +327,11 @@ struct Run {
 #endif
   }
 
-  // View v as iteration `iter` of its op's loop sees it (v3: an xs slice moves per iteration).
-  ViewRecord view(int v, int64_t iter) const {
+  // View v as iteration `iter` of its reader's loop (and `outer_iter` of the loop around that
+  // one) sees it (v3: an xs slice moves per iteration, backwards for scan(reverse=True)).
+  ViewRecord view(int v, int64_t iter, int64_t outer_iter) const {
     ViewRecord r = plan.view(v);
-    r.offset += iter * loops.view_iter_stride(v);
+    r.offset += loops.view_shift(v, iter, outer_iter);
     return r;
   }
 
@@ -352,8 +353,10 @@ struct Run {
 };
 
 struct Scratch {
-  int64_t iter = 0;      // the loop iteration of the task being run (0 outside loops)
-  bool stacked = false;  // its op writes slice `iter` of a stacked output
+  int64_t iter = 0;        // the innermost loop iteration of the task being run (0 outside loops)
+  int64_t outer_iter = 0;  // the iteration of the loop around that one (0 unless nested)
+  bool stacked = false;    // its op writes slice `slice` of a stacked output
+  int64_t slice = 0;
   float regs[kMaxProgramLen][kSegment];
   std::vector<float> acc, a_row, b_tile, pro;
 };
@@ -489,8 +492,9 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
 // into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
 // plan inside its buffer).
 void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* dims,
-             const int64_t* start_idx, int count, const float* moved, float* r, int64_t iter) {
-  const ViewRecord v = run.view(ins.a, iter);
+             const int64_t* start_idx, int count, const float* moved, float* r, int64_t iter,
+             int64_t outer_iter) {
+  const ViewRecord v = run.view(ins.a, iter, outer_iter);
   const TensorRecord& t = run.plan.tensor(v.tensor);
   const char* base = run.tensor_base(v.tensor);
   const bits_alias* delta = reinterpret_cast<const bits_alias*>(moved);
@@ -527,7 +531,7 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     if (code == kLoadAcc) {
       memcpy(r, acc, sizeof(float) * count);
     } else if (code == kLoad) {
-      const ViewRecord v = run.view(ins.a, s.iter);
+      const ViewRecord v = run.view(ins.a, s.iter, s.outer_iter);
       const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
       const char* base = run.tensor_base(v.tensor);
       if (rank == 0) {  // a scalar space: every element reads the view's one element
@@ -557,7 +561,7 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         }
       }
     } else if (code == kLoadAt) {
-      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r, s.iter);
+      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r, s.iter, s.outer_iter);
     } else if (code == kLoadIter) {
       const uint32_t it = static_cast<uint32_t>(s.iter);
       for (int e = 0; e < count; ++e) r[e] = bits_float(it);
@@ -588,10 +592,10 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
                     Scratch& s) {
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   char* base = run.tensor_base(op.out_tensor);
-  // A stacked output (v3): the epilogue walks one slice (dims 1..rank), stored at slice `iter`.
+  // A stacked output (v3): the epilogue walks one slice (dims 1..rank), stored at slice `slice`.
   const int rank = s.stacked ? out.rank - 1 : out.rank;
   const int64_t* dims = s.stacked ? out.dims + 1 : out.dims;
-  if (s.stacked) base += s.iter * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
+  if (s.stacked) base += s.slice * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
   for (int done = 0; done < count; done += kSegment) {
     const int n = std::min(kSegment, count - done);
     eval_program(run, op.epilogue_at, op.epilogue_len, rank, dims, lin0 + done, n,
@@ -678,8 +682,8 @@ constexpr int kWidenFloats = 8192;
 constexpr int kWidenCols = 256;
 
 void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
-  const ViewRecord av = run.view(op.a_view, s.iter);
-  const ViewRecord bv = run.view(op.b_view, s.iter);
+  const ViewRecord av = run.view(op.a_view, s.iter, s.outer_iter);
+  const ViewRecord bv = run.view(op.b_view, s.iter, s.outer_iter);
   const int32_t a_dt = run.plan.tensor(av.tensor).dtype, b_dt = run.plan.tensor(bv.tensor).dtype;
   const char* a_base = run.tensor_base(av.tensor);
   const char* b_base = run.tensor_base(bv.tensor);
@@ -1000,19 +1004,34 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
       if (c.mode == Chaos::kTargeted) c.retarget(p);
       int best = -1;
       int32_t best_key = -1;
+      bool checking = false;  // a worker at a while loop's check point (no turn needed)
       for (int v = 0; v < p.header().num_workers; ++v) {
         if (c.cursors[v].done()) continue;
+        if (c.cursors[v].pending_check) {
+          checking = true;
+          continue;
+        }
         const int32_t t = c.cursors[v].task(p);
         bool ready = true;
         for (int e = p.dep_begin(t); e < p.dep_end(t) && ready; ++e)
           ready = __atomic_load_n(run.buf.counters + p.dep(e), __ATOMIC_ACQUIRE) >=
-                  lv.dep_target(p.task(t).op, p.task(p.dep(e)).op, c.cursors[v].iter);
+                  lv.dep_target(p.task(t).op, p.task(p.dep(e)).op, c.cursors[v].iters);
         if (!ready) continue;
         const int32_t key = c.mode == Chaos::kReversed
                                 ? t
                                 : (c.in_closure[t] << 30) |
                                       (c.highest_first ? t : static_cast<int32_t>(c.next() >> 35));
         if (key > best_key) best = v, best_key = key;
+      }
+      if (best < 0 && checking) {  // that worker's check resolves its cursor and notifies
+        if (c.cv.wait_until(lock, deadline) == std::cv_status::timeout && Clock::now() > deadline) {
+          lock.unlock();
+          run.fail(PersistentStatus::kDeadlineExceeded,
+                   "ark_persistent: worker " + std::to_string(w) + " timed out after " +
+                       std::to_string(run.opt.timeout_ms) + " ms waiting for a while loop's check");
+          return false;
+        }
+        continue;
       }
       if (best < 0) {
         lock.unlock();
@@ -1044,11 +1063,53 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
 void chaos_release(Run& run, int w, int task) {
   Chaos& c = *run.chaos;
   std::lock_guard<std::mutex> lock(c.mu);
-  const bool last = c.cursors[w].iter + 1 == c.cursors[w].trips;  // a loop task's final iteration
+  const bool last = c.cursors[w].last_run();  // a loop task's final run
   c.cursors[w].advance(run.plan, run.loops);
   if (c.mode == Chaos::kTargeted && last) c.done[task] = 1;
   c.busy = false;
   c.cv.notify_all();
+}
+
+// A while loop's check point (plan_format.hpp QueueCursor): waits for the predicate task's run of
+// this iteration, reads its slot (written once per call, so every worker reads the same value)
+// and resolves the cursor; a false predicate first ends the worker's segment tasks' counters at
+// their trip count (release), so everything after the loop sees it finished. False when the run
+// failed (a timeout, or a true predicate at the guard's last iteration).
+bool while_check(Run& run, int w, QueueCursor& cursor, Clock::time_point deadline) {
+  const PlanView& p = run.plan;
+  const LoopView& lv = run.loops;
+  const LoopRecord& loop = lv.loop(cursor.top_loop);
+  const int64_t i = cursor.iters[0];
+  const int32_t pred_task = loop.pred_task;
+  const int32_t waiting = cursor.q < cursor.end_q ? p.queue_task(cursor.q) : pred_task;
+  if (!wait_for(run, w, waiting, i, pred_task, i + 1, deadline)) return false;
+  const int32_t out = p.op(loop.pred_op_plus1 - 1).out_tensor;
+  const bool taken = run.tensor_base(out)[i] != 0;  // bool: one byte per iteration's slot
+  if (taken && cursor.guard_exceeded()) {
+    run.fail(PersistentStatus::kResourceExhausted,
+             "ark_persistent: while_loop (" + run.op_name(loop.first_op) + ") did not end within " +
+                 std::to_string(loop.trip_count - 1) +
+                 " iterations (the plan's guard: loops[k].trip_count - 1; raise "
+                 "max_while_iterations or edit the plan's trip_count)");
+    return false;
+  }
+  if (!taken) {
+    for (int q = cursor.seg_begin[0]; q < cursor.seg_end[0]; ++q) {
+      const int32_t t = p.queue_task(q);
+      __atomic_store_n(run.buf.counters + t, static_cast<int32_t>(loop.trip_count), __ATOMIC_RELEASE);
+    }
+    run.wake_sleepers();
+  }
+  if (run.chaos && run.chaos->mode != Chaos::kStalls) {  // the adversary's copy of the cursor too
+    Chaos& c = *run.chaos;
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (!taken && c.mode == Chaos::kTargeted)
+      for (int q = cursor.seg_begin[0]; q < cursor.seg_end[0]; ++q) c.done[p.queue_task(q)] = 1;
+    c.cursors[w].resolve_check(p, lv, taken);
+    c.cv.notify_all();
+  }
+  cursor.resolve_check(p, lv, taken);
+  return true;
 }
 
 void worker_tasks(Run& run, int w) {
@@ -1061,8 +1122,13 @@ void worker_tasks(Run& run, int w) {
     std::this_thread::sleep_for(std::chrono::microseconds(chaos->start_delay_us[w]));
   QueueCursor cursor;
   for (cursor.start(run.plan, run.loops, w); !cursor.done(); cursor.advance(run.plan, run.loops)) {
+    while (cursor.pending_check) {  // a while loop: does this iteration run its body?
+      const auto deadline = Clock::now() + std::chrono::milliseconds(run.opt.timeout_ms);
+      if (!while_check(run, w, cursor, deadline)) return;
+    }
+    if (cursor.done()) break;
     const int t = cursor.task(run.plan);
-    const int64_t iter = cursor.iter;
+    const int64_t iter = cursor.iter();
     const int64_t wait_begin = run.now_ns();
     if (chaos && !serialized) {
       if (const int64_t us = chaos->stall_us(rng)) std::this_thread::sleep_for(std::chrono::microseconds(us));
@@ -1072,13 +1138,15 @@ void worker_tasks(Run& run, int w) {
     const TaskRecord& task = run.plan.task(t);
     for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t); ++e) {
       const int d = run.plan.dep(e);
-      const int64_t target = run.loops.dep_target(task.op, run.plan.task(d).op, iter);
+      const int64_t target = run.loops.dep_target(task.op, run.plan.task(d).op, cursor.iters);
       if (!wait_for(run, w, t, iter, d, target, deadline)) return;
     }
     const int64_t start = run.now_ns();
     const OpRecord& op = run.plan.op(task.op);
     scratch->iter = iter;
+    scratch->outer_iter = cursor.outer_iter();
     scratch->stacked = run.loops.op_stacked(task.op);
+    scratch->slice = scratch->stacked ? run.loops.stacked_slice(task.op, iter) : 0;
     switch (op.kind) {
       case kOpMatmul: run_matmul(run, op, task, *scratch); break;
       case kOpReduce: run_reduce(run, op, task, *scratch); break;
@@ -1091,7 +1159,9 @@ void worker_tasks(Run& run, int w) {
       default: run_map(run, op, task, *scratch); break;
     }
     // Counters count finished iterations: never reset, so no barrier between iterations.
-    __atomic_store_n(run.buf.counters + t, static_cast<int32_t>(iter + 1), __ATOMIC_RELEASE);
+    __atomic_store_n(run.buf.counters + t,
+                     static_cast<int32_t>(run.loops.run_index(task.op, cursor.iters) + 1),
+                     __ATOMIC_RELEASE);
     run.wake_sleepers();
     if (run.buf.profile) {
       int64_t* p = run.buf.profile + static_cast<int64_t>(t) * h.profile_words_per_task;

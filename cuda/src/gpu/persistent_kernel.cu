@@ -44,6 +44,7 @@ enum BadPlanReason : int32_t {
   kBadOpKind = 8,
   kBadLoop = 9,            // v3 loop section: out of the plan, bad trip count or op ranges
   kCommUnsupported = 10,   // plan v3 PUT ops (group_size != 0): the CPU executor runs them, not this one
+  kWhileGuard = 11,        // a while loop's predicate was still true at its guard's last iteration
 };
 
 struct KernelParams {
@@ -80,8 +81,9 @@ struct TaskSmem {
   int64_t out_dims[pf::kMaxRank];
   int64_t iter_dims[pf::kMaxRank];
   int32_t out_rank, out_dtype;
-  int64_t iter;        // v3: the loop iteration being run (0 outside loops)
-  int64_t out_offset;  // v3: element offset of the output slice (a stacked op: iter * slice)
+  int64_t iter;        // v3: the innermost loop iteration being run (0 outside loops)
+  int64_t outer_iter;  // v3: the iteration of the loop around that one (0 unless nested)
+  int64_t out_offset;  // v3: element offset of the output slice (a stacked op: slice * its size)
   // v2 window store (MAP with store_view_plus1): out_rank / out_dims are the window (iter_dims);
   // each value goes to `store`'s element + int32 register store_reg, clamped into the tensor.
   ResolvedLoad store;
@@ -232,9 +234,11 @@ __device__ bool sections_fit(const pf::Header& h) {
 }
 
 // v3 loop section (plan_format.hpp LoopView), checked by every block before it walks its queue:
-// inside the plan, loops disjoint and in op order, trip counts in 1..2^24, op loop ids agreeing with
-// the ranges, stacked ops' outputs (trip_count, ...). The host's check_plan checks the same (and
-// view extents over every iteration) when the plan is checked on the host.
+// inside the plan (with the outer-stride array when flagged), loops ordered by first op, each nested
+// one inside its top-level parent, loops of one parent disjoint, trip counts in 1..2^24 (runs over a
+// nest too), op loop ids the innermost loop holding the op, stacked ops' outputs (trip_count, ...).
+// The host's check_plan checks the same (and view extents over every iteration) when the plan is
+// checked on the host.
 __device__ bool loops_fit(const pf::PlanView& plan) {
   const pf::Header& h = plan.header();
   const pf::LoopView lv{plan.words};
@@ -243,20 +247,45 @@ __device__ bool loops_fit(const pf::PlanView& plan) {
   const int64_t at = h.loops_at;
   if (at < 32 || at % 2 || at + 2 > h.total_words) return false;
   const int64_t L = plan.words[at];
+  const int32_t flags = plan.words[at + 1];
+  if (flags != 0 && flags != pf::kLoopsOuterStrides) return false;
+  const int64_t stride_arrays = flags ? 2 : 1;
   if (L < 1 || L > h.num_ops ||
-      at + 2 + 8 * L + 2 * int64_t{h.num_ops} + 2 * int64_t{h.num_views} > h.total_words)
+      at + 2 + 8 * L + 2 * int64_t{h.num_ops} + stride_arrays * 2 * int64_t{h.num_views} > h.total_words)
     return false;
   for (int l = 0; l < L; ++l) {
     const pf::LoopRecord& r = lv.loop(l);
     if (r.trip_count < 1 || r.trip_count > (int64_t{1} << 24) || r.first_op < 0 ||
-        r.first_op >= r.end_op || r.end_op > h.num_ops || (l > 0 && lv.loop(l - 1).end_op > r.first_op))
+        r.first_op >= r.end_op || r.end_op > h.num_ops || r.parent_plus1 < 0 || r.parent_plus1 > l ||
+        (l > 0 && lv.loop(l - 1).first_op > r.first_op))
       return false;
+    const int32_t parent = r.parent_plus1 - 1;
+    if (parent >= 0) {
+      const pf::LoopRecord& pr = lv.loop(parent);
+      if (pr.parent_plus1 != 0 || r.first_op < pr.first_op || r.end_op > pr.end_op ||
+          r.trip_count * pr.trip_count > (int64_t{1} << 24))
+        return false;
+    }
+    for (int k = l - 1; k >= 0; --k)  // the previous loop with the same parent ends before this one
+      if (lv.loop(k).parent_plus1 == r.parent_plus1) {
+        if (lv.loop(k).end_op > r.first_op) return false;
+        break;
+      }
   }
-  for (int i = 0, l = 0; i < h.num_ops; ++i) {
-    while (l < L && lv.loop(l).end_op <= i) ++l;
-    const int32_t want = l < L && lv.loop(l).first_op <= i ? l : -1;
+  for (int i = 0; i < h.num_ops; ++i) {
+    int32_t want = -1;  // the innermost loop holding op i: parents come first, so the last one
+    for (int l = 0; l < L; ++l)
+      if (lv.loop(l).first_op <= i && i < lv.loop(l).end_op) want = l;
     const pf::OpLoopRecord& r = lv.op_records()[i];
-    if (r.loop != want || r.stacked < 0 || r.stacked > 1) return false;
+    if (r.loop != want || r.stacked < 0 || r.stacked > pf::kStackedReversed) return false;
+    if (want >= 0 && lv.while_pred_op(want) == i) {  // a while loop's predicate: read as bools
+      const pf::LoopRecord& wl = lv.loop(want);
+      const int32_t out = plan.op(i).out_tensor;
+      if (r.stacked != pf::kStackedForward || wl.parent_plus1 != 0 || out < 0 || out >= h.num_tensors ||
+          plan.tensor(out).dtype != pf::kBool || plan.tensor(out).rank != 1 || wl.pred_task < 0 ||
+          wl.pred_task >= h.num_tasks || plan.task(wl.pred_task).op != i)
+        return false;
+    }
     if (r.stacked) {
       const int32_t out = plan.op(i).out_tensor;
       if (want < 0 || out < 0 || out >= h.num_tensors || plan.tensor(out).rank < 1 ||
@@ -267,16 +296,72 @@ __device__ bool loops_fit(const pf::PlanView& plan) {
   return true;
 }
 
+// ---- while loops ----------------------------------------------------------------------------
+
+// A while loop's check point (plan_format.hpp QueueCursor), block-uniform: thread 0 waits for the
+// predicate task's run of this iteration (acquire), reads its slot (written once per call, so every
+// block reads the same value); a false predicate ends this block's segment tasks' counters at their
+// trip count (release: everything after the loop sees it finished). Every thread then resolves its
+// copy of the cursor the same way. False when the run failed (timeout, abort, the guard).
+__device__ bool while_check(const KernelParams& p, const pf::PlanView& plan, const pf::LoopView& lv,
+                            pf::QueueCursor& cursor, int worker, TaskSmem& s) {
+  const pf::LoopRecord& loop = lv.loop(cursor.top_loop);
+  const int64_t i = cursor.iters[0];
+  if (threadIdx.x == 0) {
+    const int32_t waiting = cursor.q < cursor.end_q ? plan.queue_task(cursor.q) : loop.pred_task;
+    const proto::AtomicRef<uint32_t, proto::Scope::kGpu> c(
+        reinterpret_cast<const uint32_t*>(p.counters + loop.pred_task));
+    uint64_t t0 = 0, waited = 0;
+    bool aborted = false;
+    uint32_t seen = 0;
+    const bool ready = proto::wait_at_least(
+        c, static_cast<uint32_t>(i + 1),
+        [&] {
+          if (t0 == 0) t0 = proto::now_ns();
+          if (persistent_aborted(p.run)) return aborted = true;
+          waited = proto::now_ns() - t0;
+          return waited > p.run.timeout_ns;
+        },
+        32u, &seen);
+    int32_t verdict = 0;  // 0 failed, 1 run the body, 2 the loop ended
+    if (!ready) {
+      if (!aborted)
+        report(p, plan, kPersistentTimeout, worker, waiting, loop.pred_task, static_cast<int32_t>(seen), 0,
+               waited);
+    } else {
+      const pf::TensorRecord& out = plan.tensor(plan.op(loop.pred_op_plus1 - 1).out_tensor);
+      // After the acquire above (a plain load would do; volatile keeps it from being hoisted).
+      const bool taken = static_cast<const volatile uint8_t*>(tensor_base(p, out))[i] != 0;
+      if (taken && cursor.guard_exceeded()) {
+        report(p, plan, kPersistentBadPlan, worker, waiting, loop.pred_task, 0, kWhileGuard, 0);
+      } else if (taken) {
+        verdict = 1;
+      } else {
+        for (int32_t q = cursor.seg_begin[0]; q < cursor.seg_end[0]; ++q)
+          persistent_release_task(p.counters, plan.queue_task(q), static_cast<uint32_t>(loop.trip_count));
+        verdict = 2;
+      }
+    }
+    s.flag = verdict;
+  }
+  __syncthreads();
+  const int32_t verdict = s.flag;
+  __syncthreads();  // s.flag is rewritten by the next task's checks
+  if (verdict == 0) return false;
+  cursor.resolve_check(plan, lv, verdict == 1);
+  return true;
+}
+
 // ---- dependency wait --------------------------------------------------------------------------
 
 // All threads: thread j waits for dependencies j, j + 256, ... of the task (persistent_wait_deps,
 // shared with the host tests). Returns false (block-uniformly) if the run was aborted, by this
 // block's timeout or bad dependency, or by another block.
 __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& plan, int task,
-                                  int worker, int64_t iter) {
+                                  int worker, const int64_t* iters) {
   const DepWaitResult r = persistent_wait_deps(plan, p.num_tasks, p.counters, task,
                                                static_cast<int32_t>(threadIdx.x), kBlockThreads, p.run,
-                                               iter);
+                                               iters);
   if (r.status == DepWait::kBadPlan)
     report(p, plan, kPersistentBadPlan, worker, task, r.dep_task, 0, kBadDependency, 0);
   else if (r.status == DepWait::kTimedOut)
@@ -291,7 +376,7 @@ __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& pla
 constexpr int64_t kPrefetchBytesPerTask = 64 * 1024;
 
 __device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView& plan, int task,
-                                      int64_t iter) {
+                                      int64_t iter, int64_t outer_iter) {
   const pf::TaskRecord& t = plan.task(task);
   if (t.op < 0 || t.op >= plan.header().num_ops) return;
   const pf::OpRecord& op = plan.op(t.op);
@@ -303,7 +388,7 @@ __device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView&
   const void* base = tensor_base(p, tb);
   if (base == nullptr) return;
   const int sz = pf::dtype_size(tb.dtype);
-  const int64_t offset = bv.offset + iter * pf::LoopView{plan.words}.view_iter_stride(op.b_view);
+  const int64_t offset = bv.offset + pf::LoopView{plan.words}.view_shift(op.b_view, iter, outer_iter);
   const void* first = element_ptr(base, tb.dtype, offset + t.b0 * bv.strides[0] + t.n0);
   tile::prefetch_l2_region(first, op.K, static_cast<int64_t>(t.n1 - t.n0) * sz,
                            bv.strides[1] * sz, kPrefetchBytesPerTask);
@@ -312,7 +397,7 @@ __device__ void prefetch_task_weights(const KernelParams& p, const pf::PlanView&
 // ---- staging: programs, resolved loads, output shape -----------------------------------------
 
 __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int32_t op_index,
-                           const pf::OpRecord& op, int64_t iter, TaskSmem& s) {
+                           const pf::OpRecord& op, int64_t iter, int64_t outer_iter, TaskSmem& s) {
   const pf::Header& h = plan.header();
   const pf::LoopView lv{plan.words};
   const int plen = op.prologue_len, elen = op.epilogue_len;
@@ -320,6 +405,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
     s.bad = 0;
     s.bad_instruction = 0;
     s.iter = iter;
+    s.outer_iter = outer_iter;
     s.out_offset = 0;
     const bool lens_ok = plen >= 0 && elen >= 0 && plen <= pf::kMaxProgramLen &&
                          elen <= pf::kMaxProgramLen && op.prologue_at >= 0 && op.epilogue_at >= 0 &&
@@ -335,10 +421,11 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
       for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = out.dims[d];
       if (out.rank < 0 || out.rank > pf::kMaxRank || out.storage == pf::kStorageArg) s.bad = kBadView;
       if (lv.op_stacked(op_index) && out.rank >= 1 && out.dims[0] >= 1) {
-        // v3 stacked output: the epilogue walks one slice (dims 1..rank), stored at slice `iter`.
+        // v3 stacked output: the epilogue walks one slice (dims 1..rank), stored at slice `iter`
+        // (trip_count - 1 - iter for scan(reverse=True)).
         s.out_rank = out.rank - 1;
         for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = d + 1 < pf::kMaxRank ? out.dims[d + 1] : 1;
-        s.out_offset = iter * (out.num_elements / out.dims[0]);
+        s.out_offset = lv.stacked_slice(op_index, iter) * (out.num_elements / out.dims[0]);
       }
       s.store_reg = -1;
       if (op.store_view_plus1 != 0) {  // window store: the epilogue walks iter_dims
@@ -403,7 +490,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
           l.base = tensor_base(p, t);
           l.dtype = t.dtype;
           l.rank = v.rank;
-          l.offset = v.offset + s.iter * lv.view_iter_stride(ins.a);  // v3: an xs slice moves
+          l.offset = v.offset + lv.view_shift(ins.a, s.iter, s.outer_iter);  // v3: xs slices move
           l.num_elements = t.num_elements;
           for (int d = 0; d < pf::kMaxRank; ++d) l.strides[d] = v.strides[d];
           ok = ok && l.base != nullptr;
@@ -464,8 +551,8 @@ __device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
   const pf::TensorRecord& ta = plan.tensor(av.tensor);
   const pf::TensorRecord& tb = plan.tensor(bv.tensor);
   const pf::LoopView lv{plan.words};
-  const int64_t a_offset = av.offset + s.iter * lv.view_iter_stride(op.a_view);  // v3 xs slices
-  const int64_t b_offset = bv.offset + s.iter * lv.view_iter_stride(op.b_view);
+  const int64_t a_offset = av.offset + lv.view_shift(op.a_view, s.iter, s.outer_iter);  // v3 xs
+  const int64_t b_offset = bv.offset + lv.view_shift(op.b_view, s.iter, s.outer_iter);
   const void* a_base = tensor_base(p, ta);
   const void* b_base = tensor_base(p, tb);
   void* out = tensor_base(p, plan.tensor(op.out_tensor));
@@ -641,8 +728,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const pf::LoopView lv{p.plan};
   pf::QueueCursor cursor;
   for (cursor.start(plan, lv, worker); !cursor.done(); cursor.advance(plan, lv)) {
+    while (cursor.pending_check)  // a while loop: does this iteration run its body?
+      if (!while_check(p, plan, lv, cursor, worker, s)) return;
+    if (cursor.done()) break;
     const int32_t q = cursor.q;
-    const int64_t iter = cursor.iter;
+    const int64_t iter = cursor.iter(), outer_iter = cursor.outer_iter();
     const int32_t task = plan.queue_task(q);
     if (threadIdx.x == 0) {
       int32_t bad = 0;
@@ -673,7 +763,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     // Everything up to the wait reads only the plan and FFI operands, so it overlaps the producers.
     const pf::TaskRecord& t = plan.task(task);
     const pf::OpRecord& op = plan.op(t.op);
-    stage_task(p, plan, t.op, op, iter, s);
+    stage_task(p, plan, t.op, op, iter, outer_iter, s);
     const int32_t staged_bad = s.bad ? s.bad : s.bad_instruction;
     bool views_ok = staged_bad == 0;
     if (views_ok) {
@@ -697,14 +787,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       return;
     }
     const uint64_t wait_begin = global_timer_ns();
-    if (q == q_begin && iter == 0) prefetch_task_weights(p, plan, task, iter);
+    if (q == q_begin && iter == 0) prefetch_task_weights(p, plan, task, iter, outer_iter);
     if (q + 1 < q_end) {
       const int32_t next = plan.queue_task(q + 1);
-      if (next >= 0 && next < p.num_tasks) prefetch_task_weights(p, plan, next, iter);
+      if (next >= 0 && next < p.num_tasks) prefetch_task_weights(p, plan, next, iter, outer_iter);
     }
     uint64_t start = 0;
     auto wait = [&]() {
-      const bool ok = wait_dependencies(p, plan, task, worker, iter);
+      const bool ok = wait_dependencies(p, plan, task, worker, cursor.iters);
       start = global_timer_ns();
       return ok;
     };
@@ -728,7 +818,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       }
       // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered
       // before it by the barrier above.
-      persistent_release_task(p.counters, task, static_cast<uint32_t>(iter + 1));
+      // Counters count finished runs (a nested loop's: outer * inner trips + inner + 1).
+      persistent_release_task(p.counters, task, static_cast<uint32_t>(lv.run_index(t.op, cursor.iters) + 1));
     }
   }
 }
@@ -822,6 +913,9 @@ const char* bad_plan_reason(int32_t r) {
     case kBadLoop: return "invalid loop section (plan v3)";
     case kBadWorkspace: return "workspace result smaller than workspace_bytes";
     case kBadOpKind: return "unknown op kind";
+    case kWhileGuard:
+      return "a while_loop did not end within its guard (the loop's trip_count - 1 iterations; "
+             "raise max_while_iterations or the plan's trip_count)";
     case kCommUnsupported:
       return "the plan has communication (put) tasks, which the CUDA executor does not run yet "
              "(the CPU executor does)";

@@ -92,12 +92,15 @@ struct DepWaitResult {
 // relaxed polls and one acquire; the clock and the abort word every 32 polls (a poll is one L2
 // round trip, ~0.3 us). The clock starts at the first check, so the bound is timeout + ~10 us. Device: lane = thread, lanes = threads of the block (a layer with 128 producer
 // tiles costs one round trip, not 128). Host: one thread per worker, lane 0 of 1.
-// Plan v3 loops: `iter` is the loop iteration the task is about to run, and each dependency's
-// target is plan::LoopView::dep_target (the caller checked the loop section and the task's op).
+// Plan v3 loops: `iters` are the iterations of the task's loops (outermost first; QueueCursor::iters)
+// for the run it is about to do, and each dependency's target is plan::LoopView::dep_target (the
+// caller checked the loop section and the task's op). nullptr: the task is outside loops.
 ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int32_t num_tasks,
                                                 const int32_t* counters, int32_t task, int32_t lane,
                                                 int32_t lanes, const PersistentRunState& run,
-                                                int64_t iter = 0) {
+                                                const int64_t* iters = nullptr) {
+  const int64_t no_iters[plan::kMaxLoopDepth] = {0, 0};
+  if (iters == nullptr) iters = no_iters;
   const int32_t begin = plan.dep_begin(task), end = plan.dep_end(task);
   if (begin < 0 || begin > end || end > plan.header().num_dep_edges)
     return DepWaitResult{DepWait::kBadPlan, -1, 0u, 0u};
@@ -110,7 +113,7 @@ ARK_PROTO_HD DepWaitResult persistent_wait_deps(const plan::PlanView& plan, int3
     if (has_loops) {
       const int32_t d_op = plan.task(d).op;
       if (d_op < 0 || d_op >= plan.header().num_ops) return DepWaitResult{DepWait::kBadPlan, d, 0u, 0u};
-      target = static_cast<uint32_t>(loops.dep_target(plan.task(task).op, d_op, iter));
+      target = static_cast<uint32_t>(loops.dep_target(plan.task(task).op, d_op, iters));
     }
     const proto::AtomicRef<uint32_t, proto::Scope::kGpu> c(
         reinterpret_cast<const uint32_t*>(counters + d));

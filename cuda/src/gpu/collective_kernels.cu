@@ -145,6 +145,21 @@ __device__ void block_zero(uint8_t* dst, uint64_t len) {
   for (uint64_t i = threadIdx.x; i < len; i += blockDim.x) dst[i] = 0;
 }
 
+// Stores one element with ONE store of its own width. Never memcpy a 16-bit float into a byte
+// pointer: nvcc 13.0's ptxas (sm_80 and sm_90) turns `cvt.rn.{bf16,f16}.f32 %rs, %f` followed by
+// `st.global.u8 [p], %rs` (the low byte of such a memcpy) into `F2I.U8.F16.TRUNC` - a float ->
+// uint8 conversion of the value instead of its low byte. That wrote 0x00/0x01/0x02 over the low
+// byte of every 16-bit all_reduce / reduce_scatter result that went through block_reduce's scalar
+// tail (the H200 run of 2026-12-04). Elements are always aligned to their size here.
+template <typename T>
+__device__ __forceinline__ void store_elem(uint8_t* p, T v) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<unsigned int*>(p) = to_bits<T>(v);
+  } else {
+    *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(to_bits<T>(v));
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T load_elem_cg(const uint8_t* p) {
   if constexpr (sizeof(T) == 4) {
@@ -194,8 +209,7 @@ __device__ void block_reduce(uint8_t* dst, const uint8_t* src0, uint64_t stride,
     Acc acc = Elem<T>::widen(load_elem_cg<T>(src0 + i * sizeof(T)));
     for (int j = 1; j < n; ++j)
       acc = combine<R>(acc, Elem<T>::widen(load_elem_cg<T>(src0 + j * stride + i * sizeof(T))));
-    const T out = Elem<T>::narrow(acc);
-    memcpy(dst + i * sizeof(T), &out, sizeof(T));
+    store_elem<T>(dst + i * sizeof(T), Elem<T>::narrow(acc));
   }
 }
 

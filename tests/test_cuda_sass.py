@@ -7,11 +7,12 @@ that went through the chunked path's scalar tail got 0x00 / 0x01 / 0x02 as its l
 run of 2026-12-04). No kernel of the module converts a float to an 8-bit integer on purpose (plan
 bools come from comparisons, not conversions), so any such instruction is this miscompile again.
 
-Needs `cuobjdump` (CUDA toolkit, or the `nvidia-cuda-cuobjdump` wheel of the test extras).
+Needs `cuobjdump` and `nvdisasm` (CUDA toolkit, or NVIDIA's wheels in the test extras).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -26,8 +27,9 @@ from jax_ark import _ffi
 FLOAT_TO_BYTE = re.compile(r"\bF2I(?:\.[A-Z0-9]+)*\.[US]8\b[^;]*;")
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
+def _cuda_tool(name: str) -> str | None:
+    """`name` on PATH (a CUDA toolkit) or from NVIDIA's CUDA wheels (nvidia/cu*/bin)."""
+    found = shutil.which(name)
     if found:
         return found
     try:
@@ -35,7 +37,7 @@ def _cuobjdump() -> str | None:
     except ImportError:
         return None
     for base in getattr(nvidia, "__path__", []):
-        for candidate in sorted(Path(base).glob("*/bin/cuobjdump")):
+        for candidate in sorted(Path(base).glob(f"*/bin/{name}")):
             return str(candidate)
     return None
 
@@ -44,11 +46,14 @@ def _cuobjdump() -> str | None:
 def sass() -> str:
     if not jax_ark.has_cuda():
         pytest.skip("jax_ark built without the CUDA runtime")
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (install the test extras: nvidia-cuda-cuobjdump)")
+    cuobjdump, nvdisasm = _cuda_tool("cuobjdump"), _cuda_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        pytest.skip("no cuobjdump/nvdisasm (test extras: nvidia-cuda-cuobjdump, -nvdisasm)")
     module = Path(_ffi.cuda_module().__file__)
-    done = subprocess.run([tool, "-sass", str(module)], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, NVDISASM_PATH=str(Path(nvdisasm).parent))  # cuobjdump -sass runs it
+    done = subprocess.run(
+        [cuobjdump, "-sass", str(module)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -57,9 +62,8 @@ def _functions(sass: str) -> list[tuple[str, str, str]]:
     """(arch, function name, body) of every kernel in cuobjdump's listing."""
     out = []
     arch = "?"
-    pieces = re.split(r"^\s*(?=Function : |arch = )", sass, flags=re.M)
-    for piece in pieces:
-        if piece.startswith("arch = "):
+    for piece in re.split(r"^\s*(?=Function : |code for sm_)", sass, flags=re.M):
+        if piece.startswith("code for sm_"):
             arch = piece.split()[2]
         elif piece.startswith("Function : "):
             name = piece.split("\n", 1)[0][len("Function : ") :].strip()

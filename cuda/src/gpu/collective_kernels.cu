@@ -394,20 +394,25 @@ __device__ __forceinline__ void collective_call(const CommDevice& comm, const Co
                                                 GridPos g, bool use_ll) {
   __shared__ uint64_t s_epoch;
   __shared__ int s_failed;
+  __shared__ int s_poisoned;
   // Loaded early, checked at the end: the communicator already knows its rank (bootstrap), the
   // operand only guards against a mesh/rank mismatch, so it stays off the latency path.
   const int32_t rank_operand = rank_ptr != nullptr ? *rank_ptr : comm.rank;
   if (threadIdx.x == 0) {
     s_epoch = current_epoch(comm.control);
     s_failed = 0;
+    s_poisoned = communicator_poisoned(comm.control) ? 1 : 0;
   }
   __syncthreads();
   const WaitContext wait = WaitContext::begin(comm, args.op, s_epoch, args.timeout_ns);
   const uint8_t* xb = static_cast<const uint8_t*>(x);
   uint8_t* yb = static_cast<uint8_t*>(y);
 
-  bool ok;
-  if (use_ll) {
+  bool ok = false;
+  if (s_poisoned) {
+    // An earlier call failed (its error record stays set): waiting for peers whose epochs are out
+    // of step would only time out again. y is left as it is; jax_ark.check() reports the failure.
+  } else if (use_ll) {
     const Lanes lanes{static_cast<uint64_t>(g.block) * blockDim.x + threadIdx.x,
                       static_cast<uint64_t>(g.blocks) * blockDim.x,
                       g.block == 0 ? static_cast<int32_t>(threadIdx.x) : -1,

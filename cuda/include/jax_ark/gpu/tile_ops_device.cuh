@@ -604,6 +604,35 @@ template <typename Load, typename Epi>
 __device__ void row_reduce_tile(int64_t r0, int64_t r1, int64_t ncols, ReduceKind kind, Load& load,
                                 Epi& epi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t rows = r1 - r0;
+  if (rows > 0 && rows * 2 <= kWarps) {
+    // Few rows (a norm over one token, say): one warp per row would leave most of the block idle,
+    // so `per` warps share each row (columns strided by 32 * per) and combine their partials
+    // through shared memory. Block-uniform branch: rows is the task's.
+    __shared__ float partial[kWarps];
+    int per = 1;
+    while (rows * per * 2 <= kWarps) per *= 2;
+    const int busy = static_cast<int>(rows) * per;
+    const int part = warp % per;
+    const int64_t r = r0 + warp / per;
+    if (warp < busy) {
+      float acc = reduce_init(kind);
+      for (int64_t c = static_cast<int64_t>(part) * 32 + lane; c < ncols; c += 32 * per)
+        acc = reduce_combine(kind, acc, load(r, c));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+        acc = reduce_combine(kind, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      if (lane == 0) partial[warp] = acc;
+    }
+    __syncthreads();
+    if (warp < busy && part == 0 && lane == 0) {
+      float acc = partial[warp];
+      for (int j = 1; j < per; ++j) acc = reduce_combine(kind, acc, partial[warp + j]);
+      epi(r, acc);
+    }
+    __syncthreads();
+    return;
+  }
   for (int64_t r = r0 + warp; r < r1; r += kWarps) {
     float acc = reduce_init(kind);
     for (int64_t c = lane; c < ncols; c += 32) acc = reduce_combine(kind, acc, load(r, c));

@@ -14,6 +14,7 @@ state from its stream's device. Nothing of this runs per call.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,17 @@ import numpy as np
 from jax_ark import _ffi
 
 TARGET = "ark_collective_cuda"
+# The same handler declared command-buffer compatible, so XLA may record it into its CUDA graphs
+# instead of splitting them around it (docs/gpu_runtime.md, "CUDA graphs"). Opt-in, read at
+# lowering: a call replayed from a graph cannot return an error to XLA, so a timeout there shows
+# only through jax_ark.check(), where the default target fails the next call with it.
+GRAPH_TARGET = "ark_collective_cuda_graph"
+GRAPHS_ENV = "JAX_ARK_CUDA_GRAPHS"
+
+
+def _target() -> str:
+    return GRAPH_TARGET if os.environ.get(GRAPHS_ENV, "0") == "1" else TARGET
+
 
 _OPS = {"all_reduce": 0, "all_gather": 1, "reduce_scatter": 2, "permute": 3, "all_to_all": 4}
 _REDUCES = {"sum": 0, "max": 1, "min": 2}
@@ -116,7 +128,7 @@ def _lowering(ctx, x, rank, color, *, axes, group_size, **params):
 
     mesh = _concrete_mesh(ctx)
     comm_id = _communicator(mesh, _group_axes(axes), int(group_size))
-    rule = jax.ffi.ffi_lowering(TARGET)
+    rule = jax.ffi.ffi_lowering(_target())
     attributes = ffi_attributes(axes=axes, group_size=group_size, **params)
     return rule(ctx, x, rank, color, **attributes, comm_id=np.int64(comm_id))
 

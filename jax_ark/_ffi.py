@@ -81,6 +81,20 @@ def cuda_module() -> ModuleType | None:
         return None
 
 
+# CUDA targets whose handler C++ declares command-buffer compatible (kCmdBufferCompatible in
+# XLA_FFI_DEFINE_HANDLER_SYMBOL); XLA takes the trait from the registration, so it goes here too.
+_COMMAND_BUFFER_TARGETS = frozenset({"ark_collective_cuda_graph"})
+
+
+def _traits(name: str) -> dict:
+    if name not in _COMMAND_BUFFER_TARGETS:
+        return {}
+    from jaxlib import xla_client
+
+    traits = getattr(xla_client, "CustomCallTargetTraits", None)
+    return {} if traits is None else {"traits": traits.COMMAND_BUFFER_COMPATIBLE}
+
+
 @functools.cache
 def register_targets() -> tuple[str, ...]:
     """Registers every FFI target of the built backends with jax; returns the platforms done."""
@@ -91,7 +105,7 @@ def register_targets() -> tuple[str, ...]:
     cuda = cuda_module()
     if cuda is not None:
         for name, capsule in cuda.registrations().items():
-            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA", **_traits(name))
         platforms.append("cuda")
     return tuple(platforms)
 

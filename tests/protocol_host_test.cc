@@ -448,10 +448,13 @@ int run_stale() {
   *c0.flag(c0.local, 1, 0) = ag::round_seq(e - 1, 7);
   const ag::WaitContext w = ag::WaitContext::begin(c0, ag::kAllGather, e, 50'000'000ull);
   uint32_t data = 0;
+  check(!ag::communicator_poisoned(&g.control[0]), "fresh_communicator_not_poisoned");
   check(!w.wait_packet(slot + 1, 1, data), "stale_packet_rejected");
   check(g.error[0].state == 1 && g.error[0].peer == 1 && g.error[0].rank == 0 &&
             g.error[0].epoch == e && g.error[0].waited_ns >= 50'000'000ull,
         "stale_packet_timeout_recorded");
+  // What a call replayed from a CUDA graph checks instead of the FFI handler's host check.
+  check(ag::communicator_poisoned(&g.control[0]), "failure_poisons_communicator");
   // A fresh context (abort cleared): the stale flag must not pass either, the current one must.
   g.control[0].abort = 0;
   g.control[0].error_claim = 0;

@@ -95,3 +95,35 @@ def test_cuda_custom_call_attributes_and_rank_order(mesh2x4, stub_bootstrap):
         rank_of = {s.device.id: int(np.asarray(s.data)[0]) for s in index.addressable_shards}
         for row in table:
             assert [rank_of[d.id] for d in row] == list(range(len(row)))
+
+
+def test_cuda_graph_target_is_opt_in(mesh2x4, stub_bootstrap, monkeypatch):
+    # JAX_ARK_CUDA_GRAPHS=1 (read at lowering) selects the command-buffer-compatible target with
+    # the same attributes; without it the default target, which XLA never records into a graph.
+    def body(a):
+        return jax_ark.psum(a, "x")
+
+    spec = P(("x", "y"))
+    x = jnp.arange(32, dtype=jnp.float32).reshape(8, 4)
+    for value, target in [("1", "ark_collective_cuda_graph"), ("0", "ark_collective_cuda")]:
+        monkeypatch.setenv("JAX_ARK_CUDA_GRAPHS", value)
+        f = jax.jit(jax.shard_map(body, mesh=mesh2x4, in_specs=spec, out_specs=spec))
+        exported = jax.export.export(
+            f,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+        )(x)
+        configs = re.findall(
+            rf"custom_call @{target}\(.*?mhlo.backend_config = \{{(.*?)\}}",
+            exported.mlir_module(),
+        )
+        assert len(configs) == 1, (value, exported.mlir_module())
+        assert _attributes(configs[0]) == HANDLER_ATTRS
+
+
+@pytest.mark.skipif(not jax_ark.has_cuda(), reason="jax_ark built without the CUDA runtime")
+def test_cuda_module_registers_both_targets():
+    from jax_ark import _ffi
+
+    names = set(_ffi.cuda_module().registrations())
+    assert {"ark_collective_cuda", "ark_collective_cuda_graph"} <= names, names

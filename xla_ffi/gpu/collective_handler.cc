@@ -2,8 +2,21 @@
 // communicator bootstrapped at lowering time (jax_ark/_cuda_collectives.py) and enqueues ONE
 // kernel on XLA's stream. No synchronization, no allocation.
 //
-// Not declared command-buffer compatible: every call does host work (registry lookup, the check of
-// the host-mapped error record) that a replayed command buffer would skip.
+// Two targets, one implementation (docs/gpu_runtime.md, "CUDA graphs"):
+//  * `ark_collective_cuda` (default) is NOT command-buffer compatible: XLA runs it as its own
+//    thunk, so this function runs on every call, and a communicator poisoned by an earlier
+//    timeout is refused with DEADLINE_EXCEEDED before anything is enqueued.
+//  * `ark_collective_cuda_graph` (JAX_ARK_CUDA_GRAPHS=1 at lowering) declares
+//    kCmdBufferCompatible: XLA records this function's launch into its CUDA graph once (again when
+//    the buffers move) and replays the kernel without calling it. That is safe because the launch
+//    carries no per-call host state: everything that changes from call to call (the epoch, hence
+//    the scratch half and the flag values) lives in device memory and is read by the kernel, the
+//    rank state behind comm_id lives as long as the process, and every check below depends only on
+//    the call site (attributes, shapes, the communicator's config), so passing it once at record
+//    time means passing it on every replay. The one check that depends on history, "an earlier
+//    call of this communicator failed", is repeated by the kernel: a replayed call on a poisoned
+//    communicator returns at once instead of waiting out the timeout again. What a replay cannot
+//    do is return an error to XLA: that failure shows only through jax_ark.check().
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -126,22 +139,32 @@ ffi::Error ArkCollectiveCudaImpl(cudaStream_t stream, int32_t device_ordinal, ff
 }  // namespace
 }  // namespace jax_ark::gpu
 
+namespace {
+// The one binding of both targets (the attributes the lowering in _cuda_collectives.py emits).
+auto collective_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<ffi::DeviceOrdinal>()
+      .Arg<ffi::AnyBuffer>()         // x
+      .Arg<ffi::Buffer<ffi::S32>>()  // rank
+      .Arg<ffi::Buffer<ffi::S32>>()  // color
+      .Ret<ffi::AnyBuffer>()         // y
+      .Attr<int32_t>("op")
+      .Attr<int32_t>("reduce")
+      .Attr<int64_t>("group_size")
+      .Attr<int64_t>("comm_key")
+      .Attr<int64_t>("timeout_ms")
+      .Attr<ffi::Span<const int64_t>>("send_to")
+      .Attr<ffi::Span<const int64_t>>("recv_from")
+      .Attr<int64_t>("comm_id")
+      .Attr<int64_t>("site");
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkCollectiveCuda, jax_ark::gpu::ArkCollectiveCudaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()          // x
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // rank
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // color
-                                  .Ret<ffi::AnyBuffer>()          // y
-                                  .Attr<int32_t>("op")
-                                  .Attr<int32_t>("reduce")
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("comm_key")
-                                  .Attr<int64_t>("timeout_ms")
-                                  .Attr<ffi::Span<const int64_t>>("send_to")
-                                  .Attr<ffi::Span<const int64_t>>("recv_from")
-                                  .Attr<int64_t>("comm_id")
-                                  .Attr<int64_t>("site"));
+                              collective_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkCollectiveCudaGraph, jax_ark::gpu::ArkCollectiveCudaImpl,
+                              collective_binding(), {ffi::Traits::kCmdBufferCompatible});
 
 JAX_ARK_REGISTER_TARGET("ark_collective_cuda", ArkCollectiveCuda);
+JAX_ARK_REGISTER_TARGET("ark_collective_cuda_graph", ArkCollectiveCudaGraph);

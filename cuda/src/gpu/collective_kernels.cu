@@ -145,6 +145,21 @@ __device__ void block_zero(uint8_t* dst, uint64_t len) {
   for (uint64_t i = threadIdx.x; i < len; i += blockDim.x) dst[i] = 0;
 }
 
+// Stores one element with ONE store of its own width. Never memcpy a 16-bit float into a byte
+// pointer: nvcc 13.0's ptxas (sm_80 and sm_90) turns `cvt.rn.{bf16,f16}.f32 %rs, %f` followed by
+// `st.global.u8 [p], %rs` (the low byte of such a memcpy) into `F2I.U8.F16.TRUNC` - a float ->
+// uint8 conversion of the value instead of its low byte. That wrote 0x00/0x01/0x02 over the low
+// byte of every 16-bit all_reduce / reduce_scatter result that went through block_reduce's scalar
+// tail (the H200 run of 2026-12-04). Elements are always aligned to their size here.
+template <typename T>
+__device__ __forceinline__ void store_elem(uint8_t* p, T v) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<unsigned int*>(p) = to_bits<T>(v);
+  } else {
+    *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(to_bits<T>(v));
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ T load_elem_cg(const uint8_t* p) {
   if constexpr (sizeof(T) == 4) {
@@ -194,8 +209,7 @@ __device__ void block_reduce(uint8_t* dst, const uint8_t* src0, uint64_t stride,
     Acc acc = Elem<T>::widen(load_elem_cg<T>(src0 + i * sizeof(T)));
     for (int j = 1; j < n; ++j)
       acc = combine<R>(acc, Elem<T>::widen(load_elem_cg<T>(src0 + j * stride + i * sizeof(T))));
-    const T out = Elem<T>::narrow(acc);
-    memcpy(dst + i * sizeof(T), &out, sizeof(T));
+    store_elem<T>(dst + i * sizeof(T), Elem<T>::narrow(acc));
   }
 }
 
@@ -380,20 +394,25 @@ __device__ __forceinline__ void collective_call(const CommDevice& comm, const Co
                                                 GridPos g, bool use_ll) {
   __shared__ uint64_t s_epoch;
   __shared__ int s_failed;
+  __shared__ int s_poisoned;
   // Loaded early, checked at the end: the communicator already knows its rank (bootstrap), the
   // operand only guards against a mesh/rank mismatch, so it stays off the latency path.
   const int32_t rank_operand = rank_ptr != nullptr ? *rank_ptr : comm.rank;
   if (threadIdx.x == 0) {
     s_epoch = current_epoch(comm.control);
     s_failed = 0;
+    s_poisoned = communicator_poisoned(comm.control) ? 1 : 0;
   }
   __syncthreads();
   const WaitContext wait = WaitContext::begin(comm, args.op, s_epoch, args.timeout_ns);
   const uint8_t* xb = static_cast<const uint8_t*>(x);
   uint8_t* yb = static_cast<uint8_t*>(y);
 
-  bool ok;
-  if (use_ll) {
+  bool ok = false;
+  if (s_poisoned) {
+    // An earlier call failed (its error record stays set): waiting for peers whose epochs are out
+    // of step would only time out again. y is left as it is; jax_ark.check() reports the failure.
+  } else if (use_ll) {
     const Lanes lanes{static_cast<uint64_t>(g.block) * blockDim.x + threadIdx.x,
                       static_cast<uint64_t>(g.blocks) * blockDim.x,
                       g.block == 0 ? static_cast<int32_t>(threadIdx.x) : -1,

@@ -96,6 +96,14 @@ ARK_PROTO_HD uint64_t current_epoch(const RankControl* control) {
   return proto::AtomicRef<uint64_t, proto::Scope::kGpu>(&control->epoch).load_acquire();
 }
 
+// True once a call of this rank recorded a failure (WaitContext::record_failure claims the record
+// first): the epochs of the communicator's ranks are out of step from then on, so a later call
+// must not wait for peers. The FFI handler refuses such calls on the host; a call replayed from a
+// CUDA graph (no host code runs) checks it here and returns at once.
+ARK_PROTO_HD bool communicator_poisoned(const RankControl* control) {
+  return proto::AtomicRef<uint32_t, proto::Scope::kGpu>(&control->error_claim).load_relaxed() != 0u;
+}
+
 // Called once per block at the end of a call, after every thread of the block is done with it.
 // The last of `blocks` blocks advances the epoch. Every block read the epoch before counting itself
 // done, so no block of this call can see the new value; the next call (a later kernel on the same

@@ -333,12 +333,14 @@ __device__ __noinline__ bool gemv_kn_impl(const GemvParams& p, float* smem, Epi&
         if (!wait()) return false;  // block-uniform
       }
       __syncthreads();  // previous readers of xs are done
-      for (int i = tid; i < kBT * kKC; i += kBlockThreads) {
-        const int b = i / kKC, k = i % kKC;
-        xs[i] = (b < p.batch && k < kl)
-                    ? load_f32(p.x, p.x_dtype, b * p.x_batch_stride + (kc + k) * p.x_k_stride)
-                    : 0.f;
-      }
+      // Only the kl rows of the chunk and the batch's rows: the loop below reads xs[b][k] for
+      // k < kl only, and rows b >= batch feed accumulators that are never reduced or stored (it
+      // walked all kBT * kKC = 8192 floats before, 8x the work for K = 1024).
+      const int rows = p.batch < kBT ? static_cast<int>(p.batch) : kBT;
+      for (int b = 0; b < rows; ++b)
+        for (int k = tid; k < kl; k += kBlockThreads)
+          xs[b * kKC + k] =
+              load_f32(p.x, p.x_dtype, b * p.x_batch_stride + (kc + k) * p.x_k_stride);
       __syncthreads();
       if (any) {
         for (int k = rg; k < kl; k += kUnroll * rgroups) {
@@ -402,8 +404,8 @@ __device__ __noinline__ bool gemv_kn_impl(const GemvParams& p, float* smem, Epi&
   return true;
 }
 
-// Dispatch on the weight dtype and the batch size (rounded up to a power of two; the padding rows
-// are zero and never stored). The caller guarantees 1 <= batch <= 16 and a float weight dtype.
+// Dispatch on the weight dtype and the batch size (rounded up to a power of two; the padding rows'
+// activations are not staged, and their accumulators are never reduced or stored). The caller guarantees 1 <= batch <= 16 and a float weight dtype.
 template <typename Epi, typename Wait>
 __device__ bool gemv_kn(const GemvParams& p, DType w_dtype, float* smem, Epi& epi, Wait& wait) {
   const int bt = p.batch <= 1 ? 1 : p.batch <= 2 ? 2 : p.batch <= 4 ? 4 : p.batch <= 8 ? 8 : 16;
@@ -602,6 +604,35 @@ template <typename Load, typename Epi>
 __device__ void row_reduce_tile(int64_t r0, int64_t r1, int64_t ncols, ReduceKind kind, Load& load,
                                 Epi& epi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t rows = r1 - r0;
+  if (rows > 0 && rows * 2 <= kWarps) {
+    // Few rows (a norm over one token, say): one warp per row would leave most of the block idle,
+    // so `per` warps share each row (columns strided by 32 * per) and combine their partials
+    // through shared memory. Block-uniform branch: rows is the task's.
+    __shared__ float partial[kWarps];
+    int per = 1;
+    while (rows * per * 2 <= kWarps) per *= 2;
+    const int busy = static_cast<int>(rows) * per;
+    const int part = warp % per;
+    const int64_t r = r0 + warp / per;
+    if (warp < busy) {
+      float acc = reduce_init(kind);
+      for (int64_t c = static_cast<int64_t>(part) * 32 + lane; c < ncols; c += 32 * per)
+        acc = reduce_combine(kind, acc, load(r, c));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1)
+        acc = reduce_combine(kind, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      if (lane == 0) partial[warp] = acc;
+    }
+    __syncthreads();
+    if (warp < busy && part == 0 && lane == 0) {
+      float acc = partial[warp];
+      for (int j = 1; j < per; ++j) acc = reduce_combine(kind, acc, partial[warp + j]);
+      epi(r, acc);
+    }
+    __syncthreads();
+    return;
+  }
   for (int64_t r = r0 + warp; r < r1; r += kWarps) {
     float acc = reduce_init(kind);
     for (int64_t c = lane; c < ncols; c += 32) acc = reduce_combine(kind, acc, load(r, c));

@@ -104,6 +104,71 @@ def test_bit_identical_across_worker_counts_and_reference(rng, dtype, which):
             assert np.array_equal(_bits(g), _bits(w)), (which, workers)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize(("rows", "k", "n"), [(37, 64, 256), (9, 33, 512), (40, 19, 1024)])
+def test_weights_with_aliasing_row_strides_bit_identical(rng, dtype, rows, k, n):
+    """B rows a multiple of 1 KiB apart are copied into padded blocks before the micro-kernels
+    read them (tiles of more than 4 rows): the same bits as the reference interpreter."""
+    args = random_args(rng, [(rows, k), (k, n)], dtype)
+    fn = lambda a, b: jax.nn.relu(a @ b)  # noqa: E731
+    want = interpret(ark.plan(fn, *args, num_workers=2), *args)
+    for workers in (1, 2):
+        got = jax.tree.leaves(jax.jit(ark.persistent(fn, num_workers=workers))(*args))
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(_bits(g), _bits(w)), workers
+
+
+def _short_folds(x, y):
+    return (
+        jnp.sum(x * 2.0 + 1.0, axis=0),  # a fold over the leading axis (psum's shape of reduce)
+        jnp.max(x * x - 0.5, axis=(0, 2)),  # two reduced dims, one kept between them
+        jnp.sum(y, axis=1),  # a middle axis, odd sizes (segment tails)
+        jnp.max(y, axis=-1),  # the innermost axis, contiguous
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_short_reduces_bit_identical_to_reference(rng, dtype):
+    """Reduces over few elements per output (folded by columns: one prologue pass per reduced
+    index over many outputs) keep the plan format's order: the reference's bits, NaN included."""
+    x = rng.standard_normal((8, 300, 3)).astype(dtype)
+    y = rng.standard_normal((5, 7, 613)).astype(dtype)
+    ark_fn = jax.jit(ark.persistent(_short_folds, num_workers=2))
+    for g, w in zip(ark_fn(x, y), jax.jit(_short_folds)(x, y), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=2e-2
+        )
+    # NaN inputs against the reference only: XLA:CPU's vectorized max drops a NaN here.
+    x[3, 17, 1] = np.nan
+    y[2, 3, 5] = np.nan
+    want = interpret(ark.plan(_short_folds, x, y, num_workers=2), x, y)
+    for workers in (1, 2):
+        got = jax.tree.leaves(jax.jit(ark.persistent(_short_folds, num_workers=workers))(x, y))
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(_bits(g), _bits(w)), workers
+
+
+def test_tanh_within_few_ulps_of_libm(rng):
+    """The CPU executor's vectorized tanh: within 2 float32 ulps of numpy's everywhere (both
+    branches of its approximation and the switch between them), exact at the special values."""
+    x = np.concatenate(
+        [
+            rng.uniform(-12.0, 12.0, 20000),
+            rng.uniform(-0.7, 0.7, 20000),
+            np.geomspace(1e-30, 30.0, 5000),
+            -np.geomspace(1e-30, 30.0, 5000),
+            [0.0, -0.0, np.inf, -np.inf, np.nan, 0.625, -0.625, 10.0, 1e-45],
+        ]
+    ).astype(np.float32)
+    got = np.asarray(jax.jit(ark.persistent(jnp.tanh, num_workers=1))(x))
+    want = np.tanh(x)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite = ~np.isnan(want)
+    assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+    ulps = np.abs(_bits(got[finite]).astype(np.int64) - _bits(want[finite]).astype(np.int64))
+    assert ulps.max() <= 2, x[finite][ulps.argmax()]
+
+
 def _transposed_operands(a, at, e):
     return (
         a @ e.T,  # B read along k (a tied embedding's logits): the register-transpose kernels

@@ -1920,11 +1920,14 @@ def trace(
         ):
             outputs.append(node.tensor)  # updated in place (an aliased input's buffer)
             continue
+        # A put's inbox stays in the workspace: peers write into it through the exchanged
+        # workspace pointers (an all_to_all whose result is the inbox as is gets a copy).
         claimed = (
             isinstance(node, _Load)
             and b.tensors[node.tensor].storage == "workspace"
             and _is_identity(node, b.tensors[node.tensor].shape)
             and b.tensors[node.tensor].shape == node.shape
+            and not any(op.kind == "put" and op.out == node.tensor for op in b.ops)
         )
         if claimed:
             # Already in memory: move that tensor into the result buffer instead of copying it.

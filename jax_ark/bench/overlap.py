@@ -10,8 +10,11 @@ ark / max(compute, comm): 1.0 would hide all communication behind compute.
 
 Layers (--layers): tp, the Megatron tensor-parallel MLP (x replicated, w1 column- and w2
 row-parallel, psum); sp, the sequence-parallel MLP (rows sharded: all_gather -> matmul -> gelu
--> matmul -> psum_scatter). --sizes are RxDxH: R rows per device (sp: gathered to 8R), model dim
-D, hidden dim H in total (H/8 per device). Writes overlap_cpu.json.
+-> matmul -> psum_scatter); moe, a mixture of experts with one expert per device and fixed-capacity
+dispatch (all_to_all -> the local expert's matmul -> gelu -> matmul -> all_to_all). --sizes are
+RxDxH: R rows per device (sp: gathered to 8R; moe: R tokens in 8 buckets of R/8), model dim D,
+hidden dim H in total (tp, sp: H/8 per device; moe: each expert's own hidden dim).
+Writes overlap_cpu.json.
 """
 
 from __future__ import annotations
@@ -57,12 +60,45 @@ def _sp_comm(x, y):
     return jax.lax.all_gather(x, _AXIS, tiled=True), jax.lax.psum_scatter(y, _AXIS, tiled=True)
 
 
+def _moe(xb, w1, w2):
+    xe = jax.lax.all_to_all(xb, _AXIS, 0, 0, tiled=True)
+    return jax.lax.all_to_all(_moe_compute(xe, w1, w2), _AXIS, 0, 0, tiled=True)
+
+
+def _moe_compute(xe, w1, w2):
+    h = jax.nn.gelu(xe.reshape(-1, xe.shape[-1]) @ w1[0])
+    return (h @ w2[0]).reshape(xe.shape)
+
+
+def _moe_comm(xb, y):
+    return (
+        jax.lax.all_to_all(xb, _AXIS, 0, 0, tiled=True),
+        jax.lax.all_to_all(y, _AXIS, 0, 0, tiled=True),
+    )
+
+
 def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str, Any]:
     """fn, its compute-only and comm-only parts, their global inputs and shard_map specs."""
 
     def normal(*shape):
         return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
 
+    if layer == "moe":  # one expert per device, each an MLP d -> hidden -> d
+        if rows % n:
+            raise SystemExit(f"moe: {rows} rows per device must be a multiple of the {n} experts")
+        bucket = (n * n, rows // n, d)  # every device's rows, n buckets of capacity rows / n
+        w1, w2 = normal(n, d, hidden), normal(n, hidden, d)
+        specs = (P(_AXIS), P(_AXIS), P(_AXIS))
+        return {
+            "full": (_moe, (normal(*bucket), w1, w2), specs, P(_AXIS)),
+            "compute": (_moe_compute, (normal(*bucket), w1, w2), specs, P(_AXIS)),
+            "comm": (
+                _moe_comm,
+                (normal(*bucket), normal(*bucket)),
+                (P(_AXIS), P(_AXIS)),
+                (P(_AXIS), P(_AXIS)),
+            ),
+        }
     w1, w2 = normal(d, hidden), normal(hidden, d)
     wspec = (P(None, _AXIS), P(_AXIS, None))
     if layer == "tp":
@@ -97,7 +133,7 @@ def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: fl
     rows_out = []
     for layer in layers:
         for rows, d, hidden in sizes:
-            if hidden % n:
+            if hidden % n and layer != "moe":
                 raise SystemExit(f"hidden dim {hidden} must be a multiple of the {n} devices")
             cases = _cases(layer, n, rows, d, hidden, rng)
             fn, args, in_specs, out_specs = cases["full"]
@@ -138,7 +174,9 @@ def _size(text: str) -> tuple[int, int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", default="tp,sp", help="comma-separated: tp, sp (default: both)")
+    parser.add_argument(
+        "--layers", default="tp,sp,moe", help="comma-separated: tp, sp, moe (default: all)"
+    )
     parser.add_argument(
         "--sizes",
         default="64x256x1024",
@@ -150,9 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     layers = args.layers.split(",")
-    unknown = sorted(set(layers) - {"tp", "sp"})
+    unknown = sorted(set(layers) - {"tp", "sp", "moe"})
     if unknown:
-        raise SystemExit(f"unknown layers {unknown}; choose from tp,sp")
+        raise SystemExit(f"unknown layers {unknown}; choose from tp,sp,moe")
     sizes = [_size(s) for s in args.sizes.split(",")]
     rows = bench_cpu(layers, sizes, args.budget, args.repeats)
     print(

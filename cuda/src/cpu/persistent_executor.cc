@@ -283,6 +283,14 @@ struct Run {
   // v3 communication: every rank's workspace and counters (by rank), from this run's exchange.
   std::vector<uint8_t*> peer_workspace;
   std::vector<int32_t*> peer_counters;
+  // The meeting that fills them (ensure_met): 0 not yet, 1 met, 2 failed.
+  std::mutex meet_mu;
+  std::atomic<int> met{0};
+  // Eager sends (send_ready_puts): the put tasks in which this rank sends (by their routing), in
+  // task order, and per task its send's state (kUnsent, kSending, kSent). Empty in chaos mode
+  // and for plans with loops (a send is then made at the task's turn only).
+  std::vector<int32_t> own_puts;
+  std::unique_ptr<std::atomic<uint8_t>[]> put_claimed;
 
   std::string op_name(int op) const {
     const OpRecord& o = plan.op(op);
@@ -399,11 +407,65 @@ void binary_loop(float* r, const float* x, const float* y, int count) {
   for (int e = 0; e < count; ++e) r[e] = apply_binary(kCode, x[e], y[e]);
 }
 
+// tanh without a libm call per element, so the loop vectorizes (gelu's tanhf was a fifth of the
+// sequence-parallel MLP's CPU time): |x| < 0.625 an odd minimax polynomial, above
+// 1 - 2 / (e^2|x| + 1) with e^y by range reduction (y = n ln2 + r) and a degree-6 polynomial,
+// sign restored last.
+// Within 2 float32 ulps of libm's tanhf (the plan format allows executors faster transcendental
+// functions within a few ulps); exact at 0, +-0 keeps its sign, NaN passes through, |x| >= 10
+// gives +-1 as tanhf does.
+inline float tanh_approx(float x) {
+  const float a = fabsf(x);
+  const float z = a * a;
+  float small = -5.70498872745e-3f;
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * a + a;
+  const float y = 2.0f * (a < 10.0f ? a : 10.0f);  // e^20: 2 / (e + 1) vanishes next to 1; NaN too
+  const float n = (y * 1.44269504089f + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23
+  const float r = (y - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const uint32_t scale_bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const float large = 1.0f - 2.0f / (p * scale + 1.0f);
+  const float t = a < 0.625f ? small : large;
+  return x != x ? x : std::copysign(t, x);
+}
+
+// One AVX2 clone besides the baseline (picked at load time): the same IEEE operations in the same
+// order (no FMA: -ffp-contract=off), so the same bits on every CPU, 8 lanes where there are.
+// CMakeLists.txt compiles this file with -fno-trapping-math, without which GCC keeps the selects
+// as branches and vectorizes nothing (it changes no result, only FP exception flags, unread here).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void tanh_loop(float* __restrict r, const float* __restrict x, int count) {
+  for (int e = 0; e < count; ++e) r[e] = tanh_approx(x[e]);
+}
+
 void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
   switch (code) {
+    case kTanh:
+      if (r == x) {  // in place (a register reused): through a copy, the loop's operands are restrict
+        float copy[kSegment];
+        std::memcpy(copy, x, sizeof(float) * count);
+        tanh_loop(r, copy, count);
+      } else {
+        tanh_loop(r, x, count);
+      }
+      return;
 #define ARK_UNARY(C) \
   case C: unary_loop<C>(r, x, count, imm); break;
-    ARK_UNARY(kNeg) ARK_UNARY(kExp) ARK_UNARY(kLog) ARK_UNARY(kTanh) ARK_UNARY(kLogistic)
+    ARK_UNARY(kNeg) ARK_UNARY(kExp) ARK_UNARY(kLog) ARK_UNARY(kLogistic)
     ARK_UNARY(kSqrt) ARK_UNARY(kRsqrt) ARK_UNARY(kErf) ARK_UNARY(kAbs) ARK_UNARY(kSin)
     ARK_UNARY(kCos) ARK_UNARY(kLog1p) ARK_UNARY(kExpm1) ARK_UNARY(kSquare) ARK_UNARY(kSign)
     ARK_UNARY(kCopy)
@@ -514,8 +576,11 @@ void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* di
 
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
+// tail_rank > 0 (a REDUCE's column pass): the iteration space is dims[0..rank) followed by
+// tail_rank more dims held at the indices tail_idx; views are indexed over all rank + tail_rank dims.
 void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
-                  int count, const float* acc, Scratch& s) {
+                  int count, const float* acc, Scratch& s, int tail_rank = 0,
+                  const int64_t* tail_idx = nullptr) {
   int64_t start_idx[kMaxRank];
   {
     int64_t rem = lin0;
@@ -540,6 +605,7 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         // Walk the iteration space in runs along its innermost dim (one strided load each).
         int64_t idx[kMaxRank];
         int64_t off = v.offset;
+        for (int j = 0; j < tail_rank; ++j) off += tail_idx[j] * v.strides[rank + j];
         for (int d = 0; d < rank; ++d) {
           idx[d] = start_idx[d];
           off += idx[d] * v.strides[d];
@@ -642,6 +708,12 @@ void widen_b_block(const ViewRecord& bv, int32_t dt, const char* base, int64_t b
                    int kb, int64_t n0, int nb, float* dst, int64_t ld) {
   switch (dt) {
     case kF32:
+      if (bv.strides[2] == 1) {  // rows of B copied as they are (repacked: see run_matmul)
+        const float* p = reinterpret_cast<const float*>(base) + bv.offset + b * bv.strides[0] + n0;
+        for (int k = 0; k < kb; ++k)
+          std::memcpy(dst + k * ld, p + (k0 + k) * bv.strides[1], sizeof(float) * nb);
+        break;
+      }
       widen_b_block(bv, b, k0, kb, n0, nb, dst, ld,
                     [p = reinterpret_cast<const float*>(base)](int64_t i) { return p[i]; });
       break;
@@ -695,7 +767,13 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   // Transposed float32 / bf16 weights (unit k-stride) are read in place too, by the matmul_kt
   // kernels (transposed in registers).
   const bool float_b = b_dt == kF32 || b_dt == kBF16;
-  const bool direct_b = float_b && bv.strides[2] == 1;
+  // B rows a multiple of 1 KiB apart (a 256- or 1024-wide weight) all fall in a few L1 sets, so a
+  // K x 16 micro-block panel read in place is evicted before the tile's next 4 rows reuse it (27 vs
+  // 40 GFLOP/s measured for 64x256 @ 256x1024): with more than one micro-block row, copy B's
+  // columns into the padded L1-sized blocks below (the same terms in the same order).
+  const bool aliasing_rows = (bv.strides[1] * dtype_size(b_dt)) % 1024 == 0;
+  const bool direct_b = float_b && bv.strides[2] == 1 &&
+                        !(aliasing_rows && task.m1 - task.m0 > kernels::kMicroRows);
   const bool direct_bt = float_b && !direct_b && bv.strides[1] == 1;
   const int chunk = std::min(tn, direct_b || direct_bt ? kernels::kCols : kWidenCols);
   const int64_t tile_ld = chunk + 16;
@@ -744,8 +822,54 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   }
 }
 
+// Whether a REDUCE may fold by columns (run_reduce_columns): a sum or max over few elements per
+// output whose prologue only reads elementwise (LOAD_AT's window offsets are computed per row).
+bool reduces_by_columns(const Run& run, const OpRecord& op, int rows) {
+  constexpr int64_t kMaxColumnFold = 64;
+  if (rows < 2 || op.K > kMaxColumnFold || op.kept_rank < 1 || op.kept_rank >= op.iter_rank)
+    return false;
+  if (op.reduce_kind != kReduceSum && op.reduce_kind != kReduceMax) return false;
+  for (int i = 0; i < op.prologue_len; ++i)
+    if (opcode_of(run.plan.instruction(op.prologue_at + i)) == kLoadAt) return false;
+  return true;
+}
+
+// A short fold (psum's K = group size over the inbox's rank axis): one prologue pass per reduced
+// index r over a segment of outputs, instead of one pass of K elements per output (which spent
+// ~40 ns of per-pass setup per output element). Each output still folds r = 0..K-1 ascending in
+// float32, so the bits are the row path's.
+void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  const int rows = task.m1 - task.m0;
+  s.acc.resize(rows);
+  const int kept = op.kept_rank, tail = op.iter_rank - op.kept_rank;
+  const bool sum = op.reduce_kind == kReduceSum;
+  for (int done = 0; done < rows; done += kSegment) {
+    const int n = std::min(kSegment, rows - done);
+    float* acc = s.acc.data() + done;
+    std::fill(acc, acc + n, sum ? 0.0f : -INFINITY);
+    int64_t r_idx[kMaxRank] = {};
+    for (int64_t r = 0; r < op.K; ++r) {
+      eval_program(run, op.prologue_at, op.prologue_len, kept, op.iter_dims, task.m0 + done, n,
+                   nullptr, s, tail, r_idx);
+      const float* v = s.regs[op.prologue_len - 1];
+      if (sum) {
+        for (int e = 0; e < n; ++e) acc[e] = acc[e] + v[e];
+      } else {
+        for (int e = 0; e < n; ++e) acc[e] = nan_max(acc[e], v[e]);
+      }
+      for (int j = tail - 1; j >= 0; --j) {  // next r, row-major over the reduced dims
+        if (++r_idx[j] < op.iter_dims[kept + j]) break;
+        r_idx[j] = 0;
+      }
+    }
+    for (int e = 0; e < n; ++e) acc[e] = round_to(acc[e], op.acc_dtype);
+  }
+  epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
+}
+
 void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
   const int rows = task.m1 - task.m0;
+  if (reduces_by_columns(run, op, rows)) return run_reduce_columns(run, op, task, s);
   s.acc.resize(rows);
   const int64_t R = op.K;
   for (int i = 0; i < rows; ++i) {
@@ -875,6 +999,28 @@ void zero_tile(Run& run, const OpRecord& op, const TaskRecord& task, int slot) {
   }
 }
 
+void send_ready_puts(Run& run);
+
+// Meets the group (once per run, by the first worker that needs the peers' pointers: at its first
+// put task) and fills peer_workspace / peer_counters; false when the meeting failed (the run is
+// failed with its error). The meeting waits for every rank, so holding it back until a put needs
+// it lets the tasks before the first put (a TP layer's matmuls) run while slower ranks are still
+// being started: measured on 2 cores, the 8 device programs started up to 10 ms apart, and every
+// rank idled in an up-front meeting until the last one arrived. Peers still write into this
+// rank's buffers only after the meeting, so after its counters were reset.
+bool ensure_met(Run& run) {
+  if (run.met.load(std::memory_order_acquire) == 1) return true;
+  std::lock_guard<std::mutex> lock(run.meet_mu);  // bounded: the meeting has its own timeout
+  int state = run.met.load(std::memory_order_relaxed);
+  if (state == 0) {
+    PersistentResult r = run.opt.comm->exchange(&run.peer_workspace, &run.peer_counters);
+    state = r.status == PersistentStatus::kOk ? 1 : 2;
+    if (state == 2) run.fail(r.status, r.message);
+    run.met.store(state, std::memory_order_release);
+  }
+  return state == 1;
+}
+
 // Waits for rank `src`'s signal for slot `slot` of PUT task t (its tile is in this rank's inbox);
 // false on a timeout, a failure of another worker, or cancellation (interpreter exit).
 bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_point deadline) {
@@ -901,6 +1047,7 @@ bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_poi
       run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
       return false;
     }
+    if (spin == 64) send_ready_puts(run);  // our own tiles first: peers may wait for them
     // Few yields, then sleep: the peer we wait for is often a thread that is not running (the
     // ranks of a group are more threads than cores), and spinning or yielding waiters keep it
     // off the cores (measured: 3-4 ms stalls per put with 256 yields on 2 cores and 8 ranks).
@@ -917,14 +1064,74 @@ bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_poi
   }
 }
 
+// Sends this rank's tile of every put task whose dependencies are met and that no worker has
+// sent yet, before the task's turn in its queue. Queues are the same on every rank (the plan is),
+// so at its turn a put task of source rank b first waits for the tiles of the ranks listed before
+// it: rank 7 sent its own tile only after rank 0..6's had arrived, a chain across the group
+// (measured on 2 cores, 8 ranks: the sequence-parallel MLP's psum_scatter finished 1-4 ms after the
+// last rank's compute). Called after every task and by waiting workers. Only the time of a copy
+// changes: its source is final (its dependencies are done) and the peer's inbox rows it writes
+// are written by nobody else (docs/plan_format.md, "Communication").
+constexpr uint8_t kUnsent = 0, kSending = 1, kSent = 2;
+
+void send_ready_puts(Run& run) {
+  if (run.own_puts.empty() || run.met.load(std::memory_order_acquire) != 1) return;
+  for (const int32_t t : run.own_puts) {
+    if (run.put_claimed[t].load(std::memory_order_relaxed) != kUnsent) continue;
+    bool ready = true;
+    for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t) && ready; ++e)
+      ready = __atomic_load_n(run.buf.counters + run.plan.dep(e), __ATOMIC_ACQUIRE) >= 1;
+    uint8_t unsent = kUnsent;
+    if (!ready ||
+        !run.put_claimed[t].compare_exchange_strong(unsent, kSending, std::memory_order_acq_rel))
+      continue;
+    const TaskRecord& task = run.plan.task(t);
+    put_tile(run, t, run.plan.op(task.op), task);
+    run.put_claimed[t].store(kSent, std::memory_order_release);
+  }
+}
+
+// This rank's sends of put task t, at the task's turn: made here unless an eager send made them;
+// if another worker's eager send is still copying, wait for it, so that counters[t] (which lets
+// a later task overwrite the source's bytes) is set only once the source is no longer read.
+// False when the run failed or the deadline passed meanwhile.
+bool send_own_tiles(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
+                    Clock::time_point deadline) {
+  if (!run.put_claimed) {
+    put_tile(run, t, op, task);
+    return true;
+  }
+  uint8_t unsent = kUnsent;
+  if (run.put_claimed[t].compare_exchange_strong(unsent, kSending, std::memory_order_acq_rel)) {
+    put_tile(run, t, op, task);
+    run.put_claimed[t].store(kSent, std::memory_order_release);
+    return true;
+  }
+  while (run.put_claimed[t].load(std::memory_order_acquire) != kSent) {  // a copy: microseconds
+    if (run.failed.load(std::memory_order_relaxed)) return false;
+    if (Clock::now() > deadline) {
+      run.fail(PersistentStatus::kDeadlineExceeded,
+               "ark_persistent: rank " + std::to_string(run.opt.comm->rank) + " (worker " +
+                   std::to_string(worker) + ") timed out after " + std::to_string(run.opt.timeout_ms) +
+                   " ms waiting for another worker's copies of put task " + std::to_string(t) + " (" +
+                   run.op_name(task.op) + ")");
+      return false;
+    }
+    std::this_thread::yield();
+  }
+  return true;
+}
+
 // A PUT task: this rank's tiles to the ranks its routing names (default: its tile, when its rank
-// is in [b0, b1), to every rank), then the slots b0..b1-1 of this rank's inbox awaited (a slot
-// with no source zero-filled). Dependents only ever wait for counters[t].
+// is in [b0, b1), to every rank), unless an eager send made them, then the slots b0..b1-1 of this
+// rank's inbox awaited (a slot with no source zero-filled). Dependents only ever wait for
+// counters[t].
 bool run_put(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
              Clock::time_point deadline) {
+  if (!ensure_met(run)) return false;
   const int me = run.opt.comm->rank;
   const RouteView route = run.plan.route(op);
-  put_tile(run, t, op, task);
+  if (!send_own_tiles(run, worker, t, op, task, deadline)) return false;
   for (int b = task.b0; b < task.b1; ++b) {
     const int from = route.recv_from(me, b);
     if (from < 0) {
@@ -963,6 +1170,7 @@ bool wait_for(Run& run, int worker, int task, int64_t iter, int dep, int64_t tar
       cpu_relax();
       continue;
     }
+    if (spin == 64) send_ready_puts(run);
     if (!sleeping) {
       std::this_thread::yield();
       if (spin % 64) continue;
@@ -1163,6 +1371,7 @@ void worker_tasks(Run& run, int w) {
                      static_cast<int32_t>(run.loops.run_index(task.op, cursor.iters) + 1),
                      __ATOMIC_RELEASE);
     run.wake_sleepers();
+    send_ready_puts(run);
     if (run.buf.profile) {
       int64_t* p = run.buf.profile + static_cast<int64_t>(t) * h.profile_words_per_task;
       p[0] = wait_begin;
@@ -1212,8 +1421,22 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
       return {PersistentStatus::kInvalidPlan,
               "ark_persistent: the plan has put tasks over " + std::to_string(h.group_size) +
                   " ranks but the call names no such group"};
-    PersistentResult met = options.comm->exchange(&run.peer_workspace, &run.peer_counters);
-    if (met.status != PersistentStatus::kOk) return met;
+    // The meeting itself waits for the first put task (ensure_met).
+    // Eager sends only where each task runs once and the order is not an adversary's.
+    if (!options.chaos_seed && run.loops.num_loops() == 0) {
+      run.put_claimed = std::make_unique<std::atomic<uint8_t>[]>(h.num_tasks);
+      const int me = options.comm->rank;
+      for (int t = 0; t < h.num_tasks; ++t) {  // the put tasks whose routing has this rank send
+        const TaskRecord& task = run.plan.task(t);
+        const OpRecord& op = run.plan.op(task.op);
+        if (op.kind != kOpPut) continue;
+        const RouteView route = run.plan.route(op);
+        bool sends = false;
+        for (int q = 0; q < h.group_size && !sends; ++q)
+          for (int b = task.b0; b < task.b1 && !sends; ++b) sends = route.recv_from(q, b) == me;
+        if (sends) run.own_puts.push_back(t);
+      }
+    }
   }
   const std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
   if (std::string err = run_on_workers(h.num_workers, job); !err.empty())

@@ -36,8 +36,9 @@ struct PersistentResult {
 struct PersistentComm {
   int rank = 0;
   int size = 0;  // = the plan's group_size
-  // Called at the start of every run of the plan, after this rank reset its counters (and, in
-  // chaos mode, poisoned its workspace): meets every rank of the group and returns their
+  // Called once in every run of the plan, by the first worker that reaches a put task (so after
+  // this rank reset its counters and, in chaos mode, poisoned its workspace): meets every rank
+  // of the group and returns their
   // workspace and counters pointers (the symmetric workspace), indexed by rank. A peer can only
   // write into this rank's buffers after this meeting, so nothing it puts can be erased by the
   // reset, and the meeting's epochs keep back-to-back calls apart.

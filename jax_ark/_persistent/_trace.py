@@ -1602,12 +1602,14 @@ def _uses(body, var) -> list:
 
 def _state_flow(body, var) -> tuple[Any, list] | None:
     """How loop state `var` (a body input: a carry, or an xs slice) reaches a body output when
-    every step can update it in place: each value on the way has ONE reader, which is either a
+    every step can update it in place: each value before the last has ONE reader, either a
     dynamic_update_slice of it (the next value is the update's result) or a nested scan taking
-    it as a carry (returned as that carry) or as xs (re-stacked as ys), whose body does the same
-    recursively; the last value may have any readers besides being returned. (end var, steps) where steps are (dynamic_update_slice eqn, None, None) and
-    (scan eqn, the carry / ys index q it comes out as, the scan body's steps); None if some value
-    is read otherwise (then the old value must survive the update: no in-place update)."""
+    it as a carry (returned as that carry) or as xs (re-stacked as ys) whose body does the same
+    recursively; the last value is returned once and may have any other readers (it stays in
+    the tensor until the next iteration's update). Returns (end var, steps), steps being
+    (dynamic_update_slice eqn, None, None) or (scan eqn, the carry / ys index q the state comes
+    out as, the scan body's steps); None if an old value is read besides its update (it must
+    then survive the update: no in-place update)."""
     steps: list = []
     cur = var
     while True:

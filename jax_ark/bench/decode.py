@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
         args.tokens,
     )
     print(
-        f"decode ({args.tokens} tokens per generate call), bf16, vocab {args.vocab}, cache {args.cache_len} on {device.device_kind}; "
+        f"decode ({args.tokens} tokens per generate call), bf16, vocab {args.vocab}, "
+        f"cache {args.cache_len} on {device.device_kind}; "
         f"median of {args.repeats} rounds, IQR of the ark/jit time ratio"
         + (f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else "")
     )

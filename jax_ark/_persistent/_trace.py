@@ -936,11 +936,19 @@ def _and(b: _Builder, x: _Node | None, y: _Node) -> _Node:
 def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     x = _as_load(b, args[0])
     terms = []
+    offset, iter_stride = x.offset, x.iter_stride
     for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
         s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
+        affine = _iteration_affine(b, s)
+        if affine is not None:
+            # a constant or a function of the loop iteration (cache[l] with l a layer counter):
+            # a view that moves with the iteration, read in place (no run-time offset)
+            offset += affine[0] * x.strides[d]
+            iter_stride += affine[1] * x.strides[d]
+            continue
         terms.append(_iop(b, "imul", s, x.strides[d]))
     base = _Load(
-        tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride, x.outer_iter_stride
+        tuple(out_shape), x.dtype, x.tensor, offset, x.strides, iter_stride, x.outer_iter_stride
     )
     return _load_at(base, _sum_offsets(b, terms))
 
@@ -1372,6 +1380,9 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
             counts.get(v, 0) > 1
             and isinstance(node, (_Ew, _Pending))
             and not _fuses_into_one(v, counts, consumers, position)
+            # a function of the loop iteration (a counter) stays one: indices computed from it
+            # are then known per iteration (_iteration_affine), and it costs a few instructions
+            and _eval_iteration(node, np.zeros(1, np.int64)) is None
         ):
             node = b.materialize(node)
         env[v] = node
@@ -1514,7 +1525,11 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         consts, init, xs = ([_to_outer(x) for x in group] for group in (consts, init, xs))
     # State kept in place (a KV cache): carry k -> its tensor, ys q -> the tensor its xs slices
     # (which the body updates with window stores) belong to.
+    # A value of the enclosing loop's iteration (a counter, below) must not reach the body
+    # unevaluated: LOAD_ITER there would be this loop's iteration.
+    init = [b.materialize(x) if _reads_iteration(x) else x for x in init]
     in_place, top_level = _in_place_state(b, eqn, init, xs)
+    counters = _counters(closed.jaxpr, nc, init)
     xs = [b.load(in_place[q]) if q in in_place else x for q, x in _xs_to_ys(eqn, xs)]
     carry_tensors = [
         in_place[k]
@@ -1531,6 +1546,9 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
         carries = []
         for k, x in enumerate(init):
+            if k in counters:  # start + iteration: no carry tensor, no op per iteration
+                carries.append(_iop(b, "iadd", iteration, counters[k]))
+                continue
             prev = b.load(carry_tensors[k])
             if math.prod(x.shape) == 0 or k in in_place:  # in place: the body reads the state
                 carries.append(prev)
@@ -1553,6 +1571,8 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 )  # fmt: skip
         outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
         for k, node in enumerate(outs[:nk]):
+            if k in counters:
+                continue
             if k in in_place:  # its window store wrote the state itself
                 if not (isinstance(node, _Load) and node.tensor == in_place[k]):
                     raise AssertionError("internal error: in-place carry not updated in place")
@@ -1593,7 +1613,100 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         b.loops.pop()
     else:
         b.loops[loop_id].end_op = end_op
-    return [b.load(t) for t in carry_tensors] + ys
+    finals = [
+        _iconst(counters[k] + T) if k in counters else b.load(t)
+        for k, t in enumerate(carry_tensors)
+    ]
+    return finals + ys
+
+
+def _counters(body, nc: int, init: list[_Node]) -> dict[int, int]:
+    """Carries that count iterations (fori_loop's index, a layer counter `l + 1`): an int32
+    scalar starting at a constant c whose new value is the old one + 1. Its value at iteration i
+    is c + i (LOAD_ITER), so it needs no carry tensor, and an index computed from it is a known
+    function of the iteration (a dynamic_slice at it becomes a moving view). carry k -> c."""
+    found = {}
+    for k, x in enumerate(init):
+        var_in, var_out = body.invars[nc + k], body.outvars[k]
+        if not (
+            isinstance(x, _Imm)
+            and x.dtype == "int32"
+            and x.shape == ()
+            and not _is_literal(var_out)
+            and var_in not in body.outvars
+        ):
+            continue
+        (producer,) = [e for e in body.eqns if var_out in e.outvars] or [None]
+        if producer is None or producer.primitive.name != "add":
+            continue
+        a, c = producer.invars
+        one = [v for v in (a, c) if _is_literal(v) and int(v.val) == 1]
+        if one and {id(a), id(c)} == {id(var_in), id(one[0])}:
+            found[k] = int(x.value)
+    return found
+
+
+def _reads_iteration(node: _Node) -> bool:
+    if isinstance(node, _Ew):
+        return node.op == "load_iter" or any(_reads_iteration(a) for a in node.args)
+    return False
+
+
+_ITER_OPS = {
+    "iadd": lambda a, b: a + b,
+    "isub": lambda a, b: a - b,
+    "imul": lambda a, b: a * b,
+    "imin": np.minimum,
+    "imax": np.maximum,
+    "ilt": lambda a, b: (a < b).astype(np.int64),
+    "ile": lambda a, b: (a <= b).astype(np.int64),
+    "igt": lambda a, b: (a > b).astype(np.int64),
+    "ige": lambda a, b: (a >= b).astype(np.int64),
+    "ieq": lambda a, b: (a == b).astype(np.int64),
+    "ine": lambda a, b: (a != b).astype(np.int64),
+    "imov": lambda a: a,
+}
+
+
+def _eval_iteration(node: _Node, i: np.ndarray) -> np.ndarray | None:
+    """node's value at each iteration i when it is computed from LOAD_ITER and integer constants
+    only (then it is the same for every element); None otherwise."""
+    if isinstance(node, _Imm):
+        if node.dtype not in ("int32", "bool") or isinstance(node.value, float):
+            return None
+        return np.full(i.shape, int(node.value), np.int64)
+    if not isinstance(node, _Ew) or node.dtype not in ("int32", "bool"):
+        return None
+    if node.op == "load_iter":
+        return i
+    if node.op == "select":
+        args = [_eval_iteration(a, i) for a in node.args]
+        if any(a is None for a in args):
+            return None
+        return np.where(args[0] != 0, args[2], args[1])
+    fn = _ITER_OPS.get(node.op)
+    if fn is None:
+        return None
+    args = [_eval_iteration(a, i) for a in node.args]
+    if any(a is None for a in args):
+        return None
+    out = fn(*args)
+    return (out + 2**31) % 2**32 - 2**31  # int32 wrap-around, as the kernel computes
+
+
+def _iteration_affine(b: _Builder, node: _Node) -> tuple[int, int] | None:
+    """(s0, step) when the int32 value node equals s0 + step * LOAD_ITER at every iteration of
+    the innermost loop (checked by evaluating it at all of them); None otherwise."""
+    trips = b.loops[b.loop_stack[-1]].trip_count if b.loop_stack else 1
+    i = np.arange(trips, dtype=np.int64)
+    v = _eval_iteration(node, i)
+    if v is None:
+        return None
+    s0 = int(v[0])
+    step = int(v[1] - v[0]) if trips > 1 else 0
+    if not np.array_equal(v, s0 + step * i):
+        return None
+    return s0, step
 
 
 def _uses(body, var) -> list:

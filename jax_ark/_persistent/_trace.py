@@ -1675,8 +1675,8 @@ def _eval_iteration(node: _Node, i: np.ndarray) -> np.ndarray | None:
         if node.dtype not in ("int32", "bool") or isinstance(node.value, float):
             return None
         return np.full(i.shape, int(node.value), np.int64)
-    if not isinstance(node, _Ew) or node.dtype not in ("int32", "bool"):
-        return None
+    if not isinstance(node, _Ew) or node.dtype not in ("int32", "bool") or node.size > 64:
+        return None  # (an index computation is short; a long int program is something else)
     if node.op == "load_iter":
         return i
     if node.op == "select":

@@ -296,7 +296,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unrolled decode step per call); default %(default)s",
     )
     parser.add_argument(
-        "--tokens", type=int, default=16, help="tokens per generate call (default %(default)s)"
+        "--tokens",
+        type=int,
+        default=None,
+        help="tokens per generate call (default 16, fewer if the cache has not that many "
+        "positions after cache_len / 2)",
     )
     add_round_arguments(parser, budget_s=0.5)
 
@@ -307,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
     for form in args.forms:
         if form not in FORMS:
             raise SystemExit(f"--forms: unknown form {form!r} (known: {', '.join(FORMS)})")
+    if args.tokens is None:
+        args.tokens = min(16, args.cache_len - args.cache_len // 2)
     rows, bandwidth = bench(
         args.configs or CONFIGS,
         args.vocab,

@@ -52,7 +52,12 @@ def test_decode_cpu_bench_checks_tokens_and_runs(tmp_path, capsys):
     argv = ["decode", "--configs", "64x2x1,64x2x2", "--vocab", "50", "--cache-len", "16"]
     assert main([*argv, "--repeats", "2", "--budget", "0.01", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "decode_cpu.json").read_text())["rows"]
-    assert [(r["d"], r["layers"], r["batch"]) for r in rows] == [(64, 2, 1), (64, 2, 2)]
+    assert [(r["form"], r["d"], r["layers"], r["batch"], r["tokens_per_call"]) for r in rows] == [
+        ("generate", 64, 2, 1, 8),  # 16 tokens do not fit after position 8 of 16: 8
+        ("step", 64, 2, 1, 1),
+        ("generate", 64, 2, 2, 8),
+        ("step", 64, 2, 2, 1),
+    ]
     for r in rows:
         assert r["ratio_p25"] <= r["ratio"] <= r["ratio_p75"]
         assert r["ark_tok_s"] > 0 and r["xla_tok_s"] > 0

@@ -242,7 +242,8 @@ def task_reads(
             reads.append((tensor, np.arange(plan.tensors[tensor].num_elements, dtype=np.int64)))
     views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
-        out_shape = epilogue_shape(plan, op)
+        # a window store's epilogue walks the window (iter_dims), not its output tensor
+        out_shape = tuple(op.iter_dims) if op.store_view >= 0 else epilogue_shape(plan, op)
         lin = tile_linear(op, task)
         idx = np.unravel_index(lin, out_shape) if out_shape else ()
         for v in views:

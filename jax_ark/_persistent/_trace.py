@@ -214,8 +214,11 @@ class _Builder:
     loop_stack: list[int] = field(default_factory=list)  # the loops whose bodies are translated
     comm: CommGroup | None = None  # the plan's group, set before translating (_comm.plan_group)
     max_while_iterations: int = 0  # the guard of while loops (trace's argument)
-    # id(dynamic_update_slice eqn of a loop body) -> the aliased result tensor it updates in place
+    # In-place loop state (see _in_place_state): id(dynamic_update_slice eqn of a loop body) ->
+    # the aliased result tensor it updates in place, and id(scan eqn nested in such a loop) ->
+    # {carry index k or ys index q: that tensor} for the carries / xs->ys that hold the state.
     loop_in_place: dict[int, int] = field(default_factory=dict)
+    scan_in_place: dict[int, dict[int, int]] = field(default_factory=dict)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -933,11 +936,19 @@ def _and(b: _Builder, x: _Node | None, y: _Node) -> _Node:
 def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     x = _as_load(b, args[0])
     terms = []
+    offset, iter_stride = x.offset, x.iter_stride
     for d, (start, size) in enumerate(zip(args[1:], params["slice_sizes"], strict=True)):
         s = _clamp(b, _i32(b, start, out_shape), 0, x.shape[d] - size)
+        affine = _iteration_affine(b, s)
+        if affine is not None:
+            # a constant or a function of the loop iteration (cache[l] with l a layer counter):
+            # a view that moves with the iteration, read in place (no run-time offset)
+            offset += affine[0] * x.strides[d]
+            iter_stride += affine[1] * x.strides[d]
+            continue
         terms.append(_iop(b, "imul", s, x.strides[d]))
     base = _Load(
-        tuple(out_shape), x.dtype, x.tensor, x.offset, x.strides, x.iter_stride, x.outer_iter_stride
+        tuple(out_shape), x.dtype, x.tensor, offset, x.strides, iter_stride, x.outer_iter_stride
     )
     return _load_at(base, _sum_offsets(b, terms))
 
@@ -946,8 +957,11 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
     if math.prod(args[1].shape) == 0:
         return args[0]
     state = b.loop_in_place.get(id(b.eqn))
-    if state is not None:  # a loop's in-place carry (see _in_place_carries)
-        return _window_store(b, state, args[1], args[2:], out_shape)
+    operand = args[0]
+    if state is not None and isinstance(operand, _Load) and operand.tensor == state:
+        # a loop's in-place state (see _in_place_state): the operand is a view of the state
+        # tensor (the whole of it, or the iteration's slice of an inner scan's xs)
+        return _window_store(b, operand, args[1], args[2:])
     in_place = _update_in_place(b, args, out_shape)
     if in_place is not None:
         return in_place
@@ -999,19 +1013,28 @@ def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
     index = b.top_outputs.pop(out_var)
     out = b.new_tensor(out_shape, src.dtype, "result", index)
     b.tensors[out].alias = src.index
-    return _window_store(b, out, update, args[2:], out_shape)
+    return _window_store(b, b.load(out), update, args[2:])
 
 
-def _window_store(b: _Builder, out: int, update: _Node, starts, out_shape) -> _Load:
-    """One window-store task writing `update` into tensor `out` (an aliased result) at the
-    clamped device offset of `starts`; the other elements keep their content."""
+def _window_store(b: _Builder, target: _Load, update: _Node, starts) -> _Load:
+    """One window-store task writing `update` into `target` (a view of an aliased result: the
+    whole tensor, or the current iteration's slice of it when the state is an inner scan's xs)
+    at the clamped device offset of `starts`; the other elements keep their content. Returns
+    target, which now holds the updated value."""
+    out = target.tensor
     src = b.tensors[out]
     window = tuple(update.shape)
-    strides = _row_major(tuple(out_shape))
+    if target.outer_iter_stride:
+        raise AssertionError("internal error: an in-place view moving with the outer loop")
     terms = []
     for d, start in enumerate(starts):
-        s = _clamp(b, _i32(b, start, window), 0, out_shape[d] - window[d])
-        terms.append(_iop(b, "imul", s, strides[d]))
+        s = _clamp(b, _i32(b, start, window), 0, target.shape[d] - window[d])
+        terms.append(_iop(b, "imul", s, target.strides[d]))
+    if target.iter_stride:
+        # The slice of the innermost loop's iteration: a store view does not move with the
+        # iteration, so the program adds iteration * iter_stride (LOAD_ITER) to the offset.
+        i = _Ew(window, "int32", op="load_iter")
+        terms.append(_iop(b, "imul", i, target.iter_stride))
     offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
     value = b.strip_pendings(update)
     if value.dtype != src.dtype:
@@ -1033,11 +1056,11 @@ def _window_store(b: _Builder, out: int, update: _Node, starts, out_shape) -> _L
             iter_dims=window,
             epilogue=prog,
             source=b.source,
-            store_view=b.view_id(_Load(window, src.dtype, out, 0, strides)),
+            store_view=b.view_id(_Load(window, src.dtype, out, target.offset, target.strides)),
             store_at=store_at,
         )
     )
-    return b.load(out)
+    return target
 
 
 def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
@@ -1357,6 +1380,9 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
             counts.get(v, 0) > 1
             and isinstance(node, (_Ew, _Pending))
             and not _fuses_into_one(v, counts, consumers, position)
+            # a function of the loop iteration (a counter) stays one: indices computed from it
+            # are then known per iteration (_iteration_affine), and it costs a few instructions
+            and _eval_iteration(node, np.zeros(1, np.int64)) is None
         ):
             node = b.materialize(node)
         env[v] = node
@@ -1497,7 +1523,14 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         # Inside the inner body, what moved with the outer loop's iteration moves per OUTER
         # iteration (outer_iter_stride); iter_stride is the inner loop's.
         consts, init, xs = ([_to_outer(x) for x in group] for group in (consts, init, xs))
-    in_place = _in_place_carries(b, eqn, init)
+    # State kept in place (a KV cache): carry k -> its tensor, ys q -> the tensor its xs slices
+    # (which the body updates with window stores) belong to.
+    # A value of the enclosing loop's iteration (a counter, below) must not reach the body
+    # unevaluated: LOAD_ITER there would be this loop's iteration.
+    init = [b.materialize(x) if _reads_iteration(x) else x for x in init]
+    in_place, top_level = _in_place_state(b, eqn, init, xs)
+    counters = _counters(closed.jaxpr, nc, init)
+    xs = [b.load(in_place[q]) if q in in_place else x for q, x in _xs_to_ys(eqn, xs)]
     carry_tensors = [
         in_place[k]
         if k in in_place
@@ -1513,6 +1546,9 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         first = _Ew((), "bool", op="ieq", args=(iteration, _iconst(0)), _size=3)
         carries = []
         for k, x in enumerate(init):
+            if k in counters:  # start + iteration: no carry tensor, no op per iteration
+                carries.append(_iop(b, "iadd", iteration, counters[k]))
+                continue
             prev = b.load(carry_tensors[k])
             if math.prod(x.shape) == 0 or k in in_place:  # in place: the body reads the state
                 carries.append(prev)
@@ -1535,6 +1571,8 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 )  # fmt: skip
         outs = _translate(b, closed.jaxpr, list(closed.consts), consts + carries + slices)
         for k, node in enumerate(outs[:nk]):
+            if k in counters:
+                continue
             if k in in_place:  # its window store wrote the state itself
                 if not (isinstance(node, _Load) and node.tensor == in_place[k]):
                     raise AssertionError("internal error: in-place carry not updated in place")
@@ -1546,7 +1584,12 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 node = _convert(b, node, b.tensors[carry_tensors[k]].dtype)
             b.materialize(node, into=carry_tensors[k])
         ys = []
-        for node, aval in zip(outs[nk:], ys_avals, strict=True):
+        for q, (node, aval) in enumerate(zip(outs[nk:], ys_avals, strict=True), start=nk):
+            if q in in_place:  # every slice was updated in place by the body's window stores
+                if not (isinstance(node, _Load) and node.tensor == in_place[q]):
+                    raise AssertionError("internal error: in-place ys not updated in place")
+                ys.append(b.load(in_place[q]))
+                continue
             if isinstance(node, (_Load, _Imm)):  # a value passed through: copied into place
                 move = "imov" if node.dtype in INT_DTYPES else "copy"
                 node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)
@@ -1558,8 +1601,9 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 raise AssertionError("internal error: stacked output shape")
     finally:
         b.loop_stack.pop()
-    for k in in_place:
-        del b.loop_in_place[id(_carry_update_eqn(closed.jaxpr, nc, k))]
+    if top_level:  # the registrations of this loop's state (a shared body is not reused wrongly)
+        b.loop_in_place.clear()
+        b.scan_in_place.clear()
     end_op = len(b.ops)
     for op in b.ops[first_op:end_op]:
         if op.loop < 0:  # ops of a nested loop keep their (innermost) loop
@@ -1569,48 +1613,227 @@ def _scan(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         b.loops.pop()
     else:
         b.loops[loop_id].end_op = end_op
-    return [b.load(t) for t in carry_tensors] + ys
+    finals = [
+        _iconst(counters[k] + T) if k in counters else b.load(t)
+        for k, t in enumerate(carry_tensors)
+    ]
+    return finals + ys
 
 
-def _carry_update_eqn(body, nc: int, k: int):
-    """The body eqn producing carry k's new value when it is a dynamic_update_slice of carry k's
-    own incoming value that nothing else in the body reads; else None."""
-    var_in, var_out = body.invars[nc + k], body.outvars[k]
-    if _is_literal(var_out) or var_in in body.outvars:
-        return None
-    uses = [e for e in body.eqns if any(v is var_in for v in e.invars if not _is_literal(v))]
-    if len(uses) != 1:
-        return None
-    (eqn,) = uses
-    ok = (
-        eqn.primitive.name == "dynamic_update_slice"
-        and eqn.invars[0] is var_in
-        and eqn.outvars[0] is var_out
-        and sum(v is var_in for v in eqn.invars) == 1
-    )
-    return eqn if ok else None
-
-
-def _in_place_carries(b: _Builder, eqn, init: list[_Node]) -> dict[int, int]:
-    """Carries of a top-level scan / fori_loop kept in place (a decode loop's KV cache): the
-    initial value is a user input nothing else reads, the loop's final value is returned by the
-    function, and the body's new value is a dynamic_update_slice of the old one that nothing else
-    reads. Such a carry lives in ONE tensor, the result aliased to that input (with donation no
-    copy at all), and each iteration's update is one window-store task writing only the update:
-    no carry-in copy, no whole-cache write per iteration. carry k -> that tensor."""
-    if b.loop_stack:
-        return {}
-    body, nc = eqn.params["jaxpr"].jaxpr, int(eqn.params["num_consts"])
-    found: dict[int, int] = {}
+def _counters(body, nc: int, init: list[_Node]) -> dict[int, int]:
+    """Carries that count iterations (fori_loop's index, a layer counter `l + 1`): an int32
+    scalar starting at a constant c whose new value is the old one + 1. Its value at iteration i
+    is c + i (LOAD_ITER), so it needs no carry tensor, and an index computed from it is a known
+    function of the iteration (a dynamic_slice at it becomes a moving view). carry k -> c."""
+    found = {}
     for k, x in enumerate(init):
-        var_in, var_out = eqn.invars[nc + k], eqn.outvars[k]
-        update = _carry_update_eqn(body, nc, k)
+        var_in, var_out = body.invars[nc + k], body.outvars[k]
+        if not (
+            isinstance(x, _Imm)
+            and x.dtype == "int32"
+            and x.shape == ()
+            and not _is_literal(var_out)
+            and var_in not in body.outvars
+        ):
+            continue
+        (producer,) = [e for e in body.eqns if var_out in e.outvars] or [None]
+        if producer is None or producer.primitive.name != "add":
+            continue
+        a, c = producer.invars
+        one = [v for v in (a, c) if _is_literal(v) and int(v.val) == 1]
+        if one and {id(a), id(c)} == {id(var_in), id(one[0])}:
+            found[k] = int(x.value)
+    return found
+
+
+def _reads_iteration(node: _Node) -> bool:
+    if isinstance(node, _Ew):
+        return node.op == "load_iter" or any(_reads_iteration(a) for a in node.args)
+    return False
+
+
+_ITER_OPS = {
+    "iadd": lambda a, b: a + b,
+    "isub": lambda a, b: a - b,
+    "imul": lambda a, b: a * b,
+    "imin": np.minimum,
+    "imax": np.maximum,
+    "ilt": lambda a, b: (a < b).astype(np.int64),
+    "ile": lambda a, b: (a <= b).astype(np.int64),
+    "igt": lambda a, b: (a > b).astype(np.int64),
+    "ige": lambda a, b: (a >= b).astype(np.int64),
+    "ieq": lambda a, b: (a == b).astype(np.int64),
+    "ine": lambda a, b: (a != b).astype(np.int64),
+    "imov": lambda a: a,
+}
+
+
+def _eval_iteration(node: _Node, i: np.ndarray) -> np.ndarray | None:
+    """node's value at each iteration i when it is computed from LOAD_ITER and integer constants
+    only (then it is the same for every element); None otherwise."""
+    if isinstance(node, _Imm):
+        if node.dtype not in ("int32", "bool") or isinstance(node.value, float):
+            return None
+        return np.full(i.shape, int(node.value), np.int64)
+    if not isinstance(node, _Ew) or node.dtype not in ("int32", "bool") or node.size > 64:
+        return None  # (an index computation is short; a long int program is something else)
+    if node.op == "load_iter":
+        return i
+    if node.op == "select":
+        args = [_eval_iteration(a, i) for a in node.args]
+        if any(a is None for a in args):
+            return None
+        return np.where(args[0] != 0, args[2], args[1])
+    fn = _ITER_OPS.get(node.op)
+    if fn is None:
+        return None
+    args = [_eval_iteration(a, i) for a in node.args]
+    if any(a is None for a in args):
+        return None
+    out = fn(*args)
+    return (out + 2**31) % 2**32 - 2**31  # int32 wrap-around, as the kernel computes
+
+
+def _iteration_affine(b: _Builder, node: _Node) -> tuple[int, int] | None:
+    """(s0, step) when the int32 value node equals s0 + step * LOAD_ITER at every iteration of
+    the innermost loop (checked by evaluating it at all of them); None otherwise."""
+    trips = b.loops[b.loop_stack[-1]].trip_count if b.loop_stack else 1
+    i = np.arange(trips, dtype=np.int64)
+    v = _eval_iteration(node, i)
+    if v is None:
+        return None
+    s0 = int(v[0])
+    step = int(v[1] - v[0]) if trips > 1 else 0
+    if not np.array_equal(v, s0 + step * i):
+        return None
+    return s0, step
+
+
+def _uses(body, var) -> list:
+    return [e for e in body.eqns if any(v is var for v in e.invars if not _is_literal(v))]
+
+
+def _state_flow(body, var) -> tuple[Any, list] | None:
+    """How loop state `var` (a body input: a carry, or an xs slice) reaches a body output when
+    every step can update it in place: each value before the last has ONE reader, either a
+    dynamic_update_slice of it (the next value is the update's result) or a nested scan taking
+    it as a carry (returned as that carry) or as xs (re-stacked as ys) whose body does the same
+    recursively; the last value is returned once and may have any other readers (it stays in
+    the tensor until the next iteration's update). Returns (end var, steps), steps being
+    (dynamic_update_slice eqn, None, None) or (scan eqn, the carry / ys index q the state comes
+    out as, the scan body's steps); None if an old value is read besides its update (it must
+    then survive the update: no in-place update)."""
+    steps: list = []
+    cur = var
+    while True:
+        uses = _uses(body, cur)
+        returned = sum(v is cur for v in body.outvars)
+        if returned or len(uses) != 1:
+            # the last value: read by anything (it is in the tensor until the next iteration's
+            # update) and returned; no further update (its readers would need the old value)
+            return (cur, steps) if returned == 1 else None
+        (e,) = uses
+        at = [i for i, v in enumerate(e.invars) if v is cur]
+        if len(at) != 1:
+            return None
+        if e.primitive.name == "dynamic_update_slice" and at[0] == 0:
+            steps.append((e, None, None))
+            cur = e.outvars[0]
+            continue
+        if e.primitive.name != "scan":
+            return None
+        inner = _scan_state_step(e, at[0])
+        if inner is None:
+            return None
+        steps.append((e, *inner))
+        cur = e.outvars[inner[0]]
+
+
+def _scan_state_step(eqn, i: int) -> tuple[int, list] | None:
+    """The scan eqn's operand i (a carry or an xs) as in-place state: (the output index q it comes
+    out as: the same carry, or a ys; the body's steps), or None (see _state_flow)."""
+    p = eqn.params
+    nc, nk = int(p["num_consts"]), int(p["num_carry"])
+    if i < nc:  # a const is read by every iteration
+        return None
+    body = p["jaxpr"].jaxpr
+    flow = _state_flow(body, body.invars[i])
+    if flow is None:
+        return None
+    end, steps = flow
+    (q,) = [q for q, v in enumerate(body.outvars) if v is end]
+    if (i < nc + nk and q != i - nc) or (i >= nc + nk and q < nk):
+        return None
+    return q, steps
+
+
+def _xs_to_ys(eqn, xs: list) -> list[tuple[int, Any]]:
+    """(the ys index xs j is re-stacked as when it is in-place state, else -1; xs j)."""
+    p = eqn.params
+    nc, nk = int(p["num_consts"]), int(p["num_carry"])
+    out = []
+    for j, x in enumerate(xs):
+        step = _scan_state_step(eqn, nc + nk + j)
+        out.append((step[0] if step is not None else -1, x))
+    return out
+
+
+def _register_state(b: _Builder, steps: list, tensor: int) -> None:
+    for e, q, inner in steps:
+        if q is None:
+            b.loop_in_place[id(e)] = tensor
+        else:
+            b.scan_in_place.setdefault(id(e), {})[q] = tensor
+            _register_state(b, inner, tensor)
+
+
+def _in_place_state(
+    b: _Builder, eqn, init: list[_Node], xs: list[_Node]
+) -> tuple[dict[int, int], bool]:
+    """The state of a scan / fori_loop kept in place (a decode loop's KV cache), as {carry index
+    k or ys index q: its tensor}, and whether this is the top-level loop that registered it.
+
+    At top level: a carry, or an xs re-stacked as a ys (stacked caches through a layer scan),
+    whose initial value is a user input nothing else reads, whose final value the function
+    returns, and which the body only updates in place (_state_flow: dynamic_update_slice, or a
+    nested scan doing so to its carry or to its xs slice). It lives in ONE tensor, the result
+    aliased to that input (with donation no copy at all); each update is one window-store task
+    writing only the update (into the iteration's slice of the stacked tensor for xs): no
+    carry-in copy, no whole-cache write per iteration. Nested scans on the way were registered
+    by the top-level loop (scan_in_place) and get the same tensor."""
+    p = eqn.params
+    nc, nk = int(p["num_consts"]), int(p["num_carry"])
+    if b.loop_stack:
+        found = dict(b.scan_in_place.get(id(eqn), {}))
+        for q, tensor in list(found.items()):
+            # the operand must really be (all of) the state tensor (a body jaxpr shared by two
+            # scans could have been registered through the other one)
+            x = init[q] if q < nk else dict((y, x) for y, x in _xs_to_ys(eqn, xs)).get(q)
+            if not (
+                isinstance(x, _Load)
+                and x.tensor == tensor
+                and _is_identity(x, b.tensors[tensor].shape)
+                and not x.iter_stride
+                and not x.outer_iter_stride
+            ):
+                del found[q]
+        return found, False
+    found: dict[int, int] = {}
+    operands = [(nc + k, x) for k, x in enumerate(init)]
+    operands += [(nc + nk + j, x) for j, x in enumerate(xs)]
+    for i, x in operands:
+        var_in = eqn.invars[i]
+        step = _scan_state_step(eqn, i)
+        if step is None:
+            continue
+        q, steps = step
+        var_out = eqn.outvars[q]
         if (
-            update is None
-            or _is_literal(var_in)
+            _is_literal(var_in)
             or not isinstance(x, _Load)
             or x.tensor not in b.args[: b.num_inputs]
             or not _is_identity(x, b.tensors[x.tensor].shape)
+            or b.tensors[x.tensor].shape != tuple(var_in.aval.shape)
             or b.top_counts.get(var_in) != 1
             or var_out not in b.top_outputs
             or b.tensors[x.tensor].index in b.aliased
@@ -1621,9 +1844,9 @@ def _in_place_carries(b: _Builder, eqn, init: list[_Node]) -> dict[int, int]:
         b.aliased.add(src.index)
         out = b.new_tensor(src.shape, src.dtype, "result", b.top_outputs.pop(var_out))
         b.tensors[out].alias = src.index
-        b.loop_in_place[id(update)] = out
-        found[k] = out
-    return found
+        _register_state(b, steps, out)
+        found[q] = out
+    return found, True
 
 
 def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:

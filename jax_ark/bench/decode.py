@@ -9,8 +9,16 @@ Configurations are DxLxB (width, layers, batch); defaults 1024x8x1,1024x8x8. The
 small (--vocab, default 4096; GPT-2's is 50257) and the cache holds --cache-len positions (default
 256), the step writing at position cache_len / 2.
 
+Two forms (--forms, default both): `generate`, what users write for deep models and the default
+measured first: ONE call generating --tokens tokens (default 16), a `fori_loop` over tokens
+around a `lax.scan` over the layers' stacked weights and stacked caches (L, B, T, d), the caches
+passed through the layers scan as xs and re-stacked as ys; both executors update the donated
+caches in place (ark: one window store per token and layer). `step`: one decode step with the
+layers a Python loop (unrolled), called once per token.
+
 Before timing, ark's next tokens must equal jax.jit's on the same inputs. Each configuration is
-timed in --repeats rounds (median and the ratio's IQR); tokens/s = batch / time per step. On a GPU
+timed in --repeats rounds (median and the ratio's IQR); tokens/s = batch x tokens per call /
+time per call. On a GPU
 the table also gives the weight-bytes floor (weight bytes / copy bandwidth measured in the same
 run). Writes decode_{gpu,cpu}.{json,png}.
 """
@@ -41,6 +49,7 @@ from jax_ark.bench._timing import compare
 from jax_ark.bench.persistent import copy_bandwidth
 
 CONFIGS = ((1024, 8, 1), (1024, 8, 8))
+FORMS = ("generate", "step")
 
 
 def _rms(v, g):
@@ -67,6 +76,55 @@ def decode_step(params, cache, token, pos):
         x = x + jax.nn.gelu(_rms(x, p["g2"]) @ p["w1"]) @ p["w2"]
     logits = _rms(x, params["gf"]) @ params["embed"].T
     return jnp.argmax(logits, -1).astype(jnp.int32), {"k": ks, "v": vs}
+
+
+def _layer(pos):
+    """One pre-norm block for lax.scan over (stacked weights, K cache slice, V cache slice)."""
+
+    def layer(x, xs):
+        p, kc, vc = xs
+        d = x.shape[-1]
+        h = _rms(x, p["g1"])
+        q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+        kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
+        s = jnp.einsum("bd,btd->bt", q, kc).astype(jnp.float32) / np.float32(np.sqrt(d))
+        s = jnp.where(jnp.arange(kc.shape[1])[None, :] <= pos, s, -jnp.inf)
+        a = jnp.einsum("bt,btd->bd", jax.nn.softmax(s, -1).astype(x.dtype), vc)
+        x = x + a @ p["wo"]
+        x = x + jax.nn.gelu(_rms(x, p["g2"]) @ p["w1"]) @ p["w2"]
+        return x, (kc, vc)
+
+    return layer
+
+
+def generator(tokens: int):
+    """generate(params, cache, token, pos): greedy decoding of `tokens` tokens from position pos
+    in ONE function: a fori_loop over tokens around a lax.scan over the stacked layers (weights
+    params["layers"][name] and caches cache["k"] / cache["v"] of shape (L, B, T, d)). Returns the
+    tokens (B, tokens) and the caches."""
+
+    def generate(params, cache, token, pos):
+        def body(i, c):
+            tok, kcs, vcs, out = c
+            x = params["embed"][tok]
+            x, (kcs, vcs) = jax.lax.scan(_layer(pos + i), x, (params["layers"], kcs, vcs))
+            logits = _rms(x, params["gf"]) @ params["embed"].T
+            tok = jnp.argmax(logits, -1).astype(jnp.int32)
+            return tok, kcs, vcs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+
+        out = jnp.zeros((token.shape[0], tokens), jnp.int32)
+        init = (token, cache["k"], cache["v"], out)
+        _, kcs, vcs, out = jax.lax.fori_loop(0, tokens, body, init)
+        return out, {"k": kcs, "v": vcs}
+
+    return generate
+
+
+def stacked(params, cache):
+    """The parameters and caches with the layers stacked on a leading axis (generate's form)."""
+    layers = jax.tree.map(lambda *w: jnp.stack(w), *params["layers"])
+    return params | {"layers": layers}, {k: jnp.stack(v) for k, v in cache.items()}
 
 
 def make_inputs(d: int, layers: int, batch: int, vocab: int, cache_len: int, seed: int = 0):
@@ -121,22 +179,36 @@ def weight_bytes(params) -> int:
 
 
 def bench(
-    configs, vocab: int, cache_len: int, budget_s: float, repeats: int, on_gpu: bool
+    configs,
+    vocab: int,
+    cache_len: int,
+    budget_s: float,
+    repeats: int,
+    on_gpu: bool,
+    forms=FORMS,
+    tokens: int = 16,
 ) -> tuple[list[dict[str, Any]], float | None]:
     device = jax.devices()[0]
     bandwidth = copy_bandwidth(device) if on_gpu else None
+    if cache_len // 2 + tokens > cache_len:
+        raise ValueError(f"--tokens {tokens} do not fit the cache from position {cache_len // 2}")
     rows = []
-    for d, layers, batch in tqdm(configs, desc="decode", unit="config"):
+    work = [(form, c) for c in configs for form in forms]
+    for form, (d, layers, batch) in tqdm(work, desc="decode", unit="config"):
         with jax.default_device(device):
             params, cache, token, pos = make_inputs(d, layers, batch, vocab, cache_len)
-        xla_fn = jax.jit(decode_step, donate_argnums=1)
-        ark_fn = jax.jit(ark.persistent(decode_step), donate_argnums=1)
+        fn, per_call = decode_step, 1
+        if form == "generate":
+            params, cache = stacked(params, cache)
+            fn, per_call = generator(tokens), tokens
+        xla_fn = jax.jit(fn, donate_argnums=1)
+        ark_fn = jax.jit(ark.persistent(fn), donate_argnums=1)
         copy = lambda c: jax.tree.map(jnp.copy, c)  # noqa: E731  (donation consumes the cache)
         want_tok, _ = xla_fn(params, copy(cache), token, pos)
         got_tok, _ = ark_fn(params, copy(cache), token, pos)
         if not np.array_equal(np.asarray(got_tok), np.asarray(want_tok)):
             raise AssertionError(
-                f"ark.persistent's next tokens differ from jax.jit's at d={d} L={layers} "
+                f"ark.persistent's tokens differ from jax.jit's ({form}) at d={d} L={layers} "
                 f"b={batch}: {np.asarray(got_tok)} vs {np.asarray(want_tok)}"
             )
         # Each call donates the cache it gets and returns the updated one, which the next call
@@ -152,6 +224,8 @@ def bench(
         )
         nbytes = weight_bytes(params)
         row = {
+            "form": form,
+            "tokens_per_call": per_call,
             "d": d,
             "layers": layers,
             "batch": batch,
@@ -160,8 +234,8 @@ def bench(
             "weight_mib": nbytes / 2**20,
             "ark_us": 1e6 * t["ark_s"],
             "xla_us": 1e6 * t["base_s"],
-            "ark_tok_s": batch / t["ark_s"],
-            "xla_tok_s": batch / t["base_s"],
+            "ark_tok_s": batch * per_call / t["ark_s"],
+            "xla_tok_s": batch * per_call / t["base_s"],
             "ratio": t["ratio"],
             "ratio_p25": t["ratio_p25"],
             "ratio_p75": t["ratio_p75"],
@@ -193,10 +267,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ha="center",
             fontsize=7,
         )
-    ax.set_xticks(xs, [f"d={r['d']} L={r['layers']}\nb={r['batch']}" for r in rows], fontsize=8)
+    ax.set_xticks(
+        xs, [f"{r['form']}\nd={r['d']} L={r['layers']}\nb={r['batch']}" for r in rows], fontsize=8
+    )
     ax.margins(y=0.25)
     ax.set_ylabel("tokens / s (median of rounds)")
-    ax.set_title(f"{title}\nlabels: ark/jit time per step, median [IQR]", fontsize=10)
+    ax.set_title(f"{title}\nlabels: ark/jit time per call, median [IQR]", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     save_figure(fig, path)
 
@@ -212,21 +288,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-len", type=int, default=256, help="KV cache positions (default %(default)s)"
     )
+    parser.add_argument(
+        "--forms",
+        type=lambda v: tuple(v.split(",")),
+        default=FORMS,
+        help="comma-separated: generate (tokens x scanned layers in one call), step (one "
+        "unrolled decode step per call); default %(default)s",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="tokens per generate call (default 16, fewer if the cache has not that many "
+        "positions after cache_len / 2)",
+    )
     add_round_arguments(parser, budget_s=0.5)
 
 
 def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
+    for form in args.forms:
+        if form not in FORMS:
+            raise SystemExit(f"--forms: unknown form {form!r} (known: {', '.join(FORMS)})")
+    if args.tokens is None:
+        args.tokens = min(16, args.cache_len - args.cache_len // 2)
     rows, bandwidth = bench(
-        args.configs or CONFIGS, args.vocab, args.cache_len, args.budget, args.repeats, on_gpu
+        args.configs or CONFIGS,
+        args.vocab,
+        args.cache_len,
+        args.budget,
+        args.repeats,
+        on_gpu,
+        args.forms,
+        args.tokens,
     )
     print(
-        f"decode step, bf16, vocab {args.vocab}, cache {args.cache_len} on {device.device_kind}; "
+        f"decode ({args.tokens} tokens per generate call), bf16, vocab {args.vocab}, "
+        f"cache {args.cache_len} on {device.device_kind}; "
         f"median of {args.repeats} rounds, IQR of the ark/jit time ratio"
         + (f"; copy bandwidth {bandwidth / 1e9:.1f} GB/s" if bandwidth else "")
     )
     columns = [
+        ("form", "form", "s"),
         ("d", "d", "d"),
         ("layers", "L", "d"),
         ("batch", "b", "d"),
@@ -246,5 +350,5 @@ def run(args: argparse.Namespace) -> int:
         args.out / f"{name}.json",
         {"machine": machine_info(), "copy_bandwidth_Bps": bandwidth, "rows": rows},
     )
-    plot(rows, args.out / f"{name}.png", f"KV-cache decode step, bf16, {device.device_kind}")
+    plot(rows, args.out / f"{name}.png", f"KV-cache decode, bf16, {device.device_kind}")
     return 0

@@ -189,3 +189,75 @@ def test_more_workers_than_resident_blocks_is_refused(rng):
     too_many = min(1024, 8 * _sms() + 1)
     with pytest.raises(Exception, match="workers but this GPU keeps only"):
         jax.block_until_ready(jax.jit(ark.persistent(fn, num_workers=too_many, tile_n=1))(*args))
+
+
+# ---- the kernel's per-task path (issue 9 item 5): staging reused per op, the one-time queue check
+
+
+def _op_runs(f, *args):
+    """Each worker's queue as op ids (consecutive equal ids: runs that reuse one staging)."""
+    plan = f.plan(*args)
+    return [[plan.tasks[t].op for t in q] for q in plan.queues]
+
+
+@pytest.mark.parametrize("rows,tile_m", [(4, 16), (40, 16)])  # the GEMV path; the GEMM path
+def test_consecutive_tiles_of_one_op_reuse_its_staging(rng, rows, tile_m):
+    """Two workers, narrow tiles: each worker runs many tiles of one op back to back, which the
+    kernel stages once (program, resolved loads, output shape), then the next op's tiles. Ops
+    alternate between matmul (bias and residual loads in the epilogue), reduce and map, so a
+    stale staging (the previous op's program or views) gives wrong numbers."""
+
+    def fn(x, w1, w2, b):
+        h = jax.nn.gelu(x @ w1 + b)
+        y = x + h @ w2
+        return y, jnp.max(h, axis=1), jax.nn.softmax(y, axis=-1) * jnp.sum(h, axis=1, keepdims=True)
+
+    args = random_args(rng, [(rows, 96), (96, 256), (256, 96), (256,)])
+    f = ark.persistent(fn, num_workers=2, tile_m=tile_m, tile_n=8)
+    runs = _op_runs(f, *args)
+    assert any(q[i] == q[i + 1] for q in runs for i in range(len(q) - 1)), runs
+    got = jax.jit(f)(*args)
+    for g, w in zip(got, jax.jit(fn)(*args), strict=True):
+        _close(g, w)
+    for g, w in zip(got, interpret(f.plan(*args), *args), strict=True):
+        _close(g, w)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scan_reruns_the_same_op_with_each_iterations_views(rng, workers):
+    """One or two workers: the loop body's ops run back to back, the same op in consecutive
+    iterations. Staging is keyed by (op, iteration), so each iteration reads its own slice of the
+    stacked weights and writes its own slice of the stacked output."""
+
+    def fn(x, ws, bs):
+        def body(c, p):
+            w, b = p
+            h = jnp.tanh(c @ w + b)
+            return h, jnp.sum(h, axis=1)
+
+        return jax.lax.scan(body, x, (ws, bs))
+
+    x, ws, bs = random_args(rng, [(4, 64), (6, 64, 64), (6, 64)])
+    ws = ws * np.float32(np.sqrt(6) / 8)  # ~N(0, 1/64): tanh stays away from saturation
+    f = ark.persistent(fn, num_workers=workers, tile_n=16)
+    got, want = jax.jit(f)(x, ws, bs), jax.jit(fn)(x, ws, bs)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        _close(g, w)
+
+
+def test_bad_task_record_is_refused_by_the_queue_check(rng):
+    """A task record edited after the host check (its tile past the op's columns) is caught by the
+    kernel's one-time check of every queued task before the queue is walked (reported, like every
+    device-side verdict, by the next call on the device); the process stays usable."""
+    args = random_args(rng, [(4, 64), (64, 64)])
+    fn = lambda x, w: jnp.tanh(x @ w)  # noqa: E731
+    plan = ark.plan(fn, *args, num_workers=2)
+    words = plan.to_binary().copy()
+    tasks_at = int(words[15])  # Header.tasks_at; TaskRecord: [op, flags, b0, b1, m0, m1, n0, n1]
+    last = len(plan.tasks) - 1
+    words[tasks_at + 8 * last + 7] = 1 << 30
+    jax.block_until_ready(run_plan(plan, args, words=words)[0])
+    refused = rf"rejected the plan at task {last} .*tile bounds out of range"
+    with pytest.raises(Exception, match=refused):
+        jax.block_until_ready(run_plan(plan, args)[0])
+    _close(run_plan(plan, args)[0][0], jax.jit(fn)(*args))

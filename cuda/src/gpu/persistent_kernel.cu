@@ -94,6 +94,15 @@ struct TaskSmem {
   // The header verdict has its own word: thread 0 writes `flag` for the first task right after the
   // header barrier, while a slower thread may not have read the header verdict yet.
   int32_t header_bad;
+  // Which (op, iteration, outer iteration) the staged fields above describe (staged_op = -1:
+  // none). Staging depends on nothing else, so consecutive tasks of one op in one iteration (a
+  // worker's several tiles of a big op) reuse it: no plan reads, checks or barriers (issue 9 item 5).
+  int32_t staged_op;
+  int64_t staged_iter, staged_outer_iter;
+  // 1 when every dim of out_dims / iter_dims is below 2^31: unravel() may then divide in 32 bits
+  // (a 64-bit division is a ~70-instruction subroutine; it ran per dim of every element).
+  int32_t out_dims_narrow, iter_dims_narrow;
+  int32_t first_bad_q;  // the one-time queue check: lowest bad queue position (INT32_MAX: none)
 };
 
 // ---- plan access helpers ---------------------------------------------------------------------
@@ -118,11 +127,35 @@ __device__ __forceinline__ const void* element_ptr(const void* base, int32_t dty
   return static_cast<const char*>(base) + e * pf::dtype_size(dtype);
 }
 
-__device__ __forceinline__ void unravel(int64_t flat, const int64_t* dims, int rank, int64_t* idx) {
+// 64-bit division is a ~70-instruction subroutine per dim; out of line, since unravel_narrow below
+// calls it only for outputs of 2^31 or more elements, to keep it out of the inlined epilogues.
+__device__ __noinline__ void unravel(int64_t flat, const int64_t* dims, int rank, int64_t* idx) {
   for (int d = rank - 1; d >= 0; --d) {
     idx[d] = flat % dims[d];
     flat /= dims[d];
   }
+}
+
+// The same in 32-bit unsigned arithmetic when that is exact: every dim below 2^31 (`narrow`,
+// decided once per staging) and 0 <= flat < 2^31. Host-checked plans index outputs and iteration
+// spaces of at most 2^31 - 1 elements per op dim (B, M, N, K < 2^31), so the narrow path is the one
+// that runs unless a tensor has 2^31 or more elements.
+__device__ __forceinline__ void unravel_narrow(int64_t flat, const int64_t* dims, int rank,
+                                               bool narrow, int64_t* idx) {
+  if (!narrow || flat < 0 || flat > INT32_MAX) return unravel(flat, dims, rank, idx);
+  uint32_t f = static_cast<uint32_t>(flat);
+  for (int d = rank - 1; d >= 0; --d) {
+    const uint32_t n = static_cast<uint32_t>(dims[d]);
+    const uint32_t q = f / n;
+    idx[d] = f - q * n;
+    f = q;
+  }
+}
+
+__device__ __forceinline__ bool dims_narrow(const int64_t* dims, int rank) {
+  bool ok = true;
+  for (int d = 0; d < rank; ++d) ok = ok && dims[d] >= 1 && dims[d] <= INT32_MAX;
+  return ok;
 }
 
 // Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
@@ -296,6 +329,21 @@ __device__ bool loops_fit(const pf::PlanView& plan) {
   return true;
 }
 
+// Why queued task `task` cannot run (a BadPlanReason), 0 if it can: the task id, its op id and tile
+// bounds in range, a known op kind. Checked once per call for every queued task (the kernel's
+// queue pass), not per run: records are read-only for the whole call.
+__device__ int32_t task_problem(const KernelParams& p, const pf::PlanView& plan, int32_t task) {
+  if (task < 0 || task >= p.num_tasks) return kBadTask;
+  const pf::TaskRecord& t = plan.task(task);
+  if (t.op < 0 || t.op >= plan.header().num_ops) return kBadTask;
+  const pf::OpRecord& o = plan.op(t.op);
+  if (t.b0 < 0 || t.b1 > o.B || t.m0 < 0 || t.m1 > o.M || t.n0 < 0 || t.n1 > o.N || t.b0 > t.b1 ||
+      t.m0 > t.m1 || t.n0 > t.n1)
+    return kBadTask;
+  if (o.kind != pf::kOpMatmul && o.kind != pf::kOpReduce && o.kind != pf::kOpMap) return kBadOpKind;
+  return 0;
+}
+
 // ---- while loops ----------------------------------------------------------------------------
 
 // A while loop's check point (plan_format.hpp QueueCursor), block-uniform: thread 0 waits for the
@@ -346,7 +394,7 @@ __device__ bool while_check(const KernelParams& p, const pf::PlanView& plan, con
   }
   __syncthreads();
   const int32_t verdict = s.flag;
-  __syncthreads();  // s.flag is rewritten by the next task's checks
+  __syncthreads();  // s.flag is rewritten by the next check point
   if (verdict == 0) return false;
   cursor.resolve_check(plan, lv, verdict == 1);
   return true;
@@ -358,7 +406,7 @@ __device__ bool while_check(const KernelParams& p, const pf::PlanView& plan, con
 // shared with the host tests). Returns false (block-uniformly) if the run was aborted, by this
 // block's timeout or bad dependency, or by another block.
 __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& plan, int task,
-                                  int worker, const int64_t* iters) {
+                                  int worker, const int64_t* iters, bool aborted_before = false) {
   const DepWaitResult r = persistent_wait_deps(plan, p.num_tasks, p.counters, task,
                                                static_cast<int32_t>(threadIdx.x), kBlockThreads, p.run,
                                                iters);
@@ -368,7 +416,7 @@ __device__ bool wait_dependencies(const KernelParams& p, const pf::PlanView& pla
     report(p, plan, kPersistentTimeout, worker, task, r.dep_task, static_cast<int32_t>(r.seen), 0,
            r.waited_ns);
   // Orders the acquire loads of every waiting thread before any thread's tile reads (CTA scope).
-  return !__syncthreads_or(r.status != DepWait::kReady);
+  return !__syncthreads_or(r.status != DepWait::kReady || aborted_before);
 }
 
 // ---- L2 prefetch of a MATMUL task's streamed weight operand ------------------------------------
@@ -453,6 +501,9 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
       }
     }
     for (int d = 0; d < pf::kMaxRank; ++d) s.iter_dims[d] = op.iter_dims[d];
+    const int iter_rank = op.iter_rank < 0 ? 0 : (op.iter_rank > pf::kMaxRank ? pf::kMaxRank : op.iter_rank);
+    s.iter_dims_narrow = dims_narrow(s.iter_dims, iter_rank);
+    s.out_dims_narrow = s.out_rank >= 0 && s.out_rank <= pf::kMaxRank && dims_narrow(s.out_dims, s.out_rank);
     if (op.kind == pf::kOpReduce &&
         (op.iter_rank < op.kept_rank || op.iter_rank > pf::kMaxRank || op.kept_rank < 0 ||
          op.reduce_kind < 0 || op.reduce_kind >= pf::kNumReduceKinds))
@@ -571,7 +622,7 @@ __device__ bool run_matmul(const KernelParams& p, const pf::PlanView& plan, cons
     auto epilogue = [&](int64_t m, int64_t n, float acc) {
       const int64_t flat = (b * M + m) * N + n;
       int64_t idx[pf::kMaxRank];
-      unravel(flat, s.out_dims, out_rank, idx);
+      unravel_narrow(flat, s.out_dims, out_rank, s.out_dims_narrow, idx);
       const float v = eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype));
       store_out(out, out_dtype, s.out_offset + flat, v);
     };
@@ -623,13 +674,13 @@ __device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, cons
   const int32_t acc_dtype = op.acc_dtype, out_dtype = s.out_dtype, out_rank = s.out_rank;
   auto load = [&](int64_t m, int64_t r) {
     int64_t idx[pf::kMaxRank];
-    unravel(m, s.iter_dims, kept, idx);
-    unravel(r, s.iter_dims + kept, iter_rank - kept, idx + kept);
+    unravel_narrow(m, s.iter_dims, kept, s.iter_dims_narrow, idx);
+    unravel_narrow(r, s.iter_dims + kept, iter_rank - kept, s.iter_dims_narrow, idx + kept);
     return eval_program(s, 0, plen, idx, 0.f);
   };
   auto epi = [&](int64_t m, float acc) {
     int64_t idx[pf::kMaxRank];
-    unravel(m, s.out_dims, out_rank, idx);
+    unravel_narrow(m, s.out_dims, out_rank, s.out_dims_narrow, idx);
     store_out(out, out_dtype, s.out_offset + m,
               eval_program(s, plen, elen, idx, pf::round_to(acc, acc_dtype)));
   };
@@ -656,7 +707,7 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
     const int64_t n = t.n0 + i % tn, m = t.m0 + (i / tn) % tm, b = t.b0 + i / (tn * tm);
     const int64_t flat = (b * M + m) * N + n;
     int64_t idx[pf::kMaxRank];
-    unravel(flat, s.out_dims, out_rank, idx);
+    unravel_narrow(flat, s.out_dims, out_rank, s.out_dims_narrow, idx);
     if (s.store_reg < 0) {
       store_out(out, out_dtype, s.out_offset + flat, eval_program(s, plen, elen, idx, 0.f));
       return;
@@ -724,6 +775,28 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     if (threadIdx.x == 0) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, kBadTask, 0);
     return;
   }
+  // Checked ONCE per call, before the queue is walked (the cursor itself reads the queued tasks'
+  // records), instead of once per task run: every queued task id, its op id, tile bounds and op
+  // kind. A loop's tasks run once per iteration but are checked once.
+  if (threadIdx.x == 0) {
+    s.first_bad_q = INT32_MAX;
+    s.staged_op = -1;  // nothing staged yet
+  }
+  __syncthreads();
+  bool queue_bad = false;
+  for (int32_t q = q_begin + static_cast<int32_t>(threadIdx.x); q < q_end; q += kBlockThreads)
+    if (task_problem(p, plan, plan.queue_task(q)) != 0) {
+      atomicMin(&s.first_bad_q, q);
+      queue_bad = true;
+    }
+  if (__syncthreads_or(queue_bad)) {
+    if (threadIdx.x == 0) {
+      const int32_t task = plan.queue_task(s.first_bad_q);
+      report(p, plan, kPersistentBadPlan, worker, task, -1, 0, task_problem(p, plan, task), 0);
+    }
+    return;
+  }
+
   // A worker runs its tasks of a loop (a segment of its queue) once per iteration (QueueCursor).
   const pf::LoopView lv{p.plan};
   pf::QueueCursor cursor;
@@ -734,57 +807,50 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     const int32_t q = cursor.q;
     const int64_t iter = cursor.iter(), outer_iter = cursor.outer_iter();
     const int32_t task = plan.queue_task(q);
-    if (threadIdx.x == 0) {
-      int32_t bad = 0;
-      if (task < 0 || task >= p.num_tasks) {
-        bad = kBadTask;
-      } else {
-        const pf::TaskRecord& t = plan.task(task);
-        if (t.op < 0 || t.op >= h.num_ops) {
-          bad = kBadTask;
-        } else {
-          const pf::OpRecord& o = plan.op(t.op);
-          if (t.b0 < 0 || t.b1 > o.B || t.m0 < 0 || t.m1 > o.M || t.n0 < 0 || t.n1 > o.N ||
-              t.b0 > t.b1 || t.m0 > t.m1 || t.n0 > t.n1)
-            bad = kBadTask;
-          else if (o.kind != pf::kOpMatmul && o.kind != pf::kOpReduce && o.kind != pf::kOpMap)
-            bad = kBadOpKind;
-        }
-      }
-      if (bad) report(p, plan, kPersistentBadPlan, worker, task, -1, 0, bad, 0);
-      s.flag = bad || persistent_aborted(p.run);
-    }
-    __syncthreads();
-    if (s.flag) return;
+    // Another block's failure ends this one at its next dependency wait. The load is issued here
+    // and its value used at the wait's barrier, so its latency hides behind staging (no barrier
+    // of its own, as the per-task check had).
+    const bool aborted_before = threadIdx.x == 0 && persistent_aborted(p.run);
 
-    if (p.chaos_seed != 0 && threadIdx.x == 0) chaos_pause(p.chaos_seed, task);
-    __syncthreads();
+    if (p.chaos_seed != 0) {  // a kernel parameter: block-uniform
+      if (threadIdx.x == 0) chaos_pause(p.chaos_seed, task);
+      __syncthreads();
+    }
 
     // Everything up to the wait reads only the plan and FFI operands, so it overlaps the producers.
     const pf::TaskRecord& t = plan.task(task);
     const pf::OpRecord& op = plan.op(t.op);
-    stage_task(p, plan, t.op, op, iter, outer_iter, s);
-    const int32_t staged_bad = s.bad ? s.bad : s.bad_instruction;
-    bool views_ok = staged_bad == 0;
-    if (views_ok) {
-      views_ok = tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
-      if (op.kind == pf::kOpMatmul) {
-        views_ok = views_ok && op.a_view >= 0 && op.a_view < h.num_views && op.b_view >= 0 &&
-                   op.b_view < h.num_views;
-        if (views_ok) {
-          const pf::ViewRecord& av = plan.view(op.a_view);
-          const pf::ViewRecord& bv = plan.view(op.b_view);
-          views_ok = av.rank == 3 && bv.rank == 3 && av.tensor >= 0 && av.tensor < h.num_tensors &&
-                     bv.tensor >= 0 && bv.tensor < h.num_tensors &&
-                     tensor_base(p, plan.tensor(av.tensor)) != nullptr &&
-                     tensor_base(p, plan.tensor(bv.tensor)) != nullptr;
+    // Every thread reads the staged key before stage_task's first barrier, and thread 0 rewrites
+    // it only after stage_task's last one (below), so all threads take the same branch.
+    if (t.op != s.staged_op || iter != s.staged_iter || outer_iter != s.staged_outer_iter) {
+      stage_task(p, plan, t.op, op, iter, outer_iter, s);
+      const int32_t staged_bad = s.bad ? s.bad : s.bad_instruction;
+      bool views_ok = staged_bad == 0;
+      if (views_ok) {
+        views_ok = tensor_base(p, plan.tensor(op.out_tensor)) != nullptr;
+        if (op.kind == pf::kOpMatmul) {
+          views_ok = views_ok && op.a_view >= 0 && op.a_view < h.num_views && op.b_view >= 0 &&
+                     op.b_view < h.num_views;
+          if (views_ok) {
+            const pf::ViewRecord& av = plan.view(op.a_view);
+            const pf::ViewRecord& bv = plan.view(op.b_view);
+            views_ok = av.rank == 3 && bv.rank == 3 && av.tensor >= 0 && av.tensor < h.num_tensors &&
+                       bv.tensor >= 0 && bv.tensor < h.num_tensors &&
+                       tensor_base(p, plan.tensor(av.tensor)) != nullptr &&
+                       tensor_base(p, plan.tensor(bv.tensor)) != nullptr;
+          }
         }
       }
-    }
-    if (!views_ok) {
-      if (threadIdx.x == 0)
-        report(p, plan, kPersistentBadPlan, worker, task, -1, 0, staged_bad ? staged_bad : kBadView, 0);
-      return;
+      if (!views_ok) {
+        if (threadIdx.x == 0)
+          report(p, plan, kPersistentBadPlan, worker, task, -1, 0, staged_bad ? staged_bad : kBadView, 0);
+        return;
+      }
+      if (threadIdx.x == 0) {
+        s.staged_op = t.op;
+        s.staged_iter = iter;
+        s.staged_outer_iter = outer_iter;
+      }
     }
     const uint64_t wait_begin = global_timer_ns();
     if (q == q_begin && iter == 0) prefetch_task_weights(p, plan, task, iter, outer_iter);
@@ -794,7 +860,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     uint64_t start = 0;
     auto wait = [&]() {
-      const bool ok = wait_dependencies(p, plan, task, worker, cursor.iters);
+      const bool ok = wait_dependencies(p, plan, task, worker, cursor.iters, aborted_before);
       start = global_timer_ns();
       return ok;
     };

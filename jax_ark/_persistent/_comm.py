@@ -193,8 +193,17 @@ def _put(b, source, n: int, per_peer: bool, route=None):
         strides = tuple(source.strides)
     else:
         strides = (0, *source.strides)
-    src = _Load((n, M, N), source.dtype, source.tensor, source.offset, strides)
-    inbox = b.new_tensor((n, M, N), source.dtype, "workspace", name=f"inbox{len(b.ops)}")
+    src = _Load(
+        (n, M, N), source.dtype, source.tensor, source.offset, strides, source.iter_stride,
+        source.outer_iter_stride,
+    )  # fmt: skip
+    # In a loop body the inbox is stacked: one (n, M, N) slice per iteration, written at
+    # iteration i and read through a view moving by one slice per iteration. A peer may run
+    # iterations ahead of this rank; its later puts land in later slices, never in one this rank
+    # still reads (docs/plan_format.md, "Loops and communication").
+    trips = b.loops[b.loop_stack[-1]].trip_count if b.loop_stack else 0
+    stack = (trips,) if trips else ()
+    inbox = b.new_tensor((*stack, n, M, N), source.dtype, "workspace", name=f"inbox{len(b.ops)}")
     b.ops.append(
         Op(
             name=f"put{len(b.ops)}",
@@ -208,8 +217,11 @@ def _put(b, source, n: int, per_peer: bool, route=None):
             source=b.source,
             recv_from=None if route is None else route[0],
             send_row=None if route is None else route[1],
+            stacked=bool(trips),
         )
     )
+    if trips:
+        return _Load((n, M, N), source.dtype, inbox, 0, (M * N, N, 1), n * M * N)
     return b.load(inbox)
 
 

@@ -69,12 +69,12 @@ def _check(mesh, fn, args, specs, monkeypatch, tol=TOL):
     for g, w in zip(base, want, strict=True):
         assert_close(g, w, tol)
     for w in (2, 3):
-        for g, b in zip(jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base):
+        for g, b in zip(jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base, strict=True):
             np.testing.assert_array_equal(np.asarray(g), b)
     with monkeypatch.context() as m:
         m.setenv("JAX_ARK_PERSISTENT_CHAOS", "11")
         for w in (1, 3):
-            for g, b in zip(jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base):
+            for g, b in zip(jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base, strict=True):
                 np.testing.assert_array_equal(np.asarray(g), b)
     plan, per_rank = _plan_and_local_args(mesh, fn, args, specs, num_workers=2)
     puts = [op for op in plan.ops if op.kind == "put"]

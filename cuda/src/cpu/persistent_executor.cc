@@ -1227,7 +1227,20 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
       int best = -1;
       int32_t best_key = -1;
       bool checking = false;  // a worker at a while loop's check point (no turn needed)
+      // A check whose predicate is already computed is awaited before the next grant: whether
+      // the checker resolved it yet is timing, and letting that decide which workers are
+      // candidates would make the serialized order differ between the ranks of a comm plan (a
+      // put holding the turn on one rank while a peer's order reaches it later: a deadlock).
+      // Decided before any key is drawn: a round given up for the wait must not consume the
+      // adversary's random numbers (their sequence is part of the order).
+      bool resolvable = false;
       for (int v = 0; v < p.header().num_workers; ++v) {
+        if (c.cursors[v].done() || !c.cursors[v].pending_check) continue;
+        const int32_t pred_task = lv.loop(c.cursors[v].top_loop).pred_task;
+        resolvable |= __atomic_load_n(run.buf.counters + pred_task, __ATOMIC_ACQUIRE) >=
+                      c.cursors[v].iters[0] + 1;
+      }
+      for (int v = 0; v < p.header().num_workers && !resolvable; ++v) {
         if (c.cursors[v].done()) continue;
         if (c.cursors[v].pending_check) {
           checking = true;
@@ -1245,7 +1258,7 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
                                       (c.highest_first ? t : static_cast<int32_t>(c.next() >> 35));
         if (key > best_key) best = v, best_key = key;
       }
-      if (best < 0 && checking) {  // that worker's check resolves its cursor and notifies
+      if ((best < 0 && checking) || resolvable) {  // that worker's check resolves its cursor and notifies
         if (c.cv.wait_until(lock, deadline) == std::cv_status::timeout && Clock::now() > deadline) {
           lock.unlock();
           run.fail(PersistentStatus::kDeadlineExceeded,

@@ -30,9 +30,9 @@ def _lax(mesh, fn, args, specs):
 
 
 def _ark(mesh, fn, args, specs, **kw):
-    return jax.jit(
-        jax.shard_map(ark.persistent(fn, **kw), mesh=mesh, check_vma=False, **specs)
-    )(*args)
+    return jax.jit(jax.shard_map(ark.persistent(fn, **kw), mesh=mesh, check_vma=False, **specs))(
+        *args
+    )
 
 
 def _plan_and_local_args(mesh, fn, args, specs, **kw):
@@ -69,12 +69,16 @@ def _check(mesh, fn, args, specs, monkeypatch, tol=TOL):
     for g, w in zip(base, want, strict=True):
         assert_close(g, w, tol)
     for w in (2, 3):
-        for g, b in zip(jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base, strict=True):
+        for g, b in zip(
+            jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base, strict=True
+        ):
             np.testing.assert_array_equal(np.asarray(g), b)
     with monkeypatch.context() as m:
         m.setenv("JAX_ARK_PERSISTENT_CHAOS", "11")
         for w in (1, 3):
-            for g, b in zip(jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base, strict=True):
+            for g, b in zip(
+                jax.tree.leaves(_ark(mesh, fn, args, specs, num_workers=w)), base, strict=True
+            ):
                 np.testing.assert_array_equal(np.asarray(g), b)
     plan, per_rank = _plan_and_local_args(mesh, fn, args, specs, num_workers=2)
     puts = [op for op in plan.ops if op.kind == "put"]
@@ -167,8 +171,12 @@ def _ring_matmul_loop(x, w):
 def test_ppermute_ring_matmul_in_a_fori_loop(mesh8, rng, monkeypatch):
     specs = {"in_specs": (P("x"), P(None, "x")), "out_specs": P(None, "x")}
     args = random_args(rng, [(N * 4, 32), (32, N * 8)])
-    _, _, want = _check(mesh8, _ring_matmul_loop, args, specs, monkeypatch)
+    plan, per_rank, want = _check(mesh8, _ring_matmul_loop, args, specs, monkeypatch)
     assert_close(want[0], args[0] @ args[1], 1e-5)
+    (put,) = [op for op in plan.ops if op.kind == "put"]  # planned once, not unrolled N times
+    assert put.B == 1 and put.recv_from is not None and plan.loops[0].trip_count == N
+    ref = interpret_group(plan, per_rank)
+    assert_close(np.concatenate([r[0] for r in ref], axis=1), want[0], TOL)
 
 
 # ---- while_loop whose predicate depends on a psum ---------------------------------------------
@@ -206,6 +214,21 @@ def test_tracer_refuses_a_collective_in_a_nested_loop(mesh8, rng):
     specs = {"in_specs": (P("x"),), "out_specs": P("x")}
     with pytest.raises(UnsupportedError, match="inside a nested loop body"):
         _ark(mesh8, _nested_psum, [x], specs)
+
+
+def test_a_loop_inbox_over_the_cap_is_refused(mesh8, rng):
+    """One inbox slice per iteration: a while_loop's default guard (65536) times a big psum would
+    be gigabytes; the tracer refuses it and names the knob."""
+    x = rng.standard_normal((8 * 64, 256)).astype(np.float32)
+    specs = {"in_specs": (P("x"),), "out_specs": P("x")}
+
+    def f(v):
+        return jax.lax.while_loop(
+            lambda c: jnp.sum(c[0]) > 1.0, lambda c: jax.lax.psum(c, "x") * 0.1, v
+        )
+
+    with pytest.raises(UnsupportedError, match="max_while_iterations"):
+        _ark(mesh8, f, [x], specs)
 
 
 def _comm_plan_with_an_unstacked_put_in_a_loop(mesh8, rng):

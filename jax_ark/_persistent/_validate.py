@@ -654,8 +654,10 @@ def _validate_loops(plan: Plan) -> None:
             raise PlanError(f"{where}: a window store cannot be stacked")
         if op.stack_reversed and not op.stacked:
             raise PlanError(f"{where}: stack_reversed without stacked")
-        if op.kind == "put" and op.loop >= 0 and (
-            not op.stacked or plan.loops[op.loop].parent >= 0
+        if (
+            op.kind == "put"
+            and op.loop >= 0
+            and (not op.stacked or plan.loops[op.loop].parent >= 0)
         ):
             raise PlanError(
                 f"{where}: a put op in a loop must be stacked (one inbox slice per iteration) and "

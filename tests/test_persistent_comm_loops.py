@@ -196,6 +196,35 @@ def test_while_loop_with_a_psum_predicate(mesh8, rng, monkeypatch):
     assert_close(np.concatenate([r[0] for r in ref]), want[0], TOL)
 
 
+def test_reference_refuses_ranks_disagreeing_on_a_while_predicate(mesh8, rng):
+    """A predicate from rank-local values only: rank 0 leaves at once, the others loop. The
+    reference interpreter names the disagreement (only the plan is made here: the executors
+    cannot detect it, see docs/plan_format.md "Loops and communication")."""
+
+    def f(v):
+        me = jax.lax.axis_index("x").astype(jnp.float32)
+
+        def body(c):
+            return c + jax.lax.psum(jnp.ones_like(c), "x") * 0.125
+
+        return jax.lax.while_loop(lambda c: c[0, 0] < me, body, v)
+
+    x = np.abs(rng.standard_normal((N * 2, 4))).astype(np.float32) * 0.5
+    pf = ark.persistent(f, num_workers=1, max_while_iterations=64)
+    box = []
+
+    def only_plan(v):
+        box.append(pf.plan(v))
+        return v
+
+    jax.jit(
+        jax.shard_map(only_plan, mesh=mesh8, in_specs=(P("x"),), out_specs=P("x"), check_vma=False)
+    )(x)
+    per_rank = [[part] for part in np.split(x, N)]
+    with pytest.raises(PlanError, match="disagree on its predicate at iteration 0"):
+        interpret_group(box[0], per_rank)
+
+
 # ---- what stays refused -----------------------------------------------------------------------
 def _nested_psum(v):
     def outer(c, _):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import jax
+import numpy as np
 
 from jax_ark._persistent._format import CommGroup, Op
 
@@ -44,6 +45,10 @@ COMM_PRIMITIVES = frozenset(
         "all_to_all",
     }
 )
+# A collective in a loop body gets one inbox slice per iteration (see _put): its bytes are capped
+# so that a while_loop's guard (65536 by default) cannot silently claim gigabytes.
+_MAX_LOOP_INBOX_BYTES = 64 << 20
+
 _REDUCE_OF = {
     "psum": "reduce_sum",
     "psum_invariant": "reduce_sum",
@@ -183,7 +188,7 @@ def _put(b, source, n: int, per_peer: bool, route=None):
     """Emits a put op. source: a node of shape (M, N) (the same tile to every peer) or, with
     per_peer, (n, M, N) (block p to peer p); route: its (recv_from, send_row) tables, None for the
     default routing. Returns the inbox as a (n, M, N) load node."""
-    from jax_ark._persistent._trace import _Load
+    from jax_ark._persistent._trace import UnsupportedError, _Load
 
     shape = tuple(source.shape)
     M, N = shape[-2], shape[-1]
@@ -193,8 +198,25 @@ def _put(b, source, n: int, per_peer: bool, route=None):
         strides = tuple(source.strides)
     else:
         strides = (0, *source.strides)
-    src = _Load((n, M, N), source.dtype, source.tensor, source.offset, strides)
-    inbox = b.new_tensor((n, M, N), source.dtype, "workspace", name=f"inbox{len(b.ops)}")
+    src = _Load(
+        (n, M, N), source.dtype, source.tensor, source.offset, strides, source.iter_stride,
+        source.outer_iter_stride,
+    )  # fmt: skip
+    # In a loop body the inbox is stacked: one (n, M, N) slice per iteration, written at
+    # iteration i and read through a view moving by one slice per iteration. A peer may run
+    # iterations ahead of this rank; its later puts land in later slices, never in one this rank
+    # still reads (docs/plan_format.md, "Loops and communication").
+    trips = b.loops[b.loop_stack[-1]].trip_count if b.loop_stack else 0
+    stack = (trips,) if trips else ()
+    inbox_bytes = max(trips, 1) * n * M * N * np.dtype(source.dtype).itemsize
+    if trips and inbox_bytes > _MAX_LOOP_INBOX_BYTES:
+        raise UnsupportedError(
+            f"ark.persistent: a collective inside a loop body (at {b.source}) needs an inbox of "
+            f"one slice per iteration: {trips} x {n * M * N} {source.dtype} = {inbox_bytes} "
+            f"bytes, over the {_MAX_LOOP_INBOX_BYTES >> 20} MiB this executor allows; lower the "
+            "trip count (for a while_loop: ark.persistent(..., max_while_iterations=...))"
+        )
+    inbox = b.new_tensor((*stack, n, M, N), source.dtype, "workspace", name=f"inbox{len(b.ops)}")
     b.ops.append(
         Op(
             name=f"put{len(b.ops)}",
@@ -208,8 +230,11 @@ def _put(b, source, n: int, per_peer: bool, route=None):
             source=b.source,
             recv_from=None if route is None else route[0],
             send_row=None if route is None else route[1],
+            stacked=bool(trips),
         )
     )
+    if trips:
+        return _Load((n, M, N), source.dtype, inbox, 0, (M * N, N, 1), n * M * N)
     return b.load(inbox)
 
 

@@ -236,22 +236,28 @@ def _eval(
     return regs if all_regs else regs[-1]
 
 
-def _run_put(plan: Plan, t: int, rank: int, group: list[dict[int, np.ndarray]]) -> None:
-    """Put task t on `rank` (plan v3): for every rank q and slot b of the task that the op's
-    routing gives to `rank` (default: slot `rank` of every q, from row q), its tile of the source
-    row into slot b of q's inbox; a slot of `rank`'s own inbox that nobody sends to is zeroed."""
+def _run_put(
+    plan: Plan, t: int, rank: int, group: list[dict[int, np.ndarray]], its: tuple[int, ...] = ()
+) -> None:
+    """Put task t on `rank` (plan v3) at iterations `its` of its loop: for every rank q and slot b
+    of the task that the op's routing gives to `rank` (default: slot `rank` of every q, from row
+    q), its tile of the source row (at that iteration) into slot b of q's inbox (in a loop: of
+    the iteration's slice of the stacked inbox); a slot of `rank`'s own inbox that nobody sends
+    to is zeroed."""
     task = plan.tasks[t]
     op = plan.ops[task.op]
     av = plan.views[op.a_view]
+    at = av.offset + plan.view_shift(op.a_view, task.op, its)
+    base = plan.stacked_slice(task.op, its) * op.B if op.stacked else 0
     m = np.arange(task.m0, task.m1)[:, None]
     n = np.arange(task.n0, task.n1)[None, :]
     for b in range(task.b0, task.b1):
-        to = ((b * op.M + m) * op.N + n).ravel()
+        to = (((base + b) * op.M + m) * op.N + n).ravel()
         for q, buffers in enumerate(group):
             src_rank, row = route_of(op, q, b)
             if src_rank != rank:
                 continue
-            src = av.offset + row * av.strides[0] + m * av.strides[1] + n * av.strides[2]
+            src = at + row * av.strides[0] + m * av.strides[1] + n * av.strides[2]
             buffers[op.out][to] = group[rank][av.tensor][src.ravel()]
         if route_of(op, rank, b)[0] < 0:
             group[rank][op.out][to] = 0
@@ -575,10 +581,6 @@ def interpret_group(plan: Plan, per_rank_args: list[list[np.ndarray]]) -> list[l
     executors could take)."""
     if plan.comm is None:
         raise PlanError("the plan has no communication group: use interpret")
-    if plan.loops:
-        raise PlanError(
-            "the plan has both loops and put tasks: communication inside loops is not supported"
-        )
     n = plan.comm.group_size
     if len(per_rank_args) != n:
         raise ValueError(f"the plan's group has {n} ranks, got inputs for {len(per_rank_args)}")
@@ -588,11 +590,27 @@ def interpret_group(plan: Plan, per_rank_args: list[list[np.ndarray]]) -> list[l
             raise ValueError(f"plan takes {plan.num_inputs} inputs, got {len(args)}")
         full = list(args) + [plan.constants[t] for t in plan.args[plan.num_inputs :]]
         group.append(_buffers(plan, full)[0])
-    for t, it in execution_order(plan):
+
+    def predicate(loop: int, i: int) -> bool:
+        # A while loop's decision must be the same on every rank (a predicate computed from a
+        # psum is): a rank leaving the loop while another continues would leave puts unanswered.
+        out = plan.ops[plan.loops[loop].pred_op].out
+        verdicts = {bool(buffers[out][i]) for buffers in group}
+        if len(verdicts) != 1:
+            raise PlanError(
+                f"while loop {loop} ({plan.loops[loop].source}): the ranks disagree on its "
+                f"predicate at iteration {i}; with communication in the loop every rank must take "
+                "the same decision"
+            )
+        return verdicts.pop()
+
+    def run(t: int, it: tuple[int, ...]) -> None:
         if plan.ops[plan.tasks[t].op].kind == "put":
             for r in range(n):
-                _run_put(plan, t, r, group)
+                _run_put(plan, t, r, group, it)
         else:
             for r, buffers in enumerate(group):
                 run_task(plan, t, buffers, it, rank=r)
+
+    execution_order(plan, run=run, predicate=predicate)
     return [[b[o].reshape(plan.tensors[o].shape) for o in plan.outputs] for b in group]

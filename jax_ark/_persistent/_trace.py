@@ -1460,12 +1460,12 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "cond":
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
-        if b.loop_stack:
+        if len(b.loop_stack) > 1:
             raise UnsupportedError(
-                f"ark.persistent: collective '{prim}' inside a loop body (at {b.source}): "
-                "communication inside scan / fori_loop is not supported (plan v3 has loops or "
-                "put tasks, not both); move the collective out of the loop or call the loop and "
-                "the collective in separate ark.persistent functions"
+                f"ark.persistent: collective '{prim}' inside a nested loop body (at {b.source}): "
+                "communication is supported in a top-level scan / fori_loop / while_loop body "
+                "only (its inbox has one slice per iteration of that loop); move the collective "
+                "to the outer loop's body"
             )
         return translate_collective(b, eqn, args, UnsupportedError)
     body = _call_body(eqn)
@@ -1481,7 +1481,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
         "most 16 points), concatenate, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
-        "or jax_ark, inside jax.shard_map; not together with loops), and calls "
+        "or jax_ark, inside jax.shard_map; in a loop body: not in a nested loop), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
         "cond / switch, while_loop (at top level, no loop inside); no shard_map"
     )
@@ -2170,12 +2170,6 @@ def trace(
         b.tensors[t].name = f"out{i}"
         if b.tensors[t].alias >= 0:
             b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
-    if b.loops and b.comm is not None:
-        raise UnsupportedError(
-            "ark.persistent: the function has both a loop (scan / fori_loop) and collectives "
-            f"over {tuple(b.comm.axes)}: a plan with loops and communication (put tasks) is not "
-            "supported; call the loop and the collectives in separate ark.persistent functions"
-        )
     return TraceResult(
         b.tensors, b.views, b.ops, b.args, len(avals), outputs, b.constants, b.loops, comm=b.comm
     )

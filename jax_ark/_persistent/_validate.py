@@ -209,11 +209,6 @@ def _check_comm_group(plan: Plan) -> None:
         raise PlanError(f"comm.group_size: {plan.comm.group_size} not in 1..{MAX_GROUP_SIZE}")
     if plan.num_counters > INT32[1]:
         raise PlanError("comm: num_tasks * (1 + group_size) counters exceed int32")
-    if plan.loops:
-        raise PlanError(
-            "comm: the plan has both loops and put tasks (a communication group); communication "
-            "inside or alongside loops is not supported (plan v3 takes one or the other)"
-        )
 
 
 def _check_put(plan: Plan, i: int, reads: set[int]) -> None:
@@ -659,6 +654,15 @@ def _validate_loops(plan: Plan) -> None:
             raise PlanError(f"{where}: a window store cannot be stacked")
         if op.stack_reversed and not op.stacked:
             raise PlanError(f"{where}: stack_reversed without stacked")
+        if (
+            op.kind == "put"
+            and op.loop >= 0
+            and (not op.stacked or plan.loops[op.loop].parent >= 0)
+        ):
+            raise PlanError(
+                f"{where}: a put op in a loop must be stacked (one inbox slice per iteration) and "
+                "in a top-level loop"
+            )
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
             if op.loop < 0 or not shape or shape[0] != plan.loops[op.loop].trip_count:

@@ -233,6 +233,13 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
     if (r.stacked < 0 || r.stacked > kStackedReversed)
       return c.fail(where + ": stacked must be 0, 1 or 2 (reversed)");
     if (r.stacked && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be stacked");
+    // A put in a loop body fills one slice of its stacked inbox per iteration (a peer may run
+    // ahead by iterations; docs/plan_format.md "Loops and communication"), and only in a
+    // top-level loop: a nested loop's slices would be reused every outer iteration.
+    if (op.kind == kOpPut && inside &&
+        (!r.stacked || lv.loop(r.loop).parent_plus1 != 0))
+      return c.fail(where + ": a put op in a loop must be stacked (one inbox slice per iteration) and "
+                            "in a top-level loop");
     if (r.stacked) {
       const TensorRecord& out = p.tensor(op.out_tensor);  // range checked by the caller first
       if (!inside || out.rank < 1 || out.dims[0] != lv.loop(r.loop).trip_count)
@@ -289,11 +296,6 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   if (!mul_ok(int64_t{h.num_tasks}, int64_t{1} + h.group_size, &expect_counters) || expect_counters > INT32_MAX)
     return "num_tasks * (1 + group_size) overflows";
   if (h.num_counters != expect_counters) return "num_counters != num_tasks * (1 + group_size)";
-  // v3 loops and v3 comm are each supported, not together (a put inside a loop body would need
-  // per-iteration signals and inboxes).
-  if (h.version >= 3 && h.loops_at != 0 && h.group_size != 0)
-    return "the plan has both a loop section and put tasks (group_size " + std::to_string(h.group_size) +
-           "): communication inside loops is not supported";
   if (h.profile_words_per_task != kProfileWordsPerTask) return "profile_words_per_task != 4";
   if (h.code_words % 4) return "code_words is not a multiple of 4";
   if (!(c.section(h.tensors_at, h.num_tensors, 24, true, "tensors") &&

@@ -948,12 +948,14 @@ void futex_wake_all(int32_t* word) {
 }
 
 // Copies one (m, n) tile of source row `row` into slot `slot` of an inbox at `dst`.
+// `slot` counts over the whole (stacked) inbox: a put in a loop writes slice s's slots at
+// s * B + b (docs/plan_format.md, "Loops and communication").
 void copy_tile(char* dst, const char* src, const OpRecord& op, const ViewRecord& av,
-               const TaskRecord& task, int64_t size, int row, int slot) {
+               const TaskRecord& task, int64_t size, int row, int64_t slot) {
   const int64_t cols = task.n1 - task.n0;
   for (int m = task.m0; m < task.m1; ++m) {
     const int64_t from = av.offset + row * av.strides[0] + m * av.strides[1] + task.n0 * av.strides[2];
-    const int64_t to = (static_cast<int64_t>(slot) * op.M + m) * op.N + task.n0;
+    const int64_t to = (slot * op.M + m) * op.N + task.n0;
     if (av.strides[2] == 1) {
       std::memcpy(dst + to * size, src + from * size, cols * size);
     } else {
@@ -967,11 +969,16 @@ void copy_tile(char* dst, const char* src, const OpRecord& op, const ViewRecord&
 // gives to this rank (default: slot `rank` of every rank, from row q), the tile of a_view[row]
 // into slot b of q's inbox, followed by a release store of q's signal for (t, b). The peer order
 // starts after this rank so that the ranks of a group do not all write to rank 0 first.
-void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task) {
+// In a loop (plan v3 "Loops and communication") the source is read at iteration `iter`, the tile
+// goes into slice `slice` of the stacked inbox (one slice per iteration, so a peer that runs
+// ahead never overwrites a slice this rank still reads), and the signal stores `run`, the run
+// index + 1: signals count delivered iterations like the task counters, never reset.
+void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task, int64_t iter = 0,
+              int64_t slice = 0, int32_t runs_done = 1) {
   const Header& h = run.plan.header();
   const int me = run.opt.comm->rank, n = h.group_size;
   const RouteView route = run.plan.route(op);
-  const ViewRecord& av = run.plan.view(op.a_view);
+  const ViewRecord av = run.view(op.a_view, iter, 0);
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   const int64_t size = dtype_size(out.dtype);
   const char* src = run.tensor_base(av.tensor);
@@ -980,16 +987,16 @@ void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task) {
     char* dst = reinterpret_cast<char*>(run.peer_workspace[q]) + out.byte_offset;
     for (int b = task.b0; b < task.b1; ++b) {
       if (route.recv_from(q, b) != me) continue;
-      copy_tile(dst, src, op, av, task, size, route.send_row(q, b), b);
+      copy_tile(dst, src, op, av, task, size, route.send_row(q, b), slice * op.B + b);
       int32_t* signal = run.peer_counters[q] + signal_index(h.num_tasks, n, t, b);
-      __atomic_store_n(signal, 1, __ATOMIC_RELEASE);
+      __atomic_store_n(signal, runs_done, __ATOMIC_RELEASE);
       futex_wake_all(signal);
     }
   }
 }
 
 // A slot nobody sends to (a rank outside a ppermute's destinations) reads as zeros, as jax.lax's.
-void zero_tile(Run& run, const OpRecord& op, const TaskRecord& task, int slot) {
+void zero_tile(Run& run, const OpRecord& op, const TaskRecord& task, int64_t slot) {
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   const int64_t size = dtype_size(out.dtype);
   char* dst = reinterpret_cast<char*>(run.buf.workspace) + out.byte_offset;
@@ -1023,18 +1030,23 @@ bool ensure_met(Run& run) {
 
 // Waits for rank `src`'s signal for slot `slot` of PUT task t (its tile is in this rank's inbox);
 // false on a timeout, a failure of another worker, or cancellation (interpreter exit).
-bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_point deadline) {
+// In a loop, the tile of run `runs_done - 1` (iteration) is awaited: the signal counts the runs
+// the peer delivered (docs/plan_format.md, "Loops and communication").
+bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_point deadline,
+                 int32_t runs_done = 1) {
   const Header& h = run.plan.header();
   int32_t* signal = run.buf.counters + signal_index(h.num_tasks, h.group_size, t, slot);
+  const std::string at_iteration =
+      run.loops.num_loops() > 0 ? " at iteration " + std::to_string(runs_done - 1) : std::string();
   for (uint32_t spin = 0;; ++spin) {
-    if (__atomic_load_n(signal, __ATOMIC_ACQUIRE) >= 1) return true;
+    if (__atomic_load_n(signal, __ATOMIC_ACQUIRE) >= runs_done) return true;
     if (run.failed.load(std::memory_order_relaxed)) return false;
     if (spin < 64) continue;
     if (HostCommunicator::cancelled()) {
       run.fail(PersistentStatus::kAborted,
                "ark_persistent: rank " + std::to_string(run.opt.comm->rank) +
                    " cancelled while waiting for rank " + std::to_string(src) + "'s put of task " +
-                   std::to_string(t) + " (" + run.op_name(run.plan.task(t).op) +
+                   std::to_string(t) + at_iteration + " (" + run.op_name(run.plan.task(t).op) +
                    "): the Python interpreter is exiting");
       return false;
     }
@@ -1042,7 +1054,7 @@ bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_poi
       std::ostringstream msg;
       msg << "ark_persistent: rank " << run.opt.comm->rank << " (worker " << worker
           << ") timed out after " << run.opt.timeout_ms << " ms waiting for peer rank " << src
-          << " to put its tile of task " << t << " (" << run.op_name(run.plan.task(t).op)
+          << " to put its tile of task " << t << at_iteration << " (" << run.op_name(run.plan.task(t).op)
           << ", a put over a group of " << h.group_size << " ranks)";
       run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
       return false;
@@ -1096,9 +1108,9 @@ void send_ready_puts(Run& run) {
 // a later task overwrite the source's bytes) is set only once the source is no longer read.
 // False when the run failed or the deadline passed meanwhile.
 bool send_own_tiles(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
-                    Clock::time_point deadline) {
-  if (!run.put_claimed) {
-    put_tile(run, t, op, task);
+                    Clock::time_point deadline, int64_t iter, int64_t slice, int32_t runs_done) {
+  if (!run.put_claimed) {  // no eager sends (loop plans, chaos mode): the copy is made here
+    put_tile(run, t, op, task, iter, slice, runs_done);
     return true;
   }
   uint8_t unsent = kUnsent;
@@ -1126,17 +1138,19 @@ bool send_own_tiles(Run& run, int worker, int t, const OpRecord& op, const TaskR
 // is in [b0, b1), to every rank), unless an eager send made them, then the slots b0..b1-1 of this
 // rank's inbox awaited (a slot with no source zero-filled). Dependents only ever wait for
 // counters[t].
+// In a loop: `iter` is the iteration, `slice` the inbox slice it fills, `runs_done` its run
+// index + 1 (1 outside loops).
 bool run_put(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
-             Clock::time_point deadline) {
+             Clock::time_point deadline, int64_t iter, int64_t slice, int32_t runs_done) {
   if (!ensure_met(run)) return false;
   const int me = run.opt.comm->rank;
   const RouteView route = run.plan.route(op);
-  if (!send_own_tiles(run, worker, t, op, task, deadline)) return false;
+  if (!send_own_tiles(run, worker, t, op, task, deadline, iter, slice, runs_done)) return false;
   for (int b = task.b0; b < task.b1; ++b) {
     const int from = route.recv_from(me, b);
     if (from < 0) {
-      zero_tile(run, op, task, b);
-    } else if (!wait_signal(run, worker, t, b, from, deadline)) {
+      zero_tile(run, op, task, slice * op.B + b);
+    } else if (!wait_signal(run, worker, t, b, from, deadline, runs_done)) {
       return false;
     }
   }
@@ -1213,7 +1227,20 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
       int best = -1;
       int32_t best_key = -1;
       bool checking = false;  // a worker at a while loop's check point (no turn needed)
+      // A check whose predicate is already computed is awaited before the next grant: whether
+      // the checker resolved it yet is timing, and letting that decide which workers are
+      // candidates would make the serialized order differ between the ranks of a comm plan (a
+      // put holding the turn on one rank while a peer's order reaches it later: a deadlock).
+      // Decided before any key is drawn: a round given up for the wait must not consume the
+      // adversary's random numbers (their sequence is part of the order).
+      bool resolvable = false;
       for (int v = 0; v < p.header().num_workers; ++v) {
+        if (c.cursors[v].done() || !c.cursors[v].pending_check) continue;
+        const int32_t pred_task = lv.loop(c.cursors[v].top_loop).pred_task;
+        resolvable |= __atomic_load_n(run.buf.counters + pred_task, __ATOMIC_ACQUIRE) >=
+                      c.cursors[v].iters[0] + 1;
+      }
+      for (int v = 0; v < p.header().num_workers && !resolvable; ++v) {
         if (c.cursors[v].done()) continue;
         if (c.cursors[v].pending_check) {
           checking = true;
@@ -1231,7 +1258,7 @@ bool chaos_acquire(Run& run, int w, int task, Clock::time_point deadline) {
                                       (c.highest_first ? t : static_cast<int32_t>(c.next() >> 35));
         if (key > best_key) best = v, best_key = key;
       }
-      if (best < 0 && checking) {  // that worker's check resolves its cursor and notifies
+      if ((best < 0 && checking) || resolvable) {  // that worker's check resolves its cursor and notifies
         if (c.cv.wait_until(lock, deadline) == std::cv_status::timeout && Clock::now() > deadline) {
           lock.unlock();
           run.fail(PersistentStatus::kDeadlineExceeded,
@@ -1359,7 +1386,8 @@ void worker_tasks(Run& run, int w) {
       case kOpMatmul: run_matmul(run, op, task, *scratch); break;
       case kOpReduce: run_reduce(run, op, task, *scratch); break;
       case kOpPut:
-        if (!run_put(run, w, t, op, task, deadline)) {
+        if (!run_put(run, w, t, op, task, deadline, iter, scratch->slice,
+                     static_cast<int32_t>(run.loops.run_index(task.op, cursor.iters) + 1))) {
           if (serialized) chaos_release(run, w, t);
           return;
         }

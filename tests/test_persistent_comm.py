@@ -262,6 +262,22 @@ def _tp_plan(mesh8, rng) -> Plan:
     return _plan_in(mesh8, tp_mlp, _tp_args(rng), TP_SPECS, num_workers=2)
 
 
+def test_inboxes_fill_the_start_of_the_workspace_alone(mesh8, rng):
+    """The CUDA executor keeps workspace bytes [0, inbox end) in the group's peer-mapped region:
+    every inbox must lie there and every other workspace tensor after it."""
+    for plan in (_tp_plan(mesh8, rng), _plan_in(mesh8, sp_mlp, _sp_args(rng), SP_SPECS)):
+        inboxes = {op.out for op in plan.ops if op.kind == "put"}
+        assert inboxes
+        end = max(plan.tensors[t].byte_offset + plan.tensors[t].nbytes for t in inboxes)
+        others = [
+            s
+            for t, s in enumerate(plan.tensors)
+            if s.storage == "workspace" and t not in inboxes and s.nbytes
+        ]
+        assert others
+        assert all(s.byte_offset >= end for s in others)
+
+
 def test_validate_refuses_bad_comm_plans(mesh8, rng):
     plan = _tp_plan(mesh8, rng)
     put = next(i for i, op in enumerate(plan.ops) if op.kind == "put")

@@ -364,11 +364,15 @@ def _allocate_workspace(plan: Plan) -> int:
         if op.kind == "put":
             first_use[op.out] = -1
             last_use[op.out] = len(plan.ops)
+    inboxes = {op.out for op in plan.ops if op.kind == "put"}
     placed: list[tuple[int, int, int, int]] = []  # (first op, last op, lo, hi)
     top = 0
+    # Inboxes first: live for the whole plan, they then fill [0, inbox bytes) and nothing else
+    # lands there, which is the part of the workspace the CUDA executor keeps in the group's
+    # symmetric (peer-mapped) region (cuda/include/jax_ark/gpu/persistent_comm_device.hpp).
     for t in sorted(
         (t for t, s in enumerate(plan.tensors) if s.storage == "workspace"),
-        key=lambda t: producer.get(t, 0),
+        key=lambda t: (t not in inboxes, producer.get(t, 0)),
     ):
         spec = plan.tensors[t]
         first, last = first_use.get(t, 0), last_use.get(t, 0)

@@ -771,7 +771,7 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
 
 // ---- communication: PUT tasks (plan v3, docs/plan_format.md "Communication") ----------------
 
-// Copies element `i` of a tile between two buffers of `sz`-byte elements. One load and one store of
+// Copies element `e` of `src` to element `d` of `dst` (`sz`-byte elements). One load and one store of
 // the element's width: never a byte-wise memcpy (nvcc 13.0 miscompiled those for 16-bit tails,
 // issue 9). The source may have been written during this call, hence the L2 (.cg) load.
 __device__ __forceinline__ void copy_element(void* dst, int64_t d, const void* src, int64_t e, int sz) {

@@ -240,4 +240,24 @@ NB_MODULE(_ark_cuda, m) {
       "Back-to-back calls of a plan with put tasks on every rank of a group on the current GPU "
       "(one cooperative launch per call): inputs[call][rank][operand] bytes -> "
       "outputs[call][rank][output] bytes.");
+  m.def(
+      "persistent_group_time",
+      [](const nb::bytes& plan_words, int32_t n_ranks, const std::vector<std::vector<nb::bytes>>& inputs,
+         int32_t iters, int64_t timeout_ms) {
+        if (plan_words.size() % sizeof(int32_t) != 0)
+          throw std::invalid_argument("persistent_group_time: plan_words is not int32 words");
+        std::vector<int32_t> words(plan_words.size() / sizeof(int32_t));
+        std::memcpy(words.data(), plan_words.c_str(), plan_words.size());
+        std::vector<std::vector<std::string>> in;
+        for (const auto& rank : inputs) {
+          in.emplace_back();
+          for (const auto& b : rank) in.back().emplace_back(b.c_str(), b.size());
+        }
+        nb::gil_scoped_release release;
+        return persistent_group_time(words, n_ranks, in, iters, timeout_ms);
+      },
+      nb::arg("plan_words"), nb::arg("n_ranks"), nb::arg("inputs"), nb::arg("iters") = 20,
+      nb::arg("timeout_ms") = 10000,
+      "Microseconds per call of back-to-back calls of a plan with put tasks on every rank of a "
+      "group on the current GPU (inputs[rank][operand] bytes), timed with CUDA events.");
 }

@@ -79,90 +79,105 @@ std::string persistent_comm_needs(const int32_t* words, int64_t num_words, Persi
   return {};
 }
 
-std::vector<std::vector<std::vector<std::string>>> persistent_group_run(
-    const std::vector<int32_t>& plan_words, int32_t n_ranks,
-    const std::vector<std::vector<std::vector<std::string>>>& calls, int64_t timeout_ms,
-    int64_t chaos_seed, int32_t skip_rank) {
-  PersistentCommNeeds needs;
-  if (std::string err = persistent_comm_needs(plan_words.data(), static_cast<int64_t>(plan_words.size()), &needs);
-      !err.empty())
-    throw std::invalid_argument("persistent_group_run: " + err);
-  if (n_ranks != needs.group_size)
-    throw std::invalid_argument("persistent_group_run: the plan is for " + std::to_string(needs.group_size) +
-                                " ranks, got " + std::to_string(n_ranks));
-  const pf::PlanView plan{plan_words.data()};
-  const pf::Header& h = plan.header();
-  std::vector<int64_t> arg_bytes(static_cast<size_t>(h.num_args), -1), out_bytes(static_cast<size_t>(h.num_outputs), -1);
-  std::vector<int32_t> out_alias(static_cast<size_t>(h.num_outputs), 0);
-  for (int i = 0; i < h.num_tensors; ++i) {
-    const pf::TensorRecord& t = plan.tensor(i);
-    if (t.storage == pf::kStorageArg && t.storage_index >= 0 && t.storage_index < h.num_args)
-      arg_bytes[t.storage_index] = tensor_bytes(t);
-    if (t.storage == pf::kStorageResult && t.storage_index >= 0 && t.storage_index < h.num_outputs) {
-      out_bytes[t.storage_index] = tensor_bytes(t);
-      out_alias[t.storage_index] = t.alias_plus1;
-    }
-  }
-  for (size_t c = 0; c < calls.size(); ++c) {
-    if (static_cast<int32_t>(calls[c].size()) != n_ranks)
-      throw std::invalid_argument("persistent_group_run: call " + std::to_string(c) + " has inputs for " +
-                                  std::to_string(calls[c].size()) + " ranks, not " + std::to_string(n_ranks));
-    for (int32_t r = 0; r < n_ranks; ++r) {
-      if (static_cast<int32_t>(calls[c][r].size()) != h.num_args)
-        throw std::invalid_argument("persistent_group_run: call " + std::to_string(c) + ", rank " +
-                                    std::to_string(r) + ": " + std::to_string(calls[c][r].size()) +
-                                    " operands, the plan takes " + std::to_string(h.num_args));
-      for (int32_t i = 0; i < h.num_args; ++i)
-        if (static_cast<int64_t>(calls[c][r][i].size()) != arg_bytes[i])
-          throw std::invalid_argument("persistent_group_run: call " + std::to_string(c) + ", rank " +
-                                      std::to_string(r) + ", operand " + std::to_string(i) + ": " +
-                                      std::to_string(calls[c][r][i].size()) + " bytes, the plan says " +
-                                      std::to_string(arg_bytes[i]));
-    }
-  }
+namespace {
 
-  int device = 0;
-  ARK_CUDA_THROW(cudaGetDevice(&device));
-  HarnessStream stream;
-  const size_t plan_bytes = plan_words.size() * sizeof(int32_t);
-  std::vector<RankBuffers> ranks(static_cast<size_t>(n_ranks));
-  std::vector<uint8_t*> regions(static_cast<size_t>(n_ranks));
-  for (int32_t r = 0; r < n_ranks; ++r) {
-    RankBuffers& b = ranks[r];
-    b.plan = device_alloc(device, plan_bytes, false);
-    copy_to_device(device, b.plan.get(), plan_words.data(), plan_bytes);
-    b.workspace = device_alloc(device, static_cast<size_t>(std::max<int64_t>(h.workspace_bytes, 1)), false);
-    b.counters = device_alloc(device, sizeof(int32_t) * static_cast<size_t>(std::max(h.num_counters, 1)), true);
-    b.region = device_alloc(device, needs.layout.total_bytes, true);  // signals and entry start at 0
-    regions[r] = static_cast<uint8_t*>(b.region.get());
-    for (int32_t i = 0; i < h.num_args; ++i) {
-      b.args.push_back(device_alloc(device, static_cast<size_t>(std::max<int64_t>(arg_bytes[i], 1)), false));
-      b.arg_ptrs.push_back(b.args.back().get());
-    }
-    for (int32_t j = 0; j < h.num_outputs; ++j) {
-      const int32_t alias = out_alias[j];
-      if (alias > 0 && alias <= h.num_args) {  // XLA passes the operand's buffer itself
-        b.results.emplace_back(nullptr, DeviceFree{device});
-        b.result_ptrs.push_back(b.arg_ptrs[alias - 1]);
-      } else {
-        b.results.push_back(device_alloc(device, static_cast<size_t>(std::max<int64_t>(out_bytes[j], 1)), false));
-        b.result_ptrs.push_back(b.results.back().get());
+// Every rank's buffers and region for a run of calls of one plan on the current device.
+class Group {
+ public:
+  Group(const std::vector<int32_t>& plan_words, int32_t n_ranks) : words_(plan_words), n_(n_ranks) {
+    if (std::string err = persistent_comm_needs(words_.data(), static_cast<int64_t>(words_.size()), &needs_);
+        !err.empty())
+      throw std::invalid_argument("persistent_group_run: " + err);
+    if (n_ranks != needs_.group_size)
+      throw std::invalid_argument("persistent_group_run: the plan is for " + std::to_string(needs_.group_size) +
+                                  " ranks, got " + std::to_string(n_ranks));
+    const pf::Header& h = header();
+    arg_bytes_.assign(static_cast<size_t>(h.num_args), -1);
+    out_bytes_.assign(static_cast<size_t>(h.num_outputs), -1);
+    std::vector<int32_t> out_alias(static_cast<size_t>(h.num_outputs), 0);
+    const pf::PlanView plan{words_.data()};
+    for (int i = 0; i < h.num_tensors; ++i) {
+      const pf::TensorRecord& t = plan.tensor(i);
+      if (t.storage == pf::kStorageArg && t.storage_index >= 0 && t.storage_index < h.num_args)
+        arg_bytes_[t.storage_index] = tensor_bytes(t);
+      if (t.storage == pf::kStorageResult && t.storage_index >= 0 && t.storage_index < h.num_outputs) {
+        out_bytes_[t.storage_index] = tensor_bytes(t);
+        out_alias[t.storage_index] = t.alias_plus1;
       }
     }
+    ARK_CUDA_THROW(cudaGetDevice(&device_));
+    const size_t plan_bytes = words_.size() * sizeof(int32_t);
+    ranks_.resize(static_cast<size_t>(n_));
+    std::vector<uint8_t*> regions(static_cast<size_t>(n_));
+    for (int32_t r = 0; r < n_; ++r) {
+      RankBuffers& b = ranks_[r];
+      b.plan = device_alloc(device_, plan_bytes, false);
+      copy_to_device(device_, b.plan.get(), words_.data(), plan_bytes);
+      b.workspace = device_alloc(device_, static_cast<size_t>(std::max<int64_t>(h.workspace_bytes, 1)), false);
+      b.counters = device_alloc(device_, sizeof(int32_t) * static_cast<size_t>(std::max(h.num_counters, 1)), true);
+      b.region = device_alloc(device_, needs_.layout.total_bytes, true);  // entry and signals start at 0
+      regions[r] = static_cast<uint8_t*>(b.region.get());
+      for (int32_t i = 0; i < h.num_args; ++i) {
+        b.args.push_back(device_alloc(device_, static_cast<size_t>(std::max<int64_t>(arg_bytes_[i], 1)), false));
+        b.arg_ptrs.push_back(b.args.back().get());
+      }
+      for (int32_t j = 0; j < h.num_outputs; ++j) {
+        const int32_t alias = out_alias[j];
+        if (alias > 0 && alias <= h.num_args) {  // XLA passes the operand's buffer itself
+          b.results.emplace_back(nullptr, DeviceFree{device_});
+          b.result_ptrs.push_back(b.arg_ptrs[alias - 1]);
+        } else {
+          b.results.push_back(device_alloc(device_, static_cast<size_t>(std::max<int64_t>(out_bytes_[j], 1)), false));
+          b.result_ptrs.push_back(b.results.back().get());
+        }
+      }
+    }
+    peers_ = device_alloc(device_, sizeof(uint8_t*) * regions.size(), false);
+    copy_to_device(device_, peers_.get(), regions.data(), sizeof(uint8_t*) * regions.size());
+    regions_ = regions;
   }
-  DeviceBuffer peers = device_alloc(device, sizeof(uint8_t*) * regions.size(), false);
-  copy_to_device(device, peers.get(), regions.data(), sizeof(uint8_t*) * regions.size());
 
-  std::vector<std::vector<std::vector<std::string>>> outputs(calls.size());
-  for (size_t c = 0; c < calls.size(); ++c) {
-    std::vector<PersistentLaunchArgs> launch(static_cast<size_t>(n_ranks));
-    for (int32_t r = 0; r < n_ranks; ++r) {
-      RankBuffers& b = ranks[r];
+  const pf::Header& header() const { return pf::PlanView{words_.data()}.header(); }
+
+  // Checks one call's operands (inputs[r][i]): a rank and byte count each, as the plan says.
+  void check(const std::vector<std::vector<std::string>>& inputs, const std::string& what) const {
+    const pf::Header& h = header();
+    if (static_cast<int32_t>(inputs.size()) != n_)
+      throw std::invalid_argument("persistent_group_run: " + what + " has inputs for " +
+                                  std::to_string(inputs.size()) + " ranks, not " + std::to_string(n_));
+    for (int32_t r = 0; r < n_; ++r) {
+      if (static_cast<int32_t>(inputs[r].size()) != h.num_args)
+        throw std::invalid_argument("persistent_group_run: " + what + ", rank " + std::to_string(r) + ": " +
+                                    std::to_string(inputs[r].size()) + " operands, the plan takes " +
+                                    std::to_string(h.num_args));
       for (int32_t i = 0; i < h.num_args; ++i)
-        if (arg_bytes[i] > 0) copy_to_device(device, b.arg_ptrs[i], calls[c][r][i].data(), calls[c][r][i].size());
+        if (static_cast<int64_t>(inputs[r][i].size()) != arg_bytes_[i])
+          throw std::invalid_argument("persistent_group_run: " + what + ", rank " + std::to_string(r) +
+                                      ", operand " + std::to_string(i) + ": " +
+                                      std::to_string(inputs[r][i].size()) + " bytes, the plan says " +
+                                      std::to_string(arg_bytes_[i]));
+    }
+  }
+
+  // Copies one call's operands in, after checking them.
+  void upload(const std::vector<std::vector<std::string>>& inputs, const std::string& what) {
+    check(inputs, what);
+    const pf::Header& h = header();
+    for (int32_t r = 0; r < n_; ++r)
+      for (int32_t i = 0; i < h.num_args; ++i)
+        if (arg_bytes_[i] > 0)
+          copy_to_device(device_, ranks_[r].arg_ptrs[i], inputs[r][i].data(), inputs[r][i].size());
+  }
+
+  // Every rank's part of the call with epoch `epoch` (>= 1).
+  std::vector<PersistentLaunchArgs> call(uint64_t epoch, int64_t timeout_ms, int64_t chaos_seed) {
+    const pf::Header& h = header();
+    std::vector<PersistentLaunchArgs> launch(static_cast<size_t>(n_));
+    for (int32_t r = 0; r < n_; ++r) {
+      RankBuffers& b = ranks_[r];
       PersistentLaunchArgs& a = launch[r];
       a.plan = static_cast<const int32_t*>(b.plan.get());
-      a.plan_words = static_cast<int64_t>(plan_words.size());
+      a.plan_words = static_cast<int64_t>(words_.size());
       a.args = b.arg_ptrs.data();
       a.num_args = h.num_args;
       a.results = b.result_ptrs.data();
@@ -174,32 +189,101 @@ std::vector<std::vector<std::vector<std::string>>> persistent_group_run(
       a.num_tasks = h.num_tasks;
       a.timeout_ms = timeout_ms;
       a.chaos_seed = chaos_seed;
-      a.comm.peers = static_cast<uint8_t* const*>(peers.get());
-      a.comm.local = regions[r];
+      a.comm.peers = static_cast<uint8_t* const*>(peers_.get());
+      a.comm.local = regions_[r];
       a.comm.rank = r;
-      a.comm.n = n_ranks;
-      a.comm.epoch = static_cast<uint64_t>(c) + 1;  // calls 1..C of this site, the same on every rank
-      a.comm.inbox_bytes = needs.inbox_bytes;
+      a.comm.n = n_;
+      a.comm.epoch = epoch;  // the same on every rank for the same call
+      a.comm.inbox_bytes = needs_.inbox_bytes;
       a.comm.num_tasks = h.num_tasks;
-      a.comm.signals_offset = needs.layout.signals_offset;
-      a.comm.inbox_offset = needs.layout.inbox_offset;
+      a.comm.signals_offset = needs_.layout.signals_offset;
+      a.comm.inbox_offset = needs_.layout.inbox_offset;
     }
-    if (std::string err = persistent_group_enqueue(stream.get(), launch, skip_rank); !err.empty())
+    return launch;
+  }
+
+  // Each rank's user outputs (bytes), after the stream finished.
+  std::vector<std::vector<std::string>> download() const {
+    const pf::Header& h = header();
+    std::vector<std::vector<std::string>> out(static_cast<size_t>(n_));
+    for (int32_t r = 0; r < n_; ++r)
+      for (int32_t j = 0; j < h.num_outputs; ++j) {
+        std::string bytes(static_cast<size_t>(std::max<int64_t>(out_bytes_[j], 0)), '\0');
+        if (!bytes.empty())
+          ARK_CUDA_THROW(cudaMemcpy(bytes.data(), ranks_[r].result_ptrs[j], bytes.size(), cudaMemcpyDeviceToHost));
+        out[r].push_back(std::move(bytes));
+      }
+    return out;
+  }
+
+  // Enqueues `calls` on the stream, waits for it and raises the device's error record, if any.
+  void run(const std::vector<std::vector<PersistentLaunchArgs>>& calls, int32_t skip_rank,
+           cudaEvent_t start = nullptr, cudaEvent_t stop = nullptr) {
+    if (std::string err = persistent_group_enqueue(stream_.get(), calls, skip_rank, start, stop); !err.empty())
       throw std::runtime_error(err);
-    ARK_CUDA_THROW(cudaStreamSynchronize(stream.get()));
+    ARK_CUDA_THROW(cudaStreamSynchronize(stream_.get()));
     std::string failure;
     bool is_timeout = false;
     if (persistent_take_failure(&failure, &is_timeout)) throw std::runtime_error(failure);
-    outputs[c].resize(static_cast<size_t>(n_ranks));
-    for (int32_t r = 0; r < n_ranks; ++r)
-      for (int32_t j = 0; j < h.num_outputs; ++j) {
-        std::string bytes(static_cast<size_t>(std::max<int64_t>(out_bytes[j], 0)), '\0');
-        if (!bytes.empty())
-          ARK_CUDA_THROW(cudaMemcpy(bytes.data(), ranks[r].result_ptrs[j], bytes.size(), cudaMemcpyDeviceToHost));
-        outputs[c][r].push_back(std::move(bytes));
-      }
+  }
+
+ private:
+  std::vector<int32_t> words_;
+  int32_t n_;
+  int device_ = 0;
+  PersistentCommNeeds needs_;
+  std::vector<int64_t> arg_bytes_, out_bytes_;
+  std::vector<RankBuffers> ranks_;
+  std::vector<uint8_t*> regions_;
+  DeviceBuffer peers_;
+  HarnessStream stream_;
+};
+
+// Owns a CUDA event.
+class HarnessEvent {
+ public:
+  HarnessEvent() { ARK_CUDA_THROW(cudaEventCreate(&event_)); }
+  ~HarnessEvent() { cudaEventDestroy(event_); }
+  HarnessEvent(const HarnessEvent&) = delete;
+  HarnessEvent& operator=(const HarnessEvent&) = delete;
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+}  // namespace
+
+std::vector<std::vector<std::vector<std::string>>> persistent_group_run(
+    const std::vector<int32_t>& plan_words, int32_t n_ranks,
+    const std::vector<std::vector<std::vector<std::string>>>& calls, int64_t timeout_ms,
+    int64_t chaos_seed, int32_t skip_rank) {
+  Group group(plan_words, n_ranks);
+  // Every call's inputs are checked before anything runs.
+  for (size_t c = 0; c < calls.size(); ++c) group.check(calls[c], "call " + std::to_string(c));
+  std::vector<std::vector<std::vector<std::string>>> outputs;
+  for (size_t c = 0; c < calls.size(); ++c) {
+    group.upload(calls[c], "call " + std::to_string(c));
+    group.run({group.call(static_cast<uint64_t>(c) + 1, timeout_ms, chaos_seed)}, skip_rank);
+    outputs.push_back(group.download());
   }
   return outputs;
+}
+
+double persistent_group_time(const std::vector<int32_t>& plan_words, int32_t n_ranks,
+                             const std::vector<std::vector<std::string>>& inputs, int32_t iters,
+                             int64_t timeout_ms) {
+  if (iters < 1) throw std::invalid_argument("persistent_group_time: iters must be >= 1");
+  Group group(plan_words, n_ranks);
+  group.upload(inputs, "the inputs");
+  group.run({group.call(1, timeout_ms, 0)}, -1);  // warm-up: module load, first-touch of buffers
+  std::vector<std::vector<PersistentLaunchArgs>> calls;
+  for (int32_t c = 0; c < iters; ++c) calls.push_back(group.call(static_cast<uint64_t>(c) + 2, timeout_ms, 0));
+  HarnessEvent start, stop;
+  group.run(calls, -1, start.get(), stop.get());
+  float ms = 0.f;
+  ARK_CUDA_THROW(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+  return 1000.0 * static_cast<double>(ms) / iters;
 }
 
 }  // namespace jax_ark::gpu

@@ -1227,10 +1227,9 @@ const char* bad_plan_reason(int32_t r) {
 }  // namespace
 
 namespace {
-// Checks one rank's call, zeroes its counters (and profile) on `stream` and fills its kernel
-// parameters. The caller holds no lock.
-std::string prepare_call(cudaStream_t stream, const PersistentLaunchArgs& a, DeviceState* st,
-                         uint32_t seq, KernelParams* out) {
+// Checks one rank's call and fills its kernel parameters. The caller holds no lock.
+std::string prepare_call(const PersistentLaunchArgs& a, DeviceState* st, uint32_t seq,
+                         KernelParams* out) {
   if (a.num_args < 0 || a.num_args > kPersistentMaxArgs)
     return "ark_persistent: " + std::to_string(a.num_args) + " operands; the CUDA executor takes at most " +
            std::to_string(kPersistentMaxArgs);
@@ -1249,14 +1248,6 @@ std::string prepare_call(cudaStream_t stream, const PersistentLaunchArgs& a, Dev
   if (a.comm.n > 0 && (a.comm.rank < 0 || a.comm.rank >= a.comm.n || a.comm.epoch == 0 ||
                        a.comm.peers == nullptr || a.comm.local == nullptr))
     return "ark_persistent: invalid communication arguments (rank, epoch or regions)";
-
-  if (a.num_tasks > 0)
-    ARK_CUDA_RETURN_IF_ERROR(
-        cudaMemsetAsync(a.counters, 0, sizeof(int32_t) * static_cast<size_t>(a.num_tasks), stream));
-  if (a.profile != nullptr && a.num_tasks > 0)
-    ARK_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-        a.profile, 0, sizeof(int64_t) * pf::kProfileWordsPerTask * static_cast<size_t>(a.num_tasks),
-        stream));
 
   KernelParams& kp = *out;
   kp = KernelParams{};
@@ -1282,6 +1273,18 @@ std::string prepare_call(cudaStream_t stream, const PersistentLaunchArgs& a, Dev
   return {};
 }
 
+// Zeroes a call's counters (and profile) on `stream`, right before its launch.
+std::string zero_counters(cudaStream_t stream, const PersistentLaunchArgs& a) {
+  if (a.num_tasks > 0)
+    ARK_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(a.counters, 0, sizeof(int32_t) * static_cast<size_t>(a.num_tasks), stream));
+  if (a.profile != nullptr && a.num_tasks > 0)
+    ARK_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
+        a.profile, 0, sizeof(int64_t) * pf::kProfileWordsPerTask * static_cast<size_t>(a.num_tasks),
+        stream));
+  return {};
+}
+
 uint32_t next_seq(DeviceState* st) {
   std::lock_guard<std::mutex> lock(g_mutex);
   return st->next_seq++;
@@ -1299,42 +1302,57 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
   if (std::string err = device_state(&st); !err.empty()) return err;
   if (a.num_workers > st->co_resident_blocks) return too_many_workers(a.num_workers, st->co_resident_blocks);
   KernelParams kp;
-  if (std::string err = prepare_call(stream, a, st, next_seq(st), &kp); !err.empty()) return err;
+  if (std::string err = prepare_call(a, st, next_seq(st), &kp); !err.empty()) return err;
+  if (std::string err = zero_counters(stream, a); !err.empty()) return err;
   ARK_CUDA_RETURN_IF_ERROR(launch_cooperative(persistent_kernel,
                                               static_cast<unsigned>(a.num_workers), kBlockThreads,
                                               tile::kSmemBytes, stream, kp));
   return {};
 }
 
-std::string persistent_group_enqueue(cudaStream_t stream, const std::vector<PersistentLaunchArgs>& ranks,
-                                     int32_t skip_rank) {
-  if (ranks.empty()) return "ark_persistent group: no ranks";
+std::string persistent_group_enqueue(cudaStream_t stream,
+                                     const std::vector<std::vector<PersistentLaunchArgs>>& calls,
+                                     int32_t skip_rank, cudaEvent_t start, cudaEvent_t stop) {
+  if (calls.empty() || calls[0].empty()) return "ark_persistent group: no calls or no ranks";
   DeviceState* st = nullptr;
   if (std::string err = device_state(&st); !err.empty()) return err;
-  const int workers = ranks[0].num_workers;
-  const int64_t blocks = int64_t{workers} * static_cast<int64_t>(ranks.size());
+  const size_t n = calls[0].size();
+  const int workers = calls[0][0].num_workers;
+  const int64_t blocks = int64_t{workers} * static_cast<int64_t>(n);
   if (blocks > st->co_resident_blocks) return too_many_workers(static_cast<int>(blocks), st->co_resident_blocks);
-  const uint32_t seq = next_seq(st);  // one run: one failure aborts every rank of it
-  std::vector<KernelParams> params(ranks.size());
-  for (size_t r = 0; r < ranks.size(); ++r) {
-    if (ranks[r].num_workers != workers) return "ark_persistent group: ranks disagree on num_workers";
-    if (std::string err = prepare_call(stream, ranks[r], st, seq, &params[r]); !err.empty()) return err;
-    params[r].skip = static_cast<int32_t>(r) == skip_rank ? 1 : 0;
+  std::vector<KernelParams> params(calls.size() * n);
+  for (size_t c = 0; c < calls.size(); ++c) {
+    if (calls[c].size() != n) return "ark_persistent group: calls disagree on the rank count";
+    const uint32_t seq = next_seq(st);  // one run of every rank: one failure aborts them all
+    for (size_t r = 0; r < n; ++r) {
+      if (calls[c][r].num_workers != workers) return "ark_persistent group: ranks disagree on num_workers";
+      KernelParams& kp = params[c * n + r];
+      if (std::string err = prepare_call(calls[c][r], st, seq, &kp); !err.empty()) return err;
+      kp.skip = static_cast<int32_t>(r) == skip_rank ? 1 : 0;
+    }
   }
-  // The parameters live in device memory for this launch; freed once the stream passed it
-  // (cudaFreeAsync orders the free after the kernel on the same stream).
+  // Every call's parameters in device memory at once (N ranks' pointers exceed the 4 KiB
+  // parameter space), so the calls below go back to back with no host step between them.
   KernelParams* device_params = nullptr;
   const size_t bytes = sizeof(KernelParams) * params.size();
   ARK_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&device_params), bytes, stream));
   cudaError_t e = cudaMemcpyAsync(device_params, params.data(), bytes, cudaMemcpyHostToDevice, stream);
-  if (e == cudaSuccess) {
-    // The host copy must outlive the async copy: wait for it (a harness, not XLA's path).
-    e = cudaStreamSynchronize(stream);
-  }
-  if (e == cudaSuccess)
+  // The host copy must outlive the async copy: wait for it (a harness, not XLA's path).
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  if (e == cudaSuccess && start != nullptr) e = cudaEventRecord(start, stream);
+  for (size_t c = 0; c < calls.size() && e == cudaSuccess; ++c) {
+    for (size_t r = 0; r < n; ++r)
+      if (std::string err = zero_counters(stream, calls[c][r]); !err.empty()) {
+        cudaFreeAsync(device_params, stream);
+        return err;
+      }
     e = launch_cooperative(persistent_group_kernel, static_cast<unsigned>(blocks), kBlockThreads,
-                           tile::kSmemBytes, stream, static_cast<const KernelParams*>(device_params),
+                           tile::kSmemBytes, stream,
+                           static_cast<const KernelParams*>(device_params + c * n),
                            static_cast<int32_t>(workers));
+  }
+  if (e == cudaSuccess && stop != nullptr) e = cudaEventRecord(stop, stream);
+  // Freed once the stream passed the launches (stream-ordered).
   const cudaError_t freed = cudaFreeAsync(device_params, stream);
   ARK_CUDA_RETURN_IF_ERROR(e);
   ARK_CUDA_RETURN_IF_ERROR(freed);

@@ -42,12 +42,16 @@ struct PersistentLaunchArgs {
 // string on success, otherwise a message (bad arguments or a failing CUDA call, named).
 std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& args);
 
-// Every rank of a group in ONE cooperative launch on the current device (the single-GPU harness):
-// ranks[r] is rank r's call (same plan, same num_workers; comm.rank = r); the blocks of rank
-// `skip_rank` (if >= 0) return at once, so its peers' waits time out. Waits for the host-to-device
-// copy of the parameters (a harness, not XLA's path). Same contract otherwise.
-std::string persistent_group_enqueue(cudaStream_t stream, const std::vector<PersistentLaunchArgs>& ranks,
-                                     int32_t skip_rank = -1);
+// Calls of every rank of a group, each call ONE cooperative launch on the current device (the
+// single-GPU harness), back to back on `stream` with no host step between them: calls[c][r] is
+// rank r's part of call c (same plan, same num_workers; comm.rank = r, comm.epoch = the call's).
+// The blocks of rank `skip_rank` (if >= 0) return at once, so its peers' waits time out. `start` /
+// `stop` (optional) are recorded around the launches. Waits for the host-to-device copy of the
+// parameters before the first launch (a harness, not XLA's path). Same contract otherwise.
+std::string persistent_group_enqueue(cudaStream_t stream,
+                                     const std::vector<std::vector<PersistentLaunchArgs>>& calls,
+                                     int32_t skip_rank = -1, cudaEvent_t start = nullptr,
+                                     cudaEvent_t stop = nullptr);
 
 // What the symmetric region of a plan with put tasks needs, from the plan words on the host:
 // the workspace bytes [0, inbox_bytes) that hold the inboxes (and nothing else: checked), and the
@@ -68,6 +72,12 @@ std::vector<std::vector<std::vector<std::string>>> persistent_group_run(
     const std::vector<int32_t>& plan_words, int32_t n_ranks,
     const std::vector<std::vector<std::vector<std::string>>>& calls, int64_t timeout_ms,
     int64_t chaos_seed, int32_t skip_rank);
+
+// Microseconds per call of `iters` back-to-back calls of such a plan on every rank (inputs as one
+// call of persistent_group_run), timed with CUDA events around the launches only.
+double persistent_group_time(const std::vector<int32_t>& plan_words, int32_t n_ranks,
+                             const std::vector<std::vector<std::string>>& inputs, int32_t iters,
+                             int64_t timeout_ms);
 
 // If a run enqueued earlier on the current device recorded a failure (a dependency wait that timed
 // out, a malformed plan seen on the device), returns true, fills `message` and `is_timeout`, and

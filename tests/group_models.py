@@ -9,6 +9,8 @@ those axes, row-major. A group smaller than the mesh is the one whose other coor
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
@@ -30,16 +32,23 @@ def plan_for_gpu(mesh, fn, args, specs: dict, *, num_workers: int, **kw) -> Plan
     return box[0]
 
 
-def _stack_per_device(mesh, fn, args, in_specs):
-    """fn's results on every device, stacked along a new leading axis in mesh (row-major)
-    order: entry d is device mesh.devices.flat[d]'s local value."""
+@functools.lru_cache(maxsize=64)
+def _per_device(mesh, fn, in_specs):
+    """jax.jit of fn under shard_map, its results on every device stacked along a new leading
+    axis in mesh (row-major) order: entry d is device mesh.devices.flat[d]'s local value.
+    Cached, so that several calls' arguments compile it once."""
     every = P(tuple(mesh.axis_names))
 
     def body(*local):
         return [o[None] for o in jax.tree.leaves(fn(*local))]
 
-    run = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=every, check_vma=False)
-    return [np.asarray(o) for o in jax.jit(run)(*args)]
+    return jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=every, check_vma=False)
+    )
+
+
+def _identity(*args):
+    return list(args)
 
 
 def rank_devices(mesh, plan: Plan) -> list[int]:
@@ -53,13 +62,16 @@ def rank_devices(mesh, plan: Plan) -> list[int]:
     return out
 
 
+def _by_rank(mesh, plan: Plan, fn, args, in_specs) -> list[list[np.ndarray]]:
+    stacked = [np.asarray(o) for o in _per_device(mesh, fn, in_specs)(*args)]
+    return [[s[d] for s in stacked] for d in rank_devices(mesh, plan)]
+
+
 def local_inputs(mesh, plan: Plan, args, in_specs) -> list[list[np.ndarray]]:
     """Every rank's local inputs (rank order), as jax.shard_map splits args."""
-    stacked = _stack_per_device(mesh, lambda *a: list(a), args, in_specs)
-    return [[s[d] for s in stacked] for d in rank_devices(mesh, plan)]
+    return _by_rank(mesh, plan, _identity, args, in_specs)
 
 
 def lax_outputs(mesh, plan: Plan, fn, args, specs: dict) -> list[list[np.ndarray]]:
     """Every rank's local outputs (rank order) of jax.jit(jax.shard_map(fn)) with jax.lax."""
-    stacked = _stack_per_device(mesh, fn, args, specs["in_specs"])
-    return [[s[d] for s in stacked] for d in rank_devices(mesh, plan)]
+    return _by_rank(mesh, plan, fn, args, specs["in_specs"])

@@ -210,3 +210,19 @@ def test_wrong_output_bytes_from_the_module_are_named(mesh4, plan, rng, monkeypa
     monkeypatch.setattr(_ffi, "cuda_module", lambda: _StandIn(plan, cut_output=True))
     with pytest.raises(RuntimeError, match=r"call 0, rank 1, output 0: 476 bytes.* has 480"):
         group_run(plan, [_inputs(mesh4, plan, rng)])
+
+
+def test_gpu_shaped_comm_plans_run_on_the_cpu_executor(cpu_devices, rng):
+    """The plans the GPU tests send (platform "gpu", few workers, small tiles) are sound: the CPU
+    executor runs them equal to jax.lax, so a GPU failure on them points at the CUDA executor."""
+    from test_gpu_persistent_comm import SP_SPECS, TILES, sp_mlp
+
+    mesh = Mesh(np.array(cpu_devices), ("x",))
+    args = [
+        (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+        for s in [(8 * 8, 48), (48, 8 * 16), (8 * 16, 48)]
+    ]
+    plan = plan_for_gpu(mesh, sp_mlp, args, SP_SPECS, num_workers=3, **TILES)
+    got = jax.jit(jax.shard_map(ark.persistent(sp_mlp, plan=plan), mesh=mesh, **SP_SPECS))(*args)
+    want = jax.jit(jax.shard_map(sp_mlp, mesh=mesh, **SP_SPECS))(*args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

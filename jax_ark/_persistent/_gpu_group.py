@@ -67,6 +67,40 @@ def group_run(
     return _decode_outputs(frozen, raw, len(operands), n_ranks)
 
 
+def group_time(
+    plan: Plan,
+    inputs: Sequence[Sequence[Any]],
+    *,
+    iters: int = 20,
+    ranks: int | None = None,
+    timeout_ms: int = 10_000,
+) -> float:
+    """Microseconds per call of `iters` back-to-back calls of `plan` on every rank at once on the
+    current GPU (CUDA events around the launches only; one warm-up call first).
+
+    inputs[r]: rank r's user inputs, as one call of group_run. A plan without a communication
+    group (a compute-only baseline) runs as `ranks` independent copies, so that it shares the
+    GPU the way the communicating plan's ranks do."""
+    frozen = freeze(plan)
+    if frozen.comm is not None:
+        n_ranks = frozen.comm.group_size
+        if ranks not in (None, n_ranks):
+            raise ValueError(f"group_time: the plan's group has {n_ranks} ranks, not {ranks}")
+    elif ranks is None:
+        raise ValueError("group_time: a plan without a communication group needs ranks=")
+    else:
+        n_ranks = ranks
+    _check_int("iters", iters, 1, 1 << 20)
+    _check_int("timeout_ms", timeout_ms, 1, 2**31 - 1)
+    _check_int("ranks", n_ranks, 1, 64)
+    (operands,) = _encode_calls(frozen, [inputs], n_ranks)
+    if not frozen.tasks:
+        return 0.0
+    timer = _harness(frozen, n_ranks, "persistent_group_time")
+    words = np.ascontiguousarray(frozen.to_binary(), dtype="<i4").tobytes()
+    return float(timer(words, n_ranks, operands, int(iters), int(timeout_ms)))
+
+
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"group_run: {name} must be an integer, got {type(value).__name__}")
@@ -135,7 +169,7 @@ def _input_bytes(plan: Plan, i: int, x: Any, call: int, rank: int) -> bytes:
     return np.ascontiguousarray(a).tobytes()
 
 
-def _harness(plan: Plan, n_ranks: int):
+def _harness(plan: Plan, n_ranks: int, entry: str = _HARNESS):
     module = _ffi.cuda_module()
     if module is None:
         raise RuntimeError(
@@ -143,10 +177,10 @@ def _harness(plan: Plan, n_ranks: int):
             "does not have: build with a CUDA compiler (JAX_ARK_CUDA=ON, see README.md) and run "
             "on an NVIDIA GPU"
         )
-    harness = getattr(module, _HARNESS, None)
+    harness = getattr(module, entry, None)
     if harness is None:
         raise RuntimeError(
-            f"group_run: this build of jax_ark._ark_cuda has no {_HARNESS} (the multi-rank "
+            f"group_run: this build of jax_ark._ark_cuda has no {entry} (the multi-rank "
             "harness of the persistent kernel): rebuild jax_ark"
         )
     resident = getattr(module, "persistent_max_workers", None)

@@ -48,8 +48,12 @@ std::string persistent_comm_needs(const int32_t* words, int64_t num_words, Persi
   if (num_words < 32) return "the plan is shorter than its header";
   const pf::PlanView plan{words};
   const pf::Header& h = plan.header();
-  if (h.magic != pf::kMagic || h.total_words != num_words || h.version < 3)
-    return "not a plan of version >= 3 (bad magic, length or version)";
+  if (h.magic != pf::kMagic || h.total_words != num_words || h.version < 1)
+    return "not a plan (bad magic, length or version)";
+  if (h.version < 3 || h.group_size == 0) {  // no communication: nothing symmetric
+    *out = PersistentCommNeeds{};
+    return {};
+  }
   if (h.group_size < 1 || h.group_size > kPersistentMaxGroup)
     return "the plan's communication group has " + std::to_string(h.group_size) +
            " ranks; the CUDA executor takes 1.." + std::to_string(kPersistentMaxGroup);
@@ -88,9 +92,13 @@ class Group {
     if (std::string err = persistent_comm_needs(words_.data(), static_cast<int64_t>(words_.size()), &needs_);
         !err.empty())
       throw std::invalid_argument("persistent_group_run: " + err);
-    if (n_ranks != needs_.group_size)
+    // A plan without a group runs as n_ranks independent copies (compute-only baselines).
+    if (needs_.group_size != 0 && n_ranks != needs_.group_size)
       throw std::invalid_argument("persistent_group_run: the plan is for " + std::to_string(needs_.group_size) +
                                   " ranks, got " + std::to_string(n_ranks));
+    if (n_ranks < 1 || n_ranks > kPersistentMaxGroup)
+      throw std::invalid_argument("persistent_group_run: n_ranks must be in 1.." +
+                                  std::to_string(kPersistentMaxGroup));
     const pf::Header& h = header();
     arg_bytes_.assign(static_cast<size_t>(h.num_args), -1);
     out_bytes_.assign(static_cast<size_t>(h.num_outputs), -1);
@@ -115,7 +123,8 @@ class Group {
       copy_to_device(device_, b.plan.get(), words_.data(), plan_bytes);
       b.workspace = device_alloc(device_, static_cast<size_t>(std::max<int64_t>(h.workspace_bytes, 1)), false);
       b.counters = device_alloc(device_, sizeof(int32_t) * static_cast<size_t>(std::max(h.num_counters, 1)), true);
-      b.region = device_alloc(device_, needs_.layout.total_bytes, true);  // entry and signals start at 0
+      // Entry and signals start at 0 (never empty: a plan without a group has no region at all).
+      b.region = device_alloc(device_, std::max<uint64_t>(needs_.layout.total_bytes, 256), true);
       regions[r] = static_cast<uint8_t*>(b.region.get());
       for (int32_t i = 0; i < h.num_args; ++i) {
         b.args.push_back(device_alloc(device_, static_cast<size_t>(std::max<int64_t>(arg_bytes_[i], 1)), false));
@@ -189,6 +198,7 @@ class Group {
       a.num_tasks = h.num_tasks;
       a.timeout_ms = timeout_ms;
       a.chaos_seed = chaos_seed;
+      if (needs_.group_size == 0) continue;  // no group: comm.n = 0
       a.comm.peers = static_cast<uint8_t* const*>(peers_.get());
       a.comm.local = regions_[r];
       a.comm.rank = r;

@@ -55,7 +55,8 @@ std::string persistent_group_enqueue(cudaStream_t stream,
 
 // What the symmetric region of a plan with put tasks needs, from the plan words on the host:
 // the workspace bytes [0, inbox_bytes) that hold the inboxes (and nothing else: checked), and the
-// region's layout. Empty string on success, else why the plan cannot run with puts on a GPU.
+// region's layout (all zero for a plan without a group). Empty string on success, else why the
+// plan cannot run with puts on a GPU.
 struct PersistentCommNeeds {
   int32_t group_size = 0;
   int64_t inbox_bytes = 0;
@@ -66,7 +67,8 @@ std::string persistent_comm_needs(const int32_t* words, int64_t num_words, Persi
 // Runs calls.size() back-to-back calls (epochs 1..C) of a plan with put tasks on every rank of a
 // group of n_ranks on the current GPU: calls[c][r][i] are the bytes of rank r's FFI operand i
 // (storage-0 tensors, constants included) for call c. Returns each call's and rank's user outputs
-// (bytes). skip_rank >= 0: that rank's blocks return at once (its peers' waits time out). Throws
+// (bytes). A plan without a group runs as n_ranks independent copies (baselines).
+// skip_rank >= 0: that rank's blocks return at once (its peers' waits time out). Throws
 // std::runtime_error with the device's error record (rank, peer, task, op) on failure.
 std::vector<std::vector<std::vector<std::string>>> persistent_group_run(
     const std::vector<int32_t>& plan_words, int32_t n_ranks,

@@ -597,9 +597,11 @@ struct PutPlan {
   int64_t inbox_bytes = 0;
 };
 
-// routes: "all" = default routing only (every rank sends its tile to every rank's slot `rank`),
-// "ring" = ppermute rings and partial perms only (one slot, so ranks can run several calls
-// apart), "mixed" = a mix of the three. The plan is fixed by the seed; every call runs it.
+// routes: "all" = default routing only (every rank sends its tile to every rank's slot `rank`);
+// "ring" = ppermutes to the next rank only, a full ring or with pairs dropped (a ring matmul, a
+// pipeline): each rank waits for its neighbours only, so a stalled rank lets the ranks far from
+// it run several calls ahead; "mixed" = default routing, rings of any shift and random partial
+// perms. The plan is fixed by the seed; every call runs it.
 PutPlan make_put_plan(int32_t g, int32_t w, int32_t num_tasks, int32_t loop_runs,
                       const std::string& routes, uint64_t seed) {
   PutPlan plan;
@@ -608,14 +610,17 @@ PutPlan make_put_plan(int32_t g, int32_t w, int32_t num_tasks, int32_t loop_runs
   // Tasks [loop_begin, loop_end) form the body of a top-level loop of loop_runs iterations.
   const int32_t loop_begin = num_tasks / 3, loop_end = num_tasks - num_tasks / 3;
   const uint64_t worker_shift = mix(seed, 20);
+  const bool neighbours = routes == "ring";
   for (int32_t t = 0; t < num_tasks; ++t) {
     const uint64_t h = mix(seed, 21, t);
     PutTask task;
     task.words = 1 + static_cast<int32_t>(h % 40);
     task.runs = (t >= loop_begin && t < loop_end) ? loop_runs : 1;
     task.worker = static_cast<int32_t>((t + worker_shift) % w);  // round robin: no idle worker
-    int32_t kind = routes == "all" ? 0 : routes == "ring" ? 1 + static_cast<int32_t>((h >> 8) % 2)
-                                                          : static_cast<int32_t>((h >> 8) % 3);
+    // 0 default, 1 ring, 2 partial perm; "mixed" takes them in turn, so 3 tasks have all three.
+    int32_t kind = routes == "all"    ? 0
+                   : routes == "ring" ? 1 + static_cast<int32_t>((h >> 8) % 2)
+                                      : static_cast<int32_t>((t + worker_shift) % 3);
     if (g == 1) kind = 0;
     if (kind == 0) {
       task.route = "default";
@@ -625,15 +630,16 @@ PutPlan make_put_plan(int32_t g, int32_t w, int32_t num_tasks, int32_t loop_runs
     } else if (kind == 1) {
       task.route = "ring";
       task.slots = 1;
-      const int32_t shift = 1 + static_cast<int32_t>((h >> 16) % (g - 1));
+      const int32_t shift = neighbours ? 1 : 1 + static_cast<int32_t>((h >> 16) % (g - 1));
       for (int32_t q = 0; q < g; ++q) task.recv_from.push_back((q - shift + g) % g);
     } else {
-      // A random permutation with 1..G/2 of its pairs dropped: those receivers zero-fill.
+      // A permutation with 1..G/2 of its pairs dropped: those receivers zero-fill.
       task.route = "partial";
       task.slots = 1;
       std::vector<int32_t> perm(g);
-      for (int32_t i = 0; i < g; ++i) perm[i] = i;
-      for (int32_t i = g - 1; i > 0; --i) std::swap(perm[i], perm[mix(seed, 22, t, i) % (i + 1)]);
+      for (int32_t i = 0; i < g; ++i) perm[i] = neighbours ? (i + 1) % g : i;
+      for (int32_t i = g - 1; i > 0 && !neighbours; --i)
+        std::swap(perm[i], perm[mix(seed, 22, t, i) % (i + 1)]);
       task.recv_from.assign(g, -1);
       for (int32_t i = 0; i < g; ++i) task.recv_from[perm[i]] = i;  // perm: sender i -> perm[i]
       const int32_t dropped = 1 + static_cast<int32_t>((h >> 24) % std::max(1, g / 2));
@@ -879,11 +885,21 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
       for (int32_t wk = 0; wk < w; ++wk) threads.emplace_back(worker, r, wk);
   for (auto& th : threads) th.join();
   for (const std::string& s : report.lines) std::printf("%s\n", s.c_str());
-  int32_t loop_tasks = 0;
-  for (const PutTask& t : plan.tasks) loop_tasks += t.runs > 1;
-  std::printf("%s tasks=%d loop_tasks=%d tiles=%llu bad_tiles=%llu stale=%llu early=%llu "
-              "bad_signals=%llu gave_up=%llu max_lead=%d\n",
-              mode_line, num_tasks, loop_tasks, static_cast<unsigned long long>(report.tiles.load()),
+  // Every (rank, call, task, run, slot) tile is checked twice: after its wait, at the call's end.
+  int32_t loop_tasks = 0, kinds[3] = {0, 0, 0}, zero_filled = 0;
+  uint64_t want_tiles = 0;
+  for (const PutTask& t : plan.tasks) {
+    loop_tasks += t.runs > 1;
+    ++kinds[t.route[0] == 'd' ? 0 : t.route[0] == 'r' ? 1 : 2];
+    for (int32_t from : t.recv_from) zero_filled += from < 0;
+    want_tiles += 2ull * static_cast<uint64_t>(t.runs * t.slots) * (g - (opt.skip_rank >= 0)) * opt.calls;
+  }
+  std::printf("%s tasks=%d default=%d ring=%d partial=%d zero_filled_slots=%d loop_tasks=%d "
+              "tiles=%llu want_tiles=%llu bad_tiles=%llu stale=%llu early=%llu bad_signals=%llu "
+              "gave_up=%llu max_lead=%d\n",
+              mode_line, num_tasks, kinds[0], kinds[1], kinds[2], zero_filled, loop_tasks,
+              static_cast<unsigned long long>(report.tiles.load()),
+              static_cast<unsigned long long>(want_tiles),
               static_cast<unsigned long long>(report.bad_tiles.load()),
               static_cast<unsigned long long>(report.stale.load()),
               static_cast<unsigned long long>(report.early.load()),

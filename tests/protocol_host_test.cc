@@ -1,11 +1,12 @@
 // Runs the GPU runtime's device-side protocol code on host threads (tests/test_protocol_host.py).
 //
 // The functions exercised here are the ones the CUDA kernels call, from the same headers
-// (communicator_device.hpp, persistent_sync_device.cuh, protocol.hpp), compiled by the host
-// compiler with its __atomic builtins instead of libcu++: LL calls (ll_call), flag signal/wait with
-// epochs and rounds (signal_peer, WaitContext::wait_flag, round_seq), the per-call epoch
-// (current_epoch, retire_block), bounded waits and error records, and the persistent kernel's
-// queue walk and dependency counters (persistent_wait_deps, persistent_release_task, abort word).
+// (communicator_device.hpp, persistent_sync_device.cuh, persistent_comm_device.hpp, protocol.hpp),
+// compiled by the host compiler with its __atomic builtins instead of libcu++: LL calls (ll_call),
+// flag signal/wait with epochs and rounds (signal_peer, WaitContext::wait_flag, round_seq), the
+// per-call epoch (current_epoch, retire_block), bounded waits and error records, the persistent
+// kernel's queue walk and dependency counters (persistent_wait_deps, persistent_release_task,
+// abort word) and its put protocol (announce_entered, wait_peer_entered, signal_put, wait_put).
 // Threads stand in for ranks (or a rank's blocks) and for persistent workers; the test checks every
 // output word against a reference computed independently, and the payload is plain memory, so a
 // missing acquire/release shows up under ThreadSanitizer (the pytest also builds a TSan binary).
@@ -17,6 +18,12 @@
 //   stale                               old-epoch packets/flags must not satisfy a new call's waits
 //   persistent PLAN SEED [DROP]         worker threads run a plan's queues (binary plan file);
 //                                       with DROP, task DROP never releases its counter
+//   put G W CALLS TASKS LOOP_RUNS SEED [ROUTES [BREAK]]
+//                                       G ranks x W workers run CALLS calls of a plan of put
+//                                       tasks; ROUTES all|ring|mixed (default mixed); BREAK
+//                                       none|no_entry_wait|entry_epoch_minus_1|no_put_wait breaks
+//                                       the protocol on purpose (exit 1 expected)
+//   put_timeout G SKIP                  rank SKIP never enters: the others' entry waits give up
 #include <pthread.h>
 
 #include <algorithm>
@@ -571,13 +578,15 @@ int run_persistent(const char* path, uint64_t seed, int32_t drop) {
 
 // ---- put: the persistent kernel's PUT protocol (persistent_comm_device.hpp) --------------------
 // G ranks x W workers (blocks) run C back-to-back calls (epochs 1..C) of one "plan" of T put
-// tasks, each rank over its own symmetric region, exactly as persistent_kernel.cu uses it: one
+// tasks, each rank over its own symmetric region, as the header describes the kernel's use: one
 // thread announces the call, a sender waits once per (worker, peer, call) for the peer's entry,
 // stores its tile into the peer's inbox slot with plain stores and signals (epoch, runs); the
 // receiver waits for each of its slots and checks every word. Tasks inside the loop run K times
 // and write slice k of a stacked inbox. What must hold: no tile is read before it arrived (a
 // stale tile) and no tile of call e+1 lands while its receiver is still in call e (an early
-// overwrite); both show up as a word holding another call's value.
+// overwrite); both show up as a word holding another call's value. A worker is ONE thread that
+// both stores and signals; on the GPU a block's threads store, meet at a barrier, and one thread
+// releases (cumulativity across the block is not exercised here).
 enum class PutBreak { kNone, kNoEntryWait, kEntryEpochMinus1, kNoPutWait };
 
 struct PutTask {

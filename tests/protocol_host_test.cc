@@ -673,9 +673,9 @@ PutPlan make_put_plan(int32_t g, int32_t w, int32_t num_tasks, int32_t loop_runs
 // Word i of the tile `sender` puts into slot `slot` of run `run` of task `task` in call `epoch`.
 uint32_t put_word(uint64_t seed, uint64_t epoch, int32_t run, int32_t sender, int32_t task,
                   int32_t slot, int32_t i) {
-  return static_cast<uint32_t>(mix(mix(seed, 24, epoch, static_cast<uint64_t>(run)),
-                                   (static_cast<uint64_t>(sender) << 32) | static_cast<uint32_t>(task),
-                                   (static_cast<uint64_t>(slot) << 32) | static_cast<uint32_t>(i)));
+  const uint64_t who = (static_cast<uint64_t>(sender) << 32) | static_cast<uint32_t>(task);
+  const uint64_t where = (static_cast<uint64_t>(slot) << 32) | static_cast<uint32_t>(i);
+  return static_cast<uint32_t>(mix(mix(seed, 24, epoch, static_cast<uint64_t>(run)), who, where));
 }
 
 // Everything a run of the put mode reports; counters are atomics (workers of all ranks add).
@@ -705,8 +705,10 @@ struct PutTotals {
 };
 
 PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* mode_line) {
-  const int32_t g = plan.ranks, w = plan.workers, num_tasks = static_cast<int32_t>(plan.tasks.size());
-  const ag::PersistentSymLayout layout = ag::PersistentSymLayout::of(num_tasks, g, plan.inbox_bytes);
+  const int32_t g = plan.ranks, w = plan.workers;
+  const int32_t num_tasks = static_cast<int32_t>(plan.tasks.size());
+  const ag::PersistentSymLayout layout =
+      ag::PersistentSymLayout::of(num_tasks, g, plan.inbox_bytes);
   std::vector<std::unique_ptr<uint64_t[]>> storage;  // zeroed, as cudaMemset leaves the region
   std::vector<uint8_t*> regions;
   for (int32_t r = 0; r < g; ++r) {
@@ -750,7 +752,7 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
       const uint32_t want = p < 0 ? 0u : put_word(seed, e, k, p, t, b, i);
       if (got[i] == want) continue;
       std::string holds = "matches no call";
-      if (p >= 0 && got[i] == 0 && e >= 1) holds = "zero: never written";
+      if (p >= 0 && got[i] == 0) holds = "zero: never written";
       for (int32_t d = -3; p >= 0 && d <= g + 1; ++d) {
         const int64_t other = int64_t{e} + d;
         if (d == 0 || other < 1 || got[i] != put_word(seed, other, k, p, t, b, i)) continue;
@@ -869,15 +871,16 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
           for (int32_t k = 0; k < task.runs; ++k)
             for (int32_t b = 0; b < task.slots; ++b) check_tile(e, r, t, k, b, "at the call's end");
           for (int32_t b = 0; b < task.slots; ++b) {
-            const uint64_t want = task.recv_from[r * task.slots + b] < 0
-                                      ? 0
-                                      : ag::put_signal_value(c.epoch, static_cast<uint32_t>(task.runs));
+            const bool written = task.recv_from[r * task.slots + b] >= 0;
+            const uint64_t want =
+                written ? ag::put_signal_value(c.epoch, static_cast<uint32_t>(task.runs)) : 0;
             const uint64_t got = *ag::put_signal_word(c, c.local, t, b);
             if (got == want) continue;
             report.bad_signals.fetch_add(1);
             char line[256];
             std::snprintf(line, sizeof(line),
-                          "bad signal: call=%d rank=%d task=%d slot=%d got=(%llu, %u) want=(%llu, %u)",
+                          "bad signal: call=%d rank=%d task=%d slot=%d got=(%llu, %u) "
+                          "want=(%llu, %u)",
                           e, r, t, b, static_cast<unsigned long long>(got >> 32),
                           static_cast<uint32_t>(got), static_cast<unsigned long long>(want >> 32),
                           static_cast<uint32_t>(want));
@@ -901,7 +904,8 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
     loop_tasks += t.runs > 1;
     ++kinds[t.route[0] == 'd' ? 0 : t.route[0] == 'r' ? 1 : 2];
     for (int32_t from : t.recv_from) zero_filled += from < 0;
-    want_tiles += 2ull * static_cast<uint64_t>(t.runs * t.slots) * (g - (opt.skip_rank >= 0)) * opt.calls;
+    const uint64_t ranks_run = static_cast<uint64_t>(g - (opt.skip_rank >= 0 ? 1 : 0));
+    want_tiles += 2ull * static_cast<uint64_t>(t.runs * t.slots) * ranks_run * opt.calls;
   }
   std::printf("%s tasks=%d default=%d ring=%d partial=%d zero_filled_slots=%d loop_tasks=%d "
               "tiles=%llu want_tiles=%llu bad_tiles=%llu stale=%llu early=%llu bad_signals=%llu "
@@ -935,8 +939,9 @@ int run_put(int g, int w, int calls, int num_tasks, int loop_runs, uint64_t seed
   opt.seed = seed;
   opt.brk = b;
   char line[256];
-  std::snprintf(line, sizeof(line), "mode=put ranks=%d workers=%d calls=%d runs=%d routes=%s break=%s",
-                g, w, calls, loop_runs, routes.c_str(), brk.c_str());
+  std::snprintf(line, sizeof(line),
+                "mode=put ranks=%d workers=%d calls=%d runs=%d routes=%s break=%s", g, w, calls,
+                loop_runs, routes.c_str(), brk.c_str());
   const PutTotals r = run_put_plan(plan, opt, line);
   return r.bad_tiles == 0 && r.bad_signals == 0 && r.gave_up == 0 ? 0 : 1;
 }
@@ -944,7 +949,8 @@ int run_put(int g, int w, int calls, int num_tasks, int loop_runs, uint64_t seed
 // Rank SKIP never starts its call: every other rank's entry wait for it gives up at the deadline,
 // naming itself and SKIP; exit 0 iff that happened and nothing else failed.
 int run_put_timeout(int g, int skip) {
-  if (g < 2 || g > ag::kPersistentMaxGroup || skip < 0 || skip >= g) return fail("put_timeout G SKIP");
+  if (g < 2 || g > ag::kPersistentMaxGroup || skip < 0 || skip >= g)
+    return fail("put_timeout G SKIP");
   const PutPlan plan = make_put_plan(g, 2, 2, 1, "all", 1);
   PutOptions opt;
   opt.calls = 1;
@@ -979,8 +985,9 @@ int main(int argc, char** argv) {
                           argc == 5 ? static_cast<int32_t>(arg(4)) : -1);
   if (mode == "put" && argc >= 8 && argc <= 10)
     return run_put(static_cast<int>(arg(2)), static_cast<int>(arg(3)), static_cast<int>(arg(4)),
-                   static_cast<int>(arg(5)), static_cast<int>(arg(6)), static_cast<uint64_t>(arg(7)),
-                   argc >= 9 ? argv[8] : "mixed", argc >= 10 ? argv[9] : "none");
+                   static_cast<int>(arg(5)), static_cast<int>(arg(6)),
+                   static_cast<uint64_t>(arg(7)), argc >= 9 ? argv[8] : "mixed",
+                   argc >= 10 ? argv[9] : "none");
   if (mode == "put_timeout" && argc == 4)
     return run_put_timeout(static_cast<int>(arg(2)), static_cast<int>(arg(3)));
   return fail("unknown mode or argument count");

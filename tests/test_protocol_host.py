@@ -1,9 +1,10 @@
 """The GPU runtime's device-side protocol, run on host threads (no GPU needed).
 
 tests/protocol_host_test.cc includes the very headers the CUDA kernels use
-(cuda/include/jax_ark/gpu/protocol.hpp, communicator_device.hpp, persistent_sync_device.cuh),
-compiled by the host C++ compiler: threads play the ranks (and a rank's blocks) of LL calls and
-of the chunked protocol's signal/wait rounds, and the workers of a persistent plan. The binary
+(cuda/include/jax_ark/gpu/protocol.hpp, communicator_device.hpp, persistent_sync_device.cuh,
+persistent_comm_device.hpp), compiled by the host C++ compiler: threads play the ranks (and a
+rank's blocks) of LL calls and of the chunked protocol's signal/wait rounds, the workers of a
+persistent plan, and ranks x workers of the persistent kernel's put protocol. The binary
 checks every output word against a reference computed without the protocol; a second build under
 ThreadSanitizer checks that the protocol's acquire/release pairs order the plain-memory payload.
 """
@@ -233,19 +234,8 @@ def test_put_without_the_entry_wait_overwrites_tiles_early(
 def test_put_without_the_put_wait_reads_stale_tiles(binaries, ranks, workers, seed):
     """The other direction: a receiver that does not wait for the signal reads its slot before the
     tile arrived, and the checker names the older call whose value (or the zeros) it holds."""
-    out = _run(
-        binaries["plain"],
-        "put",
-        ranks,
-        workers,
-        40,
-        3,
-        2,
-        seed,
-        "mixed",
-        "no_put_wait",
-        expect_rc=1,
-    )
+    args = (ranks, workers, 40, 3, 2, seed, "mixed", "no_put_wait")
+    out = _run(binaries["plain"], "put", *args, expect_rc=1)
     s = _summary(out, "put")
     assert int(s["stale"]) > 0 and s["early"] == "0", out
     holds = [b[-1] for b in _BAD_TILE.findall(out)]
@@ -265,7 +255,7 @@ def test_put_entry_wait_times_out_naming_rank_and_peer(binaries):
     for f in lines:
         assert (f["wait"], f["peer"], f["call"], f["seen_epoch"]) == ("entry", "2", "1", "0"), out
         assert float(f["waited_ms"]) < 5000.0, out
-    for r in ("0", "1", "3"):  # each rank's first give-up is its own deadline, not a peer's abort
+    for r in ("0", "1", "3"):  # a rank's first give-up is its deadline, not its abort word
         assert any(f["rank"] == r and f["reason"] == "deadline" for f in lines), out
     s = _summary(out, "put_timeout")
     assert (s["bad_tiles"], s["bad_signals"]) == ("0", "0"), out

@@ -176,14 +176,40 @@ def _communicator(mesh, axes: tuple, group_size: int) -> int:
         return _bootstrap(mesh, axes, group_size)
 
 
-def _bootstrap(mesh, axes: tuple, group_size: int) -> int:
+# A persistent plan's communicator runs no collective kernel: the smallest scratch the
+# communicator accepts, plus the plan's symmetric region.
+_PLAN_SCRATCH = (1, 16, 4)  # blocks, piece_bytes, ll_bytes
+
+
+def plan_communicator(mesh, axes: tuple, group_size: int, site: int, region_bytes: int) -> int:
+    """Bootstraps (once) the communicator of one persistent plan call site: its group over
+    `axes`, each rank with a symmetric region of `region_bytes` (inboxes and signals, see
+    cuda/include/jax_ark/gpu/persistent_comm_device.hpp); returns its id. One per site, so the
+    call epochs its handler counts are the site's calls."""
+    with _communicators_lock:
+        return _bootstrap(
+            mesh, axes, group_size, sizes=_PLAN_SCRATCH, extra_bytes=region_bytes, site=site
+        )
+
+
+def _bootstrap(
+    mesh,
+    axes: tuple,
+    group_size: int,
+    *,
+    sizes: tuple[int, int, int] = (_BLOCKS, _PIECE_BYTES, _LL_BYTES),
+    extra_bytes: int = 0,
+    site: int | None = None,
+) -> int:
     devices = np.asarray(mesh.devices)
-    key = (
+    key: tuple = (
         tuple(int(d.id) for d in devices.flat),
         tuple(devices.shape),
         tuple(mesh.axis_names),
         axes,
     )
+    if site is not None:
+        key += ("persistent", site, extra_bytes)
     if key in _communicators:
         return _communicators[key]
     groups = _groups(mesh, axes)
@@ -203,7 +229,7 @@ def _bootstrap(mesh, axes: tuple, group_size: int) -> int:
         entries: dict[int, tuple[int, int, bytes]] = {}
         for r, d in local:
             handle = module.comm_create(
-                comm_id, d.local_hardware_id, r, group_size, _BLOCKS, _PIECE_BYTES, _LL_BYTES
+                comm_id, d.local_hardware_id, r, group_size, *sizes, extra_bytes
             )
             entries[r] = (me, d.local_hardware_id, bytes(handle))
         if multi_process:

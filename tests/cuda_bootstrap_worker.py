@@ -27,9 +27,13 @@ from jax_ark import _cuda_collectives  # noqa: E402
 class Recorder:
     def __init__(self):
         self.calls = []
+        self.sizes = {}
 
-    def comm_create(self, comm_id, device, rank, n_ranks, blocks, piece_bytes, ll_bytes):
+    def comm_create(
+        self, comm_id, device, rank, n_ranks, blocks, piece_bytes, ll_bytes, extra_bytes=0
+    ):
         self.calls.append(["create", comm_id, device, rank, n_ranks])
+        self.sizes[str(comm_id)] = [blocks, piece_bytes, ll_bytes, extra_bytes]
         return f"p{process_id}r{rank}".encode()
 
     def comm_connect(self, comm_id, device, peers):
@@ -55,5 +59,22 @@ ids = {}
 for axes in [("x",), ("y",), ("x", "y"), ("y", "x")]:
     ids[",".join(axes)] = _cuda_collectives._communicator(mesh, axes, 4 if len(axes) == 2 else 2)
 again = _cuda_collectives._communicator(mesh, ("x",), 2)  # cached: no second bootstrap
-print(json.dumps({"layout": layout, "ids": ids, "again": again, "calls": recorder.calls}))
+# A persistent plan's call site: its own communicator over the same group, with a region.
+plan_id = _cuda_collectives.plan_communicator(mesh, ("x", "y"), 4, site=77, region_bytes=12288)
+plan_again = _cuda_collectives.plan_communicator(mesh, ("x", "y"), 4, site=77, region_bytes=12288)
+other_site = _cuda_collectives.plan_communicator(mesh, ("x", "y"), 4, site=78, region_bytes=12288)
+ids["plan"] = plan_id
+print(
+    json.dumps(
+        {
+            "layout": layout,
+            "ids": ids,
+            "again": again,
+            "plan_again": plan_again,
+            "other_site": other_site,
+            "sizes": recorder.sizes,
+            "calls": recorder.calls,
+        }
+    )
+)
 jax.distributed.shutdown()

@@ -1,8 +1,9 @@
 """One of two JAX processes sharing ONE GPU (spawned by test_gpu_multiprocess.py).
 
 Usage: python gpu_multiprocess_worker.py PROCESS_ID PORT. Runs jitted shard_maps with jax_ark's
-collectives over the 2-process mesh (the GPU collectives go through CUDA IPC; XLA's own NCCL path
-refuses two processes on one GPU) and checks each local result against numpy. Prints WORKER_OK.
+collectives, and ark.persistent plans with jax.lax collectives inside, over the 2-process mesh (the
+GPU collectives and the plans' puts go through CUDA IPC; XLA's own NCCL path refuses two processes
+on one GPU) and checks each local result against numpy. Prints WORKER_OK.
 """
 
 from __future__ import annotations
@@ -99,6 +100,35 @@ run(
 )
 big = rng.standard_normal((2, 300_000)).astype(np.float32)  # beyond the LL path: chunked rounds
 run("psum_large", lambda a: jax_ark.psum(a, "x"), big, summed)
+# ark.persistent plans with collectives inside: put tasks into the other process's symmetric region
+# (CUDA IPC), one kernel per call and process. Few workers: both processes' kernels share the GPU.
+w = rng.standard_normal((5, 7)).astype(np.float32)
+
+
+def tp_layer(a):
+    return jax.lax.psum(jax.numpy.tanh(a @ w), "x")
+
+
+run(
+    "persistent_matmul_psum",
+    jax_ark.persistent(tp_layer, num_workers=2),
+    g,
+    lambda v: summed(np.tanh(v @ w)),
+)
+run(
+    "persistent_all_gather",
+    jax_ark.persistent(lambda a: jax.lax.all_gather(a * 2, "x", axis=1, tiled=True), num_workers=2),
+    g,
+    lambda v: np.concatenate([v[0] * 2, v[1] * 2], axis=0)[None],
+)
+run(
+    "persistent_ppermute",
+    jax_ark.persistent(
+        lambda a: jax.lax.ppermute(a - 1, "x", perm=[(0, 1), (1, 0)]), num_workers=2
+    ),
+    g,
+    lambda v: (v[1 - process_id] - 1)[None],
+)
 _cuda_collectives.check()  # no failure recorded by any call
 print(f"[{process_id}] WORKER_OK", flush=True)
 jax.distributed.shutdown()

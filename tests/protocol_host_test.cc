@@ -1,11 +1,12 @@
 // Runs the GPU runtime's device-side protocol code on host threads (tests/test_protocol_host.py).
 //
 // The functions exercised here are the ones the CUDA kernels call, from the same headers
-// (communicator_device.hpp, persistent_sync_device.cuh, protocol.hpp), compiled by the host
-// compiler with its __atomic builtins instead of libcu++: LL calls (ll_call), flag signal/wait with
-// epochs and rounds (signal_peer, WaitContext::wait_flag, round_seq), the per-call epoch
-// (current_epoch, retire_block), bounded waits and error records, and the persistent kernel's
-// queue walk and dependency counters (persistent_wait_deps, persistent_release_task, abort word).
+// (communicator_device.hpp, persistent_sync_device.cuh, persistent_comm_device.hpp, protocol.hpp),
+// compiled by the host compiler with its __atomic builtins instead of libcu++: LL calls (ll_call),
+// flag signal/wait with epochs and rounds (signal_peer, WaitContext::wait_flag, round_seq), the
+// per-call epoch (current_epoch, retire_block), bounded waits and error records, the persistent
+// kernel's queue walk and dependency counters (persistent_wait_deps, persistent_release_task,
+// abort word) and its put protocol (announce_entered, wait_peer_entered, signal_put, wait_put).
 // Threads stand in for ranks (or a rank's blocks) and for persistent workers; the test checks every
 // output word against a reference computed independently, and the payload is plain memory, so a
 // missing acquire/release shows up under ThreadSanitizer (the pytest also builds a TSan binary).
@@ -17,9 +18,16 @@
 //   stale                               old-epoch packets/flags must not satisfy a new call's waits
 //   persistent PLAN SEED [DROP]         worker threads run a plan's queues (binary plan file);
 //                                       with DROP, task DROP never releases its counter
+//   put G W CALLS TASKS LOOP_RUNS SEED [ROUTES [BREAK]]
+//                                       G ranks x W workers run CALLS calls of a plan of put
+//                                       tasks; ROUTES all|ring|mixed (default mixed); BREAK
+//                                       none|no_entry_wait|entry_epoch_minus_1|no_put_wait breaks
+//                                       the protocol on purpose (exit 1 expected)
+//   put_timeout G SKIP                  rank SKIP never enters: the others' entry waits give up
 #include <pthread.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -29,9 +37,11 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "jax_ark/gpu/communicator_device.hpp"
+#include "jax_ark/gpu/persistent_comm_device.hpp"
 #include "jax_ark/gpu/persistent_sync_device.cuh"
 #include "jax_ark/plan_format.hpp"
 
@@ -565,6 +575,397 @@ int run_persistent(const char* path, uint64_t seed, int32_t drop) {
   return wrong == 0 && not_once == 0 && record.status == jax_ark::gpu::kPersistentOk ? 0 : 1;
 }
 
+
+// ---- put: the persistent kernel's PUT protocol (persistent_comm_device.hpp) --------------------
+// G ranks x W workers (blocks) run C back-to-back calls (epochs 1..C) of one "plan" of T put
+// tasks, each rank over its own symmetric region, as the header describes the kernel's use: one
+// thread announces the call, a sender waits once per (worker, peer, call) for the peer's entry,
+// stores its tile into the peer's inbox slot with plain stores and signals (epoch, runs); the
+// receiver waits for each of its slots and checks every word. Tasks inside the loop run K times
+// and write slice k of a stacked inbox. What must hold: no tile is read before it arrived (a
+// stale tile) and no tile of call e+1 lands while its receiver is still in call e (an early
+// overwrite); both show up as a word holding another call's value. A worker is ONE thread that
+// both stores and signals; on the GPU a block's threads store, meet at a barrier, and one thread
+// releases (cumulativity across the block is not exercised here).
+enum class PutBreak { kNone, kNoEntryWait, kEntryEpochMinus1, kNoPutWait };
+
+struct PutTask {
+  int32_t slots = 0;               // B: slots of its inbox (<= G, the signal table's width)
+  int32_t words = 0;               // 32-bit words of one tile
+  int32_t runs = 1;                // K inside the loop, else 1
+  int32_t worker = 0;              // the worker (block) whose queue holds it, equal on every rank
+  uint64_t inbox_at = 0;           // byte offset of its inbox [runs][slots][words] in the area
+  std::vector<int32_t> recv_from;  // [G][B]: the rank writing slot b of rank q's inbox, -1: nobody
+  const char* route = "";
+};
+
+struct PutPlan {
+  int32_t ranks = 0, workers = 0;
+  std::vector<PutTask> tasks;
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> queue;  // per worker: (task, run)
+  int64_t inbox_bytes = 0;
+};
+
+// routes: "all" = default routing only (every rank sends its tile to every rank's slot `rank`);
+// "ring" = ppermutes to the next rank only, a full ring or with pairs dropped (a ring matmul, a
+// pipeline): each rank waits for its neighbours only, so a stalled rank lets the ranks far from
+// it run several calls ahead; "mixed" = default routing, rings of any shift and random partial
+// perms. The plan is fixed by the seed; every call runs it.
+PutPlan make_put_plan(int32_t g, int32_t w, int32_t num_tasks, int32_t loop_runs,
+                      const std::string& routes, uint64_t seed) {
+  PutPlan plan;
+  plan.ranks = g;
+  plan.workers = w;
+  // Tasks [loop_begin, loop_end) form the body of a top-level loop of loop_runs iterations.
+  const int32_t loop_begin = num_tasks / 3, loop_end = num_tasks - num_tasks / 3;
+  const uint64_t worker_shift = mix(seed, 20);
+  const bool neighbours = routes == "ring";
+  for (int32_t t = 0; t < num_tasks; ++t) {
+    const uint64_t h = mix(seed, 21, t);
+    PutTask task;
+    task.words = 1 + static_cast<int32_t>(h % 40);
+    task.runs = (t >= loop_begin && t < loop_end) ? loop_runs : 1;
+    task.worker = static_cast<int32_t>((t + worker_shift) % w);  // round robin: no idle worker
+    // 0 default, 1 ring, 2 partial perm; "mixed" takes them in turn, so 3 tasks have all three.
+    int32_t kind = routes == "all"    ? 0
+                   : routes == "ring" ? 1 + static_cast<int32_t>((h >> 8) % 2)
+                                      : static_cast<int32_t>((t + worker_shift) % 3);
+    if (g == 1) kind = 0;
+    if (kind == 0) {
+      task.route = "default";
+      task.slots = g;
+      for (int32_t q = 0; q < g; ++q)
+        for (int32_t b = 0; b < g; ++b) task.recv_from.push_back(b);
+    } else if (kind == 1) {
+      task.route = "ring";
+      task.slots = 1;
+      const int32_t shift = neighbours ? 1 : 1 + static_cast<int32_t>((h >> 16) % (g - 1));
+      for (int32_t q = 0; q < g; ++q) task.recv_from.push_back((q - shift + g) % g);
+    } else {
+      // A permutation with 1..G/2 of its pairs dropped: those receivers zero-fill.
+      task.route = "partial";
+      task.slots = 1;
+      std::vector<int32_t> perm(g);
+      for (int32_t i = 0; i < g; ++i) perm[i] = neighbours ? (i + 1) % g : i;
+      for (int32_t i = g - 1; i > 0 && !neighbours; --i)
+        std::swap(perm[i], perm[mix(seed, 22, t, i) % (i + 1)]);
+      task.recv_from.assign(g, -1);
+      for (int32_t i = 0; i < g; ++i) task.recv_from[perm[i]] = i;  // perm: sender i -> perm[i]
+      const int32_t dropped = 1 + static_cast<int32_t>((h >> 24) % std::max(1, g / 2));
+      for (int32_t i = 0; i < dropped; ++i) task.recv_from[mix(seed, 23, t, i) % g] = -1;
+    }
+    task.inbox_at = static_cast<uint64_t>(plan.inbox_bytes);
+    const int64_t bytes = int64_t{4} * task.runs * task.slots * task.words;
+    plan.inbox_bytes += (bytes + 15) / 16 * 16;
+    plan.tasks.push_back(std::move(task));
+  }
+  // Queue order, as the planner's loop order: tasks before the loop, the loop's iterations, the
+  // tasks after it (every rank has the same queues, which the no-cycle argument relies on).
+  plan.queue.resize(w);
+  auto push = [&](int32_t t, int32_t k) { plan.queue[plan.tasks[t].worker].emplace_back(t, k); };
+  for (int32_t t = 0; t < loop_begin; ++t) push(t, 0);
+  for (int32_t k = 0; k < loop_runs; ++k)
+    for (int32_t t = loop_begin; t < loop_end; ++t) push(t, k);
+  for (int32_t t = loop_end; t < num_tasks; ++t) push(t, 0);
+  return plan;
+}
+
+// Word i of the tile `sender` puts into slot `slot` of run `run` of task `task` in call `epoch`.
+uint32_t put_word(uint64_t seed, uint64_t epoch, int32_t run, int32_t sender, int32_t task,
+                  int32_t slot, int32_t i) {
+  const uint64_t who = (static_cast<uint64_t>(sender) << 32) | static_cast<uint32_t>(task);
+  const uint64_t where = (static_cast<uint64_t>(slot) << 32) | static_cast<uint32_t>(i);
+  return static_cast<uint32_t>(mix(mix(seed, 24, epoch, static_cast<uint64_t>(run)), who, where));
+}
+
+// Everything a run of the put mode reports; counters are atomics (workers of all ranks add).
+struct PutReport {
+  std::atomic<uint64_t> tiles{0}, bad_tiles{0}, stale{0}, early{0}, bad_signals{0}, gave_up{0};
+  std::atomic<int32_t> max_lead{0};
+  std::mutex m;
+  std::vector<std::string> lines;  // the first messages, printed after the run
+
+  void say(const std::string& s, bool always = false) {
+    std::lock_guard<std::mutex> lock(m);
+    if (always || lines.size() < 12) lines.push_back(s);
+  }
+};
+
+struct PutOptions {
+  int32_t calls = 1;
+  uint64_t seed = 0;
+  PutBreak brk = PutBreak::kNone;
+  int32_t skip_rank = -1;       // this rank never starts (the timeout case)
+  uint64_t timeout_ns = 20'000'000'000ull;
+  bool pauses = true;
+};
+
+struct PutTotals {
+  uint64_t bad_tiles = 0, bad_signals = 0, gave_up = 0;
+};
+
+PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* mode_line) {
+  const int32_t g = plan.ranks, w = plan.workers;
+  const int32_t num_tasks = static_cast<int32_t>(plan.tasks.size());
+  const ag::PersistentSymLayout layout =
+      ag::PersistentSymLayout::of(num_tasks, g, plan.inbox_bytes);
+  std::vector<std::unique_ptr<uint64_t[]>> storage;  // zeroed, as cudaMemset leaves the region
+  std::vector<uint8_t*> regions;
+  for (int32_t r = 0; r < g; ++r) {
+    storage.emplace_back(new uint64_t[layout.total_bytes / 8]());
+    regions.push_back(reinterpret_cast<uint8_t*>(storage.back().get()));
+  }
+  std::vector<ag::PersistentCommDevice> base(g);
+  for (int32_t r = 0; r < g; ++r) {
+    ag::PersistentCommDevice& c = base[r];
+    c.peers = regions.data();
+    c.local = regions[r];
+    c.rank = r;
+    c.n = g;
+    c.inbox_bytes = plan.inbox_bytes;
+    c.num_tasks = num_tasks;
+    c.signals_offset = layout.signals_offset;
+    c.inbox_offset = layout.inbox_offset;
+  }
+  std::vector<std::unique_ptr<Barrier>> barriers;
+  for (int32_t r = 0; r < g; ++r) barriers.emplace_back(new Barrier(w));
+  // Per rank, as the kernel's abort word: once one worker gave up, the rank's other workers stop
+  // waiting too (and the rank runs no further call, as a failed communicator).
+  std::unique_ptr<std::atomic<bool>[]> aborted(new std::atomic<bool>[g]);
+  std::unique_ptr<std::atomic<int32_t>[]> entered_call(new std::atomic<int32_t>[g]);
+  for (int32_t r = 0; r < g; ++r) aborted[r] = false, entered_call[r] = 0;
+  PutReport report;
+  const uint64_t seed = opt.seed;
+
+  auto slot_words = [&](int32_t q, int32_t t, int32_t k, int32_t b) {
+    const PutTask& task = plan.tasks[t];
+    return reinterpret_cast<uint32_t*>(regions[q] + layout.inbox_offset + task.inbox_at) +
+           (static_cast<size_t>(k) * task.slots + b) * task.words;
+  };
+  // Checks one received tile of call `e`; names the call whose value a wrong word holds.
+  auto check_tile = [&](int32_t e, int32_t r, int32_t t, int32_t k, int32_t b, const char* when) {
+    const PutTask& task = plan.tasks[t];
+    const int32_t p = task.recv_from[r * task.slots + b];
+    const uint32_t* got = slot_words(r, t, k, b);
+    report.tiles.fetch_add(1, std::memory_order_relaxed);
+    for (int32_t i = 0; i < task.words; ++i) {
+      const uint32_t want = p < 0 ? 0u : put_word(seed, e, k, p, t, b, i);
+      if (got[i] == want) continue;
+      std::string holds = "matches no call";
+      if (p >= 0 && got[i] == 0) holds = "zero: never written";
+      for (int32_t d = -3; p >= 0 && d <= g + 1; ++d) {
+        const int64_t other = int64_t{e} + d;
+        if (d == 0 || other < 1 || got[i] != put_word(seed, other, k, p, t, b, i)) continue;
+        holds = (d < 0 ? "stale: the value of call " : "early overwrite: the value of call ") +
+                std::to_string(other);
+        break;
+      }
+      (holds.rfind("early", 0) == 0 ? report.early : report.stale).fetch_add(1);
+      report.bad_tiles.fetch_add(1);
+      char line[384];
+      std::snprintf(line, sizeof(line),
+                    "bad tile (%s): call=%d rank=%d peer=%d task=%d (%s) slot=%d run=%d word=%d "
+                    "got=0x%08x want=0x%08x: %s",
+                    when, e, r, p, t, task.route, b, k, i, got[i], want, holds.c_str());
+      report.say(line);
+      return;
+    }
+  };
+
+  auto worker = [&](int32_t r, int32_t wk) {
+    for (int32_t call = 0; call < opt.calls && !aborted[r].load(); ++call) {
+      const int32_t e = call + 1;
+      ag::PersistentCommDevice c = base[r];
+      c.epoch = static_cast<uint64_t>(e);
+      const uint64_t deadline = jax_ark::gpu::proto::now_ns() + opt.timeout_ns;
+      auto give_up = [&] { return aborted[r].load() || jax_ark::gpu::proto::now_ns() > deadline; };
+      // A wait that gave up: names this rank, the peer it waited for and what for. `deadline`:
+      // this wait ran out of the call's time; `abort`: another worker of the rank gave up first.
+      auto gave_up = [&](const char* wait, int32_t peer, int32_t t, int32_t b, int32_t k,
+                         uint64_t seen, uint64_t started_ns) {
+        const uint64_t now = jax_ark::gpu::proto::now_ns();
+        aborted[r].store(true);
+        report.gave_up.fetch_add(1);
+        char line[320];
+        std::snprintf(line, sizeof(line),
+                      "gave_up call=%d rank=%d worker=%d wait=%s peer=%d task=%d slot=%d run=%d "
+                      "seen_epoch=%llu seen_runs=%u waited_ms=%.1f reason=%s",
+                      e, r, wk, wait, peer, t, b, k, static_cast<unsigned long long>(seen >> 32),
+                      static_cast<uint32_t>(seen), (now - started_ns) / 1e6,
+                      now > deadline ? "deadline" : "abort");
+        report.say(line, true);
+      };
+      if (wk == 0) {
+        // A stalled rank keeps its peers' sends to it waiting: the ranks around it in a ring
+        // run ahead of it by up to their distance to it.
+        const uint64_t h = mix(seed, 30, e);
+        if (opt.pauses && h % 4 == 0 && static_cast<int32_t>((h >> 8) % g) == r)
+          pause_us(1000 + (h >> 16) % 3000);
+        ag::announce_entered(c);
+        entered_call[r].store(e);
+        int32_t slowest = e;
+        for (int32_t q = 0; q < g; ++q)
+          if (q != opt.skip_rank) slowest = std::min(slowest, entered_call[q].load());
+        int32_t lead = report.max_lead.load();
+        while (e - slowest > lead && !report.max_lead.compare_exchange_weak(lead, e - slowest)) {
+        }
+      }
+      uint64_t entered_seen = 0;  // peers this worker saw entered in this call (the kernel's mask)
+      for (const auto& [t, k] : plan.queue[wk]) {
+        if (aborted[r].load()) break;
+        const PutTask& task = plan.tasks[t];
+        const uint32_t runs = static_cast<uint32_t>(k) + 1u;
+        // Copy phase: my tile into every (q, b) that routes from me, peers in a rotated order.
+        bool sent_all = true;
+        for (int32_t j = 1; j <= g && sent_all; ++j) {
+          const int32_t q = (r + j) % g;
+          for (int32_t b = 0; b < task.slots; ++b) {
+            if (task.recv_from[q * task.slots + b] != r) continue;
+            if (!((entered_seen >> q) & 1u) && opt.brk != PutBreak::kNoEntryWait) {
+              ag::PersistentCommDevice entry = c;
+              if (opt.brk == PutBreak::kEntryEpochMinus1) entry.epoch = c.epoch - 1;
+              uint64_t seen = 0;
+              const uint64_t started = jax_ark::gpu::proto::now_ns();
+              if (!ag::wait_peer_entered(entry, q, give_up, &seen)) {
+                gave_up("entry", q, t, b, k, seen << 32, started);
+                sent_all = false;
+                break;
+              }
+            }
+            entered_seen |= uint64_t{1} << q;
+            const uint64_t h = mix(mix(seed, 31, e, r), q, t, k);
+            if (opt.pauses && h % 16 == 0) pause_us((h >> 8) % 100);
+            uint32_t* dst = slot_words(q, t, k, b);
+            for (int32_t i = 0; i < task.words; ++i) dst[i] = put_word(seed, e, k, r, t, b, i);
+            ag::signal_put(c, q, t, b, runs);
+          }
+        }
+        if (!sent_all) break;
+        // Wait phase: each of my slots from its sender (or zero-filled: nobody writes it).
+        for (int32_t b = 0; b < task.slots; ++b) {
+          const int32_t p = task.recv_from[r * task.slots + b];
+          if (p < 0) {
+            std::memset(slot_words(r, t, k, b), 0, 4 * static_cast<size_t>(task.words));
+          } else if (opt.brk != PutBreak::kNoPutWait) {
+            uint64_t seen = 0;
+            const uint64_t started = jax_ark::gpu::proto::now_ns();
+            if (!ag::wait_put(c, t, b, runs, give_up, &seen)) {
+              gave_up("put", p, t, b, k, seen, started);
+              break;
+            }
+          }
+          const uint64_t h = mix(mix(seed, 32, e, r), b, t, k);
+          if (opt.pauses && h % 16 == 0) pause_us((h >> 8) % 200);
+          check_tile(e, r, t, k, b, "after its wait");
+        }
+      }
+      barriers[r]->wait();  // the kernel's end: every block of the rank is done with call e
+      if (wk == 0 && !aborted[r].load()) {
+        // Until the rank announces call e + 1, nothing of call e + 1 may have landed: every slot
+        // still holds call e's tile, every signal call e's final value. A pause here leaves the
+        // peers all the time they need to break that, if the entry wait let them.
+        const uint64_t h = mix(seed, 33, e, r);
+        if (opt.pauses && h % 8 == 0) pause_us((h >> 8) % 1000);
+        for (int32_t t = 0; t < num_tasks; ++t) {
+          const PutTask& task = plan.tasks[t];
+          for (int32_t k = 0; k < task.runs; ++k)
+            for (int32_t b = 0; b < task.slots; ++b) check_tile(e, r, t, k, b, "at the call's end");
+          for (int32_t b = 0; b < task.slots; ++b) {
+            const bool written = task.recv_from[r * task.slots + b] >= 0;
+            const uint64_t want =
+                written ? ag::put_signal_value(c.epoch, static_cast<uint32_t>(task.runs)) : 0;
+            const uint64_t got = *ag::put_signal_word(c, c.local, t, b);
+            if (got == want) continue;
+            report.bad_signals.fetch_add(1);
+            char line[256];
+            std::snprintf(line, sizeof(line),
+                          "bad signal: call=%d rank=%d task=%d slot=%d got=(%llu, %u) "
+                          "want=(%llu, %u)",
+                          e, r, t, b, static_cast<unsigned long long>(got >> 32),
+                          static_cast<uint32_t>(got), static_cast<unsigned long long>(want >> 32),
+                          static_cast<uint32_t>(want));
+            report.say(line);
+          }
+        }
+      }
+      barriers[r]->wait();  // the end-of-call check done before the next call's announce
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int32_t r = 0; r < g; ++r)
+    if (r != opt.skip_rank)
+      for (int32_t wk = 0; wk < w; ++wk) threads.emplace_back(worker, r, wk);
+  for (auto& th : threads) th.join();
+  for (const std::string& s : report.lines) std::printf("%s\n", s.c_str());
+  // Every (rank, call, task, run, slot) tile is checked twice: after its wait, at the call's end.
+  int32_t loop_tasks = 0, kinds[3] = {0, 0, 0}, zero_filled = 0;
+  uint64_t want_tiles = 0;
+  for (const PutTask& t : plan.tasks) {
+    loop_tasks += t.runs > 1;
+    ++kinds[t.route[0] == 'd' ? 0 : t.route[0] == 'r' ? 1 : 2];
+    for (int32_t from : t.recv_from) zero_filled += from < 0;
+    const uint64_t ranks_run = static_cast<uint64_t>(g - (opt.skip_rank >= 0 ? 1 : 0));
+    want_tiles += 2ull * static_cast<uint64_t>(t.runs * t.slots) * ranks_run * opt.calls;
+  }
+  std::printf("%s tasks=%d default=%d ring=%d partial=%d zero_filled_slots=%d loop_tasks=%d "
+              "tiles=%llu want_tiles=%llu bad_tiles=%llu stale=%llu early=%llu bad_signals=%llu "
+              "gave_up=%llu max_lead=%d\n",
+              mode_line, num_tasks, kinds[0], kinds[1], kinds[2], zero_filled, loop_tasks,
+              static_cast<unsigned long long>(report.tiles.load()),
+              static_cast<unsigned long long>(want_tiles),
+              static_cast<unsigned long long>(report.bad_tiles.load()),
+              static_cast<unsigned long long>(report.stale.load()),
+              static_cast<unsigned long long>(report.early.load()),
+              static_cast<unsigned long long>(report.bad_signals.load()),
+              static_cast<unsigned long long>(report.gave_up.load()), report.max_lead.load());
+  return PutTotals{report.bad_tiles.load(), report.bad_signals.load(), report.gave_up.load()};
+}
+
+int run_put(int g, int w, int calls, int num_tasks, int loop_runs, uint64_t seed,
+            const std::string& routes, const std::string& brk) {
+  const PutBreak b = brk == "none"                  ? PutBreak::kNone
+                     : brk == "no_entry_wait"       ? PutBreak::kNoEntryWait
+                     : brk == "entry_epoch_minus_1" ? PutBreak::kEntryEpochMinus1
+                     : brk == "no_put_wait"         ? PutBreak::kNoPutWait
+                                                    : static_cast<PutBreak>(-1);
+  if (g < 1 || g > ag::kPersistentMaxGroup || w < 1 || w > 64 || calls < 1 || num_tasks < 1 ||
+      loop_runs < 1 || (routes != "all" && routes != "ring" && routes != "mixed") ||
+      static_cast<int>(b) < 0)
+    return fail("put G W CALLS TASKS LOOP_RUNS SEED [all|ring|mixed "
+                "[none|no_entry_wait|entry_epoch_minus_1|no_put_wait]]");
+  const PutPlan plan = make_put_plan(g, w, num_tasks, loop_runs, routes, seed);
+  PutOptions opt;
+  opt.calls = calls;
+  opt.seed = seed;
+  opt.brk = b;
+  char line[256];
+  std::snprintf(line, sizeof(line),
+                "mode=put ranks=%d workers=%d calls=%d runs=%d routes=%s break=%s", g, w, calls,
+                loop_runs, routes.c_str(), brk.c_str());
+  const PutTotals r = run_put_plan(plan, opt, line);
+  return r.bad_tiles == 0 && r.bad_signals == 0 && r.gave_up == 0 ? 0 : 1;
+}
+
+// Rank SKIP never starts its call: every other rank's entry wait for it gives up at the deadline,
+// naming itself and SKIP; exit 0 iff that happened and nothing else failed.
+int run_put_timeout(int g, int skip) {
+  if (g < 2 || g > ag::kPersistentMaxGroup || skip < 0 || skip >= g)
+    return fail("put_timeout G SKIP");
+  const PutPlan plan = make_put_plan(g, 2, 2, 1, "all", 1);
+  PutOptions opt;
+  opt.calls = 1;
+  opt.seed = 1;
+  opt.skip_rank = skip;
+  opt.timeout_ns = 200'000'000ull;
+  opt.pauses = false;
+  char line[128];
+  std::snprintf(line, sizeof(line), "mode=put_timeout ranks=%d skip=%d", g, skip);
+  const uint64_t t0 = jax_ark::gpu::proto::now_ns();
+  const PutTotals r = run_put_plan(plan, opt, line);
+  std::printf("elapsed_ms=%.1f\n", (jax_ark::gpu::proto::now_ns() - t0) / 1e6);
+  return r.bad_tiles == 0 && r.bad_signals == 0 && r.gave_up > 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -582,5 +983,12 @@ int main(int argc, char** argv) {
   if (mode == "persistent" && (argc == 4 || argc == 5))
     return run_persistent(argv[2], static_cast<uint64_t>(arg(3)),
                           argc == 5 ? static_cast<int32_t>(arg(4)) : -1);
+  if (mode == "put" && argc >= 8 && argc <= 10)
+    return run_put(static_cast<int>(arg(2)), static_cast<int>(arg(3)), static_cast<int>(arg(4)),
+                   static_cast<int>(arg(5)), static_cast<int>(arg(6)),
+                   static_cast<uint64_t>(arg(7)), argc >= 9 ? argv[8] : "mixed",
+                   argc >= 10 ? argv[9] : "none");
+  if (mode == "put_timeout" && argc == 4)
+    return run_put_timeout(static_cast<int>(arg(2)), static_cast<int>(arg(3)));
   return fail("unknown mode or argument count");
 }

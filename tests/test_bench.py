@@ -76,3 +76,65 @@ def test_overlap_cpu_bench_runs(tmp_path, capsys):
         assert r["max_rel_err"] < 1e-4
         assert r["overlap_eff"] > 0
     assert "ark/lax" in capsys.readouterr().out
+
+
+class _HarnessStandIn:
+    """A `_ark_cuda` whose group harness runs the reference interpreter (no GPU here) and whose
+    timer answers the plan's task count in microseconds, so that the bench's plumbing (GPU plans
+    over an abstract mesh, the check against the reference, the efficiency column) is tested."""
+
+    def __init__(self):
+        self.timed: list[tuple[int, int]] = []
+
+    def persistent_max_workers(self, device):
+        return 132
+
+    def persistent_group_run(self, words, n_ranks, inputs, timeout_ms, chaos_seed, skip_rank):
+        import numpy as np
+
+        from jax_ark._persistent._format import np_dtype
+        from jax_ark._persistent._reference import interpret_group
+
+        plan = self.current
+        out = []
+        for call in inputs:
+            per_rank = [
+                [
+                    np.frombuffer(b, np_dtype(plan.tensors[t].dtype)).reshape(plan.tensors[t].shape)
+                    for b, t in zip(blobs[: plan.num_inputs], plan.args, strict=False)
+                ]
+                for blobs in call
+            ]
+            outs = interpret_group(plan, per_rank)
+            out.append([[np.ascontiguousarray(o).tobytes() for o in rank] for rank in outs])
+        return out
+
+    def persistent_group_time(self, words, n_ranks, inputs, iters, timeout_ms):
+        self.timed.append((n_ranks, iters))
+        return float(len(words) % 1000 + 1)
+
+
+def test_overlap_gpu_bench_plumbing_with_a_stand_in_harness(tmp_path, capsys, monkeypatch):
+    from jax_ark import _ffi
+    from jax_ark._persistent import _gpu_group
+
+    stand_in = _HarnessStandIn()
+    real_run = _gpu_group.group_run
+
+    def group_run(plan, calls, **kw):
+        stand_in.current = plan
+        return real_run(plan, calls, **kw)
+
+    monkeypatch.setattr(_ffi, "cuda_module", lambda: stand_in)
+    monkeypatch.setattr(_gpu_group, "group_run", group_run)
+    argv = ["overlap", "--gpu", "--layers", "tp,sp", "--sizes", "16x32x64", "--ranks", "4"]
+    assert main([*argv, "--iters", "3", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "overlap_gpu.json").read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["tp", "sp"]
+    # Three timed plans per layer, each on the 4 ranks (compute-only as 4 independent copies).
+    assert stand_in.timed == [(4, 3)] * 6
+    for r in rows:
+        assert r["workers"] == min(16, 132 // 4)
+        assert r["overlap_eff"] == pytest.approx(r["ark_us"] / max(r["compute_us"], r["comm_us"]))
+        assert r["max_rel_err"] < 1e-3
+    assert "eff" in capsys.readouterr().out

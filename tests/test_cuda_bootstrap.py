@@ -38,7 +38,14 @@ def test_handles_reach_every_peer_of_each_group():
     for me, result in enumerate(results):
         calls = result["calls"]
         assert result["again"] == result["ids"]["x"]
+        plan_id = result["ids"]["plan"]
+        assert result["plan_again"] == plan_id
+        assert len({plan_id, result["other_site"], result["ids"]["x,y"]}) == 3
+        # A plan site's communicator: the smallest collective scratch plus the plan's region.
+        assert result["sizes"][str(plan_id)] == [1, 16, 4, 12288]
+        assert result["sizes"][str(result["ids"]["x"])][3] == 0
         for axes, comm_id in result["ids"].items():
+            axes = "x,y" if axes == "plan" else axes  # the same group as the x,y collectives
             axes = axes.split(",")
             # Groups as rows, rank = row-major index over `axes` (lax.axis_index), by hand.
             order = [("x", "y").index(a) for a in axes]

@@ -1,9 +1,10 @@
 """The GPU runtime's device-side protocol, run on host threads (no GPU needed).
 
 tests/protocol_host_test.cc includes the very headers the CUDA kernels use
-(cuda/include/jax_ark/gpu/protocol.hpp, communicator_device.hpp, persistent_sync_device.cuh),
-compiled by the host C++ compiler: threads play the ranks (and a rank's blocks) of LL calls and
-of the chunked protocol's signal/wait rounds, and the workers of a persistent plan. The binary
+(cuda/include/jax_ark/gpu/protocol.hpp, communicator_device.hpp, persistent_sync_device.cuh,
+persistent_comm_device.hpp), compiled by the host C++ compiler: threads play the ranks (and a
+rank's blocks) of LL calls and of the chunked protocol's signal/wait rounds, the workers of a
+persistent plan, and ranks x workers of the persistent kernel's put protocol. The binary
 checks every output word against a reference computed without the protocol; a second build under
 ThreadSanitizer checks that the protocol's acquire/release pairs order the plain-memory payload.
 """
@@ -14,6 +15,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -150,6 +152,119 @@ def test_stale_epoch_is_not_taken_for_the_current_one(binaries):
     assert len(checks) == 10 and set(checks.values()) == {"1"}, out
 
 
+# ---- the persistent kernel's PUT protocol (cuda/include/jax_ark/gpu/persistent_comm_device.hpp)
+
+
+def _put_ok(s: dict[str, str]) -> None:
+    assert (s["bad_tiles"], s["bad_signals"], s["gave_up"]) == ("0", "0", "0"), s
+    assert int(s["tiles"]) == int(s["want_tiles"]) > 0, s  # every tile was checked, twice
+
+
+@pytest.mark.parametrize(
+    ("ranks", "workers", "calls", "tasks", "runs", "seed", "routes"),
+    [
+        (2, 1, 300, 3, 2, 1, "mixed"),
+        (4, 2, 150, 6, 3, 2, "mixed"),
+        (8, 3, 60, 5, 4, 3, "all"),
+        (8, 2, 150, 4, 3, 4, "ring"),
+    ],
+)
+def test_put_protocol_back_to_back(binaries, ranks, workers, calls, tasks, runs, seed, routes):
+    """Ranks x workers run back-to-back calls of a plan of put tasks over their symmetric regions:
+    entry announced once per call, one entry wait per (worker, peer, call), plain tile stores,
+    (epoch, runs) signals; default routing, ppermute rings and partial perms (zero-filled slots),
+    tasks in a loop writing slice k of a stacked inbox. Every tile is checked after its wait and
+    again at the call's end (nothing of the next call landed early), every signal at the end."""
+    out = _run(binaries["plain"], "put", ranks, workers, calls, tasks, runs, seed, routes)
+    s = _summary(out, "put")
+    _put_ok(s)
+    assert int(s["loop_tasks"]) >= 1
+    if routes == "mixed":
+        assert min(int(s["default"]), int(s["ring"]), int(s["partial"])) >= 1, s
+        assert int(s["zero_filled_slots"]) >= 1, s
+    if routes == "ring":
+        # Neighbour-only routing and a stalled rank: some rank entered call e while another had
+        # not yet entered call e - 1, i.e. it ran two calls ahead (the entry wait let it).
+        assert int(s["max_lead"]) >= 2, s
+
+
+@pytest.mark.parametrize("seed", [41, 42, 43])
+def test_put_seeded_stress(binaries, seed):
+    """A different group, worker count, plan, loop length and routing mix per seed."""
+    rng = np.random.default_rng(seed)
+    ranks, workers = int(rng.integers(2, 9)), int(rng.integers(1, 4))
+    tasks, runs = int(rng.integers(3, 8)), int(rng.integers(1, 5))
+    routes = ("mixed", "ring", "all")[seed % 3]
+    out = _run(binaries["plain"], "put", ranks, workers, 100, tasks, runs, seed, routes)
+    _put_ok(_summary(out, "put"))
+
+
+_BAD_TILE = re.compile(
+    r"^bad tile \((after its wait|at the call's end)\): call=(\d+) rank=(\d+) peer=(-?\d+) "
+    r"task=(\d+) \((default|ring|partial)\) slot=(\d+) run=(\d+) word=(\d+) "
+    r"got=0x[0-9a-f]{8} want=0x[0-9a-f]{8}: (.*)$",
+    re.M,
+)
+
+
+@pytest.mark.parametrize("brk", ["no_entry_wait", "entry_epoch_minus_1"])
+@pytest.mark.parametrize(
+    ("ranks", "workers", "seed", "routes"),
+    [(2, 1, 1, "mixed"), (4, 2, 2, "mixed"), (6, 2, 3, "ring")],
+)
+def test_put_without_the_entry_wait_overwrites_tiles_early(
+    binaries, brk, ranks, workers, seed, routes
+):
+    """The negative control: a sender that does not wait for the peer's entry into this call (or
+    waits for the previous call's) stores call e+1's tile while the receiver still reads call
+    e's. The checker must catch it and name call, rank, peer, task, slot and word."""
+    out = _run(binaries["plain"], "put", ranks, workers, 40, 3, 2, seed, routes, brk, expect_rc=1)
+    s = _summary(out, "put")
+    assert int(s["bad_tiles"]) > 0 and int(s["early"]) > 0, out
+    bad = _BAD_TILE.findall(out)
+    assert bad, out
+    early = [b for b in bad if b[-1].startswith("early overwrite: the value of call ")]
+    assert early, out
+    for b in early:
+        call, rank, peer = int(b[1]), int(b[2]), int(b[3])
+        assert int(b[-1].rsplit(" ", 1)[1]) > call and 0 <= rank < ranks and 0 <= peer < ranks
+
+
+@pytest.mark.parametrize(("ranks", "workers", "seed"), [(2, 1, 4), (5, 2, 5)])
+def test_put_without_the_put_wait_reads_stale_tiles(binaries, ranks, workers, seed):
+    """The other direction: a receiver that does not wait for the signal reads its slot before the
+    tile arrived, and the checker names the older call whose value (or the zeros) it holds."""
+    args = (ranks, workers, 40, 3, 2, seed, "mixed", "no_put_wait")
+    out = _run(binaries["plain"], "put", *args, expect_rc=1)
+    s = _summary(out, "put")
+    assert int(s["stale"]) > 0 and s["early"] == "0", out
+    holds = [b[-1] for b in _BAD_TILE.findall(out)]
+    assert holds and all(
+        h.startswith(("stale: the value of call ", "zero: never written")) for h in holds
+    ), out
+
+
+def test_put_entry_wait_times_out_naming_rank_and_peer(binaries):
+    """Rank 2 never starts its call: every other rank's entry wait for it gives up at the 200 ms
+    deadline, each saying which rank waited for which peer, and the run ends soon after."""
+    t0 = time.monotonic()
+    out = _run(binaries["plain"], "put_timeout", 4, 2, timeout=30)
+    wall = time.monotonic() - t0
+    lines = [_fields(ln) for ln in out.splitlines() if ln.startswith("gave_up ")]
+    assert {f["rank"] for f in lines} == {"0", "1", "3"}, out
+    for f in lines:
+        assert (f["wait"], f["peer"], f["call"], f["seen_epoch"]) == ("entry", "2", "1", "0"), out
+        assert float(f["waited_ms"]) < 5000.0, out
+    for r in ("0", "1", "3"):  # a rank's first give-up is its deadline, not its abort word
+        assert any(f["rank"] == r and f["reason"] == "deadline" for f in lines), out
+    s = _summary(out, "put_timeout")
+    assert (s["bad_tiles"], s["bad_signals"]) == ("0", "0"), out
+    elapsed = float(
+        next(ln for ln in out.splitlines() if ln.startswith("elapsed_ms=")).split("=")[1]
+    )
+    assert 200.0 <= elapsed < 3000.0 and wall < 10.0, out
+
+
 def _plans():
     rng = np.random.default_rng(0)
     x = random_args(rng, [(4, 32)])[0]
@@ -213,6 +328,8 @@ def test_thread_sanitizer_finds_no_race(binaries, plan_files):
     assert _summary(_run(exe, "pingpong", 4, 40, 2, 22), "pingpong")["mismatches"] == "0"
     s = _summary(_run(exe, "persistent", plan_files["attention"][1], 23), "persistent")
     assert (s["wrong"], s["not_run_once"]) == ("0", "0")
+    _put_ok(_summary(_run(exe, "put", 6, 2, 40, 5, 3, 24, "mixed"), "put"))
+    _put_ok(_summary(_run(exe, "put", 8, 2, 40, 4, 3, 25, "ring"), "put"))
 
 
 def test_libcudacxx_branch_passes_the_same_checks(binaries, plan_files):
@@ -227,6 +344,9 @@ def test_libcudacxx_branch_passes_the_same_checks(binaries, plan_files):
     assert "failures=0" in _run(exe, "stale")
     s = _summary(_run(exe, "persistent", plan_files["mlp_chain"][1], 33), "persistent")
     assert (s["wrong"], s["not_run_once"]) == ("0", "0")
+    _put_ok(_summary(_run(exe, "put", 4, 2, 60, 5, 3, 34, "mixed"), "put"))
+    _put_ok(_summary(_run(exe, "put", 8, 2, 60, 4, 3, 35, "ring"), "put"))
+    assert _summary(_run(exe, "put_timeout", 3, 1), "put_timeout")["gave_up"] != "0"
 
 
 def _mutant(tmp: pathlib.Path, name: str, header: str, old: str, new: str, *flags: str):
@@ -273,3 +393,40 @@ def test_the_checks_catch_a_broken_protocol(binaries, tmp_path):
         [str(exe), "pingpong", "3", "20", "1", "41"], capture_output=True, text=True, timeout=120
     )
     assert "ThreadSanitizer: data race" in done.stderr
+
+
+def test_put_checks_catch_a_broken_header(binaries, tmp_path):
+    """The put checks can fail on a broken persistent_comm_device.hpp: a signal without the epoch
+    lets the previous call's signal pass (stale tiles), and an entry announce or a put signal
+    without release ordering is a race that ThreadSanitizer reports (the payload is plain memory:
+    the receiver's reads of call e against the sender's stores of call e + 1, or of the tile)."""
+    exe = _mutant(
+        tmp_path,
+        "signal_without_epoch",
+        "persistent_comm_device.hpp",
+        "  return (epoch << 32) | runs;",
+        "  return runs;",
+        "-O1",
+    )
+    s = _summary(_run(exe, "put", 4, 2, 60, 4, 2, 51, "mixed", expect_rc=1), "put")
+    assert int(s["stale"]) > 0, s
+    if binaries["tsan"] is None:
+        return
+    for name, old, new in (
+        ("relaxed_announce", ".store_release(c.epoch);", ".store_relaxed(c.epoch);"),
+        (
+            "relaxed_put_signal",
+            ".store_release(put_signal_value(c.epoch, runs));",
+            ".store_relaxed(put_signal_value(c.epoch, runs));",
+        ),
+    ):
+        exe = _mutant(
+            tmp_path, name, "persistent_comm_device.hpp", old, new, "-O1", "-g", "-fsanitize=thread"
+        )
+        done = subprocess.run(
+            [str(exe), "put", "4", "2", "40", "4", "2", "52", "mixed"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert "ThreadSanitizer: data race" in done.stderr, name

@@ -21,12 +21,13 @@ using namespace jax_ark::gpu;
 namespace {
 
 nb::bytes comm_create(int64_t comm_id, int device, int rank, int n_ranks, int blocks,
-                      uint32_t piece_bytes, uint32_t ll_bytes) {
+                      uint32_t piece_bytes, uint32_t ll_bytes, uint64_t extra_bytes) {
   CommConfig config;
   config.n_ranks = n_ranks;
   config.blocks = blocks;
   config.piece_bytes = piece_bytes;
   config.ll_bytes = ll_bytes;
+  config.extra_bytes = extra_bytes;
   cudaIpcMemHandle_t handle;
   {
     // Allocation, zeroing and kernel preloading may block on the driver: other Python threads
@@ -119,7 +120,24 @@ NB_MODULE(_ark_cuda, m) {
   });
   m.def("comm_create", &comm_create, nb::arg("comm_id"), nb::arg("device"), nb::arg("rank"),
         nb::arg("n_ranks"), nb::arg("blocks"), nb::arg("piece_bytes"), nb::arg("ll_bytes"),
-        "Allocates this device's rank state of a communicator; returns its CUDA IPC handle.");
+        nb::arg("extra_bytes") = 0,
+        "Allocates this device's rank state of a communicator (with extra_bytes of symmetric "
+        "region for a persistent plan); returns its CUDA IPC handle.");
+  m.def(
+      "persistent_comm_needs",
+      [](const nb::bytes& plan_words) {
+        if (plan_words.size() % sizeof(int32_t) != 0)
+          throw std::invalid_argument("persistent_comm_needs: plan_words is not int32 words");
+        std::vector<int32_t> words(plan_words.size() / sizeof(int32_t));
+        std::memcpy(words.data(), plan_words.c_str(), plan_words.size());
+        PersistentCommNeeds needs;
+        if (std::string err = persistent_comm_needs(words.data(), static_cast<int64_t>(words.size()), &needs);
+            !err.empty())
+          throw std::invalid_argument("jax_ark: " + err);
+        return std::make_tuple(needs.group_size, needs.inbox_bytes, needs.layout.total_bytes);
+      },
+      nb::arg("plan_words"),
+      "(group_size, inbox_bytes, region_bytes) of a plan with put tasks on a GPU.");
   m.def("comm_connect", &comm_connect, nb::arg("comm_id"), nb::arg("device"), nb::arg("peers"),
         "Opens every peer's scratch: peers[j] = (kind, device, handle), kind self/local/ipc.");
   m.def("has_comm", [](int64_t comm_id, int device) {
@@ -189,4 +207,57 @@ NB_MODULE(_ark_cuda, m) {
       },
       nb::arg("nbytes"), nb::arg("iters") = 20,
       "Device-to-device cudaMemcpyAsync bandwidth in GB/s (bytes read + bytes written).");
+  m.def(
+      "persistent_group_run",
+      [](const nb::bytes& plan_words, int32_t n_ranks,
+         const std::vector<std::vector<std::vector<nb::bytes>>>& inputs, int64_t timeout_ms,
+         int64_t chaos_seed, int32_t skip_rank) {
+        if (plan_words.size() % sizeof(int32_t) != 0)
+          throw std::invalid_argument("persistent_group_run: plan_words is not int32 words");
+        std::vector<int32_t> words(plan_words.size() / sizeof(int32_t));
+        std::memcpy(words.data(), plan_words.c_str(), plan_words.size());
+        std::vector<std::vector<std::vector<std::string>>> calls(inputs.size());
+        for (size_t c = 0; c < inputs.size(); ++c)
+          for (const auto& rank : inputs[c]) {
+            calls[c].emplace_back();
+            for (const auto& b : rank) calls[c].back().emplace_back(b.c_str(), b.size());
+          }
+        std::vector<std::vector<std::vector<std::string>>> out;
+        {
+          nb::gil_scoped_release release;
+          out = persistent_group_run(words, n_ranks, calls, timeout_ms, chaos_seed, skip_rank);
+        }
+        std::vector<std::vector<std::vector<nb::bytes>>> result(out.size());
+        for (size_t c = 0; c < out.size(); ++c)
+          for (const auto& rank : out[c]) {
+            result[c].emplace_back();
+            for (const auto& b : rank) result[c].back().emplace_back(b.data(), b.size());
+          }
+        return result;
+      },
+      nb::arg("plan_words"), nb::arg("n_ranks"), nb::arg("inputs"), nb::arg("timeout_ms") = 10000,
+      nb::arg("chaos_seed") = 0, nb::arg("skip_rank") = -1,
+      "Back-to-back calls of a plan with put tasks on every rank of a group on the current GPU "
+      "(one cooperative launch per call): inputs[call][rank][operand] bytes -> "
+      "outputs[call][rank][output] bytes.");
+  m.def(
+      "persistent_group_time",
+      [](const nb::bytes& plan_words, int32_t n_ranks, const std::vector<std::vector<nb::bytes>>& inputs,
+         int32_t iters, int64_t timeout_ms) {
+        if (plan_words.size() % sizeof(int32_t) != 0)
+          throw std::invalid_argument("persistent_group_time: plan_words is not int32 words");
+        std::vector<int32_t> words(plan_words.size() / sizeof(int32_t));
+        std::memcpy(words.data(), plan_words.c_str(), plan_words.size());
+        std::vector<std::vector<std::string>> in;
+        for (const auto& rank : inputs) {
+          in.emplace_back();
+          for (const auto& b : rank) in.back().emplace_back(b.c_str(), b.size());
+        }
+        nb::gil_scoped_release release;
+        return persistent_group_time(words, n_ranks, in, iters, timeout_ms);
+      },
+      nb::arg("plan_words"), nb::arg("n_ranks"), nb::arg("inputs"), nb::arg("iters") = 20,
+      nb::arg("timeout_ms") = 10000,
+      "Microseconds per call of back-to-back calls of a plan with put tasks on every rank of a "
+      "group on the current GPU (inputs[rank][operand] bytes), timed with CUDA events.");
 }

@@ -15,6 +15,7 @@ import numpy as np
 
 from jax_ark import _collective_primitive as _prim
 from jax_ark._ffi import cpu_module
+from jax_ark._persistent import _comm_call
 from jax_ark._persistent._format import (
     DEFAULT_MAX_WHILE_ITERATIONS,
     DTYPE_CODES,
@@ -214,29 +215,38 @@ def run_plan(
     # argument XLA passes the buffer itself; otherwise it copies the operand once before the call).
     aliases = {p.tensors[o].alias: i for i, o in enumerate(p.outputs) if p.tensors[o].alias >= 0}
     if check_on_host:
-        if p.comm is not None:
-            raise PlanError(
-                "this plan has communication (put) tasks, which only the CPU executor runs for "
-                "now; the CUDA executor refuses them"
-            )
         _check_words_on_host(plan_words, operands, results, aliases)
     group = None
+    site = 0
     if p.comm is not None:
-        group, comm_operand = _comm_operand(p, plan_words)
+        group, comm_operand, site = _comm_operand(p, plan_words)
         operands.append(comm_operand)
     operands.append(jnp.asarray(plan_words))
     if profile:
         results.append(jax.ShapeDtypeStruct((len(p.tasks) * PROFILE_WORDS_PER_TASK,), np.int64))
-    outs = jax.ffi.ffi_call(
-        _TARGET, results, vmap_method="sequential", input_output_aliases=aliases or None
-    )(
-        *operands,
+    attributes = dict(
         num_workers=np.int64(p.num_workers),
         num_tasks=np.int64(len(p.tasks)),
         timeout_ms=np.int64(timeout_ms),
         chaos_seed=np.int64(_chaos_seed()),
         profile=np.int64(1 if profile else 0),
     )
+    if p.comm is None:
+        outs = jax.ffi.ffi_call(
+            _TARGET, results, vmap_method="sequential", input_output_aliases=aliases or None
+        )(*operands, **attributes)
+    else:
+        # Its own primitive: on GPUs the lowering bootstraps the group's symmetric regions.
+        outs = _comm_call.bind(
+            operands,
+            results,
+            aliases,
+            plan_words=plan_words,
+            comm_axes=p.comm.axes,
+            group_size=p.comm.group_size,
+            site=site,
+            **attributes,
+        )
     if out_varying is None:
         outs = [_mark_varying(o, axes) for o in outs]
     else:
@@ -253,7 +263,8 @@ def run_plan(
 
 
 def _comm_operand(p: Plan, plan_words: np.ndarray):
-    """(the group, the int32[6] operand rank, color, comm_key, site) of a plan with put tasks.
+    """(the group, the int32[6] operand rank, color, comm_key, site, and the site) of a plan with
+    put tasks.
 
     The group is looked up at call time from the enclosing jax.shard_map, like ark_collective's
     (a plan given with `plan=` may run under another mesh of the same axes); the site keeps two
@@ -295,7 +306,7 @@ def _comm_operand(p: Plan, plan_words: np.ndarray):
             *(jnp.asarray(h, jnp.int32) for h in halves(group.comm_key) + halves(site)),
         ]
     )
-    return group, operand
+    return group, operand, site
 
 
 def _dtype_code(dtype) -> int:

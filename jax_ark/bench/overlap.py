@@ -15,6 +15,15 @@ dispatch (all_to_all -> the local expert's matmul -> gelu -> matmul -> all_to_al
 RxDxH: R rows per device (sp: gathered to 8R; moe: R tokens in 8 buckets of R/8), model dim D,
 hidden dim H in total (tp, sp: H/8 per device; moe: each expert's own hidden dim).
 Writes overlap_cpu.json.
+
+GPU (--gpu; needs jax_ark's CUDA runtime and one GPU): the same layers planned for the GPU and run
+by the CUDA executor's single-GPU harness, every rank of the group on the one GPU at once
+(--ranks ranks x --workers blocks in one cooperative launch per call; the ranks split the GPU's
+SMs, so these are not one-GPU-per-rank times). Per layer: ark's time per call, the compute-only
+plan run as --ranks independent copies, the comm-only plan, and the overlap efficiency
+ark / max(compute, comm), the figure issue 7 targets (<= 1.15). No XLA baseline: XLA cannot run
+N ranks on one GPU. The full plan's outputs are checked against the reference interpreter first.
+Writes overlap_gpu.json.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_ark as ark
+from jax_ark._persistent._format import np_dtype
 from jax_ark.bench._report import add_round_arguments, machine_info, print_table, write_json
 from jax_ark.bench._timing import compare, median_seconds
 
@@ -165,6 +175,86 @@ def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: fl
     return rows_out
 
 
+def _plan_for_gpu(fn, args, in_specs, out_specs, n: int, workers: int):
+    """The plan one rank runs on a GPU (traced inside jax.shard_map over an abstract mesh of n
+    devices: nothing runs, no device is needed)."""
+    mesh = jax.sharding.AbstractMesh((n,), (_AXIS,))
+    box = []
+
+    def body(*local):
+        box.append(ark.plan(fn, *local, platform="gpu", num_workers=workers))
+        return fn(*local)
+
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    sharded = jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    jax.eval_shape(sharded, *shapes)
+    return box[0]
+
+
+def _rank_inputs(plan, n: int, rng) -> list[list[np.ndarray]]:
+    """Random local inputs of every rank (the plan's input shapes and dtypes)."""
+    out = []
+    for _ in range(n):
+        per_rank = []
+        for t in plan.args[: plan.num_inputs]:
+            spec = plan.tensors[t]
+            x = rng.standard_normal(spec.shape) / np.sqrt(
+                max(spec.shape[0], 1) if spec.shape else 1
+            )
+            per_rank.append(x.astype(np_dtype(spec.dtype)))
+        out.append(per_rank)
+    return out
+
+
+def bench_gpu(
+    layers: list[str], sizes: list[tuple[int, int, int]], n: int, workers: int, iters: int
+) -> list[dict]:
+    from jax_ark._persistent._gpu_group import group_run, group_time
+    from jax_ark._persistent._reference import interpret_group
+
+    rng = np.random.default_rng(0)
+    rows_out = []
+    for layer in layers:
+        for rows, d, hidden in sizes:
+            if hidden % n and layer != "moe":
+                raise SystemExit(f"hidden dim {hidden} must be a multiple of the {n} ranks")
+            cases = _cases(layer, n, rows, d, hidden, rng)
+            plans = {part: _plan_for_gpu(*cases[part], n, workers) for part in cases}
+            inputs = {part: _rank_inputs(plans[part], n, rng) for part in plans}
+            got = group_run(plans["full"], [inputs["full"]])[0]
+            want = interpret_group(plans["full"], inputs["full"])
+            err = max(
+                float(np.abs(g - w).max() / max(1.0, float(np.abs(w).max())))
+                for gr, wr in zip(got, want, strict=True)
+                for g, w in zip(gr, wr, strict=True)
+            )
+            if not err < 1e-3:
+                raise SystemExit(
+                    f"{layer} {rows}x{d}x{hidden}: the GPU differs from the reference ({err})"
+                )
+            us = {
+                part: group_time(plans[part], inputs[part], iters=iters, ranks=n)
+                for part in ("full", "compute", "comm")
+            }
+            rows_out.append(
+                {
+                    "layer": layer,
+                    "size": f"{rows}x{d}x{hidden}",
+                    "ranks": n,
+                    "workers": workers,
+                    "ark_us": us["full"],
+                    "compute_us": us["compute"],
+                    "comm_us": us["comm"],
+                    "serial_us": us["compute"] + us["comm"],
+                    "overlap_eff": us["full"] / max(us["compute"], us["comm"]),
+                    "max_rel_err": err,
+                }
+            )
+    return rows_out
+
+
 def _size(text: str) -> tuple[int, int, int]:
     try:
         rows, d, hidden = (int(v) for v in text.lower().split("x"))
@@ -184,6 +274,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     add_round_arguments(parser, budget_s=0.3, per="case", out_help="folder for the JSON file")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="run the layers on the CUDA executor's single-GPU harness (all ranks on one GPU)",
+    )
+    parser.add_argument("--ranks", type=int, default=8, help="--gpu: ranks of the group")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="--gpu: blocks per rank (0: the GPU's SMs / ranks)"
+    )
+    parser.add_argument("--iters", type=int, default=20, help="--gpu: timed calls per plan")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown layers {unknown}; choose from tp,sp,moe")
     sizes = [_size(s) for s in args.sizes.split(",")]
+    if args.gpu:
+        return _run_gpu(args, layers, sizes)
     rows = bench_cpu(layers, sizes, args.budget, args.repeats)
     print(
         f"median of {args.repeats} rounds; IQR: the middle half of the per-round ark/lax ratios; "
@@ -213,4 +315,32 @@ def run(args: argparse.Namespace) -> int:
         ],
     )
     write_json(args.out / "overlap_cpu.json", {"machine": machine_info(), "rows": rows})
+    return 0
+
+
+def _run_gpu(args: argparse.Namespace, layers: list[str], sizes: list[tuple[int, int, int]]) -> int:
+    from jax_ark import _ffi
+
+    module = _ffi.cuda_module()
+    if module is None:
+        raise SystemExit("--gpu needs jax_ark's CUDA runtime (build with JAX_ARK_CUDA=ON)")
+    workers = args.workers or max(1, min(16, module.persistent_max_workers(0) // args.ranks))
+    rows = bench_gpu(layers, sizes, args.ranks, workers, args.iters)
+    print(
+        f"{args.ranks} ranks x {workers} blocks on one GPU, {args.iters} calls per plan; "
+        "eff = ark / max(compute, comm) (compute-only plan as independent copies, comm-only plan)"
+    )
+    print_table(
+        rows,
+        [
+            ("layer", "layer", "s"),
+            ("size", "RxDxH", "s"),
+            ("ark_us", "ark us", ".1f"),
+            ("compute_us", "compute us", ".1f"),
+            ("comm_us", "comm us", ".1f"),
+            ("serial_us", "compute+comm", ".1f"),
+            ("overlap_eff", "eff", ".2f"),
+        ],
+    )
+    write_json(args.out / "overlap_gpu.json", {"machine": machine_info(), "rows": rows})
     return 0

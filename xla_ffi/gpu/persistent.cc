@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "jax_ark/gpu/communicator.hpp"
 #include "jax_ark/gpu/persistent_launch.hpp"
 #include "jax_ark/plan_format.hpp"
 #include "registry.h"
@@ -22,9 +23,12 @@ ffi::Error invalid(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "ark_persistent: " + msg);
 }
 
-ffi::Error PersistentCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
+// comm_id != 0: a plan with put tasks (target ark_persistent_comm): its group's communicator,
+// bootstrapped at lowering (jax_ark/_persistent/_gpu_comm.py), holds this rank's symmetric region;
+// inbox_bytes is the plan's (persistent_comm_needs, computed at lowering from the same words).
+ffi::Error PersistentImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
                           int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
-                          int64_t chaos_seed, int64_t profile) {
+                          int64_t chaos_seed, int64_t profile, int64_t comm_id, int64_t inbox_bytes) {
   // A failure of an earlier call on this device surfaces here, before anything new is enqueued.
   std::string failure;
   bool is_timeout = false;
@@ -37,9 +41,34 @@ ffi::Error PersistentCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::Rem
   if (num_tasks < 0 || num_tasks > (int64_t{1} << 31) - 1) return invalid("num_tasks out of range");
   if (timeout_ms <= 0) return invalid("timeout_ms must be > 0");
 
-  // Operands: the storage-0 arrays, then the plan (int32[total_words]) last.
-  if (args.size() < 1) return invalid("expected the plan as the last operand");
-  const size_t num_args = args.size() - 1;
+  // Communication: the rank state of this device in the plan's communicator.
+  gpu::RankState* state = nullptr;
+  int64_t group_size = 0;
+  if (comm_id != 0) {
+    int device = 0;
+#if CUDART_VERSION >= 12080
+    if (cudaStreamGetDevice(stream, &device) != cudaSuccess) return invalid("cudaStreamGetDevice failed");
+#else
+    if (cudaGetDevice(&device) != cudaSuccess) return invalid("cudaGetDevice failed");
+#endif
+    state = gpu::Registry::instance().find(comm_id, device);
+    if (state == nullptr || !state->connected() || state->region_peers() == nullptr)
+      return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                        "ark_persistent: no communicator " + std::to_string(comm_id) +
+                            " with a symmetric region on CUDA device " + std::to_string(device) +
+                            " (it is created when the program is lowered in this process)");
+    group_size = state->config().n_ranks;
+    const gpu::PersistentSymLayout layout = gpu::PersistentSymLayout::of(num_tasks, static_cast<int32_t>(group_size), inbox_bytes);
+    if (inbox_bytes < 0 || layout.total_bytes > state->region_bytes())
+      return invalid("the plan needs a symmetric region of " + std::to_string(layout.total_bytes) +
+                     " bytes; its communicator has " + std::to_string(state->region_bytes()));
+  }
+
+  // Operands: the storage-0 arrays, [the comm operand (int32[6]; the rank comes from the
+  // communicator here)], then the plan (int32[total_words]) last.
+  const size_t trailing = comm_id != 0 ? 2 : 1;
+  if (args.size() < trailing) return invalid("expected the plan (and the comm operand) as the last operands");
+  const size_t num_args = args.size() - trailing;
   auto plan = args.get<ffi::AnyBuffer>(num_args);
   if (!plan.has_value()) return plan.error();
   if (plan->element_type() != ffi::DataType::S32)
@@ -67,10 +96,10 @@ ffi::Error PersistentCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::Rem
     return invalid("the workspace result must be uint8");
   auto counters = rets.get<ffi::AnyBuffer>(num_outputs + 1);
   if (!counters.has_value()) return counters.error();
+  const int64_t num_counters = num_tasks * (1 + group_size);  // signals follow (unused on GPUs)
   if ((*counters)->element_type() != ffi::DataType::S32 ||
-      static_cast<int64_t>((*counters)->element_count()) != num_tasks)
-    return invalid("the counters result must be int32[num_tasks] (num_tasks = " +
-                   std::to_string(num_tasks) + ")");
+      static_cast<int64_t>((*counters)->element_count()) != num_counters)
+    return invalid("the counters result must be int32[" + std::to_string(num_counters) + "]");
   int64_t* profile_ptr = nullptr;
   if (profile == 1) {
     auto prof = rets.get<ffi::AnyBuffer>(num_outputs + 2);
@@ -96,11 +125,41 @@ ffi::Error PersistentCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::Rem
   launch.num_tasks = static_cast<int>(num_tasks);
   launch.timeout_ms = timeout_ms;
   launch.chaos_seed = chaos_seed;
+  if (state != nullptr) {
+    const gpu::PersistentSymLayout layout = gpu::PersistentSymLayout::of(num_tasks, static_cast<int32_t>(group_size), inbox_bytes);
+    launch.comm.peers = state->region_peers();
+    launch.comm.local = state->region();
+    launch.comm.rank = state->rank();
+    launch.comm.n = static_cast<int32_t>(group_size);
+    launch.comm.epoch = state->next_persistent_epoch();
+    launch.comm.inbox_bytes = inbox_bytes;
+    launch.comm.num_tasks = static_cast<int32_t>(num_tasks);
+    launch.comm.signals_offset = layout.signals_offset;
+    launch.comm.inbox_offset = layout.inbox_offset;
+  }
   if (std::string err = gpu::persistent_enqueue(stream, launch); !err.empty())
     return ffi::Error(ffi::ErrorCode::kInternal, err);
   return ffi::Error::Success();
 }
 
+}  // namespace
+}  // namespace jax_ark
+
+namespace jax_ark {
+namespace {
+ffi::Error PersistentCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                          int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
+                          int64_t chaos_seed, int64_t profile) {
+  return PersistentImpl(stream, args, rets, num_workers, num_tasks, timeout_ms, chaos_seed, profile, 0, 0);
+}
+ffi::Error PersistentCommCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                              int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
+                              int64_t chaos_seed, int64_t profile, int64_t comm_id,
+                              int64_t inbox_bytes) {
+  if (comm_id == 0) return invalid("ark_persistent_comm needs a communicator (comm_id != 0)");
+  return PersistentImpl(stream, args, rets, num_workers, num_tasks, timeout_ms, chaos_seed, profile,
+                        comm_id, inbox_bytes);
+}
 }  // namespace
 }  // namespace jax_ark
 
@@ -115,4 +174,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCuda, jax_ark::PersistentCuda,
                                   .Attr<int64_t>("chaos_seed")
                                   .Attr<int64_t>("profile"));
 
+// Plans with put tasks (plan v3 communication): the same call plus the communicator.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCommCuda, jax_ark::PersistentCommCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("num_workers")
+                                  .Attr<int64_t>("num_tasks")
+                                  .Attr<int64_t>("timeout_ms")
+                                  .Attr<int64_t>("chaos_seed")
+                                  .Attr<int64_t>("profile")
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int64_t>("inbox_bytes"));
+
 JAX_ARK_REGISTER_TARGET("ark_persistent", ArkPersistentCuda);
+JAX_ARK_REGISTER_TARGET("ark_persistent_comm", ArkPersistentCommCuda);

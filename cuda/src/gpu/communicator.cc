@@ -130,6 +130,8 @@ RankState::RankState(int64_t comm_id, int device, int rank, const CommConfig& co
   scratch_ = device_alloc(device, layout_.total_bytes, /*zero=*/true);
   control_ = device_alloc(device, sizeof(RankControl), /*zero=*/true);
   peer_table_ = device_alloc(device, sizeof(uint8_t*) * config.n_ranks, /*zero=*/true);
+  if (config.extra_bytes > 0)
+    region_table_ = device_alloc(device, sizeof(uint8_t*) * config.n_ranks, /*zero=*/true);
   {
     DeviceGuard guard(device);
     const RankControl initial{/*epoch=*/1u, 0u, 0u, 0u};
@@ -199,6 +201,11 @@ void RankState::connect(const std::vector<PeerLink>& peers) {
     }
   }
   copy_to_device(device_, peer_table_.get(), table.data(), sizeof(uint8_t*) * table.size());
+  if (region_table_) {  // the same layout on every rank: each peer's region at the same offset
+    std::vector<uint8_t*> regions(table.size());
+    for (size_t j = 0; j < table.size(); ++j) regions[j] = table[j] + layout_.extra_offset;
+    copy_to_device(device_, region_table_.get(), regions.data(), sizeof(uint8_t*) * regions.size());
+  }
   connected_.store(true, std::memory_order_release);
 }
 

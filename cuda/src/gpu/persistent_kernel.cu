@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "jax_ark/gpu/cooperative_launch.cuh"
+#include "jax_ark/gpu/persistent_comm_device.hpp"
 #include "jax_ark/gpu/persistent_launch.hpp"
 #include "jax_ark/gpu/persistent_sync_device.cuh"
 #include "jax_ark/gpu/tile_ops_device.cuh"
@@ -43,7 +44,7 @@ enum BadPlanReason : int32_t {
   kBadWorkspace = 7,       // workspace_bytes larger than the workspace result
   kBadOpKind = 8,
   kBadLoop = 9,            // v3 loop section: out of the plan, bad trip count or op ranges
-  kCommUnsupported = 10,   // plan v3 PUT ops (group_size != 0): the CPU executor runs them, not this one
+  kCommUnsupported = 10,   // plan v3 PUT ops (group_size != 0) in a call without a group
   kWhileGuard = 11,        // a while loop's predicate was still true at its guard's last iteration
 };
 
@@ -60,6 +61,8 @@ struct KernelParams {
   int32_t num_workers, num_tasks;
   uint64_t chaos_seed;
   PersistentRunState run;
+  PersistentCommDevice comm;  // n == 0: the call has no communication group
+  int32_t skip;               // harness only: this rank's blocks return at once (forced timeouts)
 };
 static_assert(sizeof(KernelParams) < 4000, "kernel parameters must fit the 4 KiB parameter space");
 
@@ -103,6 +106,9 @@ struct TaskSmem {
   // (a 64-bit division is a ~70-instruction subroutine; it ran per dim of every element).
   int32_t out_dims_narrow, iter_dims_narrow;
   int32_t first_bad_q;  // the one-time queue check: lowest bad queue position (INT32_MAX: none)
+  // Bit q: peer rank q is known to have entered this call (PUT tasks wait for it once per block).
+  unsigned long long peers_entered;
+  int32_t rank;  // LOAD_RANK: this call's rank in the plan's group (0 without one)
 };
 
 // ---- plan access helpers ---------------------------------------------------------------------
@@ -117,6 +123,13 @@ __device__ __forceinline__ void* tensor_base(const KernelParams& p, const pf::Te
     case pf::kStorageWorkspace: {
       const int64_t bytes = t.num_elements * pf::dtype_size(t.dtype);
       if (t.byte_offset < 0 || t.byte_offset + bytes > p.workspace_bytes) return nullptr;
+      // Plans with puts keep their inboxes, and only them, in [0, inbox_bytes) of the workspace
+      // (the planner places them first): those bytes live in the group's symmetric region, where
+      // peers can write them (persistent_comm_device.hpp).
+      if (t.byte_offset < p.comm.inbox_bytes)
+        return t.byte_offset + bytes <= p.comm.inbox_bytes
+                   ? inbox_area(p.comm, p.comm.local) + t.byte_offset
+                   : nullptr;
       return p.workspace + t.byte_offset;
     }
     default: return nullptr;
@@ -189,6 +202,8 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
       v = __int_as_float(ins.a);
     } else if (opc == pf::kLoadIter) {
       v = __int_as_float(static_cast<int32_t>(s.iter));
+    } else if (opc == pf::kLoadRank) {
+      v = __int_as_float(s.rank);
     } else if (opc == pf::kSelect) {
       v = r[ins.a] != 0.f ? r[ins.c] : r[ins.b];
     } else if (pf::is_unary(opc)) {
@@ -244,10 +259,37 @@ __device__ void report(const KernelParams& p, const pf::PlanView& plan, int32_t 
   rec.detail = detail;
   rec.waited_ns = waited_ns;
   rec.call_seq = p.run.seq;
+  rec.rank = p.comm.n > 0 ? p.comm.rank : -1;
+  rec.peer = rec.slot = rec.run = -1;
   if (status != kPersistentBadPlan || detail != kBadHeader) {
     copy_name(plan, rec.op, rec.op_name);
     copy_name(plan, rec.dep_op, rec.dep_op_name);
   }
+  persistent_publish_record(p.run, rec);
+}
+
+// Called by ONE thread of a PUT task that gave up waiting for peer rank `peer`: for its tile of
+// inbox slot `slot` of run `run`, or (slot -1) for the peer to enter this call at all.
+__device__ void report_peer_timeout(const KernelParams& p, const pf::PlanView& plan, int32_t worker,
+                                    int32_t task, int32_t peer, int32_t slot, int32_t run,
+                                    uint64_t seen, uint64_t waited_ns) {
+  if (!persistent_raise_abort(p.run)) return;
+  PersistentErrorRecord rec{};
+  rec.status = kPersistentPeerTimeout;
+  rec.worker = worker;
+  rec.task = task;
+  rec.op = plan.task(task).op;  // task was checked by the queue pass
+  rec.dep_task = -1;
+  rec.dep_op = -1;
+  rec.counter_seen = static_cast<int32_t>(seen & 0xFFFFFFFFu);  // runs delivered (the low half)
+  rec.waited_ns = waited_ns;
+  rec.call_seq = p.run.seq;
+  rec.rank = p.comm.rank;
+  rec.peer = peer;
+  rec.slot = slot;
+  rec.run = run;
+  copy_name(plan, rec.op, rec.op_name);
+  rec.dep_op_name[0] = '\0';
   persistent_publish_record(p.run, rec);
 }
 
@@ -340,6 +382,7 @@ __device__ int32_t task_problem(const KernelParams& p, const pf::PlanView& plan,
   if (t.b0 < 0 || t.b1 > o.B || t.m0 < 0 || t.m1 > o.M || t.n0 < 0 || t.n1 > o.N || t.b0 > t.b1 ||
       t.m0 > t.m1 || t.n0 > t.n1)
     return kBadTask;
+  if (o.kind == pf::kOpPut) return p.comm.n > 0 ? 0 : kCommUnsupported;
   if (o.kind != pf::kOpMatmul && o.kind != pf::kOpReduce && o.kind != pf::kOpMap) return kBadOpKind;
   return 0;
 }
@@ -548,6 +591,8 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
         }
       }
     } else if (opc == pf::kConst || opc == pf::kLoadIter) {
+    } else if (opc == pf::kLoadRank) {
+      ok = ok && h.group_size != 0;  // a rank only exists in a group
     } else if (opc == pf::kSelect) {
       ok = ok && ins.a >= 0 && ins.a < local && ins.b >= 0 && ins.b < local && ins.c >= 0 &&
            ins.c < local;
@@ -724,6 +769,160 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
   return true;
 }
 
+// ---- communication: PUT tasks (plan v3, docs/plan_format.md "Communication") ----------------
+
+// Copies element `e` of `src` to element `d` of `dst` (`sz`-byte elements). One load and one store of
+// the element's width: never a byte-wise memcpy (nvcc 13.0 miscompiled those for 16-bit tails,
+// issue 9). The source may have been written during this call, hence the L2 (.cg) load.
+__device__ __forceinline__ void copy_element(void* dst, int64_t d, const void* src, int64_t e, int sz) {
+  switch (sz) {
+    case 8: static_cast<unsigned long long*>(dst)[d] = __ldcg(static_cast<const unsigned long long*>(src) + e); break;
+    case 4: static_cast<unsigned int*>(dst)[d] = __ldcg(static_cast<const unsigned int*>(src) + e); break;
+    case 2: static_cast<unsigned short*>(dst)[d] = __ldcg(static_cast<const unsigned short*>(src) + e); break;
+    default: static_cast<unsigned char*>(dst)[d] = __ldcg(static_cast<const unsigned char*>(src) + e); break;
+  }
+}
+
+__device__ __forceinline__ void zero_element(void* dst, int64_t d, int sz) {
+  switch (sz) {
+    case 8: static_cast<unsigned long long*>(dst)[d] = 0ull; break;
+    case 4: static_cast<unsigned int*>(dst)[d] = 0u; break;
+    case 2: static_cast<unsigned short*>(dst)[d] = 0; break;
+    default: static_cast<unsigned char*>(dst)[d] = 0; break;
+  }
+}
+
+// The whole block copies the task's (m, n) tile of `src` (element `src_at` + m * s1 + n * s2, n
+// relative to n0) into rows of `dst` (element `dst_at` + m * N + n). Rows that are contiguous and
+// 16-byte aligned on both sides move as 16-byte vectors (a peer's inbox over NVLink takes whole
+// 16-byte stores best); anything else element by element.
+__device__ void copy_put_tile(void* dst, int64_t dst_at, const void* src, int64_t src_at, int64_t s1,
+                              int64_t s2, int64_t N, const pf::TaskRecord& t, int sz) {
+  const int64_t tm = t.m1 - t.m0, tn = t.n1 - t.n0;
+  const auto* sb = static_cast<const char*>(src);
+  auto* db = static_cast<char*>(dst);
+  const int64_t row_bytes = tn * sz;
+  const bool vectors = s2 == 1 && row_bytes % 16 == 0 && (s1 * sz) % 16 == 0 && (N * sz) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(sb + (src_at + t.m0 * s1) * sz) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(db + (dst_at + t.m0 * N) * sz) % 16 == 0;
+  if (vectors) {
+    const int64_t per_row = row_bytes / 16;
+    for (int64_t i = threadIdx.x; i < tm * per_row; i += kBlockThreads) {
+      const int64_t m = t.m0 + i / per_row, v = i % per_row;
+      const uint4* from = reinterpret_cast<const uint4*>(sb + (src_at + m * s1) * sz) + v;
+      reinterpret_cast<uint4*>(db + (dst_at + m * N) * sz)[v] = __ldcg(from);
+    }
+    return;
+  }
+  for (int64_t i = threadIdx.x; i < tm * tn; i += kBlockThreads) {
+    const int64_t m = t.m0 + i / tn, n = i % tn;
+    copy_element(dst, dst_at + m * N + n, src, src_at + m * s1 + n * s2, sz);
+  }
+}
+
+// A PUT task on the GPU, the block together (block-uniform result; false: the run failed or was
+// aborted, the error recorded). After its dependencies (the source tile is final):
+//  1. every peer this task sends to has entered this call (one flag poll per block and peer per
+//     call: s.peers_entered), so no tile of this call can land in an inbox still read by the peer's
+//     previous call;
+//  2. the tiles this rank sends (routing: slot b of rank q is sent by recv_from(q, b), from row
+//     send_row(q, b) of a_view; default: this rank's row to every rank) go straight into the
+//     peers' inboxes with plain stores; then a block barrier and ONE sys-scope release per
+//     (peer, slot) carries them (signal_put);
+//  3. every slot of the task in this rank's inbox is awaited (acquire; a slot with no sender is
+//     zero-filled here, as jax.lax gives zeros), so the caller's release of counters[task] tells
+//     local consumers that their tiles are in.
+// No wait in 1-2 is for a peer's progress past its own copy phase, which is what keeps the
+// "no cycle of waits" argument of docs/plan_format.md whole.
+template <typename Wait>
+__device__ bool run_put(const KernelParams& p, const pf::PlanView& plan, const pf::LoopView& lv,
+                        int32_t task, const pf::OpRecord& op, const pf::TaskRecord& t, TaskSmem& s,
+                        Wait& wait, int worker, int64_t iter, uint32_t runs) {
+  if (!wait()) return false;
+  const PersistentCommDevice& c = p.comm;
+  const int32_t rank = c.rank, n = c.n;
+  const pf::RouteView route = plan.route(op);
+  const pf::ViewRecord& av = plan.view(op.a_view);
+  const pf::TensorRecord& src_t = plan.tensor(av.tensor);
+  const pf::TensorRecord& inbox = plan.tensor(op.out_tensor);
+  const void* src = tensor_base(p, src_t);
+  const int sz = pf::dtype_size(inbox.dtype);
+  const int64_t src_at = av.offset + lv.view_shift(op.a_view, s.iter, s.outer_iter) + t.n0 * av.strides[2];
+  const int64_t slice = lv.op_stacked(t.op) ? lv.stacked_slice(t.op, iter) : 0;
+  // Element offset of slot b's tile origin (m = 0, n = n0) in any rank's inbox.
+  auto slot_at = [&](int32_t b) { return ((slice * op.B + b) * op.M) * op.N + t.n0; };
+
+  // 1. peers entered: thread q handles peer q (n <= kPersistentMaxGroup <= kBlockThreads).
+  bool failed = false;
+  const int32_t q = static_cast<int32_t>(threadIdx.x);
+  if (q < n && q != rank && ((s.peers_entered >> q) & 1ull) == 0ull) {
+    bool sends = false;
+    for (int32_t b = t.b0; b < t.b1 && !sends; ++b) sends = route.recv_from(q, b) == rank;
+    if (sends) {
+      uint64_t t0 = 0, waited = 0, seen = 0;
+      bool aborted = false;
+      const bool ok = wait_peer_entered(c, q, [&] {
+        if (t0 == 0) t0 = proto::now_ns();
+        if (persistent_aborted(p.run)) return aborted = true;
+        waited = proto::now_ns() - t0;
+        return waited > p.run.timeout_ns;
+      }, &seen);
+      if (ok) {
+        atomicOr(&s.peers_entered, 1ull << q);
+      } else {
+        failed = true;
+        if (!aborted) report_peer_timeout(p, plan, worker, task, q, -1, static_cast<int32_t>(runs), seen, waited);
+      }
+    }
+  }
+  if (__syncthreads_or(failed)) return false;
+
+  // 2. this rank's tiles, peers in the order after this rank (the ranks do not all start at 0).
+  for (int32_t k = 1; k <= n; ++k) {
+    const int32_t dst_rank = (rank + k) % n;
+    for (int32_t b = t.b0; b < t.b1; ++b) {
+      if (route.recv_from(dst_rank, b) != rank) continue;
+      void* dst = inbox_area(c, c.peers[dst_rank]) + inbox.byte_offset;
+      copy_put_tile(dst, slot_at(b), src, src_at + route.send_row(dst_rank, b) * av.strides[0],
+                    av.strides[1], av.strides[2], op.N, t, sz);
+    }
+  }
+  __syncthreads();  // every thread's stores, before thread 0's releases (cumulative over them)
+  if (threadIdx.x == 0)
+    for (int32_t k = 1; k <= n; ++k) {
+      const int32_t dst_rank = (rank + k) % n;
+      for (int32_t b = t.b0; b < t.b1; ++b)
+        if (route.recv_from(dst_rank, b) == rank) signal_put(c, dst_rank, task, b, runs);
+    }
+
+  // 3. this rank's slots: thread j awaits slots b0 + j, b0 + j + 256, ...
+  for (int32_t b = t.b0 + static_cast<int32_t>(threadIdx.x); b < t.b1 && !failed; b += kBlockThreads) {
+    const int32_t from = route.recv_from(rank, b);
+    if (from < 0) continue;
+    uint64_t t0 = 0, waited = 0, seen = 0;
+    bool aborted = false;
+    const bool ok = wait_put(c, task, b, runs, [&] {
+      if (t0 == 0) t0 = proto::now_ns();
+      if (persistent_aborted(p.run)) return aborted = true;
+      waited = proto::now_ns() - t0;
+      return waited > p.run.timeout_ns;
+    }, &seen);
+    if (!ok) {
+      failed = true;
+      if (!aborted) report_peer_timeout(p, plan, worker, task, from, b, static_cast<int32_t>(runs), seen, waited);
+    }
+  }
+  if (__syncthreads_or(failed)) return false;
+  void* own = inbox_area(c, c.local) + inbox.byte_offset;
+  const int64_t tm = t.m1 - t.m0, tn = t.n1 - t.n0;
+  for (int32_t b = t.b0; b < t.b1; ++b) {
+    if (route.recv_from(rank, b) >= 0) continue;
+    for (int64_t i = threadIdx.x; i < tm * tn; i += kBlockThreads)
+      zero_element(own, slot_at(b) + (t.m0 + i / tn) * op.N + i % tn, sz);
+  }
+  return true;
+}
+
 // Test mode (chaos_seed != 0): a pseudo-random 0..200 us pause before each task, deterministic in
 // (seed, task), to expose missing dependencies.
 __device__ void chaos_pause(uint64_t seed, int task) {
@@ -736,14 +935,14 @@ __device__ void chaos_pause(uint64_t seed, int task) {
   while (global_timer_ns() - t0 < pause_ns) __nanosleep(2000);
 }
 
-__global__ void __launch_bounds__(kBlockThreads, 1)
-    persistent_kernel(const __grid_constant__ KernelParams p) {
+// One worker (block) of one rank: the whole executor. Inlined into the two kernels below.
+__device__ __forceinline__ void run_worker(const KernelParams& p, const int worker) {
   extern __shared__ float4 dynamic_smem[];
   float* smem = reinterpret_cast<float*>(dynamic_smem);
   __shared__ TaskSmem s;
   const pf::PlanView plan{p.plan};
-  const int worker = blockIdx.x;
   const pf::Header& h = plan.header();
+  if (p.skip) return;
 
   // Every block checks the header itself (cheap, and no block trusts another's verdict).
   if (threadIdx.x == 0) {
@@ -753,11 +952,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       bad = kBadHeader;
     } else if (!sections_fit(h)) {
       bad = kBadHeader;
-    } else if (h.group_size != 0) {
+    } else if (h.group_size != 0 && p.comm.n == 0) {
       bad = kCommUnsupported;
     } else if (h.num_workers != p.num_workers || h.num_tasks != p.num_tasks ||
                h.num_args != p.num_args || h.num_outputs != p.num_results ||
-               h.num_counters != h.num_tasks) {
+               h.num_counters != int64_t{h.num_tasks} * (1 + int64_t{h.group_size}) ||
+               h.group_size != p.comm.n || (h.group_size != 0 && p.comm.num_tasks != h.num_tasks)) {
       bad = kBadCounts;
     } else if (h.workspace_bytes > p.workspace_bytes) {
       bad = kBadWorkspace;
@@ -766,6 +966,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     if (bad) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, bad, 0);
     s.header_bad = bad;
+    // Peers may write into this rank's region from now on (persistent_comm_device.hpp).
+    if (bad == 0 && worker == 0 && p.comm.n > 0) announce_entered(p.comm);
   }
   __syncthreads();
   if (s.header_bad) return;
@@ -781,6 +983,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   if (threadIdx.x == 0) {
     s.first_bad_q = INT32_MAX;
     s.staged_op = -1;  // nothing staged yet
+    s.peers_entered = p.comm.n > 0 ? 1ull << p.comm.rank : 0ull;
+    s.rank = p.comm.n > 0 ? p.comm.rank : 0;
   }
   __syncthreads();
   bool queue_bad = false;
@@ -839,6 +1043,19 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
                        tensor_base(p, plan.tensor(av.tensor)) != nullptr &&
                        tensor_base(p, plan.tensor(bv.tensor)) != nullptr;
           }
+        } else if (op.kind == pf::kOpPut) {
+          // The inbox must be in the symmetric region (peers write it) and the source a rank-3
+          // view of the inbox's dtype; extents and routes are check_plan's (host) business.
+          const pf::TensorRecord& inbox = plan.tensor(op.out_tensor);
+          views_ok = views_ok && inbox.storage == pf::kStorageWorkspace &&
+                     inbox.byte_offset + inbox.num_elements * pf::dtype_size(inbox.dtype) <= p.comm.inbox_bytes &&
+                     op.a_view >= 0 && op.a_view < h.num_views;
+          if (views_ok) {
+            const pf::ViewRecord& av = plan.view(op.a_view);
+            views_ok = av.rank == 3 && av.tensor >= 0 && av.tensor < h.num_tensors &&
+                       plan.tensor(av.tensor).dtype == inbox.dtype &&
+                       tensor_base(p, plan.tensor(av.tensor)) != nullptr;
+          }
         }
       }
       if (!views_ok) {
@@ -864,9 +1081,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       start = global_timer_ns();
       return ok;
     };
+    const uint32_t runs = static_cast<uint32_t>(lv.run_index(t.op, cursor.iters) + 1);
     bool ok;
     if (op.kind == pf::kOpMatmul) ok = run_matmul(p, plan, op, t, s, smem, wait);
     else if (op.kind == pf::kOpReduce) ok = run_reduce(p, plan, op, t, s, wait);
+    else if (op.kind == pf::kOpPut) ok = run_put(p, plan, lv, task, op, t, s, wait, worker, iter, runs);
     else ok = run_map(p, plan, op, t, s, wait);
     if (!ok) return;  // aborted (block-uniform): the record was written by whoever failed first
 
@@ -885,9 +1104,23 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       // st.release.gpu = fence.acq_rel.gpu + store: cumulative over the block's stores ordered
       // before it by the barrier above.
       // Counters count finished runs (a nested loop's: outer * inner trips + inner + 1).
-      persistent_release_task(p.counters, task, static_cast<uint32_t>(lv.run_index(t.op, cursor.iters) + 1));
+      persistent_release_task(p.counters, task, runs);
     }
   }
+}
+
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    persistent_kernel(const __grid_constant__ KernelParams p) {
+  run_worker(p, static_cast<int>(blockIdx.x));
+}
+
+// Every rank of a group on ONE GPU in one cooperative launch (the test harness,
+// persistent_group_run): block b is worker b % W of rank b / W, each rank with its own parameters
+// (in device memory: N ranks' pointers exceed the 4 KiB parameter space). All ranks' blocks are
+// then resident together, which N launches on N streams would not promise.
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    persistent_group_kernel(const KernelParams* ranks, int32_t workers_per_rank) {
+  run_worker(ranks[blockIdx.x / workers_per_rank], static_cast<int>(blockIdx.x % workers_per_rank));
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -919,6 +1152,8 @@ std::mutex g_mutex;
 std::string resident_blocks_on_current(int device, int* blocks) {
   ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       persistent_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
+  ARK_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      persistent_group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, tile::kSmemBytes));
   cudaFuncAttributes attr{};
   ARK_CUDA_RETURN_IF_ERROR(cudaFuncGetAttributes(&attr, persistent_kernel));
   size_t stack = 0;
@@ -991,7 +1226,10 @@ const char* bad_plan_reason(int32_t r) {
 
 }  // namespace
 
-std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& a) {
+namespace {
+// Checks one rank's call and fills its kernel parameters. The caller holds no lock.
+std::string prepare_call(const PersistentLaunchArgs& a, DeviceState* st, uint32_t seq,
+                         KernelParams* out) {
   if (a.num_args < 0 || a.num_args > kPersistentMaxArgs)
     return "ark_persistent: " + std::to_string(a.num_args) + " operands; the CUDA executor takes at most " +
            std::to_string(kPersistentMaxArgs);
@@ -1004,22 +1242,15 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
   if (a.plan == nullptr || a.plan_words < 32) return "ark_persistent: the plan operand is too short";
   if (reinterpret_cast<uintptr_t>(a.plan) % 8 != 0)
     return "ark_persistent: the plan operand is not 8-byte aligned";
-  DeviceState* st = nullptr;
-  if (std::string err = device_state(&st); !err.empty()) return err;
-  if (a.num_workers > st->co_resident_blocks)
-    return "ark_persistent: the plan has " + std::to_string(a.num_workers) +
-           " workers but this GPU keeps only " + std::to_string(st->co_resident_blocks) +
-           " blocks of the persistent kernel resident at once (plan for at most one worker per SM)";
+  if (a.comm.n < 0 || a.comm.n > kPersistentMaxGroup)
+    return "ark_persistent: a communication group of " + std::to_string(a.comm.n) +
+           " ranks; the CUDA executor takes 1.." + std::to_string(kPersistentMaxGroup);
+  if (a.comm.n > 0 && (a.comm.rank < 0 || a.comm.rank >= a.comm.n || a.comm.epoch == 0 ||
+                       a.comm.peers == nullptr || a.comm.local == nullptr))
+    return "ark_persistent: invalid communication arguments (rank, epoch or regions)";
 
-  if (a.num_tasks > 0)
-    ARK_CUDA_RETURN_IF_ERROR(
-        cudaMemsetAsync(a.counters, 0, sizeof(int32_t) * static_cast<size_t>(a.num_tasks), stream));
-  if (a.profile != nullptr && a.num_tasks > 0)
-    ARK_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
-        a.profile, 0, sizeof(int64_t) * pf::kProfileWordsPerTask * static_cast<size_t>(a.num_tasks),
-        stream));
-
-  KernelParams kp{};
+  KernelParams& kp = *out;
+  kp = KernelParams{};
   kp.plan = a.plan;
   kp.plan_words = a.plan_words;
   for (int i = 0; i < a.num_args; ++i) kp.args[i] = a.args[i];
@@ -1036,14 +1267,95 @@ std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& 
   kp.run.abort_word = st->abort_word;
   kp.run.error = st->device_record;
   kp.run.timeout_ns = static_cast<uint64_t>(a.timeout_ms) * 1000000ull;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    kp.run.seq = st->next_seq++;
-  }
+  kp.run.seq = seq;
+  kp.comm = a.comm;
+  kp.skip = 0;
+  return {};
+}
 
+// Zeroes a call's counters (and profile) on `stream`, right before its launch.
+std::string zero_counters(cudaStream_t stream, const PersistentLaunchArgs& a) {
+  if (a.num_tasks > 0)
+    ARK_CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(a.counters, 0, sizeof(int32_t) * static_cast<size_t>(a.num_tasks), stream));
+  if (a.profile != nullptr && a.num_tasks > 0)
+    ARK_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(
+        a.profile, 0, sizeof(int64_t) * pf::kProfileWordsPerTask * static_cast<size_t>(a.num_tasks),
+        stream));
+  return {};
+}
+
+uint32_t next_seq(DeviceState* st) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return st->next_seq++;
+}
+
+std::string too_many_workers(int workers, int resident) {
+  return "ark_persistent: the plan needs " + std::to_string(workers) +
+         " resident blocks but this GPU keeps only " + std::to_string(resident) +
+         " blocks of the persistent kernel resident at once (plan for at most one worker per SM)";
+}
+}  // namespace
+
+std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& a) {
+  DeviceState* st = nullptr;
+  if (std::string err = device_state(&st); !err.empty()) return err;
+  if (a.num_workers > st->co_resident_blocks) return too_many_workers(a.num_workers, st->co_resident_blocks);
+  KernelParams kp;
+  if (std::string err = prepare_call(a, st, next_seq(st), &kp); !err.empty()) return err;
+  if (std::string err = zero_counters(stream, a); !err.empty()) return err;
   ARK_CUDA_RETURN_IF_ERROR(launch_cooperative(persistent_kernel,
                                               static_cast<unsigned>(a.num_workers), kBlockThreads,
                                               tile::kSmemBytes, stream, kp));
+  return {};
+}
+
+std::string persistent_group_enqueue(cudaStream_t stream,
+                                     const std::vector<std::vector<PersistentLaunchArgs>>& calls,
+                                     int32_t skip_rank, cudaEvent_t start, cudaEvent_t stop) {
+  if (calls.empty() || calls[0].empty()) return "ark_persistent group: no calls or no ranks";
+  DeviceState* st = nullptr;
+  if (std::string err = device_state(&st); !err.empty()) return err;
+  const size_t n = calls[0].size();
+  const int workers = calls[0][0].num_workers;
+  const int64_t blocks = int64_t{workers} * static_cast<int64_t>(n);
+  if (blocks > st->co_resident_blocks) return too_many_workers(static_cast<int>(blocks), st->co_resident_blocks);
+  std::vector<KernelParams> params(calls.size() * n);
+  for (size_t c = 0; c < calls.size(); ++c) {
+    if (calls[c].size() != n) return "ark_persistent group: calls disagree on the rank count";
+    const uint32_t seq = next_seq(st);  // one run of every rank: one failure aborts them all
+    for (size_t r = 0; r < n; ++r) {
+      if (calls[c][r].num_workers != workers) return "ark_persistent group: ranks disagree on num_workers";
+      KernelParams& kp = params[c * n + r];
+      if (std::string err = prepare_call(calls[c][r], st, seq, &kp); !err.empty()) return err;
+      kp.skip = static_cast<int32_t>(r) == skip_rank ? 1 : 0;
+    }
+  }
+  // Every call's parameters in device memory at once (N ranks' pointers exceed the 4 KiB
+  // parameter space), so the calls below go back to back with no host step between them.
+  KernelParams* device_params = nullptr;
+  const size_t bytes = sizeof(KernelParams) * params.size();
+  ARK_CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&device_params), bytes, stream));
+  cudaError_t e = cudaMemcpyAsync(device_params, params.data(), bytes, cudaMemcpyHostToDevice, stream);
+  // The host copy must outlive the async copy: wait for it (a harness, not XLA's path).
+  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
+  if (e == cudaSuccess && start != nullptr) e = cudaEventRecord(start, stream);
+  for (size_t c = 0; c < calls.size() && e == cudaSuccess; ++c) {
+    for (size_t r = 0; r < n; ++r)
+      if (std::string err = zero_counters(stream, calls[c][r]); !err.empty()) {
+        cudaFreeAsync(device_params, stream);
+        return err;
+      }
+    e = launch_cooperative(persistent_group_kernel, static_cast<unsigned>(blocks), kBlockThreads,
+                           tile::kSmemBytes, stream,
+                           static_cast<const KernelParams*>(device_params + c * n),
+                           static_cast<int32_t>(workers));
+  }
+  if (e == cudaSuccess && stop != nullptr) e = cudaEventRecord(stop, stream);
+  // Freed once the stream passed the launches (stream-ordered).
+  const cudaError_t freed = cudaFreeAsync(device_params, stream);
+  ARK_CUDA_RETURN_IF_ERROR(e);
+  ARK_CUDA_RETURN_IF_ERROR(freed);
   return {};
 }
 
@@ -1076,8 +1388,23 @@ bool persistent_take_failure(std::string* message, bool* is_timeout) {
   r.op_name[kPersistentNameChars - 1] = '\0';
   r.dep_op_name[kPersistentNameChars - 1] = '\0';
   rec->status = kPersistentOk;
-  char buf[512];
-  if (r.status == kPersistentTimeout) {
+  char buf[768];
+  if (r.status == kPersistentPeerTimeout) {
+    char what[160];
+    if (r.slot < 0)
+      std::snprintf(what, sizeof(what), "to enter this call of the plan (a rank that never runs it: "
+                    "rank-dependent control flow, or a peer that failed)");
+    else
+      std::snprintf(what, sizeof(what), "to put its tile into inbox slot %d (run %d; runs seen %d)",
+                    r.slot, r.run, r.counter_seen);
+    std::snprintf(buf, sizeof(buf),
+                  "ark_persistent (CUDA, call #%u): rank %d, worker %d, timed out after %.1f ms in "
+                  "task %d (op %d '%s', a put) waiting for peer rank %d %s; the outputs of that "
+                  "call are invalid",
+                  r.call_seq, r.rank, r.worker, r.waited_ns / 1e6, r.task, r.op, r.op_name, r.peer,
+                  what);
+    *is_timeout = true;
+  } else if (r.status == kPersistentTimeout) {
     std::snprintf(buf, sizeof(buf),
                   "ark_persistent (CUDA, call #%u): worker %d timed out after %.1f ms waiting for "
                   "task %d (op %d '%s', counters[%d] = %d) before running task %d (op %d '%s'); "

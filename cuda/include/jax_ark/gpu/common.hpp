@@ -38,6 +38,9 @@ struct CommConfig {
   int32_t blocks = 16;          // blocks per kernel of the chunked path (each block syncs per round)
   uint32_t piece_bytes = 32768; // bytes per (call half, round parity, source rank, block) slot
   uint32_t ll_bytes = 65536;    // largest per-peer message sent with the LL protocol
+  // Persistent plans with put tasks: bytes of the symmetric region after the collectives' scratch
+  // (persistent_comm_device.hpp; one communicator per plan call site, so its own region).
+  uint64_t extra_bytes = 0;
 };
 
 // Written once by the device when a wait times out (or the rank operand is inconsistent); lives in

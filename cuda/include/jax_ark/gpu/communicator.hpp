@@ -89,6 +89,15 @@ class RankState {
   int rank() const { return rank_; }
   int64_t comm_id() const { return comm_id_; }
   bool connected() const { return connected_.load(std::memory_order_acquire); }
+  // Persistent plans (CommConfig::extra_bytes > 0): every rank's symmetric region as mapped here
+  // (device array [n], mine included), mine, and its size; valid once connected.
+  uint8_t* const* region_peers() const { return static_cast<uint8_t* const*>(region_table_.get()); }
+  uint8_t* region() const { return scratch() + layout_.extra_offset; }
+  uint64_t region_bytes() const { return config_.extra_bytes; }
+  // The epoch of the next persistent call on this rank (1, 2, ...): every rank makes the k-th
+  // call of the site k-th, so the epochs agree without any exchange. XLA runs the handler once
+  // per call (the target is not command-buffer compatible), so this counts calls.
+  uint64_t next_persistent_epoch() { return persistent_calls_.fetch_add(1) + 1; }
   // The record the kernels write on failure (host-mapped: readable without a sync).
   const volatile ErrorRecord& error() const { return *error_host_; }
   std::string describe_error() const;  // "" when no error was recorded
@@ -102,6 +111,8 @@ class RankState {
   DeviceBuffer scratch_;
   DeviceBuffer control_;
   DeviceBuffer peer_table_;
+  DeviceBuffer region_table_;  // extra_bytes > 0 only
+  std::atomic<uint64_t> persistent_calls_{0};
   HostBuffer error_;
   volatile ErrorRecord* error_host_ = nullptr;
   std::vector<std::unique_ptr<IpcMapping>> mappings_;

@@ -24,6 +24,7 @@ struct ScratchLayout {
   uint64_t flags_offset = 0;
   uint64_t ll_offset = 0;
   uint64_t chunk_offset = 0;
+  uint64_t extra_offset = 0;     // CommConfig::extra_bytes, after the chunk pieces
   uint64_t total_bytes = 0;
   uint32_t ll_slot_packets = 0;  // header packet + data packets, per source rank
 
@@ -36,8 +37,9 @@ struct ScratchLayout {
     l.ll_offset = round_up(n * kMaxBlocks * sizeof(uint64_t), 256);
     l.ll_slot_packets = static_cast<uint32_t>(round_up(1 + (c.ll_bytes + 3) / 4, 32));
     l.chunk_offset = round_up(l.ll_offset + 2 * n * l.ll_slot_packets * 8ull, 256);
-    l.total_bytes = round_up(
+    l.extra_offset = round_up(
         l.chunk_offset + 2ull * 2ull * n * static_cast<uint64_t>(c.blocks) * c.piece_bytes, 4096);
+    l.total_bytes = round_up(l.extra_offset + c.extra_bytes, 4096);
     return l;
   }
 };

@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
+
+#include "jax_ark/gpu/persistent_comm_device.hpp"
 
 namespace jax_ark::gpu {
 
@@ -29,11 +32,54 @@ struct PersistentLaunchArgs {
   int num_tasks = 0;
   int64_t timeout_ms = 0;
   int64_t chaos_seed = 0;
+  // A plan with put tasks: this rank's view of the group's symmetric regions (n == 0: none).
+  // counters then holds int32[num_tasks * (1 + group_size)] like the CPU executor's (only the
+  // first num_tasks are used: the signals live in the regions).
+  PersistentCommDevice comm;
 };
 
 // Zeroes the counters (and the profile) and launches the kernel on `stream`. Returns an empty
 // string on success, otherwise a message (bad arguments or a failing CUDA call, named).
 std::string persistent_enqueue(cudaStream_t stream, const PersistentLaunchArgs& args);
+
+// Calls of every rank of a group, each call ONE cooperative launch on the current device (the
+// single-GPU harness), back to back on `stream` with no host step between them: calls[c][r] is
+// rank r's part of call c (same plan, same num_workers; comm.rank = r, comm.epoch = the call's).
+// The blocks of rank `skip_rank` (if >= 0) return at once, so its peers' waits time out. `start` /
+// `stop` (optional) are recorded around the launches. Waits for the host-to-device copy of the
+// parameters before the first launch (a harness, not XLA's path). Same contract otherwise.
+std::string persistent_group_enqueue(cudaStream_t stream,
+                                     const std::vector<std::vector<PersistentLaunchArgs>>& calls,
+                                     int32_t skip_rank = -1, cudaEvent_t start = nullptr,
+                                     cudaEvent_t stop = nullptr);
+
+// What the symmetric region of a plan with put tasks needs, from the plan words on the host:
+// the workspace bytes [0, inbox_bytes) that hold the inboxes (and nothing else: checked), and the
+// region's layout (all zero for a plan without a group). Empty string on success, else why the
+// plan cannot run with puts on a GPU.
+struct PersistentCommNeeds {
+  int32_t group_size = 0;
+  int64_t inbox_bytes = 0;
+  PersistentSymLayout layout;
+};
+std::string persistent_comm_needs(const int32_t* words, int64_t num_words, PersistentCommNeeds* out);
+
+// Runs calls.size() back-to-back calls (epochs 1..C) of a plan with put tasks on every rank of a
+// group of n_ranks on the current GPU: calls[c][r][i] are the bytes of rank r's FFI operand i
+// (storage-0 tensors, constants included) for call c. Returns each call's and rank's user outputs
+// (bytes). A plan without a group runs as n_ranks independent copies (baselines).
+// skip_rank >= 0: that rank's blocks return at once (its peers' waits time out). Throws
+// std::runtime_error with the device's error record (rank, peer, task, op) on failure.
+std::vector<std::vector<std::vector<std::string>>> persistent_group_run(
+    const std::vector<int32_t>& plan_words, int32_t n_ranks,
+    const std::vector<std::vector<std::vector<std::string>>>& calls, int64_t timeout_ms,
+    int64_t chaos_seed, int32_t skip_rank);
+
+// Microseconds per call of `iters` back-to-back calls of such a plan on every rank (inputs as one
+// call of persistent_group_run), timed with CUDA events around the launches only.
+double persistent_group_time(const std::vector<int32_t>& plan_words, int32_t n_ranks,
+                             const std::vector<std::vector<std::string>>& inputs, int32_t iters,
+                             int64_t timeout_ms);
 
 // If a run enqueued earlier on the current device recorded a failure (a dependency wait that timed
 // out, a malformed plan seen on the device), returns true, fills `message` and `is_timeout`, and

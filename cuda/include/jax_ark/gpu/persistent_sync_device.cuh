@@ -36,6 +36,11 @@ struct PersistentErrorRecord {
   int32_t detail;        // bad-plan reason code, 0 otherwise
   uint64_t waited_ns;    // how long the wait lasted before giving up
   uint32_t call_seq;     // which call (per-device sequence number) failed
+  // kPersistentPeerTimeout (a PUT task waiting for a peer rank): who waited for whom and for what.
+  int32_t rank;          // this rank in the plan's group (-1 without a group)
+  int32_t peer;          // the peer rank awaited
+  int32_t slot;          // the inbox slot awaited; -1: the peer's entry into this call
+  int32_t run;           // the run of the put task (iteration + 1 in a loop, else 1)
   int32_t reserved;
   char op_name[kPersistentNameChars];      // name of `op` (truncated, NUL-terminated)
   char dep_op_name[kPersistentNameChars];  // name of `dep_op`
@@ -45,6 +50,7 @@ enum : int32_t {
   kPersistentOk = 0,
   kPersistentTimeout = 1,
   kPersistentBadPlan = 2,
+  kPersistentPeerTimeout = 3,
 };
 
 // Shared state of one kernel run, visible to all blocks.

@@ -1405,11 +1405,13 @@ bool persistent_take_failure(std::string* message, bool* is_timeout) {
                   what);
     *is_timeout = true;
   } else if (r.status == kPersistentTimeout) {
+    char who[48] = "";  // in a group, which rank's worker (a local wait: no peer involved)
+    if (r.rank >= 0) std::snprintf(who, sizeof(who), "rank %d, ", r.rank);
     std::snprintf(buf, sizeof(buf),
-                  "ark_persistent (CUDA, call #%u): worker %d timed out after %.1f ms waiting for "
+                  "ark_persistent (CUDA, call #%u): %sworker %d timed out after %.1f ms waiting for "
                   "task %d (op %d '%s', counters[%d] = %d) before running task %d (op %d '%s'); "
                   "the outputs of that call are invalid",
-                  r.call_seq, r.worker, r.waited_ns / 1e6, r.dep_task, r.dep_op, r.dep_op_name,
+                  r.call_seq, who, r.worker, r.waited_ns / 1e6, r.dep_task, r.dep_op, r.dep_op_name,
                   r.dep_task, r.counter_seen, r.task, r.op, r.op_name);
     *is_timeout = true;
   } else {

@@ -36,6 +36,7 @@ from jax_ark._persistent._format import (
     OPCODES,
     REDUCE_CODES,
     STORAGE_CODES,
+    CommGroup,
     Instr,
     Loop,
     Op,
@@ -201,7 +202,8 @@ def mutate_json(d: dict, rng: np.random.Generator) -> tuple[dict, str]:
             what = "queues: swap two entries"
         return d, what
     if kind < 0.25:  # programs: replace an opcode / dtype name, truncate or extend
-        op = d["ops"][int(rng.integers(len(d["ops"])))]
+        with_code = [o for o in d["ops"] if o["epilogue"] or o["prologue"]]  # not put ops
+        op = with_code[int(rng.integers(len(with_code)))]
         prog = op["epilogue"] if rng.random() < 0.7 or not op["prologue"] else op["prologue"]
         k = int(rng.integers(len(prog)))
         c = rng.integers(4)
@@ -252,6 +254,8 @@ def mutate_binary(words: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarr
     }
     if h[30]:  # v3 loop section: [num_loops, 0], loop records, op records, iteration strides
         sections["loops"] = (int(h[30]), 2 + 8 * int(words[h[30]]) + 2 * int(h[6]) + 2 * int(h[8]))
+    if h[27]:  # v3 route section: [route_words, 0], routing tables
+        sections["routes"] = (int(h[27]), 2 + int(words[h[27]]))
     names = [k for k, (_, n) in sections.items() if n > 0]
     name = names[rng.integers(len(names))]
     at, n = sections[name]
@@ -355,6 +359,28 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
             out.append(Instr(op, dtype, val, b, cc))
         return out
 
+    # v3 communication: the group (its size from word 31, its axes the call's) and the routing
+    # tables of put ops (route section at word 27: [route_words, 0], then each op's recv_from and
+    # send_row, [group_size][B] each)
+    group = h[31]
+    comm = None
+    if group:
+        if base.comm is None:
+            raise PlanError("decode: a communication group, the call has none")
+        comm = CommGroup(base.comm.axes, group, base.comm.axis_sizes)
+
+    def route_tables(at: int, slots: int) -> dict:
+        if at < 0:
+            return {}
+        if not h[27] or not 1 <= slots <= group:
+            raise PlanError("decode: a routing table without a route section or slots")
+        cells = group * slots
+        first = h[27] + 2 + at
+        if at + 2 * cells > int(w[h[27]]):
+            raise PlanError("decode: a routing table outside the route section")
+        table = w[first : first + 2 * cells].reshape(2, group, slots).tolist()
+        return {"recv_from": table[0], "send_row": table[1]}
+
     ops = []
     for i in range(h[6]):
         r = h[14] + 40 * i
@@ -386,6 +412,7 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
                 loop=int(w[op_rec + 2 * i]) if num_loops else -1,
                 stacked=bool(w[op_rec + 2 * i + 1]) if num_loops else False,
                 stack_reversed=int(w[op_rec + 2 * i + 1]) == 2 if num_loops else False,
+                **route_tables(int(w[r + 38]) - 1, i64(r + 16)),
             )
         )
     offs = [int(x) for x in w[h[16] : h[16] + h[5] + 1]]
@@ -420,6 +447,7 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
         workspace_bytes=i64(28),
         version=h[1],
         loops=loops,
+        comm=comm,
     )
     # Fields the Plan has no place for (reserved words, num_elements, unused dims...) must be what
     # the encoder writes: words that are not the encoding of any plan are not a plan.
@@ -431,6 +459,10 @@ def decode(words: np.ndarray, base: Plan) -> Plan:
 
 def _same_buffers(p: Plan, base: Plan) -> None:
     """The call's buffers are the base plan's (what persistent() checks against the arguments)."""
+    have = p.comm.group_size if p.comm else 0
+    want = base.comm.group_size if base.comm else 0
+    if have != want:  # the call's comm operand (and counters) are for the base plan's group
+        raise PlanError(f"a group of {have} ranks is not the call's {want}")
     if max(p.workspace_bytes, 1) != max(base.workspace_bytes, 1):
         raise PlanError(f"workspace of {p.workspace_bytes} bytes is not the call's")
     for a, b in zip(p.args + p.outputs, base.args + base.outputs, strict=True):
@@ -537,11 +569,27 @@ def run_case(seed: int, index: int, bases) -> dict:
 
 
 def main() -> None:
+    """Lines `plain <i>` (a plan without communication), `comm <i>` (a communication plan run on
+    all 8 ranks of its group, tests/plan_fuzz_comm.py) or `load_rank <i>`."""
     seed = int(sys.argv[1])
     bases = base_cases()
+    comm_seeds = None
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        print(json.dumps(run_case(seed, int(line), bases)), flush=True)
+        kind, index = line.split()
+        if kind == "plain":
+            result = run_case(seed, int(index), bases)
+        else:
+            import plan_fuzz_comm
+
+            if kind == "load_rank":
+                result = plan_fuzz_comm.run_load_rank_case(seed, int(index), bases)
+            else:
+                if comm_seeds is None:  # planned once per worker process, when first needed
+                    comm_seeds = plan_fuzz_comm.comm_seeds()
+                result = plan_fuzz_comm.run_comm_case(seed, int(index), comm_seeds)
+        result.setdefault("kind", kind)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

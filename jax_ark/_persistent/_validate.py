@@ -567,11 +567,26 @@ def _validate(plan: Plan) -> None:
     # complete: every task that must precede t does (dependency or queue order, transitively)
     ancestors = _ancestor_masks(order, preds)
     for t, need in enumerate(required_dependencies(plan)):
+        task = plan.tasks[t]
+        have = ancestors[t]
+        if plan.ops[task.op].kind == "put":
+            # Eager sends: a put's copies may be made as soon as its own dependencies are done,
+            # before its turn in its queue, so its queue predecessors do not order what it reads.
+            # Once a dependency d is done, so is everything before d (d ran after them).
+            have = 0
+            for d in task.deps:
+                have |= ancestors[d] | (1 << d)
         for d in need:
-            if not (ancestors[t] >> d) & 1:
+            if not (have >> d) & 1:
                 raise PlanError(
                     f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} but "
-                    f"does not depend on it (missing dependency)"
+                    f"does not depend on it (missing dependency"
+                    + (
+                        "; a put task's copies may be sent before its turn in its queue, so "
+                        "queue order does not count)"
+                        if have != ancestors[t]
+                        else ")"
+                    )
                 )
 
 
@@ -657,11 +672,13 @@ def _validate_loops(plan: Plan) -> None:
         if (
             op.kind == "put"
             and op.loop >= 0
-            and (not op.stacked or plan.loops[op.loop].parent >= 0)
+            and (not op.stacked or op.stack_reversed or plan.loops[op.loop].parent >= 0)
         ):
+            # forward: the body reads slice i at iteration i, which a reversed put would fill
+            # only at iteration trip_count - 1 - i
             raise PlanError(
-                f"{where}: a put op in a loop must be stacked (one inbox slice per iteration) and "
-                "in a top-level loop"
+                f"{where}: a put op in a loop must be stacked forward (one inbox slice per "
+                "iteration, slice i at iteration i) and in a top-level loop"
             )
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()

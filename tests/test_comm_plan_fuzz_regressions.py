@@ -4,6 +4,8 @@ is refused by Python (PlanError) and, where the words can say it, by the runtime
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +106,33 @@ def test_put_in_a_loop_must_be_stacked_forward(mesh8, rng):
     f = jax.jit(jax.shard_map(body, mesh=mesh8, check_vma=False, **specs))
     with pytest.raises(Exception, match="INVALID_ARGUMENT.*must be stacked forward"):
         jax.block_until_ready(f(x, ws))
+
+
+def test_reading_a_slice_of_a_stacked_inbox_not_yet_put_is_refused(mesh8, rng):
+    """The body reads slice i of its stacked inbox at iteration i. A view moved to slice 2 for
+    every iteration reads, at iterations 0 and 1, a slice no peer has put yet: the dependencies
+    cannot tell (the put's tasks write every slice). Found as wrong results on every rank."""
+    x = rng.standard_normal((N * 2, 4)).astype(np.float32)
+    ws = (rng.standard_normal((3, 4, 4)) * 0.5).astype(np.float32)
+    specs = {"in_specs": (P("x"), P()), "out_specs": P("x")}
+    plan = _plan_in(mesh8, _scan_psum, [x, ws], specs, num_workers=2)
+    put = next(i for i, op in enumerate(plan.ops) if op.kind == "put")
+    inbox = plan.ops[put].out
+    size = int(np.prod(plan.tensors[inbox].shape[1:]))
+    readers = [v for v, view in enumerate(plan.views) if view.tensor == inbox]
+    assert readers and all(plan.views[v].iter_stride == size for v in readers)
+
+    def moved(offset_slices: int, stride: int) -> Plan:
+        edited = plan.copy()
+        for v in readers:
+            edited.views[v] = dataclasses.replace(
+                edited.views[v], offset=edited.views[v].offset + offset_slices * size,
+                iter_stride=stride,
+            )  # fmt: skip
+        return edited
+
+    with pytest.raises(PlanError, match="slices its loop has not written yet at iteration 0"):
+        moved(2, 0).validate()
+    with pytest.raises(PlanError, match="not written yet"):
+        moved(1, 0).validate()  # slice 1 at iteration 0
+    moved(0, 0).validate()  # slice 0 at every iteration: written at iteration 0, kept after

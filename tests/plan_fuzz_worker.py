@@ -476,7 +476,21 @@ def _same_buffers(p: Plan, base: Plan) -> None:
 
 
 # ---- running a case ------------------------------------------------------------------------------
-def _same(got: list, want: list) -> bool:
+def rounding_tolerance(p: Plan) -> float:
+    """Relative tolerance of a comparison with the reference: float32's, or one ulp of a 16-bit
+    dtype the plan rounds to. The executor's libm transcendentals and numpy's differ by an ulp of
+    float32 on many inputs (tanh: a third of them, measured), and rounding such a value to float16
+    / bfloat16 near a tie moves it by one ulp of that dtype (tanh then float16: 3 in 65536)."""
+    dtypes = {ins.dtype for op in p.ops for ins in op.prologue + op.epilogue}
+    dtypes |= {t.dtype for t in p.tensors} | {op.acc_dtype for op in p.ops}
+    if "bfloat16" in dtypes:
+        return 1.6e-2  # 2 ulp of bfloat16 (8 bits of mantissa)
+    if "float16" in dtypes:
+        return 2e-3  # 2 ulp of float16 (11 bits)
+    return 1e-4
+
+
+def _same(got: list, want: list, tol: float = 1e-4) -> bool:
     if len(got) != len(want):
         return False
     for g, r in zip(got, want, strict=True):
@@ -487,7 +501,12 @@ def _same(got: list, want: list) -> bool:
             continue
         g = np.asarray(g).astype(np.float32)
         r = np.asarray(r).astype(np.float32)
-        if g.shape != r.shape or not np.allclose(g, r, rtol=1e-4, atol=1e-5, equal_nan=True):
+        if g.shape != r.shape:
+            return False
+        # a 16-bit rounding error is relative to the values rounded, which a sum may exceed
+        finite = np.abs(r[np.isfinite(r)])
+        atol = 1e-5 if tol <= 1e-4 else tol * max(1.0, float(finite.max(initial=0.0)))
+        if not np.allclose(g, r, rtol=tol, atol=atol, equal_nan=True):
             return False
     return True
 
@@ -556,7 +575,7 @@ def run_case(seed: int, index: int, bases) -> dict:
                 result["outcome"] = "python_rejected"
                 return result
             want = interpret(fast.plan(*args), *args)
-        if _same(outs, want):
+        if _same(outs, want, rounding_tolerance(decoded if binary else fast.plan(*args))):
             result["outcome"] = "ran_ok"
         elif _denormal_const(decoded if binary else fast.plan(*args)):
             result["outcome"] = "ran_denormal"  # see _denormal_const

@@ -93,6 +93,17 @@ def _scan_psum(x, w1s, w2s):
     return jax.lax.scan(layer, x, (w1s, w2s))
 
 
+def _scan_psum_rows(x, ws):
+    """A psum of part of a loop-written tensor (the put's source view covers rows 0..1 of 4,
+    written by two row tiles): a source view moved by the iteration reaches other producers."""
+
+    def layer(h, w):
+        y = jnp.tanh(h @ w)
+        return h + jax.lax.psum(y[:2], "x").sum(), jnp.max(y, axis=0)
+
+    return jax.lax.scan(layer, x, ws)
+
+
 def _fori_ring(v):
     """A ring ppermute of the carry in a fori_loop (a routed put in a loop)."""
     return jax.lax.fori_loop(
@@ -172,6 +183,13 @@ def comm_seeds() -> list[CommSeed]:
             dict(num_workers=2, tile_m=2, tile_n=2),
         ),
         (_fori_ring, line, ("x",), ranks(lambda: [arr(2, 4)]), dict(num_workers=2)),
+        (
+            _scan_psum_rows,
+            line,
+            ("x",),
+            ranks(lambda: [arr(4, 4), arr(2, 4, 4) * 0.5]),
+            dict(num_workers=2, tile_m=2, tile_n=4),
+        ),
     ]
     seeds = []
     for fn, mesh, axes, per_rank, kw in specs:
@@ -330,9 +348,10 @@ def mutate_comm_json(d: dict, rng: np.random.Generator) -> tuple[dict, str]:
         key = _pick(rng, ["b0", "b1"])
         d["tasks"][t][key] += _pick(rng, [-1, 1])
         return d, f"tasks[{t}].{key} -> {d['tasks'][t][key]}"
-    if kind == 11 and puts:  # a view of an inbox moved by slices / rows (in a loop: stacked)
+    if kind == 11 and puts:  # a view of an inbox or a put's source moved by slices / rows
         inboxes = {ops[i]["out"] for i in puts}
         readers = [v for v, x in enumerate(d["views"]) if x["tensor"] in inboxes]
+        readers += [ops[i]["a_view"] for i in puts]
         if readers:
             v = _pick(rng, readers)
             view = d["views"][v]

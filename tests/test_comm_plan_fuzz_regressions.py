@@ -136,3 +136,28 @@ def test_reading_a_slice_of_a_stacked_inbox_not_yet_put_is_refused(mesh8, rng):
     with pytest.raises(PlanError, match="not written yet"):
         moved(1, 0).validate()  # slice 1 at iteration 0
     moved(0, 0).validate()  # slice 0 at every iteration: written at iteration 0, kept after
+
+
+def _scan_psum_of_rows(x, ws):
+    def layer(h, w):
+        y = jnp.tanh(h @ w)  # row tiles: two tasks of 2 rows each
+        return h + jax.lax.psum(y[:2], "x").sum(), None
+
+    return jax.lax.scan(layer, x, ws)[0]
+
+
+def test_put_source_moving_with_the_iteration_needs_every_producer(mesh8, rng):
+    """A put in a loop whose source view moves with the iteration (iter_stride) reads other rows
+    at iteration 1 than at 0; the dependency check used to look at iteration 0's rows only, so
+    the producer of the later rows was missing (a race). Found by reading the fuzzer's gaps."""
+    x = rng.standard_normal((N * 4, 4)).astype(np.float32)
+    ws = (rng.standard_normal((2, 4, 4)) * 0.5).astype(np.float32)
+    specs = {"in_specs": (P("x"), P()), "out_specs": P("x")}
+    plan = _plan_in(mesh8, _scan_psum_of_rows, [x, ws], specs, num_workers=2, tile_m=2)
+    put = next(i for i, op in enumerate(plan.ops) if op.kind == "put")
+    v = plan.ops[put].a_view
+    assert plan.views[v].iter_stride == 0 and plan.tensors[plan.views[v].tensor].shape == (4, 4)
+    bad = plan.copy()
+    bad.views[v] = dataclasses.replace(bad.views[v], iter_stride=8)  # rows 2..3 at iteration 1
+    with pytest.raises(PlanError, match=r"put.*missing dependency"):
+        bad.validate()

@@ -527,11 +527,29 @@ def _runtime_rejection(e: Exception) -> bool:
     return "INVALID_ARGUMENT" in str(e) and "ark_persistent" in str(e)
 
 
+def guard_agrees(e: Exception, plan: Plan | None, reference) -> bool:
+    """The executor stopped a while loop at its guard (RESOURCE_EXHAUSTED, "did not end within":
+    a bounded, documented error for a loop whose predicate stays true), and the reference
+    interpreter stops the same plan at its guard too (an edited predicate that never turns
+    false). `reference()` interprets the plan; plan None: Python refused the words, which the
+    runtime may still run into the guard."""
+    if "RESOURCE_EXHAUSTED" not in str(e) or "did not end within" not in str(e):
+        return False
+    if plan is None:
+        return True
+    try:
+        reference()
+    except PlanError as ref:
+        return "did not end within" in str(ref)
+    return False
+
+
 def run_case(seed: int, index: int, bases) -> dict:
     rng = np.random.default_rng([seed, index])
     fn, args, plan = bases[index % len(bases)]
     binary = rng.random() < 0.4
     result: dict[str, Any] = {"case": index, "mode": "binary" if binary else "json"}
+    checked: Plan | None = None  # the plan Python accepted, once known
     try:
         if binary:
             # Both layers judge the same words: Python (decode + validate, as for any plan it
@@ -545,6 +563,7 @@ def run_case(seed: int, index: int, bases) -> dict:
                 decoded, result["python"] = None, f"rejected: {str(e)[:160]}"
             except Exception as e:  # noqa: BLE001  (garbage the test decoder cannot read)
                 decoded, result["python"] = None, f"undecodable: {type(e).__name__}"
+            checked = decoded
             try:
                 outs = jax.block_until_ready(
                     run_plan(plan, args, timeout_ms=10_000, words=words)[0]
@@ -570,6 +589,7 @@ def run_case(seed: int, index: int, bases) -> dict:
             try:
                 p = Plan.from_json(text)
                 fast = ark.persistent(fn, plan=p, timeout_ms=10_000)
+                checked = freeze(p)
                 outs = jax.tree_util.tree_leaves(jax.block_until_ready(fast(*args)))
             except PlanError:
                 result["outcome"] = "python_rejected"
@@ -582,6 +602,9 @@ def run_case(seed: int, index: int, bases) -> dict:
         else:
             result["outcome"] = "wrong"
     except Exception as e:  # noqa: BLE001
+        if guard_agrees(e, checked, lambda: interpret(checked, *args)):
+            result["outcome"] = "guard_exceeded"
+            return result
         result["outcome"] = "error"
         result["detail"] = "".join(traceback.format_exception_only(type(e), e))[-400:]
     return result

@@ -275,6 +275,10 @@ def _comm_operand(p: Plan, plan_words: np.ndarray):
         group = collectives._group("persistent", p.comm.axes)
     except collectives._NoFastPath as why:
         raise PlanError(f"ark.persistent: the plan's collectives: {why.error}") from None
+    except NameError as why:  # an axis the call's shard_map does not bind (an edited plan)
+        raise PlanError(
+            f"ark.persistent: the plan's communication group (comm.axes {p.comm.axes}): {why}"
+        ) from None
     shape = dict(jax.sharding.get_abstract_mesh().shape)
     sizes = tuple(int(shape[a]) for a in p.comm.axes if a in shape)
     if p.comm.axis_sizes and sizes != p.comm.axis_sizes:

@@ -201,7 +201,8 @@ def task_reads(
             n = np.arange(task.n0, task.n1, dtype=np.int64)
             s = av.strides
             off = av.offset + p[:, None, None] * s[0] + m[None, :, None] * s[1] + n * s[2]
-            reads.append((av.tensor, np.unique(off.ravel())))
+            # in a loop the source view moves with the iteration (iter_stride), as any view
+            reads.append((av.tensor, _all_iterations(plan, task.op, av, np.unique(off.ravel()))))
         return reads
     if op.kind == "matmul":
         av, bv = plan.views[op.a_view], plan.views[op.b_view]

@@ -494,6 +494,7 @@ def _validate(plan: Plan) -> None:
             )
     if plan.loops:
         _validate_carried_reads(plan)
+        _validate_stacked_reads(plan)
     if sum(plan.tensors[op.out].num_elements for op in plan.ops) > MAX_VALIDATED_ELEMENTS:
         raise PlanError("plan writes more than 2^30 elements: too large to validate")
     # tasks cover their op exactly once
@@ -567,11 +568,26 @@ def _validate(plan: Plan) -> None:
     # complete: every task that must precede t does (dependency or queue order, transitively)
     ancestors = _ancestor_masks(order, preds)
     for t, need in enumerate(required_dependencies(plan)):
+        task = plan.tasks[t]
+        have = ancestors[t]
+        if plan.ops[task.op].kind == "put":
+            # Eager sends: a put's copies may be made as soon as its own dependencies are done,
+            # before its turn in its queue, so its queue predecessors do not order what it reads.
+            # Once a dependency d is done, so is everything before d (d ran after them).
+            have = 0
+            for d in task.deps:
+                have |= ancestors[d] | (1 << d)
         for d in need:
-            if not (ancestors[t] >> d) & 1:
+            if not (have >> d) & 1:
                 raise PlanError(
                     f"{plan.task_name(t)} reads or overwrites data of {plan.task_name(d)} but "
-                    f"does not depend on it (missing dependency)"
+                    f"does not depend on it (missing dependency"
+                    + (
+                        "; a put task's copies may be sent before its turn in its queue, so "
+                        "queue order does not count)"
+                        if have != ancestors[t]
+                        else ")"
+                    )
                 )
 
 
@@ -657,11 +673,13 @@ def _validate_loops(plan: Plan) -> None:
         if (
             op.kind == "put"
             and op.loop >= 0
-            and (not op.stacked or plan.loops[op.loop].parent >= 0)
+            and (not op.stacked or op.stack_reversed or plan.loops[op.loop].parent >= 0)
         ):
+            # forward: the body reads slice i at iteration i, which a reversed put would fill
+            # only at iteration trip_count - 1 - i
             raise PlanError(
-                f"{where}: a put op in a loop must be stacked (one inbox slice per iteration) and "
-                "in a top-level loop"
+                f"{where}: a put op in a loop must be stacked forward (one inbox slice per "
+                "iteration, slice i at iteration i) and in a top-level loop"
             )
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
@@ -804,6 +822,84 @@ def _validate_carried_reads(plan: Plan) -> None:
                         f"{where} {name} instruction {r}: reads view {int(ins.a)}, the previous "
                         "iteration's value, outside the carry-in form select(load_iter == 0, "
                         "it, init) (the first iteration would read a tensor not yet written)"
+                    )
+
+
+def _view_uses(plan: Plan, op) -> list[tuple[int, tuple[int, ...] | None]]:
+    """(view, the iteration space it is read over; None = any element: LOAD_AT) of an op."""
+    from jax_ark._persistent._schedule import epilogue_shape
+
+    if op.kind == "matmul":
+        return [(op.a_view, (op.B, op.M, op.K)), (op.b_view, (op.B, op.K, op.N))]
+    if op.kind == "put":
+        return [(op.a_view, (op.B, op.M, op.N))]
+    out_shape = tuple(op.iter_dims) if op.store_view >= 0 else epilogue_shape(plan, op)
+    uses: list[tuple[int, tuple[int, ...] | None]] = []
+    for prog, dims in ((op.prologue, tuple(op.iter_dims)), (op.epilogue, out_shape)):
+        for ins in prog:
+            if ins.op == "load":
+                uses.append((int(ins.a), dims))
+            elif ins.op == "load_at":
+                uses.append((int(ins.a), None))
+    return uses
+
+
+def _validate_stacked_reads(plan: Plan) -> None:
+    """A stacked op of loop L writes slice k (forward; trip_count - 1 - k reversed) at L's
+    iteration k. An op of L (or of a loop nested in L) reading that tensor at iteration k must
+    read only slices written by then: those of iterations <= k when the writer comes first in
+    the body, <= k - 1 when it reads the previous iteration's (from k = 1: the carry-in form
+    discards k = 0). Otherwise it reads a slice no run has written yet (whatever the buffer
+    holds: a stacked inbox's slice no peer has put, different per executor); dependencies cannot
+    catch that, a stacked op's tasks write every slice. The bounds are affine in the
+    iterations, so checking the corners of the iteration box suffices."""
+    writer = {op.out: i for i, op in enumerate(plan.ops)}
+    for r, op in enumerate(plan.ops):
+        if op.loop < 0:
+            continue
+        chain = plan.loop_chain(r)
+        for v, dims in _view_uses(plan, op):
+            view = plan.views[v]
+            w = writer.get(view.tensor)
+            if w is None or not plan.ops[w].stacked or plan.ops[w].loop not in chain:
+                continue
+            wop, out = plan.ops[w], plan.tensors[view.tensor]
+            trips = plan.loops[wop.loop].trip_count
+            size = out.num_elements // trips  # elements of one slice
+            if size == 0:
+                continue
+            span = 0
+            if dims is not None:
+                span = sum((d - 1) * s for d, s in zip(dims, view.strides, strict=False))
+            # iteration variables: i of op's innermost loop (iter_stride), j of the one around
+            # it (outer_iter_stride); k, L's iteration, is i when L is op's loop, else j
+            inner = plan.loops[op.loop]
+            ti = inner.trip_count
+            tj = plan.loops[inner.parent].trip_count if inner.parent >= 0 else 1
+            k_is_i = wop.loop == op.loop
+            carried = w >= r
+            i_min = 1 if carried and k_is_i else 0
+            j_min = 1 if carried and not k_is_i else 0
+            if i_min > ti - 1 or j_min > tj - 1:
+                continue  # a one-iteration loop's previous iteration: the carry-in discards it
+            for i, j in sorted({(a, b) for a in (i_min, ti - 1) for b in (j_min, tj - 1)}):
+                k = i if k_is_i else j
+                if dims is None:  # LOAD_AT: any element (clamped into the tensor)
+                    lo, hi = 0, out.num_elements - 1
+                else:
+                    lo = view.offset + i * view.iter_stride + j * view.outer_iter_stride
+                    hi = lo + span
+                last = k - 1 if carried else k  # the last iteration whose slice is written
+                if wop.stack_reversed:
+                    ok = lo >= (trips - 1 - last) * size
+                else:
+                    ok = hi < (last + 1) * size
+                if not ok:
+                    raise PlanError(
+                        f"op {r} '{op.name}': reads view {v} of tensor {view.tensor}, the "
+                        f"stacked output of op {w} '{wop.name}', at slices its loop has not "
+                        f"written yet at iteration {k} (elements {lo}..{hi}; slices of "
+                        f"{size} elements)"
                     )
 
 

@@ -235,11 +235,13 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
     if (r.stacked && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be stacked");
     // A put in a loop body fills one slice of its stacked inbox per iteration (a peer may run
     // ahead by iterations; docs/plan_format.md "Loops and communication"), and only in a
-    // top-level loop: a nested loop's slices would be reused every outer iteration.
+    // top-level loop: a nested loop's slices would be reused every outer iteration. Forward
+    // stacked: the body reads slice i at iteration i (a reversed put would fill it only at
+    // iteration trip_count - 1 - i, so the readers of the early iterations would read nothing).
     if (op.kind == kOpPut && inside &&
-        (!r.stacked || lv.loop(r.loop).parent_plus1 != 0))
-      return c.fail(where + ": a put op in a loop must be stacked (one inbox slice per iteration) and "
-                            "in a top-level loop");
+        (r.stacked != kStackedForward || lv.loop(r.loop).parent_plus1 != 0))
+      return c.fail(where + ": a put op in a loop must be stacked forward (one inbox slice per "
+                            "iteration, slice i at iteration i) and in a top-level loop");
     if (r.stacked) {
       const TensorRecord& out = p.tensor(op.out_tensor);  // range checked by the caller first
       if (!inside || out.rank < 1 || out.dims[0] != lv.loop(r.loop).trip_count)

@@ -967,23 +967,35 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
         return in_place
     operand, update = args[0], _as_load(b, args[1])
     inside, terms = None, []
+    strides = [0] * len(out_shape)
     for d, start in enumerate(args[2:]):
         n, u = out_shape[d], update.shape[d]
-        s = _clamp(b, _i32(b, start, out_shape), 0, n - u)
-        i = _position(b, out_shape, d)
-        rel = b.elementwise("isub", [i, s], out_shape, "int32")
-        inside = _and(b, inside, _iop(b, "ige", rel, 0))
-        inside = _and(b, inside, _iop(b, "ilt", rel, u))
-        terms.append(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
+        if u == n:  # the start clamps to 0: the update covers the dim, read along it as is
+            strides[d] = update.strides[d]
+            continue
+        # Whether a position along d lies in the window, and the update's offset there, depend
+        # on that position alone: computed as two vectors of n (small ops), broadcast into the
+        # full-size select, whose program then only loads them (the start's arithmetic per
+        # element of the whole result made a ring matmul's output assembly dominate its time).
+        s = _clamp(b, _i32(b, start, ()), 0, n - u)
+        if s.size > 2:  # a device value's arithmetic: once, not per position
+            s = b.materialize(s)
+        rel = b.elementwise("isub", [_position(b, (n,), 0), s], (n,), "int32")
+        in_window = b.materialize(_and(b, _iop(b, "ige", rel, 0), _iop(b, "ilt", rel, u)))
+        at = b.materialize(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
+        inside = _and(b, inside, b.broadcast(in_window, out_shape, (d,)))
+        terms.append(b.broadcast(at, out_shape, (d,)))
     base = _Load(
         tuple(out_shape),
         update.dtype,
         update.tensor,
         update.offset,
-        (0,) * len(out_shape),
+        tuple(strides),
         update.iter_stride,
         update.outer_iter_stride,
     )
+    if inside is None:  # the update is the whole result
+        return base
     new = _load_at(base, _sum_offsets(b, terms))
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
 

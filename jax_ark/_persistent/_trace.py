@@ -1454,7 +1454,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim in ("reshape", "squeeze", "expand_dims"):
         return [b.reshape(args[0], out_shape)]
     if prim == "transpose":
-        return [b.transpose(args[0], params["permutation"])]
+        swapped = _transposed_matmul(b, args[0], tuple(params["permutation"]))
+        return [swapped or b.transpose(args[0], params["permutation"])]
     if prim == "slice":
         return [
             b.slice(args[0], params["start_indices"], params["limit_indices"], params["strides"])
@@ -2028,6 +2029,58 @@ def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
     core = _Core("matmul", out_dtype, B, M, N, K, a=a, b=bv, source=b.source, name="dot_general")
     core.out_shape = out_shape
     return _Pending(out_shape, out_dtype, core=core)
+
+
+def _transposed_matmul(b: _Builder, node: _Node, perm: tuple[int, ...]) -> _Node | None:
+    """The transpose of a 2-D matmul that nothing else reads, as the matmul of the swapped,
+    transposed operands (out[n, m] = sum_k B[k, n] * A[m, k]: the same products, k ascending, so
+    the same bits), which writes the transposed layout itself. Autodiff's weight gradients
+    (`x.T @ dy` then a transpose) otherwise cost a strided copy of the whole gradient. None when
+    the pattern does not apply."""
+    eqn = b.eqn
+    if (
+        perm != (1, 0)
+        or not isinstance(node, _Pending)
+        or node.core is None
+        or node.core.kind != "matmul"
+        or node.core.emitted
+        or node.core.B != 1
+        or eqn is None
+        or b.top_counts.get(eqn.invars[0]) != 1
+    ):
+        return None
+    core = node.core
+    a, bv = core.a, core.b
+    swapped = _Core(
+        "matmul",
+        core.acc_dtype,
+        1,
+        core.N,
+        core.M,
+        core.K,
+        a=_Load(
+            (1, core.N, core.K),
+            bv.dtype,
+            bv.tensor,
+            bv.offset,
+            (bv.strides[0], bv.strides[2], bv.strides[1]),
+            bv.iter_stride,
+            bv.outer_iter_stride,
+        ),
+        b=_Load(
+            (1, core.K, core.M),
+            a.dtype,
+            a.tensor,
+            a.offset,
+            (a.strides[0], a.strides[2], a.strides[1]),
+            a.iter_stride,
+            a.outer_iter_stride,
+        ),
+        source=core.source,
+        name=core.name,
+    )
+    swapped.out_shape = (node.shape[1], node.shape[0])
+    return _Pending(swapped.out_shape, node.dtype, core=swapped)
 
 
 def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:

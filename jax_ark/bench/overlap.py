@@ -13,13 +13,15 @@ row-parallel, psum); sp, the sequence-parallel MLP (rows sharded: all_gather -> 
 -> matmul -> psum_scatter); moe, a mixture of experts with one expert per device and fixed-capacity
 dispatch (all_to_all -> the local expert's matmul -> gelu -> matmul -> all_to_all); dptp, a
 training step of the TP MLP on a 2 x 4 mesh (dp x tp: the loss's value and gradients, psum over
-tp forward, pmean of the gradients over dp); ring, the collective matmul all_gather(x) @ w written
-as a ring of ppermutes, each step's product written with dynamic_update_slice into the owner's
-rows of a fresh zero buffer (unrolled, as in tests/test_persistent_comm_groups.py); ring_loop, the
-same ring as a fori_loop (tests/test_persistent_comm_loops.py). --sizes are RxDxH: R rows per
-device (sp, ring: gathered to 8R; moe: R tokens in 8 buckets of R/8; dptp: R rows of the device's
-data shard), model dim D, hidden dim H in total (tp, sp: H/8 per device; dptp: H/4; ring: the
-columns of w, H/8 per device; moe: each expert's own hidden dim).
+tp forward, pmean of the gradients over dp, and the psum over dp of the gradients of the
+dp-invariant weights that autodiff adds under shard_map's check_vma typing); ring, the
+collective matmul all_gather(x) @ w written as a ring of ppermutes, each step's product written
+with dynamic_update_slice into the owner's rows of a fresh zero buffer (unrolled, as in
+tests/test_persistent_comm_groups.py); ring_loop, the same ring as a fori_loop
+(tests/test_persistent_comm_loops.py). --sizes are RxDxH: R rows per device (sp, ring: gathered
+to 8R; moe: R tokens in 8 buckets of R/8; dptp: R rows of the device's data shard), model dim D,
+hidden dim H in total (tp, sp: H/8 per device; dptp: H/4; ring: the columns of w, H/8 per device;
+moe: each expert's own hidden dim).
 Writes overlap_cpu.json.
 
 GPU (--gpu; needs jax_ark's CUDA runtime and one GPU): the same layers planned for the GPU and run
@@ -112,11 +114,16 @@ def _dptp(x, w1, w2):
 
 
 def _dptp_compute(x, w1, w2):
+    # Weights marked varying over dp: otherwise autodiff sums their gradients over dp (a psum)
+    w1, w2 = (jax.lax.pcast(w, _DP, to="varying") for w in (w1, w2))
     value, (g1, g2) = jax.value_and_grad(_dptp_loss, argnums=(1, 2))(x, w1, w2, False)
     return value[None], g1, g2
 
 
 def _dptp_comm(y, g1, g2):
+    """The step's tensor collectives: the forward psum over tp; per gradient the psum over dp
+    that autodiff adds (the weights are invariant over dp) and the step's own pmean."""
+    g1, g2 = jax.lax.psum(g1, _DP), jax.lax.psum(g2, _DP)
     return jax.lax.psum(y, _TP), jax.lax.pmean(g1, _DP), jax.lax.pmean(g2, _DP)
 
 

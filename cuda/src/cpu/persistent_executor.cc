@@ -545,6 +545,20 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
       for (int j = 0; j < n; ++j) r[j] = bf16_to_f32(p[j * stride]);
       break;
     }
+    // Index and mask vectors (a dynamic_update_slice's window test and offsets, broadcast with
+    // stride 0 over the whole result) load per element too: the dtype switch stays out here.
+    case kInt32:
+    case kUInt32: {
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(base) + off;
+      bits_alias* rb = reinterpret_cast<bits_alias*>(r);
+      for (int j = 0; j < n; ++j) rb[j] = p[j * stride];
+      break;
+    }
+    case kBool: {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(base) + off;
+      for (int j = 0; j < n; ++j) r[j] = p[j * stride] ? 1.0f : 0.0f;
+      break;
+    }
     default:
       for (int j = 0; j < n; ++j) r[j] = load_element(base, dt, off + j * stride);
   }

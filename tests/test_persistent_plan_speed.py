@@ -125,3 +125,33 @@ def test_weight_gradient_has_no_transpose_copy(rng):
         rtol=1e-4,
         atol=1e-4,
     )
+
+
+def _fill_loop(x, pos):
+    """A zero buffer carried through a fori_loop, each iteration writing one block of rows at a
+    device offset (the ring matmul's output assembly as a loop); the update is exact (x * 2)."""
+
+    def step(i, out):
+        at = (3 * i + pos) % 5 * 4
+        return jax.lax.dynamic_update_slice(out, x[i % 4] * 2, (at, 0))
+
+    out = jnp.zeros((20, x.shape[-1]), x.dtype)
+    return jax.lax.fori_loop(0, 3, step, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_a_zero_filled_loop_buffer_is_updated_in_place_and_fresh_per_call(rng, dtype):
+    x = (rng.standard_normal((4, 4, 6)) * 9).astype(dtype)
+    plan = _plan(_fill_loop, x, np.int32(0))
+    (out,) = plan.outputs
+    const = plan.tensors[out].alias
+    assert const >= plan.num_inputs  # aliased to a plan constant holding the zeros
+    stores = [op for op in plan.ops if op.store_view >= 0]
+    assert len(stores) == 1 and plan.tensors[stores[0].out].shape == (20, 6)
+    assert stores[0].M * stores[0].N == 4 * 6  # one block of rows per iteration, not the buffer
+    fast = jax.jit(ark.persistent(_fill_loop))
+    # Each call starts from zeros (XLA copies the constant into the result): rows another call
+    # wrote stay zero here.
+    for pos in (0, 1, 0, 2):
+        got = np.asarray(fast(x, np.int32(pos)))
+        np.testing.assert_array_equal(got, np.asarray(jax.jit(_fill_loop)(x, np.int32(pos))))

@@ -37,6 +37,7 @@ from jax_ark._persistent._format import (
     PlanError,
     TensorSpec,
     View,
+    np_dtype,
 )
 
 _SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool", "int32", "uint32"}
@@ -219,6 +220,10 @@ class _Builder:
     # {carry index k or ys index q: that tensor} for the carries / xs->ys that hold the state.
     loop_in_place: dict[int, int] = field(default_factory=dict)
     scan_in_place: dict[int, dict[int, int]] = field(default_factory=dict)
+    # In-place loop state that starts as a constant fill (a ring matmul's zeros): result tensor ->
+    # the plan constant holding the fill, whose operand index it aliases once constants are
+    # numbered (after the user inputs, at the end of tracing).
+    fill_alias: dict[int, int] = field(default_factory=dict)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -953,6 +958,19 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     return _load_at(base, _sum_offsets(b, terms))
 
 
+def _clamped_start(b: _Builder, start: _Node, hi: int, uses: int) -> _Node:
+    """A dynamic_update_slice's start clamped into [0, hi] as XLA clamps it, as a scalar: a
+    constant when it is one; else computed once by its own task when its arithmetic is more
+    than a clamped load and would otherwise run for more than 256 of the `uses` elements of
+    its consumer (a ring matmul's `(me - step) % n * rows` for every element of the output
+    block), else left in the consumer's program (a decode step's one row: one task)."""
+    s = _i32(b, start, ())
+    if isinstance(s, _Imm):
+        return _iconst(min(max(int(s.value), 0), hi))
+    s = _clamp(b, s, 0, hi)
+    return b.materialize(s) if s.size > 8 and uses > 256 else s
+
+
 def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     if math.prod(args[1].shape) == 0:
         return args[0]
@@ -977,9 +995,7 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
         # on that position alone: computed as two vectors of n (small ops), broadcast into the
         # full-size select, whose program then only loads them (the start's arithmetic per
         # element of the whole result made a ring matmul's output assembly dominate its time).
-        s = _clamp(b, _i32(b, start, ()), 0, n - u)
-        if s.size > 2:  # a device value's arithmetic: once, not per position
-            s = b.materialize(s)
+        s = _clamped_start(b, start, n - u, n)
         rel = b.elementwise("isub", [_position(b, (n,), 0), s], (n,), "int32")
         in_window = b.materialize(_and(b, _iop(b, "ige", rel, 0), _iop(b, "ilt", rel, u)))
         at = b.materialize(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
@@ -1040,8 +1056,8 @@ def _window_store(b: _Builder, target: _Load, update: _Node, starts) -> _Load:
         raise AssertionError("internal error: an in-place view moving with the outer loop")
     terms = []
     for d, start in enumerate(starts):
-        s = _clamp(b, _i32(b, start, window), 0, target.shape[d] - window[d])
-        terms.append(_iop(b, "imul", s, target.strides[d]))
+        s = _clamped_start(b, start, target.shape[d] - window[d], math.prod(window))
+        terms.append(b.broadcast(_iop(b, "imul", s, target.strides[d]), window, ()))
     if target.iter_stride:
         # The slice of the innermost loop's iteration: a store view does not move with the
         # iteration, so the program adds iteration * iter_stride (LOAD_ITER) to the offset.
@@ -1841,6 +1857,11 @@ def _in_place_state(
             continue
         q, steps = step
         var_out = eqn.outvars[q]
+        fill = _fill_state(b, x, var_in, var_out)
+        if fill is not None:
+            _register_state(b, steps, fill)
+            found[q] = fill
+            continue
         if (
             _is_literal(var_in)
             or not isinstance(x, _Load)
@@ -1860,6 +1881,35 @@ def _in_place_state(
         _register_state(b, steps, out)
         found[q] = out
     return found, True
+
+
+# A constant-filled loop state is kept in place up to this size: the fill is a plan constant
+# (part of the compiled program) copied into the result before each call.
+_MAX_FILL_BYTES = 16 << 20
+
+
+def _fill_state(b: _Builder, x: _Node, var_in, var_out) -> int | None:
+    """A top-level loop state whose initial value is a constant fill (`jnp.zeros`, the output
+    buffer of a ring matmul written with dynamic_update_slice per iteration) that nothing else
+    reads, returned by the function: its result tensor, aliased to a new plan constant holding
+    the fill, so that the loop updates it in place (one window store per iteration) like a
+    donated cache instead of selecting over all of it per iteration. None when that does not
+    apply."""
+    if (
+        not isinstance(x, _Imm)
+        or _is_literal(var_in)
+        or tuple(x.shape) != tuple(var_in.aval.shape)
+        or b.top_counts.get(var_in) != 1
+        or var_out not in b.top_outputs
+        or math.prod(x.shape) == 0
+        or math.prod(x.shape) * np.dtype(np_dtype(x.dtype)).itemsize > _MAX_FILL_BYTES
+    ):
+        return None
+    const = b.new_tensor(x.shape, x.dtype, "arg", 0, name=f"const{len(b.constants)}")
+    b.constants[const] = np.full(x.shape, x.value, np_dtype(x.dtype))
+    out = b.new_tensor(x.shape, x.dtype, "result", b.top_outputs.pop(var_out))
+    b.fill_alias[out] = const
+    return out
 
 
 def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
@@ -2231,6 +2281,8 @@ def trace(
     for t in b.constants:
         b.tensors[t].index = len(b.args)
         b.args.append(t)
+    for out, const in b.fill_alias.items():
+        b.tensors[out].alias = b.tensors[const].index
     for i, t in enumerate(outputs):
         b.tensors[t].name = f"out{i}"
         if b.tensors[t].alias >= 0:

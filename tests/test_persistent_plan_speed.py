@@ -155,3 +155,41 @@ def test_a_zero_filled_loop_buffer_is_updated_in_place_and_fresh_per_call(rng, d
     for pos in (0, 1, 0, 2):
         got = np.asarray(fast(x, np.int32(pos)))
         np.testing.assert_array_equal(got, np.asarray(jax.jit(_fill_loop)(x, np.int32(pos))))
+
+
+@pytest.mark.parametrize("reduce", [jax.lax.psum, jax.lax.pmax, jax.lax.pmean])
+def test_reducing_a_value_every_rank_holds_is_local_and_exact(mesh8, rng, reduce):
+    """psum / pmax / pmean of a pvary'd invariant value (what autodiff and a pmean of a summed
+    value produce under check_vma) is folded locally: the same bits as the put path gives when
+    every rank sends the same data, and no put task."""
+    from jax.sharding import PartitionSpec as P
+
+    v = rng.standard_normal((4, 5)).astype(np.float32)
+
+    def local(v):
+        return reduce(jax.lax.pcast(v, "x", to="varying"), "x")
+
+    def sent(x):
+        return reduce(x, "x")
+
+    run_local = jax.jit(
+        jax.shard_map(ark.persistent(local), mesh=mesh8, in_specs=P(), out_specs=P())
+    )
+    run_sent = jax.jit(
+        jax.shard_map(ark.persistent(sent), mesh=mesh8, in_specs=P("x"), out_specs=P())
+    )
+    got = np.asarray(run_local(v))
+    np.testing.assert_array_equal(got, np.asarray(run_sent(np.tile(v, (8, 1)))))
+    want = jax.jit(jax.shard_map(local, mesh=mesh8, in_specs=P(), out_specs=P()))(v)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-6)
+    box = []
+
+    def body(v):
+        box.append(ark.plan(local, v, num_workers=1))
+        return local(v)
+
+    jax.eval_shape(
+        jax.shard_map(body, mesh=mesh8, in_specs=P(), out_specs=P()),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+    )
+    assert not [op for op in box[0].ops if op.kind == "put"]

@@ -224,6 +224,10 @@ class _Builder:
     # the plan constant holding the fill, whose operand index it aliases once constants are
     # numbered (after the user inputs, at the end of tracing).
     fill_alias: dict[int, int] = field(default_factory=dict)
+    # jaxpr var -> mesh axes over which its value is the same on every rank: the output of a
+    # pvary over those axes (shard_map's check_vma typing: pvary only takes values invariant over
+    # its axes). A psum over them is then folded locally (_comm.translate_collective).
+    uniform_over: dict = field(default_factory=dict)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -1452,6 +1456,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "convert_element_type":
         return [_convert(b, args[0], out_dtype)]
     if prim in _IDENTITY:
+        if prim == "pvary":
+            axes = frozenset(eqn.params.get("axes", ()))
+            for v in eqn.outvars:
+                b.uniform_over[v] = axes
         return list(args)
     if prim == "select_n":
         return [_select_n(b, args, out_shape, out_dtype)]

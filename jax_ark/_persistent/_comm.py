@@ -265,12 +265,20 @@ def translate_collective(b, eqn, args, unsupported) -> list:
     if prim == "ppermute":
         return [_ppermute(b, eqn, x, ranks, axes, unsupported) for x in args]
     outs = []
-    for x, var in zip(args, eqn.outvars, strict=True):
+    for x, var_in, var in zip(args, eqn.invars, eqn.outvars, strict=True):
         out_shape = tuple(var.aval.shape)
         out_dtype = _dtype_name(var.aval)
         if math.prod(x.shape) == 0 or math.prod(out_shape) == 0:
             raise unsupported(f"ark.persistent: {prim} of a zero-size array (at {b.source})")
-        if prim in _REDUCE_OF:
+        if prim in _REDUCE_OF and set(axes) <= b.uniform_over.get(var_in, frozenset()):
+            # Every rank of the subgroup holds these same bits (a pvary of an invariant value:
+            # autodiff's psum of a replicated weight's gradient, a pmean of an already summed
+            # value): the fold of n copies in rank order, computed here, is the fold of the
+            # inbox's n slots, with no communication.
+            shape = tuple(x.shape)
+            copies = b.broadcast(x, (n, *shape), tuple(range(1, len(shape) + 1)))
+            outs.append(_reduce(b, _REDUCE_OF[prim], copies, (0,), shape, out_dtype))
+        elif prim in _REDUCE_OF:
             shape = tuple(x.shape)
             inbox = _put(b, _matrix(b, x), n, per_peer=False, route=route)
             red = _reduce(b, _REDUCE_OF[prim], inbox, (0,), inbox.shape[1:], out_dtype)

@@ -37,6 +37,7 @@ from jax_ark._persistent._format import (
     PlanError,
     TensorSpec,
     View,
+    np_dtype,
 )
 
 _SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool", "int32", "uint32"}
@@ -219,6 +220,14 @@ class _Builder:
     # {carry index k or ys index q: that tensor} for the carries / xs->ys that hold the state.
     loop_in_place: dict[int, int] = field(default_factory=dict)
     scan_in_place: dict[int, dict[int, int]] = field(default_factory=dict)
+    # In-place loop state that starts as a constant fill (a ring matmul's zeros): result tensor ->
+    # the plan constant holding the fill, whose operand index it aliases once constants are
+    # numbered (after the user inputs, at the end of tracing).
+    fill_alias: dict[int, int] = field(default_factory=dict)
+    # jaxpr var -> mesh axes over which its value is the same on every rank: the output of a
+    # pvary over those axes (shard_map's check_vma typing: pvary only takes values invariant over
+    # its axes). A psum over them is then folded locally (_comm.translate_collective).
+    uniform_over: dict = field(default_factory=dict)
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -953,6 +962,19 @@ def _dynamic_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     return _load_at(base, _sum_offsets(b, terms))
 
 
+def _clamped_start(b: _Builder, start: _Node, hi: int, uses: int) -> _Node:
+    """A dynamic_update_slice's start clamped into [0, hi] as XLA clamps it, as a scalar: a
+    constant when it is one; else computed once by its own task when its arithmetic is more
+    than a clamped load and would otherwise run for more than 256 of the `uses` elements of
+    its consumer (a ring matmul's `(me - step) % n * rows` for every element of the output
+    block), else left in the consumer's program (a decode step's one row: one task)."""
+    s = _i32(b, start, ())
+    if isinstance(s, _Imm):
+        return _iconst(min(max(int(s.value), 0), hi))
+    s = _clamp(b, s, 0, hi)
+    return b.materialize(s) if s.size > 8 and uses > 256 else s
+
+
 def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     if math.prod(args[1].shape) == 0:
         return args[0]
@@ -967,23 +989,33 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
         return in_place
     operand, update = args[0], _as_load(b, args[1])
     inside, terms = None, []
+    strides = [0] * len(out_shape)
     for d, start in enumerate(args[2:]):
         n, u = out_shape[d], update.shape[d]
-        s = _clamp(b, _i32(b, start, out_shape), 0, n - u)
-        i = _position(b, out_shape, d)
-        rel = b.elementwise("isub", [i, s], out_shape, "int32")
-        inside = _and(b, inside, _iop(b, "ige", rel, 0))
-        inside = _and(b, inside, _iop(b, "ilt", rel, u))
-        terms.append(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
+        if u == n:  # the start clamps to 0: the update covers the dim, read along it as is
+            strides[d] = update.strides[d]
+            continue
+        # Whether a position along d lies in the window, and the update's offset there, depend
+        # on that position alone: computed as two vectors of n (small ops), broadcast into the
+        # full-size select, whose program then only loads them (the start's arithmetic per
+        # element of the whole result made a ring matmul's output assembly dominate its time).
+        s = _clamped_start(b, start, n - u, n)
+        rel = b.elementwise("isub", [_position(b, (n,), 0), s], (n,), "int32")
+        in_window = b.materialize(_and(b, _iop(b, "ige", rel, 0), _iop(b, "ilt", rel, u)))
+        at = b.materialize(_iop(b, "imul", _clamp(b, rel, 0, u - 1), update.strides[d]))
+        inside = _and(b, inside, b.broadcast(in_window, out_shape, (d,)))
+        terms.append(b.broadcast(at, out_shape, (d,)))
     base = _Load(
         tuple(out_shape),
         update.dtype,
         update.tensor,
         update.offset,
-        (0,) * len(out_shape),
+        tuple(strides),
         update.iter_stride,
         update.outer_iter_stride,
     )
+    if inside is None:  # the update is the whole result
+        return base
     new = _load_at(base, _sum_offsets(b, terms))
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
 
@@ -1028,8 +1060,8 @@ def _window_store(b: _Builder, target: _Load, update: _Node, starts) -> _Load:
         raise AssertionError("internal error: an in-place view moving with the outer loop")
     terms = []
     for d, start in enumerate(starts):
-        s = _clamp(b, _i32(b, start, window), 0, target.shape[d] - window[d])
-        terms.append(_iop(b, "imul", s, target.strides[d]))
+        s = _clamped_start(b, start, target.shape[d] - window[d], math.prod(window))
+        terms.append(b.broadcast(_iop(b, "imul", s, target.strides[d]), window, ()))
     if target.iter_stride:
         # The slice of the innermost loop's iteration: a store view does not move with the
         # iteration, so the program adds iteration * iter_stride (LOAD_ITER) to the offset.
@@ -1424,6 +1456,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "convert_element_type":
         return [_convert(b, args[0], out_dtype)]
     if prim in _IDENTITY:
+        if prim == "pvary":
+            axes = frozenset(eqn.params.get("axes", ()))
+            for v in eqn.outvars:
+                b.uniform_over[v] = axes
         return list(args)
     if prim == "select_n":
         return [_select_n(b, args, out_shape, out_dtype)]
@@ -1442,7 +1478,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim in ("reshape", "squeeze", "expand_dims"):
         return [b.reshape(args[0], out_shape)]
     if prim == "transpose":
-        return [b.transpose(args[0], params["permutation"])]
+        swapped = _transposed_matmul(b, args[0], tuple(params["permutation"]))
+        return [swapped or b.transpose(args[0], params["permutation"])]
     if prim == "slice":
         return [
             b.slice(args[0], params["start_indices"], params["limit_indices"], params["strides"])
@@ -1828,6 +1865,11 @@ def _in_place_state(
             continue
         q, steps = step
         var_out = eqn.outvars[q]
+        fill = _fill_state(b, x, var_in, var_out)
+        if fill is not None:
+            _register_state(b, steps, fill)
+            found[q] = fill
+            continue
         if (
             _is_literal(var_in)
             or not isinstance(x, _Load)
@@ -1847,6 +1889,35 @@ def _in_place_state(
         _register_state(b, steps, out)
         found[q] = out
     return found, True
+
+
+# A constant-filled loop state is kept in place up to this size: the fill is a plan constant
+# (part of the compiled program) copied into the result before each call.
+_MAX_FILL_BYTES = 16 << 20
+
+
+def _fill_state(b: _Builder, x: _Node, var_in, var_out) -> int | None:
+    """A top-level loop state whose initial value is a constant fill (`jnp.zeros`, the output
+    buffer of a ring matmul written with dynamic_update_slice per iteration) that nothing else
+    reads, returned by the function: its result tensor, aliased to a new plan constant holding
+    the fill, so that the loop updates it in place (one window store per iteration) like a
+    donated cache instead of selecting over all of it per iteration. None when that does not
+    apply."""
+    if (
+        not isinstance(x, _Imm)
+        or _is_literal(var_in)
+        or tuple(x.shape) != tuple(var_in.aval.shape)
+        or b.top_counts.get(var_in) != 1
+        or var_out not in b.top_outputs
+        or math.prod(x.shape) == 0
+        or math.prod(x.shape) * np.dtype(np_dtype(x.dtype)).itemsize > _MAX_FILL_BYTES
+    ):
+        return None
+    const = b.new_tensor(x.shape, x.dtype, "arg", 0, name=f"const{len(b.constants)}")
+    b.constants[const] = np.full(x.shape, x.value, np_dtype(x.dtype))
+    out = b.new_tensor(x.shape, x.dtype, "result", b.top_outputs.pop(var_out))
+    b.fill_alias[out] = const
+    return out
 
 
 def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
@@ -2018,6 +2089,58 @@ def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
     return _Pending(out_shape, out_dtype, core=core)
 
 
+def _transposed_matmul(b: _Builder, node: _Node, perm: tuple[int, ...]) -> _Node | None:
+    """The transpose of a 2-D matmul that nothing else reads, as the matmul of the swapped,
+    transposed operands (out[n, m] = sum_k B[k, n] * A[m, k]: the same products, k ascending, so
+    the same bits), which writes the transposed layout itself. Autodiff's weight gradients
+    (`x.T @ dy` then a transpose) otherwise cost a strided copy of the whole gradient. None when
+    the pattern does not apply."""
+    eqn = b.eqn
+    if (
+        perm != (1, 0)
+        or not isinstance(node, _Pending)
+        or node.core is None
+        or node.core.kind != "matmul"
+        or node.core.emitted
+        or node.core.B != 1
+        or eqn is None
+        or b.top_counts.get(eqn.invars[0]) != 1
+    ):
+        return None
+    core = node.core
+    a, bv = core.a, core.b
+    swapped = _Core(
+        "matmul",
+        core.acc_dtype,
+        1,
+        core.N,
+        core.M,
+        core.K,
+        a=_Load(
+            (1, core.N, core.K),
+            bv.dtype,
+            bv.tensor,
+            bv.offset,
+            (bv.strides[0], bv.strides[2], bv.strides[1]),
+            bv.iter_stride,
+            bv.outer_iter_stride,
+        ),
+        b=_Load(
+            (1, core.K, core.M),
+            a.dtype,
+            a.tensor,
+            a.offset,
+            (a.strides[0], a.strides[2], a.strides[1]),
+            a.iter_stride,
+            a.outer_iter_stride,
+        ),
+        source=core.source,
+        name=core.name,
+    )
+    swapped.out_shape = (node.shape[1], node.shape[0])
+    return _Pending(swapped.out_shape, node.dtype, core=swapped)
+
+
 def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
     kind = _reduce_kind(prim, node.dtype)
     K = math.prod(node.shape[d] for d in axes)
@@ -2166,6 +2289,8 @@ def trace(
     for t in b.constants:
         b.tensors[t].index = len(b.args)
         b.args.append(t)
+    for out, const in b.fill_alias.items():
+        b.tensors[out].alias = b.tensors[const].index
     for i, t in enumerate(outputs):
         b.tensors[t].name = f"out{i}"
         if b.tensors[t].alias >= 0:

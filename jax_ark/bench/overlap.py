@@ -11,9 +11,17 @@ ark / max(compute, comm): 1.0 would hide all communication behind compute.
 Layers (--layers): tp, the Megatron tensor-parallel MLP (x replicated, w1 column- and w2
 row-parallel, psum); sp, the sequence-parallel MLP (rows sharded: all_gather -> matmul -> gelu
 -> matmul -> psum_scatter); moe, a mixture of experts with one expert per device and fixed-capacity
-dispatch (all_to_all -> the local expert's matmul -> gelu -> matmul -> all_to_all). --sizes are
-RxDxH: R rows per device (sp: gathered to 8R; moe: R tokens in 8 buckets of R/8), model dim D,
-hidden dim H in total (tp, sp: H/8 per device; moe: each expert's own hidden dim).
+dispatch (all_to_all -> the local expert's matmul -> gelu -> matmul -> all_to_all); dptp, a
+training step of the TP MLP on a 2 x 4 mesh (dp x tp: the loss's value and gradients, psum over
+tp forward, pmean of the gradients over dp, and the psum over dp of the gradients of the
+dp-invariant weights that autodiff adds under shard_map's check_vma typing); ring, the
+collective matmul all_gather(x) @ w written as a ring of ppermutes, each step's product written
+with dynamic_update_slice into the owner's rows of a fresh zero buffer (unrolled, as in
+tests/test_persistent_comm_groups.py); ring_loop, the same ring as a fori_loop
+(tests/test_persistent_comm_loops.py). --sizes are RxDxH: R rows per device (sp, ring: gathered
+to 8R; moe: R tokens in 8 buckets of R/8; dptp: R rows of the device's data shard), model dim D,
+hidden dim H in total (tp, sp: H/8 per device; dptp: H/4; ring: the columns of w, H/8 per device;
+moe: each expert's own hidden dim).
 Writes overlap_cpu.json.
 
 GPU (--gpu; needs jax_ark's CUDA runtime and one GPU): the same layers planned for the GPU and run
@@ -33,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -87,11 +96,122 @@ def _moe_comm(xb, y):
     )
 
 
+# dptp: a 2-D mesh, data-parallel over _DP (2 rows of devices) and tensor-parallel over _TP.
+_DP, _TP = "dp", "tp"
+_DP_SIZE = 2
+
+
+def _dptp_loss(x, w1, w2, tp_sum: bool):
+    y = jax.nn.gelu(x @ w1) @ w2
+    if tp_sum:
+        y = jax.lax.psum(y, _TP)
+    return jnp.mean(y * y)
+
+
+def _dptp(x, w1, w2):
+    value, (g1, g2) = jax.value_and_grad(_dptp_loss, argnums=(1, 2))(x, w1, w2, True)
+    return jax.lax.pmean(value, _DP), jax.lax.pmean(g1, _DP), jax.lax.pmean(g2, _DP)
+
+
+def _dptp_compute(x, w1, w2):
+    # Weights marked varying over dp: otherwise autodiff sums their gradients over dp (a psum)
+    w1, w2 = (jax.lax.pcast(w, _DP, to="varying") for w in (w1, w2))
+    value, (g1, g2) = jax.value_and_grad(_dptp_loss, argnums=(1, 2))(x, w1, w2, False)
+    return value[None], g1, g2
+
+
+def _dptp_comm(y, g1, g2):
+    """The step's tensor collectives: the forward psum over tp; per gradient the psum over dp
+    that autodiff adds (the weights are invariant over dp) and the step's own pmean."""
+    g1, g2 = jax.lax.psum(g1, _DP), jax.lax.psum(g2, _DP)
+    return jax.lax.psum(y, _TP), jax.lax.pmean(g1, _DP), jax.lax.pmean(g2, _DP)
+
+
+def _ring_perm(n: int) -> list[tuple[int, int]]:
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _ring_fns(n: int, loop: bool) -> tuple[Callable, Callable, Callable]:
+    """all_gather(x) @ w as a ring: step s multiplies the chunk this rank holds (rank me - s's
+    rows) and writes it into those rows of a fresh zero buffer while the ring passes the chunk
+    on. Returns the layer, its compute-only form (the same products of the local chunk, no
+    ppermute) and its comm-only form (the ppermutes alone)."""
+
+    def ring(x, w, comm=True):
+        me = jax.lax.axis_index(_AXIS)
+        rows = x.shape[0]
+
+        def step(s, chunk, out):
+            out = jax.lax.dynamic_update_slice(out, chunk @ w, ((me - s) % n * rows, 0))
+            return (jax.lax.ppermute(chunk, _AXIS, _ring_perm(n)) if comm else chunk), out
+
+        out = jnp.zeros((n * rows, w.shape[1]), x.dtype)
+        if loop:  # the carry varies over the ring once written: say so for shard_map's typing
+            out = jax.lax.pcast(out, _AXIS, to="varying")
+            return jax.lax.fori_loop(0, n, lambda s, c: step(s, *c), (x, out))[1]
+        chunk = x
+        for s in range(n):
+            chunk, out = step(s, chunk, out)
+        return out
+
+    def comm_only(x):
+        if loop:
+            return jax.lax.fori_loop(
+                0, n - 1, lambda s, c: jax.lax.ppermute(c, _AXIS, _ring_perm(n)), x
+            )
+        for _ in range(n - 1):
+            x = jax.lax.ppermute(x, _AXIS, _ring_perm(n))
+        return x
+
+    return ring, lambda x, w: ring(x, w, comm=False), comm_only
+
+
 def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str, Any]:
-    """fn, its compute-only and comm-only parts, their global inputs and shard_map specs."""
+    """fn, its compute-only and comm-only parts, their global inputs and shard_map specs, and
+    the mesh ("mesh": its shape and axis names)."""
 
     def normal(*shape):
         return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    one_axis = {"mesh": ((n,), (_AXIS,))}
+    if layer == "dptp":
+        if n % _DP_SIZE:
+            raise SystemExit(f"dptp: {n} devices do not split into {_DP_SIZE} data shards")
+        tp = n // _DP_SIZE
+        dp_tp = (_DP, _TP)
+        w1, w2 = normal(d, hidden), normal(hidden, d)
+        wspec = (P(None, _TP), P(_TP, None))
+        return {
+            "mesh": ((_DP_SIZE, tp), dp_tp),
+            "full": (
+                _dptp,
+                (normal(_DP_SIZE * rows, d), w1, w2),
+                (P(_DP), *wspec),
+                (P(), *wspec),
+            ),
+            "compute": (
+                _dptp_compute,
+                (normal(_DP_SIZE * rows, d), w1, w2),
+                (P(_DP), *wspec),
+                (P(dp_tp), P(_DP, _TP), P(dp_tp, None)),
+            ),
+            "comm": (
+                _dptp_comm,
+                (normal(n * rows, d), normal(_DP_SIZE * d, hidden), normal(_DP_SIZE * hidden, d)),
+                (P(dp_tp), P(_DP, _TP), P(dp_tp, None)),
+                (P(_DP), P(None, _TP), P(_TP, None)),
+            ),
+        }
+    if layer in ("ring", "ring_loop"):
+        ring, ring_compute, ring_comm = _ring_fns(n, loop=layer == "ring_loop")
+        x, w = normal(n * rows, d), normal(d, hidden)
+        specs = (P(_AXIS), P(None, _AXIS))
+        return {
+            **one_axis,
+            "full": (ring, (x, w), specs, P(None, _AXIS)),
+            "compute": (ring_compute, (x, w), specs, P(None, _AXIS)),
+            "comm": (ring_comm, (x,), (P(_AXIS),), P(_AXIS)),
+        }
 
     if layer == "moe":  # one expert per device, each an MLP d -> hidden -> d
         if rows % n:
@@ -100,6 +220,7 @@ def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str,
         w1, w2 = normal(n, d, hidden), normal(n, hidden, d)
         specs = (P(_AXIS), P(_AXIS), P(_AXIS))
         return {
+            **one_axis,
             "full": (_moe, (normal(*bucket), w1, w2), specs, P(_AXIS)),
             "compute": (_moe_compute, (normal(*bucket), w1, w2), specs, P(_AXIS)),
             "comm": (
@@ -114,12 +235,14 @@ def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str,
     if layer == "tp":
         x = normal(rows, d)
         return {
+            **one_axis,
             "full": (_tp, (x, w1, w2), (P(), *wspec), P()),
             "compute": (_tp_compute, (x, w1, w2), (P(), *wspec), P(_AXIS)),
             "comm": (_tp_comm, (normal(n * rows, d),), (P(_AXIS),), P()),
         }
     x = normal(n * rows, d)
     return {
+        **one_axis,
         "full": (_sp, (x, w1, w2), (P(_AXIS), *wspec), P(_AXIS)),
         "compute": (_sp_compute, (normal(n * n * rows, d), w1, w2), (P(_AXIS), *wspec), P(_AXIS)),
         "comm": (
@@ -131,6 +254,16 @@ def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str,
     }
 
 
+def _max_rel_err(got, want) -> float:
+    """Largest difference over the outputs, relative to each output's largest magnitude (at
+    least 1)."""
+    err = 0.0
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        err = max(err, float(np.abs(g - w).max() / max(1.0, np.abs(w).max())))
+    return err
+
+
 def _sharded(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
 
@@ -138,7 +271,6 @@ def _sharded(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
 def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: float, repeats: int):
     devices = jax.devices("cpu")
     n = 8 if len(devices) >= 8 else len(devices)
-    mesh = Mesh(np.array(devices[:n]), (_AXIS,))
     rng = np.random.default_rng(0)
     rows_out = []
     for layer in layers:
@@ -146,11 +278,12 @@ def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: fl
             if hidden % n and layer != "moe":
                 raise SystemExit(f"hidden dim {hidden} must be a multiple of the {n} devices")
             cases = _cases(layer, n, rows, d, hidden, rng)
+            shape, axes = cases["mesh"]
+            mesh = Mesh(np.array(devices[:n]).reshape(shape), axes)
             fn, args, in_specs, out_specs = cases["full"]
             base = _sharded(fn, mesh, in_specs, out_specs)
             fast = _sharded(ark.persistent(fn), mesh, in_specs, out_specs)
-            want, got = np.asarray(base(*args)), np.asarray(fast(*args))
-            err = float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+            err = _max_rel_err(fast(*args), base(*args))
             if not err < 1e-4:
                 raise SystemExit(f"{layer} {rows}x{d}x{hidden}: ark differs from jax.lax ({err})")
             row = compare(fast, base, *args, repeats=repeats, budget_s=budget_s)
@@ -175,10 +308,10 @@ def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: fl
     return rows_out
 
 
-def _plan_for_gpu(fn, args, in_specs, out_specs, n: int, workers: int):
-    """The plan one rank runs on a GPU (traced inside jax.shard_map over an abstract mesh of n
-    devices: nothing runs, no device is needed)."""
-    mesh = jax.sharding.AbstractMesh((n,), (_AXIS,))
+def _plan_for_gpu(fn, args, in_specs, out_specs, mesh_axes, workers: int):
+    """The plan one rank runs on a GPU (traced inside jax.shard_map over an abstract mesh of
+    mesh_axes = (shape, names): nothing runs, no device is needed)."""
+    mesh = jax.sharding.AbstractMesh(*mesh_axes)
     box = []
 
     def body(*local):
@@ -221,7 +354,8 @@ def bench_gpu(
             if hidden % n and layer != "moe":
                 raise SystemExit(f"hidden dim {hidden} must be a multiple of the {n} ranks")
             cases = _cases(layer, n, rows, d, hidden, rng)
-            plans = {part: _plan_for_gpu(*cases[part], n, workers) for part in cases}
+            parts = ("full", "compute", "comm")
+            plans = {p: _plan_for_gpu(*cases[p], cases["mesh"], workers) for p in parts}
             inputs = {part: _rank_inputs(plans[part], n, rng) for part in plans}
             got = group_run(plans["full"], [inputs["full"]])[0]
             want = interpret_group(plans["full"], inputs["full"])
@@ -263,9 +397,15 @@ def _size(text: str) -> tuple[int, int, int]:
     return rows, d, hidden
 
 
+_LAYERS = ("tp", "sp", "moe", "dptp", "ring", "ring_loop")
+_GPU_LAYERS = "tp,sp,moe"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--layers", default="tp,sp,moe", help="comma-separated: tp, sp, moe (default: all)"
+        "--layers",
+        default=None,
+        help=f"comma-separated: {', '.join(_LAYERS)} (default: all; with --gpu {_GPU_LAYERS})",
     )
     parser.add_argument(
         "--sizes",
@@ -287,10 +427,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    layers = args.layers.split(",")
-    unknown = sorted(set(layers) - {"tp", "sp", "moe"})
+    layers = (args.layers or (_GPU_LAYERS if args.gpu else ",".join(_LAYERS))).split(",")
+    unknown = sorted(set(layers) - set(_LAYERS))
     if unknown:
-        raise SystemExit(f"unknown layers {unknown}; choose from tp,sp,moe")
+        raise SystemExit(f"unknown layers {unknown}; choose from {','.join(_LAYERS)}")
     sizes = [_size(s) for s in args.sizes.split(",")]
     if args.gpu:
         return _run_gpu(args, layers, sizes)

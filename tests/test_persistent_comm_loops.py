@@ -196,21 +196,24 @@ def test_while_loop_with_a_psum_predicate(mesh8, rng, monkeypatch):
     assert_close(np.concatenate([r[0] for r in ref]), want[0], TOL)
 
 
+def _while_rank_local_predicate(v):
+    """Rank r leaves once its own first element reaches r: a predicate that differs per rank."""
+    me = jax.lax.axis_index("x").astype(jnp.float32)
+
+    def body(c):
+        return c + jax.lax.psum(c, "x") * 0.125
+
+    return jax.lax.while_loop(lambda c: c[0, 0] < me, body, v)
+
+
 def test_reference_refuses_ranks_disagreeing_on_a_while_predicate(mesh8, rng):
-    """A predicate from rank-local values only: rank 0 leaves at once, the others loop. The
-    reference interpreter names the disagreement (only the plan is made here: the executors
-    cannot detect it, see docs/plan_format.md "Loops and communication")."""
-
-    def f(v):
-        me = jax.lax.axis_index("x").astype(jnp.float32)
-
-        def body(c):
-            return c + jax.lax.psum(jnp.ones_like(c), "x") * 0.125
-
-        return jax.lax.while_loop(lambda c: c[0, 0] < me, body, v)
+    """A predicate from rank-local values only: rank 0 leaves at once, the others loop. Without
+    check_vma the tracer cannot see it; the reference interpreter names the disagreement (only the
+    plan is made here: the executors cannot detect it, see docs/plan_format.md "Loops and
+    communication")."""
 
     x = np.abs(rng.standard_normal((N * 2, 4))).astype(np.float32) * 0.5
-    pf = ark.persistent(f, num_workers=1, max_while_iterations=64)
+    pf = ark.persistent(_while_rank_local_predicate, num_workers=1, max_while_iterations=64)
     box = []
 
     def only_plan(v):
@@ -223,6 +226,45 @@ def test_reference_refuses_ranks_disagreeing_on_a_while_predicate(mesh8, rng):
     per_rank = [[part] for part in np.split(x, N)]
     with pytest.raises(PlanError, match="disagree on its predicate at iteration 0"):
         interpret_group(box[0], per_rank)
+
+
+def test_tracer_refuses_a_rank_varying_predicate_around_communication(mesh8, rng):
+    """Under shard_map's check_vma typing the predicate's type says it varies over x: refused
+    while planning, naming the axis and the fix, before any rank runs."""
+    x = np.abs(rng.standard_normal((N * 2, 4))).astype(np.float32) * 0.5
+    fn = jax.jit(
+        jax.shard_map(
+            ark.persistent(_while_rank_local_predicate, max_while_iterations=64),
+            mesh=mesh8,
+            in_specs=(P("x"),),
+            out_specs=P("x"),
+        )
+    )
+    with pytest.raises(UnsupportedError, match=r"varies over mesh axes \('x',\).*psum / pmax"):
+        fn(x)
+
+
+def test_a_uniform_predicate_passes_the_check_under_check_vma(mesh8, rng):
+    """The same loop with the predicate made uniform by a pmax runs and matches jax.lax; a
+    rank-local predicate around a body that does not communicate stays allowed (each rank runs
+    its own loop)."""
+
+    def uniform(v):
+        def body(c):
+            return c + jax.lax.psum(c, "x") * 0.125
+
+        return jax.lax.while_loop(lambda c: jax.lax.pmax(c[0, 0], "x") < 3.0, body, v)
+
+    def local_only(v):
+        me = jax.lax.axis_index("x").astype(jnp.float32)
+        return jax.lax.while_loop(lambda c: c[0, 0] < me, lambda c: c * 1.5 + 0.25, v)
+
+    x = np.abs(rng.standard_normal((N * 2, 4))).astype(np.float32) * 0.5
+    for fn in (uniform, local_only):
+        specs = {"mesh": mesh8, "in_specs": (P("x"),), "out_specs": P("x")}
+        want = jax.jit(jax.shard_map(fn, **specs))(x)
+        got = jax.jit(jax.shard_map(ark.persistent(fn, max_while_iterations=64), **specs))(x)
+        assert_close(np.asarray(got), np.asarray(want), TOL)
 
 
 # ---- what stays refused -----------------------------------------------------------------------

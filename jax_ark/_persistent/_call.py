@@ -16,6 +16,7 @@ import numpy as np
 from jax_ark import _collective_primitive as _prim
 from jax_ark._ffi import cpu_module
 from jax_ark._persistent import _comm_call
+from jax_ark._persistent._comm import aval_varying
 from jax_ark._persistent._format import (
     DEFAULT_MAX_WHILE_ITERATIONS,
     DTYPE_CODES,
@@ -57,7 +58,7 @@ def _flat_avals(args) -> tuple[list, Any, list, tuple]:
 
 
 def _varying_of(x) -> tuple:
-    return tuple(sorted(_aval_varying(jax.typeof(x)), key=str)) if isinstance(x, jax.Array) else ()
+    return tuple(sorted(aval_varying(jax.typeof(x)), key=str)) if isinstance(x, jax.Array) else ()
 
 
 def _aval_of(x):
@@ -65,7 +66,7 @@ def _aval_of(x):
     abstract value, which carries them): the planner traces fn on these, and what jax derives
     depends on them (jax.grad transposes a psum of a varying value to a pvary, to another psum
     without the type)."""
-    if isinstance(x, jax.Array) and _aval_varying(jax.typeof(x)):
+    if isinstance(x, jax.Array) and aval_varying(jax.typeof(x)):
         return jax.typeof(x)
     return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
@@ -136,23 +137,11 @@ def _arg_names(fn: Callable, args: tuple) -> list[str]:
     return names
 
 
-# ---- jax version compatibility: the varying manual axes (vma) of a value -----------------------
-# jax 0.10 and 0.11 keep them in `aval.manual_axis_type.varying` (also reachable as `aval.mat`);
-# earlier releases had `aval.vma`. The one place in this module that reads them.
-
-
-def _aval_varying(aval) -> frozenset:
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", None) or ())
-
-
 def _varying_axes(in_avals) -> tuple:
     """Mesh axes some input varies over (inside shard_map); () outside."""
     axes: set = set()
     for a in in_avals:
-        axes |= _aval_varying(a)
+        axes |= aval_varying(a)
     return tuple(sorted(axes))
 
 
@@ -161,7 +150,7 @@ def _mark_varying(x, axes: tuple):
     per-device values, so declare them varying over the inputs' axes."""
     if not axes:
         return x
-    have = _aval_varying(jax.typeof(x))
+    have = aval_varying(jax.typeof(x))
     missing = tuple(a for a in axes if a not in have)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
@@ -432,7 +421,7 @@ class _Persistent:
         if p.comm is not None:
             # A psum's result is the same on every rank: typed invariant, as jax.lax's.
             traced = jax.make_jaxpr(self._fn)(*args)
-            out_varying = [tuple(sorted(_aval_varying(a), key=str)) for a in traced.out_avals]
+            out_varying = [tuple(sorted(aval_varying(a), key=str)) for a in traced.out_avals]
         outs, prof = run_plan(
             p,
             leaves,

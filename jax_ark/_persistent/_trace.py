@@ -21,7 +21,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
+from jax_ark._persistent._comm import (
+    COMM_PRIMITIVES,
+    aval_varying,
+    plan_group,
+    translate_collective,
+)
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     DEFAULT_MAX_WHILE_ITERATIONS,
@@ -1990,9 +1995,32 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         if op.loop >= 0:
             raise UnsupportedError(f"ark.persistent: a loop inside a while_loop body {where}")
         op.loop = loop_id
+    _check_uniform_predicate(b, cond, b.ops[first_op:end_op], where)
     b.loops[loop_id].end_op = end_op
     b.loops[loop_id].pred_op = pred_op
     return carries
+
+
+def _check_uniform_predicate(b: _Builder, cond, loop_ops: list[Op], where: str) -> None:
+    """A while loop whose body communicates must leave the loop at the same iteration on every
+    rank of the group: a rank that leaves early leaves its peers waiting for its puts (a timeout),
+    and their puts of that iteration land in its workspace after its call returned. shard_map's
+    check_vma typing says whether the predicate can differ between ranks: it varies over an axis
+    when it is computed from a value that varies over it and no collective made it uniform (a
+    psum / pmax of it does). Without check_vma the types say nothing, and the executors' bounded
+    waits are the only guard."""
+    if b.comm is None or not any(op.kind == "put" for op in loop_ops):
+        return
+    varying = aval_varying(cond.jaxpr.outvars[0].aval) & set(b.comm.axes)
+    if varying:
+        raise UnsupportedError(
+            f"ark.persistent: the predicate of a while_loop {where} varies over mesh axes "
+            f"{tuple(sorted(varying, key=str))} while its body communicates over "
+            f"{b.comm.axes}: ranks would leave the loop at different iterations and wait "
+            "forever for each other's puts. Make the predicate the same on every rank (compute "
+            "it from a psum / pmax of the rank-local value), or use a fori_loop / scan with a "
+            "static trip count"
+        )
 
 
 def _to_outer(node: _Node) -> _Node:

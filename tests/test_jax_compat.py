@@ -42,7 +42,6 @@ def test_varying_axes_old_vma_spelling():
     assert _collective_primitive.varying_axes(old) == frozenset({"x", "y"})
     out = _collective_primitive._with_shape_and_vma(old, (2, 4), frozenset({"y"}))
     assert (out.shape, out.vma) == ((2, 4), frozenset({"y"}))
-    assert _call._aval_varying(old) == frozenset({"x", "y"})
     assert _call._varying_axes([old, _OldAval((1,), {"z"})]) == ("x", "y", "z")
 
 
@@ -52,14 +51,13 @@ def test_varying_axes_of_this_jax(mesh2x4):
     def body(a):
         aval = jax.typeof(a)
         seen["collective"] = _collective_primitive.varying_axes(aval)
-        seen["persistent"] = _call._aval_varying(aval)
         out = _collective_primitive._with_shape_and_vma(aval, (3, *aval.shape), frozenset({"x"}))
         seen["updated"] = (out.shape, _collective_primitive.varying_axes(out))
         return a
 
     f = jax.shard_map(body, mesh=mesh2x4, in_specs=P("x", "y"), out_specs=P("x", "y"))
     jax.eval_shape(f, jax.ShapeDtypeStruct((4, 8), jnp.float32))
-    assert seen["collective"] == seen["persistent"] == frozenset({"x", "y"})
+    assert seen["collective"] == frozenset({"x", "y"})
     assert seen["updated"] == ((3, 2, 2), frozenset({"x"}))
 
 

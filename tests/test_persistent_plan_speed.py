@@ -193,3 +193,41 @@ def test_reducing_a_value_every_rank_holds_is_local_and_exact(mesh8, rng, reduce
         jax.ShapeDtypeStruct(v.shape, v.dtype),
     )
     assert not [op for op in box[0].ops if op.kind == "put"]
+
+
+def test_values_no_output_needs_are_not_planned(mesh8, rng):
+    """Dead code is removed before planning, as jax.jit removes it: an unrolled ring's last
+    ppermute (its chunk is never read) sends nothing, and an unused matmul is no task. The
+    result still matches jax.lax."""
+    from jax.sharding import PartitionSpec as P
+
+    perm = [(i, (i + 1) % 8) for i in range(8)]
+
+    def ring(x, w):
+        me = jax.lax.axis_index("x")
+        out = jnp.zeros((8 * x.shape[0], w.shape[1]), x.dtype)
+        unused = (x @ w) @ w.T  # noqa: F841 - dead: no output reads it
+        for s in range(8):
+            out = jax.lax.dynamic_update_slice(out, x @ w, ((me - s) % 8 * x.shape[0], 0))
+            x = jax.lax.ppermute(x, "x", perm)  # the last one is dead
+        return out
+
+    x = rng.standard_normal((8 * 4, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 24)).astype(np.float32)
+    specs = {"mesh": mesh8, "in_specs": (P("x"), P()), "out_specs": P("x")}
+    want = jax.jit(jax.shard_map(ring, **specs))(x, w)
+    got = jax.jit(jax.shard_map(ark.persistent(ring), **specs))(x, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    box = []
+
+    def body(x, w):
+        box.append(ark.plan(ring, x, w, num_workers=1))
+        return ring(x, w)
+
+    jax.eval_shape(
+        jax.shard_map(body, **specs),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct(w.shape, w.dtype),
+    )
+    kinds = [op.kind for op in box[0].ops]
+    assert kinds.count("put") == 7 and kinds.count("matmul") == 8, kinds

@@ -16,7 +16,6 @@ import numpy as np
 from jax_ark import _collective_primitive as _prim
 from jax_ark._ffi import cpu_module
 from jax_ark._persistent import _comm_call
-from jax_ark._persistent._comm import aval_varying
 from jax_ark._persistent._format import (
     DEFAULT_MAX_WHILE_ITERATIONS,
     DTYPE_CODES,
@@ -58,7 +57,9 @@ def _flat_avals(args) -> tuple[list, Any, list, tuple]:
 
 
 def _varying_of(x) -> tuple:
-    return tuple(sorted(aval_varying(jax.typeof(x)), key=str)) if isinstance(x, jax.Array) else ()
+    if not isinstance(x, jax.Array):
+        return ()
+    return tuple(sorted(_prim.varying_axes(jax.typeof(x)), key=str))
 
 
 def _aval_of(x):
@@ -66,7 +67,7 @@ def _aval_of(x):
     abstract value, which carries them): the planner traces fn on these, and what jax derives
     depends on them (jax.grad transposes a psum of a varying value to a pvary, to another psum
     without the type)."""
-    if isinstance(x, jax.Array) and aval_varying(jax.typeof(x)):
+    if isinstance(x, jax.Array) and _prim.varying_axes(jax.typeof(x)):
         return jax.typeof(x)
     return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
@@ -141,7 +142,7 @@ def _varying_axes(in_avals) -> tuple:
     """Mesh axes some input varies over (inside shard_map); () outside."""
     axes: set = set()
     for a in in_avals:
-        axes |= aval_varying(a)
+        axes |= _prim.varying_axes(a)
     return tuple(sorted(axes))
 
 
@@ -150,7 +151,7 @@ def _mark_varying(x, axes: tuple):
     per-device values, so declare them varying over the inputs' axes."""
     if not axes:
         return x
-    have = aval_varying(jax.typeof(x))
+    have = _prim.varying_axes(jax.typeof(x))
     missing = tuple(a for a in axes if a not in have)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
@@ -421,7 +422,7 @@ class _Persistent:
         if p.comm is not None:
             # A psum's result is the same on every rank: typed invariant, as jax.lax's.
             traced = jax.make_jaxpr(self._fn)(*args)
-            out_varying = [tuple(sorted(aval_varying(a), key=str)) for a in traced.out_avals]
+            out_varying = [tuple(sorted(_prim.varying_axes(a), key=str)) for a in traced.out_avals]
         outs, prof = run_plan(
             p,
             leaves,

@@ -111,16 +111,6 @@ def plan_group(jaxpr, unsupported) -> CommGroup | None:
     return CommGroup(tuple(group.axes), int(group.size), tuple(int(shape[a]) for a in axes))
 
 
-def aval_varying(aval) -> frozenset:
-    """The mesh axes a value varies over inside jax.shard_map (its varying manual axes, vma):
-    jax 0.10 and 0.11 keep them in `aval.manual_axis_type.varying`, earlier releases in
-    `aval.vma`. Empty outside shard_map and under check_vma=False. The one place that reads them."""
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", None) or ())
-
-
 def _group_axes(b, eqn, unsupported) -> tuple:
     """The axes of a collective eqn (checked like jax_ark's own collectives' groups)."""
     from jax_ark import collectives

@@ -21,12 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_ark._persistent._comm import (
-    COMM_PRIMITIVES,
-    aval_varying,
-    plan_group,
-    translate_collective,
-)
+from jax_ark._collective_primitive import varying_axes
+from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     DEFAULT_MAX_WHILE_ITERATIONS,
@@ -2011,7 +2007,7 @@ def _check_uniform_predicate(b: _Builder, cond, loop_ops: list[Op], where: str) 
     waits are the only guard."""
     if b.comm is None or not any(op.kind == "put" for op in loop_ops):
         return
-    varying = aval_varying(cond.jaxpr.outvars[0].aval) & set(b.comm.axes)
+    varying = varying_axes(cond.jaxpr.outvars[0].aval) & set(b.comm.axes)
     if varying:
         raise UnsupportedError(
             f"ark.persistent: the predicate of a while_loop {where} varies over mesh axes "
@@ -2245,6 +2241,20 @@ def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) 
     return _Pending(shape, out_dtype, core=core)
 
 
+def _without_dead_code(closed):
+    """closed with the equations no output depends on removed, as jax.jit removes them before
+    lowering: an unrolled ring's last ppermute (its chunk is never read) would otherwise be
+    planned as a put every rank sends and waits for, and an unused intermediate as a task.
+    Effectful equations stay. jax-internal (partial_eval.dce_jaxpr, checked against jax 0.10.2
+    and 0.11.2): without it the jaxpr is planned as traced."""
+    try:
+        from jax._src.interpreters.partial_eval import dce_jaxpr
+    except ImportError:  # pragma: no cover - a jax without it
+        return closed
+    jaxpr, _ = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
+    return jax.extend.core.ClosedJaxpr(jaxpr, closed.consts)
+
+
 def trace(
     fn,
     avals: list[jax.ShapeDtypeStruct],
@@ -2263,7 +2273,7 @@ def trace(
     from jax_ark.collectives import as_lax_collectives
 
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
-        closed = jax.make_jaxpr(fn)(*avals)
+        closed = _without_dead_code(jax.make_jaxpr(fn)(*avals))
     b = _Builder(max_while_iterations=max_while_iterations)
     # The plan's one group (every mesh axis its collectives name), known before any is planned:
     # routing tables and axis_index programs depend on it (_comm.plan_group).

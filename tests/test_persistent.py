@@ -104,6 +104,53 @@ def test_bit_identical_across_worker_counts_and_reference(rng, dtype, which):
             assert np.array_equal(_bits(g), _bits(w)), (which, workers)
 
 
+def _cpu_has_fma() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " fma " in f.read().replace("\n", " ")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_fma(), reason="the CPU has no FMA: the opt-in keeps exact kernels")
+@pytest.mark.parametrize("which", ["gemv_chain", "batched"])
+def test_opt_in_fma_matmuls_are_fused_close_and_deterministic(rng, monkeypatch, which):
+    """JAX_ARK_CPU_FMA=1 runs the FMA kernels: different bits from the exact order (so they ran),
+    within float32 rounding of the reference and of jax.jit, the same bits for every worker count
+    (the tiles, and so each element's k order, do not depend on it); unset, exact again."""
+    if which == "gemv_chain":
+        fn, tiles = _exact_gemv_chain, {"tile_n": 48}
+        args = random_args(rng, [(1, 77), (77,)] + [(77, 77)] * 3, np.float32)
+    else:
+        fn, tiles = _exact_batched, {"tile_m": 40, "tile_n": 600}
+        args = random_args(
+            rng, [(3, 37, 19), (3, 19, 45), (3, 45, 19), (2, 41, 19), (19, 530)], np.float32
+        )
+    exact = interpret(ark.plan(fn, *args, num_workers=3, **tiles), *args)
+    want = jax.tree.leaves(jax.jit(fn)(*args))
+    monkeypatch.setenv("JAX_ARK_CPU_FMA", "1")
+    fused = None
+    for workers in (1, 3):
+        got = [
+            np.asarray(g)
+            for g in jax.tree.leaves(
+                jax.jit(ark.persistent(fn, num_workers=workers, **tiles))(*args)
+            )
+        ]
+        for g, e, w in zip(got, exact, want, strict=True):
+            _close(g, e)
+            _close(g, w)
+        if fused is None:
+            fused = got
+        for g, f in zip(got, fused, strict=True):
+            assert np.array_equal(_bits(g), _bits(f)), workers
+    assert any(not np.array_equal(_bits(f), _bits(e)) for f, e in zip(fused, exact, strict=True))
+    monkeypatch.setenv("JAX_ARK_CPU_FMA", "0")
+    again = jax.tree.leaves(jax.jit(ark.persistent(fn, num_workers=3, **tiles))(*args))
+    for g, e in zip(again, exact, strict=True):
+        assert np.array_equal(_bits(g), _bits(e))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 @pytest.mark.parametrize(("rows", "k", "n"), [(37, 64, 256), (9, 33, 512), (40, 19, 1024)])
 def test_weights_with_aliasing_row_strides_bit_identical(rng, dtype, rows, k, n):

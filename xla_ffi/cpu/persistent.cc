@@ -3,9 +3,11 @@
 // counters[, profile]. The handler checks the plan against the buffers, then runs it on worker
 // threads owned by the executor (never on XLA's pool: see shared/DESIGN.md on pool starvation).
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "../../cuda/src/cpu/host_communicator.hpp"
@@ -215,6 +217,9 @@ ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::Re
   PersistentOptions options;
   options.timeout_ms = timeout_ms > 0 ? timeout_ms : 60000;
   options.chaos_seed = static_cast<uint64_t>(chaos_seed);
+  // Opt-in, process-wide, read per call (the plan and the GPU handler do not change with it).
+  const char* fma = std::getenv("JAX_ARK_CPU_FMA");
+  options.fused_matmul = fma != nullptr && *fma != '\0' && std::string_view(fma) != "0";
   PersistentComm comm;
   if (group_size > 0) {
     comm.rank = comm_id.rank;

@@ -9,12 +9,20 @@
 // the ISA picked at run time changes speed, not results. That needs -ffp-contract=off: the
 // AVX-512 variant has FMA available and GCC would otherwise fuse `c + a * x`
 // (test_persistent.py::test_bit_identical_* catches a fused or reassociated build).
+// The exception is opt-in: with JAX_ARK_CPU_FMA=1 (PersistentOptions::fused_matmul) the *_fma
+// variants fuse each term's product and sum into one FMA, in the same k order, through explicit
+// intrinsics (so -ffp-contract=off still holds everywhere else).
 #pragma once
 
 #include <stdint.h>
 #include <string.h>
 
 #include <utility>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 
 #include "jax_ark/tile_ops.hpp"
 
@@ -25,6 +33,20 @@ namespace jax_ark::cpu::kernels {
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x16 __attribute__((vector_size(64)));
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// c += a * x as one fused multiply-add per lane; called only from the FMA variants. Not
+// always_inline: GCC would inline these target-attributed bodies into the target-less templates
+// first and refuse; once a template is inlined into an FMA variant, the targets match and the
+// optimizer inlines them (tests/test_persistent.py checks the module has no out-of-line copy).
+__attribute__((target("avx2,fma"))) inline void fma_into(f32x8& c, float a, const f32x8& x) {
+  c = _mm256_fmadd_ps(_mm256_set1_ps(a), x, c);
+}
+__attribute__((target("avx512f"))) inline void fma_into(f32x16& c, float a, const f32x16& x) {
+  c = _mm512_fmadd_ps(_mm512_set1_ps(a), x, c);
+}
+#endif
+void fma_into(f32x4& c, float a, const f32x4& x);  // never defined: no FMA variant of the base ISA
 
 // Most rows x columns one matmul kernel call computes: its accumulator tile stays in L1 / L2.
 constexpr int kRows = 32;
@@ -64,6 +86,24 @@ ARK_ALWAYS_INLINE void store_vec(float* p, const V& v) {
 ARK_ALWAYS_INLINE float to_f32(float x) { return x; }
 ARK_ALWAYS_INLINE float to_f32(uint16_t x) { return plan::bf16_to_f32(x); }
 
+// One matmul term added to a sum: c + a * x with the product and the sum each rounded (F = false,
+// the plan format's order) or fused into one rounding (F = true: the opt-in FMA kernels, below).
+// The fused forms exist only inside the FMA variants' target attributes (their callers).
+template <bool F>
+ARK_ALWAYS_INLINE void mac(float& c, float a, float x) {
+  if constexpr (F)
+    c = __builtin_fmaf(a, x, c);
+  else
+    c = c + a * x;
+}
+template <bool F, class V>
+ARK_ALWAYS_INLINE void mac(V& c, float a, const V& x) {
+  if constexpr (F)
+    fma_into(c, a, x);
+  else
+    c = c + a * x;
+}
+
 // acc[i * ldc + n] = sum_k a[i * lda + k] * B[k, n] for i < rows, n < tn, where B[k, n] =
 // b[k * ldb + n] (float32 or bf16 bits). With `accumulate` the sums continue from acc's values
 // instead of 0: a K split into consecutive blocks, each called in k order, adds every term in the
@@ -71,7 +111,7 @@ ARK_ALWAYS_INLINE float to_f32(uint16_t x) { return plan::bf16_to_f32(x); }
 // rows, so each B vector is loaded (and widened) once and serves every row, and B is streamed once
 // per call in row order (a task's K x tn slab, typically straight from DRAM). Each element still
 // receives its terms one by one in ascending k (see the file comment).
-template <class V, class BT>
+template <class V, bool F, class BT>
 ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
                                     int64_t ldb, int tn, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
@@ -105,10 +145,10 @@ ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64
         float* ci = acc + i * ldc + n;
         V c;
         load_vec(c, ci);
-        c = c + ai[0] * x0;
-        c = c + ai[1] * x1;
-        c = c + ai[2] * x2;
-        c = c + ai[3] * x3;
+        mac<F>(c, ai[0], x0);
+        mac<F>(c, ai[1], x1);
+        mac<F>(c, ai[2], x2);
+        mac<F>(c, ai[3], x3);
         store_vec(ci, c);
       }
     }
@@ -117,10 +157,10 @@ ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64
       for (int i = 0; i < rows; ++i) {
         const float* ai = a + i * lda + k;
         float c = acc[i * ldc + n];
-        c = c + ai[0] * x0;
-        c = c + ai[1] * x1;
-        c = c + ai[2] * x2;
-        c = c + ai[3] * x3;
+        mac<F>(c, ai[0], x0);
+        mac<F>(c, ai[1], x1);
+        mac<F>(c, ai[2], x2);
+        mac<F>(c, ai[3], x3);
         acc[i * ldc + n] = c;
       }
     }
@@ -134,13 +174,13 @@ ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64
         float* ci = acc + i * ldc + n;
         V c;
         load_vec(c, ci);
-        c = c + a[i * lda + k] * x0;
+        mac<F>(c, a[i * lda + k], x0);
         store_vec(ci, c);
       }
     }
     for (int n = nv; n < tn; ++n) {
       const float x0 = to_f32(b0[n]);
-      for (int i = 0; i < rows; ++i) acc[i * ldc + n] = acc[i * ldc + n] + a[i * lda + k] * x0;
+      for (int i = 0; i < rows; ++i) mac<F>(acc[i * ldc + n], a[i * lda + k], x0);
     }
   }
 }
@@ -151,7 +191,7 @@ ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64
 // L1 / L2 after the first (which is prefetched like the panel kernel's).
 constexpr int kMicroRows = 4;
 
-template <class V, class BT, int NV>
+template <class V, bool F, class BT, int NV>
 ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, const BT* b,
                                     int64_t ldb, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
@@ -176,10 +216,10 @@ ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, cons
     }
     V x[NV];
     for (int j = 0; j < NV; ++j) load_vec(x[j], bk + j * W);
-    for (int j = 0; j < NV; ++j) c[0][j] = c[0][j] + a0[k] * x[j];
-    for (int j = 0; j < NV; ++j) c[1][j] = c[1][j] + a1[k] * x[j];
-    for (int j = 0; j < NV; ++j) c[2][j] = c[2][j] + a2[k] * x[j];
-    for (int j = 0; j < NV; ++j) c[3][j] = c[3][j] + a3[k] * x[j];
+    for (int j = 0; j < NV; ++j) mac<F>(c[0][j], a0[k], x[j]);
+    for (int j = 0; j < NV; ++j) mac<F>(c[1][j], a1[k], x[j]);
+    for (int j = 0; j < NV; ++j) mac<F>(c[2][j], a2[k], x[j]);
+    for (int j = 0; j < NV; ++j) mac<F>(c[3][j], a3[k], x[j]);
   }
   for (int i = 0; i < kMicroRows; ++i)
     for (int j = 0; j < NV; ++j) store_vec(acc + i * ldc + j * W, c[i][j]);
@@ -187,7 +227,7 @@ ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, cons
 
 // acc (rows x tn, row stride ldc) for any tile: micro blocks where they fit, the panel kernel on
 // the leftover rows / columns (each element is computed by exactly one of them, same order).
-template <class V, int NV, class BT>
+template <class V, int NV, bool F, class BT>
 ARK_ALWAYS_INLINE void matmul_any(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
                                   int64_t ldb, int tn, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
@@ -195,17 +235,17 @@ ARK_ALWAYS_INLINE void matmul_any(const float* a, int64_t lda, int rows, int64_t
   const int full_rows = rows < kMicroRows ? 0 : rows - rows % kMicroRows;
   const int full_cols = tn - tn % kBlockCols;
   if (full_rows == 0 || full_cols == 0) {  // GEMV-like: stream B once with the panel kernel
-    matmul_panel<V>(a, lda, rows, K, b, ldb, tn, acc, ldc, accumulate);
+    matmul_panel<V, F>(a, lda, rows, K, b, ldb, tn, acc, ldc, accumulate);
     return;
   }
   for (int n = 0; n < full_cols; n += kBlockCols)
     for (int i = 0; i < full_rows; i += kMicroRows)
-      matmul_micro<V, BT, NV>(a + i * lda, lda, K, b + n, ldb, acc + i * ldc + n, ldc, accumulate);
+      matmul_micro<V, F, BT, NV>(a + i * lda, lda, K, b + n, ldb, acc + i * ldc + n, ldc, accumulate);
   if (full_cols < tn)
-    matmul_panel<V>(a, lda, full_rows, K, b + full_cols, ldb, tn - full_cols, acc + full_cols, ldc,
+    matmul_panel<V, F>(a, lda, full_rows, K, b + full_cols, ldb, tn - full_cols, acc + full_cols, ldc,
                     accumulate);
   if (full_rows < rows)
-    matmul_panel<V>(a + full_rows * lda, lda, rows - full_rows, K, b, ldb, tn,
+    matmul_panel<V, F>(a + full_rows * lda, lda, rows - full_rows, K, b, ldb, tn,
                     acc + full_rows * ldc, ldc, accumulate);
 }
 
@@ -259,7 +299,7 @@ ARK_ALWAYS_INLINE void transpose<f32x8>(f32x8 (&r)[8]) {
 // KS * W consecutive k of each of the W rows (KS = a cache line's worth: a line is fetched and used
 // at once, where half-line steps left it to be fetched again), transposes KS W x W tiles and
 // runs each row's W column sums KS * W terms on.
-template <class V, int KS, class BT>
+template <class V, int KS, bool F, class BT>
 ARK_ALWAYS_INLINE void matmul_kt_columns(const float* a, int64_t lda, int rows, int64_t k0,
                                          int64_t k1, const BT* b, int64_t ldb, int n, float* acc,
                                          int64_t ldc) {
@@ -280,13 +320,13 @@ ARK_ALWAYS_INLINE void matmul_kt_columns(const float* a, int64_t lda, int rows, 
       V c;
       load_vec(c, ci);
       for (int h = 0; h < KS; ++h)
-        for (int kk = 0; kk < W; ++kk) c = c + ai[h * W + kk] * tiles[h][kk];
+        for (int kk = 0; kk < W; ++kk) mac<F>(c, ai[h * W + kk], tiles[h][kk]);
       store_vec(ci, c);
     }
   }
 }
 
-template <class V, class BT>
+template <class V, bool F, class BT>
 ARK_ALWAYS_INLINE void matmul_kt(const float* a, int64_t lda, int rows, int64_t K, const BT* b,
                                  int64_t ldb, int tn, float* acc, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(float);
@@ -298,13 +338,13 @@ ARK_ALWAYS_INLINE void matmul_kt(const float* a, int64_t lda, int rows, int64_t 
   const int64_t kv = K - K % W;
   const int nv = tn - tn % W;
   for (int n = 0; n < nv; n += W) {
-    matmul_kt_columns<V, KS>(a, lda, rows, 0, k_lines, b, ldb, n, acc, ldc);
-    matmul_kt_columns<V, 1>(a, lda, rows, k_lines, kv, b, ldb, n, acc, ldc);
+    matmul_kt_columns<V, KS, F>(a, lda, rows, 0, k_lines, b, ldb, n, acc, ldc);
+    matmul_kt_columns<V, 1, F>(a, lda, rows, k_lines, kv, b, ldb, n, acc, ldc);
     for (int j = 0; j < W; ++j) {  // the last K % W terms of these columns, still in k order
       const BT* bj = b + (n + j) * ldb;
       for (int64_t k = kv; k < K; ++k) {
         const float x = to_f32(bj[k]);
-        for (int i = 0; i < rows; ++i) acc[i * ldc + n + j] = acc[i * ldc + n + j] + a[i * lda + k] * x;
+        for (int i = 0; i < rows; ++i) mac<F>(acc[i * ldc + n + j], a[i * lda + k], x);
       }
     }
   }
@@ -312,7 +352,7 @@ ARK_ALWAYS_INLINE void matmul_kt(const float* a, int64_t lda, int rows, int64_t 
     const BT* bn = b + n * ldb;
     for (int i = 0; i < rows; ++i) {
       float c = acc[i * ldc + n];
-      for (int64_t k = 0; k < K; ++k) c = c + a[i * lda + k] * to_f32(bn[k]);
+      for (int64_t k = 0; k < K; ++k) mac<F>(c, a[i * lda + k], to_f32(bn[k]));
       acc[i * ldc + n] = c;
     }
   }
@@ -320,35 +360,40 @@ ARK_ALWAYS_INLINE void matmul_kt(const float* a, int64_t lda, int rows, int64_t 
 
 // One instantiation per instruction set; the widest the CPU supports is picked once at run time.
 // NV: accumulator vectors per micro-block row (4 x NV of the ISA's registers stay live).
-#define ARK_MATMUL_VARIANT(NAME, ATTR, V, NV)                                                      \
+#define ARK_MATMUL_VARIANT(NAME, ATTR, V, NV, F)                                                   \
   ATTR inline void NAME(const float* a, int64_t lda, int rows, int64_t K, const void* b,          \
                         bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc,              \
                         bool accumulate) {                                                         \
     if (b_is_bf16)                                                                                 \
-      matmul_any<V, NV>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc,       \
+      matmul_any<V, NV, F>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc,       \
                         accumulate);                                                               \
     else                                                                                           \
-      matmul_any<V, NV>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc,          \
+      matmul_any<V, NV, F>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc,          \
                         accumulate);                                                               \
   }
 
-#define ARK_MATMUL_KT_VARIANT(NAME, ATTR, V)                                                       \
+#define ARK_MATMUL_KT_VARIANT(NAME, ATTR, V, F)                                                    \
   ATTR inline void NAME(const float* a, int64_t lda, int rows, int64_t K, const void* b,          \
                         bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc,              \
                         bool accumulate) {                                                         \
     if (b_is_bf16)                                                                                 \
-      matmul_kt<V>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc, accumulate); \
+      matmul_kt<V, F>(a, lda, rows, K, static_cast<const uint16_t*>(b), ldb, tn, acc, ldc, accumulate); \
     else                                                                                           \
-      matmul_kt<V>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc, accumulate);  \
+      matmul_kt<V, F>(a, lda, rows, K, static_cast<const float*>(b), ldb, tn, acc, ldc, accumulate);  \
   }
 
-ARK_MATMUL_VARIANT(matmul_base, , f32x4, 2)
-ARK_MATMUL_KT_VARIANT(matmul_kt_base, , f32x4)
+ARK_MATMUL_VARIANT(matmul_base, , f32x4, 2, false)
+ARK_MATMUL_KT_VARIANT(matmul_kt_base, , f32x4, false)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-ARK_MATMUL_VARIANT(matmul_avx2, __attribute__((target("avx2"))), f32x8, 2)
-ARK_MATMUL_VARIANT(matmul_avx512, __attribute__((target("avx512f"))), f32x16, 4)
-ARK_MATMUL_KT_VARIANT(matmul_kt_avx2, __attribute__((target("avx2"))), f32x8)
-ARK_MATMUL_KT_VARIANT(matmul_kt_avx512, __attribute__((target("avx512f"))), f32x16)
+ARK_MATMUL_VARIANT(matmul_avx2, __attribute__((target("avx2"))), f32x8, 2, false)
+ARK_MATMUL_VARIANT(matmul_avx512, __attribute__((target("avx512f"))), f32x16, 4, false)
+ARK_MATMUL_KT_VARIANT(matmul_kt_avx2, __attribute__((target("avx2"))), f32x8, false)
+ARK_MATMUL_KT_VARIANT(matmul_kt_avx512, __attribute__((target("avx512f"))), f32x16, false)
+// Opt-in (PersistentOptions::fused_matmul): every term fused, k order unchanged.
+ARK_MATMUL_VARIANT(matmul_avx2_fma, __attribute__((target("avx2,fma"))), f32x8, 2, true)
+ARK_MATMUL_VARIANT(matmul_avx512_fma, __attribute__((target("avx512f"))), f32x16, 4, true)
+ARK_MATMUL_KT_VARIANT(matmul_kt_avx2_fma, __attribute__((target("avx2,fma"))), f32x8, true)
+ARK_MATMUL_KT_VARIANT(matmul_kt_avx512_fma, __attribute__((target("avx512f"))), f32x16, true)
 #endif
 #undef ARK_MATMUL_VARIANT
 #undef ARK_MATMUL_KT_VARIANT
@@ -357,9 +402,14 @@ using MatmulFn = void (*)(const float*, int64_t, int, int64_t, const void*, bool
                           float*, int64_t, bool);
 
 // k_contiguous: the matmul_kt kernels (B[k, n] = b[n * ldb + k]).
-inline MatmulFn pick_matmul(bool k_contiguous) {
+// fused: the FMA kernels where the CPU has FMA (else the exact ones: fusing is allowed, not owed).
+inline MatmulFn pick_matmul(bool k_contiguous, bool fused) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
+  if (fused && __builtin_cpu_supports("avx512f"))
+    return k_contiguous ? matmul_kt_avx512_fma : matmul_avx512_fma;
+  if (fused && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return k_contiguous ? matmul_kt_avx2_fma : matmul_avx2_fma;
   if (__builtin_cpu_supports("avx512f")) return k_contiguous ? matmul_kt_avx512 : matmul_avx512;
   if (__builtin_cpu_supports("avx2")) return k_contiguous ? matmul_kt_avx2 : matmul_avx2;
 #endif
@@ -369,18 +419,21 @@ inline MatmulFn pick_matmul(bool k_contiguous) {
 // rows x tn float32 tile, row stride ldc: acc[i, n] = sum over k of a[i * lda + k] * B[k, n] with
 // B[k, n] = b[k * ldb + n] (float32, or bf16 bits when b_is_bf16); see matmul_any. accumulate:
 // continue the sums in acc (the next block of k) instead of starting from 0.
-inline void matmul_tile(const float* a, int64_t lda, int rows, int64_t K, const void* b,
+inline void matmul_tile(bool fused, const float* a, int64_t lda, int rows, int64_t K, const void* b,
                         bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc,
                         bool accumulate = false) {
-  static const MatmulFn fn = pick_matmul(false);
-  fn(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc, accumulate);
+  static const MatmulFn exact_fn = pick_matmul(false, false);
+  static const MatmulFn fused_fn = pick_matmul(false, true);
+  (fused ? fused_fn : exact_fn)(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc, accumulate);
 }
 
 // The same for B read along k: B[k, n] = b[n * ldb + k]; see matmul_kt.
-inline void matmul_tile_kt(const float* a, int64_t lda, int rows, int64_t K, const void* b,
-                           bool b_is_bf16, int64_t ldb, int tn, float* acc, int64_t ldc) {
-  static const MatmulFn fn = pick_matmul(true);
-  fn(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc, false);
+inline void matmul_tile_kt(bool fused, const float* a, int64_t lda, int rows, int64_t K,
+                           const void* b, bool b_is_bf16, int64_t ldb, int tn, float* acc,
+                           int64_t ldc) {
+  static const MatmulFn exact_fn = pick_matmul(true, false);
+  static const MatmulFn fused_fn = pick_matmul(true, true);
+  (fused ? fused_fn : exact_fn)(a, lda, rows, K, b, b_is_bf16, ldb, tn, acc, ldc, false);
 }
 
 }  // namespace jax_ark::cpu::kernels

@@ -847,8 +847,9 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
         const int cols = std::min(chunk, tn - c0);
         float* acc = s.acc.data();
         if (direct_b) {
-          kernels::matmul_tile(run.opt.fused_matmul, s.a_row.data(), K, rows, K, b_rows + static_cast<int64_t>(c0) * b_size,
-                               b_dt == kBF16, bv.strides[1], cols, acc, cols);
+          kernels::matmul_tile(run.opt.fused_matmul, s.a_row.data(), K, rows, K,
+                               b_rows + static_cast<int64_t>(c0) * b_size, b_dt == kBF16,
+                               bv.strides[1], cols, acc, cols);
         } else if (direct_bt) {
           kernels::matmul_tile_kt(run.opt.fused_matmul, s.a_row.data(), K, rows, K,
                                   b_rows + static_cast<int64_t>(c0) * bv.strides[2] * b_size,
@@ -859,8 +860,8 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
           for (int64_t k0 = 0; k0 < K; k0 += k_block) {
             const int kb = static_cast<int>(std::min(k_block, K - k0));
             widen_b_block(bv, b_dt, b_base, b, k0, kb, task.n0 + c0, cols, s.b_tile.data(), tile_ld);
-            kernels::matmul_tile(run.opt.fused_matmul, s.a_row.data() + k0, K, rows, kb, s.b_tile.data(), false, tile_ld,
-                                 cols, acc, cols, k0 > 0);
+            kernels::matmul_tile(run.opt.fused_matmul, s.a_row.data() + k0, K, rows, kb,
+                                 s.b_tile.data(), false, tile_ld, cols, acc, cols, k0 > 0);
           }
         }
         for (int i = 0; i < rows; ++i) {

@@ -2245,13 +2245,14 @@ def _without_dead_code(closed):
     """closed with the equations no output depends on removed, as jax.jit removes them before
     lowering: an unrolled ring's last ppermute (its chunk is never read) would otherwise be
     planned as a put every rank sends and waits for, and an unused intermediate as a task.
-    Effectful equations stay. jax-internal (partial_eval.dce_jaxpr, checked against jax 0.10.2
-    and 0.11.2): without it the jaxpr is planned as traced."""
+    Effectful equations stay. jax-internal (partial_eval.dce_jaxpr, run against jax 0.10.2; the
+    same signature in jax's sources since 2022): a jax without it plans the jaxpr as traced."""
     try:
         from jax._src.interpreters.partial_eval import dce_jaxpr
-    except ImportError:  # pragma: no cover - a jax without it
+
+        jaxpr, _ = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
+    except (ImportError, TypeError):  # pragma: no cover - a jax without it
         return closed
-    jaxpr, _ = dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
     return jax.extend.core.ClosedJaxpr(jaxpr, closed.consts)
 
 

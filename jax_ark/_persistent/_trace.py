@@ -821,6 +821,12 @@ def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, param
             return b.elementwise("integer_pow", args, out_shape, out_dtype, imm=y)
         if kind in ("int", "uint") and y >= 0:
             return b.elementwise("ipow", args, out_shape, out_dtype, imm=y)
+    elif prim == "pow" and kind == "float" and _kind(args[1].dtype) in ("int", "uint"):
+        # lax.pow takes an integer exponent (optax's bias correction `b1 ** count`); XLA converts
+        # it to the base's dtype and raises with `power`, so the exponent is converted here too
+        # (its int32 bits would otherwise be read as a float: 0.9 ** 1 became 0.9 ** 1.4e-45).
+        exponent = _convert(b, args[1], args[0].dtype)
+        return b.elementwise("pow", [args[0], exponent], out_shape, out_dtype)
     elif prim == "sign" and kind == "uint":  # 0 or 1
         return b.elementwise("umin", [args[0], _Imm((), "uint32", value=1)], out_shape, out_dtype)
     elif prim == "square" and kind in ("int", "uint"):
@@ -829,6 +835,14 @@ def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, param
         opcode = _INT_TYPED.get(prim, {}).get(kind)
         if opcode is None and kind in ("float", "bool"):
             opcode = _UNARY.get(prim) or _BINARY.get(prim)
+            mixed = [a.dtype for a in args if _kind(a.dtype) not in ("float", "bool")]
+            if opcode is not None and mixed:
+                # A float opcode reads every register as a float: an integer operand's bits
+                # would be misread. jax gives such mixed operands only to pow (above).
+                raise UnsupportedError(
+                    f"ark.persistent: '{prim}' of {args[0].dtype} with {mixed[0]} operands is "
+                    f"not supported (at {b.source})"
+                )
         if opcode is not None:
             return b.elementwise(opcode, args, out_shape, out_dtype)
     raise UnsupportedError(

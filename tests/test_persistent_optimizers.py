@@ -1,0 +1,139 @@
+"""Code we did not write inside ark.persistent: optax optimizers' update steps, and a Megatron
+tensor-parallel MLP written with flax.linen layers trained by optax.adamw, its forward, backward,
+psum and optimizer update planned as ONE persistent call per device. Each against jax.jit (with
+jax.lax's collectives inside jax.shard_map) on fresh random inputs and optimizer states.
+
+The first run of these found a silent error: lax.pow with an int32 exponent (optax's bias
+correction `b1 ** count`) read the exponent's bits as a float, and adam's parameters came out
+inf / NaN."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from persistent_models import assert_close
+
+import jax_ark as ark
+
+optax = pytest.importorskip("optax")
+TOL = 2e-5
+
+
+def _random_state(rng, state):
+    """The optimizer state with fresh random moments (nu positive) and a step count of 7, so the
+    bias corrections are not those of step 1."""
+
+    def fill(x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.integer):
+            return np.full(x.shape, 7, x.dtype)
+        return np.abs(rng.standard_normal(x.shape)).astype(x.dtype) * 0.1
+
+    return jax.tree.map(fill, state)
+
+
+@pytest.mark.parametrize(
+    "name", ["sgd_momentum", "adam", "adamw", "lion", "adabelief", "rmsprop", "lamb"]
+)
+def test_optax_update_step_matches_jit(rng, name):
+    tx = {
+        "sgd_momentum": lambda: optax.sgd(1e-2, momentum=0.9, nesterov=True),
+        "adam": lambda: optax.adam(1e-2),
+        "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+        "lion": lambda: optax.lion(1e-3),
+        "adabelief": lambda: optax.adabelief(1e-2),
+        "rmsprop": lambda: optax.rmsprop(1e-2, momentum=0.9),
+        "lamb": lambda: optax.lamb(1e-2),
+    }[name]()
+    params = {
+        "w": rng.standard_normal((16, 24)).astype(np.float32),
+        "b": rng.standard_normal((24,)).astype(np.float32),
+    }
+    grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+    state = _random_state(rng, tx.init(params))
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    want = jax.jit(step)(params, state, grads)
+    got = jax.jit(ark.persistent(step))(params, state, grads)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.isfinite(g).all()
+        if np.issubdtype(w.dtype, np.integer):
+            np.testing.assert_array_equal(g, w)
+        else:
+            assert_close(g, w, TOL)
+
+
+@pytest.mark.parametrize("exponent_dtype", [np.int32, np.uint32])
+def test_pow_with_an_integer_exponent(rng, exponent_dtype):
+    """lax.pow(float, int): the exponent is converted to the base's dtype, as XLA does."""
+    x = np.abs(rng.standard_normal((6, 5))).astype(np.float32) + 0.5
+    n = rng.integers(0 if exponent_dtype == np.uint32 else -4, 5, (6, 5)).astype(exponent_dtype)
+    fn = jax.lax.pow
+    assert_close(jax.jit(ark.persistent(fn))(x, n), jax.jit(fn)(x, n), TOL)
+
+
+def test_flax_tensor_parallel_mlp_adamw_step_is_one_persistent_call(mesh8, rng):
+    nn = pytest.importorskip("flax.linen")
+    d, hidden, batch = 16, 64, 8
+
+    class TensorParallelMLP(nn.Module):
+        """Column-parallel up projection (hidden / 8 columns per device), row-parallel down
+        projection, psum, then a replicated bias."""
+
+        @nn.compact
+        def __call__(self, x):
+            h = nn.gelu(nn.Dense(hidden // 8, name="up")(x))
+            y = nn.Dense(d, use_bias=False, name="down")(h)
+            return jax.lax.psum(y, "x") + self.param("bias", nn.initializers.zeros, (d,))
+
+    model, tx = TensorParallelMLP(), optax.adamw(1e-2)
+
+    def train_step(params, opt_state, x, target):
+        def loss_fn(p):
+            return jnp.mean((model.apply({"params": p}, x) - target) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def normal(*shape, scale=0.3):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    params = {
+        "up": {"kernel": normal(d, hidden), "bias": normal(hidden, scale=0.1)},
+        "down": {"kernel": normal(hidden, d)},
+        "bias": normal(d, scale=0.1),
+    }
+    param_specs = {
+        "up": {"kernel": P(None, "x"), "bias": P("x")},
+        "down": {"kernel": P("x", None)},
+        "bias": P(),
+    }
+    opt_state = _random_state(rng, tx.init(params))
+    adam_state, *rest = opt_state
+    state_specs = (
+        type(adam_state)(count=P(), mu=param_specs, nu=param_specs),
+        *[jax.tree.map(lambda _: P(), r) for r in rest],
+    )
+    specs = {
+        "mesh": mesh8,
+        "in_specs": (param_specs, state_specs, P(), P()),
+        "out_specs": (param_specs, state_specs, P()),
+    }
+    args = (params, opt_state, normal(batch, d, scale=1.0), normal(batch, d, scale=1.0))
+    want = jax.jit(jax.shard_map(train_step, **specs))(*args)
+    got = jax.jit(jax.shard_map(ark.persistent(train_step), **specs))(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.isfinite(g).all()
+        if np.issubdtype(w.dtype, np.integer):
+            np.testing.assert_array_equal(g, w)
+        else:
+            assert_close(g, w, TOL)

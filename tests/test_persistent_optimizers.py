@@ -1,11 +1,12 @@
-"""Code we did not write inside ark.persistent: optax optimizers' update steps, and a Megatron
-tensor-parallel MLP written with flax.linen layers trained by optax.adamw, its forward, backward,
-psum and optimizer update planned as ONE persistent call per device. Each against jax.jit (with
-jax.lax's collectives inside jax.shard_map) on fresh random inputs and optimizer states.
+"""Code we did not write inside ark.persistent: optax optimizers' update steps and losses, and a
+Megatron tensor-parallel MLP written with flax.linen layers trained by optax.adamw, its forward,
+backward, psum and optimizer update planned as ONE persistent call per device. Each against
+jax.jit (with jax.lax's collectives inside jax.shard_map) on fresh random inputs and optimizer
+states.
 
 The first run of these found a silent error: lax.pow with an int32 exponent (optax's bias
 correction `b1 ** count`) read the exponent's bits as a float, and adam's parameters came out
-inf / NaN."""
+inf / NaN; and is_finite (jax.nn.logsumexp, optax's integer-label cross entropy) was refused."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _random_state(rng, state):
 
 
 @pytest.mark.parametrize(
-    "name", ["sgd_momentum", "adam", "adamw", "lion", "adabelief", "rmsprop", "lamb"]
+    "name", ["sgd_momentum", "adam", "adamw", "lion", "adabelief", "rmsprop", "lamb", "clipped"]
 )
 def test_optax_update_step_matches_jit(rng, name):
     tx = {
@@ -47,6 +48,7 @@ def test_optax_update_step_matches_jit(rng, name):
         "adabelief": lambda: optax.adabelief(1e-2),
         "rmsprop": lambda: optax.rmsprop(1e-2, momentum=0.9),
         "lamb": lambda: optax.lamb(1e-2),
+        "clipped": lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2)),
     }[name]()
     params = {
         "w": rng.standard_normal((16, 24)).astype(np.float32),
@@ -137,3 +139,38 @@ def test_flax_tensor_parallel_mlp_adamw_step_is_one_persistent_call(mesh8, rng):
             np.testing.assert_array_equal(g, w)
         else:
             assert_close(g, w, TOL)
+
+
+def test_optax_losses_and_logsumexp_match_jit(rng):
+    logits = rng.standard_normal((8, 10)).astype(np.float32) * 3
+    labels = rng.integers(0, 10, (8,)).astype(np.int32)
+
+    def losses(logits, labels):
+        return (
+            optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+            jax.nn.logsumexp(logits, axis=-1),
+            optax.sigmoid_binary_cross_entropy(logits, (logits > 0).astype(jnp.float32)).mean(),
+        )
+
+    want = jax.jit(losses)(logits, labels)
+    got = jax.jit(ark.persistent(losses))(logits, labels)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, TOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_is_finite_of_specials_is_exact(rng, dtype):
+    x = rng.standard_normal(64).astype(dtype)
+    x[::5], x[1::7], x[2::9] = np.inf, -np.inf, np.nan
+    got = jax.jit(ark.persistent(jnp.isfinite))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.isfinite(x))
+
+
+def test_a_prng_key_argument_is_refused_clearly(rng):
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+
+    def dropout(x, key):
+        return jnp.where(jax.random.bernoulli(key, 0.9, x.shape), x / 0.9, 0.0)
+
+    with pytest.raises(ark.UnsupportedError, match="PRNG key"):
+        jax.jit(ark.persistent(dropout))(x, jax.random.key(0))

@@ -684,12 +684,19 @@ def _source(eqn) -> str:
 
 
 def _dtype_name(aval) -> str:
-    name = np.dtype(aval.dtype).name
-    return name
+    try:
+        return np.dtype(aval.dtype).name
+    except TypeError:  # an extended dtype numpy does not know: a typed PRNG key (key<fry>)
+        return str(aval.dtype)
 
 
 def _check_dtype(aval, where: str) -> str:
     name = _dtype_name(aval)
+    if name.startswith("key<"):
+        raise UnsupportedError(
+            f"ark.persistent: {name} (a typed PRNG key) at {where}: random number generation "
+            "is not supported inside the function; draw the random values outside and pass them in"
+        )
     if name not in _SUPPORTED_DTYPES:
         raise UnsupportedError(
             f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool, "
@@ -1464,6 +1471,11 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
 
     if prim in _INT_TYPED or prim in _UNARY or prim in _BINARY or prim == "integer_pow":
         return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
+    if prim == "is_finite":
+        # |x| < inf: false for +-inf and for NaN (every comparison with NaN is), as XLA's.
+        magnitude = b.elementwise("abs", args, args[0].shape, args[0].dtype)
+        inf = _Imm((), args[0].dtype, value=float("inf"))
+        return [b.elementwise("lt", [magnitude, inf], out_shape, out_dtype)]
     if prim == "erfc":
         e = b.elementwise("erf", args, out_shape, out_dtype)
         one = _Imm(out_shape, out_dtype, value=1.0)

@@ -464,3 +464,43 @@ def test_slow_dependency_times_out_with_a_clear_error(rng, monkeypatch):
             timeouts += 1
             break
     assert timeouts >= 1
+
+
+_ROUNDINGS = {
+    "floor": jnp.floor,
+    "ceil": jnp.ceil,
+    "round_half_even": jnp.round,
+    "round_half_away": lambda v: jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("name", sorted(_ROUNDINGS))
+def test_floor_ceil_round_bit_identical_to_jit(rng, dtype, name):
+    """Composed from exactly rounded ops (no opcode of their own): the same bits as XLA for
+    halves, ties, values near 2^23, huge values, zeros of both signs, infinities and NaN."""
+    specials = [0.0, -0.0, 0.5, -0.5, 1.5, -2.5, 0.49999997, -0.49999997, 8388607.5, -8388607.5]
+    specials += [8388608.0, 3e38, -3e38, np.inf, -np.inf, np.nan, 1e-40, -1e-40]
+    if dtype == np.float16:
+        specials = [v for v in specials if not np.isfinite(v) or abs(v) < 60000]
+    x = np.concatenate(
+        [rng.standard_normal(300) * 4, np.arange(-6, 6, 0.25), np.array(specials)]
+    ).astype(dtype)
+    fn = _ROUNDINGS[name]
+    got = jax.jit(ark.persistent(fn))(x)
+    assert np.array_equal(_bits(got), _bits(jax.jit(fn)(x)))
+
+
+def test_int8_quantize_dequantize_matches_jit(rng):
+    """Symmetric per-row int8 quantization as inference code writes it (round, clip, astype)."""
+
+    def qdq(x):
+        scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+        q = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int32)
+        return q, q.astype(jnp.float32) * scale
+
+    x = rng.standard_normal((16, 48)).astype(np.float32)
+    (q, y), (q_want, y_want) = jax.jit(ark.persistent(qdq))(x), jax.jit(qdq)(x)
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(q_want))
+    # XLA:CPU's float32 division of the scale may differ from IEEE's by an ulp (seen in one row)
+    _close(y, y_want)

@@ -876,6 +876,46 @@ def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
     return b.elementwise("copy", [x], x.shape, dtype)
 
 
+def _round_to_integer(b: _Builder, prim: str, x: _Node, method: int, out_dtype: str) -> _Node:
+    """floor / ceil / round (method 0: half away from zero, 1: half to even) from exactly rounded
+    float32 ops, as XLA computes them bit for bit: below 2^23, (|x| + 2^23) - 2^23 is |x| rounded
+    half to even (float32's own rounding); floor / ceil / away-from-zero adjust that by one where
+    it went the wrong way. At or above 2^23 every float32 is an integer, and inf / NaN pass
+    unchanged. A zero result takes x's sign (round(-0.3) = -0.0), as IEEE's does. Widened to
+    float32 first: a 16-bit dtype's intermediate rounding would spoil the trick."""
+    shape = x.shape
+    f = _convert(b, x, "float32")
+
+    def op(name, *args, dtype="float32"):
+        return b.elementwise(name, list(args), shape, dtype)
+
+    def const(v):
+        return _Imm((), "float32", value=v)
+
+    def plus_one_where(pred, v):  # v + (pred ? 1 : 0)
+        return op("add", v, op("select", pred, const(0.0), const(1.0)))
+
+    big = const(8388608.0)  # 2^23
+    mag = op("abs", f)
+    even = op("sub", op("add", mag, big), big)
+    down = op("sub", even, op("select", op("gt", even, mag, dtype="bool"), const(0.0), const(1.0)))
+    up = plus_one_where(op("lt", even, mag, dtype="bool"), even)
+    negative = op("lt", f, const(0.0), dtype="bool")
+    if prim == "floor":  # x >= 0: |x| rounded down; x < 0: -(|x| rounded up)
+        res = op("select", negative, down, op("neg", up))
+    elif prim == "ceil":
+        res = op("select", negative, up, op("neg", down))
+    else:
+        if method == 0:  # half away from zero: down + 1 where the fraction is at least a half
+            m = plus_one_where(op("ge", op("sub", mag, down), const(0.5), dtype="bool"), down)
+        else:
+            m = even
+        res = op("select", negative, m, op("neg", m))
+    res = op("select", op("eq", res, const(0.0), dtype="bool"), res, op("mul", f, const(0.0)))
+    res = op("select", op("lt", mag, big, dtype="bool"), f, res)
+    return _convert(b, res, out_dtype)
+
+
 def _select_n(b: _Builder, args, out_shape, out_dtype) -> _Node:
     """select_n(pred, *cases) = cases[pred]: a chain of selects on pred >= i (bool or int32)."""
     pred, cases = args[0], list(args[1:])
@@ -1471,6 +1511,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
 
     if prim in _INT_TYPED or prim in _UNARY or prim in _BINARY or prim == "integer_pow":
         return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
+    if prim in ("floor", "ceil", "round") and _kind(args[0].dtype) == "float":
+        method = int(params.get("rounding_method", 0))
+        return [_round_to_integer(b, prim, args[0], method, out_dtype)]
     if prim == "is_finite":
         # |x| < inf: false for +-inf and for NaN (every comparison with NaN is), as XLA's.
         magnitude = b.elementwise("abs", args, args[0].shape, args[0].dtype)

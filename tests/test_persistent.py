@@ -504,3 +504,23 @@ def test_int8_quantize_dequantize_matches_jit(rng):
     np.testing.assert_array_equal(np.asarray(q), np.asarray(q_want))
     # XLA:CPU's float32 division of the scale may differ from IEEE's by an ulp (seen in one row)
     _close(y, y_want)
+
+
+def test_split_of_a_fused_gate_up_projection(rng):
+    """jnp.split (the `split` primitive): a SwiGLU MLP whose gate and up projections are one
+    matmul, split in halves; uneven pieces of a lazy elementwise value; a split of an argument."""
+
+    def swiglu(x, w_gate_up, w_down):
+        gate, up = jnp.split(x @ w_gate_up, 2, axis=-1)
+        return (jax.nn.silu(gate) * up) @ w_down
+
+    def pieces(x):
+        a, b, c = jnp.split(jnp.tanh(x) * 2.0, [3, 10], axis=1)
+        d, e = jnp.split(x, 2, axis=0)
+        return a.sum(axis=1), b * 0.5, c, e - d
+
+    args = random_args(rng, [(8, 32), (32, 2 * 48), (48, 32)])
+    _close(jax.jit(ark.persistent(swiglu))(*args), jax.jit(swiglu)(*args))
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    for got, want in zip(jax.jit(ark.persistent(pieces))(x), jax.jit(pieces)(x), strict=True):
+        _close(got, want)

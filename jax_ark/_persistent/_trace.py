@@ -916,6 +916,24 @@ def _round_to_integer(b: _Builder, prim: str, x: _Node, method: int, out_dtype: 
     return _convert(b, res, out_dtype)
 
 
+def _split(b: _Builder, x: _Node, axis: int, sizes: list[int]) -> list[_Node]:
+    """Views of x's consecutive pieces along axis; x is computed once when a piece cannot be a
+    view of its lazy form."""
+    bounds = []
+    at = 0
+    for n in sizes:
+        start, limit = [0] * len(x.shape), list(x.shape)
+        start[axis], limit[axis] = at, at + n
+        bounds.append((tuple(start), tuple(limit)))
+        at += n
+    step = (1,) * len(x.shape)
+    pieces = [b._slice(x, lo, hi, step) for lo, hi in bounds]
+    if any(p is None for p in pieces):
+        whole = b.materialize(x)
+        pieces = [b._slice(whole, lo, hi, step) for lo, hi in bounds]
+    return pieces
+
+
 def _select_n(b: _Builder, args, out_shape, out_dtype) -> _Node:
     """select_n(pred, *cases) = cases[pred]: a chain of selects on pred >= i (bool or int32)."""
     pred, cases = args[0], list(args[1:])
@@ -1554,6 +1572,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [
             b.slice(args[0], params["start_indices"], params["limit_indices"], params["strides"])
         ]
+    if prim == "split":  # jnp.split (a gated MLP's halves): consecutive slices along one axis
+        return _split(b, args[0], int(params["axis"]), [int(n) for n in params["sizes"]])
     if prim == "dot_general":
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
     if prim in _REDUCE_KINDS or prim in ("argmax", "argmin"):

@@ -1,12 +1,13 @@
-"""Code we did not write inside ark.persistent: optax optimizers' update steps and losses, and a
+"""Code we did not write inside ark.persistent: optax optimizers' update steps and losses; a
 Megatron tensor-parallel MLP written with flax.linen layers trained by optax.adamw, its forward,
-backward, psum and optimizer update planned as ONE persistent call per device. Each against
-jax.jit (with jax.lax's collectives inside jax.shard_map) on fresh random inputs and optimizer
-states.
+backward, psum and optimizer update planned as ONE persistent call per device; a flax.nnx
+transformer block and its gradient; equinox's recurrent cells in a scan. Each against jax.jit
+(with jax.lax's collectives inside jax.shard_map) on fresh random inputs and optimizer states.
 
 The first run of these found a silent error: lax.pow with an int32 exponent (optax's bias
 correction `b1 ** count`) read the exponent's bits as a float, and adam's parameters came out
-inf / NaN; and is_finite (jax.nn.logsumexp, optax's integer-label cross entropy) was refused."""
+inf / NaN; is_finite (jax.nn.logsumexp, optax's integer-label cross entropy) and split (the
+block's fused gate / up projection) were refused."""
 
 from __future__ import annotations
 
@@ -174,3 +175,60 @@ def test_a_prng_key_argument_is_refused_clearly(rng):
 
     with pytest.raises(ark.UnsupportedError, match="PRNG key"):
         jax.jit(ark.persistent(dropout))(x, jax.random.key(0))
+
+
+def test_flax_nnx_transformer_block_and_its_gradient(rng):
+    """Pre-norm block of flax.nnx layers: LayerNorm, causal MultiHeadAttention, and a gated MLP
+    whose gate / up projection is one Linear split in halves; forward and jax.grad of the
+    parameters, each as one persistent call."""
+    nnx = pytest.importorskip("flax.nnx")
+    d = 32
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(4, d, decode=False, rngs=rngs)
+            self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+            self.gate_up = nnx.Linear(d, 4 * d, rngs=rngs)
+            self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attn(self.ln1(x), mask=nnx.make_causal_mask(x[..., 0]))
+            gate, up = jnp.split(self.gate_up(self.ln2(x)), 2, axis=-1)
+            return x + self.down(nnx.silu(gate) * up)
+
+    graphdef, state = nnx.split(Block(nnx.Rngs(int(rng.integers(1 << 30)))))
+    x = rng.standard_normal((2, 8, d)).astype(np.float32)
+
+    def forward(x, state):
+        return nnx.merge(graphdef, state)(x)
+
+    def grads(x, state):
+        return jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x) ** 2))(state)
+
+    for fn, tol in ((forward, TOL), (grads, 1e-4)):
+        got, want = jax.jit(ark.persistent(fn))(x, state), jax.jit(fn)(x, state)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert_close(g, w, tol)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_equinox_recurrent_cells_scanned(rng, cell):
+    eqx = pytest.importorskip("equinox")
+    key = jax.random.PRNGKey(int(rng.integers(1 << 30)))
+    if cell == "gru":
+        module = eqx.nn.GRUCell(32, 16, key=key)
+        init = jnp.zeros(16)
+    else:
+        module = eqx.nn.LSTMCell(32, 16, key=key)
+        init = (jnp.zeros(16), jnp.zeros(16))
+    params, static = eqx.partition(module, eqx.is_array)
+
+    def run(xs, params):
+        step = eqx.combine(params, static)
+        return jax.lax.scan(lambda h, xi: (step(xi, h), None), init, xs)[0]
+
+    xs = rng.standard_normal((12, 32)).astype(np.float32)
+    got, want = jax.jit(ark.persistent(run))(xs, params), jax.jit(run)(xs, params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, TOL)

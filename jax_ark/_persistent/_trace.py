@@ -830,7 +830,7 @@ def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, param
             return b.elementwise("ipow", args, out_shape, out_dtype, imm=y)
     elif prim == "pow" and kind == "float" and _kind(args[1].dtype) in ("int", "uint"):
         # lax.pow takes an integer exponent (optax's bias correction `b1 ** count`); XLA converts
-        # it to the base's dtype and raises with `power`, so the exponent is converted here too
+        # it to the base's dtype before its `power`, so the exponent is converted here too
         # (its int32 bits would otherwise be read as a float: 0.9 ** 1 became 0.9 ** 1.4e-45).
         exponent = _convert(b, args[1], args[0].dtype)
         return b.elementwise("pow", [args[0], exponent], out_shape, out_dtype)

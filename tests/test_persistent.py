@@ -78,6 +78,19 @@ def _exact_batched(a, b, c, d, e):
     return y * 0.5 + 1.0, z, d[0] @ e  # more rows (41) and columns (530) than one kernel call
 
 
+def _exact_case(rng, which: str, dtype):
+    """(fn, tile options, fresh args) of an exact-order case: odd shapes with vector tails, k
+    tails and row chunks."""
+    if which == "gemv_chain":
+        return (
+            _exact_gemv_chain,
+            {"tile_n": 48},
+            random_args(rng, [(1, 77), (77,)] + [(77, 77)] * 3, dtype),
+        )
+    shapes = [(3, 37, 19), (3, 19, 45), (3, 45, 19), (2, 41, 19), (19, 530)]
+    return _exact_batched, {"tile_m": 40, "tile_n": 600}, random_args(rng, shapes, dtype)
+
+
 def _bits(x):
     x = np.asarray(x)
     return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
@@ -88,14 +101,7 @@ def _bits(x):
 def test_bit_identical_across_worker_counts_and_reference(rng, dtype, which):
     """The executor follows the plan format's float32 order exactly: the same bits for any worker
     count, as the numpy reference interpreter (odd shapes: vector tails, k tails, row chunks)."""
-    if which == "gemv_chain":
-        fn, tiles = _exact_gemv_chain, {"tile_n": 48}
-        args = random_args(rng, [(1, 77), (77,)] + [(77, 77)] * 3, dtype)
-    else:
-        fn, tiles = _exact_batched, {"tile_m": 40, "tile_n": 600}
-        args = random_args(
-            rng, [(3, 37, 19), (3, 19, 45), (3, 45, 19), (2, 41, 19), (19, 530)], dtype
-        )
+    fn, tiles, args = _exact_case(rng, which, dtype)
     want = interpret(ark.plan(fn, *args, num_workers=3, **tiles), *args)
     for workers in (1, 3):
         got = jax.tree.leaves(jax.jit(ark.persistent(fn, num_workers=workers, **tiles))(*args))
@@ -118,14 +124,7 @@ def test_opt_in_fma_matmuls_are_fused_close_and_deterministic(rng, monkeypatch, 
     """JAX_ARK_CPU_FMA=1 runs the FMA kernels: different bits from the exact order (so they ran),
     within float32 rounding of the reference and of jax.jit, the same bits for every worker count
     (the tiles, and so each element's k order, do not depend on it); unset, exact again."""
-    if which == "gemv_chain":
-        fn, tiles = _exact_gemv_chain, {"tile_n": 48}
-        args = random_args(rng, [(1, 77), (77,)] + [(77, 77)] * 3, np.float32)
-    else:
-        fn, tiles = _exact_batched, {"tile_m": 40, "tile_n": 600}
-        args = random_args(
-            rng, [(3, 37, 19), (3, 19, 45), (3, 45, 19), (2, 41, 19), (19, 530)], np.float32
-        )
+    fn, tiles, args = _exact_case(rng, which, np.float32)
     exact = interpret(ark.plan(fn, *args, num_workers=3, **tiles), *args)
     want = jax.tree.leaves(jax.jit(fn)(*args))
     monkeypatch.setenv("JAX_ARK_CPU_FMA", "1")

@@ -24,6 +24,17 @@ optax = pytest.importorskip("optax")
 TOL = 2e-5
 
 
+def _assert_matches(got, want, tol: float = TOL) -> None:
+    """Every leaf of got finite and equal to want's: integers exactly, floats within tol."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.isfinite(g).all()
+        if np.issubdtype(w.dtype, np.integer):
+            np.testing.assert_array_equal(g, w)
+        else:
+            assert_close(g, w, tol)
+
+
 def _random_state(rng, state):
     """The optimizer state with fresh random moments (nu positive) and a step count of 7, so the
     bias corrections are not those of step 1."""
@@ -64,13 +75,7 @@ def test_optax_update_step_matches_jit(rng, name):
 
     want = jax.jit(step)(params, state, grads)
     got = jax.jit(ark.persistent(step))(params, state, grads)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g), np.asarray(w)
-        assert np.isfinite(g).all()
-        if np.issubdtype(w.dtype, np.integer):
-            np.testing.assert_array_equal(g, w)
-        else:
-            assert_close(g, w, TOL)
+    _assert_matches(got, want)
 
 
 @pytest.mark.parametrize("exponent_dtype", [np.int32, np.uint32])
@@ -133,13 +138,7 @@ def test_flax_tensor_parallel_mlp_adamw_step_is_one_persistent_call(mesh8, rng):
     args = (params, opt_state, normal(batch, d, scale=1.0), normal(batch, d, scale=1.0))
     want = jax.jit(jax.shard_map(train_step, **specs))(*args)
     got = jax.jit(jax.shard_map(ark.persistent(train_step), **specs))(*args)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g), np.asarray(w)
-        assert np.isfinite(g).all()
-        if np.issubdtype(w.dtype, np.integer):
-            np.testing.assert_array_equal(g, w)
-        else:
-            assert_close(g, w, TOL)
+    _assert_matches(got, want)
 
 
 def test_optax_losses_and_logsumexp_match_jit(rng):
@@ -155,8 +154,7 @@ def test_optax_losses_and_logsumexp_match_jit(rng):
 
     want = jax.jit(losses)(logits, labels)
     got = jax.jit(ark.persistent(losses))(logits, labels)
-    for g, w in zip(got, want, strict=True):
-        assert_close(g, w, TOL)
+    _assert_matches(got, want)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -208,8 +206,7 @@ def test_flax_nnx_transformer_block_and_its_gradient(rng):
 
     for fn, tol in ((forward, TOL), (grads, 1e-4)):
         got, want = jax.jit(ark.persistent(fn))(x, state), jax.jit(fn)(x, state)
-        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            assert_close(g, w, tol)
+        _assert_matches(got, want, tol)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -230,5 +227,4 @@ def test_equinox_recurrent_cells_scanned(rng, cell):
 
     xs = rng.standard_normal((12, 32)).astype(np.float32)
     got, want = jax.jit(ark.persistent(run))(xs, params), jax.jit(run)(xs, params)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert_close(g, w, TOL)
+    _assert_matches(got, want)

@@ -505,6 +505,87 @@ def test_int8_quantize_dequantize_matches_jit(rng):
     _close(y, y_want)
 
 
+def _top_k_inputs(rng, dtype):
+    """Random rows plus ties, and for floats every special XLA's total order ranks (signed NaNs
+    and zeros, infinities, a -NaN with every payload bit set, whose key is INT32_MIN, the value
+    top_k's taken elements are masked with); for integers the extremes."""
+    x = rng.standard_normal((6, 20)) * 3
+    if np.dtype(dtype).kind == "f":
+        x = x.astype(np.float32)
+        bits = np.array([0xFFFFFFFF, 0x7FC00000, 0xFFC00000, 0x80000000], np.uint32)
+        x[0, :6] = [np.inf, -np.inf, 0.0, 1.5, 1.5, -np.inf]
+        x[1, :4] = bits.view(np.float32)
+        x[1, 4:8] = 0.0
+        x[2, :] = -np.inf  # a row of ties only
+        return x.astype(dtype) if dtype != np.float32 else x
+    if dtype == np.uint32:
+        x = rng.integers(0, 2**32, (6, 20), dtype=np.uint64).astype(np.uint32)
+        x[0, :4] = [0, 2**32 - 1, 2**31, 2**31 - 1]
+        x[2, :] = 7
+        return x
+    x = rng.integers(-4, 4, (6, 20)).astype(np.int32)  # many ties
+    x[0, :4] = [-(2**31), 2**31 - 1, -(2**31), -(2**31)]
+    x[2, :] = -(2**31)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int32, np.uint32])
+@pytest.mark.parametrize(("k", "axis"), [(1, -1), (4, -1), (20, -1), (3, 0)])
+def test_top_k_bit_identical_to_jit(rng, dtype, k, axis):
+    """lax.top_k (a router's top-k): the same values (bits) and indices as XLA, ties to the lower
+    index, ranked by the total order (-NaN < -inf < -0 < +0 < +inf < +NaN); k = 20 ranks every
+    element, so masked (taken) elements must never come back."""
+    x = _top_k_inputs(rng, dtype)
+
+    def fn(v):
+        if axis == -1:
+            return jax.lax.top_k(v, k)
+        values, index = jax.lax.top_k(v.T, k)  # jax 0.10's top_k ranks the last axis
+        return values.T, index.T
+
+    got, want = jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    assert np.array_equal(_bits(got[0]), _bits(want[0]))
+    plan = ark.plan(fn, x, num_workers=2)
+    ref = interpret(plan, x)
+    np.testing.assert_array_equal(ref[1], np.asarray(want[1]))
+    assert np.array_equal(_bits(ref[0]), _bits(want[0]))
+
+
+def test_top_k_refuses_large_k_and_bool_clearly(rng):
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    with pytest.raises(UnsupportedError, match=r"top_k with k = 33 .*1 <= k <= 32"):
+        ark.plan(lambda v: jax.lax.top_k(v, 33), x)
+    with pytest.raises(UnsupportedError, match="top_k of bool values"):
+        ark.plan(lambda v: jax.lax.top_k(v > 0, 2), x)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [(np.float32, np.int32), (np.float32, np.uint32), (np.int32, np.float32), (np.uint32, np.int32)],
+)
+def test_bitcast_convert_type_keeps_the_bits(rng, src, dst):
+    """lax.bitcast_convert_type between 32-bit dtypes, composed with arithmetic on both sides
+    (a float's exponent field read as an integer; integers made into floats by their bits)."""
+    if src == np.float32:
+        x = np.concatenate([rng.standard_normal(40), [np.nan, -np.inf, -0.0, 1e-40]])
+        x = x.astype(np.float32)
+    else:
+        x = rng.integers(0, 2**32, 44, dtype=np.uint64).astype(np.uint32).view(src)
+        x[:3] = np.array([0x7FC00001, 0xFF800000, 0x00000001], np.uint32).view(src)
+
+    def fn(v):
+        y = jax.lax.bitcast_convert_type(v * 2 if src != np.float32 else v * 2.0, dst)
+        return y, jax.lax.bitcast_convert_type(y, src)
+
+    got, want = jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        assert np.array_equal(_bits(g), _bits(w))
+    with pytest.raises(UnsupportedError, match="bitcast_convert_type from float32 to bfloat16"):
+        ark.plan(lambda v: jax.lax.bitcast_convert_type(v, jnp.bfloat16), x[:40].astype(np.float32))
+
+
 def test_split_of_a_fused_gate_up_projection(rng):
     """jnp.split (the `split` primitive): a SwiGLU MLP whose gate and up projections are one
     matmul, split in halves; uneven pieces of a lazy elementwise value; a split of an argument."""

@@ -52,6 +52,27 @@ def moe_top1(x, wr, w1, w2, capacity: int):
     return jnp.einsum("tec,ecd->td", dispatch * gate[:, None, None], y)
 
 
+def moe_top2(x, wr, w1, w2, capacity: int):
+    """Top-2 routing as Mixtral / GShard write it: lax.top_k of the router logits, a softmax over
+    the two chosen logits as the gates, each (token, choice) in the next free slot of its
+    expert's bucket by a cumsum over the one-hot choices (every first choice before any second
+    one), choices beyond the capacity dropped; dispatch and combine einsums around the two
+    all_to_alls."""
+    tokens, d = x.shape
+    top, experts = jax.lax.top_k(x @ wr, 2)  # [T, 2]
+    gates = jax.nn.softmax(top, axis=-1)
+    onehot = jax.nn.one_hot(experts, EXPERTS, dtype=jnp.float32)  # [T, 2, E]
+    by_choice = onehot.transpose(1, 0, 2).reshape(2 * tokens, EXPERTS)
+    slot = (jnp.cumsum(by_choice, axis=0) - 1.0).reshape(2, tokens, EXPERTS).transpose(1, 0, 2)
+    slots = jnp.arange(capacity, dtype=jnp.float32)
+    dispatch = onehot[..., None] * (slot[..., None] == slots)  # [T, 2, E, C]
+    xb = jnp.einsum("tkec,td->ecd", dispatch, x)
+    xe = jax.lax.all_to_all(xb, AXIS, 0, 0, tiled=True)
+    h = jax.nn.gelu(xe.reshape(-1, d) @ w1[0])
+    y = jax.lax.all_to_all((h @ w2[0]).reshape(xe.shape), AXIS, 0, 0, tiled=True)
+    return jnp.einsum("tkec,ecd->td", dispatch * gates[:, :, None, None], y)
+
+
 BUCKETED_SPECS = {"in_specs": (P(AXIS), P(AXIS), P(AXIS)), "out_specs": P(AXIS)}
 TOP1_SPECS = {"in_specs": (P(AXIS), P(), P(AXIS), P(AXIS)), "out_specs": P(AXIS)}
 
@@ -121,3 +142,31 @@ def test_top1_routed_moe_equals_lax(mesh8, rng):
     # some tokens were dropped (capacity 8 < the busiest expert's tokens) and most were not
     dropped = np.all(np.asarray(want) == 0.0, axis=-1)
     assert 0 < dropped.sum() < dropped.size // 2
+
+
+def test_top2_routed_moe_equals_lax(mesh8, rng):
+    """The router's lax.top_k runs inside the plan (k rounds of reductions over the experts),
+    with tied logits: some tokens' rows are copies, and two experts' router columns are equal,
+    so their logits tie and jax.jit's top_k picks the lower expert."""
+    tokens, d, hidden, capacity = 32, 24, 48, 8
+    x, wr, w1, w2 = random_args(
+        rng,
+        [(8 * tokens, d), (d, EXPERTS), (EXPERTS, d, hidden), (EXPERTS, hidden, d)],
+    )
+    wr = np.asarray(wr).copy()
+    wr[:, 5] = wr[:, 2]
+    x = np.asarray(x).copy()
+    x[1::7] = x[0]
+    args = [x, wr, w1, w2]
+
+    def fn(x, wr, w1, w2):
+        return moe_top2(x, wr, w1, w2, capacity)
+
+    want = _run(mesh8, fn, args, TOP1_SPECS)
+    got = _run(mesh8, ark.persistent(fn, num_workers=2), args, TOP1_SPECS)
+    assert_close(got, want, TOL)
+    top = np.asarray(jax.lax.top_k(jnp.asarray(x) @ wr, 2)[1])
+    assert ((top == 2) & (np.roll(top, 1, axis=1) == 5)).any()  # a tie, resolved to expert 2
+    # capacity binds: on some device an expert got more than `capacity` choices
+    per_device = top.reshape(8, tokens * 2)
+    assert max(np.bincount(row, minlength=EXPERTS).max() for row in per_device) > capacity

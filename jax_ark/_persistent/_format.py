@@ -66,13 +66,13 @@ OPCODES = {
     "ieq": 87, "ine": 88, "ilt": 89, "ile": 90, "igt": 91, "ige": 92,
     "ult": 93, "ule": 94, "ugt": 95, "uge": 96,
     "ineg": 100, "not": 101, "iabs": 102, "isign": 103, "i2f": 104, "u2f": 105, "f2i": 106,
-    "f2u": 107, "imov": 108, "ipow": 109,
+    "f2u": 107, "imov": 108, "ipow": 109, "bitcast": 110,
 }  # fmt: skip
 UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 10 <= v <= 26)
 BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 40 <= v <= 52)
 # v2 integer opcodes: 32-bit register operands in, 32 bits out (XLA semantics, tile_ops.hpp).
 INT_BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 70 <= v <= 96)
-INT_UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 100 <= v <= 109)
+INT_UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 100 <= v <= 110)
 # Opcodes whose operands are integer registers; the result is integer unless it is a comparison
 # (bool) or a conversion to float.
 INT_OPERAND_OPS = (INT_BINARY_OPS | INT_UNARY_OPS) - {"f2i", "f2u"}

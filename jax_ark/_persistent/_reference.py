@@ -216,6 +216,9 @@ def _eval(
                 r = np.full(shape, int(ins.a) & 0xFFFFFFFF, dtype=np.uint32)
             elif ins.op == "const":
                 r = np.full(shape, np.float32(ins.a), dtype=np.float32)
+            elif ins.op == "bitcast":  # the 32 bits of one register kind as the other
+                src = np.asarray(regs[int(ins.a)])
+                r = src.view(np.float32 if src.dtype == np.uint32 else np.uint32)
             elif ins.op == "ipow":
                 r = _ipow(regs[int(ins.a)], int(ins.b))
             elif ins.op in _INT_BINARY:

@@ -876,6 +876,99 @@ def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
     return b.elementwise("copy", [x], x.shape, dtype)
 
 
+def _bitcast_convert(b: _Builder, x: _Node, dtype: str) -> _Node:
+    """lax.bitcast_convert_type between the 32-bit dtypes: the register's bits, reinterpreted."""
+    if x.dtype not in _BITCAST_DTYPES or dtype not in _BITCAST_DTYPES:
+        raise UnsupportedError(
+            f"ark.persistent: bitcast_convert_type from {x.dtype} to {dtype} is not supported (at "
+            f"{b.source}); supported: between float32, int32 and uint32"
+        )
+    if x.dtype == dtype:
+        return x
+    same_kind = (x.dtype in INT_DTYPES) == (dtype in INT_DTYPES)
+    return b.elementwise("imov" if same_kind else "bitcast", [x], x.shape, dtype)
+
+
+_BITCAST_DTYPES = frozenset({"float32", "int32", "uint32"})
+_TOP_K_MAX = 32  # rounds of two reductions over the axis each: for routers, not for sorting
+_INT32_MIN = -(2**31)
+
+
+def _total_order_key(b: _Builder, x: _Node) -> _Node:
+    """int32 keys whose signed order is the order lax.top_k ranks x by: XLA's total order for
+    floats (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN, from the float32 bits with the
+    magnitude bits of negatives flipped), the values for int32, uint32 with the top bit flipped.
+    The map is its own inverse on the 32 bits (_from_total_order_key)."""
+    shape = x.shape
+    if _kind(x.dtype) == "float":
+        bits = b.elementwise("bitcast", [_convert(b, x, "float32")], shape, "int32")
+        sign = b.elementwise("shra", [bits, _Imm((), "int32", value=31)], shape, "int32")
+        flip = b.elementwise("and", [sign, _Imm((), "int32", value=0x7FFFFFFF)], shape, "int32")
+        return b.elementwise("xor", [bits, flip], shape, "int32")
+    if x.dtype == "int32":
+        return x
+    if x.dtype == "uint32":
+        top = _Imm((), "int32", value=_INT32_MIN)
+        return b.elementwise("xor", [b.elementwise("imov", [x], shape, "int32"), top], shape, "int32")
+    raise UnsupportedError(f"ark.persistent: top_k of {x.dtype} values is not supported (at {b.source})")
+
+
+def _from_total_order_key(b: _Builder, key: _Node, dtype: str) -> _Node:
+    shape = key.shape
+    if _kind(dtype) == "float":
+        sign = b.elementwise("shra", [key, _Imm((), "int32", value=31)], shape, "int32")
+        flip = b.elementwise("and", [sign, _Imm((), "int32", value=0x7FFFFFFF)], shape, "int32")
+        bits = b.elementwise("xor", [key, flip], shape, "int32")
+        return _convert(b, b.elementwise("bitcast", [bits], shape, "float32"), dtype)
+    if dtype == "uint32":
+        top = _Imm((), "int32", value=_INT32_MIN)
+        return b.elementwise("imov", [b.elementwise("xor", [key, top], shape, "int32")], shape, dtype)
+    return key
+
+
+def _top_k(b: _Builder, x: _Node, k: int, axis: int, out_shape) -> list[_Node]:
+    """lax.top_k as k rounds over `axis`: the largest key not yet taken (reduce_max), then the
+    lowest position holding it among those not taken (reduce_min). Ranked by XLA's total order,
+    ties to the lower index, as jax.jit's top_k; exact, since keys are the values' bits. A taken
+    element is masked with INT32_MIN, which an untaken element may equal too (-NaN with every
+    payload bit set, or int32 INT_MIN): the position search therefore checks `taken` itself."""
+    shape, rank = x.shape, len(x.shape)
+    if not 0 < k <= _TOP_K_MAX:
+        raise UnsupportedError(
+            f"ark.persistent: top_k with k = {k} (at {b.source}): supported for 1 <= k <= "
+            f"{_TOP_K_MAX} (k passes over the axis; a router's top-k, not a sort)"
+        )
+    n = shape[axis]
+    key = b.materialize(_total_order_key(b, x))
+    pos = _iota(b, {"dimension": axis}, shape, "int32")
+    kept = tuple(d for d in range(rank) if d != axis)
+    reduced = tuple(shape[d] for d in kept)
+    one = tuple(1 if d == axis else shape[d] for d in range(rank))
+    taken = None
+    keys, indices = [], []
+    for _ in range(k):
+        live = key
+        if taken is not None:
+            floor = _Imm((), "int32", value=_INT32_MIN)
+            live = b.elementwise("select", [taken, key, floor], shape, "int32")
+        best = b.materialize(_reduce(b, "reduce_max", live, (axis,), reduced, "int32"))
+        is_best = b.elementwise("ieq", [key, b.broadcast(best, shape, kept)], shape, "bool")
+        if taken is not None:
+            no = _Imm((), "bool", value=0.0)
+            is_best = b.elementwise("select", [taken, is_best, no], shape, "bool")
+        where = b.elementwise("select", [is_best, _Imm((), "int32", value=n), pos], shape, "int32")
+        index = b.materialize(_reduce(b, "reduce_min", where, (axis,), reduced, "int32"))
+        hit = b.elementwise("ieq", [pos, b.broadcast(index, shape, kept)], shape, "bool")
+        taken = hit if taken is None else b.elementwise("max", [taken, hit], shape, "bool")
+        taken = b.materialize(taken)
+        keys.append(b.reshape(best, one))
+        indices.append(b.reshape(index, one))
+    if k > 1:
+        keys = [_concatenate(b, keys, {"dimension": axis}, out_shape, "int32")]
+        indices = [_concatenate(b, indices, {"dimension": axis}, out_shape, "int32")]
+    return [_from_total_order_key(b, keys[0], x.dtype), indices[0]]
+
+
 def _round_to_integer(b: _Builder, prim: str, x: _Node, method: int, out_dtype: str) -> _Node:
     """floor / ceil / round (method 0: half away from zero, 1: half to even) from exactly rounded
     float32 ops, as XLA computes them bit for bit: below 2^23, (|x| + 2^23) - 2^23 is |x| rounded
@@ -1537,6 +1630,11 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         magnitude = b.elementwise("abs", args, args[0].shape, args[0].dtype)
         inf = _Imm((), args[0].dtype, value=float("inf"))
         return [b.elementwise("lt", [magnitude, inf], out_shape, out_dtype)]
+    if prim == "bitcast_convert_type":
+        return [_bitcast_convert(b, args[0], out_dtype)]
+    if prim == "top_k":
+        axis = int(params.get("axis", -1)) % len(args[0].shape)
+        return _top_k(b, args[0], int(params["k"]), axis, out_shape)
     if prim == "erfc":
         e = b.elementwise("erf", args, out_shape, out_dtype)
         one = _Imm(out_shape, out_dtype, value=1.0)

@@ -64,6 +64,8 @@ def _int_result(plan: Plan, op, ins) -> bool | None:
         return True
     if ins.op == "select":
         return None  # its operands' kind, checked in _check_program
+    if ins.op == "bitcast":
+        return ins.dtype in INT_DTYPES
     if ins.op in INT_BINARY_OPS or ins.op in INT_UNARY_OPS:
         return ins.op not in _INT_TO_FLOAT
     return False
@@ -112,6 +114,11 @@ def _check_program(plan: Plan, i: int, prog, rank: int, acc_ok: bool, what: str)
         # read the kind it computes on (select moves either kind; its predicate is bool / float).
         operands = [] if ins.op == "select" else regs
         want_int = ins.op in INT_OPERAND_OPS or ins.op == "load_at"
+        if ins.op == "bitcast":  # 32 bits of one register kind reinterpreted as the other
+            want_int = ins.dtype not in INT_DTYPES
+            widths = {ins.dtype, prog[int(ins.a)].dtype} - {"float32", "int32", "uint32"}
+            if widths:
+                raise PlanError(f"{w}: bitcast between 32-bit registers only, not {widths.pop()}")
         if ins.op == "select":
             for r in regs[1:]:
                 if (prog[int(r)].dtype in INT_DTYPES) != (ins.dtype in INT_DTYPES):

@@ -106,6 +106,7 @@ enum Opcode : int32_t {
   kF2I = 106, kF2U = 107,  // float32 -> int32 / uint32: truncate, saturate, NaN -> 0
   kIMov = 108,             // bits unchanged (int32 <-> uint32)
   kIPow = 109,             // a^b for the int32 exponent b >= 0, wrapping multiplications
+  kBitcast = 110,          // bits unchanged, float32 <-> int32 / uint32 (lax.bitcast_convert_type)
 };
 
 // ---- records ----------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ ARK_HD float apply_binary(int32_t opcode, float a, float b) {
 ARK_HD bool is_unary(int32_t opcode) { return opcode >= kNeg && opcode <= kCopy; }
 ARK_HD bool is_binary(int32_t opcode) { return opcode >= kAdd && opcode <= kGe; }
 ARK_HD bool is_int_binary(int32_t opcode) { return opcode >= kIAdd && opcode <= kUGe; }
-ARK_HD bool is_int_unary(int32_t opcode) { return opcode >= kINeg && opcode <= kIPow; }
+ARK_HD bool is_int_unary(int32_t opcode) { return opcode >= kINeg && opcode <= kBitcast; }
 
 // ---- integer opcodes (v2): 32 bits in, 32 bits out --------------------------------------------
 // Arithmetic wraps (two's complement, computed on uint32 so it is defined behaviour); division,
@@ -248,7 +248,8 @@ ARK_HD uint32_t apply_int_unary(int32_t opcode, uint32_t x, int32_t imm) {
     case kU2F: return float_bits(static_cast<float>(x));
     case kF2I: return float_to_int_bits(bits_float(x), false);
     case kF2U: return float_to_int_bits(bits_float(x), true);
-    case kIMov: return x;
+    case kIMov:
+    case kBitcast: return x;
     case kIPow: {
       uint32_t p = 1u;
       for (int32_t i = 0; i < imm; ++i) p = p * x;

@@ -562,7 +562,12 @@ def test_top_k_refuses_large_k_and_bool_clearly(rng):
 
 @pytest.mark.parametrize(
     ("src", "dst"),
-    [(np.float32, np.int32), (np.float32, np.uint32), (np.int32, np.float32), (np.uint32, np.int32)],
+    [
+        (np.float32, np.int32),
+        (np.float32, np.uint32),
+        (np.int32, np.float32),
+        (np.uint32, np.int32),
+    ],
 )
 def test_bitcast_convert_type_keeps_the_bits(rng, src, dst):
     """lax.bitcast_convert_type between 32-bit dtypes, composed with arithmetic on both sides

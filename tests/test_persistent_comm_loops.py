@@ -1,9 +1,9 @@
-"""Collectives inside loop bodies (plan v3 "Loops and communication"): a put in a top-level scan /
-fori_loop / while_loop body fills one slice of a stacked inbox per iteration, its signals count
-delivered iterations. Every model is compared with `jax.jit(jax.shard_map(fn))` running jax.lax's
-collectives on fresh random inputs; 1..3 workers and chaos mode must give the same bits; the
-reference interpreter must agree. What stays unsupported (a collective in a nested loop, a put
-in a loop that is not stacked) is refused by every layer."""
+"""Collectives inside loop bodies (plan v3 "Loops and communication"): a put in a scan / fori_loop
+/ while_loop body, or in a loop nested in a scan / fori_loop, fills one slice of a stacked inbox
+per run of its loops, its signals count delivered runs. Every model is compared with
+`jax.jit(jax.shard_map(fn))` running jax.lax's collectives on fresh random inputs; 1..3 workers
+and chaos mode must give the same bits; the reference interpreter must agree. What stays
+unsupported (a put in a loop that is not stacked) is refused by every layer."""
 
 from __future__ import annotations
 
@@ -267,24 +267,105 @@ def test_a_uniform_predicate_passes_the_check_under_check_vma(mesh8, rng):
         assert_close(np.asarray(got), np.asarray(want), TOL)
 
 
-# ---- what stays refused -----------------------------------------------------------------------
-def _nested_psum(v):
-    def outer(c, _):
-        inner = jax.lax.scan(lambda d, _: (jax.lax.psum(d, "x") * 0.5, None), c, None, length=2)
-        return inner[0], None
+# ---- nested loops: one inbox slice per run of both loops ----------------------------------------
+TOKENS = 3
 
-    return jax.lax.scan(outer, v, None, length=2)[0]
+
+def _decode_tokens_over_a_tp_stack(x, w1s, w2s):
+    """A decode loop (fori_loop over tokens) around the TP MLP stack (scan over layers, psum per
+    layer), the next token's input computed from the last hidden state: TOKENS x LAYERS runs of
+    the psum's put in one persistent call."""
+
+    def token(t, h):
+        h = _tp_mlp_stack(h, w1s, w2s)
+        return jnp.tanh(h) + t.astype(h.dtype) * 0.01
+
+    return jax.lax.fori_loop(0, TOKENS, token, x)
+
+
+def test_decode_loop_around_a_tp_layer_scan(mesh8, rng, monkeypatch):
+    specs = {"in_specs": (P(), P(None, None, "x"), P(None, "x", None)), "out_specs": P()}
+    args = random_args(rng, [(BATCH, D), (LAYERS, D, HID), (LAYERS, HID, D)])
+    args = [args[0], args[1] * 0.3, args[2] * 0.3]
+    plan, per_rank, want = _check(mesh8, _decode_tokens_over_a_tp_stack, args, specs, monkeypatch)
+    put = next(op for op in plan.ops if op.kind == "put")
+    assert plan.loops[put.loop].parent >= 0  # the put is in the inner loop
+    assert plan.tensors[put.out].shape[0] == TOKENS * LAYERS  # a slice per run
+    ref = interpret_group(plan, per_rank)
+    for r in range(N):
+        assert_close(ref[r][0], want[0], TOL)
+
+
+def _independent_runs(xs):
+    """Each inner run all-gathers its own xs slice (no run waits for the previous one's result),
+    and the outer loop psums the inner loop's stacked ys: a rank may run ahead of its peers by
+    several runs, and only one inbox slice per run keeps their tiles apart."""
+
+    def outer(c, o):
+        def inner(d, x):
+            g = jax.lax.all_gather(x * (o + 1.0), "x", tiled=True)
+            return d + jnp.sum(g), g[:2]
+
+        d, ys = jax.lax.scan(inner, 0.0, xs)
+        return c + jax.lax.psum(ys, "x") * d, None
+
+    return jax.lax.scan(outer, jnp.zeros((xs.shape[0], 2, xs.shape[2])), jnp.arange(3.0))[0]
+
+
+def test_nested_loops_with_runs_independent_of_each_other(mesh8, rng, monkeypatch):
+    specs = {"in_specs": (P(None, "x", None),), "out_specs": P()}
+    args = random_args(rng, [(4, N * 2, 8)])
+    plan, per_rank, want = _check(mesh8, _independent_runs, args, specs, monkeypatch, tol=1e-4)
+    puts = [op for op in plan.ops if op.kind == "put"]
+    depths = sorted(plan.loops[op.loop].parent >= 0 for op in puts)
+    assert depths == [False, True]  # one put per loop level
+    ref = interpret_group(plan, per_rank)
+    assert_close(ref[0][0], want[0], 1e-4)
+
+
+def test_ppermute_ring_in_a_nested_loop(mesh8, rng, monkeypatch):
+    """A ring matmul (fori_loop of ppermute steps) run once per outer step of a scan."""
+    perm = [(i, (i + 1) % N) for i in range(N)]
+
+    def fn(x, w):
+        def step(c, _):
+            def ring(s, carry):
+                chunk, acc = carry
+                return jax.lax.ppermute(chunk, "x", perm), acc + jnp.tanh(chunk @ w)
+
+            chunk, acc = jax.lax.fori_loop(0, N, ring, (c, jnp.zeros((c.shape[0], w.shape[1]))))
+            return acc @ w.T * 0.1 + chunk, None
+
+        return jax.lax.scan(step, x, None, length=2)[0]
+
+    specs = {"in_specs": (P("x"), P()), "out_specs": P("x")}
+    args = random_args(rng, [(N * 2, 8), (8, 8)])
+    _check(mesh8, fn, args, specs, monkeypatch)
+
+
+def test_a_nested_put_with_one_slice_per_inner_iteration_is_refused(mesh8, rng, monkeypatch):
+    """An edited plan whose nested put's inbox has a slice per inner iteration only (slices reused
+    every outer iteration): refused by validate() and by the executor's check before it runs."""
+    specs = {"in_specs": (P(), P(None, None, "x"), P(None, "x", None)), "out_specs": P()}
+    args = random_args(rng, [(BATCH, D), (LAYERS, D, HID), (LAYERS, HID, D)])
+    plan, _ = _plan_and_local_args(mesh8, _decode_tokens_over_a_tp_stack, args, specs)
+    bad = plan.copy()
+    put = next(op for op in bad.ops if op.kind == "put")
+    inbox = bad.tensors[put.out]
+    inbox.shape = (LAYERS, *inbox.shape[1:])
+    with pytest.raises(PlanError, match="a put's: its runs per call"):
+        bad.validate()
+    words = bad.to_binary()
+
+    def body(*local):
+        return run_plan(plan, list(local), words=words)[0][0]
+
+    with pytest.raises(Exception, match="a put's: its runs per call"):
+        jax.block_until_ready(_lax(mesh8, body, args, specs))
 
 
 def test_one_version_for_loops_and_comm():
     assert PLAN_VERSION == 3
-
-
-def test_tracer_refuses_a_collective_in_a_nested_loop(mesh8, rng):
-    x = rng.standard_normal((8, 4)).astype(np.float32)
-    specs = {"in_specs": (P("x"),), "out_specs": P("x")}
-    with pytest.raises(UnsupportedError, match="inside a nested loop body"):
-        _ark(mesh8, _nested_psum, [x], specs)
 
 
 def test_a_loop_inbox_over_the_cap_is_refused(mesh8, rng):

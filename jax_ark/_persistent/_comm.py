@@ -202,17 +202,20 @@ def _put(b, source, n: int, per_peer: bool, route=None):
         (n, M, N), source.dtype, source.tensor, source.offset, strides, source.iter_stride,
         source.outer_iter_stride,
     )  # fmt: skip
-    # In a loop body the inbox is stacked: one (n, M, N) slice per iteration, written at
-    # iteration i and read through a view moving by one slice per iteration. A peer may run
-    # iterations ahead of this rank; its later puts land in later slices, never in one this rank
-    # still reads (docs/plan_format.md, "Loops and communication").
-    trips = b.loops[b.loop_stack[-1]].trip_count if b.loop_stack else 0
+    # In a loop body the inbox is stacked: one (n, M, N) slice per run of the enclosing loops
+    # (in a nested loop, outer iteration x inner trip count + inner iteration), written at run k
+    # and read through a view moving by one slice per inner iteration and by the inner trip count
+    # of slices per outer one. A peer may run iterations ahead of this rank; its later puts land
+    # in later slices, never in one this rank still reads (docs/plan_format.md, "Loops and
+    # communication").
+    loop_trips = [b.loops[loop].trip_count for loop in b.loop_stack]
+    trips = math.prod(loop_trips) if loop_trips else 0
     stack = (trips,) if trips else ()
     inbox_bytes = max(trips, 1) * n * M * N * np.dtype(source.dtype).itemsize
     if trips and inbox_bytes > _MAX_LOOP_INBOX_BYTES:
         raise UnsupportedError(
             f"ark.persistent: a collective inside a loop body (at {b.source}) needs an inbox of "
-            f"one slice per iteration: {trips} x {n * M * N} {source.dtype} = {inbox_bytes} "
+            f"one slice per run of its loops: {trips} x {n * M * N} {source.dtype} = {inbox_bytes} "
             f"bytes, over the {_MAX_LOOP_INBOX_BYTES >> 20} MiB this executor allows; lower the "
             "trip count (for a while_loop: ark.persistent(..., max_while_iterations=...))"
         )
@@ -234,7 +237,9 @@ def _put(b, source, n: int, per_peer: bool, route=None):
         )
     )
     if trips:
-        return _Load((n, M, N), source.dtype, inbox, 0, (M * N, N, 1), n * M * N)
+        slice_elems = n * M * N
+        outer = slice_elems * loop_trips[-1] if len(loop_trips) > 1 else 0
+        return _Load((n, M, N), source.dtype, inbox, 0, (M * N, N, 1), slice_elems, outer)
     return b.load(inbox)
 
 

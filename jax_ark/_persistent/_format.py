@@ -329,8 +329,15 @@ class Plan:
             shift += its[-2] * v.outer_iter_stride
         return shift
 
+    def runs_per_call(self, op: int) -> int:
+        """How many times op runs per call: the product of its loops' trip counts."""
+        return math.prod(self.loops[loop].trip_count for loop in self.loop_chain(op))
+
     def stacked_slice(self, op: int, its: tuple[int, ...]) -> int:
-        """The slice of its (trip_count, *S) output a stacked op writes at iterations `its`."""
+        """The slice of its (trip_count, *S) output a stacked op writes at iterations `its`; a
+        put's inbox has one slice per run of its loops (runs_per_call), slice k at run k."""
+        if self.ops[op].kind == "put":
+            return self.run_index(op, its)
         i = its[-1]
         return (
             self.loops[self.ops[op].loop].trip_count - 1 - i if self.ops[op].stack_reversed else i

@@ -909,8 +909,12 @@ def _total_order_key(b: _Builder, x: _Node) -> _Node:
         return x
     if x.dtype == "uint32":
         top = _Imm((), "int32", value=_INT32_MIN)
-        return b.elementwise("xor", [b.elementwise("imov", [x], shape, "int32"), top], shape, "int32")
-    raise UnsupportedError(f"ark.persistent: top_k of {x.dtype} values is not supported (at {b.source})")
+        return b.elementwise(
+            "xor", [b.elementwise("imov", [x], shape, "int32"), top], shape, "int32"
+        )
+    raise UnsupportedError(
+        f"ark.persistent: top_k of {x.dtype} values is not supported (at {b.source})"
+    )
 
 
 def _from_total_order_key(b: _Builder, key: _Node, dtype: str) -> _Node:
@@ -922,7 +926,9 @@ def _from_total_order_key(b: _Builder, key: _Node, dtype: str) -> _Node:
         return _convert(b, b.elementwise("bitcast", [bits], shape, "float32"), dtype)
     if dtype == "uint32":
         top = _Imm((), "int32", value=_INT32_MIN)
-        return b.elementwise("imov", [b.elementwise("xor", [key, top], shape, "int32")], shape, dtype)
+        return b.elementwise(
+            "imov", [b.elementwise("xor", [key, top], shape, "int32")], shape, dtype
+        )
     return key
 
 
@@ -1685,13 +1691,6 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "cond":
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
-        if len(b.loop_stack) > 1:
-            raise UnsupportedError(
-                f"ark.persistent: collective '{prim}' inside a nested loop body (at {b.source}): "
-                "communication is supported in a top-level scan / fori_loop / while_loop body "
-                "only (its inbox has one slice per iteration of that loop); move the collective "
-                "to the outer loop's body"
-            )
         return translate_collective(b, eqn, args, UnsupportedError)
     body = _call_body(eqn)
     if body is not None:
@@ -1707,7 +1706,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
         "most 16 points), concatenate, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
-        "or jax_ark, inside jax.shard_map; in a loop body: not in a nested loop), and calls "
+        "or jax_ark, inside jax.shard_map, also in loop bodies), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
         "cond / switch, while_loop (at top level, no loop inside); no shard_map"
     )

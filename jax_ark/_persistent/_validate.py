@@ -677,23 +677,22 @@ def _validate_loops(plan: Plan) -> None:
             raise PlanError(f"{where}: a window store cannot be stacked")
         if op.stack_reversed and not op.stacked:
             raise PlanError(f"{where}: stack_reversed without stacked")
-        if (
-            op.kind == "put"
-            and op.loop >= 0
-            and (not op.stacked or op.stack_reversed or plan.loops[op.loop].parent >= 0)
-        ):
-            # forward: the body reads slice i at iteration i, which a reversed put would fill
-            # only at iteration trip_count - 1 - i
+        if op.kind == "put" and op.loop >= 0 and (not op.stacked or op.stack_reversed):
+            # forward: the body reads slice k at run k, which a reversed put would fill only at
+            # the mirrored run
             raise PlanError(
                 f"{where}: a put op in a loop must be stacked forward (one inbox slice per "
-                "iteration, slice i at iteration i) and in a top-level loop"
+                "run of its loops, slice k at run k)"
             )
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
-            if op.loop < 0 or not shape or shape[0] != plan.loops[op.loop].trip_count:
+            slices = plan.runs_per_call(i) if op.kind == "put" else None
+            if op.loop >= 0 and slices is None:
+                slices = plan.loops[op.loop].trip_count
+            if op.loop < 0 or not shape or shape[0] != slices:
                 raise PlanError(
                     f"{where}: a stacked op is in a loop and its output's first dim is the "
-                    "loop's trip count"
+                    "loop's trip count (a put's: its runs per call, over all its loops)"
                 )
 
 

@@ -233,19 +233,20 @@ inline bool check_loop_section(const PlanView& p, Checker& c) {
     if (r.stacked < 0 || r.stacked > kStackedReversed)
       return c.fail(where + ": stacked must be 0, 1 or 2 (reversed)");
     if (r.stacked && op.store_view_plus1 != 0) return c.fail(where + ": a window store cannot be stacked");
-    // A put in a loop body fills one slice of its stacked inbox per iteration (a peer may run
-    // ahead by iterations; docs/plan_format.md "Loops and communication"), and only in a
-    // top-level loop: a nested loop's slices would be reused every outer iteration. Forward
-    // stacked: the body reads slice i at iteration i (a reversed put would fill it only at
-    // iteration trip_count - 1 - i, so the readers of the early iterations would read nothing).
-    if (op.kind == kOpPut && inside &&
-        (r.stacked != kStackedForward || lv.loop(r.loop).parent_plus1 != 0))
+    // A put in a loop body fills one slice of its stacked inbox per run (a peer may run ahead
+    // by iterations; docs/plan_format.md "Loops and communication"): slice k at its k-th run,
+    // the run index over its loops (outer iteration x inner trip count + inner iteration in a
+    // nested loop), so no slice is reused within a call. Forward stacked: the body reads slice k
+    // at run k (a reversed put would fill it only at the mirrored run, too late for its readers).
+    if (op.kind == kOpPut && inside && r.stacked != kStackedForward)
       return c.fail(where + ": a put op in a loop must be stacked forward (one inbox slice per "
-                            "iteration, slice i at iteration i) and in a top-level loop");
+                            "run of its loops, slice k at run k)");
     if (r.stacked) {
       const TensorRecord& out = p.tensor(op.out_tensor);  // range checked by the caller first
-      if (!inside || out.rank < 1 || out.dims[0] != lv.loop(r.loop).trip_count)
-        return c.fail(where + ": a stacked op is in a loop and its output's first dim is the trip count");
+      const int64_t slices = op.kind == kOpPut ? lv.op_trips(i) : lv.loop(r.loop).trip_count;
+      if (!inside || out.rank < 1 || out.dims[0] != slices)
+        return c.fail(where + ": a stacked op is in a loop and its output's first dim is the trip "
+                              "count (a put's: its runs per call, over all its loops)");
     }
   }
   return true;

@@ -848,7 +848,8 @@ __device__ bool run_put(const KernelParams& p, const pf::PlanView& plan, const p
   const void* src = tensor_base(p, src_t);
   const int sz = pf::dtype_size(inbox.dtype);
   const int64_t src_at = av.offset + lv.view_shift(op.a_view, s.iter, s.outer_iter) + t.n0 * av.strides[2];
-  const int64_t slice = lv.op_stacked(t.op) ? lv.stacked_slice(t.op, iter) : 0;
+  // one inbox slice per run of the put's loops (check_plan: stacked forward), slice k at run k
+  const int64_t slice = lv.op_stacked(t.op) ? static_cast<int64_t>(runs) - 1 : 0;
   // Element offset of slot b's tile origin (m = 0, n = n0) in any rank's inbox.
   auto slot_at = [&](int32_t b) { return ((slice * op.B + b) * op.M) * op.N + t.n0; };
 

@@ -332,6 +332,34 @@ def test_ppermute_ring_in_a_fori_loop_and_all_gather_in_a_scan(meshes, rng):
     _run_and_check(meshes[4], _gather_scan, arg_sets, specs, workers=1)
 
 
+def _decode_over_the_stack(x, w1s, w2s):
+    """A token loop around the layer scan: a put nested two loops deep, 3 x 4 runs per call."""
+
+    def token(t, h):
+        return jnp.tanh(_tp_mlp_stack(h, w1s, w2s)) + t.astype(h.dtype) * 0.01
+
+    return jax.lax.fori_loop(0, 3, token, x)
+
+
+def test_psum_in_a_nested_loop_one_slice_per_run(meshes, rng):
+    """The nested put writes slice outer x 4 + inner (the run index) of a 12-slice inbox; three
+    calls back to back, then chaos mode: the same bits."""
+    specs = {"in_specs": (P(), P(None, None, "x"), P(None, "x", None)), "out_specs": P()}
+
+    def args():
+        x, w1, w2 = random_args(rng, [(4, 16), (4, 16, 8 * 4), (4, 8 * 4, 16)])
+        return [x, w1 * 0.3, w2 * 0.3]
+
+    arg_sets = [args() for _ in range(3)]
+    plan, base = _run_and_check(meshes[8], _decode_over_the_stack, arg_sets, specs, workers=2)
+    put = next(op for op in plan.ops if op.kind == "put")
+    assert plan.loops[put.loop].parent >= 0 and plan.tensors[put.out].shape[0] == 12
+    _, got = _run_and_check(
+        meshes[8], _decode_over_the_stack, arg_sets, specs, workers=2, plan=plan, chaos_seed=5
+    )
+    _assert_bitwise(got, base, "chaos seed 5")
+
+
 # ---- a missing rank: bounded waits, named ----------------------------------------------------
 def test_missing_rank_times_out_naming_rank_peer_and_task(meshes, rng):
     fn = COLLECTIVES["psum"]

@@ -53,6 +53,11 @@ constexpr int kRows = 32;
 constexpr int kCols = 512;
 // How far ahead (in k rows) the matmul kernel prefetches B.
 constexpr int kPrefetchRows = 16;
+// Into L2 (prefetcht2), not L1 only (prefetchnta): B rows a multiple of 4 KiB apart (a weight
+// 1024 floats wide) map to ONE L1 set per cache line of the row, and 16 rows ahead is more than
+// its 12 ways, so non-temporal prefetches were evicted before use and every B load went to
+// memory: a 4 x 1024 @ 1024 x 1024 matmul took 1.19 ms, now 0.23 ms (XLA: 0.21 ms).
+constexpr int kPrefetchLocality = 1;
 
 // Vectors are passed by reference only: a by-value AVX vector in a function signature changes the
 // ABI (GCC's -Wpsabi), even for always-inline helpers.
@@ -131,7 +136,7 @@ ARK_ALWAYS_INLINE void matmul_panel(const float* a, int64_t lda, int rows, int64
       for (int r = 0; r < 4; ++r) {
         const char* p = reinterpret_cast<const char*>(b + (k + kPrefetchRows + r) * ldb);
         for (int64_t off = 0; off < static_cast<int64_t>(tn * sizeof(BT)); off += 64)
-          __builtin_prefetch(p + off, 0, 0);
+          __builtin_prefetch(p + off, 0, kPrefetchLocality);
       }
     }
     for (int n = 0; n < nv; n += W) {
@@ -212,7 +217,7 @@ ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, cons
     if (k + kPrefetchRows < K) {
       const char* ahead = reinterpret_cast<const char*>(bk + kPrefetchRows * ldb);
       for (int off = 0; off < static_cast<int>(NV * W * sizeof(BT)); off += 64)
-        __builtin_prefetch(ahead + off, 0, 0);
+        __builtin_prefetch(ahead + off, 0, kPrefetchLocality);
     }
     V x[NV];
     for (int j = 0; j < NV; ++j) load_vec(x[j], bk + j * W);

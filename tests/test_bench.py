@@ -70,7 +70,7 @@ def test_overlap_cpu_bench_runs(tmp_path, capsys):
     argv = ["overlap", "--sizes", "16x32x64", "--repeats", "2", "--budget", "0.01"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "overlap_cpu.json").read_text())["rows"]
-    assert [r["layer"] for r in rows] == ["tp", "sp", "moe", "dptp", "ring", "ring_loop"]
+    assert [r["layer"] for r in rows] == ["tp", "sp", "moe", "dptp", "ring", "ring_loop", "decode"]
     for r in rows:
         assert r["ratio_p25"] <= r["ratio"] <= r["ratio_p75"]
         assert r["max_rel_err"] < 1e-4

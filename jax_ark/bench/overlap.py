@@ -18,10 +18,12 @@ dp-invariant weights that autodiff adds under shard_map's check_vma typing); rin
 collective matmul all_gather(x) @ w written as a ring of ppermutes, each step's product written
 with dynamic_update_slice into the owner's rows of a fresh zero buffer (unrolled, as in
 tests/test_persistent_comm_groups.py); ring_loop, the same ring as a fori_loop
-(tests/test_persistent_comm_loops.py). --sizes are RxDxH: R rows per device (sp, ring: gathered
-to 8R; moe: R tokens in 8 buckets of R/8; dptp: R rows of the device's data shard), model dim D,
-hidden dim H in total (tp, sp: H/8 per device; dptp: H/4; ring: the columns of w, H/8 per device;
-moe: each expert's own hidden dim).
+(tests/test_persistent_comm_loops.py); decode, a decode loop: a fori_loop over 4 tokens around a
+scan over 4 layers of the tp layer (a psum per layer and token: a collective two loops deep,
+16 per call). --sizes are RxDxH: R rows per device (sp, ring: gathered to 8R; moe: R tokens in 8
+buckets of R/8; dptp: R rows of the device's data shard; decode: the batch), model dim D, hidden
+dim H in total (tp, sp, decode: H/8 per device; dptp: H/4; ring: the columns of w, H/8 per
+device; moe: each expert's own hidden dim).
 Writes overlap_cpu.json.
 
 GPU (--gpu; needs jax_ark's CUDA runtime and one GPU): the same layers planned for the GPU and run
@@ -127,6 +129,35 @@ def _dptp_comm(y, g1, g2):
     return jax.lax.psum(y, _TP), jax.lax.pmean(g1, _DP), jax.lax.pmean(g2, _DP)
 
 
+_DECODE_TOKENS, _DECODE_LAYERS = 4, 4
+
+
+def _decode(x, w1s, w2s, comm: bool = True):
+    """Tokens (fori_loop) x layers (scan) of the tp layer with a residual; the next token's input
+    is the last hidden state squashed."""
+
+    def layer(h, ws):
+        y = jax.nn.gelu(h @ ws[0]) @ ws[1]
+        return (jax.lax.psum(y, _AXIS) if comm else y) + h, None
+
+    def token(t, h):
+        return jnp.tanh(jax.lax.scan(layer, h, (w1s, w2s))[0])
+
+    if not comm:  # the carry varies over the ranks without the psum: say so for shard_map
+        x = jax.lax.pcast(x, _AXIS, to="varying")
+    return jax.lax.fori_loop(0, _DECODE_TOKENS, token, x)
+
+
+def _decode_comm(y):
+    def layer(h, _):  # the sum re-marked varying, as the carry it replaces
+        return jax.lax.pcast(jax.lax.psum(h, _AXIS) * 0.125, _AXIS, to="varying"), None
+
+    def token(t, h):
+        return jax.lax.scan(layer, h, None, length=_DECODE_LAYERS)[0]
+
+    return jax.lax.fori_loop(0, _DECODE_TOKENS, token, y)
+
+
 def _ring_perm(n: int) -> list[tuple[int, int]]:
     return [(i, (i + 1) % n) for i in range(n)]
 
@@ -229,6 +260,22 @@ def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str,
                 (P(_AXIS), P(_AXIS)),
                 (P(_AXIS), P(_AXIS)),
             ),
+        }
+    if layer == "decode":
+        w1s, w2s = normal(_DECODE_LAYERS, d, hidden), normal(_DECODE_LAYERS, hidden, d)
+        w1s, w2s = w1s * np.sqrt(_DECODE_LAYERS / d), w2s * np.sqrt(_DECODE_LAYERS / hidden)
+        specs = (P(), P(None, None, _AXIS), P(None, _AXIS, None))
+        x = normal(rows, d)
+        return {
+            **one_axis,
+            "full": (_decode, (x, w1s, w2s), specs, P()),
+            "compute": (
+                lambda x, a, b: _decode(x, a, b, comm=False)[None],
+                (x, w1s, w2s),
+                specs,
+                P(_AXIS),
+            ),
+            "comm": (_decode_comm, (normal(n * rows, d),), (P(_AXIS),), P(_AXIS)),
         }
     w1, w2 = normal(d, hidden), normal(hidden, d)
     wspec = (P(None, _AXIS), P(_AXIS, None))
@@ -397,7 +444,7 @@ def _size(text: str) -> tuple[int, int, int]:
     return rows, d, hidden
 
 
-_LAYERS = ("tp", "sp", "moe", "dptp", "ring", "ring_loop")
+_LAYERS = ("tp", "sp", "moe", "dptp", "ring", "ring_loop", "decode")
 _GPU_LAYERS = "tp,sp,moe"
 
 

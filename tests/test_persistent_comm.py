@@ -20,6 +20,7 @@ from persistent_models import assert_close, random_args
 
 import jax_ark
 import jax_ark as ark
+from jax_ark._persistent import _comm
 from jax_ark._persistent._call import run_plan
 from jax_ark._persistent._format import Plan, PlanError
 from jax_ark._persistent._reference import interpret_group
@@ -90,9 +91,11 @@ def test_tp_mlp_ark_psum_spelling(mesh8, rng):
     want = _run(mesh8, tp_mlp, args, TP_SPECS)
     got = _ark(mesh8, tp_mlp_ark, args, TP_SPECS, num_workers=2)
     assert_close(got, want, TOL)
-    # one plan, one put op: jax_ark.psum is planned like jax.lax.psum
+    # one plan, the same ops: jax_ark.psum is planned like jax.lax.psum
     plan = _plan_in(mesh8, tp_mlp_ark, args, TP_SPECS, num_workers=2)
-    assert [op.kind for op in plan.ops].count("put") == 1
+    lax_plan = _plan_in(mesh8, tp_mlp, args, TP_SPECS, num_workers=2)
+    assert [op.kind for op in plan.ops] == [op.kind for op in lax_plan.ops]
+    assert "put" in [op.kind for op in plan.ops]
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -146,6 +149,48 @@ def test_collective_equals_lax(mesh8, rng, name):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert g.shape == w.shape
         assert_close(g, w, TOL)
+
+
+_ALL_REDUCES = {"psum": jax.lax.psum, "pmax": jax.lax.pmax, "pmin": jax.lax.pmin}
+
+
+@pytest.mark.parametrize("name", sorted(_ALL_REDUCES))
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_large_all_reduce_is_two_shot_and_bitwise_the_one_shot(
+    mesh8, mesh2x4, rng, monkeypatch, name, dtype
+):
+    """From 32 KiB per rank a psum / pmax / pmin is a reduce-scatter then an all-gather (two put
+    ops): equal to jax.lax (integers exactly) and bit for bit the one-shot plan's result, on the
+    8-device axis and on one axis and both axes of the 2 x 4 mesh (subgroups)."""
+    reduce = _ALL_REDUCES[name]
+    if dtype == np.int32:
+        x = rng.integers(-(2**20), 2**20, size=(8 * 64, 160), dtype=np.int32)
+    else:
+        x = rng.standard_normal((8 * 64, 160)).astype(np.float32)  # 40 KiB per rank
+    cases = [
+        (mesh8, lambda v: reduce(v * 3 - 1, "x"), {"in_specs": (P("x"),), "out_specs": P()}),
+        (mesh2x4, lambda v: reduce(v, "y"), {"in_specs": (P(("x", "y")),), "out_specs": P("x")}),
+        (
+            mesh2x4,
+            lambda v: reduce(v, ("x", "y")),
+            {"in_specs": (P(("x", "y")),), "out_specs": P()},
+        ),
+    ]
+    for mesh, fn, specs in cases:
+        plan = _plan_in(mesh, fn, [x], specs, num_workers=2)
+        assert [op.kind for op in plan.ops].count("put") == 2
+        want = np.asarray(_run(mesh, fn, [x], specs))
+        got = np.asarray(_ark(mesh, fn, [x], specs, num_workers=2))
+        if dtype == np.int32:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert_close(got, want, TOL)
+        with monkeypatch.context() as m:
+            m.setitem(_comm._TWO_SHOT_BYTES, "cpu", 1 << 40)
+            one_shot = _plan_in(mesh, fn, [x], specs, num_workers=2)
+            assert [op.kind for op in one_shot.ops].count("put") == 1
+            same = np.asarray(_ark(mesh, fn, [x], specs, num_workers=3))
+        np.testing.assert_array_equal(got, same)
 
 
 def test_int32_psum_is_exact(mesh8, rng):

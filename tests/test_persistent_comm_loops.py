@@ -122,6 +122,27 @@ def test_fori_loop_psum_of_the_carry(mesh8, rng, monkeypatch):
     assert_close(np.concatenate([r[0] for r in ref]), want[0], TOL)
 
 
+def _nested_allreduce(v):
+    def layer(d, _):
+        return jax.lax.psum(d, "x") * 0.125 + 1.0, None
+
+    def token(t, c):
+        return jax.lax.scan(layer, c, None, length=2)[0] * 0.5
+
+    return jax.lax.fori_loop(0, 2, token, v)
+
+
+@pytest.mark.parametrize("fn", [_iterated_allreduce, _nested_allreduce])
+def test_two_shot_psum_in_loops(mesh8, rng, monkeypatch, fn):
+    """40 KiB per rank: each psum is a reduce-scatter and an all-gather, both stacked puts."""
+    specs = {"in_specs": (P("x"),), "out_specs": P("x")}
+    args = random_args(rng, [(N * 64, 160)])
+    plan, per_rank, want = _check(mesh8, fn, args, specs, monkeypatch)
+    assert [op.kind for op in plan.ops].count("put") == 2
+    ref = interpret_group(plan, per_rank)
+    assert_close(np.concatenate([r[0] for r in ref]), want[0], TOL)
+
+
 def test_fori_loop_psum_int32_exact(mesh8, rng):
     specs = {"in_specs": (P("x"),), "out_specs": P("x")}
     x = rng.integers(-50, 50, (N * 2, 8)).astype(np.int32)

@@ -97,7 +97,7 @@ def plan(
     def flat_fn(*flat):
         return jax.tree_util.tree_leaves(fn(*jax.tree_util.tree_unflatten(tree, flat)))
 
-    traced = trace(flat_fn, avals, _arg_names(fn, args), int(max_while_iterations))
+    traced = trace(flat_fn, avals, _arg_names(fn, args), int(max_while_iterations), target)
     return build_plan(traced, workers, tile_m, tile_n, platform=target)
 
 

@@ -284,10 +284,7 @@ def translate_collective(b, eqn, args, unsupported) -> list:
             copies = b.broadcast(x, (n, *shape), tuple(range(1, len(shape) + 1)))
             outs.append(_reduce(b, _REDUCE_OF[prim], copies, (0,), shape, out_dtype))
         elif prim in _REDUCE_OF:
-            shape = tuple(x.shape)
-            inbox = _put(b, _matrix(b, x), n, per_peer=False, route=route)
-            red = _reduce(b, _REDUCE_OF[prim], inbox, (0,), inbox.shape[1:], out_dtype)
-            outs.append(b.reshape(red, shape))
+            outs.append(_all_reduce(b, x, _REDUCE_OF[prim], n, route, out_dtype))
         elif prim in ("all_gather", "all_gather_invariant"):
             dim = int(eqn.params["all_gather_dimension"])
             shape = tuple(x.shape)
@@ -361,6 +358,42 @@ def _axis_index(b, eqn, unsupported):
             c = _iop(b, "imul", c, sub)
         out = c if out is None else _iop(b, "iadd", out, c)
     return out
+
+
+# All-reduces of this many bytes per rank or more run two-shot. CPU: measured on the 2-core VM
+# with 8 ranks (16 psums in a fori_loop, ms per psum one-shot / two-shot): 1 KiB 0.073 / 0.097,
+# 4 KiB 0.104 / 0.137, 8 KiB 0.177 / 0.115, 32 KiB 0.44 / 0.27, 64 KiB 0.91 / 0.46, 256 KiB
+# 9.8 / 1.7 (docs/benchmarks.md). Two-shot wins alone from 8 KiB, but its reduce-scatter sends
+# all of a rank's row blocks in its one slot's tasks, so they wait for every row of the producer,
+# where one-shot put tiles leave as soon as their matmul row tiles are done: below 32 KiB (a
+# latency-bound layer, where that overlap is the point) one-shot is kept. GPU: not measured, a
+# placeholder to re-measure on a lent GPU: there the bytes are cheap (NVLink / HBM) and the
+# second round's signal latency is what costs.
+_TWO_SHOT_BYTES = {"cpu": 32 << 10, "gpu": 256 << 10}
+
+
+def _all_reduce(b, x, kind: str, n: int, route, out_dtype: str):
+    """psum / pmax / pmin of x over the n ranks of the group. Small values: one-shot (every rank
+    puts its whole x into every peer's inbox and folds the n slots). From _TWO_SHOT_BYTES on, when
+    x's rows split into n blocks: two-shot, a reduce-scatter (rank j folds block j of every rank's
+    x) then an all-gather of the folded blocks: each rank writes 2 blocks' worth of n blocks per
+    peer instead of n, at the price of a second round of puts. Each element is folded over the
+    ranks in the same order either way, so the bits are the same."""
+    from jax_ark._persistent._trace import _reduce
+
+    shape = tuple(x.shape)
+    matrix = _matrix(b, x)
+    rows, cols = matrix.shape
+    nbytes = rows * cols * np.dtype(x.dtype if x.dtype != "bfloat16" else "float16").itemsize
+    if nbytes < _TWO_SHOT_BYTES[b.platform] or rows % n:
+        inbox = _put(b, matrix, n, per_peer=False, route=route)
+        red = _reduce(b, kind, inbox, (0,), inbox.shape[1:], out_dtype)
+        return b.reshape(red, shape)
+    blocks, _ = _blocks(b, matrix, 0, n)
+    inbox = _put(b, blocks, n, per_peer=True, route=route)
+    mine = _reduce(b, kind, inbox, (0,), inbox.shape[1:], out_dtype)
+    gathered = _put(b, _matrix(b, mine), n, per_peer=False, route=route)
+    return b.reshape(gathered, shape)
 
 
 def _matrix(b, node):

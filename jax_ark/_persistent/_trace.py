@@ -204,6 +204,7 @@ class _Builder:
     args: list[int] = field(default_factory=list)
     constants: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""  # source line of the eqn being translated
+    platform: str = "cpu"  # the executor planned for
     aranges: dict[tuple[int, str], int] = field(default_factory=dict)  # iota constants by size
     # In-place updates: the function's output index of each top-level jaxpr var, the use count of
     # each top-level var, the eqn being translated, user input tensors already aliased.
@@ -2448,12 +2449,14 @@ def trace(
     avals: list[jax.ShapeDtypeStruct],
     arg_names: list[str] | None = None,
     max_while_iterations: int = DEFAULT_MAX_WHILE_ITERATIONS,
+    platform: str = "cpu",
 ) -> TraceResult:
     """Traces fn on avals (flat list) into ops; outputs are materialized into result tensors.
 
     arg_names: the user's name of each flat input (its pytree path, e.g. "cache['k']"), used in
     error messages and as the input tensors' names. max_while_iterations: the guard of every
-    while_loop (more body iterations fail the call).
+    while_loop (more body iterations fail the call). platform: the executor planned for ("cpu" /
+    "gpu"; it picks how collectives are split into puts).
     """
     names = arg_names or [f"input {i}" for i in range(len(avals))]
     for i, aval in enumerate(avals):
@@ -2462,7 +2465,7 @@ def trace(
 
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
         closed = _without_dead_code(jax.make_jaxpr(fn)(*avals))
-    b = _Builder(max_while_iterations=max_while_iterations)
+    b = _Builder(max_while_iterations=max_while_iterations, platform=platform)
     # The plan's one group (every mesh axis its collectives name), known before any is planned:
     # routing tables and axis_index programs depend on it (_comm.plan_group).
     b.comm = plan_group(closed.jaxpr, UnsupportedError)

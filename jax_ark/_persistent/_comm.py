@@ -28,7 +28,7 @@ import math
 import jax
 import numpy as np
 
-from jax_ark._persistent._format import CommGroup, Op
+from jax_ark._persistent._format import DTYPE_SIZES, CommGroup, Op
 
 # jaxpr primitives planned here (jax 0.10 / 0.11 names); each names mesh axes of the plan's group.
 COMM_PRIMITIVES = frozenset(
@@ -384,7 +384,7 @@ def _all_reduce(b, x, kind: str, n: int, route, out_dtype: str):
     shape = tuple(x.shape)
     matrix = _matrix(b, x)
     rows, cols = matrix.shape
-    nbytes = rows * cols * np.dtype(x.dtype if x.dtype != "bfloat16" else "float16").itemsize
+    nbytes = rows * cols * DTYPE_SIZES[x.dtype]
     if nbytes < _TWO_SHOT_BYTES[b.platform] or rows % n:
         inbox = _put(b, matrix, n, per_peer=False, route=route)
         red = _reduce(b, kind, inbox, (0,), inbox.shape[1:], out_dtype)

@@ -903,9 +903,7 @@ def _total_order_key(b: _Builder, x: _Node) -> _Node:
     shape = x.shape
     if _kind(x.dtype) == "float":
         bits = b.elementwise("bitcast", [_convert(b, x, "float32")], shape, "int32")
-        sign = b.elementwise("shra", [bits, _Imm((), "int32", value=31)], shape, "int32")
-        flip = b.elementwise("and", [sign, _Imm((), "int32", value=0x7FFFFFFF)], shape, "int32")
-        return b.elementwise("xor", [bits, flip], shape, "int32")
+        return _flip_negative_magnitudes(b, bits)
     if x.dtype == "int32":
         return x
     if x.dtype == "uint32":
@@ -918,12 +916,17 @@ def _total_order_key(b: _Builder, x: _Node) -> _Node:
     )
 
 
+def _flip_negative_magnitudes(b: _Builder, v: _Node) -> _Node:
+    """int32 bits with the 31 low bits flipped where the sign bit is set (its own inverse)."""
+    sign = b.elementwise("shra", [v, _Imm((), "int32", value=31)], v.shape, "int32")
+    flip = b.elementwise("and", [sign, _Imm((), "int32", value=0x7FFFFFFF)], v.shape, "int32")
+    return b.elementwise("xor", [v, flip], v.shape, "int32")
+
+
 def _from_total_order_key(b: _Builder, key: _Node, dtype: str) -> _Node:
     shape = key.shape
     if _kind(dtype) == "float":
-        sign = b.elementwise("shra", [key, _Imm((), "int32", value=31)], shape, "int32")
-        flip = b.elementwise("and", [sign, _Imm((), "int32", value=0x7FFFFFFF)], shape, "int32")
-        bits = b.elementwise("xor", [key, flip], shape, "int32")
+        bits = _flip_negative_magnitudes(b, key)
         return _convert(b, b.elementwise("bitcast", [bits], shape, "float32"), dtype)
     if dtype == "uint32":
         top = _Imm((), "int32", value=_INT32_MIN)

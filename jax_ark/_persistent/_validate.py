@@ -686,10 +686,11 @@ def _validate_loops(plan: Plan) -> None:
             )
         if op.stacked:
             shape = plan.tensors[op.out].shape if 0 <= op.out < len(plan.tensors) else ()
-            slices = plan.runs_per_call(i) if op.kind == "put" else None
-            if op.loop >= 0 and slices is None:
-                slices = plan.loops[op.loop].trip_count
-            if op.loop < 0 or not shape or shape[0] != slices:
+            slices = 0  # a put's inbox: a slice per run of all its loops; else per iteration
+            if op.loop >= 0:
+                put = op.kind == "put"
+                slices = plan.runs_per_call(i) if put else plan.loops[op.loop].trip_count
+            if not slices or not shape or shape[0] != slices:
                 raise PlanError(
                     f"{where}: a stacked op is in a loop and its output's first dim is the "
                     "loop's trip count (a put's: its runs per call, over all its loops)"

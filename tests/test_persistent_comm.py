@@ -161,7 +161,7 @@ def test_large_all_reduce_is_two_shot_and_bitwise_the_one_shot(
 ):
     """From 32 KiB per rank a psum / pmax / pmin is a reduce-scatter then an all-gather (two put
     ops): equal to jax.lax (integers exactly) and bit for bit the one-shot plan's result, on the
-    8-device axis and on one axis and both axes of the 2 x 4 mesh (subgroups)."""
+    8-device axis, on one axis and both axes of the 2 x 4 mesh (subgroups), and for a vector."""
     reduce = _ALL_REDUCES[name]
     if dtype == np.int32:
         x = rng.integers(-(2**20), 2**20, size=(8 * 64, 160), dtype=np.int32)
@@ -174,6 +174,12 @@ def test_large_all_reduce_is_two_shot_and_bitwise_the_one_shot(
             mesh2x4,
             lambda v: reduce(v, ("x", "y")),
             {"in_specs": (P(("x", "y")),), "out_specs": P()},
+        ),
+        # a long vector (one row): n blocks of its elements
+        (
+            mesh8,
+            lambda v: reduce(v.reshape(-1)[3:-5], "x"),
+            {"in_specs": (P("x"),), "out_specs": P()},
         ),
     ]
     for mesh, fn, specs in cases:

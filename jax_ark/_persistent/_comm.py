@@ -374,16 +374,20 @@ _TWO_SHOT_BYTES = {"cpu": 32 << 10, "gpu": 256 << 10}
 
 def _all_reduce(b, x, kind: str, n: int, route, out_dtype: str):
     """psum / pmax / pmin of x over the n ranks of the group. Small values: one-shot (every rank
-    puts its whole x into every peer's inbox and folds the n slots). From _TWO_SHOT_BYTES on, when
-    x's rows split into n blocks: two-shot, a reduce-scatter (rank j folds block j of every rank's
-    x) then an all-gather of the folded blocks: each rank writes 2 blocks' worth of n blocks per
-    peer instead of n, at the price of a second round of puts. Each element is folded over the
-    ranks in the same order either way, so the bits are the same."""
+    puts its whole x into every peer's inbox and folds the n slots). From _TWO_SHOT_BYTES on,
+    when x's rows (or its elements, for a vector) split into n blocks: two-shot, a reduce-
+    scatter (rank j folds block j of every rank's x) then an all-gather of the folded blocks:
+    each rank writes 2 blocks' worth of n blocks per peer instead of n, at the price of a second
+    round of puts. Each element is folded over the ranks in the same order either way, so the
+    bits are the same."""
     from jax_ark._persistent._trace import _reduce
 
     shape = tuple(x.shape)
     matrix = _matrix(b, x)
     rows, cols = matrix.shape
+    if rows % n and (rows * cols) % n == 0:  # a long vector: n rows of its elements in order
+        matrix = b.reshape(x, (n, rows * cols // n))
+        rows, cols = matrix.shape
     nbytes = rows * cols * DTYPE_SIZES[x.dtype]
     if nbytes < _TWO_SHOT_BYTES[b.platform] or rows % n:
         inbox = _put(b, matrix, n, per_peer=False, route=route)

@@ -264,21 +264,24 @@ def _tp_mlp_stack(x, w1s, w2s):
     return jax.lax.scan(layer, x, (w1s, w2s))[0]
 
 
+STACK_SPECS = {"in_specs": (P(), P(None, None, "x"), P(None, "x", None)), "out_specs": P()}
+
+
+def _tp_stack_args(rng):
+    """x (4 x 16) and 4 layers' w1 / w2 (hidden 4 per rank of 8), scaled to stay in range."""
+    x, w1, w2 = random_args(rng, [(4, 16), (4, 16, 8 * 4), (4, 8 * 4, 16)])
+    return [x, w1 * 0.3, w2 * 0.3]
+
+
 def test_scan_psum_per_layer_back_to_back_and_chaos(meshes, rng):
     """A psum per layer of a scan fills one inbox slice per iteration; three calls with
     different inputs, then chaos mode: the same bits."""
-    specs = {"in_specs": (P(), P(None, None, "x"), P(None, "x", None)), "out_specs": P()}
-
-    def args():
-        x, w1, w2 = random_args(rng, [(4, 16), (4, 16, 8 * 4), (4, 8 * 4, 16)])
-        return [x, w1 * 0.3, w2 * 0.3]
-
-    arg_sets = [args() for _ in range(3)]
-    plan, base = _run_and_check(meshes[8], _tp_mlp_stack, arg_sets, specs, workers=2)
+    arg_sets = [_tp_stack_args(rng) for _ in range(3)]
+    plan, base = _run_and_check(meshes[8], _tp_mlp_stack, arg_sets, STACK_SPECS, workers=2)
     puts = [op for op in plan.ops if op.kind == "put"]
     assert plan.loops and plan.loops[0].trip_count == 4 and all(op.stacked for op in puts)
     _, got = _run_and_check(
-        meshes[8], _tp_mlp_stack, arg_sets, specs, workers=2, plan=plan, chaos_seed=7
+        meshes[8], _tp_mlp_stack, arg_sets, STACK_SPECS, workers=2, plan=plan, chaos_seed=7
     )
     _assert_bitwise(got, base, "chaos seed 7")
 
@@ -344,18 +347,12 @@ def _decode_over_the_stack(x, w1s, w2s):
 def test_psum_in_a_nested_loop_one_slice_per_run(meshes, rng):
     """The nested put writes slice outer x 4 + inner (the run index) of a 12-slice inbox; three
     calls back to back, then chaos mode: the same bits."""
-    specs = {"in_specs": (P(), P(None, None, "x"), P(None, "x", None)), "out_specs": P()}
-
-    def args():
-        x, w1, w2 = random_args(rng, [(4, 16), (4, 16, 8 * 4), (4, 8 * 4, 16)])
-        return [x, w1 * 0.3, w2 * 0.3]
-
-    arg_sets = [args() for _ in range(3)]
-    plan, base = _run_and_check(meshes[8], _decode_over_the_stack, arg_sets, specs, workers=2)
+    arg_sets = [_tp_stack_args(rng) for _ in range(3)]
+    plan, base = _run_and_check(meshes[8], _decode_over_the_stack, arg_sets, STACK_SPECS, workers=2)
     put = next(op for op in plan.ops if op.kind == "put")
     assert plan.loops[put.loop].parent >= 0 and plan.tensors[put.out].shape[0] == 12
     _, got = _run_and_check(
-        meshes[8], _decode_over_the_stack, arg_sets, specs, workers=2, plan=plan, chaos_seed=5
+        meshes[8], _decode_over_the_stack, arg_sets, STACK_SPECS, workers=2, plan=plan, chaos_seed=5
     )
     _assert_bitwise(got, base, "chaos seed 5")
 

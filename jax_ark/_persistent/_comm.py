@@ -296,8 +296,7 @@ def translate_collective(b, eqn, args, unsupported) -> list:
         elif prim == "reduce_scatter":
             dim = int(eqn.params["scatter_dimension"])
             blocks, _ = _blocks(b, x, dim, n)
-            inbox = _put(b, blocks, n, per_peer=True, route=route)
-            red = _reduce(b, "reduce_sum", inbox, (0,), inbox.shape[1:], out_dtype)
+            red = _put_and_fold(b, blocks, n, True, route, "reduce_sum", out_dtype)
             outs.append(b.reshape(red, out_shape))
         elif prim == "all_to_all":
             split, concat = int(eqn.params["split_axis"]), int(eqn.params["concat_axis"])
@@ -380,8 +379,6 @@ def _all_reduce(b, x, kind: str, n: int, route, out_dtype: str):
     each rank writes 2 blocks' worth of n blocks per peer instead of n, at the price of a second
     round of puts. Each element is folded over the ranks in the same order either way, so the
     bits are the same."""
-    from jax_ark._persistent._trace import _reduce
-
     shape = tuple(x.shape)
     matrix = _matrix(b, x)
     rows, cols = matrix.shape
@@ -390,14 +387,19 @@ def _all_reduce(b, x, kind: str, n: int, route, out_dtype: str):
         rows, cols = matrix.shape
     nbytes = rows * cols * DTYPE_SIZES[x.dtype]
     if nbytes < _TWO_SHOT_BYTES[b.platform] or rows % n:
-        inbox = _put(b, matrix, n, per_peer=False, route=route)
-        red = _reduce(b, kind, inbox, (0,), inbox.shape[1:], out_dtype)
-        return b.reshape(red, shape)
+        return b.reshape(_put_and_fold(b, matrix, n, False, route, kind, out_dtype), shape)
     blocks, _ = _blocks(b, matrix, 0, n)
-    inbox = _put(b, blocks, n, per_peer=True, route=route)
-    mine = _reduce(b, kind, inbox, (0,), inbox.shape[1:], out_dtype)
+    mine = _put_and_fold(b, blocks, n, True, route, kind, out_dtype)
     gathered = _put(b, _matrix(b, mine), n, per_peer=False, route=route)
     return b.reshape(gathered, shape)
+
+
+def _put_and_fold(b, source, n: int, per_peer: bool, route, kind: str, out_dtype: str):
+    """The inbox of a put of `source` (see _put), folded over its n slots in rank order."""
+    from jax_ark._persistent._trace import _reduce
+
+    inbox = _put(b, source, n, per_peer=per_peer, route=route)
+    return _reduce(b, kind, inbox, (0,), inbox.shape[1:], out_dtype)
 
 
 def _matrix(b, node):

@@ -1434,9 +1434,10 @@ void worker_tasks(Run& run, int w) {
     scratch->iter = iter;
     scratch->outer_iter = cursor.outer_iter();
     scratch->stacked = run.loops.op_stacked(task.op);
-    scratch->slice = scratch->stacked ? run.loops.stacked_slice(task.op, iter) : 0;
     // A put's inbox has one slice per run of its loops (the run index; = iter in a top-level loop)
-    if (scratch->stacked && op.kind == kOpPut) scratch->slice = run.loops.run_index(task.op, cursor.iters);
+    scratch->slice = !scratch->stacked ? 0
+                     : op.kind == kOpPut ? run.loops.run_index(task.op, cursor.iters)
+                                         : run.loops.stacked_slice(task.op, iter);
     switch (op.kind) {
       case kOpMatmul: run_matmul(run, op, task, *scratch); break;
       case kOpReduce: run_reduce(run, op, task, *scratch); break;

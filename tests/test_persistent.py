@@ -110,6 +110,42 @@ def test_bit_identical_across_worker_counts_and_reference(rng, dtype, which):
             assert np.array_equal(_bits(g), _bits(w)), (which, workers)
 
 
+def _tiled_epilogues(x, w, bias, res_t, scale, a, b, w3):
+    # Only correctly rounded ops (see _exact_gemv_chain). Tiles narrower than N, so each epilogue
+    # runs over a block of columns: a bias along N, a transposed residual (strided reads), a
+    # per-row scale; a batched matmul (3-D window); an einsum whose N spans two dims (the
+    # row-by-row path); and an elementwise op tiled the same way.
+    y = jnp.maximum(x @ w + bias, 0.25 * (x @ w)) + res_t.T * scale
+    z = jnp.einsum("bmk,bkn->bmn", a, b) * 0.5 - 1.0
+    u = jnp.einsum("mk,kab->mab", x, w3) + 2.0
+    return y, z, u, jnp.maximum(res_t, 0.0) * 3.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_epilogues_over_column_blocks_bit_identical_to_reference(rng, dtype):
+    """Epilogues of tiles narrower than the output (evaluated a block of columns at a time) give
+    the reference interpreter's bits: strided, broadcast and per-row operands, a batched output,
+    an N of two dims, partial last tiles."""
+    shapes = [
+        (70, 29),
+        (29, 130),
+        (130,),
+        (130, 70),
+        (70, 1),
+        (3, 45, 29),
+        (3, 29, 75),
+        (29, 6, 11),
+    ]
+    args = random_args(rng, shapes, dtype)
+    tiles = {"tile_m": 40, "tile_n": 48}
+    want = interpret(ark.plan(_tiled_epilogues, *args, num_workers=2, **tiles), *args)
+    got = jax.tree.leaves(jax.jit(ark.persistent(_tiled_epilogues, num_workers=2, **tiles))(*args))
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(_bits(g), _bits(w))
+    for g, w in zip(got, jax.jit(_tiled_epilogues)(*args), strict=True):
+        _close(g, w, dtype)
+
+
 def _cpu_has_fma() -> bool:
     try:
         with open("/proc/cpuinfo") as f:

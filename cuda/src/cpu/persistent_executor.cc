@@ -568,8 +568,8 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
 // into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
 // plan inside its buffer).
 void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* dims,
-             const int64_t* start_idx, int count, const float* moved, float* r, int64_t iter,
-             int64_t outer_iter) {
+             const int64_t* start_idx, int64_t col0, int count, const float* moved, float* r,
+             int64_t iter, int64_t outer_iter) {
   const ViewRecord v = run.view(ins.a, iter, outer_iter);
   const TensorRecord& t = run.plan.tensor(v.tensor);
   const char* base = run.tensor_base(v.tensor);
@@ -585,12 +585,12 @@ void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* di
   // switch outside each run: a dynamic_update_slice's full-size select loads its update this
   // way for every element of the result.
   int64_t idx[kMaxRank];
-  int64_t off = v.offset;
+  const int last = rank - 1;
+  int64_t off = v.offset + col0 * v.strides[last];
   for (int d = 0; d < rank; ++d) {
     idx[d] = start_idx[d];
     off += idx[d] * v.strides[d];
   }
-  const int last = rank - 1;
   const int64_t inner = v.strides[last], hi = t.num_elements - 1;
   for (int e = 0; e < count;) {
     const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
@@ -626,10 +626,12 @@ void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* di
 
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
+// col0 > 0 (a block of columns, epilogue_block): the space is a window of a wider one whose
+// innermost index is col0 more than the window's; views are indexed in the wider space.
 // tail_rank > 0 (a REDUCE's column pass): the iteration space is dims[0..rank) followed by
 // tail_rank more dims held at the indices tail_idx; views are indexed over all rank + tail_rank dims.
 void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
-                  int count, const float* acc, Scratch& s, int tail_rank = 0,
+                  int count, const float* acc, Scratch& s, int64_t col0 = 0, int tail_rank = 0,
                   const int64_t* tail_idx = nullptr) {
   int64_t start_idx[kMaxRank];
   {
@@ -656,13 +658,13 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
       } else {
         // Walk the iteration space in runs along its innermost dim (one strided load each).
         int64_t idx[kMaxRank];
-        int64_t off = v.offset;
+        const int last = rank - 1;
+        int64_t off = v.offset + col0 * v.strides[last];
         for (int j = 0; j < tail_rank; ++j) off += tail_idx[j] * v.strides[rank + j];
         for (int d = 0; d < rank; ++d) {
           idx[d] = start_idx[d];
           off += idx[d] * v.strides[d];
         }
-        const int last = rank - 1;
         const int64_t inner_stride = v.strides[last];
         for (int e = 0; e < count;) {
           const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
@@ -679,7 +681,7 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         }
       }
     } else if (code == kLoadAt) {
-      load_at(run, ins, rank, dims, start_idx, count, s.regs[ins.b], r, s.iter, s.outer_iter);
+      load_at(run, ins, rank, dims, start_idx, col0, count, s.regs[ins.b], r, s.iter, s.outer_iter);
     } else if (code == kLoadIter) {
       const uint32_t it = static_cast<uint32_t>(s.iter);
       for (int e = 0; e < count; ++e) r[e] = bits_float(it);
@@ -705,31 +707,79 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
   }
 }
 
+// n values stored at flat index `first` of an output of dtype dt.
+void store_run(char* base, int32_t dt, int64_t first, const float* v, int n) {
+  switch (dt) {
+    case kF32: memcpy(reinterpret_cast<float*>(base) + first, v, sizeof(float) * n); break;
+    case kBF16: {
+      // f32_to_bf16 as selects (the value is stored rounded: the high half of bf16_bits_rne).
+      uint16_t* dst = reinterpret_cast<uint16_t*>(base) + first;
+      for (int e = 0; e < n; ++e) dst[e] = static_cast<uint16_t>(bf16_bits_rne(float_bits(v[e])) >> 16);
+      break;
+    }
+    default:
+      for (int e = 0; e < n; ++e) store_element(base, dt, first + e, v[e]);
+  }
+}
+
+// The op's output as its epilogue walks it: one slice of a stacked output (v3: dims 1..rank,
+// stored at slice `slice`), else the whole tensor.
+struct EpilogueSpace {
+  char* base;
+  int32_t dtype;
+  int rank;
+  const int64_t* dims;
+};
+EpilogueSpace epilogue_space(const Run& run, const OpRecord& op, const Scratch& s) {
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  char* base = run.tensor_base(op.out_tensor);
+  if (!s.stacked) return {base, out.dtype, out.rank, out.dims};
+  base += s.slice * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
+  return {base, out.dtype, out.rank - 1, out.dims + 1};
+}
+
 // Epilogue over output flat indices [lin0, lin0 + count), stored into the op's output tensor.
 void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count, const float* acc,
                     Scratch& s) {
-  const TensorRecord& out = run.plan.tensor(op.out_tensor);
-  char* base = run.tensor_base(op.out_tensor);
-  // A stacked output (v3): the epilogue walks one slice (dims 1..rank), stored at slice `slice`.
-  const int rank = s.stacked ? out.rank - 1 : out.rank;
-  const int64_t* dims = s.stacked ? out.dims + 1 : out.dims;
-  if (s.stacked) base += s.slice * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
+  const EpilogueSpace out = epilogue_space(run, op, s);
   for (int done = 0; done < count; done += kSegment) {
     const int n = std::min(kSegment, count - done);
-    eval_program(run, op.epilogue_at, op.epilogue_len, rank, dims, lin0 + done, n,
+    eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
                  acc ? acc + done : nullptr, s);
+    store_run(out.base, out.dtype, lin0 + done, s.regs[op.epilogue_len - 1], n);
+  }
+}
+
+// Epilogue over a rows x cols block of the op's (M x N) output: rows row0.., columns col0..
+// (acc, when given, row stride cols). A tile narrower than N used to run the program once per
+// row, and its per-instruction setup on 64-wide rows was half of a gelu MLP's epilogue time;
+// when N is the output's innermost dim the block is one window of the iteration space instead,
+// evaluated kSegment elements per pass (the same elements, each with the same operations).
+void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, int64_t col0,
+                    int cols, const float* acc, Scratch& s) {
+  if (cols == op.N)
+    return epilogue_store(run, op, row0 * op.N, rows * cols, acc, s);  // contiguous: whole rows
+  const EpilogueSpace out = epilogue_space(run, op, s);
+  if (out.rank == 0 || out.dims[out.rank - 1] != op.N) {  // N spans several dims: row by row
+    for (int i = 0; i < rows; ++i)
+      epilogue_store(run, op, (row0 + i) * op.N + col0, cols, acc ? acc + i * cols : nullptr, s);
+    return;
+  }
+  int64_t window[kMaxRank];
+  std::copy(out.dims, out.dims + out.rank, window);
+  window[out.rank - 1] = cols;
+  const int count = rows * cols;
+  for (int done = 0; done < count; done += kSegment) {
+    const int n = std::min(kSegment, count - done);
+    eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, window, row0 * cols + done, n,
+                 acc ? acc + done : nullptr, s, col0);
     const float* v = s.regs[op.epilogue_len - 1];
-    const int64_t first = lin0 + done;
-    switch (out.dtype) {
-      case kF32: memcpy(reinterpret_cast<float*>(base) + first, v, sizeof(float) * n); break;
-      case kBF16: {
-        // f32_to_bf16 as selects (the value is stored rounded: the high half of bf16_bits_rne).
-        uint16_t* dst = reinterpret_cast<uint16_t*>(base) + first;
-        for (int e = 0; e < n; ++e) dst[e] = static_cast<uint16_t>(bf16_bits_rne(float_bits(v[e])) >> 16);
-        break;
-      }
-      default:
-        for (int e = 0; e < n; ++e) store_element(base, out.dtype, first + e, v[e]);
+    for (int e = 0; e < n;) {  // stored a row's run at a time
+      const int64_t w = row0 * cols + done + e;
+      const int64_t row = w / cols, col = w % cols;
+      const int run_len = static_cast<int>(std::min<int64_t>(n - e, cols - col));
+      store_run(out.base, out.dtype, row * op.N + col0 + col, v + e, run_len);
+      e += run_len;
     }
   }
 }
@@ -831,7 +881,10 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   const int64_t tile_ld = chunk + 16;
   const int64_t k_block = direct_b || direct_bt ? K : std::max<int64_t>(16, (kWidenFloats / tile_ld) & ~15);
   s.acc.resize(static_cast<size_t>(kernels::kRows) * chunk);
-  s.a_row.resize(static_cast<size_t>(kernels::kRows) * K);
+  // float32 rows of A with unit k-stride are read in place, not copied once per row tile; other
+  // dtypes / strides are widened into a_row.
+  const bool direct_a = a_dt == kF32 && av.strides[2] == 1;
+  if (!direct_a) s.a_row.resize(static_cast<size_t>(kernels::kRows) * K);
   // Widened rows are padded by one cache line: rows a power of two apart map to a few L1 sets,
   // and the column-wise writes of a transposed B then evict each other.
   if (!direct_b && !direct_bt) s.b_tile.resize(static_cast<size_t>(std::min(K, k_block)) * tile_ld);
@@ -842,16 +895,23 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
     const char* b_rows = b_base + (bv.offset + b * bv.strides[0] + task.n0 * bv.strides[2]) * b_size;
     for (int m = task.m0; m < task.m1; m += kernels::kRows) {
       const int rows = std::min(kernels::kRows, task.m1 - m);
-      widen_a_rows(av, a_dt, a_base, b, m, rows, K, s.a_row.data());
+      const float* a_rows = s.a_row.data();
+      int64_t lda = K;
+      if (direct_a) {
+        a_rows = reinterpret_cast<const float*>(a_base) + av.offset + b * av.strides[0] + m * av.strides[1];
+        lda = av.strides[1];
+      } else {
+        widen_a_rows(av, a_dt, a_base, b, m, rows, K, s.a_row.data());
+      }
       for (int c0 = 0; c0 < tn; c0 += chunk) {
         const int cols = std::min(chunk, tn - c0);
         float* acc = s.acc.data();
         if (direct_b) {
-          kernels::matmul_tile(run.opt.fused_matmul, s.a_row.data(), K, rows, K,
+          kernels::matmul_tile(run.opt.fused_matmul, a_rows, lda, rows, K,
                                b_rows + static_cast<int64_t>(c0) * b_size, b_dt == kBF16,
                                bv.strides[1], cols, acc, cols);
         } else if (direct_bt) {
-          kernels::matmul_tile_kt(run.opt.fused_matmul, s.a_row.data(), K, rows, K,
+          kernels::matmul_tile_kt(run.opt.fused_matmul, a_rows, lda, rows, K,
                                   b_rows + static_cast<int64_t>(c0) * bv.strides[2] * b_size,
                                   b_dt == kBF16, bv.strides[2], cols, acc, cols);
         } else if (K == 0) {
@@ -860,16 +920,12 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
           for (int64_t k0 = 0; k0 < K; k0 += k_block) {
             const int kb = static_cast<int>(std::min(k_block, K - k0));
             widen_b_block(bv, b_dt, b_base, b, k0, kb, task.n0 + c0, cols, s.b_tile.data(), tile_ld);
-            kernels::matmul_tile(run.opt.fused_matmul, s.a_row.data() + k0, K, rows, kb,
+            kernels::matmul_tile(run.opt.fused_matmul, a_rows + k0, lda, rows, kb,
                                  s.b_tile.data(), false, tile_ld, cols, acc, cols, k0 > 0);
           }
         }
-        for (int i = 0; i < rows; ++i) {
-          float* row = acc + static_cast<int64_t>(i) * cols;
-          round_in_place(row, cols, op.acc_dtype);
-          epilogue_store(run, op, (static_cast<int64_t>(b) * op.M + m + i) * op.N + task.n0 + c0,
-                         cols, row, s);
-        }
+        round_in_place(acc, rows * cols, op.acc_dtype);
+        epilogue_block(run, op, static_cast<int64_t>(b) * op.M + m, rows, task.n0 + c0, cols, acc, s);
       }
     }
   }
@@ -903,7 +959,7 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
     int64_t r_idx[kMaxRank] = {};
     for (int64_t r = 0; r < op.K; ++r) {
       eval_program(run, op.prologue_at, op.prologue_len, kept, op.iter_dims, task.m0 + done, n,
-                   nullptr, s, tail, r_idx);
+                   nullptr, s, 0, tail, r_idx);
       const float* v = s.regs[op.prologue_len - 1];
       if (sum) {
         for (int e = 0; e < n; ++e) acc[e] = acc[e] + v[e];
@@ -987,8 +1043,7 @@ void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task
 
 void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
   if (op.store_view_plus1 > 0) return run_window_store(run, op, task, s);
-  for (int m = task.m0; m < task.m1; ++m)
-    epilogue_store(run, op, static_cast<int64_t>(m) * op.N + task.n0, task.n1 - task.n0, nullptr, s);
+  epilogue_block(run, op, task.m0, task.m1 - task.m0, task.n0, task.n1 - task.n0, nullptr, s);
 }
 
 // ---- communication (plan v3 PUT ops) ---------------------------------------------------------

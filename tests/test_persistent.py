@@ -63,6 +63,20 @@ def test_shapes_not_dividing_tiles_batched_and_transposed(rng):
         _close(got, want)
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_stack(rng, axis):
+    """jnp.stack (its own primitive since jax 0.10) of float and int operands, then used."""
+
+    def fn(a, b, c, i):
+        s = jnp.stack([a, b * 2.0, c], axis=axis)
+        return jnp.tanh(s) + 1.0, jnp.stack([i, i + 1], axis=axis)
+
+    args = random_args(rng, [(5, 7)] * 3) + [rng.integers(-9, 9, (5, 7)).astype(np.int32)]
+    got, want = jax.jit(ark.persistent(fn))(*args), jax.jit(fn)(*args)
+    _close(got[0], want[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
 def _exact_gemv_chain(x, bias, *ws):
     # Only correctly rounded ops (matmul, mul, add, max): numpy's float32 transcendentals need not
     # match libm bit for bit, these must.

@@ -165,16 +165,6 @@ def test_is_finite_of_specials_is_exact(rng, dtype):
     np.testing.assert_array_equal(np.asarray(got), np.isfinite(x))
 
 
-def test_a_prng_key_argument_is_refused_clearly(rng):
-    x = rng.standard_normal((4, 4)).astype(np.float32)
-
-    def dropout(x, key):
-        return jnp.where(jax.random.bernoulli(key, 0.9, x.shape), x / 0.9, 0.0)
-
-    with pytest.raises(ark.UnsupportedError, match="PRNG key"):
-        jax.jit(ark.persistent(dropout))(x, jax.random.key(0))
-
-
 def test_flax_nnx_transformer_block_and_its_gradient(rng):
     """Pre-norm block of flax.nnx layers: LayerNorm, causal MultiHeadAttention, and a gated MLP
     whose gate / up projection is one Linear split in halves; forward and jax.grad of the

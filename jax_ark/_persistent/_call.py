@@ -26,6 +26,7 @@ from jax_ark._persistent._format import (
     PlanError,
     np_dtype,
 )
+from jax_ark._persistent._random import key_data_arguments, with_output_keys
 from jax_ark._persistent._schedule import build_plan
 from jax_ark._persistent._target import (
     concurrent_cpu_programs,
@@ -90,6 +91,7 @@ def plan(
     """
     _check_max_while(max_while_iterations)
     _check_workers(num_workers)
+    fn, args = key_data_arguments(fn, args)
     leaves, tree, avals, _ = _flat_avals(args)
     target, device = resolve_platform(leaves, platform)
     workers = num_workers or default_workers(target, device)
@@ -362,10 +364,13 @@ class _Persistent:
     def plan(self, *args) -> Plan:
         """A copy of the plan used for these arguments (planned once per signature and platform);
         editing it changes nothing here: pass the edited plan to `persistent(fn, plan=...)`."""
-        p, _ = self._planned(args, resolve_platform(jax.tree_util.tree_leaves(args))[0])
+        fn, args = key_data_arguments(self._fn, args)
+        p, _, _ = self._planned(fn, args, resolve_platform(jax.tree_util.tree_leaves(args))[0])
         return p.copy()
 
-    def _planned(self, args, platform: str) -> tuple[Plan, Any]:
+    def _planned(self, fn, args, platform: str) -> tuple[Plan, Any, list]:
+        """(plan, output tree, kinds of the PRNG keys among the outputs) for these arguments; fn:
+        self._fn, or it taking and returning typed PRNG keys as key data (key_data_arguments)."""
         _, tree, avals, key = _flat_avals(args)
         # The platform (and, on CPU, how many shard_map programs share the cores) decides the
         # default workers and tiles (see _target.py): part of the key.
@@ -373,17 +378,18 @@ class _Persistent:
             key,
             platform if self._plan is None else None,
             concurrent_cpu_programs() if self._plan is None else None,
+            getattr(fn, "key_impls", ()),
         )
         if key not in self._cache:
             out_avals, out_tree = jax.tree_util.tree_flatten(
-                jax.eval_shape(self._fn, *jax.tree_util.tree_unflatten(tree, avals))
+                jax.eval_shape(fn, *jax.tree_util.tree_unflatten(tree, avals))
             )
             if self._plan is not None:
                 _check_signature(self._plan, avals)
                 p = self._plan
             else:
                 p = plan(
-                    self._fn,
+                    fn,
                     *args,
                     num_workers=self._num_workers,
                     tile_m=self._tiles[0],
@@ -402,7 +408,7 @@ class _Persistent:
                         f"plan output {i} is {spec.dtype}{list(spec.shape)}, fn returns "
                         f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
                     )
-            self._cache[key] = (p, out_tree)
+            self._cache[key] = (p, out_tree, list(getattr(fn, "out_key_impls", None) or []))
         return self._cache[key]
 
     def __call__(self, *args):
@@ -416,12 +422,14 @@ class _Persistent:
                 f"ark.persistent(jax.grad({_fn_name(self._fn)})) plans the backward pass (its "
                 "collectives too) as one persistent call"
             )
+        fn, args = key_data_arguments(self._fn, args)
+        leaves = jax.tree_util.tree_leaves(args)
         platform = resolve_platform(leaves)[0]
-        p, out_tree = self._planned(args, platform)
+        p, out_tree, out_keys = self._planned(fn, args, platform)
         out_varying = None
         if p.comm is not None:
             # A psum's result is the same on every rank: typed invariant, as jax.lax's.
-            traced = jax.make_jaxpr(self._fn)(*args)
+            traced = jax.make_jaxpr(fn)(*args)
             out_varying = [tuple(sorted(_prim.varying_axes(a), key=str)) for a in traced.out_avals]
         outs, prof = run_plan(
             p,
@@ -431,7 +439,7 @@ class _Persistent:
             check_on_host=platform != "cpu",
             out_varying=out_varying,
         )
-        result = jax.tree_util.tree_unflatten(out_tree, outs)
+        result = jax.tree_util.tree_unflatten(out_tree, with_output_keys(list(outs), out_keys))
         return (result, prof) if self._profile else result
 
 

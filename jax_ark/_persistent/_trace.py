@@ -40,6 +40,7 @@ from jax_ark._persistent._format import (
     View,
     np_dtype,
 )
+from jax_ark._persistent._random import without_keys
 
 _SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool", "int32", "uint32"}
 # Programs longer than this get their largest operands materialized (keeps headroom below 64).
@@ -1359,6 +1360,14 @@ def _concatenate(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     return out if out is not None else _Imm(out_shape, out_dtype, value=_zero(out_dtype))
 
 
+def _stack(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
+    """jnp.stack (jax 0.10 binds a `stack` primitive): the operands concatenated, each with a unit
+    axis inserted at `axis`."""
+    axis = int(params["axis"])
+    parts = [b.reshape(a, (*a.shape[:axis], 1, *a.shape[axis:])) for a in args]
+    return _concatenate(b, parts, {"dimension": axis}, out_shape, out_dtype)
+
+
 def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     x, fill = _as_load(b, args[0]), args[1]
     if math.prod(x.shape) == 0:
@@ -1515,6 +1524,7 @@ _INDEXING = {
     "dynamic_update_slice": _dynamic_update_slice,
     "gather": _gather,
     "concatenate": _concatenate,
+    "stack": _stack,
     "pad": _pad,
     "rev": _rev,
     **{
@@ -1708,7 +1718,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
-        "most 16 points), concatenate, pad, rev, the "
+        "most 16 points), concatenate, stack, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
         "or jax_ark, inside jax.shard_map, also in loop bodies), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
@@ -2467,7 +2477,8 @@ def trace(
     from jax_ark.collectives import as_lax_collectives
 
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
-        closed = _without_dead_code(jax.make_jaxpr(fn)(*avals))
+        # PRNG keys become their uint32 data, random draws plain integer code (_random.py).
+        closed = _without_dead_code(without_keys(jax.make_jaxpr(fn)(*avals), avals))
     b = _Builder(max_while_iterations=max_while_iterations, platform=platform)
     # The plan's one group (every mesh axis its collectives name), known before any is planned:
     # routing tables and axis_index programs depend on it (_comm.plan_group).

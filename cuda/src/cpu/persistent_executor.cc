@@ -1455,9 +1455,19 @@ bool while_check(Run& run, int w, QueueCursor& cursor, Clock::time_point deadlin
   return true;
 }
 
+// This thread's scratch, kept for its later calls (a task sets every field it reads before
+// running): allocated and zeroed per call, a worker's 64 KiB of registers and its tile buffers
+// were malloc / free / memset traffic on every call of a small plan. Heap-allocated once, not a
+// thread_local object: 64 KiB of static TLS in a dlopen'ed module can fail to load.
+Scratch& thread_scratch() {
+  thread_local std::unique_ptr<Scratch> scratch;
+  if (!scratch) scratch = std::make_unique<Scratch>();
+  return *scratch;
+}
+
 void worker_tasks(Run& run, int w) {
   const Header& h = run.plan.header();
-  auto scratch = std::make_unique<Scratch>();
+  Scratch* scratch = &thread_scratch();
   Chaos* chaos = run.chaos.get();
   const bool serialized = chaos && chaos->mode != Chaos::kStalls;
   uint64_t rng = mix64(run.opt.chaos_seed ^ (0x9E3779B97F4A7C15ull * static_cast<uint64_t>(w + 1)));

@@ -135,14 +135,13 @@ def test_what_is_not_supported_is_refused_by_name(rng):
     with pytest.raises(ark.UnsupportedError, match="erf_inv"):  # jax.random.normal's inverse erf
         ark.plan(lambda x, k: x + jax.random.normal(k, x.shape), x, key)
 
-    def in_a_loop(x, k):
-        def body(c, i):
-            return c + jax.random.uniform(jax.random.fold_in(k, i), c.shape), None
+    with pytest.raises(ark.UnsupportedError, match="select_n .*operation on a PRNG key"):
 
-        return jax.lax.scan(body, x, jnp.arange(3))[0]
+        def pick(x, k):  # a select between typed keys
+            k = jnp.where(x[0, 0] > 0, k, jax.random.fold_in(k, 1))
+            return jax.random.uniform(k, (2,))
 
-    with pytest.raises(ark.UnsupportedError, match="inside a loop"):
-        ark.plan(in_a_loop, x, key)
+        ark.plan(pick, x, jax.random.key(0))
     with pytest.raises(ark.UnsupportedError, match="single key"):
         ark.plan(
             lambda x, k: jax.vmap(lambda k: jax.random.uniform(k, (2,)))(k), x, jnp.stack([key] * 3)
@@ -182,3 +181,51 @@ def test_flax_nnx_dropout_with_its_rng_state(rng):
             np.testing.assert_array_equal(_values(g), _values(w))
         outputs.append(np.asarray(want))
     assert not np.array_equal(outputs[0] == 0, outputs[1] == 0)  # the counter moved the mask
+
+
+def test_draws_inside_loops_and_conds(rng):
+    """A decode loop sampling a token per step (fold_in of the step into the key, categorical),
+    a scan over layers with dropout carrying its key (split each layer), a while_loop and a cond
+    that draw: the same values as jax.jit."""
+    logits = rng.standard_normal((3, 40)).astype(np.float32)
+    w = (rng.standard_normal((4, 40, 40)) / 7).astype(np.float32)
+
+    def decode(logits, key):
+        def step(t, carry):
+            h, tokens = carry
+            token = jax.random.categorical(jax.random.fold_in(key, t), h)
+            h = h + jax.nn.one_hot(token, h.shape[-1]) * 0.5
+            return h, tokens.at[:, t].set(token)
+
+        return jax.lax.fori_loop(0, 5, step, (logits, jnp.zeros((3, 5), jnp.int32)))
+
+    def layers(x, key):
+        def layer(carry, wl):
+            h, k = carry
+            k, sub = jax.random.split(k)
+            h = jnp.tanh(h @ wl)
+            return (jnp.where(jax.random.bernoulli(sub, 0.8, h.shape), h, 0.0), k), h.sum()
+
+        return jax.lax.scan(layer, (x, key), w)
+
+    def until(x, key):
+        def body(c):
+            i, k, acc = c
+            k, sub = jax.random.split(k)
+            return i + 1, k, acc + jax.random.uniform(sub, acc.shape)
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, key, x))[2]
+
+    def branch(x, key):
+        return jax.lax.cond(
+            x.sum() > 0,
+            lambda: jax.random.uniform(key, x.shape),
+            lambda: -x,
+        )
+
+    for fn in (decode, layers, until, branch):
+        for key in (jax.random.PRNGKey(4), jax.random.key(5)):
+            got = jax.jit(ark.persistent(fn))(logits, key)
+            want = jax.jit(fn)(logits, key)
+            for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(_values(g), _values(w_), rtol=2e-6, atol=2e-6)

@@ -11,8 +11,8 @@ which the tracer plans like any integer code. Same bits as jax.jit.
 Supported: threefry keys (jax's default), passed in as raw key data (`jax.random.PRNGKey`) or as
 typed keys (`jax.random.key`: `key_data_arguments` passes their data through the FFI call and
 wraps it again inside fn); split, fold_in, and the draws built on 32-bit random_bits (uniform,
-bernoulli, randint, categorical, flax's dropout), outside loops. Anything else that touches a key
-is refused by name.
+bernoulli, randint, categorical, flax's dropout), also in scan / while_loop / cond bodies.
+Anything else that touches a key is refused by name.
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ def _sub_jaxprs(eqn) -> list:
 
 
 def _uses_keys(jaxpr) -> bool:
-    """Whether any eqn of jaxpr (or of a jaxpr inside it) is random or has a key operand."""
+    """Whether jaxpr takes or returns a key, or any eqn of it (or of a jaxpr inside it) is random
+    or has a key operand."""
+    if any(_is_key(v.aval) for v in (*jaxpr.invars, *jaxpr.outvars)):
+        return True
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _RANDOM:
             return True
@@ -246,14 +249,56 @@ class _Rewriter:
         body = _call_body(eqn)
         if body is not None and _uses_keys(body[0]):
             return self.eval(body[0], body[1], invals)
+        if any(_uses_keys(sub) for sub in _sub_jaxprs(eqn)):
+            if name in _CONTROL_FLOW:
+                return _CONTROL_FLOW[name](self, params, invals)
+            self.refuse(eqn, f"random numbers inside {name} are not supported")
         if any(_is_key(v.aval) for v in (*eqn.invars, *eqn.outvars)):
             out = _on_key_data(eqn, invals)
             if out is None:
                 self.refuse(eqn, "this operation on a PRNG key is not supported")
             return out
-        if any(_uses_keys(sub) for sub in _sub_jaxprs(eqn)):
-            self.refuse(eqn, "random numbers inside a loop or a cond are not supported yet")
         return _bind(eqn, invals)
+
+    # Control flow whose body draws: rebuilt through jax.lax with the body run through this
+    # rewrite, so jax derives the new body's types (keys as data, shard_map's varying axes).
+    def scan(self, params, invals: list) -> list:
+        body, nc, nk = params["jaxpr"], params["num_consts"], params["num_carry"]
+        consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+
+        def step(carry, x):
+            outs = self.eval(body.jaxpr, body.consts, [*consts, *carry, *x])
+            return outs[:nk], outs[nk:]
+
+        carry, ys = lax.scan(
+            step, list(init), list(xs), length=params["length"], reverse=params["reverse"],
+            unroll=params["unroll"],
+        )  # fmt: skip
+        return [*carry, *ys]
+
+    def while_loop(self, params, invals: list) -> list:
+        cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
+
+        def cond_fun(carry):
+            return self.eval(cond.jaxpr, cond.consts, [*cond_consts, *carry])[0]
+
+        def body_fun(carry):
+            return self.eval(body.jaxpr, body.consts, [*body_consts, *carry])
+
+        return list(lax.while_loop(cond_fun, body_fun, list(init)))
+
+    def cond(self, params, invals: list) -> list:
+        index, operands = invals[0], invals[1:]
+
+        def branch(closed):
+            return lambda *ops: self.eval(closed.jaxpr, closed.consts, list(ops))
+
+        return list(lax.switch(index, [branch(b) for b in params["branches"]], *operands))
+
+
+_CONTROL_FLOW = {"scan": _Rewriter.scan, "while": _Rewriter.while_loop, "cond": _Rewriter.cond}
 
 
 def without_keys(closed, avals):

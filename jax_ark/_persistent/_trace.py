@@ -623,6 +623,48 @@ def _cores(node: _Node) -> list[_Core]:
     return found
 
 
+# ---- erf_inv ------------------------------------------------------------------------------
+# M. Giles, "Approximating the erfinv function" (GPU Computing Gems Jade Edition, 2011), single
+# precision: in w = -log(1 - x^2), a polynomial in w - 2.5 below w = 5 and one in sqrt(w) - 3
+# above; the ones XLA's ErfInv evaluates for float32 (jax.random.normal draws through it).
+_ERF_INV_CENTRAL = (
+    2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+    -0.00125372503, -0.00417768164, 0.246640727, 1.50140941,
+)  # fmt: skip
+_ERF_INV_TAIL = (
+    -0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+    -0.0076224613, 0.00943887047, 1.00167406, 2.83297682,
+)  # fmt: skip
+
+
+def _erf_inv(b: _Builder, x: _Node, out_dtype: str) -> _Node:
+    """erf_inv in float32 operations (16-bit inputs widened, the result rounded once, as XLA):
+    p(w) * x, +-inf at +-1, NaN outside [-1, 1] (log1p of less than -1)."""
+    f32, shape = "float32", x.shape
+    if x.dtype != f32:
+        x = _convert(b, x, f32)
+
+    def ew(op, *args, dtype=f32):
+        return b.elementwise(op, list(args), shape, dtype)
+
+    def c(value):
+        return _Imm((), f32, value=float(np.float32(value)))
+
+    def horner(coefficients, t):
+        p = c(coefficients[0])
+        for k in coefficients[1:]:
+            p = ew("add", c(k), ew("mul", p, t))
+        return p
+
+    w = ew("neg", ew("log1p", ew("neg", ew("mul", x, x))))
+    central = horner(_ERF_INV_CENTRAL, ew("sub", w, c(2.5)))
+    tail = horner(_ERF_INV_TAIL, ew("sub", ew("sqrt", w), c(3.0)))
+    p = ew("select", ew("lt", w, c(5.0), dtype="bool"), tail, central)  # (pred, false, true)
+    at_one = ew("eq", ew("abs", x), c(1.0), dtype="bool")
+    result = ew("select", at_one, ew("mul", p, x), ew("mul", x, c(np.inf)))
+    return result if out_dtype == f32 else _convert(b, result, out_dtype)
+
+
 # ---- jaxpr translation ----------------------------------------
 _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "tanh": "tanh", "logistic": "logistic",
@@ -1655,6 +1697,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "top_k":
         axis = int(params.get("axis", -1)) % len(args[0].shape)
         return _top_k(b, args[0], int(params["k"]), axis, out_shape)
+    if prim == "erf_inv":
+        return [_erf_inv(b, args[0], out_dtype)]
     if prim == "erfc":
         e = b.elementwise("erf", args, out_shape, out_dtype)
         one = _Imm(out_shape, out_dtype, value=1.0)
@@ -1713,6 +1757,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         f"ark.persistent: primitive '{prim}' is not supported (at {b.source}"
         f"{_operand_names(b, args)}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
+        "erf_inv / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum, top_k (k <= 32), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "

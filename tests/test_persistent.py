@@ -93,6 +93,29 @@ def test_erf_inv_within_ulps_of_xla(dtype):
     assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int32, np.uint32])
+def test_cummax_and_cummin(rng, dtype):
+    """jax.lax.cummax / cummin along each axis, both directions: equal to jax.jit (integers over
+    their whole range, floats with NaN and -inf; +-0 compare equal, their sign may differ)."""
+    if dtype in (np.int32, np.uint32):
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max, (4, 9, 7), dtype=np.int64, endpoint=True).astype(dtype)
+    else:
+        x = rng.standard_normal((4, 9, 7)).astype(dtype)
+        x[1, 3, 2], x[2, 0, 0], x[3, 5, 1] = np.nan, -np.inf, np.inf
+
+    def fn(x):
+        outs = []
+        for axis in range(3):
+            for reverse in (False, True):
+                outs.append(jax.lax.cummax(x, axis=axis, reverse=reverse))
+                outs.append(jax.lax.cummin(x, axis=axis, reverse=reverse))
+        return outs
+
+    for g, w in zip(jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def _exact_gemv_chain(x, bias, *ws):
     # Only correctly rounded ops (matmul, mul, add, max): numpy's float32 transcendentals need not
     # match libm bit for bit, these must.

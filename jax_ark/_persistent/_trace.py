@@ -1740,8 +1740,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
     if prim in _REDUCE_KINDS or prim in ("argmax", "argmin"):
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
-    if prim == "cumsum":
-        return [_cumsum(b, args[0], int(params["axis"]), bool(params["reverse"]), out_dtype)]
+    if prim in _CUMULATIVE:
+        axis, reverse = int(params["axis"]), bool(params["reverse"])
+        return [_cumulative(b, prim, args[0], axis, reverse, out_dtype)]
     if prim == "scan":
         return _scan(b, eqn, args)
     if prim == "while":
@@ -1759,7 +1760,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "erf_inv / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
-        "reduce_sum / max / min / and / or, argmax / argmin, cumsum, top_k (k <= 32), "
+        "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
+        "(k <= 32), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
@@ -2449,26 +2451,36 @@ def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
     return _Pending(out_shape, out_dtype, core=core)
 
 
-def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) -> _Node:
-    """cumsum as a REDUCE over the whole axis whose prologue masks the terms past each output
-    position (r <= j, or r >= j reversed): O(L^2) work, exact for integers, r ascending for floats.
-    """
+# A running fold along one axis and the reduction it repeats.
+_CUMULATIVE = {"cumsum": "reduce_sum", "cummax": "reduce_max", "cummin": "reduce_min"}
+
+
+def _cumulative(
+    b: _Builder, prim: str, node: _Node, axis: int, reverse: bool, out_dtype: str
+) -> _Node:
+    """cumsum / cummax / cummin as a REDUCE over the whole axis whose prologue replaces the terms
+    past each output position (r > j, or r < j reversed) by the fold's identity: O(L^2) work,
+    exact for integers, r ascending for floats (float min as -max(-x), as reduce_min)."""
     shape = node.shape
     L = shape[axis]
     if math.prod(shape) == 0:
         return _Imm(shape, out_dtype, value=0)
     node = b.strip_pendings(node)
+    kind = _reduce_kind(_CUMULATIVE[prim], node.dtype)
+    negate = kind == "min" and node.dtype != "bool"
+    if negate:
+        kind = "max"
+        node = b.elementwise("neg", [node], node.shape, node.dtype)
     rank = len(shape)
-    # Iteration space: the output's dims, then the summed position r along `axis`.
+    # Iteration space: the output's dims, then the folded position r along `axis`.
     iter_shape = shape + (L,)
     dims = tuple(rank if d == axis else d for d in range(rank))  # x's axis becomes r
     x = b.broadcast(node, iter_shape, dims)
     pos = _iota(b, {"dimension": axis, "shape": iter_shape}, iter_shape, "int32")
     r = _iota(b, {"dimension": rank, "shape": iter_shape}, iter_shape, "int32")
     keep = b.elementwise("ige" if reverse else "ile", [r, pos], iter_shape, "bool")
-    zero = _Imm(iter_shape, node.dtype, value=_zero(node.dtype))
-    term = b.elementwise("select", [keep, zero, x], iter_shape, node.dtype)
-    kind = "isum" if node.dtype in INT_DTYPES else "sum"
+    identity = _Imm(iter_shape, node.dtype, value=_reduce_identity(kind, node.dtype))
+    term = b.elementwise("select", [keep, identity, x], iter_shape, node.dtype)
     core = _Core(
         "reduce",
         out_dtype,
@@ -2480,8 +2492,9 @@ def _cumsum(b: _Builder, node: _Node, axis: int, reverse: bool, out_dtype: str) 
         iter_dims=iter_shape,
         kept_rank=rank,
         reduce_kind=kind,
+        negate=negate,
         source=b.source,
-        name="cumsum",
+        name=prim,
     )
     core.out_shape = shape
     return _Pending(shape, out_dtype, core=core)

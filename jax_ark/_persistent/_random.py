@@ -332,8 +332,8 @@ def key_data_arguments(fn: Callable, args: tuple) -> tuple[Callable, tuple]:
         return fn, args
     raw = [jax.random.key_data(x) if impl else x for x, impl in zip(leaves, impls, strict=True)]
 
-    def with_keys(*flat_args):
-        flat = jax.tree_util.tree_leaves(flat_args)
+    def with_keys(*call_args):
+        flat = jax.tree_util.tree_leaves(call_args)
         keyed = [
             jax.random.wrap_key_data(x, impl=impl) if impl else x
             for x, impl in zip(flat, impls, strict=True)

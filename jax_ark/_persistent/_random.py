@@ -40,8 +40,10 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = 0x1BD11BDA
 
 
-def _is_key(aval) -> bool:
-    return str(getattr(aval, "dtype", "")).startswith("key<")
+def _is_key(x) -> bool:
+    """Whether x (an array or an abstract value) is a typed PRNG key."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _sub_jaxprs(eqn) -> list:
@@ -314,11 +316,6 @@ def without_keys(closed, avals):
     return jax.make_jaxpr(rewritten)(*avals)
 
 
-def _is_key_array(x) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
 def key_data_arguments(fn: Callable, args: tuple) -> tuple[Callable, tuple]:
     """(fn', args') where every typed PRNG key among args (`jax.random.key`, flax nnx's Rngs) is
     passed as its raw uint32 key data, which fn' wraps back into the same kind of key, and every
@@ -327,7 +324,7 @@ def key_data_arguments(fn: Callable, args: tuple) -> tuple[Callable, tuple]:
     planned as a key and as an array differ); fn'.out_key_impls: the returned keys' kinds, set
     when fn' is traced (`with_output_keys` wraps them again)."""
     leaves, tree = jax.tree_util.tree_flatten(args)
-    impls = [jax.random.key_impl(x) if _is_key_array(x) else None for x in leaves]
+    impls = [jax.random.key_impl(x) if _is_key(x) else None for x in leaves]
     if not any(impls):
         return fn, args
     raw = [jax.random.key_data(x) if impl else x for x, impl in zip(leaves, impls, strict=True)]
@@ -339,10 +336,8 @@ def key_data_arguments(fn: Callable, args: tuple) -> tuple[Callable, tuple]:
             for x, impl in zip(flat, impls, strict=True)
         ]
         outs, out_tree = jax.tree_util.tree_flatten(fn(*jax.tree_util.tree_unflatten(tree, keyed)))
-        with_keys.out_key_impls = [
-            jax.random.key_impl(y) if _is_key_array(y) else None for y in outs
-        ]
-        raw_outs = [jax.random.key_data(y) if _is_key_array(y) else y for y in outs]
+        with_keys.out_key_impls = [jax.random.key_impl(y) if _is_key(y) else None for y in outs]
+        raw_outs = [jax.random.key_data(y) if _is_key(y) else y for y in outs]
         return jax.tree_util.tree_unflatten(out_tree, raw_outs)
 
     functools.update_wrapper(with_keys, fn)

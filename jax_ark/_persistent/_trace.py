@@ -2413,6 +2413,14 @@ def _transposed_matmul(b: _Builder, node: _Node, perm: tuple[int, ...]) -> _Node
     return _Pending(swapped.out_shape, node.dtype, core=swapped)
 
 
+def _min_as_negated_max(b: _Builder, kind: str, node: _Node) -> tuple[str, _Node, bool]:
+    """(kind, operand, negate) of a fold: a float min stays -max(-x) (the plan v1 kind, the
+    result negated back); integer / bool kinds fold directly."""
+    if kind != "min" or node.dtype == "bool":
+        return kind, node, False
+    return "max", b.elementwise("neg", [node], node.shape, node.dtype), True
+
+
 def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
     kind = _reduce_kind(prim, node.dtype)
     K = math.prod(node.shape[d] for d in axes)
@@ -2426,11 +2434,7 @@ def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
     node = b.strip_pendings(node)
     kept = [d for d in range(len(node.shape)) if d not in axes]
     node = b.transpose(node, kept + list(axes))
-    # Float reduce_min stays -max(-x) (plan v1 kind); integer / bool kinds fold directly.
-    negate = kind == "min" and node.dtype != "bool"
-    if negate:
-        kind = "max"
-        node = b.elementwise("neg", [node], node.shape, node.dtype)
+    kind, node, negate = _min_as_negated_max(b, kind, node)
     M = math.prod(node.shape[: len(kept)])
     core = _Core(
         "reduce",
@@ -2466,11 +2470,7 @@ def _cumulative(
     if math.prod(shape) == 0:
         return _Imm(shape, out_dtype, value=0)
     node = b.strip_pendings(node)
-    kind = _reduce_kind(_CUMULATIVE[prim], node.dtype)
-    negate = kind == "min" and node.dtype != "bool"
-    if negate:
-        kind = "max"
-        node = b.elementwise("neg", [node], node.shape, node.dtype)
+    kind, node, negate = _min_as_negated_max(b, _reduce_kind(_CUMULATIVE[prim], node.dtype), node)
     rank = len(shape)
     # Iteration space: the output's dims, then the folded position r along `axis`.
     iter_shape = shape + (L,)

@@ -1,6 +1,6 @@
 // The CPU executor's put tasks when a peer never puts (tests/test_persistent_comm.py builds and
 // runs this): rank 0 of a group runs a real comm plan (argv[1]: its int32 words) while the other
-// ranks' buffers exist but nobody works on them. Every signal wait must end, naming this rank, the
+// ranks' regions exist but nobody works on them. Every signal wait must end, naming this rank, the
 // peer, the task and its op: by the timeout, or at once when the process-wide cancel flag is set.
 // Prints one line per case; exits non-zero on any surprise.
 #include <chrono>
@@ -14,7 +14,9 @@
 
 #include "host_communicator.hpp"
 #include "jax_ark/plan_format.hpp"
+#include "jax_ark/plan_check.hpp"
 #include "persistent_executor.hpp"
+#include "persistent_region.hpp"
 
 using namespace jax_ark;
 using jax_ark::cpu::PersistentStatus;
@@ -55,24 +57,22 @@ int main(int argc, char** argv) {
   for (auto& a : args) buf.args.push_back(a.data()), buf.arg_bytes.push_back(a.size());
   for (auto& r : results) buf.results.push_back(r.data()), buf.result_bytes.push_back(r.size());
   const size_t ws_bytes = static_cast<size_t>(h.workspace_bytes > 0 ? h.workspace_bytes : 1);
-  std::vector<std::vector<uint8_t>> workspace(h.group_size, std::vector<uint8_t>(ws_bytes));
-  std::vector<std::vector<int32_t>> counters(h.group_size, std::vector<int32_t>(h.num_counters));
-  buf.workspace = workspace[0].data();
+  std::vector<uint8_t> workspace(ws_bytes);
+  std::vector<int32_t> counters(h.num_counters);
+  buf.workspace = workspace.data();
   buf.workspace_bytes = ws_bytes;
-  buf.counters = counters[0].data();
+  buf.counters = counters.data();
 
+  // The group's regions, made here rather than through the process-wide cache.
+  int64_t inbox_end = 0;
+  if (!plan::inbox_end_of(p, &inbox_end).empty()) return 4;
+  const cpu::CommunicatorKey key{1, 0, h.group_size, 1};
+  const int64_t num_words = h.total_words;
   cpu::PersistentComm comm;
   comm.rank = 0;
   comm.size = h.group_size;
-  comm.exchange = [&](std::vector<uint8_t*>* ws, std::vector<int32_t*>* ctr) {
-    ws->clear();
-    ctr->clear();
-    for (int r = 0; r < h.group_size; ++r) {
-      ws->push_back(workspace[r].data());
-      ctr->push_back(counters[r].data());
-    }
-    return cpu::PersistentResult{};
-  };
+  comm.run_id = 7;
+  comm.region = std::make_shared<cpu::PersistentRegion>(key, words, num_words, inbox_end);
   cpu::PersistentOptions options;
   options.comm = &comm;
 
@@ -87,17 +87,21 @@ int main(int argc, char** argv) {
              contains(r.message, "task ") && contains(r.message, "'put"),
          "timeout names rank, peer, task and op");
   expect(secs < 5.0, "timeout is bounded (" + std::to_string(secs) + " s)");
-  // rank 0 did put its own tile into every peer's inbox and signalled them
+  // rank 0 did put its own tile into every peer's inbox and signalled them (call 1, run 1)
+  const gpu::PersistentSymLayout layout = gpu::PersistentSymLayout::of(h.num_tasks, h.group_size, inbox_end);
   bool signalled = true;
   for (int peer = 0; peer < h.group_size; ++peer) {
+    const auto* signals = reinterpret_cast<const uint64_t*>(comm.region->bytes(peer) + layout.signals_offset);
     bool any = false;
     for (int t = 0; t < h.num_tasks; ++t)
-      any |= counters[peer][plan::signal_index(h.num_tasks, h.group_size, t, 0)] == 1;
+      any |= signals[static_cast<size_t>(t) * h.group_size + 0] == gpu::put_signal_value(1, 1);
     signalled &= any;
   }
   expect(signalled, "rank 0 signalled every rank of its put");
+  expect(comm.region->broken(), "the timeout broke the group's region (peers fail fast)");
 
-  // 2. cancellation (interpreter exit): a long wait ends at once
+  // 2. cancellation (interpreter exit): a long wait ends at once (in a fresh region)
+  comm.region = std::make_shared<cpu::PersistentRegion>(key, words, num_words, inbox_end);
   options.timeout_ms = 60000;
   std::thread cancel([] {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));

@@ -68,68 +68,6 @@ int64_t join_words(int32_t lo, int32_t hi) {
                               static_cast<uint32_t>(lo));
 }
 
-uint64_t plan_hash(const int32_t* words, size_t n) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint32_t>(words[i])) * 0x100000001b3ULL;
-  return h;
-}
-
-// Meets the group through its communicator (one per (group, site), reused across calls, with
-// per-call epochs: host_communicator.hpp) and returns every rank's workspace and counters.
-// The ranks also compare their plans: identical queues on every rank are what keeps the put
-// tasks free of cross-rank deadlock (docs/plan_format.md, "Communication").
-PersistentResult exchange_pointers(const CommOperand& id, int32_t group_size, int64_t run_id,
-                                   int64_t timeout_ms, uint64_t hash, uint8_t* workspace,
-                                   int32_t* counters, std::vector<uint8_t*>* peer_workspace,
-                                   std::vector<int32_t*>* peer_counters) {
-  constexpr int kWords = 6;
-  const auto ws = reinterpret_cast<uint64_t>(workspace), ctr = reinterpret_cast<uint64_t>(counters);
-  const int32_t mine[kWords] = {static_cast<int32_t>(ws), static_cast<int32_t>(ws >> 32),
-                                static_cast<int32_t>(ctr), static_cast<int32_t>(ctr >> 32),
-                                static_cast<int32_t>(hash), static_cast<int32_t>(hash >> 32)};
-  std::vector<int32_t> all(static_cast<size_t>(kWords) * group_size);
-  CollectiveCall call{};
-  call.op = CollectiveOp::kAllGather;
-  call.reduce = ReduceKind::kSum;
-  call.type = ElementType::kS32;
-  call.input_elems = kWords;
-  call.block_elems = kWords;
-  call.input = mine;
-  call.output = all.data();
-  call.rank = id.rank;
-  call.run_id = run_id;
-  call.timeout_ms = timeout_ms;
-  call.recv_from = nullptr;
-  call.table_hash = 0;
-  std::shared_ptr<HostCommunicator> comm =
-      HostCommunicator::get(CommunicatorKey{id.comm_key, id.color, group_size, id.site});
-  const CollectiveStatus status = comm->run(call);
-  if (!status.ok()) {
-    const std::string msg = "ark_persistent: rank " + std::to_string(id.rank) +
-                            " could not meet its group to exchange workspace pointers: " +
-                            status.message;
-    switch (status.code) {
-      case CollectiveStatus::Code::kDeadlineExceeded:
-        return {PersistentStatus::kDeadlineExceeded, msg};
-      case CollectiveStatus::Code::kAborted: return {PersistentStatus::kAborted, msg};
-      default: return {PersistentStatus::kInvalidPlan, msg};
-    }
-  }
-  peer_workspace->assign(group_size, nullptr);
-  peer_counters->assign(group_size, nullptr);
-  for (int r = 0; r < group_size; ++r) {
-    const int32_t* w = all.data() + static_cast<size_t>(r) * kWords;
-    if (join_words(w[4], w[5]) != static_cast<int64_t>(hash))
-      return {PersistentStatus::kInvalidPlan,
-              "ark_persistent: rank " + std::to_string(r) + " runs another plan than rank " +
-                  std::to_string(id.rank) + " at the same call site (put tasks need one plan on "
-                  "every rank of the group)"};
-    (*peer_workspace)[r] = reinterpret_cast<uint8_t*>(static_cast<uint64_t>(join_words(w[0], w[1])));
-    (*peer_counters)[r] = reinterpret_cast<int32_t*>(static_cast<uint64_t>(join_words(w[2], w[3])));
-  }
-  return {};
-}
-
 ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::RemainingRets rets,
                              int64_t num_workers, int64_t num_tasks, int64_t timeout_ms,
                              int64_t chaos_seed, int64_t profile) {
@@ -222,13 +160,21 @@ ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::Re
   options.fused_matmul = fma != nullptr && *fma != '\0' && std::string_view(fma) != "0";
   PersistentComm comm;
   if (group_size > 0) {
+    // The group's symmetric regions at this call site (one per (group, site), reused by every
+    // call there; persistent_region.hpp). check_plan above checked that the inboxes come first
+    // in the workspace.
+    int64_t inbox_end = 0;
+    if (std::string err = jax_ark::plan::inbox_end_of(jax_ark::plan::PlanView{words}, &inbox_end);
+        !err.empty())
+      return invalid("invalid plan: " + err);
+    std::string err;
+    comm.region = PersistentRegion::get(
+        CommunicatorKey{comm_id.comm_key, comm_id.color, group_size, comm_id.site}, words,
+        static_cast<int64_t>(num_words), inbox_end, &err);
+    if (!comm.region) return invalid("rank " + std::to_string(comm_id.rank) + ": " + err);
     comm.rank = comm_id.rank;
     comm.size = group_size;
-    const uint64_t hash = plan_hash(words, num_words);
-    comm.exchange = [&, hash](std::vector<uint8_t*>* peer_ws, std::vector<int32_t*>* peer_ctr) {
-      return exchange_pointers(comm_id, group_size, run_id.run_id, options.timeout_ms, hash,
-                               buffers.workspace, buffers.counters, peer_ws, peer_ctr);
-    };
+    comm.run_id = run_id.run_id;
     options.comm = &comm;
   }
   try {

@@ -268,6 +268,36 @@ inline bool view_shift_range(const LoopView& lv, int v, int op, int64_t* lo, int
 
 }  // namespace check_detail
 
+// v3: where the inboxes end in the workspace. Every PUT op writes a workspace tensor (its inbox)
+// and the planner places the inboxes first, so they fill bytes [0, *inbox_end) and no other
+// workspace tensor lies there: both executors keep those bytes in the group's symmetric region
+// (persistent_comm_device.hpp), not in XLA's workspace. Returns "" or what is wrong. Expects
+// tensor and op records already in range (check_plan checks them first).
+inline std::string inbox_end_of(const PlanView& p, int64_t* inbox_end) {
+  const Header& h = p.header();
+  *inbox_end = 0;
+  std::vector<char> is_inbox(static_cast<size_t>(h.num_tensors > 0 ? h.num_tensors : 0), 0);
+  for (int i = 0; i < h.num_ops; ++i) {
+    const OpRecord& op = p.op(i);
+    if (op.kind != kOpPut) continue;
+    if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return "a put op's inbox is out of range";
+    const TensorRecord& t = p.tensor(op.out_tensor);
+    if (t.storage != kStorageWorkspace) return "a put op's inbox is not in the workspace";
+    is_inbox[op.out_tensor] = 1;
+    *inbox_end = std::max(*inbox_end, t.byte_offset + t.num_elements * dtype_size(t.dtype));
+  }
+  for (int i = 0; i < h.num_tensors; ++i) {
+    const TensorRecord& t = p.tensor(i);
+    if (t.storage != kStorageWorkspace || is_inbox[i] || t.num_elements == 0) continue;
+    if (t.byte_offset < *inbox_end)
+      return "workspace tensor " + std::to_string(i) + " lies below the end of the inboxes (byte " +
+             std::to_string(*inbox_end) +
+             "): the executors keep those bytes in the group's symmetric region, so the planner "
+             "must place every inbox first (re-plan with this jax_ark)";
+  }
+  return "";
+}
+
 // Returns "" when the plan can run safely against these buffers, else what is wrong (naming the
 // section / tensor / view / op / task / worker).
 inline std::string check_plan(const int32_t* words, int64_t num_words, const PlanBuffers& buf) {
@@ -763,6 +793,10 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     while (indeg[stuck] == 0) ++stuck;
     return "dependency cycle (dependencies + queue order) through task " + std::to_string(stuck) +
            " on worker " + std::to_string(worker_of[stuck]) + ": the plan would deadlock";
+  }
+  if (h.group_size > 0) {
+    int64_t inbox_end = 0;
+    if (std::string err = inbox_end_of(p, &inbox_end); !err.empty()) return err;
   }
   return "";
 }

@@ -41,16 +41,6 @@ std::atomic<bool> g_cancelled{false};
 std::mutex g_cancel_mu;
 std::string g_cancel_reason;
 
-struct KeyHash {
-  size_t operator()(const CommunicatorKey& k) const {
-    size_t h = std::hash<int64_t>()(k.comm_key);
-    h ^= std::hash<int64_t>()((int64_t{k.color} << 32) | static_cast<uint32_t>(k.size)) +
-         0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
-    h ^= std::hash<int64_t>()(k.site) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
-    return h;
-  }
-};
-
 // The process-wide cache of communicators. Never destroyed: XLA's pool threads may still run a
 // collective while static destructors run at interpreter exit, and a destroyed map would crash
 // them. The communicators it holds are released with the process.
@@ -88,7 +78,7 @@ class Registry {
 
  private:
   std::mutex mu_;
-  std::unordered_map<CommunicatorKey, std::shared_ptr<HostCommunicator>, KeyHash> map_;
+  std::unordered_map<CommunicatorKey, std::shared_ptr<HostCommunicator>, CommunicatorKeyHash> map_;
 };
 
 const char* phase_verb(bool arrival) { return arrival ? "arrive" : "finish"; }

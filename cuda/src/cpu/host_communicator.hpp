@@ -40,6 +40,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -71,6 +72,16 @@ struct CommunicatorKey {
   bool operator==(const CommunicatorKey& other) const {
     return comm_key == other.comm_key && color == other.color && size == other.size &&
            site == other.site;
+  }
+};
+
+struct CommunicatorKeyHash {
+  size_t operator()(const CommunicatorKey& k) const {
+    size_t h = std::hash<int64_t>()(k.comm_key);
+    h ^= std::hash<int64_t>()((int64_t{k.color} << 32) | static_cast<uint32_t>(k.size)) +
+         0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    h ^= std::hash<int64_t>()(k.site) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h;
   }
 };
 

@@ -280,12 +280,11 @@ struct Run {
   std::mutex error_mu;
   PersistentResult error;
   std::unique_ptr<Chaos> chaos;  // test mode only
-  // v3 communication: every rank's workspace and counters (by rank), from this run's exchange.
-  std::vector<uint8_t*> peer_workspace;
-  std::vector<int32_t*> peer_counters;
-  // The meeting that fills them (ensure_met): 0 not yet, 1 met, 2 failed.
-  std::mutex meet_mu;
-  std::atomic<int> met{0};
+  // v3 communication: the group's symmetric regions for this run (persistent_region.hpp), in
+  // the GPU protocol's view (n == 0 without a group), and the peers known to have opened their
+  // region for this run (their entered word reached comm.epoch), by rank.
+  gpu::PersistentCommDevice comm;
+  std::unique_ptr<std::atomic<uint8_t>[]> peer_open;
   // Eager sends (send_ready_puts): the put tasks in which this rank sends (by their routing), in
   // task order, and per task its send's state (kUnsent, kSending, kSent). Empty in chaos mode
   // and for plans with loops (a send is then made at the task's turn only).
@@ -348,7 +347,11 @@ struct Run {
     switch (r.storage) {
       case kStorageArg: return static_cast<char*>(buf.args[r.storage_index]);
       case kStorageResult: return static_cast<char*>(buf.results[r.storage_index]);
-      default: return reinterpret_cast<char*>(buf.workspace) + r.byte_offset;
+      default:
+        // The inboxes, placed first in the workspace, live in the group's region.
+        if (r.byte_offset < comm.inbox_bytes)
+          return reinterpret_cast<char*>(gpu::inbox_area(comm, comm.local)) + r.byte_offset;
+        return reinterpret_cast<char*>(buf.workspace) + r.byte_offset;
     }
   }
 
@@ -1048,12 +1051,99 @@ void run_map(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch
 }
 
 // ---- communication (plan v3 PUT ops) ---------------------------------------------------------
-void futex_wake_all(int32_t* word) {
-#ifdef __linux__
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
-#else
-  (void)word;
-#endif
+// The inboxes and signals live in the group's symmetric regions (persistent_region.hpp), and the
+// sends, signals and waits are the GPU protocol's own functions (persistent_comm_device.hpp).
+
+void send_ready_puts(Run& run);
+
+// The give-up side of one protocol wait (gpu::wait_put / wait_peer_entered poll, yielding, and
+// ask it every 32 polls) on a word of rank `owner`'s region: gives up when another worker failed,
+// the interpreter is exiting, the region broke or the deadline passed; otherwise it first sends
+// this rank's own ready tiles (peers may be waiting for them), later sleeps on the owner's
+// doorbell for at most 1 ms. The rank we wait for is often a thread that is not running (a group's
+// ranks are more threads than cores), and waiters that keep yielding keep it off the cores.
+class RegionWait {
+ public:
+  RegionWait(Run& run, int32_t owner, const uint64_t* word, uint64_t target,
+             Clock::time_point deadline)
+      : run_(run), owner_(owner), word_(word), target_(target), deadline_(deadline) {}
+
+  auto give_up() {
+    return [this] {
+      if (run_.failed.load(std::memory_order_relaxed)) return true;
+      if (HostCommunicator::cancelled()) return outcome_ = kCancelled, true;
+      if (run_.opt.comm->region->broken()) return outcome_ = kBroken, true;
+      if (Clock::now() > deadline_) return outcome_ = kTimedOut, true;
+      if (++calls_ == 1)
+        send_ready_puts(run_);
+      else
+        run_.opt.comm->region->sleep_unless_at_least(owner_, word_, target_, 1000);
+      return false;
+    };
+  }
+
+  // After the wait gave up: fails the run with why, naming this rank, the worker and `what` it
+  // waited for (nothing to add when another worker's failure ended it).
+  void fail_run(int worker, const std::string& what) const {
+    const std::string rank = "ark_persistent: rank " + std::to_string(run_.comm.rank);
+    switch (outcome_) {
+      case kCancelled:
+        run_.fail(PersistentStatus::kAborted, rank + " cancelled while waiting for " + what +
+                                                  ": the Python interpreter is exiting");
+        break;
+      case kBroken:
+        run_.fail(PersistentStatus::kAborted, rank + " gave up waiting for " + what + ": " +
+                                                  run_.opt.comm->region->broken_reason());
+        break;
+      case kTimedOut:
+        run_.fail(PersistentStatus::kDeadlineExceeded,
+                  rank + " (worker " + std::to_string(worker) + ") timed out after " +
+                      std::to_string(run_.opt.timeout_ms) + " ms waiting for " + what);
+        break;
+      case kOtherFailure: break;
+    }
+  }
+
+ private:
+  enum Outcome { kOtherFailure, kCancelled, kBroken, kTimedOut };
+  Run& run_;
+  const int32_t owner_;
+  const uint64_t* word_;
+  const uint64_t target_;
+  const Clock::time_point deadline_;
+  Outcome outcome_ = kOtherFailure;
+  int calls_ = 0;
+};
+
+// Whether every rank this rank sends to in task t has opened its region for this run (its
+// previous call at this site ended: its inbox is free), looked up once per peer and run. With
+// `wait`, blocks until they have (false: the wait gave up and the run failed); without, only
+// looks (an eager send skips a task whose peers are not open yet).
+bool destinations_open(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
+                       Clock::time_point deadline, bool wait) {
+  const gpu::PersistentCommDevice& c = run.comm;
+  const RouteView route = run.plan.route(op);
+  for (int q = 0; q < c.n; ++q) {
+    if (run.peer_open[q].load(std::memory_order_acquire)) continue;
+    bool sends = false;
+    for (int b = task.b0; b < task.b1 && !sends; ++b) sends = route.recv_from(q, b) == c.rank;
+    if (!sends) continue;
+    uint64_t* entered = gpu::entered_word(c.peers[q]);
+    if (__atomic_load_n(entered, __ATOMIC_ACQUIRE) < c.epoch) {
+      if (!wait) return false;
+      RegionWait w(run, q, entered, c.epoch, deadline);
+      uint64_t seen = 0;
+      if (!gpu::wait_peer_entered(c, q, w.give_up(), &seen)) {
+        w.fail_run(worker, "peer rank " + std::to_string(q) + " to end its previous call at this "
+                           "call site (call " + std::to_string(c.epoch - 1) + "; its inbox is "
+                           "reused) before putting task " + std::to_string(t) + " (" +
+                           run.op_name(task.op) + ")");
+        return false;
+      }
+    }
+    run.peer_open[q].store(1, std::memory_order_release);
+  }
+  return true;
 }
 
 // Copies one (m, n) tile of source row `row` into slot `slot` of an inbox at `dst`.
@@ -1074,140 +1164,104 @@ void copy_tile(char* dst, const char* src, const OpRecord& op, const ViewRecord&
   }
 }
 
-// Sends this rank's tiles of task t: for every rank q and slot b in [b0, b1) that the op's routing
-// gives to this rank (default: slot `rank` of every rank, from row q), the tile of a_view[row]
-// into slot b of q's inbox, followed by a release store of q's signal for (t, b). The peer order
-// starts after this rank so that the ranks of a group do not all write to rank 0 first.
+// Sends this rank's tiles of task t (its destinations are open: destinations_open): for every
+// rank q and slot b in [b0, b1) that the op's routing gives to this rank (default: slot `rank` of
+// every rank, from row q), the tile of a_view[row] into slot b of q's inbox, then q's signal for
+// (t, b), one release store of (epoch, runs), and one ring of q's doorbell. The peer order starts
+// after this rank so that the ranks of a group do not all write to rank 0 first.
 // In a loop (plan v3 "Loops and communication") the source is read at iteration `iter`, the tile
 // goes into slice `slice` of the stacked inbox (one slice per iteration, so a peer that runs
-// ahead never overwrites a slice this rank still reads), and the signal stores `run`, the run
-// index + 1: signals count delivered iterations like the task counters, never reset.
+// ahead never overwrites a slice this rank still reads), and `runs` is the run index + 1: signals
+// count delivered iterations like the task counters.
 void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task, int64_t iter = 0,
-              int64_t slice = 0, int32_t runs_done = 1) {
-  const Header& h = run.plan.header();
-  const int me = run.opt.comm->rank, n = h.group_size;
+              int64_t slice = 0, uint32_t runs = 1) {
+  const gpu::PersistentCommDevice& c = run.comm;
   const RouteView route = run.plan.route(op);
   const ViewRecord av = run.view(op.a_view, iter, 0);
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   const int64_t size = dtype_size(out.dtype);
   const char* src = run.tensor_base(av.tensor);
-  for (int k = 1; k <= n; ++k) {
-    const int q = (me + k) % n;
-    char* dst = reinterpret_cast<char*>(run.peer_workspace[q]) + out.byte_offset;
+  for (int k = 1; k <= c.n; ++k) {
+    const int q = (c.rank + k) % c.n;
+    char* dst = reinterpret_cast<char*>(gpu::inbox_area(c, c.peers[q])) + out.byte_offset;
+    bool sent = false;
     for (int b = task.b0; b < task.b1; ++b) {
-      if (route.recv_from(q, b) != me) continue;
+      if (route.recv_from(q, b) != c.rank) continue;
       copy_tile(dst, src, op, av, task, size, route.send_row(q, b), slice * op.B + b);
-      int32_t* signal = run.peer_counters[q] + signal_index(h.num_tasks, n, t, b);
-      __atomic_store_n(signal, runs_done, __ATOMIC_RELEASE);
-      futex_wake_all(signal);
+      gpu::signal_put(c, q, t, b, runs);
+      sent = true;
     }
+    if (sent) run.opt.comm->region->ring(q);
   }
 }
 
 // A slot nobody sends to (a rank outside a ppermute's destinations) reads as zeros, as jax.lax's.
 void zero_tile(Run& run, const OpRecord& op, const TaskRecord& task, int64_t slot) {
-  const TensorRecord& out = run.plan.tensor(op.out_tensor);
-  const int64_t size = dtype_size(out.dtype);
-  char* dst = reinterpret_cast<char*>(run.buf.workspace) + out.byte_offset;
+  const int64_t size = dtype_size(run.plan.tensor(op.out_tensor).dtype);
+  char* dst = run.tensor_base(op.out_tensor);
   for (int m = task.m0; m < task.m1; ++m) {
     const int64_t to = (static_cast<int64_t>(slot) * op.M + m) * op.N + task.n0;
     std::memset(dst + to * size, 0, (task.n1 - task.n0) * size);
   }
 }
 
-void send_ready_puts(Run& run);
-
-// Meets the group (once per run, by the first worker that needs the peers' pointers: at its first
-// put task) and fills peer_workspace / peer_counters; false when the meeting failed (the run is
-// failed with its error). The meeting waits for every rank, so holding it back until a put needs
-// it lets the tasks before the first put (a TP layer's matmuls) run while slower ranks are still
-// being started: measured on 2 cores, the 8 device programs started up to 10 ms apart, and every
-// rank idled in an up-front meeting until the last one arrived. Peers still write into this
-// rank's buffers only after the meeting, so after its counters were reset.
-bool ensure_met(Run& run) {
-  if (run.met.load(std::memory_order_acquire) == 1) return true;
-  std::lock_guard<std::mutex> lock(run.meet_mu);  // bounded: the meeting has its own timeout
-  int state = run.met.load(std::memory_order_relaxed);
-  if (state == 0) {
-    PersistentResult r = run.opt.comm->exchange(&run.peer_workspace, &run.peer_counters);
-    state = r.status == PersistentStatus::kOk ? 1 : 2;
-    if (state == 2) run.fail(r.status, r.message);
-    run.met.store(state, std::memory_order_release);
-  }
-  return state == 1;
-}
-
 // Waits for rank `src`'s signal for slot `slot` of PUT task t (its tile is in this rank's inbox);
-// false on a timeout, a failure of another worker, or cancellation (interpreter exit).
-// In a loop, the tile of run `runs_done - 1` (iteration) is awaited: the signal counts the runs
+// false on a timeout, a failure of another worker, a broken region or cancellation (interpreter
+// exit). In a loop, the tile of run `runs - 1` (iteration) is awaited: the signal counts the runs
 // the peer delivered (docs/plan_format.md, "Loops and communication").
 bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_point deadline,
-                 int32_t runs_done = 1) {
-  const Header& h = run.plan.header();
-  int32_t* signal = run.buf.counters + signal_index(h.num_tasks, h.group_size, t, slot);
+                 uint32_t runs = 1) {
+  const gpu::PersistentCommDevice& c = run.comm;
   const std::string at_iteration =
-      run.loops.num_loops() > 0 ? " at iteration " + std::to_string(runs_done - 1) : std::string();
-  for (uint32_t spin = 0;; ++spin) {
-    if (__atomic_load_n(signal, __ATOMIC_ACQUIRE) >= runs_done) return true;
-    if (run.failed.load(std::memory_order_relaxed)) return false;
-    if (spin < 64) continue;
-    if (HostCommunicator::cancelled()) {
-      run.fail(PersistentStatus::kAborted,
-               "ark_persistent: rank " + std::to_string(run.opt.comm->rank) +
-                   " cancelled while waiting for rank " + std::to_string(src) + "'s put of task " +
-                   std::to_string(t) + at_iteration + " (" + run.op_name(run.plan.task(t).op) +
-                   "): the Python interpreter is exiting");
-      return false;
-    }
-    if (Clock::now() > deadline) {
-      std::ostringstream msg;
-      msg << "ark_persistent: rank " << run.opt.comm->rank << " (worker " << worker
-          << ") timed out after " << run.opt.timeout_ms << " ms waiting for peer rank " << src
-          << " to put its tile of task " << t << at_iteration << " (" << run.op_name(run.plan.task(t).op)
-          << ", a put over a group of " << h.group_size << " ranks)";
-      run.fail(PersistentStatus::kDeadlineExceeded, msg.str());
-      return false;
-    }
-    if (spin == 64) send_ready_puts(run);  // our own tiles first: peers may wait for them
-    // Few yields, then sleep: the peer we wait for is often a thread that is not running (the
-    // ranks of a group are more threads than cores), and spinning or yielding waiters keep it
-    // off the cores (measured: 3-4 ms stalls per put with 256 yields on 2 cores and 8 ranks).
-    if (spin < 80) {
-      std::this_thread::yield();
-      continue;
-    }
-#ifdef __linux__
-    timespec ts{0, 1000000};  // 1 ms, then recheck the deadline and the flags
-    syscall(SYS_futex, reinterpret_cast<uint32_t*>(signal), FUTEX_WAIT_PRIVATE, 0, &ts, nullptr, 0);
-#else
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
-#endif
+      run.loops.num_loops() > 0 ? " at iteration " + std::to_string(runs - 1) : std::string();
+  RegionWait w(run, c.rank, gpu::put_signal_word(c, c.local, t, slot),
+               gpu::put_signal_value(c.epoch, runs), deadline);
+  uint64_t seen = 0;
+  if (!gpu::wait_put(c, t, slot, runs, w.give_up(), &seen)) {
+    w.fail_run(worker, "peer rank " + std::to_string(src) + " to put its tile of task " +
+                           std::to_string(t) + at_iteration + " (" + run.op_name(run.plan.task(t).op) +
+                           ", a put over a group of " + std::to_string(c.n) + " ranks)");
+    return false;
   }
+  // The ranks' k-th calls here pair up by count; after a rank failed or skipped a call they
+  // could pair two executions: an error, never another call's data.
+  const int64_t theirs = run.opt.comm->region->run_id(src, c.epoch);
+  if (theirs != run.opt.comm->run_id) {
+    run.fail(PersistentStatus::kAborted,
+             "ark_persistent: rank " + std::to_string(c.rank) + " (XLA run " +
+                 std::to_string(run.opt.comm->run_id) + ") received task " + std::to_string(t) +
+                 "'s tile from peer rank " + std::to_string(src) + "'s call of another run (" +
+                 std::to_string(theirs) + "): the ranks' calls at this call site are out of step "
+                 "(after an earlier failure?)");
+    return false;
+  }
+  return true;
 }
 
-// Sends this rank's tile of every put task whose dependencies are met and that no worker has
-// sent yet, before the task's turn in its queue. Queues are the same on every rank (the plan is),
-// so at its turn a put task of source rank b first waits for the tiles of the ranks listed before
-// it: rank 7 sent its own tile only after rank 0..6's had arrived, a chain across the group
-// (measured on 2 cores, 8 ranks: the sequence-parallel MLP's psum_scatter finished 1-4 ms after the
-// last rank's compute). Called after every task and by waiting workers. Only the time of a copy
-// changes: its source is final (its dependencies are done) and the peer's inbox rows it writes
-// are written by nobody else (docs/plan_format.md, "Communication").
+// Sends this rank's tile of every put task whose dependencies are met, whose destinations are
+// open and that no worker has sent yet, before the task's turn in its queue. Queues are the same
+// on every rank (the plan is), so at its turn a put task of source rank b first waits for the
+// tiles of the ranks listed before it: rank 7 sent its own tile only after rank 0..6's had
+// arrived, a chain across the group (measured on 2 cores, 8 ranks: the sequence-parallel MLP's
+// psum_scatter finished 1-4 ms after the last rank's compute). Called after every task and by
+// waiting workers. Only the time of a copy changes: its source is final (its dependencies are
+// done) and the peer's inbox rows it writes are written by nobody else (docs/plan_format.md,
+// "Communication").
 constexpr uint8_t kUnsent = 0, kSending = 1, kSent = 2;
 
 void send_ready_puts(Run& run) {
-  if (run.own_puts.empty() || run.met.load(std::memory_order_acquire) != 1) return;
   for (const int32_t t : run.own_puts) {
     if (run.put_claimed[t].load(std::memory_order_relaxed) != kUnsent) continue;
     bool ready = true;
     for (int e = run.plan.dep_begin(t); e < run.plan.dep_end(t) && ready; ++e)
       ready = __atomic_load_n(run.buf.counters + run.plan.dep(e), __ATOMIC_ACQUIRE) >= 1;
+    const TaskRecord& task = run.plan.task(t);
+    const OpRecord& op = run.plan.op(task.op);
     uint8_t unsent = kUnsent;
-    if (!ready ||
+    if (!ready || !destinations_open(run, -1, t, op, task, {}, false) ||
         !run.put_claimed[t].compare_exchange_strong(unsent, kSending, std::memory_order_acq_rel))
       continue;
-    const TaskRecord& task = run.plan.task(t);
-    put_tile(run, t, run.plan.op(task.op), task);
+    put_tile(run, t, op, task);
     run.put_claimed[t].store(kSent, std::memory_order_release);
   }
 }
@@ -1217,9 +1271,10 @@ void send_ready_puts(Run& run) {
 // a later task overwrite the source's bytes) is set only once the source is no longer read.
 // False when the run failed or the deadline passed meanwhile.
 bool send_own_tiles(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
-                    Clock::time_point deadline, int64_t iter, int64_t slice, int32_t runs_done) {
+                    Clock::time_point deadline, int64_t iter, int64_t slice, uint32_t runs) {
+  if (!destinations_open(run, worker, t, op, task, deadline, true)) return false;
   if (!run.put_claimed) {  // no eager sends (loop plans, chaos mode): the copy is made here
-    put_tile(run, t, op, task, iter, slice, runs_done);
+    put_tile(run, t, op, task, iter, slice, runs);
     return true;
   }
   uint8_t unsent = kUnsent;
@@ -1232,7 +1287,7 @@ bool send_own_tiles(Run& run, int worker, int t, const OpRecord& op, const TaskR
     if (run.failed.load(std::memory_order_relaxed)) return false;
     if (Clock::now() > deadline) {
       run.fail(PersistentStatus::kDeadlineExceeded,
-               "ark_persistent: rank " + std::to_string(run.opt.comm->rank) + " (worker " +
+               "ark_persistent: rank " + std::to_string(run.comm.rank) + " (worker " +
                    std::to_string(worker) + ") timed out after " + std::to_string(run.opt.timeout_ms) +
                    " ms waiting for another worker's copies of put task " + std::to_string(t) + " (" +
                    run.op_name(task.op) + ")");
@@ -1247,19 +1302,17 @@ bool send_own_tiles(Run& run, int worker, int t, const OpRecord& op, const TaskR
 // is in [b0, b1), to every rank), unless an eager send made them, then the slots b0..b1-1 of this
 // rank's inbox awaited (a slot with no source zero-filled). Dependents only ever wait for
 // counters[t].
-// In a loop: `iter` is the iteration, `slice` the inbox slice it fills, `runs_done` its run
-// index + 1 (1 outside loops).
+// In a loop: `iter` is the iteration, `slice` the inbox slice it fills, `runs` its run index + 1
+// (1 outside loops).
 bool run_put(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
-             Clock::time_point deadline, int64_t iter, int64_t slice, int32_t runs_done) {
-  if (!ensure_met(run)) return false;
-  const int me = run.opt.comm->rank;
+             Clock::time_point deadline, int64_t iter, int64_t slice, uint32_t runs) {
   const RouteView route = run.plan.route(op);
-  if (!send_own_tiles(run, worker, t, op, task, deadline, iter, slice, runs_done)) return false;
+  if (!send_own_tiles(run, worker, t, op, task, deadline, iter, slice, runs)) return false;
   for (int b = task.b0; b < task.b1; ++b) {
-    const int from = route.recv_from(me, b);
+    const int from = route.recv_from(run.comm.rank, b);
     if (from < 0) {
       zero_tile(run, op, task, slice * op.B + b);
-    } else if (!wait_signal(run, worker, t, b, from, deadline, runs_done)) {
+    } else if (!wait_signal(run, worker, t, b, from, deadline, runs)) {
       return false;
     }
   }
@@ -1509,7 +1562,7 @@ void worker_tasks(Run& run, int w) {
       case kOpReduce: run_reduce(run, op, task, *scratch); break;
       case kOpPut:
         if (!run_put(run, w, t, op, task, deadline, iter, scratch->slice,
-                     static_cast<int32_t>(run.loops.run_index(task.op, cursor.iters) + 1))) {
+                     static_cast<uint32_t>(run.loops.run_index(task.op, cursor.iters) + 1))) {
           if (serialized) chaos_release(run, w, t);
           return;
         }
@@ -1566,12 +1619,14 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
     }
   }
   if (h.group_size > 0) {
-    // After the reset above: peers can only write here once they have our pointers.
-    if (options.comm == nullptr || options.comm->size != h.group_size || !options.comm->exchange)
+    if (options.comm == nullptr || options.comm->size != h.group_size || !options.comm->region)
       return {PersistentStatus::kInvalidPlan,
               "ark_persistent: the plan has put tasks over " + std::to_string(h.group_size) +
                   " ranks but the call names no such group"};
-    // The meeting itself waits for the first put task (ensure_met).
+    std::string err;
+    run.comm = options.comm->region->begin(options.comm->rank, options.comm->run_id, &err);
+    if (!err.empty()) return {PersistentStatus::kAborted, "ark_persistent: " + err};
+    run.peer_open = std::make_unique<std::atomic<uint8_t>[]>(h.group_size);
     // Eager sends only where each task runs once and the order is not an adversary's.
     if (!options.chaos_seed && run.loops.num_loops() == 0) {
       run.put_claimed = std::make_unique<std::atomic<uint8_t>[]>(h.num_tasks);
@@ -1589,10 +1644,20 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
     }
   }
   const std::function<void(int)> job = [&run](int w) { worker_main(run, w); };
+  PersistentResult result;
   if (std::string err = run_on_workers(h.num_workers, job); !err.empty())
-    return {PersistentStatus::kResourceExhausted, err};
-  if (run.failed.load()) return run.error;
-  return {};
+    result = {PersistentStatus::kResourceExhausted, err};
+  else if (run.failed.load())
+    result = run.error;
+  if (run.comm.n > 0) {
+    // Chaos mode: this run's inbox becomes NaN bytes before peers may fill it for the next run,
+    // so a read of a slot before its signal is caught by the next run's different output.
+    if (options.chaos_seed && result.status == PersistentStatus::kOk)
+      std::memset(gpu::inbox_area(run.comm, run.comm.local), 0xFF, run.comm.inbox_bytes);
+    options.comm->region->end(run.comm, result.status == PersistentStatus::kOk,
+                              "rank " + std::to_string(run.comm.rank) + ": " + result.message);
+  }
+  return result;
 }
 
 }  // namespace

@@ -5,10 +5,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "jax_ark/plan_format.hpp"
+#include "persistent_region.hpp"
 
 namespace jax_ark::cpu {
 
@@ -32,18 +34,13 @@ struct PersistentResult {
   std::string message;
 };
 
-// Plan v3 communication (PUT ops): this rank's place in its group and how to meet the group.
+// Plan v3 communication (PUT ops): this rank's place in its group and the group's symmetric
+// regions at this call site (persistent_region.hpp), reused by every call there.
 struct PersistentComm {
   int rank = 0;
-  int size = 0;  // = the plan's group_size
-  // Called once in every run of the plan, by the first worker that reaches a put task (so after
-  // this rank reset its counters and, in chaos mode, poisoned its workspace): meets every rank
-  // of the group and returns their
-  // workspace and counters pointers (the symmetric workspace), indexed by rank. A peer can only
-  // write into this rank's buffers after this meeting, so nothing it puts can be erased by the
-  // reset, and the meeting's epochs keep back-to-back calls apart.
-  std::function<PersistentResult(std::vector<uint8_t*>* workspaces, std::vector<int32_t*>* counters)>
-      exchange;
+  int size = 0;         // = the plan's group_size
+  int64_t run_id = 0;   // XLA's run id: the ranks' k-th calls here must be one execution
+  std::shared_ptr<PersistentRegion> region;
 };
 
 struct PersistentOptions {

@@ -10,6 +10,7 @@
 
 #include "jax_ark/gpu/communicator.hpp"
 #include "jax_ark/gpu/persistent_launch.hpp"
+#include "jax_ark/plan_check.hpp"
 #include "jax_ark/plan_format.hpp"
 
 namespace jax_ark::gpu {
@@ -58,25 +59,7 @@ std::string persistent_comm_needs(const int32_t* words, int64_t num_words, Persi
     return "the plan's communication group has " + std::to_string(h.group_size) +
            " ranks; the CUDA executor takes 1.." + std::to_string(kPersistentMaxGroup);
   int64_t inbox_end = 0;
-  std::vector<bool> is_inbox(static_cast<size_t>(std::max(h.num_tensors, 0)), false);
-  for (int i = 0; i < h.num_ops; ++i) {
-    const pf::OpRecord& op = plan.op(i);
-    if (op.kind != pf::kOpPut) continue;
-    if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return "a put op's inbox is out of range";
-    const pf::TensorRecord& t = plan.tensor(op.out_tensor);
-    if (t.storage != pf::kStorageWorkspace) return "a put op's inbox is not in the workspace";
-    is_inbox[op.out_tensor] = true;
-    inbox_end = std::max(inbox_end, t.byte_offset + tensor_bytes(t));
-  }
-  for (int i = 0; i < h.num_tensors; ++i) {
-    const pf::TensorRecord& t = plan.tensor(i);
-    if (t.storage != pf::kStorageWorkspace || is_inbox[i] || t.num_elements == 0) continue;
-    if (t.byte_offset < inbox_end)
-      return "workspace tensor " + std::to_string(i) + " lies below the end of the inboxes (byte " +
-             std::to_string(inbox_end) +
-             "): the CUDA executor keeps those bytes in the group's symmetric region, so the "
-             "planner must place every inbox first (re-plan with this jax_ark)";
-  }
+  if (std::string err = jax_ark::plan::inbox_end_of(plan, &inbox_end); !err.empty()) return err;
   out->group_size = h.group_size;
   out->inbox_bytes = inbox_end;
   out->layout = PersistentSymLayout::of(h.num_tasks, h.group_size, inbox_end);

@@ -48,6 +48,7 @@ constexpr int64_t kSleepMicros = 1000;  // longest single sleep (deadline / fail
 // so one call with 1000 workers does not leave 1000 threads behind. A thread that cannot be
 // started (address-space or process limits) fails the call instead of hanging it.
 constexpr size_t kMaxIdleThreads = 128;
+constexpr int64_t kCallerPollMicros = 200;  // the caller's poll for its helpers' end, then it sleeps
 
 // What a borrowed thread runs: job(index), then it counts itself done.
 struct CallState {
@@ -57,7 +58,7 @@ struct CallState {
   std::fenv_t fp_env;
   std::mutex mu;
   std::condition_variable done_cv;
-  int remaining = 0;
+  std::atomic<int> remaining{0};  // changed under `mu`, so the caller can leave once it holds `mu`
 };
 
 class Helper {
@@ -72,41 +73,57 @@ class Helper {
     thread_.join();
   }
   void start(CallState* call, int index) {
-    {
+    index_ = index;
+    call_.store(call, std::memory_order_seq_cst);
+    // Dekker pair with loop(): it publishes `parked_` before its last look at `call_`, we publish
+    // `call_` before looking at `parked_`, so one of us sees the other and no start is lost.
+    if (parked_.load(std::memory_order_seq_cst)) {
       std::lock_guard<std::mutex> lock(mu_);
-      call_ = call;
-      index_ = index;
+      cv_.notify_all();
     }
-    cv_.notify_all();
   }
 
  private:
+  // A helper keeps polling for its next call for kHelperPollMicros after each call before it
+  // parks on its condition variable: back-to-back calls (a decode step, a training loop) then
+  // start it with one store instead of a futex wake, whose latency (tens of microseconds on a
+  // VM, measured) is more than a small plan's whole run.
+  static constexpr int64_t kHelperPollMicros = 300;
+
+  CallState* next_call() {
+    const auto until = Clock::now() + std::chrono::microseconds(kHelperPollMicros);
+    while (Clock::now() < until) {
+      if (CallState* c = call_.exchange(nullptr, std::memory_order_acquire)) return c;
+      std::this_thread::yield();
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    parked_.store(true, std::memory_order_seq_cst);
+    CallState* c = nullptr;
+    cv_.wait(lock, [&] { return stop_ || (c = call_.exchange(nullptr, std::memory_order_seq_cst)); });
+    parked_.store(false, std::memory_order_relaxed);
+    return c;
+  }
+
   void loop() {
     for (;;) {
-      CallState* call = nullptr;
-      int index = 0;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return stop_ || call_ != nullptr; });
-        if (call_ == nullptr) return;
-        call = call_;
-        index = index_;
-        call_ = nullptr;
-      }
+      CallState* call = next_call();
+      if (call == nullptr) return;
+      const int index = index_;
       std::fenv_t own;
       std::fegetenv(&own);
       std::fesetenv(&call->fp_env);
       (*call->job)(index);  // never throws: worker_main turns exceptions into a failed run
       std::fesetenv(&own);
-      std::lock_guard<std::mutex> lock(call->mu);
-      if (--call->remaining == 0) call->done_cv.notify_all();
+      std::lock_guard<std::mutex> lock(call->mu);  // the last touch of *call (the caller's)
+      if (call->remaining.fetch_sub(1, std::memory_order_release) == 1) call->done_cv.notify_all();
     }
   }
 
   std::mutex mu_;
   std::condition_variable cv_;
-  CallState* call_ = nullptr;
-  int index_ = 0;
+  std::atomic<CallState*> call_{nullptr};
+  std::atomic<bool> parked_{false};
+  int index_ = 0;  // written before call_ is published, read after it is taken
   bool stop_ = false;
   std::thread thread_;  // last: started after the members it uses exist
 };
@@ -167,9 +184,15 @@ std::string run_on_workers(int workers, const std::function<void(int)>& job) {
   call.remaining = workers - 1;
   for (int i = 0; i < workers - 1; ++i) helpers[i]->start(&call, i + 1);
   job(0);
+  // Helpers usually finish within microseconds of the caller: poll (yielding) before sleeping,
+  // for the same reason helpers poll for their next call.
+  const auto until = Clock::now() + std::chrono::microseconds(kCallerPollMicros);
+  while (call.remaining.load(std::memory_order_acquire) != 0 && Clock::now() < until)
+    std::this_thread::yield();
   {
+    // Also after the poll saw 0: the last helper may still hold `mu` (its notify).
     std::unique_lock<std::mutex> lock(call.mu);
-    call.done_cv.wait(lock, [&call] { return call.remaining == 0; });
+    call.done_cv.wait(lock, [&call] { return call.remaining.load(std::memory_order_acquire) == 0; });
   }
   thread_bank().give_back(&helpers);
   return "";

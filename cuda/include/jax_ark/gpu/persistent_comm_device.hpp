@@ -22,8 +22,9 @@
 //    announces at the start of its call e, after its call e - 1 ended (stream order), and in that
 //    call q awaited every signal a peer sent it, each the last write of its sender into q. So no
 //    write of call e can land in an inbox slice q still reads for call e - 1, and none of call
-//    e - 1 is still in flight. This replaces the CPU executor's per-run meeting (a host
-//    rendezvous) with one flag poll per (block, peer, call).
+//    e - 1 is still in flight. One flag poll per (block, peer, call), no host rendezvous. The CPU
+//    executor runs these same functions over host regions (cuda/src/cpu/persistent_region.hpp),
+//    announcing when a call ends rather than when it starts.
 #pragma once
 
 #include <stddef.h>

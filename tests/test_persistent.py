@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from persistent_models import assert_close as _assert_close
 from persistent_models import attention, mlp_chain, random_args, rms_mlp
+from subprocess_env import TESTS_DIR, subprocess_env
 
 import jax_ark as ark
 from jax_ark._persistent import PlanError, UnsupportedError
@@ -698,3 +701,41 @@ def test_split_of_a_fused_gate_up_projection(rng):
     x = rng.standard_normal((6, 16)).astype(np.float32)
     for got, want in zip(jax.jit(ark.persistent(pieces))(x), jax.jit(pieces)(x), strict=True):
         _close(got, want)
+
+
+_BACK_TO_BACK_CALLS = """
+import random, time
+import jax, jax.numpy as jnp, numpy as np
+import jax_ark as ark
+
+def fn(x, w):
+    return jnp.tanh(x @ w) + 1.0
+
+rng = np.random.default_rng(7)
+x = rng.standard_normal((40, 64), dtype=np.float32)
+w = rng.standard_normal((64, 96), dtype=np.float32) / 8
+want = np.asarray(jax.jit(fn)(x, w))
+calls = {n: jax.jit(ark.persistent(fn, num_workers=n, tile_m=16, tile_n=32)) for n in (2, 3, 5)}
+pause = random.Random(11)
+for i in range(600):
+    n = (2, 3, 5)[i % 3]
+    np.testing.assert_allclose(np.asarray(calls[n](x, w)), want, rtol=1e-5, atol=1e-5)
+    # 0: helpers still polling for their next call; 2 ms: parked on their condition variable.
+    time.sleep(pause.choice((0.0, 0.0, 0.0001, 0.0005, 0.002)))
+print("ok")
+"""
+
+
+def test_back_to_back_multi_worker_calls_start_every_helper():
+    # A helper polls for its next call for a while after each call, then parks; a start that
+    # raced with parking and got lost would hang the call (a helper that never runs its queue),
+    # hence a subprocess with a deadline. Pauses between calls hit both states and the edge.
+    proc = subprocess.run(
+        [sys.executable, "-c", _BACK_TO_BACK_CALLS],
+        cwd=TESTS_DIR,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

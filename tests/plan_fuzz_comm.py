@@ -4,7 +4,7 @@ partial perms and dp x tp subgroups, stacked inboxes of collectives in loop bodi
 (LOAD_RANK), mutated as JSON or binary words and run on EVERY rank of their group (8 CPU devices
 in one process), each rank given the same mutated words. Outcomes as in plan_fuzz_worker: refused
 (PlanError / the runtime's INVALID_ARGUMENT), or run and equal to interpret_group on the same plan;
-a put wait or meeting that times out (a hang, bounded by COMM_TIMEOUT_MS) is a failure.
+a put or entry wait that times out (a hang, bounded by COMM_TIMEOUT_MS) is a failure.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from jax_ark._persistent._reference import interpret, interpret_group
 from jax_ark._persistent._validate import freeze
 
 N = 8  # ranks of every seed's group
-COMM_TIMEOUT_MS = 5_000  # every put / meeting wait: a deadlock is a bounded failure, not a stuck CI
+COMM_TIMEOUT_MS = 5_000  # every put / entry wait: a deadlock is a bounded failure, not a stuck CI
 RING = [(i, (i + 1) % N) for i in range(N)]
 PARTIAL = [(0, 3), (3, 5), (5, 0), (6, 6), (1, 2)]  # ranks 1, 4, 7 receive nothing: zeros
 

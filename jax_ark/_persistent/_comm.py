@@ -15,10 +15,11 @@ Every collective is planned as one *put* op, then ordinary ops on its inbox:
 - axis_index: a program on LOAD_RANK (this call's rank in the plan's group), no communication.
 
 A plan has one communication group: every mesh axis that any collective or axis_index of the
-function names (in mesh order), all ranks meeting once per run. A collective over some of those
-axes (a "tp" psum in a plan that also averages over "dp") is a put with a routing table: per rank,
-the ranks of its own subgroup. Every rank of the group runs the same plan, which is what makes the
-put tasks deadlock-free for any worker count (docs/plan_format.md, "Communication").
+function names (in mesh order), with one set of symmetric regions for all its ranks. A collective
+over some of those axes (a "tp" psum in a plan that also averages over "dp") is a put with a
+routing table: per rank, the ranks of its own subgroup. Every rank of the group runs the same
+plan, which is what makes the put tasks deadlock-free for any worker count (docs/plan_format.md,
+"Communication").
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _named_axes(jaxpr, found: list) -> None:
 def plan_group(jaxpr, unsupported) -> CommGroup | None:
     """The plan's one communication group: every mesh axis some collective, ppermute or
     axis_index of the function (sub-jaxprs included) names, in mesh order; None when none does.
-    One meeting over these axes serves every collective: one over fewer axes gets a routing table
+    One group over these axes serves every collective: one over fewer axes gets a routing table
     (its subgroup of the plan's ranks), so several groups (dp x tp) need no second communicator."""
     from jax_ark import collectives
 

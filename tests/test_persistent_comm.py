@@ -414,6 +414,7 @@ def test_missing_peer_times_out_naming_rank_and_peer(mesh8, rng):
         jax.block_until_ready(f(x))
     msg = str(err.value)
     assert "ark_persistent: rank" in msg and "waiting for peer rank 5" in msg, msg
+    assert "peer rank 5 has not begun call 1 at this call site (it has begun 0 here)" in msg, msg
     # the group works again afterwards (the broken region was discarded)
     g = jax.jit(jax.shard_map(pf, mesh=mesh8, in_specs=P("x"), out_specs=P("x"), check_vma=False))
     want = jax.jit(

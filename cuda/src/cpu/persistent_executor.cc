@@ -48,7 +48,7 @@ constexpr int64_t kSleepMicros = 1000;  // longest single sleep (deadline / fail
 // so one call with 1000 workers does not leave 1000 threads behind. A thread that cannot be
 // started (address-space or process limits) fails the call instead of hanging it.
 constexpr size_t kMaxIdleThreads = 128;
-constexpr int64_t kCallerPollMicros = 200;  // the caller's poll for its helpers' end, then it sleeps
+constexpr int64_t kCallerPollMicros = 200;  // the caller polls for its helpers' end, then sleeps
 
 // What a borrowed thread runs: job(index), then it counts itself done.
 struct CallState {
@@ -99,7 +99,9 @@ class Helper {
     std::unique_lock<std::mutex> lock(mu_);
     parked_.store(true, std::memory_order_seq_cst);
     CallState* c = nullptr;
-    cv_.wait(lock, [&] { return stop_ || (c = call_.exchange(nullptr, std::memory_order_seq_cst)); });
+    cv_.wait(lock, [&] {
+      return stop_ || (c = call_.exchange(nullptr, std::memory_order_seq_cst)) != nullptr;
+    });
     parked_.store(false, std::memory_order_relaxed);
     return c;
   }
@@ -192,7 +194,7 @@ std::string run_on_workers(int workers, const std::function<void(int)>& job) {
   {
     // Also after the poll saw 0: the last helper may still hold `mu` (its notify).
     std::unique_lock<std::mutex> lock(call.mu);
-    call.done_cv.wait(lock, [&call] { return call.remaining.load(std::memory_order_acquire) == 0; });
+    call.done_cv.wait(lock, [&] { return call.remaining.load(std::memory_order_acquire) == 0; });
   }
   thread_bank().give_back(&helpers);
   return "";
@@ -1106,8 +1108,9 @@ class RegionWait {
   }
 
   // After the wait gave up: fails the run with why, naming this rank, the worker and `what` it
-  // waited for (nothing to add when another worker's failure ended it).
-  void fail_run(int worker, const std::string& what) const {
+  // waited for (nothing to add when another worker's failure ended it). A timeout also says where
+  // `peer` was in its calls here, relative to the call `call` this rank waited for it to be in.
+  void fail_run(int worker, const std::string& what, int32_t peer, uint64_t call) const {
     const std::string rank = "ark_persistent: rank " + std::to_string(run_.comm.rank);
     switch (outcome_) {
       case kCancelled:
@@ -1121,13 +1124,30 @@ class RegionWait {
       case kTimedOut:
         run_.fail(PersistentStatus::kDeadlineExceeded,
                   rank + " (worker " + std::to_string(worker) + ") timed out after " +
-                      std::to_string(run_.opt.timeout_ms) + " ms waiting for " + what);
+                      std::to_string(run_.opt.timeout_ms) + " ms waiting for " + what +
+                      where_is(peer, call));
         break;
       case kOtherFailure: break;
     }
   }
 
  private:
+  std::string where_is(int32_t peer, uint64_t call) const {
+    const PersistentRegion& region = *run_.opt.comm->region;
+    const uint64_t begun = region.calls_begun(peer);
+    const std::string who = "; peer rank " + std::to_string(peer);
+    if (begun < call)
+      return who + " has not begun call " + std::to_string(call) +
+             " at this call site (it has begun " + std::to_string(begun) +
+             " here): a rank under rank-dependent control flow, or its device program not "
+             "launched (XLA's CPU client can starve one device's launch when many calls with "
+             "collectives are queued without waiting for their results)";
+    if (begun == call && region.in_call(peer))
+      return who + " is inside call " + std::to_string(call) +
+             " (slow, or waiting for another rank)";
+    return "";
+  }
+
   enum Outcome { kOtherFailure, kCancelled, kBroken, kTimedOut };
   Run& run_;
   const int32_t owner_;
@@ -1160,7 +1180,8 @@ bool destinations_open(Run& run, int worker, int t, const OpRecord& op, const Ta
         w.fail_run(worker, "peer rank " + std::to_string(q) + " to end its previous call at this "
                            "call site (call " + std::to_string(c.epoch - 1) + "; its inbox is "
                            "reused) before putting task " + std::to_string(t) + " (" +
-                           run.op_name(task.op) + ")");
+                           run.op_name(task.op) + ")",
+                   q, c.epoch - 1);
         return false;
       }
     }
@@ -1241,9 +1262,11 @@ bool wait_signal(Run& run, int worker, int t, int slot, int src, Clock::time_poi
                gpu::put_signal_value(c.epoch, runs), deadline);
   uint64_t seen = 0;
   if (!gpu::wait_put(c, t, slot, runs, w.give_up(), &seen)) {
-    w.fail_run(worker, "peer rank " + std::to_string(src) + " to put its tile of task " +
-                           std::to_string(t) + at_iteration + " (" + run.op_name(run.plan.task(t).op) +
-                           ", a put over a group of " + std::to_string(c.n) + " ranks)");
+    w.fail_run(worker,
+               "peer rank " + std::to_string(src) + " to put its tile of task " +
+                   std::to_string(t) + at_iteration + " (" + run.op_name(run.plan.task(t).op) +
+                   ", a put over a group of " + std::to_string(c.n) + " ranks)",
+               src, c.epoch);
     return false;
   }
   // The ranks' k-th calls here pair up by count; after a rank failed or skipped a call they

@@ -91,7 +91,7 @@ gpu::PersistentCommDevice PersistentRegion::begin(int32_t rank, int64_t run_id, 
     *error = broken_reason();
     return c;
   }
-  c.epoch = ++mine.epoch;
+  c.epoch = mine.epoch.fetch_add(1, std::memory_order_relaxed) + 1;
   // Read by peers only after they acquired one of this call's signals, released after this store.
   mine.run_id[c.epoch & 1].store(run_id, std::memory_order_relaxed);
   c.peers = regions_.data();

@@ -63,6 +63,12 @@ class PersistentRegion {
   int64_t run_id(int32_t rank, uint64_t epoch) const {
     return slots_[rank].run_id[epoch & 1].load(std::memory_order_relaxed);
   }
+  // How many calls rank `rank` has begun here, and whether it is inside one now: what a timeout
+  // says about the peer it waited for (not started yet, or started and still running).
+  uint64_t calls_begun(int32_t rank) const {
+    return slots_[rank].epoch.load(std::memory_order_relaxed);
+  }
+  bool in_call(int32_t rank) const { return slots_[rank].busy.load(std::memory_order_relaxed); }
   // Rank `rank`'s region bytes (the protocol's peers[rank]; tests read signals there).
   uint8_t* bytes(int32_t rank) const { return regions_[rank]; }
   bool broken() const { return broken_.load(std::memory_order_acquire); }
@@ -73,7 +79,7 @@ class PersistentRegion {
   // Host-side state of one rank (the protocol's words live in the region bytes).
   struct alignas(64) Slot {
     std::atomic<bool> busy{false};
-    uint64_t epoch = 0;  // the rank's calls here so far; only its own thread touches it
+    std::atomic<uint64_t> epoch{0};  // the rank's calls begun here (peers read it for errors)
     std::atomic<int64_t> run_id[2] = {0, 0};  // by epoch parity
     std::atomic<uint32_t> doorbell{0};        // bumped by ring(); futex word of sleepers
     std::atomic<int32_t> sleepers{0};

@@ -48,7 +48,23 @@ constexpr int64_t kSleepMicros = 1000;  // longest single sleep (deadline / fail
 // so one call with 1000 workers does not leave 1000 threads behind. A thread that cannot be
 // started (address-space or process limits) fails the call instead of hanging it.
 constexpr size_t kMaxIdleThreads = 128;
-constexpr int64_t kCallerPollMicros = 200;  // the caller polls for its helpers' end, then sleeps
+// A helper polls for its next call this long after each call before it parks on its condition
+// variable: back-to-back calls (a decode step, a training loop) then start it with one store
+// instead of a futex wake, whose latency (tens of microseconds on a VM, measured) is more than a
+// small plan's whole run. The caller likewise polls for its helpers' end before it sleeps.
+constexpr int64_t kHelperPollMicros = 300;
+constexpr int64_t kCallerPollMicros = 200;
+
+// Polls `ready()`, yielding between looks, for at most `micros`; whether it became true.
+template <typename Ready>
+bool yield_until(Ready ready, int64_t micros) {
+  const auto until = Clock::now() + std::chrono::microseconds(micros);
+  for (;;) {
+    if (ready()) return true;
+    if (Clock::now() >= until) return false;
+    std::this_thread::yield();
+  }
+}
 
 // What a borrowed thread runs: job(index), then it counts itself done.
 struct CallState {
@@ -84,21 +100,15 @@ class Helper {
   }
 
  private:
-  // A helper keeps polling for its next call for kHelperPollMicros after each call before it
-  // parks on its condition variable: back-to-back calls (a decode step, a training loop) then
-  // start it with one store instead of a futex wake, whose latency (tens of microseconds on a
-  // VM, measured) is more than a small plan's whole run.
-  static constexpr int64_t kHelperPollMicros = 300;
-
+  // The next call: polled for kHelperPollMicros, then awaited parked.
   CallState* next_call() {
-    const auto until = Clock::now() + std::chrono::microseconds(kHelperPollMicros);
-    while (Clock::now() < until) {
-      if (CallState* c = call_.exchange(nullptr, std::memory_order_acquire)) return c;
-      std::this_thread::yield();
-    }
+    CallState* c = nullptr;
+    const auto take = [&] {
+      return (c = call_.exchange(nullptr, std::memory_order_acquire)) != nullptr;
+    };
+    if (yield_until(take, kHelperPollMicros)) return c;
     std::unique_lock<std::mutex> lock(mu_);
     parked_.store(true, std::memory_order_seq_cst);
-    CallState* c = nullptr;
     cv_.wait(lock, [&] {
       return stop_ || (c = call_.exchange(nullptr, std::memory_order_seq_cst)) != nullptr;
     });
@@ -186,15 +196,13 @@ std::string run_on_workers(int workers, const std::function<void(int)>& job) {
   call.remaining = workers - 1;
   for (int i = 0; i < workers - 1; ++i) helpers[i]->start(&call, i + 1);
   job(0);
-  // Helpers usually finish within microseconds of the caller: poll (yielding) before sleeping,
-  // for the same reason helpers poll for their next call.
-  const auto until = Clock::now() + std::chrono::microseconds(kCallerPollMicros);
-  while (call.remaining.load(std::memory_order_acquire) != 0 && Clock::now() < until)
-    std::this_thread::yield();
+  // Helpers usually finish within microseconds of the caller (kHelperPollMicros says why poll).
+  const auto helpers_done = [&] { return call.remaining.load(std::memory_order_acquire) == 0; };
+  yield_until(helpers_done, kCallerPollMicros);
   {
     // Also after the poll saw 0: the last helper may still hold `mu` (its notify).
     std::unique_lock<std::mutex> lock(call.mu);
-    call.done_cv.wait(lock, [&] { return call.remaining.load(std::memory_order_acquire) == 0; });
+    call.done_cv.wait(lock, helpers_done);
   }
   thread_bank().give_back(&helpers);
   return "";

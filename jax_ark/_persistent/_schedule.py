@@ -274,6 +274,19 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
         lin = written_elements(plan, task)
         written.append(lin)
         owner[op.out][lin] = t
+    # write-after-write: window stores updating one tensor in turn (a chain of
+    # dynamic_update_slices of one buffer) run in program order, each window possibly overlapping
+    # the one before; a read after the last store then depends on every store through it.
+    tasks_of: dict[int, list[int]] = {}
+    for t, task in enumerate(plan.tasks):
+        tasks_of.setdefault(task.op, []).append(t)
+    writer_ops: dict[int, list[int]] = {}
+    for i, op in enumerate(plan.ops):
+        writer_ops.setdefault(op.out, []).append(i)
+    for ops in writer_ops.values():
+        for before, after in zip(ops, ops[1:], strict=False):
+            for t in tasks_of.get(after, []):
+                need[t].update(tasks_of.get(before, []))
     # read intervals of workspace tensors, for the write-after-read check below
     read_span: dict[int, list[tuple[int, int, int]]] = {}
     for t, task in enumerate(plan.tasks):

@@ -227,6 +227,10 @@ class _Builder:
     # the plan constant holding the fill, whose operand index it aliases once constants are
     # numbered (after the user inputs, at the end of tracing).
     fill_alias: dict[int, int] = field(default_factory=dict)
+    # Chains of top-level updates of one buffer (_dus_chains): id(dynamic_update_slice eqn) ->
+    # the var the buffer ends up as; and the result tensors such chains update in place.
+    dus_chain_end: dict[int, Any] = field(default_factory=dict)
+    chain_results: set[int] = field(default_factory=set)
     # jaxpr var -> mesh axes over which its value is the same on every rank: the output of a
     # pvary over those axes (shard_map's check_vma typing: pvary only takes values invariant over
     # its axes). A psum over them is then folded locally (_comm.translate_collective).
@@ -1246,31 +1250,60 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
 
 
+def _dus_chains(jaxpr, counts: dict) -> dict[int, Any]:
+    """id(dynamic_update_slice eqn) -> the var its result ends up as when the result's one use is
+    the operand of the next dynamic_update_slice, and so on (`out.at[i].set(a).at[j].set(b)`, an
+    unrolled ring matmul writing each step's product into its rows of one buffer)."""
+    next_update: dict = {}
+    for e in jaxpr.eqns:
+        v = e.invars[0] if e.primitive.name == "dynamic_update_slice" else None
+        if v is not None and not _is_literal(v) and counts.get(v) == 1:
+            next_update[v] = e
+    ends: dict[int, Any] = {}
+    for e in reversed(jaxpr.eqns):
+        if e.primitive.name == "dynamic_update_slice":
+            following = next_update.get(e.outvars[0])
+            ends[id(e)] = ends[id(following)] if following is not None else e.outvars[0]
+    return ends
+
+
 def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
-    """dynamic_update_slice of a user input that nothing else reads, returned by the function:
-    the result is that input's buffer (aliased through the FFI call: with jax.jit donation, no
-    copy) and one window-store task writes only the update, at the clamped device offset.
-    None when the pattern does not apply (then the whole result is computed)."""
+    """A top-level chain of dynamic_update_slices (_dus_chains) whose last result the function
+    returns, starting from a user input or a constant fill (`jnp.zeros`) that nothing else
+    reads: the result is that input's buffer (aliased through the FFI call: with jax.jit
+    donation, no copy), or one aliased to a plan constant holding the fill, and one window-store
+    task per update writes only the update, at the clamped device offset, in program order
+    (required_dependencies orders the stores of one tensor). Updating a buffer by selecting
+    over all of it per update made an unrolled ring matmul's output assembly cost more than its
+    matmuls. None when the pattern does not apply (then the whole result is computed)."""
     operand, update = args[0], args[1]
     eqn = b.eqn
-    var = eqn.invars[0] if eqn is not None else None
-    out_var = eqn.outvars[0] if eqn is not None else None
-    if (
-        not isinstance(operand, _Load)
-        or operand.tensor not in b.args[: b.num_inputs]
-        or b.tensors[operand.tensor].shape != tuple(out_shape)
-        or not _is_identity(operand, b.tensors[operand.tensor].shape)
-        or b.top_counts.get(var) != 1
-        or out_var not in b.top_outputs
-    ):
+    end = b.dus_chain_end.get(id(eqn)) if eqn is not None else None
+    if end is None or b.top_counts.get(eqn.invars[0]) != 1:
         return None
-    src = b.tensors[operand.tensor]
-    if src.index in b.aliased:
+    whole = (
+        isinstance(operand, _Load)
+        and b.tensors[operand.tensor].shape == tuple(out_shape)
+        and _is_identity(operand, b.tensors[operand.tensor].shape)
+    )
+    if whole and operand.tensor in b.chain_results:  # a later update of the chain's buffer
+        return _window_store(b, operand, update, args[2:])
+    if end not in b.top_outputs:
         return None
-    b.aliased.add(src.index)
-    index = b.top_outputs.pop(out_var)
-    out = b.new_tensor(out_shape, src.dtype, "result", index)
-    b.tensors[out].alias = src.index
+    if isinstance(operand, _Imm):
+        out = _fill_state(b, operand, eqn.invars[0], end)
+        if out is None:
+            return None
+    elif whole and operand.tensor in b.args[: b.num_inputs]:
+        src = b.tensors[operand.tensor]
+        if src.index in b.aliased:
+            return None
+        b.aliased.add(src.index)
+        out = b.new_tensor(out_shape, src.dtype, "result", b.top_outputs.pop(end))
+        b.tensors[out].alias = src.index
+    else:
+        return None
+    b.chain_results.add(out)
     return _window_store(b, b.load(out), update, args[2:])
 
 
@@ -2550,6 +2583,7 @@ def trace(
     b.source = "<unknown source>"
     b.num_inputs = len(avals)
     b.top_counts = _use_counts(closed.jaxpr)
+    b.dus_chain_end = _dus_chains(closed.jaxpr, b.top_counts)
     for i, v in enumerate(closed.jaxpr.outvars):
         if not _is_literal(v) and v not in b.top_outputs:
             b.top_outputs[v] = i

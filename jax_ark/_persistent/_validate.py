@@ -378,10 +378,15 @@ def _validate(plan: Plan) -> None:
         out = plan.tensors[op.out]
         if out.storage == "arg":
             raise PlanError(f"{where}: writes operand tensor {op.out}")
-        if op.out in writer:
-            raise PlanError(f"{where}: tensor {op.out} is also written by op {writer[op.out]}")
-        writer[op.out] = i
         window = op.store_view >= 0
+        if op.out in writer and not (
+            window and plan.ops[writer[op.out]].store_view >= 0 and _outside_loops(plan, i)
+        ):
+            raise PlanError(
+                f"{where}: tensor {op.out} is also written by op {writer[op.out]} (only window "
+                "stores outside loops may write one tensor in turn)"
+            )
+        writer[op.out] = i
         space = tuple(op.iter_dims) if window else out.shape
         if op.stacked:  # one slice of its output per iteration
             space = out.shape[1:]
@@ -493,6 +498,7 @@ def _validate(plan: Plan) -> None:
     for i, t in enumerate(plan.outputs):
         if t not in writer and plan.tensors[t].num_elements > 0:
             raise PlanError(f"output {i} (tensor {t}) is never written")
+    _validate_store_chains(plan)
     for t in sorted(reads):
         if plan.tensors[t].storage != "arg" and t not in writer:
             raise PlanError(
@@ -830,6 +836,32 @@ def _validate_carried_reads(plan: Plan) -> None:
                         "iteration's value, outside the carry-in form select(load_iter == 0, "
                         "it, init) (the first iteration would read a tensor not yet written)"
                     )
+
+
+def _outside_loops(plan: Plan, i: int) -> bool:
+    return not plan.loop_chain(i)
+
+
+def _validate_store_chains(plan: Plan) -> None:
+    """A tensor written by several window stores (a chain of updates of one buffer, stored in
+    program order: required_dependencies orders each store after the one before) is read by no
+    op until its last store: a read in between could not say which update it wants."""
+    writers: dict[int, list[int]] = {}
+    for i, op in enumerate(plan.ops):
+        writers.setdefault(op.out, []).append(i)
+    for t, ops in writers.items():
+        if len(ops) < 2:
+            continue
+        first = plan.ops[ops[0]]
+        if not _outside_loops(plan, ops[0]) or first.store_view < 0:
+            raise PlanError(f"op {ops[0]} '{first.name}': tensor {t} has several writers")
+        for j, op in enumerate(plan.ops[: ops[-1] + 1]):
+            if any(plan.views[v].tensor == t for v, _ in _view_uses(plan, op)):
+                raise PlanError(
+                    f"op {j} '{op.name}' reads tensor {t} '{plan.tensors[t].name}' before its "
+                    f"last window store (op {ops[-1]}): only a read after the last store is "
+                    "ordered"
+                )
 
 
 def _view_uses(plan: Plan, op) -> list[tuple[int, tuple[int, ...] | None]]:

@@ -529,13 +529,17 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return where + ": output tensor out of range";
     const TensorRecord& out = p.tensor(op.out_tensor);
     if (out.storage == kStorageArg) return where + ": writes operand tensor " + std::to_string(op.out_tensor);
-    if (writer[op.out_tensor] >= 0)
-      return where + ": tensor " + std::to_string(op.out_tensor) + " is also written by op " +
-             std::to_string(writer[op.out_tensor]);
-    writer[op.out_tensor] = i;
     // A window store (v2) writes only the window iter_dims of its aliased result, at its store
     // view's element + an int32 register, clamped into the tensor by the executors.
     const bool window = op.store_view_plus1 != 0;
+    // Several window stores outside loops may update one tensor in turn (a chain of updates of
+    // one buffer; the planner orders them by dependencies); no other op shares an output.
+    if (writer[op.out_tensor] >= 0 &&
+        !(window && p.op(writer[op.out_tensor]).store_view_plus1 != 0 && lv.op_loop(i) < 0 &&
+          lv.op_loop(writer[op.out_tensor]) < 0))
+      return where + ": tensor " + std::to_string(op.out_tensor) + " is also written by op " +
+             std::to_string(writer[op.out_tensor]);
+    writer[op.out_tensor] = i;
     if (op.route_plus1 != 0 && op.kind != kOpPut) return where + ": only a put op has a routing table";
     int64_t space_elems = out.num_elements;
     // A stacked op (v3) computes one slice (dims 1..rank) of its output per iteration.

@@ -508,6 +508,7 @@ def _validate(plan: Plan) -> None:
     if plan.loops:
         _validate_carried_reads(plan)
         _validate_stacked_reads(plan)
+        _validate_aliased_reads_in_loops(plan)
     if sum(plan.tensors[op.out].num_elements for op in plan.ops) > MAX_VALIDATED_ELEMENTS:
         raise PlanError("plan writes more than 2^30 elements: too large to validate")
     # tasks cover their op exactly once
@@ -835,6 +836,28 @@ def _validate_carried_reads(plan: Plan) -> None:
                         f"{where} {name} instruction {r}: reads view {int(ins.a)}, the previous "
                         "iteration's value, outside the carry-in form select(load_iter == 0, "
                         "it, init) (the first iteration would read a tensor not yet written)"
+                    )
+
+
+def _validate_aliased_reads_in_loops(plan: Plan) -> None:
+    """An operand aliased by a result shares its buffer: once an op writes the result, the
+    operand's bytes change. required_dependencies orders every writer after the operand's
+    readers, which a loop cannot honour when both are in it (iteration k + 1 reads what iteration
+    k wrote, where the plan means the operand as passed): refused."""
+    for r, spec in enumerate(plan.tensors):
+        if spec.storage != "result" or spec.alias < 0:
+            continue
+        sources = {a for a in plan.args if plan.tensors[a].index == spec.alias}
+        writers = [i for i, op in enumerate(plan.ops) if op.out == r]
+        for j, op in enumerate(plan.ops):
+            if not any(plan.views[v].tensor in sources for v, _ in _view_uses(plan, op)):
+                continue
+            for i in writers:
+                if plan.common_depth(i, j) > 0:
+                    raise PlanError(
+                        f"op {j} '{op.name}' reads operand {spec.alias}, which op {i} "
+                        f"'{plan.ops[i].name}' updates in place (result tensor {r}) in the same "
+                        "loop: a later iteration would read the updated buffer"
                     )
 
 

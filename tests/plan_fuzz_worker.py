@@ -122,6 +122,16 @@ def _f7(a):
                               (a + 1.0, a * 0.0, jnp.int32(0)))  # fmt: skip
 
 
+def _f8(parts, i, j, buf):
+    """Chains of window stores into one tensor: from a zero fill (overlapping run-time windows,
+    each store ordered after the one before) and from an input nothing else reads."""
+    out = jnp.zeros((6, 4), jnp.float32)
+    out = jax.lax.dynamic_update_slice(out, jnp.tanh(parts[:2]), (i, 0))
+    out = jax.lax.dynamic_update_slice(out, parts[2:5] * 2.0, (j, 0))
+    buf = jax.lax.dynamic_update_slice(buf, jnp.sin(parts[:1]) @ parts[1:5], (j, 0))
+    return out, jax.lax.dynamic_update_slice(buf, parts[4:], (i, 0))
+
+
 def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
     rng = np.random.default_rng(1234)
 
@@ -148,6 +158,11 @@ def base_cases() -> list[tuple[Any, list[np.ndarray], Plan]]:
             _f7,
             [np.abs(arr(2, 4)) + 0.5],
             dict(num_workers=2, tile_m=2, tile_n=2, max_while_iterations=30),
+        ),
+        (
+            _f8,
+            [arr(5, 4), np.int32(1), np.int32(2), arr(5, 4)],
+            dict(num_workers=3, tile_m=2, tile_n=2),
         ),
     ]
     return [(fn, args, ark.plan(fn, *args, **kw)) for fn, args, kw in cases]

@@ -1252,8 +1252,8 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
 
 def _dus_chains(jaxpr, counts: dict) -> dict[int, Any]:
     """id(dynamic_update_slice eqn) -> the var its result ends up as when the result's one use is
-    the operand of the next dynamic_update_slice, and so on (`out.at[i].set(a).at[j].set(b)`, an
-    unrolled ring matmul writing each step's product into its rows of one buffer)."""
+    the operand of the next dynamic_update_slice, and so on (an unrolled ring matmul writing each
+    step's product into its rows of one buffer). `x.at[i].set(v)` is a scatter, not one of these."""
     next_update: dict = {}
     for e in jaxpr.eqns:
         v = e.invars[0] if e.primitive.name == "dynamic_update_slice" else None

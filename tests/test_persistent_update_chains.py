@@ -64,10 +64,10 @@ def test_plan_stores_each_update_into_one_buffer(rng):
     # no op computes the whole buffer (ROWS x COLS elements): only the windows are written
     assert all(op.B * op.M * op.N < ROWS * COLS for op in plan.ops)
     # each store after the one before (their windows may overlap)
-    first = {op_i: t for t, task in enumerate(plan.tasks) for op_i in [task.op]}
+    task_of = {task.op: t for t, task in enumerate(plan.tasks)}  # a window store is one task
     order = [i for i, op in enumerate(plan.ops) if op.store_view >= 0]
     for before, after in zip(order, order[1:], strict=False):
-        assert first[before] in plan.tasks[first[after]].deps
+        assert task_of[before] in plan.tasks[task_of[after]].deps
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

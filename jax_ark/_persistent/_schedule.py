@@ -258,6 +258,15 @@ def _producers(plan: Plan) -> dict[int, int]:
     return {op.out: i for i, op in enumerate(plan.ops)}
 
 
+def writer_ops(plan: Plan) -> dict[int, list[int]]:
+    """Each written tensor's writer ops in program order (several only for a chain of window
+    stores updating one buffer)."""
+    writers: dict[int, list[int]] = {}
+    for i, op in enumerate(plan.ops):
+        writers.setdefault(op.out, []).append(i)
+    return writers
+
+
 def required_dependencies(plan: Plan) -> list[set[int]]:
     """For each task, the tasks that must finish before it: read-after-write (producer tiles of
     every element read) and write-after-read (earlier users of reused workspace bytes)."""
@@ -280,10 +289,7 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
     tasks_of: dict[int, list[int]] = {}
     for t, task in enumerate(plan.tasks):
         tasks_of.setdefault(task.op, []).append(t)
-    writer_ops: dict[int, list[int]] = {}
-    for i, op in enumerate(plan.ops):
-        writer_ops.setdefault(op.out, []).append(i)
-    for ops in writer_ops.values():
+    for ops in writer_ops(plan).values():
         for before, after in zip(ops, ops[1:], strict=False):
             for t in tasks_of.get(after, []):
                 need[t].update(tasks_of.get(before, []))

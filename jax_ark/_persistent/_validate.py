@@ -380,7 +380,10 @@ def _validate(plan: Plan) -> None:
             raise PlanError(f"{where}: writes operand tensor {op.out}")
         window = op.store_view >= 0
         if op.out in writer and not (
-            window and plan.ops[writer[op.out]].store_view >= 0 and _outside_loops(plan, i)
+            window
+            and plan.ops[writer[op.out]].store_view >= 0
+            and _outside_loops(plan, i)
+            and _outside_loops(plan, writer[op.out])
         ):
             raise PlanError(
                 f"{where}: tensor {op.out} is also written by op {writer[op.out]} (only window "
@@ -844,15 +847,18 @@ def _validate_aliased_reads_in_loops(plan: Plan) -> None:
     operand's bytes change. required_dependencies orders every writer after the operand's
     readers, which a loop cannot honour when both are in it (iteration k + 1 reads what iteration
     k wrote, where the plan means the operand as passed): refused."""
+    from jax_ark._persistent._schedule import writer_ops
+
+    writers = writer_ops(plan)
+    read_by = [{plan.views[v].tensor for v, _ in _view_uses(plan, op)} for op in plan.ops]
     for r, spec in enumerate(plan.tensors):
         if spec.storage != "result" or spec.alias < 0:
             continue
         sources = {a for a in plan.args if plan.tensors[a].index == spec.alias}
-        writers = [i for i, op in enumerate(plan.ops) if op.out == r]
         for j, op in enumerate(plan.ops):
-            if not any(plan.views[v].tensor in sources for v, _ in _view_uses(plan, op)):
+            if not read_by[j] & sources:
                 continue
-            for i in writers:
+            for i in writers.get(r, []):
                 if plan.common_depth(i, j) > 0:
                     raise PlanError(
                         f"op {j} '{op.name}' reads operand {spec.alias}, which op {i} "
@@ -867,17 +873,14 @@ def _outside_loops(plan: Plan, i: int) -> bool:
 
 def _validate_store_chains(plan: Plan) -> None:
     """A tensor written by several window stores (a chain of updates of one buffer, stored in
-    program order: required_dependencies orders each store after the one before) is read by no
-    op until its last store: a read in between could not say which update it wants."""
-    writers: dict[int, list[int]] = {}
-    for i, op in enumerate(plan.ops):
-        writers.setdefault(op.out, []).append(i)
-    for t, ops in writers.items():
+    program order: required_dependencies orders each store after the one before; the op checks
+    allow several writers only so) is read by no op until its last store: a read in between
+    could not say which update it wants."""
+    from jax_ark._persistent._schedule import writer_ops
+
+    for t, ops in writer_ops(plan).items():
         if len(ops) < 2:
             continue
-        first = plan.ops[ops[0]]
-        if not _outside_loops(plan, ops[0]) or first.store_view < 0:
-            raise PlanError(f"op {ops[0]} '{first.name}': tensor {t} has several writers")
         for j, op in enumerate(plan.ops[: ops[-1] + 1]):
             if any(plan.views[v].tensor == t for v, _ in _view_uses(plan, op)):
                 raise PlanError(

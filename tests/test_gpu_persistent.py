@@ -261,3 +261,20 @@ def test_bad_task_record_is_refused_by_the_queue_check(rng):
     with pytest.raises(Exception, match=refused):
         jax.block_until_ready(run_plan(plan, args)[0])
     _close(run_plan(plan, args)[0][0], jax.jit(fn)(*args))
+
+
+@pytest.mark.parametrize("pos", [0, 7, -1, 8, 1000])
+def test_kv_cache_scatter_window_store_drops_out_of_range_points(rng, pos):
+    """`cache.at[:, pos].set(kv)` is one window store into the donated cache; a position out of
+    range stores nothing (the kDropStore offset), as jax.jit's scatter drops it."""
+    cache = rng.standard_normal((4, 8, 64)).astype(np.float32)
+    kv = rng.standard_normal((4, 64)).astype(np.float32)
+
+    def step(c, p, kv):
+        c = c.at[:, p].set(jnp.tanh(kv))
+        return c, jnp.einsum("btd,bd->bt", c, kv)
+
+    want = jax.jit(step)(cache, np.int32(pos), kv)
+    got = jax.jit(ark.persistent(step), donate_argnums=(0,))(jnp.asarray(cache), np.int32(pos), kv)
+    for g, r in zip(got, want, strict=True):
+        _close(g, r)

@@ -118,3 +118,134 @@ def test_decode_loop_writes_cache_and_tokens_with_scatter(rng):
     tok = rng.integers(0, V, (B,)).astype(np.int32)
     want = _check(generate, emb, wk, wo, cache, tok, tol=1e-4)
     assert len(np.unique(want[-1])) > 1
+
+
+# ---- single-point scatters updated in place (window stores) ---------------------------------
+
+
+def _window_stores(plan):
+    return [op for op in plan.ops if op.store_view >= 0]
+
+
+def test_kv_cache_write_is_one_window_store(rng):
+    """`cache.at[:, pos].set(kv)` of a cache the function returns is one window-store task into
+    the cache's own buffer (aliased), not a select over the whole cache."""
+    cache = rng.standard_normal((2, 16, 4)).astype(np.float32)
+    kv = rng.standard_normal((2, 4)).astype(np.float32)
+    plan = ark.plan(lambda c, p, kv: c.at[:, p].set(kv), cache, np.int32(3), kv, platform="cpu")
+    (store,) = _window_stores(plan)
+    assert plan.tensors[store.out].alias == 0 and plan.outputs == [store.out]
+    assert tuple(store.iter_dims) == (2, 1, 4)
+    assert all(op.B * op.M * op.N < cache.size for op in plan.ops)
+
+
+@pytest.mark.parametrize("donate", [False, True])
+def test_kv_cache_write_donated(rng, donate):
+    cache = rng.standard_normal((3, 12, 8)).astype(np.float32)
+    kv = rng.standard_normal((3, 8)).astype(np.float32)
+
+    def step(c, p, kv):
+        c = c.at[:, p].set(jnp.tanh(kv))
+        return c, jnp.einsum("btd,bd->bt", c, kv)
+
+    for pos in (0, 11, -12, 12, -13, 2**31 - 1):
+        want = jax.jit(step)(cache, np.int32(pos), kv)
+        fn = jax.jit(ark.persistent(step, num_workers=2), donate_argnums=(0,) if donate else ())
+        got = fn(jnp.asarray(cache), np.int32(pos), kv)
+        for g, r in zip(got, want, strict=True):
+            assert_close(g, r, 1e-5)
+
+
+def test_chain_of_scatters_and_updates_keeps_program_order(rng, monkeypatch):
+    """Overlapping points of `.at[i].set` and dynamic_update_slice stores into one buffer, some
+    points out of range (dropped), under chaos mode: the later store wins, as in jax.jit."""
+
+    def fn(buf, a, i, j, k):
+        out = buf.at[i].set(jnp.tanh(a[0]))
+        out = jax.lax.dynamic_update_slice(out, a[1:3] * 2.0, (j, 0))
+        out = out.at[k].set(a[3] - 1.0)
+        return out.at[i + 1].set(a[4])
+
+    buf = rng.standard_normal((10, 6)).astype(np.float32)
+    a = rng.standard_normal((5, 6)).astype(np.float32)
+    for i, j, k in [(2, 2, 3), (9, 8, 9), (-1, 0, 10), (4, 3, -11), (12, 20, 0)]:
+        args = [buf, a, np.int32(i), np.int32(j), np.int32(k)]
+        want = _check(fn, *args)
+        plan = ark.plan(fn, *args, num_workers=3)
+        assert len(_window_stores(plan)) == 4
+        for seed in (1, 2, 3):
+            monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+            got = jax.jit(ark.persistent(fn, num_workers=3))(*args)
+            assert_close(got, want[0], 1e-6)
+        monkeypatch.delenv("JAX_ARK_PERSISTENT_CHAOS")
+
+
+def test_two_scattered_dims_and_point_dims_in_the_update(rng):
+    """x.at[i, j].set(v) (two scattered dims, either out of range drops the point), and a
+    lax.scatter whose update keeps the point's size-1 dim (indices of shape (1, 1))."""
+    x = rng.integers(-100, 100, (5, 7)).astype(np.int32)
+    v = np.int32(1234)
+    for i, j in [(0, 0), (4, 6), (5, 0), (0, 7), (-1, -7), (-6, 2)]:
+        _check(lambda x, i, j, v: x.at[i, j].set(v), x, np.int32(i), np.int32(j), v)
+    dn = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+
+    def rows(x, i, r):
+        return jax.lax.scatter(x, jnp.reshape(i, (1, 1)), r[None, :], dn)
+
+    y = rng.standard_normal((6, 3)).astype(np.float32)
+    r = rng.standard_normal(3).astype(np.float32)
+    for i in (0, 5, 6, -1):
+        _check(rows, y, np.int32(i), r)
+    assert len(_window_stores(ark.plan(rows, y, np.int32(1), r, platform="cpu"))) == 1
+
+
+def test_bf16_cache_and_clip_mode_in_place(rng):
+    cache = rng.standard_normal((2, 9, 4)).astype(jnp.bfloat16)
+    kv = rng.standard_normal((2, 4)).astype(np.float32)
+    for pos in (0, 8, 9, -3, 50):
+        _check(
+            lambda c, p, kv: c.at[:, p].set(kv.astype(jnp.bfloat16), mode="clip"),
+            cache, np.int32(pos), kv, tol=1e-2,
+        )  # fmt: skip
+        _check(
+            lambda c, p, kv: c.at[:, p].set(kv.astype(jnp.bfloat16)), cache, np.int32(pos), kv,
+            tol=1e-2,
+        )  # fmt: skip
+
+
+def test_old_value_read_elsewhere_is_not_updated_in_place(rng):
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    row = rng.standard_normal(5).astype(np.float32)
+
+    def fn(x, i, r):
+        return x.at[i].set(r), x.sum(axis=0)  # x survives the update: computed whole
+
+    for i in (1, 4, -2):
+        _check(fn, x, np.int32(i), row)
+    assert not _window_stores(ark.plan(fn, x, np.int32(1), row, platform="cpu"))
+
+
+def test_decode_loop_scatters_are_window_stores(rng):
+    """The KV-cache and token writes of a decode loop written with .at[].set run as window stores
+    inside the loop: no op of the cache's size runs per token."""
+    B, T, d = 2, 16, 8
+    w = (rng.standard_normal((d, d)) / 3).astype(np.float32)
+
+    def decode(cache, x, w):
+        def body(pos, c):
+            cache, x, out = c
+            k = jnp.tanh(x @ w)
+            cache = cache.at[:, pos].set(k)
+            x = jnp.einsum("btd,bd->bd", cache, k) / T
+            return cache, x, out.at[:, pos].set(x[:, 0])
+
+        return jax.lax.fori_loop(0, T, body, (cache, x, jnp.zeros((B, T), jnp.float32)))
+
+    cache = rng.standard_normal((B, T, d)).astype(np.float32)
+    x = rng.standard_normal((B, d)).astype(np.float32)
+    _check(decode, cache, x, w, tol=1e-5)
+    plan = ark.plan(decode, cache, x, w, platform="cpu")
+    assert len(_window_stores(plan)) == 2
+    assert all(op.B * op.M * op.N < cache.size for op in plan.ops)

@@ -35,6 +35,9 @@ DEFAULT_MAX_WHILE_ITERATIONS = 1 << 16
 MAX_LOOP_DEPTH = 2  # a loop and loops inside its body (v3)
 MAX_TRIP_COUNT = 1 << 24  # iterations of one loop (v3); a task's counter reaches its trip count
 MAX_GROUP_SIZE = 4096  # v3: ranks of a plan's communication group
+# A window store's offset register value that drops the element instead of storing it (a scatter
+# point out of bounds; dynamic_update_slice clamps instead). plan_format.hpp kDropStore.
+DROP_STORE = -(1 << 31)
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 

@@ -14,6 +14,7 @@ import scipy.special
 
 from jax_ark._persistent._format import (
     ARG_REDUCES,
+    DROP_STORE,
     INT_DTYPES,
     INT_REDUCES,
     Instr,
@@ -325,11 +326,13 @@ def run_task(
         idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
         regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, **ev)
         view = plan.views[op.store_view]
-        at = np.full(lin.shape, view.offset, np.int64) + _s(regs[op.store_at])
+        moved = _s(regs[op.store_at])
+        keep = moved != DROP_STORE  # a scatter point out of bounds stores nothing
+        at = np.full(lin.shape, view.offset, np.int64) + moved
         for d, stride in enumerate(view.strides):
             at = at + idx[d] * stride
         at = np.clip(at, 0, out.num_elements - 1)
-        lin, value = at, regs[-1]
+        lin, value = at[keep], regs[-1][keep]
     else:
         shape = epilogue_shape(plan, op)
         idx = np.unravel_index(lin, shape) if shape else ()

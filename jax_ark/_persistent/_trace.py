@@ -26,6 +26,7 @@ from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_col
 from jax_ark._persistent._format import (
     ARG_REDUCES,
     DEFAULT_MAX_WHILE_ITERATIONS,
+    DROP_STORE,
     INT_DTYPES,
     MAX_LOOP_DEPTH,
     MAX_PROGRAM_LEN,
@@ -1208,15 +1209,9 @@ def _clamped_start(b: _Builder, start: _Node, hi: int, uses: int) -> _Node:
 def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
     if math.prod(args[1].shape) == 0:
         return args[0]
-    state = b.loop_in_place.get(id(b.eqn))
-    operand = args[0]
-    if state is not None and isinstance(operand, _Load) and operand.tensor == state:
-        # a loop's in-place state (see _in_place_state): the operand is a view of the state
-        # tensor (the whole of it, or the iteration's slice of an inner scan's xs)
-        return _window_store(b, operand, args[1], args[2:])
-    in_place = _update_in_place(b, args, out_shape)
-    if in_place is not None:
-        return in_place
+    target = _in_place_target(b, args[0], out_shape)
+    if target is not None:
+        return _window_store(b, target, args[1], args[2:])
     operand, update = args[0], _as_load(b, args[1])
     inside, terms = None, []
     strides = [0] * len(out_shape)
@@ -1250,35 +1245,65 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
     return b.elementwise("select", [inside, operand, new], out_shape, out_dtype)
 
 
+def _window_scatter(eqn) -> bool:
+    """A `scatter` (set: add / mul / min / max combine with the old value) of ONE point, i.e. of
+    one window of the operand: x.at[i].set(v), a KV-cache write cache.at[:, pos].set(kv)."""
+    if eqn.primitive.name != "scatter":
+        return False
+    dn = eqn.params["dimension_numbers"]
+    indices = eqn.invars[1].aval.shape
+    return (
+        not dn.operand_batching_dims
+        and not dn.scatter_indices_batching_dims
+        and len(indices) >= 1
+        and math.prod(indices[:-1]) == 1
+        and math.prod(eqn.invars[2].aval.shape) > 0
+    )
+
+
+def _is_window_update(eqn) -> bool:
+    """An eqn whose result is its first operand with one window replaced (in-place candidates)."""
+    return eqn.primitive.name == "dynamic_update_slice" or _window_scatter(eqn)
+
+
 def _dus_chains(jaxpr, counts: dict) -> dict[int, Any]:
     """id(dynamic_update_slice eqn) -> the var its result ends up as when the result's one use is
     the operand of the next dynamic_update_slice, and so on (an unrolled ring matmul writing each
-    step's product into its rows of one buffer). `x.at[i].set(v)` is a scatter, not one of these."""
+    step's product into its rows of one buffer), or single-point scatters (`x.at[i].set(v)`,
+    _window_scatter), which update one window too."""
     next_update: dict = {}
     for e in jaxpr.eqns:
-        v = e.invars[0] if e.primitive.name == "dynamic_update_slice" else None
+        v = e.invars[0] if _is_window_update(e) else None
         if v is not None and not _is_literal(v) and counts.get(v) == 1:
             next_update[v] = e
     ends: dict[int, Any] = {}
     for e in reversed(jaxpr.eqns):
-        if e.primitive.name == "dynamic_update_slice":
+        if _is_window_update(e):
             following = next_update.get(e.outvars[0])
             ends[id(e)] = ends[id(following)] if following is not None else e.outvars[0]
     return ends
 
 
-def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
-    """A top-level chain of dynamic_update_slices (_dus_chains) whose last result the function
-    returns, starting from a user input or a constant fill (`jnp.zeros`) that nothing else
-    reads: the result is that input's buffer (aliased through the FFI call: with jax.jit
-    donation, no copy), or one aliased to a plan constant holding the fill, and one window-store
-    task per update writes only the update, at the clamped device offset, in program order
-    (required_dependencies orders the stores of one tensor). Updating a buffer by selecting
-    over all of it per update made an unrolled ring matmul's output assembly cost more than its
-    matmuls. None when the pattern does not apply (then the whole result is computed)."""
-    operand, update = args[0], args[1]
+def _in_place_target(b: _Builder, operand: _Node, out_shape) -> _Load | None:
+    """Where the current update eqn (a dynamic_update_slice or a single-point scatter,
+    _is_window_update) writes in place, or None (then the whole result is computed).
+
+    A loop's in-place state (_in_place_state): the operand is a view of the state tensor (the
+    whole of it, or the iteration's slice of an inner scan's xs). Outside loops, a chain of
+    updates of one buffer (_dus_chains) whose last result the function returns, starting from a
+    user input or a constant fill (`jnp.zeros`) that nothing else reads: the result is that
+    input's buffer (aliased through the FFI call: with jax.jit donation, no copy), or one aliased
+    to a plan constant holding the fill, and one window-store task per update writes only the
+    update, in program order (required_dependencies orders the stores of one tensor). Updating a
+    buffer by selecting over all of it per update made an unrolled ring matmul's output assembly
+    cost more than its matmuls."""
     eqn = b.eqn
-    end = b.dus_chain_end.get(id(eqn)) if eqn is not None else None
+    if eqn is None:
+        return None
+    state = b.loop_in_place.get(id(eqn))
+    if state is not None and isinstance(operand, _Load) and operand.tensor == state:
+        return operand
+    end = b.dus_chain_end.get(id(eqn))
     if end is None or b.top_counts.get(eqn.invars[0]) != 1:
         return None
     whole = (
@@ -1287,7 +1312,7 @@ def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
         and _is_identity(operand, b.tensors[operand.tensor].shape)
     )
     if whole and operand.tensor in b.chain_results:  # a later update of the chain's buffer
-        return _window_store(b, operand, update, args[2:])
+        return operand
     if end not in b.top_outputs:
         return None
     if isinstance(operand, _Imm):
@@ -1304,14 +1329,17 @@ def _update_in_place(b: _Builder, args, out_shape) -> _Node | None:
     else:
         return None
     b.chain_results.add(out)
-    return _window_store(b, b.load(out), update, args[2:])
+    return b.load(out)
 
 
-def _window_store(b: _Builder, target: _Load, update: _Node, starts) -> _Load:
+def _window_store(
+    b: _Builder, target: _Load, update: _Node, starts, keep: _Node | None = None
+) -> _Load:
     """One window-store task writing `update` into `target` (a view of an aliased result: the
     whole tensor, or the current iteration's slice of it when the state is an inner scan's xs)
-    at the clamped device offset of `starts`; the other elements keep their content. Returns
-    target, which now holds the updated value."""
+    at the clamped device offset of `starts`; the other elements keep their content. With
+    `keep` (a scalar bool: a scatter point's window fits), nothing is stored when it is false.
+    Returns target, which now holds the updated value."""
     out = target.tensor
     src = b.tensors[out]
     window = tuple(update.shape)
@@ -1327,6 +1355,11 @@ def _window_store(b: _Builder, target: _Load, update: _Node, starts) -> _Load:
         i = _Ew(window, "int32", op="load_iter")
         terms.append(_iop(b, "imul", i, target.iter_stride))
     offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
+    if keep is not None:
+        drop = _Imm(window, "int32", value=DROP_STORE)
+        offset = b.elementwise(
+            "select", [b.broadcast(keep, window, ()), drop, offset], window, "int32"
+        )
     value = b.strip_pendings(update)
     if value.dtype != src.dtype:
         value = _convert(b, value, src.dtype)
@@ -1522,6 +1555,10 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
             f"ark.persistent: {prim} of {points} scatter points (at most "
             f"{_SCATTER_MAX_POINTS}) {where}"
         )
+    if prim == "scatter" and b.eqn is not None and _window_scatter(b.eqn):
+        target = _in_place_target(b, operand, out_shape)
+        if target is not None:
+            return _scatter_window_store(b, target, indices, updates, dn, mode, out_shape)
     kind = _kind(out_dtype)
     combine = None
     if prim != "scatter":
@@ -1592,6 +1629,43 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
             new if take is None else b.elementwise("select", [take, cur, new], out_shape, out_dtype)
         )
     return cur
+
+
+def _scatter_window_store(b: _Builder, target: _Load, indices, updates, dn, mode, out_shape):
+    """A single-point scatter updating `target` in place (_in_place_target): one window store of
+    the update at the point, which stores nothing when the window does not fit (FILL_OR_DROP,
+    PROMISE_IN_BOUNDS) or is clamped into the operand (CLIP), as _scatter's select does."""
+    rank = len(out_shape)
+    inserted = set(dn.inserted_window_dims)
+    window_dims = [d for d in range(rank) if d not in inserted]
+    window = [1] * rank
+    for j, d in enumerate(window_dims):
+        window[d] = updates.shape[dn.update_window_dims[j]]
+    if len(dn.update_window_dims) == len(updates.shape):  # no size-1 point dims: a reshape
+        update = b.broadcast(b.strip_pendings(updates), tuple(window), tuple(window_dims))
+    else:
+        upd = _as_load(b, b.strip_pendings(updates))
+        strides = [0] * rank
+        for j, d in enumerate(window_dims):
+            strides[d] = upd.strides[dn.update_window_dims[j]]
+        update = _Load(
+            tuple(window), upd.dtype, upd.tensor, upd.offset, tuple(strides), upd.iter_stride,
+            upd.outer_iter_stride,
+        )  # fmt: skip
+    idx = _as_load(b, indices)
+    starts: list[_Node] = [_iconst(0)] * rank
+    keep = None
+    for c, d in enumerate(dn.scatter_dims_to_operand_dims):
+        start = _Load(
+            (), idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], (), idx.iter_stride,
+            idx.outer_iter_stride,
+        )  # fmt: skip
+        starts[d] = start
+        if "CLIP" not in mode:  # the whole window must fit, else the point is dropped
+            s = _i32(b, start, ())
+            keep = _and(b, keep, _iop(b, "ige", s, 0))
+            keep = _and(b, keep, _iop(b, "ile", s, out_shape[d] - window[d]))
+    return _window_store(b, target, update, starts, keep)
 
 
 _INDEXING = {
@@ -2035,13 +2109,13 @@ def _uses(body, var) -> list:
 def _state_flow(body, var) -> tuple[Any, list] | None:
     """How loop state `var` (a body input: a carry, or an xs slice) reaches a body output when
     every step can update it in place: each value before the last has ONE reader, either a
-    dynamic_update_slice of it (the next value is the update's result) or a nested scan taking
-    it as a carry (returned as that carry) or as xs (re-stacked as ys) whose body does the same
-    recursively; the last value is returned once and may have any other readers (it stays in
-    the tensor until the next iteration's update). Returns (end var, steps), steps being
-    (dynamic_update_slice eqn, None, None) or (scan eqn, the carry / ys index q the state comes
-    out as, the scan body's steps); None if an old value is read besides its update (it must
-    then survive the update: no in-place update)."""
+    dynamic_update_slice or one-point scatter of it (_is_window_update: the next value is the
+    update's result) or a nested scan taking it as a carry (returned as that carry) or as xs
+    (re-stacked as ys) whose body does the same recursively; the last value is returned once
+    and may have any other readers (it stays in the tensor until the next iteration's update).
+    Returns (end var, steps), steps being (update eqn, None, None) or (scan eqn, the carry / ys
+    index q the state comes out as, the scan body's steps); None if an old value is read besides
+    its update (it must then survive the update: no in-place update)."""
     steps: list = []
     cur = var
     while True:
@@ -2055,7 +2129,7 @@ def _state_flow(body, var) -> tuple[Any, list] | None:
         at = [i for i, v in enumerate(e.invars) if v is cur]
         if len(at) != 1:
             return None
-        if e.primitive.name == "dynamic_update_slice" and at[0] == 0:
+        if _is_window_update(e) and at[0] == 0:
             steps.append((e, None, None))
             cur = e.outvars[0]
             continue

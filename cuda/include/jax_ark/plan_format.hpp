@@ -154,13 +154,19 @@ struct OpRecord {                   // 40 words
   int64_t iter_dims[kMaxRank];                                    // 24..35 REDUCE / window space
   // v2 window store (MAP only): 1 + a view of out_tensor over iter_dims and 1 + the epilogue
   // register holding an int32 element offset; the result goes to that view's element + offset,
-  // clamped into the tensor (an in-place update of an aliased result). 0 = whole-tensor op.
+  // clamped into the tensor (an in-place update of an aliased result); an offset equal to
+  // kDropStore stores nothing (a scatter point out of bounds). 0 = whole-tensor op.
   int32_t store_view_plus1, store_at_plus1;                       // 36..37
   // v3 PUT only: 1 + the word offset of this op's routing table in the route section (RouteView);
   // 0 = the default routing (slot b of every rank's inbox comes from rank b).
   int32_t route_plus1;                                            // 38
   int32_t reserved[1];                                            // 39
 };
+
+// A window store's offset register value that drops the element instead of storing it: a
+// scatter (`x.at[i].set(v)`) drops a point whose window does not fit, where dynamic_update_slice
+// clamps. No real offset is negative (starts are clamped, strides >= 0).
+constexpr int32_t kDropStore = INT32_MIN;
 
 struct TaskRecord {                 // 8 words: one tile of one op, half-open ranges
   int32_t op, flags;

@@ -1045,7 +1045,7 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
 }
 
 // A window store (plan v2): the epilogue over iter_dims, each value stored at the store view's
-// element plus the int32 offset register, clamped into the tensor.
+// element plus the int32 offset register, clamped into the tensor (kDropStore: not stored).
 void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
   const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
@@ -1065,10 +1065,13 @@ void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task
         rem /= op.iter_dims[d];
       }
       for (int e = 0; e < n; ++e) {
-        int64_t at = v.offset + static_cast<int32_t>(moved[e]);
-        for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
-        at = std::min<int64_t>(std::max<int64_t>(at, 0), out.num_elements - 1);
-        store_element(base, out.dtype, at, value[e]);
+        const int32_t delta = static_cast<int32_t>(moved[e]);
+        if (delta != kDropStore) {
+          int64_t at = v.offset + delta;
+          for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
+          at = std::min<int64_t>(std::max<int64_t>(at, 0), out.num_elements - 1);
+          store_element(base, out.dtype, at, value[e]);
+        }
         for (int d = rank - 1; d >= 0; --d) {
           if (++idx[d] < op.iter_dims[d]) break;
           idx[d] = 0;

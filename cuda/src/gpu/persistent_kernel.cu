@@ -759,6 +759,7 @@ __device__ bool run_map(const KernelParams& p, const pf::PlanView& plan, const p
     }
     float moved = 0.f;
     const float v = eval_program(s, plen, elen, idx, 0.f, s.store_reg, &moved);
+    if (__float_as_int(moved) == pf::kDropStore) return;  // a scatter point out of bounds
     int64_t e = s.store.offset + __float_as_int(moved);
     for (int d = 0; d < s.store.rank; ++d) e += idx[d] * s.store.strides[d];
     e = e < 0 ? 0 : (e >= s.store.num_elements ? s.store.num_elements - 1 : e);

@@ -1,0 +1,75 @@
+"""The KV-cache write `cache.at[:, pos].set(kv)` inside ark.persistent against jax.jit, one device.
+
+Three functions: a decode step (write one position, then read the cache back with an einsum) at
+two cache sizes, and a fori_loop of 16 tokens (tanh(x @ w), the write, softmax attention over the
+cache). Prints microseconds per call (median of --calls calls, every call waited for) and the
+ark/jax.jit ratio measured in the same process. Used for the table in docs/benchmarks.md
+("One-point scatters as window stores").
+
+    python benchmarks/kv_scatter.py --calls 200
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_ark as ark
+from jax_ark.bench._timing import median_seconds
+
+
+def step(cache, k, pos):
+    cache = cache.at[:, pos].set(k)
+    return cache, jnp.einsum("btd,bd->bt", cache, k)
+
+
+def decode(cache, x, w):
+    def body(pos, carry):
+        cache, x = carry
+        k = jnp.tanh(x @ w)
+        cache = cache.at[:, pos].set(k)
+        s = jax.nn.softmax(jnp.einsum("btd,bd->bt", cache, k) / 8, -1)
+        return cache, jnp.einsum("bt,btd->bd", s, cache)
+
+    return jax.lax.fori_loop(0, 16, body, (cache, x))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200)
+    calls = parser.parse_args().calls
+    rng = np.random.default_rng(0)
+
+    def normal(*shape, scale=1.0):
+        return jnp.asarray(rng.standard_normal(shape).astype(np.float32) * scale)
+
+    cases = []
+    for b, t, d in [(4, 512, 64), (8, 2048, 128)]:
+        cases.append((f"step {b}x{t}x{d}", step, (normal(b, t, d), normal(b, d), jnp.int32(7))))
+    cases.append(
+        (
+            "decode loop 16 tokens 4x256x64",
+            decode,
+            (normal(4, 256, 64), normal(4, 64), normal(64, 64, scale=0.125)),
+        )
+    )
+    for name, fn, args in cases:
+        ours, base = jax.jit(ark.persistent(fn)), jax.jit(fn)
+        err = max(
+            float(jnp.abs(a - b).max())
+            for a, b in zip(jax.tree.leaves(ours(*args)), jax.tree.leaves(base(*args)), strict=True)
+        )
+        if not err < 1e-4:
+            raise SystemExit(f"{name}: ark differs from jax.jit by {err}")
+        iters = calls if name.startswith("step") else max(3, calls // 4)
+        ark_s = median_seconds(ours, *args, iters=iters)
+        jit_s = median_seconds(base, *args, iters=iters)
+        times = f"ark {ark_s * 1e6:.0f} us, jax.jit {jit_s * 1e6:.0f} us"
+        print(f"{name}: {times}, ark/jit {ark_s / jit_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

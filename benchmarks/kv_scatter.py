@@ -2,9 +2,10 @@
 
 Three functions: a decode step (write one position, then read the cache back with an einsum) at
 two cache sizes, and a fori_loop of 16 tokens (tanh(x @ w), the write, softmax attention over the
-cache). Prints microseconds per call (median of --calls calls, every call waited for) and the
-ark/jax.jit ratio measured in the same process. Used for the table in docs/benchmarks.md
-("One-point scatters as window stores").
+cache); then two matrix-vector products alone (one output column: the attention scores of a
+batch of single-token queries, and a GEMV). Prints microseconds per call (median of --calls
+calls, every call waited for) and the ark/jax.jit ratio measured in the same process. Used for
+the tables in docs/benchmarks.md ("One-point scatters as window stores").
 
     python benchmarks/kv_scatter.py --calls 200
 """
@@ -37,6 +38,14 @@ def decode(cache, x, w):
     return jax.lax.fori_loop(0, 16, body, (cache, x))
 
 
+def scores(cache, q):
+    return jnp.einsum("btd,bd->bt", cache, q)
+
+
+def gemv(m, v):
+    return m @ v
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
@@ -56,6 +65,8 @@ def main() -> None:
             (normal(4, 256, 64), normal(4, 64), normal(64, 64, scale=0.125)),
         )
     )
+    cases.append(("matvec btd,bd->bt 8x2048x128", scores, (normal(8, 2048, 128), normal(8, 128))))
+    cases.append(("matvec 4096x256 @ 256", gemv, (normal(4096, 256), normal(256))))
     for name, fn, args in cases:
         ours, base = jax.jit(ark.persistent(fn)), jax.jit(fn)
         err = max(
@@ -64,7 +75,7 @@ def main() -> None:
         )
         if not err < 1e-4:
             raise SystemExit(f"{name}: ark differs from jax.jit by {err}")
-        iters = calls if name.startswith("step") else max(3, calls // 4)
+        iters = max(3, calls // 4) if name.startswith("decode") else calls
         ark_s = median_seconds(ours, *args, iters=iters)
         jit_s = median_seconds(base, *args, iters=iters)
         times = f"ark {ark_s * 1e6:.0f} us, jax.jit {jit_s * 1e6:.0f} us"

@@ -926,10 +926,23 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   // and the column-wise writes of a transposed B then evict each other.
   if (!direct_b && !direct_bt) s.b_tile.resize(static_cast<size_t>(std::min(K, k_block)) * tile_ld);
   const int b_size = dtype_size(b_dt);
+  // One output column (a matrix-vector product: a decode step's attention scores, `p @ v` for one
+  // query): the kernels vectorize across columns, so one column would run scalar, one term at a
+  // time. It runs as the transposed product instead: B's column as the one row, A's k-contiguous
+  // rows as the columns of a transposed B (matmul_tile_kt), vectorized across A's rows; the same
+  // terms are added in the same k order, so the bits do not change.
+  const bool column = tn == 1;
+  const bool direct_column = column && b_dt == kF32 && bv.strides[1] == 1;
+  if (column && !direct_column) s.b_tile.resize(static_cast<size_t>(K));
   for (int b = task.b0; b < task.b1; ++b) {
     // direct_b: B[b, k, n0 + n] is element k * strides[1] + n of b_rows;
     // direct_bt: element n * strides[2] + k
     const char* b_rows = b_base + (bv.offset + b * bv.strides[0] + task.n0 * bv.strides[2]) * b_size;
+    const float* b_column = reinterpret_cast<const float*>(b_rows);
+    if (column && !direct_column) {
+      widen_b_block(bv, b_dt, b_base, b, 0, static_cast<int>(K), task.n0, 1, s.b_tile.data(), 1);
+      b_column = s.b_tile.data();
+    }
     for (int m = task.m0; m < task.m1; m += kernels::kRows) {
       const int rows = std::min(kernels::kRows, task.m1 - m);
       const float* a_rows = s.a_row.data();
@@ -939,6 +952,14 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
         lda = av.strides[1];
       } else {
         widen_a_rows(av, a_dt, a_base, b, m, rows, K, s.a_row.data());
+      }
+      if (column) {
+        float* acc = s.acc.data();  // rows x 1 = 1 x rows
+        kernels::matmul_tile_kt(run.opt.fused_matmul, b_column, K, 1, K, a_rows, false, lda, rows, acc,
+                                rows);
+        round_in_place(acc, rows, op.acc_dtype);
+        epilogue_block(run, op, static_cast<int64_t>(b) * op.M + m, rows, task.n0, 1, acc, s);
+        continue;
       }
       for (int c0 = 0; c0 < tn; c0 += chunk) {
         const int cols = std::min(chunk, tn - c0);

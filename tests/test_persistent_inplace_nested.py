@@ -38,15 +38,19 @@ def _attend(x, w, q, kc, vc, pos):
     return x + jax.nn.gelu(_rms(x, w["g2"]) @ w["w1"]) @ w["w2"]
 
 
-def _layer_xs(pos):
-    """A layer body for scan over (weights, k cache slice, v cache slice) as xs -> ys."""
+def _layer_xs(pos, scatter=False):
+    """A layer body for scan over (weights, k cache slice, v cache slice) as xs -> ys; the new
+    row written with dynamic_update_slice, or (scatter) with `.at[:, pos].set`."""
 
     def layer(x, lw):
         w, kc, vc = lw
         h = _rms(x, w["g1"])
         q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
-        kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
+        if scatter:
+            kc, vc = kc.at[:, pos].set(k), vc.at[:, pos].set(v)
+        else:
+            kc = jax.lax.dynamic_update_slice(kc, k[:, None, :], (0, pos, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v[:, None, :], (0, pos, 0))
         return _attend(x, w, q, kc, vc, pos), (kc, vc)
 
     return layer
@@ -56,24 +60,28 @@ def _greedy(params, x):
     return jnp.argmax(_rms(x, params["gf"]) @ params["unembed"], -1).astype(jnp.int32)
 
 
-def generate_xs(params, layers, kcs, vcs, token, reverse=False):
+def generate_xs(params, layers, kcs, vcs, token, reverse=False, scatter=False):
     """Greedy decoding of STEPS tokens; layers as an inner scan with the stacked caches as xs,
     re-stacked as ys (the form of flax nnx.scan / a hand-written stacked-layers model)."""
 
     def body(pos, c):
         tok, kcs, vcs, out = c
         x = params["embed"][tok]
-        x, (kcs, vcs) = jax.lax.scan(_layer_xs(pos), x, (layers, kcs, vcs), reverse=reverse)
+        layer = _layer_xs(pos, scatter)
+        x, (kcs, vcs) = jax.lax.scan(layer, x, (layers, kcs, vcs), reverse=reverse)
         tok = _greedy(params, x)
+        if scatter:
+            return tok, kcs, vcs, out.at[:, pos].set(tok)
         return tok, kcs, vcs, jax.lax.dynamic_update_slice(out, tok[:, None], (0, pos))
 
     out = jnp.zeros((token.shape[0], STEPS), jnp.int32)
     return jax.lax.fori_loop(0, STEPS, body, (token, kcs, vcs, out))
 
 
-def generate_carried(params, layers, kcs, vcs, token):
+def generate_carried(params, layers, kcs, vcs, token, scatter=False):
     """The same decoder, the layers scan carrying the whole stacked caches and updating layer
-    l's row with dynamic_update_slice at (l, 0, pos, 0); attention reads cache[l]."""
+    l's row with dynamic_update_slice at (l, 0, pos, 0) (or `.at[l, :, pos].set`); attention
+    reads cache[l]."""
 
     def body(pos, c):
         tok, kcs, vcs, out = c
@@ -82,8 +90,11 @@ def generate_carried(params, layers, kcs, vcs, token):
             x, kcs, vcs, at = carry
             h = _rms(x, w["g1"])
             q, k, v = h @ w["wq"], h @ w["wk"], h @ w["wv"]
-            kcs = jax.lax.dynamic_update_slice(kcs, k[None, :, None, :], (at, 0, pos, 0))
-            vcs = jax.lax.dynamic_update_slice(vcs, v[None, :, None, :], (at, 0, pos, 0))
+            if scatter:
+                kcs, vcs = kcs.at[at, :, pos].set(k), vcs.at[at, :, pos].set(v)
+            else:
+                kcs = jax.lax.dynamic_update_slice(kcs, k[None, :, None, :], (at, 0, pos, 0))
+                vcs = jax.lax.dynamic_update_slice(vcs, v[None, :, None, :], (at, 0, pos, 0))
             x = _attend(x, w, q, kcs[at], vcs[at], pos)
             return (x, kcs, vcs, at + 1), None
 
@@ -166,8 +177,14 @@ def _cache_operands(args):
 
 @pytest.mark.parametrize(
     "fn",
-    [generate_xs, lambda *a: generate_xs(*a, reverse=True), generate_carried],
-    ids=["xs_to_ys", "xs_to_ys_reversed", "carried"],
+    [
+        generate_xs,
+        lambda *a: generate_xs(*a, reverse=True),
+        generate_carried,
+        lambda *a: generate_xs(*a, scatter=True),
+        lambda *a: generate_carried(*a, scatter=True),
+    ],
+    ids=["xs_to_ys", "xs_to_ys_reversed", "carried", "xs_to_ys_at_set", "carried_at_set"],
 )
 def test_stacked_caches_in_place_through_tokens_x_layers(rng, fn):
     args = _args(rng)

@@ -1,8 +1,9 @@
 """Code we did not write inside ark.persistent: optax optimizers' update steps and losses; a
 Megatron tensor-parallel MLP written with flax.linen layers trained by optax.adamw, its forward,
 backward, psum and optimizer update planned as ONE persistent call per device; a flax.nnx
-transformer block and its gradient; equinox's recurrent cells in a scan. Each against jax.jit
-(with jax.lax's collectives inside jax.shard_map) on fresh random inputs and optimizer states.
+transformer block and its gradient; flax.nnx's MultiHeadAttention decoding with its own KV
+cache; equinox's recurrent cells in a scan. Each against jax.jit (with jax.lax's collectives
+inside jax.shard_map) on fresh random inputs and optimizer states.
 
 The first run of these found a silent error: lax.pow with an int32 exponent (optax's bias
 correction `b1 ** count`) read the exponent's bits as a float, and adam's parameters came out
@@ -197,6 +198,40 @@ def test_flax_nnx_transformer_block_and_its_gradient(rng):
     for fn, tol in ((forward, TOL), (grads, 1e-4)):
         got, want = jax.jit(ark.persistent(fn))(x, state), jax.jit(fn)(x, state)
         _assert_matches(got, want, tol)
+
+
+def test_flax_nnx_attention_decode_with_its_kv_cache(rng):
+    """flax.nnx.MultiHeadAttention(decode=True) writes each step's key / value into its own cache
+    variables: ark runs the step as one persistent call, updating the cache buffers in place
+    (window stores), and five steps in a row equal jax.jit's outputs and caches."""
+    nnx = pytest.importorskip("flax.nnx")
+    b, t, d = 2, 16, 32
+    mha = nnx.MultiHeadAttention(
+        num_heads=4,
+        in_features=d,
+        qkv_features=d,
+        decode=True,
+        rngs=nnx.Rngs(int(rng.integers(99))),
+    )
+    mha.init_cache((b, t, d))
+    graphdef, state = nnx.split(mha)
+
+    def step(state, x):
+        m = nnx.merge(graphdef, state)
+        y = m(x)
+        return y, nnx.state(m)
+
+    x0 = rng.standard_normal((b, 1, d)).astype(np.float32)
+    plan = ark.plan(step, state, x0, platform="cpu")
+    assert sum(op.store_view >= 0 for op in plan.ops) == 2  # the key and value cache writes
+    ours, base = jax.jit(ark.persistent(step, num_workers=2)), jax.jit(step)
+    s_ours = s_base = state
+    for _ in range(5):
+        x = rng.standard_normal((b, 1, d)).astype(np.float32)
+        y_ours, s_ours = ours(s_ours, x)
+        y_base, s_base = base(s_base, x)
+        _assert_matches(y_ours, y_base)
+        _assert_matches(s_ours, s_base)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

@@ -1,9 +1,10 @@
 """The KV-cache write `cache.at[:, pos].set(kv)` inside ark.persistent against jax.jit, one device.
 
-Three functions: a decode step (write one position, then read the cache back with an einsum) at
-two cache sizes, and a fori_loop of 16 tokens (tanh(x @ w), the write, softmax attention over the
-cache); then two matrix-vector products alone (one output column: the attention scores of a
-batch of single-token queries, and a GEMV). Prints microseconds per call (median of --calls
+Four functions: a decode step (write one position, then read the cache back with an einsum) at
+two cache sizes, the same step with each sequence at its own position (`.at[arange(B), pos]`),
+and a fori_loop of 16 tokens (tanh(x @ w), the write, softmax attention over the cache); then
+two matrix-vector products alone (one output column: the attention scores of a batch of
+single-token queries, and a GEMV). Prints microseconds per call (median of --calls
 calls, every call waited for) and the ark/jax.jit ratio measured in the same process. Used for
 the tables in docs/benchmarks.md ("One-point scatters as window stores").
 
@@ -24,6 +25,12 @@ from jax_ark.bench._timing import median_seconds
 
 def step(cache, k, pos):
     cache = cache.at[:, pos].set(k)
+    return cache, jnp.einsum("btd,bd->bt", cache, k)
+
+
+def ragged_step(cache, k, pos):
+    """Each sequence of the batch writes at its own position (pos[b])."""
+    cache = cache.at[jnp.arange(cache.shape[0]), pos].set(k)
     return cache, jnp.einsum("btd,bd->bt", cache, k)
 
 
@@ -58,6 +65,14 @@ def main() -> None:
     cases = []
     for b, t, d in [(4, 512, 64), (8, 2048, 128)]:
         cases.append((f"step {b}x{t}x{d}", step, (normal(b, t, d), normal(b, d), jnp.int32(7))))
+    b, t, d = 8, 2048, 128
+    cases.append(
+        (
+            f"ragged step {b}x{t}x{d}",
+            ragged_step,
+            (normal(b, t, d), normal(b, d), jnp.arange(b, dtype=jnp.int32) * 100),
+        )
+    )
     cases.append(
         (
             "decode loop 16 tokens 4x256x64",

@@ -125,12 +125,13 @@ def _f7(a):
 def _f8(parts, i, j, buf):
     """Chains of window stores into one tensor: from a zero fill (overlapping run-time windows,
     each store ordered after the one before; a one-point scatter whose store is dropped when
-    the point is out of range) and from an input nothing else reads."""
+    the point is out of range) and from an input nothing else reads (a two-point scatter)."""
     out = jnp.zeros((6, 4), jnp.float32)
     out = jax.lax.dynamic_update_slice(out, jnp.tanh(parts[:2]), (i, 0))
     out = out.at[j + 4].set(parts[0] - 1.0)  # j = 2: out of range, dropped
     out = jax.lax.dynamic_update_slice(out, parts[2:5] * 2.0, (j, 0))
     buf = jax.lax.dynamic_update_slice(buf, jnp.sin(parts[:1]) @ parts[1:5], (j, 0))
+    buf = buf.at[jnp.stack([i, j + 9])].set(parts[1:3])  # two points, the second dropped
     return out, jax.lax.dynamic_update_slice(buf, parts[4:], (i, 0))
 
 

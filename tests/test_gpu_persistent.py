@@ -278,3 +278,21 @@ def test_kv_cache_scatter_window_store_drops_out_of_range_points(rng, pos):
     got = jax.jit(ark.persistent(step), donate_argnums=(0,))(jnp.asarray(cache), np.int32(pos), kv)
     for g, r in zip(got, want, strict=True):
         _close(g, r)
+
+
+def test_ragged_kv_cache_scatter_is_one_window_store(rng):
+    """`cache.at[jnp.arange(B), pos].set(kv)` (each sequence at its own position, some out of
+    range): one window store over (B, 1, 1, d) whose threads store the points in parallel."""
+    cache = rng.standard_normal((4, 8, 64)).astype(np.float32)
+    kv = rng.standard_normal((4, 64)).astype(np.float32)
+
+    def step(c, pos, kv):
+        c = c.at[jnp.arange(4), pos].set(jnp.tanh(kv))
+        return c, jnp.einsum("btd,bd->bt", c, kv)
+
+    for pos in ([0, 7, 3, 3], [8, -1, -9, 2]):
+        pos = np.array(pos, np.int32)
+        want = jax.jit(step)(cache, pos, kv)
+        got = jax.jit(ark.persistent(step), donate_argnums=(0,))(jnp.asarray(cache), pos, kv)
+        for g, r in zip(got, want, strict=True):
+            _close(g, r)

@@ -249,3 +249,50 @@ def test_decode_loop_scatters_are_window_stores(rng):
     plan = ark.plan(decode, cache, x, w, platform="cpu")
     assert len(_window_stores(plan)) == 2
     assert all(op.B * op.M * op.N < cache.size for op in plan.ops)
+
+
+def test_points_along_one_index_dim_are_one_window_store(rng):
+    """`cache.at[jnp.arange(B), pos].set(kv)`: each sequence of a batch written at its own
+    position (ragged decode) is ONE window-store task over (points, *window), each point dropped
+    when out of range; also a plain `x.at[idx].set(rows)` of distinct indices."""
+    b, t, d = 4, 16, 8
+    cache = rng.standard_normal((b, t, d)).astype(np.float32)
+    kv = rng.standard_normal((b, d)).astype(np.float32)
+
+    def ragged(c, pos, kv):
+        return c.at[jnp.arange(b), pos].set(jnp.tanh(kv))
+
+    for pos in ([0, 5, 15, 3], [16, -1, 2, 2], [100, -17, 7, 0], [-16, 15, -15, 14]):
+        _check(ragged, cache, np.array(pos, np.int32), kv)
+    plan = ark.plan(ragged, cache, np.zeros(b, np.int32), kv, platform="cpu")
+    (store,) = _window_stores(plan)
+    assert tuple(store.iter_dims) == (b, 1, 1, d) and plan.tensors[store.out].alias == 0
+    x = rng.standard_normal((9, 3)).astype(np.float32)
+    rows = rng.standard_normal((3, 3)).astype(np.float32)
+    for idx in ([0, 4, 8], [-1, 2, 9], [3, -10, 1]):
+        _check(lambda x, i, r: x.at[i].set(r), x, np.array(idx, np.int32), rows)
+
+
+def test_ragged_decode_loop_writes_in_place(rng):
+    """A decode loop whose sequences sit at different positions (pos + start[b]) writes its
+    cache with one window store per token, no cache-sized op per token; positions run past the
+    end for some sequences (dropped), as jax.jit does."""
+    b, t, d = 3, 10, 8
+    w = (rng.standard_normal((d, d)) / 3).astype(np.float32)
+
+    def decode(cache, x, w, start):
+        def body(i, c):
+            cache, x = c
+            k = jnp.tanh(x @ w)
+            cache = cache.at[jnp.arange(b), start + i].set(k)
+            return cache, jnp.einsum("btd,bd->bd", cache, k) / t
+
+        return jax.lax.fori_loop(0, 6, body, (cache, x))
+
+    cache = rng.standard_normal((b, t, d)).astype(np.float32)
+    x = rng.standard_normal((b, d)).astype(np.float32)
+    start = np.array([0, 3, 7], np.int32)  # the last sequence runs off the end after 3 tokens
+    _check(decode, cache, x, w, start, tol=1e-5)
+    plan = ark.plan(decode, cache, x, w, start, platform="cpu")
+    assert len(_window_stores(plan)) == 1
+    assert all(op.B * op.M * op.N < cache.size for op in plan.ops)

@@ -1246,8 +1246,10 @@ def _dynamic_update_slice(b: _Builder, args, params, out_shape, out_dtype) -> _N
 
 
 def _window_scatter(eqn) -> bool:
-    """A `scatter` (set: add / mul / min / max combine with the old value) of ONE point, i.e. of
-    one window of the operand: x.at[i].set(v), a KV-cache write cache.at[:, pos].set(kv)."""
+    """A `scatter` (set: add / mul / min / max combine with the old value) of windows of the
+    operand at ONE point (x.at[i].set(v), a KV-cache write cache.at[:, pos].set(kv)) or at the
+    points of one index dim (cache.at[jnp.arange(B), pos].set(kv): each sequence of a batch at
+    its own position), at most _SCATTER_MAX_POINTS."""
     if eqn.primitive.name != "scatter":
         return False
     dn = eqn.params["dimension_numbers"]
@@ -1255,8 +1257,8 @@ def _window_scatter(eqn) -> bool:
     return (
         not dn.operand_batching_dims
         and not dn.scatter_indices_batching_dims
-        and len(indices) >= 1
-        and math.prod(indices[:-1]) == 1
+        and 1 <= len(indices) <= 2
+        and 1 <= math.prod(indices[:-1]) <= _SCATTER_MAX_POINTS
         and math.prod(eqn.invars[2].aval.shape) > 0
     )
 
@@ -1333,33 +1335,45 @@ def _in_place_target(b: _Builder, operand: _Node, out_shape) -> _Load | None:
 
 
 def _window_store(
-    b: _Builder, target: _Load, update: _Node, starts, keep: _Node | None = None
+    b: _Builder,
+    target: _Load,
+    update: _Node,
+    starts,
+    keep: _Node | None = None,
+    points: int = 0,
 ) -> _Load:
     """One window-store task writing `update` into `target` (a view of an aliased result: the
     whole tensor, or the current iteration's slice of it when the state is an inner scan's xs)
     at the clamped device offset of `starts`; the other elements keep their content. With
-    `keep` (a scalar bool: a scatter point's window fits), nothing is stored when it is false.
-    Returns target, which now holds the updated value."""
+    `keep` (a bool: a scatter point's window fits), nothing is stored where it is false. With
+    `points` > 0 (a scatter of several points), update is (points, *window), and starts and keep
+    hold one value per point: the task stores every point's window, in point order. Returns
+    target, which now holds the updated value."""
     out = target.tensor
     src = b.tensors[out]
-    window = tuple(update.shape)
+    space = tuple(update.shape)
+    window = space[1:] if points else space
+    per_point = (0,) if points else ()  # how a per-point value broadcasts over the space
     if target.outer_iter_stride:
         raise AssertionError("internal error: an in-place view moving with the outer loop")
     terms = []
     for d, start in enumerate(starts):
-        s = _clamped_start(b, start, target.shape[d] - window[d], math.prod(window))
-        terms.append(b.broadcast(_iop(b, "imul", s, target.strides[d]), window, ()))
+        hi = target.shape[d] - window[d]
+        if points:
+            s = _clamp(b, _i32(b, start, (points,)), 0, hi)
+        else:
+            s = _clamped_start(b, start, hi, math.prod(window))
+        terms.append(b.broadcast(_iop(b, "imul", s, target.strides[d]), space, per_point))
     if target.iter_stride:
         # The slice of the innermost loop's iteration: a store view does not move with the
         # iteration, so the program adds iteration * iter_stride (LOAD_ITER) to the offset.
-        i = _Ew(window, "int32", op="load_iter")
+        i = _Ew(space, "int32", op="load_iter")
         terms.append(_iop(b, "imul", i, target.iter_stride))
-    offset = _sum_offsets(b, terms) or _Imm(window, "int32", value=0)
+    offset = _sum_offsets(b, terms) or _Imm(space, "int32", value=0)
     if keep is not None:
-        drop = _Imm(window, "int32", value=DROP_STORE)
-        offset = b.elementwise(
-            "select", [b.broadcast(keep, window, ()), drop, offset], window, "int32"
-        )
+        drop = _Imm(space, "int32", value=DROP_STORE)
+        keep = b.broadcast(keep, space, per_point)
+        offset = b.elementwise("select", [keep, drop, offset], space, "int32")
     value = b.strip_pendings(update)
     if value.dtype != src.dtype:
         value = _convert(b, value, src.dtype)
@@ -1374,13 +1388,15 @@ def _window_store(
             kind="map",
             out=out,
             B=1,
-            M=math.prod(window[:-1]) if window else 1,
-            N=window[-1] if window else 1,
+            M=math.prod(space[:-1]) if space else 1,
+            N=space[-1] if space else 1,
             acc_dtype=src.dtype,
-            iter_dims=window,
+            iter_dims=space,
             epilogue=prog,
             source=b.source,
-            store_view=b.view_id(_Load(window, src.dtype, out, target.offset, target.strides)),
+            store_view=b.view_id(
+                _Load(space, src.dtype, out, target.offset, per_point + tuple(target.strides))
+            ),
             store_at=store_at,
         )
     )
@@ -1632,40 +1648,47 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
 
 
 def _scatter_window_store(b: _Builder, target: _Load, indices, updates, dn, mode, out_shape):
-    """A single-point scatter updating `target` in place (_in_place_target): one window store of
-    the update at the point, which stores nothing when the window does not fit (FILL_OR_DROP,
-    PROMISE_IN_BOUNDS) or is clamped into the operand (CLIP), as _scatter's select does."""
+    """A scatter of one point, or of the points along one index dim (_window_scatter), updating
+    `target` in place (_in_place_target): one window-store task storing each point's window of
+    the update, in point order; nothing for a point whose window does not fit (FILL_OR_DROP,
+    PROMISE_IN_BOUNDS), clamped into the operand under CLIP, as _scatter's select does."""
     rank = len(out_shape)
     inserted = set(dn.inserted_window_dims)
     window_dims = [d for d in range(rank) if d not in inserted]
     window = [1] * rank
     for j, d in enumerate(window_dims):
         window[d] = updates.shape[dn.update_window_dims[j]]
-    if len(dn.update_window_dims) == len(updates.shape):  # no size-1 point dims: a reshape
+    points = math.prod(indices.shape[:-1])
+    point_dims = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
+    lead = (points,) if points > 1 else ()
+    if points == 1 and not point_dims:  # the update is the window: a reshape
         update = b.broadcast(b.strip_pendings(updates), tuple(window), tuple(window_dims))
     else:
         upd = _as_load(b, b.strip_pendings(updates))
         strides = [0] * rank
         for j, d in enumerate(window_dims):
             strides[d] = upd.strides[dn.update_window_dims[j]]
+        # one point: its size-1 point dims are dropped; several: the one point dim leads
+        lead_strides = (upd.strides[point_dims[0]],) if points > 1 else ()
         update = _Load(
-            tuple(window), upd.dtype, upd.tensor, upd.offset, tuple(strides), upd.iter_stride,
-            upd.outer_iter_stride,
+            lead + tuple(window), upd.dtype, upd.tensor, upd.offset, lead_strides + tuple(strides),
+            upd.iter_stride, upd.outer_iter_stride,
         )  # fmt: skip
     idx = _as_load(b, indices)
+    point_stride = (idx.strides[0],) if points > 1 else ()
     starts: list[_Node] = [_iconst(0)] * rank
     keep = None
     for c, d in enumerate(dn.scatter_dims_to_operand_dims):
         start = _Load(
-            (), idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], (), idx.iter_stride,
-            idx.outer_iter_stride,
+            lead, idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], point_stride,
+            idx.iter_stride, idx.outer_iter_stride,
         )  # fmt: skip
         starts[d] = start
         if "CLIP" not in mode:  # the whole window must fit, else the point is dropped
-            s = _i32(b, start, ())
+            s = _i32(b, start, lead)
             keep = _and(b, keep, _iop(b, "ige", s, 0))
             keep = _and(b, keep, _iop(b, "ile", s, out_shape[d] - window[d]))
-    return _window_store(b, target, update, starts, keep)
+    return _window_store(b, target, update, starts, keep, points if points > 1 else 0)
 
 
 _INDEXING = {

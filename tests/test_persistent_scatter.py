@@ -271,6 +271,10 @@ def test_points_along_one_index_dim_are_one_window_store(rng):
     rows = rng.standard_normal((3, 3)).astype(np.float32)
     for idx in ([0, 4, 8], [-1, 2, 9], [3, -10, 1]):
         _check(lambda x, i, r: x.at[i].set(r), x, np.array(idx, np.int32), rows)
+    # a rank-6 operand leaves no dim for the points: the whole-result select, still right
+    y = rng.standard_normal((3, 2, 2, 2, 2, 3)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 2, 2, 2, 3)).astype(np.float32)
+    _check(lambda y, i, v: y.at[i].set(v), y, np.array([2, 0], np.int32), v)
 
 
 def test_ragged_decode_loop_writes_in_place(rng):

@@ -1254,11 +1254,14 @@ def _window_scatter(eqn) -> bool:
         return False
     dn = eqn.params["dimension_numbers"]
     indices = eqn.invars[1].aval.shape
+    points = math.prod(indices[:-1])
     return (
         not dn.operand_batching_dims
         and not dn.scatter_indices_batching_dims
         and 1 <= len(indices) <= 2
-        and 1 <= math.prod(indices[:-1]) <= _SCATTER_MAX_POINTS
+        and 1 <= points <= _SCATTER_MAX_POINTS
+        # several points add a dim to the store's iteration space
+        and (points == 1 or len(eqn.invars[0].aval.shape) < MAX_RANK)
         and math.prod(eqn.invars[2].aval.shape) > 0
     )
 

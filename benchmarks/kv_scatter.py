@@ -6,7 +6,7 @@ and a fori_loop of 16 tokens (tanh(x @ w), the write, softmax attention over the
 two matrix-vector products alone (one output column: the attention scores of a batch of
 single-token queries, and a GEMV). Prints microseconds per call (median of --calls
 calls, every call waited for) and the ark/jax.jit ratio measured in the same process. Used for
-the tables in docs/benchmarks.md ("One-point scatters as window stores").
+the table in docs/benchmarks.md ("KV-cache writes with `.at[].set` and matrix-vector products").
 
     python benchmarks/kv_scatter.py --calls 200
 """

@@ -4,8 +4,9 @@ Four functions: a decode step (write one position, then read the cache back with
 two cache sizes, the same step with each sequence at its own position (`.at[arange(B), pos]`),
 and a fori_loop of 16 tokens (tanh(x @ w), the write, softmax attention over the cache); then
 two matrix-vector products alone (one output column: the attention scores of a batch of
-single-token queries, and a GEMV). Prints microseconds per call (median of --calls
-calls, every call waited for) and the ark/jax.jit ratio measured in the same process. Used for
+single-token queries, and a GEMV); last the 8 MiB step with the cache donated, as a decode loop
+calls it. Prints microseconds per call (median of --calls calls, every call waited for) and the
+ark/jax.jit ratio measured in the same process. Used for
 the table in docs/benchmarks.md ("KV-cache writes with `.at[].set` and matrix-vector products").
 
     python benchmarks/kv_scatter.py --calls 200

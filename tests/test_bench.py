@@ -138,3 +138,27 @@ def test_overlap_gpu_bench_plumbing_with_a_stand_in_harness(tmp_path, capsys, mo
         assert r["overlap_eff"] == pytest.approx(r["ark_us"] / max(r["compute_us"], r["comm_us"]))
         assert r["max_rel_err"] < 1e-3
     assert "eff" in capsys.readouterr().out
+
+
+def test_kv_scatter_script_runs():
+    """benchmarks/kv_scatter.py (docs/benchmarks.md's KV-cache table) checks ark against jax.jit
+    and prints a ratio per function, on a tiny number of calls."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from subprocess_env import TESTS_DIR, subprocess_env
+
+    script = Path(TESTS_DIR).parent / "benchmarks" / "kv_scatter.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--calls", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+        cwd=TESTS_DIR,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stdout.splitlines() if "ark/jit" in line]
+    assert len(lines) == 7, out.stdout
+    assert any("cache donated" in line for line in lines)

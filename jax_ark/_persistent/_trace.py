@@ -1267,15 +1267,15 @@ def _window_scatter(eqn) -> bool:
 
 
 def _is_window_update(eqn) -> bool:
-    """An eqn whose result is its first operand with one window replaced (in-place candidates)."""
+    """An eqn whose result is its first operand with windows replaced (in-place candidates)."""
     return eqn.primitive.name == "dynamic_update_slice" or _window_scatter(eqn)
 
 
 def _dus_chains(jaxpr, counts: dict) -> dict[int, Any]:
     """id(dynamic_update_slice eqn) -> the var its result ends up as when the result's one use is
     the operand of the next dynamic_update_slice, and so on (an unrolled ring matmul writing each
-    step's product into its rows of one buffer), or single-point scatters (`x.at[i].set(v)`,
-    _window_scatter), which update one window too."""
+    step's product into its rows of one buffer), or window scatters (`x.at[i].set(v)`,
+    _window_scatter), which update windows in place too."""
     next_update: dict = {}
     for e in jaxpr.eqns:
         v = e.invars[0] if _is_window_update(e) else None
@@ -1290,7 +1290,7 @@ def _dus_chains(jaxpr, counts: dict) -> dict[int, Any]:
 
 
 def _in_place_target(b: _Builder, operand: _Node, out_shape) -> _Load | None:
-    """Where the current update eqn (a dynamic_update_slice or a single-point scatter,
+    """Where the current update eqn (a dynamic_update_slice or a window scatter,
     _is_window_update) writes in place, or None (then the whole result is computed).
 
     A loop's in-place state (_in_place_state): the operand is a view of the state tensor (the
@@ -2135,7 +2135,7 @@ def _uses(body, var) -> list:
 def _state_flow(body, var) -> tuple[Any, list] | None:
     """How loop state `var` (a body input: a carry, or an xs slice) reaches a body output when
     every step can update it in place: each value before the last has ONE reader, either a
-    dynamic_update_slice or one-point scatter of it (_is_window_update: the next value is the
+    dynamic_update_slice or window scatter of it (_is_window_update: the next value is the
     update's result) or a nested scan taking it as a carry (returned as that carry) or as xs
     (re-stacked as ys) whose body does the same recursively; the last value is returned once
     and may have any other readers (it stays in the tensor until the next iteration's update).

@@ -1149,10 +1149,14 @@ class RegionWait {
         run_.fail(PersistentStatus::kAborted, rank + " cancelled while waiting for " + what +
                                                   ": the Python interpreter is exiting");
         break;
-      case kBroken:
-        run_.fail(PersistentStatus::kAborted, rank + " gave up waiting for " + what + ": " +
-                                                  run_.opt.comm->region->broken_reason());
+      case kBroken: {
+        // The root cause's code: a peer's timeout makes this a timeout too, whichever device's
+        // error XLA reports.
+        const PersistentRegion& region = *run_.opt.comm->region;
+        run_.fail(region.broke_by_timeout() ? PersistentStatus::kDeadlineExceeded : PersistentStatus::kAborted,
+                  rank + " gave up waiting for " + what + ": " + region.broken_reason());
         break;
+      }
       case kTimedOut:
         run_.fail(PersistentStatus::kDeadlineExceeded,
                   rank + " (worker " + std::to_string(worker) + ") timed out after " +
@@ -1733,7 +1737,8 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
     if (options.chaos_seed && result.status == PersistentStatus::kOk)
       std::memset(gpu::inbox_area(run.comm, run.comm.local), 0xFF, run.comm.inbox_bytes);
     options.comm->region->end(run.comm, result.status == PersistentStatus::kOk,
-                              "rank " + std::to_string(run.comm.rank) + ": " + result.message);
+                              "rank " + std::to_string(run.comm.rank) + ": " + result.message,
+                              result.status == PersistentStatus::kDeadlineExceeded);
   }
   return result;
 }

@@ -105,7 +105,8 @@ gpu::PersistentCommDevice PersistentRegion::begin(int32_t rank, int64_t run_id, 
   return c;
 }
 
-void PersistentRegion::end(const gpu::PersistentCommDevice& c, bool ok, const std::string& reason) {
+void PersistentRegion::end(const gpu::PersistentCommDevice& c, bool ok, const std::string& reason,
+                           bool timed_out) {
   if (ok) {
     // Every signal of call c.epoch was awaited: peers may put call c.epoch + 1's tiles.
     gpu::PersistentCommDevice next = c;
@@ -113,20 +114,26 @@ void PersistentRegion::end(const gpu::PersistentCommDevice& c, bool ok, const st
     gpu::announce_entered(next);
     ring(c.rank);
   } else {
-    fail(reason);
+    fail(reason, timed_out);
   }
   slots_[c.rank].busy.store(false, std::memory_order_release);
 }
 
-void PersistentRegion::fail(const std::string& reason) {
+void PersistentRegion::fail(const std::string& reason, bool timed_out) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (broken_.load(std::memory_order_relaxed)) return;
     broken_reason_ = reason;
+    broke_by_timeout_ = timed_out;
     broken_.store(true, std::memory_order_release);
   }
   PersistentRegionRegistry::instance().drop(this);
   for (int32_t r = 0; r < key_.size; ++r) ring(r);
+}
+
+bool PersistentRegion::broke_by_timeout() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return broke_by_timeout_;
 }
 
 std::string PersistentRegion::broken_reason() const {

@@ -49,7 +49,8 @@ class PersistentRegion {
   // Ends the call: opens the rank's region for its next call. `ok` false (the call failed):
   // breaks the region instead, so peers waiting on this rank fail at once and the next call of
   // every rank starts a fresh region.
-  void end(const gpu::PersistentCommDevice& c, bool ok, const std::string& reason);
+  void end(const gpu::PersistentCommDevice& c, bool ok, const std::string& reason,
+           bool timed_out = false);
 
   // After a store into `rank`'s region that a waiter may sleep on (a signal, its entered word).
   void ring(int32_t rank);
@@ -73,6 +74,9 @@ class PersistentRegion {
   uint8_t* bytes(int32_t rank) const { return regions_[rank]; }
   bool broken() const { return broken_.load(std::memory_order_acquire); }
   std::string broken_reason() const;
+  // Whether the failure that broke the region was a timeout: the ranks that then give up report
+  // that status too, so every device's error has the root cause's code (XLA reports any one).
+  bool broke_by_timeout() const;
   const CommunicatorKey& key() const { return key_; }
 
  private:
@@ -85,7 +89,7 @@ class PersistentRegion {
     std::atomic<int32_t> sleepers{0};
   };
 
-  void fail(const std::string& reason);
+  void fail(const std::string& reason, bool timed_out);
 
   const CommunicatorKey key_;
   const std::vector<int32_t> plan_;  // the plan it was made for (compared at every get)
@@ -97,6 +101,7 @@ class PersistentRegion {
   std::atomic<bool> broken_{false};
   mutable std::mutex mu_;
   std::string broken_reason_;
+  bool broke_by_timeout_ = false;  // guarded by mu_
 
   friend class PersistentRegionRegistry;
 };

@@ -1549,6 +1549,19 @@ def _scatter_handler(prim, b, args, params, out_shape, out_dtype):
 _SCATTER_MAX_POINTS = 16  # scatter points planned as chained selects (each one a whole-tensor pass)
 
 
+def _scatter_windows(dn, rank: int, updates_shape) -> tuple[list[int], list[int], list[int]]:
+    """A scatter's operand dims its update windows span (in order: update_window_dims[j] is
+    window dim j), each operand dim's window size (1 for the inserted dims), and the update's
+    point dims (the ones that index scatter points)."""
+    inserted = set(dn.inserted_window_dims)
+    window_dims = [d for d in range(rank) if d not in inserted]
+    window = [1] * rank
+    for j, d in enumerate(window_dims):
+        window[d] = updates_shape[dn.update_window_dims[j]]
+    point_dims = [d for d in range(len(updates_shape)) if d not in dn.update_window_dims]
+    return window_dims, window, point_dims
+
+
 def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Node:
     """scatter / scatter-add / -mul / -min / -max with device indices (x.at[i].set(v), a KV-cache
     write cache.at[:, pos].set(kv), tokens.at[i].set(tok)): every output element is the operand's,
@@ -1595,12 +1608,7 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
         if combine is None:
             raise UnsupportedError(f"ark.persistent: {prim} on {out_dtype} {where}")
     rank = len(out_shape)
-    inserted = set(dn.inserted_window_dims)
-    window_dims = [d for d in range(rank) if d not in inserted]
-    window = {d: 1 for d in inserted}
-    for j, d in enumerate(window_dims):
-        window[d] = updates.shape[dn.update_window_dims[j]]
-    scatter_dims = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
+    window_dims, window, scatter_dims = _scatter_windows(dn, rank, updates.shape)
     idx = _as_load(b, indices)
     upd = _as_load(b, b.strip_pendings(updates))
     cur = operand
@@ -1631,7 +1639,7 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
             if d in starts or w < n:
                 take = _and(b, take, _iop(b, "ige", rel, 0))
                 take = _and(b, take, _iop(b, "ilt", rel, w))
-            if d not in inserted:
+            if d in window_dims:
                 stride = upd.strides[dn.update_window_dims[window_dims.index(d)]]
                 terms.append(_iop(b, "imul", _clamp(b, rel, 0, w - 1), stride))
         upd_at = upd.offset + sum(
@@ -1656,13 +1664,8 @@ def _scatter_window_store(b: _Builder, target: _Load, indices, updates, dn, mode
     the update, in point order; nothing for a point whose window does not fit (FILL_OR_DROP,
     PROMISE_IN_BOUNDS), clamped into the operand under CLIP, as _scatter's select does."""
     rank = len(out_shape)
-    inserted = set(dn.inserted_window_dims)
-    window_dims = [d for d in range(rank) if d not in inserted]
-    window = [1] * rank
-    for j, d in enumerate(window_dims):
-        window[d] = updates.shape[dn.update_window_dims[j]]
+    window_dims, window, point_dims = _scatter_windows(dn, rank, updates.shape)
     points = math.prod(indices.shape[:-1])
-    point_dims = [d for d in range(len(updates.shape)) if d not in dn.update_window_dims]
     lead = (points,) if points > 1 else ()
     if points == 1 and not point_dims:  # the update is the window: a reshape
         update = b.broadcast(b.strip_pendings(updates), tuple(window), tuple(window_dims))

@@ -411,6 +411,20 @@ struct Scratch {
 // per-element math is exactly tile_ops.hpp's (apply_unary / apply_binary with a constant opcode
 // fold to the same expression; libm calls stay scalar libm calls).
 
+// The element loops below are built for AVX-512 and AVX2 besides the baseline (x86-64's SSE2: 4
+// lanes), picked once at load time. Each clone does the same IEEE operations in the same order (no
+// FMA: CMakeLists.txt compiles this file with -ffp-contract=off; libm calls stay scalar libm
+// calls), so every CPU computes the same bits, up to 16 lanes where it has them: a gelu epilogue
+// was 14% of a tensor-parallel MLP's CPU time with 4 lanes (perf, 2026-12-07). -fno-trapping-math
+// (also CMakeLists.txt) lets GCC turn the selects into blends; without it it vectorizes nothing.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ARK_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define ARK_INLINE_LOOP __attribute__((always_inline)) inline
+#else
+#define ARK_SIMD_CLONES
+#define ARK_INLINE_LOOP inline
+#endif
+
 // bf16 round trip (= bf16_to_f32(f32_to_bf16(v)), bit for bit) written as selects so it vectorizes.
 inline uint32_t bf16_bits_rne(uint32_t u) {
   const uint32_t nan = (u | 0x00400000u) & 0xFFFF0000u;
@@ -418,7 +432,7 @@ inline uint32_t bf16_bits_rne(uint32_t u) {
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : rounded;
 }
 
-void round_in_place(float* r, int count, int32_t dt) {
+ARK_SIMD_CLONES void round_in_place(float* r, int count, int32_t dt) {
   switch (dt) {
     case kF32:
     case kInt32:
@@ -435,11 +449,11 @@ void round_in_place(float* r, int count, int32_t dt) {
 }
 
 template <int32_t kCode>
-void unary_loop(float* r, const float* x, int count, int32_t imm) {
+ARK_INLINE_LOOP void unary_loop(float* r, const float* x, int count, int32_t imm) {
   for (int e = 0; e < count; ++e) r[e] = apply_unary(kCode, x[e], imm);
 }
 template <int32_t kCode>
-void binary_loop(float* r, const float* x, const float* y, int count) {
+ARK_INLINE_LOOP void binary_loop(float* r, const float* x, const float* y, int count) {
   for (int e = 0; e < count; ++e) r[e] = apply_binary(kCode, x[e], y[e]);
 }
 
@@ -477,18 +491,11 @@ inline float tanh_approx(float x) {
   return x != x ? x : std::copysign(t, x);
 }
 
-// One AVX2 clone besides the baseline (picked at load time): the same IEEE operations in the same
-// order (no FMA: -ffp-contract=off), so the same bits on every CPU, 8 lanes where there are.
-// CMakeLists.txt compiles this file with -fno-trapping-math, without which GCC keeps the selects
-// as branches and vectorizes nothing (it changes no result, only FP exception flags, unread here).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void tanh_loop(float* __restrict r, const float* __restrict x, int count) {
+ARK_SIMD_CLONES void tanh_loop(float* __restrict r, const float* __restrict x, int count) {
   for (int e = 0; e < count; ++e) r[e] = tanh_approx(x[e]);
 }
 
-void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
+ARK_SIMD_CLONES void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
   switch (code) {
     case kTanh:
       if (r == x) {  // in place (a register reused): through a copy, the loop's operands are restrict
@@ -520,7 +527,7 @@ void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) 
   }
 }
 
-void eval_binary(int32_t code, float* r, const float* x, const float* y, int count) {
+ARK_SIMD_CLONES void eval_binary(int32_t code, float* r, const float* x, const float* y, int count) {
   switch (code) {
 #define ARK_BINARY(C) \
   case C: binary_loop<C>(r, x, y, count); break;
@@ -539,11 +546,11 @@ void eval_binary(int32_t code, float* r, const float* x, const float* y, int cou
 typedef uint32_t bits_alias __attribute__((may_alias));
 
 template <int32_t kCode>
-void int_binary_loop(bits_alias* r, const bits_alias* x, const bits_alias* y, int count) {
+ARK_INLINE_LOOP void int_binary_loop(bits_alias* r, const bits_alias* x, const bits_alias* y, int count) {
   for (int e = 0; e < count; ++e) r[e] = apply_int_binary(kCode, x[e], y[e]);
 }
 
-void eval_int_binary(int32_t code, float* r, const float* x, const float* y, int count) {
+ARK_SIMD_CLONES void eval_int_binary(int32_t code, float* r, const float* x, const float* y, int count) {
   bits_alias* rb = reinterpret_cast<bits_alias*>(r);
   const bits_alias* xb = reinterpret_cast<const bits_alias*>(x);
   const bits_alias* yb = reinterpret_cast<const bits_alias*>(y);

@@ -162,3 +162,36 @@ def test_kv_scatter_script_runs():
     lines = [line for line in out.stdout.splitlines() if "ark/jit" in line]
     assert len(lines) == 7, out.stdout
     assert any("cache donated" in line for line in lines)
+
+
+def test_rendezvous_floor_script_runs():
+    """benchmarks/rendezvous_floor.py (docs/benchmarks.md, "What a meeting of 8 devices costs")
+    builds its three no-op rendezvous targets with the C++ compiler, checks every case's result
+    (ark's psum and tp layer against jax.lax) and prints one line of times per round."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from subprocess_env import TESTS_DIR, subprocess_env
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    script = Path(TESTS_DIR).parent / "benchmarks" / "rendezvous_floor.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--calls", "3", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        cwd=TESTS_DIR,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in (
+        "rendezvous (block)",
+        "rendezvous (spin)",
+        "rendezvous (async)",
+        "psum 2 KiB, ark",
+    ):
+        assert f"{name} " in out.stdout, out.stdout
+    assert "tp ark/lax" in out.stdout, out.stdout

@@ -270,10 +270,13 @@ def _bootstrap(
 
 
 def check() -> None:
-    """Raises RuntimeError (naming op, rank and peer) if a GPU collective of this process failed.
+    """Raises RuntimeError (naming op, rank and peer) if a GPU collective or persistent kernel of
+    this process failed.
 
     GPU calls never synchronize, so a timeout inside a kernel surfaces at the NEXT call on that
-    communicator (as DEADLINE_EXCEEDED) or here.
+    communicator or device (as DEADLINE_EXCEEDED) or here; with JAX_ARK_CUDA_GRAPHS=1, calls that
+    XLA replays from a CUDA graph run no handler, so only here. A persistent kernel's failure is
+    reported once (the next call or check() clears it).
     """
     module = _ffi.cuda_module()
     if module is None:
@@ -281,6 +284,14 @@ def check() -> None:
     record = module.last_error()
     if record is not None:
         raise RuntimeError(record["message"])
+    try:
+        gpus = jax.local_devices(backend="cuda")
+    except RuntimeError:  # no CUDA backend in this process
+        return
+    for device in gpus:
+        message = module.persistent_take_failure(device.local_hardware_id)
+        if message is not None:
+            raise RuntimeError(message)
 
 
 # ---- single-GPU harness (tests, benchmark) ----------------------------------------------------

@@ -121,9 +121,47 @@ def test_cuda_graph_target_is_opt_in(mesh2x4, stub_bootstrap, monkeypatch):
         assert _attributes(configs[0]) == HANDLER_ATTRS
 
 
+def _persistent_mlp(x, w1, w2):
+    return jnp.tanh(x @ w1) @ w2 + 1.0
+
+
+def test_persistent_graph_target_is_opt_in(monkeypatch):
+    # A plan without put tasks lowers to the command-buffer-compatible ark_persistent_graph under
+    # JAX_ARK_CUDA_GRAPHS=1 (read at lowering, as for the collectives), else to ark_persistent.
+    rng = np.random.default_rng(5)
+    args = [rng.standard_normal(s).astype(np.float32) for s in [(8, 16), (16, 32), (32, 16)]]
+    for value, target in [("1", "ark_persistent_graph"), ("0", "ark_persistent")]:
+        monkeypatch.setenv("JAX_ARK_CUDA_GRAPHS", value)
+        f = jax.jit(jax_ark.persistent(_persistent_mlp, num_workers=2))
+        exported = jax.export.export(
+            f,
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)],
+        )(*args)
+        targets = re.findall(r"custom_call @(\w+)\(", exported.mlir_module())
+        assert targets == [target], (value, targets)
+
+
+def test_persistent_graph_target_runs_on_cpu(monkeypatch):
+    # One ffi_call names one target for every platform, so the CPU backend registers the graph
+    # name too (the same handler): a program lowered with JAX_ARK_CUDA_GRAPHS=1 runs here, equal
+    # to jax.jit on fresh inputs, call after call.
+    monkeypatch.setenv("JAX_ARK_CUDA_GRAPHS", "1")
+    rng = np.random.default_rng(6)
+    f = jax.jit(jax_ark.persistent(_persistent_mlp))
+    shapes = [(8, 16), (16, 32), (32, 16)]
+    assert "ark_persistent_graph" in f.lower(*(np.zeros(s, np.float32) for s in shapes)).as_text()
+    for _ in range(3):
+        args = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        np.testing.assert_allclose(
+            np.asarray(f(*args)), np.asarray(jax.jit(_persistent_mlp)(*args)), rtol=2e-5, atol=2e-5
+        )
+
+
 @pytest.mark.skipif(not jax_ark.has_cuda(), reason="jax_ark built without the CUDA runtime")
 def test_cuda_module_registers_both_targets():
     from jax_ark import _ffi
 
     names = set(_ffi.cuda_module().registrations())
-    assert {"ark_collective_cuda", "ark_collective_cuda_graph"} <= names, names
+    want = {"ark_collective_cuda", "ark_collective_cuda_graph", "ark_persistent"}
+    assert want | {"ark_persistent_graph", "ark_persistent_comm"} <= names, names

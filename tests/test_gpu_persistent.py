@@ -296,3 +296,57 @@ def test_ragged_kv_cache_scatter_is_one_window_store(rng):
         got = jax.jit(ark.persistent(step), donate_argnums=(0,))(jnp.asarray(cache), pos, kv)
         for g, r in zip(got, want, strict=True):
             _close(g, r)
+
+
+_GRAPH_REPLAY = """
+import jax, jax.numpy as jnp, numpy as np
+import jax_ark as ark
+
+def mlp(x, w1, w2):
+    return jnp.tanh(x @ w1) @ w2
+
+def step(x, w1, w2):  # XLA fusions around the persistent call: one command buffer with them
+    y = ark.persistent(mlp)(x * 0.5 + 1.0, w1, w2)
+    return jnp.sin(y) * 2.0 + x
+
+def want(x, w1, w2):
+    return jnp.sin(mlp(x * 0.5 + 1.0, w1, w2)) * 2.0 + x
+
+f = jax.jit(step)
+rng = np.random.default_rng(11)
+shapes = [(16, 256), (256, 512), (512, 256)]
+args = [rng.standard_normal(s).astype(np.float32) / 8 for s in shapes]
+assert "ark_persistent_graph" in f.lower(*args).as_text()
+for call in range(4):
+    if call % 2:  # new buffers every other call: XLA records the launch again
+        args = [rng.standard_normal(s).astype(np.float32) / 8 for s in shapes]
+    with jax.default_matmul_precision("highest"):
+        ref = np.asarray(jax.jit(want)(*args))
+    got = np.asarray(f(*args))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+ark.check()
+print("graph replays ok")
+"""
+
+
+def test_graph_target_replays_under_xla_command_buffers():
+    # JAX_ARK_CUDA_GRAPHS=1: a plan without put tasks lowers to ark_persistent_graph, which XLA may
+    # record into its CUDA graph together with the fusions around it and replay without running
+    # the handler (xla_ffi/gpu/persistent.cc says why that is correct). Command buffers with custom
+    # calls on, from one operation up, in a fresh process (the flags are read at backend start).
+    import subprocess
+    import sys
+
+    from subprocess_env import TESTS_DIR, subprocess_env
+
+    flags = "--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+    out = subprocess.run(
+        [sys.executable, "-c", _GRAPH_REPLAY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(XLA_FLAGS=flags, JAX_ARK_CUDA_GRAPHS="1"),
+        cwd=TESTS_DIR,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "graph replays ok" in out.stdout

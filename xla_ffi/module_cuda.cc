@@ -146,6 +146,27 @@ NB_MODULE(_ark_cuda, m) {
   });
   m.def("last_error", &last_error,
         "The first failure recorded by a GPU collective of this process (dict), or None.");
+  m.def(
+      "persistent_take_failure",
+      [](int device) -> nb::object {
+        std::string message;
+        bool failed = false;
+        {
+          nb::gil_scoped_release release;
+          int previous = 0;
+          ARK_CUDA_THROW(cudaGetDevice(&previous));
+          if (previous != device) ARK_CUDA_THROW(cudaSetDevice(device));
+          bool is_timeout = false;
+          failed = persistent_take_failure(&message, &is_timeout);
+          if (previous != device) ARK_CUDA_THROW(cudaSetDevice(previous));
+        }
+        if (!failed) return nb::none();
+        return nb::str(message.c_str());
+      },
+      nb::arg("device"),
+      "The failure the persistent kernel recorded on CUDA device `device` since the last look "
+      "(its message; cleared by this call), or None. The handler reports it at the next call; calls "
+      "replayed from a CUDA graph (JAX_ARK_CUDA_GRAPHS=1) run no handler, so jax_ark.check() asks.");
   m.def("device_sm_count", [](int device) {
     int sms = 0;
     ARK_CUDA_THROW(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ark import _collective_primitive as _prim
+from jax_ark._cuda_collectives import GRAPHS_ENV
 from jax_ark._ffi import cpu_module
 from jax_ark._persistent import _comm_call
 from jax_ark._persistent._format import (
@@ -31,12 +32,18 @@ from jax_ark._persistent._schedule import build_plan
 from jax_ark._persistent._target import (
     concurrent_cpu_programs,
     default_workers,
+    prepare_gpus_for_graphs,
     resolve_platform,
 )
 from jax_ark._persistent._trace import UnsupportedError, trace
 from jax_ark._persistent._validate import freeze
 
 _TARGET = "ark_persistent"
+# The same handler declared command-buffer compatible on CUDA (xla_ffi/gpu/persistent.cc), for
+# plans without put tasks when JAX_ARK_CUDA_GRAPHS=1 at lowering, as for the collectives
+# (docs/gpu_runtime.md, "CUDA graphs"): XLA may then replay the launch from its CUDA graph, and a
+# failure on the device shows through jax_ark.check() instead of the next call's error.
+_GRAPH_TARGET = "ark_persistent_graph"
 _DEFAULT_TIMEOUT_MS = 60_000
 
 
@@ -224,8 +231,12 @@ def run_plan(
         profile=np.int64(1 if profile else 0),
     )
     if p.comm is None:
+        target = _TARGET
+        if os.environ.get(GRAPHS_ENV, "0") == "1":
+            target = _GRAPH_TARGET
+            prepare_gpus_for_graphs()
         outs = jax.ffi.ffi_call(
-            _TARGET, results, vmap_method="sequential", input_output_aliases=aliases or None
+            target, results, vmap_method="sequential", input_output_aliases=aliases or None
         )(*operands, **attributes)
     else:
         # Its own primitive: on GPUs the lowering bootstraps the group's symmetric regions.

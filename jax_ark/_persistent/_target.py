@@ -146,3 +146,20 @@ def default_workers(platform: str, device: jax.Device | None) -> int:
     ordinal = device.id if ordinal is None else int(ordinal)
     core_count = int(getattr(device, "core_count", 0) or 0)
     return _gpu_device_workers(device.id, ordinal, core_count)
+
+
+@functools.cache
+def prepare_gpus_for_graphs() -> None:
+    """Creates the CUDA executor's per-device state (abort word, error record) on every local GPU
+    now, at trace time: the first enqueue of a plan lowered for command buffers may run under
+    XLA's stream capture, where its allocations and synchronization are not allowed. The default
+    worker count asks for it anyway; a plan with explicit num_workers does not."""
+    mod = cuda_module()
+    if mod is None:
+        return
+    try:
+        devices = jax.local_devices(backend="cuda")
+    except RuntimeError:  # no CUDA backend in this process
+        return
+    for device in devices:
+        mod.persistent_max_workers(device.local_hardware_id)

@@ -207,5 +207,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCpu, PersistentImpl,
                                   .Attr<int64_t>("profile"));
 
 JAX_ARK_REGISTER_TARGET("ark_persistent", ArkPersistentCpu);
+// The name a program lowered with JAX_ARK_CUDA_GRAPHS=1 calls (one ffi_call names one target for
+// every platform): on the CPU the same handler, there being no command buffers here.
+JAX_ARK_REGISTER_TARGET("ark_persistent_graph", ArkPersistentCpu);
 
 }  // namespace jax_ark::cpu

@@ -2,6 +2,18 @@
 // docs/plan_format.md ("The FFI call ark_persistent") says and enqueues the persistent kernel on
 // XLA's stream. It never synchronizes: a failure recorded on the device by an earlier call is
 // reported by the next call (and the failed call's outputs are invalid).
+//
+// Plans without put tasks have a second target, `ark_persistent_graph` (JAX_ARK_CUDA_GRAPHS=1 at
+// lowering, as for the collectives; docs/gpu_runtime.md, "CUDA graphs"), the same function
+// declared command-buffer compatible: XLA may record its memsets and launch into its CUDA graph
+// once and replay them without calling it. What a replay repeats is right: every check below
+// depends on the call site only (attributes, buffer sizes, the device's resident blocks), and
+// the launch parameters are the buffers' addresses, which XLA records again when they move. What
+// a replay keeps from the recording is the call's number (`seq` of the abort word): after a
+// failure on the device (abort word >= that number) each replay stops at once with invalid
+// outputs instead of running or waiting out its timeout again, and the failure shows through
+// jax_ark.check() (the handler that would report it at the next call does not run). Plans with
+// put tasks stay on `ark_persistent_comm`: their epoch is counted per call on the host.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -163,30 +175,31 @@ ffi::Error PersistentCommCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi:
 }  // namespace
 }  // namespace jax_ark
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCuda, jax_ark::PersistentCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("num_workers")
-                                  .Attr<int64_t>("num_tasks")
-                                  .Attr<int64_t>("timeout_ms")
-                                  .Attr<int64_t>("chaos_seed")
-                                  .Attr<int64_t>("profile"));
+namespace {
+// The attributes of every persistent target (the lowering in jax_ark/_persistent/_call.py).
+auto persistent_binding() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+      .RemainingArgs()
+      .RemainingRets()
+      .Attr<int64_t>("num_workers")
+      .Attr<int64_t>("num_tasks")
+      .Attr<int64_t>("timeout_ms")
+      .Attr<int64_t>("chaos_seed")
+      .Attr<int64_t>("profile");
+}
+}  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCuda, jax_ark::PersistentCuda, persistent_binding());
+// The command-buffer-compatible registration of the same handler (plans without put tasks).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCudaGraph, jax_ark::PersistentCuda, persistent_binding(),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
 // Plans with put tasks (plan v3 communication): the same call plus the communicator.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCommCuda, jax_ark::PersistentCommCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("num_workers")
-                                  .Attr<int64_t>("num_tasks")
-                                  .Attr<int64_t>("timeout_ms")
-                                  .Attr<int64_t>("chaos_seed")
-                                  .Attr<int64_t>("profile")
+                              persistent_binding()
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int64_t>("inbox_bytes"));
 
 JAX_ARK_REGISTER_TARGET("ark_persistent", ArkPersistentCuda);
+JAX_ARK_REGISTER_TARGET("ark_persistent_graph", ArkPersistentCudaGraph);
 JAX_ARK_REGISTER_TARGET("ark_persistent_comm", ArkPersistentCommCuda);

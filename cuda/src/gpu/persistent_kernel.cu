@@ -1365,7 +1365,13 @@ std::string persistent_max_workers(int device, int* blocks) {
   int previous = 0;
   ARK_CUDA_RETURN_IF_ERROR(cudaGetDevice(&previous));
   if (device != previous) ARK_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
-  std::string err = resident_blocks_on_current(device, blocks);
+  // The device's runtime state (abort word, error record: cudaMalloc, a private stream and its
+  // synchronization) is created here, when the planner asks at trace time, not at the first
+  // enqueue: that may run under XLA's stream capture of a command buffer (the graph target),
+  // where those calls are not allowed.
+  DeviceState* st = nullptr;
+  std::string err = device_state(&st);
+  if (err.empty()) *blocks = st->co_resident_blocks;
   if (device != previous) {
     const cudaError_t restore = cudaSetDevice(previous);
     if (err.empty() && restore != cudaSuccess)

@@ -83,7 +83,9 @@ def cuda_module() -> ModuleType | None:
 
 # CUDA targets whose handler C++ declares command-buffer compatible (kCmdBufferCompatible in
 # XLA_FFI_DEFINE_HANDLER_SYMBOL); XLA takes the trait from the registration, so it goes here too.
-_COMMAND_BUFFER_TARGETS = frozenset({"ark_collective_cuda_graph", "ark_persistent_graph"})
+_COMMAND_BUFFER_TARGETS = frozenset(
+    {"ark_collective_cuda_graph", "ark_persistent_graph", "ark_persistent_comm_graph"}
+)
 
 
 def _traits(name: str) -> dict:

@@ -18,11 +18,16 @@
 //   stale                               old-epoch packets/flags must not satisfy a new call's waits
 //   persistent PLAN SEED [DROP]         worker threads run a plan's queues (binary plan file);
 //                                       with DROP, task DROP never releases its counter
-//   put G W CALLS TASKS LOOP_RUNS SEED [ROUTES [BREAK]]
+//   put G W CALLS TASKS LOOP_RUNS SEED [ROUTES [BREAK [EPOCHS]]]
 //                                       G ranks x W workers run CALLS calls of a plan of put
 //                                       tasks; ROUTES all|ring|mixed (default mixed); BREAK
 //                                       none|no_entry_wait|entry_epoch_minus_1|no_put_wait breaks
-//                                       the protocol on purpose (exit 1 expected)
+//                                       the protocol on purpose (exit 1 expected); EPOCHS host
+//                                       (default: call e is given epoch e, as the harness does) or
+//                                       device (each worker reads its rank's control word at the
+//                                       call's start and the last one done advances it, as the
+//                                       kernel on XLA's path does: retire_block); device_unretired
+//                                       reads it but never advances it (exit 1 expected)
 //   put_timeout G SKIP                  rank SKIP never enters: the others' entry waits give up
 #include <pthread.h>
 
@@ -680,7 +685,8 @@ uint32_t put_word(uint64_t seed, uint64_t epoch, int32_t run, int32_t sender, in
 
 // Everything a run of the put mode reports; counters are atomics (workers of all ranks add).
 struct PutReport {
-  std::atomic<uint64_t> tiles{0}, bad_tiles{0}, stale{0}, early{0}, bad_signals{0}, gave_up{0};
+  std::atomic<uint64_t> tiles{0}, bad_tiles{0}, stale{0}, early{0}, bad_signals{0}, gave_up{0},
+      bad_epochs{0};
   std::atomic<int32_t> max_lead{0};
   std::mutex m;
   std::vector<std::string> lines;  // the first messages, printed after the run
@@ -698,10 +704,12 @@ struct PutOptions {
   int32_t skip_rank = -1;       // this rank never starts (the timeout case)
   uint64_t timeout_ns = 20'000'000'000ull;
   bool pauses = true;
+  bool device_epochs = false;  // the epoch from the rank's control word (see the usage above)
+  bool retire = true;          // device_epochs: advance it at the call's end (false: a broken kernel)
 };
 
 struct PutTotals {
-  uint64_t bad_tiles = 0, bad_signals = 0, gave_up = 0;
+  uint64_t bad_tiles = 0, bad_signals = 0, gave_up = 0, bad_epochs = 0;
 };
 
 PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* mode_line) {
@@ -734,6 +742,7 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
   std::unique_ptr<std::atomic<bool>[]> aborted(new std::atomic<bool>[g]);
   std::unique_ptr<std::atomic<int32_t>[]> entered_call(new std::atomic<int32_t>[g]);
   for (int32_t r = 0; r < g; ++r) aborted[r] = false, entered_call[r] = 0;
+  std::vector<ag::RankControl> control(g, ag::RankControl{1, 0, 0, 0});  // device_epochs only
   PutReport report;
   const uint64_t seed = opt.seed;
 
@@ -776,7 +785,15 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
     for (int32_t call = 0; call < opt.calls && !aborted[r].load(); ++call) {
       const int32_t e = call + 1;
       ag::PersistentCommDevice c = base[r];
-      c.epoch = static_cast<uint64_t>(e);
+      c.epoch = opt.device_epochs ? ag::current_epoch(&control[r]) : static_cast<uint64_t>(e);
+      if (c.epoch != static_cast<uint64_t>(e)) {
+        // Every worker of every rank must read the k-th call's epoch as k, with no host count.
+        report.bad_epochs.fetch_add(1);
+        char line[128];
+        std::snprintf(line, sizeof(line), "bad epoch: call=%d rank=%d worker=%d read=%llu", e, r,
+                      wk, static_cast<unsigned long long>(c.epoch));
+        report.say(line);
+      }
       const uint64_t deadline = jax_ark::gpu::proto::now_ns() + opt.timeout_ns;
       auto give_up = [&] { return aborted[r].load() || jax_ark::gpu::proto::now_ns() > deadline; };
       // A wait that gave up: names this rank, the peer it waited for and what for. `deadline`:
@@ -859,6 +876,9 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
           check_tile(e, r, t, k, b, "after its wait");
         }
       }
+      // The kernel's last statement on XLA's path: the rank's last worker done advances the epoch.
+      if (opt.device_epochs && opt.retire)
+        ag::retire_block(&control[r], static_cast<uint32_t>(w), c.epoch);
       barriers[r]->wait();  // the kernel's end: every block of the rank is done with call e
       if (wk == 0 && !aborted[r].load()) {
         // Until the rank announces call e + 1, nothing of call e + 1 may have landed: every slot
@@ -909,7 +929,7 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
   }
   std::printf("%s tasks=%d default=%d ring=%d partial=%d zero_filled_slots=%d loop_tasks=%d "
               "tiles=%llu want_tiles=%llu bad_tiles=%llu stale=%llu early=%llu bad_signals=%llu "
-              "gave_up=%llu max_lead=%d\n",
+              "gave_up=%llu max_lead=%d bad_epochs=%llu\n",
               mode_line, num_tasks, kinds[0], kinds[1], kinds[2], zero_filled, loop_tasks,
               static_cast<unsigned long long>(report.tiles.load()),
               static_cast<unsigned long long>(want_tiles),
@@ -917,12 +937,14 @@ PutTotals run_put_plan(const PutPlan& plan, const PutOptions& opt, const char* m
               static_cast<unsigned long long>(report.stale.load()),
               static_cast<unsigned long long>(report.early.load()),
               static_cast<unsigned long long>(report.bad_signals.load()),
-              static_cast<unsigned long long>(report.gave_up.load()), report.max_lead.load());
-  return PutTotals{report.bad_tiles.load(), report.bad_signals.load(), report.gave_up.load()};
+              static_cast<unsigned long long>(report.gave_up.load()), report.max_lead.load(),
+              static_cast<unsigned long long>(report.bad_epochs.load()));
+  return PutTotals{report.bad_tiles.load(), report.bad_signals.load(), report.gave_up.load(),
+                   report.bad_epochs.load()};
 }
 
 int run_put(int g, int w, int calls, int num_tasks, int loop_runs, uint64_t seed,
-            const std::string& routes, const std::string& brk) {
+            const std::string& routes, const std::string& brk, const std::string& epochs) {
   const PutBreak b = brk == "none"                  ? PutBreak::kNone
                      : brk == "no_entry_wait"       ? PutBreak::kNoEntryWait
                      : brk == "entry_epoch_minus_1" ? PutBreak::kEntryEpochMinus1
@@ -930,20 +952,24 @@ int run_put(int g, int w, int calls, int num_tasks, int loop_runs, uint64_t seed
                                                     : static_cast<PutBreak>(-1);
   if (g < 1 || g > ag::kPersistentMaxGroup || w < 1 || w > 64 || calls < 1 || num_tasks < 1 ||
       loop_runs < 1 || (routes != "all" && routes != "ring" && routes != "mixed") ||
-      static_cast<int>(b) < 0)
+      static_cast<int>(b) < 0 ||
+      (epochs != "host" && epochs != "device" && epochs != "device_unretired"))
     return fail("put G W CALLS TASKS LOOP_RUNS SEED [all|ring|mixed "
-                "[none|no_entry_wait|entry_epoch_minus_1|no_put_wait]]");
+                "[none|no_entry_wait|entry_epoch_minus_1|no_put_wait "
+                "[host|device|device_unretired]]]");
   const PutPlan plan = make_put_plan(g, w, num_tasks, loop_runs, routes, seed);
   PutOptions opt;
   opt.calls = calls;
   opt.seed = seed;
   opt.brk = b;
+  opt.device_epochs = epochs != "host";
+  opt.retire = epochs != "device_unretired";
   char line[256];
   std::snprintf(line, sizeof(line),
-                "mode=put ranks=%d workers=%d calls=%d runs=%d routes=%s break=%s", g, w, calls,
-                loop_runs, routes.c_str(), brk.c_str());
+                "mode=put ranks=%d workers=%d calls=%d runs=%d routes=%s break=%s epochs=%s", g, w,
+                calls, loop_runs, routes.c_str(), brk.c_str(), epochs.c_str());
   const PutTotals r = run_put_plan(plan, opt, line);
-  return r.bad_tiles == 0 && r.bad_signals == 0 && r.gave_up == 0 ? 0 : 1;
+  return r.bad_tiles == 0 && r.bad_signals == 0 && r.gave_up == 0 && r.bad_epochs == 0 ? 0 : 1;
 }
 
 // Rank SKIP never starts its call: every other rank's entry wait for it gives up at the deadline,
@@ -983,11 +1009,11 @@ int main(int argc, char** argv) {
   if (mode == "persistent" && (argc == 4 || argc == 5))
     return run_persistent(argv[2], static_cast<uint64_t>(arg(3)),
                           argc == 5 ? static_cast<int32_t>(arg(4)) : -1);
-  if (mode == "put" && argc >= 8 && argc <= 10)
+  if (mode == "put" && argc >= 8 && argc <= 11)
     return run_put(static_cast<int>(arg(2)), static_cast<int>(arg(3)), static_cast<int>(arg(4)),
                    static_cast<int>(arg(5)), static_cast<int>(arg(6)),
                    static_cast<uint64_t>(arg(7)), argc >= 9 ? argv[8] : "mixed",
-                   argc >= 10 ? argv[9] : "none");
+                   argc >= 10 ? argv[9] : "none", argc >= 11 ? argv[10] : "host");
   if (mode == "put_timeout" && argc == 4)
     return run_put_timeout(static_cast<int>(arg(2)), static_cast<int>(arg(3)));
   return fail("unknown mode or argument count");

@@ -156,7 +156,7 @@ def test_stale_epoch_is_not_taken_for_the_current_one(binaries):
 
 
 def _put_ok(s: dict[str, str]) -> None:
-    assert (s["bad_tiles"], s["bad_signals"], s["gave_up"]) == ("0", "0", "0"), s
+    assert (s["bad_tiles"], s["bad_signals"], s["gave_up"], s["bad_epochs"]) == ("0",) * 4, s
     assert int(s["tiles"]) == int(s["want_tiles"]) > 0, s  # every tile was checked, twice
 
 
@@ -186,6 +186,45 @@ def test_put_protocol_back_to_back(binaries, ranks, workers, calls, tasks, runs,
         # Neighbour-only routing and a stalled rank: some rank entered call e while another had
         # not yet entered call e - 1, i.e. it ran two calls ahead (the entry wait let it).
         assert int(s["max_lead"]) >= 2, s
+
+
+@pytest.mark.parametrize(
+    ("ranks", "workers", "calls", "seed", "routes"),
+    [(4, 2, 150, 7, "mixed"), (8, 3, 60, 8, "ring"), (3, 1, 300, 9, "all")],
+)
+def test_put_with_epochs_in_device_memory(binaries, ranks, workers, calls, seed, routes):
+    """XLA's path on a GPU: no launch carries its epoch; every worker reads its rank's control word
+    when the call starts (current_epoch) and the rank's last worker done advances it
+    (retire_block), as persistent_kernel does, so calls replayed from a CUDA graph are new calls.
+    Every worker must read call k's epoch as k, and the protocol must stay exact."""
+    out = _run(
+        binaries["plain"], "put", ranks, workers, calls, 5, 3, seed, routes, "none", "device"
+    )
+    s = _summary(out, "put")
+    assert "epochs=device" in out, out
+    _put_ok(s)
+
+
+def test_put_with_a_device_epoch_never_advanced_fails(binaries):
+    """The negative control: a kernel that reads its epoch from the control word but never
+    advances it runs every call as call 1; the checker must see the wrong epochs."""
+    out = _run(
+        binaries["plain"],
+        "put",
+        4,
+        2,
+        20,
+        3,
+        2,
+        10,
+        "mixed",
+        "none",
+        "device_unretired",
+        expect_rc=1,
+    )
+    s = _summary(out, "put")
+    assert int(s["bad_epochs"]) > 0, out
+    assert re.search(r"^bad epoch: call=2 rank=\d+ worker=\d+ read=1$", out, re.M), out
 
 
 @pytest.mark.parametrize("seed", [41, 42, 43])

@@ -8,13 +8,16 @@ jax_ark's GPU collectives, `_cuda_collectives`), so the call needs a lowering ru
 - CPU: target `ark_persistent`, exactly what `ffi_call` would emit (the comm operand carries the
   rank; the CPU executor meets the group through its host communicator at run time);
 - CUDA: bootstraps the call site's communicator with a region sized for the plan
-  (`persistent_comm_needs` on the plan words), then target `ark_persistent_comm` with its id.
+  (`persistent_comm_needs` on the plan words), then target `ark_persistent_comm` with its id, or
+  its command-buffer-compatible twin `ark_persistent_comm_graph` when JAX_ARK_CUDA_GRAPHS=1 (the
+  epoch lives in the rank's device memory, so a replay from XLA's CUDA graph is a new call).
 
 Results are typed invariant over the mesh, as `ffi_call`'s are; `run_plan` marks them varying.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -23,12 +26,14 @@ from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
 from jax_ark import _ffi
+from jax_ark._persistent._target import prepare_gpus_for_graphs
 
 ark_persistent_comm_p = jex_core.Primitive("ark_persistent_comm")
 ark_persistent_comm_p.multiple_results = True
 
 CPU_TARGET = "ark_persistent"
 CUDA_TARGET = "ark_persistent_comm"
+CUDA_GRAPH_TARGET = "ark_persistent_comm_graph"
 
 
 def bind(
@@ -93,7 +98,11 @@ def _lower_cuda(ctx, *operands, aliases, attributes, plan_bytes, comm_axes, grou
     comm_id = _cuda_collectives.plan_communicator(
         mesh, tuple(comm_axes), group_size, site, region_bytes
     )
-    rule = jax.ffi.ffi_lowering(CUDA_TARGET, operand_output_aliases=dict(aliases) or None)
+    target = CUDA_TARGET
+    if os.environ.get(_cuda_collectives.GRAPHS_ENV, "0") == "1":
+        target = CUDA_GRAPH_TARGET
+        prepare_gpus_for_graphs()
+    rule = jax.ffi.ffi_lowering(target, operand_output_aliases=dict(aliases) or None)
     return rule(
         ctx,
         *operands,

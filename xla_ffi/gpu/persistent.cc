@@ -13,7 +13,9 @@
 // failure on the device (abort word >= that number) each replay stops at once with invalid
 // outputs instead of running or waiting out its timeout again, and the failure shows through
 // jax_ark.check() (the handler that would report it at the next call does not run). Plans with
-// put tasks stay on `ark_persistent_comm`: their epoch is counted per call on the host.
+// put tasks have `ark_persistent_comm` and its twin `ark_persistent_comm_graph`: their epoch is not
+// a launch parameter but the rank's control word in device memory (the kernel reads it and its
+// last block advances it), so a replayed launch is the site's next call on every rank.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -143,7 +145,10 @@ ffi::Error PersistentImpl(cudaStream_t stream, ffi::RemainingArgs args, ffi::Rem
     launch.comm.local = state->region();
     launch.comm.rank = state->rank();
     launch.comm.n = static_cast<int32_t>(group_size);
-    launch.comm.epoch = state->next_persistent_epoch();
+    // The epoch lives in the rank's control words on the device (read by the kernel, advanced
+    // by its last block), so a launch replayed from a CUDA graph gets the next call's epoch.
+    launch.comm.epoch = 0;
+    launch.comm_control = state->device_view().control;
     launch.comm.inbox_bytes = inbox_bytes;
     launch.comm.num_tasks = static_cast<int32_t>(num_tasks);
     launch.comm.signals_offset = layout.signals_offset;
@@ -199,7 +204,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCommCuda, jax_ark::PersistentCommCuda
                               persistent_binding()
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int64_t>("inbox_bytes"));
+// Its command-buffer-compatible registration: the communicator behind comm_id lives as long as
+// the process and the epoch is read and advanced on the device, so a replay is a new call.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCommCudaGraph, jax_ark::PersistentCommCuda,
+                              persistent_binding()
+                                  .Attr<int64_t>("comm_id")
+                                  .Attr<int64_t>("inbox_bytes"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
 
 JAX_ARK_REGISTER_TARGET("ark_persistent", ArkPersistentCuda);
 JAX_ARK_REGISTER_TARGET("ark_persistent_graph", ArkPersistentCudaGraph);
 JAX_ARK_REGISTER_TARGET("ark_persistent_comm", ArkPersistentCommCuda);
+JAX_ARK_REGISTER_TARGET("ark_persistent_comm_graph", ArkPersistentCommCudaGraph);

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "jax_ark/gpu/communicator_device.hpp"
 #include "jax_ark/gpu/cooperative_launch.cuh"
 #include "jax_ark/gpu/persistent_comm_device.hpp"
 #include "jax_ark/gpu/persistent_launch.hpp"
@@ -62,6 +63,7 @@ struct KernelParams {
   uint64_t chaos_seed;
   PersistentRunState run;
   PersistentCommDevice comm;  // n == 0: the call has no communication group
+  RankControl* comm_control;  // comm.epoch == 0: the epoch's device word (PersistentLaunchArgs)
   int32_t skip;               // harness only: this rank's blocks return at once (forced timeouts)
 };
 static_assert(sizeof(KernelParams) < 4000, "kernel parameters must fit the 4 KiB parameter space");
@@ -108,6 +110,9 @@ struct TaskSmem {
   int32_t first_bad_q;  // the one-time queue check: lowest bad queue position (INT32_MAX: none)
   // Bit q: peer rank q is known to have entered this call (PUT tasks wait for it once per block).
   unsigned long long peers_entered;
+  // The call's view of its group: p.comm with the epoch filled in from p.comm_control when the
+  // launch carries none (set by thread 0 before the header barrier; the protocol reads it here).
+  PersistentCommDevice comm;
   int32_t rank;  // LOAD_RANK: this call's rank in the plan's group (0 without one)
 };
 
@@ -840,7 +845,7 @@ __device__ bool run_put(const KernelParams& p, const pf::PlanView& plan, const p
                         int32_t task, const pf::OpRecord& op, const pf::TaskRecord& t, TaskSmem& s,
                         Wait& wait, int worker, int64_t iter, uint32_t runs) {
   if (!wait()) return false;
-  const PersistentCommDevice& c = p.comm;
+  const PersistentCommDevice& c = s.comm;
   const int32_t rank = c.rank, n = c.n;
   const pf::RouteView route = plan.route(op);
   const pf::ViewRecord& av = plan.view(op.a_view);
@@ -948,6 +953,8 @@ __device__ __forceinline__ void run_worker(const KernelParams& p, const int work
 
   // Every block checks the header itself (cheap, and no block trusts another's verdict).
   if (threadIdx.x == 0) {
+    s.comm = p.comm;
+    if (p.comm.n > 0 && p.comm.epoch == 0) s.comm.epoch = current_epoch(p.comm_control);
     int32_t bad = 0;
     if (p.plan_words < 32 || h.magic != pf::kMagic || h.version < 1 || h.version > pf::kVersion ||
         h.header_words != 32 || h.total_words != p.plan_words) {
@@ -969,7 +976,7 @@ __device__ __forceinline__ void run_worker(const KernelParams& p, const int work
     if (bad) report(p, plan, kPersistentBadPlan, worker, -1, -1, 0, bad, 0);
     s.header_bad = bad;
     // Peers may write into this rank's region from now on (persistent_comm_device.hpp).
-    if (bad == 0 && worker == 0 && p.comm.n > 0) announce_entered(p.comm);
+    if (bad == 0 && worker == 0 && p.comm.n > 0) announce_entered(s.comm);
   }
   __syncthreads();
   if (s.header_bad) return;
@@ -1114,6 +1121,12 @@ __device__ __forceinline__ void run_worker(const KernelParams& p, const int work
 __global__ void __launch_bounds__(kBlockThreads, 1)
     persistent_kernel(const __grid_constant__ KernelParams p) {
   run_worker(p, static_cast<int>(blockIdx.x));
+  if (p.comm.n > 0 && p.comm.epoch == 0) {
+    // The epoch came from the rank's control word: the last block done advances it for the next
+    // call. This block has not counted itself yet, so the word still holds the epoch it read.
+    __syncthreads();
+    if (threadIdx.x == 0) retire_block(p.comm_control, gridDim.x, current_epoch(p.comm_control));
+  }
 }
 
 // Every rank of a group on ONE GPU in one cooperative launch (the test harness,
@@ -1247,7 +1260,8 @@ std::string prepare_call(const PersistentLaunchArgs& a, DeviceState* st, uint32_
   if (a.comm.n < 0 || a.comm.n > kPersistentMaxGroup)
     return "ark_persistent: a communication group of " + std::to_string(a.comm.n) +
            " ranks; the CUDA executor takes 1.." + std::to_string(kPersistentMaxGroup);
-  if (a.comm.n > 0 && (a.comm.rank < 0 || a.comm.rank >= a.comm.n || a.comm.epoch == 0 ||
+  if (a.comm.n > 0 && (a.comm.rank < 0 || a.comm.rank >= a.comm.n ||
+                       (a.comm.epoch == 0 && a.comm_control == nullptr) ||
                        a.comm.peers == nullptr || a.comm.local == nullptr))
     return "ark_persistent: invalid communication arguments (rank, epoch or regions)";
 
@@ -1271,6 +1285,7 @@ std::string prepare_call(const PersistentLaunchArgs& a, DeviceState* st, uint32_
   kp.run.timeout_ns = static_cast<uint64_t>(a.timeout_ms) * 1000000ull;
   kp.run.seq = seq;
   kp.comm = a.comm;
+  kp.comm_control = a.comm_control;
   kp.skip = 0;
   return {};
 }

@@ -94,10 +94,6 @@ class RankState {
   uint8_t* const* region_peers() const { return static_cast<uint8_t* const*>(region_table_.get()); }
   uint8_t* region() const { return scratch() + layout_.extra_offset; }
   uint64_t region_bytes() const { return config_.extra_bytes; }
-  // The epoch of the next persistent call on this rank (1, 2, ...): every rank makes the k-th
-  // call of the site k-th, so the epochs agree without any exchange. XLA runs the handler once
-  // per call (the target is not command-buffer compatible), so this counts calls.
-  uint64_t next_persistent_epoch() { return persistent_calls_.fetch_add(1) + 1; }
   // The record the kernels write on failure (host-mapped: readable without a sync).
   const volatile ErrorRecord& error() const { return *error_host_; }
   std::string describe_error() const;  // "" when no error was recorded
@@ -112,7 +108,6 @@ class RankState {
   DeviceBuffer control_;
   DeviceBuffer peer_table_;
   DeviceBuffer region_table_;  // extra_bytes > 0 only
-  std::atomic<uint64_t> persistent_calls_{0};
   HostBuffer error_;
   volatile ErrorRecord* error_host_ = nullptr;
   std::vector<std::unique_ptr<IpcMapping>> mappings_;

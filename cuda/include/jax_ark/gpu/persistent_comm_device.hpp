@@ -14,7 +14,10 @@
 // offsets below `inbox_bytes` into the region and the plan format does not change.
 //
 // No reset between calls, no host step: values carry the call's epoch (the k-th call of the site
-// has epoch k on every rank, counted on each rank's host).
+// has epoch k on every rank, counted by each rank itself: under XLA on a GPU in the rank's control
+// word in device memory, which the kernel reads at its start and its last block advances
+// (current_epoch / retire_block, so a launch replayed from a CUDA graph is the next call); by the
+// harness per launch; on the CPU by the region's per-rank call count).
 //  - A signal holds (epoch << 32) | runs, runs = the sender's finished runs of the task (1 outside
 //    loops, iteration + 1 inside), so signals only grow and a wait `>=` never passes on a value
 //    of an older call.

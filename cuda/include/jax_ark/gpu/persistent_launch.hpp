@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "jax_ark/gpu/common.hpp"
 #include "jax_ark/gpu/persistent_comm_device.hpp"
 
 namespace jax_ark::gpu {
@@ -36,6 +37,12 @@ struct PersistentLaunchArgs {
   // counters then holds int32[num_tasks * (1 + group_size)] like the CPU executor's (only the
   // first num_tasks are used: the signals live in the regions).
   PersistentCommDevice comm;
+  // Where the call's epoch comes from when comm.epoch is 0: this rank's control words in device
+  // memory (the communicator's RankControl; its `epoch` starts at 1). Every block reads it when
+  // the kernel starts and the last block to finish advances it, so no host step counts calls and
+  // a launch replayed from a CUDA graph gets the next epoch (XLA's path). The harness passes
+  // explicit epochs instead (nullptr here).
+  RankControl* comm_control = nullptr;
 };
 
 // Zeroes the counters (and the profile) and launches the kernel on `stream`. Returns an empty

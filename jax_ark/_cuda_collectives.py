@@ -184,8 +184,9 @@ _PLAN_SCRATCH = (1, 16, 4)  # blocks, piece_bytes, ll_bytes
 def plan_communicator(mesh, axes: tuple, group_size: int, site: int, region_bytes: int) -> int:
     """Bootstraps (once) the communicator of one persistent plan call site: its group over
     `axes`, each rank with a symmetric region of `region_bytes` (inboxes and signals, see
-    cuda/include/jax_ark/gpu/persistent_comm_device.hpp); returns its id. One per site, so the
-    call epochs its handler counts are the site's calls."""
+    cuda/include/jax_ark/gpu/persistent_comm_device.hpp); returns its id. One per site, and no
+    collective kernel runs on it, so the epoch the persistent kernel keeps in its ranks' control
+    words counts the site's calls."""
     with _communicators_lock:
         return _bootstrap(
             mesh, axes, group_size, sizes=_PLAN_SCRATCH, extra_bytes=region_bytes, site=site

@@ -13,6 +13,7 @@
 #include "../../cuda/src/cpu/host_communicator.hpp"
 #include "../../cuda/src/cpu/persistent_executor.hpp"
 #include "jax_ark/plan_check.hpp"
+#include "persistent_binding.h"
 #include "registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -196,15 +197,7 @@ ffi::Error PersistentChecked(ffi::RunId run_id, ffi::RemainingArgs args, ffi::Re
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCpu, PersistentImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::RunId>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<int64_t>("num_workers")
-                                  .Attr<int64_t>("num_tasks")
-                                  .Attr<int64_t>("timeout_ms")
-                                  .Attr<int64_t>("chaos_seed")
-                                  .Attr<int64_t>("profile"));
+                              jax_ark::persistent_binding<ffi::RunId>());
 
 JAX_ARK_REGISTER_TARGET("ark_persistent", ArkPersistentCpu);
 // The name a program lowered with JAX_ARK_CUDA_GRAPHS=1 calls (one ffi_call names one target for

@@ -25,6 +25,7 @@
 #include "jax_ark/gpu/communicator.hpp"
 #include "jax_ark/gpu/persistent_launch.hpp"
 #include "jax_ark/plan_format.hpp"
+#include "persistent_binding.h"
 #include "registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -181,33 +182,26 @@ ffi::Error PersistentCommCuda(cudaStream_t stream, ffi::RemainingArgs args, ffi:
 }  // namespace jax_ark
 
 namespace {
-// The attributes of every persistent target (the lowering in jax_ark/_persistent/_call.py).
-auto persistent_binding() {
-  return xla::ffi::Ffi::Bind()
-      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-      .RemainingArgs()
-      .RemainingRets()
-      .Attr<int64_t>("num_workers")
-      .Attr<int64_t>("num_tasks")
-      .Attr<int64_t>("timeout_ms")
-      .Attr<int64_t>("chaos_seed")
-      .Attr<int64_t>("profile");
+// The persistent call's binding on this platform (persistent_binding.h: shared with the CPU).
+auto cuda_persistent_binding() {
+  return jax_ark::persistent_binding<xla::ffi::PlatformStream<cudaStream_t>>();
 }
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCuda, jax_ark::PersistentCuda, persistent_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCuda, jax_ark::PersistentCuda,
+                              cuda_persistent_binding());
 // The command-buffer-compatible registration of the same handler (plans without put tasks).
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCudaGraph, jax_ark::PersistentCuda, persistent_binding(),
-                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCudaGraph, jax_ark::PersistentCuda,
+                              cuda_persistent_binding(), {xla::ffi::Traits::kCmdBufferCompatible});
 // Plans with put tasks (plan v3 communication): the same call plus the communicator.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCommCuda, jax_ark::PersistentCommCuda,
-                              persistent_binding()
+                              cuda_persistent_binding()
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int64_t>("inbox_bytes"));
 // Its command-buffer-compatible registration: the communicator behind comm_id lives as long as
 // the process and the epoch is read and advanced on the device, so a replay is a new call.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArkPersistentCommCudaGraph, jax_ark::PersistentCommCuda,
-                              persistent_binding()
+                              cuda_persistent_binding()
                                   .Attr<int64_t>("comm_id")
                                   .Attr<int64_t>("inbox_bytes"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -33,8 +33,14 @@ GRAPH_TARGET = "ark_collective_cuda_graph"
 GRAPHS_ENV = "JAX_ARK_CUDA_GRAPHS"
 
 
+def graphs_requested() -> bool:
+    """JAX_ARK_CUDA_GRAPHS=1 when a program is lowered: every jax_ark CUDA call (collectives,
+    persistent plans) takes its command-buffer-compatible target."""
+    return os.environ.get(GRAPHS_ENV, "0") == "1"
+
+
 def _target() -> str:
-    return GRAPH_TARGET if os.environ.get(GRAPHS_ENV, "0") == "1" else TARGET
+    return GRAPH_TARGET if graphs_requested() else TARGET
 
 
 _OPS = {"all_reduce": 0, "all_gather": 1, "reduce_scatter": 2, "permute": 3, "all_to_all": 4}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ark import _collective_primitive as _prim
-from jax_ark._cuda_collectives import GRAPHS_ENV
+from jax_ark._cuda_collectives import graphs_requested
 from jax_ark._ffi import cpu_module
 from jax_ark._persistent import _comm_call
 from jax_ark._persistent._format import (
@@ -232,7 +232,7 @@ def run_plan(
     )
     if p.comm is None:
         target = _TARGET
-        if os.environ.get(GRAPHS_ENV, "0") == "1":
+        if graphs_requested():
             target = _GRAPH_TARGET
             prepare_gpus_for_graphs()
         outs = jax.ffi.ffi_call(

@@ -17,7 +17,6 @@ Results are typed invariant over the mesh, as `ffi_call`'s are; `run_plan` marks
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -99,7 +98,7 @@ def _lower_cuda(ctx, *operands, aliases, attributes, plan_bytes, comm_axes, grou
         mesh, tuple(comm_axes), group_size, site, region_bytes
     )
     target = CUDA_TARGET
-    if os.environ.get(_cuda_collectives.GRAPHS_ENV, "0") == "1":
+    if _cuda_collectives.graphs_requested():
         target = CUDA_GRAPH_TARGET
         prepare_gpus_for_graphs()
     rule = jax.ffi.ffi_lowering(target, operand_output_aliases=dict(aliases) or None)

@@ -166,6 +166,24 @@ def test_bit_identical_across_worker_counts_and_reference(rng, dtype, which):
             assert np.array_equal(_bits(g), _bits(w)), (which, workers)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_matmuls_in_k_blocks_bit_identical_to_reference(rng, dtype):
+    """Tiles of many rows run k in blocks whose B panel stays in L1, each carrying its sums over;
+    weights 1, 1.5 and 2 KiB wide (read in place with short blocks, or copied), an odd width, a
+    k that leaves a remainder block, rows that leave a partial micro block: the reference's bits."""
+    shapes = [(38, 300), (300, 256), (300, 384), (300, 512), (300, 130)]
+    args = random_args(rng, shapes, dtype)
+
+    def fn(x, *ws):
+        return [x @ w for w in ws]
+
+    want = interpret(ark.plan(fn, *args, tile_m=38), *args)
+    for workers in (1, 2):
+        got = jax.jit(ark.persistent(fn, num_workers=workers, tile_m=38))(*args)
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(_bits(g), _bits(w)), workers
+
+
 def _tiled_epilogues(x, w, bias, res_t, scale, a, b, w3):
     # Only correctly rounded ops (see _exact_gemv_chain). Tiles narrower than N, so each epilogue
     # runs over a block of columns: a bias along N, a transposed residual (strided reads), a

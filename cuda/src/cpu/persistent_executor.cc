@@ -913,11 +913,14 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   // Transposed float32 / bf16 weights (unit k-stride) are read in place too, by the matmul_kt
   // kernels (transposed in registers).
   const bool float_b = b_dt == kF32 || b_dt == kBF16;
-  // B rows a multiple of 1 KiB apart (a 256- or 1024-wide weight) all fall in a few L1 sets, so a
-  // K x 16 micro-block panel read in place is evicted before the tile's next 4 rows reuse it (27 vs
-  // 40 GFLOP/s measured for 64x256 @ 256x1024): with more than one micro-block row, copy B's
-  // columns into the padded L1-sized blocks below (the same terms in the same order).
-  const bool aliasing_rows = (bv.strides[1] * dtype_size(b_dt)) % 1024 == 0;
+  // B rows a multiple of 2 KiB apart (a 512- or 1024-wide float32 weight) fall in so few L1 sets
+  // that a panel read in place is evicted before the tile's next micro-block rows reuse it, even in
+  // the short k blocks of kernels::l1_panel_rows: with more than one micro-block row, copy B's
+  // columns into the padded L1-sized blocks below (the same terms in the same order). At a 1 KiB
+  // stride 32-row k blocks fit, and reading in place beat the copy (one core, AMD EPYC, 32 x 64
+  // tasks: 256x256 @ 256x256 199 -> 215 GFLOP/s, 512x128 @ 128x256 192 -> 208); at 2 KiB the two
+  // were equal (16-row blocks), at 4 KiB the copy won (192 vs 162).
+  const bool aliasing_rows = (bv.strides[1] * dtype_size(b_dt)) % 2048 == 0;
   const bool direct_b = float_b && bv.strides[2] == 1 &&
                         !(aliasing_rows && task.m1 - task.m0 > kernels::kMicroRows);
   const bool direct_bt = float_b && !direct_b && bv.strides[1] == 1;

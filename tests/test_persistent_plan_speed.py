@@ -151,6 +151,30 @@ def test_weight_gradient_has_no_transpose_copy(rng):
     )
 
 
+def test_gelu_mlp_gradient_computes_each_matmul_once(rng):
+    """gelu's backward reads the matmul dy @ w2.T in two branches whose sum is too long for one
+    program: the matmul is stored once and both branches read it (it used to be fused into one
+    branch and recomputed for the other)."""
+    x = rng.standard_normal((24, 32)).astype(np.float32) / 4
+    w1 = rng.standard_normal((32, 48)).astype(np.float32) / 4
+    w2 = rng.standard_normal((48, 32)).astype(np.float32) / 4
+
+    def step(x, w1, w2):
+        def loss(w1, w2):
+            y = jax.nn.gelu(x @ w1) @ w2
+            return jnp.mean(y * y)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(w1, w2)
+
+    jaxpr = jax.make_jaxpr(step)(x, w1, w2)
+    dots = sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+    plan = _plan(step, x, w1, w2)
+    assert sum(op.kind == "matmul" for op in plan.ops) == dots == 5
+    got = jax.jit(ark.persistent(step))(x, w1, w2)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(jax.jit(step)(x, w1, w2)), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=1e-6)
+
+
 def _fill_loop(x, pos):
     """A zero buffer carried through a fori_loop, each iteration writing one block of rows at a
     device offset (the ring matmul's output assembly as a loop); the update is exact (x * 2)."""

@@ -410,7 +410,17 @@ class _Builder:
         size = 1 + sum(a.size for a in args)
         while size > _FUSE_LIMIT:
             big = max(range(len(args)), key=lambda i: args[i].size)
-            args[big] = self.materialize(args[big])
+            others = [c for i, a in enumerate(args) if i != big for c in _cores(a)]
+            shared = [c for c in _cores(args[big]) if c in others]
+            if shared:
+                # An accumulator read by several operands (a matmul whose output feeds both
+                # branches of gelu's backward): fusing it into the biggest operand's program
+                # would leave the others a second op recomputing it (_raw). Store it once.
+                for core in shared:
+                    self._emit_core(core, None, None, "workspace", 0)
+                args = [self._substitute(a) for a in args]
+            else:
+                args[big] = self.materialize(args[big])
             size = 1 + sum(a.size for a in args)
         return _Ew(shape, dtype, op=op, args=tuple(args), imm=imm, _size=size)
 

@@ -99,6 +99,29 @@ def test_rms_norm_mlp_block_and_reference_interpreter(rng):
     _close(got, interpret(fn.plan(*args), *args)[0])
 
 
+@pytest.mark.parametrize("rows,cols,workers", [(1, 5003, None), (3, 5003, None), (200, 301, 4)])
+def test_row_reductions_of_every_kind_for_few_and_many_rows(rng, rows, cols, workers):
+    """A task of few rows (one per SM-wide plan) splits each row across warps (row_fold), also for
+    the kinds folded as (bits, index) pairs: argmax / argmin of logits (greedy sampling), integer
+    sum / max, float min; 4 workers over 200 rows give tasks of 50 rows, one warp per row. Exact
+    where the fold order cannot matter; float sums within float32 tolerance."""
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    x[:, cols // 2] = x.max(axis=1)  # a tie for the maximum: the lower index wins
+    k = rng.integers(-1000, 1000, (rows, cols), dtype=np.int32)
+
+    def fn(x, k):
+        exact = (jnp.argmax(x, -1), jnp.argmin(x, -1), jnp.min(x, -1), jnp.max(x, -1))
+        return exact + (jnp.sum(k, -1), jnp.max(k, -1)), jnp.sum(x, -1)
+
+    (got_exact, got_sum), (want_exact, want_sum) = (
+        jax.jit(ark.persistent(fn, num_workers=workers or _sms()))(x, k),
+        jax.jit(fn)(x, k),
+    )
+    for g, w in zip(got_exact, want_exact, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    _close(got_sum, want_sum)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, BF16])
 def test_softmax_attention_seq128(rng, dtype):
     args = random_args(rng, [(128, 64), (64, 32), (64, 32), (64, 32)], dtype)

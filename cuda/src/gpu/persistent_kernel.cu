@@ -617,27 +617,19 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
   __syncthreads();
 }
 
-// REDUCE of the v2 kinds (integer, min, argmax / argmin): one warp per row, lane l folding
-// r = l, l + 32, ... with tile_ops.hpp's reduce_combine, then an xor-shuffle tree over (bits, index).
-// combine() is associative and commutative for these kinds, so the result is the CPU executor's.
+// REDUCE of the v2 kinds (integer, min, argmax / argmin): tile::row_fold over (bits, index) pairs
+// with tile_ops.hpp's reduce_combine, which is associative and commutative for these kinds (ties
+// go to the lower index), so any fold order, the few-rows split across warps included, gives the
+// CPU executor's result.
 template <typename Load, typename Epi>
 __device__ void row_reduce_generic(int64_t r0, int64_t r1, int64_t ncols, int32_t kind, Load& load,
                                    Epi& epi) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t r = r0 + warp; r < r1; r += tile::kWarps) {
-    pf::ReduceAcc acc = pf::reduce_identity(kind);
-    for (int64_t c = lane; c < ncols; c += 32)
-      acc = pf::reduce_combine(kind, acc,
-                               pf::ReduceAcc{__float_as_uint(load(r, c)), static_cast<int32_t>(c)});
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const pf::ReduceAcc other{__shfl_xor_sync(0xffffffffu, acc.bits, o),
-                                __shfl_xor_sync(0xffffffffu, acc.index, o)};
-      acc = pf::reduce_combine(kind, acc, other);
-    }
-    if (lane == 0) epi(r, __uint_as_float(pf::reduce_result(kind, acc)));
-  }
-  __syncthreads();
+  auto element = [&](int64_t r, int64_t c) {
+    return pf::ReduceAcc{__float_as_uint(load(r, c)), static_cast<int32_t>(c)};
+  };
+  auto combine = [kind](pf::ReduceAcc a, pf::ReduceAcc b) { return pf::reduce_combine(kind, a, b); };
+  auto finish = [&](int64_t r, pf::ReduceAcc acc) { epi(r, __uint_as_float(pf::reduce_result(kind, acc))); };
+  tile::row_fold(r0, r1, ncols, pf::reduce_identity(kind), element, combine, finish);
 }
 
 // ---- the three op kinds ------------------------------------------------------------------------

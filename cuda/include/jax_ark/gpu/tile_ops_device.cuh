@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "jax_ark/gpu/gemm_layout.hpp"
@@ -600,47 +601,71 @@ __device__ __forceinline__ float reduce_combine(ReduceKind k, float a, float b) 
   return k == ReduceKind::kSum ? a + b : (k == ReduceKind::kMax ? nan_max(a, b) : nan_min(a, b));
 }
 
-template <typename Load, typename Epi>
-__device__ void row_reduce_tile(int64_t r0, int64_t r1, int64_t ncols, ReduceKind kind, Load& load,
-                                Epi& epi) {
+// A warp-wide xor shuffle of any trivially copyable value, one 32-bit word at a time (a float, or
+// an (bits, index) pair of an arg reduction).
+template <typename T>
+__device__ __forceinline__ T shfl_xor_words(T v, int offset) {
+  static_assert(sizeof(T) % 4 == 0 && std::is_trivially_copyable<T>::value, "32-bit words");
+  uint32_t w[sizeof(T) / 4];
+  memcpy(w, &v, sizeof(T));
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) w[i] = __shfl_xor_sync(0xffffffffu, w[i], offset);
+  memcpy(&v, w, sizeof(T));
+  return v;
+}
+
+// out(r) = fold over c < ncols of element(r, c), for r in [r0, r1): acc = combine(acc, element)
+// from `identity`, lanes striding the row, then a fixed xor-shuffle tree (deterministic run to
+// run; the order differs from a sequential fold, so `combine` must be associative and commutative
+// or, for float sums, the caller accepts the tree's rounding). epi(r, acc) is called once per row.
+template <typename Acc, typename Element, typename Combine, typename Epi>
+__device__ void row_fold(int64_t r0, int64_t r1, int64_t ncols, Acc identity, Element& element,
+                         Combine& combine, Epi& epi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t rows = r1 - r0;
   if (rows > 0 && rows * 2 <= kWarps) {
-    // Few rows (a norm over one token, say): one warp per row would leave most of the block idle,
-    // so `per` warps share each row (columns strided by 32 * per) and combine their partials
-    // through shared memory. Block-uniform branch: rows is the task's.
-    __shared__ float partial[kWarps];
+    // Few rows (a norm over one token, the argmax of one row of logits): one warp per row would
+    // leave most of the block idle, so `per` warps share each row (columns strided by 32 * per) and
+    // combine their partials through shared memory. Block-uniform branch: rows is the task's.
+    __shared__ Acc partial[kWarps];
     int per = 1;
     while (rows * per * 2 <= kWarps) per *= 2;
     const int busy = static_cast<int>(rows) * per;
     const int part = warp % per;
     const int64_t r = r0 + warp / per;
     if (warp < busy) {
-      float acc = reduce_init(kind);
+      Acc acc = identity;
       for (int64_t c = static_cast<int64_t>(part) * 32 + lane; c < ncols; c += 32 * per)
-        acc = reduce_combine(kind, acc, load(r, c));
+        acc = combine(acc, element(r, c));
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1)
-        acc = reduce_combine(kind, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      for (int o = 16; o > 0; o >>= 1) acc = combine(acc, shfl_xor_words(acc, o));
       if (lane == 0) partial[warp] = acc;
     }
     __syncthreads();
     if (warp < busy && part == 0 && lane == 0) {
-      float acc = partial[warp];
-      for (int j = 1; j < per; ++j) acc = reduce_combine(kind, acc, partial[warp + j]);
+      Acc acc = partial[warp];
+      for (int j = 1; j < per; ++j) acc = combine(acc, partial[warp + j]);
       epi(r, acc);
     }
     __syncthreads();
     return;
   }
   for (int64_t r = r0 + warp; r < r1; r += kWarps) {
-    float acc = reduce_init(kind);
-    for (int64_t c = lane; c < ncols; c += 32) acc = reduce_combine(kind, acc, load(r, c));
+    Acc acc = identity;
+    for (int64_t c = lane; c < ncols; c += 32) acc = combine(acc, element(r, c));
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc = reduce_combine(kind, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+    for (int o = 16; o > 0; o >>= 1) acc = combine(acc, shfl_xor_words(acc, o));
     if (lane == 0) epi(r, acc);
   }
   __syncthreads();
+}
+
+// Float sum / max / min of rows: row_fold with float32 accumulation.
+template <typename Load, typename Epi>
+__device__ void row_reduce_tile(int64_t r0, int64_t r1, int64_t ncols, ReduceKind kind, Load& load,
+                                Epi& epi) {
+  auto combine = [kind](float a, float b) { return reduce_combine(kind, a, b); };
+  row_fold(r0, r1, ncols, reduce_init(kind), load, combine, epi);
 }
 
 // Elementwise over a flat index range [i0, i1): consecutive threads take consecutive elements.

@@ -489,8 +489,9 @@ class _Builder:
     def _raw(self, core: _Core) -> int:
         """A tensor holding core's accumulator as is. A core emitted with an epilogue (fused into
         one consumer's expression) holds that expression, not the accumulator: a consumer that
-        still needs the accumulator gets a second op computing it (jax.grad's backward reads the
-        forward's matmul outputs again; rare, and correct rather than fast)."""
+        still needs the accumulator gets a second op computing it (correct rather than fast).
+        Within one expression this is avoided (`elementwise` stores an accumulator several
+        operands read before splitting the expression); across separate values it remains."""
         if core.raw_tensor < 0:
             twin = dataclasses.replace(core, emitted=False, out_tensor=-1, raw_tensor=-1)
             self._emit_core(twin, None, None, "workspace", 0)

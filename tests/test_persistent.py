@@ -119,6 +119,27 @@ def test_cummax_and_cummin(rng, dtype):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.int32])
+def test_moved_elements_keep_every_bit(rng, dtype):
+    """An output that only moves elements (an input returned, a scan stacking slices of its xs)
+    keeps every bit, NaN payloads included, as jax.jit does: a 16-bit float NaN used to come back
+    re-rounded (quieted, its payload dropped). A transposed copy takes the general path."""
+    bits = {np.float16: [0x7C01, 0xFE01], ml_dtypes.bfloat16: [0x7F81, 0xFFC1]}
+    width = np.dtype(dtype).itemsize
+    raw = rng.integers(0, 2 ** (8 * width), (6, 5, 8), dtype=np.uint64)
+    x = raw.astype(np.uint16 if width == 2 else np.uint32).view(dtype)
+    if dtype in bits:
+        x.view(np.uint16).reshape(-1)[:2] = bits[dtype]  # a signaling and a payload NaN
+
+    def fn(x):
+        _, ys = jax.lax.scan(lambda c, row: (c, row), 0, x)
+        return x, ys, jnp.swapaxes(x, 1, 2)
+
+    got = jax.jit(ark.persistent(fn))(x)
+    for g, w in zip(got, jax.jit(fn)(x), strict=True):
+        assert np.array_equal(_bits(g), _bits(w))
+
+
 def _exact_gemv_chain(x, bias, *ws):
     # Only correctly rounded ops (matmul, mul, add, max): numpy's float32 transcendentals need not
     # match libm bit for bit, these must.

@@ -781,10 +781,75 @@ EpilogueSpace epilogue_space(const Run& run, const OpRecord& op, const Scratch& 
   return {base, out.dtype, out.rank - 1, out.dims + 1};
 }
 
+// Whether an epilogue only moves elements: LOAD, optionally then COPY, every instruction and the
+// loaded tensor of the output's dtype (no rounding on the way). Such an op (an input returned, a
+// transpose, a collective's last step copying its gathered inbox into the result) moves each
+// element's bytes instead of widening it to a float register and narrowing it back: the same
+// values, faster, and a 16-bit float NaN keeps its payload, as in XLA's copies (the register
+// round trip quieted it).
+bool moves_elements(const Run& run, const OpRecord& op, int32_t out_dtype) {
+  if (op.epilogue_len < 1 || op.epilogue_len > 2) return false;
+  const Instruction& load = run.plan.instruction(op.epilogue_at);
+  if (opcode_of(load) != kLoad || dtype_of(load) != out_dtype) return false;
+  if (op.epilogue_len == 2) {
+    const Instruction& copy = run.plan.instruction(op.epilogue_at + 1);
+    if (opcode_of(copy) != kCopy || copy.a != 0 || dtype_of(copy) != out_dtype) return false;
+  }
+  return run.plan.tensor(run.plan.view(load.a).tensor).dtype == out_dtype;
+}
+
+// The move of a moves_elements epilogue over output flat indices [lin0, lin0 + count): runs along
+// the innermost dim, one memcpy each where the view is contiguous there (the whole range at once
+// where it is laid out like the output).
+void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out, int64_t lin0,
+                   int count, const Scratch& s) {
+  const ViewRecord v = run.view(run.plan.instruction(op.epilogue_at).a, s.iter, s.outer_iter);
+  const int64_t size = dtype_size(out.dtype);
+  const char* src = run.tensor_base(v.tensor);
+  char* dst = out.base + lin0 * size;
+  int64_t dense = 1;  // whether flat index i is element offset + i of the view
+  bool like_output = true;
+  for (int d = out.rank - 1; d >= 0; --d) {
+    like_output = like_output && (out.dims[d] == 1 || v.strides[d] == dense);
+    dense *= out.dims[d];
+  }
+  if (out.rank == 0 || like_output) {
+    memmove(dst, src + (v.offset + (out.rank == 0 ? 0 : lin0)) * size, count * size);
+    return;
+  }
+  int64_t idx[kMaxRank], off = v.offset, rem = lin0;
+  for (int d = out.rank - 1; d >= 0; --d) {
+    idx[d] = rem % out.dims[d];
+    rem /= out.dims[d];
+    off += idx[d] * v.strides[d];
+  }
+  const int last = out.rank - 1;
+  const int64_t inner = v.strides[last];
+  for (int e = 0; e < count;) {
+    const int n = static_cast<int>(std::min<int64_t>(count - e, out.dims[last] - idx[last]));
+    if (inner == 1) {
+      memmove(dst + e * size, src + off * size, n * size);
+    } else {
+      for (int j = 0; j < n; ++j) memcpy(dst + (e + j) * size, src + (off + j * inner) * size, size);
+    }
+    e += n;
+    off += n * inner;
+    idx[last] += n;
+    for (int d = last; d > 0 && idx[d] >= out.dims[d]; --d) {  // carry into the outer dims
+      off -= idx[d] * v.strides[d];
+      idx[d] = 0;
+      ++idx[d - 1];
+      off += v.strides[d - 1];
+    }
+  }
+}
+
 // Epilogue over output flat indices [lin0, lin0 + count), stored into the op's output tensor.
 void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count, const float* acc,
                     Scratch& s) {
   const EpilogueSpace out = epilogue_space(run, op, s);
+  if (acc == nullptr && moves_elements(run, op, out.dtype))
+    return move_elements(run, op, out, lin0, count, s);
   for (int done = 0; done < count; done += kSegment) {
     const int n = std::min(kSegment, count - done);
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
@@ -804,7 +869,9 @@ void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, 
   if (cols == op.N)
     return epilogue_store(run, op, row0 * op.N, rows * cols, acc, s);  // contiguous: whole rows
   const EpilogueSpace out = epilogue_space(run, op, s);
-  if (out.rank == 0 || out.dims[out.rank - 1] != op.N) {  // N spans several dims: row by row
+  // N spans several dims, or a move (each row's run is one move): row by row
+  if (out.rank == 0 || out.dims[out.rank - 1] != op.N ||
+      (acc == nullptr && moves_elements(run, op, out.dtype))) {
     for (int i = 0; i < rows; ++i)
       epilogue_store(run, op, (row0 + i) * op.N + col0, cols, acc ? acc + i * cols : nullptr, s);
     return;
@@ -1039,7 +1106,7 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
         r_idx[j] = 0;
       }
     }
-    for (int e = 0; e < n; ++e) acc[e] = round_to(acc[e], op.acc_dtype);
+    round_in_place(acc, n, op.acc_dtype);
   }
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
 }

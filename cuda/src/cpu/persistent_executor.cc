@@ -799,7 +799,7 @@ bool moves_elements(const Run& run, const OpRecord& op, int32_t out_dtype) {
 }
 
 // The move of a moves_elements epilogue over output flat indices [lin0, lin0 + count): runs along
-// the innermost dim, one memcpy each where the view is contiguous there (the whole range at once
+// the innermost dim, one memmove each where the view is contiguous there (the whole range at once
 // where it is laid out like the output).
 void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out, int64_t lin0,
                    int count, const Scratch& s) {

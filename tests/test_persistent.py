@@ -191,12 +191,13 @@ def test_bit_identical_across_worker_counts_and_reference(rng, dtype, which):
 def test_matmuls_in_k_blocks_bit_identical_to_reference(rng, dtype):
     """Tiles of many rows run k in blocks whose B panel stays in L1, each carrying its sums over;
     weights 1, 1.5 and 2 KiB wide (read in place with short blocks, or copied), an odd width, a
-    k that leaves a remainder block, rows that leave a partial micro block: the reference's bits."""
-    shapes = [(38, 300), (300, 256), (300, 384), (300, 512), (300, 130)]
+    k that leaves a remainder block, rows that leave a partial micro block, a transposed A: the
+    reference's bits."""
+    shapes = [(38, 300), (300, 38), (300, 256), (300, 384), (300, 512), (300, 130)]
     args = random_args(rng, shapes, dtype)
 
-    def fn(x, *ws):
-        return [x @ w for w in ws]
+    def fn(x, xt, *ws):  # xt.T: an A read across its rows (a weight gradient's x.T), k in 16s
+        return [x @ w for w in ws] + [xt.T @ ws[0], xt.T @ ws[-1]]
 
     want = interpret(ark.plan(fn, *args, tile_m=38), *args)
     for workers in (1, 2):

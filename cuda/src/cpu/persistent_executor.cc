@@ -943,6 +943,20 @@ void widen_b_block(const ViewRecord& bv, int32_t dt, const char* base, int64_t b
 // Rows of A widened to float32 (rows x K, row stride K).
 void widen_a_rows(const ViewRecord& av, int32_t dt, const char* base, int64_t b, int64_t m0, int rows,
                   int64_t K, float* dst) {
+  if (dt == kF32 && av.strides[1] == 1 && av.strides[2] != 1) {
+    // A transposed operand (a weight gradient's x.T): the tile's rows are adjacent along m, so
+    // 16 k at a time, the 16 runs of `rows` contiguous elements stay in L1 while each row's 16
+    // values are written. Row by row, one load per element K elements apart missed L1 (one core,
+    // x.T @ dy: 256 x 512 @ 512 x 256 92 -> 158 GFLOP/s, jax.jit 178; 256 x 64 @ 64 x 256 106 -> 130).
+    const float* src = reinterpret_cast<const float*>(base) + av.offset + b * av.strides[0] + m0;
+    const int64_t ks = av.strides[2];
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int kb = static_cast<int>(std::min<int64_t>(16, K - k0));
+      for (int i = 0; i < rows; ++i)
+        for (int kk = 0; kk < kb; ++kk) dst[i * K + k0 + kk] = src[(k0 + kk) * ks + i];
+    }
+    return;
+  }
   for (int i = 0; i < rows; ++i) {
     const int64_t row = av.offset + b * av.strides[0] + (m0 + i) * av.strides[1];
     const int64_t ks = av.strides[2];

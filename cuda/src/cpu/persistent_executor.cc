@@ -607,6 +607,44 @@ void load_run(float* r, const char* base, int32_t dt, int64_t off, int64_t strid
   }
 }
 
+// The index of flat element `lin` of a row-major space dims[0..rank).
+void unravel_index(int64_t lin, int rank, const int64_t* dims, int64_t* idx) {
+  for (int d = rank - 1; d >= 0; --d) {
+    idx[d] = lin % dims[d];
+    lin /= dims[d];
+  }
+}
+
+// Walks `count` elements of an iteration space dims[0..rank) (rank >= 1) from index start_idx, in
+// runs along its innermost dim: visit(e, off, n) for elements e .. e + n - 1, which a view with
+// these strides places at off, off + strides[rank - 1], ... (`offset`: the view's element at
+// index 0). One call per run keeps the per-element work (a dtype switch, a copy) out of the walk.
+template <class Visit>
+ARK_INLINE_LOOP void for_each_inner_run(int rank, const int64_t* dims, const int64_t* strides,
+                                        const int64_t* start_idx, int64_t offset, int count,
+                                        Visit&& visit) {
+  int64_t idx[kMaxRank];
+  const int last = rank - 1;
+  int64_t off = offset;
+  for (int d = 0; d < rank; ++d) {
+    idx[d] = start_idx[d];
+    off += idx[d] * strides[d];
+  }
+  for (int e = 0; e < count;) {
+    const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
+    visit(e, off, n);
+    e += n;
+    off += n * strides[last];
+    idx[last] += n;
+    for (int d = last; d > 0 && idx[d] >= dims[d]; --d) {  // carry into the outer dims
+      off -= idx[d] * strides[d];
+      idx[d] = 0;
+      ++idx[d - 1];
+      off += strides[d - 1];
+    }
+  }
+}
+
 // LOAD_AT (plan v2): the view's element index plus the int32 offset in register `moved`, clamped
 // into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
 // plan inside its buffer).
@@ -627,16 +665,9 @@ void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* di
   // Walk the iteration space in runs along its innermost dim, as LOAD does, with the dtype
   // switch outside each run: a dynamic_update_slice's full-size select loads its update this
   // way for every element of the result.
-  int64_t idx[kMaxRank];
-  const int last = rank - 1;
-  int64_t off = v.offset + col0 * v.strides[last];
-  for (int d = 0; d < rank; ++d) {
-    idx[d] = start_idx[d];
-    off += idx[d] * v.strides[d];
-  }
-  const int64_t inner = v.strides[last], hi = t.num_elements - 1;
-  for (int e = 0; e < count;) {
-    const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
+  const int64_t inner = v.strides[rank - 1], hi = t.num_elements - 1;
+  for_each_inner_run(rank, dims, v.strides, start_idx, v.offset + col0 * inner, count,
+                     [&](int e, int64_t off, int n) {
     auto at = [&](int j) {
       const int64_t o = off + j * inner + static_cast<int32_t>(delta[e + j]);
       return std::min<int64_t>(std::max<int64_t>(o, 0), hi);
@@ -655,16 +686,7 @@ void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* di
       default:
         for (int j = 0; j < n; ++j) r[e + j] = load_element(base, t.dtype, at(j));
     }
-    e += n;
-    off += n * inner;
-    idx[last] += n;
-    for (int d = last; d > 0 && idx[d] >= dims[d]; --d) {  // carry into the outer dims
-      off -= idx[d] * v.strides[d];
-      idx[d] = 0;
-      ++idx[d - 1];
-      off += v.strides[d - 1];
-    }
-  }
+  });
 }
 
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
@@ -677,13 +699,7 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
                   int count, const float* acc, Scratch& s, int64_t col0 = 0, int tail_rank = 0,
                   const int64_t* tail_idx = nullptr) {
   int64_t start_idx[kMaxRank];
-  {
-    int64_t rem = lin0;
-    for (int d = rank - 1; d >= 0; --d) {
-      start_idx[d] = rem % dims[d];
-      rem /= dims[d];
-    }
-  }
+  unravel_index(lin0, rank, dims, start_idx);
   for (int i = 0; i < len; ++i) {
     const Instruction& ins = run.plan.instruction(at + i);
     const int32_t code = opcode_of(ins), dt = dtype_of(ins);
@@ -700,28 +716,11 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         load_run(r, base, src_dt, v.offset, 0, count);
       } else {
         // Walk the iteration space in runs along its innermost dim (one strided load each).
-        int64_t idx[kMaxRank];
-        const int last = rank - 1;
-        int64_t off = v.offset + col0 * v.strides[last];
-        for (int j = 0; j < tail_rank; ++j) off += tail_idx[j] * v.strides[rank + j];
-        for (int d = 0; d < rank; ++d) {
-          idx[d] = start_idx[d];
-          off += idx[d] * v.strides[d];
-        }
-        const int64_t inner_stride = v.strides[last];
-        for (int e = 0; e < count;) {
-          const int n = static_cast<int>(std::min<int64_t>(count - e, dims[last] - idx[last]));
-          load_run(r + e, base, src_dt, off, inner_stride, n);
-          e += n;
-          off += n * inner_stride;
-          idx[last] += n;
-          for (int d = last; d > 0 && idx[d] >= dims[d]; --d) {  // carry into the outer dims
-            off -= idx[d] * v.strides[d];
-            idx[d] = 0;
-            ++idx[d - 1];
-            off += v.strides[d - 1];
-          }
-        }
+        const int64_t inner = v.strides[rank - 1];
+        int64_t offset = v.offset + col0 * inner;
+        for (int j = 0; j < tail_rank; ++j) offset += tail_idx[j] * v.strides[rank + j];
+        for_each_inner_run(rank, dims, v.strides, start_idx, offset, count,
+                           [&](int e, int64_t off, int n) { load_run(r + e, base, src_dt, off, inner, n); });
       }
     } else if (code == kLoadAt) {
       load_at(run, ins, rank, dims, start_idx, col0, count, s.regs[ins.b], r, s.iter, s.outer_iter);
@@ -817,31 +816,17 @@ void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out,
     memmove(dst, src + (v.offset + (out.rank == 0 ? 0 : lin0)) * size, count * size);
     return;
   }
-  int64_t idx[kMaxRank], off = v.offset, rem = lin0;
-  for (int d = out.rank - 1; d >= 0; --d) {
-    idx[d] = rem % out.dims[d];
-    rem /= out.dims[d];
-    off += idx[d] * v.strides[d];
-  }
-  const int last = out.rank - 1;
-  const int64_t inner = v.strides[last];
-  for (int e = 0; e < count;) {
-    const int n = static_cast<int>(std::min<int64_t>(count - e, out.dims[last] - idx[last]));
+  int64_t start_idx[kMaxRank];
+  unravel_index(lin0, out.rank, out.dims, start_idx);
+  const int64_t inner = v.strides[out.rank - 1];
+  for_each_inner_run(out.rank, out.dims, v.strides, start_idx, v.offset, count,
+                     [&](int e, int64_t off, int n) {
     if (inner == 1) {
       memmove(dst + e * size, src + off * size, n * size);
     } else {
       for (int j = 0; j < n; ++j) memcpy(dst + (e + j) * size, src + (off + j * inner) * size, size);
     }
-    e += n;
-    off += n * inner;
-    idx[last] += n;
-    for (int d = last; d > 0 && idx[d] >= out.dims[d]; --d) {  // carry into the outer dims
-      off -= idx[d] * v.strides[d];
-      idx[d] = 0;
-      ++idx[d - 1];
-      off += v.strides[d - 1];
-    }
-  }
+  });
 }
 
 // Epilogue over output flat indices [lin0, lin0 + count), stored into the op's output tensor.

@@ -202,10 +202,9 @@ constexpr int kMicroRows = 4;
 template <class V, bool F, class BT, int NV>
 ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, const BT* b,
                                     int64_t ldb, float* acc, int64_t ldc, bool accumulate) {
-  constexpr int R = kMicroRows;
   constexpr int W = sizeof(V) / sizeof(float);
-  V c[R][NV];
-  for (int i = 0; i < R; ++i)
+  V c[kMicroRows][NV];
+  for (int i = 0; i < kMicroRows; ++i)
     for (int j = 0; j < NV; ++j) {
       if (accumulate)
         load_vec(c[i][j], acc + i * ldc + j * W);
@@ -221,12 +220,12 @@ ARK_ALWAYS_INLINE void matmul_micro(const float* a, int64_t lda, int64_t K, cons
     }
     V x[NV];
     for (int j = 0; j < NV; ++j) load_vec(x[j], bk + j * W);
-    for (int i = 0; i < R; ++i) {
+    for (int i = 0; i < kMicroRows; ++i) {
       const float ai = a[i * lda + k];
       for (int j = 0; j < NV; ++j) mac<F>(c[i][j], ai, x[j]);
     }
   }
-  for (int i = 0; i < R; ++i)
+  for (int i = 0; i < kMicroRows; ++i)
     for (int j = 0; j < NV; ++j) store_vec(acc + i * ldc + j * W, c[i][j]);
 }
 

@@ -536,6 +536,26 @@ def test_inside_shard_map(mesh8, rng):
     _close(sharded(x, w1, w2), jax.jit(fn)(x, w1, w2))
 
 
+def test_inside_shard_map_keeps_replicated_outputs_replicated(mesh8, rng):
+    """An output computed from replicated inputs only is the same on every device: typed
+    invariant as under jax.jit, so out_specs=P() passes shard_map's replication check (it was
+    typed varying over every axis some input varies over, and shard_map refused P())."""
+    x = random_args(rng, [(8 * 4, 32)])[0]
+    w1, w2 = random_args(rng, [(32, 64), (64, 32)])
+
+    def fn(x, w1, w2):
+        return x + jax.nn.gelu(x @ w1) @ w2, jnp.tanh(w1) @ w2
+
+    def run(f):
+        return jax.jit(
+            jax.shard_map(f, mesh=mesh8, in_specs=(P("x"), P(), P()), out_specs=(P("x"), P()))
+        )(x, w1, w2)
+
+    got, want = run(ark.persistent(fn, num_workers=2)), run(fn)
+    _close(got[0], want[0])
+    _close(got[1], want[1])
+
+
 @functools.cache
 def _ops():
     return {

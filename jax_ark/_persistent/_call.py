@@ -376,11 +376,12 @@ class _Persistent:
         """A copy of the plan used for these arguments (planned once per signature and platform);
         editing it changes nothing here: pass the edited plan to `persistent(fn, plan=...)`."""
         fn, args = key_data_arguments(self._fn, args)
-        p, _, _ = self._planned(fn, args, resolve_platform(jax.tree_util.tree_leaves(args))[0])
+        p = self._planned(fn, args, resolve_platform(jax.tree_util.tree_leaves(args))[0])[0]
         return p.copy()
 
-    def _planned(self, fn, args, platform: str) -> tuple[Plan, Any, list]:
-        """(plan, output tree, kinds of the PRNG keys among the outputs) for these arguments; fn:
+    def _planned(self, fn, args, platform: str) -> tuple[Plan, Any, list, list[tuple]]:
+        """(plan, output tree, kinds of the PRNG keys among the outputs, the mesh axes each output
+        varies over) for these arguments; fn:
         self._fn, or it taking and returning typed PRNG keys as key data (key_data_arguments)."""
         _, tree, avals, key = _flat_avals(args)
         # The platform (and, on CPU, how many shard_map programs share the cores) decides the
@@ -392,9 +393,13 @@ class _Persistent:
             getattr(fn, "key_impls", ()),
         )
         if key not in self._cache:
-            out_avals, out_tree = jax.tree_util.tree_flatten(
-                jax.eval_shape(fn, *jax.tree_util.tree_unflatten(tree, avals))
+            traced, out_shapes = jax.make_jaxpr(fn, return_shape=True)(
+                *jax.tree_util.tree_unflatten(tree, avals)
             )
+            out_avals, out_tree = jax.tree_util.tree_flatten(out_shapes)
+            # Inside shard_map, the mesh axes each output varies over, as jax derives them: an
+            # output of replicated inputs only, or a psum's, is the same on every device.
+            out_varying = [tuple(sorted(_prim.varying_axes(a), key=str)) for a in traced.out_avals]
             if self._plan is not None:
                 _check_signature(self._plan, avals)
                 p = self._plan
@@ -419,7 +424,8 @@ class _Persistent:
                         f"plan output {i} is {spec.dtype}{list(spec.shape)}, fn returns "
                         f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
                     )
-            self._cache[key] = (p, out_tree, list(getattr(fn, "out_key_impls", None) or []))
+            out_keys = list(getattr(fn, "out_key_impls", None) or [])
+            self._cache[key] = (p, out_tree, out_keys, out_varying)
         return self._cache[key]
 
     def __call__(self, *args):
@@ -436,12 +442,7 @@ class _Persistent:
         fn, args = key_data_arguments(self._fn, args)
         leaves = jax.tree_util.tree_leaves(args)
         platform = resolve_platform(leaves)[0]
-        p, out_tree, out_keys = self._planned(fn, args, platform)
-        out_varying = None
-        if p.comm is not None:
-            # A psum's result is the same on every rank: typed invariant, as jax.lax's.
-            traced = jax.make_jaxpr(fn)(*args)
-            out_varying = [tuple(sorted(_prim.varying_axes(a), key=str)) for a in traced.out_avals]
+        p, out_tree, out_keys, out_varying = self._planned(fn, args, platform)
         outs, prof = run_plan(
             p,
             leaves,

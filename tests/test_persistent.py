@@ -352,6 +352,32 @@ def test_short_reduces_bit_identical_to_reference(rng, dtype):
             assert np.array_equal(_bits(g), _bits(w)), workers
 
 
+def _many_constants(x, w):
+    # 17 distinct constants in one epilogue: more than a worker keeps broadcast at once (16), so
+    # one is refilled within an evaluation, and the first is read again after all the others; a
+    # second op with other constants replaces cached ones.
+    h = (x @ w) * 0.3
+    for i in range(8):
+        h = h * (0.99 - 0.01 * i) + (0.15 + 0.1 * i)
+    h = h - 0.3
+    g = jnp.where(x > 0.25, x * 3.5 - 0.75, x + 2.25)
+    return h, g
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_many_distinct_constants_same_bits_as_the_reference(rng, dtype):
+    """Constants are broadcast once per worker and kept between evaluations: with more distinct
+    constants than it keeps, and ops taking turns, every one still reads its own value."""
+    args = random_args(rng, [(40, 24), (24, 72)], dtype)
+    want = interpret(ark.plan(_many_constants, *args, num_workers=2), *args)
+    for workers in (1, 2):
+        got = jax.tree.leaves(jax.jit(ark.persistent(_many_constants, num_workers=workers))(*args))
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(_bits(g), _bits(w)), workers
+    for g, w in zip(want, jax.jit(_many_constants)(*args), strict=True):
+        _close(g, w, dtype)
+
+
 def test_tanh_within_few_ulps_of_libm(rng):
     """The CPU executor's vectorized tanh: within 2 float32 ulps of numpy's everywhere (both
     branches of its approximation and the switch between them), exact at the special values."""

@@ -402,6 +402,19 @@ struct Scratch {
   bool stacked = false;    // its op writes slice `slice` of a stacked output
   int64_t slice = 0;
   float regs[kMaxProgramLen][kSegment];
+  // Where register i's values are after eval_program: regs[i], or (read-only) the accumulator a
+  // LOAD_ACC names, or a constant's row of const_rows. Readers go through reg[], never regs[].
+  const float* reg[kMaxProgramLen] = {};
+  // Constants broadcast once per worker and kept (value bits, dtype), not refilled on every
+  // evaluation: a gelu epilogue's four CONSTs were refilled for every 256 elements (perf, 64x256 @
+  // 256x1024 gelu on one core: the fill loop was half of eval_program's time).
+  // A full pool replaces, round robin, a row the current evaluation does not read.
+  static constexpr int kConstRows = 16;
+  float const_rows[kConstRows][kSegment];
+  uint64_t const_key[kConstRows] = {};   // (dtype, value bits) + 1; 0: empty
+  uint64_t const_used[kConstRows] = {};  // the evaluation (eval_seq) that last read the row
+  uint64_t eval_seq = 0;
+  int const_victim = 0;
   std::vector<float> acc, a_row, b_tile, pro;
 };
 
@@ -689,8 +702,39 @@ void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* di
   });
 }
 
+// A row of kSegment copies of CONST value `bits` rounded to dtype dt, filled on first use. Null
+// when every row is read by the current evaluation (the caller fills its own register).
+const float* const_row(Scratch& s, uint32_t bits, int32_t dt) {
+  const uint64_t key = (static_cast<uint64_t>(static_cast<uint32_t>(dt)) << 32 | bits) + 1;
+  for (int i = 0; i < Scratch::kConstRows; ++i) {
+    if (s.const_key[i] == key) {
+      s.const_used[i] = s.eval_seq;
+      return s.const_rows[i];
+    }
+  }
+  for (int tried = 0; tried < Scratch::kConstRows; ++tried) {
+    const int i = s.const_victim;
+    s.const_victim = (s.const_victim + 1) % Scratch::kConstRows;
+    if (s.const_key[i] != 0 && s.const_used[i] == s.eval_seq) continue;
+    float* row = s.const_rows[i];
+    std::fill(row, row + kSegment, bits_float(bits));
+    round_in_place(row, kSegment, dt);
+    s.const_key[i] = key;
+    s.const_used[i] = s.eval_seq;
+    return row;
+  }
+  return nullptr;
+}
+
+ARK_SIMD_CLONES void select_loop(float* r, const float* p, const float* f, const float* t, int count) {
+  for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
+}
+
+ARK_SIMD_CLONES void fill_loop(float* r, float v, int count) { std::fill(r, r + count, v); }
+
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
-// of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Result: s.regs[len - 1].
+// of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Register i's values are then at
+// s.reg[i] (the result: s.reg[len - 1]); they stay valid until the next evaluation.
 // col0 > 0 (a block of columns, epilogue_block): the space is a window of a wider one whose
 // innermost index is col0 more than the window's; views are indexed in the wider space.
 // tail_rank > 0 (a REDUCE's column pass): the iteration space is dims[0..rank) followed by
@@ -700,14 +744,29 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
                   const int64_t* tail_idx = nullptr) {
   int64_t start_idx[kMaxRank];
   unravel_index(lin0, rank, dims, start_idx);
+  const float* const* reg = s.reg;
+  ++s.eval_seq;
   for (int i = 0; i < len; ++i) {
     const Instruction& ins = run.plan.instruction(at + i);
     const int32_t code = opcode_of(ins), dt = dtype_of(ins);
     float* r = s.regs[i];
+    s.reg[i] = r;
     if (code == kLoadAcc) {
-      // Only a MATMUL / REDUCE has an accumulator (check_plan refuses LOAD_ACC elsewhere); the
-      // test keeps GCC from seeing a memcpy from the null `acc` of a MAP's inlined call.
-      if (acc != nullptr) memcpy(r, acc, sizeof(float) * count);
+      // Only a MATMUL / REDUCE has an accumulator (check_plan refuses LOAD_ACC elsewhere). An
+      // accumulator already in the register's dtype is read where it is, not copied.
+      if (acc == nullptr) continue;
+      if (dt == kF32 || dt == kInt32 || dt == kUInt32) {  // round_in_place leaves these as they are
+        s.reg[i] = acc;
+        continue;
+      }
+      memcpy(r, acc, sizeof(float) * count);
+    } else if (code == kConst) {
+      const uint32_t bits = static_cast<uint32_t>(ins.a);
+      if (const float* row = const_row(s, bits, dt)) {
+        s.reg[i] = row;
+        continue;
+      }
+      fill_loop(r, bits_float(bits), count);
     } else if (code == kLoad) {
       const ViewRecord v = run.view(ins.a, s.iter, s.outer_iter);
       const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
@@ -723,27 +782,21 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
                            [&](int e, int64_t off, int n) { load_run(r + e, base, src_dt, off, inner, n); });
       }
     } else if (code == kLoadAt) {
-      load_at(run, ins, rank, dims, start_idx, col0, count, s.regs[ins.b], r, s.iter, s.outer_iter);
+      load_at(run, ins, rank, dims, start_idx, col0, count, reg[ins.b], r, s.iter, s.outer_iter);
     } else if (code == kLoadIter) {
-      const uint32_t it = static_cast<uint32_t>(s.iter);
-      for (int e = 0; e < count; ++e) r[e] = bits_float(it);
+      fill_loop(r, bits_float(static_cast<uint32_t>(s.iter)), count);
     } else if (code == kLoadRank) {  // check_plan allows it only in a plan with a group
-      const uint32_t rank_bits = static_cast<uint32_t>(run.opt.comm ? run.opt.comm->rank : 0);
-      for (int e = 0; e < count; ++e) r[e] = bits_float(rank_bits);
-    } else if (code == kConst) {
-      const float c = bits_float(static_cast<uint32_t>(ins.a));
-      for (int e = 0; e < count; ++e) r[e] = c;
+      fill_loop(r, bits_float(static_cast<uint32_t>(run.opt.comm ? run.opt.comm->rank : 0)), count);
     } else if (code == kSelect) {
-      const float *p = s.regs[ins.a], *f = s.regs[ins.b], *t = s.regs[ins.c];
-      for (int e = 0; e < count; ++e) r[e] = p[e] != 0.0f ? t[e] : f[e];
+      select_loop(r, reg[ins.a], reg[ins.b], reg[ins.c], count);
     } else if (is_unary(code)) {
-      eval_unary(code, r, s.regs[ins.a], count, ins.b);
+      eval_unary(code, r, reg[ins.a], count, ins.b);
     } else if (is_int_binary(code)) {
-      eval_int_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
+      eval_int_binary(code, r, reg[ins.a], reg[ins.b], count);
     } else if (is_int_unary(code)) {
-      eval_int_unary(code, r, s.regs[ins.a], count, ins.b);
+      eval_int_unary(code, r, reg[ins.a], count, ins.b);
     } else {
-      eval_binary(code, r, s.regs[ins.a], s.regs[ins.b], count);
+      eval_binary(code, r, reg[ins.a], reg[ins.b], count);
     }
     round_in_place(r, count, dt);
   }
@@ -839,7 +892,7 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
     const int n = std::min(kSegment, count - done);
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
                  acc ? acc + done : nullptr, s);
-    store_run(out.base, out.dtype, lin0 + done, s.regs[op.epilogue_len - 1], n);
+    store_run(out.base, out.dtype, lin0 + done, s.reg[op.epilogue_len - 1], n);
   }
 }
 
@@ -869,7 +922,7 @@ void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, 
     const int n = std::min(kSegment, count - done);
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, window, row0 * cols + done, n,
                  acc ? acc + done : nullptr, s, col0);
-    const float* v = s.regs[op.epilogue_len - 1];
+    const float* v = s.reg[op.epilogue_len - 1];
     for (int e = 0; e < n;) {  // stored a row's run at a time
       const int64_t w = row0 * cols + done + e;
       const int64_t row = w / cols, col = w % cols;
@@ -1094,7 +1147,7 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
     for (int64_t r = 0; r < op.K; ++r) {
       eval_program(run, op.prologue_at, op.prologue_len, kept, op.iter_dims, task.m0 + done, n,
                    nullptr, s, 0, tail, r_idx);
-      const float* v = s.regs[op.prologue_len - 1];
+      const float* v = s.reg[op.prologue_len - 1];
       if (sum) {
         for (int e = 0; e < n; ++e) acc[e] = acc[e] + v[e];
       } else {
@@ -1124,7 +1177,7 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
       const int n = static_cast<int>(std::min<int64_t>(kSegment, R - r0));
       eval_program(run, op.prologue_at, op.prologue_len, op.iter_rank, op.iter_dims, m * R + r0, n,
                    nullptr, s);
-      const float* v = s.regs[op.prologue_len - 1];
+      const float* v = s.reg[op.prologue_len - 1];
       if (generic) {  // v2 kinds: the shared fold of tile_ops.hpp, r ascending
         for (int e = 0; e < n; ++e)
           state = reduce_combine(op.reduce_kind, state,
@@ -1153,8 +1206,8 @@ void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task
     for (int done = 0; done < task.n1 - task.n0; done += kSegment) {
       const int n = std::min(kSegment, task.n1 - task.n0 - done);
       eval_program(run, op.epilogue_at, op.epilogue_len, rank, op.iter_dims, lin0 + done, n, nullptr, s);
-      const float* value = s.regs[op.epilogue_len - 1];
-      const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.regs[op.store_at_plus1 - 1]);
+      const float* value = s.reg[op.epilogue_len - 1];
+      const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]);
       int64_t idx[kMaxRank];
       int64_t rem = lin0 + done;
       for (int d = rank - 1; d >= 0; --d) {

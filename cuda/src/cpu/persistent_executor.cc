@@ -732,16 +732,37 @@ ARK_SIMD_CLONES void select_loop(float* r, const float* p, const float* f, const
 
 ARK_SIMD_CLONES void fill_loop(float* r, float v, int count) { std::fill(r, r + count, v); }
 
+// The `count` float32 elements a LOAD of dtype dt reads from iteration index start_idx on, when
+// they are one contiguous run of a float32 tensor (null otherwise).
+const float* contiguous_f32_run(const char* base, int32_t src_dt, int32_t dt, int rank,
+                                const int64_t* dims, const int64_t* strides,
+                                const int64_t* start_idx, int64_t offset, int count) {
+  if (src_dt != kF32 || dt != kF32 || strides[rank - 1] != 1) return nullptr;
+  // One run: the rest of the innermost row holds count elements, or the view is row-major dense
+  // (each stride the product of the dims inside it; dims of 1 never step).
+  if (dims[rank - 1] - start_idx[rank - 1] < count) {
+    int64_t dense = 1;
+    for (int d = rank - 1; d >= 0; --d) {
+      if (dims[d] > 1 && strides[d] != dense) return nullptr;
+      dense *= dims[d];
+    }
+  }
+  for (int d = 0; d < rank; ++d) offset += start_idx[d] * strides[d];
+  return reinterpret_cast<const float*>(base) + offset;
+}
+
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Register i's values are then at
-// s.reg[i] (the result: s.reg[len - 1]); they stay valid until the next evaluation.
+// s.reg[i] (the result: s.reg[len - 1]); they stay valid until the next evaluation. A float32
+// LOAD of one contiguous run is read in place, not copied; its result register too only when
+// alias_result (the caller reads the result before it stores anything that could overlap it).
 // col0 > 0 (a block of columns, epilogue_block): the space is a window of a wider one whose
 // innermost index is col0 more than the window's; views are indexed in the wider space.
 // tail_rank > 0 (a REDUCE's column pass): the iteration space is dims[0..rank) followed by
 // tail_rank more dims held at the indices tail_idx; views are indexed over all rank + tail_rank dims.
 void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims, int64_t lin0,
                   int count, const float* acc, Scratch& s, int64_t col0 = 0, int tail_rank = 0,
-                  const int64_t* tail_idx = nullptr) {
+                  const int64_t* tail_idx = nullptr, bool alias_result = false) {
   int64_t start_idx[kMaxRank];
   unravel_index(lin0, rank, dims, start_idx);
   const float* const* reg = s.reg;
@@ -778,6 +799,12 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         const int64_t inner = v.strides[rank - 1];
         int64_t offset = v.offset + col0 * inner;
         for (int j = 0; j < tail_rank; ++j) offset += tail_idx[j] * v.strides[rank + j];
+        if (const float* run_at = contiguous_f32_run(base, src_dt, dt, rank, dims, v.strides, start_idx,
+                                                      offset, count);
+            run_at != nullptr && (i + 1 < len || alias_result)) {
+          s.reg[i] = run_at;  // read where it is (a reduce's inbox slots, a bias, a residual)
+          continue;
+        }
         for_each_inner_run(rank, dims, v.strides, start_idx, offset, count,
                            [&](int e, int64_t off, int n) { load_run(r + e, base, src_dt, off, inner, n); });
       }
@@ -805,7 +832,8 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
 // n values stored at flat index `first` of an output of dtype dt.
 void store_run(char* base, int32_t dt, int64_t first, const float* v, int n) {
   switch (dt) {
-    case kF32: memcpy(reinterpret_cast<float*>(base) + first, v, sizeof(float) * n); break;
+    // memmove: v may be the input it overwrites (a LOAD read in place, epilogue_store)
+    case kF32: memmove(reinterpret_cast<float*>(base) + first, v, sizeof(float) * n); break;
     case kBF16: {
       // f32_to_bf16 as selects (the value is stored rounded: the high half of bf16_bits_rne).
       uint16_t* dst = reinterpret_cast<uint16_t*>(base) + first;
@@ -891,7 +919,7 @@ void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count,
   for (int done = 0; done < count; done += kSegment) {
     const int n = std::min(kSegment, count - done);
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
-                 acc ? acc + done : nullptr, s);
+                 acc ? acc + done : nullptr, s, 0, 0, nullptr, out.dtype == kF32);
     store_run(out.base, out.dtype, lin0 + done, s.reg[op.epilogue_len - 1], n);
   }
 }
@@ -1146,7 +1174,7 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
     int64_t r_idx[kMaxRank] = {};
     for (int64_t r = 0; r < op.K; ++r) {
       eval_program(run, op.prologue_at, op.prologue_len, kept, op.iter_dims, task.m0 + done, n,
-                   nullptr, s, 0, tail, r_idx);
+                   nullptr, s, 0, tail, r_idx, true);
       const float* v = s.reg[op.prologue_len - 1];
       if (sum) {
         for (int e = 0; e < n; ++e) acc[e] = acc[e] + v[e];
@@ -1176,7 +1204,7 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
     for (int64_t r0 = 0; r0 < R; r0 += kSegment) {
       const int n = static_cast<int>(std::min<int64_t>(kSegment, R - r0));
       eval_program(run, op.prologue_at, op.prologue_len, op.iter_rank, op.iter_dims, m * R + r0, n,
-                   nullptr, s);
+                   nullptr, s, 0, 0, nullptr, true);
       const float* v = s.reg[op.prologue_len - 1];
       if (generic) {  // v2 kinds: the shared fold of tile_ops.hpp, r ascending
         for (int e = 0; e < n; ++e)

@@ -194,3 +194,28 @@ def test_second_writer_must_be_a_window_store(rng):
     p.ops[full].out = plan.outputs[0]  # a whole-tensor map op writing the chain's buffer too
     with pytest.raises(PlanError, match="also written by"):
         p.validate()
+
+
+def test_window_store_past_the_end_is_clamped_element_by_element(rng):
+    """The executor's backstop for a plan whose store offset leaves the tensor (a hand-edited
+    one: jax's own programs clamp the window first): every element lands clamped inside the
+    buffer, never past it, and a run of one offset is not written as a block out of bounds."""
+
+    def update(x, i, r):
+        return jax.lax.dynamic_update_slice(x, r, (i, 0))
+
+    x = rng.standard_normal((8, 128)).astype(np.float32)
+    r = rng.standard_normal((2, 128)).astype(np.float32)
+    args = [x, np.int32(7), r]
+    plan = ark.plan(update, *args, num_workers=1)
+    (op,) = [op for op in plan.ops if op.store_view >= 0]
+    # The window's start row clamps to at most 8 - 2; let it reach row 7, so its second row
+    # lies past the end of the buffer.
+    (bound,) = [ins.b for ins in op.epilogue if ins.op == "imin"]
+    assert op.epilogue[bound].op == "const" and op.epilogue[bound].a == 6
+    op.epilogue[bound] = dataclasses.replace(op.epilogue[bound], a=7)
+    plan.validate()
+    want = x.copy()
+    want[7] = r[0]
+    want[7, 127] = r[1, 127]  # the second row's elements all clamp to the last one, in order
+    np.testing.assert_array_equal(np.asarray(run_plan(plan, args)[0][0]), want)

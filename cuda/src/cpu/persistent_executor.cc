@@ -1242,17 +1242,36 @@ void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task
         idx[d] = rem % op.iter_dims[d];
         rem /= op.iter_dims[d];
       }
-      for (int e = 0; e < n; ++e) {
+      // Elements along the innermost dim that move by the same offset (a dynamic_update_slice's
+      // window: all of them) go as one run when it stays inside the tensor, where the clamp
+      // changes nothing (one element at a time, a ring's eight 64 x 128 updates were a third of
+      // its compute; perf, one core).
+      const bool unit_inner = rank > 0 && v.strides[rank - 1] == 1;
+      for (int e = 0; e < n;) {
         const int32_t delta = static_cast<int32_t>(moved[e]);
-        if (delta != kDropStore) {
-          int64_t at = v.offset + delta;
-          for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
-          at = std::min<int64_t>(std::max<int64_t>(at, 0), out.num_elements - 1);
-          store_element(base, out.dtype, at, value[e]);
+        int64_t at = v.offset + delta;
+        for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
+        int len = 1;
+        if (unit_inner) {
+          const int64_t limit = std::min<int64_t>(n - e, op.iter_dims[rank - 1] - idx[rank - 1]);
+          while (len < limit && moved[e + len] == moved[e]) ++len;
         }
-        for (int d = rank - 1; d >= 0; --d) {
-          if (++idx[d] < op.iter_dims[d]) break;
+        if (delta == kDropStore) {
+          // not stored
+        } else if (len > 1 && at >= 0 && at + len <= out.num_elements) {
+          store_run(base, out.dtype, at, value + e, len);
+        } else {
+          for (int j = 0; j < len; ++j) {
+            const int64_t to = std::min<int64_t>(std::max<int64_t>(at + j, 0), out.num_elements - 1);
+            store_element(base, out.dtype, to, value[e + j]);
+          }
+        }
+        e += len;
+        if (rank == 0) continue;
+        idx[rank - 1] += len;  // a run never passes the end of its innermost row
+        for (int d = rank - 1; d > 0 && idx[d] >= op.iter_dims[d]; --d) {
           idx[d] = 0;
+          ++idx[d - 1];
         }
       }
     }

@@ -765,7 +765,6 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
                   const int64_t* tail_idx = nullptr, bool alias_result = false) {
   int64_t start_idx[kMaxRank];
   unravel_index(lin0, rank, dims, start_idx);
-  const float* const* reg = s.reg;
   ++s.eval_seq;
   for (int i = 0; i < len; ++i) {
     const Instruction& ins = run.plan.instruction(at + i);
@@ -809,21 +808,21 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
                            [&](int e, int64_t off, int n) { load_run(r + e, base, src_dt, off, inner, n); });
       }
     } else if (code == kLoadAt) {
-      load_at(run, ins, rank, dims, start_idx, col0, count, reg[ins.b], r, s.iter, s.outer_iter);
+      load_at(run, ins, rank, dims, start_idx, col0, count, s.reg[ins.b], r, s.iter, s.outer_iter);
     } else if (code == kLoadIter) {
       fill_loop(r, bits_float(static_cast<uint32_t>(s.iter)), count);
     } else if (code == kLoadRank) {  // check_plan allows it only in a plan with a group
       fill_loop(r, bits_float(static_cast<uint32_t>(run.opt.comm ? run.opt.comm->rank : 0)), count);
     } else if (code == kSelect) {
-      select_loop(r, reg[ins.a], reg[ins.b], reg[ins.c], count);
+      select_loop(r, s.reg[ins.a], s.reg[ins.b], s.reg[ins.c], count);
     } else if (is_unary(code)) {
-      eval_unary(code, r, reg[ins.a], count, ins.b);
+      eval_unary(code, r, s.reg[ins.a], count, ins.b);
     } else if (is_int_binary(code)) {
-      eval_int_binary(code, r, reg[ins.a], reg[ins.b], count);
+      eval_int_binary(code, r, s.reg[ins.a], s.reg[ins.b], count);
     } else if (is_int_unary(code)) {
-      eval_int_unary(code, r, reg[ins.a], count, ins.b);
+      eval_int_unary(code, r, s.reg[ins.a], count, ins.b);
     } else {
-      eval_binary(code, r, reg[ins.a], reg[ins.b], count);
+      eval_binary(code, r, s.reg[ins.a], s.reg[ins.b], count);
     }
     round_in_place(r, count, dt);
   }
@@ -1236,44 +1235,39 @@ void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task
       eval_program(run, op.epilogue_at, op.epilogue_len, rank, op.iter_dims, lin0 + done, n, nullptr, s);
       const float* value = s.reg[op.epilogue_len - 1];
       const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]);
-      int64_t idx[kMaxRank];
-      int64_t rem = lin0 + done;
-      for (int d = rank - 1; d >= 0; --d) {
-        idx[d] = rem % op.iter_dims[d];
-        rem /= op.iter_dims[d];
-      }
       // Elements along the innermost dim that move by the same offset (a dynamic_update_slice's
       // window: all of them) go as one run when it stays inside the tensor, where the clamp
       // changes nothing (one element at a time, a ring's eight 64 x 128 updates were a third of
-      // its compute; perf, one core).
-      const bool unit_inner = rank > 0 && v.strides[rank - 1] == 1;
-      for (int e = 0; e < n;) {
+      // its compute; perf, one core). Otherwise element by element, each clamped.
+      // store(e, at, len): elements e .. e + len - 1 (one offset; adjacent when len > 1) at `at` on.
+      const auto store = [&](int e, int64_t at, int len) {
         const int32_t delta = static_cast<int32_t>(moved[e]);
-        int64_t at = v.offset + delta;
-        for (int d = 0; d < rank; ++d) at += idx[d] * v.strides[d];
-        int len = 1;
-        if (unit_inner) {
-          const int64_t limit = std::min<int64_t>(n - e, op.iter_dims[rank - 1] - idx[rank - 1]);
-          while (len < limit && moved[e + len] == moved[e]) ++len;
+        if (delta == kDropStore) return;
+        at += delta;
+        if (len > 1 && at >= 0 && at + len <= out.num_elements)
+          return store_run(base, out.dtype, at, value + e, len);
+        for (int j = 0; j < len; ++j) {
+          const int64_t to = std::min<int64_t>(std::max<int64_t>(at + j, 0), out.num_elements - 1);
+          store_element(base, out.dtype, to, value[e + j]);
         }
-        if (delta == kDropStore) {
-          // not stored
-        } else if (len > 1 && at >= 0 && at + len <= out.num_elements) {
-          store_run(base, out.dtype, at, value + e, len);
-        } else {
-          for (int j = 0; j < len; ++j) {
-            const int64_t to = std::min<int64_t>(std::max<int64_t>(at + j, 0), out.num_elements - 1);
-            store_element(base, out.dtype, to, value[e + j]);
-          }
-        }
-        e += len;
-        if (rank == 0) continue;
-        idx[rank - 1] += len;  // a run never passes the end of its innermost row
-        for (int d = rank - 1; d > 0 && idx[d] >= op.iter_dims[d]; --d) {
-          idx[d] = 0;
-          ++idx[d - 1];
-        }
+      };
+      if (rank == 0) {  // a scalar space: each element at the view's one element
+        for (int e = 0; e < n; ++e) store(e, v.offset, 1);
+        continue;
       }
+      const int64_t inner = v.strides[rank - 1];
+      int64_t start_idx[kMaxRank];
+      unravel_index(lin0 + done, rank, op.iter_dims, start_idx);
+      for_each_inner_run(rank, op.iter_dims, v.strides, start_idx, v.offset, n,
+                         [&](int e0, int64_t off, int run_n) {
+        for (int j = 0; j < run_n;) {
+          int len = 1;
+          if (inner == 1)
+            while (j + len < run_n && moved[e0 + j + len] == moved[e0 + j]) ++len;
+          store(e0 + j, off + j * inner, len);
+          j += len;
+        }
+      });
     }
   }
 }

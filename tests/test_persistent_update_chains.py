@@ -171,7 +171,9 @@ def test_store_order_dependency_is_required(rng):
 
 
 def test_read_between_stores_is_refused(rng):
-    plan = ark.plan(from_zeros, *_args(rng, OFFSETS[0]), num_workers=1)
+    # a GPU plan: its products are matmuls between map window stores (on CPU the matmuls are the
+    # stores, and one reading its own output is refused for that)
+    plan = ark.plan(from_zeros, *_args(rng, OFFSETS[0]), num_workers=1, platform="gpu")
     order = [i for i, op in enumerate(plan.ops) if op.store_view >= 0]
     between = next(
         i for i, op in enumerate(plan.ops) if op.kind == "matmul" and order[0] < i < order[1]
@@ -181,6 +183,72 @@ def test_read_between_stores_is_refused(rng):
     p.views[v] = dataclasses.replace(p.views[v], tensor=plan.ops[order[0]].out)  # reads the buffer
     with pytest.raises(PlanError, match="before its last window store"):
         p.validate()
+
+
+def test_products_are_stored_by_their_matmuls(rng):
+    """On CPU each product's matmul stores its tiles into the buffer itself (no workspace tensor,
+    no map copying it); a GPU plan keeps the map window stores (the CUDA executor's only kind)."""
+    args = _args(rng, OFFSETS[0])
+    plan = ark.plan(from_zeros, *args, num_workers=2, platform="cpu")
+    assert [op.kind for op in plan.ops] == ["matmul"] * 3
+    assert all(op.store_view >= 0 for op in plan.ops) and plan.workspace_bytes == 0
+    gpu = ark.plan(from_zeros, *args, num_workers=2, platform="gpu")
+    assert [op.kind for op in _window_stores(gpu)] == ["map"] * 3
+
+
+def tiled(a, w, i, j):
+    """Two products of several tiles each stored into one buffer, then the buffer read."""
+    out = jnp.zeros((160, 128), jnp.float32)
+    out = jax.lax.dynamic_update_slice(out, jax.nn.gelu(a[:64] @ w), (i, 0))
+    out = jax.lax.dynamic_update_slice(out, a[64:] @ w + 1.0, (j, 0))
+    return out, out.sum(axis=1)
+
+
+@pytest.mark.parametrize("offsets", [(0, 64), (40, 10), (120, 200)])
+def test_tiled_matmul_stores_then_a_read_equal_jit(rng, monkeypatch, offsets):
+    a = rng.standard_normal((128, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 128)).astype(np.float32)
+    args = [a, w, *(np.int32(o) for o in offsets)]
+    want = jax.jit(tiled)(*args)
+    plan = ark.plan(tiled, *args, num_workers=3)
+    stores = [i for i, op in enumerate(plan.ops) if op.store_view >= 0]
+    tiles = [t for t, task in enumerate(plan.tasks) if task.op == stores[-1]]
+    assert len(stores) == 2 and len(tiles) > 1
+    # every reader of the buffer waits for every tile of its last store
+    readers = [task for task in plan.tasks if plan.ops[task.op].kind == "reduce"]
+    assert readers and all(set(tiles) <= set(task.deps) for task in readers)
+    for workers in (1, 2, 3):
+        got = jax.jit(ark.persistent(tiled, num_workers=workers))(*args)
+        for g, r in zip(got, want, strict=True):
+            assert_close(g, r, 1e-5)
+    for seed in range(1, 5):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        for g, r in zip(run_plan(plan, args)[0], want, strict=True):
+            assert_close(g, r, 1e-5)
+
+
+def test_matmul_window_store_past_the_end_is_dropped(rng):
+    """A matmul's window store whose offset leaves the tensor (a hand-edited plan): its tiles run
+    on several workers, so the elements outside are dropped rather than clamped onto one element
+    by several tiles at once; the reference interpreter agrees."""
+
+    def update(x, i, r, w):
+        return jax.lax.dynamic_update_slice(x, r @ w, (i, 0))
+
+    x = rng.standard_normal((8, 128)).astype(np.float32)
+    r = rng.standard_normal((2, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    args = [x, np.int32(7), r, w]
+    plan = ark.plan(update, *args, num_workers=2)
+    (op,) = [op for op in plan.ops if op.store_view >= 0]
+    assert op.kind == "matmul"
+    (bound,) = [ins.b for ins in op.epilogue if ins.op == "imin"]  # the start clamps to <= 6
+    op.epilogue[bound] = dataclasses.replace(op.epilogue[bound], a=7)
+    plan.validate()
+    got = np.asarray(run_plan(plan, args)[0][0])
+    np.testing.assert_array_equal(got[:7], x[:7])  # untouched; the product's row 1 is dropped
+    assert_close(got[7], (r @ w)[0], 1e-5)
+    np.testing.assert_array_equal(np.asarray(interpret(plan, *args)[0]), got)
 
 
 def test_second_writer_must_be_a_window_store(rng):

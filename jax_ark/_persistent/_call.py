@@ -91,7 +91,8 @@ def plan(
 ) -> Plan:
     """The plan `persistent(fn)` runs for these arguments (arrays or ShapeDtypeStructs).
 
-    platform: "cpu" or "gpu", the executor the defaults (worker count, tile shapes) are chosen for;
+    platform: "cpu" or "gpu", the executor the defaults (worker count, tile shapes) are chosen for,
+    and the ops it runs (a matmul storing into a dynamic_update_slice's window: CPU only);
     default: the platform of the arguments' devices, else jax's default backend, as
     `persistent(fn)(*args)` does. Planning for "gpu" without a GPU needs num_workers.
     max_while_iterations: the guard of each while_loop (one more body iteration fails the call).
@@ -214,6 +215,12 @@ def run_plan(
     # argument XLA passes the buffer itself; otherwise it copies the operand once before the call).
     aliases = {p.tensors[o].alias: i for i, o in enumerate(p.outputs) if p.tensors[o].alias >= 0}
     if check_on_host:
+        for i, op in enumerate(p.ops):
+            if op.kind == "matmul" and op.store_view >= 0:
+                raise PlanError(
+                    f"op {i} '{op.name}': a matmul's window store runs on the CPU executor only; "
+                    "plan for the GPU (ark.plan(..., platform='gpu')) to store it with a map"
+                )
         _check_words_on_host(plan_words, operands, results, aliases)
     group = None
     site = 0

@@ -324,14 +324,17 @@ def run_task(
             acc = round_to(_fold(op.reduce_kind, vals), op.acc_dtype)
     if op.store_view >= 0:  # window store: the epilogue runs over iter_dims
         idx = np.unravel_index(lin, op.iter_dims) if op.iter_dims else ()
-        regs = _eval(plan, op.epilogue, idx, lin.shape, None, buffers, all_regs=True, **ev)
+        regs = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, all_regs=True, **ev)
         view = plan.views[op.store_view]
         moved = _s(regs[op.store_at])
         keep = moved != DROP_STORE  # a scatter point out of bounds stores nothing
         at = np.full(lin.shape, view.offset, np.int64) + moved
         for d, stride in enumerate(view.strides):
             at = at + idx[d] * stride
-        at = np.clip(at, 0, out.num_elements - 1)
+        if op.kind == "map":  # one task: each element clamped into the tensor
+            at = np.clip(at, 0, out.num_elements - 1)
+        else:  # a matmul's tiles: an element outside the tensor is dropped
+            keep &= (at >= 0) & (at < out.num_elements)
         lin, value = at[keep], regs[-1][keep]
     else:
         shape = epilogue_shape(plan, op)

@@ -67,9 +67,10 @@ def gpu_tile_shape(op: Op, num_workers: int) -> tuple[int, int, int]:
 def _tiles(
     op: Op, num_workers: int, tile_m: int | None, tile_n: int | None, platform: str = "cpu"
 ) -> list[Task]:
-    if op.store_view >= 0:
-        # A window store writes elements chosen at run time: one task, so every reader of the
-        # tensor depends on exactly that task.
+    if op.store_view >= 0 and op.kind == "map":
+        # A map's window store writes elements chosen at run time, clamped into the tensor in
+        # element order: one task. (A matmul's is tiled as usual; every tile of it counts as
+        # writing the whole tensor, written_elements.)
         op.tile_m, op.tile_n = op.M, op.N
         return [Task(-1, 0, op.B, 0, op.M, 0, op.N)]
     if op.kind == "put":
@@ -312,6 +313,11 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
                         need[p].add(t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
+    # A window store's tasks each count as writing its whole tensor, so `owner` names only its
+    # last one: a reader depends on every tile of a (matmul's) tiled window store.
+    for t in range(n):
+        for p in [p for p in need[t] if plan.ops[plan.tasks[p].op].store_view >= 0]:
+            need[t].update(q for q in tasks_of[plan.tasks[p].op] if q != t)
     # write-after-read on an aliased result: its writers overwrite the operand it aliases, so
     # every task reading that operand must finish first
     for t, task in enumerate(plan.tasks):

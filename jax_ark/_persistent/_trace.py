@@ -557,11 +557,13 @@ class _Builder:
         self.ops.append(op)
         return self.load(out)
 
-    def compile_with(self, node: _Node, extra: list[_Node]) -> tuple[list[Instr], list[int]]:
+    def compile_with(
+        self, node: _Node, extra: list[_Node], acc_negate: bool = False
+    ) -> tuple[list[Instr], list[int]]:
         """A program whose last register is node's value and which also computes `extra` nodes
         (their registers are returned)."""
         regs: list[int] = []
-        prog = self._compile(node, extra=extra, extra_regs=regs)
+        prog = self._compile(node, acc_negate=acc_negate, extra=extra, extra_regs=regs)
         return prog, regs
 
     def _compile(
@@ -1371,12 +1373,16 @@ def _window_store(
     if target.outer_iter_stride:
         raise AssertionError("internal error: an in-place view moving with the outer loop")
     terms = []
+    first = target.offset  # the window's first element, as far as it is known at plan time
     for d, start in enumerate(starts):
         hi = target.shape[d] - window[d]
         if points:
             s = _clamp(b, _i32(b, start, (points,)), 0, hi)
         else:
             s = _clamped_start(b, start, hi, math.prod(window))
+            if isinstance(s, _Imm):  # a constant start moves the store view, not the register
+                first += int(s.value) * target.strides[d]
+                continue
         terms.append(b.broadcast(_iop(b, "imul", s, target.strides[d]), space, per_point))
     if target.iter_stride:
         # The slice of the innermost loop's iteration: a store view does not move with the
@@ -1388,6 +1394,9 @@ def _window_store(
         drop = _Imm(space, "int32", value=DROP_STORE)
         keep = b.broadcast(keep, space, per_point)
         offset = b.elementwise("select", [keep, drop, offset], space, "int32")
+    view = _Load(space, src.dtype, out, first, per_point + tuple(target.strides))
+    if keep is None and not points and _matmul_window_store(b, view, update, offset):
+        return target
     value = b.strip_pendings(update)
     if value.dtype != src.dtype:
         value = _convert(b, value, src.dtype)
@@ -1408,13 +1417,58 @@ def _window_store(
             iter_dims=space,
             epilogue=prog,
             source=b.source,
-            store_view=b.view_id(
-                _Load(space, src.dtype, out, target.offset, per_point + tuple(target.strides))
-            ),
+            store_view=b.view_id(view),
             store_at=store_at,
         )
     )
     return target
+
+
+def _matmul_window_store(b: _Builder, view: _Load, update: _Node, offset: _Node) -> bool:
+    """Emits the matmul computing `update` (a matmul's pending result and its epilogue, read by
+    nothing else: a pending with another use was materialized when it was bound) as a window
+    store: each tile goes straight to the store view's elements moved by `offset`, instead of into a
+    workspace tensor that a map's window store then copies. An unrolled ring matmul's eight
+    products each made that extra pass (perf, one core). Returns False where this does not apply
+    (then the caller emits the map): not exactly one pending matmul, inside a loop, a program too
+    long, or a GPU plan (the CUDA executor runs map window stores only)."""
+    if b.platform != "cpu" or b.loop_stack:
+        return False
+    node = b._substitute(update)
+    cores = _cores(node)
+    if len(cores) != 1 or cores[0].kind != "matmul":
+        return False
+    core, space = cores[0], tuple(update.shape)
+    if core.B * core.M * core.N != math.prod(space):
+        return False
+    out = view.tensor
+    if node.dtype != b.tensors[out].dtype:
+        node = _convert(b, node, b.tensors[out].dtype)
+    if node.size + offset.size > _FUSE_LIMIT:
+        return False
+    prog, (store_at,) = b.compile_with(node, [offset], acc_negate=core.negate)
+    b.ops.append(
+        Op(
+            name=f"{core.name or core.kind}{len(b.ops)}",
+            kind="matmul",
+            out=out,
+            B=core.B,
+            M=core.M,
+            N=core.N,
+            K=core.K,
+            acc_dtype=core.acc_dtype,
+            a_view=b.view_id(core.a),
+            b_view=b.view_id(core.b),
+            iter_dims=space,
+            epilogue=prog,
+            source=core.source,
+            store_view=b.view_id(view),
+            store_at=store_at,
+        )
+    )
+    core.emitted = True
+    core.out_tensor = out
+    return True
 
 
 def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:

@@ -394,10 +394,10 @@ def _validate(plan: Plan) -> None:
         if op.stacked:  # one slice of its output per iteration
             space = out.shape[1:]
         if window:
-            if op.kind != "map" or out.storage != "result" or out.alias < 0:
+            if op.kind not in ("map", "matmul") or out.storage != "result" or out.alias < 0:
                 raise PlanError(
-                    f"{where}: a window store must be a map op writing an aliased result (the "
-                    "elements it does not write keep the aliased operand's content)"
+                    f"{where}: a window store must be a map or matmul op writing an aliased "
+                    "result (the elements it does not write keep the aliased operand's content)"
                 )
             if not 0 <= op.store_view < len(plan.views):
                 raise PlanError(f"{where}: store view {op.store_view} out of range")
@@ -412,8 +412,8 @@ def _validate(plan: Plan) -> None:
                 op.epilogue[op.store_at].dtype not in INT_DTYPES
             ):
                 raise PlanError(f"{where}: store_at {op.store_at} is not an integer register")
-            if sum(1 for task in plan.tasks if task.op == i) != 1:
-                raise PlanError(f"{where}: a window store must be exactly one task")
+            if op.kind == "map" and sum(1 for task in plan.tasks if task.op == i) != 1:
+                raise PlanError(f"{where}: a map's window store must be exactly one task")
         elif op.store_at != -1:
             raise PlanError(f"{where}: store_at {op.store_at} without a store view")
         if (

@@ -529,8 +529,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     if (op.out_tensor < 0 || op.out_tensor >= h.num_tensors) return where + ": output tensor out of range";
     const TensorRecord& out = p.tensor(op.out_tensor);
     if (out.storage == kStorageArg) return where + ": writes operand tensor " + std::to_string(op.out_tensor);
-    // A window store (v2) writes only the window iter_dims of its aliased result, at its store
-    // view's element + an int32 register, clamped into the tensor by the executors.
+    // A window store (v2; a matmul's: v3) writes only the window iter_dims of its aliased result,
+    // at its store view's element + an int32 register, kept inside the tensor by the executors.
     const bool window = op.store_view_plus1 != 0;
     // Several window stores outside loops may update one tensor in turn (a chain of updates of
     // one buffer; the planner orders them by dependencies); no other op shares an output.
@@ -546,8 +546,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     const bool stacked = lv.op_stacked(i);
     if (stacked) space_elems = out.dims[0] ? out.num_elements / out.dims[0] : 0;
     if (window) {
-      if (op.kind != kOpMap || out.storage != kStorageResult || out.alias_plus1 == 0)
-        return where + ": a window store must be a map op writing an aliased result";
+      if ((op.kind != kOpMap && op.kind != kOpMatmul) || out.storage != kStorageResult || out.alias_plus1 == 0)
+        return where + ": a window store must be a map or matmul op writing an aliased result";
       if (op.iter_rank < 0 || op.iter_rank > kMaxRank) return where + ": window rank not in 0..6";
       space_elems = 1;
       for (int d = 0; d < op.iter_rank; ++d)

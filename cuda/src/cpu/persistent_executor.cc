@@ -844,8 +844,61 @@ void store_run(char* base, int32_t dt, int64_t first, const float* v, int n) {
   }
 }
 
+// Window stores: value e of the flat indices lin0 .. lin0 + n - 1 of the space dims[0..rank)
+// goes to the store view's element for its index plus the int32 delta moved[e] (kDropStore: not
+// stored). Elements along the innermost dim with one delta (a dynamic_update_slice's window: all
+// of them) go as one run when it stays inside the tensor (one element at a time, a ring's eight
+// 64 x 128 updates were a third of its compute; perf, one core). An element outside the tensor
+// (only a hand-edited plan: the planner clamps every window into its tensor) is clamped into it
+// by a map's window store, one task storing in element order, and dropped by a matmul's, whose
+// tiles run on several workers and would otherwise race on the clamped element.
+void store_window(const Run& run, const OpRecord& op, int rank, const int64_t* dims, int64_t lin0,
+                  int n, const float* value, const bits_alias* moved) {
+  const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  char* base = run.tensor_base(op.out_tensor);
+  const bool clamp = op.kind == kOpMap;
+  // store(e, at, len): elements e .. e + len - 1 (one delta; adjacent when len > 1) at `at` on.
+  const auto store = [&](int e, int64_t at, int len) {
+    const int32_t delta = static_cast<int32_t>(moved[e]);
+    if (delta == kDropStore) return;
+    at += delta;
+    if (at >= 0 && at + len <= out.num_elements) return store_run(base, out.dtype, at, value + e, len);
+    for (int j = 0; j < len; ++j) {
+      if (clamp)
+        store_element(base, out.dtype, std::min<int64_t>(std::max<int64_t>(at + j, 0), out.num_elements - 1),
+                      value[e + j]);
+      else if (at + j >= 0 && at + j < out.num_elements)
+        store_element(base, out.dtype, at + j, value[e + j]);
+    }
+  };
+  if (rank == 0) {  // a scalar space: each element at the view's one element
+    for (int e = 0; e < n; ++e) store(e, v.offset, 1);
+    return;
+  }
+  const int64_t inner = v.strides[rank - 1];
+  int64_t start_idx[kMaxRank];
+  unravel_index(lin0, rank, dims, start_idx);
+  for_each_inner_run(rank, dims, v.strides, start_idx, v.offset, n, [&](int e0, int64_t off, int run_n) {
+    if (inner != 1) {
+      for (int j = 0; j < run_n; ++j) store(e0 + j, off + j * inner, 1);
+      return;
+    }
+    uint32_t differs = 0;  // the common case, one delta for the whole run, tested without branches
+    for (int j = 1; j < run_n; ++j) differs |= moved[e0 + j] ^ moved[e0];
+    if (differs == 0) return store(e0, off, run_n);
+    for (int j = 0; j < run_n;) {
+      int len = 1;
+      while (j + len < run_n && moved[e0 + j + len] == moved[e0 + j]) ++len;
+      store(e0 + j, off + j, len);
+      j += len;
+    }
+  });
+}
+
 // The op's output as its epilogue walks it: one slice of a stacked output (v3: dims 1..rank,
-// stored at slice `slice`), else the whole tensor.
+// stored at slice `slice`), a matmul window store's window (iter_dims, stored by store_window),
+// else the whole tensor.
 struct EpilogueSpace {
   char* base;
   int32_t dtype;
@@ -855,6 +908,7 @@ struct EpilogueSpace {
 EpilogueSpace epilogue_space(const Run& run, const OpRecord& op, const Scratch& s) {
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   char* base = run.tensor_base(op.out_tensor);
+  if (op.store_view_plus1 > 0) return {base, out.dtype, op.iter_rank, op.iter_dims};
   if (!s.stacked) return {base, out.dtype, out.rank, out.dims};
   base += s.slice * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
   return {base, out.dtype, out.rank - 1, out.dims + 1};
@@ -913,13 +967,19 @@ void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out,
 void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count, const float* acc,
                     Scratch& s) {
   const EpilogueSpace out = epilogue_space(run, op, s);
-  if (acc == nullptr && moves_elements(run, op, out.dtype))
+  const bool window = op.store_view_plus1 > 0;
+  if (acc == nullptr && !window && moves_elements(run, op, out.dtype))
     return move_elements(run, op, out, lin0, count, s);
   for (int done = 0; done < count; done += kSegment) {
     const int n = std::min(kSegment, count - done);
+    // The result may be read in place only where it is stored at its own position.
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, lin0 + done, n,
-                 acc ? acc + done : nullptr, s, 0, 0, nullptr, out.dtype == kF32);
-    store_run(out.base, out.dtype, lin0 + done, s.reg[op.epilogue_len - 1], n);
+                 acc ? acc + done : nullptr, s, 0, 0, nullptr, out.dtype == kF32 && !window);
+    if (window)
+      store_window(run, op, out.rank, out.dims, lin0 + done, n, s.reg[op.epilogue_len - 1],
+                   reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]));
+    else
+      store_run(out.base, out.dtype, lin0 + done, s.reg[op.epilogue_len - 1], n);
   }
 }
 
@@ -935,8 +995,9 @@ void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, 
     return epilogue_store(run, op, row0 * op.N, rows * cols, acc, s);  // contiguous: whole rows
   const EpilogueSpace out = epilogue_space(run, op, s);
   // N spans several dims, or a move (each row's run is one move): row by row
+  const bool stores_window = op.store_view_plus1 > 0;
   if (out.rank == 0 || out.dims[out.rank - 1] != op.N ||
-      (acc == nullptr && moves_elements(run, op, out.dtype))) {
+      (acc == nullptr && !stores_window && moves_elements(run, op, out.dtype))) {
     for (int i = 0; i < rows; ++i)
       epilogue_store(run, op, (row0 + i) * op.N + col0, cols, acc ? acc + i * cols : nullptr, s);
     return;
@@ -950,11 +1011,16 @@ void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, 
     eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, window, row0 * cols + done, n,
                  acc ? acc + done : nullptr, s, col0);
     const float* v = s.reg[op.epilogue_len - 1];
+    const bits_alias* moved =
+        stores_window ? reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]) : nullptr;
     for (int e = 0; e < n;) {  // stored a row's run at a time
       const int64_t w = row0 * cols + done + e;
       const int64_t row = w / cols, col = w % cols;
       const int run_len = static_cast<int>(std::min<int64_t>(n - e, cols - col));
-      store_run(out.base, out.dtype, row * op.N + col0 + col, v + e, run_len);
+      if (stores_window)
+        store_window(run, op, out.rank, out.dims, row * op.N + col0 + col, run_len, v + e, moved + e);
+      else
+        store_run(out.base, out.dtype, row * op.N + col0 + col, v + e, run_len);
       e += run_len;
     }
   }
@@ -1221,53 +1287,16 @@ void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
 }
 
-// A window store (plan v2): the epilogue over iter_dims, each value stored at the store view's
-// element plus the int32 offset register, clamped into the tensor (kDropStore: not stored).
+// A map's window store (plan v2): the epilogue over iter_dims, stored by store_window.
 void run_window_store(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
-  const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
-  const TensorRecord& out = run.plan.tensor(op.out_tensor);
-  char* base = run.tensor_base(op.out_tensor);
   const int rank = op.iter_rank;
   for (int m = task.m0; m < task.m1; ++m) {
     const int64_t lin0 = static_cast<int64_t>(m) * op.N + task.n0;
     for (int done = 0; done < task.n1 - task.n0; done += kSegment) {
       const int n = std::min(kSegment, task.n1 - task.n0 - done);
       eval_program(run, op.epilogue_at, op.epilogue_len, rank, op.iter_dims, lin0 + done, n, nullptr, s);
-      const float* value = s.reg[op.epilogue_len - 1];
-      const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]);
-      // Elements along the innermost dim that move by the same offset (a dynamic_update_slice's
-      // window: all of them) go as one run when it stays inside the tensor, where the clamp
-      // changes nothing (one element at a time, a ring's eight 64 x 128 updates were a third of
-      // its compute; perf, one core). Otherwise element by element, each clamped.
-      // store(e, at, len): elements e .. e + len - 1 (one offset; adjacent when len > 1) at `at` on.
-      const auto store = [&](int e, int64_t at, int len) {
-        const int32_t delta = static_cast<int32_t>(moved[e]);
-        if (delta == kDropStore) return;
-        at += delta;
-        if (len > 1 && at >= 0 && at + len <= out.num_elements)
-          return store_run(base, out.dtype, at, value + e, len);
-        for (int j = 0; j < len; ++j) {
-          const int64_t to = std::min<int64_t>(std::max<int64_t>(at + j, 0), out.num_elements - 1);
-          store_element(base, out.dtype, to, value[e + j]);
-        }
-      };
-      if (rank == 0) {  // a scalar space: each element at the view's one element
-        for (int e = 0; e < n; ++e) store(e, v.offset, 1);
-        continue;
-      }
-      const int64_t inner = v.strides[rank - 1];
-      int64_t start_idx[kMaxRank];
-      unravel_index(lin0 + done, rank, op.iter_dims, start_idx);
-      for_each_inner_run(rank, op.iter_dims, v.strides, start_idx, v.offset, n,
-                         [&](int e0, int64_t off, int run_n) {
-        for (int j = 0; j < run_n;) {
-          int len = 1;
-          if (inner == 1)
-            while (j + len < run_n && moved[e0 + j + len] == moved[e0 + j]) ++len;
-          store(e0 + j, off + j * inner, len);
-          j += len;
-        }
-      });
+      store_window(run, op, rank, op.iter_dims, lin0 + done, n, s.reg[op.epilogue_len - 1],
+                   reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]));
     }
   }
 }

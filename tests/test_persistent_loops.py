@@ -430,6 +430,61 @@ def test_in_place_carry_chaos(rng, monkeypatch):
     _chaos_check(fn, cache, xs, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("read", [False, True])
+def test_tiled_matmul_store_in_a_loop_with_overlapping_windows(rng, monkeypatch, read):
+    """On CPU a product stored into the carried buffer is a matmul window store of several tiles:
+    each iteration's window overlaps the one before (a tile waits for every other tile's previous
+    run); with `read`, the buffer is also read after the store in the same iteration (the read
+    waits for every tile; the next iteration's tiles wait for the read)."""
+
+    def fn(xs, w, buf):
+        def body(i, c):
+            buf, acc = c
+            prod = jnp.tanh(jax.lax.dynamic_slice_in_dim(xs, i * 64, 64) @ w)
+            buf = jax.lax.dynamic_update_slice(buf, prod, (i * 8, 0))
+            return buf, (acc + buf[:96].sum(axis=0)) if read else acc + i
+
+        return jax.lax.fori_loop(0, 5, body, (buf, jnp.zeros(buf.shape[1], buf.dtype)))
+
+    xs = rng.standard_normal((320, 32)).astype(np.float32)
+    w = (rng.standard_normal((32, 128)) / 4).astype(np.float32)
+    buf = rng.standard_normal((136, 128)).astype(np.float32)
+    plan = ark.plan(fn, xs, w, buf, num_workers=3, platform="cpu")
+    (store,) = [i for i, op in enumerate(plan.ops) if op.store_view >= 0]
+    assert plan.ops[store].kind == "matmul" and plan.ops[store].loop == 0
+    tiles = [t for t, task in enumerate(plan.tasks) if task.op == store]
+    assert len(tiles) > 1
+    assert all(set(tiles) - {t} <= set(plan.tasks[t].deps) for t in tiles)
+    _check(fn, xs, w, buf, tol=1e-4, workers=(1, 2, 3))
+    _chaos_check(fn, xs, w, buf, monkeypatch=monkeypatch, tol=1e-4)
+
+
+def test_tiles_of_a_loop_store_wait_for_each_others_previous_run(rng, monkeypatch):
+    """The window moves by half a tile per iteration, its start computed inside the store's
+    program (no op between two runs of the store): a tile's window overlaps the other tile's
+    window of the iteration before, and only their carried dependencies order the two."""
+
+    def fn(xs, w, buf):
+        def body(i, buf):
+            prod = jnp.tanh(jax.lax.dynamic_slice_in_dim(xs, i * 2, 2) @ w)
+            return jax.lax.dynamic_update_slice(buf, prod, (0, i * 32))
+
+        return jax.lax.fori_loop(0, 6, body, buf)
+
+    xs = rng.standard_normal((12, 32)).astype(np.float32)
+    w = (rng.standard_normal((32, 128)) / 4).astype(np.float32)
+    buf = rng.standard_normal((2, 320)).astype(np.float32)
+    plan = ark.plan(fn, xs, w, buf, num_workers=2, platform="cpu")
+    assert [op.kind for op in plan.ops] == ["matmul"]  # the store alone in the loop
+    assert len(plan.tasks) == 2 and all(task.deps == [1 - t] for t, task in enumerate(plan.tasks))
+    _check(fn, xs, w, buf, tol=1e-5, workers=(1, 2))
+    want = _leaves(jax.jit(fn)(xs, w, buf))
+    for seed in range(1, 9):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        got = _leaves(run_plan(plan, [xs, w, buf])[0])
+        assert_close(got[0], want[0], 1e-5)
+
+
 # ---- the plan shows the loop ---------------------------------------------------------------------
 def test_plan_json_and_summary_show_the_loop(rng):
     x, w = _mlp_args(rng)

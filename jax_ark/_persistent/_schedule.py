@@ -294,6 +294,11 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
         for before, after in zip(ops, ops[1:], strict=False):
             for t in tasks_of.get(after, []):
                 need[t].update(tasks_of.get(before, []))
+    tiles_of = {  # the tasks of a window store with several (a matmul's), by task
+        t: tasks_of[task.op]
+        for t, task in enumerate(plan.tasks)
+        if plan.ops[task.op].store_view >= 0 and len(tasks_of[task.op]) > 1
+    }
     # read intervals of workspace tensors, for the write-after-read check below
     read_span: dict[int, list[tuple[int, int, int]]] = {}
     for t, task in enumerate(plan.tasks):
@@ -304,6 +309,12 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
             prod = prod[prod >= 0]
             if prod.size:  # bincount: the distinct producers, much faster than np.unique here
                 producers = [int(p) for p in np.flatnonzero(np.bincount(prod)) if p != t]
+                # A window store's tasks each count as writing its whole tensor, so `owner` names
+                # only its last one: a reader depends on every tile of a (matmul's) tiled one,
+                # and in a loop every tile waits for the reader before its next run.
+                producers = [
+                    q for p in producers for q in (tiles_of[p] if p in tiles_of else (p,)) if q != t
+                ]
                 need[t].update(producers)
                 for p in producers:
                     # A tensor written in a loop t is in too is written again next iteration: its
@@ -313,11 +324,14 @@ def required_dependencies(plan: Plan) -> list[set[int]]:
                         need[p].add(t)
             if plan.tensors[tensor].storage == "workspace":
                 read_span.setdefault(tensor, []).append((t, int(idx.min()), int(idx.max())))
-    # A window store's tasks each count as writing its whole tensor, so `owner` names only its
-    # last one: a reader depends on every tile of a (matmul's) tiled window store.
-    for t in range(n):
-        for p in [p for p in need[t] if plan.ops[plan.tasks[p].op].store_view >= 0]:
-            need[t].update(q for q in tasks_of[plan.tasks[p].op] if q != t)
+    # In a loop, its window may overlap the previous iteration's: each tile waits for every other
+    # tile's previous run (a dependency within one op is carried), the runs of one task are in
+    # order anyway.
+    for i, op in enumerate(plan.ops):
+        tiles = tasks_of.get(i, [])
+        if op.store_view >= 0 and plan.loop_chain(i) and len(tiles) > 1:
+            for t in tiles:
+                need[t].update(q for q in tiles if q != t)
     # write-after-read on an aliased result: its writers overwrite the operand it aliases, so
     # every task reading that operand must finish first
     for t, task in enumerate(plan.tasks):

@@ -1430,9 +1430,9 @@ def _matmul_window_store(b: _Builder, view: _Load, update: _Node, offset: _Node)
     store: each tile goes straight to the store view's elements moved by `offset`, instead of into a
     workspace tensor that a map's window store then copies. An unrolled ring matmul's eight
     products each made that extra pass (perf, one core). Returns False where this does not apply
-    (then the caller emits the map): not exactly one pending matmul, inside a loop, a program too
-    long, or a GPU plan (the CUDA executor runs map window stores only)."""
-    if b.platform != "cpu" or b.loop_stack:
+    (then the caller emits the map): not exactly one pending matmul, a program too long, or a GPU
+    plan (the CUDA executor runs map window stores only)."""
+    if b.platform != "cpu":
         return False
     node = b._substitute(update)
     cores = _cores(node)

@@ -192,6 +192,7 @@ def test_products_are_stored_by_their_matmuls(rng):
     plan = ark.plan(from_zeros, *args, num_workers=2, platform="cpu")
     assert [op.kind for op in plan.ops] == ["matmul"] * 3
     assert all(op.store_view >= 0 for op in plan.ops) and plan.workspace_bytes == 0
+    assert f"matmul dot_general0             -> window [4, {COLS}] of t" in plan.summary()
     gpu = ark.plan(from_zeros, *args, num_workers=2, platform="gpu")
     assert [op.kind for op in _window_stores(gpu)] == ["map"] * 3
 

@@ -439,10 +439,12 @@ class Plan:
                     f" group={n} (axes {','.join(map(str, self.comm.axes))}): each rank puts "
                     f"{mine} bytes into each of the {n} inboxes"
                 )
+            # a window store writes only its window (iter_dims) of the tensor
+            window = f"window {list(op.iter_dims)} of " if op.store_view >= 0 else ""
             lines.append(
-                f"  op {i:3d} {op.kind:6s} {op.name:24s} -> t{op.out} {out.dtype}{list(out.shape)} "
-                f"[{out.storage}] tasks={op_tasks.get(i, 0)}{extra} epilogue={len(op.epilogue)} "
-                f"flops={fl} {op.source}"
+                f"  op {i:3d} {op.kind:6s} {op.name:24s} -> {window}t{op.out} {out.dtype}"
+                f"{list(out.shape)} [{out.storage}] tasks={op_tasks.get(i, 0)}{extra} "
+                f"epilogue={len(op.epilogue)} flops={fl} {op.source}"
             )
         in_bytes = sum(self.tensors[a].nbytes for a in self.args)
         out_bytes = sum(self.tensors[o].nbytes for o in self.outputs)

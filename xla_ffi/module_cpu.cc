@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../cuda/src/cpu/host_communicator.hpp"
+#include "../cuda/src/cpu/persistent_fusion.hpp"
 #include "jax_ark/plan_check.hpp"
 #include "registry.h"
 
@@ -58,4 +59,16 @@ NB_MODULE(_ark_cpu, m) {
       nb::arg("num_counters"),
       "'' when the plan words can run safely against buffers of these sizes and dtype codes, else "
       "what is wrong.");
+  // Tests: which instruction sequences the CPU executor fuses (persistent_fusion.hpp).
+  m.def(
+      "_gelu_tanh_starts",
+      [](nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> words) {
+        std::vector<int64_t> aligned((words.shape(0) + 1) / 2);  // as check_plan: 8-byte aligned
+        std::memcpy(aligned.data(), words.data(), words.shape(0) * sizeof(int32_t));
+        return jax_ark::cpu::gelu_tanh_starts(
+            jax_ark::plan::PlanView{reinterpret_cast<const int32_t*>(aligned.data())});
+      },
+      nb::arg("words"),
+      "Absolute instruction indices where the CPU executor evaluates jax.nn.gelu's tanh form in "
+      "one pass; the words must be a plan check_plan accepted.");
 }

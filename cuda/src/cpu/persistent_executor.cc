@@ -27,6 +27,7 @@
 
 #include "host_communicator.hpp"
 #include "jax_ark/tile_ops.hpp"
+#include "persistent_fusion.hpp"
 #include "persistent_kernels.hpp"
 
 
@@ -323,6 +324,9 @@ struct Run {
   // and for plans with loops (a send is then made at the task's turn only).
   std::vector<int32_t> own_puts;
   std::unique_ptr<std::atomic<uint8_t>[]> put_claimed;
+  // Per absolute instruction, 1 where a gelu_tanh sequence starts (find_fused_gelu); empty when
+  // the plan has none.
+  std::vector<uint8_t> gelu_at;
 
   std::string op_name(int op) const {
     const OpRecord& o = plan.op(op);
@@ -506,6 +510,16 @@ inline float tanh_approx(float x) {
 
 ARK_SIMD_CLONES void tanh_loop(float* __restrict r, const float* __restrict x, int count) {
   for (int e = 0; e < count; ++e) r[e] = tanh_approx(x[e]);
+}
+
+// The eight instructions of jax.nn.gelu's tanh form (gelu_tanh_at) in one pass: each element gets
+// the same float32 operations in the same order, so the same bits.
+ARK_SIMD_CLONES void gelu_tanh_loop(float* __restrict r, const float* __restrict x, float c1, float c2,
+                                    float one, float half, int count) {
+  for (int e = 0; e < count; ++e) {
+    const float v = x[e];
+    r[e] = v * (half * (one + tanh_approx(c2 * (v + c1 * (v * v * v)))));
+  }
 }
 
 ARK_SIMD_CLONES void eval_unary(int32_t code, float* r, const float* x, int count, int32_t imm) {
@@ -751,6 +765,15 @@ const float* contiguous_f32_run(const char* base, int32_t src_dt, int32_t dt, in
   return reinterpret_cast<const float*>(base) + offset;
 }
 
+// Marks every fused gelu_tanh sequence of the plan's programs in run.gelu_at (once per call: a
+// scan of the programs' instructions).
+void find_fused_gelu(Run& run) {
+  for (const int32_t at : gelu_tanh_starts(run.plan)) {
+    if (run.gelu_at.empty()) run.gelu_at.assign(static_cast<size_t>(run.plan.header().code_words / 4), 0);
+    run.gelu_at[at] = 1;
+  }
+}
+
 // Evaluates `len` instructions at code index `at` for iteration flat indices [lin0, lin0 + count)
 // of the space `dims[0..rank)`; acc (count floats) feeds LOAD_ACC. Register i's values are then at
 // s.reg[i] (the result: s.reg[len - 1]); they stay valid until the next evaluation. A float32
@@ -771,6 +794,18 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     const int32_t code = opcode_of(ins), dt = dtype_of(ins);
     float* r = s.regs[i];
     s.reg[i] = r;
+    if (code == kIntegerPow && !run.gelu_at.empty() && run.gelu_at[at + i]) {
+      const auto constant = [&](int k) {  // the value of the CONST instruction k reads first
+        return bits_float(static_cast<uint32_t>(run.plan.instruction(at + run.plan.instruction(at + k).a).a));
+      };
+      float* out = s.regs[i + 7];
+      gelu_tanh_loop(out, s.reg[ins.a], constant(i + 1), constant(i + 3), constant(i + 5), constant(i + 6),
+                     count);
+      for (int k = i + 1; k < i + 7; ++k) s.reg[k] = s.regs[k];  // not computed: nothing reads them
+      s.reg[i + 7] = out;
+      i += 7;
+      continue;
+    }
     if (code == kLoadAcc) {
       // Only a MATMUL / REDUCE has an accumulator (check_plan refuses LOAD_ACC elsewhere). An
       // accumulator already in the register's dtype is read where it is, not copied.
@@ -1885,6 +1920,7 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
                           const PersistentOptions& options, int chaos_run,
                           const std::vector<std::vector<char>>* initial) {
   Run run(PlanView{words}, buffers, options);
+  find_fused_gelu(run);
   const Header& h = run.plan.header();
   std::memset(buffers.counters, 0, sizeof(int32_t) * h.num_counters);
   if (buffers.profile)

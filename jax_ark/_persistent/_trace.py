@@ -529,6 +529,16 @@ class _Builder:
         if epilogue is None:
             epilogue = _Pending(shape, core.acc_dtype, core=core)
         out = self._out_tensor(shape, epilogue.dtype, storage, index, into, stacked)
+        op = self.core_op(core, out, stacked=bool(stacked))
+        op.epilogue = self._compile(epilogue, acc_negate=core.negate)
+        if isinstance(epilogue, _Pending) and not stacked and into is None:
+            core.raw_tensor = out
+        self.ops.append(op)
+        return self.load(out)
+
+    def core_op(self, core: _Core, out: int, stacked: bool = False) -> Op:
+        """The op computing core's accumulator into tensor `out`, its epilogue still to set (the
+        caller appends it); core counts as emitted from here on."""
         op = Op(
             name=f"{core.name or core.kind}{len(self.ops)}",
             kind=core.kind,
@@ -540,7 +550,7 @@ class _Builder:
             acc_dtype=core.acc_dtype,
             reduce_kind=core.reduce_kind,
             source=core.source,
-            stacked=bool(stacked),
+            stacked=stacked,
         )
         if core.kind == "matmul":
             op.a_view = self.view_id(core.a)
@@ -549,13 +559,9 @@ class _Builder:
             op.iter_dims = core.iter_dims
             op.kept_rank = core.kept_rank
             op.prologue = self._compile(core.prologue)
-        op.epilogue = self._compile(epilogue, acc_negate=core.negate)
         core.emitted = True
         core.out_tensor = out
-        if isinstance(epilogue, _Pending) and not stacked and into is None:
-            core.raw_tensor = out
-        self.ops.append(op)
-        return self.load(out)
+        return op
 
     def compile_with(
         self, node: _Node, extra: list[_Node], acc_negate: bool = False
@@ -1446,28 +1452,10 @@ def _matmul_window_store(b: _Builder, view: _Load, update: _Node, offset: _Node)
         node = _convert(b, node, b.tensors[out].dtype)
     if node.size + offset.size > _FUSE_LIMIT:
         return False
-    prog, (store_at,) = b.compile_with(node, [offset], acc_negate=core.negate)
-    b.ops.append(
-        Op(
-            name=f"{core.name or core.kind}{len(b.ops)}",
-            kind="matmul",
-            out=out,
-            B=core.B,
-            M=core.M,
-            N=core.N,
-            K=core.K,
-            acc_dtype=core.acc_dtype,
-            a_view=b.view_id(core.a),
-            b_view=b.view_id(core.b),
-            iter_dims=space,
-            epilogue=prog,
-            source=core.source,
-            store_view=b.view_id(view),
-            store_at=store_at,
-        )
-    )
-    core.emitted = True
-    core.out_tensor = out
+    op = b.core_op(core, out)
+    op.epilogue, (op.store_at,) = b.compile_with(node, [offset], acc_negate=core.negate)
+    op.iter_dims, op.store_view = space, b.view_id(view)
+    b.ops.append(op)
     return True
 
 

@@ -211,7 +211,7 @@ def test_tiled_matmul_stores_then_a_read_equal_jit(rng, monkeypatch, offsets):
     w = rng.standard_normal((32, 128)).astype(np.float32)
     args = [a, w, *(np.int32(o) for o in offsets)]
     want = jax.jit(tiled)(*args)
-    plan = ark.plan(tiled, *args, num_workers=3)
+    plan = ark.plan(tiled, *args, num_workers=3, platform="cpu")
     stores = [i for i, op in enumerate(plan.ops) if op.store_view >= 0]
     tiles = [t for t, task in enumerate(plan.tasks) if task.op == stores[-1]]
     assert len(stores) == 2 and len(tiles) > 1
@@ -240,7 +240,7 @@ def test_matmul_window_store_past_the_end_is_dropped(rng):
     r = rng.standard_normal((2, 16)).astype(np.float32)
     w = rng.standard_normal((16, 128)).astype(np.float32)
     args = [x, np.int32(7), r, w]
-    plan = ark.plan(update, *args, num_workers=2)
+    plan = ark.plan(update, *args, num_workers=2, platform="cpu")
     (op,) = [op for op in plan.ops if op.store_view >= 0]
     assert op.kind == "matmul"
     (bound,) = [ins.b for ins in op.epilogue if ins.op == "imin"]  # the start clamps to <= 6

@@ -15,6 +15,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+from group_models import plan_for_gpu
 from jax.sharding import PartitionSpec as P
 from persistent_models import assert_close, random_args
 
@@ -314,11 +315,13 @@ def _tp_plan(mesh8, rng) -> Plan:
 
 
 def test_inboxes_fill_the_start_of_the_workspace_alone(mesh8, rng):
-    """The CUDA executor keeps workspace bytes [0, inbox end) in the group's peer-mapped region:
-    every inbox must lie there and every other workspace tensor after it."""
+    """The executors keep workspace bytes [0, inbox end) in the group's peer-mapped region:
+    every inbox (and the source of a put read in place, which peers read there) must lie there
+    and every other workspace tensor after it."""
     for plan in (_tp_plan(mesh8, rng), _plan_in(mesh8, sp_mlp, _sp_args(rng), SP_SPECS)):
         inboxes = {op.out for op in plan.ops if op.kind == "put"}
         assert inboxes
+        inboxes |= {plan.views[op.a_view].tensor for op in plan.ops if op.read_in_place}
         end = max(plan.tensors[t].byte_offset + plan.tensors[t].nbytes for t in inboxes)
         others = [
             s
@@ -448,9 +451,19 @@ def test_missing_peer_times_out_naming_rank_and_peer(mesh8, rng):
 def test_comm_plan_checked_on_host_runs_through_its_primitive(mesh8, rng):
     """What ark.persistent does on a GPU before launching (the runtime's check on the exact words
     sent, then the comm call primitive whose CUDA lowering bootstraps the symmetric regions), run
-    here on the CPU: the check accepts the words and the result is jax.lax's."""
-    plan = _tp_plan(mesh8, rng)
+    here on the CPU: the check accepts the words and the result is jax.lax's. A CPU plan's puts
+    are read in place, which the GPU refuses before launching."""
     args = _tp_args(rng)
+    cpu_plan = _tp_plan(mesh8, rng)
+    assert any(op.read_in_place for op in cpu_plan.ops)
+
+    def refused(*local):
+        return run_plan(cpu_plan, list(local), check_on_host=True)[0][0]
+
+    with pytest.raises(PlanError, match="read in place runs on the CPU executor only"):
+        jax.jit(jax.shard_map(refused, mesh=mesh8, check_vma=False, **TP_SPECS)).lower(*args)
+    plan = plan_for_gpu(mesh8, tp_mlp, args, TP_SPECS, num_workers=2)
+    assert plan.comm is not None and not any(op.read_in_place for op in plan.ops)
 
     def body(*local):
         outs, _ = run_plan(plan, list(local), check_on_host=True)

@@ -221,6 +221,11 @@ def run_plan(
                     f"op {i} '{op.name}': a matmul's window store runs on the CPU executor only; "
                     "plan for the GPU (ark.plan(..., platform='gpu')) to store it with a map"
                 )
+            if op.kind == "put" and op.read_in_place:
+                raise PlanError(
+                    f"op {i} '{op.name}': a put read in place runs on the CPU executor only; "
+                    "plan for the GPU (ark.plan(..., platform='gpu')) to copy it"
+                )
         _check_words_on_host(plan_words, operands, results, aliases)
     group = None
     site = 0

@@ -185,10 +185,20 @@ class _Ranks:
         return recv, row
 
 
+# Whether a put asks to be read in place (see _put): the CPU executor only (its ranks share one
+# address space; the CUDA executor copies).
+_READS_IN_PLACE = {"cpu": True, "gpu": False}
+
+
 def _put(b, source, n: int, per_peer: bool, route=None):
     """Emits a put op. source: a node of shape (M, N) (the same tile to every peer) or, with
     per_peer, (n, M, N) (block p to peer p); route: its (recv_from, send_row) tables, None for the
-    default routing. Returns the inbox as a (n, M, N) load node."""
+    default routing. Returns the inbox as a (n, M, N) load node.
+
+    On the CPU the put asks to be read in place (the ranks share memory: a reader reads each slot
+    in its source rank's source, where a copy into every inbox cost more than the reads; measured
+    in docs/benchmarks.md, "Puts read in place"); build_plan keeps that where the finished plan
+    allows it (docs/plan_format.md, "Puts read in place") and copies otherwise."""
     from jax_ark._persistent._trace import UnsupportedError, _Load
 
     shape = tuple(source.shape)
@@ -235,6 +245,7 @@ def _put(b, source, n: int, per_peer: bool, route=None):
             recv_from=None if route is None else route[0],
             send_row=None if route is None else route[1],
             stacked=bool(trips),
+            read_in_place=_READS_IN_PLACE[b.platform] and not trips,
         )
     )
     if trips:

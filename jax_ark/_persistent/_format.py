@@ -181,6 +181,9 @@ class Op:
     # row send_row[q][b] of a_view. None: the default routing (slot b from rank b, row q).
     recv_from: list[list[int]] | None = None
     send_row: list[list[int]] | None = None
+    # Put ops (CPU executor only): no copies; a reader of the inbox reads each slot's tile where
+    # it lies, in the source rank's source tensor (docs/plan_format.md, "Puts read in place").
+    read_in_place: bool = False
 
 
 @dataclass
@@ -439,6 +442,8 @@ class Plan:
                     f" group={n} (axes {','.join(map(str, self.comm.axes))}): each rank puts "
                     f"{mine} bytes into each of the {n} inboxes"
                 )
+            if op.kind == "put" and op.read_in_place:
+                extra += f"; read in place from t{self.views[op.a_view].tensor} (no copies)"
             # a window store writes only its window (iter_dims) of the tensor
             window = f"window {list(op.iter_dims)} of " if op.store_view >= 0 else ""
             lines.append(
@@ -486,6 +491,7 @@ class Plan:
                         for k, v in dataclasses.asdict(op).items()
                         if k not in ("prologue", "epilogue")
                         and not (k in ("recv_from", "send_row") and v is None)
+                        and not (k == "read_in_place" and not v)
                     },
                     "iter_dims": list(op.iter_dims),
                     "prologue": [i.to_list() for i in op.prologue],
@@ -723,7 +729,7 @@ def _encode(plan: Plan) -> np.ndarray:
         words += [op.kept_rank, pro_at, pro_len, epi_at, epi_len, name_at[i][0], name_at[i][1]]
         words += [op.tile_m, op.tile_n]
         words += _i64(op.B) + _i64(op.M) + _i64(op.N) + _i64(op.K) + _dims6(op.iter_dims)
-        words += [op.store_view + 1, op.store_at + 1, route_at[i] + 1, 0]
+        words += [op.store_view + 1, op.store_at + 1, route_at[i] + 1, int(op.read_in_place)]
     _pad_even(words)
     sections["tasks"] = len(words)
     for t in plan.tasks:
@@ -993,6 +999,7 @@ def _parse_plan(d: Any) -> Plan:
                 stack_reversed=_bool(o.get("stack_reversed", False), f"{path}.stack_reversed"),
                 recv_from=_table(o.get("recv_from"), f"{path}.recv_from"),
                 send_row=_table(o.get("send_row"), f"{path}.send_row"),
+                read_in_place=_bool(o.get("read_in_place", False), f"{path}.read_in_place"),
             )
         )
         if (ops[-1].recv_from is None) != (ops[-1].send_row is None):

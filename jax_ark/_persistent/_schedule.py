@@ -18,6 +18,7 @@ from jax_ark._persistent._format import (
     Task,
 )
 from jax_ark._persistent._trace import TraceResult
+from jax_ark._persistent._validate import read_in_place_problem
 
 # ---- tiling ----------------------------------------
 
@@ -400,16 +401,19 @@ def _allocate_workspace(plan: Plan) -> int:
                 last_use[t] = max(last_use[t], loop.end_op - 1)
     # A put's inbox is written by peers whenever they get there: live for the whole plan, so no
     # other tensor shares its bytes (a local write-after-read dependency cannot order a peer).
-    for op in plan.ops:
-        if op.kind == "put":
-            first_use[op.out] = -1
-            last_use[op.out] = len(plan.ops)
-    inboxes = {op.out for op in plan.ops if op.kind == "put"}
+    # So is a read-in-place put's source: peers read it whenever they get there.
+    inboxes = {op.out for op in plan.ops if op.kind == "put"} | {
+        plan.views[op.a_view].tensor for op in plan.ops if op.kind == "put" and op.read_in_place
+    }
+    for t in inboxes:
+        first_use[t] = -1
+        last_use[t] = len(plan.ops)
     placed: list[tuple[int, int, int, int]] = []  # (first op, last op, lo, hi)
     top = 0
-    # Inboxes first: live for the whole plan, they then fill [0, inbox bytes) and nothing else
-    # lands there, which is the part of the workspace the CUDA executor keeps in the group's
-    # symmetric (peer-mapped) region (cuda/include/jax_ark/gpu/persistent_comm_device.hpp).
+    # Inboxes (and read-in-place sources) first: live for the whole plan, they then fill
+    # [0, inbox bytes) and nothing else lands there, which is the part of the workspace the
+    # executors keep in the group's symmetric (peer-mapped) region
+    # (cuda/include/jax_ark/gpu/persistent_comm_device.hpp).
     for t in sorted(
         (t for t, s in enumerate(plan.tensors) if s.storage == "workspace"),
         key=lambda t: (t not in inboxes, producer.get(t, 0)),
@@ -528,6 +532,11 @@ def build_plan(
         loops=traced.loops,
         comm=traced.comm,
     )
+    for i, op in enumerate(plan.ops):
+        # The tracer marks the folds' puts (psum, psum_scatter) to be read in place on the CPU;
+        # the finished plan says whether each can be (its source may be an argument, ...).
+        if op.kind == "put" and op.read_in_place:
+            op.read_in_place = platform == "cpu" and not read_in_place_problem(plan, i)
     plan.workspace_bytes = _allocate_workspace(plan)
     for task, deps in zip(plan.tasks, required_dependencies(plan), strict=True):
         task.deps = sorted(deps)

@@ -244,15 +244,71 @@ def _check_put(plan: Plan, i: int, reads: set[int]) -> None:
     _view_in_bounds(plan, i, op.a_view, (op.B, op.M, op.N), reads)
     if plan.tensors[plan.views[op.a_view].tensor].dtype != out.dtype:
         raise PlanError(f"{where}: its source and inbox dtypes differ")
-    lo, hi = out.byte_offset, out.byte_offset + out.nbytes
+    _alone_in_workspace(plan, op.out, f"{where}: its inbox")
+    if op.read_in_place:
+        _check_read_in_place(plan, i)
+
+
+def _alone_in_workspace(plan: Plan, tensor: int, what: str) -> None:
+    """No other workspace tensor shares `tensor`'s bytes (peers write an inbox, or read a
+    read-in-place source, whenever they get to it: no local dependency orders a reuse)."""
+    spec = plan.tensors[tensor]
+    lo, hi = spec.byte_offset, spec.byte_offset + spec.nbytes
     for t, other in enumerate(plan.tensors):
-        if t == op.out or other.storage != "workspace":
+        if t == tensor or other.storage != "workspace":
             continue
         if other.byte_offset < hi and lo < other.byte_offset + other.nbytes:
             raise PlanError(
-                f"{where}: its inbox (tensor {op.out}) shares workspace bytes with tensor {t} "
-                f"'{other.name}'"
+                f"{what} (tensor {tensor}) shares workspace bytes with tensor {t} '{other.name}'"
             )
+
+
+def read_in_place_problem(plan: Plan, i: int) -> str:
+    """Why put op i cannot be read in place ("" when it can; docs/plan_format.md, "Puts read in
+    place"): its readers then read each slot's tile in the source rank's source tensor, so that
+    tensor must be a workspace tensor written once, outside loops, by one other op (the only
+    writes peers may see; they wait for nothing else), its (m, n) tile rows contiguous, every
+    slot must have a source rank, and only programs' loads may read the inbox (the read path
+    that resolves slots to peers; not an operand view, a store view or load_at)."""
+    op = plan.ops[i]
+    if op.loop >= 0:
+        return "it is in a loop"
+    if op.recv_from is not None and any(v < 0 for row in op.recv_from for v in row):
+        return "a slot has no source rank (zeros)"
+    view = plan.views[op.a_view]
+    src = view.tensor
+    if plan.tensors[src].storage != "workspace":
+        return f"its source (tensor {src}) is not a workspace tensor"
+    if view.strides[2] != 1 or (op.M > 1 and view.strides[1] != op.N):
+        return f"its source view's (m, n) tile is not contiguous (strides {list(view.strides)})"
+    writers = [j for j, o in enumerate(plan.ops) if o.out == src]
+    if len(writers) != 1:
+        return f"its source (tensor {src}) is written by {len(writers)} ops, not one"
+    w = plan.ops[writers[0]]
+    if w.kind == "put" or w.store_view >= 0 or w.loop >= 0:
+        return (
+            f"its source (tensor {src}) is written by op {writers[0]} '{w.name}', a put, a "
+            "window store or an op in a loop"
+        )
+    inbox = op.out
+    for j, o in enumerate(plan.ops):
+        for name in ("a_view", "b_view", "store_view"):
+            v = getattr(o, name)
+            if v >= 0 and plan.views[v].tensor == inbox and (j, name) != (i, "a_view"):
+                return f"op {j} '{o.name}' reads its inbox through its {name}"
+        for ins in o.prologue + o.epilogue:
+            if ins.op == "load_at" and plan.views[int(ins.a)].tensor == inbox:
+                return f"op {j} '{o.name}' reads its inbox with load_at"
+    return ""
+
+
+def _check_read_in_place(plan: Plan, i: int) -> None:
+    op = plan.ops[i]
+    where = f"op {i} '{op.name}'"
+    problem = read_in_place_problem(plan, i)
+    if problem:
+        raise PlanError(f"{where}: read_in_place, but {problem}")
+    _alone_in_workspace(plan, plan.views[op.a_view].tensor, f"{where}: its read-in-place source")
 
 
 def _check_route(op, where: str, n: int) -> None:

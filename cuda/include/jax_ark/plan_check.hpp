@@ -266,12 +266,63 @@ inline bool view_shift_range(const LoopView& lv, int v, int op, int64_t* lo, int
   return true;
 }
 
+// Why put op i cannot be read in place ("" when it can; docs/plan_format.md, "Puts read in
+// place"; the same rules as jax_ark/_persistent/_validate.py): its readers read each slot's tile
+// in the source rank's source tensor, so that tensor must be a workspace tensor written once,
+// outside loops, by one other op (the only writes peers may see), its (m, n) tile rows
+// contiguous, every slot must have a source rank, and only programs' LOADs may read the inbox
+// (the read path that resolves slots to peers; not an operand view, a store view or LOAD_AT).
+// Expects records in range.
+inline std::string read_in_place_problem(const PlanView& p, const LoopView& lv, int i) {
+  const Header& h = p.header();
+  const OpRecord& op = p.op(i);
+  if (lv.op_loop(i) >= 0) return "it is in a loop";
+  if (op.route_plus1 != 0) {
+    const RouteView route = p.route(op);
+    for (int q = 0; q < h.group_size; ++q)
+      for (int b = 0; b < op.B; ++b)
+        if (route.recv_from(q, b) < 0) return "a slot has no source rank (zeros)";
+  }
+  const ViewRecord& v = p.view(op.a_view);
+  const int32_t src = v.tensor;
+  if (p.tensor(src).storage != kStorageWorkspace)
+    return "its source (tensor " + std::to_string(src) + ") is not a workspace tensor";
+  if (v.strides[2] != 1 || (op.M > 1 && v.strides[1] != op.N))
+    return "its source view's (m, n) tile is not contiguous";
+  int writers = 0, writer = -1;
+  for (int j = 0; j < h.num_ops; ++j)
+    if (p.op(j).out_tensor == src) ++writers, writer = j;
+  if (writers != 1)
+    return "its source (tensor " + std::to_string(src) + ") is written by " + std::to_string(writers) +
+           " ops, not one";
+  const OpRecord& w = p.op(writer);
+  if (w.kind == kOpPut || w.store_view_plus1 != 0 || lv.op_loop(writer) >= 0)
+    return "its source (tensor " + std::to_string(src) + ") is written by op " +
+           std::to_string(writer) + ", a put, a window store or an op in a loop";
+  const auto of_inbox = [&](int32_t view) {
+    return view >= 0 && view < h.num_views && p.view(view).tensor == op.out_tensor;
+  };
+  for (int j = 0; j < h.num_ops; ++j) {
+    const OpRecord& o = p.op(j);
+    if (of_inbox(o.a_view) || of_inbox(o.b_view) || of_inbox(o.store_view_plus1 - 1))
+      return "op " + std::to_string(j) + " reads its inbox through an operand or store view";
+    for (int part = 0; part < 2; ++part) {
+      const int32_t at = part == 0 ? o.prologue_at : o.epilogue_at;
+      const int32_t len = part == 0 ? o.prologue_len : o.epilogue_len;
+      for (int k = 0; k < len; ++k)
+        if (opcode_of(p.instruction(at + k)) == kLoadAt && of_inbox(p.instruction(at + k).a))
+          return "op " + std::to_string(j) + " reads its inbox with LOAD_AT";
+    }
+  }
+  return "";
+}
+
 }  // namespace check_detail
 
 // v3: where the inboxes end in the workspace. Every PUT op writes a workspace tensor (its inbox)
-// and the planner places the inboxes first, so they fill bytes [0, *inbox_end) and no other
-// workspace tensor lies there: both executors keep those bytes in the group's symmetric region
-// (persistent_comm_device.hpp), not in XLA's workspace. Returns "" or what is wrong. Expects
+// and the planner places the inboxes (and the sources of puts read in place) first, so they fill
+// bytes [0, *inbox_end) and no other workspace tensor lies there: both executors keep those
+// bytes in the group's symmetric region (persistent_comm_device.hpp), not in XLA's workspace. Returns "" or what is wrong. Expects
 // tensor and op records already in range (check_plan checks them first).
 inline std::string inbox_end_of(const PlanView& p, int64_t* inbox_end) {
   const Header& h = p.header();
@@ -285,6 +336,22 @@ inline std::string inbox_end_of(const PlanView& p, int64_t* inbox_end) {
     if (t.storage != kStorageWorkspace) return "a put op's inbox is not in the workspace";
     is_inbox[op.out_tensor] = 1;
     *inbox_end = std::max(*inbox_end, t.byte_offset + t.num_elements * dtype_size(t.dtype));
+    if (op.read_in_place) {
+      // Its source is read by peers in this rank's region: placed there too, and alone in its
+      // bytes (peers read it whenever they get to it; no local dependency orders a reuse).
+      const int32_t src = p.view(op.a_view).tensor;
+      const TensorRecord& st = p.tensor(src);
+      const int64_t lo = st.byte_offset, hi = lo + st.num_elements * dtype_size(st.dtype);
+      for (int k = 0; k < h.num_tensors; ++k) {
+        const TensorRecord& o = p.tensor(k);
+        if (k == src || o.storage != kStorageWorkspace) continue;
+        if (o.byte_offset < hi && lo < o.byte_offset + o.num_elements * dtype_size(o.dtype))
+          return "op " + std::to_string(i) + ": its read-in-place source (tensor " + std::to_string(src) +
+                 ") shares workspace bytes with tensor " + std::to_string(k);
+      }
+      is_inbox[src] = 1;
+      *inbox_end = std::max(*inbox_end, hi);
+    }
   }
   for (int i = 0; i < h.num_tensors; ++i) {
     const TensorRecord& t = p.tensor(i);
@@ -541,6 +608,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
              std::to_string(writer[op.out_tensor]);
     writer[op.out_tensor] = i;
     if (op.route_plus1 != 0 && op.kind != kOpPut) return where + ": only a put op has a routing table";
+    if (op.read_in_place != 0 && (op.kind != kOpPut || op.read_in_place != 1))
+      return where + ": read_in_place is 1 on a put op only";
     int64_t space_elems = out.num_elements;
     // A stacked op (v3) computes one slice (dims 1..rank) of its output per iteration.
     const bool stacked = lv.op_stacked(i);
@@ -640,6 +709,12 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
         if (o.byte_offset < hi && lo < o.byte_offset + o.num_elements * dtype_size(o.dtype))
           return where + ": its inbox (tensor " + std::to_string(op.out_tensor) +
                  ") shares workspace bytes with tensor " + std::to_string(t);
+      }
+      if (op.read_in_place) {
+        if (std::string why = read_in_place_problem(p, lv, i); !why.empty())
+          return where + ": read_in_place, but " + why;
+        work = sat_add(work, elems);  // signals only; readers' loads are counted with them
+        continue;
       }
       work = sat_add(work, sat_mul(elems, op.B));
       continue;

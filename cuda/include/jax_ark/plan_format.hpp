@@ -160,7 +160,9 @@ struct OpRecord {                   // 40 words
   // v3 PUT only: 1 + the word offset of this op's routing table in the route section (RouteView);
   // 0 = the default routing (slot b of every rank's inbox comes from rank b).
   int32_t route_plus1;                                            // 38
-  int32_t reserved[1];                                            // 39
+  // v3 PUT only, CPU executor only: 1 = no copies; a reader of the inbox reads each slot's tile
+  // where it lies, in the source rank's source tensor (docs/plan_format.md, "Puts read in place").
+  int32_t read_in_place;                                          // 39
 };
 
 // A window store's offset register value that drops the element instead of storing it: a

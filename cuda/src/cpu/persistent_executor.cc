@@ -327,6 +327,21 @@ struct Run {
   // Per absolute instruction, 1 where a gelu_tanh sequence starts (find_fused_gelu); empty when
   // the plan has none.
   std::vector<uint8_t> gelu_at;
+  // Puts read in place (docs/plan_format.md, "Puts read in place"; find_read_in_place): per
+  // tensor, the index in `in_place` of the put whose inbox it is (-1: none), and per slot of that
+  // inbox where its element (b, 0, 0) lies: in the source rank's region, at its source row.
+  // Ops writing a read-in-place source first wait until every peer reading it has opened its
+  // region for this call (`shared_writer`), i.e. ended the call that read its previous value.
+  struct InPlaceInbox {
+    int64_t slot_elems = 0;
+    std::vector<const char*> slot_base;
+  };
+  std::vector<int32_t> in_place_of;
+  std::vector<InPlaceInbox> in_place;
+  std::vector<uint8_t> shared_writer;
+  std::vector<int32_t> shared_readers;  // the peers reading any read-in-place source of this rank
+  // Chaos mode: per op, whether its read-in-place source was poisoned in this run (poison_source).
+  std::unique_ptr<std::atomic<uint8_t>[]> source_poisoned;
 
   std::string op_name(int op) const {
     const OpRecord& o = plan.op(op);
@@ -746,23 +761,141 @@ ARK_SIMD_CLONES void select_loop(float* r, const float* p, const float* f, const
 
 ARK_SIMD_CLONES void fill_loop(float* r, float v, int count) { std::fill(r, r + count, v); }
 
-// The `count` float32 elements a LOAD of dtype dt reads from iteration index start_idx on, when
-// they are one contiguous run of a float32 tensor (null otherwise).
-const float* contiguous_f32_run(const char* base, int32_t src_dt, int32_t dt, int rank,
-                                const int64_t* dims, const int64_t* strides,
-                                const int64_t* start_idx, int64_t offset, int count) {
-  if (src_dt != kF32 || dt != kF32 || strides[rank - 1] != 1) return nullptr;
+// One pass of a REDUCE's column fold (run_reduce_columns) over n outputs: acc = acc + v, or the
+// first pass acc = +0 + v (the fold's start, with no fill pass: the same bits, -0 becoming +0).
+ARK_SIMD_CLONES void fold_sum_loop(float* __restrict acc, const float* __restrict v, int n, bool first) {
+  if (first) {
+    for (int e = 0; e < n; ++e) acc[e] = 0.0f + v[e];
+  } else {
+    for (int e = 0; e < n; ++e) acc[e] = acc[e] + v[e];
+  }
+}
+
+// The max fold's pass: acc = max(acc, v), a NaN winning; the first from -inf.
+ARK_SIMD_CLONES void fold_max_loop(float* __restrict acc, const float* __restrict v, int n, bool first) {
+  if (first) {
+    for (int e = 0; e < n; ++e) acc[e] = nan_max(-INFINITY, v[e]);
+  } else {
+    for (int e = 0; e < n; ++e) acc[e] = nan_max(acc[e], v[e]);
+  }
+}
+
+// The element offset of the `count` float32 elements a LOAD of dtype dt reads from iteration
+// index start_idx on, when they are one contiguous run of a float32 tensor (-1 otherwise).
+int64_t contiguous_f32_offset(int32_t src_dt, int32_t dt, int rank, const int64_t* dims,
+                              const int64_t* strides, const int64_t* start_idx, int64_t offset,
+                              int count) {
+  if (src_dt != kF32 || dt != kF32 || strides[rank - 1] != 1) return -1;
   // One run: the rest of the innermost row holds count elements, or the view is row-major dense
   // (each stride the product of the dims inside it; dims of 1 never step).
   if (dims[rank - 1] - start_idx[rank - 1] < count) {
     int64_t dense = 1;
     for (int d = rank - 1; d >= 0; --d) {
-      if (dims[d] > 1 && strides[d] != dense) return nullptr;
+      if (dims[d] > 1 && strides[d] != dense) return -1;
       dense *= dims[d];
     }
   }
   for (int d = 0; d < rank; ++d) offset += start_idx[d] * strides[d];
-  return reinterpret_cast<const float*>(base) + offset;
+  return offset;
+}
+
+// Those elements in place (null when they are not one contiguous run).
+const float* contiguous_f32_run(const char* base, int32_t src_dt, int32_t dt, int rank,
+                                const int64_t* dims, const int64_t* strides,
+                                const int64_t* start_idx, int64_t offset, int count) {
+  const int64_t at = contiguous_f32_offset(src_dt, dt, rank, dims, strides, start_idx, offset, count);
+  return at < 0 ? nullptr : reinterpret_cast<const float*>(base) + at;
+}
+
+// Splits n elements of a read-in-place inbox at element offsets off, off + stride, ... into
+// pieces within one slot: visit(j, base, rem, k) for elements j .. j + k - 1, which lie at element
+// offsets rem, rem + stride, ... of `base`, slot b's source row in the source rank's region.
+template <typename Visit>
+void for_each_slot_piece(const Run::InPlaceInbox& ib, int64_t off, int64_t stride, int n, Visit visit) {
+  for (int j = 0; j < n;) {
+    const int64_t o = off + j * stride;
+    const int64_t b = o / ib.slot_elems, rem = o - b * ib.slot_elems;
+    // the elements of this run that stay in slot b (strides are >= 0: check_plan)
+    const int k = stride == 0 ? n - j
+                              : static_cast<int>(std::min<int64_t>(
+                                    n - j, (ib.slot_elems - 1 - rem) / stride + 1));
+    visit(j, ib.slot_base[b], rem, k);
+    j += k;
+  }
+}
+
+void load_in_place_run(float* r, const Run::InPlaceInbox& ib, int32_t dt, int64_t off,
+                       int64_t stride, int n) {
+  for_each_slot_piece(ib, off, stride, n, [&](int j, const char* base, int64_t rem, int k) {
+    load_run(r + j, base, dt, rem, stride, k);
+  });
+}
+
+// move_elements' copy from a read-in-place inbox: the bytes of each element, from its slot.
+void move_in_place_run(char* dst, const Run::InPlaceInbox& ib, int64_t size, int64_t off,
+                       int64_t stride, int n) {
+  for_each_slot_piece(ib, off, stride, n, [&](int j, const char* base, int64_t rem, int k) {
+    if (stride == 1) {
+      memcpy(dst + j * size, base + rem * size, k * size);
+    } else {
+      for (int e = 0; e < k; ++e) memcpy(dst + (j + e) * size, base + (rem + e * stride) * size, size);
+    }
+  });
+}
+
+// Chaos mode: the first task of a read-in-place source's writer in this run (its readers have
+// left the previous run) fills the whole source with NaN bytes before any tile is written, so a
+// peer still reading the previous value would get another output. The op's other tasks wait
+// for the fill (microseconds; the filler waits for nothing).
+void poison_source(Run& run, int op) {
+  std::atomic<uint8_t>& state = run.source_poisoned[op];
+  uint8_t idle = 0;
+  if (state.compare_exchange_strong(idle, 1, std::memory_order_acq_rel)) {
+    const TensorRecord& t = run.plan.tensor(run.plan.op(op).out_tensor);
+    std::memset(run.tensor_base(run.plan.op(op).out_tensor), 0xFF, t.num_elements * dtype_size(t.dtype));
+    state.store(2, std::memory_order_release);
+    return;
+  }
+  while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+}
+
+// Resolves the plan's puts read in place for this run (Run::in_place): per slot of each such
+// inbox, the address of its source row in the source rank's region; the ops writing their
+// sources; the peers reading this rank's sources.
+void find_read_in_place(Run& run) {
+  const Header& h = run.plan.header();
+  const gpu::PersistentCommDevice& c = run.comm;
+  for (int i = 0; i < h.num_ops; ++i) {
+    const OpRecord& op = run.plan.op(i);
+    if (op.kind != kOpPut || !op.read_in_place) continue;
+    if (run.in_place_of.empty()) {
+      run.in_place_of.assign(static_cast<size_t>(h.num_tensors), -1);
+      run.shared_writer.assign(static_cast<size_t>(h.num_ops), 0);
+    }
+    const ViewRecord& av = run.plan.view(op.a_view);
+    const TensorRecord& src = run.plan.tensor(av.tensor);
+    const int64_t size = dtype_size(src.dtype);
+    const RouteView route = run.plan.route(op);
+    Run::InPlaceInbox ib;
+    ib.slot_elems = op.M * op.N;
+    for (int b = 0; b < op.B; ++b) {
+      const int q = route.recv_from(c.rank, b);  // a rank: check_plan refuses zero slots here
+      const char* area = reinterpret_cast<const char*>(gpu::inbox_area(c, c.peers[q]));
+      ib.slot_base.push_back(area + src.byte_offset +
+                             (av.offset + route.send_row(c.rank, b) * av.strides[0]) * size);
+    }
+    run.in_place_of[op.out_tensor] = static_cast<int32_t>(run.in_place.size());
+    run.in_place.push_back(std::move(ib));
+    for (int j = 0; j < h.num_ops; ++j)
+      if (run.plan.op(j).out_tensor == av.tensor) run.shared_writer[j] = 1;
+    for (int q = 0; q < c.n; ++q) {
+      bool reads = false;
+      for (int b = 0; b < op.B && !reads; ++b) reads = q != c.rank && route.recv_from(q, b) == c.rank;
+      if (reads && std::find(run.shared_readers.begin(), run.shared_readers.end(), q) ==
+                       run.shared_readers.end())
+        run.shared_readers.push_back(q);
+    }
+  }
 }
 
 // Marks every fused gelu_tanh sequence of the plan's programs in run.gelu_at (once per call: a
@@ -825,6 +958,28 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     } else if (code == kLoad) {
       const ViewRecord v = run.view(ins.a, s.iter, s.outer_iter);
       const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
+      if (const int32_t k = run.in_place_of.empty() ? -1 : run.in_place_of[v.tensor]; k >= 0) {
+        // A read-in-place inbox (read only by LOADs: check_plan): each slot's elements where
+        // they lie, in the source rank's region.
+        const Run::InPlaceInbox& ib = run.in_place[k];
+        if (rank == 0) {
+          load_in_place_run(r, ib, src_dt, v.offset, 0, count);
+          continue;
+        }
+        const int64_t inner = v.strides[rank - 1];
+        int64_t offset = v.offset + col0 * inner;
+        for (int j = 0; j < tail_rank; ++j) offset += tail_idx[j] * v.strides[rank + j];
+        const int64_t at = contiguous_f32_offset(src_dt, dt, rank, dims, v.strides, start_idx, offset, count);
+        if (at >= 0 && at / ib.slot_elems == (at + count - 1) / ib.slot_elems && (i + 1 < len || alias_result)) {
+          const int64_t b = at / ib.slot_elems;
+          s.reg[i] = reinterpret_cast<const float*>(ib.slot_base[b]) + (at - b * ib.slot_elems);
+          continue;
+        }
+        for_each_inner_run(rank, dims, v.strides, start_idx, offset, count, [&](int e, int64_t off, int n) {
+          load_in_place_run(r + e, ib, src_dt, off, inner, n);
+        });
+        continue;
+      }
       const char* base = run.tensor_base(v.tensor);
       if (rank == 0) {  // a scalar space: every element reads the view's one element
         load_run(r, base, src_dt, v.offset, 0, count);
@@ -981,8 +1136,11 @@ void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out,
     like_output = like_output && (out.dims[d] == 1 || v.strides[d] == dense);
     dense *= out.dims[d];
   }
+  const int32_t k = run.in_place_of.empty() ? -1 : run.in_place_of[v.tensor];
   if (out.rank == 0 || like_output) {
-    memmove(dst, src + (v.offset + (out.rank == 0 ? 0 : lin0)) * size, count * size);
+    const int64_t from = v.offset + (out.rank == 0 ? 0 : lin0);
+    if (k >= 0) return move_in_place_run(dst, run.in_place[k], size, from, 1, count);
+    memmove(dst, src + from * size, count * size);
     return;
   }
   int64_t start_idx[kMaxRank];
@@ -990,7 +1148,9 @@ void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out,
   const int64_t inner = v.strides[out.rank - 1];
   for_each_inner_run(out.rank, out.dims, v.strides, start_idx, v.offset, count,
                      [&](int e, int64_t off, int n) {
-    if (inner == 1) {
+    if (k >= 0) {
+      move_in_place_run(dst + e * size, run.in_place[k], size, off, inner, n);
+    } else if (inner == 1) {
       memmove(dst + e * size, src + off * size, n * size);
     } else {
       for (int j = 0; j < n; ++j) memcpy(dst + (e + j) * size, src + (off + j * inner) * size, size);
@@ -1270,16 +1430,15 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
   for (int done = 0; done < rows; done += kSegment) {
     const int n = std::min(kSegment, rows - done);
     float* acc = s.acc.data() + done;
-    std::fill(acc, acc + n, sum ? 0.0f : -INFINITY);
     int64_t r_idx[kMaxRank] = {};
     for (int64_t r = 0; r < op.K; ++r) {
       eval_program(run, op.prologue_at, op.prologue_len, kept, op.iter_dims, task.m0 + done, n,
                    nullptr, s, 0, tail, r_idx, true);
       const float* v = s.reg[op.prologue_len - 1];
       if (sum) {
-        for (int e = 0; e < n; ++e) acc[e] = acc[e] + v[e];
+        fold_sum_loop(acc, v, n, r == 0);
       } else {
-        for (int e = 0; e < n; ++e) acc[e] = nan_max(acc[e], v[e]);
+        fold_max_loop(acc, v, n, r == 0);
       }
       for (int j = tail - 1; j >= 0; --j) {  // next r, row-major over the reduced dims
         if (++r_idx[j] < op.iter_dims[kept + j]) break;
@@ -1428,34 +1587,43 @@ class RegionWait {
   int calls_ = 0;
 };
 
-// Whether every rank this rank sends to in task t has opened its region for this run (its
-// previous call at this site ended: its inbox is free), looked up once per peer and run. With
-// `wait`, blocks until they have (false: the wait gave up and the run failed); without, only
-// looks (an eager send skips a task whose peers are not open yet).
+// Whether peer q has opened its region for this run (its previous call at this site ended: its
+// inbox is free, and it reads none of this rank's read-in-place sources any more), looked up once
+// per peer and run. With `wait`, blocks until it has (false: the wait gave up and the run failed;
+// `before` says what task t was about to do); without, only looks.
+bool peer_opened(Run& run, int worker, int t, int q, Clock::time_point deadline, bool wait,
+                 const char* before) {
+  const gpu::PersistentCommDevice& c = run.comm;
+  if (run.peer_open[q].load(std::memory_order_acquire)) return true;
+  uint64_t* entered = gpu::entered_word(c.peers[q]);
+  if (__atomic_load_n(entered, __ATOMIC_ACQUIRE) < c.epoch) {
+    if (!wait) return false;
+    RegionWait w(run, q, entered, c.epoch, deadline);
+    uint64_t seen = 0;
+    if (!gpu::wait_peer_entered(c, q, w.give_up(), &seen)) {
+      w.fail_run(worker, "peer rank " + std::to_string(q) + " to end its previous call at this "
+                         "call site (call " + std::to_string(c.epoch - 1) + ") before " + before +
+                         " task " + std::to_string(t) + " (" + run.op_name(run.plan.task(t).op) + ")",
+                 q, c.epoch - 1);
+      return false;
+    }
+  }
+  run.peer_open[q].store(1, std::memory_order_release);
+  return true;
+}
+
+// Whether every rank this rank sends to in task t has opened its region for this run (see
+// peer_opened). With `wait`, blocks until they have; without, only looks (an eager send skips a
+// task whose peers are not open yet).
 bool destinations_open(Run& run, int worker, int t, const OpRecord& op, const TaskRecord& task,
                        Clock::time_point deadline, bool wait) {
   const gpu::PersistentCommDevice& c = run.comm;
   const RouteView route = run.plan.route(op);
   for (int q = 0; q < c.n; ++q) {
-    if (run.peer_open[q].load(std::memory_order_acquire)) continue;
     bool sends = false;
     for (int b = task.b0; b < task.b1 && !sends; ++b) sends = route.recv_from(q, b) == c.rank;
-    if (!sends) continue;
-    uint64_t* entered = gpu::entered_word(c.peers[q]);
-    if (__atomic_load_n(entered, __ATOMIC_ACQUIRE) < c.epoch) {
-      if (!wait) return false;
-      RegionWait w(run, q, entered, c.epoch, deadline);
-      uint64_t seen = 0;
-      if (!gpu::wait_peer_entered(c, q, w.give_up(), &seen)) {
-        w.fail_run(worker, "peer rank " + std::to_string(q) + " to end its previous call at this "
-                           "call site (call " + std::to_string(c.epoch - 1) + "; its inbox is "
-                           "reused) before putting task " + std::to_string(t) + " (" +
-                           run.op_name(task.op) + ")",
-                   q, c.epoch - 1);
-        return false;
-      }
-    }
-    run.peer_open[q].store(1, std::memory_order_release);
+    if (sends && !peer_opened(run, worker, t, q, deadline, wait, "putting (its inbox is reused)"))
+      return false;
   }
   return true;
 }
@@ -1501,7 +1669,9 @@ void put_tile(Run& run, int t, const OpRecord& op, const TaskRecord& task, int64
     bool sent = false;
     for (int b = task.b0; b < task.b1; ++b) {
       if (route.recv_from(q, b) != c.rank) continue;
-      copy_tile(dst, src, op, av, task, size, route.send_row(q, b), slice * op.B + b);
+      // Read in place: q reads the tile in this rank's region; the signal says it is final.
+      if (!op.read_in_place)
+        copy_tile(dst, src, op, av, task, size, route.send_row(q, b), slice * op.B + b);
       gpu::signal_put(c, q, t, b, runs);
       sent = true;
     }
@@ -1864,6 +2034,13 @@ void worker_tasks(Run& run, int w) {
       const int64_t target = run.loops.dep_target(task.op, run.plan.task(d).op, cursor.iters);
       if (!wait_for(run, w, t, iter, d, target, deadline)) return;
     }
+    if (!run.shared_writer.empty() && run.shared_writer[task.op]) {
+      // It writes a source peers read in place: their reads of the previous call must be over.
+      for (const int32_t q : run.shared_readers)
+        if (!peer_opened(run, w, t, q, deadline, true, "overwriting the source it reads in place in"))
+          return;
+    }
+    if (chaos && !run.shared_writer.empty() && run.shared_writer[task.op]) poison_source(run, task.op);
     const int64_t start = run.now_ns();
     const OpRecord& op = run.plan.op(task.op);
     scratch->iter = iter;
@@ -1944,6 +2121,9 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
     run.comm = options.comm->region->begin(options.comm->rank, options.comm->run_id, &err);
     if (!err.empty()) return {PersistentStatus::kAborted, "ark_persistent: " + err};
     run.peer_open = std::make_unique<std::atomic<uint8_t>[]>(h.group_size);
+    find_read_in_place(run);
+    if (options.chaos_seed && !run.shared_writer.empty())
+      run.source_poisoned = std::make_unique<std::atomic<uint8_t>[]>(h.num_ops);
     // Eager sends only where each task runs once and the order is not an adversary's.
     if (!options.chaos_seed && run.loops.num_loops() == 0) {
       run.put_claimed = std::make_unique<std::atomic<uint8_t>[]>(h.num_tasks);
@@ -1969,8 +2149,16 @@ PersistentResult run_once(const int32_t* words, const PersistentBuffers& buffers
   if (run.comm.n > 0) {
     // Chaos mode: this run's inbox becomes NaN bytes before peers may fill it for the next run,
     // so a read of a slot before its signal is caught by the next run's different output.
-    if (options.chaos_seed && result.status == PersistentStatus::kOk)
-      std::memset(gpu::inbox_area(run.comm, run.comm.local), 0xFF, run.comm.inbox_bytes);
+    if (options.chaos_seed && result.status == PersistentStatus::kOk) {
+      // Not a read-in-place source: peers may still be reading it.
+      char* area = reinterpret_cast<char*>(gpu::inbox_area(run.comm, run.comm.local));
+      for (int i = 0; i < h.num_ops; ++i) {
+        const OpRecord& op = run.plan.op(i);
+        if (op.kind != kOpPut) continue;
+        const TensorRecord& inbox = run.plan.tensor(op.out_tensor);
+        std::memset(area + inbox.byte_offset, 0xFF, inbox.num_elements * dtype_size(inbox.dtype));
+      }
+    }
     options.comm->region->end(run.comm, result.status == PersistentStatus::kOk,
                               "rank " + std::to_string(run.comm.rank) + ": " + result.message,
                               result.status == PersistentStatus::kDeadlineExceeded);

@@ -47,6 +47,7 @@ enum BadPlanReason : int32_t {
   kBadLoop = 9,            // v3 loop section: out of the plan, bad trip count or op ranges
   kCommUnsupported = 10,   // plan v3 PUT ops (group_size != 0) in a call without a group
   kWhileGuard = 11,        // a while loop's predicate was still true at its guard's last iteration
+  kCpuOnlyOp = 12,         // a put read in place (its readers would read peers' tensors): CPU only
 };
 
 struct KernelParams {
@@ -387,7 +388,7 @@ __device__ int32_t task_problem(const KernelParams& p, const pf::PlanView& plan,
   if (t.b0 < 0 || t.b1 > o.B || t.m0 < 0 || t.m1 > o.M || t.n0 < 0 || t.n1 > o.N || t.b0 > t.b1 ||
       t.m0 > t.m1 || t.n0 > t.n1)
     return kBadTask;
-  if (o.kind == pf::kOpPut) return p.comm.n > 0 ? 0 : kCommUnsupported;
+  if (o.kind == pf::kOpPut) return p.comm.n == 0 ? kCommUnsupported : o.read_in_place ? kCpuOnlyOp : 0;
   if (o.kind != pf::kOpMatmul && o.kind != pf::kOpReduce && o.kind != pf::kOpMap) return kBadOpKind;
   return 0;
 }
@@ -1230,6 +1231,9 @@ const char* bad_plan_reason(int32_t r) {
     case kCommUnsupported:
       return "the plan has communication (put) tasks, which the CUDA executor does not run yet "
              "(the CPU executor does)";
+    case kCpuOnlyOp:
+      return "a put op is read in place, which only the CPU executor runs (plan for the GPU: "
+             "ark.plan(..., platform='gpu'))";
     default: return "unknown reason";
   }
 }

@@ -229,3 +229,57 @@ def test_plans_that_cannot_be_read_in_place_are_refused(mesh8, rng):
                 **SP,
             )
         ).lower(*args)
+
+
+def _gather_columns(x):
+    """A gathered inbox copied out through a transposed view (its rows interleave the ranks)."""
+    return jax.lax.all_gather(x * 2.0, "x", axis=1, tiled=True)
+
+
+def _gather_stacked_t(x):
+    """Stacked, then transposed: the result copy walks the inbox with strides, inside one slot
+    (m and n swapped) and across slots (the rank axis last)."""
+    g = jax.lax.all_gather(x + 1.0, "x")
+    return jnp.swapaxes(g, 1, 2), jnp.swapaxes(g, 0, 2)
+
+
+def _a2a_other_axes(x):
+    return jax.lax.all_to_all(x - 0.5, "x", 1, 0, tiled=True)
+
+
+def _bf16_psum_and_gather(x):
+    y = (x * 3.0).astype(jnp.bfloat16)
+    return jax.lax.psum(y, "x"), jax.lax.all_gather(y, "x", tiled=True)
+
+
+def _pmin_of_rows(x):
+    return jax.lax.pmin(jnp.sin(x), "x"), jax.lax.pmax(x[:, :1] * 2.0, "x")
+
+
+_LAYOUTS = {
+    "gather_columns": (_gather_columns, (8 * 4, 24), P("x"), P("x")),
+    "gather_stacked_t": (_gather_stacked_t, (8 * 3, 5), P("x"), (P("x"), P("x"))),
+    "a2a_other_axes": (_a2a_other_axes, (8 * 4, 8 * 3), P("x"), P("x")),
+    "bf16": (_bf16_psum_and_gather, (8 * 16, 24), P("x"), (P(), P("x"))),
+    "pmin_rows": (_pmin_of_rows, (8 * 6, 40), P("x"), (P(), P())),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_LAYOUTS))
+def test_other_layouts_read_in_place_equal_copies(mesh8, rng, monkeypatch, case):
+    """Inboxes read through strided and transposed views, 16-bit values (bytes moved as they
+    are) and scalar-per-row folds: bit for bit the copies' result, and jax.lax's values."""
+    fn, shape, in_spec, out_spec = _LAYOUTS[case]
+    specs = {"in_specs": (in_spec,), "out_specs": out_spec}
+    (x,) = random_args(rng, [shape])
+    assert _in_place(_plan_in(mesh8, fn, [x], specs, num_workers=2)), case
+    got = jax.tree.map(np.asarray, _program(mesh8, fn, specs, num_workers=2)(x))
+    monkeypatch.setitem(_comm._READS_IN_PLACE, "cpu", False)
+    copies = jax.tree.map(np.asarray, _program(mesh8, fn, specs, num_workers=2)(x))
+    jax.tree.map(np.testing.assert_array_equal, got, copies)
+    want = jax.jit(jax.shard_map(fn, mesh=mesh8, **specs))(x)
+    jax.tree.map(
+        lambda g, w: assert_close(np.asarray(g, np.float32), np.asarray(w, np.float32), 1e-2),
+        got,
+        want,
+    )

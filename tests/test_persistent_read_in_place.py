@@ -18,6 +18,7 @@ from group_models import plan_for_gpu
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from persistent_models import assert_close, random_args
+from test_persistent_comm import sp_mlp, tp_mlp
 
 import jax_ark as ark
 from jax_ark._persistent import _comm
@@ -31,16 +32,6 @@ TOL = 2e-5
 def dp_tp(cpu_devices):
     """2 x 4 mesh of CPU devices, axes ("dp", "tp")."""
     return Mesh(np.array(cpu_devices).reshape(2, 4), ("dp", "tp"))
-
-
-def tp_mlp(x, w1, w2):
-    return jax.lax.psum(jax.nn.gelu(x @ w1) @ w2, "x")
-
-
-def sp_mlp(x, w1, w2):
-    xg = jax.lax.all_gather(x, "x", tiled=True)
-    y = jax.nn.gelu(xg @ w1) @ w2
-    return jax.lax.psum_scatter(y, "x", scatter_dimension=0, tiled=True)
 
 
 def moe(x, w):

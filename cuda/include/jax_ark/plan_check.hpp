@@ -322,8 +322,9 @@ inline std::string read_in_place_problem(const PlanView& p, const LoopView& lv, 
 // v3: where the inboxes end in the workspace. Every PUT op writes a workspace tensor (its inbox)
 // and the planner places the inboxes (and the sources of puts read in place) first, so they fill
 // bytes [0, *inbox_end) and no other workspace tensor lies there: both executors keep those
-// bytes in the group's symmetric region (persistent_comm_device.hpp), not in XLA's workspace. Returns "" or what is wrong. Expects
-// tensor and op records already in range (check_plan checks them first).
+// bytes in the group's symmetric region (persistent_comm_device.hpp), not in XLA's workspace.
+// Returns "" or what is wrong. Expects tensor and op records already in range (check_plan checks
+// them first).
 inline std::string inbox_end_of(const PlanView& p, int64_t* inbox_end) {
   const Header& h = p.header();
   *inbox_end = 0;

@@ -970,7 +970,8 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
         int64_t offset = v.offset + col0 * inner;
         for (int j = 0; j < tail_rank; ++j) offset += tail_idx[j] * v.strides[rank + j];
         const int64_t at = contiguous_f32_offset(src_dt, dt, rank, dims, v.strides, start_idx, offset, count);
-        if (at >= 0 && at / ib.slot_elems == (at + count - 1) / ib.slot_elems && (i + 1 < len || alias_result)) {
+        const bool one_slot = at >= 0 && at / ib.slot_elems == (at + count - 1) / ib.slot_elems;
+        if (one_slot && (i + 1 < len || alias_result)) {  // read where it lies, in the peer's region
           const int64_t b = at / ib.slot_elems;
           s.reg[i] = reinterpret_cast<const float*>(ib.slot_base[b]) + (at - b * ib.slot_elems);
           continue;

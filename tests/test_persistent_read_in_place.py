@@ -10,6 +10,8 @@ in a loop, a source that is an argument) keep their copies.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,3 +276,40 @@ def test_other_layouts_read_in_place_equal_copies(mesh8, rng, monkeypatch, case)
         got,
         want,
     )
+
+
+def test_a_race_found_on_one_rank_fails_its_peers_at_once(mesh8, rng, monkeypatch):
+    """Chaos mode on a plan whose fold no longer waits for its put (a deleted dependency): the
+    rank whose runs disagree stops after that run and breaks the group's region, so its peers,
+    waiting for its next run, fail with its race at once instead of at their deadline."""
+    args = random_args(rng, [(48, 64), (64, 8 * 48), (8 * 48, 64)])
+    plan = _plan_in(mesh8, tp_mlp, args, TP, num_workers=2)
+    broken = plan.copy()
+    folds = [t for t, task in enumerate(plan.tasks) if plan.ops[task.op].kind == "reduce"]
+    for t in folds:  # a fold first in its queue, waiting for no put
+        broken.tasks[t].deps = []
+    broken.queues = [[t for t in q if t in folds] + [t for t in q if t not in folds]
+                     for q in broken.queues]  # fmt: skip
+    with pytest.raises(PlanError, match="missing dependency"):
+        broken.validate()
+
+    def body(*local):
+        return run_plan(broken, list(local), timeout_ms=30000)[0][0]
+
+    program = jax.jit(jax.shard_map(body, mesh=mesh8, check_vma=False, **TP))
+    want = np.asarray(jax.jit(jax.shard_map(tp_mlp, mesh=mesh8, **TP))(*args))
+    races = 0
+    for seed in (3, 5, 7):
+        monkeypatch.setenv("JAX_ARK_PERSISTENT_CHAOS", str(seed))
+        start = time.monotonic()
+        try:
+            got = np.asarray(program(*args))
+        except Exception as e:  # noqa: BLE001
+            assert "the plan has a race" in str(e) and "DEADLINE" not in str(e), str(e)
+            races += 1
+        else:
+            assert not np.allclose(got, want, rtol=TOL, atol=TOL)
+        # Liveness, not speed: every rank returns long before the 30 s deadline (without the
+        # broken region the peers of the racing rank waited all of it: checked).
+        assert time.monotonic() - start < 15
+    assert races

@@ -2194,12 +2194,19 @@ PersistentResult run_plan(const int32_t* words, const PersistentBuffers& buffers
         continue;
       }
       const auto diff = std::mismatch(first[i].begin(), first[i].end(), out).first - first[i].begin();
-      if (diff != static_cast<std::ptrdiff_t>(first[i].size()))
-        return {PersistentStatus::kRace,
-                "ark_persistent: chaos mode: output " + std::to_string(i) + " differs between two "
-                "adversarial task orders (first at byte " + std::to_string(diff) + ", runs 0 and " +
-                std::to_string(r) + " of seed " + std::to_string(options.chaos_seed) +
-                "): the plan has a race (a missing dependency?)"};
+      if (diff != static_cast<std::ptrdiff_t>(first[i].size())) {
+        PersistentResult race{PersistentStatus::kRace,
+                              "ark_persistent: chaos mode: output " + std::to_string(i) +
+                                  " differs between two adversarial task orders (first at byte " +
+                                  std::to_string(diff) + ", runs 0 and " + std::to_string(r) +
+                                  " of seed " + std::to_string(options.chaos_seed) +
+                                  "): the plan has a race (a missing dependency?)"};
+        // This rank runs no more runs: its peers, waiting for the next one, fail now.
+        if (options.comm != nullptr && options.comm->region)
+          options.comm->region->abandon("rank " + std::to_string(options.comm->rank) + ": " +
+                                        race.message);
+        return race;
+      }
     }
   }
   return {};

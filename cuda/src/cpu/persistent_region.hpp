@@ -51,6 +51,9 @@ class PersistentRegion {
   // every rank starts a fresh region.
   void end(const gpu::PersistentCommDevice& c, bool ok, const std::string& reason,
            bool timed_out = false);
+  // Breaks the region outside a call: this rank fails after a call that ended well (chaos mode's
+  // comparison of its runs), so peers waiting for its next run fail at once, not at their deadline.
+  void abandon(const std::string& reason) { fail(reason, false); }
 
   // After a store into `rank`'s region that a waiter may sleep on (a signal, its entered word).
   void ring(int32_t rank);

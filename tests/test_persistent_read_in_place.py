@@ -141,6 +141,20 @@ def test_a_source_that_is_an_argument_is_copied(mesh8, rng):
     assert_close(got, want, TOL)
 
 
+def test_a_put_in_a_loop_is_copied(mesh8, rng):
+    """A loop's puts write one inbox slice per iteration and may be read after the source's next
+    iteration overwrote it: they copy."""
+    (x,) = random_args(rng, [(8 * 8, 40)])
+
+    def fn(v):
+        # a carry varying over "x": c plus the psum of half of it, three times
+        return jax.lax.fori_loop(0, 3, lambda i, c: c + jax.lax.psum(c * 0.5, "x"), v * 1.0)
+
+    specs = {"in_specs": (P("x"),), "out_specs": P("x")}
+    plan = _plan_in(mesh8, fn, [x], specs, num_workers=2)
+    assert any(op.kind == "put" and op.loop >= 0 for op in plan.ops) and not _in_place(plan)
+
+
 @pytest.mark.parametrize("case", ["tp", "sp", "moe", "big_psum", "grad"])
 def test_reads_in_place_equal_copies_bitwise(mesh8, dp_tp, rng, monkeypatch, case):
     """The same function planned with copies (the tracer's switch off) and read in place: the

@@ -533,8 +533,8 @@ def build_plan(
         comm=traced.comm,
     )
     for i, op in enumerate(plan.ops):
-        # The tracer marks the folds' puts (psum, psum_scatter) to be read in place on the CPU;
-        # the finished plan says whether each can be (its source may be an argument, ...).
+        # The tracer asks for every put outside loops to be read in place on the CPU; the
+        # finished plan says whether each can be (its source may be an argument, ...).
         if op.kind == "put" and op.read_in_place:
             op.read_in_place = platform == "cpu" and not read_in_place_problem(plan, i)
     plan.workspace_bytes = _allocate_workspace(plan)

@@ -294,7 +294,7 @@ def read_in_place_problem(plan: Plan, i: int) -> str:
     for j, o in enumerate(plan.ops):
         for name in ("a_view", "b_view", "store_view"):
             v = getattr(o, name)
-            if v >= 0 and plan.views[v].tensor == inbox and (j, name) != (i, "a_view"):
+            if v >= 0 and plan.views[v].tensor == inbox:
                 return f"op {j} '{o.name}' reads its inbox through its {name}"
         for ins in o.prologue + o.epilogue:
             if ins.op == "load_at" and plan.views[int(ins.a)].tensor == inbox:

@@ -266,6 +266,20 @@ inline bool view_shift_range(const LoopView& lv, int v, int op, int64_t* lo, int
   return true;
 }
 
+// The first workspace tensor other than t whose bytes overlap t's (-1: none). An inbox, and the
+// source of a put read in place, must be alone in its bytes: peers write or read them whenever
+// they get there, so no local dependency could order a reuse against them.
+inline int32_t workspace_overlap(const PlanView& p, int32_t t) {
+  const TensorRecord& r = p.tensor(t);
+  const int64_t lo = r.byte_offset, hi = lo + r.num_elements * dtype_size(r.dtype);
+  for (int32_t k = 0; k < p.header().num_tensors; ++k) {
+    const TensorRecord& o = p.tensor(k);
+    if (k == t || o.storage != kStorageWorkspace) continue;
+    if (o.byte_offset < hi && lo < o.byte_offset + o.num_elements * dtype_size(o.dtype)) return k;
+  }
+  return -1;
+}
+
 // Why put op i cannot be read in place ("" when it can; docs/plan_format.md, "Puts read in
 // place"; the same rules as jax_ark/_persistent/_validate.py): its readers read each slot's tile
 // in the source rank's source tensor, so that tensor must be a workspace tensor written once,
@@ -342,16 +356,11 @@ inline std::string inbox_end_of(const PlanView& p, int64_t* inbox_end) {
       // bytes (peers read it whenever they get to it; no local dependency orders a reuse).
       const int32_t src = p.view(op.a_view).tensor;
       const TensorRecord& st = p.tensor(src);
-      const int64_t lo = st.byte_offset, hi = lo + st.num_elements * dtype_size(st.dtype);
-      for (int k = 0; k < h.num_tensors; ++k) {
-        const TensorRecord& o = p.tensor(k);
-        if (k == src || o.storage != kStorageWorkspace) continue;
-        if (o.byte_offset < hi && lo < o.byte_offset + o.num_elements * dtype_size(o.dtype))
-          return "op " + std::to_string(i) + ": its read-in-place source (tensor " + std::to_string(src) +
-                 ") shares workspace bytes with tensor " + std::to_string(k);
-      }
+      if (const int32_t k = check_detail::workspace_overlap(p, src); k >= 0)
+        return "op " + std::to_string(i) + ": its read-in-place source (tensor " + std::to_string(src) +
+               ") shares workspace bytes with tensor " + std::to_string(k);
       is_inbox[src] = 1;
-      *inbox_end = std::max(*inbox_end, hi);
+      *inbox_end = std::max(*inbox_end, st.byte_offset + st.num_elements * dtype_size(st.dtype));
     }
   }
   for (int i = 0; i < h.num_tensors; ++i) {
@@ -703,14 +712,9 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       if (p.tensor(p.view(op.a_view).tensor).dtype != out.dtype)
         return where + ": a put op's source and inbox dtypes differ";
       // Peers write this rank's inbox whenever they get there: no other tensor may use its bytes.
-      const int64_t lo = out.byte_offset, hi = lo + out.num_elements * dtype_size(out.dtype);
-      for (int t = 0; t < h.num_tensors; ++t) {
-        const TensorRecord& o = p.tensor(t);
-        if (t == op.out_tensor || o.storage != kStorageWorkspace) continue;
-        if (o.byte_offset < hi && lo < o.byte_offset + o.num_elements * dtype_size(o.dtype))
-          return where + ": its inbox (tensor " + std::to_string(op.out_tensor) +
-                 ") shares workspace bytes with tensor " + std::to_string(t);
-      }
+      if (const int32_t t = workspace_overlap(p, op.out_tensor); t >= 0)
+        return where + ": its inbox (tensor " + std::to_string(op.out_tensor) +
+               ") shares workspace bytes with tensor " + std::to_string(t);
       if (op.read_in_place) {
         if (std::string why = read_in_place_problem(p, lv, i); !why.empty())
           return where + ": read_in_place, but " + why;

@@ -799,14 +799,6 @@ int64_t contiguous_f32_offset(int32_t src_dt, int32_t dt, int rank, const int64_
   return offset;
 }
 
-// Those elements in place (null when they are not one contiguous run).
-const float* contiguous_f32_run(const char* base, int32_t src_dt, int32_t dt, int rank,
-                                const int64_t* dims, const int64_t* strides,
-                                const int64_t* start_idx, int64_t offset, int count) {
-  const int64_t at = contiguous_f32_offset(src_dt, dt, rank, dims, strides, start_idx, offset, count);
-  return at < 0 ? nullptr : reinterpret_cast<const float*>(base) + at;
-}
-
 // Splits n elements of a read-in-place inbox at element offsets off, off + stride, ... into
 // pieces within one slot: visit(j, base, rem, k) for elements j .. j + k - 1, which lie at element
 // offsets rem, rem + stride, ... of `base`, slot b's source row in the source rank's region.
@@ -958,45 +950,40 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
     } else if (code == kLoad) {
       const ViewRecord v = run.view(ins.a, s.iter, s.outer_iter);
       const int32_t src_dt = run.plan.tensor(v.tensor).dtype;
-      if (const int32_t k = run.in_place_of.empty() ? -1 : run.in_place_of[v.tensor]; k >= 0) {
-        // A read-in-place inbox (read only by LOADs: check_plan): each slot's elements where
-        // they lie, in the source rank's region.
-        const Run::InPlaceInbox& ib = run.in_place[k];
-        if (rank == 0) {
-          load_in_place_run(r, ib, src_dt, v.offset, 0, count);
-          continue;
-        }
-        const int64_t inner = v.strides[rank - 1];
-        int64_t offset = v.offset + col0 * inner;
-        for (int j = 0; j < tail_rank; ++j) offset += tail_idx[j] * v.strides[rank + j];
-        const int64_t at = contiguous_f32_offset(src_dt, dt, rank, dims, v.strides, start_idx, offset, count);
-        const bool one_slot = at >= 0 && at / ib.slot_elems == (at + count - 1) / ib.slot_elems;
-        if (one_slot && (i + 1 < len || alias_result)) {  // read where it lies, in the peer's region
-          const int64_t b = at / ib.slot_elems;
-          s.reg[i] = reinterpret_cast<const float*>(ib.slot_base[b]) + (at - b * ib.slot_elems);
-          continue;
-        }
-        for_each_inner_run(rank, dims, v.strides, start_idx, offset, count, [&](int e, int64_t off, int n) {
-          load_in_place_run(r + e, ib, src_dt, off, inner, n);
-        });
-        continue;
-      }
+      // A read-in-place inbox (read only by LOADs: check_plan) is read slot by slot, where each
+      // slot lies in its source rank's region; any other tensor at its own base.
+      const int32_t k = run.in_place_of.empty() ? -1 : run.in_place_of[v.tensor];
+      const Run::InPlaceInbox* ib = k >= 0 ? &run.in_place[k] : nullptr;
       const char* base = run.tensor_base(v.tensor);
+      const auto load = [&](float* to, int64_t off, int64_t stride, int n) {
+        if (ib)
+          load_in_place_run(to, *ib, src_dt, off, stride, n);
+        else
+          load_run(to, base, src_dt, off, stride, n);
+      };
       if (rank == 0) {  // a scalar space: every element reads the view's one element
-        load_run(r, base, src_dt, v.offset, 0, count);
+        load(r, v.offset, 0, count);
       } else {
         // Walk the iteration space in runs along its innermost dim (one strided load each).
         const int64_t inner = v.strides[rank - 1];
         int64_t offset = v.offset + col0 * inner;
         for (int j = 0; j < tail_rank; ++j) offset += tail_idx[j] * v.strides[rank + j];
-        if (const float* run_at = contiguous_f32_run(base, src_dt, dt, rank, dims, v.strides, start_idx,
-                                                      offset, count);
-            run_at != nullptr && (i + 1 < len || alias_result)) {
-          s.reg[i] = run_at;  // read where it is (a reduce's inbox slots, a bias, a residual)
-          continue;
+        // One contiguous float32 run (inside one slot of an inbox read in place) is read where it
+        // is, not copied: a reduce's inbox slots, a bias, a residual.
+        const int64_t at = contiguous_f32_offset(src_dt, dt, rank, dims, v.strides, start_idx, offset, count);
+        if (at >= 0 && (i + 1 < len || alias_result)) {
+          if (ib == nullptr) {
+            s.reg[i] = reinterpret_cast<const float*>(base) + at;
+            continue;
+          }
+          const int64_t b = at / ib->slot_elems;
+          if (b == (at + count - 1) / ib->slot_elems) {
+            s.reg[i] = reinterpret_cast<const float*>(ib->slot_base[b]) + (at - b * ib->slot_elems);
+            continue;
+          }
         }
         for_each_inner_run(rank, dims, v.strides, start_idx, offset, count,
-                           [&](int e, int64_t off, int n) { load_run(r + e, base, src_dt, off, inner, n); });
+                           [&](int e, int64_t off, int n) { load(r + e, off, inner, n); });
       }
     } else if (code == kLoadAt) {
       load_at(run, ins, rank, dims, start_idx, col0, count, s.reg[ins.b], r, s.iter, s.outer_iter);
@@ -2040,8 +2027,8 @@ void worker_tasks(Run& run, int w) {
       for (const int32_t q : run.shared_readers)
         if (!peer_opened(run, w, t, q, deadline, true, "overwriting the source it reads in place in"))
           return;
+      if (chaos) poison_source(run, task.op);
     }
-    if (chaos && !run.shared_writer.empty() && run.shared_writer[task.op]) poison_source(run, task.op);
     const int64_t start = run.now_ns();
     const OpRecord& op = run.plan.op(task.op);
     scratch->iter = iter;

@@ -5,6 +5,8 @@ token write `tokens.at[i].set(tok)` inside a decode fori_loop."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,3 +302,66 @@ def test_ragged_decode_loop_writes_in_place(rng):
     plan = ark.plan(decode, cache, x, w, start, platform="cpu")
     assert len(_window_stores(plan)) == 1
     assert all(op.B * op.M * op.N < cache.size for op in plan.ops)
+
+
+def _batched_scatter_add(operand, indices, updates, operand_batch: int, window: bool):
+    """lax.scatter_add whose operand dim `operand_batch` is paired with indices dim 1 (batching
+    dims), two points per batch element along indices dim 0, and a window of the operand's last
+    dim when `window`."""
+    rank = operand.ndim
+    scattered = next(d for d in range(rank) if d != operand_batch)
+    dn = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(2,) if window else (),
+        inserted_window_dims=(scattered,)
+        if window
+        else tuple(d for d in range(rank) if d != operand_batch),
+        scatter_dims_to_operand_dims=(scattered,),
+        operand_batching_dims=(operand_batch,),
+        scatter_indices_batching_dims=(1,),
+    )
+    return jax.lax.scatter_add(
+        operand, indices, updates, dn, mode=jax.lax.GatherScatterMode.FILL_OR_DROP
+    )
+
+
+@pytest.mark.parametrize("operand_batch", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_scatter_with_batching_dims(rng, operand_batch, dtype):
+    """Each batch element's points land in its own operand row only; out-of-range points are
+    dropped. 2 points x 20 batch rows: more than the 16 points unrolled without batching dims."""
+    rows, n = 20, 9
+    shape = (rows, n) if operand_batch == 0 else (n, rows)
+    operand = rng.integers(-9, 9, shape).astype(dtype)
+    indices = rng.integers(-2, n + 2, (2, rows, 1)).astype(np.int32)
+    updates = rng.integers(-9, 9, (2, rows)).astype(dtype)
+    _check(
+        lambda o, i, u: _batched_scatter_add(o, i, u, operand_batch, window=False),
+        operand,
+        indices,
+        updates,
+    )
+    # With a window: the scattered dim picks a row of 3 columns (the operand's last dim).
+    operand3 = rng.integers(-9, 9, (rows, n, 3)).astype(dtype)
+    indices3 = rng.integers(-2, n + 2, (2, rows, 1)).astype(np.int32)
+    updates3 = rng.integers(-9, 9, (2, rows, 3)).astype(dtype)
+    _check(
+        lambda o, i, u: _batched_scatter_add(o, i, u, 0, window=True), operand3, indices3, updates3
+    )
+
+
+def test_integer_label_cross_entropy_gradient(rng):
+    """The gradient of take_along_axis (optax's integer-label cross entropy) is a scatter-add with
+    batching dims, one point per example: 64 examples, not a 16-point limit."""
+    logits = rng.standard_normal((64, 100)).astype(np.float32)
+    labels = rng.integers(0, 100, (64,)).astype(np.int32)
+
+    def loss(logits, labels):
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+    grad = jax.grad(loss)
+    text = str(jax.make_jaxpr(grad)(logits, labels))  # the scatter sits in a nested jaxpr
+    assert re.search(
+        r"scatter-add\[\s*dimension_numbers=[^\]]*operand_batching_dims=\(0,\)", text
+    ), "the test no longer covers a scatter with batching dims"
+    _check(grad, logits, labels, tol=1e-5)

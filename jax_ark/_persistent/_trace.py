@@ -1604,9 +1604,9 @@ _SCATTER_MAX_POINTS = 16  # scatter points planned as chained selects (each one 
 
 def _scatter_windows(dn, rank: int, updates_shape) -> tuple[list[int], list[int], list[int]]:
     """A scatter's operand dims its update windows span (in order: update_window_dims[j] is
-    window dim j), each operand dim's window size (1 for the inserted dims), and the update's
-    point dims (the ones that index scatter points)."""
-    inserted = set(dn.inserted_window_dims)
+    window dim j), each operand dim's window size (1 for the inserted and batching dims), and the
+    update's point dims (the ones that index scatter points, in the indices' dim order)."""
+    inserted = set(dn.inserted_window_dims) | set(dn.operand_batching_dims)
     window_dims = [d for d in range(rank) if d not in inserted]
     window = [1] * rank
     for j, d in enumerate(window_dims):
@@ -1622,25 +1622,35 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
     min / max). A point whose window does not fit is dropped (FILL_OR_DROP, jax's default for
     scatters, and XLA's own behaviour for PROMISE_IN_BOUNDS) or clamped into the operand (CLIP),
     as XLA does. Points are applied in order (duplicate indices of `set` are unspecified in XLA;
-    add / mul / min / max fold every point); at most 16 points."""
+    add / mul / min / max fold every point); at most 16 points per batch element.
+
+    Batching dims (the transpose of take_along_axis, as in the gradient of optax's integer-label
+    cross entropy): operand dim operand_batching_dims[i] is paired with indices dim
+    scatter_indices_batching_dims[i], and a point only writes the operand row of its own batch
+    coordinates. Every batch row is then handled at once: a point's index and update are views
+    that follow the output's batch coordinates, and only the points of one batch element (the
+    indices' other dims) are unrolled."""
     operand, indices, updates = args
     dn = params["dimension_numbers"]
     mode = str(params.get("mode", ""))
     where = f"at {b.source}"
-    if dn.operand_batching_dims or dn.scatter_indices_batching_dims:
-        raise UnsupportedError(f"ark.persistent: {prim} with batching dims {where}")
     if not indices.shape:
         raise UnsupportedError(f"ark.persistent: {prim} with scalar indices {where}")
     batch_shape = tuple(indices.shape[:-1])
-    points = math.prod(batch_shape)
-    if points == 0 or math.prod(updates.shape) == 0 or math.prod(out_shape) == 0:
+    # operand batching dim -> its indices dim (jax puts the index vector last, so indices dim i
+    # is also the i-th point dim of the update)
+    batched = dict(zip(dn.operand_batching_dims, dn.scatter_indices_batching_dims, strict=True))
+    free = [i for i in range(len(batch_shape)) if i not in dn.scatter_indices_batching_dims]
+    free_shape = tuple(batch_shape[i] for i in free)
+    points = math.prod(free_shape)
+    if math.prod(batch_shape) == 0 or math.prod(updates.shape) == 0 or math.prod(out_shape) == 0:
         return operand
     if points > _SCATTER_MAX_POINTS:
         raise UnsupportedError(
-            f"ark.persistent: {prim} of {points} scatter points (at most "
-            f"{_SCATTER_MAX_POINTS}) {where}"
+            f"ark.persistent: {prim} of {points} scatter points"
+            f"{' per batch element' if batched else ''} (at most {_SCATTER_MAX_POINTS}) {where}"
         )
-    if prim == "scatter" and b.eqn is not None and _window_scatter(b.eqn):
+    if prim == "scatter" and not batched and b.eqn is not None and _window_scatter(b.eqn):
         target = _in_place_target(b, operand, out_shape)
         if target is not None:
             return _scatter_window_store(b, target, indices, updates, dn, mode, out_shape)
@@ -1664,19 +1674,27 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
     window_dims, window, scatter_dims = _scatter_windows(dn, rank, updates.shape)
     idx = _as_load(b, indices)
     upd = _as_load(b, b.strip_pendings(updates))
+    # A point's index and update follow the output's batch coordinates (stride 0 elsewhere).
+    start_shape = tuple(out_shape) if batched else ()
+    start_strides = tuple(idx.strides[batched[d]] if d in batched else 0 for d in range(rank))
+    upd_strides = tuple(
+        upd.strides[scatter_dims[batched[d]]] if d in batched else 0 for d in range(rank)
+    )
     cur = operand
     for p in range(points):
-        at = np.unravel_index(p, batch_shape) if batch_shape else ()
-        idx_at = idx.offset + sum(int(i) * s for i, s in zip(at, idx.strides[:-1], strict=True))
+        at = np.unravel_index(p, free_shape) if free_shape else ()
+        idx_at = idx.offset + sum(int(i) * idx.strides[f] for i, f in zip(at, free, strict=True))
         starts = {
             d: _Load(
-                (), idx.dtype, idx.tensor, idx_at + c * idx.strides[-1], (), idx.iter_stride,
-                idx.outer_iter_stride,
+                start_shape, idx.dtype, idx.tensor, idx_at + c * idx.strides[-1],
+                start_strides if batched else (), idx.iter_stride, idx.outer_iter_stride,
             )
             for c, d in enumerate(dn.scatter_dims_to_operand_dims)
         }  # fmt: skip
         take, terms = None, []
         for d in range(rank):
+            if d in batched:  # the point's own batch row: always written, no window offset
+                continue
             n, w = out_shape[d], window[d]
             pos = _position(b, out_shape, d)
             if d in starts:
@@ -1696,10 +1714,10 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
                 stride = upd.strides[dn.update_window_dims[window_dims.index(d)]]
                 terms.append(_iop(b, "imul", _clamp(b, rel, 0, w - 1), stride))
         upd_at = upd.offset + sum(
-            int(i) * upd.strides[d] for i, d in zip(at, scatter_dims, strict=True)
+            int(i) * upd.strides[scatter_dims[f]] for i, f in zip(at, free, strict=True)
         )
         base = _Load(
-            tuple(out_shape), upd.dtype, upd.tensor, upd_at, (0,) * rank, upd.iter_stride,
+            tuple(out_shape), upd.dtype, upd.tensor, upd_at, upd_strides, upd.iter_stride,
             upd.outer_iter_stride,
         )  # fmt: skip
         new = _load_at(base, _sum_offsets(b, terms))
@@ -1861,6 +1879,13 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
     return [read(v) for v in jaxpr.outvars]
 
 
+def _conv():
+    """The convolution / pooling translations (a module of their own that builds on this one)."""
+    from jax_ark._persistent import _conv as module
+
+    return module
+
+
 def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     prim = eqn.primitive.name
     b.eqn = eqn
@@ -1932,6 +1957,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim in _CUMULATIVE:
         axis, reverse = int(params["axis"]), bool(params["reverse"])
         return [_cumulative(b, prim, args[0], axis, reverse, out_dtype)]
+    if prim == "conv_general_dilated" or prim in _conv().REDUCE_WINDOW:
+        if prim == "conv_general_dilated":
+            return [_conv().translate_conv(b, params, args, out_shape, out_dtype)]
+        return [_conv().translate_reduce_window(b, prim, params, args, out_shape, out_dtype)]
     if prim == "scan":
         return _scan(b, eqn, args)
     if prim == "while":
@@ -1950,7 +1979,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "erf_inv / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
-        "(k <= 32), "
+        "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
@@ -2525,10 +2554,16 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
 
 
 def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    return matmul(b, args, eqn.params["dimension_numbers"], out_shape, out_dtype, "dot_general")
+
+
+def matmul(b: _Builder, args, dimension_numbers, out_shape, out_dtype, what: str) -> _Node:
+    """A MATMUL core for lax.dot_general's `dimension_numbers` (also a convolution's matmul,
+    `what` naming the primitive in errors)."""
+    (lc, rc), (lb, rb) = dimension_numbers
     if _kind(args[0].dtype) != "float" or _kind(args[1].dtype) != "float":
         raise UnsupportedError(
-            f"ark.persistent: dot_general of {args[0].dtype} x {args[1].dtype} (only float "
+            f"ark.persistent: {what} of {args[0].dtype} x {args[1].dtype} (only float "
             f"operands) at {b.source}"
         )
     K = math.prod(args[0].shape[d] for d in lc)
@@ -2545,7 +2580,7 @@ def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:
     B, M, K = a.shape
     _, K2, N = bv.shape
     assert K == K2, (K, K2)
-    core = _Core("matmul", out_dtype, B, M, N, K, a=a, b=bv, source=b.source, name="dot_general")
+    core = _Core("matmul", out_dtype, B, M, N, K, a=a, b=bv, source=b.source, name=what)
     core.out_shape = out_shape
     return _Pending(out_shape, out_dtype, core=core)
 

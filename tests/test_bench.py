@@ -12,7 +12,8 @@ from jax_ark.bench.__main__ import main
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], ["collectives", "persistent", "decode", "overlap", "--repeats", "IQR"]),
+        ([], ["collectives", "persistent", "decode", "overlap", "cnn", "--repeats", "IQR"]),
+        (["cnn"], ["--batches", "SGD training step", "max_pool"]),
         (["overlap"], ["--layers", "--sizes", "RxDxH", "max(compute, comm)"]),
         (["collectives"], ["--ops", "--sizes", "float32 elements per device", "4 KiB"]),
         (["persistent"], ["--configs", "DxLxB", "weight-bytes floor", "cache"]),
@@ -195,3 +196,14 @@ def test_rendezvous_floor_script_runs():
     ):
         assert f"{name} " in out.stdout, out.stdout
     assert "tp ark/lax" in out.stdout, out.stdout
+
+
+def test_cnn_cpu_bench_runs(tmp_path, capsys):
+    argv = ["cnn", "--batches", "2", "--repeats", "2", "--budget", "0.01"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cnn_cpu.json").read_text())["rows"]
+    assert [(r["case"], r["batch"]) for r in rows] == [("forward", 2), ("sgd step", 2)]
+    for r in rows:
+        assert r["ratio_p25"] <= r["ratio"] <= r["ratio_p75"]
+        assert r["max_rel_err"] < 1e-4
+    assert "ark/jit" in capsys.readouterr().out

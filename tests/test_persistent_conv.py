@@ -1,7 +1,8 @@
 """Convolutions and pooling inside ark.persistent (jax_ark/_persistent/_conv.py): every layout,
-stride, padding, dilation and group count against jax.jit on fresh random inputs, the
-convolutions autodiff makes (transposed, batch-grouped), a flax.linen CNN's training step with
-optax, and a data-parallel CNN step whose gradient pmean is planned with the convolutions."""
+stride, padding, dilation and group count against jax.jit on fresh random inputs (and the numpy
+reference interpreter), the convolutions autodiff makes (transposed, batch-grouped), max / min
+pooling's gradient (select_and_scatter_add), a flax.linen CNN's training step with optax, and a
+data-parallel CNN step whose gradient pmean is planned with the convolutions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from persistent_models import assert_close
 
 import jax_ark as ark
+from jax_ark._persistent._reference import interpret
 
 TOL = 2e-5
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -24,7 +26,14 @@ def _normal(rng, *shape):
 
 
 def _check(fn, *args, tol=TOL):
-    assert_close(jax.jit(ark.persistent(fn))(*args), jax.jit(fn)(*args), tol)
+    """ark.persistent equal to jax.jit, and the plan valid and equal under the numpy reference
+    interpreter (the executors' specification)."""
+    want = jax.jit(fn)(*args)
+    assert_close(jax.jit(ark.persistent(fn))(*args), want, tol)
+    plan = ark.plan(fn, *args, platform="cpu")
+    plan.validate()
+    (ref,) = interpret(plan, *[np.asarray(a) for a in args])
+    assert_close(ref.reshape(want.shape), want, tol)
 
 
 CONVS = {
@@ -127,17 +136,31 @@ def test_conv_gradients(rng, groups):
         assert_close(g, w, 5e-5)
 
 
-def test_conv_is_one_gather_and_one_matmul(rng):
-    """The im2col gather is one pass (not a value pass and a select pass), the matmul reads it,
-    and an activation lands in the matmul's epilogue."""
-    x, k = _normal(rng, 2, 9, 8, 3), _normal(rng, 3, 3, 3, 4)
+@pytest.mark.parametrize(
+    "padding, window, kinds",
+    [
+        ("SAME", 3, ["map", "map", "matmul"]),  # pad, im2col copy, matmul
+        ("VALID", 3, ["map", "matmul"]),  # im2col copy, matmul
+        ("VALID", 1, ["matmul"]),  # a 1x1 kernel reads the input itself
+    ],
+)
+def test_conv_plan_is_pad_copy_and_matmul(rng, padding, window, kinds):
+    """The im2col is a copy of a strided view of the (padded) input: no index arithmetic per
+    element, its program one LOAD; an activation lands in the matmul's epilogue."""
+    x, k = _normal(rng, 2, 9, 8, 3), _normal(rng, window, window, 3, 4)
 
     def fn(x, k):
-        return jax.nn.relu(lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC))
+        y = lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=NHWC)
+        return jax.nn.relu(y)
 
     plan = ark.plan(fn, x, k)
-    assert [op.kind for op in plan.ops] == ["map", "matmul"]
-    assert plan.ops[1].name.startswith("conv_general_dilated")
+    assert [op.kind for op in plan.ops] == kinds
+    assert plan.ops[-1].name.startswith("conv_general_dilated")
+    if window > 1:
+        assert [i.op for i in plan.ops[-2].epilogue] == ["load"]  # the im2col copy
+    if padding == "SAME":  # the pad: one pass, bound checks on the two spatial dims only
+        assert len(plan.ops[0].epilogue) <= 24
+    _check(fn, x, k)
 
 
 PADDED = ((0, 0), (1, 1), (0, 1), (0, 0))
@@ -197,14 +220,42 @@ def test_avg_pool_gradient_and_3d_max_pool(rng):
     )
 
 
-def test_max_pool_gradient_is_refused_by_name(rng):
-    x = _normal(rng, 2, 8, 8, 3)
+@pytest.mark.parametrize(
+    "case", ["max_tiled", "max_untiled", "max_same", "max_overlapping", "min_padded"]
+)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_and_min_pool_gradients(rng, case, ties):
+    """jax.grad of max / min pooling (select_and_scatter_add): each window's cotangent lands on
+    its first maximum (minimum), also where windows overlap and where values tie (small
+    integers), exactly as jax.jit."""
+    init, op, window, strides, padding = {
+        # windows that tile the input (max_pool(2, 2): one pass over stride-0 views), and the
+        # same on 9 rows, whose last row no window covers
+        "max_tiled": (-np.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"),
+        "max_untiled": (-np.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"),
+        "max_same": (-np.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME"),
+        "max_overlapping": (-np.inf, lax.max, (1, 3, 2, 1), (1, 1, 1, 1), "SAME"),
+        "min_padded": (
+            np.inf,
+            lax.min,
+            (1, 2, 3, 1),
+            (1, 2, 1, 1),
+            ((0, 0), (1, 0), (1, 2), (0, 0)),
+        ),
+    }[case]
+    shape = (2, 8, 8, 3) if case == "max_tiled" else (2, 9, 8, 3)
+    if ties:
+        x = rng.integers(-3, 3, shape).astype(np.float32)
+    else:
+        x = _normal(rng, *shape)
 
     def loss(x):
-        return jnp.sum(lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"))
+        y = lax.reduce_window(x, np.float32(init), op, window, strides, padding)
+        return jnp.sum(jnp.sin(y) * 3.0)
 
-    with pytest.raises(ark.UnsupportedError, match="select_and_scatter_add"):
-        jax.jit(ark.persistent(jax.grad(loss)))(x)
+    grad = jax.grad(loss)
+    assert "select_and_scatter_add" in str(jax.make_jaxpr(grad)(x))
+    _check(grad, x)
 
 
 def test_integer_conv_is_refused():
@@ -220,12 +271,13 @@ def _flax_cnn():
     nn = pytest.importorskip("flax.linen")
 
     class CNN(nn.Module):
-        """flax's MNIST example network, smaller: conv, relu, avg_pool, twice, then two Dense."""
+        """flax's MNIST example network, smaller: conv, relu, then avg_pool and max_pool, then
+        two Dense layers."""
 
         @nn.compact
         def __call__(self, x):
             x = nn.avg_pool(nn.relu(nn.Conv(8, (3, 3))(x)), (2, 2), strides=(2, 2))
-            x = nn.avg_pool(nn.relu(nn.Conv(16, (3, 3))(x)), (2, 2), strides=(2, 2))
+            x = nn.max_pool(nn.relu(nn.Conv(16, (3, 3))(x)), (2, 2), strides=(2, 2))
             x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
             return nn.Dense(10)(x)
 

@@ -65,6 +65,10 @@ def gpu_tile_shape(op: Op, num_workers: int) -> tuple[int, int, int]:
     return 1, max(1, min(tm, -(-op.M // w))), 1
 
 
+# Fewest multiply-adds a CPU matmul task is cut to (rows added when K is small).
+_MIN_TASK_MACS = 65536
+
+
 def _tiles(
     op: Op, num_workers: int, tile_m: int | None, tile_n: int | None, platform: str = "cpu"
 ) -> list[Task]:
@@ -88,7 +92,12 @@ def _tiles(
             # per worker, stream memory better than many narrow strided ones.
             default_n = max(64, -(-math.ceil(op.N / num_workers) // 64) * 64)
         tn = min(op.N, tile_n or default_n)
-        tm = min(op.M, tile_m or 32)
+        # 32 rows; more when a tile has few terms per output (a convolution's im2col over 9
+        # taps: K = 9), so each task keeps about _MIN_TASK_MACS multiply-adds to pay for its
+        # scheduling (784 tasks of 32 x 32 x 9 spent more time being scheduled than computing).
+        rows = 32 * math.ceil(_MIN_TASK_MACS / (32 * tn * max(1, op.K)))
+        rows = min(rows, max(32, math.ceil(op.M / max(1, num_workers))))  # a tile per worker
+        tm = min(op.M, tile_m or rows)
         tb = max(1, min(op.B, 2048 // max(1, tm * tn)))
     elif op.kind == "map":
         tn = min(op.N, tile_n or 1024)

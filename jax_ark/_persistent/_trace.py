@@ -203,6 +203,9 @@ class _Builder:
     views: list[View] = field(default_factory=list)
     view_ids: dict[Any, int] = field(default_factory=dict)
     ops: list[Op] = field(default_factory=list)
+    # padded copies of tensors already emitted (_conv._padded: a pooling and its gradient pad
+    # the same input)
+    padded: dict[Any, Any] = field(default_factory=dict)
     args: list[int] = field(default_factory=list)
     constants: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""  # source line of the eqn being translated
@@ -265,13 +268,29 @@ class _Builder:
         return _Load(spec.shape, spec.dtype, tensor, 0, _row_major(spec.shape))
 
     # ---- node transforms (None = cannot be expressed without materializing) ---------------------
+    @staticmethod
+    def _rebuilt(node: _Ew, shape, memo: dict | None, transform) -> _Node | None:
+        """node rebuilt over `shape` from its transformed args; a node reached twice (a shared
+        index, gelu's x) is rebuilt once, so the program still computes it once."""
+        memo = {} if memo is None else memo
+        if id(node) not in memo:
+            args = [transform(a, memo) for a in node.args]
+            memo[id(node)] = (
+                None
+                if any(a is None for a in args)
+                else _Ew(
+                    shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+                )
+            )
+        return memo[id(node)]
+
     def broadcast(self, node: _Node, shape, dims) -> _Node:
         out = self._broadcast(node, tuple(shape), tuple(dims))
         if out is None:
             out = self._broadcast(self.materialize(node), tuple(shape), tuple(dims))
         return out
 
-    def _broadcast(self, node, shape, dims):
+    def _broadcast(self, node, shape, dims, memo=None):
         if isinstance(node, _Imm):
             return _Imm(shape, node.dtype, value=node.value)
         if isinstance(node, _Load):
@@ -288,12 +307,7 @@ class _Builder:
                 node.outer_iter_stride,
             )
         if isinstance(node, _Ew):
-            args = [self._broadcast(a, shape, dims) for a in node.args]
-            if any(a is None for a in args):
-                return None
-            return _Ew(
-                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
-            )
+            return self._rebuilt(node, shape, memo, lambda a, m: self._broadcast(a, shape, dims, m))
         return None
 
     def transpose(self, node: _Node, perm) -> _Node:
@@ -302,7 +316,7 @@ class _Builder:
             out = self._transpose(self.materialize(node), tuple(perm))
         return out
 
-    def _transpose(self, node, perm):
+    def _transpose(self, node, perm, memo=None):
         shape = tuple(node.shape[p] for p in perm)
         if isinstance(node, _Imm):
             return _Imm(shape, node.dtype, value=node.value)
@@ -318,12 +332,7 @@ class _Builder:
                 node.outer_iter_stride,
             )
         if isinstance(node, _Ew):
-            args = [self._transpose(a, perm) for a in node.args]
-            if any(a is None for a in args):
-                return None
-            return _Ew(
-                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
-            )
+            return self._rebuilt(node, shape, memo, lambda a, m: self._transpose(a, perm, m))
         return None
 
     def slice(self, node: _Node, start, limit, step) -> _Node:
@@ -333,7 +342,7 @@ class _Builder:
             out = self._slice(self.materialize(node), tuple(start), tuple(limit), step)
         return out
 
-    def _slice(self, node, start, limit, step):
+    def _slice(self, node, start, limit, step, memo=None):
         shape = tuple(
             max(0, -(-(hi - lo) // st)) for lo, hi, st in zip(start, limit, step, strict=True)
         )
@@ -352,11 +361,8 @@ class _Builder:
                 node.outer_iter_stride,
             )
         if isinstance(node, _Ew):
-            args = [self._slice(a, start, limit, step) for a in node.args]
-            if any(a is None for a in args):
-                return None
-            return _Ew(
-                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
+            return self._rebuilt(
+                node, shape, memo, lambda a, m: self._slice(a, start, limit, step, m)
             )
         return None
 
@@ -367,7 +373,7 @@ class _Builder:
             out = self._reshape(self.materialize(node), shape)
         return out
 
-    def _reshape(self, node, shape):
+    def _reshape(self, node, shape, memo=None):
         if isinstance(node, _Imm):
             return _Imm(shape, node.dtype, value=node.value)
         if isinstance(node, _Pending):
@@ -387,12 +393,7 @@ class _Builder:
                 node.outer_iter_stride,
             )
         if isinstance(node, _Ew):
-            args = [self._reshape(a, shape) for a in node.args]
-            if any(a is None for a in args):
-                return None
-            return _Ew(
-                shape, node.dtype, op=node.op, args=tuple(args), imm=node.imm, _size=node.size
-            )
+            return self._rebuilt(node, shape, memo, lambda a, m: self._reshape(a, shape, m))
         return None
 
     def elementwise(self, op: str, args: list[_Node], shape, dtype, imm: int = 0) -> _Node:
@@ -498,20 +499,24 @@ class _Builder:
             core.raw_tensor = twin.out_tensor
         return core.raw_tensor
 
-    def _substitute(self, node: _Node) -> _Node:
-        """Replaces pendings whose core is already emitted by loads of their accumulator."""
+    def _substitute(self, node: _Node, memo: dict | None = None) -> _Node:
+        """Replaces pendings whose core is already emitted by loads of their accumulator. A node
+        reached twice (a shared index, gelu's x) stays one node, so its program computes it once;
+        a subtree without such pendings is returned as it is."""
+        memo = {} if memo is None else memo
+        if id(node) in memo:
+            return memo[id(node)]
+        out = node
         if isinstance(node, _Pending) and node.core.emitted:
-            return self.reshape(self.load(self._raw(node.core)), node.shape)
-        if isinstance(node, _Ew):
-            return _Ew(
-                node.shape,
-                node.dtype,
-                op=node.op,
-                args=tuple(self._substitute(a) for a in node.args),
-                imm=node.imm,
-                _size=node.size,
-            )
-        return node
+            out = self.reshape(self.load(self._raw(node.core)), node.shape)
+        elif isinstance(node, _Ew):
+            args = tuple(self._substitute(a, memo) for a in node.args)
+            if any(a is not old for a, old in zip(args, node.args, strict=True)):
+                out = _Ew(
+                    node.shape, node.dtype, op=node.op, args=args, imm=node.imm, _size=node.size
+                )
+        memo[id(node)] = out
+        return out
 
     def strip_pendings(self, node: _Node) -> _Node:
         node = self._substitute(node)
@@ -1549,34 +1554,10 @@ def _stack(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
 
 
 def _pad(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
-    x, fill = _as_load(b, args[0]), args[1]
+    x, fill = args
     if math.prod(x.shape) == 0:
         return b.broadcast(fill, out_shape, ())
-    inside, terms = None, []
-    for d, (lo, _hi, interior) in enumerate(params["padding_config"]):
-        t = _iop(b, "isub", _position(b, out_shape, d), lo)
-        if interior:
-            step = interior + 1
-            inside = _and(b, inside, _iop(b, "ieq", _iop(b, "irem", t, step), 0))
-            t = _iop(b, "idiv", t, step)
-        inside = _and(b, inside, _iop(b, "ige", t, 0))
-        inside = _and(b, inside, _iop(b, "ilt", t, x.shape[d]))
-        terms.append(_iop(b, "imul", _clamp(b, t, 0, x.shape[d] - 1), x.strides[d]))
-    base = _Load(
-        tuple(out_shape),
-        x.dtype,
-        x.tensor,
-        x.offset,
-        (0,) * len(out_shape),
-        x.iter_stride,
-        x.outer_iter_stride,
-    )
-    value = _load_at(base, _sum_offsets(b, terms))
-    if inside is None:
-        return value
-    return b.elementwise(
-        "select", [inside, b.broadcast(fill, out_shape, ()), value], out_shape, out_dtype
-    )
+    return _conv().pad_node(b, x, params["padding_config"], fill)
 
 
 def _rev(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
@@ -1957,10 +1938,12 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim in _CUMULATIVE:
         axis, reverse = int(params["axis"]), bool(params["reverse"])
         return [_cumulative(b, prim, args[0], axis, reverse, out_dtype)]
-    if prim == "conv_general_dilated" or prim in _conv().REDUCE_WINDOW:
-        if prim == "conv_general_dilated":
-            return [_conv().translate_conv(b, params, args, out_shape, out_dtype)]
+    if prim == "conv_general_dilated":
+        return [_conv().translate_conv(b, params, args, out_shape, out_dtype)]
+    if prim in _conv().REDUCE_WINDOW:
         return [_conv().translate_reduce_window(b, prim, params, args, out_shape, out_dtype)]
+    if prim == "select_and_scatter_add":  # the gradient of max / min pooling
+        return [_conv().translate_select_and_scatter_add(b, params, args, out_shape, out_dtype)]
     if prim == "scan":
         return _scan(b, eqn, args)
     if prim == "while":
@@ -1979,7 +1962,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "erf_inv / "
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
-        "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling), "
+        "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
+        "select_and_scatter_add (its gradient), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "

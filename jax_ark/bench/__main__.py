@@ -15,7 +15,7 @@ from jax_ark._env import configure_host_devices
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jax_ark.bench import collectives, decode, overlap, persistent
+    from jax_ark.bench import cnn, collectives, decode, overlap, persistent
 
     parser = argparse.ArgumentParser(
         prog="python -m jax_ark.bench",
@@ -23,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(
-        dest="bench", required=True, metavar="{collectives,persistent,decode,overlap}"
+        dest="bench", required=True, metavar="{collectives,persistent,decode,overlap,cnn}"
     )
     for name, module in (
         ("collectives", collectives),
         ("persistent", persistent),
         ("decode", decode),
         ("overlap", overlap),
+        ("cnn", cnn),
     ):
         doc = module.__doc__ or ""
         module.add_arguments(
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         from jax_ark.bench import decode as bench
     elif args.bench == "overlap":
         from jax_ark.bench import overlap as bench
+    elif args.bench == "cnn":
+        from jax_ark.bench import cnn as bench
     else:
         from jax_ark.bench import persistent as bench
     return bench.run(args)

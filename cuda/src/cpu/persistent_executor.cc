@@ -435,6 +435,7 @@ struct Scratch {
   uint64_t eval_seq = 0;
   int const_victim = 0;
   std::vector<float> acc, a_row, b_tile, pro;
+  std::vector<ReduceAcc> states;  // a column fold's (value, index) per output (arg kinds)
 };
 
 // ---- program evaluation -----------------------------------------------------------------------------
@@ -690,10 +691,12 @@ ARK_INLINE_LOOP void for_each_inner_run(int rank, const int64_t* dims, const int
 // LOAD_AT (plan v2): the view's element index plus the int32 offset in register `moved`, clamped
 // into the tensor (the planner clamps indices as XLA does; the clamp here only keeps a hand-edited
 // plan inside its buffer).
+// tail_rank > 0: a REDUCE's column pass (eval_program), the view's trailing dims held at tail_idx.
 void load_at(const Run& run, const Instruction& ins, int rank, const int64_t* dims,
              const int64_t* start_idx, int64_t col0, int count, const float* moved, float* r,
-             int64_t iter, int64_t outer_iter) {
-  const ViewRecord v = run.view(ins.a, iter, outer_iter);
+             int64_t iter, int64_t outer_iter, int tail_rank, const int64_t* tail_idx) {
+  ViewRecord v = run.view(ins.a, iter, outer_iter);
+  for (int j = 0; j < tail_rank; ++j) v.offset += tail_idx[j] * v.strides[rank + j];
   const TensorRecord& t = run.plan.tensor(v.tensor);
   const char* base = run.tensor_base(v.tensor);
   const bits_alias* delta = reinterpret_cast<const bits_alias*>(moved);
@@ -986,7 +989,8 @@ void eval_program(const Run& run, int at, int len, int rank, const int64_t* dims
                            [&](int e, int64_t off, int n) { load(r + e, off, inner, n); });
       }
     } else if (code == kLoadAt) {
-      load_at(run, ins, rank, dims, start_idx, col0, count, s.reg[ins.b], r, s.iter, s.outer_iter);
+      load_at(run, ins, rank, dims, start_idx, col0, count, s.reg[ins.b], r, s.iter, s.outer_iter,
+              tail_rank, tail_idx);
     } else if (code == kLoadIter) {
       fill_loop(r, bits_float(static_cast<uint32_t>(s.iter)), count);
     } else if (code == kLoadRank) {  // check_plan allows it only in a plan with a group
@@ -1394,16 +1398,11 @@ void run_matmul(const Run& run, const OpRecord& op, const TaskRecord& task, Scra
   }
 }
 
-// Whether a REDUCE may fold by columns (run_reduce_columns): a sum or max over few elements per
-// output whose prologue only reads elementwise (LOAD_AT's window offsets are computed per row).
-bool reduces_by_columns(const Run& run, const OpRecord& op, int rows) {
+// Whether a REDUCE may fold by columns (run_reduce_columns): few elements per output (pooling
+// windows and their argmax, the taps of max pooling's gradient, psum's inbox slots).
+bool reduces_by_columns(const OpRecord& op, int rows) {
   constexpr int64_t kMaxColumnFold = 64;
-  if (rows < 2 || op.K > kMaxColumnFold || op.kept_rank < 1 || op.kept_rank >= op.iter_rank)
-    return false;
-  if (op.reduce_kind != kReduceSum && op.reduce_kind != kReduceMax) return false;
-  for (int i = 0; i < op.prologue_len; ++i)
-    if (opcode_of(run.plan.instruction(op.prologue_at + i)) == kLoadAt) return false;
-  return true;
+  return rows >= 2 && op.K <= kMaxColumnFold && op.kept_rank >= 1 && op.kept_rank < op.iter_rank;
 }
 
 // A short fold (psum's K = group size over the inbox's rank axis): one prologue pass per reduced
@@ -1414,16 +1413,25 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
   const int rows = task.m1 - task.m0;
   s.acc.resize(rows);
   const int kept = op.kept_rank, tail = op.iter_rank - op.kept_rank;
-  const bool sum = op.reduce_kind == kReduceSum;
+  const int32_t kind = op.reduce_kind;
+  const bool sum = kind == kReduceSum;
+  // Other kinds (arg max / min, integer folds) fold their (value, index) states as the row
+  // path does, r ascending.
+  const bool generic = !sum && kind != kReduceMax;
+  if (generic) s.states.resize(kSegment);
   for (int done = 0; done < rows; done += kSegment) {
     const int n = std::min(kSegment, rows - done);
     float* acc = s.acc.data() + done;
+    if (generic) std::fill(s.states.begin(), s.states.begin() + n, reduce_identity(kind));
     int64_t r_idx[kMaxRank] = {};
     for (int64_t r = 0; r < op.K; ++r) {
       eval_program(run, op.prologue_at, op.prologue_len, kept, op.iter_dims, task.m0 + done, n,
                    nullptr, s, 0, tail, r_idx, true);
       const float* v = s.reg[op.prologue_len - 1];
-      if (sum) {
+      if (generic) {
+        for (int e = 0; e < n; ++e)
+          s.states[e] = reduce_combine(kind, s.states[e], ReduceAcc{float_bits(v[e]), static_cast<int32_t>(r)});
+      } else if (sum) {
         fold_sum_loop(acc, v, n, r == 0);
       } else {
         fold_max_loop(acc, v, n, r == 0);
@@ -1433,6 +1441,8 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
         r_idx[j] = 0;
       }
     }
+    if (generic)
+      for (int e = 0; e < n; ++e) acc[e] = bits_float(reduce_result(kind, s.states[e]));
     round_in_place(acc, n, op.acc_dtype);
   }
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
@@ -1440,7 +1450,7 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
 
 void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
   const int rows = task.m1 - task.m0;
-  if (reduces_by_columns(run, op, rows)) return run_reduce_columns(run, op, task, s);
+  if (reduces_by_columns(op, rows)) return run_reduce_columns(run, op, task, s);
   s.acc.resize(rows);
   const int64_t R = op.K;
   for (int i = 0; i < rows; ++i) {

@@ -331,3 +331,33 @@ def test_data_parallel_cnn_gradient_pmean(mesh8, rng):
     want = jax.jit(jax.shard_map(grads, **specs))(params, x, target)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(g, w, 5e-5)
+
+
+def test_equinox_cnn_under_vmap_and_its_gradient(rng):
+    """equinox's Conv2d / MaxPool2d / AvgPool2d (unbatched layers, batched with jax.vmap), and
+    the gradient of a loss over the batch."""
+    eqx = pytest.importorskip("equinox")
+    keys = jax.random.split(jax.random.key(1), 3)
+    conv1 = eqx.nn.Conv2d(3, 8, 3, padding=1, key=keys[0])
+    conv2 = eqx.nn.Conv2d(8, 4, 3, stride=2, key=keys[1])
+    pool_max, pool_avg = eqx.nn.MaxPool2d(2, stride=2), eqx.nn.AvgPool2d(3, stride=1, padding=1)
+    model = (conv1, conv2)
+
+    def net(model, x):  # x: (C, H, W), equinox's layout
+        c1, c2 = model
+        y = pool_max(jax.nn.relu(c1(x)))
+        return jnp.mean(pool_avg(jnp.tanh(c2(y))))
+
+    def loss(model, xs):
+        return jnp.mean(jax.vmap(net, in_axes=(None, 0))(model, xs) ** 2)
+
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def grad_of(params, xs):
+        return jax.grad(lambda p: loss(eqx.combine(p, static), xs))(params)
+
+    xs = _normal(rng, 4, 3, 12, 12)
+    got = jax.jit(ark.persistent(grad_of))(params, xs)
+    want = jax.jit(grad_of)(params, xs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, 5e-5)

@@ -1942,6 +1942,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_conv().translate_conv(b, params, args, out_shape, out_dtype)]
     if prim in _conv().REDUCE_WINDOW:
         return [_conv().translate_reduce_window(b, prim, params, args, out_shape, out_dtype)]
+    if prim == "sort":
+        from jax_ark._persistent import _sort
+
+        return _sort.translate_sort(b, params, args)
     if prim == "select_and_scatter_add":  # the gradient of max / min pooling
         return [_conv().translate_select_and_scatter_add(b, params, args, out_shape, out_dtype)]
     if prim == "scan":
@@ -1963,7 +1967,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
-        "select_and_scatter_add (its gradient), "
+        "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "

@@ -890,6 +890,78 @@ _INT_TYPED: dict[str, dict[str, str]] = {
 }
 
 
+# Float functions without an opcode, written with opcodes (in float32, rounded once to the
+# output's dtype): exp2 (flash attention's softmax), sinh / cosh, tan, cbrt. Within a few float32
+# ulps of XLA's, not bit-identical.
+_COMPOSED = frozenset({"exp2", "sinh", "cosh", "tan", "cbrt"})
+
+
+def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
+    shape, f = x.shape, "float32"
+    x = _convert(b, x, f)
+
+    def op(name, *args):
+        return b.elementwise(name, list(args), shape, f)
+
+    def const(v):
+        return _Imm((), f, value=v)
+
+    if prim == "exp2":
+        # XLA expands exp2 as exp(x * ln 2) in the operand's dtype (for bfloat16 the product is
+        # rounded to bfloat16 first): the same two instructions at that dtype.
+        lo = out_dtype
+
+        def op_lo(name, *args):
+            return b.elementwise(name, list(args), shape, lo)
+
+        product = op_lo("mul", _convert(b, x, lo), _Imm((), lo, value=float(np.log(2.0))))
+        return op_lo("exp", product)
+    elif prim == "tan":
+        y = op("div", op("sin", x), op("cos", x))
+    elif prim == "cbrt":  # sign(x) |x|^(1/3): pow of a negative base is NaN
+        y = op("mul", op("sign", x), op("pow", op("abs", x), const(1.0 / 3.0)))
+    else:
+        # Large |x|: e^|x| / 2 as e^(|x| - ln 2), finite up to |x| = 89.4 as XLA's (e^|x| alone
+        # overflows at 88.7); the other term is below float32's precision there.
+        a = op("abs", x)
+        big = b.elementwise("gt", [a, const(10.0)], shape, "bool")
+        half_exp = op("exp", op("sub", a, const(float(np.log(2.0)))))
+        if prim == "cosh":  # (e^|x| + e^-|x|) / 2
+            e = op("exp", a)
+            small = op("add", op("mul", e, const(0.5)), op("div", const(0.5), e))
+        else:  # sinh through expm1, accurate near 0: u = e^|x| - 1, (u + u / (u + 1)) / 2
+            u = op("expm1", a)
+            small = op("mul", op("add", u, op("div", u, op("add", u, const(1.0)))), const(0.5))
+        y = b.elementwise("select", [big, small, half_exp], shape, f)
+        if prim == "sinh":
+            y = op("mul", op("sign", x), y)
+    return _convert(b, y, out_dtype)
+
+
+def _tile(b: _Builder, x: _Node, reps: tuple[int, ...], out_shape) -> _Node:
+    """jnp.tile: x repeated reps[d] times along each dim, as a view of x that reads it again
+    for every repetition ((rep, n) per tiled dim, the rep's stride 0), copied into the result."""
+    reps = (1,) * (len(x.shape) - len(reps)) + tuple(reps)
+    if math.prod(out_shape) == 0:
+        return _Imm(tuple(out_shape), x.dtype, value=_zero(x.dtype))
+    src = _as_load(b, x)
+    shape, strides = [], []
+    for n, r, s in zip(src.shape, reps, src.strides, strict=True):
+        if r > 1:
+            shape.append(r)
+            strides.append(0)
+        shape.append(n)
+        strides.append(s)
+    if len(shape) > MAX_RANK:
+        raise UnsupportedError(
+            f"ark.persistent: tile of a rank-{len(reps)} array along {sum(r > 1 for r in reps)} "
+            f"dims (at most {MAX_RANK} dims together) at {b.source}"
+        )
+    view = _Load(tuple(shape), src.dtype, src.tensor, src.offset, tuple(strides), src.iter_stride,
+                 src.outer_iter_stride)  # fmt: skip
+    return b.reshape(view, tuple(out_shape))
+
+
 def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, params) -> _Node:
     kind = _kind(args[0].dtype)
     if prim == "not" and kind == "bool":
@@ -1810,6 +1882,7 @@ _ELEMENTWISE_PRIMS = (
     | set(_BINARY)
     | set(_INT_TYPED)
     | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
+    | _COMPOSED
     | _IDENTITY
 )
 
@@ -1879,6 +1952,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
 
     if prim in _INT_TYPED or prim in _UNARY or prim in _BINARY or prim == "integer_pow":
         return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
+    if prim in _COMPOSED and _kind(args[0].dtype) == "float":
+        return [_composed(b, prim, args[0], out_dtype)]
+    if prim == "tile":
+        return [_tile(b, args[0], tuple(int(r) for r in params["reps"]), out_shape)]
     if prim in ("floor", "ceil", "round") and _kind(args[0].dtype) == "float":
         method = int(params.get("rounding_method", 0))
         return [_round_to_integer(b, prim, args[0], method, out_dtype)]
@@ -1967,7 +2044,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
-        "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), "
+        "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
+        "sinh / cosh / tan / cbrt (composed), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "

@@ -361,3 +361,21 @@ def test_equinox_cnn_under_vmap_and_its_gradient(rng):
     want = jax.jit(grad_of)(params, xs)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(g, w, 5e-5)
+
+
+def test_residual_conv_blocks_in_a_scan_and_their_gradient(rng):
+    """Five residual conv blocks as a scan over stacked kernels (planned once, run five times),
+    rematerialized, and the kernels' gradient through the loop."""
+    x = _normal(rng, 2, 8, 8, 4)
+    ws = _normal(rng, 5, 3, 3, 4, 4) / 6
+
+    def net(x, ws):
+        def block(h, w):
+            y = lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=NHWC)
+            return h + jax.nn.relu(y), None
+
+        return lax.scan(jax.checkpoint(block), x, ws)[0]
+
+    _check(net, x, ws)
+    grad = jax.grad(lambda x, ws: jnp.sum(net(x, ws) ** 2), argnums=1)
+    assert_close(jax.jit(ark.persistent(grad))(x, ws), jax.jit(grad)(x, ws), 5e-5)

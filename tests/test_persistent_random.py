@@ -163,6 +163,21 @@ def test_what_is_not_supported_is_refused_by_name(rng):
         ark.plan(lambda x, k: x + jax.random.uniform(k, (4,), jnp.bfloat16), x, key)
 
 
+@pytest.mark.parametrize("seed", [np.int32(0), np.int32(-7), np.uint32(4_000_000_000)])
+def test_keys_seeded_inside_the_function(rng, seed):
+    """jax.random.key / PRNGKey(seed) inside the function, from a constant and from an argument
+    (negative and above 2**31 too): jax's own threefry seeding, the same bits as jax.jit."""
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+
+    def fn(x, s):
+        noise = jax.random.uniform(jax.random.fold_in(jax.random.key(s), 3), x.shape)
+        mask = jax.random.bernoulli(jax.random.PRNGKey(42), 0.5, x.shape)
+        return jnp.where(mask, x + noise, 0.0), jax.random.key_data(jax.random.key(s))
+
+    for g, w in zip(jax.jit(ark.persistent(fn))(x, seed), jax.jit(fn)(x, seed), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_flax_nnx_dropout_with_its_rng_state(rng):
     """nnx.Dropout draws from the module's Rngs (a typed key and a counter in its state): two
     steps, each returning the advanced state, equal jax.jit's outputs and states."""

@@ -272,15 +272,17 @@ def test_put_without_the_entry_wait_overwrites_tiles_early(
 @pytest.mark.parametrize(("ranks", "workers", "seed"), [(2, 1, 4), (5, 2, 5)])
 def test_put_without_the_put_wait_reads_stale_tiles(binaries, ranks, workers, seed):
     """The other direction: a receiver that does not wait for the signal reads its slot before the
-    tile arrived, and the checker names the older call whose value (or the zeros) it holds."""
+    tile arrived, and the checker names the older call whose value (or the zeros) it holds. A
+    read that races the tile's own write may hold part of each call ("matches no call"; seen
+    once in a loaded full-suite run), but most bad tiles are whole stale values."""
     args = (ranks, workers, 40, 3, 2, seed, "mixed", "no_put_wait")
     out = _run(binaries["plain"], "put", *args, expect_rc=1)
     s = _summary(out, "put")
     assert int(s["stale"]) > 0 and s["early"] == "0", out
     holds = [b[-1] for b in _BAD_TILE.findall(out)]
-    assert holds and all(
-        h.startswith(("stale: the value of call ", "zero: never written")) for h in holds
-    ), out
+    named = [h for h in holds if h.startswith(("stale: the value of call ", "zero: never written"))]
+    torn = [h for h in holds if h == "matches no call"]
+    assert holds and len(named) + len(torn) == len(holds) and len(torn) < len(named), out
 
 
 def test_put_entry_wait_times_out_naming_rank_and_peer(binaries):

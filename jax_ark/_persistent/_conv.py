@@ -1,14 +1,19 @@
-"""Convolutions and pooling inside ark.persistent: windowed reads planned as the tile ops the
-executors already run.
+"""Convolutions, pooling and padding inside ark.persistent: windowed reads planned as the tile
+ops the executors already run.
 
-- `conv_general_dilated` (flax / equinox Conv, and the transposed convolutions of its gradients)
-  is an im2col gather followed by ONE matmul: the gather reads, for every output position and
-  kernel tap, the input element under the tap (zero outside the padded input, holes of an
-  `lhs_dilation`), into a (groups, positions, taps x channels) tensor; the matmul contracts it with
-  the kernel. Any dimension numbers, strides, padding, dilations, feature or batch groups.
-- `reduce_window_sum / _max / _min` (avg_pool / max_pool / min_pool) is a REDUCE over the window's
-  taps whose prologue reads each tap where it lies (the fold's identity outside the input, as the
-  padding XLA applies), so no window tensor is written.
+A window's taps sit at affine positions of the padded input (tap k of output o at o * stride +
+k * dilation), so after one pad pass (lax.pad: `pad_node`, bound checks only on the dims that
+pad) every window read is a strided VIEW, with no index arithmetic per element:
+
+- `conv_general_dilated` (flax / equinox Conv, depthwise, 1-D to 3-D, and the transposed
+  convolutions of its gradients: any dimension numbers, strides, padding, dilations, feature or
+  batch groups) is one copy of the im2col view, (groups, positions, taps x channels), and ONE
+  matmul with the kernel. Past MAX_RANK view dims (a 3-D or a grouped 2-D convolution) the
+  im2col is gathered through computed indices instead (LOAD_AT, leading dims folded: _Space).
+- `reduce_window_sum / _max / _min` (avg_pool / max_pool / min_pool) is a REDUCE over the taps of
+  the view of the input padded with the fold's identity (XLA's padding value).
+- `select_and_scatter_add` (the gradient of max / min pooling): a window argmax, then either one
+  pass over stride-0 views where the windows tile the input, or a REDUCE over the taps.
 
 Floats sum in their own order (taps, then channels, ascending), not XLA's: results match jax.jit
 to float tolerance, integers (pooling) exactly.
@@ -218,9 +223,12 @@ def _padded(b: _Builder, x: _Node, pads: list[tuple[int, int, int]], fill) -> _L
         return _as_load(b, x)
     src = _as_load(b, x)
     key = (src.tensor, src.offset, src.strides, src.shape, src.iter_stride, tuple(pads), fill)
-    if key not in b.padded:
-        b.padded[key] = _as_load(b, pad_node(b, src, pads, fill))
-    return b.padded[key]
+    cached = b.padded.get(key)
+    # Reused only while no op has written the source since (an in-place update may rewrite a
+    # tensor under the same id).
+    if cached is None or any(op.out == src.tensor for op in b.ops[cached[1] :]):
+        b.padded[key] = (_as_load(b, pad_node(b, src, pads, fill)), len(b.ops))
+    return b.padded[key][0]
 
 
 def _window_view(xp: _Load, dims: list[tuple[int, int]]) -> _Load | None:

@@ -10,8 +10,9 @@ which the tracer plans like any integer code. Same bits as jax.jit.
 
 Supported: threefry keys (jax's default), passed in as raw key data (`jax.random.PRNGKey`) or as
 typed keys (`jax.random.key`: `key_data_arguments` passes their data through the FFI call and
-wraps it again inside fn); split, fold_in, and the draws built on 32-bit random_bits (uniform,
-bernoulli, randint, categorical, flax's dropout), also in scan / while_loop / cond bodies.
+wraps it again inside fn), or seeded inside fn (random_seed: jax's threefry seeding, traced);
+split, fold_in, and the draws built on 32-bit random_bits (uniform, bernoulli, randint,
+categorical, flax's dropout), also in scan / while_loop / cond bodies.
 Anything else that touches a key is refused by name.
 """
 
@@ -242,8 +243,10 @@ class _Rewriter:
                 shape = tuple(params["shape"])
                 return self.through(lambda k: threefry_prng_impl.split(k, shape), invals[0])
             return self.through(threefry_prng_impl.fold_in, invals[0], invals[1])
-        if name == "random_seed":
-            self.refuse(eqn, "seeding a key inside the function is not supported")
+        if name == "random_seed":  # jax.random.key(seed) / PRNGKey(seed) inside the function
+            if params["impl"] is not threefry_prng_impl:
+                self.refuse(eqn, f"only threefry keys are supported, not {params['impl']}")
+            return self.through(threefry_prng_impl.seed, invals[0])
         if name == "threefry2x32":
             return _threefry2x32(*invals)
         if name == "iota_2x32_shape":

@@ -203,8 +203,8 @@ class _Builder:
     views: list[View] = field(default_factory=list)
     view_ids: dict[Any, int] = field(default_factory=dict)
     ops: list[Op] = field(default_factory=list)
-    # padded copies of tensors already emitted (_conv._padded: a pooling and its gradient pad
-    # the same input)
+    # padded copies of tensors already emitted and the op count then (_conv._padded: a pooling
+    # and its gradient pad the same input)
     padded: dict[Any, Any] = field(default_factory=dict)
     args: list[int] = field(default_factory=list)
     constants: dict[int, np.ndarray] = field(default_factory=dict)
@@ -890,9 +890,9 @@ _INT_TYPED: dict[str, dict[str, str]] = {
 }
 
 
-# Float functions without an opcode, written with opcodes (in float32, rounded once to the
-# output's dtype): exp2 (flash attention's softmax), sinh / cosh, tan, cbrt. Within a few float32
-# ulps of XLA's, not bit-identical.
+# Float functions without an opcode, written with opcodes: sinh / cosh, tan, cbrt in float32,
+# rounded once to the output's dtype, within a few float32 ulps of XLA's (not bit-identical);
+# exp2 (flash attention's softmax) as XLA expands it.
 _COMPOSED = frozenset({"exp2", "sinh", "cosh", "tan", "cbrt"})
 
 

@@ -248,13 +248,20 @@ def _window_view(xp: _Load, dims: list[tuple[int, int]]) -> _Load | None:
     )
 
 
-def _im2col_view(b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, taps) -> _Load | None:
+def _im2col_view(
+    b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, taps
+) -> tuple[_Load | None, bool]:
     """The im2col as a strided view of the padded (and lhs-dilated) input: the element under tap
     k of output o sits at o * stride + k * rhs_dilation there, an affine index, so the im2col is
-    one copy of a view (no index arithmetic per element). None past MAX_RANK dims."""
+    one copy of a view (no index arithmetic per element). (None, False) past MAX_RANK dims.
+
+    The view is (group, n, *out, *taps, c), positions by depth, unless c is strided and n is
+    the input's contiguous dim (a kernel gradient: n is the input's channels, c its batch); then
+    (group, *taps, c, *out, n), depth by positions, so the copy reads and writes contiguous runs
+    (the matmul reads it as a transposed operand). The flag says which."""
     spatial = len(out_sp)
     if sum(n != 1 for n in (groups, n_batch, *out_sp, *taps, in_group)) > MAX_RANK:
-        return None
+        return None, False
     pads = [(0, 0, 0)] * len(lhs.shape)
     for i in range(spatial):
         lo, hi = (int(p) for p in params["padding"][i])
@@ -268,15 +275,20 @@ def _im2col_view(b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, ta
         if int(params["batch_group_count"]) > 1
         else (in_group * feature_stride)
     )
-    dims = [(groups, group_stride), (n_batch, batch_stride)]
-    dims += [
+    outs = [
         (out_sp[i], int(params["window_strides"][i]) * st[lhs_spec[2 + i]]) for i in range(spatial)
     ]
-    dims += [
+    tap_dims = [
         (taps[i], int(params["rhs_dilation"][i]) * st[lhs_spec[2 + i]]) for i in range(spatial)
     ]
-    dims.append((in_group, feature_stride))
-    return _window_view(xp, dims)
+    transposed = in_group > 1 and feature_stride != 1 and n_batch > 1 and batch_stride == 1
+    if transposed:
+        dims = [(groups, group_stride), *tap_dims, (in_group, feature_stride), *outs]
+        dims.append((n_batch, batch_stride))
+    else:
+        dims = [(groups, group_stride), (n_batch, batch_stride), *outs, *tap_dims]
+        dims.append((in_group, feature_stride))
+    return _window_view(xp, dims), transposed
 
 
 def _im2col_gather(b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, taps) -> _Node:
@@ -337,10 +349,17 @@ def translate_conv(b: _Builder, params, args: list[_Node], out_shape, out_dtype:
 
     # im2col: cols[g, n, *out, *taps, c] = the input element under tap `taps` of output `out`.
     positions, depth = n_batch * math.prod(out_sp), math.prod(taps) * in_group
-    cols = _im2col_view(b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, taps)
+    cols, transposed = _im2col_view(
+        b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, taps
+    )
     if cols is None:
         cols = _im2col_gather(b, lhs, params, lhs_spec, groups, n_batch, in_group, out_sp, taps)
-    cols = b.reshape(b.materialize(cols), (groups, positions, depth))
+    if transposed:  # (groups, depth, positions), positions ordered (*out, n)
+        cols = b.reshape(b.materialize(cols), (groups, depth, positions))
+        contract = (((1,), (0,)), ((0,), (1,)))
+    else:
+        cols = b.reshape(b.materialize(cols), (groups, positions, depth))
+        contract = (((2,), (0,)), ((0,), (1,)))
 
     # The kernel as (taps x channels, groups, features per group): output feature f of group g
     # is g * (out_features / groups) + f, as XLA splits the kernel's output features.
@@ -348,22 +367,19 @@ def translate_conv(b: _Builder, params, args: list[_Node], out_shape, out_dtype:
     per_group = out_features // groups
     w = b.reshape(w, (depth, groups, per_group))
     y = matmul(
-        b,
-        [cols, w],
-        (((2,), (0,)), ((0,), (1,))),
-        (groups, positions, per_group),
-        out_dtype,
-        "conv_general_dilated",
+        b, [cols, w], contract, (groups, positions, per_group), out_dtype, "conv_general_dilated"
     )
-    # -> (n, *out, features), then the output's dimension order.
+    # -> (n, *out, features) or (*out, n, features), then the output's dimension order.
     if groups > 1:
         y = b.transpose(y, (1, 0, 2))
-    y = b.reshape(y, (n_batch, *out_sp, out_features))
+    n_at, out_at = (spatial, 0) if transposed else (0, 1)
+    rows = (*out_sp, n_batch) if transposed else (n_batch, *out_sp)
+    y = b.reshape(y, (*rows, out_features))
     order = [0] * len(out_shape)  # output dim -> y dim
-    order[out_spec[0]] = 0
+    order[out_spec[0]] = n_at
     order[out_spec[1]] = spatial + 1
     for i in range(spatial):
-        order[out_spec[2 + i]] = 1 + i
+        order[out_spec[2 + i]] = out_at + i
     if order != list(range(len(order))):
         y = b.transpose(y, order)
     return y

@@ -1,7 +1,7 @@
 """lax.sort inside ark.persistent (jax_ark/_persistent/_sort.py): jnp.sort, argsort and
 sort_key_val equal to jax.jit bit for bit, including jax's comparator on -0.0 / NaN / inf, stable
 ties, every supported dtype and axis, and an MoE dispatch that groups tokens by expert with a
-stable argsort."""
+stable argsort; jnp.searchsorted (total-order comparisons)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,18 @@ def test_sorts_it_cannot_plan_are_refused(rng):
     long = np.zeros((1, 5000), np.float32)
     with pytest.raises(ark.UnsupportedError, match="axis of 5000"):
         jax.jit(ark.persistent(jnp.sort))(long)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_searchsorted_matches_jit(rng, side, dtype):
+    """jnp.searchsorted (a scan of total-order comparisons, le_to / lt_to / eq_to), with ties,
+    -0.0 / +0.0 and NaN among the sorted values and the queries."""
+    if dtype == np.float32:
+        table = np.sort(np.concatenate([rng.standard_normal(29), [0.0, -0.0, 1.0, 1.0, np.nan]]))
+        queries = np.concatenate([rng.standard_normal(20), [0.0, -0.0, 1.0, np.nan, np.inf]])
+    else:
+        table = np.sort(rng.integers(-5, 5, 34))
+        queries = rng.integers(-7, 7, 25)
+    fn = lambda t, q: jnp.searchsorted(t, q, side=side)  # noqa: E731
+    _check_exact(fn, table.astype(dtype), queries.astype(dtype))

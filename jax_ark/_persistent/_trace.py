@@ -894,6 +894,9 @@ _INT_TYPED: dict[str, dict[str, str]] = {
 # rounded once to the output's dtype, within a few float32 ulps of XLA's (not bit-identical);
 # exp2 (flash attention's softmax) as XLA expands it.
 _COMPOSED = frozenset({"exp2", "sinh", "cosh", "tan", "cbrt"})
+# Comparisons in XLA's total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN): integer
+# comparisons of the values' total-order keys.
+_TOTAL_ORDER_COMPARE = {"eq_to": "ieq", "le_to": "ile", "lt_to": "ilt"}
 
 
 def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
@@ -1883,6 +1886,7 @@ _ELEMENTWISE_PRIMS = (
     | set(_INT_TYPED)
     | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
     | _COMPOSED
+    | set(_TOTAL_ORDER_COMPARE)
     | _IDENTITY
 )
 
@@ -1956,6 +1960,11 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_composed(b, prim, args[0], out_dtype)]
     if prim == "tile":
         return [_tile(b, args[0], tuple(int(r) for r in params["reps"]), out_shape)]
+    if prim in _TOTAL_ORDER_COMPARE:  # jnp.searchsorted's comparisons
+        keys = [
+            _convert(b, a, "int32") if a.dtype == "bool" else _total_order_key(b, a) for a in args
+        ]
+        return [b.elementwise(_TOTAL_ORDER_COMPARE[prim], keys, out_shape, "bool")]
     if prim in ("floor", "ceil", "round") and _kind(args[0].dtype) == "float":
         method = int(params.get("rounding_method", 0))
         return [_round_to_integer(b, prim, args[0], method, out_dtype)]
@@ -2045,7 +2054,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
         "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
-        "sinh / cosh / tan / cbrt (composed), "
+        "sinh / cosh / tan / cbrt (composed), eq_to / le_to / lt_to (searchsorted), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "

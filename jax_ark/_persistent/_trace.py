@@ -893,7 +893,7 @@ _INT_TYPED: dict[str, dict[str, str]] = {
 # Float functions without an opcode, written with opcodes: sinh / cosh, tan, cbrt in float32,
 # rounded once to the output's dtype, within a few float32 ulps of XLA's (not bit-identical);
 # exp2 (flash attention's softmax) as XLA expands it.
-_COMPOSED = frozenset({"exp2", "sinh", "cosh", "tan", "cbrt"})
+_COMPOSED = frozenset({"exp2", "sinh", "cosh", "tan", "cbrt", "atan"})
 # Comparisons in XLA's total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN): integer
 # comparisons of the values' total-order keys.
 _TOTAL_ORDER_COMPARE = {"eq_to": "ieq", "le_to": "ile", "lt_to": "ilt"}
@@ -921,6 +921,8 @@ def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
         return op_lo("exp", product)
     elif prim == "tan":
         y = op("div", op("sin", x), op("cos", x))
+    elif prim == "atan":
+        y = _copysign(b, _atan_of_nonnegative(b, op("abs", x)), x)
     elif prim == "cbrt":  # sign(x) |x|^(1/3): pow of a negative base is NaN
         y = op("mul", op("sign", x), op("pow", op("abs", x), const(1.0 / 3.0)))
     else:
@@ -939,6 +941,83 @@ def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
         if prim == "sinh":
             y = op("mul", op("sign", x), y)
     return _convert(b, y, out_dtype)
+
+
+def _atan_of_nonnegative(b: _Builder, a: _Node) -> _Node:
+    """atan(a) for a >= 0 (or NaN) in float32: Cephes' atanf (reduced to |z| <= tan(pi/8) by
+    atan(a) = pi/2 + atan(-1/a) or pi/4 + atan((a - 1)/(a + 1)), then a degree-9 odd polynomial):
+    within 2 ulps; atan(inf) = pi/2."""
+    shape, f = a.shape, "float32"
+
+    def op(name, *args):
+        return b.elementwise(name, list(args), shape, f)
+
+    def const(v):
+        return _Imm((), f, value=v)
+
+    def pick(pred, if_false, if_true):
+        return b.elementwise("select", [pred, if_false, if_true], shape, f)
+
+    big = b.elementwise("gt", [a, const(2.414213562373095)], shape, "bool")  # tan(3 pi / 8)
+    mid = b.elementwise("gt", [a, const(0.4142135623730950)], shape, "bool")  # tan(pi / 8)
+    base = pick(big, pick(mid, const(0.0), const(np.pi / 4)), const(np.pi / 2))
+    reduced = op("div", op("sub", a, const(1.0)), op("add", a, const(1.0)))
+    z = pick(big, pick(mid, a, reduced), op("div", const(-1.0), a))
+    zz = op("mul", z, z)
+    poly = const(8.05374449538e-2)
+    for c in (-1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1):
+        poly = op("add", op("mul", poly, zz), const(c))
+    return op("add", base, op("add", op("mul", op("mul", poly, zz), z), z))
+
+
+def _copysign(b: _Builder, magnitude: _Node, sign: _Node) -> _Node:
+    """|magnitude| with sign's sign bit (float32 bits): -0.0 and NaNs keep theirs."""
+    shape = magnitude.shape
+
+    def bits(x):
+        return b.elementwise("bitcast", [x], shape, "int32")
+
+    low = b.elementwise(
+        "and", [bits(magnitude), _Imm((), "int32", value=0x7FFFFFFF)], shape, "int32"
+    )
+    top = b.elementwise("and", [bits(sign), _Imm((), "int32", value=_INT32_MIN)], shape, "int32")
+    return b.elementwise(
+        "bitcast", [b.elementwise("or", [low, top], shape, "int32")], shape, "float32"
+    )
+
+
+def _atan2(b: _Builder, y: _Node, x: _Node, out_dtype: str) -> _Node:
+    """atan2(y, x) in float32 through atan(|y| / |x|), folded into the quadrant of (x, y) with
+    IEEE's special cases: both zero -> 0 or pi, both infinite -> pi/4 or 3 pi/4, x = +-0 -> pi/2;
+    the sign of y (also of a zero y) on the result. Within a few ulps of XLA's."""
+    shape = tuple(np.broadcast_shapes(y.shape, x.shape))
+    f = "float32"
+    y, x = (
+        b.broadcast(_convert(b, v, f), shape, tuple(range(len(shape) - len(v.shape), len(shape))))
+        for v in (y, x)
+    )
+
+    def op(name, *args):
+        return b.elementwise(name, list(args), shape, f)
+
+    def test(name, *args):
+        return b.elementwise(name, list(args), shape, "bool")
+
+    def const(v):
+        return _Imm((), f, value=v)
+
+    ay, ax = op("abs", y), op("abs", x)
+    a = _atan_of_nonnegative(b, op("div", ay, ax))  # 0 / 0 and inf / inf are NaN: set below
+    zero, inf = const(0.0), const(float("inf"))
+    both_zero = test("mul", test("eq", ay, zero), test("eq", ax, zero))
+    both_inf = test("mul", test("eq", ay, inf), test("eq", ax, inf))
+    a = op("select", both_zero, a, zero)
+    a = op("select", both_inf, a, const(np.pi / 4))
+    x_negative = test(
+        "ilt", b.elementwise("bitcast", [x], shape, "int32"), _Imm((), "int32", value=0)
+    )
+    a = op("select", x_negative, a, op("sub", const(np.pi), a))
+    return _convert(b, _copysign(b, a, y), out_dtype)
 
 
 def _tile(b: _Builder, x: _Node, reps: tuple[int, ...], out_shape) -> _Node:
@@ -1886,6 +1965,7 @@ _ELEMENTWISE_PRIMS = (
     | set(_INT_TYPED)
     | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
     | _COMPOSED
+    | {"atan2"}
     | set(_TOTAL_ORDER_COMPARE)
     | _IDENTITY
 )
@@ -1958,6 +2038,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
     if prim in _COMPOSED and _kind(args[0].dtype) == "float":
         return [_composed(b, prim, args[0], out_dtype)]
+    if prim == "atan2" and _kind(args[0].dtype) == "float":
+        return [_atan2(b, args[0], args[1], out_dtype)]
     if prim == "tile":
         return [_tile(b, args[0], tuple(int(r) for r in params["reps"]), out_shape)]
     if prim in _TOTAL_ORDER_COMPARE:  # jnp.searchsorted's comparisons
@@ -2054,7 +2136,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
         "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
-        "sinh / cosh / tan / cbrt (composed), eq_to / le_to / lt_to (searchsorted), "
+        "sinh / cosh / tan / cbrt / atan / atan2 (composed), eq_to / le_to / lt_to (searchsorted), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "

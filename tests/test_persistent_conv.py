@@ -258,6 +258,21 @@ def test_max_and_min_pool_gradients(rng, case, ties):
     _check(grad, x)
 
 
+@pytest.mark.parametrize(
+    "window, strides, padding",
+    [((1, 1, 1, 1), (1, 1, 1, 1), "VALID"), ((1, 1, 1, 1), (1, 2, 2, 1), "SAME")],
+)
+def test_one_element_window_gradients(rng, window, strides, padding):
+    """Max pooling over 1-element windows (an identity, a strided subsample): no tap dims at
+    all in the window argmax and in the scatter (the tiled path and the general one)."""
+    x = _normal(rng, 2, 5, 5, 3)
+
+    def loss(x):
+        return jnp.sum(lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding) ** 2)
+
+    _check(jax.grad(loss), x)
+
+
 def test_integer_conv_is_refused():
     x, k = np.ones((1, 4, 4, 1), np.int32), np.ones((2, 2, 1, 1), np.int32)
     fn = ark.persistent(

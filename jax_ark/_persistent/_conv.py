@@ -576,6 +576,8 @@ def _tiled_scatter(b, source, chosen: _Load, window, strides, padding, out_shape
         tap_flat = (
             pos if tap_flat is None else _iop(b, "iadd", _iop(b, "imul", tap_flat, split[d]), pos)
         )
+    if tap_flat is None:  # 1-element windows: each element is its window's only choice
+        tap_flat = _Imm(split, "int32", value=0)
     hit = _iop(b, "ieq", view(chosen, sel_strides), tap_flat)
     zero = _Imm(split, out_dtype, value=0.0)
     out = b.elementwise("select", [hit, zero, view(src, src_strides)], split, out_dtype)

@@ -167,14 +167,7 @@ PADDED = ((0, 0), (1, 1), (0, 1), (0, 0))
 POOLS = {
     "max_same": (-np.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME", {}),
     "avg_valid": (0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID", {}),
-    "min_padded": (
-        np.inf,
-        lax.min,
-        (1, 3, 2, 1),
-        (1, 1, 1, 1),
-        ((0, 0), (1, 1), (0, 1), (0, 0)),
-        {},
-    ),
+    "min_padded": (np.inf, lax.min, (1, 3, 2, 1), (1, 1, 1, 1), PADDED, {}),
     "sum_dilated": (
         0.0,
         lax.add,

@@ -342,10 +342,8 @@ def translate_conv(b: _Builder, params, args: list[_Node], out_shape, out_dtype:
     out_features = rhs.shape[rhs_spec[0]]
     taps = tuple(rhs.shape[d] for d in rhs_spec[2:])
     out_sp = tuple(out_shape[d] for d in out_spec[2:])
-    if math.prod(out_shape) == 0:
-        return _Imm(tuple(out_shape), out_dtype, value=0.0)
-    if math.prod(lhs.shape) == 0 or math.prod(taps) * in_group == 0:
-        return _Imm(tuple(out_shape), out_dtype, value=0.0)  # an empty sum per element
+    if math.prod(out_shape) == 0 or math.prod(lhs.shape) == 0 or math.prod(taps) * in_group == 0:
+        return _Imm(tuple(out_shape), out_dtype, value=0.0)  # nothing, or an empty sum each
 
     # im2col: cols[g, n, *out, *taps, c] = the input element under tap `taps` of output `out`.
     positions, depth = n_batch * math.prod(out_sp), math.prod(taps) * in_group
@@ -420,16 +418,28 @@ def translate_reduce_window(
     if not tap_dims:  # a 1-element window: a strided (maybe padded) view of x
         return b.reshape(_pool_view(b, x, params, out_shape, tap_dims, fill), tuple(out_shape))
     if sum(n != 1 for n in out_shape) + len(tap_dims) <= MAX_RANK:
-        view = _pool_view(b, x, params, out_shape, tap_dims, fill)
-        kept = len(view.shape) - len(tap_dims)
-        axes = tuple(range(kept, len(view.shape)))
-        out = _reduce(b, reduce_prim, view, axes, view.shape[:kept], out_dtype)
-        out = b.reshape(out, tuple(out_shape))
-        out.core.name = prim
-        return out
-    # Past MAX_RANK dims: each tap read through computed indices (LOAD_AT), leading dims folded.
+        taps = _pool_view(b, x, params, out_shape, tap_dims, fill)
+    else:  # each tap read through computed indices (LOAD_AT), leading (output) dims folded
+        taps = _gathered_pool_taps(b, x, params, out_shape, tap_dims, fill)
+    return _fold_taps(b, reduce_prim, taps, len(tap_dims), out_shape, out_dtype, prim)
+
+
+def _fold_taps(b, reduce_prim, taps: _Node, n_taps: int, out_shape, out_dtype, name) -> _Node:
+    """The REDUCE over the trailing n_taps dims of `taps` (a window's taps: its leading dims, maybe
+    folded or without their unit dims, are the outputs), reshaped to out_shape."""
+    kept = len(taps.shape) - n_taps
+    axes = tuple(range(kept, len(taps.shape)))
+    out = b.reshape(_reduce(b, reduce_prim, taps, axes, taps.shape[:kept], out_dtype), out_shape)
+    out.core.name = name
+    return out
+
+
+def _gathered_pool_taps(b, x, params, out_shape, tap_dims, fill) -> _Node:
+    """The pooling windows as computed-index loads over (*out, *taps > 1), for iteration spaces
+    past MAX_RANK dims (_Space folds the leading output dims)."""
+    rank = len(x.shape)
+    window = tuple(int(w) for w in params["window_dimensions"])
     space = _Space(b, [*out_shape, *(window[d] for d in tap_dims)])
-    shape = space.shape
     src = _as_load(b, x)
     index_of = [
         _window_index(
@@ -446,15 +456,7 @@ def translate_reduce_window(
         )
         for d in range(rank)
     ]
-    taps = _gather_windows(b, src, shape, index_of, fill)
-    # The taps are the trailing plan dims: merging folds only leading (output) dims.
-    reduced = len(shape) - len(tap_dims)
-    out = _reduce(
-        b, reduce_prim, taps, tuple(range(reduced, len(shape))), shape[:reduced], out_dtype
-    )
-    out = b.reshape(out, tuple(out_shape))
-    out.core.name = prim
-    return out
+    return _gather_windows(b, src, space.shape, index_of, fill)
 
 
 def translate_select_and_scatter_add(
@@ -497,10 +499,8 @@ def translate_select_and_scatter_add(
         "window_dilation": ones,
     }
     view = _pool_view(b, operand, pool, grid, tap_dims, fill)
-    kept = len(view.shape) - len(tap_dims)
-    axes = tuple(range(kept, len(view.shape)))
-    chosen = _reduce(b, arg_prim, view, axes, view.shape[:kept], "int32")
-    chosen = _as_load(b, b.reshape(chosen, grid))  # the flat tap index per window
+    # the flat tap index per window
+    chosen = _as_load(b, _fold_taps(b, arg_prim, view, len(tap_dims), grid, "int32", arg_prim))
     tiled = _tiled_scatter(b, source, chosen, window, strides, padding, out_shape, out_dtype)
     if tiled is not None:
         return tiled
@@ -530,13 +530,9 @@ def translate_select_and_scatter_add(
     tap_node = tap_flat if tap_flat is not None else _Imm(shape, "int32", value=0)
     hit = _fused(b, "ieq", [picked, tap_node], shape, "bool")
     terms = _fused(b, "select", [hit, zero, value], shape, out_dtype)
-    reduced = len(shape) - len(tap_dims)
-    out = _reduce(
-        b, "reduce_sum", terms, tuple(range(reduced, len(shape))), shape[:reduced], out_dtype
+    return _fold_taps(
+        b, "reduce_sum", terms, len(tap_dims), out_shape, out_dtype, "select_and_scatter_add"
     )
-    out = b.reshape(out, tuple(out_shape))
-    out.core.name = "select_and_scatter_add"
-    return out
 
 
 def _tiled_scatter(b, source, chosen: _Load, window, strides, padding, out_shape, out_dtype):

@@ -58,12 +58,10 @@ def _bits(b: _Builder, x: _Node) -> _Node:
     """x's value as int32 bits that _from_bits restores exactly."""
     if x.dtype == "int32":
         return x
-    if x.dtype in ("uint32", "bool"):
-        return (
-            _convert(b, x, "int32")
-            if x.dtype == "bool"
-            else b.elementwise("imov", [x], x.shape, "int32")
-        )
+    if x.dtype == "bool":
+        return _convert(b, x, "int32")
+    if x.dtype == "uint32":
+        return b.elementwise("imov", [x], x.shape, "int32")
     return b.elementwise("bitcast", [_convert(b, x, "float32")], x.shape, "int32")
 
 

@@ -901,6 +901,12 @@ _TOTAL_ORDER_COMPARE = {"eq_to": "ieq", "le_to": "ile", "lt_to": "ilt"}
 
 def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
     shape, f = x.shape, "float32"
+    if prim == "exp2":
+        # XLA expands exp2 as exp(x * ln 2) in the operand's dtype (for bfloat16 the product is
+        # rounded to bfloat16 first): the same two instructions at that dtype.
+        ln2 = _Imm((), out_dtype, value=float(np.log(2.0)))
+        product = b.elementwise("mul", [_convert(b, x, out_dtype), ln2], shape, out_dtype)
+        return b.elementwise("exp", [product], shape, out_dtype)
     x = _convert(b, x, f)
 
     def op(name, *args):
@@ -909,17 +915,7 @@ def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
     def const(v):
         return _Imm((), f, value=v)
 
-    if prim == "exp2":
-        # XLA expands exp2 as exp(x * ln 2) in the operand's dtype (for bfloat16 the product is
-        # rounded to bfloat16 first): the same two instructions at that dtype.
-        lo = out_dtype
-
-        def op_lo(name, *args):
-            return b.elementwise(name, list(args), shape, lo)
-
-        product = op_lo("mul", _convert(b, x, lo), _Imm((), lo, value=float(np.log(2.0))))
-        return op_lo("exp", product)
-    elif prim == "tan":
+    if prim == "tan":
         y = op("div", op("sin", x), op("cos", x))
     elif prim == "atan":
         y = _copysign(b, _atan_of_nonnegative(b, op("abs", x)), x)
@@ -986,16 +982,12 @@ def _copysign(b: _Builder, magnitude: _Node, sign: _Node) -> _Node:
     )
 
 
-def _atan2(b: _Builder, y: _Node, x: _Node, out_dtype: str) -> _Node:
+def _atan2(b: _Builder, y: _Node, x: _Node, out_shape, out_dtype: str) -> _Node:
     """atan2(y, x) in float32 through atan(|y| / |x|), folded into the quadrant of (x, y) with
     IEEE's special cases: both zero -> 0 or pi, both infinite -> pi/4 or 3 pi/4, x = +-0 -> pi/2;
     the sign of y (also of a zero y) on the result. Within a few ulps of XLA's."""
-    shape = tuple(np.broadcast_shapes(y.shape, x.shape))
-    f = "float32"
-    y, x = (
-        b.broadcast(_convert(b, v, f), shape, tuple(range(len(shape) - len(v.shape), len(shape))))
-        for v in (y, x)
-    )
+    shape, f = tuple(out_shape), "float32"  # the ops below broadcast a scalar operand
+    y, x = _convert(b, y, f), _convert(b, x, f)
 
     def op(name, *args):
         return b.elementwise(name, list(args), shape, f)
@@ -2039,7 +2031,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim in _COMPOSED and _kind(args[0].dtype) == "float":
         return [_composed(b, prim, args[0], out_dtype)]
     if prim == "atan2" and _kind(args[0].dtype) == "float":
-        return [_atan2(b, args[0], args[1], out_dtype)]
+        return [_atan2(b, args[0], args[1], out_shape, out_dtype)]
     if prim == "tile":
         return [_tile(b, args[0], tuple(int(r) for r in params["reps"]), out_shape)]
     if prim in _TOTAL_ORDER_COMPARE:  # jnp.searchsorted's comparisons

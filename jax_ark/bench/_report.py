@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 # The weight-bytes floor columns of the GPU tables (bench persistent, bench decode).
 FLOOR_COLUMNS = [
@@ -74,6 +75,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for line in cells:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+
+
+def max_rel_err(got: Any, want: Any, floor: float = 1.0) -> float:
+    """Largest difference over the leaves of two pytrees, relative to each leaf's largest
+    magnitude in `want` (at least `floor`), in float64."""
+    err = 0.0
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        err = max(err, float(np.abs(g - w).max() / max(floor, np.abs(w).max())))
+    return err
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

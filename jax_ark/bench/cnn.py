@@ -16,7 +16,13 @@ import numpy as np
 from jax import lax
 
 import jax_ark as ark
-from jax_ark.bench._report import add_round_arguments, machine_info, print_table, write_json
+from jax_ark.bench._report import (
+    add_round_arguments,
+    machine_info,
+    max_rel_err,
+    print_table,
+    write_json,
+)
 from jax_ark.bench._timing import compare
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -55,14 +61,6 @@ def train_step(p, x, labels):
     return jax.tree.map(lambda w, g: w - 0.01 * g, p, grads), value
 
 
-def _max_rel_err(got, want) -> float:
-    err = 0.0
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        err = max(err, float(np.max(np.abs(g - w)) / max(1e-30, np.max(np.abs(w)))))
-    return err
-
-
 def bench(batches, budget_s: float, repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     params = _params(rng)
@@ -75,7 +73,7 @@ def bench(batches, budget_s: float, repeats: int) -> list[dict]:
             ("sgd step", train_step, (params, x, labels)),
         ):
             fast, base = jax.jit(ark.persistent(fn)), jax.jit(fn)
-            err = _max_rel_err(fast(*args), base(*args))
+            err = max_rel_err(fast(*args), base(*args), floor=1e-30)
             if not err < 1e-4:
                 raise SystemExit(f"cnn {name} batch {batch}: ark differs from jax.jit ({err})")
             t = compare(fast, base, *args, repeats=repeats, budget_s=budget_s)

@@ -52,7 +52,13 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ark as ark
 from jax_ark._persistent._format import np_dtype
-from jax_ark.bench._report import add_round_arguments, machine_info, print_table, write_json
+from jax_ark.bench._report import (
+    add_round_arguments,
+    machine_info,
+    max_rel_err,
+    print_table,
+    write_json,
+)
 from jax_ark.bench._timing import compare, median_seconds
 
 _AXIS = "x"
@@ -308,16 +314,6 @@ def _cases(layer: str, n: int, rows: int, d: int, hidden: int, rng) -> dict[str,
     }
 
 
-def _max_rel_err(got, want) -> float:
-    """Largest difference over the outputs, relative to each output's largest magnitude (at
-    least 1)."""
-    err = 0.0
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        g, w = np.asarray(g), np.asarray(w)
-        err = max(err, float(np.abs(g - w).max() / max(1.0, np.abs(w).max())))
-    return err
-
-
 def _sharded(fn: Callable, mesh: Mesh, in_specs, out_specs) -> Callable:
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
 
@@ -346,7 +342,7 @@ def bench_cpu(layers: list[str], sizes: list[tuple[int, int, int]], budget_s: fl
             args = _on_mesh(args, mesh, in_specs)
             base = _sharded(fn, mesh, in_specs, out_specs)
             fast = _sharded(ark.persistent(fn), mesh, in_specs, out_specs)
-            err = _max_rel_err(fast(*args), base(*args))
+            err = max_rel_err(fast(*args), base(*args))
             if not err < 1e-4:
                 raise SystemExit(f"{layer} {rows}x{d}x{hidden}: ark differs from jax.lax ({err})")
             row = compare(fast, base, *args, repeats=repeats, budget_s=budget_s)

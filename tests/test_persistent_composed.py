@@ -1,6 +1,7 @@
 """Float functions ark.persistent writes with other opcodes (exp2, sinh, cosh, tan, cbrt, atan,
-atan2: within a few float32 ulps of jax.jit, signs, NaNs, IEEE special cases and overflow points
-included), and jnp.tile (exact)."""
+atan2, lgamma, digamma: within a few float32 ulps of jax.jit, signs, NaNs, IEEE special cases,
+poles and overflow points included), the float remainder (its own opcode: exact) and jnp.tile
+(exact)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,74 @@ def test_tile_matches_jit(rng, reps):
     x = rng.integers(-100, 100, (4, 5)).astype(np.int32)
     fn = lambda x: jnp.tile(x, reps) * 2  # noqa: E731
     np.testing.assert_array_equal(jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x))
+
+
+def _gamma_inputs(rng) -> np.ndarray:
+    """Both branches of the reflection, the poles (0, negative integers), the zeros of lgamma
+    (1, 2), half integers, tiny and huge magnitudes, infinities and NaN."""
+    special = [0.0, -0.0, 1.0, 2.0, 3.0, -1.0, -2.0, -7.0, 0.5, -0.5, -2.5, 1e-30, -1e-30, 3e38]
+    special += [np.inf, -np.inf, np.nan, 1.4616321, 0.49999997, 0.50000006]
+    spread = [rng.uniform(-20, 20, 400), rng.uniform(-3, 3, 400), 10.0 ** rng.uniform(-20, 30, 200)]
+    return np.concatenate([special, *spread]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["lgamma", "digamma"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lgamma_and_digamma_match_jit(rng, name, dtype):
+    fn = lambda x: getattr(jax.lax, name)(x.astype(dtype))  # noqa: E731
+    x = _gamma_inputs(rng)
+    got = np.asarray(jax.jit(ark.persistent(fn))(x), np.float64)
+    want = np.asarray(jax.jit(fn)(x), np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))  # digamma's poles
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))  # lgamma's, and +-inf
+    finite = np.isfinite(want)
+    # Relative to max(|value|, 1): near lgamma's zeros both are absolute-accurate, not relative.
+    tolerance = 4e-6 if dtype == jnp.float32 else 2**-7
+    err = np.abs(got[finite] - want[finite]) / np.maximum(np.abs(want[finite]), 1.0)
+    assert err.max() <= tolerance, (x[finite][np.argmax(err)], err.max())
+
+
+def test_scipy_log_densities_and_their_gradients(rng):
+    """jax.scipy's Poisson / gamma / beta log densities (lgamma, betaln) and their gradients in the
+    parameters (digamma), as a model's likelihood would use them."""
+
+    def log_likelihood(rate, shape, a, k, x, p):
+        return (
+            jax.scipy.stats.poisson.logpmf(k, rate).sum()
+            + jax.scipy.stats.gamma.logpdf(x, shape).sum()
+            + jax.scipy.stats.beta.logpdf(p, a, 2.5).sum()
+        )
+
+    args = (
+        rng.uniform(0.5, 20.0, 64).astype(np.float32),  # rate
+        rng.uniform(0.3, 8.0, 64).astype(np.float32),  # shape
+        rng.uniform(0.5, 5.0, 64).astype(np.float32),  # a
+        rng.integers(0, 30, 64).astype(np.float32),  # k
+        rng.uniform(0.1, 10.0, 64).astype(np.float32),  # x
+        rng.uniform(0.05, 0.95, 64).astype(np.float32),  # p
+    )
+    fn = jax.value_and_grad(log_likelihood, argnums=(0, 1, 2))
+    got = jax.jit(ark.persistent(fn))(*args)
+    want = jax.jit(fn)(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float_remainder_is_exact(rng, dtype):
+    """lax.rem / jnp.fmod / jnp.mod of floats (fmod: exact, the dividend's sign; jnp.mod moves
+    it to the divisor's), with zero and infinite operands."""
+    special = np.array([0.0, -0.0, 5.5, -5.5, np.inf, -np.inf, np.nan, 1e-30, 3e38, 7.0])
+    a = np.concatenate([(rng.standard_normal(300) * 50), special, special[::-1]]).astype(np.float32)
+    b = np.concatenate([(rng.standard_normal(300) * 3), special[::-1], special]).astype(np.float32)
+
+    def fn(a, b):
+        a, b = a.astype(dtype), b.astype(dtype)
+        return jax.lax.rem(a, b), jnp.mod(a, b), jnp.fmod(a, 0.7)
+
+    for got, want in zip(jax.jit(ark.persistent(fn))(a, b), jax.jit(fn)(a, b), strict=True):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(
+            np.signbit(got[~np.isnan(want)]), np.signbit(want[~np.isnan(want)])
+        )

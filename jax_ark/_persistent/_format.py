@@ -49,10 +49,10 @@ STORAGE_CODES = {"arg": 0, "result": 1, "workspace": 2}
 OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3, "put": 4}  # put: v3 communication
 REDUCE_CODES = {
     "sum": 0, "max": 1, "min": 2, "isum": 3, "imax": 4, "imin": 5, "umax": 6, "umin": 7,
-    "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11,
+    "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11, "prod": 12, "iprod": 13,
 }  # fmt: skip
 # Reduce kinds whose prologue yields integer bits (the others fold float32 values).
-INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin"})
+INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin", "iprod"})
 ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {
@@ -61,7 +61,7 @@ OPCODES = {
     "erf": 17, "abs": 18, "integer_pow": 19, "sin": 20, "cos": 21, "log1p": 22, "expm1": 23,
     "square": 24, "sign": 25, "copy": 26,
     "add": 40, "sub": 41, "mul": 42, "div": 43, "max": 44, "min": 45, "pow": 46,
-    "eq": 47, "ne": 48, "lt": 49, "le": 50, "gt": 51, "ge": 52,
+    "eq": 47, "ne": 48, "lt": 49, "le": 50, "gt": 51, "ge": 52, "rem": 53,
     "select": 60,
     "iadd": 70, "isub": 71, "imul": 72, "idiv": 73, "irem": 74, "udiv": 75, "urem": 76,
     "imax": 77, "imin": 78, "umax": 79, "umin": 80, "and": 81, "or": 82, "xor": 83,
@@ -72,7 +72,7 @@ OPCODES = {
     "f2u": 107, "imov": 108, "ipow": 109, "bitcast": 110,
 }  # fmt: skip
 UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 10 <= v <= 26)
-BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 40 <= v <= 52)
+BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 40 <= v <= 53)
 # v2 integer opcodes: 32-bit register operands in, 32 bits out (XLA semantics, tile_ops.hpp).
 INT_BINARY_OPS = frozenset(k for k, v in OPCODES.items() if 70 <= v <= 96)
 INT_UNARY_OPS = frozenset(k for k, v in OPCODES.items() if 100 <= v <= 110)

@@ -56,6 +56,7 @@ _BINARY = {
     "le": lambda a, b: (a <= b).astype(np.float32),
     "gt": lambda a, b: (a > b).astype(np.float32),
     "ge": lambda a, b: (a >= b).astype(np.float32),
+    "rem": np.fmod,
 }
 
 
@@ -367,11 +368,16 @@ def _fold(kind: str, vals: np.ndarray) -> np.ndarray:
         v = key(vals)
         if kind == "isum":
             return _bits(v.sum(axis=1))
+        if kind == "iprod":  # wrapping: the low 32 bits after each multiplication
+            acc = np.ones(rows, np.int64)
+            for r in range(K):
+                acc = (acc * v[:, r]) & 0xFFFFFFFF
+            return _bits(acc)
         return _bits(v.max(axis=1) if kind.endswith("max") else v.min(axis=1))
-    if kind == "sum":
-        acc = np.zeros(rows, np.float32)
+    if kind in ("sum", "prod"):
+        acc = np.full(rows, 0.0 if kind == "sum" else 1.0, np.float32)
         for r in range(K):
-            acc = acc + vals[:, r]
+            acc = acc + vals[:, r] if kind == "sum" else acc * vals[:, r]
         return acc
     acc = np.full(rows, -np.inf if kind == "max" else np.inf, np.float32)
     pick = np.maximum if kind == "max" else np.minimum  # NaN propagates, as nan_max

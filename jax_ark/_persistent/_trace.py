@@ -703,7 +703,7 @@ _UNARY = {
 _BINARY = {
     "add": "add", "sub": "sub", "mul": "mul", "div": "div", "max": "max", "min": "min",
     "pow": "pow", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
-    "add_any": "add",
+    "add_any": "add", "rem": "rem",
 }  # fmt: skip
 _IDENTITY = {"copy", "copy_p", "stop_gradient", "optimization_barrier", "pvary", "pcast"}
 # ---- jax version compatibility: call primitives that are inlined ------------------------------
@@ -1920,7 +1920,9 @@ _INDEXING = {
 }
 
 
-_REDUCE_KINDS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or"}
+_REDUCE_KINDS = {
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_prod"
+}  # fmt: skip
 
 
 def _reduce_kind(prim: str, dtype: str) -> str:
@@ -1935,6 +1937,8 @@ def _reduce_kind(prim: str, dtype: str) -> str:
         ("reduce_max", "uint"): "umax", ("reduce_min", "uint"): "umin",
         ("argmax", "float"): "argmax", ("argmin", "float"): "argmin",
         ("argmax", "int"): "iargmax", ("argmin", "int"): "iargmin",
+        ("reduce_prod", "float"): "prod", ("reduce_prod", "int"): "iprod",
+        ("reduce_prod", "uint"): "iprod",
     }  # fmt: skip
     if (prim, kind) not in table:
         raise UnsupportedError(f"ark.persistent: {prim} over {dtype} values is not supported")
@@ -1944,7 +1948,7 @@ def _reduce_kind(prim: str, dtype: str) -> str:
 def _reduce_identity(kind: str, out_dtype: str) -> float | int:
     ident = {
         "sum": 0.0, "max": -np.inf, "min": np.inf, "isum": 0, "imax": -(2**31),
-        "imin": 2**31 - 1, "umax": 0, "umin": 2**32 - 1,
+        "imin": 2**31 - 1, "umax": 0, "umin": 2**32 - 1, "prod": 1.0, "iprod": 1,
     }[kind]  # fmt: skip
     if out_dtype == "bool":
         return 1.0 if kind == "min" else 0.0  # reduce_and of nothing is True, reduce_or False
@@ -1957,7 +1961,7 @@ _ELEMENTWISE_PRIMS = (
     | set(_INT_TYPED)
     | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
     | _COMPOSED
-    | {"atan2"}
+    | {"atan2", "lgamma", "digamma"}
     | set(_TOTAL_ORDER_COMPARE)
     | _IDENTITY
 )
@@ -2009,6 +2013,13 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
     return [read(v) for v in jaxpr.outvars]
 
 
+def _special():
+    """lgamma / digamma (a module of their own that builds on this one)."""
+    from jax_ark._persistent import _special as module
+
+    return module
+
+
 def _conv():
     """The convolution / pooling translations (a module of their own that builds on this one)."""
     from jax_ark._persistent import _conv as module
@@ -2030,6 +2041,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
     if prim in _COMPOSED and _kind(args[0].dtype) == "float":
         return [_composed(b, prim, args[0], out_dtype)]
+    if prim in _special().SPECIAL and _kind(args[0].dtype) == "float":
+        return [_special().translate_special(b, prim, args[0], out_dtype)]
     if prim == "atan2" and _kind(args[0].dtype) == "float":
         return [_atan2(b, args[0], args[1], out_shape, out_dtype)]
     if prim == "tile":
@@ -2124,11 +2137,13 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         f"{_operand_names(b, args)}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "erf_inv / "
-        "pow, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
-        "reduce_sum / max / min / and / or, argmax / argmin, cumsum / cummax / cummin, top_k "
+        "pow / rem, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
+        "reduce_sum / max / min / prod / and / or, argmax / argmin, cumsum / cummax / cummin / "
+        "cumprod / cumlogsumexp, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
         "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
-        "sinh / cosh / tan / cbrt / atan / atan2 (composed), eq_to / le_to / lt_to (searchsorted), "
+        "sinh / cosh / tan / cbrt / atan / atan2 / lgamma / digamma (composed), eq_to / le_to / "
+        "lt_to (searchsorted), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
@@ -2829,48 +2844,90 @@ def _reduce(b: _Builder, prim, node, axes, out_shape, out_dtype) -> _Node:
 
 
 # A running fold along one axis and the reduction it repeats.
-_CUMULATIVE = {"cumsum": "reduce_sum", "cummax": "reduce_max", "cummin": "reduce_min"}
+_CUMULATIVE = {
+    "cumsum": "reduce_sum", "cummax": "reduce_max", "cummin": "reduce_min",
+    "cumprod": "reduce_prod", "cumlogsumexp": None,
+}  # fmt: skip
 
 
 def _cumulative(
     b: _Builder, prim: str, node: _Node, axis: int, reverse: bool, out_dtype: str
 ) -> _Node:
-    """cumsum / cummax / cummin as a REDUCE over the whole axis whose prologue replaces the terms
-    past each output position (r > j, or r < j reversed) by the fold's identity: O(L^2) work,
-    exact for integers, r ascending for floats (float min as -max(-x), as reduce_min)."""
+    """cumsum / cummax / cummin / cumprod as a REDUCE over the whole axis whose prologue replaces
+    the terms past each output position (r > j, or r < j reversed) by the fold's identity: O(L^2)
+    work, exact for integers, r ascending for floats (float min as -max(-x), as reduce_min)."""
     shape = node.shape
-    L = shape[axis]
     if math.prod(shape) == 0:
         return _Imm(shape, out_dtype, value=0)
+    if prim == "cumlogsumexp":
+        return _cumlogsumexp(b, node, axis, reverse, out_dtype)
     node = b.strip_pendings(node)
     kind, node, negate = _min_as_negated_max(b, _reduce_kind(_CUMULATIVE[prim], node.dtype), node)
-    rank = len(shape)
-    # Iteration space: the output's dims, then the folded position r along `axis`.
-    iter_shape = shape + (L,)
+    terms = _along_running_axis(b, node, axis)
+    return _running_fold(b, kind, terms, axis, reverse, out_dtype, prim, negate)
+
+
+def _along_running_axis(b: _Builder, node: _Node, axis: int) -> _Node:
+    """node over a running fold's iteration space (the output's dims, then the folded position r
+    along `axis`): the element at r, for every output position."""
+    rank = len(node.shape)
     dims = tuple(rank if d == axis else d for d in range(rank))  # x's axis becomes r
-    x = b.broadcast(node, iter_shape, dims)
+    return b.broadcast(node, node.shape + (node.shape[axis],), dims)
+
+
+def _running_fold(
+    b: _Builder, kind: str, terms: _Node, axis: int, reverse: bool, out_dtype: str, name: str,
+    negate: bool = False,
+) -> _Node:  # fmt: skip
+    """The REDUCE of a running fold over terms (its iteration space, _along_running_axis): output
+    j folds the terms at r <= j (r >= j reversed); the others count as the fold's identity."""
+    iter_shape = terms.shape
+    shape, rank = iter_shape[:-1], len(iter_shape) - 1
     pos = _iota(b, {"dimension": axis, "shape": iter_shape}, iter_shape, "int32")
     r = _iota(b, {"dimension": rank, "shape": iter_shape}, iter_shape, "int32")
     keep = b.elementwise("ige" if reverse else "ile", [r, pos], iter_shape, "bool")
-    identity = _Imm(iter_shape, node.dtype, value=_reduce_identity(kind, node.dtype))
-    term = b.elementwise("select", [keep, identity, x], iter_shape, node.dtype)
+    identity = _Imm(iter_shape, terms.dtype, value=_reduce_identity(kind, terms.dtype))
+    term = b.elementwise("select", [keep, identity, terms], iter_shape, terms.dtype)
     core = _Core(
         "reduce",
         out_dtype,
         1,
         math.prod(shape),
         1,
-        L,
+        iter_shape[-1],
         prologue=term,
         iter_dims=iter_shape,
         kept_rank=rank,
         reduce_kind=kind,
         negate=negate,
         source=b.source,
-        name=prim,
+        name=name,
     )
     core.out_shape = shape
     return _Pending(shape, out_dtype, core=core)
+
+
+def _cumlogsumexp(b: _Builder, x: _Node, axis: int, reverse: bool, out_dtype: str) -> _Node:
+    """log(sum_{r <= j} e^x_r) as two running folds in float32: the running max m_j, then
+    m_j + log(sum e^(x_r - m_j)) (no term above 1: no overflow, and the largest term is exact).
+    An infinite m_j shifts by 0 instead, so all -inf so far gives -inf and any +inf gives +inf
+    (not inf - inf = NaN), as XLA's running logaddexp."""
+    f = "float32"
+    x = b.strip_pendings(_convert(b, x, f))
+    shape, iter_shape = x.shape, x.shape + (x.shape[axis],)
+    top = b.materialize(_running_fold(b, "max", _along_running_axis(b, x, axis), axis, reverse, f,
+                                      "cumlogsumexp"))  # fmt: skip
+    finite = b.elementwise("lt", [b.elementwise("abs", [top], shape, f), _Imm((), f, value=np.inf)],
+                           shape, "bool")  # fmt: skip
+    shift = b.elementwise("select", [finite, _Imm((), f, value=0.0), top], shape, f)
+    spread = b.broadcast(shift, iter_shape, tuple(range(len(shape))))
+    terms = b.elementwise(
+        "exp", [b.elementwise("sub", [_along_running_axis(b, x, axis), spread], iter_shape, f)],
+        iter_shape, f,
+    )  # fmt: skip
+    total = b.materialize(_running_fold(b, "sum", terms, axis, reverse, f, "cumlogsumexp"))
+    out = b.elementwise("add", [b.elementwise("log", [total], shape, f), shift], shape, f)
+    return _convert(b, out, out_dtype)
 
 
 def _without_dead_code(closed):

@@ -67,12 +67,14 @@ enum OpKind : int32_t {
 
 // Accumulator of a REDUCE (docs/plan_format.md, "Ops"). Float kinds fold float32 values; integer
 // kinds fold the prologue's 32 bits (isum wraps); arg kinds keep (best value, its index r) and
-// yield the int32 index of the first extremum (a NaN counts as the extremum, as in XLA).
+// yield the int32 index of the first extremum (a NaN counts as the extremum, as in XLA); prod
+// multiplies float32 values, iprod the 32 bits (wrapping: the same bits for int32 and uint32).
 enum ReduceKind : int32_t {
   kReduceSum = 0, kReduceMax = 1,
   kReduceMin = 2, kReduceISum = 3, kReduceIMax = 4, kReduceIMin = 5, kReduceUMax = 6,
   kReduceUMin = 7, kReduceArgMax = 8, kReduceArgMin = 9, kReduceIArgMax = 10, kReduceIArgMin = 11,
-  kNumReduceKinds = 12,
+  kReduceProd = 12, kReduceIProd = 13,
+  kNumReduceKinds = 14,
 };
 
 // Program opcodes. Instruction i writes register i; operands a, b, c name earlier registers.
@@ -92,6 +94,7 @@ enum Opcode : int32_t {
   // binary (operands a, b)
   kAdd = 40, kSub = 41, kMul = 42, kDiv = 43, kMax = 44, kMin = 45, kPow = 46,
   kEq = 47, kNe = 48, kLt = 49, kLe = 50, kGt = 51, kGe = 52,
+  kRem = 53,  // fmod: a - trunc(a / b) * b, exact, the dividend's sign (lax.rem of floats)
   // ternary
   kSelect = 60,   // r = (a != 0) ? c : b   (jax select_n(pred, on_false, on_true))
   // v2 integer binary (32-bit operands a, b; XLA semantics, see tile_ops.hpp apply_int_binary)

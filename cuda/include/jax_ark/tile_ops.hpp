@@ -170,12 +170,13 @@ ARK_HD float apply_binary(int32_t opcode, float a, float b) {
     case kLe: return a <= b ? 1.0f : 0.0f;
     case kGt: return a > b ? 1.0f : 0.0f;
     case kGe: return a >= b ? 1.0f : 0.0f;
+    case kRem: return fmodf(a, b);
     default: return a;
   }
 }
 
 ARK_HD bool is_unary(int32_t opcode) { return opcode >= kNeg && opcode <= kCopy; }
-ARK_HD bool is_binary(int32_t opcode) { return opcode >= kAdd && opcode <= kGe; }
+ARK_HD bool is_binary(int32_t opcode) { return opcode >= kAdd && opcode <= kRem; }
 ARK_HD bool is_int_binary(int32_t opcode) { return opcode >= kIAdd && opcode <= kUGe; }
 ARK_HD bool is_int_unary(int32_t opcode) { return opcode >= kINeg && opcode <= kBitcast; }
 
@@ -283,6 +284,8 @@ ARK_HD ReduceAcc reduce_identity(int32_t kind) {
     case kReduceIMin:
     case kReduceIArgMin: return {0x7FFFFFFFu, 0x7FFFFFFF};
     case kReduceUMin: return {0xFFFFFFFFu, 0};
+    case kReduceProd: return {float_bits(1.0f), 0};
+    case kReduceIProd: return {1u, 0};
     default: return {0u, 0};  // isum, umax
   }
 }
@@ -312,6 +315,8 @@ ARK_HD ReduceAcc reduce_combine(int32_t kind, ReduceAcc a, ReduceAcc b) {
     case kReduceIMin: return {apply_int_binary(kIMin, a.bits, b.bits), 0};
     case kReduceUMax: return {apply_int_binary(kUMax, a.bits, b.bits), 0};
     case kReduceUMin: return {apply_int_binary(kUMin, a.bits, b.bits), 0};
+    case kReduceProd: return {float_bits(bits_float(a.bits) * bits_float(b.bits)), 0};
+    case kReduceIProd: return {a.bits * b.bits, 0};
     default: return arg_better(kind, a.bits, a.index, b.bits, b.index) ? b : a;
   }
 }

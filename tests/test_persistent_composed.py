@@ -1,7 +1,8 @@
 """Float functions ark.persistent writes with other opcodes (exp2, sinh, cosh, tan, cbrt, atan,
-atan2, lgamma, digamma: within a few float32 ulps of jax.jit, signs, NaNs, IEEE special cases,
-poles and overflow points included), the float remainder (its own opcode: exact) and jnp.tile
-(exact)."""
+atan2, asin, acos, asinh, acosh, atanh, lgamma, digamma: within a few float32 ulps of jax.jit,
+signs, NaNs, IEEE special cases, poles and overflow points included), nextafter and the float
+remainder (exact) and jnp.tile (exact). tests/test_lax_ops_suite.py runs JAX's own op records
+through these too."""
 
 from __future__ import annotations
 
@@ -134,3 +135,44 @@ def test_float_remainder_is_exact(rng, dtype):
         np.testing.assert_array_equal(
             np.signbit(got[~np.isnan(want)]), np.signbit(want[~np.isnan(want)])
         )
+
+
+@pytest.mark.parametrize("name", ["arcsin", "arccos", "arcsinh", "arccosh", "arctanh"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_inverse_trigonometric_functions_match_jit(rng, name, dtype):
+    """At and next to +-1, signed zeros, tiny and huge magnitudes (x^2 overflows), the domains'
+    edges (NaN beyond), infinities and NaN."""
+    edges = [0.0, -0.0, 1.0, -1.0, 1.0000001, -1.0000001, 0.9999999, -0.9999999, 1e-30, -1e-30]
+    edges += [1e-8, 3e38, -3e38, 2e19, np.inf, -np.inf, np.nan, 0.5, -0.5, 2.0]
+    x = np.concatenate([
+        edges, rng.uniform(-1, 1, 300), rng.standard_normal(300) * 50,
+        10.0 ** rng.uniform(-30, 38, 200) * rng.choice([-1, 1], 200),
+    ]).astype(np.float32)  # fmt: skip
+    fn = lambda x: getattr(jnp, name)(x.astype(dtype))  # noqa: E731
+    got = np.asarray(jax.jit(ark.persistent(fn))(x), np.float64)
+    want = np.asarray(jax.jit(fn)(x), np.float64)
+    for special in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(special(got), special(want))
+    number = ~np.isnan(want)
+    np.testing.assert_array_equal(np.signbit(got[number]), np.signbit(want[number]))
+    finite = np.isfinite(want)
+    # bfloat16: rounded once from float32, one bfloat16 ulp from XLA's at most.
+    rtol = 4e-7 if dtype == jnp.float32 else 2**-7
+    np.testing.assert_allclose(got[finite], want[finite], rtol=rtol, atol=1e-37)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_nextafter_is_bit_exact(rng, dtype):
+    """Towards larger, smaller and equal values, from and to signed zeros (the smallest
+    subnormal), from the largest finite value to inf, and NaN in either operand."""
+    big = float(jnp.finfo(dtype).max)
+    x = [0.0, -0.0, 0.0, -0.0, 1.0, 1.0, -1.0, big, -big, np.inf, 2.0, np.nan, 3.0, 1e-30]
+    y = [1.0, 1.0, -1.0, -0.0, 1.0, -5.0, -5.0, np.inf, -np.inf, 0.0, np.nan, 2.0, 3.0, -1.0]
+    x = np.concatenate([x, rng.standard_normal(200) * 10]).astype(np.float32)
+    y = np.concatenate([y, rng.standard_normal(200) * 10]).astype(np.float32)
+    fn = lambda x, y: jax.lax.nextafter(x.astype(dtype), y.astype(dtype))  # noqa: E731
+    got = np.asarray(jax.jit(ark.persistent(fn))(x, y), np.float32)
+    want = np.asarray(jax.jit(fn)(x, y), np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))

@@ -144,6 +144,21 @@ def test_dropout_in_a_tensor_parallel_mlp_under_shard_map(mesh8, rng):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_truncated_normal_draws(rng):
+    """jax.random.truncated_normal (its bounds through nextafter, then erf / erf_inv): within a
+    few float32 ulps of jax.jit, and inside the bounds."""
+
+    def fn(x, key):
+        return x * jax.random.truncated_normal(key, -1.5, 2.0, x.shape)
+
+    x = rng.uniform(0.5, 2.0, (16, 300)).astype(np.float32)
+    key = jax.random.key(5)
+    got, want = jax.jit(ark.persistent(fn))(x, key), jax.jit(fn)(x, key)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=4e-6, atol=4e-6)
+    draws = np.asarray(got) / x
+    assert draws.min() >= -1.5 and draws.max() <= 2.0
+
+
 def test_what_is_not_supported_is_refused_by_name(rng):
     x = rng.standard_normal((4, 4)).astype(np.float32)
     key = jax.random.PRNGKey(0)

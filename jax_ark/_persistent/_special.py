@@ -1,10 +1,13 @@
-"""lgamma and digamma inside ark.persistent, written with the plan's float32 opcodes.
+"""Special functions inside ark.persistent, written with the plan's opcodes (no opcode computes
+them; XLA too expands them before its backends see them). A 16-bit input is widened to float32 and
+the result rounded once, as XLA does.
 
-No opcode computes them: like XLA (which expands both before its backends see them), they are
-Lanczos' approximation with g = 7 and 9 terms (Godfrey's coefficients), reflected through Euler's
-formula below 1/2. The steps follow XLA's expansion, so results agree with jax.jit to a few
-float32 ulps away from the zeros of lgamma (x = 1, 2) and the poles, not bit for bit: a 16-bit
-input is widened to float32 and the result rounded once, as XLA does.
+- lgamma, digamma: Lanczos' approximation with g = 7 and 9 terms (Godfrey's coefficients),
+  reflected through Euler's formula below 1/2, the steps of XLA's expansion: within a few float32
+  ulps of jax.jit away from the zeros of lgamma (x = 1, 2) and the poles, not bit for bit.
+- asin, acos, asinh, acosh, atanh: through atan2, log1p and sqrt in forms that keep their accuracy
+  near 0 and +-1 and do not overflow for large |x|.
+- nextafter: integer steps of the float32 bits (of bfloat16's top 16 bits), exact.
 """
 
 from __future__ import annotations
@@ -13,9 +16,20 @@ import math
 
 import numpy as np
 
-from jax_ark._persistent._trace import _Builder, _convert, _Imm, _Node, _round_to_integer
+from jax_ark._persistent._trace import (
+    UnsupportedError,
+    _atan2,
+    _Builder,
+    _convert,
+    _copysign,
+    _Imm,
+    _Node,
+    _round_to_integer,
+)
 
-SPECIAL = frozenset({"lgamma", "digamma"})
+UNARY = frozenset({"lgamma", "digamma", "asin", "acos", "asinh", "acosh", "atanh"})
+BINARY = frozenset({"nextafter"})
+_SQRT_MAX = float(np.sqrt(np.finfo(np.float32).max))  # past it, x * x overflows
 
 _G = 7.0  # Lanczos' g: t(z) = z + g + 1/2
 _BASE = 0.99999999999980993227684700473478
@@ -50,10 +64,19 @@ class _Float32:
         return self("lt", self("abs", x), self.const(np.inf), dtype="bool")
 
 
-def translate_special(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
+def translate_special(b: _Builder, prim: str, args: list[_Node], out_shape, out_dtype: str):
+    if prim == "nextafter":
+        return _nextafter(b, args[0], args[1], tuple(out_shape), out_dtype)
+    x = args[0]
     f = _Float32(b, x.shape)
     x = _convert(b, x, "float32")
-    y = _lgamma(f, x) if prim == "lgamma" else _digamma(f, x)
+    if prim in ("asin", "acos"):
+        y = _asin(b, f, x) if prim == "asin" else _acos(b, f, x)
+    else:
+        y = {
+            "lgamma": _lgamma, "digamma": _digamma, "asinh": _asinh, "acosh": _acosh,
+            "atanh": _atanh,
+        }[prim](f, x)  # fmt: skip
     return _convert(b, y, out_dtype)
 
 
@@ -121,3 +144,90 @@ def _digamma(f: _Float32, x: _Node) -> _Node:
         dtype="bool",
     )  # bool and: 1 * 1
     return f.where(pole, const(np.nan), result)  # poles at 0, -1, -2, ...: NaN
+
+
+def _one_minus_square(f: _Float32, x: _Node) -> _Node:
+    """1 - x^2 as (1 - x)(1 + x): no cancellation near |x| = 1."""
+    one = f.const(1.0)
+    return f("mul", f("sub", one, x), f("add", one, x))
+
+
+def _asin(b: _Builder, f: _Float32, x: _Node) -> _Node:
+    """asin(x) = 2 atan2(x, 1 + sqrt(1 - x^2)): NaN beyond [-1, 1] from the sqrt."""
+    root = f("sqrt", _one_minus_square(f, x))
+    half = _atan2(b, x, f("add", f.const(1.0), root), f.shape, "float32")
+    return f("mul", f.const(2.0), half)
+
+
+def _acos(b: _Builder, f: _Float32, x: _Node) -> _Node:
+    """acos(x) = 2 atan2(sqrt(1 - x^2), 1 + x), and pi at x = -1 (atan2(0, 0) would give 0)."""
+    root = f("sqrt", _one_minus_square(f, x))
+    half = _atan2(b, root, f("add", f.const(1.0), x), f.shape, "float32")
+    at_minus_one = f("eq", x, f.const(-1.0), dtype="bool")
+    return f.where(at_minus_one, f.const(math.pi), f("mul", f.const(2.0), half))
+
+
+def _asinh(f: _Float32, x: _Node) -> _Node:
+    """sign(x) log1p(a + a^2 / (1 + sqrt(1 + a^2))) for a = |x| (accurate near 0), and
+    log(a) + log 2 past sqrt(float max) (a^2 overflows there); asinh(-0) = -0."""
+    const = f.const
+    a = f("abs", x)
+    a2 = f("mul", a, a)
+    near = f(
+        "log1p",
+        f("add", a, f("div", a2, f("add", const(1.0), f("sqrt", f("add", const(1.0), a2))))),
+    )
+    far = f("add", f("log", a), const(math.log(2.0)))
+    y = f.where(f("ge", a, const(_SQRT_MAX), dtype="bool"), far, near)
+    return _copysign(f.b, y, x)
+
+
+def _acosh(f: _Float32, x: _Node) -> _Node:
+    """log1p(t + sqrt(t (t + 2))) for t = x - 1 (accurate near 1), log(x) + log 2 past
+    sqrt(float max); NaN below 1 (from the sqrt, and explicitly for x < -1)."""
+    const = f.const
+    t = f("sub", x, const(1.0))
+    near = f("log1p", f("add", t, f("sqrt", f("mul", t, f("add", t, const(2.0))))))
+    far = f("add", f("log", x), const(math.log(2.0)))
+    y = f.where(f("ge", x, const(_SQRT_MAX), dtype="bool"), far, near)
+    return f.where(f("lt", x, const(1.0), dtype="bool"), const(np.nan), y)
+
+
+def _atanh(f: _Float32, x: _Node) -> _Node:
+    """(log1p(x) - log1p(-x)) / 2: accurate near 0, +-inf at +-1, NaN beyond."""
+    const = f.const
+    y = f("mul", f("sub", f("log1p", x), f("log1p", f("neg", x))), const(0.5))
+    return f.where(f("gt", f("abs", x), const(1.0), dtype="bool"), const(np.nan), y)
+
+
+def _nextafter(b: _Builder, x: _Node, y: _Node, shape: tuple, out_dtype: str) -> _Node:
+    """The representable value after x towards y (lax.nextafter, C's nextafter): x's bits one step
+    towards y (+1 away from zero, -1 towards it); from +-0 the smallest subnormal with y's sign;
+    y when x == y; NaN when either is. bfloat16 values sit in a float32 register's top 16 bits,
+    so their step is 2^16; float16's bits are not a float32's and are refused."""
+    if out_dtype not in ("float32", "bfloat16"):
+        raise UnsupportedError(
+            f"ark.persistent: nextafter of {out_dtype} values is not supported (float32 and "
+            f"bfloat16 only; at {b.source})"
+        )
+    f = _Float32(b, shape)
+    x, y = _convert(b, x, "float32"), _convert(b, y, "float32")
+    unit = 1 << 16 if out_dtype == "bfloat16" else 1
+
+    def bits(v):
+        return f("bitcast", v, dtype="int32")
+
+    def int_const(v):
+        return _Imm((), "int32", value=v)
+
+    up = f("eq", f("lt", x, y, dtype="bool"), f("gt", x, f.const(0.0), dtype="bool"), dtype="bool")
+    step = f("select", up, int_const(-unit), int_const(unit), dtype="int32")
+    stepped = f("iadd", bits(x), step, dtype="int32")
+    from_zero = f("or", f("and", bits(y), int_const(-(2**31)), dtype="int32"), int_const(unit),
+                  dtype="int32")  # fmt: skip
+    is_zero = f("eq", x, f.const(0.0), dtype="bool")
+    result = f("bitcast", f("select", is_zero, stepped, from_zero, dtype="int32"))
+    result = f.where(f("eq", x, y, dtype="bool"), y, result)
+    either_nan = f("ne", f("add", x, y), f("add", x, y), dtype="bool")  # NaN + anything is NaN
+    result = f.where(either_nan, f.const(np.nan), result)
+    return _convert(b, result, out_dtype)

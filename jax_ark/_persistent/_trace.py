@@ -1961,7 +1961,7 @@ _ELEMENTWISE_PRIMS = (
     | set(_INT_TYPED)
     | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
     | _COMPOSED
-    | {"atan2", "lgamma", "digamma"}
+    | {"atan2", "lgamma", "digamma", "asin", "acos", "asinh", "acosh", "atanh", "nextafter"}
     | set(_TOTAL_ORDER_COMPARE)
     | _IDENTITY
 )
@@ -2014,7 +2014,8 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
 
 
 def _special():
-    """lgamma / digamma (a module of their own that builds on this one)."""
+    """Special functions: lgamma, inverse trigonometric, nextafter (a module of their own that
+    builds on this one)."""
     from jax_ark._persistent import _special as module
 
     return module
@@ -2041,8 +2042,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_typed_elementwise(b, prim, args, out_shape, out_dtype, params)]
     if prim in _COMPOSED and _kind(args[0].dtype) == "float":
         return [_composed(b, prim, args[0], out_dtype)]
-    if prim in _special().SPECIAL and _kind(args[0].dtype) == "float":
-        return [_special().translate_special(b, prim, args[0], out_dtype)]
+    if prim in _special().UNARY | _special().BINARY and _kind(args[0].dtype) == "float":
+        return [_special().translate_special(b, prim, args, out_shape, out_dtype)]
     if prim == "atan2" and _kind(args[0].dtype) == "float":
         return [_atan2(b, args[0], args[1], out_shape, out_dtype)]
     if prim == "tile":
@@ -2142,7 +2143,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "cumprod / cumlogsumexp, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
         "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
-        "sinh / cosh / tan / cbrt / atan / atan2 / lgamma / digamma (composed), eq_to / le_to / "
+        "sinh / cosh / tan / cbrt / atan / atan2 / asin / acos / asinh / acosh / atanh / lgamma / "
+        "digamma / nextafter (composed), eq_to / le_to / "
         "lt_to (searchsorted), "
         "bitcast_convert_type (32-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "

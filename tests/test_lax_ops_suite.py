@@ -30,14 +30,14 @@ _PLANNED_OPS = {
     "reciprocal", "tan", "asin", "acos", "atan", "asinh", "acosh", "atanh", "sinh", "cosh",
     "lgamma", "digamma", "erf", "erfc", "erf_inv", "abs", "pow", "bitwise_and", "bitwise_not",
     "bitwise_or", "bitwise_xor", "add", "sub", "mul", "div", "rem", "max", "min", "eq", "ne", "ge",
-    "gt", "le", "lt",
+    "gt", "le", "lt", "population_count", "clz", "mulhi",
 }  # fmt: skip
 # Tensor dtypes ark.persistent does not take (refused for any op).
 _REFUSED_DTYPES = {"int8", "int16", "uint8", "uint16", "complex64"}
 # Ops refused for every dtype, and single (op, dtype) refusals.
 _REFUSED_OPS = {
-    "betainc", "igamma", "igammac", "bessel_i0e", "bessel_i1e", "population_count", "clz",
-    "mulhi", "real", "imag", "complex", "conj",
+    "betainc", "igamma", "igammac", "bessel_i0e", "bessel_i1e", "real", "imag", "complex",
+    "conj",
 }  # fmt: skip
 _REFUSED_PAIRS = {("nextafter", "float16")}
 

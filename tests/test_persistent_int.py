@@ -484,3 +484,24 @@ def test_int_to_bf16_rounds_as_xla_cpu():
     for got in (jax.jit(ark.persistent(fn))(*args), interpret(ark.plan(fn, *args), *args)):
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint32])
+def test_bit_counts_and_high_products_are_exact(rng, dtype):
+    """population_count, clz and mulhi over random 32-bit patterns, each power of two and its
+    neighbours, 0, -1 and the extremes: exact against jax.jit."""
+    powers = [1 << k for k in range(32)]
+    edges = powers + [p - 1 for p in powers] + [p + 1 for p in powers] + [0, 2**32 - 1, 2**31 - 1]
+    words = np.concatenate(
+        [rng.integers(0, 2**32, 900, dtype=np.uint64), np.array(edges, np.uint64)]
+    )
+    x = words.astype(np.uint32).view(np.int32)
+    y = np.roll(x, 7)
+
+    def fn(x, y):
+        x, y = x.astype(dtype), y.astype(dtype)
+        return jax.lax.population_count(x), jax.lax.clz(x), jax.lax.mulhi(x, y), jax.lax.mulhi(x, x)
+
+    for got, want in zip(jax.jit(ark.persistent(fn))(x, y), jax.jit(fn)(x, y), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

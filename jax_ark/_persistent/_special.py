@@ -8,6 +8,8 @@ the result rounded once, as XLA does.
 - asin, acos, asinh, acosh, atanh: through atan2, log1p and sqrt in forms that keep their accuracy
   near 0 and +-1 and do not overflow for large |x|.
 - nextafter: integer steps of the float32 bits (of bfloat16's top 16 bits), exact.
+- population_count, clz, mulhi of 32-bit integers: bit manipulation with the integer opcodes
+  (SWAR counting, a binary search, 16-bit partial products), exact.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jax_ark._persistent._trace import (
 
 UNARY = frozenset({"lgamma", "digamma", "asin", "acos", "asinh", "acosh", "atanh"})
 BINARY = frozenset({"nextafter"})
+INTEGER = frozenset({"population_count", "clz", "mulhi"})
 _SQRT_MAX = float(np.sqrt(np.finfo(np.float32).max))  # past it, x * x overflows
 
 _G = 7.0  # Lanczos' g: t(z) = z + g + 1/2
@@ -231,3 +234,83 @@ def _nextafter(b: _Builder, x: _Node, y: _Node, shape: tuple, out_dtype: str) ->
     either_nan = f("ne", f("add", x, y), f("add", x, y), dtype="bool")  # NaN + anything is NaN
     result = f.where(either_nan, f.const(np.nan), result)
     return _convert(b, result, out_dtype)
+
+
+class _Bits:
+    """uint32 ops over one shape (the 32 bits of an int32 or uint32 value)."""
+
+    def __init__(self, b: _Builder, shape: tuple[int, ...]):
+        self.b, self.shape = b, shape
+
+    def __call__(self, name: str, *args: _Node) -> _Node:
+        return self.b.elementwise(name, list(args), self.shape, "uint32")
+
+    @staticmethod
+    def const(value: int) -> _Node:
+        return _Imm((), "uint32", value=value & 0xFFFFFFFF)
+
+    def where(self, pred: _Node, if_true: _Node, if_false: _Node) -> _Node:
+        return self("select", pred, if_false, if_true)
+
+    def is_zero(self, x: _Node) -> _Node:
+        return self.b.elementwise("ieq", [x, self.const(0)], self.shape, "bool")
+
+
+def translate_integer(b: _Builder, prim: str, args: list[_Node], out_shape, out_dtype: str):
+    shape = tuple(out_shape)
+    u = _Bits(b, shape)
+    bits = [b.elementwise("imov", [a], a.shape, "uint32") for a in args]
+    if prim == "population_count":
+        y = _population_count(u, bits[0])
+    elif prim == "clz":
+        y = _count_leading_zeros(u, bits[0])
+    else:
+        y = _mulhi(u, *bits, signed=out_dtype == "int32")
+    return b.elementwise("imov", [y], shape, out_dtype)
+
+
+def _population_count(u: _Bits, x: _Node) -> _Node:
+    """Bits set, summed in place: pairs, nibbles, bytes, then the four bytes by one multiply."""
+    c = u.const
+    x = u("isub", x, u("and", u("shrl", x, c(1)), c(0x55555555)))
+    x = u("iadd", u("and", x, c(0x33333333)), u("and", u("shrl", x, c(2)), c(0x33333333)))
+    x = u("and", u("iadd", x, u("shrl", x, c(4))), c(0x0F0F0F0F))
+    return u("shrl", u("imul", x, c(0x01010101)), c(24))
+
+
+def _count_leading_zeros(u: _Bits, x: _Node) -> _Node:
+    """A binary search: where the top `width` bits are zero, count them and shift them out (16,
+    8, 4, 2, 1); 31 is counted for 0 with x still 0, which adds the 32nd."""
+    count = u.const(0)
+    for width in (16, 8, 4, 2, 1):
+        top_clear = u.is_zero(u("shrl", x, u.const(32 - width)))
+        count = u.where(top_clear, u("iadd", count, u.const(width)), count)
+        x = u.where(top_clear, u("shl", x, u.const(width)), x)
+    return u("iadd", count, u.where(u.is_zero(x), u.const(1), u.const(0)))
+
+
+def _mulhi(u: _Bits, x: _Node, y: _Node, signed: bool) -> _Node:
+    """The high 32 bits of the 64-bit product, from 16-bit halves: the products of the halves
+    and the carry out of the low word; signed as unsigned minus (x < 0 ? y : 0) and (y < 0 ? x :
+    0) (two's complement, mod 2^32)."""
+    c = u.const
+    x1, x0 = u("shrl", x, c(16)), u("and", x, c(0xFFFF))
+    y1, y0 = u("shrl", y, c(16)), u("and", y, c(0xFFFF))
+    low, cross1, cross2 = u("imul", x0, y0), u("imul", x1, y0), u("imul", x0, y1)
+    carry = u(
+        "shrl",
+        u("iadd", u("iadd", u("shrl", low, c(16)), u("and", cross1, c(0xFFFF))),
+          u("and", cross2, c(0xFFFF))),
+        c(16),
+    )  # fmt: skip
+    high = u(
+        "iadd", u("imul", x1, y1), u("iadd", u("shrl", cross1, c(16)), u("shrl", cross2, c(16)))
+    )
+    high = u("iadd", high, carry)
+    if signed:
+        for a, other in ((x, y), (y, x)):
+            negative = u.b.elementwise(
+                "ilt", [u("imov", a), _Imm((), "int32", value=0)], u.shape, "bool"
+            )
+            high = u("isub", high, u.where(negative, other, c(0)))
+    return high

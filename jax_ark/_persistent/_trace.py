@@ -1962,6 +1962,7 @@ _ELEMENTWISE_PRIMS = (
     | {"erfc", "integer_pow", "convert_element_type", "select_n", "clamp"}
     | _COMPOSED
     | {"atan2", "lgamma", "digamma", "asin", "acos", "asinh", "acosh", "atanh", "nextafter"}
+    | {"population_count", "clz", "mulhi"}
     | set(_TOTAL_ORDER_COMPARE)
     | _IDENTITY
 )
@@ -2044,6 +2045,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_composed(b, prim, args[0], out_dtype)]
     if prim in _special().UNARY | _special().BINARY and _kind(args[0].dtype) == "float":
         return [_special().translate_special(b, prim, args, out_shape, out_dtype)]
+    if prim in _special().INTEGER and _kind(args[0].dtype) in ("int", "uint"):
+        return [_special().translate_integer(b, prim, args, out_shape, out_dtype)]
     if prim == "atan2" and _kind(args[0].dtype) == "float":
         return [_atan2(b, args[0], args[1], out_shape, out_dtype)]
     if prim == "tile":
@@ -2137,8 +2140,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         f"ark.persistent: primitive '{prim}' is not supported (at {b.source}"
         f"{_operand_names(b, args)}); supported: "
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
-        "erf_inv / "
-        "pow / rem, comparisons, integer arithmetic / bitwise ops / shifts, select_n, clamp, iota, "
+        "erf_inv / pow / rem, comparisons, integer arithmetic / bitwise ops / shifts / "
+        "population_count / clz / mulhi, select_n, clamp, iota, "
         "reduce_sum / max / min / prod / and / or, argmax / argmin, cumsum / cummax / cummin / "
         "cumprod / cumlogsumexp, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "

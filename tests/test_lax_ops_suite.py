@@ -33,7 +33,7 @@ _PLANNED_OPS = {
     "gt", "le", "lt", "population_count", "clz", "mulhi",
 }  # fmt: skip
 # Tensor dtypes ark.persistent does not take (refused for any op).
-_REFUSED_DTYPES = {"int8", "int16", "uint8", "uint16", "complex64"}
+_REFUSED_DTYPES = {"complex64"}
 # Ops refused for every dtype, and single (op, dtype) refusals.
 _REFUSED_OPS = {
     "betainc", "igamma", "igammac", "bessel_i0e", "bessel_i1e", "real", "imag", "complex",

@@ -132,7 +132,7 @@ def test_runtime_rejects_unchecked_plans(setup, edit):
         elif edit == "opcode":
             words[code] = 99
         elif edit == "dtype":
-            words[code] = (words[code] & 0xFFFF) | (9 << 16)
+            words[code] = (words[code] & 0xFFFF) | (10 << 16)  # past the last dtype (uint16 = 9)
         elif edit == "integer_pow_exponent":
             pow_op = next(
                 (i, k)

@@ -41,10 +41,18 @@ DROP_STORE = -(1 << 31)
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4, "uint32": 5}
-DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4, "uint32": 4}
-# Registers of these dtypes hold integer bits; every other register holds a float32 value.
-INT_DTYPES = frozenset({"int32", "uint32"})
+DTYPE_CODES = {
+    "float32": 0, "bfloat16": 1, "float16": 2, "bool": 3, "int32": 4, "uint32": 5,
+    "int8": 6, "uint8": 7, "int16": 8, "uint16": 9,
+}  # fmt: skip
+DTYPE_SIZES = {
+    "float32": 4, "bfloat16": 2, "float16": 2, "bool": 1, "int32": 4, "uint32": 4,
+    "int8": 1, "uint8": 1, "int16": 2, "uint16": 2,
+}  # fmt: skip
+# Registers of these dtypes hold integer bits; every other register holds a float32 value. A
+# narrow integer's register holds its value sign- (int) or zero- (uint) extended to 32 bits.
+INT_DTYPES = frozenset({"int32", "uint32", "int8", "uint8", "int16", "uint16"})
+NARROW_INT_DTYPES = frozenset({"int8", "uint8", "int16", "uint16"})
 STORAGE_CODES = {"arg": 0, "result": 1, "workspace": 2}
 OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3, "put": 4}  # put: v3 communication
 REDUCE_CODES = {

@@ -161,8 +161,11 @@ _INT_UNARY = {
 
 
 def round_to(v: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype in INT_DTYPES:
-        return np.asarray(v).astype(np.uint32)  # integer registers hold bits
+    if dtype in INT_DTYPES:  # integer registers hold bits; narrow ones wrap to their width
+        bits = np.asarray(v).astype(np.uint32)
+        if dtype in ("int32", "uint32"):
+            return bits
+        return _bits(bits.astype(np_dtype(dtype)).astype(np.int64))
     v = np.asarray(v, dtype=np.float32)
     if dtype in ("bfloat16", "float16"):
         return v.astype(np_dtype(dtype)).astype(np.float32)
@@ -206,8 +209,8 @@ def _eval(
                     off = off + _s(regs[int(ins.b)])
                     off = np.clip(off, 0, plan.tensors[view.tensor].num_elements - 1)
                 src = buffers[view.tensor]
-                if src.dtype.kind in "iu":
-                    r = src[off].view(np.uint32)
+                if src.dtype.kind in "iu":  # narrow values sign- / zero-extended to 32 bits
+                    r = _bits(src[off].astype(np.int64))
                 else:
                     r = src[off].astype(np.float32)
             elif ins.op == "load_iter":  # the loop iteration (v3)
@@ -343,8 +346,8 @@ def run_task(
         value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, **ev)
         if op.stacked:  # one slice of the stacked output per iteration
             lin = lin + plan.stacked_slice(task.op, its) * (op.B * op.M * op.N)
-    if out.dtype in INT_DTYPES:
-        buffers[op.out][lin] = value.astype(np.uint32).view(np_dtype(out.dtype))
+    if out.dtype in INT_DTYPES:  # the low bits (a narrow register holds an in-range value)
+        buffers[op.out][lin] = value.astype(np.uint32).astype(np_dtype(out.dtype))
     else:
         buffers[op.out][lin] = value.astype(np_dtype(out.dtype))
 

@@ -260,12 +260,23 @@ def translate_integer(b: _Builder, prim: str, args: list[_Node], out_shape, out_
     shape = tuple(out_shape)
     u = _Bits(b, shape)
     bits = [b.elementwise("imov", [a], a.shape, "uint32") for a in args]
-    if prim == "population_count":
+    width = 8 * np.dtype(args[0].dtype).itemsize
+    signed = out_dtype.startswith("int")
+    if width < 32 and prim == "mulhi":  # the product fits 32 bits: its bits above the width
+        product = u("imul", *bits)
+        y = u("shra" if signed else "shrl", product, u.const(width))
+    elif width < 32:  # counts over the value's own bits, not its register's extension
+        value = u("and", bits[0], u.const((1 << width) - 1))
+        if prim == "population_count":
+            y = _population_count(u, value)
+        else:
+            y = u("isub", _count_leading_zeros(u, value), u.const(32 - width))
+    elif prim == "population_count":
         y = _population_count(u, bits[0])
     elif prim == "clz":
         y = _count_leading_zeros(u, bits[0])
     else:
-        y = _mulhi(u, *bits, signed=out_dtype == "int32")
+        y = _mulhi(u, *bits, signed=signed)
     return b.elementwise("imov", [y], shape, out_dtype)
 
 

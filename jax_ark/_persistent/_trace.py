@@ -32,6 +32,7 @@ from jax_ark._persistent._format import (
     MAX_PROGRAM_LEN,
     MAX_RANK,
     MAX_TRIP_COUNT,
+    NARROW_INT_DTYPES,
     CommGroup,
     Instr,
     Loop,
@@ -43,7 +44,9 @@ from jax_ark._persistent._format import (
 )
 from jax_ark._persistent._random import without_keys
 
-_SUPPORTED_DTYPES = {"float32", "bfloat16", "float16", "bool", "int32", "uint32"}
+_SUPPORTED_DTYPES = {
+    "float32", "bfloat16", "float16", "bool", "int32", "uint32", "int8", "uint8", "int16", "uint16"
+}  # fmt: skip
 # Programs longer than this get their largest operands materialized (keeps headroom below 64).
 _FUSE_LIMIT = 40
 
@@ -773,7 +776,7 @@ def _check_dtype(aval, where: str) -> str:
     if name not in _SUPPORTED_DTYPES:
         raise UnsupportedError(
             f"ark.persistent: dtype {name} is not supported (float32, bfloat16, float16, bool, "
-            f"int32, uint32), at {where}"
+            f"int32, uint32, int16, uint16, int8, uint8), at {where}"
         )
     return name
 
@@ -848,7 +851,18 @@ def _const_node(b: _Builder, value, aval_dtype=None) -> _Node:
 # Registers of int32 / uint32 dtype hold bits and are computed by the integer opcodes; bool
 # registers hold float 0 / 1, so boolean logic maps onto float opcodes exactly.
 def _kind(dtype: str) -> str:
-    return {"int32": "int", "uint32": "uint", "bool": "bool"}.get(dtype, "float")
+    return _KINDS.get(dtype, "float")
+
+
+_KINDS = {
+    "int32": "int", "int16": "int", "int8": "int", "uint32": "uint", "uint16": "uint",
+    "uint8": "uint", "bool": "bool",
+}  # fmt: skip
+
+
+def _int_range(dtype: str) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
 def _zero(dtype: str) -> float | int:
@@ -1057,6 +1071,8 @@ def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, param
         return b.elementwise("umin", [args[0], _Imm((), "uint32", value=1)], out_shape, out_dtype)
     elif prim == "square" and kind in ("int", "uint"):
         return b.elementwise("imul", [args[0], args[0]], out_shape, out_dtype)
+    elif prim in _NARROW_SHIFTS and args[0].dtype in NARROW_INT_DTYPES:
+        return _narrow_shift_right(b, prim, args, tuple(out_shape), out_dtype)
     else:
         opcode = _INT_TYPED.get(prim, {}).get(kind)
         if opcode is None and kind in ("float", "bool"):
@@ -1077,6 +1093,31 @@ def _typed_elementwise(b: _Builder, prim: str, args, out_shape, out_dtype, param
     )
 
 
+# Right shifts that read the bits above a narrow integer's width, which its register extends.
+_NARROW_SHIFTS = {"shift_right_logical", "shift_right_arithmetic"}
+
+
+def _narrow_shift_right(b: _Builder, prim: str, args, shape: tuple, dtype: str) -> _Node:
+    """A right shift of an 8- / 16-bit integer in 32 bits: logical of the value's zero-extended
+    bits, arithmetic of its sign-extended ones (a register holds the extension of its dtype's
+    kind, not the shift's); wrapped back to the dtype. A shift by the width or more gives 0 or the
+    sign, as XLA's. The amount is read as unsigned (negative: a huge shift)."""
+    x, amount = args
+    width = 8 * np.dtype(dtype).itemsize
+    signed = dtype.replace("u", "", 1) if dtype.startswith("u") else dtype
+    if prim == "shift_right_logical":
+        mask = _Imm((), "uint32", value=(1 << width) - 1)
+        x32 = b.elementwise(
+            "and", [b.elementwise("imov", [x], x.shape, "uint32"), mask], x.shape, "uint32"
+        )
+        op = "shrl"
+    else:
+        x32 = b.elementwise("imov", [b.elementwise("imov", [x], x.shape, signed)], x.shape, "int32")
+        op = "shra"
+    n = b.elementwise("imov", [amount], amount.shape, "uint32")
+    return b.elementwise("imov", [b.elementwise(op, [x32, n], shape, x32.dtype)], shape, dtype)
+
+
 def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
     """convert_element_type with XLA's semantics: float -> int truncates and saturates (NaN -> 0);
     int -> float rounds to nearest even (to float32 first, then to a 16-bit float dtype)."""
@@ -1091,6 +1132,14 @@ def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
             return b.elementwise("ine", [x, zero], x.shape, dtype)
         return b.elementwise("i2f" if src == "int" else "u2f", [x], x.shape, dtype)
     if dst in ("int", "uint"):  # from a float or bool register (bool: 0.0 / 1.0)
+        if dtype in NARROW_INT_DTYPES and src == "float":
+            # XLA saturates to the narrow range (NaN -> 0: max / min keep the NaN, f2i zeroes it).
+            low, high = _int_range(dtype)
+            x = _convert(b, x, "float32")
+            x = b.elementwise("max", [x, _Imm((), "float32", value=float(low))], x.shape, "float32")
+            x = b.elementwise(
+                "min", [x, _Imm((), "float32", value=float(high))], x.shape, "float32"
+            )
         return b.elementwise("f2i" if dst == "int" else "f2u", [x], x.shape, dtype)
     return b.elementwise("copy", [x], x.shape, dtype)
 
@@ -1122,9 +1171,9 @@ def _total_order_key(b: _Builder, x: _Node) -> _Node:
     if _kind(x.dtype) == "float":
         bits = b.elementwise("bitcast", [_convert(b, x, "float32")], shape, "int32")
         return _flip_negative_magnitudes(b, bits)
-    if x.dtype == "int32":
-        return x
-    if x.dtype == "uint32":
+    if _kind(x.dtype) == "int":  # the value, extended to 32 bits
+        return b.elementwise("imov", [x], shape, "int32") if x.dtype != "int32" else x
+    if _kind(x.dtype) == "uint":
         top = _Imm((), "int32", value=_INT32_MIN)
         return b.elementwise(
             "xor", [b.elementwise("imov", [x], shape, "int32"), top], shape, "int32"
@@ -1146,12 +1195,12 @@ def _from_total_order_key(b: _Builder, key: _Node, dtype: str) -> _Node:
     if _kind(dtype) == "float":
         bits = _flip_negative_magnitudes(b, key)
         return _convert(b, b.elementwise("bitcast", [bits], shape, "float32"), dtype)
-    if dtype == "uint32":
+    if _kind(dtype) == "uint":
         top = _Imm((), "int32", value=_INT32_MIN)
         return b.elementwise(
             "imov", [b.elementwise("xor", [key, top], shape, "int32")], shape, dtype
         )
-    return key
+    return b.elementwise("imov", [key], shape, dtype) if dtype != "int32" else key
 
 
 def _top_k(b: _Builder, x: _Node, k: int, axis: int, out_shape) -> list[_Node]:
@@ -1297,7 +1346,7 @@ def _iota(b: _Builder, params, out_shape, out_dtype) -> _Node:
 # offset stays inside the tensor; dims whose position comes from an index have stride 0 in the view.
 def _i32(b: _Builder, node: _Node, shape) -> _Node:
     """An index value as int32, broadcast to shape (scalars and index vectors)."""
-    if node.dtype == "uint32":
+    if node.dtype != "int32" and node.dtype in INT_DTYPES:  # narrow values are extended already
         node = b.elementwise("imov", [node], node.shape, "int32")
     elif node.dtype != "int32":
         raise UnsupportedError(f"ark.persistent: {node.dtype} indices at {b.source}")
@@ -1652,7 +1701,10 @@ def _gather(b: _Builder, args, params, out_shape, out_dtype) -> _Node:
         return value
     fill = params.get("fill_value")
     if fill is None:
-        fill = {"int32": -(2**31), "uint32": 2**32 - 1, "bool": 1.0}.get(out_dtype, float("nan"))
+        fill = (
+            _int_range(out_dtype)[_kind(out_dtype) == "uint"] if out_dtype in INT_DTYPES else None
+        )
+        fill = {"bool": 1.0}.get(out_dtype, float("nan")) if fill is None else fill
     return b.elementwise(
         "select",
         [inside, _Imm(out_shape, out_dtype, value=_scalar(fill, out_dtype)), value],
@@ -1927,6 +1979,8 @@ _REDUCE_KINDS = {
 
 def _reduce_kind(prim: str, dtype: str) -> str:
     kind = _kind(dtype)
+    if dtype in ("uint8", "uint16"):
+        kind = "int"  # zero-extended: below 2^31, so signed 32-bit folds order them too
     table = {
         ("reduce_sum", "float"): "sum", ("reduce_max", "float"): "max",
         ("reduce_min", "float"): "min", ("reduce_max", "bool"): "max",
@@ -1952,6 +2006,9 @@ def _reduce_identity(kind: str, out_dtype: str) -> float | int:
     }[kind]  # fmt: skip
     if out_dtype == "bool":
         return 1.0 if kind == "min" else 0.0  # reduce_and of nothing is True, reduce_or False
+    if out_dtype in NARROW_INT_DTYPES and kind in ("imax", "imin", "umax", "umin"):
+        low, high = _int_range(out_dtype)  # a narrow register holds an in-range value
+        return low if kind in ("imax", "umax") else high
     return ident
 
 

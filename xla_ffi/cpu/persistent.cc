@@ -35,6 +35,10 @@ int32_t plan_dtype(ffi::DataType t) {
     case ffi::DataType::PRED: return jax_ark::plan::kBool;
     case ffi::DataType::S32: return jax_ark::plan::kInt32;
     case ffi::DataType::U32: return jax_ark::plan::kUInt32;
+    case ffi::DataType::S8: return jax_ark::plan::kInt8;
+    case ffi::DataType::U8: return jax_ark::plan::kUInt8;
+    case ffi::DataType::S16: return jax_ark::plan::kInt16;
+    case ffi::DataType::U16: return jax_ark::plan::kUInt16;
     default: return -1;
   }
 }

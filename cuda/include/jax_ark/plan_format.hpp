@@ -37,13 +37,16 @@ enum DType : int32_t {
   kBool = 3,    // stored as one byte, 0 or 1
   kInt32 = 4,   // v2; program registers of integer dtype hold the value's 32 bits
   kUInt32 = 5,  // v2
+  // Narrow integers: a register holds the value sign- (int) or zero- (uint) extended to 32 bits;
+  // every instruction of such a dtype wraps its 32-bit result to the dtype's width (round_to).
+  kInt8 = 6, kUInt8 = 7, kInt16 = 8, kUInt16 = 9,
 };
 
 // A program register holds 32 bits. Registers written by an instruction of float dtype (f32 / bf16
 // / f16) or bool hold a float32 value (bool: 0.0f or 1.0f); registers of integer dtype hold the
 // two's-complement bits. Float opcodes (10..60) read and write float registers, integer opcodes
 // (70..119) read and write bits (see is_int_opcode).
-ARK_HD bool is_int_dtype(int32_t dtype) { return dtype == kInt32 || dtype == kUInt32; }
+ARK_HD bool is_int_dtype(int32_t dtype) { return dtype >= kInt32 && dtype <= kUInt16; }
 
 enum Storage : int32_t {
   kStorageArg = 0,        // FFI operand `storage_index` (user inputs, then constants)
@@ -201,6 +204,10 @@ ARK_HD int dtype_size(int32_t dtype) {
     case kBool: return 1;
     case kInt32: return 4;
     case kUInt32: return 4;
+    case kInt8:
+    case kUInt8: return 1;
+    case kInt16:
+    case kUInt16: return 2;
     default: return 0;
   }
 }

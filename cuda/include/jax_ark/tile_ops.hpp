@@ -75,12 +75,20 @@ ARK_HD float f16_to_f32(uint16_t h) {
   return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
-// Rounds a float32 value to `dtype` and back (the per-instruction rounding of programs).
+// The low `width` bits of an integer register, sign- or zero-extended to 32 bits (narrow dtypes).
+ARK_HD uint32_t sign_extend(uint32_t bits, uint32_t top) { return ((bits & (2 * top - 1)) ^ top) - top; }
+
+// Rounds a float32 value to `dtype` and back (the per-instruction rounding of programs); wraps the
+// bits of an integer register to a narrow dtype's width.
 ARK_HD float round_to(float v, int32_t dtype) {
   switch (dtype) {
     case kBF16: return bf16_to_f32(f32_to_bf16(v));
     case kF16: return f16_to_f32(f32_to_f16(v));
     case kBool: return v != 0.0f ? 1.0f : 0.0f;
+    case kInt8: return bits_float(sign_extend(float_bits(v), 0x80u));
+    case kUInt8: return bits_float(float_bits(v) & 0xFFu);
+    case kInt16: return bits_float(sign_extend(float_bits(v), 0x8000u));
+    case kUInt16: return bits_float(float_bits(v) & 0xFFFFu);
     default: return v;
   }
 }
@@ -94,6 +102,10 @@ ARK_HD float load_element(const void* base, int32_t dtype, int64_t index) {
     // Integer elements load as their bits (an integer register, plan_format.hpp).
     case kInt32:
     case kUInt32: return bits_float(static_cast<const uint32_t*>(base)[index]);
+    case kInt8: return bits_float(sign_extend(static_cast<const uint8_t*>(base)[index], 0x80u));
+    case kUInt8: return bits_float(static_cast<const uint8_t*>(base)[index]);
+    case kInt16: return bits_float(sign_extend(static_cast<const uint16_t*>(base)[index], 0x8000u));
+    case kUInt16: return bits_float(static_cast<const uint16_t*>(base)[index]);
     default: return 0.0f;
   }
 }
@@ -106,6 +118,10 @@ ARK_HD void store_element(void* base, int32_t dtype, int64_t index, float v) {
     case kBool: static_cast<uint8_t*>(base)[index] = v != 0.0f ? 1 : 0; break;
     case kInt32:
     case kUInt32: static_cast<uint32_t*>(base)[index] = float_bits(v); break;
+    case kInt8:
+    case kUInt8: static_cast<uint8_t*>(base)[index] = static_cast<uint8_t>(float_bits(v)); break;
+    case kInt16:
+    case kUInt16: static_cast<uint16_t*>(base)[index] = static_cast<uint16_t>(float_bits(v)); break;
     default: break;
   }
 }

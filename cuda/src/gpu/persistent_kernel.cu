@@ -180,6 +180,15 @@ __device__ __forceinline__ bool dims_narrow(const int64_t* dims, int rank) {
 // Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
 // i writes register i, and its result is rounded to the instruction's dtype. Indices were checked
 // while staging, so register reads stay inside r[].
+// Element e of a LOAD's tensor as a register: integer elements as their bits (narrow ones sign- or
+// zero-extended to 32), float ones as float32 (plan_format.hpp).
+__device__ __forceinline__ float load_register(const ResolvedLoad& l, int64_t e) {
+  if (l.dtype == pf::kInt32 || l.dtype == pf::kUInt32)
+    return __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e));
+  if (pf::is_int_dtype(l.dtype)) return pf::load_element(l.base, l.dtype, e);
+  return tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+}
+
 __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc,
                               int keep = -1, float* kept = nullptr) {
   float r[pf::kMaxProgramLen];
@@ -194,16 +203,13 @@ __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64
       const ResolvedLoad& l = s.loads[begin + i];
       int64_t e = l.offset;
       for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
-      // Integer elements load as their bits (an integer register, plan_format.hpp).
-      v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
-                                    : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+      v = load_register(l, e);
     } else if (opc == pf::kLoadAt) {
       const ResolvedLoad& l = s.loads[begin + i];
       int64_t e = l.offset + __float_as_int(r[ins.b]);
       for (int d = 0; d < l.rank; ++d) e += idx[d] * l.strides[d];
       e = e < 0 ? 0 : (e >= l.num_elements ? l.num_elements - 1 : e);
-      v = pf::is_int_dtype(l.dtype) ? __uint_as_float(__ldcg(static_cast<const unsigned int*>(l.base) + e))
-                                    : tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
+      v = load_register(l, e);
     } else if (opc == pf::kConst) {
       v = __int_as_float(ins.a);
     } else if (opc == pf::kLoadIter) {
@@ -569,7 +575,7 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
     s.code[i] = ins;
     const int32_t opc = ins.op_and_dtype & 0xFFFF, dt = (ins.op_and_dtype >> 16) & 0xFF;
     const int iter_rank = is_pro ? op.iter_rank : s.out_rank;
-    bool ok = dt >= pf::kF32 && dt <= pf::kUInt32;
+    bool ok = pf::dtype_size(dt) > 0;
     if (opc == pf::kLoadAcc) {
       ok = ok && op.kind != pf::kOpMap && !is_pro;
     } else if (opc == pf::kLoad || opc == pf::kLoadAt) {

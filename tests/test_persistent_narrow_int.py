@@ -1,0 +1,180 @@
+"""8- and 16-bit integer tensors (int8, uint8, int16, uint16) inside ark.persistent, exact against
+jax.jit: arithmetic that wraps at the dtype's width, right shifts of the value's own bits, float
+conversions that saturate, reductions and running folds, sorting, indexing with narrow indices,
+and the models that use them: uint8 images normalized in the function, an int8 weight-only
+quantized matmul. The plans made for a GPU, run by the numpy reference interpreter, too."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_ark as ark
+from jax_ark._persistent._reference import interpret
+
+NARROW = [jnp.int8, jnp.uint8, jnp.int16, jnp.uint16]
+
+
+def _values(rng, dtype, shape) -> np.ndarray:
+    """Uniform over the whole range, with the extremes and 0 in the first row."""
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, int(info.max) + 1, shape, dtype=np.int64)
+    x.reshape(-1)[:4] = [info.min, info.max, 0, info.min + 1]
+    return x.astype(dtype)
+
+
+def _assert_same(fn, *args, gpu_plan: bool = True):
+    want = jax.jit(fn)(*args)
+    runs = [jax.jit(ark.persistent(fn))(*args)]
+    if gpu_plan:
+        runs.append(interpret(ark.plan(fn, *args, platform="gpu", num_workers=16), *args))
+    for got in runs:
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert np.asarray(g).dtype == np.asarray(w).dtype
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_arithmetic_wraps_at_the_width(rng, dtype):
+    x, y = _values(rng, dtype, (8, 40)), _values(rng, dtype, (8, 40))
+
+    def fn(x, y):
+        return (
+            x + y, x - y, x * y, -x, jnp.abs(x), x // jnp.where(y == 0, 1, y), jax.lax.div(x, y),
+            jax.lax.rem(x, y), ~x, x & y, x | y, x ^ y, jnp.maximum(x, y), x < y, x == y,
+            x * 3 + 100, jax.lax.integer_pow(x, 3), jnp.sign(x), jnp.clip(x, -5, 90),
+            # read after a wrap: each op's result must wrap before the next op reads it
+            (x + y) < x, (x * y) // 3, jax.lax.shift_right_arithmetic(x + y, dtype(1)),
+            jnp.maximum(x + y, x - y), (x * y).astype(jnp.float32), jnp.cumsum(x * y, axis=1),
+        )  # fmt: skip
+
+    _assert_same(fn, x, y)
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_shifts_bit_counts_and_high_products(rng, dtype):
+    x = _values(rng, dtype, (6, 50))
+    width = 8 * np.dtype(dtype).itemsize
+    amounts = (np.arange(6 * 50) % (width + 3)).reshape(6, 50).astype(dtype)  # past the width too
+
+    def fn(x, n):
+        return (
+            jax.lax.shift_left(x, n), jax.lax.shift_right_logical(x, n),
+            jax.lax.shift_right_arithmetic(x, n), jax.lax.population_count(x), jax.lax.clz(x),
+            jax.lax.mulhi(x, x[::-1]),
+        )  # fmt: skip
+
+    _assert_same(fn, x, amounts)
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_conversions_wrap_and_saturate(rng, dtype):
+    """int32 -> narrow wraps; float -> narrow saturates (NaN -> 0) and truncates toward zero;
+    narrow -> float / int32 / bool / another narrow dtype."""
+    wide = rng.integers(-(2**31), 2**31, (4, 64), dtype=np.int64).astype(np.int32)
+    f = (rng.standard_normal((4, 64)) * 1e5).astype(np.float32)
+    f[0, :6] = [np.nan, np.inf, -np.inf, 1e10, -0.7, 255.9]
+    x = _values(rng, dtype, (4, 64))
+
+    def fn(wide, f, x):
+        return (
+            wide.astype(dtype), f.astype(dtype), f.astype(jnp.bfloat16).astype(dtype),
+            x.astype(jnp.float32), x.astype(jnp.float16), x.astype(jnp.int32), x.astype(bool),
+            x.astype(jnp.uint8), x.astype(jnp.int16), (x > 0).astype(dtype),
+        )  # fmt: skip
+
+    _assert_same(fn, wide, f, x)
+
+
+@pytest.mark.parametrize("dtype", NARROW)
+def test_reductions_folds_and_sorting(rng, dtype):
+    x = _values(rng, dtype, (12, 33))
+
+    def fn(x):
+        return (
+            x.sum(axis=0, dtype=dtype), x.max(axis=1), x.min(axis=0), jnp.argmax(x, axis=1),
+            jnp.cumsum(x, axis=1, dtype=dtype), jax.lax.cummax(x, axis=0),
+            jax.lax.cummin(x, axis=1),
+            jnp.prod(x[:5], axis=0, dtype=dtype), jnp.sort(x, axis=1), jnp.argsort(x, axis=0),
+            jax.lax.top_k(x, 3)[0], x.astype(jnp.int32).sum(),
+        )  # fmt: skip
+
+    _assert_same(fn, x)
+
+
+def test_narrow_indices_gather_and_scatter(rng):
+    table = rng.standard_normal((40, 16)).astype(np.float32)
+    ids = rng.integers(-45, 45, (6, 5)).astype(np.int8)  # out-of-range ids: clamped / dropped
+    pos = rng.integers(0, 40, (7,)).astype(np.uint8)
+
+    def fn(table, ids, pos):
+        rows = table[ids]
+        taken = jnp.take(table, ids.astype(jnp.int16), axis=0, mode="fill", fill_value=-1.0)
+        added = table.at[pos].add(1.0)
+        return rows, taken, added, jax.lax.dynamic_slice_in_dim(table, pos[0], 3)
+
+    _assert_same(fn, table, ids, pos)
+
+
+def test_uint8_images_normalized_inside_a_cnn(rng):
+    """A uint8 batch of images normalized in the function (the usual input pipeline of vision
+    models), then a convolution and pooling."""
+    images = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
+    kernel = (rng.standard_normal((3, 3, 3, 8)) / 5).astype(np.float32)
+
+    def fn(images, kernel):
+        x = images.astype(jnp.float32) / 255.0 - 0.5
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    want = jax.jit(fn)(images, kernel)
+    got = jax.jit(ark.persistent(fn))(images, kernel)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+
+
+def test_int8_weight_only_quantized_matmul_and_requantization(rng):
+    """int8 weights with per-column scales (weight-only quantization) dequantized to bfloat16 for
+    the matmul, and the activations requantized to int8 (round, saturate)."""
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    w = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.02, (32,)).astype(np.float32)
+
+    def fn(x, w, scale):
+        w_deq = (w.astype(jnp.float32) * scale).astype(jnp.bfloat16)
+        y = jnp.dot(x.astype(jnp.bfloat16), w_deq, preferred_element_type=jnp.float32)
+        amax = jnp.max(jnp.abs(y), axis=1, keepdims=True)
+        q = jnp.clip(jnp.round(y / amax * 127.0), -127, 127).astype(jnp.int8)
+        return y, q
+
+    want_y, want_q = jax.jit(fn)(x, w, scale)
+    got_y, got_q = jax.jit(ark.persistent(fn))(x, w, scale)
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-5, atol=1e-5)
+    assert got_q.dtype == np.int8
+    # A rounding boundary may differ with the matmul's summation order: at most one step.
+    assert np.abs(np.asarray(got_q, np.int32) - np.asarray(want_q, np.int32)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint16])
+def test_collectives_of_narrow_integers_under_shard_map(mesh8, rng, dtype):
+    """psum (wrapping), all_gather and pmax of narrow integers planned inside the kernel."""
+    from jax.sharding import PartitionSpec as P
+
+    x = _values(rng, dtype, (8 * 4, 16))
+
+    def fn(x):
+        return (
+            jax.lax.psum(x * 3, "x"),
+            jax.lax.all_gather(x, "x", tiled=True),
+            jax.lax.pmax(x, "x"),
+        )
+
+    specs = dict(in_specs=P("x"), out_specs=(P(), P(), P()), check_vma=False)
+    want = jax.jit(jax.shard_map(fn, mesh=mesh8, **specs))(x)
+    got = jax.jit(jax.shard_map(ark.persistent(fn), mesh=mesh8, **specs))(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

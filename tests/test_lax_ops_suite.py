@@ -1,5 +1,6 @@
-"""JAX's own elementwise op records (jax._src.internal_test_util.lax_test_util.lax_ops(): what
-jax's lax_test.py runs for every lax op) run through ark.persistent against jax.jit.
+"""JAX's own op records (jax._src.internal_test_util.lax_test_util: lax_ops(), what jax's
+lax_test.py runs for every elementwise lax op, and lax_named_reduce_ops(), its reductions) run
+through ark.persistent against jax.jit.
 
 For each (op, dtype) of those records, every combination of JAX's compatible shapes (broadcasting
 included) with JAX's own input generator for that op and JAX's tolerance for the dtype (integers and
@@ -10,9 +11,11 @@ refused before anything runs: a newly planned op fails here until it moves to th
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
@@ -91,3 +94,41 @@ def test_lax_op_records_match_jit(request, rec, dtype):
         got = np.asarray(jax.jit(ark.persistent(op))(*args))
         tol = jtu.tolerance(want.dtype, rec.tol) if rec.tol else jtu.default_tolerance()[want.dtype]
         _check(got, want, tol, f"{rec.op} on {dtype_name} {shapes}")
+
+
+def _reduce_cases():
+    for rec in lax_test_util.lax_named_reduce_ops():
+        for dtype in rec.dtypes:
+            name = np.dtype(dtype).name
+            if name not in _REFUSED_DTYPES and np.dtype(dtype).itemsize <= 4:  # no 64-bit: x64 off
+                yield pytest.param(rec, dtype, id=f"{rec.op.__name__}-{name}")
+
+
+@pytest.mark.parametrize("rec,dtype", list(_reduce_cases()))
+def test_lax_reduction_records_match_jit(request, rec, dtype):
+    """Every axis subset of a 3-D operand, JAX's default input generator for the dtype."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    shape = (3, 4, 5)
+    for i, axes in enumerate([(0,), (1,), (2,), (0, 2), (1, 2), (0, 1, 2)]):
+        x = jtu.rand_default(np.random.RandomState(seed + i))(shape, dtype)
+        fn = lambda x, axes=axes: rec.op(x, axes)  # noqa: E731
+        want = np.asarray(jax.jit(fn)(x))
+        got = np.asarray(jax.jit(ark.persistent(fn))(x))
+        what = f"{rec.op.__name__} on {np.dtype(dtype).name} over {axes}"
+        if want.dtype.itemsize == 2 and want.dtype.kind in "fV" and rec.op.__name__ != "reduce_max":
+            # A 16-bit sum / product: ark folds in float32 and rounds once; XLA's fold may round
+            # every step, an error of up to K ulps of the terms' magnitude (K terms).
+            terms = math.prod(shape[a] for a in axes)
+            eps = float(jnp.finfo(want.dtype).eps)
+            scale = np.abs(np.asarray(x, np.float64)).sum(axis=axes)
+            if rec.op.__name__ == "reduce_prod":
+                scale = np.abs(np.prod(np.asarray(x, np.float64), axis=axes))
+            got, want = got.astype(np.float64), want.astype(np.float64)
+            for special in (np.isnan, np.isposinf, np.isneginf):  # a product may overflow
+                np.testing.assert_array_equal(special(got), special(want), err_msg=what)
+            finite = np.isfinite(want)
+            err = np.abs(got[finite] - want[finite])
+            assert (err <= terms * eps * np.broadcast_to(scale, want.shape)[finite]).all(), what
+            continue
+        tol = jtu.default_tolerance()[want.dtype] if want.dtype.kind in "fV" else 0
+        _check(got, want, tol, what)

@@ -569,7 +569,7 @@ def test_runtime_rejects_unchecked_v2_plans(v2_setup, edit):
         python_match = "integer_pow exponent"
     elif edit == "reduce_kind":
         i = next(i for i, op in enumerate(p.ops) if op.kind == "reduce")
-        words[ops_at + 40 * i + 3] = 14  # kNumReduceKinds: the first unknown kind
+        words[ops_at + 40 * i + 3] = 17  # kNumReduceKinds: the first unknown kind
         match = "unknown reduce kind"
     _runtime_rejects(p, args, words, match=match)
     if python_match is not None:

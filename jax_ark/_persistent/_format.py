@@ -58,9 +58,12 @@ OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3, "put": 4}  # put: v3 commun
 REDUCE_CODES = {
     "sum": 0, "max": 1, "min": 2, "isum": 3, "imax": 4, "imin": 5, "umax": 6, "umin": 7,
     "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11, "prod": 12, "iprod": 13,
+    "iand": 14, "ior": 15, "ixor": 16,
 }  # fmt: skip
 # Reduce kinds whose prologue yields integer bits (the others fold float32 values).
-INT_REDUCES = frozenset({"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin", "iprod"})
+INT_REDUCES = frozenset(
+    {"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin", "iprod", "iand", "ior", "ixor"}
+)
 ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
 
 OPCODES = {

@@ -1973,7 +1973,8 @@ _INDEXING = {
 
 
 _REDUCE_KINDS = {
-    "reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_prod"
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_and", "reduce_or", "reduce_prod",
+    "reduce_xor",
 }  # fmt: skip
 
 
@@ -1993,6 +1994,9 @@ def _reduce_kind(prim: str, dtype: str) -> str:
         ("argmax", "int"): "iargmax", ("argmin", "int"): "iargmin",
         ("reduce_prod", "float"): "prod", ("reduce_prod", "int"): "iprod",
         ("reduce_prod", "uint"): "iprod",
+        ("reduce_and", "int"): "iand", ("reduce_and", "uint"): "iand",
+        ("reduce_or", "int"): "ior", ("reduce_or", "uint"): "ior",
+        ("reduce_xor", "int"): "ixor", ("reduce_xor", "uint"): "ixor",
     }  # fmt: skip
     if (prim, kind) not in table:
         raise UnsupportedError(f"ark.persistent: {prim} over {dtype} values is not supported")
@@ -2003,6 +2007,7 @@ def _reduce_identity(kind: str, out_dtype: str) -> float | int:
     ident = {
         "sum": 0.0, "max": -np.inf, "min": np.inf, "isum": 0, "imax": -(2**31),
         "imin": 2**31 - 1, "umax": 0, "umin": 2**32 - 1, "prod": 1.0, "iprod": 1,
+        "iand": -1, "ior": 0, "ixor": 0,
     }[kind]  # fmt: skip
     if out_dtype == "bool":
         return 1.0 if kind == "min" else 0.0  # reduce_and of nothing is True, reduce_or False
@@ -2167,6 +2172,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return _split(b, args[0], int(params["axis"]), [int(n) for n in params["sizes"]])
     if prim == "dot_general":
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
+    if prim == "reduce_xor" and args[0].dtype == "bool":  # parity: an int32 fold of the 0 / 1s
+        bits = _convert(b, args[0], "int32")
+        parity = _reduce(b, prim, bits, tuple(params["axes"]), out_shape, "int32")
+        return [_convert(b, parity, "bool")]
     if prim in _REDUCE_KINDS or prim in ("argmax", "argmin"):
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
     if prim in _CUMULATIVE:
@@ -2199,8 +2208,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "dot_general, elementwise arithmetic / exp / log / tanh / logistic / sqrt / rsqrt / erf / "
         "erf_inv / pow / rem, comparisons, integer arithmetic / bitwise ops / shifts / "
         "population_count / clz / mulhi, select_n, clamp, iota, "
-        "reduce_sum / max / min / prod / and / or, argmax / argmin, cumsum / cummax / cummin / "
-        "cumprod / cumlogsumexp, top_k "
+        "reduce_sum / max / min / prod / and / or / xor, argmax / argmin, cumsum / cummax / "
+        "cummin / cumprod / cumlogsumexp, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
         "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
         "sinh / cosh / tan / cbrt / atan / atan2 / asin / acos / asinh / acosh / atanh / lgamma / "

@@ -71,13 +71,14 @@ enum OpKind : int32_t {
 // Accumulator of a REDUCE (docs/plan_format.md, "Ops"). Float kinds fold float32 values; integer
 // kinds fold the prologue's 32 bits (isum wraps); arg kinds keep (best value, its index r) and
 // yield the int32 index of the first extremum (a NaN counts as the extremum, as in XLA); prod
-// multiplies float32 values, iprod the 32 bits (wrapping: the same bits for int32 and uint32).
+// multiplies float32 values, iprod the 32 bits (wrapping: the same bits for int32 and uint32);
+// and / or / xor fold integer registers' bits.
 enum ReduceKind : int32_t {
   kReduceSum = 0, kReduceMax = 1,
   kReduceMin = 2, kReduceISum = 3, kReduceIMax = 4, kReduceIMin = 5, kReduceUMax = 6,
   kReduceUMin = 7, kReduceArgMax = 8, kReduceArgMin = 9, kReduceIArgMax = 10, kReduceIArgMin = 11,
-  kReduceProd = 12, kReduceIProd = 13,
-  kNumReduceKinds = 14,
+  kReduceProd = 12, kReduceIProd = 13, kReduceAnd = 14, kReduceOr = 15, kReduceXor = 16,
+  kNumReduceKinds = 17,
 };
 
 // Program opcodes. Instruction i writes register i; operands a, b, c name earlier registers.

@@ -302,7 +302,8 @@ ARK_HD ReduceAcc reduce_identity(int32_t kind) {
     case kReduceUMin: return {0xFFFFFFFFu, 0};
     case kReduceProd: return {float_bits(1.0f), 0};
     case kReduceIProd: return {1u, 0};
-    default: return {0u, 0};  // isum, umax
+    case kReduceAnd: return {0xFFFFFFFFu, 0};
+    default: return {0u, 0};  // isum, umax, or, xor
   }
 }
 
@@ -333,6 +334,9 @@ ARK_HD ReduceAcc reduce_combine(int32_t kind, ReduceAcc a, ReduceAcc b) {
     case kReduceUMin: return {apply_int_binary(kUMin, a.bits, b.bits), 0};
     case kReduceProd: return {float_bits(bits_float(a.bits) * bits_float(b.bits)), 0};
     case kReduceIProd: return {a.bits * b.bits, 0};
+    case kReduceAnd: return {a.bits & b.bits, 0};
+    case kReduceOr: return {a.bits | b.bits, 0};
+    case kReduceXor: return {a.bits ^ b.bits, 0};
     default: return arg_better(kind, a.bits, a.index, b.bits, b.index) ? b : a;
   }
 }

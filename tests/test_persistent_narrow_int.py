@@ -178,3 +178,43 @@ def test_collectives_of_narrow_integers_under_shard_map(mesh8, rng, dtype):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("float_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("int_dtype", [jnp.int16, jnp.uint16])
+def test_16_bit_bitcasts_of_every_pattern(float_dtype, int_dtype):
+    """bitcast_convert_type between 16-bit floats and integers, both ways, over all 65536 bit
+    patterns: exact, except that a signalling NaN comes back quiet (a float register's rounding
+    quiets it; its sign and top payload bits stay)."""
+    quiet_bit = 0x40 if float_dtype == jnp.bfloat16 else 0x200
+    patterns = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    to_float = lambda x: jax.lax.bitcast_convert_type(x, float_dtype)  # noqa: E731
+    to_int = lambda y: jax.lax.bitcast_convert_type(y, int_dtype)  # noqa: E731
+    x = patterns.astype(int_dtype) if int_dtype == jnp.uint16 else patterns.view(np.int16)
+    floats = jax.jit(to_float)(x)
+    nan = np.isnan(np.asarray(floats, np.float32))
+    signalling = nan & ((patterns & quiet_bit) == 0)
+    expected = np.where(signalling, patterns | quiet_bit, patterns)
+    got_floats = np.asarray(jax.jit(ark.persistent(to_float))(x)).view(np.uint16)
+    np.testing.assert_array_equal(got_floats, expected)
+    got_ints = np.asarray(jax.jit(ark.persistent(to_int))(floats))
+    assert got_ints.dtype == np.dtype(int_dtype)
+    np.testing.assert_array_equal(got_ints.view(np.uint16), expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_signbit_and_copysign_of_16_bit_floats(rng, dtype):
+    """jnp.signbit / copysign of 16-bit floats bitcast them to int16: exact, signed zeros too."""
+    x = (rng.standard_normal(200) * 3).astype(np.float32)
+    x[:5] = [0.0, -0.0, np.inf, -np.inf, 1e-6]
+
+    def fn(x):
+        h = x.astype(dtype)
+        return jnp.signbit(h), jnp.copysign(h, -h[::-1])
+
+    (got_sign, got_copy), (want_sign, want_copy) = jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x)
+    np.testing.assert_array_equal(np.asarray(got_sign), np.asarray(want_sign))
+    assert got_copy.dtype == want_copy.dtype
+    np.testing.assert_array_equal(
+        np.asarray(got_copy).view(np.uint16), np.asarray(want_copy).view(np.uint16)
+    )

@@ -8,8 +8,10 @@ the result rounded once, as XLA does.
 - asin, acos, asinh, acosh, atanh: through atan2, log1p and sqrt in forms that keep their accuracy
   near 0 and +-1 and do not overflow for large |x|.
 - nextafter: integer steps of the float32 bits (of bfloat16's top 16 bits), exact.
-- population_count, clz, mulhi of 32-bit integers: bit manipulation with the integer opcodes
-  (SWAR counting, a binary search, 16-bit partial products), exact.
+- population_count, clz, mulhi of integers: bit manipulation with the integer opcodes (SWAR
+  counting, a binary search, 16-bit partial products), exact.
+- bitcast_convert_type between 16-bit dtypes: a bfloat16's bits are its float32 register's top
+  half; a float16's are assembled from (or taken apart into) sign, exponent and mantissa, exact.
 """
 
 from __future__ import annotations
@@ -325,3 +327,58 @@ def _mulhi(u: _Bits, x: _Node, y: _Node, signed: bool) -> _Node:
             )
             high = u("isub", high, u.where(negative, other, c(0)))
     return high
+
+
+def bitcast16(b: _Builder, x: _Node, dtype: str) -> _Node:
+    """lax.bitcast_convert_type between bfloat16, float16, int16 and uint16 (x's dtype differs)."""
+    shape = x.shape
+    u = _Bits(b, shape)
+    if x.dtype in ("int16", "uint16"):
+        bits = u("and", b.elementwise("imov", [x], shape, "uint32"), u.const(0xFFFF))
+    else:
+        bits = _half_bits(b, u, x)
+    if dtype in ("int16", "uint16"):
+        return b.elementwise("imov", [bits], shape, dtype)  # wraps / extends to the dtype
+    if dtype == "bfloat16":  # its bits are a float32's top half
+        value = b.elementwise("bitcast", [u("shl", bits, u.const(16))], shape, "float32")
+    else:
+        value = _float16_value(b, u, bits)
+    return _convert(b, value, dtype)
+
+
+def _half_bits(b: _Builder, u: _Bits, x: _Node) -> _Node:
+    """The 16 bits (in a uint32) of a bfloat16 / float16 value held exactly in a float32."""
+    shape = x.shape
+    f32 = b.elementwise("bitcast", [_convert(b, x, "float32")], shape, "uint32")
+    if x.dtype == "bfloat16":
+        return u("shrl", f32, u.const(16))
+    sign = u("and", u("shrl", f32, u.const(16)), u.const(0x8000))
+    exponent = u("and", u("shrl", f32, u.const(23)), u.const(0xFF))
+    mantissa = u("shrl", u("and", f32, u.const(0x7FFFFF)), u.const(13))
+    normal = u("or", u("shl", u("isub", exponent, u.const(112)), u.const(10)), mantissa)
+    # Subnormal (and zero): |x| * 2^24 is the 10-bit mantissa, an exact integer.
+    f = _Float32(b, shape)
+    magnitude = f("abs", _convert(b, x, "float32"))
+    small = b.elementwise("f2u", [f("mul", magnitude, f.const(2.0**24))], shape, "uint32")
+    special = u("or", u.const(0x7C00), mantissa)  # inf / NaN (the payload's top 10 bits)
+    is_small = b.elementwise("ult", [exponent, u.const(113)], shape, "bool")
+    is_special = b.elementwise("ieq", [exponent, u.const(0xFF)], shape, "bool")
+    return u("or", sign, u.where(is_special, special, u.where(is_small, small, normal)))
+
+
+def _float16_value(b: _Builder, u: _Bits, h: _Node) -> _Node:
+    """The float32 value of float16 bits h (in a uint32): exact, NaN payloads kept."""
+    shape = h.shape
+    sign = u("shl", u("and", h, u.const(0x8000)), u.const(16))
+    exponent = u("and", u("shrl", h, u.const(10)), u.const(0x1F))
+    mantissa = u("and", h, u.const(0x3FF))
+    normal = u("or", u("shl", u("iadd", exponent, u.const(112)), u.const(23)),
+               u("shl", mantissa, u.const(13)))  # fmt: skip
+    special = u("or", u.const(0x7F800000), u("shl", mantissa, u.const(13)))
+    f = _Float32(b, shape)
+    small = f("mul", b.elementwise("u2f", [mantissa], shape, "float32"), f.const(2.0**-24))
+    is_small = u.is_zero(exponent)
+    is_special = b.elementwise("ieq", [exponent, u.const(0x1F)], shape, "bool")
+    magnitude = u.where(is_special, special, normal)
+    magnitude = u.where(is_small, b.elementwise("bitcast", [small], shape, "uint32"), magnitude)
+    return b.elementwise("bitcast", [u("or", sign, magnitude)], shape, "float32")

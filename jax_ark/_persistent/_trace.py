@@ -1145,11 +1145,15 @@ def _convert(b: _Builder, x: _Node, dtype: str) -> _Node:
 
 
 def _bitcast_convert(b: _Builder, x: _Node, dtype: str) -> _Node:
-    """lax.bitcast_convert_type between the 32-bit dtypes: the register's bits, reinterpreted."""
+    """lax.bitcast_convert_type between the 32-bit dtypes (the register's bits, reinterpreted)
+    and between the 16-bit ones (_special: a 16-bit float's bits are computed from its value)."""
+    if {x.dtype, dtype} <= _BITCAST16_DTYPES and x.dtype != dtype:
+        return _special().bitcast16(b, x, dtype)
     if x.dtype not in _BITCAST_DTYPES or dtype not in _BITCAST_DTYPES:
         raise UnsupportedError(
             f"ark.persistent: bitcast_convert_type from {x.dtype} to {dtype} is not supported (at "
-            f"{b.source}); supported: between float32, int32 and uint32"
+            f"{b.source}); supported: between float32, int32 and uint32, and between bfloat16, "
+            "float16, int16 and uint16"
         )
     if x.dtype == dtype:
         return x
@@ -1158,6 +1162,7 @@ def _bitcast_convert(b: _Builder, x: _Node, dtype: str) -> _Node:
 
 
 _BITCAST_DTYPES = frozenset({"float32", "int32", "uint32"})
+_BITCAST16_DTYPES = frozenset({"bfloat16", "float16", "int16", "uint16"})
 _TOP_K_MAX = 32  # rounds of two reductions over the axis each: for routers, not for sorting
 _INT32_MIN = -(2**31)
 

@@ -37,7 +37,8 @@ ARK_HD uint16_t f32_to_f16(float x) {
   uint32_t u = float_bits(x);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t absu = u & 0x7FFFFFFFu;
-  if (absu > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  // NaN: quiet, with the payload's top 9 bits (as a hardware conversion; bit casts keep them).
+  if (absu > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((absu >> 13) & 0x1FFu));
   if (absu >= 0x477FF000u) {
     // >= 65520 rounds to inf (max half is 65504; the halfway point 65520 rounds to even = inf).
     return static_cast<uint16_t>(sign | 0x7C00u);

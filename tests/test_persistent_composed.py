@@ -161,13 +161,29 @@ def test_inverse_trigonometric_functions_match_jit(rng, name, dtype):
     np.testing.assert_allclose(got[finite], want[finite], rtol=rtol, atol=1e-37)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_nextafter_is_bit_exact(rng, dtype):
     """Towards larger, smaller and equal values, from and to signed zeros (the smallest
     subnormal), from the largest finite value to inf, and NaN in either operand."""
     big = float(jnp.finfo(dtype).max)
-    x = [0.0, -0.0, 0.0, -0.0, 1.0, 1.0, -1.0, big, -big, np.inf, 2.0, np.nan, 3.0, 1e-30]
-    y = [1.0, 1.0, -1.0, -0.0, 1.0, -5.0, -5.0, np.inf, -np.inf, 0.0, np.nan, 2.0, 3.0, -1.0]
+    x = [0.0, -0.0, 0.0, -0.0, 1.0, 1.0, -1.0, big, -big, np.inf, 2.0, np.nan, 3.0, 1e-30, -np.inf]
+    y = [
+        1.0,
+        1.0,
+        -1.0,
+        -0.0,
+        1.0,
+        -5.0,
+        -5.0,
+        np.inf,
+        -np.inf,
+        0.0,
+        np.nan,
+        2.0,
+        3.0,
+        -1.0,
+        np.inf,
+    ]
     x = np.concatenate([x, rng.standard_normal(200) * 10]).astype(np.float32)
     y = np.concatenate([y, rng.standard_normal(200) * 10]).astype(np.float32)
     fn = lambda x, y: jax.lax.nextafter(x.astype(dtype), y.astype(dtype))  # noqa: E731

@@ -7,7 +7,7 @@ the result rounded once, as XLA does.
   ulps of jax.jit away from the zeros of lgamma (x = 1, 2) and the poles, not bit for bit.
 - asin, acos, asinh, acosh, atanh: through atan2, log1p and sqrt in forms that keep their accuracy
   near 0 and +-1 and do not overflow for large |x|.
-- nextafter: integer steps of the float32 bits (of bfloat16's top 16 bits), exact.
+- nextafter: integer steps of the float32 bits (of bfloat16's top 16 bits; of float16's own), exact.
 - population_count, clz, mulhi of integers: bit manipulation with the integer opcodes (SWAR
   counting, a binary search, 16-bit partial products), exact.
 - bitcast_convert_type between 16-bit dtypes: a bfloat16's bits are its float32 register's top
@@ -21,7 +21,6 @@ import math
 import numpy as np
 
 from jax_ark._persistent._trace import (
-    UnsupportedError,
     _atan2,
     _Builder,
     _convert,
@@ -209,31 +208,38 @@ def _nextafter(b: _Builder, x: _Node, y: _Node, shape: tuple, out_dtype: str) ->
     """The representable value after x towards y (lax.nextafter, C's nextafter): x's bits one step
     towards y (+1 away from zero, -1 towards it); from +-0 the smallest subnormal with y's sign;
     y when x == y; NaN when either is. bfloat16 values sit in a float32 register's top 16 bits,
-    so their step is 2^16; float16's bits are not a float32's and are refused."""
-    if out_dtype not in ("float32", "bfloat16"):
-        raise UnsupportedError(
-            f"ark.persistent: nextafter of {out_dtype} values is not supported (float32 and "
-            f"bfloat16 only; at {b.source})"
-        )
+    so their step is 2^16; float16 steps its own 16 bits (bitcast16's helpers)."""
     f = _Float32(b, shape)
     x, y = _convert(b, x, "float32"), _convert(b, y, "float32")
-    unit = 1 << 16 if out_dtype == "bfloat16" else 1
-
-    def bits(v):
-        return f("bitcast", v, dtype="int32")
-
-    def int_const(v):
-        return _Imm((), "int32", value=v)
-
-    up = f("eq", f("lt", x, y, dtype="bool"), f("gt", x, f.const(0.0), dtype="bool"), dtype="bool")
-    step = f("select", up, int_const(-unit), int_const(unit), dtype="int32")
-    stepped = f("iadd", bits(x), step, dtype="int32")
-    from_zero = f("or", f("and", bits(y), int_const(-(2**31)), dtype="int32"), int_const(unit),
-                  dtype="int32")  # fmt: skip
+    away = f(
+        "eq", f("lt", x, y, dtype="bool"), f("gt", x, f.const(0.0), dtype="bool"), dtype="bool"
+    )
     is_zero = f("eq", x, f.const(0.0), dtype="bool")
-    result = f("bitcast", f("select", is_zero, stepped, from_zero, dtype="int32"))
+    if out_dtype == "float16":
+        u = _Bits(b, shape)
+        hx, hy = (
+            _half_bits(b, u, _convert(b, x, "float16")),
+            _half_bits(b, u, _convert(b, y, "float16")),
+        )
+        stepped = u.where(away, u("iadd", hx, u.const(1)), u("isub", hx, u.const(1)))
+        from_zero = u("or", u("and", hy, u.const(0x8000)), u.const(1))
+        result = _float16_value(b, u, u.where(is_zero, from_zero, stepped))
+    else:
+        unit = 1 << 16 if out_dtype == "bfloat16" else 1
+
+        def bits(v):
+            return f("bitcast", v, dtype="int32")
+
+        def int_const(v):
+            return _Imm((), "int32", value=v)
+
+        step = f("select", away, int_const(-unit), int_const(unit), dtype="int32")
+        stepped = f("iadd", bits(x), step, dtype="int32")
+        from_zero = f("or", f("and", bits(y), int_const(-(2**31)), dtype="int32"), int_const(unit),
+                      dtype="int32")  # fmt: skip
+        result = f("bitcast", f("select", is_zero, stepped, from_zero, dtype="int32"))
     result = f.where(f("eq", x, y, dtype="bool"), y, result)
-    either_nan = f("ne", f("add", x, y), f("add", x, y), dtype="bool")  # NaN + anything is NaN
+    either_nan = f("max", f("ne", x, x, dtype="bool"), f("ne", y, y, dtype="bool"), dtype="bool")
     result = f.where(either_nan, f.const(np.nan), result)
     return _convert(b, result, out_dtype)
 

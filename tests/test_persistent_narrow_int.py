@@ -218,3 +218,20 @@ def test_signbit_and_copysign_of_16_bit_floats(rng, dtype):
     np.testing.assert_array_equal(
         np.asarray(got_copy).view(np.uint16), np.asarray(want_copy).view(np.uint16)
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int8, jnp.uint16, jnp.int32, jnp.uint32])
+@pytest.mark.parametrize("length", [0, 7])
+def test_bitwise_and_extremum_folds_including_empty_axes(rng, dtype, length):
+    """reduce_and / or / xor / max / min: over an empty axis each is its identity at the dtype's
+    width (and: all ones, max: the dtype's minimum)."""
+    x = _values(rng, dtype, (5, length, 3)) if length else np.zeros((5, 0, 3), dtype)
+
+    def fn(x):
+        axes = (1,)
+        return (
+            jax.lax.reduce_and(x, axes), jax.lax.reduce_or(x, axes), jax.lax.reduce_xor(x, axes),
+            jax.lax.reduce_max(x, axes), jax.lax.reduce_min(x, axes),
+        )  # fmt: skip
+
+    _assert_same(fn, x, gpu_plan=bool(length))

@@ -2019,6 +2019,8 @@ def _reduce_identity(kind: str, out_dtype: str) -> float | int:
     if out_dtype in NARROW_INT_DTYPES and kind in ("imax", "imin", "umax", "umin"):
         low, high = _int_range(out_dtype)  # a narrow register holds an in-range value
         return low if kind in ("imax", "umax") else high
+    if kind == "iand" and _kind(out_dtype) == "uint":
+        return _int_range(out_dtype)[1]  # all ones of the width
     return ident
 
 
@@ -2218,9 +2220,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
         "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
         "sinh / cosh / tan / cbrt / atan / atan2 / asin / acos / asinh / acosh / atanh / lgamma / "
-        "digamma / nextafter (composed), eq_to / le_to / "
-        "lt_to (searchsorted), "
-        "bitcast_convert_type (32-bit), broadcast_in_dim, "
+        "digamma / nextafter (composed), eq_to / le_to / lt_to (searchsorted), "
+        "bitcast_convert_type (32-bit, 16-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
         "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
         "most 16 points), concatenate, stack, pad, rev, the "

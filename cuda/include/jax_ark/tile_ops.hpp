@@ -76,7 +76,7 @@ ARK_HD float f16_to_f32(uint16_t h) {
   return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
-// The low `width` bits of an integer register, sign- or zero-extended to 32 bits (narrow dtypes).
+// The bits of an integer register up to `top` (a narrow dtype's sign bit), sign-extended to 32.
 ARK_HD uint32_t sign_extend(uint32_t bits, uint32_t top) { return ((bits & (2 * top - 1)) ^ top) - top; }
 
 // Rounds a float32 value to `dtype` and back (the per-instruction rounding of programs); wraps the

@@ -177,9 +177,6 @@ __device__ __forceinline__ bool dims_narrow(const int64_t* dims, int rank) {
   return ok;
 }
 
-// Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
-// i writes register i, and its result is rounded to the instruction's dtype. Indices were checked
-// while staging, so register reads stay inside r[].
 // Element e of a LOAD's tensor as a register: integer elements as their bits (narrow ones sign- or
 // zero-extended to 32), float ones as float32 (plan_format.hpp).
 __device__ __forceinline__ float load_register(const ResolvedLoad& l, int64_t e) {
@@ -189,6 +186,9 @@ __device__ __forceinline__ float load_register(const ResolvedLoad& l, int64_t e)
   return tile::load_f32(l.base, static_cast<DType>(l.dtype), e);
 }
 
+// Evaluates code[begin, begin + len) for one element (docs/plan_format.md, "Programs"): instruction
+// i writes register i, and its result is rounded to the instruction's dtype. Indices were checked
+// while staging, so register reads stay inside r[].
 __device__ float eval_program(const TaskSmem& s, int begin, int len, const int64_t* idx, float acc,
                               int keep = -1, float* kept = nullptr) {
   float r[pf::kMaxProgramLen];

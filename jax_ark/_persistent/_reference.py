@@ -373,7 +373,7 @@ def _fold(kind: str, vals: np.ndarray) -> np.ndarray:
             return _bits(v.sum(axis=1))
         if kind in ("iand", "ior", "ixor"):
             fold = {"iand": np.bitwise_and, "ior": np.bitwise_or, "ixor": np.bitwise_xor}[kind]
-            return _bits(fold.reduce(_u(vals), axis=1))
+            return _bits(fold.reduce(v, axis=1))
         if kind == "iprod":  # wrapping: the low 32 bits after each multiplication
             acc = np.ones(rows, np.int64)
             for r in range(K):

@@ -20,15 +20,7 @@ import math
 
 import numpy as np
 
-from jax_ark._persistent._trace import (
-    _atan2,
-    _Builder,
-    _convert,
-    _copysign,
-    _Imm,
-    _Node,
-    _round_to_integer,
-)
+from jax_ark._persistent._trace import _atan2, _Builder, _convert, _copysign, _Node, _Ops
 
 UNARY = frozenset({"lgamma", "digamma", "asin", "acos", "asinh", "acosh", "atanh"})
 BINARY = frozenset({"nextafter"})
@@ -45,34 +37,11 @@ _COEFFICIENTS = (
 )  # fmt: skip
 
 
-class _Float32:
-    """Elementwise float32 ops over one shape: the builder calls, short enough to read as math."""
-
-    def __init__(self, b: _Builder, shape: tuple[int, ...]):
-        self.b, self.shape = b, shape
-
-    def __call__(self, name: str, *args: _Node, dtype: str = "float32") -> _Node:
-        return self.b.elementwise(name, list(args), self.shape, dtype)
-
-    @staticmethod
-    def const(value: float) -> _Node:
-        return _Imm((), "float32", value=float(value))
-
-    def where(self, pred: _Node, if_true: _Node, if_false: _Node) -> _Node:
-        return self("select", pred, if_false, if_true)  # select_n(pred, on_false, on_true)
-
-    def floor(self, x: _Node) -> _Node:
-        return _round_to_integer(self.b, "floor", x, 0, "float32")
-
-    def is_finite(self, x: _Node) -> _Node:
-        return self("lt", self("abs", x), self.const(np.inf), dtype="bool")
-
-
 def translate_special(b: _Builder, prim: str, args: list[_Node], out_shape, out_dtype: str):
     if prim == "nextafter":
         return _nextafter(b, args[0], args[1], tuple(out_shape), out_dtype)
     x = args[0]
-    f = _Float32(b, x.shape)
+    f = _Ops(b, x.shape)
     x = _convert(b, x, "float32")
     if prim in ("asin", "acos"):
         y = _asin(b, f, x) if prim == "asin" else _acos(b, f, x)
@@ -84,7 +53,7 @@ def translate_special(b: _Builder, prim: str, args: list[_Node], out_shape, out_
     return _convert(b, y, out_dtype)
 
 
-def _lanczos_terms(f: _Float32, x: _Node):
+def _lanczos_terms(f: _Ops, x: _Node):
     """(reflect, z, t, log t): x < 1/2 is computed at 1 - x (z = -x), else at x (z = x - 1);
     t = z + g + 1/2, its log as log(g + 1/2) + log1p(z / (g + 1/2)) (accurate for small z)."""
     const = f.const
@@ -95,7 +64,7 @@ def _lanczos_terms(f: _Float32, x: _Node):
     return reflect, z, t, log_t
 
 
-def _lgamma(f: _Float32, x: _Node) -> _Node:
+def _lgamma(f: _Ops, x: _Node) -> _Node:
     const = f.const
     reflect, z, t, log_t = _lanczos_terms(f, x)
     series = const(_BASE)
@@ -125,7 +94,7 @@ def _lgamma(f: _Float32, x: _Node) -> _Node:
     return f.where(is_inf, const(np.inf), result)  # lgamma(+-inf) = +inf
 
 
-def _digamma(f: _Float32, x: _Node) -> _Node:
+def _digamma(f: _Ops, x: _Node) -> _Node:
     const = f.const
     reflect, z, t, log_t = _lanczos_terms(f, x)
     # digamma(z + 1) = log t + A'(z) / A(z) - g / t, A the Lanczos series.
@@ -150,20 +119,20 @@ def _digamma(f: _Float32, x: _Node) -> _Node:
     return f.where(pole, const(np.nan), result)  # poles at 0, -1, -2, ...: NaN
 
 
-def _one_minus_square(f: _Float32, x: _Node) -> _Node:
+def _one_minus_square(f: _Ops, x: _Node) -> _Node:
     """1 - x^2 as (1 - x)(1 + x): no cancellation near |x| = 1."""
     one = f.const(1.0)
     return f("mul", f("sub", one, x), f("add", one, x))
 
 
-def _asin(b: _Builder, f: _Float32, x: _Node) -> _Node:
+def _asin(b: _Builder, f: _Ops, x: _Node) -> _Node:
     """asin(x) = 2 atan2(x, 1 + sqrt(1 - x^2)): NaN beyond [-1, 1] from the sqrt."""
     root = f("sqrt", _one_minus_square(f, x))
     half = _atan2(b, x, f("add", f.const(1.0), root), f.shape, "float32")
     return f("mul", f.const(2.0), half)
 
 
-def _acos(b: _Builder, f: _Float32, x: _Node) -> _Node:
+def _acos(b: _Builder, f: _Ops, x: _Node) -> _Node:
     """acos(x) = 2 atan2(sqrt(1 - x^2), 1 + x), and pi at x = -1 (atan2(0, 0) would give 0)."""
     root = f("sqrt", _one_minus_square(f, x))
     half = _atan2(b, root, f("add", f.const(1.0), x), f.shape, "float32")
@@ -171,7 +140,7 @@ def _acos(b: _Builder, f: _Float32, x: _Node) -> _Node:
     return f.where(at_minus_one, f.const(math.pi), f("mul", f.const(2.0), half))
 
 
-def _asinh(f: _Float32, x: _Node) -> _Node:
+def _asinh(f: _Ops, x: _Node) -> _Node:
     """sign(x) log1p(a + a^2 / (1 + sqrt(1 + a^2))) for a = |x| (accurate near 0), and
     log(a) + log 2 past sqrt(float max) (a^2 overflows there); asinh(-0) = -0."""
     const = f.const
@@ -186,7 +155,7 @@ def _asinh(f: _Float32, x: _Node) -> _Node:
     return _copysign(f.b, y, x)
 
 
-def _acosh(f: _Float32, x: _Node) -> _Node:
+def _acosh(f: _Ops, x: _Node) -> _Node:
     """log1p(t + sqrt(t (t + 2))) for t = x - 1 (accurate near 1), log(x) + log 2 past
     sqrt(float max); NaN below 1 (from the sqrt, and explicitly for x < -1)."""
     const = f.const
@@ -197,7 +166,7 @@ def _acosh(f: _Float32, x: _Node) -> _Node:
     return f.where(f("lt", x, const(1.0), dtype="bool"), const(np.nan), y)
 
 
-def _atanh(f: _Float32, x: _Node) -> _Node:
+def _atanh(f: _Ops, x: _Node) -> _Node:
     """(log1p(x) - log1p(-x)) / 2: accurate near 0, +-inf at +-1, NaN beyond."""
     const = f.const
     y = f("mul", f("sub", f("log1p", x), f("log1p", f("neg", x))), const(0.5))
@@ -209,14 +178,14 @@ def _nextafter(b: _Builder, x: _Node, y: _Node, shape: tuple, out_dtype: str) ->
     towards y (+1 away from zero, -1 towards it); from +-0 the smallest subnormal with y's sign;
     y when x == y; NaN when either is. bfloat16 values sit in a float32 register's top 16 bits,
     so their step is 2^16; float16 steps its own 16 bits (bitcast16's helpers)."""
-    f = _Float32(b, shape)
+    f = _Ops(b, shape)
     x, y = _convert(b, x, "float32"), _convert(b, y, "float32")
     away = f(
         "eq", f("lt", x, y, dtype="bool"), f("gt", x, f.const(0.0), dtype="bool"), dtype="bool"
     )
-    is_zero = f("eq", x, f.const(0.0), dtype="bool")
+    is_zero = f.is_zero(x)
     if out_dtype == "float16":
-        u = _Bits(b, shape)
+        u = _Ops(b, shape, "uint32")
         hx, hy = (
             _half_bits(b, u, _convert(b, x, "float16")),
             _half_bits(b, u, _convert(b, y, "float16")),
@@ -226,69 +195,40 @@ def _nextafter(b: _Builder, x: _Node, y: _Node, shape: tuple, out_dtype: str) ->
         result = _float16_value(b, u, u.where(is_zero, from_zero, stepped))
     else:
         unit = 1 << 16 if out_dtype == "bfloat16" else 1
-
-        def bits(v):
-            return f("bitcast", v, dtype="int32")
-
-        def int_const(v):
-            return _Imm((), "int32", value=v)
-
-        step = f("select", away, int_const(-unit), int_const(unit), dtype="int32")
-        stepped = f("iadd", bits(x), step, dtype="int32")
-        from_zero = f("or", f("and", bits(y), int_const(-(2**31)), dtype="int32"), int_const(unit),
-                      dtype="int32")  # fmt: skip
-        result = f("bitcast", f("select", is_zero, stepped, from_zero, dtype="int32"))
+        i = _Ops(b, shape, "int32")
+        stepped = i("iadd", i("bitcast", x), i("select", away, i.const(-unit), i.const(unit)))
+        from_zero = i("or", i("and", i("bitcast", y), i.const(-(2**31))), i.const(unit))
+        result = i("bitcast", i("select", is_zero, stepped, from_zero), dtype="float32")
     result = f.where(f("eq", x, y, dtype="bool"), y, result)
     either_nan = f("max", f("ne", x, x, dtype="bool"), f("ne", y, y, dtype="bool"), dtype="bool")
     result = f.where(either_nan, f.const(np.nan), result)
     return _convert(b, result, out_dtype)
 
 
-class _Bits:
-    """uint32 ops over one shape (the 32 bits of an int32 or uint32 value)."""
-
-    def __init__(self, b: _Builder, shape: tuple[int, ...]):
-        self.b, self.shape = b, shape
-
-    def __call__(self, name: str, *args: _Node) -> _Node:
-        return self.b.elementwise(name, list(args), self.shape, "uint32")
-
-    @staticmethod
-    def const(value: int) -> _Node:
-        return _Imm((), "uint32", value=value & 0xFFFFFFFF)
-
-    def where(self, pred: _Node, if_true: _Node, if_false: _Node) -> _Node:
-        return self("select", pred, if_false, if_true)
-
-    def is_zero(self, x: _Node) -> _Node:
-        return self.b.elementwise("ieq", [x, self.const(0)], self.shape, "bool")
-
-
 def translate_integer(b: _Builder, prim: str, args: list[_Node], out_shape, out_dtype: str):
     shape = tuple(out_shape)
-    u = _Bits(b, shape)
-    bits = [b.elementwise("imov", [a], a.shape, "uint32") for a in args]
+    u = _Ops(b, shape, "uint32")
+    bits = [u("imov", a) for a in args]
     width = 8 * np.dtype(args[0].dtype).itemsize
     signed = out_dtype.startswith("int")
-    if width < 32 and prim == "mulhi":  # the product fits 32 bits: its bits above the width
-        product = u("imul", *bits)
-        y = u("shra" if signed else "shrl", product, u.const(width))
-    elif width < 32:  # counts over the value's own bits, not its register's extension
-        value = u("and", bits[0], u.const((1 << width) - 1))
-        if prim == "population_count":
-            y = _population_count(u, value)
-        else:
-            y = u("isub", _count_leading_zeros(u, value), u.const(32 - width))
-    elif prim == "population_count":
-        y = _population_count(u, bits[0])
-    elif prim == "clz":
-        y = _count_leading_zeros(u, bits[0])
+    if prim == "mulhi":
+        if width == 32:
+            y = _mulhi(u, *bits, signed=signed)
+        else:  # the product fits 32 bits: its bits above the width
+            y = u("shra" if signed else "shrl", u("imul", *bits), u.const(width))
+        return u("imov", y, dtype=out_dtype)
+    # Counts over the value's own bits, not its register's extension above a narrow width.
+    value = bits[0] if width == 32 else u("and", bits[0], u.const((1 << width) - 1))
+    if prim == "population_count":
+        y = _population_count(u, value)
     else:
-        y = _mulhi(u, *bits, signed=signed)
-    return b.elementwise("imov", [y], shape, out_dtype)
+        y = _count_leading_zeros(u, value)
+        if width < 32:  # the zeros above the width are not the value's
+            y = u("isub", y, u.const(32 - width))
+    return u("imov", y, dtype=out_dtype)
 
 
-def _population_count(u: _Bits, x: _Node) -> _Node:
+def _population_count(u: _Ops, x: _Node) -> _Node:
     """Bits set, summed in place: pairs, nibbles, bytes, then the four bytes by one multiply."""
     c = u.const
     x = u("isub", x, u("and", u("shrl", x, c(1)), c(0x55555555)))
@@ -297,7 +237,7 @@ def _population_count(u: _Bits, x: _Node) -> _Node:
     return u("shrl", u("imul", x, c(0x01010101)), c(24))
 
 
-def _count_leading_zeros(u: _Bits, x: _Node) -> _Node:
+def _count_leading_zeros(u: _Ops, x: _Node) -> _Node:
     """A binary search: where the top `width` bits are zero, count them and shift them out (16,
     8, 4, 2, 1); 31 is counted for 0 with x still 0, which adds the 32nd."""
     count = u.const(0)
@@ -308,7 +248,7 @@ def _count_leading_zeros(u: _Bits, x: _Node) -> _Node:
     return u("iadd", count, u.where(u.is_zero(x), u.const(1), u.const(0)))
 
 
-def _mulhi(u: _Bits, x: _Node, y: _Node, signed: bool) -> _Node:
+def _mulhi(u: _Ops, x: _Node, y: _Node, signed: bool) -> _Node:
     """The high 32 bits of the 64-bit product, from 16-bit halves: the products of the halves
     and the carry out of the low word; signed as unsigned minus (x < 0 ? y : 0) and (y < 0 ? x :
     0) (two's complement, mod 2^32)."""
@@ -328,9 +268,7 @@ def _mulhi(u: _Bits, x: _Node, y: _Node, signed: bool) -> _Node:
     high = u("iadd", high, carry)
     if signed:
         for a, other in ((x, y), (y, x)):
-            negative = u.b.elementwise(
-                "ilt", [u("imov", a), _Imm((), "int32", value=0)], u.shape, "bool"
-            )
+            negative = u("ilt", a, u.const(0), dtype="bool")  # the bits read as signed
             high = u("isub", high, u.where(negative, other, c(0)))
     return high
 
@@ -338,24 +276,24 @@ def _mulhi(u: _Bits, x: _Node, y: _Node, signed: bool) -> _Node:
 def bitcast16(b: _Builder, x: _Node, dtype: str) -> _Node:
     """lax.bitcast_convert_type between bfloat16, float16, int16 and uint16 (x's dtype differs)."""
     shape = x.shape
-    u = _Bits(b, shape)
+    u = _Ops(b, shape, "uint32")
     if x.dtype in ("int16", "uint16"):
-        bits = u("and", b.elementwise("imov", [x], shape, "uint32"), u.const(0xFFFF))
+        bits = u("and", u("imov", x), u.const(0xFFFF))
     else:
         bits = _half_bits(b, u, x)
     if dtype in ("int16", "uint16"):
-        return b.elementwise("imov", [bits], shape, dtype)  # wraps / extends to the dtype
+        return u("imov", bits, dtype=dtype)  # wraps / extends to the dtype
     if dtype == "bfloat16":  # its bits are a float32's top half
-        value = b.elementwise("bitcast", [u("shl", bits, u.const(16))], shape, "float32")
+        value = u("bitcast", u("shl", bits, u.const(16)), dtype="float32")
     else:
         value = _float16_value(b, u, bits)
     return _convert(b, value, dtype)
 
 
-def _half_bits(b: _Builder, u: _Bits, x: _Node) -> _Node:
+def _half_bits(b: _Builder, u: _Ops, x: _Node) -> _Node:
     """The 16 bits (in a uint32) of a bfloat16 / float16 value held exactly in a float32."""
     shape = x.shape
-    f32 = b.elementwise("bitcast", [_convert(b, x, "float32")], shape, "uint32")
+    f32 = u("bitcast", _convert(b, x, "float32"))
     if x.dtype == "bfloat16":
         return u("shrl", f32, u.const(16))
     sign = u("and", u("shrl", f32, u.const(16)), u.const(0x8000))
@@ -363,16 +301,16 @@ def _half_bits(b: _Builder, u: _Bits, x: _Node) -> _Node:
     mantissa = u("shrl", u("and", f32, u.const(0x7FFFFF)), u.const(13))
     normal = u("or", u("shl", u("isub", exponent, u.const(112)), u.const(10)), mantissa)
     # Subnormal (and zero): |x| * 2^24 is the 10-bit mantissa, an exact integer.
-    f = _Float32(b, shape)
+    f = _Ops(b, shape)
     magnitude = f("abs", _convert(b, x, "float32"))
-    small = b.elementwise("f2u", [f("mul", magnitude, f.const(2.0**24))], shape, "uint32")
+    small = u("f2u", f("mul", magnitude, f.const(2.0**24)))
     special = u("or", u.const(0x7C00), mantissa)  # inf / NaN (the payload's top 10 bits)
-    is_small = b.elementwise("ult", [exponent, u.const(113)], shape, "bool")
-    is_special = b.elementwise("ieq", [exponent, u.const(0xFF)], shape, "bool")
+    is_small = u("ult", exponent, u.const(113), dtype="bool")
+    is_special = u("ieq", exponent, u.const(0xFF), dtype="bool")
     return u("or", sign, u.where(is_special, special, u.where(is_small, small, normal)))
 
 
-def _float16_value(b: _Builder, u: _Bits, h: _Node) -> _Node:
+def _float16_value(b: _Builder, u: _Ops, h: _Node) -> _Node:
     """The float32 value of float16 bits h (in a uint32): exact, NaN payloads kept."""
     shape = h.shape
     sign = u("shl", u("and", h, u.const(0x8000)), u.const(16))
@@ -381,10 +319,10 @@ def _float16_value(b: _Builder, u: _Bits, h: _Node) -> _Node:
     normal = u("or", u("shl", u("iadd", exponent, u.const(112)), u.const(23)),
                u("shl", mantissa, u.const(13)))  # fmt: skip
     special = u("or", u.const(0x7F800000), u("shl", mantissa, u.const(13)))
-    f = _Float32(b, shape)
-    small = f("mul", b.elementwise("u2f", [mantissa], shape, "float32"), f.const(2.0**-24))
+    f = _Ops(b, shape)
+    small = f("mul", u("u2f", mantissa, dtype="float32"), f.const(2.0**-24))
     is_small = u.is_zero(exponent)
-    is_special = b.elementwise("ieq", [exponent, u.const(0x1F)], shape, "bool")
+    is_special = u("ieq", exponent, u.const(0x1F), dtype="bool")
     magnitude = u.where(is_special, special, normal)
-    magnitude = u.where(is_small, b.elementwise("bitcast", [small], shape, "uint32"), magnitude)
-    return b.elementwise("bitcast", [u("or", sign, magnitude)], shape, "float32")
+    magnitude = u.where(is_small, u("bitcast", small), magnitude)
+    return u("bitcast", u("or", sign, magnitude), dtype="float32")

@@ -669,18 +669,46 @@ _ERF_INV_TAIL = (
 )  # fmt: skip
 
 
+class _Ops:
+    """Elementwise ops over one shape, of one dtype unless `dtype=` names another (a comparison's
+    bool, a conversion's target): the builder's calls, short enough to read as math."""
+
+    def __init__(self, b: _Builder, shape, dtype: str = "float32"):
+        self.b, self.shape, self.dtype = b, tuple(shape), dtype
+
+    def __call__(self, name: str, *args: _Node, dtype: str | None = None) -> _Node:
+        return self.b.elementwise(name, list(args), self.shape, dtype or self.dtype)
+
+    def const(self, value) -> _Node:
+        """A scalar of this dtype (an integer's bits wrap to 32)."""
+        if self.dtype in INT_DTYPES:
+            value = int(value) & 0xFFFFFFFF if self.dtype == "uint32" else int(value)
+            return _Imm((), self.dtype, value=value)
+        return _Imm((), self.dtype, value=float(value))
+
+    def where(self, pred: _Node, if_true: _Node, if_false: _Node) -> _Node:
+        return self("select", pred, if_false, if_true)  # select_n(pred, on_false, on_true)
+
+    def is_zero(self, x: _Node) -> _Node:
+        return self("ieq" if self.dtype in INT_DTYPES else "eq", x, self.const(0), dtype="bool")
+
+    def is_finite(self, x: _Node) -> _Node:
+        return self("lt", self("abs", x), self.const(np.inf), dtype="bool")
+
+    def floor(self, x: _Node) -> _Node:
+        return _round_to_integer(self.b, "floor", x, 0, self.dtype)
+
+
 def _erf_inv(b: _Builder, x: _Node, out_dtype: str) -> _Node:
     """erf_inv in float32 operations (16-bit inputs widened, the result rounded once, as XLA):
     p(w) * x, +-inf at +-1, NaN outside [-1, 1] (log1p of less than -1)."""
-    f32, shape = "float32", x.shape
+    f32 = "float32"
     if x.dtype != f32:
         x = _convert(b, x, f32)
-
-    def ew(op, *args, dtype=f32):
-        return b.elementwise(op, list(args), shape, dtype)
+    ew = _Ops(b, x.shape)
 
     def c(value):
-        return _Imm((), f32, value=float(np.float32(value)))
+        return ew.const(np.float32(value))
 
     def horner(coefficients, t):
         p = c(coefficients[0])
@@ -922,12 +950,8 @@ def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
         product = b.elementwise("mul", [_convert(b, x, out_dtype), ln2], shape, out_dtype)
         return b.elementwise("exp", [product], shape, out_dtype)
     x = _convert(b, x, f)
-
-    def op(name, *args):
-        return b.elementwise(name, list(args), shape, f)
-
-    def const(v):
-        return _Imm((), f, value=v)
+    op = _Ops(b, shape)
+    const = op.const
 
     if prim == "tan":
         y = op("div", op("sin", x), op("cos", x))
@@ -939,7 +963,7 @@ def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
         # Large |x|: e^|x| / 2 as e^(|x| - ln 2), finite up to |x| = 89.4 as XLA's (e^|x| alone
         # overflows at 88.7); the other term is below float32's precision there.
         a = op("abs", x)
-        big = b.elementwise("gt", [a, const(10.0)], shape, "bool")
+        big = op("gt", a, const(10.0), dtype="bool")
         half_exp = op("exp", op("sub", a, const(float(np.log(2.0)))))
         if prim == "cosh":  # (e^|x| + e^-|x|) / 2
             e = op("exp", a)
@@ -947,7 +971,7 @@ def _composed(b: _Builder, prim: str, x: _Node, out_dtype: str) -> _Node:
         else:  # sinh through expm1, accurate near 0: u = e^|x| - 1, (u + u / (u + 1)) / 2
             u = op("expm1", a)
             small = op("mul", op("add", u, op("div", u, op("add", u, const(1.0)))), const(0.5))
-        y = b.elementwise("select", [big, small, half_exp], shape, f)
+        y = op("select", big, small, half_exp)
         if prim == "sinh":
             y = op("mul", op("sign", x), y)
     return _convert(b, y, out_dtype)
@@ -957,22 +981,13 @@ def _atan_of_nonnegative(b: _Builder, a: _Node) -> _Node:
     """atan(a) for a >= 0 (or NaN) in float32: Cephes' atanf (reduced to |z| <= tan(pi/8) by
     atan(a) = pi/2 + atan(-1/a) or pi/4 + atan((a - 1)/(a + 1)), then a degree-9 odd polynomial):
     within 2 ulps; atan(inf) = pi/2."""
-    shape, f = a.shape, "float32"
-
-    def op(name, *args):
-        return b.elementwise(name, list(args), shape, f)
-
-    def const(v):
-        return _Imm((), f, value=v)
-
-    def pick(pred, if_false, if_true):
-        return b.elementwise("select", [pred, if_false, if_true], shape, f)
-
-    big = b.elementwise("gt", [a, const(2.414213562373095)], shape, "bool")  # tan(3 pi / 8)
-    mid = b.elementwise("gt", [a, const(0.4142135623730950)], shape, "bool")  # tan(pi / 8)
-    base = pick(big, pick(mid, const(0.0), const(np.pi / 4)), const(np.pi / 2))
+    op = _Ops(b, a.shape)
+    const = op.const
+    big = op("gt", a, const(2.414213562373095), dtype="bool")  # tan(3 pi / 8)
+    mid = op("gt", a, const(0.4142135623730950), dtype="bool")  # tan(pi / 8)
+    base = op.where(big, const(np.pi / 2), op.where(mid, const(np.pi / 4), const(0.0)))
     reduced = op("div", op("sub", a, const(1.0)), op("add", a, const(1.0)))
-    z = pick(big, pick(mid, a, reduced), op("div", const(-1.0), a))
+    z = op.where(big, op("div", const(-1.0), a), op.where(mid, reduced, a))
     zz = op("mul", z, z)
     poly = const(8.05374449538e-2)
     for c in (-1.38776856032e-1, 1.99777106478e-1, -3.33329491539e-1):
@@ -982,18 +997,10 @@ def _atan_of_nonnegative(b: _Builder, a: _Node) -> _Node:
 
 def _copysign(b: _Builder, magnitude: _Node, sign: _Node) -> _Node:
     """|magnitude| with sign's sign bit (float32 bits): -0.0 and NaNs keep theirs."""
-    shape = magnitude.shape
-
-    def bits(x):
-        return b.elementwise("bitcast", [x], shape, "int32")
-
-    low = b.elementwise(
-        "and", [bits(magnitude), _Imm((), "int32", value=0x7FFFFFFF)], shape, "int32"
-    )
-    top = b.elementwise("and", [bits(sign), _Imm((), "int32", value=_INT32_MIN)], shape, "int32")
-    return b.elementwise(
-        "bitcast", [b.elementwise("or", [low, top], shape, "int32")], shape, "float32"
-    )
+    i = _Ops(b, magnitude.shape, "int32")
+    low = i("and", i("bitcast", magnitude), i.const(0x7FFFFFFF))
+    top = i("and", i("bitcast", sign), i.const(_INT32_MIN))
+    return i("bitcast", i("or", low, top), dtype="float32")
 
 
 def _atan2(b: _Builder, y: _Node, x: _Node, out_shape, out_dtype: str) -> _Node:
@@ -1002,15 +1009,11 @@ def _atan2(b: _Builder, y: _Node, x: _Node, out_shape, out_dtype: str) -> _Node:
     the sign of y (also of a zero y) on the result. Within a few ulps of XLA's."""
     shape, f = tuple(out_shape), "float32"  # the ops below broadcast a scalar operand
     y, x = _convert(b, y, f), _convert(b, x, f)
-
-    def op(name, *args):
-        return b.elementwise(name, list(args), shape, f)
+    op = _Ops(b, shape)
+    const = op.const
 
     def test(name, *args):
-        return b.elementwise(name, list(args), shape, "bool")
-
-    def const(v):
-        return _Imm((), f, value=v)
+        return op(name, *args, dtype="bool")
 
     ay, ax = op("abs", y), op("abs", x)
     a = _atan_of_nonnegative(b, op("div", ay, ax))  # 0 / 0 and inf / inf are NaN: set below
@@ -1019,9 +1022,7 @@ def _atan2(b: _Builder, y: _Node, x: _Node, out_shape, out_dtype: str) -> _Node:
     both_inf = test("mul", test("eq", ay, inf), test("eq", ax, inf))
     a = op("select", both_zero, a, zero)
     a = op("select", both_inf, a, const(np.pi / 4))
-    x_negative = test(
-        "ilt", b.elementwise("bitcast", [x], shape, "int32"), _Imm((), "int32", value=0)
-    )
+    x_negative = test("ilt", op("bitcast", x, dtype="int32"), _iconst(0))
     a = op("select", x_negative, a, op("sub", const(np.pi), a))
     return _convert(b, _copysign(b, a, y), out_dtype)
 
@@ -1258,14 +1259,9 @@ def _round_to_integer(b: _Builder, prim: str, x: _Node, method: int, out_dtype: 
     it went the wrong way. At or above 2^23 every float32 is an integer, and inf / NaN pass
     unchanged. A zero result takes x's sign (round(-0.3) = -0.0), as IEEE's does. Widened to
     float32 first: a 16-bit dtype's intermediate rounding would spoil the trick."""
-    shape = x.shape
     f = _convert(b, x, "float32")
-
-    def op(name, *args, dtype="float32"):
-        return b.elementwise(name, list(args), shape, dtype)
-
-    def const(v):
-        return _Imm((), "float32", value=v)
+    op = _Ops(b, x.shape)
+    const = op.const
 
     def plus_one_where(pred, v):  # v + (pred ? 1 : 0)
         return op("add", v, op("select", pred, const(0.0), const(1.0)))
@@ -2989,22 +2985,16 @@ def _cumlogsumexp(b: _Builder, x: _Node, axis: int, reverse: bool, out_dtype: st
     m_j + log(sum e^(x_r - m_j)) (no term above 1: no overflow, and the largest term is exact).
     An infinite m_j shifts by 0 instead, so all -inf so far gives -inf and any +inf gives +inf
     (not inf - inf = NaN), as XLA's running logaddexp."""
-    f = "float32"
-    x = b.strip_pendings(_convert(b, x, f))
+    x = b.strip_pendings(_convert(b, x, "float32"))
     shape, iter_shape = x.shape, x.shape + (x.shape[axis],)
-    top = b.materialize(_running_fold(b, "max", _along_running_axis(b, x, axis), axis, reverse, f,
-                                      "cumlogsumexp"))  # fmt: skip
-    finite = b.elementwise("lt", [b.elementwise("abs", [top], shape, f), _Imm((), f, value=np.inf)],
-                           shape, "bool")  # fmt: skip
-    shift = b.elementwise("select", [finite, _Imm((), f, value=0.0), top], shape, f)
+    along = _along_running_axis(b, x, axis)
+    top = b.materialize(_running_fold(b, "max", along, axis, reverse, "float32", "cumlogsumexp"))
+    f, over_r = _Ops(b, shape), _Ops(b, iter_shape)
+    shift = f.where(f.is_finite(top), top, f.const(0.0))
     spread = b.broadcast(shift, iter_shape, tuple(range(len(shape))))
-    terms = b.elementwise(
-        "exp", [b.elementwise("sub", [_along_running_axis(b, x, axis), spread], iter_shape, f)],
-        iter_shape, f,
-    )  # fmt: skip
-    total = b.materialize(_running_fold(b, "sum", terms, axis, reverse, f, "cumlogsumexp"))
-    out = b.elementwise("add", [b.elementwise("log", [total], shape, f), shift], shape, f)
-    return _convert(b, out, out_dtype)
+    terms = over_r("exp", over_r("sub", along, spread))
+    total = b.materialize(_running_fold(b, "sum", terms, axis, reverse, "float32", "cumlogsumexp"))
+    return _convert(b, f("add", f("log", total), shift), out_dtype)
 
 
 def _without_dead_code(closed):

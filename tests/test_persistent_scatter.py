@@ -15,7 +15,6 @@ from persistent_models import assert_close
 
 import jax_ark as ark
 from jax_ark._persistent._reference import interpret
-from jax_ark._persistent._trace import UnsupportedError
 
 
 def _leaves(x):
@@ -87,11 +86,16 @@ def test_clip_mode(rng):
         _check(lambda x, i: x.at[i].set(9.0, mode="clip"), x, np.int32(i))
 
 
-def test_too_many_points_refused(rng):
+@pytest.mark.parametrize("points", [16, 17])
+def test_more_than_16_points_are_one_scatter_fold(rng, points):
+    """Up to 16 points unroll as selects (they fuse into the readers); from 17 on, the scatter is
+    one scatter-fold op (tests/test_persistent_scatter_fold.py)."""
     x = rng.standard_normal(64).astype(np.float32)
-    idx = np.arange(20, dtype=np.int32)
-    with pytest.raises(UnsupportedError, match="scatter-add of 20 scatter points"):
-        ark.plan(lambda x, i: x.at[i].add(1.0), x, idx, platform="cpu")
+    idx = rng.integers(0, 64, points).astype(np.int32)
+    fn = lambda x, i: x.at[i].add(1.0)  # noqa: E731
+    plan = ark.plan(fn, x, idx, platform="cpu")
+    assert sum(op.scatter_fold for op in plan.ops) == (points > 16)
+    _check(fn, x, idx)
 
 
 def test_decode_loop_writes_cache_and_tokens_with_scatter(rng):

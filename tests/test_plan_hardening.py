@@ -22,7 +22,7 @@ from subprocess_env import TESTS_DIR, subprocess_env
 import jax_ark as ark
 from jax_ark._persistent import PlanError
 from jax_ark._persistent._call import run_plan
-from jax_ark._persistent._format import Instr, TensorSpec, View
+from jax_ark._persistent._format import REDUCE_CODES, Instr, TensorSpec, View
 from jax_ark._persistent._reference import interpret
 
 HEADER = {"tensors_at": 12, "views_at": 13, "ops_at": 14, "tasks_at": 15, "code_at": 21}
@@ -569,7 +569,7 @@ def test_runtime_rejects_unchecked_v2_plans(v2_setup, edit):
         python_match = "integer_pow exponent"
     elif edit == "reduce_kind":
         i = next(i for i, op in enumerate(p.ops) if op.kind == "reduce")
-        words[ops_at + 40 * i + 3] = 17  # kNumReduceKinds: the first unknown kind
+        words[ops_at + 40 * i + 3] = len(REDUCE_CODES)  # kNumReduceKinds: the first unknown kind
         match = "unknown reduce kind"
     _runtime_rejects(p, args, words, match=match)
     if python_match is not None:

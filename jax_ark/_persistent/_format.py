@@ -58,13 +58,16 @@ OP_KIND_CODES = {"matmul": 1, "reduce": 2, "map": 3, "put": 4}  # put: v3 commun
 REDUCE_CODES = {
     "sum": 0, "max": 1, "min": 2, "isum": 3, "imax": 4, "imin": 5, "umax": 6, "umin": 7,
     "argmax": 8, "argmin": 9, "iargmax": 10, "iargmin": 11, "prod": 12, "iprod": 13,
-    "iand": 14, "ior": 15, "ixor": 16,
+    "iand": 14, "ior": 15, "ixor": 16, "last": 17,
 }  # fmt: skip
 # Reduce kinds whose prologue yields integer bits (the others fold float32 values).
 INT_REDUCES = frozenset(
     {"isum", "imax", "imin", "umax", "umin", "iargmax", "iargmin", "iprod", "iand", "ior", "ixor"}
 )
 ARG_REDUCES = frozenset({"argmax", "argmin", "iargmax", "iargmin"})
+# Kinds a scatter fold (Op.scatter_fold) may combine with: every kind but the arg kinds; "last"
+# (the value replaces the element: a scatter's `set`) is for scatter folds only.
+SCATTER_FOLD_KINDS = frozenset(REDUCE_CODES) - ARG_REDUCES
 
 OPCODES = {
     "load_acc": 0, "load": 1, "const": 2, "load_at": 3, "load_iter": 4, "load_rank": 5,
@@ -195,6 +198,13 @@ class Op:
     # Put ops (CPU executor only): no copies; a reader of the inbox reads each slot's tile where
     # it lies, in the source rank's source tensor (docs/plan_format.md, "Puts read in place").
     read_in_place: bool = False
+
+    @property
+    def scatter_fold(self) -> bool:
+        """A reduce op with a store view (docs/plan_format.md, "Scatter folds"): its epilogue gives
+        every output element its first value, then each prologue value over iter_dims is folded
+        into the element its store view and store_at register name, in iteration order."""
+        return self.kind == "reduce" and self.store_view >= 0
 
 
 @dataclass
@@ -366,6 +376,8 @@ class Plan:
         elems = (task.b1 - task.b0) * (task.m1 - task.m0) * (task.n1 - task.n0)
         if op.kind == "matmul":
             return 2 * elems * op.K + elems * len(op.epilogue)
+        if op.scatter_fold:  # the prologue runs once per value, not per output element
+            return op.K * (len(op.prologue) + 1) + elems * len(op.epilogue)
         if op.kind == "reduce":
             return elems * op.K * (len(op.prologue) + 1) + elems * len(op.epilogue)
         if op.kind == "put":
@@ -456,7 +468,10 @@ class Plan:
             if op.kind == "put" and op.read_in_place:
                 extra += f"; read in place from t{self.views[op.a_view].tensor} (no copies)"
             # a window store writes only its window (iter_dims) of the tensor
-            window = f"window {list(op.iter_dims)} of " if op.store_view >= 0 else ""
+            if op.scatter_fold:
+                window = f"{op.reduce_kind}-fold of {list(op.iter_dims)} into "
+            else:
+                window = f"window {list(op.iter_dims)} of " if op.store_view >= 0 else ""
             lines.append(
                 f"  op {i:3d} {op.kind:6s} {op.name:24s} -> {window}t{op.out} {out.dtype}"
                 f"{list(out.shape)} [{out.storage}] tasks={op_tasks.get(i, 0)}{extra} "

@@ -295,6 +295,8 @@ def run_task(
     if op.kind == "put":
         raise PlanError(f"{plan.task_name(t)} is a put: run the plan with interpret_group")
     out = plan.tensors[op.out]
+    if op.scatter_fold:
+        return _run_scatter_fold(plan, op, buffers, ev)
     lin = tile_linear(op, task)
     acc = None
     with np.errstate(all="ignore"):
@@ -346,10 +348,77 @@ def run_task(
         value = _eval(plan, op.epilogue, idx, lin.shape, acc, buffers, **ev)
         if op.stacked:  # one slice of the stacked output per iteration
             lin = lin + plan.stacked_slice(task.op, its) * (op.B * op.M * op.N)
-    if out.dtype in INT_DTYPES:  # the low bits (a narrow register holds an in-range value)
-        buffers[op.out][lin] = value.astype(np.uint32).astype(np_dtype(out.dtype))
+    _store(buffers, op.out, out.dtype, lin, value)
+
+
+def _store(buffers, tensor: int, dtype: str, lin: np.ndarray, value: np.ndarray) -> None:
+    if dtype in INT_DTYPES:  # the low bits (a narrow register holds an in-range value)
+        buffers[tensor][lin] = value.astype(np.uint32).astype(np_dtype(dtype))
     else:
-        buffers[op.out][lin] = value.astype(np_dtype(out.dtype))
+        buffers[tensor][lin] = value.astype(np_dtype(dtype))
+
+
+def _run_scatter_fold(plan: Plan, op, buffers, ev) -> None:
+    """A scatter fold (docs/plan_format.md, "Scatter folds"): the epilogue's first values over
+    the whole output, then each prologue value over iter_dims folded into the element its store
+    view and store_at register name, in iteration order, one rounding to the output's dtype per
+    step. Round k applies every element's k-th value (the elements of one round are distinct)."""
+    out = plan.tensors[op.out]
+    lin = np.arange(out.num_elements, dtype=np.int64)
+    idx = np.unravel_index(lin, out.shape) if out.shape else ()
+    _store(
+        buffers,
+        op.out,
+        out.dtype,
+        lin,
+        _eval(plan, op.epilogue, idx, lin.shape, None, buffers, **ev),
+    )
+    r = np.arange(op.K, dtype=np.int64)
+    ridx = np.unravel_index(r, op.iter_dims) if op.iter_dims else ()
+    regs = _eval(plan, op.prologue, ridx, r.shape, None, buffers, all_regs=True, **ev)
+    view = plan.views[op.store_view]
+    moved = _s(regs[op.store_at])
+    at = view.offset + moved
+    for d, stride in enumerate(view.strides):
+        at = at + ridx[d] * stride
+    keep = (moved != DROP_STORE) & (at >= 0) & (at < out.num_elements)
+    at, value = at[keep], regs[-1][keep]
+    order = np.argsort(at, kind="stable")  # by element, in iteration order within one
+    sorted_at = at[order]
+    starts = np.flatnonzero(np.r_[True, sorted_at[1:] != sorted_at[:-1]])
+    occurrence = np.empty_like(order)
+    occurrence[order] = np.arange(order.size) - np.repeat(
+        starts, np.diff(np.r_[starts, order.size])
+    )
+    dst = buffers[op.out]
+    with np.errstate(all="ignore"):
+        for k in range(int(occurrence.max(initial=-1)) + 1):
+            sel = occurrence == k
+            e = at[sel]
+            cur = (
+                _bits(dst[e].astype(np.int64))
+                if dst.dtype.kind in "iu"
+                else dst[e].astype(np.float32)
+            )
+            new = round_to(_combine(op.reduce_kind, cur, value[sel]), out.dtype)
+            _store(buffers, op.out, out.dtype, e, new)
+
+
+def _combine(kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One step of a fold of registers a and b (tile_ops.hpp reduce_combine; not arg kinds)."""
+    if kind == "last":
+        return b
+    if kind in INT_REDUCES:
+        key = _u if kind[0] == "u" else _s
+        x, y = key(a), key(b)
+        fold = {
+            "isum": np.add, "iprod": np.multiply, "imax": np.maximum, "umax": np.maximum,
+            "imin": np.minimum, "umin": np.minimum, "iand": np.bitwise_and,
+            "ior": np.bitwise_or, "ixor": np.bitwise_xor,
+        }[kind]  # fmt: skip
+        return _bits(fold(x, y) & 0xFFFFFFFF)
+    fold = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[kind]
+    return fold(a, b).astype(np.float32)  # NaN propagates through max / min, as nan_max
 
 
 def _fold(kind: str, vals: np.ndarray) -> np.ndarray:

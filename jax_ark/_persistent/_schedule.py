@@ -72,10 +72,11 @@ _MIN_TASK_MACS = 65536
 def _tiles(
     op: Op, num_workers: int, tile_m: int | None, tile_n: int | None, platform: str = "cpu"
 ) -> list[Task]:
-    if op.store_view >= 0 and op.kind == "map":
+    if op.store_view >= 0 and op.kind in ("map", "reduce"):
         # A map's window store writes elements chosen at run time, clamped into the tensor in
-        # element order: one task. (A matmul's is tiled as usual; every tile of it counts as
-        # writing the whole tensor, written_elements.)
+        # element order: one task; so does a scatter fold, which folds in iteration order. (A
+        # matmul's window store is tiled as usual; every tile of it counts as writing the whole
+        # tensor, written_elements.)
         op.tile_m, op.tile_n = op.M, op.N
         return [Task(-1, 0, op.B, 0, op.M, 0, op.N)]
     if op.kind == "put":
@@ -234,12 +235,14 @@ def task_reads(
         red = op.iter_dims[op.kept_rank :]
         m_idx = np.unravel_index(np.arange(task.m0, task.m1, dtype=np.int64), kept) if kept else ()
         r_idx = np.unravel_index(np.arange(op.K, dtype=np.int64), red) if red else ()
+        # a scatter fold's one task walks the prologue's space once (its M is the output's size)
+        rows = 1 if op.scatter_fold else task.m1 - task.m0
         for v in program_views(op.prologue):
             view = plan.views[v]
             if not want(view.tensor):
                 continue
             s = view.strides
-            mk = np.zeros(task.m1 - task.m0, dtype=np.int64)
+            mk = np.zeros(rows, dtype=np.int64)
             for d in range(len(kept)):
                 mk = mk + m_idx[d] * s[d]
             rr = np.zeros(op.K, dtype=np.int64)
@@ -254,8 +257,10 @@ def task_reads(
             reads.append((tensor, np.arange(plan.tensors[tensor].num_elements, dtype=np.int64)))
     views = [v for v in program_views(op.epilogue) if want(plan.views[v].tensor)]
     if views:
-        # a window store's epilogue walks the window (iter_dims), not its output tensor
-        out_shape = tuple(op.iter_dims) if op.store_view >= 0 else epilogue_shape(plan, op)
+        # a window store's epilogue walks the window (iter_dims), not its output tensor (a
+        # scatter fold's walks its output: the first values)
+        walks_window = op.store_view >= 0 and not op.scatter_fold
+        out_shape = tuple(op.iter_dims) if walks_window else epilogue_shape(plan, op)
         lin = tile_linear(op, task)
         idx = np.unravel_index(lin, out_shape) if out_shape else ()
         for v in views:

@@ -1780,6 +1780,14 @@ def _scatter_handler(prim, b, args, params, out_shape, out_dtype):
 
 
 _SCATTER_MAX_POINTS = 16  # scatter points planned as chained selects (each one a whole-tensor pass)
+# A scatter's combine -> the scatter fold's reduce kind, by the output's register kind.
+_SCATTER_FOLDS = {
+    "scatter": {"float": "last", "int": "last", "uint": "last", "bool": "last"},
+    "scatter-add": {"float": "sum", "int": "isum", "uint": "isum"},
+    "scatter-mul": {"float": "prod", "int": "iprod", "uint": "iprod"},
+    "scatter-min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
+    "scatter-max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
+}
 
 
 def _scatter_windows(dn, rank: int, updates_shape) -> tuple[list[int], list[int], list[int]]:
@@ -1802,7 +1810,9 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
     min / max). A point whose window does not fit is dropped (FILL_OR_DROP, jax's default for
     scatters, and XLA's own behaviour for PROMISE_IN_BOUNDS) or clamped into the operand (CLIP),
     as XLA does. Points are applied in order (duplicate indices of `set` are unspecified in XLA;
-    add / mul / min / max fold every point); at most 16 points per batch element.
+    add / mul / min / max fold every point). Up to 16 points per batch element are unrolled as
+    whole-tensor selects (they fuse into the result's readers); more are one scatter fold
+    (_scatter_fold: one pass over the result, then one fold step per update element).
 
     Batching dims (the transpose of take_along_axis, as in the gradient of optax's integer-label
     cross entropy): operand dim operand_batching_dims[i] is paired with indices dim
@@ -1826,10 +1836,7 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
     if math.prod(batch_shape) == 0 or math.prod(updates.shape) == 0 or math.prod(out_shape) == 0:
         return operand
     if points > _SCATTER_MAX_POINTS:
-        raise UnsupportedError(
-            f"ark.persistent: {prim} of {points} scatter points"
-            f"{' per batch element' if batched else ''} (at most {_SCATTER_MAX_POINTS}) {where}"
-        )
+        return _scatter_fold(b, prim, operand, indices, updates, dn, mode, out_shape, out_dtype)
     if prim == "scatter" and not batched and b.eqn is not None and _window_scatter(b.eqn):
         target = _in_place_target(b, operand, out_shape)
         if target is not None:
@@ -1907,6 +1914,91 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
             new if take is None else b.elementwise("select", [take, cur, new], out_shape, out_dtype)
         )
     return cur
+
+
+def _scatter_fold(
+    b: _Builder, prim: str, operand, indices, updates, dn, mode: str, out_shape, out_dtype: str
+) -> _Load:
+    """A scatter of many points (an embedding's gradient, segment_sum, bincount, histogram,
+    x.at[perm].set(v)) as ONE scatter-fold op (docs/plan_format.md, "Scatter folds"): its
+    epilogue writes the operand into a new tensor, then its prologue walks the update's own
+    shape, each element's value folded into the element its point's indices name (the store view
+    moves along the window and batching dims; the indices give the rest, as an int32 register),
+    in update order, so duplicate indices add up (or, for `set`, the last one stays) as in XLA's
+    serial scatter. A point whose window does not fit is dropped (FILL_OR_DROP,
+    PROMISE_IN_BOUNDS) or clamped into the operand (CLIP), as _scatter does. O(operand +
+    updates) work where the unrolled selects were O(operand x points)."""
+    where = f"at {b.source}"
+    name = prim.replace("_", "-")
+    kind = _SCATTER_FOLDS.get(name, {}).get(_kind(out_dtype))
+    if kind is None:
+        raise UnsupportedError(f"ark.persistent: {prim} on {out_dtype} {where}")
+    space, rank = tuple(updates.shape), len(out_shape)
+    window_dims, window, point_dims = _scatter_windows(dn, rank, space)
+    strides = _row_major(tuple(out_shape))
+    store = [0] * len(space)  # the store view: the element a value goes to before its offset
+    for j, d in enumerate(window_dims):
+        store[dn.update_window_dims[j]] = strides[d]
+    for d, i in zip(dn.operand_batching_dims, dn.scatter_indices_batching_dims, strict=True):
+        store[point_dims[i]] = strides[d]  # a point writes its own batch row
+    # Each point's offset (or DROP_STORE) is computed once per point, over the point dims, and
+    # read by every value of its window through a broadcast view: evaluated per value, the index
+    # arithmetic cost an embedding gradient's 128-wide rows 128 times over (perf, one core).
+    points = tuple(space[d] for d in point_dims)
+    idx = _as_load(b, indices)
+    keep, terms = None, []
+    for c, d in enumerate(dn.scatter_dims_to_operand_dims):
+        start = _Load(
+            points, idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], idx.strides[:-1],
+            idx.iter_stride, idx.outer_iter_stride,
+        )  # fmt: skip
+        s = _i32(b, start, points)
+        hi = out_shape[d] - window[d]
+        if "CLIP" in mode:
+            s = _clamp(b, s, 0, hi)
+        else:  # the whole window must fit, else the point is dropped
+            keep = _and(b, keep, _iop(b, "ige", s, 0))
+            keep = _and(b, keep, _iop(b, "ile", s, hi))
+        terms.append(_iop(b, "imul", s, strides[d]))
+    offset = _sum_offsets(b, terms) or _Imm(points, "int32", value=0)
+    if keep is not None:
+        drop = _Imm(points, "int32", value=DROP_STORE)
+        offset = b.elementwise("select", [keep, drop, offset], points, "int32")
+    if math.prod(points) < math.prod(space) and not isinstance(offset, (_Load, _Imm)):
+        offset = b.materialize(offset)
+    offset = b.broadcast(offset, space, tuple(point_dims))
+    value = _convert(b, b.strip_pendings(updates), out_dtype)
+    first = _convert(b, b.strip_pendings(operand), out_dtype)
+    # each program within MAX_PROGRAM_LEN (the prologue computes the value and the offset)
+    if value.size + offset.size > _FUSE_LIMIT:
+        value = b.materialize(value)
+    if offset.size > _FUSE_LIMIT:
+        offset = b.materialize(offset)
+    if first.size > _FUSE_LIMIT:
+        first = b.materialize(first)
+    prologue, (store_at,) = b.compile_with(value, [offset])
+    out = b.new_tensor(tuple(out_shape), out_dtype)
+    b.ops.append(
+        Op(
+            name=f"{name}_fold{len(b.ops)}",
+            kind="reduce",
+            out=out,
+            B=1,
+            M=math.prod(out_shape),
+            N=1,
+            K=math.prod(space),
+            acc_dtype=out_dtype,
+            reduce_kind=kind,
+            iter_dims=space,
+            kept_rank=0,
+            prologue=prologue,
+            epilogue=b._compile(first),
+            source=b.source,
+            store_view=b.view_id(_Load(space, out_dtype, out, 0, tuple(store))),
+            store_at=store_at,
+        )
+    )
+    return b.load(out)
 
 
 def _scatter_window_store(b: _Builder, target: _Load, indices, updates, dn, mode, out_shape):
@@ -2219,8 +2311,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "digamma / nextafter (composed), eq_to / le_to / lt_to (searchsorted), "
         "bitcast_convert_type (32-bit, 16-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
-        "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max (at "
-        "most 16 points), concatenate, stack, pad, rev, the "
+        "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max, "
+        "concatenate, stack, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
         "or jax_ark, inside jax.shard_map, also in loop bodies), and calls "
         f"({', '.join(sorted(_INLINE_CALLS))}), scan / fori_loop with a static trip count, "
@@ -2689,7 +2781,7 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         b.loop_stack.pop()
     end_op = len(b.ops)
     for op in b.ops[first_op:end_op]:
-        if op.store_view >= 0:
+        if op.store_view >= 0 and not op.scatter_fold:
             raise UnsupportedError(f"ark.persistent: an in-place update inside a loop {where}")
         if op.loop >= 0:
             raise UnsupportedError(f"ark.persistent: a loop inside a while_loop body {where}")

@@ -30,6 +30,7 @@ from jax_ark._persistent._format import (
     OPCODES,
     PLAN_VERSION,
     REDUCE_CODES,
+    SCATTER_FOLD_KINDS,
     UNARY_OPS,
     WORKSPACE_ALIGN,
     Instr,
@@ -435,9 +436,12 @@ def _validate(plan: Plan) -> None:
         if out.storage == "arg":
             raise PlanError(f"{where}: writes operand tensor {op.out}")
         window = op.store_view >= 0
+        fold = op.scatter_fold  # its tensor's one writer; its epilogue walks the whole output
         if op.out in writer and not (
             window
+            and not fold
             and plan.ops[writer[op.out]].store_view >= 0
+            and not plan.ops[writer[op.out]].scatter_fold
             and _outside_loops(plan, i)
             and _outside_loops(plan, writer[op.out])
         ):
@@ -446,10 +450,12 @@ def _validate(plan: Plan) -> None:
                 "stores outside loops may write one tensor in turn)"
             )
         writer[op.out] = i
-        space = tuple(op.iter_dims) if window else out.shape
+        space = tuple(op.iter_dims) if window and not fold else out.shape
         if op.stacked:  # one slice of its output per iteration
             space = out.shape[1:]
-        if window:
+        if fold:
+            _check_scatter_fold(plan, i)
+        elif window:
             if op.kind not in ("map", "matmul") or out.storage != "result" or out.alias < 0:
                 raise PlanError(
                     f"{where}: a window store must be a map or matmul op writing an aliased "
@@ -504,20 +510,24 @@ def _validate(plan: Plan) -> None:
             if not 0 <= op.kept_rank <= len(op.iter_dims) or min(op.iter_dims, default=1) < 1:
                 raise PlanError(f"{where}: bad iteration space {op.iter_dims} / kept_rank")
             kept, red = op.iter_dims[: op.kept_rank], op.iter_dims[op.kept_rank :]
-            if math.prod(kept) != op.M or math.prod(red) != op.K or op.K < 1:
+            if (not fold and math.prod(kept) != op.M) or math.prod(red) != op.K or op.K < 1:
                 raise PlanError(f"{where}: iteration space {op.iter_dims} != M x K")
-            if op.reduce_kind not in REDUCE_CODES:
+            if op.reduce_kind not in REDUCE_CODES or (op.reduce_kind == "last" and not fold):
                 raise PlanError(f"{where}: bad reduce kind {op.reduce_kind!r}")
             _check_program(plan, i, op.prologue, len(op.iter_dims), False, "prologue")
             _check_result_kinds(plan, i, op.prologue, "prologue")
             folds_int = op.reduce_kind in INT_REDUCES
+            if op.reduce_kind == "last":  # moves values of the output's kind
+                folds_int = out.dtype in INT_DTYPES
             if (op.prologue[-1].dtype in INT_DTYPES) != folds_int:
                 raise PlanError(
                     f"{where}: reduce kind {op.reduce_kind} folds "
                     f"{'integer' if folds_int else 'float'} values, its prologue yields "
                     f"{op.prologue[-1].dtype}"
                 )
-            if (op.acc_dtype in INT_DTYPES) != (folds_int or op.reduce_kind in ARG_REDUCES):
+            if not fold and (op.acc_dtype in INT_DTYPES) != (
+                folds_int or op.reduce_kind in ARG_REDUCES
+            ):
                 raise PlanError(
                     f"{where}: acc_dtype {op.acc_dtype} is not what {op.reduce_kind} yields"
                 )
@@ -525,6 +535,9 @@ def _validate(plan: Plan) -> None:
                 if ins.op in LOAD_OPS:
                     _view_in_bounds(plan, i, int(ins.a), op.iter_dims, reads)
             inner = op.K * (_program_cost(op.prologue) + 1)
+            if fold:  # the prologue runs once per iteration element, not per output element
+                work += plan.trip_count(i) * inner
+                inner = 0
         elif op.kind == "map":
             inner = 0
         elif op.kind == "put":
@@ -533,7 +546,7 @@ def _validate(plan: Plan) -> None:
             continue
         else:
             raise PlanError(f"{where}: unknown kind {op.kind!r}")
-        _check_program(plan, i, op.epilogue, len(space), op.kind != "map", "epilogue")
+        _check_program(plan, i, op.epilogue, len(space), op.kind != "map" and not fold, "epilogue")
         _check_result_kinds(plan, i, op.epilogue, "epilogue")
         if (op.epilogue[-1].dtype in INT_DTYPES) != (out.dtype in INT_DTYPES):
             raise PlanError(
@@ -954,7 +967,8 @@ def _view_uses(plan: Plan, op) -> list[tuple[int, tuple[int, ...] | None]]:
         return [(op.a_view, (op.B, op.M, op.K)), (op.b_view, (op.B, op.K, op.N))]
     if op.kind == "put":
         return [(op.a_view, (op.B, op.M, op.N))]
-    out_shape = tuple(op.iter_dims) if op.store_view >= 0 else epilogue_shape(plan, op)
+    walks_window = op.store_view >= 0 and not op.scatter_fold
+    out_shape = tuple(op.iter_dims) if walks_window else epilogue_shape(plan, op)
     uses: list[tuple[int, tuple[int, ...] | None]] = []
     for prog, dims in ((op.prologue, tuple(op.iter_dims)), (op.epilogue, out_shape)):
         for ins in prog:
@@ -963,6 +977,44 @@ def _view_uses(plan: Plan, op) -> list[tuple[int, tuple[int, ...] | None]]:
             elif ins.op == "load_at":
                 uses.append((int(ins.a), None))
     return uses
+
+
+def _check_scatter_fold(plan: Plan, i: int) -> None:
+    """A scatter fold (docs/plan_format.md, "Scatter folds"): a reduce op with kept_rank 0 whose
+    store view (over iter_dims, inside its output) and prologue register store_at (int32) name
+    the element each value folds into; one task, in no stacked slice; a combining kind whose
+    values are of the output's kind."""
+    op, where = plan.ops[i], f"op {i} '{plan.ops[i].name}'"
+    out = plan.tensors[op.out]
+    if op.kept_rank != 0 or op.reduce_kind not in SCATTER_FOLD_KINDS:
+        raise PlanError(
+            f"{where}: a scatter fold has kept_rank 0 and a combining kind, not "
+            f"{op.reduce_kind!r} (arg kinds pick an index, not a value)"
+        )
+    if op.stacked:
+        raise PlanError(f"{where}: a scatter fold cannot be stacked")
+    if not 0 <= op.store_view < len(plan.views) or plan.views[op.store_view].tensor != op.out:
+        raise PlanError(f"{where}: store view {op.store_view} is not a view of its output")
+    if len(plan.views[op.store_view].strides) != len(op.iter_dims):
+        raise PlanError(f"{where}: store view rank != len(iter_dims)")
+    _view_reach(plan, i, op.store_view, tuple(op.iter_dims))
+    if not 0 <= op.store_at < len(op.prologue) or op.prologue[op.store_at].dtype not in INT_DTYPES:
+        raise PlanError(f"{where}: store_at {op.store_at} is not an integer prologue register")
+    value_int = (op.reduce_kind in INT_REDUCES) or (
+        op.reduce_kind == "last" and out.dtype in INT_DTYPES
+    )
+    if value_int != (out.dtype in INT_DTYPES):
+        raise PlanError(
+            f"{where}: a {op.reduce_kind} fold into {out.dtype} mixes integer bits and float values"
+        )
+    if sum(1 for task in plan.tasks if task.op == i) != 1:
+        raise PlanError(f"{where}: a scatter fold must be exactly one task")
+    for ins in op.prologue + op.epilogue:
+        if ins.op in LOAD_OPS and plan.views[int(ins.a)].tensor == op.out:
+            raise PlanError(
+                f"{where}: a scatter fold's programs read its own output (the executors evaluate "
+                "values in batches, so what they would see differs)"
+            )
 
 
 def _validate_stacked_reads(plan: Plan) -> None:

@@ -19,6 +19,7 @@
 #include <list>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "jax_ark/plan_format.hpp"
@@ -609,10 +610,14 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     // A window store (v2; a matmul's: v3) writes only the window iter_dims of its aliased result,
     // at its store view's element + an int32 register, kept inside the tensor by the executors.
     const bool window = op.store_view_plus1 != 0;
+    // A scatter fold (a REDUCE with a store view) gives its whole output its first value, then
+    // folds values into elements chosen at run time: the one writer of its tensor.
+    const bool fold = window && op.kind == kOpReduce;
+    const auto stores_window = [&](const OpRecord& o) { return o.store_view_plus1 != 0 && o.kind != kOpReduce; };
     // Several window stores outside loops may update one tensor in turn (a chain of updates of
     // one buffer; the planner orders them by dependencies); no other op shares an output.
     if (writer[op.out_tensor] >= 0 &&
-        !(window && p.op(writer[op.out_tensor]).store_view_plus1 != 0 && lv.op_loop(i) < 0 &&
+        !(stores_window(op) && stores_window(p.op(writer[op.out_tensor])) && lv.op_loop(i) < 0 &&
           lv.op_loop(writer[op.out_tensor]) < 0))
       return where + ": tensor " + std::to_string(op.out_tensor) + " is also written by op " +
              std::to_string(writer[op.out_tensor]);
@@ -625,13 +630,17 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
     const bool stacked = lv.op_stacked(i);
     if (stacked) space_elems = out.dims[0] ? out.num_elements / out.dims[0] : 0;
     if (window) {
-      if ((op.kind != kOpMap && op.kind != kOpMatmul) || out.storage != kStorageResult || out.alias_plus1 == 0)
+      if (!fold && ((op.kind != kOpMap && op.kind != kOpMatmul) || out.storage != kStorageResult ||
+                    out.alias_plus1 == 0))
         return where + ": a window store must be a map or matmul op writing an aliased result";
       if (op.iter_rank < 0 || op.iter_rank > kMaxRank) return where + ": window rank not in 0..6";
-      space_elems = 1;
+      int64_t window_elems = 1;
       for (int d = 0; d < op.iter_rank; ++d)
-        if (op.iter_dims[d] < 1 || !mul_ok(space_elems, op.iter_dims[d], &space_elems))
+        if (op.iter_dims[d] < 1 || !mul_ok(window_elems, op.iter_dims[d], &window_elems))
           return where + ": bad window iter_dims";
+      if (!fold) space_elems = window_elems;  // a fold's epilogue walks its whole output
+      if (fold && (op.kept_rank != 0 || is_arg_reduce(op.reduce_kind)))
+        return where + ": a scatter fold has kept_rank 0 and no arg reduce kind";
       const int32_t sv = op.store_view_plus1 - 1;
       int64_t hi = 0;
       if (op.store_view_plus1 < 1 || sv >= h.num_views || p.view(sv).tensor != op.out_tensor ||
@@ -639,8 +648,8 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
         return where + ": store view is not a view of its output over iter_dims";
       if (!view_extent(p.view(sv), op.iter_dims, op.iter_rank, &hi) || hi >= out.num_elements)
         return where + ": store view reaches outside its output";
-      if (op.store_at_plus1 < 1 || op.store_at_plus1 > op.epilogue_len)
-        return where + ": store_at is not an epilogue register";
+      if (op.store_at_plus1 < 1 || op.store_at_plus1 > (fold ? op.prologue_len : op.epilogue_len))
+        return where + ": store_at is not a register of its " + (fold ? "prologue" : "epilogue");
     } else if (op.store_at_plus1 != 0) {
       return where + ": store_at without a store view";
     }
@@ -650,13 +659,14 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
         !mul_ok(op.B, op.M, &elems) || !mul_ok(elems, op.N, &elems) || elems != space_elems)
       return where + ": B*M*N = " + std::to_string(op.B) + "*" + std::to_string(op.M) + "*" +
              std::to_string(op.N) + " != the " + std::to_string(space_elems) + " elements of its " +
-             (window ? "window" : "output") + " (each in 1..2^31-1)";
+             (window && !fold ? "window" : "output") + " (each in 1..2^31-1)";
     if ((op.kind == kOpMap || op.kind == kOpReduce) && (op.B != 1 || (op.kind == kOpReduce && op.N != 1)))
       return where + ": a reduce op has B = N = 1, a map op B = 1";
     if (dtype_size(op.acc_dtype) == 0) return where + ": unknown acc_dtype";
     if (op.name_at < 0 || op.name_len < 0 || int64_t{op.name_at} + op.name_len > h.names_bytes)
       return where + ": name outside the names section";
     int64_t inner = 0;  // per output element, before the epilogue
+    int64_t fold_work = 0;  // a scatter fold's prologue: once per iteration element
     if (op.kind == kOpMatmul) {
       if (op.K < 1 || op.K > int32_max) return where + ": K must be in 1..2^31-1";
       if (op.a_view < 0 || op.a_view >= h.num_views || op.b_view < 0 || op.b_view >= h.num_views)
@@ -666,6 +676,7 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       inner = op.K;
     } else if (op.kind == kOpReduce) {
       if (!known_reduce_kind(op.reduce_kind)) return where + ": unknown reduce kind";
+      if (op.reduce_kind == kReduceLast && !fold) return where + ": reduce kind 'last' outside a scatter fold";
       if (op.iter_rank < 0 || op.iter_rank > kMaxRank || op.kept_rank < 0 || op.kept_rank > op.iter_rank)
         return where + ": bad reduce iteration rank";
       int64_t kept = 1, red = 1;
@@ -674,10 +685,14 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
         if (op.iter_dims[d] < 1 || !mul_ok(side, op.iter_dims[d], &side))
           return where + ": bad reduce iteration dims";
       }
-      if (kept != op.M || red != op.K || op.K > int32_max) return where + ": iteration space != M x K";
+      if ((!fold && kept != op.M) || red != op.K || op.K > int32_max)
+        return where + ": iteration space != M x K";
       const int64_t pro = program(i, op.prologue_at, op.prologue_len, op.iter_dims, op.iter_rank,
                                   false, "prologue");
       if (pro < 0) return c.err;
+      if (fold && !is_int_dtype(dtype_of(p.instruction(op.prologue_at + op.store_at_plus1 - 1))))
+        return where + ": store_at is not an integer register of the prologue";
+      if (fold) fold_work = std::exchange(inner, 0);
       inner = sat_mul(op.K, pro + 1);
     }
     if (op.kind == kOpPut) {
@@ -724,14 +739,15 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
       work = sat_add(work, sat_mul(elems, op.B));
       continue;
     }
+    const bool walks_window = window && !fold;
     const int64_t epi = program(i, op.epilogue_at, op.epilogue_len,
-                                window ? op.iter_dims : out.dims + (stacked ? 1 : 0),
-                                window ? op.iter_rank : out.rank - (stacked ? 1 : 0), op.kind != kOpMap,
-                                "epilogue");
+                                walks_window ? op.iter_dims : out.dims + (stacked ? 1 : 0),
+                                walks_window ? op.iter_rank : out.rank - (stacked ? 1 : 0),
+                                op.kind != kOpMap && !fold, "epilogue");
     if (epi < 0) return c.err;
-    if (window && !is_int_dtype(dtype_of(p.instruction(op.epilogue_at + op.store_at_plus1 - 1))))
+    if (walks_window && !is_int_dtype(dtype_of(p.instruction(op.epilogue_at + op.store_at_plus1 - 1))))
       return where + ": store_at is not an integer register of the epilogue";
-    work = sat_add(work, sat_mul(lv.op_trips(i), sat_mul(elems, sat_add(inner, epi))));
+    work = sat_add(work, sat_mul(lv.op_trips(i), sat_add(sat_mul(elems, sat_add(inner, epi)), fold_work)));
   }
   if (work > kMaxWork)
     return "the plan's work (" + std::to_string(work) + " element-operations) exceeds the bound 2^45";
@@ -766,6 +782,9 @@ inline std::string check_plan(const int32_t* words, int64_t num_words, const Pla
   std::vector<uint8_t> hit;
   for (int i = 0; i < h.num_ops; ++i) {
     const OpRecord& op = p.op(i);
+    // Its fold runs in iteration order, over all of its output: one task.
+    if (op.kind == kOpReduce && op.store_view_plus1 != 0 && tasks_of[i].size() != 1)
+      return op_where(i) + ": a scatter fold must be exactly one task";
     const int64_t size[3] = {op.B, op.M, op.N};
     for (int a = 0; a < 3; ++a) cuts[a].assign({0, size[a]});
     for (int32_t t : tasks_of[i]) {

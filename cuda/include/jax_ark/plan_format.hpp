@@ -78,7 +78,8 @@ enum ReduceKind : int32_t {
   kReduceMin = 2, kReduceISum = 3, kReduceIMax = 4, kReduceIMin = 5, kReduceUMax = 6,
   kReduceUMin = 7, kReduceArgMax = 8, kReduceArgMin = 9, kReduceIArgMax = 10, kReduceIArgMin = 11,
   kReduceProd = 12, kReduceIProd = 13, kReduceAnd = 14, kReduceOr = 15, kReduceXor = 16,
-  kNumReduceKinds = 17,
+  kReduceLast = 17,  // scatter folds only: the value replaces the element (a scatter's `set`)
+  kNumReduceKinds = 18,
 };
 
 // Program opcodes. Instruction i writes register i; operands a, b, c name earlier registers.
@@ -163,6 +164,11 @@ struct OpRecord {                   // 40 words
   // register holding an int32 element offset; the result goes to that view's element + offset,
   // clamped into the tensor (an in-place update of an aliased result); an offset equal to
   // kDropStore stores nothing (a scatter point out of bounds). 0 = whole-tensor op.
+  // On a REDUCE (a scatter fold, kept_rank 0, one task): the epilogue first gives every element
+  // of out_tensor its value (over out_tensor's shape, no accumulator); then, in iteration order
+  // over iter_dims, the prologue's value is folded with reduce_kind into the element the view
+  // names moved by the PROLOGUE's int32 register store_at (kDropStore or outside the tensor:
+  // skipped). docs/plan_format.md, "Scatter folds".
   int32_t store_view_plus1, store_at_plus1;                       // 36..37
   // v3 PUT only: 1 + the word offset of this op's routing table in the route section (RouteView);
   // 0 = the default routing (slot b of every rank's inbox comes from rank b).

@@ -338,8 +338,18 @@ ARK_HD ReduceAcc reduce_combine(int32_t kind, ReduceAcc a, ReduceAcc b) {
     case kReduceAnd: return {a.bits & b.bits, 0};
     case kReduceOr: return {a.bits | b.bits, 0};
     case kReduceXor: return {a.bits ^ b.bits, 0};
+    case kReduceLast: return b;
     default: return arg_better(kind, a.bits, a.index, b.bits, b.index) ? b : a;
   }
+}
+
+// One step of a scatter fold: element `index` of a tensor of `dtype` becomes combine(its value, v),
+// computed on registers (float32, or 32 integer bits) and stored with the tensor's rounding (a
+// narrow integer keeps the low bits: wrapping). XLA's scatter combines in the operand's dtype the
+// same way: one rounding per point.
+ARK_HD void fold_into_element(void* base, int32_t dtype, int64_t index, int32_t kind, float v) {
+  const ReduceAcc old{float_bits(load_element(base, dtype, index)), 0};
+  store_element(base, dtype, index, bits_float(reduce_combine(kind, old, ReduceAcc{float_bits(v), 0}).bits));
 }
 
 // The accumulator's register bits: the folded value, or for arg kinds the int32 index.

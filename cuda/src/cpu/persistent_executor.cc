@@ -1448,7 +1448,67 @@ void run_reduce_columns(const Run& run, const OpRecord& op, const TaskRecord& ta
   epilogue_store(run, op, task.m0, rows, s.acc.data(), s);
 }
 
+// Folds the values of iteration elements [r0, r0 + n) of a scatter fold, in order: fold(to, v)
+// for each value whose element `to` (the store view's element at idx moved by its offset
+// register) is in the tensor. idx / at: the store view's index and element at r0, advanced.
+template <typename Fold>
+void fold_segment(const ViewRecord& v, const OpRecord& op, int64_t num_elements, int n, const float* value,
+                  const bits_alias* moved, int64_t* idx, int64_t& at, Fold&& fold) {
+  const int rank = op.iter_rank;
+  for (int e = 0; e < n; ++e) {
+    const int32_t delta = static_cast<int32_t>(moved[e]);
+    const int64_t to = at + delta;
+    if (delta != kDropStore && to >= 0 && to < num_elements) fold(to, value[e]);
+    for (int d = rank - 1; d >= 0; --d) {  // the next index, row-major
+      at += v.strides[d];
+      if (++idx[d] < op.iter_dims[d]) break;
+      at -= idx[d] * v.strides[d];
+      idx[d] = 0;
+    }
+  }
+}
+
+// A scatter fold (a REDUCE with a store view; docs/plan_format.md, "Scatter folds"): the epilogue
+// gives every output element its first value, then each prologue value over iter_dims is folded
+// into the element its store view and store_at register name, one element at a time in iteration
+// order, so a later value for the same element reads the earlier one's result (duplicate scatter
+// indices), as XLA's serial scatter loop does. One task: check_plan refuses more. float32 sums and
+// 32-bit moves (an embedding's gradient, `.at[perm].set`) skip the generic fold's dtype and kind
+// dispatch per value (a third of an embedding gradient's time; perf, one core): the same bits.
+void run_scatter_fold(const Run& run, const OpRecord& op, Scratch& s) {
+  const TensorRecord& out = run.plan.tensor(op.out_tensor);
+  char* base = run.tensor_base(op.out_tensor);
+  for (int64_t done = 0; done < out.num_elements; done += kSegment) {
+    const int n = static_cast<int>(std::min<int64_t>(kSegment, out.num_elements - done));
+    eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, done, n, nullptr, s);
+    store_run(base, out.dtype, done, s.reg[op.epilogue_len - 1], n);
+  }
+  const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
+  const int32_t kind = op.reduce_kind, dt = out.dtype;
+  float* f32 = reinterpret_cast<float*>(base);
+  bits_alias* u32 = reinterpret_cast<bits_alias*>(base);
+  int64_t idx[kMaxRank] = {};
+  int64_t at = v.offset;
+  for (int64_t r0 = 0; r0 < op.K; r0 += kSegment) {
+    const int n = static_cast<int>(std::min<int64_t>(kSegment, op.K - r0));
+    eval_program(run, op.prologue_at, op.prologue_len, op.iter_rank, op.iter_dims, r0, n, nullptr, s);
+    const float* value = s.reg[op.prologue_len - 1];
+    const bits_alias* moved = reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]);
+    const auto segment = [&](auto&& fold) { fold_segment(v, op, out.num_elements, n, value, moved, idx, at, fold); };
+    if (dt == kF32 && kind == kReduceSum) {
+      segment([&](int64_t to, float x) { f32[to] += x; });
+    } else if ((dt == kInt32 || dt == kUInt32) && kind == kReduceISum) {
+      segment([&](int64_t to, float x) { u32[to] += float_bits(x); });
+    } else if (dtype_size(dt) == 4 && kind == kReduceLast) {
+      segment([&](int64_t to, float x) { u32[to] = float_bits(x); });
+    } else {
+      segment([&](int64_t to, float x) { fold_into_element(base, dt, to, kind, x); });
+    }
+  }
+}
+
 void run_reduce(const Run& run, const OpRecord& op, const TaskRecord& task, Scratch& s) {
+  if (op.store_view_plus1 > 0) return run_scatter_fold(run, op, s);
   const int rows = task.m1 - task.m0;
   if (reduces_by_columns(op, rows)) return run_reduce_columns(run, op, task, s);
   s.acc.resize(rows);

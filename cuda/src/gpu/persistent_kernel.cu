@@ -92,6 +92,8 @@ struct TaskSmem {
   int64_t out_offset;  // v3: element offset of the output slice (a stacked op: slice * its size)
   // v2 window store (MAP with store_view_plus1): out_rank / out_dims are the window (iter_dims);
   // each value goes to `store`'s element + int32 register store_reg, clamped into the tensor.
+  // A scatter fold (REDUCE with store_view_plus1): out_rank / out_dims stay the output's (the
+  // epilogue gives its first values), store_reg is a PROLOGUE register (run_scatter_fold).
   ResolvedLoad store;
   int32_t store_reg;  // -1: an ordinary op
   int32_t bad;     // nonzero: a BadPlanReason found by thread 0 before the staging loop
@@ -533,17 +535,22 @@ __device__ void stage_task(const KernelParams& p, const pf::PlanView& plan, int3
       s.store_reg = -1;
       if (op.store_view_plus1 != 0) {  // window store: the epilogue walks iter_dims
         const int sv = op.store_view_plus1 - 1, reg = op.store_at_plus1 - 1;
-        const bool ok = op.kind == pf::kOpMap && out.alias_plus1 != 0 && op.iter_rank >= 0 &&
-                        op.iter_rank <= pf::kMaxRank && sv >= 0 && sv < h.num_views &&
-                        plan.view(sv).tensor == op.out_tensor && plan.view(sv).rank == op.iter_rank &&
-                        reg >= 0 && reg < elen && lens_ok &&
-                        pf::is_int_dtype((plan.instruction(op.epilogue_at + reg).op_and_dtype >> 16) & 0xFF);
+        const bool fold = op.kind == pf::kOpReduce;  // a scatter fold: store_at is a prologue register
+        const bool kind_ok = fold ? op.kept_rank == 0 && !pf::is_arg_reduce(op.reduce_kind)
+                                  : op.kind == pf::kOpMap && out.alias_plus1 != 0;
+        const int reg_at = fold ? op.prologue_at : op.epilogue_at;
+        const bool ok = kind_ok && op.iter_rank >= 0 && op.iter_rank <= pf::kMaxRank && sv >= 0 &&
+                        sv < h.num_views && plan.view(sv).tensor == op.out_tensor &&
+                        plan.view(sv).rank == op.iter_rank && reg >= 0 && reg < (fold ? plen : elen) &&
+                        lens_ok && pf::is_int_dtype((plan.instruction(reg_at + reg).op_and_dtype >> 16) & 0xFF);
         if (!ok) {
           s.bad = kBadView;
         } else {
           const pf::ViewRecord& v = plan.view(sv);
-          s.out_rank = op.iter_rank;
-          for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = op.iter_dims[d];
+          if (!fold) {
+            s.out_rank = op.iter_rank;
+            for (int d = 0; d < pf::kMaxRank; ++d) s.out_dims[d] = op.iter_dims[d];
+          }
           s.store.base = tensor_base(p, out);
           s.store.dtype = out.dtype;
           s.store.rank = v.rank;
@@ -739,6 +746,59 @@ __device__ bool run_reduce(const KernelParams& p, const pf::PlanView& plan, cons
     tile::row_reduce_tile(t.m0, t.m1, op.K, kind, load, epi);
   } else {
     row_reduce_generic(t.m0, t.m1, op.K, op.reduce_kind, load, epi);
+  }
+  return true;
+}
+
+// A scatter fold (docs/plan_format.md, "Scatter folds"; one task): the epilogue gives every output
+// element its first value, then the prologue's values over iter_dims are folded in iteration
+// order, a block's worth at a time: thread j evaluates value r0 + j and the element it goes to,
+// then folds, in order, the chunk's values whose element is j modulo the block size. The values of
+// one element are thus folded by one thread in iteration order (the CPU executor's result, bit for
+// bit), and no two threads touch one element. Every element read was first written by this block.
+// Not inlined, as run_put: a rare path whose state would otherwise weigh on the worker loop's
+// register allocation.
+template <typename Wait>
+__device__ __noinline__ bool run_scatter_fold(const KernelParams& p, const pf::PlanView& plan, const pf::OpRecord& op,
+                                 TaskSmem& s, float* smem, Wait& wait) {
+  if (!wait()) return false;
+  void* out = tensor_base(p, plan.tensor(op.out_tensor));
+  const int plen = op.prologue_len, elen = op.epilogue_len;
+  const int32_t out_dtype = s.out_dtype, kind = op.reduce_kind;
+  const int64_t num_elements = s.store.num_elements;
+  for (int64_t e = threadIdx.x; e < num_elements; e += kBlockThreads) {
+    int64_t idx[pf::kMaxRank];
+    unravel_narrow(e, s.out_dims, s.out_rank, s.out_dims_narrow, idx);
+    store_out(out, out_dtype, e, eval_program(s, plen, elen, idx, 0.f));
+  }
+  __syncthreads();  // the first values are stored before any thread folds into them
+  int64_t* target = reinterpret_cast<int64_t*>(smem);
+  float* value = reinterpret_cast<float*>(target + kBlockThreads);
+  for (int64_t r0 = 0; r0 < op.K; r0 += kBlockThreads) {
+    const int64_t r = r0 + threadIdx.x;
+    int64_t to = -1;
+    float v = 0.f;
+    if (r < op.K) {
+      int64_t idx[pf::kMaxRank];
+      unravel_narrow(r, s.iter_dims, op.iter_rank, s.iter_dims_narrow, idx);
+      float moved = 0.f;
+      v = eval_program(s, 0, plen, idx, 0.f, s.store_reg, &moved);
+      const int32_t delta = __float_as_int(moved);
+      if (delta != pf::kDropStore) {  // a scatter point out of bounds folds nothing
+        to = s.store.offset + delta;
+        for (int d = 0; d < s.store.rank; ++d) to += idx[d] * s.store.strides[d];
+        if (to < 0 || to >= num_elements) to = -1;
+      }
+    }
+    target[threadIdx.x] = to;
+    value[threadIdx.x] = v;
+    __syncthreads();
+    const int chunk = op.K - r0 < kBlockThreads ? static_cast<int>(op.K - r0) : kBlockThreads;
+    for (int j = 0; j < chunk; ++j) {
+      const int64_t t = target[j];
+      if (t >= 0 && t % kBlockThreads == threadIdx.x) pf::fold_into_element(out, out_dtype, t, kind, value[j]);
+    }
+    __syncthreads();  // every thread read the chunk before the next one overwrites it
   }
   return true;
 }
@@ -1095,6 +1155,7 @@ __device__ __forceinline__ void run_worker(const KernelParams& p, const int work
     const uint32_t runs = static_cast<uint32_t>(lv.run_index(t.op, cursor.iters) + 1);
     bool ok;
     if (op.kind == pf::kOpMatmul) ok = run_matmul(p, plan, op, t, s, smem, wait);
+    else if (op.kind == pf::kOpReduce && s.store_reg >= 0) ok = run_scatter_fold(p, plan, op, s, smem, wait);
     else if (op.kind == pf::kOpReduce) ok = run_reduce(p, plan, op, t, s, wait);
     else if (op.kind == pf::kOpPut) ok = run_put(p, plan, lv, task, op, t, s, wait, worker, iter, runs);
     else ok = run_map(p, plan, op, t, s, wait);

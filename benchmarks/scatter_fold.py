@@ -1,0 +1,89 @@
+"""Scatters of many points (scatter folds) inside ark.persistent against jax.jit, one device.
+
+Cases: an embedding's gradient (the backward of `emb[tokens]`: a scatter-add of every token's row
+into a zero table, then an SGD update of the table), `segment_sum` of 16384 values into 64
+segments, a 64-bin `histogram` of 65536 values, and the inverse of a permutation of 16384
+(`.at[perm].set(arange)`). Prints milliseconds per call (median over --repeats rounds, each round
+timing both back to back) and the ark/jax.jit ratio measured in the same run. Used for the table
+in docs/benchmarks.md ("Scatter folds").
+
+    python benchmarks/scatter_fold.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_ark as ark
+from jax_ark.bench._timing import compare
+
+
+def embedding_sgd(table, tokens, w):
+    """One SGD step of a bag-of-embeddings regressor: the table's gradient is a scatter-add."""
+
+    def loss(table):
+        return jnp.mean((jnp.tanh(table[tokens]).sum(axis=1) @ w) ** 2)
+
+    return table - 0.1 * jax.grad(loss)(table)
+
+
+def segment_sum(x, segments):
+    return jax.ops.segment_sum(x, segments, 64)
+
+
+def histogram(x):
+    return jnp.histogram(x, bins=64, range=(-3.0, 3.0))[0]
+
+
+def inverse_permutation(perm):
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds per executor per round")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    vocab, d, batch, length = 8192, 128, 8, 256
+    cases = [
+        (
+            f"embedding SGD {vocab}x{d}, {batch}x{length} tokens",
+            embedding_sgd,
+            (
+                rng.standard_normal((vocab, d)).astype(np.float32),
+                rng.integers(0, vocab, (batch, length)).astype(np.int32),
+                rng.standard_normal(d).astype(np.float32),
+            ),
+        ),
+        (
+            "segment_sum 16384 -> 64",
+            segment_sum,
+            (
+                rng.standard_normal(16384).astype(np.float32),
+                rng.integers(0, 64, 16384).astype(np.int32),
+            ),
+        ),
+        ("histogram 65536 -> 64 bins", histogram, (rng.standard_normal(65536).astype(np.float32),)),
+        ("inverse permutation 16384", inverse_permutation, (np.int32(rng.permutation(16384)),)),
+    ]
+    print(f"{'case':44s} {'jax.jit ms':>11s} {'ark ms':>9s} {'ark/jit':>8s} {'IQR':>13s}")
+    for name, fn, fn_args in cases:
+        ark_fn, base_fn = jax.jit(ark.persistent(fn)), jax.jit(fn)
+        for got, want in zip(
+            jax.tree.leaves(ark_fn(*fn_args)), jax.tree.leaves(base_fn(*fn_args)), strict=True
+        ):  # results first: a fast wrong answer is no answer
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+        r = compare(ark_fn, base_fn, *fn_args, repeats=args.repeats, budget_s=args.budget)
+        print(
+            f"{name:44s} {r['base_s'] * 1e3:11.3f} {r['ark_s'] * 1e3:9.3f} {r['ratio']:8.2f} "
+            f"{r['ratio_p25']:6.2f}-{r['ratio_p75']:<6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

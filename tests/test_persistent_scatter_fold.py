@@ -19,6 +19,7 @@ import jax_ark as ark
 from jax_ark._persistent import PlanError
 from jax_ark._persistent._call import run_plan
 from jax_ark._persistent._reference import interpret
+from jax_ark._persistent._trace import UnsupportedError
 
 OPS_AT = 14  # header word: the op records' word offset (docs/plan_format.md)
 OP_WORDS = 40
@@ -170,6 +171,30 @@ def test_scatter_shapes(rng, case):
         "histogram": lambda x, i: jnp.histogram(x, bins=8, range=(-2, 2))[0],
     }
     _check(fns[case], x, i)
+
+
+@pytest.mark.parametrize("points", [5, 60])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32])
+def test_scatter_sub(rng, points, dtype):
+    """lax.scatter_sub (`x.at[i].subtract(v)`): unrolled selects for 5 points, a fold of the
+    negated updates for 60 (old - u is old + (-u) exactly)."""
+    x = rng.integers(-50, 50, 12).astype(dtype)
+    i = rng.integers(0, 12, points).astype(np.int32)
+    v = (rng.standard_normal(points) * 10).astype(dtype)
+    _check(lambda x, i, v: x.at[i].subtract(v), x, i, v, gpu=points > 16)
+
+
+def test_scatter_apply_is_refused(rng):
+    """lax.scatter_apply binds `scatter` with an update function; planned as a set, it would store
+    the placeholder updates (found by JAX's own testScatterApply records)."""
+    x = rng.standard_normal(10).astype(np.float32)
+    i = np.array([[1], [3], [3]], np.int32)
+    dn = lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+    fn = lambda x, i: lax.scatter_apply(x, i, jnp.sin, dn, update_shape=(3,))  # noqa: E731
+    with pytest.raises(UnsupportedError, match="scatter_apply"):
+        ark.plan(fn, x, i)
 
 
 def test_fold_inside_scan_and_while_loop(rng):

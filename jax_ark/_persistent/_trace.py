@@ -1470,7 +1470,7 @@ def _window_scatter(eqn) -> bool:
     operand at ONE point (x.at[i].set(v), a KV-cache write cache.at[:, pos].set(kv)) or at the
     points of one index dim (cache.at[jnp.arange(B), pos].set(kv): each sequence of a batch at
     its own position), at most _SCATTER_MAX_POINTS."""
-    if eqn.primitive.name != "scatter":
+    if eqn.primitive.name != "scatter" or eqn.params.get("update_jaxpr") is not None:
         return False
     dn = eqn.params["dimension_numbers"]
     indices = eqn.invars[1].aval.shape
@@ -1784,6 +1784,7 @@ _SCATTER_MAX_POINTS = 16  # scatter points planned as chained selects (each one 
 _SCATTER_FOLDS = {
     "scatter": {"float": "last", "int": "last", "uint": "last", "bool": "last"},
     "scatter-add": {"float": "sum", "int": "isum", "uint": "isum"},
+    "scatter-sub": {"float": "sum", "int": "isum", "uint": "isum"},  # of the negated updates
     "scatter-mul": {"float": "prod", "int": "iprod", "uint": "iprod"},
     "scatter-min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
     "scatter-max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
@@ -1826,6 +1827,12 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
     where = f"at {b.source}"
     if not indices.shape:
         raise UnsupportedError(f"ark.persistent: {prim} with scalar indices {where}")
+    if prim == "scatter" and params.get("update_jaxpr") is not None:
+        # lax.scatter_apply: a `scatter` whose update function is not "take the update" (its
+        # updates are unused placeholders); planned as a set, it would store them.
+        raise UnsupportedError(
+            f"ark.persistent: scatter with an update function (lax.scatter_apply) {where}"
+        )
     batch_shape = tuple(indices.shape[:-1])
     # operand batching dim -> its indices dim (jax puts the index vector last, so indices dim i
     # is also the i-th point dim of the update)
@@ -1846,15 +1853,12 @@ def _scatter(b: _Builder, prim: str, args, params, out_shape, out_dtype) -> _Nod
     if prim != "scatter":
         table = {
             "scatter-add": {"float": "add", "int": "iadd", "uint": "iadd"},
-            "scatter_add": {"float": "add", "int": "iadd", "uint": "iadd"},
+            "scatter-sub": {"float": "sub", "int": "isub", "uint": "isub"},
             "scatter-mul": {"float": "mul", "int": "imul", "uint": "imul"},
-            "scatter_mul": {"float": "mul", "int": "imul", "uint": "imul"},
             "scatter-min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
-            "scatter_min": {"float": "min", "int": "imin", "uint": "umin", "bool": "min"},
             "scatter-max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
-            "scatter_max": {"float": "max", "int": "imax", "uint": "umax", "bool": "max"},
         }
-        combine = table.get(prim, {}).get(kind)
+        combine = table.get(prim.replace("_", "-"), {}).get(kind)
         if combine is None:
             raise UnsupportedError(f"ark.persistent: {prim} on {out_dtype} {where}")
     rank = len(out_shape)
@@ -1968,6 +1972,9 @@ def _scatter_fold(
         offset = b.materialize(offset)
     offset = b.broadcast(offset, space, tuple(point_dims))
     value = _convert(b, b.strip_pendings(updates), out_dtype)
+    if name == "scatter-sub":  # old - u is old + (-u), exactly
+        negate = "ineg" if out_dtype in INT_DTYPES else "neg"
+        value = b.elementwise(negate, [value], space, out_dtype)
     first = _convert(b, b.strip_pendings(operand), out_dtype)
     # each program within MAX_PROGRAM_LEN (the prologue computes the value and the offset)
     if value.size + offset.size > _FUSE_LIMIT:
@@ -2054,6 +2061,8 @@ _INDEXING = {
             "scatter",
             "scatter-add",
             "scatter_add",
+            "scatter-sub",
+            "scatter_sub",
             "scatter-mul",
             "scatter_mul",
             "scatter-min",
@@ -2311,7 +2320,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "digamma / nextafter (composed), eq_to / le_to / lt_to (searchsorted), "
         "bitcast_convert_type (32-bit, 16-bit), broadcast_in_dim, "
         "reshape, transpose, squeeze, expand_dims, slice, convert_element_type, gather, "
-        "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -mul / -min / -max, "
+        "dynamic_slice, dynamic_update_slice, scatter / scatter-add / -sub / -mul / -min / -max, "
         "concatenate, stack, pad, rev, the "
         "collectives psum / pmax / pmin / pmean / all_gather / psum_scatter / all_to_all (jax.lax "
         "or jax_ark, inside jax.shard_map, also in loop bodies), and calls "

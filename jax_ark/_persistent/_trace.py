@@ -2180,6 +2180,25 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
     return [read(v) for v in jaxpr.outvars]
 
 
+def _platform_branch(platforms, platform: str, where: str) -> int:
+    """The branch lax.platform_dependent takes when lowered for the plan's platform."""
+    name = "cuda" if platform == "gpu" else platform
+    for i, names in enumerate(platforms):
+        if names is not None and name in names:
+            return i
+    for i, names in enumerate(platforms):
+        if names is None:
+            return i
+    raise UnsupportedError(f"ark.persistent: no platform_dependent branch for {name} at {where}")
+
+
+def _linalg():
+    """cholesky / triangular_solve / lu, planned from their algorithms in jax.numpy."""
+    from jax_ark._persistent import _linalg as module
+
+    return module
+
+
 def _special():
     """Special functions: lgamma, inverse trigonometric, nextafter (a module of their own that
     builds on this one)."""
@@ -2303,6 +2322,21 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
         return translate_collective(b, eqn, args, UnsupportedError)
+    if prim in _linalg().PRIMITIVES:
+        closed = _linalg().jaxpr_of(eqn)
+        return _translate(b, closed.jaxpr, list(closed.consts), args)
+    if prim == "custom_linear_solve":  # jnp.linalg.solve: forward, it is its `solve` function
+        lengths = [int(n) for n in params["const_lengths"]]
+        solve_at = sum(lengths[:2])  # the consts are matvec's, vecmat's, solve's, transpose's
+        solve_consts = args[solve_at : solve_at + lengths[2]]
+        closed = params["jaxprs"].solve
+        return _translate(b, closed.jaxpr, list(closed.consts), solve_consts + args[sum(lengths) :])
+    if prim == "empty2":  # an uninitialized scalar (cholesky's gradient): XLA lowers it as 0
+        return [_Imm((), out_dtype, value=0)]
+    if prim == "platform_index":  # lax.platform_dependent (jnp.linalg.det): the plan's platform
+        return [
+            _Imm((), "int32", value=_platform_branch(params["platforms"], b.platform, b.source))
+        ]
     body = _call_body(eqn)
     if body is not None:
         return _translate(b, body[0], body[1], args)
@@ -2315,7 +2349,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         "reduce_sum / max / min / prod / and / or / xor, argmax / argmin, cumsum / cummax / "
         "cummin / cumprod / cumlogsumexp, top_k "
         "(k <= 32), conv_general_dilated, reduce_window_sum / max / min (pooling) and "
-        "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), tile, exp2 / "
+        "select_and_scatter_add (its gradient), sort by one key (axis <= 4096), cholesky / "
+        "triangular_solve / lu (small matrices: their algorithms as loops), tile, exp2 / "
         "sinh / cosh / tan / cbrt / atan / atan2 / asin / acos / asinh / acosh / atanh / lgamma / "
         "digamma / nextafter (composed), eq_to / le_to / lt_to (searchsorted), "
         "bitcast_convert_type (32-bit, 16-bit), broadcast_in_dim, "

@@ -1,0 +1,141 @@
+"""Dense linear algebra inside ark.persistent (jax_ark/_persistent/_linalg.py): cholesky,
+triangular_solve (every flag), lu (pivots and permutation exact), jnp.linalg.solve / inv / det /
+slogdet, their gradients, and a Kalman filter scanned over time steps, against jax.jit (LAPACK)
+on fresh random inputs; plans made for a GPU through the numpy reference interpreter."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from persistent_models import assert_close
+
+import jax_ark as ark
+from jax_ark._persistent._reference import interpret
+
+
+def _spd(rng, n, batch=()):
+    x = rng.standard_normal((*batch, n, n)).astype(np.float32)
+    return x @ np.swapaxes(x, -1, -2) + n * np.eye(n, dtype=np.float32)
+
+
+def _check(fn, *args, tol=2e-5, gpu=False):
+    want = jax.tree.leaves(jax.jit(fn)(*args))
+    runs = [jax.tree.leaves(jax.jit(ark.persistent(fn))(*args))]
+    if gpu:
+        plan = ark.plan(fn, *args, platform="gpu", num_workers=16)
+        runs.append(jax.tree.leaves(interpret(plan, *args)))
+    for got in runs:
+        for g, w in zip(got, want, strict=True):
+            g, w = np.asarray(g), np.asarray(w)
+            assert g.shape == w.shape and g.dtype == w.dtype
+            if np.issubdtype(w.dtype, np.integer):
+                np.testing.assert_array_equal(g, w)
+            else:
+                np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+                assert_close(np.nan_to_num(g), np.nan_to_num(w), tol)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_cholesky(rng, batch):
+    _check(jnp.linalg.cholesky, _spd(rng, 6, batch), gpu=not batch)
+
+
+def test_cholesky_of_a_matrix_that_is_not_positive_definite_is_nan(rng):
+    a = np.stack([_spd(rng, 5), rng.standard_normal((5, 5)).astype(np.float32) - 5 * np.eye(5)])
+    got = np.asarray(ark.persistent(jnp.linalg.cholesky)(a.astype(np.float32)))
+    assert np.isfinite(got[0]).all() and np.isnan(got[1][np.tril_indices(5)]).all()
+    _check(jnp.linalg.cholesky, a.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "left_side,lower,transpose_a,unit_diagonal", list(itertools.product([False, True], repeat=4))
+)
+def test_triangular_solve_every_flag(rng, left_side, lower, transpose_a, unit_diagonal):
+    a = np.tril(rng.standard_normal((7, 7))) + 4 * np.eye(7)
+    a = (a if lower else a.T).astype(np.float32)
+    b = rng.standard_normal((2, 7, 3) if left_side else (2, 3, 7)).astype(np.float32)
+
+    def fn(a, b):
+        return jax.lax.linalg.triangular_solve(
+            jnp.broadcast_to(a, (2, 7, 7)), b, left_side=left_side, lower=lower,
+            transpose_a=transpose_a, unit_diagonal=unit_diagonal,
+        )  # fmt: skip
+
+    _check(fn, a, b)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (4, 7), (7, 4), (2, 5, 5)])
+def test_lu_pivots_and_permutation_are_lapacks(rng, shape):
+    _check(jax.lax.linalg.lu, rng.standard_normal(shape).astype(np.float32), gpu=len(shape) == 2)
+
+
+def test_lu_with_a_zero_column_divides_by_no_zero_pivot(rng):
+    a = rng.standard_normal((5, 5)).astype(np.float32)
+    a[:, 2] = 0.0
+    lu = np.asarray(ark.persistent(jax.lax.linalg.lu)(a)[0])
+    assert np.isfinite(lu).all()
+    _check(jax.lax.linalg.lu, a)
+
+
+@pytest.mark.filterwarnings("ignore:jax.scipy.linalg.cho_solve")  # inside jax's solve(assume_a)
+@pytest.mark.parametrize("name", ["solve", "inv", "det", "slogdet", "cho_solve", "lstsq_normal"])
+def test_jnp_linalg_functions(rng, name):
+    a = rng.standard_normal((2, 6, 6)).astype(np.float32) + 3 * np.eye(6, dtype=np.float32)
+    b = rng.standard_normal((2, 6, 2)).astype(np.float32)
+    fns = {
+        "solve": jnp.linalg.solve,
+        "inv": lambda a, b: jnp.linalg.inv(a),
+        "det": lambda a, b: jnp.linalg.det(a),
+        "slogdet": lambda a, b: jnp.linalg.slogdet(a),
+        "cho_solve": lambda a, b: jax.scipy.linalg.cho_solve(
+            jax.scipy.linalg.cho_factor(a @ jnp.swapaxes(a, -1, -2)), b
+        ),
+        # least squares through the normal equations: cholesky + two triangular solves
+        "lstsq_normal": lambda a, b: jax.scipy.linalg.solve(
+            jnp.swapaxes(a, -1, -2) @ a, jnp.swapaxes(a, -1, -2) @ b, assume_a="pos"
+        ),
+    }
+    _check(fns[name], a, b, tol=1e-4)
+
+
+def test_gradients_of_a_gaussian_log_likelihood(rng):
+    """A GP marginal likelihood's value and gradient with respect to the kernel matrix (the
+    backward of cholesky and of the triangular solves is planned too)."""
+    a, y = _spd(rng, 8), rng.standard_normal((8, 1)).astype(np.float32)
+
+    def nll(k, y):
+        low = jnp.linalg.cholesky(k)
+        alpha = jax.scipy.linalg.cho_solve((low, True), y)
+        return 0.5 * jnp.sum(y * alpha) + jnp.sum(jnp.log(jnp.diag(low)))
+
+    _check(jax.value_and_grad(nll), a, y, tol=1e-4)
+    _check(jax.grad(lambda a: jnp.linalg.slogdet(a)[1]), a, tol=1e-4)
+
+
+def test_kalman_filter_scan_is_one_persistent_call(rng):
+    """A 4-state Kalman filter over 20 observations: each step's predict / update (a 2 x 2
+    innovation covariance solved with jnp.linalg.solve) inside a lax.scan, the whole filter one
+    persistent call."""
+    n, m, steps = 4, 2, 20
+    f = (np.eye(n) + 0.1 * rng.standard_normal((n, n))).astype(np.float32)
+    h = rng.standard_normal((m, n)).astype(np.float32)
+    q, r = 0.1 * np.eye(n, dtype=np.float32), 0.5 * np.eye(m, dtype=np.float32)
+    ys = rng.standard_normal((steps, m)).astype(np.float32)
+
+    def kalman(f, h, q, r, ys):
+        def step(carry, y):
+            x, p = carry
+            x, p = f @ x, f @ p @ f.T + q
+            s = h @ p @ h.T + r
+            gain = jnp.linalg.solve(s, h @ p).T
+            x = x + gain @ (y - h @ x)
+            p = p - gain @ h @ p
+            return (x, p), x
+
+        return jax.lax.scan(step, (jnp.zeros(n), jnp.eye(n)), ys)
+
+    _check(kalman, f, h, q, r, ys, tol=1e-4)

@@ -139,3 +139,11 @@ def test_kalman_filter_scan_is_one_persistent_call(rng):
         return jax.lax.scan(step, (jnp.zeros(n), jnp.eye(n)), ys)
 
     _check(kalman, f, h, q, r, ys, tol=1e-4)
+
+
+def test_empty_matrices(rng):
+    """Size-0 systems (JAX's own testSolve has one): every result is empty, nothing is planned
+    for them (an eqn whose results are all empty is a constant of their shape)."""
+    a, b = np.zeros((1, 0, 0), np.float32), np.zeros((1, 0, 2), np.float32)
+    _check(jnp.linalg.solve, a, b)
+    _check(lambda a: (jnp.linalg.cholesky(a), jnp.linalg.inv(a)), a)

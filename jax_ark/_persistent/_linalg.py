@@ -31,6 +31,8 @@ def cholesky(a):
     the products need no mask. A pivot <= 0 (or NaN) makes the whole matrix NaN, as jax does with
     LAPACK's potrf status."""
     n = a.shape[-1]
+    if n == 0:
+        return a
     rows = jnp.arange(n)
 
     def step(j, carry):
@@ -65,6 +67,8 @@ def triangular_solve(a, b, *, left_side, lower, transpose_a, conjugate_a, unit_d
     op(a) = a or a^T, reduced to forward substitution: a right-side solve is the left-side solve
     of the transposes, an upper-triangular op(a) is lower after reversing both index orders."""
     del conjugate_a  # real dtypes only (complex ones are refused before this)
+    if a.shape[-1] == 0 or b.size == 0:
+        return jnp.zeros(b.shape, b.dtype)
     mat = jnp.swapaxes(a, -1, -2) if transpose_a else a
     is_lower = lower != transpose_a
     rhs = b if left_side else jnp.swapaxes(b, -1, -2)
@@ -89,6 +93,10 @@ def lu(a):
     k = min(m, n)
     rows, cols = _rows_cols(m, n)
     batch = a.shape[:-2]
+    perm0 = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (*batch, m))
+    pivots0 = jnp.zeros((*batch, k), jnp.int32)
+    if k == 0:
+        return a, pivots0, perm0
 
     def swap(x, i, p):
         """x with rows i and p (per batch element, along axis -2 for a matrix, -1 for a vector)
@@ -118,8 +126,6 @@ def lu(a):
         trailing = (rows > j) & (cols > j)
         return jnp.where(trailing, scaled - update, scaled), pivots, perm
 
-    perm0 = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (*batch, m))
-    pivots0 = jnp.zeros((*batch, k), jnp.int32)
     x, pivots, perm = lax.fori_loop(0, k, step, (a, pivots0, perm0))
     return x.astype(a.dtype), pivots, perm
 
@@ -137,4 +143,6 @@ def jaxpr_of(eqn) -> jax.extend.core.ClosedJaxpr:
             return triangular_solve(a, b, **{key: bool(params[key]) for key in keys})
     else:
         fn = lu
-    return jax.make_jaxpr(fn)(*avals)
+    # the algorithms broadcast by rank and mix Python scalars in: whatever the caller's config
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        return jax.make_jaxpr(fn)(*avals)

@@ -2172,6 +2172,12 @@ def _translate(b: _Builder, jaxpr, consts: list, in_nodes: list[_Node]) -> list[
         # Inside an inlined call (jnp.sort, jax.nn.*), jax may attribute no user frame to the
         # eqn: name the user's call site instead.
         b.source = _source(eqn) or outer
+        if eqn.outvars and all(0 in getattr(v.aval, "shape", (1,)) for v in eqn.outvars):
+            # Nothing to compute: every result is empty (an empty matrix's solve). A constant of
+            # its shape stands for it, so no translation has to handle size 0.
+            for v in eqn.outvars:
+                bind(v, _Imm(tuple(v.aval.shape), _dtype_name(v.aval), value=0))
+            continue
         outs = _translate_eqn(b, eqn, [read(v) for v in eqn.invars])
         for v, n in zip(eqn.outvars, outs, strict=True):
             if type(v).__name__ == "DropVar":

@@ -12,8 +12,9 @@ Supported: threefry keys (jax's default), passed in as raw key data (`jax.random
 typed keys (`jax.random.key`: `key_data_arguments` passes their data through the FFI call and
 wraps it again inside fn), or seeded inside fn (random_seed: jax's threefry seeding, traced);
 split, fold_in, and the draws built on 32-bit random_bits (uniform, bernoulli, randint,
-categorical, flax's dropout), also in scan / while_loop / cond bodies.
-Anything else that touches a key is refused by name.
+categorical, flax's dropout), also in scan / while_loop / cond bodies, with one key or an array
+of keys (vmap over split keys, also through a vmapped while_loop). Anything else that touches a
+key is refused by name (jax.random.gamma / beta / dirichlet: a while loop inside a while loop).
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ def _on_key_data(eqn, raw: Sequence[Any]) -> list | None:
     return None
 
 
+def _per_key(fn: Callable, lead: int) -> Callable:
+    """fn of one key's data (and per-key arguments) mapped over `lead` leading dims of keys."""
+    for _ in range(lead):
+        fn = jax.vmap(fn)
+    return fn
+
+
 def _bind(eqn, invals: Sequence[Any]) -> list:
     """eqn's primitive bound on invals with eqn's params (as jax.core.eval_jaxpr does)."""
     # get_bind_params: the params alone in jax 0.10 / 0.11, (subfuns, params) in older jax
@@ -231,18 +239,27 @@ class _Rewriter:
         if name == "random_unwrap":
             return [invals[0]]
         if name in ("random_bits", "random_split", "random_fold_in"):
-            if jnp.shape(invals[0]) != (2,):
-                self.refuse(eqn, "only a single key (not an array of keys) is supported")
+            # An array of keys (vmap over split keys) draws with each key as jax's batching rules
+            # do: the single-key implementation vmapped over them.
+            lead = jnp.ndim(invals[0]) - 1
             if name == "random_bits":
-                bits, shape = params["bit_width"], tuple(params["shape"])
+                bits, shape = params["bit_width"], tuple(params["shape"])  # per key
                 if bits != 32:
                     self.refuse(eqn, f"{bits}-bit draws are not supported (32-bit only)")
                 draw = threefry_prng_impl.random_bits
-                return self.through(lambda k: draw(k, bits, shape), invals[0])
+                return self.through(_per_key(lambda k: draw(k, bits, shape), lead), invals[0])
             if name == "random_split":
                 shape = tuple(params["shape"])
-                return self.through(lambda k: threefry_prng_impl.split(k, shape), invals[0])
-            return self.through(threefry_prng_impl.fold_in, invals[0], invals[1])
+                split = _per_key(lambda k: threefry_prng_impl.split(k, shape), lead)
+                return self.through(split, invals[0])
+            data = jnp.broadcast_to(invals[1], jnp.shape(invals[0])[:-1])
+            return self.through(_per_key(threefry_prng_impl.fold_in, lead), invals[0], data)
+        if name == "random_gamma":  # jax.random.gamma / beta / dirichlet
+            self.refuse(
+                eqn,
+                "jax's gamma sampler is a rejection while_loop inside another one, and ark plans "
+                "while loops only at top level",
+            )
         if name == "random_seed":  # jax.random.key(seed) / PRNGKey(seed) inside the function
             if params["impl"] is not threefry_prng_impl:
                 self.refuse(eqn, f"only threefry keys are supported, not {params['impl']}")
@@ -286,11 +303,26 @@ class _Rewriter:
         nc, nb = params["cond_nconsts"], params["body_nconsts"]
         cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
 
-        def cond_fun(carry):
+        # A vmapped while_loop drawing per key has a batched predicate: it runs while any
+        # element's holds, and an element whose predicate is false keeps its carry (XLA's
+        # lowering of such a while, done here with jax.lax so the tracer sees a plain one).
+        batched = cond.out_avals[0].shape != ()
+
+        def predicate(carry):
             return self.eval(cond.jaxpr, cond.consts, [*cond_consts, *carry])[0]
 
+        def cond_fun(carry):
+            return jnp.any(predicate(carry)) if batched else predicate(carry)
+
         def body_fun(carry):
-            return self.eval(body.jaxpr, body.consts, [*body_consts, *carry])
+            new = self.eval(body.jaxpr, body.consts, [*body_consts, *carry])
+            if not batched:
+                return new
+            keep = predicate(carry)
+            return [
+                jnp.where(jnp.reshape(keep, keep.shape + (1,) * (jnp.ndim(n) - keep.ndim)), n, c)
+                for n, c in zip(new, carry, strict=True)
+            ]
 
         return list(lax.while_loop(cond_fun, body_fun, list(init)))
 

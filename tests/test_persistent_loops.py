@@ -840,6 +840,25 @@ def test_while_loop_until_convergence(rng):
     assert back.loops[0].pred_op == loop.pred_op
 
 
+def test_vmapped_while_loop_keeps_each_elements_carry(rng):
+    """jax.vmap of a while_loop (a Newton solve per element, each converging in its own number
+    of steps) binds a while with a predicate per batch element: the loop runs while any holds,
+    and a converged element keeps its carry. It planned once into a loop whose predicate was not
+    a scalar, which the runtime's plan check refused."""
+
+    def per_element(a, tol):
+        def body(c):
+            x, n = c
+            return 0.5 * (x + a / x), n + 1
+
+        return jax.lax.while_loop(lambda c: jnp.abs(c[0] * c[0] - a) > tol * a, body, (a, 0))
+
+    fn = jax.vmap(jax.vmap(per_element, in_axes=(0, None)), in_axes=(0, None))
+    a = rng.uniform(0.01, 1e4, (3, 7)).astype(np.float32)
+    roots, steps = _check(fn, a, np.float32(1e-5), workers=(1, 3))
+    assert len(np.unique(np.asarray(steps))) > 1  # elements stopped at different steps
+
+
 def test_while_loop_fori_with_traced_bounds(rng):
     """fori_loop with a trip count read from a device value lowers to while_loop."""
 

@@ -2813,6 +2813,13 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         (pred,) = _translate(b, cond.jaxpr, list(cond.consts), cond_consts + carries)
         if pred.dtype != "bool":
             pred = _convert(b, pred, "bool")
+        keep = None
+        if pred.shape:
+            # A vmapped while_loop: a predicate per batch element. The loop runs while any holds,
+            # and an element whose predicate is false keeps its carry (XLA's lowering of it).
+            keep = b.materialize(pred)
+            any_of = jax.make_jaxpr(jax.numpy.any)(jax.ShapeDtypeStruct(pred.shape, bool))
+            (pred,) = _translate(b, any_of.jaxpr, list(any_of.consts), [keep])
         if isinstance(pred, (_Load, _Imm)):
             pred = _Ew((), "bool", op="copy", args=(pred,), _size=2)
         b.materialize(pred, stacked=T)  # slot i: does iteration i run the body
@@ -2821,6 +2828,9 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         for k, node in enumerate(outs):
             if math.prod(node.shape) == 0:
                 continue
+            if keep is not None:  # the batch elements whose predicate is false keep their carry
+                kept = b.broadcast(keep, node.shape, tuple(range(len(keep.shape))))
+                node = b.elementwise("select", [kept, carries[k], node], node.shape, node.dtype)
             if isinstance(node, (_Load, _Imm)):
                 move = "imov" if node.dtype in INT_DTYPES else "copy"
                 node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)

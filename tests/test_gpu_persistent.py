@@ -321,6 +321,62 @@ def test_ragged_kv_cache_scatter_is_one_window_store(rng):
             _close(g, r)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, BF16])
+def test_scatter_folds_fold_duplicates_in_order(rng, dtype):
+    """Scatters of many points are one scatter-fold task (run_scatter_fold: per 256-value chunk,
+    thread j folds the values whose element is j mod 256). An embedding-style row scatter-add with
+    duplicate rows, segment max / min, bincount and a `set` whose duplicates keep the last value:
+    float32 / int32 equal to numpy's in-order fold bit for bit, every case equal to jax.jit."""
+    rows = rng.integers(0, 40, 600).astype(np.int32)
+    upd = (rng.standard_normal((600, 48)) * 4).astype(dtype)
+
+    def fn(rows, upd):
+        table = jnp.zeros((40, 48), upd.dtype).at[rows].add(upd)
+        flat = upd[:, 0]
+        return (
+            table,
+            jax.ops.segment_max(flat, rows, 40),
+            jax.ops.segment_min(flat, rows, 40),
+            jnp.bincount(rows, length=40),
+            jnp.zeros(40, upd.dtype).at[rows].set(flat),
+        )
+
+    got = jax.jit(ark.persistent(fn))(rows, upd)
+    want = jax.jit(fn)(rows, upd)
+    for g, w in zip(got, want, strict=True):
+        if dtype == BF16:
+            _close(np.asarray(g, np.float32), np.asarray(w, np.float32), BF16)
+        else:
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    if dtype != BF16:  # the sum's order: numpy's add.at folds one value at a time, in order
+        serial = np.zeros((40, 48), dtype)
+        np.add.at(serial, rows, upd)
+        np.testing.assert_array_equal(np.asarray(got[0]), serial)
+
+
+def test_linear_algebra_loops(rng):
+    """cholesky / triangular solves / LU as column loops in one launch: a GP likelihood and its
+    gradient, and jnp.linalg.solve, against jax.jit (cuSOLVER)."""
+    x = rng.standard_normal((8, 8)).astype(np.float32)
+    k = x @ x.T + 8 * np.eye(8, dtype=np.float32)
+    y = rng.standard_normal((8, 2)).astype(np.float32)
+
+    def nll(k, y):
+        low = jnp.linalg.cholesky(k)
+        alpha = jax.scipy.linalg.cho_solve((low, True), y)
+        return 0.5 * jnp.sum(y * alpha) + jnp.sum(jnp.log(jnp.diag(low)))
+
+    def fn(k, y):
+        return jax.value_and_grad(nll)(k, y), jnp.linalg.solve(k + x, y)
+
+    for g, w in zip(
+        jax.tree.leaves(jax.jit(ark.persistent(fn))(k, y)),
+        jax.tree.leaves(jax.jit(fn)(k, y)),
+        strict=True,
+    ):
+        _assert_close(g, w, 1e-3)
+
+
 _GRAPH_REPLAY = """
 import jax, jax.numpy as jnp, numpy as np
 import jax_ark as ark

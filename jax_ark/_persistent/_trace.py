@@ -1607,11 +1607,7 @@ def _window_store(
     value = b.strip_pendings(update)
     if value.dtype != src.dtype:
         value = _convert(b, value, src.dtype)
-    if value.size + offset.size > _FUSE_LIMIT:  # keep the one program within MAX_PROGRAM_LEN
-        value = b.materialize(value)
-    if offset.size > _FUSE_LIMIT:
-        offset = b.materialize(offset)
-    prog, (store_at,) = b.compile_with(value, [offset])
+    prog, store_at = _value_and_offset_program(b, value, offset)
     b.ops.append(
         Op(
             name=f"update_in_place{len(b.ops)}",
@@ -1629,6 +1625,18 @@ def _window_store(
         )
     )
     return target
+
+
+def _value_and_offset_program(b: _Builder, value: _Node, offset: _Node) -> tuple[list, int]:
+    """One program computing a value and the int32 offset it is stored at (a window store's
+    epilogue, a scatter fold's prologue), within MAX_PROGRAM_LEN: either side too big to fuse is
+    computed into memory first. Returns the program and the offset's register."""
+    if value.size + offset.size > _FUSE_LIMIT:
+        value = b.materialize(value)
+    if offset.size > _FUSE_LIMIT:
+        offset = b.materialize(offset)
+    prog, (store_at,) = b.compile_with(value, [offset])
+    return prog, store_at
 
 
 def _matmul_window_store(b: _Builder, view: _Load, update: _Node, offset: _Node) -> bool:
@@ -1976,14 +1984,9 @@ def _scatter_fold(
         negate = "ineg" if out_dtype in INT_DTYPES else "neg"
         value = b.elementwise(negate, [value], space, out_dtype)
     first = _convert(b, b.strip_pendings(operand), out_dtype)
-    # each program within MAX_PROGRAM_LEN (the prologue computes the value and the offset)
-    if value.size + offset.size > _FUSE_LIMIT:
-        value = b.materialize(value)
-    if offset.size > _FUSE_LIMIT:
-        offset = b.materialize(offset)
-    if first.size > _FUSE_LIMIT:
+    if first.size > _FUSE_LIMIT:  # within MAX_PROGRAM_LEN
         first = b.materialize(first)
-    prologue, (store_at,) = b.compile_with(value, [offset])
+    prologue, store_at = _value_and_offset_program(b, value, offset)
     out = b.new_tensor(tuple(out_shape), out_dtype)
     b.ops.append(
         Op(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import ClosedJaxpr
 
 PRIMITIVES = frozenset({"cholesky", "triangular_solve", "lu"})
 
@@ -130,7 +131,7 @@ def lu(a):
     return x.astype(a.dtype), pivots, perm
 
 
-def jaxpr_of(eqn) -> jax.extend.core.ClosedJaxpr:
+def jaxpr_of(eqn) -> ClosedJaxpr:
     """The jaxpr of the algorithm for a linear-algebra eqn, over the eqn's input avals."""
     prim, params = eqn.primitive.name, eqn.params
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]

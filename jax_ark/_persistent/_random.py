@@ -303,27 +303,16 @@ class _Rewriter:
         nc, nb = params["cond_nconsts"], params["body_nconsts"]
         cond_consts, body_consts, init = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
 
-        # A vmapped while_loop drawing per key has a batched predicate: it runs while any
-        # element's holds, and an element whose predicate is false keeps its carry (XLA's
-        # lowering of such a while, done here with jax.lax so the tracer sees a plain one).
-        batched = cond.out_avals[0].shape != ()
-
-        def predicate(carry):
+        def cond_fun(carry):
             return self.eval(cond.jaxpr, cond.consts, [*cond_consts, *carry])[0]
 
-        def cond_fun(carry):
-            return jnp.any(predicate(carry)) if batched else predicate(carry)
-
         def body_fun(carry):
-            new = self.eval(body.jaxpr, body.consts, [*body_consts, *carry])
-            if not batched:
-                return new
-            keep = predicate(carry)
-            return [
-                jnp.where(jnp.reshape(keep, keep.shape + (1,) * (jnp.ndim(n) - keep.ndim)), n, c)
-                for n, c in zip(new, carry, strict=True)
-            ]
+            return self.eval(body.jaxpr, body.consts, [*body_consts, *carry])
 
+        if cond.out_avals[0].shape:  # a vmapped while_loop drawing per key
+            from jax_ark._persistent._trace import while_any
+
+            return list(while_any(cond_fun, body_fun, init))
         return list(lax.while_loop(cond_fun, body_fun, list(init)))
 
     def cond(self, params, invals: list) -> list:

@@ -404,21 +404,28 @@ def _run_scatter_fold(plan: Plan, op, buffers, ev) -> None:
             _store(buffers, op.out, out.dtype, e, new)
 
 
+# One step of each non-arg fold kind (tile_ops.hpp reduce_combine): integer kinds on the keyed
+# 32-bit values (_s, or _u for the unsigned kinds; _bits keeps the low 32 bits, so sums and
+# products wrap), float kinds in float32 (NaN propagates through maximum / minimum, as nan_max).
+_INT_STEPS = {
+    "isum": np.add, "iprod": np.multiply, "imax": np.maximum, "umax": np.maximum,
+    "imin": np.minimum, "umin": np.minimum, "iand": np.bitwise_and, "ior": np.bitwise_or,
+    "ixor": np.bitwise_xor,
+}  # fmt: skip
+_FLOAT_STEPS = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+def _key(kind: str) -> Callable[[np.ndarray], np.ndarray]:
+    return _u if kind[0] == "u" else _s
+
+
 def _combine(kind: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """One step of a fold of registers a and b (tile_ops.hpp reduce_combine; not arg kinds)."""
+    """One step of a fold of registers a and b (a scatter fold's; not arg kinds)."""
     if kind == "last":
         return b
     if kind in INT_REDUCES:
-        key = _u if kind[0] == "u" else _s
-        x, y = key(a), key(b)
-        fold = {
-            "isum": np.add, "iprod": np.multiply, "imax": np.maximum, "umax": np.maximum,
-            "imin": np.minimum, "umin": np.minimum, "iand": np.bitwise_and,
-            "ior": np.bitwise_or, "ixor": np.bitwise_xor,
-        }[kind]  # fmt: skip
-        return _bits(fold(x, y) & 0xFFFFFFFF)
-    fold = {"sum": np.add, "prod": np.multiply, "max": np.maximum, "min": np.minimum}[kind]
-    return fold(a, b).astype(np.float32)  # NaN propagates through max / min, as nan_max
+        return _bits(_INT_STEPS[kind](_key(kind)(a), _key(kind)(b)))
+    return _FLOAT_STEPS[kind](a, b).astype(np.float32)
 
 
 def _fold(kind: str, vals: np.ndarray) -> np.ndarray:
@@ -436,28 +443,17 @@ def _fold(kind: str, vals: np.ndarray) -> np.ndarray:
         best = np.argmax(keyed, axis=1) if kind.endswith("max") else np.argmin(keyed, axis=1)
         return _bits(np.where(first_nan >= 0, first_nan, best))
     if kind in INT_REDUCES:
-        key = _u if kind[0] == "u" else _s
-        v = key(vals)
-        if kind == "isum":
-            return _bits(v.sum(axis=1))
-        if kind in ("iand", "ior", "ixor"):
-            fold = {"iand": np.bitwise_and, "ior": np.bitwise_or, "ixor": np.bitwise_xor}[kind]
-            return _bits(fold.reduce(v, axis=1))
+        v = _key(kind)(vals)
         if kind == "iprod":  # wrapping: the low 32 bits after each multiplication
             acc = np.ones(rows, np.int64)
             for r in range(K):
                 acc = (acc * v[:, r]) & 0xFFFFFFFF
             return _bits(acc)
-        return _bits(v.max(axis=1) if kind.endswith("max") else v.min(axis=1))
-    if kind in ("sum", "prod"):
-        acc = np.full(rows, 0.0 if kind == "sum" else 1.0, np.float32)
-        for r in range(K):
-            acc = acc + vals[:, r] if kind == "sum" else acc * vals[:, r]
-        return acc
-    acc = np.full(rows, -np.inf if kind == "max" else np.inf, np.float32)
-    pick = np.maximum if kind == "max" else np.minimum  # NaN propagates, as nan_max
-    for r in range(K):
-        acc = pick(acc, vals[:, r])
+        return _bits(_INT_STEPS[kind].reduce(v, axis=1))  # exact: sums are the low bits' sums
+    acc = np.full(rows, {"sum": 0.0, "prod": 1.0, "max": -np.inf, "min": np.inf}[kind], np.float32)
+    step = _FLOAT_STEPS[kind]
+    for r in range(K):  # one float32 rounding per step, in order
+        acc = step(acc, vals[:, r])
     return acc
 
 

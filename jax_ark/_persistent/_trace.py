@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend.core import jaxpr_as_fun
 
 from jax_ark._collective_primitive import varying_axes
 from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
@@ -1958,19 +1959,11 @@ def _scatter_fold(
     # arithmetic cost an embedding gradient's 128-wide rows 128 times over (perf, one core).
     points = tuple(space[d] for d in point_dims)
     idx = _as_load(b, indices)
-    keep, terms = None, []
-    for c, d in enumerate(dn.scatter_dims_to_operand_dims):
-        start = _Load(
-            points, idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], idx.strides[:-1],
-            idx.iter_stride, idx.outer_iter_stride,
-        )  # fmt: skip
-        s = _i32(b, start, points)
-        hi = out_shape[d] - window[d]
+    starts, keep = _point_starts(b, idx, dn, mode, out_shape, window, points, idx.strides[:-1])
+    terms = []
+    for d, (_, s) in starts.items():
         if "CLIP" in mode:
-            s = _clamp(b, s, 0, hi)
-        else:  # the whole window must fit, else the point is dropped
-            keep = _and(b, keep, _iop(b, "ige", s, 0))
-            keep = _and(b, keep, _iop(b, "ile", s, hi))
+            s = _clamp(b, s, 0, out_shape[d] - window[d])
         terms.append(_iop(b, "imul", s, strides[d]))
     offset = _sum_offsets(b, terms) or _Imm(points, "int32", value=0)
     if keep is not None:
@@ -2011,6 +2004,27 @@ def _scatter_fold(
     return b.load(out)
 
 
+def _point_starts(
+    b: _Builder, idx: _Load, dn, mode: str, out_shape, window, shape, strides
+) -> tuple[dict[int, tuple[_Load, _Node]], _Node | None]:
+    """A scatter's start along each operand dim its indices name, per point: read from the
+    indices `idx` over the points' space `shape` (`strides`: its dims' strides in idx), as is
+    and as int32; and, unless mode is CLIP, whether each point's whole window fits (None: no
+    test), since a point that does not fit is dropped (FILL_OR_DROP, PROMISE_IN_BOUNDS)."""
+    starts, keep = {}, None
+    for c, d in enumerate(dn.scatter_dims_to_operand_dims):
+        start = _Load(
+            shape, idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], tuple(strides),
+            idx.iter_stride, idx.outer_iter_stride,
+        )  # fmt: skip
+        s = _i32(b, start, shape)
+        starts[d] = (start, s)
+        if "CLIP" not in mode:
+            keep = _and(b, keep, _iop(b, "ige", s, 0))
+            keep = _and(b, keep, _iop(b, "ile", s, out_shape[d] - window[d]))
+    return starts, keep
+
+
 def _scatter_window_store(b: _Builder, target: _Load, indices, updates, dn, mode, out_shape):
     """A scatter of one point, or of the points along one index dim (_window_scatter), updating
     `target` in place (_in_place_target): one window-store task storing each point's window of
@@ -2035,18 +2049,8 @@ def _scatter_window_store(b: _Builder, target: _Load, indices, updates, dn, mode
         )  # fmt: skip
     idx = _as_load(b, indices)
     point_stride = (idx.strides[0],) if points > 1 else ()
-    starts: list[_Node] = [_iconst(0)] * rank
-    keep = None
-    for c, d in enumerate(dn.scatter_dims_to_operand_dims):
-        start = _Load(
-            lead, idx.dtype, idx.tensor, idx.offset + c * idx.strides[-1], point_stride,
-            idx.iter_stride, idx.outer_iter_stride,
-        )  # fmt: skip
-        starts[d] = start
-        if "CLIP" not in mode:  # the whole window must fit, else the point is dropped
-            s = _i32(b, start, lead)
-            keep = _and(b, keep, _iop(b, "ige", s, 0))
-            keep = _and(b, keep, _iop(b, "ile", s, out_shape[d] - window[d]))
+    at, keep = _point_starts(b, idx, dn, mode, out_shape, window, lead, point_stride)
+    starts = [at[d][0] if d in at else _iconst(0) for d in range(rank)]
     return _window_store(b, target, update, starts, keep, points if points > 1 else 0)
 
 
@@ -2769,6 +2773,24 @@ def _fill_state(b: _Builder, x: _Node, var_in, var_out) -> int | None:
     return out
 
 
+def while_any(cond_fun, body_fun, init) -> list:
+    """A while loop whose predicate holds per batch element (a vmapped while_loop: jax binds
+    `while` with a batched predicate) as a plain jax.lax.while_loop, the way XLA lowers it: it
+    runs while any element's predicate holds, and an element whose predicate is false keeps its
+    carry (the predicate's dims lead every carry's). Used by the tracer and by the random
+    rewrite (_random), which rebuilds loops through jax.lax."""
+    jnp = jax.numpy
+
+    def body(carry):
+        new, keep = body_fun(carry), cond_fun(carry)
+        return [
+            jnp.where(jnp.reshape(keep, keep.shape + (1,) * (jnp.ndim(n) - keep.ndim)), n, c)
+            for n, c in zip(new, carry, strict=True)
+        ]
+
+    return jax.lax.while_loop(lambda carry: jnp.any(cond_fun(carry)), body, list(init))
+
+
 def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     """jax.lax.while_loop (and fori_loop with traced bounds) as a plan *while loop*: per iteration
     the head (carry-in X = (i == 0 ? init : C), then cond(X) into slot i of a stacked bool
@@ -2776,6 +2798,20 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     ops after the predicate, writing C) or leave the loop. The result is X of the iteration whose
     predicate was false. At most max_while_iterations body iterations: one more fails the call."""
     p = eqn.params
+    if p["cond_jaxpr"].out_avals[0].shape:  # a vmapped while_loop: planned as XLA lowers it
+
+        def unbatched(*invals):
+            ncc, nbc = int(p["cond_nconsts"]), int(p["body_nconsts"])
+            cond_consts, body_consts = invals[:ncc], invals[ncc : ncc + nbc]
+            return while_any(
+                lambda carry: jaxpr_as_fun(p["cond_jaxpr"])(*cond_consts, *carry)[0],
+                lambda carry: jaxpr_as_fun(p["body_jaxpr"])(*body_consts, *carry),
+                invals[ncc + nbc :],
+            )
+
+        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+        closed = jax.make_jaxpr(unbatched)(*avals)
+        return _translate(b, closed.jaxpr, list(closed.consts), args)
     source = b.source
     where = f"at {source}"
     if b.loop_stack:
@@ -2816,13 +2852,6 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         (pred,) = _translate(b, cond.jaxpr, list(cond.consts), cond_consts + carries)
         if pred.dtype != "bool":
             pred = _convert(b, pred, "bool")
-        keep = None
-        if pred.shape:
-            # A vmapped while_loop: a predicate per batch element. The loop runs while any holds,
-            # and an element whose predicate is false keeps its carry (XLA's lowering of it).
-            keep = b.materialize(pred)
-            any_of = jax.make_jaxpr(jax.numpy.any)(jax.ShapeDtypeStruct(pred.shape, bool))
-            (pred,) = _translate(b, any_of.jaxpr, list(any_of.consts), [keep])
         if isinstance(pred, (_Load, _Imm)):
             pred = _Ew((), "bool", op="copy", args=(pred,), _size=2)
         b.materialize(pred, stacked=T)  # slot i: does iteration i run the body
@@ -2831,9 +2860,6 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         for k, node in enumerate(outs):
             if math.prod(node.shape) == 0:
                 continue
-            if keep is not None:  # the batch elements whose predicate is false keep their carry
-                kept = b.broadcast(keep, node.shape, tuple(range(len(keep.shape))))
-                node = b.elementwise("select", [kept, carries[k], node], node.shape, node.dtype)
             if isinstance(node, (_Load, _Imm)):
                 move = "imov" if node.dtype in INT_DTYPES else "copy"
                 node = _Ew(node.shape, node.dtype, op=move, args=(node,), _size=2)

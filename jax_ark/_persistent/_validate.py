@@ -461,19 +461,7 @@ def _validate(plan: Plan) -> None:
                     f"{where}: a window store must be a map or matmul op writing an aliased "
                     "result (the elements it does not write keep the aliased operand's content)"
                 )
-            if not 0 <= op.store_view < len(plan.views):
-                raise PlanError(f"{where}: store view {op.store_view} out of range")
-            if plan.views[op.store_view].tensor != op.out:
-                raise PlanError(f"{where}: store view {op.store_view} is not a view of its output")
-            if len(plan.views[op.store_view].strides) != len(space):
-                raise PlanError(f"{where}: store view rank != len(iter_dims)")
-            if min(space, default=1) < 1:
-                raise PlanError(f"{where}: window iter_dims {list(space)} must be >= 1")
-            _view_reach(plan, i, op.store_view, space)
-            if not 0 <= op.store_at < len(op.epilogue) or (
-                op.epilogue[op.store_at].dtype not in INT_DTYPES
-            ):
-                raise PlanError(f"{where}: store_at {op.store_at} is not an integer register")
+            _check_store_view(plan, i, op.epilogue, "epilogue")
             if op.kind == "map" and sum(1 for task in plan.tasks if task.op == i) != 1:
                 raise PlanError(f"{where}: a map's window store must be exactly one task")
         elif op.store_at != -1:
@@ -979,6 +967,25 @@ def _view_uses(plan: Plan, op) -> list[tuple[int, tuple[int, ...] | None]]:
     return uses
 
 
+def _check_store_view(plan: Plan, i: int, program: list[Instr], part: str) -> None:
+    """Where op i's values go (a window store's epilogue values, a scatter fold's prologue
+    values): its store view is a view of its output over iter_dims (each >= 1) that stays inside
+    it, and store_at an integer register of that program."""
+    op, where = plan.ops[i], f"op {i} '{plan.ops[i].name}'"
+    space = tuple(op.iter_dims)
+    if not 0 <= op.store_view < len(plan.views):
+        raise PlanError(f"{where}: store view {op.store_view} out of range")
+    if plan.views[op.store_view].tensor != op.out:
+        raise PlanError(f"{where}: store view {op.store_view} is not a view of its output")
+    if len(plan.views[op.store_view].strides) != len(space):
+        raise PlanError(f"{where}: store view rank != len(iter_dims)")
+    if min(space, default=1) < 1:
+        raise PlanError(f"{where}: window iter_dims {list(space)} must be >= 1")
+    _view_reach(plan, i, op.store_view, space)
+    if not 0 <= op.store_at < len(program) or program[op.store_at].dtype not in INT_DTYPES:
+        raise PlanError(f"{where}: store_at {op.store_at} is not an integer register of its {part}")
+
+
 def _check_scatter_fold(plan: Plan, i: int) -> None:
     """A scatter fold (docs/plan_format.md, "Scatter folds"): a reduce op with kept_rank 0 whose
     store view (over iter_dims, inside its output) and prologue register store_at (int32) name
@@ -993,13 +1000,7 @@ def _check_scatter_fold(plan: Plan, i: int) -> None:
         )
     if op.stacked:
         raise PlanError(f"{where}: a scatter fold cannot be stacked")
-    if not 0 <= op.store_view < len(plan.views) or plan.views[op.store_view].tensor != op.out:
-        raise PlanError(f"{where}: store view {op.store_view} is not a view of its output")
-    if len(plan.views[op.store_view].strides) != len(op.iter_dims):
-        raise PlanError(f"{where}: store view rank != len(iter_dims)")
-    _view_reach(plan, i, op.store_view, tuple(op.iter_dims))
-    if not 0 <= op.store_at < len(op.prologue) or op.prologue[op.store_at].dtype not in INT_DTYPES:
-        raise PlanError(f"{where}: store_at {op.store_at} is not an integer prologue register")
+    _check_store_view(plan, i, op.prologue, "prologue")
     value_int = (op.reduce_kind in INT_REDUCES) or (
         op.reduce_kind == "last" and out.dtype in INT_DTYPES
     )

@@ -1078,6 +1078,10 @@ void store_window(const Run& run, const OpRecord& op, int rank, const int64_t* d
   });
 }
 
+// Whether op's epilogue walks a window (iter_dims) whose values store_window places: a map's or a
+// matmul's window store. A scatter fold's epilogue walks its whole output (its first values).
+bool stores_window(const OpRecord& op) { return op.store_view_plus1 > 0 && op.kind != kOpReduce; }
+
 // The op's output as its epilogue walks it: one slice of a stacked output (v3: dims 1..rank,
 // stored at slice `slice`), a matmul window store's window (iter_dims, stored by store_window),
 // else the whole tensor.
@@ -1090,7 +1094,7 @@ struct EpilogueSpace {
 EpilogueSpace epilogue_space(const Run& run, const OpRecord& op, const Scratch& s) {
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   char* base = run.tensor_base(op.out_tensor);
-  if (op.store_view_plus1 > 0) return {base, out.dtype, op.iter_rank, op.iter_dims};
+  if (stores_window(op)) return {base, out.dtype, op.iter_rank, op.iter_dims};
   if (!s.stacked) return {base, out.dtype, out.rank, out.dims};
   base += s.slice * (out.num_elements / out.dims[0]) * dtype_size(out.dtype);
   return {base, out.dtype, out.rank - 1, out.dims + 1};
@@ -1154,7 +1158,7 @@ void move_elements(const Run& run, const OpRecord& op, const EpilogueSpace& out,
 void epilogue_store(const Run& run, const OpRecord& op, int64_t lin0, int count, const float* acc,
                     Scratch& s) {
   const EpilogueSpace out = epilogue_space(run, op, s);
-  const bool window = op.store_view_plus1 > 0;
+  const bool window = stores_window(op);
   if (acc == nullptr && !window && moves_elements(run, op, out.dtype))
     return move_elements(run, op, out, lin0, count, s);
   for (int done = 0; done < count; done += kSegment) {
@@ -1182,9 +1186,9 @@ void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, 
     return epilogue_store(run, op, row0 * op.N, rows * cols, acc, s);  // contiguous: whole rows
   const EpilogueSpace out = epilogue_space(run, op, s);
   // N spans several dims, or a move (each row's run is one move): row by row
-  const bool stores_window = op.store_view_plus1 > 0;
+  const bool windowed = stores_window(op);
   if (out.rank == 0 || out.dims[out.rank - 1] != op.N ||
-      (acc == nullptr && !stores_window && moves_elements(run, op, out.dtype))) {
+      (acc == nullptr && !windowed && moves_elements(run, op, out.dtype))) {
     for (int i = 0; i < rows; ++i)
       epilogue_store(run, op, (row0 + i) * op.N + col0, cols, acc ? acc + i * cols : nullptr, s);
     return;
@@ -1199,12 +1203,12 @@ void epilogue_block(const Run& run, const OpRecord& op, int64_t row0, int rows, 
                  acc ? acc + done : nullptr, s, col0);
     const float* v = s.reg[op.epilogue_len - 1];
     const bits_alias* moved =
-        stores_window ? reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]) : nullptr;
+        windowed ? reinterpret_cast<const bits_alias*>(s.reg[op.store_at_plus1 - 1]) : nullptr;
     for (int e = 0; e < n;) {  // stored a row's run at a time
       const int64_t w = row0 * cols + done + e;
       const int64_t row = w / cols, col = w % cols;
       const int run_len = static_cast<int>(std::min<int64_t>(n - e, cols - col));
-      if (stores_window)
+      if (windowed)
         store_window(run, op, out.rank, out.dims, row * op.N + col0 + col, run_len, v + e, moved + e);
       else
         store_run(out.base, out.dtype, row * op.N + col0 + col, v + e, run_len);
@@ -1478,11 +1482,8 @@ void fold_segment(const ViewRecord& v, const OpRecord& op, int64_t num_elements,
 void run_scatter_fold(const Run& run, const OpRecord& op, Scratch& s) {
   const TensorRecord& out = run.plan.tensor(op.out_tensor);
   char* base = run.tensor_base(op.out_tensor);
-  for (int64_t done = 0; done < out.num_elements; done += kSegment) {
-    const int n = static_cast<int>(std::min<int64_t>(kSegment, out.num_elements - done));
-    eval_program(run, op.epilogue_at, op.epilogue_len, out.rank, out.dims, done, n, nullptr, s);
-    store_run(base, out.dtype, done, s.reg[op.epilogue_len - 1], n);
-  }
+  // the first values (M = the output's elements, < 2^31: check_plan)
+  epilogue_store(run, op, 0, static_cast<int>(op.M), nullptr, s);
   const ViewRecord& v = run.plan.view(op.store_view_plus1 - 1);
   const int32_t kind = op.reduce_kind, dt = out.dtype;
   float* f32 = reinterpret_cast<float*>(base);

@@ -2212,6 +2212,13 @@ def _linalg():
     return module
 
 
+def _prefix():
+    """Long cumulative ops as blocked scans (a module of its own, in jax.numpy)."""
+    from jax_ark._persistent import _prefix as module
+
+    return module
+
+
 def _special():
     """Special functions: lgamma, inverse trigonometric, nextafter (a module of their own that
     builds on this one)."""
@@ -2312,10 +2319,16 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         bits = _convert(b, args[0], "int32")
         parity = _reduce(b, prim, bits, tuple(params["axes"]), out_shape, "int32")
         return [_convert(b, parity, "bool")]
+    if prim in ("argmax", "argmin") and args[0].dtype == "bool":  # the first True / False
+        bits = _convert(b, args[0], "int32")
+        return [_reduce(b, prim, bits, tuple(params["axes"]), out_shape, out_dtype)]
     if prim in _REDUCE_KINDS or prim in ("argmax", "argmin"):
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
     if prim in _CUMULATIVE:
         axis, reverse = int(params["axis"]), bool(params["reverse"])
+        if _prefix().is_long(args[0].shape[axis]):  # O(L^2) planned directly
+            closed = _prefix().jaxpr_of(eqn)
+            return _translate(b, closed.jaxpr, list(closed.consts), args)
         return [_cumulative(b, prim, args[0], axis, reverse, out_dtype)]
     if prim == "conv_general_dilated":
         return [_conv().translate_conv(b, params, args, out_shape, out_dtype)]

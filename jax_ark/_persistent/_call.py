@@ -35,7 +35,7 @@ from jax_ark._persistent._target import (
     prepare_gpus_for_graphs,
     resolve_platform,
 )
-from jax_ark._persistent._trace import UnsupportedError, trace
+from jax_ark._persistent._trace import UnsupportedError, host_debug_eqns, trace
 from jax_ark._persistent._validate import freeze
 
 _TARGET = "ark_persistent"
@@ -391,9 +391,9 @@ class _Persistent:
         p = self._planned(fn, args, resolve_platform(jax.tree_util.tree_leaves(args))[0])[0]
         return p.copy()
 
-    def _planned(self, fn, args, platform: str) -> tuple[Plan, Any, list, list[tuple]]:
+    def _planned(self, fn, args, platform: str) -> tuple[Plan, Any, list, list[tuple], list]:
         """(plan, output tree, kinds of the PRNG keys among the outputs, the mesh axes each output
-        varies over) for these arguments; fn:
+        varies over, fn's top-level jax.debug equations) for these arguments; fn:
         self._fn, or it taking and returning typed PRNG keys as key data (key_data_arguments)."""
         _, tree, avals, key = _flat_avals(args)
         # The platform (and, on CPU, how many shard_map programs share the cores) decides the
@@ -409,9 +409,21 @@ class _Persistent:
                 *jax.tree_util.tree_unflatten(tree, avals)
             )
             out_avals, out_tree = jax.tree_util.tree_flatten(out_shapes)
+            # jax.debug.print / callback at fn's top level: the plan returns their operands after
+            # fn's results, and __call__ runs them on those.
+            debug = host_debug_eqns(traced.jaxpr)
+            debug_avals = [v.aval for e in debug for v in e.invars]
+            if any(jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) for a in debug_avals):
+                raise UnsupportedError(
+                    f"ark.persistent({_fn_name(fn)}): jax.debug.print / callback of a PRNG key: "
+                    "print jax.random.key_data(key) instead"
+                )
             # Inside shard_map, the mesh axes each output varies over, as jax derives them: an
             # output of replicated inputs only, or a psum's, is the same on every device.
-            out_varying = [tuple(sorted(_prim.varying_axes(a), key=str)) for a in traced.out_avals]
+            out_varying = [
+                tuple(sorted(_prim.varying_axes(a), key=str))
+                for a in [*traced.out_avals, *debug_avals]
+            ]
             if self._plan is not None:
                 _check_signature(self._plan, avals)
                 p = self._plan
@@ -425,11 +437,13 @@ class _Persistent:
                     platform=key[1],
                     max_while_iterations=self._max_while,
                 )
-            if len(p.outputs) != out_tree.num_leaves:
+            if len(p.outputs) != out_tree.num_leaves + len(debug_avals):
+                debug_note = f" and {len(debug_avals)} jax.debug operands" if debug_avals else ""
                 raise PlanError(
                     f"plan has {len(p.outputs)} outputs, fn returns {out_tree.num_leaves}"
+                    + debug_note
                 )
-            for i, (t, aval) in enumerate(zip(p.outputs, out_avals, strict=True)):
+            for i, (t, aval) in enumerate(zip(p.outputs, [*out_avals, *debug_avals], strict=True)):
                 spec = p.tensors[t]
                 if tuple(spec.shape) != tuple(aval.shape) or np_dtype(spec.dtype) != aval.dtype:
                     raise PlanError(
@@ -437,7 +451,7 @@ class _Persistent:
                         f"{np.dtype(aval.dtype).name}{list(aval.shape)}"
                     )
             out_keys = list(getattr(fn, "out_key_impls", None) or [])
-            self._cache[key] = (p, out_tree, out_keys, out_varying)
+            self._cache[key] = (p, out_tree, out_keys, out_varying, debug)
         return self._cache[key]
 
     def __call__(self, *args):
@@ -454,7 +468,7 @@ class _Persistent:
         fn, args = key_data_arguments(self._fn, args)
         leaves = jax.tree_util.tree_leaves(args)
         platform = resolve_platform(leaves)[0]
-        p, out_tree, out_keys, out_varying = self._planned(fn, args, platform)
+        p, out_tree, out_keys, out_varying, debug = self._planned(fn, args, platform)
         outs, prof = run_plan(
             p,
             leaves,
@@ -463,7 +477,13 @@ class _Persistent:
             check_on_host=platform != "cpu",
             out_varying=out_varying,
         )
-        result = jax.tree_util.tree_unflatten(out_tree, with_output_keys(list(outs), out_keys))
+        outs = list(outs)
+        at = out_tree.num_leaves
+        for eqn in debug:  # after the call, on the values the kernel computed: XLA prints them
+            eqn.primitive.bind(*outs[at : at + len(eqn.invars)], **eqn.params)
+            at += len(eqn.invars)
+        outs = outs[: out_tree.num_leaves]
+        result = jax.tree_util.tree_unflatten(out_tree, with_output_keys(outs, out_keys))
         return (result, prof) if self._profile else result
 
 

@@ -2240,6 +2240,18 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     params = eqn.params
     for v in eqn.outvars:
         _check_dtype(v.aval, b.source)
+    if not eqn.outvars:
+        raise UnsupportedError(
+            f"ark.persistent: {prim} at {b.source}: "
+            + (
+                "jax.debug.print / jax.debug.callback inside a loop body or a nested function: "
+                "a kernel cannot print, so ark.persistent runs debug callbacks on the host after "
+                "the call, only those at the top level of the function (move it there, or return "
+                "the value and print it outside)"
+                if prim in HOST_DEBUG
+                else "an equation without results (a side effect) is not supported"
+            )
+        )
     out_aval = eqn.outvars[0].aval
     out_shape = tuple(out_aval.shape)
     out_dtype = _dtype_name(out_aval)
@@ -3191,6 +3203,29 @@ def _cumlogsumexp(b: _Builder, x: _Node, axis: int, reverse: bool, out_dtype: st
     return _convert(b, f("add", f("log", total), shift), out_dtype)
 
 
+# jax.debug.print / jax.debug.callback: equations with no results that XLA runs on the host. A
+# kernel cannot print: the persistent call computes their operands as extra results, after the
+# function's own, and the call's wrapper binds them after it (_call.py).
+HOST_DEBUG = frozenset({"debug_callback", "debug_print"})
+
+
+def host_debug_eqns(jaxpr) -> list:
+    """The top-level debug callbacks of a jaxpr, in program order."""
+    return [e for e in jaxpr.eqns if e.primitive.name in HOST_DEBUG]
+
+
+def _host_debug_as_outputs(closed):
+    """closed without its top-level debug callbacks, returning their operands after its results."""
+    debug = host_debug_eqns(closed.jaxpr)
+    if not debug:
+        return closed
+    jaxpr = closed.jaxpr.replace(
+        eqns=[e for e in closed.jaxpr.eqns if e.primitive.name not in HOST_DEBUG],
+        outvars=[*closed.jaxpr.outvars, *(v for e in debug for v in e.invars)],
+    )
+    return jax.extend.core.ClosedJaxpr(jaxpr, closed.consts)
+
+
 def _without_dead_code(closed):
     """closed with the equations no output depends on removed, as jax.jit removes them before
     lowering: an unrolled ring's last ppermute (its chunk is never read) would otherwise be
@@ -3227,7 +3262,9 @@ def trace(
 
     with as_lax_collectives():  # jax_ark.psum & co. bind jax.lax's primitives, planned below
         # PRNG keys become their uint32 data, random draws plain integer code (_random.py).
-        closed = _without_dead_code(without_keys(jax.make_jaxpr(fn)(*avals), avals))
+        closed = without_keys(jax.make_jaxpr(fn)(*avals), avals)
+        num_debug = sum(len(e.invars) for e in host_debug_eqns(closed.jaxpr))
+        closed = _without_dead_code(_host_debug_as_outputs(closed))
     b = _Builder(max_while_iterations=max_while_iterations, platform=platform)
     # The plan's one group (every mesh axis its collectives name), known before any is planned:
     # routing tables and axis_index programs depend on it (_comm.plan_group).
@@ -3286,6 +3323,8 @@ def trace(
         b.tensors[out].alias = b.tensors[const].index
     for i, t in enumerate(outputs):
         b.tensors[t].name = f"out{i}"
+        if i >= len(outputs) - num_debug:
+            b.tensors[t].name += " (a jax.debug operand)"
         if b.tensors[t].alias >= 0:
             b.tensors[t].name += f" (in place: {b.tensors[b.args[b.tensors[t].alias]].name})"
     return TraceResult(

@@ -756,12 +756,28 @@ def test_top_k_bit_identical_to_jit(rng, dtype, k, axis):
     assert np.array_equal(_bits(ref[0]), _bits(want[0]))
 
 
-def test_top_k_refuses_large_k_and_bool_clearly(rng):
-    x = rng.standard_normal((4, 64)).astype(np.float32)
-    with pytest.raises(UnsupportedError, match=r"top_k with k = 33 .*1 <= k <= 32"):
-        ark.plan(lambda v: jax.lax.top_k(v, 33), x)
-    with pytest.raises(UnsupportedError, match="top_k of bool values"):
-        ark.plan(lambda v: jax.lax.top_k(v > 0, 2), x)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int32, np.uint32])
+@pytest.mark.parametrize("k", [33, 64, 120])
+def test_top_k_of_many_is_a_radix_select_equal_to_jit(rng, dtype, k):
+    """k > 32 (top-k sampling's k = 40 or 50 over a vocabulary): a radix select, the same bits
+    and indices as XLA, with every special and many ties; k = 120 ranks every element."""
+    x = np.concatenate([_top_k_inputs(rng, dtype)] * 6, axis=1)  # rows of 120
+    fn = lambda v: jax.lax.top_k(v, k)  # noqa: E731
+    got, want = jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    assert np.array_equal(_bits(got[0]), _bits(want[0]))
+    ref = interpret(ark.plan(fn, x, platform="gpu", num_workers=8), x)
+    np.testing.assert_array_equal(ref[1], np.asarray(want[1]))
+    assert np.array_equal(_bits(ref[0]), _bits(want[0]))
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_top_k_of_booleans(rng, k):
+    x = rng.standard_normal((4, 64)) > 0.8
+    fn = lambda v: jax.lax.top_k(v, k)  # noqa: E731
+    for got, want in zip(jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """lax.sort inside ark.persistent (jax_ark/_persistent/_sort.py): jnp.sort, argsort and
 sort_key_val equal to jax.jit bit for bit, including jax's comparator on -0.0 / NaN / inf, stable
 ties, every supported dtype and axis, and an MoE dispatch that groups tokens by expert with a
-stable argsort; jnp.searchsorted (total-order comparisons)."""
+stable argsort; long axes and several keys (radix sorts, _radix.py), a top-p sampler;
+jnp.searchsorted (total-order comparisons)."""
 
 from __future__ import annotations
 
@@ -78,14 +79,60 @@ def test_moe_dispatch_groups_tokens_by_expert(rng):
     np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
 
 
-def test_sorts_it_cannot_plan_are_refused(rng):
-    x = rng.standard_normal((2, 8)).astype(np.float32)
-    two_keys = ark.persistent(lambda a, b: lax.sort((a, b), dimension=1, num_keys=2))
-    with pytest.raises(ark.UnsupportedError, match="sort by 2 keys"):
-        jax.jit(two_keys)(x, x)
-    long = np.zeros((1, 5000), np.float32)
-    with pytest.raises(ark.UnsupportedError, match="axis of 5000"):
-        jax.jit(ark.persistent(jnp.sort))(long)
+@pytest.mark.parametrize("length", [1537, 5000])
+def test_long_axes_are_radix_sorted_exactly(rng, length):
+    """Past the rank sort's 1,536 (CPU plans): a radix sort, bit for bit, stable, with jax's
+    comparator on -0.0 / NaN / inf, along either axis; a GPU plan of the same (ranks up to
+    4,096, then radix) through the reference interpreter."""
+    x = _specials(rng, (2, length))
+    x[0, 100:400] = 0.0  # long runs of ties: stability over many passes
+    x[1, 50:300:2] = -0.0
+    _check_exact(lambda a: (jnp.sort(a, axis=1), jnp.argsort(a, axis=1)), x)
+    _check_exact(lambda a: jnp.argsort(a.T, axis=0, descending=True), x)
+    fn = lambda a: jnp.argsort(a, axis=1)  # noqa: E731
+    plan = ark.plan(fn, x, platform="gpu", num_workers=8)
+    np.testing.assert_array_equal(interpret(plan, x)[0], np.asarray(jax.jit(fn)(x)))
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint32, jnp.int8, jnp.uint16, jnp.bool_]
+)
+def test_radix_sort_dtypes(rng, dtype):
+    """Each dtype's key width (1 to 32 passes), with many ties."""
+    x = rng.integers(-100, 100, (2, 1600)).astype(np.int32)
+    if dtype == jnp.uint32:
+        x = x * 40_000_000  # negative ones wrap to the top of the range
+    _check_exact(lambda a: (jnp.sort(a.astype(dtype), axis=1), jnp.argsort(a.astype(dtype))), x)
+
+
+def test_sorts_by_several_keys(rng):
+    """lax.sort with num_keys = 2 and 3 (jnp.lexsort): lexicographic, stable, the other operands
+    carried along; short axes too (ranks take one key only)."""
+    a = rng.integers(0, 3, (3, 40)).astype(np.int32)
+    b = _specials(rng, (3, 40))
+    c = rng.integers(-2, 2, (3, 40)).astype(np.int8)
+    pos = np.broadcast_to(np.arange(40, dtype=np.int32), (3, 40)).copy()
+    _check_exact(lambda a, b, p: lax.sort((a, b, p), dimension=1, num_keys=2), a, b, pos)
+    _check_exact(lambda a, b, c: jnp.lexsort((c, b, a), axis=1), a, b, c)
+    _check_exact(lambda a, c: lax.sort((c.T, a.T), dimension=0, num_keys=2), a, c)
+
+
+def test_top_p_sampler_over_a_vocabulary(rng):
+    """A top-p (nucleus) sampler over 32,000 logits: a sort of the probabilities, their running
+    sum and the cutoff, then a categorical draw; the same token as jax.jit."""
+    logits = (rng.standard_normal((2, 32000)) * 2).astype(np.float32)
+
+    def sample(key, logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        ranked = jnp.sort(probs, axis=-1)[:, ::-1]
+        cutoff_at = jnp.argmax(jnp.cumsum(ranked, axis=-1) > 0.9, axis=-1)
+        cutoff = jnp.take_along_axis(ranked, cutoff_at[:, None], axis=-1)
+        return jax.random.categorical(key, jnp.where(probs >= cutoff, logits, -jnp.inf))
+
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(
+        jax.jit(ark.persistent(sample))(key, logits), jax.jit(sample)(key, logits)
+    )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -1165,7 +1165,9 @@ def _bitcast_convert(b: _Builder, x: _Node, dtype: str) -> _Node:
 
 _BITCAST_DTYPES = frozenset({"float32", "int32", "uint32"})
 _BITCAST16_DTYPES = frozenset({"bfloat16", "float16", "int16", "uint16"})
-_TOP_K_MAX = 32  # rounds of two reductions over the axis each: for routers, not for sorting
+# Largest k planned as k rounds of two reductions over the axis (a router's top-k); a larger one
+# is a radix select (_radix.top_k: 32 counting passes, two running counts and a scatter).
+_TOP_K_MAX = 32
 _INT32_MIN = -(2**31)
 
 
@@ -1216,12 +1218,15 @@ def _top_k(b: _Builder, x: _Node, k: int, axis: int, out_shape) -> list[_Node]:
     ties to the lower index, as jax.jit's top_k; exact, since keys are the values' bits. A taken
     element is masked with INT32_MIN, which an untaken element may equal too (-NaN with every
     payload bit set, or int32 INT_MIN): the position search therefore checks `taken` itself."""
+    if k > _TOP_K_MAX:  # k rounds would be more work than a radix select
+        from jax_ark._persistent import _radix
+
+        closed = _radix.top_k_jaxpr(x.shape, x.dtype, k, axis)
+        return _translate(b, closed.jaxpr, list(closed.consts), [x])
+    if x.dtype == "bool":  # False < True, as XLA ranks them
+        values, index = _top_k(b, _convert(b, x, "int32"), k, axis, out_shape)
+        return [_convert(b, values, "bool"), index]
     shape, rank = x.shape, len(x.shape)
-    if not 0 < k <= _TOP_K_MAX:
-        raise UnsupportedError(
-            f"ark.persistent: top_k with k = {k} (at {b.source}): supported for 1 <= k <= "
-            f"{_TOP_K_MAX} (k passes over the axis; a router's top-k, not a sort)"
-        )
     n = shape[axis]
     key = b.materialize(_total_order_key(b, x))
     pos = _iota(b, {"dimension": axis}, shape, "int32")

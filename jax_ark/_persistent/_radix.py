@@ -105,16 +105,30 @@ def sort(operands, dimension: int, num_keys: int) -> list:
     return [back(jnp.take_along_axis(r, perm, axis=-1)) for r, back in rows]
 
 
+# Bits of the k-th largest key found per step of the radix select (2^bits - 1 candidates counted
+# per step, 32 / bits dependent steps). CPU executor, top_k(40) of 2 rows: 1 bit 0.31 ms (512
+# logits) / 14.3 ms (32,000), 2 bits 0.37 / 17.8, 4 bits 0.60 / 32.5. On a GPU fewer, wider
+# steps may win: not measured.
+_SELECT_BITS = 1
+
+
 def _kth_largest(signed, k: int):
     """Per row, the k-th largest of int32 keys: the largest t with at least k keys >= t, built
-    bit by bit from the top (in the unsigned image of the keys, where setting a bit raises t)."""
+    _SELECT_BITS at a time from the top (in the unsigned image of the keys, where larger digits
+    make a larger t). The counts fall as the digit grows, so the number of digits whose count
+    reaches k is the largest such digit."""
+    digits = jnp.arange(1, 2**_SELECT_BITS, dtype=jnp.int32)
 
-    def try_bit(i, threshold):
-        candidate = threshold | lax.shift_left(jnp.int32(1), 31 - i)
-        count = jnp.sum(signed >= (candidate ^ _INT32_MIN)[:, None], axis=-1, dtype=jnp.int32)
-        return jnp.where(count >= k, candidate, threshold)
+    def next_digit(i, threshold):
+        shift = 32 - _SELECT_BITS * (i + 1)
+        candidates = threshold[:, None] | lax.shift_left(digits, shift)[None, :]
+        above = signed[:, None, :] >= (candidates ^ _INT32_MIN)[:, :, None]
+        counts = jnp.sum(above, axis=-1, dtype=jnp.int32)
+        digit = jnp.sum(counts >= k, axis=-1, dtype=jnp.int32)
+        return threshold | lax.shift_left(digit, shift)
 
-    unsigned = lax.fori_loop(0, 32, try_bit, jnp.zeros(signed.shape[:1], jnp.int32))
+    steps = 32 // _SELECT_BITS
+    unsigned = lax.fori_loop(0, steps, next_digit, jnp.zeros(signed.shape[:1], jnp.int32))
     return unsigned ^ _INT32_MIN
 
 

@@ -235,3 +235,74 @@ def test_bitwise_and_extremum_folds_including_empty_axes(rng, dtype, length):
         )  # fmt: skip
 
     _assert_same(fn, x, gpu_plan=bool(length))
+
+
+@pytest.mark.parametrize(
+    ("lhs", "rhs", "depth"),
+    [
+        (jnp.int8, jnp.int8, 64),  # one float32 chunk
+        (jnp.int8, jnp.int8, 2500),  # three chunks of 1,024 products, the last padded
+        (jnp.uint8, jnp.uint8, 700),  # 65,025 per product: chunks of 258
+        (jnp.int8, jnp.uint8, 1030),
+        (jnp.int16, jnp.int8, 40),  # 2^22 per product: chunks of 4
+    ],
+)
+def test_integer_matmuls_are_exact(rng, lhs, rhs, depth):
+    """int8 x int8 -> int32 (a W8A8 quantized matmul's accumulators) and other 8-bit pairs, over
+    the whole range of each dtype, with contractions long enough to need several exact float32
+    chunks; equal to XLA's integer dot bit for bit, the GPU plan's interpretation too."""
+    a, b = _values(rng, lhs, (6, depth)), _values(rng, rhs, (depth, 5))
+    # One row and column of extremes: products of one sign whose running sums leave float32's
+    # exact integers after 1,040 terms (random signs mostly cancel).
+    a[1], b[:, 1] = np.iinfo(lhs).max, np.iinfo(rhs).max
+    a[2], b[:, 2] = np.iinfo(lhs).max, np.iinfo(rhs).min
+
+    def fn(a, b):
+        return jax.lax.dot(a, b, preferred_element_type=jnp.int32)
+
+    _assert_same(fn, a, b)
+
+
+def test_integer_matmul_shapes_and_result_dtypes(rng):
+    """Batched and multi-axis contractions, a result in the operands' own dtype (wrapping at 8
+    bits, as XLA's), a float32 result, and booleans."""
+    a, b = _values(rng, jnp.int8, (3, 4, 1500)), _values(rng, jnp.int8, (3, 1500, 5))
+    c, d = _values(rng, jnp.int8, (4, 40, 50)), _values(rng, jnp.int8, (40, 50, 3))
+
+    def fn(a, b, c, d):
+        return (
+            jnp.einsum("bij,bjk->bik", a, b, preferred_element_type=jnp.int32),
+            jax.lax.dot_general(
+                c, d, (((1, 2), (0, 1)), ((), ())), preferred_element_type=jnp.int32
+            ),
+            a[0] @ b[0],  # int8 result: the exact sum wrapped to 8 bits
+            jax.lax.dot(a[1], b[1], preferred_element_type=jnp.float32),
+            jax.lax.dot(a[2] > 0, b[2] > 0, preferred_element_type=jnp.int32),
+        )
+
+    _assert_same(fn, a, b, c, d)
+
+
+def test_w8a8_quantized_linear_layer(rng):
+    """Weights and activations both int8 (per-row activation scales, per-column weight scales):
+    the int8 x int8 matmul accumulates exactly in int32, then one float32 rescale."""
+    x = rng.standard_normal((16, 512)).astype(np.float32)
+    w = rng.integers(-127, 128, (512, 64)).astype(np.int8)
+    w_scale = rng.uniform(0.001, 0.02, (64,)).astype(np.float32)
+
+    def fn(x, w, w_scale):
+        x_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
+        xq = jnp.clip(jnp.round(x * (1.0 / x_scale)), -127, 127).astype(jnp.int8)
+        acc = jax.lax.dot(xq, w, preferred_element_type=jnp.int32)
+        return acc, acc.astype(jnp.float32) * x_scale * w_scale
+
+    want_acc, want_y = jax.jit(fn)(x, w, w_scale)
+    got_acc, got_y = jax.jit(ark.persistent(fn))(x, w, w_scale)
+    np.testing.assert_array_equal(np.asarray(got_acc), np.asarray(want_acc))
+    np.testing.assert_allclose(np.asarray(got_y), np.asarray(want_y), rtol=1e-6, atol=1e-6)
+
+
+def test_wide_integer_matmuls_are_refused_by_name(rng):
+    a = rng.integers(-5, 5, (4, 4)).astype(np.int32)
+    with pytest.raises(ark.UnsupportedError, match=r"dot_general of int32 x int32 .*exactly"):
+        ark.plan(lambda a, b: a @ b, a, a)

@@ -14,8 +14,11 @@ jax's), lu skips the division by a zero pivot (getrf's rule).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr
 
@@ -129,6 +132,62 @@ def lu(a):
 
     x, pivots, perm = lax.fori_loop(0, k, step, (a, pivots0, perm0))
     return x.astype(a.dtype), pivots, perm
+
+
+# Float32 holds every integer up to 2^24 exactly: products and partial sums of integer operands
+# below that are exact in any summation order.
+_EXACT_IN_FLOAT32 = 2**24
+
+
+def _largest_magnitude(dtype) -> int:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return 1
+    info = np.iinfo(dtype)
+    return max(-int(info.min), int(info.max))
+
+
+def integer_dot_chunk(lhs_dtype, rhs_dtype) -> int:
+    """How many products of these integer dtypes a float32 sum holds exactly (0: not one)."""
+    return _EXACT_IN_FLOAT32 // (_largest_magnitude(lhs_dtype) * _largest_magnitude(rhs_dtype))
+
+
+def integer_dot(lhs, rhs, dimension_numbers, out_dtype):
+    """lax.dot_general of integer operands (an int8 x int8 -> int32 quantized matmul), exact: the
+    contraction is cut into chunks whose float32 matmul is exact (1,024 products of int8 x int8,
+    258 of uint8 x uint8), and the chunks' results summed in int32 (wrapping, as XLA's integer
+    dot), then converted to the result dtype (wrapping too)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    lfree = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+    rfree = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
+    batch = [lhs.shape[d] for d in lb]
+    depth = math.prod(lhs.shape[d] for d in lc)
+    chunk = min(depth, integer_dot_chunk(lhs.dtype, rhs.dtype))
+    chunks = -(-depth // chunk)
+
+    def chunked(x, batch_dims, free, contracting):
+        """x as (batch..., free..., chunks, chunk) float32, the contraction zero-padded."""
+        x = jnp.transpose(x, [*batch_dims, *free, *contracting])
+        x = x.reshape(*x.shape[: len(batch) + len(free)], depth)
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, chunks * chunk - depth)])
+        return x.reshape(*x.shape[:-1], chunks, chunk).astype(jnp.float32)
+
+    a, b = chunked(lhs, lb, lfree, lc), chunked(rhs, rb, rfree, rc)
+    nb = len(batch)
+    numbers = (((a.ndim - 1,), (b.ndim - 1,)), ((*range(nb), a.ndim - 2), (*range(nb), b.ndim - 2)))
+    partial = lax.dot_general(a, b, numbers, preferred_element_type=jnp.float32)
+    # (batch..., chunks, lhs free..., rhs free...): every value an exact integer
+    total = jnp.sum(partial.astype(jnp.int32), axis=nb, dtype=jnp.int32)
+    return total.astype(out_dtype)
+
+
+def integer_dot_jaxpr(operands, dimension_numbers, out_dtype: str) -> ClosedJaxpr:
+    """integer_dot's jaxpr over the operands' (shape, dtype name) pairs."""
+    avals = [jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for shape, dtype in operands]
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        return jax.make_jaxpr(
+            lambda lhs, rhs: integer_dot(lhs, rhs, dimension_numbers, jnp.dtype(out_dtype))
+        )(*avals)
 
 
 def jaxpr_of(eqn) -> ClosedJaxpr:

@@ -2331,6 +2331,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     if prim == "split":  # jnp.split (a gated MLP's halves): consecutive slices along one axis
         return _split(b, args[0], int(params["axis"]), [int(n) for n in params["sizes"]])
     if prim == "dot_general":
+        if all(_kind(a.dtype) != "float" for a in args):  # an integer (quantized) matmul
+            return _integer_dot(b, params["dimension_numbers"], args, out_dtype)
         return [_dot_general(b, eqn, args, out_shape, out_dtype)]
     if prim == "reduce_xor" and args[0].dtype == "bool":  # parity: an int32 fold of the 0 / 1s
         bits = _convert(b, args[0], "int32")
@@ -2999,6 +3001,21 @@ def _operand_view(b: _Builder, node: _Node, groups: list[list[int]]) -> _Load:
         sizes.append(math.prod(node.shape[at : at + len(g)]))
         at += len(g)
     return _Load(tuple(sizes), node.dtype, node.tensor, 0, _row_major(tuple(sizes)))
+
+
+def _integer_dot(b: _Builder, dimension_numbers, args, out_dtype: str) -> list[_Node]:
+    """dot_general of integer operands: float32 matmuls of exact chunks (_linalg.integer_dot),
+    for operands whose products float32 holds exactly (8-bit ones, bool)."""
+    if _linalg().integer_dot_chunk(*(a.dtype for a in args)) < 1:
+        raise UnsupportedError(
+            f"ark.persistent: dot_general of {args[0].dtype} x {args[1].dtype} at {b.source}: "
+            "integer matmuls are planned exactly for operands whose products float32 holds "
+            "(int8 / uint8 / bool, or 8-bit x int16), not wider ones"
+        )
+    closed = _linalg().integer_dot_jaxpr(
+        [(a.shape, a.dtype) for a in args], dimension_numbers, out_dtype
+    )
+    return _translate(b, closed.jaxpr, list(closed.consts), args)
 
 
 def _dot_general(b: _Builder, eqn, args, out_shape, out_dtype) -> _Node:

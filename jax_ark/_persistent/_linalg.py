@@ -10,6 +10,9 @@ The results agree with LAPACK's to rounding (another summation order), not bit f
 work in n steps, meant for small matrices. Batch dims are batched through every step. Where
 LAPACK fails they fail alike: cholesky of a matrix that is not positive definite is all NaN (as
 jax's), lu skips the division by a zero pivot (getrf's rule).
+
+Also here: integer matmuls (`integer_dot`), exact, as float32 matmuls of contraction chunks short
+enough that no partial sum rounds.
 """
 
 from __future__ import annotations

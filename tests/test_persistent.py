@@ -771,6 +771,32 @@ def test_top_k_of_many_is_a_radix_select_equal_to_jit(rng, dtype, k):
     assert np.array_equal(_bits(ref[0]), _bits(want[0]))
 
 
+def test_approx_max_k_and_min_k_are_answered_exactly(rng):
+    """lax.approx_max_k / approx_min_k (retrieval, MoE routers) get the exact answer (recall 1):
+    max_k bit for bit as XLA:CPU's (which is exact too); min_k the k smallest in order, NaN
+    last (XLA's min_k returns NaNs among them: not the reference here), along either axis."""
+    x = _top_k_inputs(rng, np.float32)
+    x = np.concatenate([x, rng.standard_normal((6, 200)).astype(np.float32)], axis=1)
+    x[4, 5:] = np.nan  # five numbers: the 50 smallest end in 45 NaNs
+
+    def fn(x):
+        return (
+            jax.lax.approx_max_k(x, 8),
+            jax.lax.approx_max_k(x.T, 40, reduction_dimension=0, recall_target=0.9),
+            jax.lax.approx_min_k(x, 50),
+        )
+
+    got, want = jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x)
+    for g, w in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2]), strict=True):
+        assert np.array_equal(_bits(g), _bits(w))
+    values, index = (np.asarray(a) for a in got[2])
+    np.testing.assert_array_equal(values, np.sort(x, axis=1)[:, :50])  # numpy: NaN last too
+    np.testing.assert_array_equal(np.take_along_axis(x, index, axis=1), values)
+    assert all(len(set(row)) == 50 for row in index.tolist())
+    with pytest.raises(UnsupportedError, match="aggregate_to_topk=False"):
+        ark.plan(lambda v: jax.lax.approx_max_k(v, 4, aggregate_to_topk=False), x)
+
+
 @pytest.mark.parametrize("k", [3, 40])
 def test_top_k_of_booleans(rng, k):
     x = rng.standard_normal((4, 64)) > 0.8

@@ -158,6 +158,27 @@ def top_k(x, k: int, axis: int) -> list:
     return [back(jnp.take_along_axis(r, index, axis=-1)), back(index)]
 
 
+def exact_top_k(x, k: int, axis: int, largest: bool) -> list:
+    """lax.approx_max_k / approx_min_k answered exactly (recall 1, as XLA does on CPU and GPU):
+    the k largest (smallest) along `axis` in XLA's total order, ties to the lower index (XLA's
+    min_k leaves the order of ties unspecified), NaNs last for the smallest."""
+    r, back = _rows(x, axis)
+    if largest:
+        values, index = lax.top_k(r, k)
+        return [back(values), back(index)]
+    ranked = r
+    if jnp.issubdtype(r.dtype, jnp.floating):  # XLA's min_k ranks every NaN last, as +NaN
+        ranked = jnp.where(jnp.isnan(r), jnp.asarray(np.nan, r.dtype), r)
+    ordered, _, _ = _unsigned_order_key(ranked, sort_order=False)
+    _, index = lax.top_k(~(ordered ^ _INT32_MIN), k)  # the signed order, reversed
+    return [back(jnp.take_along_axis(r, index, axis=-1)), back(index)]
+
+
+def approx_top_k_jaxpr(shape, dtype: str, params) -> ClosedJaxpr:
+    k, axis, largest = int(params["k"]), int(params["reduction_dimension"]), params["is_max_k"]
+    return _jaxpr(lambda x: exact_top_k(x, k, axis % len(shape), bool(largest)), [(shape, dtype)])
+
+
 def sort_jaxpr(operands, dimension: int, num_keys: int) -> ClosedJaxpr:
     """The radix sort's jaxpr over the operands' (shape, dtype name) pairs."""
     return _jaxpr(lambda *xs: sort(xs, dimension, num_keys), operands)

@@ -2288,6 +2288,16 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [b.elementwise("lt", [magnitude, inf], out_shape, out_dtype)]
     if prim == "bitcast_convert_type":
         return [_bitcast_convert(b, args[0], out_dtype)]
+    if prim == "approx_top_k":  # approx_max_k / approx_min_k: the exact answer has recall 1
+        if not params["aggregate_to_topk"]:
+            raise UnsupportedError(
+                f"ark.persistent: approx_max_k / approx_min_k with aggregate_to_topk=False at "
+                f"{b.source} (its result is TPU-specific partial bins)"
+            )
+        from jax_ark._persistent import _radix
+
+        closed = _radix.approx_top_k_jaxpr(args[0].shape, args[0].dtype, params)
+        return _translate(b, closed.jaxpr, list(closed.consts), args)
     if prim == "top_k":
         axis = int(params.get("axis", -1)) % len(args[0].shape)
         return _top_k(b, args[0], int(params["k"]), axis, out_shape)

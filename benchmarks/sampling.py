@@ -1,0 +1,86 @@
+"""Long running sums, sorts, top-k and integer matmuls inside ark.persistent against jax.jit,
+one device: what a decode step's sampler and a W8A8 quantized layer plan into.
+
+Cases: cumsum over 32,768 (a blocked scan), argsort of 32,000 logits (a radix sort), top_k(40) of
+32,000 logits (a radix select), a top-k and a top-p (nucleus) sampler drawing one token from
+32,000 logits, and an int8 x int8 -> int32 linear layer with its rescale (exact float32 chunks).
+Prints milliseconds per call (median over --repeats rounds, each round timing both back to back)
+and the ark/jax.jit ratio measured in the same run. Used for the table in docs/benchmarks.md
+("Sampling and integer matmuls").
+
+    python benchmarks/sampling.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_ark as ark
+from jax_ark.bench._timing import compare
+
+
+def top_k_sample(key, logits):
+    values, index = jax.lax.top_k(logits, 40)
+    return jnp.take_along_axis(index, jax.random.categorical(key, values)[:, None], axis=1)
+
+
+def top_p_sample(key, logits):
+    probs = jax.nn.softmax(logits, axis=-1)
+    ranked = jnp.sort(probs, axis=-1)[:, ::-1]
+    cutoff_at = jnp.argmax(jnp.cumsum(ranked, axis=-1) > 0.9, axis=-1)
+    cutoff = jnp.take_along_axis(ranked, cutoff_at[:, None], axis=-1)
+    return jax.random.categorical(key, jnp.where(probs >= cutoff, logits, -jnp.inf))
+
+
+def w8a8_linear(x, w, w_scale):
+    x_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
+    xq = jnp.clip(jnp.round(x * (1.0 / x_scale)), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot(xq, w, preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * x_scale * w_scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds per executor per round")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((1, 32000)) * 2).astype(np.float32)
+    key = jax.random.key(0)
+    d = 1024
+    cases = [
+        ("cumsum 32768", lambda x: jnp.cumsum(x), (rng.standard_normal(32768).astype(np.float32),)),
+        ("argsort 32000 logits", lambda x: jnp.argsort(x, axis=-1), (logits,)),
+        ("top_k(40) of 32000 logits", lambda x: jax.lax.top_k(x, 40), (logits,)),
+        ("top-k sampler (k=40), 32000 logits", top_k_sample, (key, logits)),
+        ("top-p sampler (p=0.9), 32000 logits", top_p_sample, (key, logits)),
+        (
+            f"W8A8 linear 16x{d} @ {d}x{d}",
+            w8a8_linear,
+            (
+                rng.standard_normal((16, d)).astype(np.float32),
+                rng.integers(-127, 128, (d, d)).astype(np.int8),
+                rng.uniform(0.001, 0.02, d).astype(np.float32),
+            ),
+        ),
+    ]
+    print(f"{'case':40s} {'jax.jit ms':>11s} {'ark ms':>9s} {'ark/jit':>8s} {'IQR':>13s}")
+    for name, fn, fn_args in cases:
+        ark_fn, base_fn = jax.jit(ark.persistent(fn)), jax.jit(fn)
+        for got, want in zip(
+            jax.tree.leaves(ark_fn(*fn_args)), jax.tree.leaves(base_fn(*fn_args)), strict=True
+        ):  # results first: a fast wrong answer is no answer
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+        r = compare(ark_fn, base_fn, *fn_args, repeats=args.repeats, budget_s=args.budget)
+        print(
+            f"{name:40s} {r['base_s'] * 1e3:11.3f} {r['ark_s'] * 1e3:9.3f} {r['ratio']:8.2f} "
+            f"{r['ratio_p25']:6.2f}-{r['ratio_p75']:<6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

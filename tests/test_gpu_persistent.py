@@ -377,6 +377,42 @@ def test_linear_algebra_loops(rng):
         _assert_close(g, w, 1e-3)
 
 
+def test_long_scans_radix_sorts_top_k_and_integer_matmuls(rng):
+    """Algorithms planned from jax.numpy (docs/internals.md): blocked scans over 32,768, a radix
+    sort of 5,000 (32 passes, a scatter fold each), top_k(40) of 32,000 (a radix select), an
+    int8 x int8 -> int32 matmul in exact float32 chunks, and the top-k / top-p samplers of a
+    decode step; every integer and index bit for bit as jax.jit."""
+    x = rng.standard_normal((2, 32768)).astype(np.float32)
+    logits = (rng.standard_normal((2, 32000)) * 2).astype(np.float32)
+    keys = rng.standard_normal((2, 5000)).astype(np.float32)
+    a = rng.integers(-128, 128, (16, 3000)).astype(np.int8)
+    w = rng.integers(-128, 128, (3000, 64)).astype(np.int8)
+
+    def fn(x, logits, keys, a, w, key):
+        values, index = jax.lax.top_k(logits, 40)
+        probs = jax.nn.softmax(logits, axis=-1)
+        ranked = jnp.sort(probs, axis=-1)[:, ::-1]
+        cutoff = jnp.take_along_axis(
+            ranked, jnp.argmax(jnp.cumsum(ranked, axis=-1) > 0.9, axis=-1)[:, None], axis=-1
+        )
+        nucleus = jax.random.categorical(key, jnp.where(probs >= cutoff, logits, -jnp.inf))
+        return (
+            jnp.cumsum(x, axis=1),
+            jax.lax.cummax(x, axis=1, reverse=True),
+            jnp.argsort(keys, axis=1),
+            values,
+            index,
+            jax.lax.dot(a, w, preferred_element_type=jnp.int32),
+            nucleus,
+        )
+
+    args = (x, logits, keys, a, w, jax.random.key(5))
+    got, want = jax.jit(ark.persistent(fn))(*args), jax.jit(fn)(*args)
+    _assert_close(got[0], want[0], 1e-4)
+    for g, v in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(v))
+
+
 _GRAPH_REPLAY = """
 import jax, jax.numpy as jnp, numpy as np
 import jax_ark as ark

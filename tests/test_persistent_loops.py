@@ -891,6 +891,35 @@ def test_while_loop_guard_is_an_error_not_a_hang(rng):
         ark.persistent(fn, max_while_iterations=0)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_while_loops_in_untaken_cond_branches_run_no_iteration(rng, sign):
+    """Every cond branch is planned; a while loop in the branch not taken must not run: here its
+    carries would loop forever (doubling a negative number until it reaches 100), and before,
+    the call failed on the while guard where jax.jit returns the other branch's value. Also a
+    switch whose branch holds a cond holding a while loop (guards combine), and an index out of
+    range (clamped, as XLA clamps it)."""
+    x = (np.abs(rng.standard_normal((3,))) * sign).astype(np.float32)
+
+    def doubling(v):
+        return jax.lax.while_loop(lambda u: u[0] < 100.0, lambda u: u * 2.0, v)
+
+    def fn(x, i):
+        nested = lambda v: jax.lax.cond(v[0] > 0, doubling, lambda w: w + 1.0, v)  # noqa: E731
+        counting = lambda v: jax.lax.while_loop(lambda u: u[0] > -50.0, lambda u: u - 7.0, v)  # noqa: E731
+        return (
+            jax.lax.cond(x[0] > 0, doubling, lambda v: v - 1.0, x),
+            jax.lax.switch(i, [lambda v: v * 3.0, nested, counting], x),
+        )
+
+    for i in (0, 1, 2, 7):
+        got = jax.jit(ark.persistent(fn, max_while_iterations=200))(x, np.int32(i))
+        for g, w in zip(got, jax.jit(fn)(x, np.int32(i)), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        plan = ark.plan(fn, x, np.int32(i), platform="cpu", max_while_iterations=200)
+        for g, w in zip(interpret(plan, x, np.int32(i)), jax.jit(fn)(x, np.int32(i)), strict=True):
+            np.testing.assert_array_equal(g.reshape(w.shape), np.asarray(w))
+
+
 def test_while_loop_inside_a_loop_refused(rng):
     def fn(x):
         def body(h, _):

@@ -243,6 +243,10 @@ class _Builder:
     # pvary over those axes (shard_map's check_vma typing: pvary only takes values invariant over
     # its axes). A psum over them is then folded locally (_comm.translate_collective).
     uniform_over: dict = field(default_factory=dict)
+    # Inside a cond branch holding a while_loop: a bool scalar, true when the conds around it take
+    # this branch. Every branch is planned (_cond); a while loop in an untaken one must run no
+    # iteration, since its carries there are values the branch never sees.
+    branch_taken: Any = None
 
     def new_tensor(self, shape, dtype, storage="workspace", index=0, name="") -> int:
         if len(shape) > MAX_RANK:
@@ -2894,6 +2898,8 @@ def _while(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         (pred,) = _translate(b, cond.jaxpr, list(cond.consts), cond_consts + carries)
         if pred.dtype != "bool":
             pred = _convert(b, pred, "bool")
+        if b.branch_taken is not None:  # in an untaken cond branch: no iteration
+            pred = b.elementwise("mul", [pred, b.branch_taken], (), "bool")
         if isinstance(pred, (_Load, _Imm)):
             pred = _Ew((), "bool", op="copy", args=(pred,), _size=2)
         b.materialize(pred, stacked=T)  # slot i: does iteration i run the body
@@ -2957,16 +2963,42 @@ def _to_outer(node: _Node) -> _Node:
     return node
 
 
+def _holds_while(jaxpr) -> bool:
+    """Whether a while_loop is among jaxpr's equations or those of its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _holds_while(inner):
+                    return True
+    return False
+
+
 def _cond(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
     """cond / switch on a device predicate: every branch is planned, and the index (an int32
     device value, clamped into range as XLA clamps it) selects each output element. jax functions
     are pure, so this is exact (an untaken branch's inf / NaN never reaches the result); it costs
-    every branch's work: the untaken branch's tasks are not skipped."""
+    every branch's work: the untaken branch's tasks are not skipped. Except while loops: one in a
+    branch runs only while its branch is taken (b.branch_taken), else its carries, values the
+    branch never sees, could loop until the guard fails the call."""
     branches = eqn.params["branches"]
-    outs = [_translate(b, br.jaxpr, list(br.consts), list(args[1:])) for br in branches]
     if len(branches) == 1:
-        return outs[0]
+        return _translate(b, branches[0].jaxpr, list(branches[0].consts), list(args[1:]))
     index = _clamp(b, _i32(b, args[0], ()), 0, len(branches) - 1)
+    outs = []
+    outer_taken = b.branch_taken
+    for i, br in enumerate(branches):
+        if _holds_while(br.jaxpr):
+            taken = b.elementwise("ieq", [index, _iconst(i)], (), "bool")
+            if outer_taken is not None:
+                taken = b.elementwise("mul", [taken, outer_taken], (), "bool")
+            b.branch_taken = b.materialize(taken)
+        try:
+            outs.append(_translate(b, br.jaxpr, list(br.consts), list(args[1:])))
+        finally:
+            b.branch_taken = outer_taken
     results = []
     for k, var in enumerate(eqn.outvars):
         shape, dtype = tuple(var.aval.shape), _dtype_name(var.aval)

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_ark as ark
-from jax_ark.bench._timing import compare
+from jax_ark.bench._timing import print_persistent_vs_jit
 
 
 def embedding_sgd(table, tokens, w):
@@ -71,18 +70,7 @@ def main() -> None:
         ("histogram 65536 -> 64 bins", histogram, (rng.standard_normal(65536).astype(np.float32),)),
         ("inverse permutation 16384", inverse_permutation, (np.int32(rng.permutation(16384)),)),
     ]
-    print(f"{'case':44s} {'jax.jit ms':>11s} {'ark ms':>9s} {'ark/jit':>8s} {'IQR':>13s}")
-    for name, fn, fn_args in cases:
-        ark_fn, base_fn = jax.jit(ark.persistent(fn)), jax.jit(fn)
-        for got, want in zip(
-            jax.tree.leaves(ark_fn(*fn_args)), jax.tree.leaves(base_fn(*fn_args)), strict=True
-        ):  # results first: a fast wrong answer is no answer
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-        r = compare(ark_fn, base_fn, *fn_args, repeats=args.repeats, budget_s=args.budget)
-        print(
-            f"{name:44s} {r['base_s'] * 1e3:11.3f} {r['ark_s'] * 1e3:9.3f} {r['ratio']:8.2f} "
-            f"{r['ratio_p25']:6.2f}-{r['ratio_p75']:<6.2f}"
-        )
+    print_persistent_vs_jit(cases, repeats=args.repeats, budget_s=args.budget, width=44)
 
 
 if __name__ == "__main__":

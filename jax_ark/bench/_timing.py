@@ -58,3 +58,29 @@ def compare(
         "repeats": repeats,
         "iters": iters,
     }
+
+
+def print_persistent_vs_jit(
+    cases: list[tuple[str, Callable[..., Any], tuple]],
+    *,
+    repeats: int,
+    budget_s: float,
+    tol: float = 1e-4,
+    width: int = 44,
+) -> None:
+    """For each (name, fn, args): checks jax.jit(ark.persistent(fn)) against jax.jit(fn) (a fast
+    wrong answer is no answer), then prints both times and their ratio (`compare`) as a row."""
+    import jax_ark as ark
+
+    print(f"{'case':{width}s} {'jax.jit ms':>11s} {'ark ms':>9s} {'ark/jit':>8s} {'IQR':>13s}")
+    for name, fn, fn_args in cases:
+        ark_fn, base_fn = jax.jit(ark.persistent(fn)), jax.jit(fn)
+        for got, want in zip(
+            jax.tree.leaves(ark_fn(*fn_args)), jax.tree.leaves(base_fn(*fn_args)), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
+        r = compare(ark_fn, base_fn, *fn_args, repeats=repeats, budget_s=budget_s)
+        print(
+            f"{name:{width}s} {r['base_s'] * 1e3:11.3f} {r['ark_s'] * 1e3:9.3f} {r['ratio']:8.2f} "
+            f"{r['ratio_p25']:6.2f}-{r['ratio_p75']:<6.2f}"
+        )

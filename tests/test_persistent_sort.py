@@ -105,6 +105,13 @@ def test_radix_sort_dtypes(rng, dtype):
     _check_exact(lambda a: (jnp.sort(a.astype(dtype), axis=1), jnp.argsort(a.astype(dtype))), x)
 
 
+def test_rank_6_arrays_are_radix_sorted(rng):
+    """The rank sort's pairs need one dim more than the array: rank 6 (the format's most) takes
+    the radix sort, along any axis."""
+    x = rng.integers(-3, 3, (2, 2, 3, 2, 2, 9)).astype(np.float32)
+    _check_exact(lambda a: (jnp.sort(a, axis=-1), jnp.argsort(a, axis=2)), x)
+
+
 def test_sorts_by_several_keys(rng):
     """lax.sort with num_keys = 2 and 3 (jnp.lexsort): lexicographic, stable, the other operands
     carried along; short axes too (ranks take one key only)."""

@@ -21,7 +21,6 @@ import numpy as np
 from jax_ark._persistent import _radix
 from jax_ark._persistent._format import MAX_RANK
 from jax_ark._persistent._trace import (
-    UnsupportedError,
     _Builder,
     _convert,
     _Imm,
@@ -85,16 +84,13 @@ def translate_sort(b: _Builder, params, args: list[_Node]) -> list[_Node]:
     num_keys = int(params["num_keys"])
     shape = tuple(args[0].shape)
     rank = len(shape)
-    where = f"at {b.source}"
     length = shape[dim] if shape else 1
     if length <= 1 or math.prod(shape) == 0:
         return list(args)
-    if num_keys != 1 or length > _RANK_SORT_MAX[b.platform]:  # ranks: one key, short axes
+    # Ranks: one key, short axes, and a pair space of rank + 1 dims the format holds.
+    if num_keys != 1 or length > _RANK_SORT_MAX[b.platform] or rank + 1 > MAX_RANK:
         closed = _radix.sort_jaxpr([(x.shape, x.dtype) for x in args], dim, num_keys)
         return _translate(b, closed.jaxpr, list(closed.consts), args)
-    if rank + 1 > MAX_RANK:
-        raise UnsupportedError(f"ark.persistent: sort of a rank-{rank} array (at most "
-                               f"{MAX_RANK - 1}) {where}")  # fmt: skip
     # The sorted axis last; pairs (..., i, j) of its positions.
     perm = [d for d in range(rank) if d != dim] + [dim]
     back = tuple(int(p) for p in np.argsort(perm))

@@ -23,6 +23,7 @@ import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
 from jax_ark._collective_primitive import varying_axes
+from jax_ark._persistent import _prefix, _radix  # algorithms in jax.numpy, planned as jaxprs
 from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
@@ -1223,8 +1224,6 @@ def _top_k(b: _Builder, x: _Node, k: int, axis: int, out_shape) -> list[_Node]:
     element is masked with INT32_MIN, which an untaken element may equal too (-NaN with every
     payload bit set, or int32 INT_MIN): the position search therefore checks `taken` itself."""
     if k > _TOP_K_MAX:  # k rounds would be more work than a radix select
-        from jax_ark._persistent import _radix
-
         closed = _radix.top_k_jaxpr(x.shape, x.dtype, k, axis)
         return _translate(b, closed.jaxpr, list(closed.consts), [x])
     if x.dtype == "bool":  # False < True, as XLA ranks them
@@ -2221,13 +2220,6 @@ def _linalg():
     return module
 
 
-def _prefix():
-    """Long cumulative ops as blocked scans (a module of its own, in jax.numpy)."""
-    from jax_ark._persistent import _prefix as module
-
-    return module
-
-
 def _special():
     """Special functions: lgamma, inverse trigonometric, nextafter (a module of their own that
     builds on this one)."""
@@ -2298,8 +2290,6 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 f"ark.persistent: approx_max_k / approx_min_k with aggregate_to_topk=False at "
                 f"{b.source} (its result is TPU-specific partial bins)"
             )
-        from jax_ark._persistent import _radix
-
         closed = _radix.approx_top_k_jaxpr(args[0].shape, args[0].dtype, params)
         return _translate(b, closed.jaxpr, list(closed.consts), args)
     if prim == "top_k":
@@ -2359,8 +2349,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
     if prim in _CUMULATIVE:
         axis, reverse = int(params["axis"]), bool(params["reverse"])
-        if _prefix().is_long(args[0].shape[axis]):  # O(L^2) planned directly
-            closed = _prefix().jaxpr_of(eqn)
+        if _prefix.is_long(args[0].shape[axis]):  # O(L^2) planned directly
+            closed = _prefix.jaxpr_of(eqn)
             return _translate(b, closed.jaxpr, list(closed.consts), args)
         return [_cumulative(b, prim, args[0], axis, reverse, out_dtype)]
     if prim == "conv_general_dilated":

@@ -149,3 +149,39 @@ def test_empty_matrices(rng):
     a, b = np.zeros((1, 0, 0), np.float32), np.zeros((1, 0, 2), np.float32)
     _check(jnp.linalg.solve, a, b)
     _check(lambda a: (jnp.linalg.cholesky(a), jnp.linalg.inv(a)), a)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5), (3, 7, 3)])
+@pytest.mark.parametrize("mode", ["reduced", "complete", "r"])
+def test_qr_is_lapacks(rng, shape, mode):
+    """Householder QR in geqrf / orgqr's order: Q and R equal LAPACK's to rounding, signs
+    included (R's diagonal is -sign(a_jj) * |column|, dlarfg's choice), every mode and shape."""
+    a = rng.standard_normal(shape).astype(np.float32)
+    _check(lambda a: jnp.linalg.qr(a, mode=mode), a, gpu=shape == (6, 4))
+
+
+def test_qr_with_zero_columns_reflects_nothing(rng):
+    """A column already zero below the diagonal gets no reflection (tau = 0), an all-zero column
+    no division by zero."""
+    a = rng.standard_normal((5, 4)).astype(np.float32)
+    a[:, 1] = 0.0
+    a[3:, 2] = 0.0
+    a[1:, 0] = 0.0
+    _check(jnp.linalg.qr, a)
+
+
+def test_orthogonal_init_and_a_gradient_through_qr(rng):
+    """flax / optax code that calls QR: jax.nn.initializers.orthogonal (QR of a normal draw, signs
+    fixed by R's diagonal), and the gradient of a loss through the QR factors (jax's QR JVP:
+    triangular solves)."""
+    init = jax.nn.initializers.orthogonal()
+    a = rng.standard_normal((6, 4)).astype(np.float32)
+
+    def fn(key, a):
+        w = init(key, (8, 5), jnp.float32)
+        loss = lambda a: jnp.sum(jnp.sin(jnp.linalg.qr(a)[0])) + jnp.sum(jnp.linalg.qr(a)[1] ** 2)  # noqa: E731
+        return w, jax.grad(loss)(a)
+
+    _check(fn, jax.random.key(4), a, tol=1e-4)
+    with pytest.raises(ark.UnsupportedError, match="QR with column pivoting"):
+        ark.plan(lambda a: jax.scipy.linalg.qr(a, pivoting=True), a)

@@ -1,5 +1,5 @@
-"""Dense linear algebra inside ark.persistent: `cholesky`, `triangular_solve` and `lu` (the
-primitives behind jnp.linalg.cholesky / solve / inv / det / slogdet and
+"""Dense linear algebra inside ark.persistent: `cholesky`, `triangular_solve`, `lu` and `qr` (the
+primitives behind jnp.linalg.cholesky / solve / inv / det / slogdet / qr and
 jax.scipy.linalg.solve_triangular / cho_solve / lu_factor), planned from their textbook
 algorithms written in jax.numpy: one `fori_loop` over the columns (or rows), each step a few
 whole-matrix passes, so the plan is a loop the persistent kernel runs without a host step (a
@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr
 
-PRIMITIVES = frozenset({"cholesky", "triangular_solve", "lu"})
+PRIMITIVES = frozenset({"cholesky", "triangular_solve", "lu", "qr"})
 
 
 def _rows_cols(n: int, m: int):
@@ -137,6 +137,66 @@ def lu(a):
     return x.astype(a.dtype), pivots, perm
 
 
+def qr(a, full_matrices: bool):
+    """Householder QR in LAPACK's order (geqrf, then orgqr for Q): reflector j maps column j at
+    and below the diagonal to (beta, 0, ...) with beta = -sign(a[j, j]) * |column| (dlarfg's
+    choice, so R's signs are LAPACK's), tau = (beta - a[j, j]) / beta, no reflection (tau = 0)
+    when the column below the diagonal is already zero. Q is the product of the reflectors
+    applied to the identity's first columns, last reflector first. Returns (q, r) as lax's qr:
+    full_matrices gives q (m, m) and r (m, n), else q (m, k) and r (k, n), k = min(m, n)."""
+    m, n = a.shape[-2], a.shape[-1]
+    k = min(m, n)
+    batch = a.shape[:-2]
+    rows = jnp.arange(m)
+    q_cols = m if full_matrices else k
+    if k == 0:
+        q = jnp.broadcast_to(jnp.eye(m, q_cols, dtype=a.dtype), (*batch, m, q_cols))
+        return q, jnp.zeros((*batch, q_cols, n), a.dtype)
+
+    def reflect(j, carry):
+        r, vs, taus = carry
+        column = r[..., :, j]
+        alpha = column[..., j]
+        below = jnp.where(rows > j, column, 0.0)
+        xnorm = jnp.sqrt(jnp.sum(below * below, axis=-1))
+        beta = -jnp.where(alpha >= 0, 1.0, -1.0) * jnp.sqrt(alpha * alpha + xnorm * xnorm)
+        reflects = xnorm != 0
+        safe = jnp.where(reflects, alpha - beta, 1.0)
+        tau = jnp.where(reflects, (beta - alpha) / jnp.where(reflects, beta, 1.0), 0.0)
+        v = jnp.where(rows == j, 1.0, below / safe[..., None])
+        # r <- (I - tau v v^T) r on the columns after j; column j becomes (.., beta, 0, ...)
+        update = (
+            r
+            - tau[..., None, None]
+            * v[..., :, None]
+            * jnp.einsum("...i,...in->...n", v, r)[..., None, :]
+        )
+        cols = jnp.arange(n)
+        new_column = jnp.where(
+            rows < j, column, jnp.where(rows == j, jnp.where(reflects, beta, alpha)[..., None], 0.0)
+        )
+        r = jnp.where(cols > j, update, jnp.where(cols == j, new_column[..., :, None], r))
+        return r, vs.at[..., j, :].set(v), taus.at[..., j].set(tau)
+
+    vs0 = jnp.zeros((*batch, k, m), a.dtype)
+    r, vs, taus = lax.fori_loop(0, k, reflect, (a, vs0, jnp.zeros((*batch, k), a.dtype)))
+
+    def apply(i, q):
+        j = k - 1 - i  # orgqr: the last reflector first
+        v, tau = vs[..., j, :], taus[..., j]
+        return (
+            q
+            - tau[..., None, None]
+            * v[..., :, None]
+            * jnp.einsum("...i,...in->...n", v, q)[..., None, :]
+        )
+
+    eye = jnp.broadcast_to(jnp.eye(m, q_cols, dtype=a.dtype), (*batch, m, q_cols))
+    q = lax.fori_loop(0, k, apply, eye)
+    r = r[..., :q_cols, :] if full_matrices else r[..., :k, :]
+    return q.astype(a.dtype), jnp.triu(r).astype(a.dtype)
+
+
 # Float32 holds every integer up to 2^24 exactly: products and partial sums of integer operands
 # below that are exact in any summation order.
 _EXACT_IN_FLOAT32 = 2**24
@@ -204,6 +264,13 @@ def jaxpr_of(eqn) -> ClosedJaxpr:
 
         def fn(a, b):
             return triangular_solve(a, b, **{key: bool(params[key]) for key in keys})
+    elif prim == "qr":
+        if params["pivoting"]:
+            raise NotImplementedError  # refused by the caller (_trace), before this
+        full = bool(params["full_matrices"])
+
+        def fn(a):
+            return qr(a, full)
     else:
         fn = lu
     # the algorithms broadcast by rank and mix Python scalars in: whatever the caller's config

@@ -2371,6 +2371,8 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return _cond(b, eqn, args)
     if prim in COMM_PRIMITIVES:
         return translate_collective(b, eqn, args, UnsupportedError)
+    if prim == "qr" and params["pivoting"]:
+        raise UnsupportedError(f"ark.persistent: QR with column pivoting at {b.source}")
     if prim in _linalg().PRIMITIVES:
         closed = _linalg().jaxpr_of(eqn)
         return _translate(b, closed.jaxpr, list(closed.consts), args)

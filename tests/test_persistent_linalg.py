@@ -185,3 +185,90 @@ def test_orthogonal_init_and_a_gradient_through_qr(rng):
     _check(fn, jax.random.key(4), a, tol=1e-4)
     with pytest.raises(ark.UnsupportedError, match="QR with column pivoting"):
         ark.plan(lambda a: jax.scipy.linalg.qr(a, pivoting=True), a)
+
+
+def _sign_free_checks(got_vectors, got_values, want_values, a, tol):
+    """What an eigendecomposition / SVD owes whatever its vectors' signs: its values as
+    LAPACK's, orthonormal vectors (checked by the caller's reconstruction)."""
+    scale = max(1.0, float(np.abs(want_values).max()))
+    np.testing.assert_allclose(got_values, want_values, rtol=tol, atol=tol * scale)
+    eye = np.eye(got_vectors.shape[-1], dtype=np.float32)
+    gram = np.swapaxes(got_vectors, -1, -2) @ got_vectors
+    np.testing.assert_allclose(gram, np.broadcast_to(eye, gram.shape), atol=tol * 10)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (5, 5), (8, 8), (3, 7, 7), (24, 24)])
+@pytest.mark.parametrize("lower", [True, False])
+def test_eigh_by_jacobi_sweeps(rng, shape, lower):
+    """jnp.linalg.eigh / lax.linalg.eigh: eigenvalues ascending as LAPACK's, orthonormal vectors
+    with V diag(w) V^T the symmetric matrix of the named triangle (the other one is not read),
+    each vector LAPACK's up to sign (distinct eigenvalues)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    a = x + np.swapaxes(x, -1, -2)
+    junk = np.triu(rng.standard_normal(shape[-2:]), 1).astype(np.float32) * 100
+    a = a + (junk if lower else junk.T)  # the unread triangle: must not matter
+    fn = lambda a: jax.lax.linalg.eigh(a, lower=lower, symmetrize_input=False)  # noqa: E731
+    (v, w), (v_want, w_want) = jax.jit(ark.persistent(fn))(a), jax.jit(fn)(a)
+    v, w, v_want = np.asarray(v), np.asarray(w), np.asarray(v_want)
+    _sign_free_checks(v, w, np.asarray(w_want), a, 2e-5)
+    tri = np.tril(a) if lower else np.triu(a)
+    sym = tri + np.swapaxes(tri, -1, -2) - tri * np.eye(shape[-1], dtype=np.float32)
+    assert_close((v * w[..., None, :]) @ np.swapaxes(v, -1, -2), sym, 2e-5)
+    np.testing.assert_allclose(np.abs(np.sum(v * v_want, axis=-2)), 1.0, atol=2e-3)
+
+
+def test_eigh_of_repeated_and_zero_eigenvalues(rng):
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    a = (q @ np.diag([1.0, 1.0, 1.0, 2.0, 2.0, 0.0]) @ q.T).astype(np.float32)
+    (w, v), (w_want, _) = jax.jit(ark.persistent(jnp.linalg.eigh))(a), jax.jit(jnp.linalg.eigh)(a)
+    _sign_free_checks(np.asarray(v), np.asarray(w), np.asarray(w_want), a, 2e-5)
+    assert_close((np.asarray(v) * np.asarray(w)) @ np.asarray(v).T, a, 2e-5)
+    zero = np.zeros((4, 4), np.float32)
+    w0, v0 = jax.jit(ark.persistent(jnp.linalg.eigh))(zero)
+    np.testing.assert_array_equal(np.asarray(w0), 0.0)
+    np.testing.assert_array_equal(np.asarray(v0), np.eye(4))
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5), (2, 7, 3), (20, 9)])
+@pytest.mark.parametrize("full_matrices", [False, True])
+def test_svd_by_one_sided_jacobi(rng, shape, full_matrices):
+    """jnp.linalg.svd: singular values as LAPACK's (descending), U and V orthonormal (full ones
+    completed), U diag(s) V^T = a, each singular vector LAPACK's up to sign; compute_uv=False
+    too."""
+    a = rng.standard_normal(shape).astype(np.float32)
+    fn = lambda a: jnp.linalg.svd(a, full_matrices=full_matrices)  # noqa: E731
+    (u, s, vt), (u_want, s_want, vt_want) = jax.jit(ark.persistent(fn))(a), jax.jit(fn)(a)
+    u, s, vt = np.asarray(u), np.asarray(s), np.asarray(vt)
+    assert u.shape == u_want.shape and vt.shape == vt_want.shape
+    _sign_free_checks(u, s, np.asarray(s_want), a, 2e-5)
+    _sign_free_checks(np.swapaxes(vt, -1, -2), s, np.asarray(s_want), a, 2e-5)
+    k = s.shape[-1]
+    assert_close((u[..., :, :k] * s[..., None, :]) @ vt[..., :k, :], a, 2e-5)
+    dots = np.abs(np.sum(u[..., :, :k] * np.asarray(u_want)[..., :, :k], axis=-2))
+    np.testing.assert_allclose(dots, 1.0, atol=2e-3)
+    values = jax.jit(ark.persistent(lambda a: jnp.linalg.svd(a, compute_uv=False)))(a)
+    assert_close(values, s_want, 2e-5)
+
+
+def test_svd_of_a_rank_deficient_matrix_and_what_is_built_on_svd(rng):
+    """A rank-2 6 x 4 matrix: U is still orthonormal (zero singular values' columns completed),
+    and pinv / lstsq / matrix_rank / norm(ord=2) / cond equal jax.jit's."""
+    low_rank = (rng.standard_normal((6, 2)) @ rng.standard_normal((2, 4))).astype(np.float32)
+    u, s, vt = (np.asarray(t) for t in jax.jit(ark.persistent(jnp.linalg.svd))(low_rank))
+    np.testing.assert_allclose(u.T @ u, np.eye(6), atol=2e-5)
+    assert_close((u[:, :4] * s) @ vt, low_rank, 2e-5)
+    a = rng.standard_normal((7, 4)).astype(np.float32)
+    b = rng.standard_normal((7,)).astype(np.float32)
+
+    def fn(a, b, low_rank):
+        return (
+            jnp.linalg.pinv(a),
+            jnp.linalg.lstsq(a, b)[0],
+            jnp.linalg.matrix_rank(low_rank),
+            jnp.linalg.norm(a, ord=2),
+            jnp.linalg.cond(a),
+        )
+
+    _check(fn, a, b, low_rank, tol=1e-4)
+    with pytest.raises(ark.UnsupportedError, match="eigh of a subset"):
+        ark.plan(lambda a: jax.lax.linalg.eigh(a, subset_by_index=(0, 2)), a[:4])

@@ -1,13 +1,16 @@
-"""Dense linear algebra inside ark.persistent: `cholesky`, `triangular_solve`, `lu` and `qr` (the
-primitives behind jnp.linalg.cholesky / solve / inv / det / slogdet / qr and
-jax.scipy.linalg.solve_triangular / cho_solve / lu_factor), planned from their textbook
+"""Dense linear algebra inside ark.persistent: `cholesky`, `triangular_solve`, `lu`, `qr`, `eigh`
+and `svd` (the primitives behind jnp.linalg.cholesky / solve / inv / det / slogdet / qr / eigh /
+svd / pinv / lstsq / matrix_rank / norm(ord=2) / cond and jax.scipy.linalg.solve_triangular /
+cho_solve / lu_factor), planned from their textbook
 algorithms written in jax.numpy: one `fori_loop` over the columns (or rows), each step a few
 whole-matrix passes, so the plan is a loop the persistent kernel runs without a host step (a
 Kalman filter's or a Newton solver's small systems inside one launch, where XLA calls LAPACK /
 cuSOLVER per matrix).
 
 The results agree with LAPACK's to rounding (another summation order), not bit for bit: O(n^3)
-work in n steps, meant for small matrices. Batch dims are batched through every step. Where
+work in n steps, meant for small matrices. eigh and svd are Jacobi methods with a fixed number of
+sweeps (no convergence test, so they also run inside scans): their values agree with LAPACK's to
+rounding, their vectors up to sign. Batch dims are batched through every step. Where
 LAPACK fails they fail alike: cholesky of a matrix that is not positive definite is all NaN (as
 jax's), lu skips the division by a zero pivot (getrf's rule).
 
@@ -25,7 +28,7 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr
 
-PRIMITIVES = frozenset({"cholesky", "triangular_solve", "lu", "qr"})
+PRIMITIVES = frozenset({"cholesky", "triangular_solve", "lu", "qr", "eigh", "svd"})
 
 
 def _rows_cols(n: int, m: int):
@@ -197,6 +200,149 @@ def qr(a, full_matrices: bool):
     return q.astype(a.dtype), jnp.triu(r).astype(a.dtype)
 
 
+# Sweeps of the Jacobi eigensolver: each rotates every pair of indices once. The off-diagonal
+# mass falls quadratically once small; 12 sweeps leave float32 rounding for the sizes this is
+# meant for (tests: n up to 32, clustered and repeated eigenvalues).
+_JACOBI_SWEEPS = 12
+
+
+def _round_robin(n: int) -> np.ndarray:
+    """(n - 1, n // 2, 2) index pairs, n even: each step pairs every index with another, and the
+    steps together pair every two indices once (a round-robin tournament: index 0 stays, the
+    others rotate)."""
+    players = list(range(n))
+    steps = []
+    for _ in range(n - 1):
+        steps.append([(players[i], players[n - 1 - i]) for i in range(n // 2)])
+        players = [players[0], players[-1], *players[1:-1]]
+    return np.asarray(steps, np.int32)
+
+
+def _rotations(p, q, c, s, n: int, dtype):
+    """The n x n matrix rotating each pair (p[k], q[k]) by (c[k], s[k]) (pairs disjoint):
+    J[p, p] = J[q, q] = c, J[p, q] = s, J[q, p] = -s, the identity elsewhere."""
+    at_p = jax.nn.one_hot(p, n, dtype=dtype)  # (pairs, n)
+    at_q = jax.nn.one_hot(q, n, dtype=dtype)
+
+    def outer(w, left, right):
+        return jnp.einsum("...k,ki,kj->...ij", w, left, right)
+
+    return (
+        jnp.eye(n, dtype=dtype)
+        + outer(c - 1.0, at_p, at_p)
+        + outer(c - 1.0, at_q, at_q)
+        + outer(s, at_p, at_q)
+        - outer(s, at_q, at_p)
+    )
+
+
+def _jacobi_angle(alpha, beta, gamma):
+    """(c, s) of the rotation that zeroes gamma: the off-diagonal of [[alpha, gamma], [gamma,
+    beta]] (Golub and Van Loan's sym.schur2); none (1, 0) where gamma is already 0."""
+    rotate = gamma != 0
+    zeta = (beta - alpha) / jnp.where(rotate, 2.0 * gamma, 1.0)
+    t = jnp.where(zeta >= 0, 1.0, -1.0) / (jnp.abs(zeta) + jnp.sqrt(1.0 + zeta * zeta))
+    t = jnp.where(rotate, t, 0.0)
+    c = lax.rsqrt(1.0 + t * t)
+    return c, t * c
+
+
+def eigh(a, lower: bool, sort_eigenvalues: bool):
+    """Symmetric eigendecomposition by parallel cyclic Jacobi: each step rotates n / 2 disjoint
+    index pairs at once (a round-robin order, one matrix of rotations, two matmuls), every pair
+    once per sweep, for _JACOBI_SWEEPS sweeps; eigenvalues ascending as LAPACK's syevd. Returns
+    (vectors, values) as lax's eigh. Eigenvalues agree with LAPACK's to rounding; an eigenvector
+    is unique up to its sign (and a repeated eigenvalue's only as a subspace), so the vectors may
+    differ from LAPACK's by a sign: V diag(w) V^T, V^T V and each |v_i . v_i'| agree. For small
+    matrices: O(n^3) per step, n - 1 steps per sweep."""
+    n = a.shape[-1]
+    batch = a.shape[:-2]
+    tri = jnp.tril(a) if lower else jnp.triu(a)
+    sym = tri + jnp.swapaxes(tri, -1, -2) - a * jnp.eye(n, dtype=a.dtype)  # the named triangle
+    m = n + n % 2  # an odd size gets an index no rotation touches (its row and column are 0)
+    if m != n:
+        sym = jnp.pad(sym, [(0, 0)] * len(batch) + [(0, 1), (0, 1)])
+    pairs = jnp.asarray(_round_robin(m))
+    steps = pairs.shape[0]
+
+    def step(i, carry):
+        x, v = carry
+        p, q = pairs[i % steps, :, 0], pairs[i % steps, :, 1]
+        c, s = _jacobi_angle(x[..., p, p], x[..., q, q], x[..., p, q])
+        rot = _rotations(p, q, c, s, m, a.dtype)
+        x = jnp.einsum("...ji,...jk,...kl->...il", rot, x, rot)
+        x = 0.5 * (x + jnp.swapaxes(x, -1, -2))  # symmetric, as rounding does not keep it
+        return x, jnp.einsum("...ij,...jk->...ik", v, rot)
+
+    eye = jnp.broadcast_to(jnp.eye(m, dtype=a.dtype), (*batch, m, m))
+    x, v = lax.fori_loop(0, _JACOBI_SWEEPS * steps, step, (sym, eye))
+    values = jnp.diagonal(x, axis1=-2, axis2=-1)[..., :n]
+    vectors = v[..., :n, :n]
+    if sort_eigenvalues:
+        order = jnp.argsort(values, axis=-1)
+        values = jnp.take_along_axis(values, order, axis=-1)
+        vectors = jnp.take_along_axis(vectors, order[..., None, :], axis=-1)
+    return vectors.astype(a.dtype), values.astype(a.dtype)
+
+
+def svd(a, full_matrices: bool, compute_uv: bool):
+    """Singular value decomposition by one-sided Jacobi (Hestenes): the columns of a are rotated
+    in pairs (the round-robin order of `eigh`, the angle that makes two columns orthogonal) until
+    all are, for _JACOBI_SWEEPS sweeps; the singular values are the column norms, descending, V
+    the product of the rotations, U the normalized columns. Returns s, or (s, u, vt) as lax's
+    svd. A matrix wider than tall is decomposed transposed. U's columns of zero singular values
+    (and full_matrices' extra ones) complete U to an orthonormal basis by a QR of U with fixed
+    columns in their place. Singular values agree with LAPACK's to rounding; singular vectors up
+    to sign (as `eigh`'s), and those of zero or repeated singular values only as subspaces."""
+    m, n = a.shape[-2], a.shape[-1]
+    if m < n:
+        out = svd(jnp.swapaxes(a, -1, -2), full_matrices, compute_uv)
+        if not compute_uv:
+            return out
+        s, u, vt = out
+        return s, jnp.swapaxes(vt, -1, -2), jnp.swapaxes(u, -1, -2)
+    batch = a.shape[:-2]
+    k = n + n % 2  # an odd count gets a zero column, which no rotation moves
+    x = jnp.pad(a, [(0, 0)] * len(batch) + [(0, 0), (0, k - n)]) if k != n else a
+    pairs = jnp.asarray(_round_robin(k))
+    steps = pairs.shape[0]
+
+    def step(i, carry):
+        x, v = carry
+        p, q = pairs[i % steps, :, 0], pairs[i % steps, :, 1]
+        xp, xq = x[..., :, p], x[..., :, q]  # (..., m, pairs)
+        c, s = _jacobi_angle(
+            jnp.sum(xp * xp, axis=-2), jnp.sum(xq * xq, axis=-2), jnp.sum(xp * xq, axis=-2)
+        )
+        rot = _rotations(p, q, c, s, k, a.dtype)
+        return x @ rot, v @ rot
+
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), (*batch, k, k))
+    x, v = lax.fori_loop(0, _JACOBI_SWEEPS * steps, step, (x, eye))
+    norms = jnp.sqrt(jnp.sum(x * x, axis=-2))[..., :n]
+    order = jnp.argsort(-norms, axis=-1)  # descending; ties keep their order
+    s = jnp.take_along_axis(norms, order, axis=-1)
+    if not compute_uv:
+        return s.astype(a.dtype)
+    x = jnp.take_along_axis(x[..., :, :n], order[..., None, :], axis=-1)
+    v = jnp.take_along_axis(v[..., :n, :n], order[..., None, :], axis=-1)
+    positive = s > 0
+    u = x / jnp.where(positive, s, 1.0)[..., None, :]
+    u_cols = m if full_matrices else n
+    # Fixed columns where U has none (s = 0, or past n): generic directions, made orthonormal to
+    # the others by the QR; Q's signs follow R's diagonal, so U's own columns keep theirs.
+    fill = jnp.asarray(np.random.default_rng(0).standard_normal((m, u_cols)), a.dtype)
+    have = jnp.concatenate(
+        [positive, jnp.zeros((*batch, u_cols - n), bool)], axis=-1
+    ) if u_cols > n else positive  # fmt: skip
+    if u_cols > n:
+        u = jnp.concatenate([u, jnp.zeros((*batch, m, u_cols - n), a.dtype)], axis=-1)
+    q, r = qr(jnp.where(have[..., None, :], u, fill), full_matrices=False)
+    signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
+    u = q * signs[..., None, :]
+    return s.astype(a.dtype), u.astype(a.dtype), jnp.swapaxes(v, -1, -2).astype(a.dtype)
+
+
 # Float32 holds every integer up to 2^24 exactly: products and partial sums of integer operands
 # below that are exact in any summation order.
 _EXACT_IN_FLOAT32 = 2**24
@@ -264,6 +410,16 @@ def jaxpr_of(eqn) -> ClosedJaxpr:
 
         def fn(a, b):
             return triangular_solve(a, b, **{key: bool(params[key]) for key in keys})
+    elif prim == "eigh":
+        lower, ordered = bool(params["lower"]), bool(params["sort_eigenvalues"])
+
+        def fn(a):
+            return eigh(a, lower, ordered)
+    elif prim == "svd":
+        full, with_uv = bool(params["full_matrices"]), bool(params["compute_uv"])
+
+        def fn(a):
+            return svd(a, full, with_uv)
     elif prim == "qr":
         if params["pivoting"]:
             raise NotImplementedError  # refused by the caller (_trace), before this

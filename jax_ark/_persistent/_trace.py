@@ -2373,6 +2373,10 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return translate_collective(b, eqn, args, UnsupportedError)
     if prim == "qr" and params["pivoting"]:
         raise UnsupportedError(f"ark.persistent: QR with column pivoting at {b.source}")
+    if prim in ("eigh", "svd") and params.get("subset_by_index") is not None:
+        whole = (0, min(args[0].shape[-2:]) if prim == "svd" else args[0].shape[-1])
+        if tuple(params["subset_by_index"]) != whole:
+            raise UnsupportedError(f"ark.persistent: {prim} of a subset by index at {b.source}")
     if prim in _linalg().PRIMITIVES:
         closed = _linalg().jaxpr_of(eqn)
         return _translate(b, closed.jaxpr, list(closed.consts), args)

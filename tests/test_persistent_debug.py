@@ -1,7 +1,8 @@
 """jax.debug.print / jax.debug.callback inside ark.persistent: a kernel cannot print, so the
 persistent call computes the callbacks' operands and runs the callbacks after it. Each against
 jax.jit of the same function: the same values reach the callbacks, the same text is printed, the
-results are unchanged. Before, such a function crashed the planner with an IndexError."""
+results are unchanged. Before, such a function crashed the planner with an IndexError. Callbacks
+inside jax.jit functions the function calls count as top level (the calls are inlined)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,28 @@ def test_a_planned_function_with_callbacks_runs_from_its_plan(rng):
     jax.effects_barrier()
     np.testing.assert_allclose(got, x * 2, rtol=1e-6)
     np.testing.assert_allclose(seen[0], np.cumsum(x), rtol=1e-5)
+
+
+def test_callbacks_inside_nested_jit_functions(rng):
+    """A jax.jit helper with a callback, called twice: both calls' values reach the callback, as
+    in jax.jit (the order of unordered callbacks is not specified: compared as sets)."""
+    x = rng.standard_normal((4,)).astype(np.float32)
+
+    def make(seen):
+        @jax.jit
+        def helper(v):
+            jax.debug.callback(lambda s: seen.append(float(s)), jnp.sum(v * v))
+            return jnp.tanh(v) * 2.0
+
+        return lambda x: helper(helper(x) + 1.0)
+
+    ref_seen, ark_seen = [], []
+    want = jax.jit(make(ref_seen))(x)
+    got = jax.jit(ark.persistent(make(ark_seen)))(x)
+    jax.effects_barrier()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert len(ark_seen) == 2
+    np.testing.assert_allclose(sorted(ark_seen), sorted(ref_seen), rtol=1e-5)
 
 
 def test_callbacks_inside_loops_are_refused_by_name(rng):

@@ -141,7 +141,7 @@ def _on_key_data(eqn, raw: Sequence[Any]) -> list | None:
     if name == "concatenate":
         return [lax.concatenate(list(raw), params["dimension"])]
     if name in _SHAPELESS:
-        return _bind(eqn, raw)
+        return bind_eqn(eqn, raw)
     return None
 
 
@@ -152,7 +152,7 @@ def _per_key(fn: Callable, lead: int) -> Callable:
     return fn
 
 
-def _bind(eqn, invals: Sequence[Any]) -> list:
+def bind_eqn(eqn, invals: Sequence[Any]) -> list:
     """eqn's primitive bound on invals with eqn's params (as jax.core.eval_jaxpr does)."""
     # get_bind_params: the params alone in jax 0.10 / 0.11, (subfuns, params) in older jax
     bind = eqn.primitive.get_bind_params(eqn.params)
@@ -280,7 +280,7 @@ class _Rewriter:
             if out is None:
                 self.refuse(eqn, "this operation on a PRNG key is not supported")
             return out
-        return _bind(eqn, invals)
+        return bind_eqn(eqn, invals)
 
     # Control flow whose body draws: rebuilt through jax.lax with the body run through this
     # rewrite, so jax derives the new body's types (keys as data, shard_map's varying axes).

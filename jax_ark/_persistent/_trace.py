@@ -44,7 +44,7 @@ from jax_ark._persistent._format import (
     View,
     np_dtype,
 )
-from jax_ark._persistent._random import without_keys
+from jax_ark._persistent._random import bind_eqn, without_keys
 
 _SUPPORTED_DTYPES = {
     "float32", "bfloat16", "float16", "bool", "int32", "uint32", "int8", "uint8", "int16", "uint16"
@@ -2245,10 +2245,11 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         raise UnsupportedError(
             f"ark.persistent: {prim} at {b.source}: "
             + (
-                "jax.debug.print / jax.debug.callback inside a loop body or a nested function: "
-                "a kernel cannot print, so ark.persistent runs debug callbacks on the host after "
-                "the call, only those at the top level of the function (move it there, or return "
-                "the value and print it outside)"
+                "jax.debug.print / jax.debug.callback inside a loop body, a cond branch or a "
+                "custom derivative rule: a kernel cannot print, so ark.persistent runs debug "
+                "callbacks on the host after the call, only those at the top level of the "
+                "function or of the jax.jit functions it calls (move it there, or return the "
+                "value and print it outside)"
                 if prim in HOST_DEBUG
                 else "an equation without results (a side effect) is not supported"
             )
@@ -3269,21 +3270,62 @@ def _cumlogsumexp(b: _Builder, x: _Node, axis: int, reverse: bool, out_dtype: st
 HOST_DEBUG = frozenset({"debug_callback", "debug_print"})
 
 
+def _inlined_call(eqn):
+    """The closed jaxpr of a nested jax.jit call (pjit / closed_call) that holds a debug
+    callback, which trace() inlines so the callback reaches the top level; None otherwise."""
+    inner = eqn.params.get("jaxpr") if eqn.primitive.name in _CALLS else None
+    if inner is None or not hasattr(inner, "consts") or not host_debug_eqns(inner.jaxpr):
+        return None
+    return inner
+
+
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+
+
 def host_debug_eqns(jaxpr) -> list:
-    """The top-level debug callbacks of a jaxpr, in program order."""
-    return [e for e in jaxpr.eqns if e.primitive.name in HOST_DEBUG]
+    """The debug callbacks of a jaxpr at its top level or inside nested jax.jit calls (inlined),
+    in program order (a function called twice: its callbacks twice)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in HOST_DEBUG:
+            found.append(eqn)
+        elif eqn.primitive.name in _CALLS and hasattr(eqn.params.get("jaxpr"), "jaxpr"):
+            found.extend(host_debug_eqns(eqn.params["jaxpr"].jaxpr))
+    return found
 
 
-def _host_debug_as_outputs(closed):
-    """closed without its top-level debug callbacks, returning their operands after its results."""
-    debug = host_debug_eqns(closed.jaxpr)
-    if not debug:
+def _host_debug_as_outputs(closed, avals):
+    """closed without its debug callbacks (host_debug_eqns: nested jax.jit calls holding one are
+    inlined), returning their operands after its results, in host_debug_eqns' order."""
+    if not host_debug_eqns(closed.jaxpr):
         return closed
-    jaxpr = closed.jaxpr.replace(
-        eqns=[e for e in closed.jaxpr.eqns if e.primitive.name not in HOST_DEBUG],
-        outvars=[*closed.jaxpr.outvars, *(v for e in debug for v in e.invars)],
-    )
-    return jax.extend.core.ClosedJaxpr(jaxpr, closed.consts)
+    operands: list = []
+
+    def run(jaxpr, consts, args):
+        env: dict = {}
+
+        def read(v):
+            return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+        env.update(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            if eqn.primitive.name in HOST_DEBUG:
+                operands.extend(invals)
+                continue
+            inner = _inlined_call(eqn)
+            outs = (
+                bind_eqn(eqn, invals) if inner is None else run(inner.jaxpr, inner.consts, invals)
+            )
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [read(v) for v in jaxpr.outvars]
+
+    def without_callbacks(*args):
+        operands.clear()
+        return [*run(closed.jaxpr, closed.consts, list(args)), *operands]
+
+    return jax.make_jaxpr(without_callbacks)(*avals)
 
 
 def _without_dead_code(closed):
@@ -3324,7 +3366,7 @@ def trace(
         # PRNG keys become their uint32 data, random draws plain integer code (_random.py).
         closed = without_keys(jax.make_jaxpr(fn)(*avals), avals)
         num_debug = sum(len(e.invars) for e in host_debug_eqns(closed.jaxpr))
-        closed = _without_dead_code(_host_debug_as_outputs(closed))
+        closed = _without_dead_code(_host_debug_as_outputs(closed, avals))
     b = _Builder(max_while_iterations=max_while_iterations, platform=platform)
     # The plan's one group (every mesh axis its collectives name), known before any is planned:
     # routing tables and axis_index programs depend on it (_comm.plan_group).

@@ -23,7 +23,9 @@ import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
 from jax_ark._collective_primitive import varying_axes
-from jax_ark._persistent import _prefix, _radix  # algorithms in jax.numpy, planned as jaxprs
+
+# algorithms written in jax.numpy, planned as jaxprs
+from jax_ark._persistent import _precision, _prefix, _radix
 from jax_ark._persistent._comm import COMM_PRIMITIVES, plan_group, translate_collective
 from jax_ark._persistent._format import (
     ARG_REDUCES,
@@ -2285,6 +2287,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [b.elementwise("lt", [magnitude, inf], out_shape, out_dtype)]
     if prim == "bitcast_convert_type":
         return [_bitcast_convert(b, args[0], out_dtype)]
+    if prim == "reduce_precision":
+        closed = _precision.jaxpr_of(eqn)
+        return _translate(b, closed.jaxpr, list(closed.consts), args)
     if prim == "approx_top_k":  # approx_max_k / approx_min_k: the exact answer has recall 1
         if not params["aggregate_to_topk"]:
             raise UnsupportedError(

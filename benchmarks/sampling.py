@@ -13,13 +13,11 @@ and the ark/jax.jit ratio measured in the same run. Used for the table in docs/b
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ark.bench._timing import print_persistent_vs_jit
+from jax_ark.bench._timing import comparison_args, print_persistent_vs_jit
 
 
 def top_k_sample(key, logits):
@@ -43,10 +41,7 @@ def w8a8_linear(x, w, w_scale):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds per executor per round")
-    args = parser.parse_args()
+    args = comparison_args(__doc__)
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((1, 32000)) * 2).astype(np.float32)
     key = jax.random.key(0)

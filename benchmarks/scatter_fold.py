@@ -12,13 +12,11 @@ in docs/benchmarks.md ("Scatter folds").
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ark.bench._timing import print_persistent_vs_jit
+from jax_ark.bench._timing import comparison_args, print_persistent_vs_jit
 
 
 def embedding_sgd(table, tokens, w):
@@ -43,10 +41,7 @@ def inverse_permutation(perm):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds per executor per round")
-    args = parser.parse_args()
+    args = comparison_args(__doc__)
     rng = np.random.default_rng(0)
     vocab, d, batch, length = 8192, 128, 8, 256
     cases = [

@@ -60,6 +60,17 @@ def compare(
     }
 
 
+def comparison_args(doc: str):
+    """The command line of a script that prints print_persistent_vs_jit's table: --repeats
+    rounds, --budget seconds per executor per round."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds per executor per round")
+    return parser.parse_args()
+
+
 def print_persistent_vs_jit(
     cases: list[tuple[str, Callable[..., Any], tuple]],
     *,

@@ -97,3 +97,16 @@ def test_a_sampling_decode_loop_is_one_call_with_jits_tokens(rng, sampler):
     assert sum(1 for loop in plan.loops if loop.parent < 0) == 1  # one scan over the steps
     got = np.asarray(jax.jit(ark.persistent(generate))(params, key, jnp.int32(7)))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["greedy", "top_k", "top_p"])
+def test_gpu_sampling_decode_loop(rng, sampler):
+    """The same decode loops on the CUDA executor: one launch per call, jax.jit's tokens (the
+    GPU plans were checked through the reference interpreter on the CPU: equal)."""
+    params, key = _params(rng), jax.random.key(int(rng.integers(1 << 30)))
+    generate = _generate(sampler)
+    with jax.default_matmul_precision("highest"):  # XLA:GPU's TF32 dots could flip a token
+        want = np.asarray(jax.jit(generate)(params, key, jnp.int32(7)))
+    got = np.asarray(jax.jit(ark.persistent(generate))(params, key, jnp.int32(7)))
+    np.testing.assert_array_equal(got, want)

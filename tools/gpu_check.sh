@@ -62,7 +62,7 @@ step sass 15 $PY -m pytest -v -rs tests/test_cuda_sass.py
 step pytest_gpu_runtime 100 $PY -m pytest -m gpu -v -rs --maxfail=20 --durations=10 \
   tests/test_gpu_xla_path.py tests/test_gpu_runtime.py
 step pytest_gpu_persistent 90 $PY -m pytest -m gpu -v -rs --durations=10 tests/test_gpu_persistent.py \
-  tests/test_persistent_int.py tests/test_persistent_loops.py
+  tests/test_persistent_int.py tests/test_persistent_loops.py tests/test_persistent_generate.py
 # Put tasks of the persistent kernel: every rank of a group in one cooperative launch (group_run);
 # ~20 s of planning and CPU references (measured without a GPU, under load), small kernels.
 step pytest_gpu_persistent_comm 60 $PY -m pytest -m gpu -v -rs --maxfail=5 --durations=10 \

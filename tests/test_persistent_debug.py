@@ -111,6 +111,19 @@ def test_callbacks_inside_nested_jit_functions(rng):
     np.testing.assert_allclose(sorted(ark_seen), sorted(ref_seen), rtol=1e-5)
 
 
+def test_callbacks_inside_cond_branches_are_refused_by_name(rng):
+    """A debug print in a branch whose result is unused: the cond is kept for its effect and has
+    no results; the refusal names the debug callback, not a generic side effect."""
+    x = rng.standard_normal((3,)).astype(np.float32)
+
+    def fn(x):
+        jax.lax.cond(x[0] > 0, lambda v: jax.debug.print("positive {}", v), lambda v: None, x)
+        return x * 2.0
+
+    with pytest.raises(ark.UnsupportedError, match=r"jax.debug.print / jax.debug.callback inside"):
+        jax.jit(ark.persistent(fn))(x)
+
+
 def test_callbacks_inside_loops_are_refused_by_name(rng):
     x = rng.standard_normal((6,)).astype(np.float32)
 

@@ -272,3 +272,39 @@ def test_svd_of_a_rank_deficient_matrix_and_what_is_built_on_svd(rng):
     _check(fn, a, b, low_rank, tol=1e-4)
     with pytest.raises(ark.UnsupportedError, match="eigh of a subset"):
         ark.plan(lambda a: jax.lax.linalg.eigh(a, subset_by_index=(0, 2)), a[:4])
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e20, 1e30])
+def test_qr_and_svd_of_tiny_and_huge_matrices(rng, scale):
+    """Sums of squares of entries near 1e-25 underflow float32 and near 1e20 overflow it: the
+    matrix is divided by a power of two near its largest entry first (exact), so R and the
+    singular values come out right instead of 0 or inf / NaN."""
+    a = (rng.standard_normal((4, 3)) * scale).astype(np.float32)
+    q, r = (np.asarray(t) for t in jax.jit(ark.persistent(jnp.linalg.qr))(a))
+    q_want, r_want = (np.asarray(t) for t in jax.jit(jnp.linalg.qr)(a))
+    assert_close(r / scale, r_want / scale, 2e-5)
+    assert_close(q, q_want, 2e-5)
+    u, s, vt = (np.asarray(t) for t in jax.jit(ark.persistent(jnp.linalg.svd))(a))
+    s_want = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    assert_close(s / scale, s_want / scale, 2e-5)
+    assert_close((u[:, :3] * s) @ vt / scale, a / scale, 2e-5)
+
+
+@pytest.mark.parametrize(("shape", "full_matrices"), [((3, 0), True), ((3, 0), False),
+                                                      ((0, 3), True), ((0, 3), False)])  # fmt: skip
+def test_svd_of_an_empty_matrix(shape, full_matrices):
+    _check(lambda a: jnp.linalg.svd(a, full_matrices=full_matrices), np.zeros(shape, np.float32))
+
+
+def test_eigh_reads_one_triangle_and_sorts_whatever_the_flag(rng):
+    """An inf in the unread triangle changes nothing (the diagonal is taken with a select, not
+    multiplied by the identity); sort_eigenvalues=False still returns them ascending, as XLA's
+    CPU and GPU solvers do."""
+    x = rng.standard_normal((4, 4)).astype(np.float32)
+    upper = np.triu(x + x.T) + np.tril(np.full((4, 4), np.inf, np.float32), -1)
+
+    def fn(a):
+        eigenvalues = jax.lax.linalg.eigh(a, lower=False, symmetrize_input=False)[1]
+        return eigenvalues, jax.lax.linalg.eigh(x + x.T, sort_eigenvalues=False)[1]
+
+    _check(fn, upper)

@@ -306,3 +306,19 @@ def test_wide_integer_matmuls_are_refused_by_name(rng):
     a = rng.integers(-5, 5, (4, 4)).astype(np.int32)
     with pytest.raises(ark.UnsupportedError, match=r"dot_general of int32 x int32 .*exactly"):
         ark.plan(lambda a, b: a @ b, a, a)
+
+
+def test_integer_matmul_float_results_and_empty_contractions():
+    """A float32 result of an integer matmul sums its chunks in float32: past 2^31 it does not
+    wrap (XLA converts the operands and accumulates in float); an empty contraction is zeros."""
+    numbers = (((1,), (0,)), ((), ()))
+
+    def fn(a, b, c, d):
+        return (
+            jax.lax.dot_general(a, b, numbers, preferred_element_type=jnp.float32),
+            jax.lax.dot_general(c, d, numbers, preferred_element_type=jnp.int32),
+        )
+
+    a, b = np.full((1, 1000), -128, np.int8), np.full((1000, 2), -32768, np.int16)
+    c, d = np.zeros((3, 0), np.int8), np.zeros((0, 4), np.int8)
+    _assert_same(fn, a, b, c, d)

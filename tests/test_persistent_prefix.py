@@ -138,3 +138,20 @@ def test_argmax_and_argmin_of_booleans(rng):
     for got, want in zip(*_both(fn, x), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+HIGH_RANK = [((1, 1, 1, 2, 20), -1), ((1, 1, 1, 1, 2, 3), -1), ((1, 2, 1, 3, 1, 40), 5),
+             ((2, 1, 13, 1, 2, 3), 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "axis"), HIGH_RANK)
+def test_high_rank_inputs(rng, shape, axis):
+    """Rank 5 and 6 (the format's most): the scans flatten the other dims into rows, so neither
+    the blocks nor a direct fold's pair space (one dim more than x) exceed the format's rank.
+    Before, rank 5 with a long axis failed at the runtime's plan check."""
+    x = rng.integers(-50, 50, shape).astype(np.int32)
+    for prim in ("cumsum", "cummax"):
+        for reverse in (False, True):
+            fn = lambda x: PRIMS[prim](x, axis=axis % len(shape), reverse=reverse)  # noqa: B023, E731
+            got, want = _both(fn, x)
+            np.testing.assert_array_equal(got, want)

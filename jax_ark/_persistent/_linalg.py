@@ -140,6 +140,17 @@ def lu(a):
     return x.astype(a.dtype), pivots, perm
 
 
+def _power_of_two_scale(a):
+    """Per matrix, the power of two at or below max |a| (1 for an all-zero, denormal or non-finite
+    maximum): dividing by it is exact, and keeps squares and sums of squares of the entries
+    inside float32's range (LAPACK's norms scale for the same reason)."""
+    top = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True).astype(jnp.float32)
+    exponent = lax.bitcast_convert_type(top, jnp.int32) & np.int32(0x7F800000)
+    scale = lax.bitcast_convert_type(exponent, jnp.float32)
+    usable = (exponent != 0) & (exponent != np.int32(0x7F800000))
+    return jnp.where(usable, scale, 1.0).astype(a.dtype)
+
+
 def qr(a, full_matrices: bool):
     """Householder QR in LAPACK's order (geqrf, then orgqr for Q): reflector j maps column j at
     and below the diagonal to (beta, 0, ...) with beta = -sign(a[j, j]) * |column| (dlarfg's
@@ -155,6 +166,8 @@ def qr(a, full_matrices: bool):
     if k == 0:
         q = jnp.broadcast_to(jnp.eye(m, q_cols, dtype=a.dtype), (*batch, m, q_cols))
         return q, jnp.zeros((*batch, q_cols, n), a.dtype)
+
+    scale = _power_of_two_scale(a)  # R scales with a, Q not
 
     def reflect(j, carry):
         r, vs, taus = carry
@@ -182,7 +195,8 @@ def qr(a, full_matrices: bool):
         return r, vs.at[..., j, :].set(v), taus.at[..., j].set(tau)
 
     vs0 = jnp.zeros((*batch, k, m), a.dtype)
-    r, vs, taus = lax.fori_loop(0, k, reflect, (a, vs0, jnp.zeros((*batch, k), a.dtype)))
+    r, vs, taus = lax.fori_loop(0, k, reflect, (a / scale, vs0, jnp.zeros((*batch, k), a.dtype)))
+    r = r * scale
 
     def apply(i, q):
         j = k - 1 - i  # orgqr: the last reflector first
@@ -259,7 +273,8 @@ def eigh(a, lower: bool, sort_eigenvalues: bool):
     n = a.shape[-1]
     batch = a.shape[:-2]
     tri = jnp.tril(a) if lower else jnp.triu(a)
-    sym = tri + jnp.swapaxes(tri, -1, -2) - a * jnp.eye(n, dtype=a.dtype)  # the named triangle
+    diagonal = jnp.where(jnp.eye(n, dtype=bool), a, 0.0)  # not a * I: the other triangle's inf
+    sym = tri + jnp.swapaxes(tri, -1, -2) - diagonal  # the named triangle only
     m = n + n % 2  # an odd size gets an index no rotation touches (its row and column are 0)
     if m != n:
         sym = jnp.pad(sym, [(0, 0)] * len(batch) + [(0, 1), (0, 1)])
@@ -279,10 +294,11 @@ def eigh(a, lower: bool, sort_eigenvalues: bool):
     x, v = lax.fori_loop(0, _JACOBI_SWEEPS * steps, step, (sym, eye))
     values = jnp.diagonal(x, axis1=-2, axis2=-1)[..., :n]
     vectors = v[..., :n, :n]
-    if sort_eigenvalues:
-        order = jnp.argsort(values, axis=-1)
-        values = jnp.take_along_axis(values, order, axis=-1)
-        vectors = jnp.take_along_axis(vectors, order[..., None, :], axis=-1)
+    # Ascending whatever sort_eigenvalues says: the order XLA's CPU and GPU solvers return.
+    del sort_eigenvalues
+    order = jnp.argsort(values, axis=-1)
+    values = jnp.take_along_axis(values, order, axis=-1)
+    vectors = jnp.take_along_axis(vectors, order[..., None, :], axis=-1)
     return vectors.astype(a.dtype), values.astype(a.dtype)
 
 
@@ -303,8 +319,19 @@ def svd(a, full_matrices: bool, compute_uv: bool):
         s, u, vt = out
         return s, jnp.swapaxes(vt, -1, -2), jnp.swapaxes(u, -1, -2)
     batch = a.shape[:-2]
+    if n == 0:  # no singular values; full U / V^T are identities, as LAPACK's
+        s = jnp.zeros((*batch, 0), a.dtype)
+        if not compute_uv:
+            return s
+        u = jnp.broadcast_to(
+            jnp.eye(m, m if full_matrices else 0, dtype=a.dtype),
+            (*batch, m, m if full_matrices else 0),
+        )
+        return s, u, jnp.zeros((*batch, 0, 0), a.dtype)
     k = n + n % 2  # an odd count gets a zero column, which no rotation moves
-    x = jnp.pad(a, [(0, 0)] * len(batch) + [(0, 0), (0, k - n)]) if k != n else a
+    scale = _power_of_two_scale(a)  # the singular values scale with a, U and V not
+    x = a / scale
+    x = jnp.pad(x, [(0, 0)] * len(batch) + [(0, 0), (0, k - n)]) if k != n else x
     pairs = jnp.asarray(_round_robin(k))
     steps = pairs.shape[0]
 
@@ -324,7 +351,7 @@ def svd(a, full_matrices: bool, compute_uv: bool):
     order = jnp.argsort(-norms, axis=-1)  # descending; ties keep their order
     s = jnp.take_along_axis(norms, order, axis=-1)
     if not compute_uv:
-        return s.astype(a.dtype)
+        return (s * scale[..., 0]).astype(a.dtype)
     x = jnp.take_along_axis(x[..., :, :n], order[..., None, :], axis=-1)
     v = jnp.take_along_axis(v[..., :n, :n], order[..., None, :], axis=-1)
     positive = s > 0
@@ -341,6 +368,7 @@ def svd(a, full_matrices: bool, compute_uv: bool):
     q, r = qr(jnp.where(have[..., None, :], u, fill), full_matrices=False)
     signs = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0)
     u = q * signs[..., None, :]
+    s = s * scale[..., 0]
     return s.astype(a.dtype), u.astype(a.dtype), jnp.swapaxes(v, -1, -2).astype(a.dtype)
 
 
@@ -372,6 +400,9 @@ def integer_dot(lhs, rhs, dimension_numbers, out_dtype):
     rfree = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
     batch = [lhs.shape[d] for d in lb]
     depth = math.prod(lhs.shape[d] for d in lc)
+    if depth == 0:  # every element the empty sum
+        shape = [*batch, *(lhs.shape[d] for d in lfree), *(rhs.shape[d] for d in rfree)]
+        return jnp.zeros(shape, out_dtype)
     chunk = min(depth, integer_dot_chunk(lhs.dtype, rhs.dtype))
     chunks = -(-depth // chunk)
 
@@ -386,7 +417,11 @@ def integer_dot(lhs, rhs, dimension_numbers, out_dtype):
     nb = len(batch)
     numbers = (((a.ndim - 1,), (b.ndim - 1,)), ((*range(nb), a.ndim - 2), (*range(nb), b.ndim - 2)))
     partial = lax.dot_general(a, b, numbers, preferred_element_type=jnp.float32)
-    # (batch..., chunks, lhs free..., rhs free...): every value an exact integer
+    # (batch..., chunks, lhs free..., rhs free...): every value an exact integer. An integer
+    # result sums the chunks in int32 (wrapping as XLA's); a float one in float32 (XLA converts
+    # the operands and accumulates in float: no wrap past 2^31).
+    if jnp.issubdtype(out_dtype, jnp.floating):
+        return jnp.sum(partial, axis=nb).astype(out_dtype)
     total = jnp.sum(partial.astype(jnp.int32), axis=nb, dtype=jnp.int32)
     return total.astype(out_dtype)
 

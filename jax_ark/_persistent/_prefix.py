@@ -42,8 +42,10 @@ _COMBINE = {
 }
 
 
-def is_long(length: int) -> bool:
-    return length > _BLOCK
+def planned_here(shape, axis: int, max_rank: int) -> bool:
+    """Whether a running fold over `axis` of `shape` takes this module's path: a long axis, or a
+    direct fold's pair space (one dim more than x) the format's rank would not hold."""
+    return shape[axis] > _BLOCK or len(shape) + 1 > max_rank
 
 
 def _identity(prim: str, dtype) -> np.ndarray:
@@ -83,17 +85,21 @@ def _scan_last_axis(prim: str, x):
 
 
 def blocked_cumulative(prim: str, x, axis: int, reverse: bool):
-    """lax.<prim>(x, axis, reverse) as a blocked scan."""
+    """lax.<prim>(x, axis, reverse) as a blocked scan over (rows, L): the other dims flattened
+    into rows, so the scan's own dims (rows, blocks, _BLOCK) and the direct folds' pair spaces
+    stay within the plan format's rank whatever x's rank."""
     dtype = x.dtype
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
         x = x.astype(jnp.float32)
     x = jnp.moveaxis(x, axis, -1)
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
     if reverse:
         x = jnp.flip(x, -1)
     out = _scan_last_axis(prim, x)
     if reverse:
         out = jnp.flip(out, -1)
-    return jnp.moveaxis(out, -1, axis).astype(dtype)
+    return jnp.moveaxis(out.reshape(*lead, out.shape[-1]), -1, axis).astype(dtype)
 
 
 def jaxpr_of(eqn) -> ClosedJaxpr:

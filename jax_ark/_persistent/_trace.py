@@ -2252,7 +2252,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 "callbacks on the host after the call, only those at the top level of the "
                 "function or of the jax.jit functions it calls (move it there, or return the "
                 "value and print it outside)"
-                if prim in HOST_DEBUG
+                if prim in HOST_DEBUG or _holds(eqn, HOST_DEBUG)
                 else "an equation without results (a side effect) is not supported"
             )
         )
@@ -2355,7 +2355,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [_reduce(b, prim, args[0], tuple(params["axes"]), out_shape, out_dtype)]
     if prim in _CUMULATIVE:
         axis, reverse = int(params["axis"]), bool(params["reverse"])
-        if _prefix.is_long(args[0].shape[axis]):  # O(L^2) planned directly
+        if _prefix.planned_here(args[0].shape, axis, MAX_RANK):  # O(L^2) planned directly
             closed = _prefix.jaxpr_of(eqn)
             return _translate(b, closed.jaxpr, list(closed.consts), args)
         return [_cumulative(b, prim, args[0], axis, reverse, out_dtype)]
@@ -2965,17 +2965,21 @@ def _to_outer(node: _Node) -> _Node:
     return node
 
 
+def _holds(eqn, names) -> bool:
+    """Whether an equation of a primitive in `names` is in eqn's sub-jaxprs (at any depth)."""
+    for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns") and any(
+                e.primitive.name in names or _holds(e, names) for e in inner.eqns
+            ):
+                return True
+    return False
+
+
 def _holds_while(jaxpr) -> bool:
     """Whether a while_loop is among jaxpr's equations or those of its sub-jaxprs."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "while":
-            return True
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _holds_while(inner):
-                    return True
-    return False
+    return any(e.primitive.name == "while" or _holds(e, ("while",)) for e in jaxpr.eqns)
 
 
 def _cond(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:

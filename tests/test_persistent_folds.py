@@ -85,3 +85,34 @@ def test_cumlogsumexp_in_bfloat16_and_its_gradient(rng):
         np.asarray(jax.jit(ark.persistent(grad))(x)), np.asarray(jax.jit(grad)(x)), rtol=1e-5,
         atol=1e-6,
     )  # fmt: skip
+
+
+def test_lax_reduce_with_a_computation_of_its_own(rng):
+    """lax.reduce whose computation is no monoid jax recognizes (the generic `reduce`
+    primitive): a variadic max-with-index keeping the earlier index on ties (equal to XLA's
+    in-order fold, index for index), an integer product that wraps, a float sum over two dims,
+    and an empty reduced axis (the init values)."""
+    x = rng.integers(-2, 2, (7, 33)).astype(np.float32)  # many ties
+    x[0] = -np.inf
+
+    def max_with_index(x, axis):
+        index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+
+        def pick(a, b):
+            return jnp.maximum(a[0], b[0]), jnp.where(a[0] >= b[0], a[1], b[1])
+
+        return jax.lax.reduce((x, index), (-jnp.inf, 0), pick, (axis,))
+
+    def fn(x):
+        return (
+            max_with_index(x, 1),
+            max_with_index(x, 0),
+            jax.lax.reduce(x.astype(jnp.int32) + 3, 1, lambda a, b: a * b + 0, (1,)),
+            jax.lax.reduce(x[1:].reshape(3, 2, 33), 0.0, lambda a, b: a + b * 1.0, (0, 2)),
+            jax.lax.reduce(x[:, :0], 5.0, lambda a, b: a + b * 1.0, (1,)),
+        )
+
+    for got, want in zip(jax.jit(ark.persistent(fn))(x), jax.jit(fn)(x), strict=True):
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert g.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)

@@ -1,5 +1,6 @@
 """Long cumulative ops inside ark.persistent (cumsum / cumprod / cummax / cummin /
-cumlogsumexp): a blocked scan written in jax.numpy and planned like any jaxpr.
+cumlogsumexp): a blocked scan written in jax.numpy and planned like any jaxpr; and lax.reduce
+with a computation of its own, as a tree of elementwise steps (tree_reduce).
 
 A running fold planned directly is one REDUCE over (positions x positions): O(L^2) terms per row,
 1.4 s for one row of 32,768 (the cumulative probabilities of a top-p sampler over a vocabulary).
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend.core import ClosedJaxpr
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
 # A running fold along an axis up to this long is planned directly (O(L^2) per row), and the block
 # size of longer ones. Measured on the CPU executor (one row of 32,768 float32): 4 -> 1.6 ms,
@@ -111,3 +112,50 @@ def jaxpr_of(eqn) -> ClosedJaxpr:
         return jax.make_jaxpr(lambda x: blocked_cumulative(eqn.primitive.name, x, axis, reverse))(
             aval
         )
+
+
+def tree_reduce(operands, init_values, computation, dimensions) -> list:
+    """lax.reduce with a computation of its own (a variadic argmax-with-value, say): the reduced
+    dims flattened last and padded with the init values to a power of two, then halved log2(K)
+    times, each step applying the computation elementwise to neighbours (2i as its left operand,
+    2i + 1 as its right: everything the left holds precedes what the right holds); the init
+    values combined once in front (XLA: the order is unspecified, the init values an identity).
+    Exact for associative computations (an argmax that keeps the earlier operand on ties: the
+    first index, as XLA's in-order fold); others agree to rounding."""
+    combine = jax.vmap(jaxpr_as_fun(computation))
+    shape = operands[0].shape
+    kept = [d for d in range(len(shape)) if d not in dimensions]
+    lead = tuple(shape[d] for d in kept)
+    xs = [jnp.transpose(x, [*kept, *dimensions]).reshape(*lead, -1) for x in operands]
+    inits = [
+        jnp.broadcast_to(jnp.asarray(v, x.dtype), lead)
+        for v, x in zip(init_values, xs, strict=True)
+    ]
+    length = xs[0].shape[-1]
+    if length == 0:
+        return inits
+    width = 1 << (length - 1).bit_length()
+    if width != length:
+        xs = [
+            jnp.concatenate([x, jnp.broadcast_to(v[..., None], (*lead, width - length))], axis=-1)
+            for x, v in zip(xs, inits, strict=True)
+        ]
+    while width > 1:  # neighbours: every left operand's elements precede the right one's
+        width //= 2
+        pairs = [x.reshape(*lead, width, 2) for x in xs]
+        left = [x[..., 0].reshape(-1) for x in pairs]
+        right = [x[..., 1].reshape(-1) for x in pairs]
+        xs = [y.reshape(*lead, width) for y in combine(*left, *right)]
+    flat = combine(*[v.reshape(-1) for v in inits], *[x.reshape(-1) for x in xs])
+    return [y.reshape(lead) for y in flat]
+
+
+def tree_reduce_jaxpr(eqn) -> ClosedJaxpr:
+    """tree_reduce's jaxpr for a `reduce` eqn (operands, then as many init values)."""
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    n = len(avals) // 2
+    computation = eqn.params["jaxpr"]
+    if not hasattr(computation, "consts"):
+        computation = ClosedJaxpr(computation, [])
+    dims = tuple(int(d) for d in eqn.params["dimensions"])
+    return jax.make_jaxpr(lambda *a: tree_reduce(a[:n], a[n:], computation, dims))(*avals)

@@ -2287,6 +2287,9 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
         return [b.elementwise("lt", [magnitude, inf], out_shape, out_dtype)]
     if prim == "bitcast_convert_type":
         return [_bitcast_convert(b, args[0], out_dtype)]
+    if prim == "reduce":  # lax.reduce with a computation of its own (no reduce_sum & co.)
+        closed = _prefix.tree_reduce_jaxpr(eqn)
+        return _translate(b, closed.jaxpr, list(closed.consts), args)
     if prim == "reduce_precision":
         closed = _precision.jaxpr_of(eqn)
         return _translate(b, closed.jaxpr, list(closed.consts), args)

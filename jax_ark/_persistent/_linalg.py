@@ -28,6 +28,8 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr
 
+from jax_ark._persistent._algorithm import jaxpr_over
+
 PRIMITIVES = frozenset({"cholesky", "triangular_solve", "lu", "qr", "eigh", "svd"})
 
 
@@ -262,7 +264,7 @@ def _jacobi_angle(alpha, beta, gamma):
     return c, t * c
 
 
-def eigh(a, lower: bool, sort_eigenvalues: bool):
+def eigh(a, lower: bool):
     """Symmetric eigendecomposition by parallel cyclic Jacobi: each step rotates n / 2 disjoint
     index pairs at once (a round-robin order, one matrix of rotations, two matmuls), every pair
     once per sweep, for _JACOBI_SWEEPS sweeps; eigenvalues ascending as LAPACK's syevd. Returns
@@ -294,8 +296,7 @@ def eigh(a, lower: bool, sort_eigenvalues: bool):
     x, v = lax.fori_loop(0, _JACOBI_SWEEPS * steps, step, (sym, eye))
     values = jnp.diagonal(x, axis1=-2, axis2=-1)[..., :n]
     vectors = v[..., :n, :n]
-    # Ascending whatever sort_eigenvalues says: the order XLA's CPU and GPU solvers return.
-    del sort_eigenvalues
+    # Ascending, even for sort_eigenvalues=False: the order XLA's CPU and GPU solvers return.
     order = jnp.argsort(values, axis=-1)
     values = jnp.take_along_axis(values, order, axis=-1)
     vectors = jnp.take_along_axis(vectors, order[..., None, :], axis=-1)
@@ -427,18 +428,15 @@ def integer_dot(lhs, rhs, dimension_numbers, out_dtype):
 
 
 def integer_dot_jaxpr(operands, dimension_numbers, out_dtype: str) -> ClosedJaxpr:
-    """integer_dot's jaxpr over the operands' (shape, dtype name) pairs."""
-    avals = [jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for shape, dtype in operands]
-    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        return jax.make_jaxpr(
-            lambda lhs, rhs: integer_dot(lhs, rhs, dimension_numbers, jnp.dtype(out_dtype))
-        )(*avals)
+    """integer_dot's jaxpr over the two operands' shapes and dtypes."""
+    return jaxpr_over(
+        lambda lhs, rhs: integer_dot(lhs, rhs, dimension_numbers, jnp.dtype(out_dtype)), operands
+    )
 
 
 def jaxpr_of(eqn) -> ClosedJaxpr:
     """The jaxpr of the algorithm for a linear-algebra eqn, over the eqn's input avals."""
     prim, params = eqn.primitive.name, eqn.params
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
     if prim == "cholesky":
         fn = cholesky
     elif prim == "triangular_solve":
@@ -446,11 +444,11 @@ def jaxpr_of(eqn) -> ClosedJaxpr:
 
         def fn(a, b):
             return triangular_solve(a, b, **{key: bool(params[key]) for key in keys})
-    elif prim == "eigh":
-        lower, ordered = bool(params["lower"]), bool(params["sort_eigenvalues"])
+    elif prim == "eigh":  # ascending whatever sort_eigenvalues says (see eigh)
+        lower = bool(params["lower"])
 
         def fn(a):
-            return eigh(a, lower, ordered)
+            return eigh(a, lower)
     elif prim == "svd":
         full, with_uv = bool(params["full_matrices"]), bool(params["compute_uv"])
 
@@ -465,6 +463,4 @@ def jaxpr_of(eqn) -> ClosedJaxpr:
             return qr(a, full)
     else:
         fn = lu
-    # the algorithms broadcast by rank and mix Python scalars in: whatever the caller's config
-    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        return jax.make_jaxpr(fn)(*avals)
+    return jaxpr_over(fn, [v.aval for v in eqn.invars])

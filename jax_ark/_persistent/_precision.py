@@ -7,11 +7,12 @@ denormal is rounded as float16 rounds it, not as its float32 image would be."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr
+
+from jax_ark._persistent._algorithm import jaxpr_over
 
 # (total bits, exponent bits, mantissa bits) of each float format
 _FORMATS = {"float32": (32, 8, 23), "bfloat16": (16, 8, 7), "float16": (16, 5, 10)}
@@ -39,7 +40,5 @@ def reduce_precision(x, exponent_bits: int, mantissa_bits: int):
 
 
 def jaxpr_of(eqn) -> ClosedJaxpr:
-    (v,) = eqn.invars
     e, m = int(eqn.params["exponent_bits"]), int(eqn.params["mantissa_bits"])
-    aval = jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
-    return jax.make_jaxpr(lambda x: reduce_precision(x, e, m))(aval)
+    return jaxpr_over(lambda x: reduce_precision(x, e, m), [v.aval for v in eqn.invars])

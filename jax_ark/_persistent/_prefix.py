@@ -22,6 +22,8 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
+from jax_ark._persistent._algorithm import jaxpr_over
+
 # A running fold along an axis up to this long is planned directly (O(L^2) per row), and the block
 # size of longer ones. Measured on the CPU executor (one row of 32,768 float32): 4 -> 1.6 ms,
 # 8 -> 1.9 ms, 16 -> 4.6 ms, 32 -> 4.5 ms; 8 keeps that row five levels deep (4: eight levels).
@@ -105,13 +107,11 @@ def blocked_cumulative(prim: str, x, axis: int, reverse: bool):
 
 def jaxpr_of(eqn) -> ClosedJaxpr:
     """The jaxpr of the blocked scan for a cumulative eqn, over its input aval."""
-    (v,) = eqn.invars
-    aval = jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
     axis, reverse = int(eqn.params["axis"]), bool(eqn.params["reverse"])
-    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        return jax.make_jaxpr(lambda x: blocked_cumulative(eqn.primitive.name, x, axis, reverse))(
-            aval
-        )
+    prim = eqn.primitive.name
+    return jaxpr_over(
+        lambda x: blocked_cumulative(prim, x, axis, reverse), [v.aval for v in eqn.invars]
+    )
 
 
 def tree_reduce(operands, init_values, computation, dimensions) -> list:
@@ -152,10 +152,11 @@ def tree_reduce(operands, init_values, computation, dimensions) -> list:
 
 def tree_reduce_jaxpr(eqn) -> ClosedJaxpr:
     """tree_reduce's jaxpr for a `reduce` eqn (operands, then as many init values)."""
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    n = len(avals) // 2
+    n = len(eqn.invars) // 2
     computation = eqn.params["jaxpr"]
     if not hasattr(computation, "consts"):
         computation = ClosedJaxpr(computation, [])
     dims = tuple(int(d) for d in eqn.params["dimensions"])
-    return jax.make_jaxpr(lambda *a: tree_reduce(a[:n], a[n:], computation, dims))(*avals)
+    return jaxpr_over(
+        lambda *a: tree_reduce(a[:n], a[n:], computation, dims), [v.aval for v in eqn.invars]
+    )

@@ -23,6 +23,8 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr
 
+from jax_ark._persistent._algorithm import jaxpr_over
+
 _INT32_MIN = np.int32(-(2**31))
 
 
@@ -174,23 +176,16 @@ def exact_top_k(x, k: int, axis: int, largest: bool) -> list:
     return [back(jnp.take_along_axis(r, index, axis=-1)), back(index)]
 
 
-def approx_top_k_jaxpr(shape, dtype: str, params) -> ClosedJaxpr:
+def approx_top_k_jaxpr(x, params) -> ClosedJaxpr:
     k, axis, largest = int(params["k"]), int(params["reduction_dimension"]), params["is_max_k"]
-    return _jaxpr(lambda x: exact_top_k(x, k, axis % len(shape), bool(largest)), [(shape, dtype)])
+    return jaxpr_over(lambda v: exact_top_k(v, k, axis % len(x.shape), bool(largest)), [x])
 
 
 def sort_jaxpr(operands, dimension: int, num_keys: int) -> ClosedJaxpr:
-    """The radix sort's jaxpr over the operands' (shape, dtype name) pairs."""
-    return _jaxpr(lambda *xs: sort(xs, dimension, num_keys), operands)
+    """The radix sort's jaxpr over the operands' shapes and dtypes."""
+    return jaxpr_over(lambda *xs: sort(xs, dimension, num_keys), operands)
 
 
-def top_k_jaxpr(shape, dtype: str, k: int, axis: int) -> ClosedJaxpr:
-    """The radix select's jaxpr for an operand of this shape and dtype name."""
-    return _jaxpr(lambda x: top_k(x, k, axis), [(shape, dtype)])
-
-
-def _jaxpr(fn, operands) -> ClosedJaxpr:
-    avals = [jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for shape, dtype in operands]
-    # the algorithms mix Python scalars in: whatever the caller's promotion config
-    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        return jax.make_jaxpr(fn)(*avals)
+def top_k_jaxpr(x, k: int, axis: int) -> ClosedJaxpr:
+    """The radix select's jaxpr for an operand of x's shape and dtype."""
+    return jaxpr_over(lambda v: top_k(v, k, axis), [x])

@@ -89,7 +89,7 @@ def translate_sort(b: _Builder, params, args: list[_Node]) -> list[_Node]:
         return list(args)
     # Ranks: one key, short axes, and a pair space of rank + 1 dims the format holds.
     if num_keys != 1 or length > _RANK_SORT_MAX[b.platform] or rank + 1 > MAX_RANK:
-        closed = _radix.sort_jaxpr([(x.shape, x.dtype) for x in args], dim, num_keys)
+        closed = _radix.sort_jaxpr(args, dim, num_keys)
         return _translate(b, closed.jaxpr, list(closed.consts), args)
     # The sorted axis last; pairs (..., i, j) of its positions.
     perm = [d for d in range(rank) if d != dim] + [dim]

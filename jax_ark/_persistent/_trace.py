@@ -1226,7 +1226,7 @@ def _top_k(b: _Builder, x: _Node, k: int, axis: int, out_shape) -> list[_Node]:
     element is masked with INT32_MIN, which an untaken element may equal too (-NaN with every
     payload bit set, or int32 INT_MIN): the position search therefore checks `taken` itself."""
     if k > _TOP_K_MAX:  # k rounds would be more work than a radix select
-        closed = _radix.top_k_jaxpr(x.shape, x.dtype, k, axis)
+        closed = _radix.top_k_jaxpr(x, k, axis)
         return _translate(b, closed.jaxpr, list(closed.consts), [x])
     if x.dtype == "bool":  # False < True, as XLA ranks them
         values, index = _top_k(b, _convert(b, x, "int32"), k, axis, out_shape)
@@ -2299,7 +2299,7 @@ def _translate_eqn(b: _Builder, eqn, args: list[_Node]) -> list[_Node]:
                 f"ark.persistent: approx_max_k / approx_min_k with aggregate_to_topk=False at "
                 f"{b.source} (its result is TPU-specific partial bins)"
             )
-        closed = _radix.approx_top_k_jaxpr(args[0].shape, args[0].dtype, params)
+        closed = _radix.approx_top_k_jaxpr(args[0], params)
         return _translate(b, closed.jaxpr, list(closed.consts), args)
     if prim == "top_k":
         axis = int(params.get("axis", -1)) % len(args[0].shape)
@@ -3063,9 +3063,7 @@ def _integer_dot(b: _Builder, dimension_numbers, args, out_dtype: str) -> list[_
             "integer matmuls are planned exactly for operands whose products float32 holds "
             "(int8 / uint8 / bool, or 8-bit x int16), not wider ones"
         )
-    closed = _linalg().integer_dot_jaxpr(
-        [(a.shape, a.dtype) for a in args], dimension_numbers, out_dtype
-    )
+    closed = _linalg().integer_dot_jaxpr(args, dimension_numbers, out_dtype)
     return _translate(b, closed.jaxpr, list(closed.consts), args)
 
 
